@@ -1,0 +1,65 @@
+"""Wires every command group into one typer app and maps errors to one actionable line.
+
+Each command module exposes `register(app)`; add new groups to COMMAND_MODULES.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from orchestrator.errors import FlashflexError
+
+COMMAND_MODULES = [
+    "orchestrator.cli.vendor_cmd",
+    "orchestrator.cli.patches_cmd",
+    "orchestrator.cli.build_cmd",
+    "orchestrator.cli.doctor_cmd",
+    "orchestrator.cli.run_cmd",
+]
+
+app = typer.Typer(
+    name="flashflex",
+    help="Run LLMs that do not fit in RAM: dense streaming under a budget and MoE expert slot banks, "
+    "through a patched llama.cpp.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except FlashflexError as exc:
+        if os.environ.get("FLASHFLEX_DEBUG"):
+            raise
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(1)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if os.environ.get("FLASHFLEX_DEBUG"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} — rerun with FLASHFLEX_DEBUG=1 for a traceback "
+              "and report it", file=sys.stderr)
+        sys.exit(1)
