@@ -40,6 +40,9 @@ def main() -> None:
     except FlashflexError as exc:
         if os.environ.get("FLASHFLEX_DEBUG"):
             raise
+        report = getattr(exc, "report", None)
+        if report:
+            print(report, file=sys.stderr)
         print(f"error: {exc.one_line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
