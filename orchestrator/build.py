@@ -1,0 +1,243 @@
+"""Build llama-cpp-python from its pinned sdist with our patched llama.cpp inside, through its own CMake.
+
+The wheel is cached under <cache>/builds/<key>/ where key = (pin, series hash or "stock", backend,
+CMake flags, platform); an unchanged rebuild just reinstalls the cached wheel. ccache (if installed)
+is shared by all builds, with paths made relative so a new key recompiles only what changed.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from orchestrator import gitutil, patches, vendor
+from orchestrator.errors import FlashflexError
+from orchestrator.paths import cache_root, repo_root
+
+Log = Callable[[str], None]
+Progress = Callable[[int, int], None]
+
+CMAKE_MIN = (3, 21)
+
+
+class Backend(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    metal = "metal"
+
+
+BACKEND_CMAKE_ARGS: dict[Backend, list[str]] = {
+    # Metal is on by default on Apple platforms; a CPU build turns it off explicitly.
+    Backend.cpu: ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"],
+    Backend.cuda: ["-DGGML_CUDA=ON"],
+    Backend.metal: ["-DGGML_METAL=ON"],
+}
+
+
+@dataclass
+class BuildResult:
+    key: str
+    wheel: Path
+    cached: bool
+    seconds: float
+    installed: bool
+    stock: bool
+    series_hash: str | None
+
+
+def builds_dir() -> Path:
+    return cache_root() / "builds"
+
+
+def _cmake_version() -> tuple[int, ...] | None:
+    exe = shutil.which("cmake")
+    if not exe:
+        return None
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_toolchain(backend: Backend) -> list[str]:
+    """Fail with one actionable line when a required tool is missing; return warnings."""
+    ver = _cmake_version()
+    if ver is None:
+        raise FlashflexError("cmake is not installed",
+                             "install cmake >= 3.21 (apt-get install cmake, brew install cmake, or pip install cmake)")
+    if ver < CMAKE_MIN:
+        raise FlashflexError(f"cmake {ver[0]}.{ver[1]} is too old (llama-cpp-python needs >= 3.21)",
+                             "upgrade it, e.g. pip install 'cmake>=3.21'")
+    cxx = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if not cc or not cxx:
+        raise FlashflexError("no C/C++ compiler found",
+                             "install one (apt-get install build-essential, or xcode-select --install)")
+    if backend is Backend.cuda and not (shutil.which("nvcc") or os.environ.get("CUDACXX")):
+        raise FlashflexError("--backend cuda needs the CUDA toolkit, but nvcc is not on PATH",
+                             "install the CUDA toolkit or set CUDACXX=/path/to/nvcc")
+    if backend is Backend.metal and sys.platform != "darwin":
+        raise FlashflexError("--backend metal needs macOS", "use --backend cpu (or cuda) on this platform")
+    warnings = []
+    if not shutil.which("ccache"):
+        warnings.append("ccache not found: every new build compiles from scratch (apt-get install ccache)")
+    return warnings
+
+
+def _ensure_build_backend() -> None:
+    """llama-cpp-python builds with scikit-build-core; we build without isolation to stay offline-friendly."""
+    try:
+        import scikit_build_core  # noqa: F401
+    except ImportError:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                               "scikit-build-core[pyproject]>=0.9.2"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise FlashflexError("could not install scikit-build-core (llama-cpp-python's build backend)",
+                                 "pip install 'scikit-build-core[pyproject]>=0.9.2' and retry")
+
+
+def build_key(pin: vendor.Pin, series: str | None, backend: Backend, cmake_args: list[str]) -> str:
+    ident = {
+        "llama.cpp": pin.commit,
+        "llama-cpp-python": pin.lcp_version,
+        "series": series or "stock",
+        "backend": backend.value,
+        "cmake_args": cmake_args,
+        "platform": [sys.platform, platform.machine()],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cmake_args_for(backend: Backend, series: str | None, extra: list[str]) -> list[str]:
+    args = list(BACKEND_CMAKE_ARGS[backend])
+    if series:
+        args.append(f"-DFLASHFLEX_SERIES_HASH={series}")
+    return args + list(extra)
+
+
+def _export_tree(repo: Path, commit: str, dest: Path) -> None:
+    """Write the files of `commit` (no .git) into dest, via git archive."""
+    data = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", commit],
+                          capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(dest, filter="data")
+
+
+def _prepare_source(src: Path, pin: vendor.Pin, stock: bool, log: Log) -> None:
+    sdist = vendor.ensure_sdist(pin.lcp_version, pin.sdist_sha256, log)
+    with tarfile.open(sdist, "r:gz") as tar:
+        tar.extractall(src.parent / "unpack", filter="data")
+    top = next((src.parent / "unpack").iterdir())
+    top.rename(src)
+    shutil.rmtree(src.parent / "unpack")
+    # Replace the sdist's vendored llama.cpp with the tree we mean to build (same commit for --stock).
+    shutil.rmtree(src / "vendor" / "llama.cpp")
+    shutil.rmtree(src / ".git", ignore_errors=True)
+    (src / "vendor" / "llama.cpp").mkdir()
+    repo = vendor.vendor_dir()
+    if stock:
+        _export_tree(repo, pin.commit, src / "vendor" / "llama.cpp")
+    else:
+        with patches.scratch_tree(vendor.BASE_REF) as wt:
+            _export_tree(wt, "HEAD", src / "vendor" / "llama.cpp")
+
+
+_NINJA_PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
+
+
+def _run_pip_wheel(src: Path, cmake_dir: Path, wheel_dir: Path, env: dict[str, str], logfile: Path,
+                   progress: Progress | None) -> None:
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
+           "--disable-pip-version-check", "-w", str(wheel_dir),
+           f"--config-settings=build-dir={cmake_dir}", str(src)]
+    with open(logfile, "w") as log_fh:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log_fh.write(line)
+            m = _NINJA_PROGRESS.match(line.strip())
+            if m and progress:
+                progress(int(m.group(1)), int(m.group(2)))
+        rc = proc.wait()
+    if rc != 0:
+        text = logfile.read_text(errors="replace").splitlines()
+        first_error = next((ln.strip() for ln in text if re.search(r"\berror\b", ln, re.I)), text[-1] if text else "")
+        raise FlashflexError(f"llama-cpp-python build failed: {first_error[:200]}",
+                             f"see the full log at {logfile}")
+
+
+def install_wheel(wheel: Path) -> None:
+    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    proc = subprocess.run(pip + ["--force-reinstall", "--no-deps", str(wheel)], capture_output=True, text=True)
+    if proc.returncode == 0:
+        # Second pass installs llama_cpp's own runtime dependencies (numpy, jinja2, ...) if missing.
+        proc = subprocess.run(pip + [str(wheel)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FlashflexError(f"pip could not install {wheel.name}: {proc.stderr.strip().splitlines()[-1:]}",
+                             "check the active environment (python -m pip --version)")
+
+
+def build(backend: Backend = Backend.cpu, stock: bool = False, extra_cmake_args: list[str] | None = None,
+          install: bool = True, force: bool = False, log: Log = print,
+          progress: Progress | None = None) -> BuildResult:
+    t0 = time.monotonic()
+    root = repo_root()
+    for warning in check_toolchain(backend):
+        log(f"warning: {warning}")
+    vendor.sync(root, log=log)
+    pin = vendor.load_pin(root)
+    series = None if stock else patches.series_hash(root)
+    args = cmake_args_for(backend, series, extra_cmake_args or [])
+    key = build_key(pin, series, backend, args)
+    entry = builds_dir() / key
+    wheels = sorted((entry / "wheel").glob("*.whl")) if (entry / "wheel").exists() else []
+    cached = bool(wheels) and not force
+    if not cached:
+        _ensure_build_backend()
+        work = entry / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            log(f"preparing {'stock' if stock else 'patched'} llama.cpp source (build {key})")
+            _prepare_source(work / "src", pin, stock, log)
+            env = dict(os.environ)
+            env["CMAKE_ARGS"] = " ".join(args)
+            env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+            env.setdefault("CCACHE_DIR", str(cache_root() / "ccache"))
+            env["CCACHE_BASEDIR"] = str(builds_dir())  # relative paths: a new key reuses the cache
+            env["CCACHE_NOHASHDIR"] = "1"
+            env.setdefault("CCACHE_MAXSIZE", "5G")
+            log(f"building llama-cpp-python {pin.lcp_version} ({backend.value}); CMAKE_ARGS={env['CMAKE_ARGS']}")
+            log(f"log: {entry / 'build.log'} (a cold build takes ~10 minutes on 2 cores)")
+            staging = work / "wheel"
+            staging.mkdir()
+            _run_pip_wheel(work / "src", work / "cmake", staging, env, entry / "build.log", progress)
+            final = entry / "wheel"
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)  # the cache entry appears only once the wheel is complete
+            (entry / "meta.json").write_text(json.dumps({
+                "key": key, "pin": pin.commit, "llama_cpp_python": pin.lcp_version, "series_hash": series,
+                "backend": backend.value, "cmake_args": args, "built_at": time.time(),
+            }, indent=2))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        wheels = sorted((entry / "wheel").glob("*.whl"))
+    wheel = wheels[-1]
+    if install:
+        log(f"installing {wheel.name} into {sys.prefix}")
+        install_wheel(wheel)
+    return BuildResult(key, wheel, cached, time.monotonic() - t0, install, stock, series)

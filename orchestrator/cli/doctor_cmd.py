@@ -1,0 +1,47 @@
+"""`flashflex doctor`."""
+
+from __future__ import annotations
+
+import typer
+
+from orchestrator import doctor
+from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("doctor")
+    def doctor_cmd(json_out: JsonOpt = False) -> None:
+        """Check the install: pin, series hash, whether llama_cpp carries our patches, backend, CPU, RAM, disk.
+
+        Exits non-zero when the installed llama_cpp is stock, stale or missing.
+        """
+        rep = doctor.diagnose()
+        if json_out:
+            emit_json({"ok": rep.ok, **rep.facts, "problems": rep.problems})
+        else:
+            f = rep.facts
+            rows = [
+                ("pin", f.get("pin", "?")),
+                ("llama-cpp-python", f"{f.get('llama_cpp_version', 'not installed')} "
+                                     f"(pin {f.get('llama_cpp_python_pin', '?')})"),
+                ("library", f.get("llama_cpp_path", "-")),
+                ("patched", "yes" if f.get("patched") else "NO (stock or missing)"),
+                ("series hash", f"{str(f.get('series_hash', '?'))[:16]} (library: "
+                                f"{str(f.get('library_series_hash', '-'))[:16]})"),
+                ("features", ", ".join(f.get("features", [])) or "-"),
+                ("backends", ", ".join(f.get("backends", [])) or "-"),
+                ("cpu", f.get("cpu_features", "-")),
+                ("cores", str(f.get("cpu_count"))),
+                ("RAM", f"{_human(f['ram_available'])} available of {_human(f['ram_total'])}"),
+                ("disk free", f"{_human(f['disk_free'])} at {f['cache_dir']}"),
+            ]
+            for k, v in rows:
+                console.print(f"{k:18} {v}", soft_wrap=True)
+            for p in rep.problems:
+                err_console.print(f"error: {p}")
+        if not rep.ok:
+            raise typer.Exit(1)

@@ -1,0 +1,64 @@
+"""`flashflex doctor`: is this environment ready to run flashflex's execution paths?"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from orchestrator import native, patches, vendor
+from orchestrator.errors import FlashflexError
+from orchestrator.paths import cache_root, repo_root
+
+
+@dataclass
+class Report:
+    facts: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def diagnose() -> Report:
+    rep = Report()
+    f = rep.facts
+    root = repo_root()
+    try:
+        pin = vendor.load_pin(root)
+        f["pin"] = pin.commit
+        f["llama_cpp_python_pin"] = pin.lcp_version
+        f["series_hash"] = patches.series_hash(root)
+        f["vendor_synced"] = vendor.status(root)["synced"]
+    except FlashflexError as exc:
+        rep.problems.append(exc.one_line())
+    try:
+        lowlevel = native.llama_cpp_module()
+        import llama_cpp
+
+        f["llama_cpp_version"] = getattr(llama_cpp, "__version__", "?")
+        f["llama_cpp_path"] = str(getattr(lowlevel._lib, "_name", "?"))
+        f["cpu_features"] = native.system_info()
+        info = native.info()
+        f["patched"] = True
+        f["library_series_hash"] = info.get("series_hash")
+        f["features"] = info.get("features", [])
+        f["backends"] = info.get("backends", [])
+        if f.get("series_hash") and info.get("series_hash") != f["series_hash"]:
+            rep.problems.append("the installed library was built from another patch series "
+                                f"({str(info.get('series_hash'))[:12]} ≠ {f['series_hash'][:12]}) — run: flashflex build")
+    except native.NotPatched as exc:
+        f.setdefault("patched", False)
+        rep.problems.append(exc.one_line())
+    mem = psutil.virtual_memory()
+    f["ram_total"] = mem.total
+    f["ram_available"] = mem.available
+    cache = cache_root()
+    probe = cache if cache.exists() else cache.parent if cache.parent.exists() else root
+    f["cache_dir"] = str(cache)
+    f["disk_free"] = shutil.disk_usage(probe).free
+    f["cpu_count"] = psutil.cpu_count(logical=True)
+    return rep
