@@ -1,0 +1,40 @@
+"""Shared fixtures. Expensive shared state (the pinned sdist, the build cache, the default model) stays in the
+user cache so the suite reuses what `make install` prepared; anything a test writes goes to tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def flashflex(*args: str, check: bool = False, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run the `flashflex` command as a user would, capturing its output."""
+    env = dict(os.environ)
+    env.pop("FLASHFLEX_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="session")
+def synced_vendor() -> Path:
+    from orchestrator import vendor
+
+    vendor.sync(REPO, log=lambda _msg: None)
+    return vendor.vendor_dir(REPO)
+
+
+@pytest.fixture(scope="session")
+def patched_llama():
+    """Skip unless the installed llama_cpp is our patched build (make install / flashflex build)."""
+    from orchestrator import native
+
+    pytest.importorskip("llama_cpp")
+    if not native.is_patched():
+        pytest.skip("installed llama_cpp is stock; run flashflex build")
+    return native

@@ -1,0 +1,135 @@
+"""The patch-series workflow: round trip, idempotent apply, conflict reports, rebase rehearsal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from orchestrator import gitutil, patches, vendor
+from orchestrator.errors import FlashflexError
+
+from conftest import REPO, flashflex
+
+
+@pytest.fixture
+def sandbox(tmp_path, synced_vendor) -> Path:
+    """A throwaway flashflex root: copies of PIN.json and patches/, and a cheap clone of the vendor repo."""
+    root = tmp_path / "repo"
+    (root / "vendor").mkdir(parents=True)
+    shutil.copy(REPO / "vendor" / "PIN.json", root / "vendor" / "PIN.json")
+    shutil.copytree(REPO / "patches", root / "patches")
+    pin = vendor.load_pin(root)
+    clone = root / "vendor" / "llama.cpp"
+    subprocess.run(["git", "clone", "-q", "--shared", "--no-checkout", str(synced_vendor), str(clone)], check=True)
+    gitutil.run(clone, "checkout", "-q", "--detach", pin.commit)
+    gitutil.run(clone, "update-ref", vendor.BASE_REF, pin.commit)
+    return root
+
+
+def _bump_pin(root: Path, commit: str) -> None:
+    pin_file = root / "vendor" / "PIN.json"
+    data = json.loads(pin_file.read_text())
+    data["llama_cpp"]["commit"] = commit
+    pin_file.write_text(json.dumps(data))
+
+
+def test_check_round_trips_the_committed_series():
+    result = flashflex("patches", "check")
+    assert result.returncode == 0, result.stderr
+    assert "no diff" in result.stdout
+
+
+def test_apply_makes_one_commit_per_patch_and_is_idempotent(sandbox):
+    names = patches.read_series(sandbox)
+    first = patches.apply(sandbox, log=lambda m: None)
+    repo = sandbox / "vendor" / "llama.cpp"
+    assert not first.already
+    assert len(patches.commits_above_base(repo)) == len(names)
+    second = patches.apply(sandbox, log=lambda m: None)
+    assert second.already and second.head == first.head
+    # Same inputs, same commit ids: apply is reproducible.
+    third = patches.apply(sandbox, force=True, log=lambda m: None)
+    assert third.head == first.head or third.already
+
+
+def test_export_after_apply_reproduces_the_files(sandbox):
+    before = {p.name: p.read_bytes() for p in patches.patches_dir(sandbox).iterdir()}
+    patches.apply(sandbox, log=lambda m: None)
+    patches.export(sandbox, log=lambda m: None)
+    after = {p.name: p.read_bytes() for p in patches.patches_dir(sandbox).iterdir()}
+    assert after == before
+    assert patches.check(sandbox).ok
+
+
+def test_export_picks_up_a_new_commit_and_series_hash_changes(sandbox):
+    patches.apply(sandbox, log=lambda m: None)
+    repo = sandbox / "vendor" / "llama.cpp"
+    old_hash = patches.series_hash(sandbox)
+    (repo / "src" / "flashflex-note.txt").write_text("hello\n")
+    gitutil.run(repo, "add", "src/flashflex-note.txt")
+    gitutil.run(repo, "commit", "-q", "-m", "flashflex: add a note\n\nWhy: test.\n\nUpstream-Status: ours")
+    names = patches.export(sandbox, log=lambda m: None)
+    assert names[-1] == "flashflex-add-a-note.patch"
+    assert patches.read_series(sandbox) == names
+    assert patches.series_hash(sandbox) != old_hash
+    assert patches.status(sandbox)["state"] == "applied"
+
+
+def test_diverged_tree_is_not_overwritten_without_force(sandbox):
+    patches.apply(sandbox, log=lambda m: None)
+    repo = sandbox / "vendor" / "llama.cpp"
+    (repo / "README.md").write_text("local edit\n")
+    gitutil.run(repo, "commit", "-q", "-am", "local edit")
+    with pytest.raises(FlashflexError, match="differ from patches"):
+        patches.apply(sandbox, log=lambda m: None)
+    assert patches.apply(sandbox, force=True, log=lambda m: None).applied
+
+
+def test_conflicting_patch_is_reported_with_files_hunks_and_commands(sandbox):
+    repo = sandbox / "vendor" / "llama.cpp"
+    patches.apply(sandbox, log=lambda m: None)
+    # Write a patch against README.md, then make the base disagree with it.
+    gitutil.run(repo, "checkout", "-q", "--detach", vendor.BASE_REF)
+    readme = (repo / "README.md").read_text().splitlines(keepends=True)
+    readme[0] = "# a line our patch changes\n"
+    (repo / "README.md").write_text("".join(readme))
+    gitutil.run(repo, "commit", "-q", "-am", "flashflex: change the readme title")
+    patch_text = gitutil.out(repo, "format-patch", "--stdout", "-1", "HEAD") + "\n"
+    sdir = patches.patches_dir(sandbox)
+    (sdir / "flashflex-change-the-readme-title.patch").write_text(patch_text)
+    with open(sdir / "series", "a") as fh:
+        fh.write("flashflex-change-the-readme-title.patch\n")
+    # A different base edit to the same line forces a real 3-way conflict.
+    gitutil.run(repo, "checkout", "-q", "--detach", vendor.BASE_REF)
+    readme[0] = "# upstream moved on\n"
+    (repo / "README.md").write_text("".join(readme))
+    gitutil.run(repo, "commit", "-q", "-am", "upstream change")
+    _bump_pin(sandbox, gitutil.out(repo, "rev-parse", "HEAD"))
+    with pytest.raises(patches.PatchConflict) as info:
+        patches.apply(sandbox, force=True, log=lambda m: None)
+    report = info.value.report
+    assert "flashflex-change-the-readme-title.patch" in report
+    assert "CONFLICT" in report and "README.md" in report and "@@ -1" in report
+    assert "git am --continue" in report and "flashflex patches export" in report
+    assert "am --abort" in report
+
+
+def test_status_reports_applied_patches(sandbox):
+    assert patches.status(sandbox)["state"] == "not applied"
+    patches.apply(sandbox, log=lambda m: None)
+    st = patches.status(sandbox)
+    assert st["state"] == "applied"
+    assert all(p["applied"] for p in st["patches"])
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_series_applies_onto_another_release(synced_vendor):
+    """Rebase rehearsal against the llama.cpp commit llama-cpp-python 0.3.30 vendors (fetched from PyPI)."""
+    trial = patches.try_onto_release("0.3.30", REPO, log=lambda m: None)
+    assert trial.commit != vendor.load_pin(REPO).commit
+    assert trial.applies, trial.report
