@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "orchestrator.cli.build_cmd",
     "orchestrator.cli.doctor_cmd",
     "orchestrator.cli.run_cmd",
+    "orchestrator.cli.gguf_cmd",
+    "orchestrator.cli.plan_cmd",
 ]
 
 app = typer.Typer(
@@ -35,8 +37,9 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
+    # Standalone mode lets typer report usage errors itself (exit 2); our own errors come through here.
     try:
-        app(standalone_mode=False)
+        app()
     except FlashflexError as exc:
         if os.environ.get("FLASHFLEX_DEBUG"):
             raise
@@ -48,19 +51,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(1)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # anything unexpected: still one line unless debugging
         if os.environ.get("FLASHFLEX_DEBUG"):
             raise
         print(f"error: unexpected {type(exc).__name__}: {exc} — rerun with FLASHFLEX_DEBUG=1 for a traceback "

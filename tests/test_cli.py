@@ -1,0 +1,71 @@
+"""Every command answers --help; bad input gets one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import typer.main
+
+from orchestrator.cli.main import app
+
+from conftest import REPO, flashflex
+
+
+def _command_paths(cmd, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    if getattr(cmd, "commands", None):
+        for name, sub in cmd.commands.items():
+            paths += _command_paths(sub, prefix + (name,))
+    return paths
+
+
+ALL_COMMANDS = _command_paths(typer.main.get_command(app))
+
+
+def test_the_command_contract_is_present():
+    names = {" ".join(p) for p in ALL_COMMANDS}
+    for required in ["doctor", "vendor sync", "patches apply", "patches export", "patches check",
+                     "patches status", "build", "run"]:
+        assert required in names
+
+
+@pytest.mark.parametrize("path", ALL_COMMANDS, ids=lambda p: " ".join(p) or "flashflex")
+def test_help(path):
+    result = flashflex(*path, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode != 0
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_missing_model_file(tmp_path):
+    line = _one_error_line(flashflex("run", "--model", str(tmp_path / "nope.gguf")))
+    assert "does not exist" in line
+
+
+def test_non_gguf_model_file(tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"PK\x03\x04 definitely a zip")
+    line = _one_error_line(flashflex("run", "--model", str(bogus)))
+    assert "not a GGUF" in line
+
+
+def test_unknown_backend():
+    result = flashflex("build", "--backend", "vulkan")
+    assert result.returncode != 0
+    assert "vulkan" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gitlink_matches_the_recorded_pin():
+    from orchestrator import gitutil, vendor
+
+    line = gitutil.out(REPO, "ls-tree", "HEAD", "vendor/llama.cpp").split()
+    assert line[:3] == ["160000", "commit", vendor.load_pin(REPO).commit]
+    assert gitutil.out(REPO, "ls-files", "vendor").split() == ["vendor/PIN.json", "vendor/llama.cpp"]
