@@ -25,7 +25,7 @@ class GenerationSettings:
 
     model: Path
     prompt: str = "The quick brown fox"
-    n_predict: int = 16
+    n_predict: int = 16  # < 0: until end of text or a full context
     threads: int | None = None
     ctx: int = 512
     batch: int = 512
@@ -99,8 +99,10 @@ def generate(settings: GenerationSettings) -> RunResult:
     load_s = time.perf_counter() - t0
 
     prompt_tokens = llm.tokenize(settings.prompt.encode(), add_bos=True, special=False)
-    if len(prompt_tokens) + settings.n_predict > settings.ctx:
-        raise FlashflexError(f"prompt ({len(prompt_tokens)} tokens) + {settings.n_predict} new tokens exceed "
+    # n_predict < 0 means "until end of text or a full context".
+    n_new = settings.n_predict if settings.n_predict >= 0 else settings.ctx - len(prompt_tokens)
+    if len(prompt_tokens) + n_new > settings.ctx:
+        raise FlashflexError(f"prompt ({len(prompt_tokens)} tokens) + {n_new} new tokens exceed "
                              f"the context of {settings.ctx}", "raise --ctx or lower -n")
     t1 = time.perf_counter()
     llm.eval(prompt_tokens)
@@ -109,7 +111,7 @@ def generate(settings: GenerationSettings) -> RunResult:
     out: list[int] = []
     eos = llm.token_eos()
     t2 = time.perf_counter()
-    for _ in range(settings.n_predict):
+    for _ in range(n_new):
         tok = llm.sample(temp=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
         if tok == eos:
             break

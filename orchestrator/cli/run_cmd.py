@@ -11,30 +11,25 @@ from orchestrator import runner
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 
 
-def settings_from(config_path: Optional[Path], model: Optional[Path], prompt: Optional[str],
-                  n_predict: Optional[int], threads: Optional[int], ctx: Optional[int],
-                  ubatch: Optional[int], log) -> runner.GenerationSettings:
-    """Flags override the YAML config, which overrides the defaults."""
-    from orchestrator import config as cfg
+def settings_from(config_path: Optional[Path], overrides: dict, log) -> runner.GenerationSettings:
+    """Flags (overrides, by dotted config path) beat the YAML config, which beats the defaults."""
+    from orchestrator.config import load_run_config
     from orchestrator.models import resolve_model
 
-    run_cfg = cfg.load_run_config(config_path) if config_path else cfg.RunConfig()
-    model_path = model if model is not None else run_cfg.model.path
-    s = runner.GenerationSettings(
-        model=resolve_model(model_path, log=log),
-        prompt=prompt if prompt is not None else run_cfg.prompt,
-        n_predict=n_predict if n_predict is not None else run_cfg.sampling.n_predict,
-        threads=threads if threads is not None else run_cfg.context.threads,
-        ctx=ctx if ctx is not None else run_cfg.context.ctx,
-        batch=run_cfg.context.batch,
-        ubatch=ubatch if ubatch is not None else run_cfg.context.ubatch,
-        seed=run_cfg.sampling.seed,
-        temperature=run_cfg.sampling.temperature,
-        top_k=run_cfg.sampling.top_k,
-        top_p=run_cfg.sampling.top_p,
+    cfg = load_run_config(config_path, overrides)
+    return runner.GenerationSettings(
+        model=resolve_model(cfg.model.path, log=log),
+        prompt=cfg.prompt,
+        n_predict=cfg.sampling.n_predict,
+        threads=cfg.context.threads,
+        ctx=cfg.context.ctx,
+        batch=max(cfg.context.batch, cfg.context.ubatch),
+        ubatch=cfg.context.ubatch,
+        seed=cfg.sampling.seed,
+        temperature=cfg.sampling.temperature,
+        top_k=cfg.sampling.top_k,
+        top_p=cfg.sampling.top_p,
     )
-    s.batch = max(s.batch, s.ubatch)
-    return s
 
 
 def register(app: typer.Typer) -> None:
@@ -51,7 +46,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate text; --json prints token ids, text, load/prompt/decode timings and peak RSS."""
         log = err_console.print
-        settings = settings_from(config, model, prompt, n_predict, threads, ctx, ubatch, log)
+        overrides = {"model.path": model, "prompt": prompt, "sampling.n_predict": n_predict,
+                     "context.threads": threads, "context.ctx": ctx, "context.ubatch": ubatch}
+        settings = settings_from(config, overrides, log)
         result = runner.generate(settings)
         if json_out:
             emit_json(result.to_dict())

@@ -1,0 +1,151 @@
+"""`flashflex plan MODEL --budget SIZE`: show what a budget buys before anything is loaded.
+
+A table for people; with --json, the Plan exactly as the native runtimes receive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
+from orchestrator.config import DEFAULT_BANDWIDTH, RunConfig, load_run_config
+from orchestrator.modelfile.table import ModelTable
+from orchestrator.planner import Plan, explain, format_tokens_per_s, make_plan
+from orchestrator.sizes import format_rate, format_size, parse_rate
+
+
+def _load_table(path: Path) -> ModelTable:
+    """The tensor table of `path` (imported lazily so `plan` stays cheap to register)."""
+    from orchestrator.modelfile.reader import read_model_table
+
+    return read_model_table(path)
+
+
+def _settings(budget: str, ctx: int, ubatch: int, window: int, threads: int, direct_io: str,
+              moe_mode: str | None, slot_bank: int | None, topk: int | None) -> RunConfig:
+    """Flags validated by the same models as YAML, so errors read the same."""
+    overrides: dict[str, Any] = {
+        "budget.size": budget,
+        "context.ctx": ctx,
+        "context.ubatch": ubatch,
+        "context.batch": max(ubatch, RunConfig().context.batch),
+        "prefetch.window": window,
+        "prefetch.threads": threads,
+        "prefetch.direct_io": direct_io,
+        "moe.mode": moe_mode,
+        "moe.slot_bank": slot_bank,
+        "moe.topk": topk,
+    }
+    return load_run_config(None, overrides)
+
+
+def plan_command(
+    model: Annotated[Path, typer.Argument(help="GGUF model file (any shard of a split model).")],
+    budget: Annotated[str, typer.Option("--budget", "-am", help="RAM budget: 2GiB, 1.5G, 512MiB, a bare number "
+                                        "of GiB (0.5), or auto (available memory minus 1 GiB).")] = "auto",
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context length the KV cache is reserved for.")] = 2048,
+    ubatch: Annotated[int, typer.Option("--ubatch", "-ub", help="Micro-batch the compute buffers are sized "
+                                        "for.")] = 512,
+    prefetch_window: Annotated[int, typer.Option("--prefetch-window", help="Layers read ahead of compute.")] = 3,
+    prefetch_threads: Annotated[int, typer.Option("--prefetch-threads", "-tp", help="Prefetch I/O threads; 0 = "
+                                                  "synchronous reads.")] = 1,
+    direct_io: Annotated[str, typer.Option("--direct-io", help="auto | on | off | strict.")] = "auto",
+    bandwidth: Annotated[str, typer.Option("--bandwidth", help="Read bandwidth for the tokens/s estimate "
+                                           "(1.1GB/s, 500MiB/s).")] = DEFAULT_BANDWIDTH,
+    moe_mode: Annotated[Optional[str], typer.Option("--moe-mode", help="MoE only: auto | stock | resident | "
+                                                    "resident-bank | slot-bank | oracle-all-hit | "
+                                                    "oracle-prefetch.")] = None,
+    moe_slot_bank: Annotated[Optional[int], typer.Option("--moe-slot-bank", help="MoE only: expert slots per "
+                                                         "layer instead of the planner's choice.")] = None,
+    moe_topk: Annotated[Optional[int], typer.Option("--moe-topk", help="MoE only: fewer experts per token "
+                                                    "(lossy).")] = None,
+    show_explain: Annotated[bool, typer.Option("--explain", help="Say which tensors are kept and why.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Plan a model under a RAM budget: resident and streamed tensors, expert banks, reservations, estimates."""
+    settings = _settings(budget, ctx, ubatch, prefetch_window, prefetch_threads, direct_io, moe_mode,
+                         moe_slot_bank, moe_topk)
+    rate = parse_rate(bandwidth, what="--bandwidth")
+    table = _load_table(model)
+    plan = make_plan(
+        table,
+        settings.budget.resolve_bytes(),
+        ctx=settings.context.ctx,
+        ubatch=settings.context.ubatch,
+        prefetch=settings.prefetch,
+        moe=settings.moe,
+        read_bandwidth=rate,
+    )
+    if json_out:
+        emit_json(plan.model_dump(mode="json"))
+        if show_explain:
+            for line in explain(plan):
+                err_console.print(line, markup=False)
+        return
+    _print_plan(plan)
+    if show_explain:
+        console.print()
+        for line in explain(plan):
+            console.print(line, markup=False)
+
+
+def _print_plan(plan: Plan) -> None:
+    r, e, p = plan.reservations, plan.estimates, plan.prefetch
+    summary = Table(title=f"plan: {Path(plan.files[0]).name if plan.files else plan.arch}", show_header=False,
+                    title_justify="left")
+    summary.add_column("what", style="bold")
+    summary.add_column("value")
+    summary.add_row("model", f"{plan.arch} ({plan.kind}), {plan.n_layer} layers, {format_size(plan.model_bytes)}")
+    summary.add_row("budget", f"{format_size(plan.budget_bytes)} (minimum "
+                              f"{format_size(plan.minimum_budget_bytes, round_up=True)}), used "
+                              f"{format_size(plan.used_bytes)}")
+    summary.add_row("KV cache", f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, f16)")
+    summary.add_row("compute", f"{format_size(r.compute_bytes)} (ubatch {plan.ubatch})")
+    summary.add_row("prefetch", f"{p.buffers} x {format_size(p.buffer_bytes)}, {p.threads} thread(s), window "
+                                f"{p.window}, direct I/O {'on' if p.direct_io else 'off'}" if p.buffers
+                    else "none (nothing streams)")
+    summary.add_row("weights resident", format_size(plan.resident_bytes))
+    if plan.layer_quota_bytes is not None:
+        summary.add_row("per-layer quota", format_size(plan.layer_quota_bytes))
+    if plan.moe is not None:
+        m = plan.moe
+        bank = (f"{m.slot_bank} of {m.n_expert} experts x {m.moe_layers} layers ({format_size(m.bank_bytes)})"
+                if m.slot_bank is not None else f"all {m.n_expert} experts resident")
+        summary.add_row("MoE", f"mode {m.mode}, top-k {m.topk}{' (lossy)' if m.topk_lossy else ''}, {bank}")
+    if e.streamed_bytes_per_token:
+        hit = f", hit rate ~{e.expected_hit_rate:.0%}" if e.expected_hit_rate is not None else ""
+        summary.add_row("reads per token", f"{format_size(e.streamed_bytes_per_token)}{hit}")
+        summary.add_row("I/O-bound speed", f"<= {format_tokens_per_s(e.io_bound_tokens_per_s)} tok/s at "
+                                           f"{format_rate(e.read_bandwidth)}")
+    else:
+        summary.add_row("reads per token", "none: not I/O bound")
+    console.print(summary)
+
+    layers = Table(title="layers", title_justify="left")
+    for col in ("layers", "regime", "resident", "streamed", "bank"):
+        layers.add_column(col, justify="left" if col in ("layers", "regime") else "right")
+
+    def key(lp: Any) -> tuple[Any, ...]:
+        return lp.regime, lp.resident_bytes, lp.streamed_bytes, lp.slot_bank, lp.bank_bytes
+
+    for _, group in itertools.groupby(plan.layers, key=key):
+        g = list(group)
+        span = f"{g[0].layer}" if len(g) == 1 else f"{g[0].layer}-{g[-1].layer}"
+        first = g[0]
+        bank = "-" if first.n_expert is None else (
+            f"{first.slot_bank}/{first.n_expert} ({format_size(first.bank_bytes)})" if first.slot_bank is not None
+            else f"all ({format_size(first.bank_bytes)})")
+        layers.add_row(span, first.regime, format_size(first.resident_bytes), format_size(first.streamed_bytes), bank)
+    console.print(layers)
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_command)

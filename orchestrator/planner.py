@@ -1,0 +1,845 @@
+"""Budget -> Plan: which tensors stay resident, which stream, how big each MoE slot bank is.
+
+`make_plan` is a pure function of a ModelTable and settings; the Plan it returns is JSON-serialisable and is
+the single contract with the native runtimes, which execute it and never re-plan.
+
+## Reservations (taken from the budget first)
+
+- KV cache: f16 K and V for every layer and the whole context:
+  `n_layer x ctx x n_head_kv x (head_dim_k + head_dim_v) x 2` bytes.
+- Compute buffers (a conservative upper estimate of what llama.cpp's graph allocator needs for one ubatch,
+  all F32): `4 x ubatch x (n_vocab + 6 n_embd + 3 n_ff + n_head x ctx) + 4 MiB` — logits for the ubatch,
+  the residual stream and its temporaries, the widest FFN activations (for MoE: top-k x expert width plus
+  the shared experts), attention scores without flash attention, and a fixed allowance for graph metadata.
+- Prefetch buffers (only when a dense tensor streams): `w x` the largest streamed layer plus two 4096-byte
+  pages per streamable tensor of it (an O_DIRECT read covers whole pages), where `w` = the prefetch window
+  (1 with 0 threads: synchronous reads still need one buffer), never more than the number of layers that
+  stream. Expert misses are read straight into their victim slots and need no buffer.
+- Always-resident weights: every tensor outside the repeating blocks (token embedding, output, output norm:
+  the embedding is only read by row lookups and could stream, but it is kept resident for simplicity and
+  because tied models use it as the output head too), every 1-D tensor (norms, biases, scales: one read each
+  would cost more than it saves) and MoE routers (a layer's expert reads cannot start before routing, so a
+  streamed router would serialise two reads).
+
+## Dense layers (FlexInfer)
+
+Balanced memory locking: the rest of the budget is split EVENLY across the layers as one per-layer quota (a
+water level: a layer that cannot use its whole quota leaves the remainder to the others, never more than the
+level to any one). Flexible tensor preservation picks which tensors of a layer fill its quota; each tensor
+is resident whole or streamed whole. With A = the layer's attention bytes and F = its FFN bytes (FFN = dense
+FFN and shared experts), checked in this order:
+
+- quota <= A → `attention` regime: attention tensors first, in the order K, V, Q, fused QKV, O, other
+  (GQA makes K and V the smallest: keeping them removes the most reads per byte), then FFN smallest first;
+- A < quota < F → `mixed`: FFN tensors largest first where they fit, the gaps filled with attention (K, V,
+  Q, O);
+- quota >= F → `ffn`: every FFN tensor, then attention fills the rest.
+
+A tensor that does not fit is skipped and later ones may fill the gap. Per-layer resident bytes are made
+non-decreasing in the quota by keeping the best selection found at any smaller quota, so more budget never
+means fewer resident bytes.
+
+## MoE layers (Flash-MoE)
+
+Dense, shared-expert, router and norm weights come first; routed experts (`*_exps`) live in per-layer slot
+banks of N resident slots, N x bytes-per-expert (summed over the layer's routed tensors). Every MoE layer
+gets at least top-k slots (a token needs k experts resident at once); if the non-expert weights do not fit
+after those minimum banks, they stream exactly like a dense model (one budget for both). Otherwise whatever
+is left grows every bank evenly, capped at the expert count. Leading dense layers get no bank. A bank within
+1.25x top-k draws a warning. Flash-MoE reports the best bank as "a peak, not as big as fits", because a
+bank that starves the page cache loses when misses are buffered reads; our misses are direct reads into
+slots, so the banks take what is left (cap them with --moe-slot-bank). Modes stock / resident /
+resident-bank keep every expert resident and must fit; auto = stock when everything fits, else slot-bank.
+The oracle modes are planned like slot-bank.
+
+## Minimum budget
+
+KV cache + compute + always-resident weights + (for MoE) top-k slots per MoE layer (or the slot bank asked
+for) + the cheaper of: every dense layer weight resident, or everything streamed through the prefetch
+buffers. Below it make_plan raises FlashflexError naming the minimum; at it, a plan always exists.
+
+## Estimates
+
+Expected streamed bytes per token: every streamed dense tensor, plus expert misses under a uniform
+independent routing model — a routed expert is in a bank of N of E slots with probability N/E, so a layer
+misses `k x (1 - N/E)` experts per token. Real routing is skewed, so real hit rates are higher (Flash-MoE
+measured 58-85 % where this model says 6-50 %). I/O-bound tokens/s = read bandwidth / streamed bytes per
+token (1.1 GB/s by default: direct reads at queue depth 4 on the reference machine).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.errors import FlashflexError
+from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
+from orchestrator.sizes import MiB, format_rate, format_size, parse_rate
+
+SCHEMA_VERSION = 1
+DIRECT_IO_ALIGNMENT = 4096
+COMPUTE_FIXED_BYTES = 4 * MiB
+BANK_WARN_FACTOR = 1.25
+DEFAULT_READ_BANDWIDTH = 1_100_000_000  # 1.1 GB/s
+DEFAULT_N_VOCAB = 32000
+
+_ATTENTION_RANK = {Role.ATTN_K: 0, Role.ATTN_V: 1, Role.ATTN_Q: 2, Role.ATTN_QKV: 3, Role.ATTN_O: 4, Role.OTHER: 5}
+_FFN_ROLES = frozenset({Role.FFN_DENSE, Role.EXPERT_SHARED})
+_ALL_RESIDENT_MODES = frozenset({"stock", "resident", "resident-bank"})
+_SUBSET_SUM_LIMIT = 14  # layers with more streamable tensors use approximate breakpoints (still safe)
+
+Placement = Literal["resident", "streamed", "bank"]
+Regime = Literal["all", "attention", "mixed", "ffn", "none"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The Plan (the contract with the native side)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorDecision(_Model):
+    """Where one tensor lives during the run."""
+
+    name: str = Field(description="GGUF tensor name.")
+    layer: int | None = Field(description="Block index; null outside the repeating blocks.")
+    role: str = Field(description="Role from the tensor table (attn_k, ffn_dense, expert_routed, ...).")
+    n_bytes: int = Field(description="Size of the tensor data in the file.")
+    file: int = Field(description="Index into Plan.files of the file holding the data.")
+    offset: int = Field(description="Absolute byte offset of the data in that file.")
+    placement: Placement = Field(
+        description="resident = loaded once and kept; streamed = read every token into a prefetch buffer; "
+        "bank = routed experts: a slot bank of LayerPlan.slot_bank experts resident, misses read on demand.")
+    reason: str = Field(description="Short code saying why (non-layer, pinned, fits, quota:<regime>, "
+                        "over-quota, expert-bank, expert-resident).")
+
+
+class LayerPlan(_Model):
+    """One repeating block."""
+
+    layer: int = Field(description="Block index.")
+    regime: Regime = Field(description="Which preservation order filled the quota: all (nothing streams), "
+                           "attention, mixed, ffn, or none (no quota).")
+    resident_bytes: int = Field(description="Resident non-expert weights of the layer, pinned ones included.")
+    streamed_bytes: int = Field(description="Dense weights of the layer read every token.")
+    attention_bytes: int = Field(description="Streamable attention bytes (threshold A of the regimes).")
+    ffn_bytes: int = Field(description="Streamable FFN bytes (threshold F of the regimes).")
+    n_expert: int | None = Field(default=None, description="Routed experts in this layer; null if not MoE.")
+    expert_bytes: int | None = Field(default=None, description="Bytes of one expert over the routed tensors.")
+    slot_bank: int | None = Field(default=None, description="Resident expert slots; null if not MoE.")
+    bank_bytes: int = Field(default=0, description="slot_bank x expert_bytes.")
+
+
+class PrefetchPlan(_Model):
+    """Dense streaming settings the runtime applies."""
+
+    threads: int = Field(description="Prefetch I/O threads; 0 = synchronous reads.")
+    window: int = Field(description="Requested look-ahead in layers.")
+    buffers: int = Field(description="Prefetch buffers allocated (the effective window); 0 if nothing streams.")
+    buffer_bytes: int = Field(description="Bytes of each buffer: the largest streamed layer plus page "
+                              "padding (an upper bound on the aligned spans of its tensors).")
+    direct_io_requested: str = Field(description="auto | on | off | strict, as asked.")
+    direct_io: bool = Field(description="Whether streamed reads use O_DIRECT.")
+    alignment: int = Field(default=DIRECT_IO_ALIGNMENT, description="Direct I/O alignment in bytes.")
+    unaligned_tensors: int = Field(default=0, description="Streamed tensors whose offset is not aligned.")
+
+
+class Reservations(_Model):
+    """Budget taken before any weight is placed."""
+
+    kv_cache_bytes: int = Field(description="f16 K and V cache for the whole context.")
+    compute_bytes: int = Field(description="Estimated compute buffers for one ubatch.")
+    prefetch_buffer_bytes: int = Field(description="buffers x buffer_bytes.")
+
+
+class MoEPlan(_Model):
+    """MoE execution settings."""
+
+    requested_mode: str = Field(description="Mode asked for (auto resolves to stock or slot-bank).")
+    mode: str = Field(description="Mode the runtime runs.")
+    n_expert: int = Field(description="Routed experts per MoE layer.")
+    n_expert_used: int = Field(description="The model's experts per token.")
+    topk: int = Field(description="Experts per token the run uses.")
+    topk_lossy: bool = Field(description="True when topk < n_expert_used (output differs from stock).")
+    slot_bank: int | None = Field(description="Slots per MoE layer (the same in every MoE layer); null when all "
+                                  "experts are resident.")
+    bank_bytes: int = Field(description="Total bytes of all banks (or of all routed experts when resident).")
+    moe_layers: int = Field(description="Layers with routed experts.")
+
+
+class Estimates(_Model):
+    """What the plan predicts; not used by the runtime."""
+
+    dense_streamed_bytes_per_token: int = Field(description="Dense tensors read per token.")
+    expert_miss_bytes_per_token: int = Field(description="Expected expert bytes read per token.")
+    streamed_bytes_per_token: int = Field(description="Sum of the two.")
+    expected_hit_rate: float | None = Field(description="Expected bank hit rate; null for dense models.")
+    hit_rate_model: str = Field(description="How the hit rate was estimated.")
+    read_bandwidth: int = Field(description="Assumed read bandwidth in bytes per second.")
+    io_bound_tokens_per_s: float | None = Field(description="read_bandwidth / streamed bytes per token; null "
+                                                "when nothing streams (not I/O bound).")
+
+
+class Plan(_Model):
+    """A budget turned into placements: what stays resident, what streams, the banks and reservations."""
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Bumped on incompatible changes.")
+    files: list[str] = Field(description="Model files, in TensorDecision.file order.")
+    arch: str = Field(description="general.architecture.")
+    kind: Literal["dense", "moe"] = Field(description="dense or moe.")
+    n_layer: int = Field(description="Repeating blocks.")
+    budget_bytes: int = Field(description="The RAM budget planned for.")
+    minimum_budget_bytes: int = Field(description="The smallest budget this model and settings can run in.")
+    ctx: int = Field(description="Context length the KV cache is reserved for.")
+    ubatch: int = Field(description="Micro-batch the compute buffers are sized for.")
+    fits_entirely: bool = Field(description="Every weight is resident (nothing streams, no bank misses).")
+    layer_quota_bytes: int | None = Field(description="Per-layer quota for dense weights (the water level); null "
+                                          "when every dense weight is resident.")
+    model_bytes: int = Field(description="All tensor data of the model.")
+    resident_bytes: int = Field(description="Weights held in RAM: resident tensors plus slot banks.")
+    reserved_bytes: int = Field(description="KV cache + compute + prefetch buffers.")
+    used_bytes: int = Field(description="resident_bytes + reserved_bytes; never above budget_bytes.")
+    reservations: Reservations
+    prefetch: PrefetchPlan
+    moe: MoEPlan | None = Field(description="null for dense models.")
+    estimates: Estimates
+    layers: list[LayerPlan]
+    tensors: list[TensorDecision]
+    warnings: list[str] = Field(default_factory=list, description="Things the user should know.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-layer preservation: a step function of the quota
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """Selection of a layer's streamable tensors as a function of the quota, piecewise constant."""
+
+    breakpoints: tuple[int, ...]  # sorted quotas where the selection may change; starts at 0
+    selections: tuple[frozenset[int], ...]  # indices into the layer's streamable tensors
+    resident: tuple[int, ...]  # bytes of each selection (non-decreasing)
+    regimes: tuple[str, ...]
+
+    def at(self, quota: int) -> int:
+        return bisect.bisect_right(self.breakpoints, quota) - 1
+
+
+def _greedy(order: list[int], sizes: tuple[int, ...], quota: int) -> frozenset[int]:
+    left = quota
+    chosen = []
+    for i in order:
+        if sizes[i] <= left:
+            chosen.append(i)
+            left -= sizes[i]
+    return frozenset(chosen)
+
+
+@lru_cache(maxsize=4096)
+def _layer_steps(items: tuple[tuple[Role, int], ...]) -> _Steps:
+    """Preservation step function for one layer signature: (role, n_bytes) of each streamable tensor."""
+    sizes = tuple(n for _, n in items)
+    attention = [i for i, (r, _) in enumerate(items) if r not in _FFN_ROLES]
+    ffn = [i for i, (r, _) in enumerate(items) if r in _FFN_ROLES]
+    att_bytes = sum(sizes[i] for i in attention)
+    ffn_bytes = sum(sizes[i] for i in ffn)
+    att_key = lambda i: (_ATTENTION_RANK.get(items[i][0], 5), sizes[i], i)  # noqa: E731
+    attention_first = sorted(attention, key=att_key) + sorted(ffn, key=lambda i: (sizes[i], i))
+    ffn_first = sorted(ffn, key=lambda i: (-sizes[i], i)) + sorted(attention, key=att_key)
+
+    if len(sizes) <= _SUBSET_SUM_LIMIT:
+        sums = {0}
+        for n in sizes:
+            sums |= {s + n for s in sums}
+    else:  # any breakpoint set keeps the result feasible and monotone; subset sums make it exact
+        sums = {0, att_bytes, ffn_bytes, sum(sizes), *sizes}
+        for order in (attention_first, ffn_first):
+            sums |= set(itertools.accumulate(sizes[i] for i in order))
+    total = sum(sizes)
+    bps, sels, res, regs = [], [], [], []
+    best: frozenset[int] = frozenset()
+    best_bytes, best_regime = 0, "none"
+    for q in sorted(sums):
+        if q <= att_bytes:
+            regime, order = "attention", attention_first
+        else:
+            regime, order = ("ffn" if q >= ffn_bytes else "mixed"), ffn_first
+        sel = _greedy(order, sizes, q)
+        n = sum(sizes[i] for i in sel)
+        if n >= best_bytes:
+            best, best_bytes, best_regime = sel, n, regime
+        if best_bytes == total and total > 0:
+            best_regime = "all"
+        elif best_bytes == 0:
+            best_regime = "none"
+        bps.append(q)
+        sels.append(best)
+        res.append(best_bytes)
+        regs.append(best_regime)
+    return _Steps(tuple(bps), tuple(sels), tuple(res), tuple(regs))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model analysis
+
+
+@dataclass
+class _Layer:
+    index: int
+    streamable: list[TensorInfo]
+    pinned: list[TensorInfo]
+    routed: list[TensorInfo]
+    steps: _Steps
+    n_expert: int = 0
+    expert_bytes: int = 0
+
+    @property
+    def streamable_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.streamable)
+
+
+def _is_pinned(t: TensorInfo) -> bool:
+    return len(t.shape) <= 1 or t.role in (Role.NORM, Role.ROUTER)
+
+
+def _span_allowance(layer: _Layer) -> int:
+    """Padding a layer's streamed tensors may need in a buffer: an O_DIRECT read covers whole 4096-byte
+    pages, so each tensor's span is at most its size plus two pages. Counted for every streamable tensor of
+    the layer, whichever stream, so that buffer sizes only shrink as the quota grows."""
+    return 2 * DIRECT_IO_ALIGNMENT * len(layer.streamable)
+
+
+def _base_name(t: TensorInfo) -> str:
+    return re.sub(rf"(^|\.){t.layer}(\.|$)", r"\1#\2", t.name, count=1) if t.layer is not None else t.name
+
+
+def _layers(table: ModelTable, n_expert: int) -> list[_Layer]:
+    by_layer: dict[int, list[TensorInfo]] = {}
+    for t in table.tensors:
+        if t.layer is not None:
+            by_layer.setdefault(t.layer, []).append(t)
+    out = []
+    for index in sorted(by_layer):
+        tensors = by_layer[index]
+        routed = [t for t in tensors if t.role is Role.EXPERT_ROUTED and not _is_pinned(t)]
+        pinned = [t for t in tensors if _is_pinned(t)]
+        streamable = [t for t in tensors if t not in routed and t not in pinned]
+        streamable.sort(key=_base_name)  # layer-independent order, so equal layers share one step function
+        steps = _layer_steps(tuple((t.role, t.n_bytes) for t in streamable))
+        layer = _Layer(index, streamable, pinned, routed, steps)
+        if routed:
+            e = n_expert or max((t.shape[-1] for t in routed), default=1)
+            layer.n_expert = e
+            layer.expert_bytes = sum(-(-t.n_bytes // e) for t in routed)
+        out.append(layer)
+    return out
+
+
+def _n_vocab(table: ModelTable) -> int:
+    for role in (Role.OUTPUT, Role.TOKEN_EMBD):
+        for t in table.tensors:
+            if t.role is role and len(t.shape) >= 2:
+                return int(t.shape[1])
+    return DEFAULT_N_VOCAB
+
+
+def _ffn_width(table: ModelTable, topk: int) -> int:
+    a = table.arch
+    dense = [d for t in table.tensors if t.role is Role.FFN_DENSE for d in t.shape[:2] if d != a.n_embd]
+    shared = [d for t in table.tensors if t.role is Role.EXPERT_SHARED for d in t.shape[:2] if d != a.n_embd]
+    width = max(dense, default=0)
+    if a.is_moe:
+        expert = a.expert_ffn or max((d for t in table.tensors if t.role is Role.EXPERT_ROUTED
+                                      for d in t.shape[:2] if d != a.n_embd), default=0)
+        width = max(width, expert * topk + (a.shared_expert_ffn or max(shared, default=0)))
+    return width or 4 * a.n_embd
+
+
+def kv_cache_bytes(table: ModelTable, ctx: int) -> int:
+    """f16 K and V for all layers and the whole context."""
+    a = table.arch
+    return a.n_layer * ctx * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * 2
+
+
+def compute_bytes(table: ModelTable, ctx: int, ubatch: int, topk: int | None = None) -> int:
+    """Upper estimate of llama.cpp's compute buffers for one ubatch (see the module docstring)."""
+    a = table.arch
+    k = topk if topk is not None else max(a.n_expert_used, 1)
+    per_token = _n_vocab(table) + 6 * a.n_embd + 3 * _ffn_width(table, k) + a.n_head * ctx
+    return 4 * ubatch * per_token + COMPUTE_FIXED_BYTES
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+
+
+def _get(obj: Any, name: str, default: Any) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _level(layers: list[_Layer], avail: int, candidates: list[int]) -> int:
+    """The largest per-layer quota whose resident bytes over all layers fit in `avail` (water level)."""
+
+    def total(q: int) -> int:
+        return sum(layer.steps.resident[layer.steps.at(q)] for layer in layers)
+
+    lo, hi = 0, len(candidates) - 1  # candidates[0] == 0 and total(0) == 0 <= avail
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if total(candidates[mid]) <= avail:
+            lo = mid
+        else:
+            hi = mid - 1
+    return candidates[lo]
+
+
+def _streamed_layer_buffer(layer: _Layer, quota: int | None) -> int:
+    """Buffer bytes a layer needs at `quota`: its streamed bytes plus page padding; 0 if nothing streams."""
+    if quota is None:
+        return 0
+    streamed = layer.streamable_bytes - layer.steps.resident[layer.steps.at(quota)]
+    return streamed + _span_allowance(layer) if streamed > 0 else 0
+
+
+def _buffers(layers: list[_Layer], quota: int | None, window: int) -> tuple[int, int]:
+    """(number of buffers, bytes per buffer) for a quota (None = nothing streams)."""
+    per_layer = [_streamed_layer_buffer(layer, quota) for layer in layers]
+    streaming = sum(1 for b in per_layer if b > 0)
+    if streaming == 0:
+        return 0, 0
+    return min(window, streaming), max(per_layer)
+
+
+def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int) -> tuple[int, int, int]:
+    """Water-fill the layers' quota while paying for the prefetch buffers it leaves necessary.
+
+    Starts from the buffers of streaming everything and iterates: a higher quota streams less, so needs
+    smaller buffers, which frees budget for a higher quota. Each step stays within budget and is monotone in
+    the budget, so the result is too. Returns (quota, buffers, buffer_bytes).
+    """
+    candidates = sorted({bp for layer in layers for bp in layer.steps.breakpoints})
+    n_buf, buf = _buffers(layers, 0, window)
+    reserved = n_buf * buf
+    quota = 0
+    for _ in range(64):
+        quota = _level(layers, avail_before_buffers - reserved, candidates)
+        n_buf, buf = _buffers(layers, quota, window)
+        if n_buf * buf >= reserved:
+            break
+        reserved = n_buf * buf
+    return quota, n_buf, buf
+
+
+def make_plan(
+    table: ModelTable,
+    budget_bytes: int,
+    *,
+    ctx: int = 2048,
+    ubatch: int = 512,
+    prefetch: Any = None,
+    moe: Any = None,
+    read_bandwidth: int | str | None = None,
+) -> Plan:
+    """Plan `table` under `budget_bytes` of RAM. Pure: reads nothing, writes nothing.
+
+    `prefetch` is a PrefetchConfig or anything with `threads`, `window`, `direct_io` (and optionally
+    `read_bandwidth`); `moe` a MoEConfig or anything with `mode`, `slot_bank`, `topk`; dicts work too.
+    `read_bandwidth` (bytes/s or a rate string) overrides the prefetch settings' value for the estimate.
+    Raises FlashflexError for a budget below the minimum, MoE options on a dense model, and impossible
+    MoE settings.
+    """
+    arch = table.arch
+    name = table.files[0].name if table.files else arch.arch
+    if ctx < 1 or ubatch < 1:
+        raise FlashflexError(f"ctx and ubatch must be positive (got ctx={ctx}, ubatch={ubatch})",
+                             "pass --ctx and --ubatch of 1 or more")
+    threads = int(_get(prefetch, "threads", 1))
+    window = int(_get(prefetch, "window", 3))
+    direct_io_requested = str(_get(prefetch, "direct_io", "auto"))
+    if read_bandwidth is None:
+        read_bandwidth = _get(prefetch, "read_bandwidth", DEFAULT_READ_BANDWIDTH)
+    bandwidth = read_bandwidth if isinstance(read_bandwidth, int) else parse_rate(read_bandwidth)
+    effective_window = max(1, window) if threads > 0 else 1
+
+    requested_mode = str(_get(moe, "mode", "auto") or "auto")
+    slot_bank_req = _get(moe, "slot_bank", None)
+    topk_req = _get(moe, "topk", None)
+    warnings: list[str] = []
+
+    has_routed = any(t.role is Role.EXPERT_ROUTED for t in table.tensors)
+    is_moe = arch.is_moe or has_routed
+    if not is_moe:
+        used = [f"--moe-mode {requested_mode}"] if requested_mode not in ("auto", "stock") else []
+        used += [f"--moe-slot-bank {slot_bank_req}"] if slot_bank_req is not None else []
+        used += [f"--moe-topk {topk_req}"] if topk_req is not None else []
+        if used:
+            raise FlashflexError(f"{name} is a dense model ({arch.arch}, no routed experts): "
+                                 f"{', '.join(used)} applies to MoE models only", "drop the MoE options")
+
+    n_expert_used = max(arch.n_expert_used, 1) if is_moe else 0
+    topk = n_expert_used
+    if is_moe and topk_req is not None:
+        if topk_req < 1 or topk_req > n_expert_used:
+            raise FlashflexError(f"--moe-topk {topk_req} is outside 1..{n_expert_used}",
+                                 f"top-k can only reduce the model's {n_expert_used} experts per token")
+        topk = int(topk_req)
+        if topk < n_expert_used:
+            warnings.append(f"top-k {topk} overrides the model's {n_expert_used} experts per token: lossy, "
+                            "output will differ from stock")
+
+    layers = _layers(table, arch.n_expert)
+    moe_layers = [layer for layer in layers if layer.routed]
+    if ctx > arch.n_ctx_train > 0:
+        warnings.append(f"ctx {ctx} exceeds the model's training context {arch.n_ctx_train}")
+
+    kv = kv_cache_bytes(table, ctx)
+    compute = compute_bytes(table, ctx, ubatch, topk if is_moe else None)
+    non_layer = sum(t.n_bytes for t in table.tensors if t.layer is None)
+    pinned = sum(t.n_bytes for layer in layers for t in layer.pinned)
+    fixed = kv + compute + non_layer + pinned
+    streamable_all = sum(layer.streamable_bytes for layer in layers)
+    routed_all = sum(t.n_bytes for layer in moe_layers for t in layer.routed)
+    everything = fixed + streamable_all + routed_all
+
+    # MoE mode: which experts are resident
+    mode = requested_mode
+    if is_moe:
+        if mode == "auto":
+            mode = "stock" if everything <= budget_bytes and slot_bank_req is None else "slot-bank"
+        if mode in _ALL_RESIDENT_MODES:
+            if slot_bank_req is not None:
+                raise FlashflexError(f"--moe-slot-bank applies to slot-bank and oracle modes, not {mode}",
+                                     "drop --moe-slot-bank or use --moe-mode slot-bank")
+            if everything > budget_bytes:
+                raise FlashflexError(
+                    f"mode {mode} keeps every expert resident and needs {format_size(everything, round_up=True)}; "
+                    f"the budget is {format_size(budget_bytes)}",
+                    "use --moe-mode slot-bank, or raise --budget")
+    banked = is_moe and mode not in _ALL_RESIDENT_MODES
+
+    # Minimum banks (top-k, or the slot bank asked for)
+    min_slots = topk
+    if banked and slot_bank_req is not None:
+        max_expert = max(layer.n_expert for layer in moe_layers) if moe_layers else 0
+        if slot_bank_req < topk:
+            raise FlashflexError(f"--moe-slot-bank {slot_bank_req} is below top-k {topk}: every token needs {topk} "
+                                 "experts resident at once", f"use a slot bank of at least {topk}")
+        if slot_bank_req > max_expert:
+            warnings.append(f"slot bank {slot_bank_req} capped at the expert count {max_expert}")
+        min_slots = int(slot_bank_req)
+
+    def bank_bytes(slots: int) -> int:
+        return sum(min(slots, layer.n_expert) * layer.expert_bytes for layer in moe_layers)
+
+    min_banks = bank_bytes(min_slots) if banked else 0
+    if not banked:
+        fixed += routed_all  # resident experts are fixed weights
+
+    n_buf0, buf0 = _buffers(layers, 0, effective_window)
+    minimum = fixed + min_banks + min(streamable_all, n_buf0 * buf0)
+    if is_moe and requested_mode == "auto" and not banked:  # auto falls back to slot-bank below the stock size
+        auto_min = fixed - routed_all + bank_bytes(topk) + min(streamable_all, n_buf0 * buf0)
+        minimum = min(minimum, auto_min)
+    if budget_bytes < minimum:
+        parts = [f"KV cache {format_size(kv)}", f"compute {format_size(compute)}",
+                 f"always-resident weights {format_size(non_layer + pinned + (0 if banked else routed_all))}"]
+        if streamable_all > n_buf0 * buf0:
+            parts.append(f"prefetch buffers {n_buf0} x {format_size(buf0)}")
+        else:
+            parts.append(f"layer weights {format_size(streamable_all)}")
+        if banked:
+            parts.append(f"{min_slots} expert slots x {len(moe_layers)} layers {format_size(min_banks)}")
+        raise FlashflexError(
+            f"budget {format_size(budget_bytes)} is below the {format_size(minimum, round_up=True)} minimum for "
+            f"{name} ({' + '.join(parts)})",
+            f"give --budget {format_size(minimum, round_up=True).replace(' ', '')} or more, or lower --ctx, "
+            "--ubatch or --prefetch-window")
+
+    # Dense weights: all resident if they fit beside the minimum banks, else water-filled with streaming
+    avail = budget_bytes - fixed - min_banks
+    if streamable_all <= avail:
+        quota: int | None = None
+        n_buf, buf = 0, 0
+    else:
+        quota, n_buf, buf = _dense_fill(layers, avail, effective_window)
+
+    # Banks grow with whatever is left once every dense weight is resident
+    slots = min_slots
+    if banked and quota is None and slot_bank_req is None and moe_layers:
+        left = avail + min_banks - streamable_all
+        lo, hi = min_slots, max(layer.n_expert for layer in moe_layers)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if bank_bytes(mid) <= left:
+                lo = mid
+            else:
+                hi = mid - 1
+        slots = lo
+    if banked and moe_layers:
+        top = max(layer.n_expert for layer in moe_layers)
+        if min(slots, top) < BANK_WARN_FACTOR * topk and min(slots, top) < top:
+            warnings.append(f"slot bank {min(slots, top)} is within {BANK_WARN_FACTOR}x top-k {topk}: most expert "
+                            "reads will miss; raise the budget or lower --moe-topk")
+
+    # Decisions
+    file_index = {str(f): i for i, f in enumerate(table.files)}
+    decision: dict[str, tuple[Placement, str]] = {}
+    layer_plans: list[LayerPlan] = []
+    dense_streamed = 0
+    dense_kept = 0
+    unaligned = 0
+    for layer in layers:
+        kept = frozenset(range(len(layer.streamable))) if quota is None else layer.steps.selections[
+            layer.steps.at(quota)]
+        regime = "all" if quota is None else layer.steps.regimes[layer.steps.at(quota)]
+        for t in layer.pinned:
+            decision[t.name] = ("resident", "pinned")
+        for i, t in enumerate(layer.streamable):
+            if i in kept:
+                decision[t.name] = ("resident", "fits" if quota is None else f"quota:{regime}")
+            else:
+                decision[t.name] = ("streamed", "over-quota")
+                dense_streamed += t.n_bytes
+                unaligned += t.offset % DIRECT_IO_ALIGNMENT != 0
+        for t in layer.routed:
+            decision[t.name] = ("bank", "expert-bank") if banked else ("resident", "expert-resident")
+        kept_bytes = sum(layer.streamable[i].n_bytes for i in kept)
+        dense_kept += kept_bytes
+        res = sum(t.n_bytes for t in layer.pinned) + kept_bytes
+        lp = LayerPlan(
+            layer=layer.index, regime=regime if layer.streamable else "all", resident_bytes=res,
+            streamed_bytes=layer.streamable_bytes - kept_bytes,
+            attention_bytes=sum(t.n_bytes for t in layer.streamable if t.role not in _FFN_ROLES),
+            ffn_bytes=sum(t.n_bytes for t in layer.streamable if t.role in _FFN_ROLES),
+        )
+        if layer.routed:
+            s = min(slots, layer.n_expert) if banked else layer.n_expert
+            lp.n_expert, lp.expert_bytes = layer.n_expert, layer.expert_bytes
+            lp.slot_bank = s if banked else None
+            lp.bank_bytes = s * layer.expert_bytes if banked else sum(t.n_bytes for t in layer.routed)
+        layer_plans.append(lp)
+    for t in table.tensors:
+        if t.layer is None:
+            decision[t.name] = ("resident", "non-layer")
+
+    # Direct I/O
+    if direct_io_requested == "strict" and unaligned:
+        raise FlashflexError(f"{unaligned} streamed tensors of {name} are not {DIRECT_IO_ALIGNMENT}-byte aligned, "
+                             "and direct I/O is strict",
+                             "rewrite the model with `flashflex gguf realign`, or use --direct-io auto")
+    if direct_io_requested == "off":
+        direct_io = False
+    elif direct_io_requested == "auto":
+        direct_io = unaligned == 0
+        if unaligned:
+            warnings.append(f"direct I/O off: {unaligned} streamed tensors are not {DIRECT_IO_ALIGNMENT}-byte "
+                            "aligned (rewrite with `flashflex gguf realign`)")
+    else:
+        direct_io = True
+        if unaligned:
+            warnings.append(f"{unaligned} unaligned streamed tensors are read through the page cache")
+
+    # Estimates
+    expert_miss = 0.0
+    expert_reads = 0.0
+    if banked:
+        for layer in moe_layers:
+            s = min(slots, layer.n_expert)
+            expert_reads += topk * layer.expert_bytes
+            expert_miss += topk * layer.expert_bytes * (1 - s / layer.n_expert)
+    expert_miss_bytes = int(round(expert_miss))
+    streamed_per_token = dense_streamed + expert_miss_bytes
+    hit_rate = None if not is_moe else (1.0 if expert_reads == 0 else 1 - expert_miss / expert_reads)
+
+    resident_weights = (non_layer + pinned + dense_kept
+                        + (bank_bytes(slots) if banked else routed_all))
+    reserved = kv + compute + n_buf * buf
+    plan = Plan(
+        files=[str(f) for f in table.files],
+        arch=arch.arch,
+        kind="moe" if is_moe else "dense",
+        n_layer=arch.n_layer,
+        budget_bytes=budget_bytes,
+        minimum_budget_bytes=minimum,
+        ctx=ctx,
+        ubatch=ubatch,
+        fits_entirely=streamed_per_token == 0 and (not banked or all(
+            min(slots, layer.n_expert) >= layer.n_expert for layer in moe_layers)),
+        layer_quota_bytes=quota,
+        model_bytes=table.total_bytes,
+        resident_bytes=resident_weights,
+        reserved_bytes=reserved,
+        used_bytes=resident_weights + reserved,
+        reservations=Reservations(kv_cache_bytes=kv, compute_bytes=compute, prefetch_buffer_bytes=n_buf * buf),
+        prefetch=PrefetchPlan(threads=threads, window=window, buffers=n_buf, buffer_bytes=buf,
+                              direct_io_requested=direct_io_requested, direct_io=direct_io,
+                              unaligned_tensors=unaligned),
+        moe=None if not is_moe else MoEPlan(
+            requested_mode=requested_mode, mode=mode, n_expert=max((lay.n_expert for lay in moe_layers), default=0),
+            n_expert_used=n_expert_used, topk=topk, topk_lossy=topk < n_expert_used,
+            slot_bank=min(slots, max((lay.n_expert for lay in moe_layers), default=slots)) if banked else None,
+            bank_bytes=bank_bytes(slots) if banked else routed_all, moe_layers=len(moe_layers)),
+        estimates=Estimates(
+            dense_streamed_bytes_per_token=dense_streamed,
+            expert_miss_bytes_per_token=expert_miss_bytes,
+            streamed_bytes_per_token=streamed_per_token,
+            expected_hit_rate=hit_rate,
+            hit_rate_model="uniform independent routing: hit rate = slots / experts" if is_moe else "none",
+            read_bandwidth=bandwidth,
+            io_bound_tokens_per_s=(bandwidth / streamed_per_token) if streamed_per_token else None,
+        ),
+        layers=layer_plans,
+        tensors=[
+            TensorDecision(name=t.name, layer=t.layer, role=t.role.value, n_bytes=t.n_bytes,
+                           file=file_index.get(str(t.file), 0), offset=t.offset,
+                           placement=decision[t.name][0], reason=decision[t.name][1])
+            for t in table.tensors
+        ],
+        warnings=warnings,
+    )
+    return plan
+
+
+def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None) -> Plan:
+    """make_plan with the settings of a RunConfig. Not pure when the budget is `auto` (reads free memory)."""
+    return make_plan(
+        table,
+        config.budget.resolve_bytes(available),
+        ctx=config.context.ctx,
+        ubatch=config.context.ubatch,
+        prefetch=config.prefetch,
+        moe=config.moe,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Explanations
+
+
+def _ranges(indices: list[int]) -> str:
+    out = []
+    for _, group in itertools.groupby(enumerate(indices), key=lambda p: p[1] - p[0]):
+        g = [i for _, i in group]
+        out.append(f"{g[0]}" if len(g) == 1 else f"{g[0]}-{g[-1]}")
+    return ",".join(out)
+
+
+def _layers_label(indices: list[int]) -> str:
+    return f"layer {indices[0]}" if len(indices) == 1 else f"layers {_ranges(indices)}"
+
+
+_REGIME_WHY = {
+    "attention": "attention regime: the quota is at most the layer's attention bytes, so small attention "
+    "tensors go first (K, V, then Q, O), removing the most reads per byte",
+    "mixed": "mixed regime: the quota is above the layer's attention bytes but below its FFN bytes, so FFN "
+    "tensors go in where they fit and attention fills the gaps",
+    "ffn": "FFN regime: the quota holds every FFN tensor, attention fills the rest",
+    "none": "the quota holds none of the layer's tensors",
+    "all": "every tensor fits",
+}
+
+
+def explain(plan: Plan) -> list[str]:
+    """Lines for people: where the budget goes, which tensors are kept and why."""
+    r = plan.reservations
+    lines = [
+        f"budget {format_size(plan.budget_bytes)} (minimum {format_size(plan.minimum_budget_bytes, round_up=True)}): "
+        f"used {format_size(plan.used_bytes)} = weights {format_size(plan.resident_bytes)} + KV cache "
+        f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, f16) + compute {format_size(r.compute_bytes)} "
+        f"(ubatch {plan.ubatch})"
+        + (f" + prefetch buffers {plan.prefetch.buffers} x {format_size(plan.prefetch.buffer_bytes)}"
+           if plan.prefetch.buffers else ""),
+    ]
+    non_layer = [t for t in plan.tensors if t.reason == "non-layer"]
+    if non_layer:
+        lines.append(
+            f"resident outside the layers: {', '.join(t.name for t in non_layer)} "
+            f"({format_size(sum(t.n_bytes for t in non_layer))}); the token embedding could stream by rows but "
+            "stays resident for simplicity")
+    pinned = [t for t in plan.tensors if t.reason == "pinned"]
+    if pinned:
+        routers = any(t.role == Role.ROUTER.value for t in pinned)
+        kinds = "norm, bias and router" if routers else "norm and bias"
+        lines.append(f"pinned in the layers: {len(pinned)} {kinds} tensors "
+                     f"({format_size(sum(t.n_bytes for t in pinned))}): too small to be worth a read each"
+                     + (", and expert reads cannot start before routing" if routers else ""))
+    if plan.layer_quota_bytes is None:
+        lines.append("every dense layer weight is resident: nothing streams")
+    else:
+        lines.append(f"per-layer quota {format_size(plan.layer_quota_bytes)}: the budget left after reservations"
+                     f"{' and minimum expert banks' if plan.kind == 'moe' else ''} split evenly across "
+                     f"{len(plan.layers)} layers (balanced locking)")
+        groups: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[int]] = {}
+        for lp in plan.layers:
+            mine = [t for t in plan.tensors if t.layer == lp.layer and t.reason not in ("pinned",)
+                    and t.placement != "bank" and t.reason != "expert-resident"]
+            kept = tuple(_short(t.name) for t in mine if t.placement == "resident")
+            streamed = tuple(_short(t.name) for t in mine if t.placement == "streamed")
+            groups.setdefault((lp.regime, kept, streamed), []).append(lp.layer)
+        for (regime, kept, streamed), idx in groups.items():
+            lines.append(f"{_layers_label(idx)}: keep {', '.join(kept) or 'nothing'}; stream "
+                         f"{', '.join(streamed) or 'nothing'} ({_REGIME_WHY[regime]})")
+        p = plan.prefetch
+        lines.append(f"prefetch: {p.threads} thread(s), window {p.window}, {p.buffers} buffer(s) of "
+                     f"{format_size(p.buffer_bytes)}, direct I/O {'on' if p.direct_io else 'off'}")
+    if plan.moe is not None:
+        m = plan.moe
+        if m.slot_bank is None:
+            lines.append(f"MoE mode {m.mode}: all {m.n_expert} experts of {m.moe_layers} layers resident "
+                         f"({format_size(m.bank_bytes)})")
+        else:
+            moe_idx = [lp.layer for lp in plan.layers if lp.slot_bank is not None]
+            eb = max((lp.expert_bytes or 0) for lp in plan.layers)
+            lines.append(f"MoE mode {m.mode}: {_layers_label(moe_idx)} keep a slot bank of {m.slot_bank} of "
+                         f"{m.n_expert} experts ({format_size(eb)} each, {format_size(m.bank_bytes)} in all); "
+                         f"top-k {m.topk}{' (lossy override)' if m.topk_lossy else ''}")
+            dense_idx = [lp.layer for lp in plan.layers if lp.slot_bank is None]
+            if dense_idx:
+                lines.append(f"{_layers_label(dense_idx)}: no routed experts, no bank")
+    e = plan.estimates
+    if e.streamed_bytes_per_token:
+        hit = (f"; expected hit rate {e.expected_hit_rate:.0%} ({e.hit_rate_model})"
+               if e.expected_hit_rate is not None else "")
+        lines.append(f"expected reads {format_size(e.streamed_bytes_per_token)}/token (dense "
+                     f"{format_size(e.dense_streamed_bytes_per_token)}, expert misses "
+                     f"{format_size(e.expert_miss_bytes_per_token)}){hit} -> I/O-bound at most "
+                     f"{format_tokens_per_s(e.io_bound_tokens_per_s)} tok/s at {format_rate(e.read_bandwidth)}")
+    else:
+        lines.append("nothing is read per token: not I/O bound")
+    lines.extend(f"warning: {w}" for w in plan.warnings)
+    return lines
+
+
+def format_tokens_per_s(x: float | None) -> str:
+    """`0.83`, `12.4`, `2340`: three significant digits without exponents."""
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _short(name: str) -> str:
+    """`blk.3.attn_k.weight` -> `attn_k`."""
+    parts = name.split(".")
+    if parts and parts[0] == "blk" and len(parts) >= 3:
+        parts = parts[2:]
+    if parts and parts[-1] in ("weight", "bias"):
+        parts = parts[:-1] if parts[-1] == "weight" else parts
+    return ".".join(parts)
+
+
+__all__ = [
+    "Plan", "TensorDecision", "LayerPlan", "PrefetchPlan", "Reservations", "MoEPlan", "Estimates",
+    "make_plan", "plan_for_run", "explain", "format_tokens_per_s", "kv_cache_bytes", "compute_bytes", "SCHEMA_VERSION",
+]

@@ -1,0 +1,573 @@
+"""The planner: budget -> Plan, on in-memory tensor tables (no files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from gguf import MODEL_TENSOR, TENSOR_NAMES
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from orchestrator.cli import plan_cmd
+from orchestrator.config import MoEConfig, PrefetchConfig
+from orchestrator.errors import FlashflexError
+from orchestrator.modelfile.table import ArchInfo, ModelTable, Role, TensorInfo
+from orchestrator.planner import Plan, compute_bytes, explain, kv_cache_bytes, make_plan
+from orchestrator.sizes import GiB, MiB
+
+# --------------------------------------------------------------------------------------------------
+# Table factory: llama-style dense GQA, qwen3moe, MoE with shared experts and leading dense layers
+
+
+def q4_0(*shape: int) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n // 32 * 18
+
+
+def f32(*shape: int) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return 4 * n
+
+
+class TableBuilder:
+    def __init__(self, alignment: int = 4096, file: str = "model.gguf"):
+        self.file = Path(file)
+        self.alignment = alignment
+        self.offset = 2 * alignment  # after a header
+        self.tensors: list[TensorInfo] = []
+
+    def add(self, kind: MODEL_TENSOR, layer: int | None, role: Role, shape: tuple[int, ...], n_bytes: int) -> None:
+        name = TENSOR_NAMES[kind].format(bid=layer) + ".weight"
+        self.tensors.append(TensorInfo(name, layer, role, "Q4_0", shape, n_bytes, self.file, self.offset,
+                                       self.alignment))
+        self.offset += -(-n_bytes // self.alignment) * self.alignment
+
+    def attention(self, layer: int, n_embd: int, head_dim: int, n_head: int, n_head_kv: int) -> None:
+        self.add(MODEL_TENSOR.ATTN_NORM, layer, Role.NORM, (n_embd,), f32(n_embd))
+        self.add(MODEL_TENSOR.ATTN_Q, layer, Role.ATTN_Q, (n_embd, head_dim * n_head), q4_0(n_embd, head_dim * n_head))
+        kv = head_dim * n_head_kv
+        self.add(MODEL_TENSOR.ATTN_K, layer, Role.ATTN_K, (n_embd, kv), q4_0(n_embd, kv))
+        self.add(MODEL_TENSOR.ATTN_V, layer, Role.ATTN_V, (n_embd, kv), q4_0(n_embd, kv))
+        q = head_dim * n_head
+        self.add(MODEL_TENSOR.ATTN_OUT, layer, Role.ATTN_O, (q, n_embd), q4_0(q, n_embd))
+        self.add(MODEL_TENSOR.FFN_NORM, layer, Role.NORM, (n_embd,), f32(n_embd))
+
+    def dense_ffn(self, layer: int, n_embd: int, n_ff: int) -> None:
+        self.add(MODEL_TENSOR.FFN_GATE, layer, Role.FFN_DENSE, (n_embd, n_ff), q4_0(n_embd, n_ff))
+        self.add(MODEL_TENSOR.FFN_UP, layer, Role.FFN_DENSE, (n_embd, n_ff), q4_0(n_embd, n_ff))
+        self.add(MODEL_TENSOR.FFN_DOWN, layer, Role.FFN_DENSE, (n_ff, n_embd), q4_0(n_ff, n_embd))
+
+    def experts(self, layer: int, n_embd: int, n_expert: int, expert_ffn: int, shexp_ffn: int) -> None:
+        self.add(MODEL_TENSOR.FFN_GATE_INP, layer, Role.ROUTER, (n_embd, n_expert), f32(n_embd, n_expert))
+        for kind, shape in ((MODEL_TENSOR.FFN_GATE_EXP, (n_embd, expert_ffn, n_expert)),
+                            (MODEL_TENSOR.FFN_UP_EXP, (n_embd, expert_ffn, n_expert)),
+                            (MODEL_TENSOR.FFN_DOWN_EXP, (expert_ffn, n_embd, n_expert))):
+            self.add(kind, layer, Role.EXPERT_ROUTED, shape, q4_0(*shape))
+        if shexp_ffn:
+            for kind, shape in ((MODEL_TENSOR.FFN_GATE_SHEXP, (n_embd, shexp_ffn)),
+                                (MODEL_TENSOR.FFN_UP_SHEXP, (n_embd, shexp_ffn)),
+                                (MODEL_TENSOR.FFN_DOWN_SHEXP, (shexp_ffn, n_embd))):
+                self.add(kind, layer, Role.EXPERT_SHARED, shape, q4_0(*shape))
+
+    def ends(self, n_embd: int, n_vocab: int, first: bool) -> None:
+        if first:
+            self.add(MODEL_TENSOR.TOKEN_EMBD, None, Role.TOKEN_EMBD, (n_embd, n_vocab), q4_0(n_embd, n_vocab))
+        else:
+            self.add(MODEL_TENSOR.OUTPUT_NORM, None, Role.NORM, (n_embd,), f32(n_embd))
+            self.add(MODEL_TENSOR.OUTPUT, None, Role.OUTPUT, (n_embd, n_vocab), q4_0(n_embd, n_vocab))
+
+
+def dense_table(n_layer: int = 8, n_embd: int = 512, n_head: int = 8, n_head_kv: int = 2, n_ff: int = 1536,
+                n_vocab: int = 2048, alignment: int = 4096) -> ModelTable:
+    """Llama-style dense model with grouped-query attention."""
+    b = TableBuilder(alignment)
+    hd = n_embd // n_head
+    b.ends(n_embd, n_vocab, first=True)
+    for layer in range(n_layer):
+        b.attention(layer, n_embd, hd, n_head, n_head_kv)
+        b.dense_ffn(layer, n_embd, n_ff)
+    b.ends(n_embd, n_vocab, first=False)
+    return ModelTable([b.file], ArchInfo("llama", n_layer, n_embd, n_head, n_head_kv, 4096, hd, hd), b.tensors)
+
+
+def moe_table(n_layer: int = 6, n_embd: int = 512, n_head: int = 8, n_head_kv: int = 2, n_expert: int = 32,
+              n_expert_used: int = 4, expert_ffn: int = 256, n_leading_dense: int = 0, dense_ff: int = 1536,
+              shexp_ffn: int = 0, n_vocab: int = 2048, alignment: int = 4096, arch: str = "qwen3moe") -> ModelTable:
+    """qwen3moe shapes by default; shared experts and leading dense layers (deepseek-style) on request."""
+    b = TableBuilder(alignment)
+    hd = n_embd // n_head
+    b.ends(n_embd, n_vocab, first=True)
+    for layer in range(n_layer):
+        b.attention(layer, n_embd, hd, n_head, n_head_kv)
+        if layer < n_leading_dense:
+            b.dense_ffn(layer, n_embd, dense_ff)
+        else:
+            b.experts(layer, n_embd, n_expert, expert_ffn, shexp_ffn)
+    b.ends(n_embd, n_vocab, first=False)
+    info = ArchInfo(arch, n_layer, n_embd, n_head, n_head_kv, 4096, hd, hd, n_expert, n_expert_used, expert_ffn,
+                    n_leading_dense, 1 if shexp_ffn else 0, shexp_ffn)
+    return ModelTable([b.file], info, b.tensors)
+
+
+def minimum(table: ModelTable, **kw) -> int:
+    return make_plan(table, 1 << 50, **kw).minimum_budget_bytes
+
+
+def placements(plan: Plan, layer: int) -> dict[str, str]:
+    return {t.name.split(".")[2]: t.placement for t in plan.tensors if t.layer == layer}
+
+
+def check_invariants(table: ModelTable, plan: Plan, budget: int) -> None:
+    assert plan.used_bytes == plan.resident_bytes + plan.reserved_bytes
+    assert plan.used_bytes <= budget
+    assert [t.name for t in plan.tensors] == [t.name for t in table.tensors]  # each exactly once, in order
+    by_name = {t.name: t for t in table.tensors}
+    resident = sum(t.n_bytes for t in plan.tensors if t.placement == "resident")
+    banks = sum(lp.bank_bytes for lp in plan.layers if lp.slot_bank is not None)
+    assert plan.resident_bytes == resident + banks
+    for d in plan.tensors:
+        t = by_name[d.name]
+        assert d.n_bytes == t.n_bytes and d.offset == t.offset
+        if t.layer is None or len(t.shape) == 1:
+            assert d.placement == "resident"
+        if d.placement == "bank":
+            assert t.role is Role.EXPERT_ROUTED
+    if plan.prefetch.buffers:
+        streamed_by_layer: dict[int, int] = {}
+        for d in plan.tensors:
+            if d.placement == "streamed":
+                streamed_by_layer[d.layer] = streamed_by_layer.get(d.layer, 0) + d.n_bytes
+        assert plan.prefetch.buffer_bytes >= max(streamed_by_layer.values())
+    else:
+        assert not any(d.placement == "streamed" for d in plan.tensors)
+    if plan.moe is not None and plan.moe.slot_bank is not None:
+        for lp in plan.layers:
+            if lp.n_expert is not None:
+                assert plan.moe.topk <= lp.slot_bank <= lp.n_expert
+            else:
+                assert lp.slot_bank is None
+    # the JSON is the contract: it must round-trip
+    assert Plan.model_validate_json(plan.model_dump_json()) == plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Reservations
+
+
+def test_kv_cache_is_f16_k_and_v_for_every_layer():
+    t = dense_table(n_layer=8, n_embd=512, n_head=8, n_head_kv=2)
+    assert kv_cache_bytes(t, 1024) == 8 * 1024 * 2 * (64 + 64) * 2
+
+
+def test_compute_grows_with_ubatch_and_ctx():
+    t = dense_table()
+    assert compute_bytes(t, 512, 64) > compute_bytes(t, 512, 8)
+    assert compute_bytes(t, 4096, 64) > compute_bytes(t, 512, 64)
+
+
+def test_reservations_are_part_of_the_plan():
+    t = dense_table()
+    plan = make_plan(t, 1 << 40, ctx=256, ubatch=16)
+    r = plan.reservations
+    assert r.kv_cache_bytes == kv_cache_bytes(t, 256)
+    assert r.compute_bytes == compute_bytes(t, 256, 16)
+    assert plan.reserved_bytes == r.kv_cache_bytes + r.compute_bytes + r.prefetch_buffer_bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense: balanced locking and flexible preservation
+
+
+def test_everything_fits_streams_nothing_and_needs_no_buffers():
+    t = dense_table()
+    plan = make_plan(t, 1 << 40, ctx=256, ubatch=16)
+    assert plan.fits_entirely and plan.layer_quota_bytes is None
+    assert {d.placement for d in plan.tensors} == {"resident"}
+    assert plan.prefetch.buffers == 0 and plan.reservations.prefetch_buffer_bytes == 0
+    assert plan.estimates.streamed_bytes_per_token == 0 and plan.estimates.io_bound_tokens_per_s is None
+    check_invariants(t, plan, 1 << 40)
+
+
+def _budget_for_quota(t: ModelTable, per_layer: int, **kw) -> int:
+    """A budget whose per-layer quota is about `per_layer` (the prefetch buffers of streaming everything)."""
+    return minimum(t, **kw) + t.arch.n_layer * per_layer
+
+
+def test_small_quota_keeps_k_and_v_first_under_gqa():
+    t = dense_table()
+    k = q4_0(512, 128)
+    plan = make_plan(t, _budget_for_quota(t, 2 * k + 100, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    for layer in range(8):
+        p = placements(plan, layer)
+        assert p["attn_k"] == p["attn_v"] == "resident"
+        assert p["attn_q"] == p["attn_output"] == p["ffn_up"] == "streamed"
+    assert {lp.regime for lp in plan.layers} == {"attention"}
+    check_invariants(t, plan, plan.budget_bytes)
+
+
+def test_quota_is_balanced_evenly_across_layers():
+    t = dense_table()
+    plan = make_plan(t, _budget_for_quota(t, 3 * q4_0(512, 512), ctx=256, ubatch=16), ctx=256, ubatch=16)
+    assert len({lp.resident_bytes for lp in plan.layers}) == 1
+    assert all(lp.resident_bytes - 2 * f32(512) <= plan.layer_quota_bytes for lp in plan.layers)
+
+
+def test_large_quota_keeps_ffn_first():
+    t = dense_table(n_layer=32)  # many layers: the buffers freed by keeping FFN barely raise the quota
+    ffn = 3 * q4_0(512, 1536)
+    plan = make_plan(t, _budget_for_quota(t, ffn, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    for layer in range(32):
+        p = placements(plan, layer)
+        assert p["ffn_gate"] == p["ffn_up"] == p["ffn_down"] == "resident"
+        assert p["attn_q"] == p["attn_output"] == "streamed"
+    assert {lp.regime for lp in plan.layers} == {"ffn"}
+
+
+def test_between_the_thresholds_ffn_where_it_fits_and_attention_fills_gaps():
+    t = dense_table()
+    attention = 2 * q4_0(512, 512) + 2 * q4_0(512, 128)
+    one_ffn = q4_0(512, 1536)
+    quota = one_ffn + 2 * q4_0(512, 128) + 100  # above A, below F: one FFN tensor plus K and V
+    assert attention < quota < 3 * one_ffn
+    plan = make_plan(t, _budget_for_quota(t, quota, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    for lp in plan.layers:
+        p = placements(plan, lp.layer)
+        assert sum(p[n] == "resident" for n in ("ffn_gate", "ffn_up", "ffn_down")) >= 1
+        assert p["attn_k"] == p["attn_v"] == "resident"
+        assert lp.regime == "mixed"
+
+
+def test_tensors_are_resident_whole_or_streamed_whole():
+    t = dense_table()
+    plan = make_plan(t, _budget_for_quota(t, 100_000, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    assert {d.placement for d in plan.tensors} <= {"resident", "streamed"}
+    assert plan.estimates.dense_streamed_bytes_per_token == sum(
+        d.n_bytes for d in plan.tensors if d.placement == "streamed")
+
+
+def test_non_layer_and_one_dimensional_tensors_stay_resident():
+    t = dense_table()
+    plan = make_plan(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    for d in plan.tensors:
+        if d.layer is None:
+            assert (d.placement, d.reason) == ("resident", "non-layer")
+        elif d.role == "norm":
+            assert (d.placement, d.reason) == ("resident", "pinned")
+        else:
+            assert d.placement == "streamed"
+
+
+def test_prefetch_buffers_are_window_times_largest_streamed_layer():
+    t = dense_table()
+    budget = minimum(t, ctx=256, ubatch=16)
+    plan = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=2))
+    layer_bytes = sum(d.n_bytes for d in plan.tensors if d.layer == 0 and d.placement == "streamed")
+    assert plan.prefetch.buffers == 2
+    assert layer_bytes <= plan.prefetch.buffer_bytes <= layer_bytes + 2 * 4096 * 7
+    sync = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=0, window=5))
+    assert sync.prefetch.buffers == 1  # synchronous reads still need one buffer
+    assert sync.resident_bytes > plan.resident_bytes
+
+
+def test_window_never_exceeds_the_streaming_layers():
+    t = dense_table(n_layer=2)
+    plan = make_plan(t, minimum(t, ctx=64, ubatch=8), ctx=64, ubatch=8, prefetch={"window": 8})
+    assert plan.prefetch.buffers <= 2
+
+
+def test_budget_below_minimum_is_refused_in_human_units():
+    t = dense_table()
+    low = minimum(t, ctx=256, ubatch=16)
+    make_plan(t, low, ctx=256, ubatch=16)
+    with pytest.raises(FlashflexError) as info:
+        make_plan(t, low - 1, ctx=256, ubatch=16)
+    line = info.value.one_line()
+    assert "minimum" in line and "MiB" in line and "\n" not in line
+    assert "--budget" in (info.value.fix or "")
+
+
+def test_direct_io_settings():
+    t = dense_table(alignment=32)
+    budget = minimum(t, ctx=64, ubatch=8)
+    auto = make_plan(t, budget, ctx=64, ubatch=8)
+    assert not auto.prefetch.direct_io and auto.prefetch.unaligned_tensors > 0
+    assert any("realign" in w for w in auto.warnings)
+    assert make_plan(t, budget, ctx=64, ubatch=8, prefetch={"direct_io": "on"}).prefetch.direct_io
+    with pytest.raises(FlashflexError, match="aligned"):
+        make_plan(t, budget, ctx=64, ubatch=8, prefetch={"direct_io": "strict"})
+    aligned = dense_table()
+    assert make_plan(aligned, minimum(aligned, ctx=64, ubatch=8), ctx=64, ubatch=8).prefetch.direct_io
+
+
+def test_io_bound_estimate_uses_the_bandwidth():
+    t = dense_table()
+    budget = minimum(t, ctx=64, ubatch=8)
+    plan = make_plan(t, budget, ctx=64, ubatch=8, read_bandwidth="1GB/s")
+    assert plan.estimates.io_bound_tokens_per_s == pytest.approx(1e9 / plan.estimates.streamed_bytes_per_token)
+    faster = make_plan(t, budget, ctx=64, ubatch=8, read_bandwidth=2_000_000_000)
+    assert faster.estimates.io_bound_tokens_per_s == pytest.approx(2 * plan.estimates.io_bound_tokens_per_s)
+
+
+def test_moe_options_on_a_dense_model_are_refused():
+    t = dense_table()
+    for moe in ({"slot_bank": 4}, {"topk": 2}, {"mode": "slot-bank"}):
+        with pytest.raises(FlashflexError, match="dense model") as info:
+            make_plan(t, 1 << 40, moe=moe)
+        assert "drop the MoE options" in info.value.one_line()
+    make_plan(t, 1 << 40, moe=MoEConfig())  # defaults are fine
+
+
+def test_ctx_above_training_context_warns():
+    t = dense_table()
+    assert any("training context" in w for w in make_plan(t, 1 << 40, ctx=8192).warnings)
+
+
+# --------------------------------------------------------------------------------------------------
+# MoE: dense weights first, slot banks from the rest
+
+
+def test_moe_dense_weights_resident_and_banks_take_the_rest():
+    t = moe_table()
+    low = minimum(t, ctx=256, ubatch=16)
+    plan = make_plan(t, low + 8 * MiB, ctx=256, ubatch=16)
+    assert plan.moe.mode == "slot-bank"
+    assert plan.layer_quota_bytes is None  # every dense weight resident
+    assert plan.moe.topk < plan.moe.slot_bank < 32
+    for d in plan.tensors:
+        assert d.placement == ("bank" if d.role == "expert_routed" else "resident")
+    check_invariants(t, plan, plan.budget_bytes)
+
+
+def test_moe_bank_never_below_topk_and_capped_at_expert_count():
+    t = moe_table()
+    at_min = make_plan(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    assert at_min.moe.slot_bank == 4
+    assert any("1.25x top-k" in w for w in at_min.warnings)
+    big = make_plan(t, 1 << 40, ctx=256, ubatch=16, moe={"mode": "slot-bank"})
+    assert big.moe.slot_bank == 32 and big.fits_entirely
+    assert big.estimates.expert_miss_bytes_per_token == 0
+
+
+def test_moe_auto_mode_is_stock_when_everything_fits():
+    t = moe_table()
+    plan = make_plan(t, 1 << 40, ctx=256, ubatch=16)
+    assert (plan.moe.requested_mode, plan.moe.mode, plan.moe.slot_bank) == ("auto", "stock", None)
+    assert all(d.placement == "resident" for d in plan.tensors)
+
+
+def test_moe_resident_modes_must_fit():
+    t = moe_table()
+    with pytest.raises(FlashflexError, match="mode resident keeps every expert resident"):
+        make_plan(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16, moe={"mode": "resident"})
+
+
+def test_moe_leading_dense_layers_get_no_bank_and_shared_experts_stay_resident():
+    t = moe_table(n_layer=5, n_leading_dense=2, shexp_ffn=512, arch="deepseek2")
+    plan = make_plan(t, minimum(t, ctx=256, ubatch=16) + 4 * MiB, ctx=256, ubatch=16, moe={"mode": "slot-bank"})
+    for lp in plan.layers:
+        if lp.layer < 2:
+            assert lp.slot_bank is None and lp.n_expert is None
+        else:
+            assert lp.slot_bank is not None and lp.slot_bank >= 4
+    assert all(d.placement == "resident" for d in plan.tensors if d.role == "expert_shared")
+    assert "no routed experts, no bank" in "\n".join(explain(plan))
+    check_invariants(t, plan, plan.budget_bytes)
+
+
+def test_moe_streams_dense_weights_when_they_do_not_fit_one_budget_for_both():
+    t = moe_table(n_layer=12, n_leading_dense=1, shexp_ffn=512, arch="deepseek2")
+    plan = make_plan(t, minimum(t, ctx=256, ubatch=16) + 200_000, ctx=256, ubatch=16)
+    assert plan.moe.slot_bank == plan.moe.topk  # banks stay at their minimum while dense weights stream
+    assert plan.layer_quota_bytes is not None and plan.prefetch.buffers > 0
+    assert any(d.placement == "streamed" for d in plan.tensors)
+    assert all(d.placement != "streamed" for d in plan.tensors if d.role in ("router", "norm", "expert_routed"))
+    check_invariants(t, plan, plan.budget_bytes)
+
+
+def test_moe_expected_miss_bytes_follow_uniform_routing():
+    t = moe_table()
+    plan = make_plan(t, minimum(t, ctx=256, ubatch=16) + 32 * MiB, ctx=256, ubatch=16)
+    s, e, k = plan.moe.slot_bank, plan.moe.n_expert, plan.moe.topk
+    per_expert = plan.layers[0].expert_bytes
+    assert plan.estimates.expert_miss_bytes_per_token == pytest.approx(6 * k * per_expert * (1 - s / e), abs=2)
+    assert plan.estimates.expected_hit_rate == pytest.approx(s / e)
+
+
+def test_moe_slot_bank_override():
+    t = moe_table()
+    plan = make_plan(t, 1 << 40, ctx=256, ubatch=16, moe={"mode": "slot-bank", "slot_bank": 8})
+    assert plan.moe.slot_bank == 8 and all(lp.slot_bank == 8 for lp in plan.layers)
+    with pytest.raises(FlashflexError, match="below top-k"):
+        make_plan(t, 1 << 40, moe={"mode": "slot-bank", "slot_bank": 2})
+    capped = make_plan(t, 1 << 40, moe={"mode": "slot-bank", "slot_bank": 100})
+    assert capped.moe.slot_bank == 32 and all(lp.slot_bank == 32 for lp in capped.layers)
+    assert any("capped" in w for w in capped.warnings)
+    with pytest.raises(FlashflexError, match="minimum"):
+        make_plan(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16, moe={"slot_bank": 16})
+
+
+def test_moe_topk_override_is_reduction_only_and_lossy():
+    t = moe_table()
+    plan = make_plan(t, 1 << 40, moe={"mode": "slot-bank", "topk": 2})
+    assert plan.moe.topk == 2 and plan.moe.topk_lossy
+    assert any("lossy" in w for w in plan.warnings)
+    with pytest.raises(FlashflexError, match="top-k"):
+        make_plan(t, 1 << 40, moe={"topk": 8})
+    assert minimum(t, moe={"topk": 2}) < minimum(t)
+
+
+def test_moe_below_minimum_names_the_expert_slots():
+    t = moe_table()
+    with pytest.raises(FlashflexError, match="expert slots"):
+        make_plan(t, minimum(t, ctx=256, ubatch=16) - 1, ctx=256, ubatch=16)
+
+
+def test_explain_says_what_is_kept_and_why():
+    t = dense_table()
+    lines = explain(make_plan(t, _budget_for_quota(t, 2 * q4_0(512, 128) + 100, ctx=256, ubatch=16), ctx=256,
+                              ubatch=16))
+    text = "\n".join(lines)
+    assert "layers 0-7: keep attn_k, attn_v; stream attn_q" in text
+    assert "attention regime" in text and "balanced" in text and "tok/s" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# Properties over random tables and budgets
+
+
+@st.composite
+def tables(draw) -> ModelTable:
+    n_head = draw(st.sampled_from([2, 4, 8]))
+    n_embd = draw(st.sampled_from([64, 128, 256]))
+    n_head_kv = draw(st.sampled_from([k for k in (1, 2, 4, 8) if n_head % k == 0]))
+    common = dict(n_layer=draw(st.integers(1, 6)), n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                  n_vocab=draw(st.sampled_from([256, 1024])), alignment=draw(st.sampled_from([32, 4096])))
+    if draw(st.booleans()):
+        return dense_table(n_ff=draw(st.sampled_from([64, 192, 512, 1024])), **common)
+    n_expert = draw(st.sampled_from([4, 8, 16, 64]))
+    return moe_table(n_expert=n_expert, n_expert_used=draw(st.integers(1, min(8, n_expert))),
+                     expert_ffn=draw(st.sampled_from([32, 64, 128])),
+                     n_leading_dense=draw(st.integers(0, common["n_layer"] - 1)),
+                     shexp_ffn=draw(st.sampled_from([0, 0, 64, 256])), dense_ff=draw(st.sampled_from([128, 512])),
+                     **common)
+
+
+@st.composite
+def plan_settings(draw) -> dict:
+    return dict(ctx=draw(st.sampled_from([32, 128, 512])), ubatch=draw(st.sampled_from([1, 8, 32])),
+                prefetch={"threads": draw(st.integers(0, 2)), "window": draw(st.integers(1, 4))})
+
+
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# budgets above the minimum at every scale: streaming (bytes to KiB above), banks growing (MiB), all fits
+EXTRA = st.one_of(st.integers(0, 1 << 16), st.integers(0, 1 << 22), st.integers(0, 1 << 26))
+
+
+@PROPERTY
+@given(tables(), plan_settings(), EXTRA)
+def test_never_over_budget_and_every_tensor_placed_once(table, kw, extra):
+    budget = minimum(table, **kw) + extra
+    plan = make_plan(table, budget, **kw)
+    check_invariants(table, plan, budget)
+
+
+@PROPERTY
+@given(tables(), plan_settings(), EXTRA, st.one_of(st.integers(1, 1 << 12), EXTRA))
+def test_resident_bytes_never_shrink_as_the_budget_grows(table, kw, extra, more):
+    small = minimum(table, **kw) + extra
+    assert make_plan(table, small, **kw).resident_bytes <= make_plan(table, small + more, **kw).resident_bytes
+
+
+@PROPERTY
+@given(tables(), plan_settings(), st.integers(1, 1 << 20))
+def test_below_the_minimum_is_refused_at_the_minimum_accepted(table, kw, gap):
+    low = minimum(table, **kw)
+    make_plan(table, low, **kw)
+    assume(low - gap > 0)
+    with pytest.raises(FlashflexError, match="minimum"):
+        make_plan(table, low - gap, **kw)
+
+
+@PROPERTY
+@given(tables(), plan_settings(), EXTRA, st.data())
+def test_banks_between_topk_and_expert_count(table, kw, extra, data):
+    assume(table.arch.is_moe)
+    moe = {"mode": data.draw(st.sampled_from(["auto", "slot-bank", "oracle-prefetch"])),
+           "topk": data.draw(st.one_of(st.none(), st.integers(1, table.arch.n_expert_used)))}
+    budget = minimum(table, moe=moe, **kw) + extra
+    plan = make_plan(table, budget, moe=moe, **kw)
+    check_invariants(table, plan, budget)
+    if plan.moe.slot_bank is not None:
+        for lp in plan.layers:
+            if lp.n_expert:
+                assert plan.moe.topk <= lp.slot_bank <= table.arch.n_expert
+
+
+# --------------------------------------------------------------------------------------------------
+# flashflex plan
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    tables_by_name = {"dense.gguf": dense_table(), "moe.gguf": moe_table()}
+    monkeypatch.setattr(plan_cmd, "_load_table", lambda path: tables_by_name[Path(path).name])
+    app = typer.Typer()
+    plan_cmd.register(app)
+    app.command("noop")(lambda: None)  # keep `plan` a named subcommand
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, ["plan", *args])
+
+
+def test_cli_json_is_the_plan(cli):
+    result = cli("dense.gguf", "--budget", "1GiB", "--ctx", "256", "--json")
+    assert result.exit_code == 0, result.output
+    plan = Plan.model_validate(json.loads(result.stdout))
+    assert plan.budget_bytes == GiB and plan.ctx == 256
+
+
+def test_cli_table_and_explain(cli):
+    result = cli("moe.gguf", "-am", "20MiB", "--ctx", "256", "--ubatch", "16", "--explain")
+    assert result.exit_code == 0, result.output
+    assert "slot-bank" in result.stdout and "layers" in result.stdout and "slot bank" in result.stdout
+
+
+def test_cli_refuses_moe_options_on_dense(cli):
+    result = cli("dense.gguf", "--budget", "1GiB", "--moe-slot-bank", "4")
+    assert isinstance(result.exception, FlashflexError)
+    assert "dense model" in result.exception.one_line()
+
+
+def test_cli_bad_budget_is_a_flashflex_error(cli):
+    result = cli("dense.gguf", "--budget", "2XB")
+    assert isinstance(result.exception, FlashflexError)
+    assert "budget.size" in result.exception.one_line()
+
+
+def test_cli_budget_below_minimum(cli):
+    result = cli("dense.gguf", "--budget", "1MiB")
+    assert isinstance(result.exception, FlashflexError)
+    assert "minimum" in result.exception.one_line()
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-qwen3moe", "tiny-deepseek"])
+def test_plans_real_gguf_tables_from_the_reader(tmp_path, preset):
+    """The planner on tables read from synthetic GGUF files, at the minimum budget and with room to spare."""
+    synth = pytest.importorskip("orchestrator.synth")
+    from orchestrator.modelfile.reader import read_model_table
+
+    path = synth.write_synth_model(synth.preset(preset), tmp_path / f"{preset}.gguf")
+    table = read_model_table(path)
+    low = minimum(table, ctx=64, ubatch=1)
+    for budget in (low, low + 1 * MiB, low + table.total_bytes):
+        plan = make_plan(table, budget, ctx=64, ubatch=1)
+        check_invariants(table, plan, budget)
+        assert plan.prefetch.direct_io  # synth writes 4096-aligned files
+    assert (plan.moe is not None) == table.arch.is_moe
