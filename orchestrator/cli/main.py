@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "orchestrator.cli.build_cmd",
     "orchestrator.cli.doctor_cmd",
     "orchestrator.cli.run_cmd",
+    "orchestrator.cli.serve_cmd",
     "orchestrator.cli.gguf_cmd",
     "orchestrator.cli.plan_cmd",
 ]

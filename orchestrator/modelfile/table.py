@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class Role(str, enum.Enum):
@@ -64,6 +65,7 @@ class ArchInfo:
     expert_ffn: int = 0
     n_leading_dense: int = 0
     n_shared_expert: int = 0
+    shared_expert_ffn: int = 0  # width of the shared-expert FFN (all shared experts together); 0 if none
 
     @property
     def is_moe(self) -> bool:
@@ -77,6 +79,8 @@ class ModelTable:
     files: list[Path]
     arch: ArchInfo
     tensors: list[TensorInfo] = field(default_factory=list)
+    # GGUF key/value metadata of the first file; long arrays (the vocab) summarised, not copied
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
