@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from orchestrator import gitutil, patches, vendor
+from orchestrator import patches, vendor
 from orchestrator.errors import FlashflexError
+from orchestrator.fsutil import safe_extractall
 from orchestrator.paths import cache_root, repo_root
 
 Log = Callable[[str], None]
@@ -103,10 +104,10 @@ def _ensure_build_backend() -> None:
         import scikit_build_core  # noqa: F401
     except ImportError:
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                               "scikit-build-core[pyproject]>=0.9.2"], capture_output=True, text=True)
+                               "scikit-build-core>=0.9.2"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise FlashflexError("could not install scikit-build-core (llama-cpp-python's build backend)",
-                                 "pip install 'scikit-build-core[pyproject]>=0.9.2' and retry")
+                                 "pip install 'scikit-build-core>=0.9.2' and retry")
 
 
 def build_key(pin: vendor.Pin, series: str | None, backend: Backend, cmake_args: list[str]) -> str:
@@ -133,13 +134,13 @@ def _export_tree(repo: Path, commit: str, dest: Path) -> None:
     data = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", commit],
                           capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(dest, filter="data")
+        safe_extractall(tar, dest)
 
 
 def _prepare_source(src: Path, pin: vendor.Pin, stock: bool, log: Log) -> None:
     sdist = vendor.ensure_sdist(pin.lcp_version, pin.sdist_sha256, log)
     with tarfile.open(sdist, "r:gz") as tar:
-        tar.extractall(src.parent / "unpack", filter="data")
+        safe_extractall(tar, src.parent / "unpack")
     top = next((src.parent / "unpack").iterdir())
     top.rename(src)
     shutil.rmtree(src.parent / "unpack")

@@ -67,3 +67,19 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def safe_extractall(tar, dest: Path, members=None) -> None:
+    """tar.extractall refusing absolute paths, `..` and links out of `dest` (on every Python version)."""
+    import tarfile
+
+    if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.10.12
+        tar.extractall(dest, members=members, filter="data")
+        return
+    root = Path(dest).resolve()
+    chosen = list(members) if members is not None else tar.getmembers()
+    for m in chosen:
+        target = (root / m.name).resolve()
+        if not (target == root or root in target.parents) or m.issym() or m.islnk() or m.isdev():
+            raise tarfile.TarError(f"refusing unsafe archive member {m.name!r}")
+    tar.extractall(dest, members=chosen)

@@ -19,7 +19,7 @@ from typing import Callable
 
 from orchestrator import gitutil
 from orchestrator.errors import FlashflexError
-from orchestrator.fsutil import atomic_file
+from orchestrator.fsutil import atomic_file, safe_extractall
 from orchestrator.paths import cache_root, repo_root
 
 BASE_REF = "refs/flashflex/base"  # the marked base the patch series applies onto
@@ -119,7 +119,7 @@ def extract_vendored_gitdir(sdist: Path, into: Path) -> Path:
             for m in members:
                 m.name = m.name.split(marker, 1)[1]
             members = [m for m in members if m.name]
-            tar.extractall(into, members=members, filter="data")
+            safe_extractall(tar, into, members)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise FlashflexError(f"{sdist} is not a readable sdist ({exc})", "delete it and rerun to re-download") from exc
     # The sdist's submodule git dir points at a work tree that does not exist here; read it as a bare store.
