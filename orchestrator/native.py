@@ -46,6 +46,51 @@ def lib() -> ctypes.CDLL:
     return cdll
 
 
+def _bind_streaming(cdll: ctypes.CDLL) -> None:
+    """Bindings of the dense-streaming API (feature "dense-stream")."""
+    # int32_t llama_flashflex_config_new(void);
+    cdll.llama_flashflex_config_new.argtypes = []
+    cdll.llama_flashflex_config_new.restype = ctypes.c_int32
+    # int32_t llama_flashflex_config_set(int32_t config, const char * key, int64_t value);
+    cdll.llama_flashflex_config_set.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_int64]
+    cdll.llama_flashflex_config_set.restype = ctypes.c_int32
+    # int32_t llama_flashflex_config_add_file(int32_t config, const char * path);
+    cdll.llama_flashflex_config_add_file.argtypes = [ctypes.c_int32, ctypes.c_char_p]
+    cdll.llama_flashflex_config_add_file.restype = ctypes.c_int32
+    # int32_t llama_flashflex_config_stream_tensor(int32_t config, const char * name, int32_t file,
+    #                                              uint64_t offset, uint64_t nbytes);
+    cdll.llama_flashflex_config_stream_tensor.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32,
+                                                          ctypes.c_uint64, ctypes.c_uint64]
+    cdll.llama_flashflex_config_stream_tensor.restype = ctypes.c_int32
+    # void llama_flashflex_config_free(int32_t config);
+    cdll.llama_flashflex_config_free.argtypes = [ctypes.c_int32]
+    cdll.llama_flashflex_config_free.restype = None
+    # const char * llama_flashflex_last_error(void);
+    cdll.llama_flashflex_last_error.argtypes = []
+    cdll.llama_flashflex_last_error.restype = ctypes.c_char_p
+    # int32_t llama_flashflex_model_stats(const struct llama_model * model, char * buf, size_t buf_size);
+    cdll.llama_flashflex_model_stats.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    cdll.llama_flashflex_model_stats.restype = ctypes.c_int32
+    # void llama_flashflex_model_stats_reset(const struct llama_model * model);
+    cdll.llama_flashflex_model_stats_reset.argtypes = [ctypes.c_void_p]
+    cdll.llama_flashflex_model_stats_reset.restype = None
+    # const char * llama_flashflex_model_error(const struct llama_model * model);
+    cdll.llama_flashflex_model_error.argtypes = [ctypes.c_void_p]
+    cdll.llama_flashflex_model_error.restype = ctypes.c_char_p
+    # bool llama_flashflex_abort_callback(void * model);  (a ggml_abort_callback)
+
+
+def streaming_lib() -> ctypes.CDLL:
+    """lib() with the dense-streaming API bound, or NotPatched when the build predates it."""
+    cdll = lib()
+    if "dense-stream" not in info().get("features", []):
+        raise NotPatched("the installed flashflex build has no dense streaming", "run: flashflex build")
+    if not hasattr(cdll, "_flashflex_streaming_bound"):
+        _bind_streaming(cdll)
+        cdll._flashflex_streaming_bound = True
+    return cdll
+
+
 def is_patched() -> bool:
     try:
         lib()
@@ -64,3 +109,67 @@ def system_info() -> str:
     """Upstream's llama_print_system_info(): the CPU features the backend was compiled for and detected."""
     lowlevel = llama_cpp_module()
     return lowlevel.llama_print_system_info().decode(errors="replace").strip()
+
+
+class StreamConfig:
+    """A dense-streaming configuration in the library, built from a Plan; hand `id` to the model load
+    through the GGUF key override "flashflex.config". Free it once the model is loaded."""
+
+    DIRECT_IO = {"off": 0, "auto": 1, "on": 1, "strict": 2}
+
+    def __init__(self, files: list[str], tensors: list[tuple[str, int, int, int]], threads: int, window: int,
+                 direct_io: int):
+        cdll = streaming_lib()
+        self.id = cdll.llama_flashflex_config_new()
+        try:
+            for key, value in (("prefetch_threads", threads), ("window", window), ("direct_io", direct_io)):
+                if cdll.llama_flashflex_config_set(self.id, key.encode(), int(value)) != 0:
+                    raise FlashflexError(f"the library refused {key}={value}", "check the prefetch settings")
+            for path in files:
+                if cdll.llama_flashflex_config_add_file(self.id, str(path).encode()) < 0:
+                    raise FlashflexError(f"the library refused the model file {path}", "check the path")
+            for name, file, offset, nbytes in tensors:
+                if cdll.llama_flashflex_config_stream_tensor(self.id, name.encode(), file, offset, nbytes) != 0:
+                    raise FlashflexError(f"the library refused to stream {name}", "re-plan the model")
+        except BaseException:
+            self.free()
+            raise
+
+    def free(self) -> None:
+        if self.id:
+            lib().llama_flashflex_config_free(self.id)
+            self.id = 0
+
+
+def last_error() -> str:
+    return streaming_lib().llama_flashflex_last_error().decode(errors="replace")
+
+
+def model_stats(model_ptr) -> dict[str, Any] | None:
+    """Streaming counters of a loaded model (None when it streams nothing)."""
+    cdll = streaming_lib()
+    buf = ctypes.create_string_buffer(4096)
+    n = cdll.llama_flashflex_model_stats(model_ptr, buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        cdll.llama_flashflex_model_stats(model_ptr, buf, len(buf))
+    return json.loads(buf.value.decode())
+
+
+def model_stats_reset(model_ptr) -> None:
+    streaming_lib().llama_flashflex_model_stats_reset(model_ptr)
+
+
+def model_error(model_ptr) -> str | None:
+    raw = streaming_lib().llama_flashflex_model_error(model_ptr)
+    return raw.decode(errors="replace") if raw else None
+
+
+def install_abort_callback(ctx_ptr, model_ptr) -> None:
+    """Make llama_decode fail (not compute on bad data) once the model's streaming has failed."""
+    lowlevel = llama_cpp_module()
+    address = ctypes.cast(streaming_lib().llama_flashflex_abort_callback, ctypes.c_void_p).value
+    # A function pointer made from the C function's address: no Python runs inside llama_decode.
+    lowlevel.llama_set_abort_callback(ctx_ptr, lowlevel.ggml_abort_callback(address), model_ptr)

@@ -1,0 +1,64 @@
+"""Exactness, flashflex's correctness oracle: the same teacher-forced tokens through the stock path and
+through a configured mode must give bitwise-identical logits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from orchestrator.planner import Plan
+from orchestrator.runner import GenerationSettings, open_model
+
+
+def teacher_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
+    """A pseudo-random token sequence (not one repeated token), so every position sees different input."""
+    rng = np.random.default_rng(seed)
+    low = min(4, n_vocab - 1)  # skip the first ids, usually control tokens
+    return [int(x) for x in rng.integers(low, n_vocab, size=n)]
+
+
+def logits(settings: GenerationSettings, plan: Plan | None, tokens: list[int]) -> np.ndarray:
+    """Logits of every position for `tokens`, teacher-forced (one eval of the whole sequence)."""
+    llm = open_model(settings, plan, logits_all=True)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
+    finally:
+        llm.close()
+
+
+@dataclass
+class ExactResult:
+    tokens: int
+    n_vocab: int
+    identical: bool
+    max_abs_diff: float
+    mismatched_positions: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(stock: np.ndarray, mode: np.ndarray) -> ExactResult:
+    same = stock.view(np.uint32) == mode.view(np.uint32)  # bitwise, so NaN and -0.0 count too
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(stock.astype(np.float64) - mode.astype(np.float64))
+    max_diff = float(np.nanmax(diff)) if diff.size else 0.0
+    return ExactResult(tokens=stock.shape[0], n_vocab=stock.shape[1], identical=bool(same.all()),
+                       max_abs_diff=max_diff, mismatched_positions=int((~same.all(axis=1)).sum()))
+
+
+def verify(settings: GenerationSettings, plan: Plan | None, n_tokens: int, seed: int = 0) -> ExactResult:
+    from orchestrator.native import llama_cpp_module
+
+    llama_cpp_module()
+    import llama_cpp
+
+    vocab_llm = open_model(GenerationSettings(model=settings.model, ctx=settings.ctx), None,
+                           vocab_only=True)
+    n_vocab = vocab_llm.n_vocab()
+    vocab_llm.close()
+    tokens = teacher_tokens(n_tokens, n_vocab, seed)
+    del llama_cpp
+    return compare(logits(settings, None, tokens), logits(settings, plan, tokens))

@@ -1,0 +1,153 @@
+"""Dense streaming: bitwise-identical logits against stock for every budget from the planner's minimum to
+above model size, with and without prefetch threads, at any ubatch; stats; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orchestrator import exact, native, runner, synth
+from orchestrator.config import PrefetchConfig
+from orchestrator.errors import FlashflexError
+from orchestrator.modelfile.reader import read_model_table
+from orchestrator.planner import make_plan
+
+from conftest import flashflex
+
+pytestmark = pytest.mark.native
+
+CTX = 256
+
+
+@pytest.fixture(scope="module")
+def streaming(patched_llama):
+    if "dense-stream" not in patched_llama.info()["features"]:
+        pytest.skip("the installed build predates dense streaming; run flashflex build")
+    return patched_llama
+
+
+@pytest.fixture(scope="module")
+def dense_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny llama-family models with GQA, in a repacked quant (Q4_0) and a plain one (Q8_0)."""
+    out = tmp_path_factory.mktemp("dense")
+    return {q: synth.write_synth_model(synth.preset("tiny-dense", quant=q, n_embd=512, n_ff=1536), out / f"{q}.gguf")
+            for q in ("q4_0", "q8_0")}
+
+
+def _plan(path: Path, where: str, threads: int, ubatch: int):
+    table = read_model_table(path)
+    prefetch = PrefetchConfig(threads=threads, window=2)
+    full = make_plan(table, 1 << 40, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
+    lo, hi = full.minimum_budget_bytes, full.model_bytes + full.reserved_bytes
+    budget = {"min": lo, "mid": (lo + hi) // 2, "above": hi + (64 << 20)}[where]
+    return make_plan(table, budget, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
+
+
+def _settings(path: Path, ubatch: int) -> runner.GenerationSettings:
+    return runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2)
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("where", ["min", "mid", "above"])
+@pytest.mark.parametrize("threads", [0, 2])
+@pytest.mark.parametrize("ubatch", [1, 32])
+def test_streaming_is_bitwise_exact(streaming, dense_models, quant, where, threads, ubatch):
+    path = dense_models[quant]
+    plan = _plan(path, where, threads, ubatch)
+    streamed = runner.streamed_tensors(plan)
+    if where == "above":
+        assert not streamed and plan.fits_entirely
+    else:
+        assert streamed  # the budget really is below the model: something streams
+    result = exact.verify(_settings(path, ubatch), plan if streamed else None, n_tokens=40)
+    assert result.identical, result
+
+
+def test_stats_count_the_streamed_bytes(streaming, dense_models):
+    path = dense_models["q8_0"]
+    plan = _plan(path, "min", threads=1, ubatch=32)
+    result = runner.generate(runner.GenerationSettings(model=path, prompt="hello world", n_predict=6, ctx=CTX,
+                                                       ubatch=32, threads=2), plan)
+    decode = result.stats["decode"]
+    assert result.stats["mode"] == "dense-stream"
+    assert decode["tokens"] == len(result.tokens) == 6
+    # Every streamed tensor is read once per token (the ring is smaller than the streamed layers), plus the
+    # page padding around each tensor; the phase edges shift at most one window of layers (2 of 4 here)
+    # between the prompt's count and the decode's, spread over the 6 tokens.
+    planned = plan.estimates.dense_streamed_bytes_per_token
+    n_streamed = len(runner.streamed_tensors(plan))
+    edge = planned * 2 / 4 / 6
+    assert planned - edge <= decode["bytes_read_per_token"] <= planned + n_streamed * 2 * 4096 + edge
+    assert decode["wait_seconds"] >= 0 and decode["compute_seconds"] > 0
+    assert decode["error"] is None
+
+
+def test_real_model_realigned_is_exact(streaming, tmp_path):
+    from orchestrator.models import default_model_path
+    from orchestrator.modelfile.realign import realign
+
+    aligned = realign(default_model_path(log=lambda m: None), tmp_path / "gemma-4096.gguf", alignment=4096).dst
+    plan = _plan(aligned, "min", threads=2, ubatch=32)
+    assert plan.prefetch.direct_io
+    assert exact.verify(_settings(aligned, 32), plan, n_tokens=24).identical
+
+
+def test_unaligned_file_streams_exactly_with_buffered_reads(streaming):
+    from orchestrator.models import default_model_path
+
+    path = default_model_path(log=lambda m: None)  # 32-aligned as published
+    plan = _plan(path, "mid", threads=1, ubatch=8)
+    assert not plan.prefetch.direct_io
+    assert exact.verify(_settings(path, 8), plan, n_tokens=16).identical
+
+
+def test_cli_verify_exact_and_run_json(streaming, dense_models):
+    path = str(dense_models["q4_0"])
+    plan = _plan(dense_models["q4_0"], "min", threads=2, ubatch=32)
+    budget = f"{plan.budget_bytes}B"
+    common = ["--model", path, "--budget", budget, "-tp", "2", "--prefetch-window", "2", "--ctx", str(CTX),
+              "--ubatch", "32"]
+    result = flashflex("verify-exact", *common, "--tokens", "24", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["identical"] and out["mode"] == "dense-stream" and out["max_abs_diff"] == 0.0
+    run = flashflex("run", *common, "-n", "4", "--json")
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(run.stdout)["stats"]
+    assert stats["mode"] == "dense-stream" and stats["decode"]["bytes_read"] > 0
+
+
+def test_budget_below_minimum_is_refused_before_loading(streaming, dense_models):
+    result = flashflex("run", "--model", str(dense_models["q8_0"]), "--budget", "1MiB", "--ctx", str(CTX))
+    assert result.returncode != 0
+    assert "below the" in result.stderr and "minimum" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_plan_for_another_file_is_refused(streaming, dense_models):
+    plan = _plan(dense_models["q8_0"], "min", threads=1, ubatch=32)
+    # Shift one streamed tensor's offset: the load must notice the plan does not describe this file.
+    victim = next(t for t in plan.tensors if t.placement == "streamed")
+    victim.offset += 4096
+    with pytest.raises(FlashflexError, match="re-plan"):
+        runner.open_model(_settings(dense_models["q8_0"], 32), plan)
+
+
+def test_file_shrinking_mid_run_ends_with_an_error(streaming, dense_models, tmp_path):
+    path = tmp_path / "victim.gguf"
+    shutil.copyfile(dense_models["q8_0"], path)
+    plan = _plan(path, "min", threads=1, ubatch=32)
+    llm = runner.open_model(_settings(path, 32), plan)
+    try:
+        llm.eval([5, 6, 7, 8])
+        os.truncate(path, path.stat().st_size // 2)
+        with pytest.raises(RuntimeError):
+            for tok in range(9, 20):
+                llm.eval([tok])
+        assert "ended early" in native.model_error(llm.model)
+    finally:
+        llm.close()
