@@ -128,8 +128,17 @@ def test_status_reports_applied_patches(sandbox):
 
 @pytest.mark.network
 @pytest.mark.slow
-def test_series_applies_onto_another_release(synced_vendor):
-    """Rebase rehearsal against the llama.cpp commit llama-cpp-python 0.3.30 vendors (fetched from PyPI)."""
+def test_rebase_rehearsal_against_another_release_reports_cleanly(synced_vendor):
+    """The rehearsal runs for real against the llama.cpp commit llama-cpp-python 0.3.30 vendors (fetched from
+    PyPI): either the whole series applies, or the report names the patch, its conflicting files and hunks,
+    and the commands to resolve — never a traceback or a half-applied tree."""
     trial = patches.try_onto_release("0.3.30", REPO, log=lambda m: None)
     assert trial.commit != vendor.load_pin(REPO).commit
-    assert trial.applies, trial.report
+    names = patches.read_series(REPO)
+    if trial.applies:
+        assert f"all {len(names)} patch(es) apply" in trial.report
+    else:
+        assert any(f"'{n}'" in trial.report for n in names)
+        assert "CONFLICT" in trial.report and "@@" in trial.report and "git am --continue" in trial.report
+    # The rehearsal leaves the vendor tree as it was.
+    assert patches.status(REPO)["state"].startswith("applied")
