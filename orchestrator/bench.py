@@ -1,0 +1,362 @@
+"""Benchmarks: stock and flashflex side by side, each run in its own process inside a memory cgroup sized to
+the budget (where the platform allows), page cache dropped before each run, with the disk's direct-read
+bandwidth measured in the same sweep so every figure has its I/O roofline next to it.
+
+Results: one JSON line per run (results.jsonl), a Markdown table (results.md) and a plot (tok_s_vs_budget.png).
+Nothing here asserts a speed: benchmarks report, tests check correctness.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from orchestrator.errors import FlashflexError
+from orchestrator.sizes import format_size
+
+Log = Callable[[str], None]
+
+# What the interpreter, numpy and libllama occupy before any weight is loaded; the flashflex point plans with
+# the cgroup limit minus this, so the whole process fits the cgroup (measured per run, see bench_worker).
+PROCESS_SLACK = 64 << 20
+
+
+# --------------------------------------------------------------------------------------------------------
+# Platform: memory cgroups and the page cache
+
+
+def cgroup_version() -> str | None:
+    """'v2', 'v1' or None when no memory cgroup can be created here."""
+    if os.geteuid() != 0:
+        return None
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return "v2" if "memory" in Path("/sys/fs/cgroup/cgroup.controllers").read_text() else None
+    if Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists():
+        return "v1"
+    return None
+
+
+class MemoryCgroup:
+    """A child memory cgroup with a hard limit; processes join it through `preexec`."""
+
+    def __init__(self, name: str, limit_bytes: int):
+        self.version = cgroup_version()
+        if self.version is None:
+            raise FlashflexError("memory cgroups are not available here", "run as root on Linux, or pass --no-cgroup")
+        base = Path("/sys/fs/cgroup") if self.version == "v2" else Path("/sys/fs/cgroup/memory")
+        self.path = base / name
+        self.path.mkdir(exist_ok=True)
+        if self.version == "v2":
+            (self.path / "memory.max").write_text(str(limit_bytes))
+            swap = self.path / "memory.swap.max"
+            if swap.exists():
+                swap.write_text("0")
+        else:
+            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        self.limit = limit_bytes
+
+    def preexec(self) -> None:  # runs in the child between fork and exec
+        procs = self.path / ("cgroup.procs" if self.version == "v2" else "tasks")
+        procs.write_text(str(os.getpid()))
+
+    def peak_bytes(self) -> int | None:
+        f = self.path / ("memory.peak" if self.version == "v2" else "memory.max_usage_in_bytes")
+        try:
+            return int(f.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def oom_killed(self) -> bool:
+        events = self.path / ("memory.events" if self.version == "v2" else "memory.oom_control")
+        try:
+            text = events.read_text()
+        except OSError:
+            return False
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("oom_kill", "oom") and value.strip().isdigit() and int(value) > 0:
+                return True
+        return False
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache so the next run starts cold. False where not permitted."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------
+# The disk: direct-read bandwidth at a queue depth
+
+
+def direct_read_bandwidth(path: Path, queue_depth: int, total_bytes: int = 1 << 30, chunk: int = 4 << 20) -> float:
+    """Bytes/s of O_DIRECT reads of `path` by `queue_depth` threads, chunk-sized and spread over the file
+    (cold: the page cache is dropped first; O_DIRECT bypasses it anyway)."""
+    size = path.stat().st_size
+    total_bytes = min(total_bytes, size - size % chunk)
+    n_chunks = max(1, total_bytes // chunk)
+    stride = max(chunk, (size // n_chunks) // chunk * chunk)
+    offsets = [i * stride for i in range(n_chunks) if i * stride + chunk <= size]
+    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+    drop_page_cache()
+    fd = os.open(path, flags)
+    lock = threading.Lock()
+    cursor = [0]
+
+    def worker() -> None:
+        buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+        while True:
+            with lock:
+                if cursor[0] >= len(offsets):
+                    break
+                off = offsets[cursor[0]]
+                cursor[0] += 1
+            os.preadv(fd, [buf], off)
+        buf.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(max(1, queue_depth))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    os.close(fd)
+    return len(offsets) * chunk / seconds
+
+
+# --------------------------------------------------------------------------------------------------------
+# One run = one process
+
+
+@dataclass
+class Point:
+    """One configuration to measure."""
+
+    mode: str  # stock-mmap (repack off) | stock-resident (stock default) | flashflex
+    budget_bytes: int | None  # the cgroup limit; None = no limit
+    prefetch_threads: int | None = None
+
+    @property
+    def label(self) -> str:
+        budget = format_size(self.budget_bytes) if self.budget_bytes else "unlimited"
+        tp = f" tp={self.prefetch_threads}" if self.prefetch_threads is not None else ""
+        return f"{self.mode} @ {budget}{tp}"
+
+
+@dataclass
+class RunSpec:
+    model: Path
+    threads: int = 2
+    ctx: int = 512
+    ubatch: int = 32
+    prompt_tokens: int = 16
+    gen_tokens: int = 16
+    window: int = 3
+    seed: int = 0
+    timeout_s: float = 1800
+
+
+def run_point(point: Point, spec: RunSpec, use_cgroup: bool, drop_caches: bool, log: Log) -> dict[str, Any]:
+    """Measure one point in a fresh process; returns its result record (never raises for a failed run)."""
+    payload = {"point": asdict(point), "spec": {**asdict(spec), "model": str(spec.model)}}
+    cg = None
+    if use_cgroup and point.budget_bytes:
+        cg = MemoryCgroup(f"flashflex-bench-{os.getpid()}", point.budget_bytes)
+    cold = drop_page_cache() if drop_caches else False
+    cmd = [sys.executable, "-m", "orchestrator.bench_worker", json.dumps(payload)]
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"label": point.label, **asdict(point), "cgroup": cg.version if cg else None,
+                              "cold_cache": cold}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=spec.timeout_s,
+                              preexec_fn=cg.preexec if cg else None)
+        record["wall_s"] = time.perf_counter() - t0
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode == 0 and lines:
+            record.update(json.loads(lines[-1]))
+            record["status"] = "ok"
+        elif proc.returncode < 0 and -proc.returncode == signal.SIGKILL or (cg and cg.oom_killed()):
+            record["status"] = "killed (out of memory in the cgroup)"
+        else:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            record["status"] = f"failed: {tail[:200]}"
+    except subprocess.TimeoutExpired:
+        record["wall_s"] = time.perf_counter() - t0
+        record["status"] = f"timed out after {spec.timeout_s:.0f}s"
+    finally:
+        if cg:
+            record["cgroup_peak_bytes"] = cg.peak_bytes()
+            cg.remove()
+    log(f"  {point.label}: {record['status']}"
+        + (f", decode {record['decode_tok_per_s']:.3f} tok/s" if record.get("status") == "ok" else ""))
+    return record
+
+
+# --------------------------------------------------------------------------------------------------------
+# The dense sweep
+
+
+@dataclass
+class DenseSweep:
+    spec: RunSpec
+    budgets: list[int]  # cgroup limits; a value >= the model's size gives the "resident" comparison
+    prefetch_threads: list[int] = field(default_factory=lambda: [0, 1, 2, 4])
+    use_cgroup: bool = True
+    drop_caches: bool = True
+
+
+def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if sweep.use_cgroup and cgroup_version() is None:
+        log("warning: memory cgroups are not available here; runs are unconstrained (budgets are plans only)")
+        sweep.use_cgroup = False
+    if sweep.drop_caches and not drop_page_cache():
+        log("warning: cannot drop the page cache here (not root?); runs may start warm")
+        sweep.drop_caches = False
+    model_bytes = sweep.spec.model.stat().st_size
+    machine = {
+        "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+        "cores": psutil.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    bandwidth = {}
+    for qd in sorted({max(1, tp) for tp in sweep.prefetch_threads}):
+        bandwidth[qd] = direct_read_bandwidth(sweep.spec.model, qd)
+        log(f"direct-read bandwidth at queue depth {qd}: {bandwidth[qd] / 1e9:.2f} GB/s")
+    records: list[dict[str, Any]] = []
+    results = out_dir / "results.jsonl"
+    with open(results, "w") as fh:
+        def keep(rec: dict[str, Any]) -> None:
+            rec["machine"] = machine
+            rec["model"] = str(sweep.spec.model)
+            rec["model_bytes"] = model_bytes
+            records.append(rec)
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+
+        for budget in sweep.budgets:
+            resident = budget >= model_bytes
+            log(f"budget {format_size(budget)}{' (≥ model size)' if resident else ''}")
+            baseline = Point("stock-resident" if resident else "stock-mmap", budget)
+            keep(run_point(baseline, sweep.spec, sweep.use_cgroup, sweep.drop_caches, log))
+            for tp in sweep.prefetch_threads:
+                rec = run_point(Point("flashflex", budget, tp), sweep.spec, sweep.use_cgroup, sweep.drop_caches, log)
+                rec["read_bandwidth_bytes_per_s"] = bandwidth[max(1, tp)]
+                keep(rec)
+    _add_ratios(records)
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out_dir / "results.md").write_text(markdown_table(records, bandwidth))
+    plot(records, out_dir / "tok_s_vs_budget.png", log)
+    return records
+
+
+def _add_ratios(records: list[dict[str, Any]]) -> None:
+    """Ratios to the stock baseline of the same budget, and to the I/O roofline of the same run."""
+    stock = {r["budget_bytes"]: r for r in records if r["mode"].startswith("stock") and r.get("status") == "ok"}
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        base = stock.get(r["budget_bytes"])
+        if base and r is not base:
+            r["decode_ratio_to_stock"] = r["decode_tok_per_s"] / base["decode_tok_per_s"] if base["decode_tok_per_s"] else None
+            r["prompt_ratio_to_stock"] = r["prompt_tok_per_s"] / base["prompt_tok_per_s"] if base["prompt_tok_per_s"] else None
+        streamed = r.get("streamed_bytes_per_token") or 0
+        bw = r.get("read_bandwidth_bytes_per_s")
+        if streamed and bw:
+            roofline_s = streamed / bw
+            r["roofline_tok_per_s"] = 1 / roofline_s
+            r["per_token_s_over_roofline"] = (1 / r["decode_tok_per_s"]) / roofline_s if r["decode_tok_per_s"] else None
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(records: list[dict[str, Any]], bandwidth: dict[int, float]) -> str:
+    m = records[0]["machine"] if records else {}
+    lines = [
+        f"Model: `{Path(records[0]['model']).name}` ({format_size(records[0]['model_bytes'])}) · machine: "
+        f"{m.get('cores')} cores, {format_size(m.get('ram_bytes', 0))} RAM · {m.get('when')}" if records else "",
+        "",
+        "Direct-read bandwidth (same run): " + ", ".join(f"QD{qd} {bw / 1e9:.2f} GB/s" for qd, bw in sorted(bandwidth.items())),
+        "",
+        "| run | budget | tp | decode tok/s | prompt tok/s | × stock (decode) | streamed/token | roofline tok/s | "
+        "time/token ÷ roofline | peak mem | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append("| {mode} | {budget} | {tp} | {dec} | {pro} | {ratio} | {st} | {roof} | {over} | {peak} | {status} |".format(
+            mode=r["mode"], budget=format_size(r["budget_bytes"]) if r.get("budget_bytes") else "-",
+            tp=_fmt(r.get("prefetch_threads"), "d"), dec=_fmt(r.get("decode_tok_per_s"), ".3f"),
+            pro=_fmt(r.get("prompt_tok_per_s"), ".2f"), ratio=_fmt(r.get("decode_ratio_to_stock"), ".2f"),
+            st=format_size(r["streamed_bytes_per_token"]) if r.get("streamed_bytes_per_token") else "-",
+            roof=_fmt(r.get("roofline_tok_per_s"), ".3f"), over=_fmt(r.get("per_token_s_over_roofline"), ".2f"),
+            peak=format_size(r["cgroup_peak_bytes"]) if r.get("cgroup_peak_bytes") else (
+                format_size(r["peak_rss_bytes"]) if r.get("peak_rss_bytes") else "-"),
+            status=r.get("status", "?")))
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], out: Path, log: Log) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: matplotlib is not installed (pip install -e '.[bench]'); skipping the plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    roof: dict[float, float] = {}
+    for r in records:
+        if r.get("status") != "ok" or not r.get("budget_bytes"):
+            continue
+        name = r["mode"] if r["mode"] != "flashflex" else f"flashflex tp={r['prefetch_threads']}"
+        if r["mode"].startswith("stock"):
+            name = "stock"
+        gib = r["budget_bytes"] / 2**30
+        series.setdefault(name, []).append((gib, r["decode_tok_per_s"]))
+        if r.get("roofline_tok_per_s") and r.get("prefetch_threads") == max(
+                x.get("prefetch_threads") or 0 for x in records):
+            roof[gib] = r["roofline_tok_per_s"]
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if roof:
+        xs = sorted(roof)
+        ax.plot(xs, [roof[x] for x in xs], linestyle="--", color="gray", label="I/O roofline (max tp)")
+    ax.set_xlabel("memory budget (GiB, cgroup limit)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(Path(records[0]["model"]).name if records else "")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""`flashflex bench dense`: stock and flashflex side by side under memory budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
+
+
+def _synth_model(preset: str, log) -> Path:
+    """A benchmark model generated once into the cache (deterministic by seed)."""
+    from orchestrator import synth
+    from orchestrator.paths import cache_root
+
+    path = cache_root() / "models" / "synth" / f"{preset}-seed0.gguf"
+    if not path.exists():
+        log(f"generating the synthetic benchmark model {preset} (once) at {path}")
+        synth.write_synth_model(synth.preset(preset), path)
+    return path
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="Benchmarks against stock, measured in the same run (results in --out-dir).",
+                        no_args_is_help=True)
+    app.add_typer(group, name="bench")
+
+    @group.command("dense")
+    def dense_cmd(
+        model: Optional[Path] = typer.Option(None, "--model", "-m",
+                                             help="GGUF to benchmark (default: synthetic 7B-shaped Q4_0, ~3.8 GB)."),
+        budgets: str = typer.Option("1GiB,2GiB,3GiB,full", "--budgets",
+                                    help="Comma-separated cgroup limits; 'full' = model size + 1 GiB."),
+        tp: str = typer.Option("0,1,2,4", "--tp", help="Comma-separated prefetch thread counts for flashflex."),
+        threads: int = typer.Option(2, "--threads", "-t", min=1, help="Compute threads."),
+        ctx: int = typer.Option(512, "--ctx", min=32, help="Context size."),
+        ubatch: int = typer.Option(32, "--ubatch", min=1, help="Micro-batch size."),
+        prompt_tokens: int = typer.Option(16, "--prompt-tokens", min=1, help="Prompt length (teacher-forced)."),
+        gen_tokens: int = typer.Option(16, "--gen-tokens", min=1, help="Decoded tokens (teacher-forced)."),
+        window: int = typer.Option(3, "--prefetch-window", min=1, help="Layers read ahead."),
+        out_dir: Path = typer.Option(Path("bench-results/dense"), "--out-dir", help="Where results go."),
+        no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Do not confine runs to a memory cgroup."),
+        no_drop_caches: bool = typer.Option(False, "--no-drop-caches", help="Do not drop the page cache between runs."),
+        timeout: float = typer.Option(1800, "--timeout", help="Seconds before one run is abandoned."),
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Dense streaming vs stock mmap (repack off) under each budget, and vs stock resident at full size."""
+        from orchestrator import bench
+        from orchestrator.models import check_gguf_file
+        from orchestrator.sizes import parse_size
+
+        log = err_console.print if json_out else console.print
+        path = check_gguf_file(model) if model else _synth_model("dense-7b-q4_0", log)
+        size = path.stat().st_size
+        limits = [size + (1 << 30) if b.strip() == "full" else parse_size(b.strip(), what="--budgets")
+                  for b in budgets.split(",") if b.strip()]
+        tps = [int(x) for x in tp.split(",") if x.strip()]
+        spec = bench.RunSpec(model=path, threads=threads, ctx=ctx, ubatch=ubatch, prompt_tokens=prompt_tokens,
+                             gen_tokens=gen_tokens, window=window, timeout_s=timeout)
+        sweep = bench.DenseSweep(spec=spec, budgets=limits, prefetch_threads=tps, use_cgroup=not no_cgroup,
+                                 drop_caches=not no_drop_caches)
+        records = bench.run_dense_sweep(sweep, out_dir, log=log)
+        if json_out:
+            emit_json(records)
+        else:
+            console.print((out_dir / "results.md").read_text())
+            console.print(f"results: {out_dir}/results.jsonl, results.md, tok_s_vs_budget.png")
