@@ -148,6 +148,8 @@ class PrefetchPlan(_Model):
                               "padding (an upper bound on the aligned spans of its tensors).")
     direct_io_requested: str = Field(description="auto | on | off | strict, as asked.")
     direct_io: bool = Field(description="Whether streamed reads use O_DIRECT.")
+    staging_bytes: int = Field(default=0, description="Staging for tensors repacked on arrival: one largest "
+                               "streamable tensor per prefetch thread (or one for synchronous reads).")
     alignment: int = Field(default=DIRECT_IO_ALIGNMENT, description="Direct I/O alignment in bytes.")
     unaligned_tensors: int = Field(default=0, description="Streamed tensors whose offset is not aligned.")
 
@@ -157,7 +159,7 @@ class Reservations(_Model):
 
     kv_cache_bytes: int = Field(description="f16 K and V cache for the whole context.")
     compute_bytes: int = Field(description="Estimated compute buffers for one ubatch.")
-    prefetch_buffer_bytes: int = Field(description="buffers x buffer_bytes.")
+    prefetch_buffer_bytes: int = Field(description="buffers x buffer_bytes + staging_bytes.")
 
 
 class MoEPlan(_Model):
@@ -422,7 +424,21 @@ def _buffers(layers: list[_Layer], quota: int | None, window: int) -> tuple[int,
     return min(window, streaming), max(per_layer)
 
 
-def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int) -> tuple[int, int, int]:
+def _staging_bytes(layers: list[_Layer], threads: int) -> int:
+    """Staging the runtime needs besides the ring: tensors the CPU backend keeps in a repacked layout are read
+    raw into a staging buffer, then repacked into their slot; one buffer per prefetch thread (or one for
+    synchronous reads), each as large as the largest streamable tensor plus its page padding."""
+    largest = max((t.n_bytes for layer in layers for t in layer.streamable), default=0)
+    return max(1, threads) * (largest + 2 * DIRECT_IO_ALIGNMENT) if largest else 0
+
+
+def _prefetch_cost(n_buf: int, buf: int, staging: int) -> int:
+    """Bytes of the ring (n_buf slots of buf bytes) plus staging, when anything streams."""
+    return n_buf * buf + (staging if n_buf else 0)
+
+
+def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int,
+                staging: int = 0) -> tuple[int, int, int]:
     """Water-fill the layers' quota while paying for the prefetch buffers it leaves necessary.
 
     Starts from the buffers of streaming everything and iterates: a higher quota streams less, so needs
@@ -431,14 +447,14 @@ def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int) ->
     """
     candidates = sorted({bp for layer in layers for bp in layer.steps.breakpoints})
     n_buf, buf = _buffers(layers, 0, window)
-    reserved = n_buf * buf
+    reserved = _prefetch_cost(n_buf, buf, staging)
     quota = 0
     for _ in range(64):
         quota = _level(layers, avail_before_buffers - reserved, candidates)
         n_buf, buf = _buffers(layers, quota, window)
-        if n_buf * buf >= reserved:
+        if _prefetch_cost(n_buf, buf, staging) >= reserved:
             break
-        reserved = n_buf * buf
+        reserved = _prefetch_cost(n_buf, buf, staging)
     return quota, n_buf, buf
 
 
@@ -547,16 +563,18 @@ def make_plan(
     if not banked:
         fixed += routed_all  # resident experts are fixed weights
 
+    staging = _staging_bytes(layers, threads)
     n_buf0, buf0 = _buffers(layers, 0, effective_window)
-    minimum = fixed + min_banks + min(streamable_all, n_buf0 * buf0)
+    stream_all = _prefetch_cost(n_buf0, buf0, staging)
+    minimum = fixed + min_banks + min(streamable_all, stream_all)
     if is_moe and requested_mode == "auto" and not banked:  # auto falls back to slot-bank below the stock size
-        auto_min = fixed - routed_all + bank_bytes(topk) + min(streamable_all, n_buf0 * buf0)
+        auto_min = fixed - routed_all + bank_bytes(topk) + min(streamable_all, stream_all)
         minimum = min(minimum, auto_min)
     if budget_bytes < minimum:
         parts = [f"KV cache {format_size(kv)}", f"compute {format_size(compute)}",
                  f"always-resident weights {format_size(non_layer + pinned + (0 if banked else routed_all))}"]
-        if streamable_all > n_buf0 * buf0:
-            parts.append(f"prefetch buffers {n_buf0} x {format_size(buf0)}")
+        if streamable_all > stream_all:
+            parts.append(f"prefetch buffers {n_buf0} x {format_size(buf0)} + staging {format_size(staging)}")
         else:
             parts.append(f"layer weights {format_size(streamable_all)}")
         if banked:
@@ -573,7 +591,7 @@ def make_plan(
         quota: int | None = None
         n_buf, buf = 0, 0
     else:
-        quota, n_buf, buf = _dense_fill(layers, avail, effective_window)
+        quota, n_buf, buf = _dense_fill(layers, avail, effective_window, staging)
 
     # Banks grow with whatever is left once every dense weight is resident
     slots = min_slots
@@ -665,7 +683,7 @@ def make_plan(
 
     resident_weights = (non_layer + pinned + dense_kept
                         + (bank_bytes(slots) if banked else routed_all))
-    reserved = kv + compute + n_buf * buf
+    reserved = kv + compute + _prefetch_cost(n_buf, buf, staging)
     plan = Plan(
         files=[str(f) for f in table.files],
         arch=arch.arch,
@@ -682,8 +700,9 @@ def make_plan(
         resident_bytes=resident_weights,
         reserved_bytes=reserved,
         used_bytes=resident_weights + reserved,
-        reservations=Reservations(kv_cache_bytes=kv, compute_bytes=compute, prefetch_buffer_bytes=n_buf * buf),
+        reservations=Reservations(kv_cache_bytes=kv, compute_bytes=compute, prefetch_buffer_bytes=_prefetch_cost(n_buf, buf, staging)),
         prefetch=PrefetchPlan(threads=threads, window=window, buffers=n_buf, buffer_bytes=buf,
+                              staging_bytes=staging if n_buf else 0,
                               direct_io_requested=direct_io_requested, direct_io=direct_io,
                               unaligned_tensors=unaligned),
         moe=None if not is_moe else MoEPlan(

@@ -125,7 +125,7 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
     if stream:
         assert plan is not None
         config = native.StreamConfig(plan.files, stream, threads=plan.prefetch.threads,
-                                     window=plan.prefetch.window,
+                                     window=plan.prefetch.buffers,  # the ring the plan paid for
                                      direct_io=2 if plan.prefetch.direct_io_requested == "strict"
                                      else int(plan.prefetch.direct_io))
         # Streamed tensors are read by our runtime; nothing maps the whole file.

@@ -1,0 +1,39 @@
+"""Benchmark bookkeeping: ratios against the same-budget stock run and the same-run roofline; the table."""
+
+from __future__ import annotations
+
+from orchestrator import bench
+
+
+def _rec(mode, budget, tp, decode, streamed=None, bw=None):
+    return {"mode": mode, "budget_bytes": budget, "prefetch_threads": tp, "status": "ok", "decode_tok_per_s": decode,
+            "prompt_tok_per_s": decode * 4, "streamed_bytes_per_token": streamed, "read_bandwidth_bytes_per_s": bw,
+            "model": "/m/dense.gguf", "model_bytes": 4 << 30, "machine": {"cores": 2, "ram_bytes": 24 << 30},
+            "label": mode}
+
+
+def test_ratios_use_the_same_budget_stock_run_and_the_measured_bandwidth():
+    g = 1 << 30
+    records = [_rec("stock-mmap", 2 * g, None, 0.2), _rec("flashflex", 2 * g, 2, 0.5, streamed=g, bw=g),
+               _rec("stock-mmap", 3 * g, None, 0.4), _rec("flashflex", 3 * g, 2, 0.6, streamed=g // 2, bw=g)]
+    bench._add_ratios(records)
+    assert records[1]["decode_ratio_to_stock"] == 0.5 / 0.2
+    assert records[3]["decode_ratio_to_stock"] == 0.6 / 0.4
+    assert records[1]["roofline_tok_per_s"] == 1.0  # 1 GiB per token at 1 GiB/s
+    assert records[1]["per_token_s_over_roofline"] == 2.0  # 2 s per token against a 1 s roofline
+    assert "decode_ratio_to_stock" not in records[0]
+
+
+def test_failed_runs_stay_in_the_table_with_their_status():
+    records = [_rec("stock-mmap", 1 << 30, None, 0.1)]
+    records.append({**_rec("flashflex", 1 << 30, 4, 0.0), "status": "killed (out of memory in the cgroup)"})
+    bench._add_ratios(records)
+    table = bench.markdown_table(records, {1: 1.2e9, 4: 1.1e9})
+    assert "killed (out of memory in the cgroup)" in table
+    assert "QD1 1.20 GB/s" in table and "QD4 1.10 GB/s" in table
+    assert table.count("\n| ") == 1 + len(records)  # header + one row per run
+
+
+def test_cgroup_detection_degrades_gracefully(monkeypatch):
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 1000)
+    assert bench.cgroup_version() is None
