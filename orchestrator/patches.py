@@ -256,6 +256,19 @@ def scratch_tree(onto: str, root: Path | None = None, apply_series: bool = True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _gitlink_problems(root: Path) -> list[str]:
+    """The superproject must record the pin itself in the gitlink, never a patched vendor commit (which
+    exists only on this machine): `git commit -a` in the superproject would record it."""
+    if not gitutil.is_repo(root):
+        return []
+    pin = vendor.load_pin(root).commit
+    fields = gitutil.out(root, "ls-files", "--stage", vendor.SUBMODULE_PATH).split()
+    if len(fields) >= 2 and fields[0] == "160000" and fields[1] != pin:
+        return [f"the gitlink of {vendor.SUBMODULE_PATH} records {fields[1][:12]}, not the pin {pin[:12]}: run "
+                f"git update-index --cacheinfo 160000,{pin},{vendor.SUBMODULE_PATH}"]
+    return []
+
+
 @dataclass
 class CheckResult:
     ok: bool
@@ -271,7 +284,7 @@ def check(root: Path | None = None) -> CheckResult:
         _format_patches(wt, vendor.BASE_REF, "HEAD", Path(out))
         exported = {p.name: p.read_bytes() for p in Path(out).iterdir()}
     current = {p.name: p.read_bytes() for p in sdir.iterdir() if p.is_file()}
-    diffs = []
+    diffs = _gitlink_problems(root)
     for name in sorted(set(exported) | set(current)):
         if name not in current:
             diffs.append(f"{name}: missing from patches/llama.cpp")
