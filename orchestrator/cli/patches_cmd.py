@@ -44,8 +44,9 @@ def register(app: typer.Typer) -> None:
         for d in result.differences:
             err_console.print(f"  {d}")
         if not result.ok:
-            err_console.print("error: the patch series does not round-trip — run flashflex patches apply "
-                              "--force && flashflex patches export, review git diff patches/, and commit")
+            err_console.print("error: patches check failed (see above) — for a round-trip difference run "
+                              "flashflex patches apply --force && flashflex patches export, review git diff "
+                              "patches/, and commit")
             raise typer.Exit(1)
 
     @group.command("status")
