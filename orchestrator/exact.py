@@ -50,15 +50,9 @@ def compare(stock: np.ndarray, mode: np.ndarray) -> ExactResult:
 
 
 def verify(settings: GenerationSettings, plan: Plan | None, n_tokens: int, seed: int = 0) -> ExactResult:
-    from orchestrator.native import llama_cpp_module
-
-    llama_cpp_module()
-    import llama_cpp
-
-    vocab_llm = open_model(GenerationSettings(model=settings.model, ctx=settings.ctx), None,
-                           vocab_only=True)
-    n_vocab = vocab_llm.n_vocab()
-    vocab_llm.close()
+    # The vocabulary size picks the token range; a vocab-only load reads no weights.
+    vocab = open_model(GenerationSettings(model=settings.model, ctx=settings.ctx), None, vocab_only=True)
+    n_vocab = vocab.n_vocab()
+    vocab.close()
     tokens = teacher_tokens(n_tokens, n_vocab, seed)
-    del llama_cpp
     return compare(logits(settings, None, tokens), logits(settings, plan, tokens))
