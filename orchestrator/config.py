@@ -171,6 +171,15 @@ class MoEConfig(_Section):
         description="Experts used per token, overriding the model's n_expert_used. Reduction only and LOSSY: "
         "output differs from stock. null = the model's own value.",
     )
+    io_threads: int = Field(
+        default=4, ge=1, le=256,
+        description="Parallel readers for bank misses (each miss is one expert slice per routed tensor).",
+    )
+    shared_only: bool = Field(
+        default=False,
+        description="Diagnostic (slot-bank only, LOSSY): routed experts contribute nothing and nothing is read, "
+        "so the run shows the cost of everything but the experts.",
+    )
     prefetch: MoEPrefetchPolicy = Field(
         default="none",
         description="Expert prefetch policy. none (default: prediction often loses on real hardware until an "

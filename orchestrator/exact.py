@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from orchestrator.planner import Plan
-from orchestrator.runner import GenerationSettings, open_model
+from orchestrator.runner import Execution, GenerationSettings, open_model
 
 
 def teacher_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
@@ -18,9 +18,12 @@ def teacher_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
     return [int(x) for x in rng.integers(low, n_vocab, size=n)]
 
 
-def logits(settings: GenerationSettings, plan: Plan | None, tokens: list[int]) -> np.ndarray:
-    """Logits of every position for `tokens`, teacher-forced (one eval of the whole sequence)."""
-    llm = open_model(settings, plan, logits_all=True)
+def logits(settings: GenerationSettings, plan: Plan | None, tokens: list[int],
+           ex: Execution | None = None) -> np.ndarray:
+    """Logits of every position for `tokens`, teacher-forced (one eval of the whole sequence), through the
+    stock path (plan None, no ex) or a configured one."""
+    ex = ex or Execution(plan=plan)
+    llm = open_model(settings, ex.plan, logits_all=True, moe=ex.moe, **ex.llama_kwargs())
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
@@ -49,10 +52,11 @@ def compare(stock: np.ndarray, mode: np.ndarray) -> ExactResult:
                        max_abs_diff=max_diff, mismatched_positions=int((~same.all(axis=1)).sum()))
 
 
-def verify(settings: GenerationSettings, plan: Plan | None, n_tokens: int, seed: int = 0) -> ExactResult:
+def verify(settings: GenerationSettings, plan: Plan | None, n_tokens: int, seed: int = 0,
+           ex: Execution | None = None) -> ExactResult:
     # The vocabulary size picks the token range; a vocab-only load reads no weights.
     vocab = open_model(GenerationSettings(model=settings.model, ctx=settings.ctx), None, vocab_only=True)
     n_vocab = vocab.n_vocab()
     vocab.close()
     tokens = teacher_tokens(n_tokens, n_vocab, seed)
-    return compare(logits(settings, None, tokens), logits(settings, plan, tokens))
+    return compare(logits(settings, None, tokens), logits(settings, plan, tokens, ex))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -80,6 +81,21 @@ def _bind_streaming(cdll: ctypes.CDLL) -> None:
     # bool llama_flashflex_abort_callback(void * model);  (a ggml_abort_callback)
 
 
+def _bind_banks(cdll: ctypes.CDLL) -> None:
+    """Bindings of the MoE slot-bank API (feature "slot-bank")."""
+    # int32_t llama_flashflex_config_bank_tensor(int32_t config, const char * name, int32_t file,
+    #                                            uint64_t offset, uint64_t expert_stride, uint64_t bytes_per_expert);
+    cdll.llama_flashflex_config_bank_tensor.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32,
+                                                        ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
+    cdll.llama_flashflex_config_bank_tensor.restype = ctypes.c_int32
+    # int32_t llama_flashflex_moe_stats(const struct llama_model * model, char * buf, size_t buf_size);
+    cdll.llama_flashflex_moe_stats.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    cdll.llama_flashflex_moe_stats.restype = ctypes.c_int32
+    # void llama_flashflex_moe_stats_reset(const struct llama_model * model);
+    cdll.llama_flashflex_moe_stats_reset.argtypes = [ctypes.c_void_p]
+    cdll.llama_flashflex_moe_stats_reset.restype = None
+
+
 def streaming_lib() -> ctypes.CDLL:
     """lib() with the dense-streaming API bound, or NotPatched when the build predates it."""
     cdll = lib()
@@ -88,6 +104,17 @@ def streaming_lib() -> ctypes.CDLL:
     if not hasattr(cdll, "_flashflex_streaming_bound"):
         _bind_streaming(cdll)
         cdll._flashflex_streaming_bound = True
+    return cdll
+
+
+def banks_lib() -> ctypes.CDLL:
+    """streaming_lib() with the MoE slot-bank API bound, or NotPatched when the build predates it."""
+    cdll = streaming_lib()
+    if "slot-bank" not in info().get("features", []):
+        raise NotPatched("the installed flashflex build has no MoE slot banks", "run: flashflex build")
+    if not hasattr(cdll, "_flashflex_banks_bound"):
+        _bind_banks(cdll)
+        cdll._flashflex_banks_bound = True
     return cdll
 
 
@@ -111,26 +138,45 @@ def system_info() -> str:
     return lowlevel.llama_print_system_info().decode(errors="replace").strip()
 
 
-class StreamConfig:
-    """A dense-streaming configuration in the library, built from a Plan; hand `id` to the model load
-    through the GGUF key override "flashflex.config". Free it once the model is loaded."""
+@dataclass(frozen=True)
+class BankTensor:
+    """A routed-expert tensor held in slot banks: expert e is `bytes_per_expert` bytes at
+    offset + e * expert_stride of sidecar file `file` (an index into RuntimeConfig.files)."""
+
+    name: str
+    file: int
+    offset: int
+    expert_stride: int
+    bytes_per_expert: int
+
+
+class RuntimeConfig:
+    """A flashflex configuration in the library: streamed dense tensors and/or banked expert tensors, built
+    from a Plan; hand `id` to the model load through the GGUF key override "flashflex.config". Free it once
+    the model is loaded (the model keeps its own copy)."""
 
     DIRECT_IO = {"off": 0, "auto": 1, "on": 1, "strict": 2}
 
-    def __init__(self, files: list[str], tensors: list[tuple[str, int, int, int]], threads: int, window: int,
-                 direct_io: int):
-        cdll = streaming_lib()
+    def __init__(self, files: list[str], tensors: list[tuple[str, int, int, int]] = (), *,
+                 banks: list[BankTensor] = (), options: dict[str, int] | None = None):
+        cdll = banks_lib() if banks else streaming_lib()
         self.id = cdll.llama_flashflex_config_new()
         try:
-            for key, value in (("prefetch_threads", threads), ("window", window), ("direct_io", direct_io)):
+            for key, value in (options or {}).items():
                 if cdll.llama_flashflex_config_set(self.id, key.encode(), int(value)) != 0:
-                    raise FlashflexError(f"the library refused {key}={value}", "check the prefetch settings")
+                    raise FlashflexError(f"the library refused {key}={value}", "check the run settings")
             for path in files:
                 if cdll.llama_flashflex_config_add_file(self.id, str(path).encode()) < 0:
-                    raise FlashflexError(f"the library refused the model file {path}", "check the path")
+                    raise FlashflexError(f"the library refused the file {path}", "check the path")
             for name, file, offset, nbytes in tensors:
                 if cdll.llama_flashflex_config_stream_tensor(self.id, name.encode(), file, offset, nbytes) != 0:
                     raise FlashflexError(f"the library refused to stream {name}", "re-plan the model")
+            for b in banks:
+                if cdll.llama_flashflex_config_bank_tensor(self.id, b.name.encode(), b.file, b.offset,
+                                                           b.expert_stride, b.bytes_per_expert) != 0:
+                    raise FlashflexError(f"the library refused to bank {b.name} (offset {b.offset}, stride "
+                                         f"{b.expert_stride}, {b.bytes_per_expert} bytes per expert)",
+                                         "re-extract the sidecar: flashflex sidecar extract")
         except BaseException:
             self.free()
             raise
@@ -145,17 +191,30 @@ def last_error() -> str:
     return streaming_lib().llama_flashflex_last_error().decode(errors="replace")
 
 
-def model_stats(model_ptr) -> dict[str, Any] | None:
-    """Streaming counters of a loaded model (None when it streams nothing)."""
-    cdll = streaming_lib()
+def _json_out(fn, model_ptr) -> dict[str, Any] | None:
+    """Call a C API function that writes JSON into a buffer (returning its length, -1 for none)."""
     buf = ctypes.create_string_buffer(4096)
-    n = cdll.llama_flashflex_model_stats(model_ptr, buf, len(buf))
+    n = fn(model_ptr, buf, len(buf))
     if n < 0:
         return None
     if n >= len(buf):
         buf = ctypes.create_string_buffer(n + 1)
-        cdll.llama_flashflex_model_stats(model_ptr, buf, len(buf))
+        fn(model_ptr, buf, len(buf))
     return json.loads(buf.value.decode())
+
+
+def model_stats(model_ptr) -> dict[str, Any] | None:
+    """Streaming counters of a loaded model (None when it streams nothing)."""
+    return _json_out(streaming_lib().llama_flashflex_model_stats, model_ptr)
+
+
+def moe_stats(model_ptr) -> dict[str, Any] | None:
+    """Expert-bank counters of a loaded model, total and per layer (None when it banks nothing)."""
+    return _json_out(banks_lib().llama_flashflex_moe_stats, model_ptr)
+
+
+def moe_stats_reset(model_ptr) -> None:
+    banks_lib().llama_flashflex_moe_stats_reset(model_ptr)
 
 
 def model_stats_reset(model_ptr) -> None:

@@ -42,7 +42,8 @@ means fewer resident bytes.
 ## MoE layers (Flash-MoE)
 
 Dense, shared-expert, router and norm weights come first; routed experts (`*_exps`) live in per-layer slot
-banks of N resident slots, N x bytes-per-expert (summed over the layer's routed tensors). Every MoE layer
+banks of N resident slots, N x bytes-per-expert (summed over the layer's routed tensors), plus one zero slot
+while N is below the expert count (see runtime_slots). Every MoE layer
 gets at least top-k slots (a token needs k experts resident at once); if the non-expert weights do not fit
 after those minimum banks, they stream exactly like a dense model (one budget for both). Otherwise whatever
 is left grows every bank evenly, capped at the expert count. Leading dense layers get no bank. A bank within
@@ -135,7 +136,7 @@ class LayerPlan(_Model):
     n_expert: int | None = Field(default=None, description="Routed experts in this layer; null if not MoE.")
     expert_bytes: int | None = Field(default=None, description="Bytes of one expert over the routed tensors.")
     slot_bank: int | None = Field(default=None, description="Resident expert slots; null if not MoE.")
-    bank_bytes: int = Field(default=0, description="slot_bank x expert_bytes.")
+    bank_bytes: int = Field(default=0, description="Bytes of the bank: see runtime_slots.")
 
 
 class PrefetchPlan(_Model):
@@ -458,6 +459,13 @@ def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int,
     return quota, n_buf, buf
 
 
+def runtime_slots(slots: int, n_expert: int) -> int:
+    """Expert slots the runtime allocates for a bank of `slots`: one more (a zero slot where a ubatch that
+    needs several passes parks the pairs another pass computes) unless the bank holds every expert."""
+    slots = min(slots, n_expert)
+    return slots + 1 if slots < n_expert else slots
+
+
 def make_plan(
     table: ModelTable,
     budget_bytes: int,
@@ -557,7 +565,7 @@ def make_plan(
         min_slots = int(slot_bank_req)
 
     def bank_bytes(slots: int) -> int:
-        return sum(min(slots, layer.n_expert) * layer.expert_bytes for layer in moe_layers)
+        return sum(runtime_slots(slots, layer.n_expert) * layer.expert_bytes for layer in moe_layers)
 
     min_banks = bank_bytes(min_slots) if banked else 0
     if not banked:
@@ -646,7 +654,8 @@ def make_plan(
             s = min(slots, layer.n_expert) if banked else layer.n_expert
             lp.n_expert, lp.expert_bytes = layer.n_expert, layer.expert_bytes
             lp.slot_bank = s if banked else None
-            lp.bank_bytes = s * layer.expert_bytes if banked else sum(t.n_bytes for t in layer.routed)
+            lp.bank_bytes = (runtime_slots(s, layer.n_expert) * layer.expert_bytes if banked
+                             else sum(t.n_bytes for t in layer.routed))
         layer_plans.append(lp)
     for t in table.tensors:
         if t.layer is None:

@@ -84,6 +84,39 @@ def _quiet_native_stderr(enabled: bool = True):
         os.close(devnull)
 
 
+@dataclass
+class MoESetup:
+    """Where a run's routed experts live: a sidecar and a slot bank per layer (Flash-MoE).
+
+    `slots` = 0 means every expert resident, read from the sidecar at load (resident-bank)."""
+
+    mode: str  # resident-bank | slot-bank
+    sidecar: Path
+    manifest: Any  # orchestrator.sidecar.SidecarManifest
+    slots: int
+    io_threads: int = 4
+    shared_only: bool = False
+    direct_io: int = 1
+
+    def files(self) -> list[str]:
+        return [str(self.sidecar / layer.file) for layer in self.manifest.layers]
+
+    def bank_tensors(self, first_file: int) -> list[native.BankTensor]:
+        """Every routed tensor of the sidecar, its file numbered from `first_file` (after the model files)."""
+        index = {layer.file: first_file + i for i, layer in enumerate(self.manifest.layers)}
+        return [native.BankTensor(t.name, index[t.file], t.offset, t.expert_stride, t.bytes_per_expert)
+                for t in self.manifest.tensors if t.n_expert > 1]
+
+    def options(self) -> dict[str, int]:
+        return {"moe_slots": self.slots, "moe_io_threads": self.io_threads,
+                "moe_shared_only": int(self.shared_only)}
+
+
+def default_sidecar(model: Path) -> Path:
+    """Where `flashflex sidecar extract` output is looked for when a run names none: beside the model."""
+    return model.with_name(model.name.removesuffix(".gguf") + ".sidecar")
+
+
 def streamed_tensors(plan: Plan | None) -> list[tuple[str, int, int, int]]:
     """(name, file index, offset, bytes) of every tensor the plan streams."""
     if plan is None:
@@ -113,22 +146,32 @@ def _without_repack():
 
 
 def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_all: bool = False,
-               repack: bool = True, **llama_kwargs: Any):
-    """A `llama_cpp.Llama` for `settings.model`: the stock path, or with the plan's streamed tensors
-    read from disk by flashflex's runtime (when the plan streams anything). `repack=False` turns the CPU
-    backend's repacked weight layout off (a stock baseline mode)."""
+               repack: bool = True, moe: MoESetup | None = None, **llama_kwargs: Any):
+    """A `llama_cpp.Llama` for `settings.model`: the stock path, or with flashflex's runtime reading the
+    plan's streamed tensors (when the plan streams anything) and/or the routed experts from a sidecar into
+    slot banks (`moe`). `repack=False` turns the CPU backend's repacked weight layout off (a stock
+    baseline mode)."""
     llama_cpp_module()  # one clear line if llama_cpp is missing
     from llama_cpp import Llama
 
     stream = streamed_tensors(plan)
     config = None
-    if stream:
-        assert plan is not None
-        config = native.StreamConfig(plan.files, stream, threads=plan.prefetch.threads,
-                                     window=plan.prefetch.buffers,  # the ring the plan paid for
-                                     direct_io=2 if plan.prefetch.direct_io_requested == "strict"
-                                     else int(plan.prefetch.direct_io))
-        # Streamed tensors are read by our runtime; nothing maps the whole file.
+    if stream or moe is not None:
+        files = list(plan.files) if stream else []
+        options: dict[str, int] = {}
+        if stream:
+            assert plan is not None
+            options = {"prefetch_threads": plan.prefetch.threads,
+                       "window": plan.prefetch.buffers,  # the ring the plan paid for
+                       "direct_io": 2 if plan.prefetch.direct_io_requested == "strict"
+                       else int(plan.prefetch.direct_io)}
+        banks: list[native.BankTensor] = []
+        if moe is not None:
+            banks = moe.bank_tensors(first_file=len(files))
+            files += moe.files()
+            options.update(moe.options())
+        config = native.RuntimeConfig(files, stream, banks=banks, options=options)
+        # Streamed tensors and banked experts are read by our runtime; nothing maps the whole file.
         llama_kwargs = {**llama_kwargs, "use_mmap": False,
                         "kv_overrides": {**llama_kwargs.get("kv_overrides", {}), "flashflex.config": config.id}}
     try:
@@ -139,15 +182,16 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
     except ValueError as exc:  # llama_cpp raises ValueError when llama.cpp cannot load the file
         reason = native.last_error() if config is not None else ""
         if reason:
-            raise FlashflexError(f"could not load {settings.model}: {reason}",
-                                 "re-plan the model (flashflex plan) and check the file") from exc
+            fix = ("check the sidecar (flashflex sidecar verify) or re-extract it" if moe is not None and not stream
+                   else "re-plan the model (flashflex plan) and check the file")
+            raise FlashflexError(f"could not load {settings.model}: {reason}", fix) from exc
         raise FlashflexError(f"llama.cpp could not load {settings.model} ({exc})",
                              "check that the file is a complete GGUF of an architecture this llama.cpp supports "
                              "(FLASHFLEX_DEBUG=1 shows llama.cpp's log)") from exc
     finally:
         if config is not None:
             config.free()
-    if stream:
+    if config is not None:
         native.install_abort_callback(llm.ctx, llm.model)
     return llm
 
@@ -170,35 +214,116 @@ def settings_from_config(cfg: "RunConfig", log=print) -> GenerationSettings:
     )
 
 
-def plan_for_config(cfg: "RunConfig", model: Path) -> Plan | None:
-    """The Plan a run executes, or None for the stock path (the model fits the budget as it is).
+@dataclass
+class Execution:
+    """How a run executes beyond GenerationSettings: the Plan's streamed tensors, the MoE banks, a lossy
+    top-k override, and whether the stock weights load resident (no mmap)."""
+
+    mode: str = "stock"  # stock | resident | dense-stream | resident-bank | slot-bank
+    plan: Plan | None = None  # set when the plan streams dense tensors
+    moe: MoESetup | None = None
+    kv_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. a --moe-topk override
+    budget_plan: Plan | None = None  # the plan made for the budget, streaming or not (for reports)
+    lossy: list[str] = field(default_factory=list)  # why this run's output may differ from stock
+
+    @property
+    def native(self) -> bool:
+        """True when flashflex's runtime (not stock llama.cpp) loads part of the model."""
+        return self.plan is not None or self.moe is not None
+
+    def llama_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        if self.kv_overrides:
+            kw["kv_overrides"] = dict(self.kv_overrides)
+        if self.mode == "resident":
+            kw["use_mmap"] = False
+        return kw
+
+
+def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) -> MoESetup:
+    """The sidecar and banks of a resident-bank or slot-bank run, checked (cheaply) against the model."""
+    from orchestrator import sidecar
+
+    assert plan.moe is not None
+    where = cfg.moe.sidecar or default_sidecar(model)
+    if not Path(where).exists():
+        raise FlashflexError(f"--moe-mode {plan.moe.mode} needs the model's expert sidecar, and {where} does not "
+                             "exist", f"extract it: flashflex sidecar extract {model} {where} (or pass --moe-sidecar)")
+    manifest = sidecar.check_sidecar(where, table if table is not None else model)
+    slots = 0 if plan.moe.mode == "resident-bank" else min(plan.moe.slot_bank or plan.moe.n_expert,
+                                                           plan.moe.n_expert)
+    direct = {"off": 0, "auto": 1, "on": 1, "strict": 2}[str(cfg.prefetch.direct_io)]
+    return MoESetup(mode=plan.moe.mode, sidecar=Path(where), manifest=manifest, slots=slots,
+                    io_threads=cfg.moe.io_threads, shared_only=cfg.moe.shared_only, direct_io=direct)
+
+
+def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
+    """What a RunConfig runs: stock when the model fits (and no mode asks otherwise), else the Plan's
+    streaming and/or the MoE banks.
 
     An `auto` budget with the model's files well inside available memory skips planning altogether (reading
     the tensor table of a large-vocabulary model takes seconds)."""
+    from orchestrator.config import TRACE_REPLAY_MODES
     from orchestrator.modelfile.reader import read_model_table, shard_paths
     from orchestrator.sizes import available_memory, is_auto
 
-    if is_auto(str(cfg.budget.size)) and cfg.moe.mode in ("auto", "stock", "resident"):
+    plain = cfg.moe.mode in ("auto", "stock", "resident") and cfg.moe.topk is None and not cfg.moe.shared_only
+    if is_auto(str(cfg.budget.size)) and plain:
         file_bytes = sum(p.stat().st_size for p in shard_paths(model))
         if 2 * file_bytes < cfg.budget.resolve_bytes(available_memory()):
-            return None
-    plan = plan_for_run(read_model_table(model), cfg)
-    if plan.moe is not None and plan.moe.mode not in ("stock", "resident"):
-        raise FlashflexError(f"{model.name} needs MoE mode {plan.moe.mode} under this budget, which this build "
-                             "does not run yet", "raise --budget to fit the model, or run a dense model")
-    if plan.fits_entirely or not streamed_tensors(plan):
-        return None
-    return plan
+            return Execution(mode="resident" if cfg.moe.mode == "resident" else "stock")
+    table = read_model_table(model)
+    plan = plan_for_run(table, cfg)
+    ex = Execution(budget_plan=plan)
+    if plan.moe is not None:
+        if plan.moe.mode in TRACE_REPLAY_MODES:
+            raise FlashflexError(f"--moe-mode {plan.moe.mode} replays a routing trace, which this build does not "
+                                 "run yet", "use --moe-mode slot-bank")
+        if plan.moe.topk_lossy:
+            ex.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk
+            ex.lossy.append(f"--moe-topk {plan.moe.topk} < the model's {plan.moe.n_expert_used} experts per token")
+        if cfg.moe.shared_only and plan.moe.mode != "slot-bank":
+            raise FlashflexError("--moe-shared-only is a slot-bank diagnostic",
+                                 "add --moe-mode slot-bank (and a sidecar)")
+        if cfg.moe.shared_only:
+            ex.lossy.append("--moe-shared-only drops every routed expert")
+        if plan.moe.mode in ("resident-bank", "slot-bank"):
+            ex.moe = moe_setup_for(cfg, model, plan, table)
+        ex.mode = plan.moe.mode if plan.moe.mode != "auto" else "stock"
+    elif cfg.moe.shared_only:
+        raise FlashflexError("--moe-shared-only applies to MoE models only", "drop --moe-shared-only")
+    if not plan.fits_entirely and streamed_tensors(plan):
+        ex.plan = plan
+        if ex.mode in ("stock", "resident"):
+            ex.mode = "dense-stream"
+    return ex
+
+
+def plan_for_config(cfg: "RunConfig", model: Path) -> Plan | None:
+    """The Plan a run streams with, or None (kept for callers that only stream dense weights)."""
+    return execution_for_config(cfg, model).plan
 
 
 def open_configured(cfg: "RunConfig", log=print, logits_all: bool = False):
-    """The Python API: a `llama_cpp.Llama` for a RunConfig, with its budget plan applied."""
+    """The Python API: a `llama_cpp.Llama` for a RunConfig, with its budget plan and MoE banks applied."""
     settings = settings_from_config(cfg, log)
-    return open_model(settings, plan_for_config(cfg, settings.model), logits_all=logits_all)
+    ex = execution_for_config(cfg, settings.model)
+    return open_model(settings, ex.plan, logits_all=logits_all, moe=ex.moe, **ex.llama_kwargs())
 
 
-def _stream_stats(llm, plan: Plan | None) -> dict[str, Any] | None:
-    return native.model_stats(llm.model) if plan is not None else None
+def _stream_stats(llm, ex: Execution) -> dict[str, Any] | None:
+    return native.model_stats(llm.model) if ex.plan is not None else None
+
+
+def _moe_stats(llm, ex: Execution) -> dict[str, Any] | None:
+    return native.moe_stats(llm.model) if ex.moe is not None else None
+
+
+def _reset_stats(llm, ex: Execution) -> None:
+    if ex.plan is not None:
+        native.model_stats_reset(llm.model)
+    if ex.moe is not None:
+        native.moe_stats_reset(llm.model)
 
 
 def _phase_stats(raw: dict[str, Any] | None, n_tokens: int, seconds: float) -> dict[str, Any] | None:
@@ -215,37 +340,51 @@ def _phase_stats(raw: dict[str, Any] | None, n_tokens: int, seconds: float) -> d
     }
 
 
-def generate(settings: GenerationSettings, plan: Plan | None = None) -> RunResult:
+def _moe_phase_stats(raw: dict[str, Any] | None, n_tokens: int, seconds: float) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    return {
+        **raw,
+        "tokens": n_tokens,
+        "misses_per_token": raw["misses"] / n_tokens if n_tokens else 0.0,
+        "bytes_read_per_token": raw["bytes_read"] / n_tokens if n_tokens else 0.0,
+        # read_seconds adds up the I/O threads' time; install_seconds is what compute waited for
+        "achieved_read_bandwidth": raw["bytes_read"] / raw["install_seconds"] if raw["install_seconds"] > 0 else 0.0,
+        "seconds": seconds,
+    }
+
+
+def generate(settings: GenerationSettings, plan: Plan | None = None, ex: Execution | None = None) -> RunResult:
+    ex = ex or Execution(mode="dense-stream" if plan is not None else "stock", plan=plan)
     t0 = time.perf_counter()
-    llm = open_model(settings, plan)
+    llm = open_model(settings, ex.plan, moe=ex.moe, **ex.llama_kwargs())
     load_s = time.perf_counter() - t0
     try:
-        return _generate(llm, settings, plan, load_s)
-    except RuntimeError as exc:  # llama_decode failed: an aborted graph after a streaming error
-        reason = native.model_error(llm.model) if plan is not None else None
+        return _generate(llm, settings, ex, load_s)
+    except RuntimeError as exc:  # llama_decode failed: an aborted graph after a streaming or expert-read error
+        reason = native.model_error(llm.model) if ex.native else None
         if reason:
-            raise FlashflexError(f"the run stopped: {reason}", "check the model file and the disk") from exc
+            raise FlashflexError(f"the run stopped: {reason}", "check the model file, the sidecar and the disk") \
+                from exc
         raise FlashflexError(f"llama.cpp failed during the run ({exc})",
                              "rerun with FLASHFLEX_DEBUG=1 to see llama.cpp's log") from exc
     finally:
         llm.close()
 
 
-def _generate(llm, settings: GenerationSettings, plan: Plan | None, load_s: float) -> RunResult:
+def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float) -> RunResult:
     prompt_tokens = llm.tokenize(settings.prompt.encode(), add_bos=True, special=False)
     # n_predict < 0 means "until end of text or a full context".
     n_new = settings.n_predict if settings.n_predict >= 0 else settings.ctx - len(prompt_tokens)
     if len(prompt_tokens) + n_new > settings.ctx:
         raise FlashflexError(f"prompt ({len(prompt_tokens)} tokens) + {n_new} new tokens exceed "
                              f"the context of {settings.ctx}", "raise --ctx or lower -n")
-    if plan is not None:
-        native.model_stats_reset(llm.model)  # the load's initial prefetch is not the prompt's
+    _reset_stats(llm, ex)  # the load's initial reads are not the prompt's
     t1 = time.perf_counter()
     llm.eval(prompt_tokens)
     prompt_s = time.perf_counter() - t1
-    prompt_stats = _stream_stats(llm, plan)
-    if plan is not None:
-        native.model_stats_reset(llm.model)
+    prompt_stats, prompt_moe = _stream_stats(llm, ex), _moe_stats(llm, ex)
+    _reset_stats(llm, ex)
 
     out: list[int] = []
     eos = llm.token_eos()
@@ -257,17 +396,23 @@ def _generate(llm, settings: GenerationSettings, plan: Plan | None, load_s: floa
         out.append(tok)
         llm.eval([tok])
     decode_s = time.perf_counter() - t2
-    decode_stats = _stream_stats(llm, plan)
+    decode_stats, decode_moe = _stream_stats(llm, ex), _moe_stats(llm, ex)
     text = llm.detokenize(out).decode(errors="replace")
-    stats: dict[str, Any] = {"mode": "stock" if plan is None else "dense-stream"}
-    if plan is not None:
+    stats: dict[str, Any] = {"mode": ex.mode, "lossy": ex.lossy}
+    if ex.plan is not None:
         stats.update({
-            "budget_bytes": plan.budget_bytes,
-            "resident_bytes": plan.resident_bytes,
-            "planned_streamed_bytes_per_token": plan.estimates.dense_streamed_bytes_per_token,
+            "budget_bytes": ex.plan.budget_bytes,
+            "resident_bytes": ex.plan.resident_bytes,
+            "planned_streamed_bytes_per_token": ex.plan.estimates.dense_streamed_bytes_per_token,
             "prompt": _phase_stats(prompt_stats, len(prompt_tokens), prompt_s),
             "decode": _phase_stats(decode_stats, len(out), decode_s),
         })
+    if ex.moe is not None:
+        stats["moe"] = {
+            "sidecar": str(ex.moe.sidecar),
+            "prompt": _moe_phase_stats(prompt_moe, len(prompt_tokens), prompt_s),
+            "decode": _moe_phase_stats(decode_moe, len(out), decode_s),
+        }
     return RunResult(
         model=str(settings.model), prompt_tokens=list(prompt_tokens), tokens=out, text=text,
         load_s=load_s, prompt_s=prompt_s, decode_s=decode_s,

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "orchestrator.cli.bench_cmd",
     "orchestrator.cli.gguf_cmd",
     "orchestrator.cli.plan_cmd",
+    "orchestrator.cli.sidecar_cmd",
 ]
 
 app = typer.Typer(

@@ -25,12 +25,29 @@ DirectIOOpt = Annotated[Optional[str], typer.Option(
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="Compute threads.")]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", min=16, help="Context size in tokens.")]
 UbatchOpt = Annotated[Optional[int], typer.Option("--ubatch", "-ub", min=1, help="Micro-batch size.")]
+MoEModeOpt = Annotated[Optional[str], typer.Option(
+    "--moe-mode", help="MoE execution: auto, stock, resident, resident-bank (every expert from the sidecar) or "
+    "slot-bank (per-layer banks of resident expert slots, misses read from the sidecar).")]
+MoESidecarOpt = Annotated[Optional[Path], typer.Option(
+    "--moe-sidecar", help="Expert sidecar directory (flashflex sidecar extract); default MODEL.sidecar beside it.")]
+MoESlotBankOpt = Annotated[Optional[int], typer.Option(
+    "--moe-slot-bank", min=1, help="Expert slots per MoE layer (>= top-k); default: sized by the planner.")]
+MoETopkOpt = Annotated[Optional[int], typer.Option(
+    "--moe-topk", min=1, help="Use fewer experts per token than the model (LOSSY: output differs from stock).")]
+MoESharedOnlyOpt = Annotated[Optional[bool], typer.Option(
+    "--moe-shared-only", help="Diagnostic, LOSSY: routed experts contribute nothing (slot-bank only).")]
+MoEIOThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--moe-io-threads", min=1, help="Parallel readers for expert misses.")]
 
 
-def _overrides(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch, **more) -> dict:
+def _overrides(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch, *, moe_mode=None,
+               moe_sidecar=None, moe_slot_bank=None, moe_topk=None, moe_shared_only=None, moe_io_threads=None,
+               **more) -> dict:
     return {"model.path": model, "budget.size": budget, "prefetch.threads": prefetch_threads,
             "prefetch.window": prefetch_window, "prefetch.direct_io": direct_io, "context.threads": threads,
-            "context.ctx": ctx, "context.ubatch": ubatch, **more}
+            "context.ctx": ctx, "context.ubatch": ubatch, "moe.mode": moe_mode, "moe.sidecar": moe_sidecar,
+            "moe.slot_bank": moe_slot_bank, "moe.topk": moe_topk, "moe.shared_only": moe_shared_only,
+            "moe.io_threads": moe_io_threads, **more}
 
 
 def register(app: typer.Typer) -> None:
@@ -48,17 +65,29 @@ def register(app: typer.Typer) -> None:
         threads: ThreadsOpt = None,
         ctx: CtxOpt = None,
         ubatch: UbatchOpt = None,
+        moe_mode: MoEModeOpt = None,
+        moe_sidecar: MoESidecarOpt = None,
+        moe_slot_bank: MoESlotBankOpt = None,
+        moe_topk: MoETopkOpt = None,
+        moe_shared_only: MoESharedOnlyOpt = None,
+        moe_io_threads: MoEIOThreadsOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
-        """Generate text; --json prints token ids, text, timings, peak RSS and streaming statistics."""
+        """Generate text; --json prints token ids, text, timings, peak RSS and streaming and expert-bank
+        statistics (hits, misses, hit rate, bytes read, read and install time, total and per layer)."""
         from orchestrator.config import load_run_config
 
         cfg = load_run_config(config, _overrides(model, budget, prefetch_threads, prefetch_window, direct_io,
-                                                 threads, ctx, ubatch, prompt=prompt,
+                                                 threads, ctx, ubatch, prompt=prompt, moe_mode=moe_mode,
+                                                 moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
+                                                 moe_topk=moe_topk, moe_shared_only=moe_shared_only,
+                                                 moe_io_threads=moe_io_threads,
                                                  **{"sampling.n_predict": n_predict}))
         settings = runner.settings_from_config(cfg, log=err_console.print)
-        plan = runner.plan_for_config(cfg, settings.model)
-        result = runner.generate(settings, plan)
+        ex = runner.execution_for_config(cfg, settings.model)
+        for reason in ex.lossy:
+            err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")
+        result = runner.generate(settings, ex=ex)
         if json_out:
             emit_json(result.to_dict())
             return
@@ -71,7 +100,11 @@ def register(app: typer.Typer) -> None:
         if decode:
             line += (f" · streamed {decode['bytes_read_per_token'] / 2**20:.1f} MiB/token, "
                      f"waited {decode['wait_seconds']:.2f}s on reads")
-        err_console.print(f"[dim]{line}[/]")
+        moe = (result.stats.get("moe") or {}).get("decode")
+        if moe:
+            line += (f" · {moe['mode']} {moe['slots']} slots: hit rate {moe['hit_rate']:.1%}, "
+                     f"{moe['bytes_read_per_token'] / 2**20:.1f} MiB/token read")
+        err_console.print(f"[dim]mode {result.stats['mode']} · {line}[/]")
 
     @app.command("verify-exact")
     def verify_exact_cmd(
@@ -86,6 +119,10 @@ def register(app: typer.Typer) -> None:
         threads: ThreadsOpt = None,
         ctx: CtxOpt = None,
         ubatch: UbatchOpt = None,
+        moe_mode: MoEModeOpt = None,
+        moe_sidecar: MoESidecarOpt = None,
+        moe_slot_bank: MoESlotBankOpt = None,
+        moe_io_threads: MoEIOThreadsOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Feed the same teacher-forced tokens through stock and through the configured mode; exit 0 only when
@@ -95,13 +132,16 @@ def register(app: typer.Typer) -> None:
         from orchestrator.errors import FlashflexError
 
         cfg = load_run_config(config, _overrides(model, budget, prefetch_threads, prefetch_window, direct_io,
-                                                 threads, ctx, ubatch))
+                                                 threads, ctx, ubatch, moe_mode=moe_mode, moe_sidecar=moe_sidecar,
+                                                 moe_slot_bank=moe_slot_bank, moe_io_threads=moe_io_threads))
         settings = runner.settings_from_config(cfg, log=err_console.print)
         if tokens > settings.ctx:
             raise FlashflexError(f"--tokens {tokens} exceeds the context of {settings.ctx}", "raise --ctx")
-        plan = runner.plan_for_config(cfg, settings.model)
-        result = exact.verify(settings, plan, tokens, seed)
-        mode = "stock (nothing to compare: the budget needs no plan)" if plan is None else "dense-stream"
+        ex = runner.execution_for_config(cfg, settings.model)
+        result = exact.verify(settings, ex.plan, tokens, seed, ex=ex)
+        mode = ex.mode if ex.native else f"{ex.mode} (nothing to compare: the budget needs no plan)"
+        if ex.moe is not None and ex.moe.mode == "slot-bank":
+            mode += f" ({ex.moe.slots} slots)"
         if json_out:
             emit_json({"mode": mode, **result.to_dict()})
         else:
