@@ -157,15 +157,18 @@ def direct_read_bandwidth(path: Path, queue_depth: int, total_bytes: int = 1 << 
 class Point:
     """One configuration to measure."""
 
-    mode: str  # stock-mmap (repack off) | stock-resident (stock default) | flashflex
+    mode: str  # stock-mmap (repack off) | stock-resident (stock default) | resident (no mmap) | flashflex
+    #            | slot-bank
     budget_bytes: int | None  # the cgroup limit; None = no limit
     prefetch_threads: int | None = None
+    slot_bank: int | None = None  # slot-bank: slots per layer; None = the planner's pick for the budget
 
     @property
     def label(self) -> str:
         budget = format_size(self.budget_bytes) if self.budget_bytes else "unlimited"
         tp = f" tp={self.prefetch_threads}" if self.prefetch_threads is not None else ""
-        return f"{self.mode} @ {budget}{tp}"
+        bank = "" if self.mode != "slot-bank" else f" N={self.slot_bank or 'auto'}"
+        return f"{self.mode}{bank} @ {budget}{tp}"
 
 
 @dataclass
@@ -179,11 +182,14 @@ class RunSpec:
     window: int = 3
     seed: int = 0
     timeout_s: float = 1800
+    sidecar: Path | None = None  # MoE runs: the expert sidecar
+    io_threads: int = 4  # MoE runs: parallel readers for misses
 
 
 def run_point(point: Point, spec: RunSpec, use_cgroup: bool, drop_caches: bool, log: Log) -> dict[str, Any]:
     """Measure one point in a fresh process; returns its result record (never raises for a failed run)."""
-    payload = {"point": asdict(point), "spec": {**asdict(spec), "model": str(spec.model)}}
+    payload = {"point": asdict(point), "spec": {**asdict(spec), "model": str(spec.model),
+                                                "sidecar": str(spec.sidecar) if spec.sidecar else None}}
     cg = None
     if use_cgroup and point.budget_bytes:
         cg = MemoryCgroup(f"flashflex-bench-{os.getpid()}", point.budget_bytes)
@@ -230,20 +236,29 @@ class DenseSweep:
     drop_caches: bool = True
 
 
-def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def check_isolation(sweep: Any, log: Log) -> None:
+    """Degrade gracefully where the platform forbids cgroups or dropping the page cache (said once)."""
     if sweep.use_cgroup and cgroup_version() is None:
         log("warning: memory cgroups are not available here; runs are unconstrained (budgets are plans only)")
         sweep.use_cgroup = False
     if sweep.drop_caches and not drop_page_cache():
         log("warning: cannot drop the page cache here (not root?); runs may start warm")
         sweep.drop_caches = False
-    model_bytes = sweep.spec.model.stat().st_size
-    machine = {
+
+
+def machine_info() -> dict[str, Any]:
+    return {
         "host": platform.node(), "cpu": platform.processor() or platform.machine(),
         "cores": psutil.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
         "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_isolation(sweep, log)
+    model_bytes = sweep.spec.model.stat().st_size
+    machine = machine_info()
     bandwidth = {}
     for qd in sorted({max(1, tp) for tp in sweep.prefetch_threads}):
         bandwidth[qd] = direct_read_bandwidth(sweep.spec.model, qd)
@@ -357,6 +372,150 @@ def plot(records: list[dict[str, Any]], out: Path, log: Log) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title(Path(records[0]["model"]).name if records else "")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The MoE sweep (slot banks)
+
+
+@dataclass
+class MoESweep:
+    spec: RunSpec  # spec.sidecar must be set
+    budget_bytes: int  # the cgroup limit of the stock-mmap and slot-bank runs
+    slot_banks: list[int | None]  # None = the planner's pick for the budget
+    use_cgroup: bool = True
+    drop_caches: bool = True
+
+
+def largest_layer_file(sidecar: Path) -> Path:
+    return max(sidecar.glob("layer-*.bin"), key=lambda p: p.stat().st_size)
+
+
+def run_moe_sweep(sweep: MoESweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
+    """stock mmap (repack off) and slot-bank at each bank size in the same cgroup, cold cache; stock and
+    flashflex `resident` without a limit for reference; the parallel direct-read bandwidth of the sidecar
+    measured in the same run with expert-sized reads at the runtime's queue depth."""
+    from orchestrator import sidecar as sidecar_mod
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_isolation(sweep, log)
+    spec = sweep.spec
+    assert spec.sidecar is not None
+    manifest = sidecar_mod.load_manifest(spec.sidecar)
+    expert_read = max(t.expert_stride for t in manifest.tensors)
+    bandwidth = direct_read_bandwidth(largest_layer_file(spec.sidecar), spec.io_threads, total_bytes=512 << 20,
+                                      chunk=expert_read)
+    log(f"parallel direct-read bandwidth of the sidecar ({spec.io_threads} threads, {format_size(expert_read)} "
+        f"reads): {bandwidth / 1e9:.2f} GB/s")
+    machine = machine_info()
+    model_bytes = spec.model.stat().st_size
+    points = [Point("stock-resident", None), Point("resident", None), Point("stock-mmap", sweep.budget_bytes)]
+    points += [Point("slot-bank", sweep.budget_bytes, slot_bank=n) for n in sweep.slot_banks]
+    records: list[dict[str, Any]] = []
+    results = out_dir / "results.jsonl"
+    with open(results, "w") as fh:
+        for point in points:
+            rec = run_point(point, spec, sweep.use_cgroup, sweep.drop_caches, log)
+            rec.update(machine=machine, model=str(spec.model), model_bytes=model_bytes,
+                       read_bandwidth_bytes_per_s=bandwidth, io_threads=spec.io_threads)
+            records.append(rec)
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+    _add_moe_ratios(records)
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out_dir / "results.md").write_text(moe_markdown(records))
+    plot_moe(records, out_dir / "slot_bank.png", log)
+    return records
+
+
+def _add_moe_ratios(records: list[dict[str, Any]]) -> None:
+    """Each run against stock mmap in the same cgroup; slot-bank against its roofline: the stock-resident
+    per-token time plus the miss bytes per token read at the measured parallel bandwidth."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    by_mode = {r["mode"]: r for r in ok if r["mode"] != "slot-bank"}
+    mmap_run, resident = by_mode.get("stock-mmap"), by_mode.get("stock-resident")
+    for r in ok:
+        if mmap_run and r is not mmap_run and r["mode"] != "stock-resident" and r["mode"] != "resident":
+            r["decode_ratio_to_stock"] = r["decode_tok_per_s"] / mmap_run["decode_tok_per_s"]
+        if r["mode"] == "resident" and resident:
+            r["decode_ratio_to_stock"] = r["decode_tok_per_s"] / resident["decode_tok_per_s"]
+        if r["mode"] == "slot-bank" and resident and r.get("read_bandwidth_bytes_per_s"):
+            roofline_s = 1 / resident["decode_tok_per_s"] + r["miss_bytes_per_token"] / r["read_bandwidth_bytes_per_s"]
+            r["roofline_tok_per_s"] = 1 / roofline_s
+            r["per_token_s_over_roofline"] = (1 / r["decode_tok_per_s"]) / roofline_s
+
+
+def moe_markdown(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return ""
+    m, first = records[0]["machine"], records[0]
+    lines = [
+        f"Model: `{Path(first['model']).name}` ({format_size(first['model_bytes'])}) · machine: {m.get('cores')} "
+        f"cores, {format_size(m.get('ram_bytes', 0))} RAM · {m.get('when')}",
+        "",
+        f"Parallel direct-read bandwidth of the sidecar (same run, {first['io_threads']} threads, expert-sized "
+        f"reads): {first['read_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s",
+        "",
+        "| run | cgroup | slots | decode tok/s | × stock mmap | hit rate | misses/token | miss MiB/token | "
+        "miss bandwidth | roofline tok/s | time/token ÷ roofline | peak mem | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        ratio = r.get("decode_ratio_to_stock")
+        lines.append("| " + " | ".join([
+            r["mode"], format_size(r["budget_bytes"]) if r.get("budget_bytes") else "none",
+            _fmt(r.get("slot_bank"), "d"), _fmt(r.get("decode_tok_per_s"), ".3f"),
+            (_fmt(ratio, ".2f") + (" (vs stock-resident)" if r["mode"] == "resident" and ratio else "")),
+            _fmt(r.get("hit_rate"), ".1%"), _fmt(r.get("misses_per_token"), ".1f"),
+            _fmt(r["miss_bytes_per_token"] / 2**20 if r.get("miss_bytes_per_token") is not None else None, ".1f"),
+            f"{r['miss_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s" if r.get("miss_bandwidth_bytes_per_s") else "-",
+            _fmt(r.get("roofline_tok_per_s"), ".3f"), _fmt(r.get("per_token_s_over_roofline"), ".2f"),
+            format_size(r["cgroup_peak_bytes"]) if r.get("cgroup_peak_bytes") else (
+                format_size(r["peak_rss_bytes"]) if r.get("peak_rss_bytes") else "-"),
+            r.get("status", "?"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_moe(records: list[dict[str, Any]], out: Path, log: Log) -> None:
+    """decode tok/s (with stock mmap and stock resident as lines) and hit rate against the bank size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: matplotlib is not installed (pip install -e '.[bench]'); skipping the plot")
+        return
+    banks = sorted((r["slot_bank"], r) for r in records if r["mode"] == "slot-bank" and r.get("status") == "ok")
+    if not banks:
+        return
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = [n for n, _ in banks]
+    ax.plot(xs, [r["decode_tok_per_s"] for _, r in banks], marker="o", label="slot-bank")
+    roof = [(n, r["roofline_tok_per_s"]) for n, r in banks if r.get("roofline_tok_per_s")]
+    if roof:
+        ax.plot([p[0] for p in roof], [p[1] for p in roof], linestyle="--", color="gray",
+                label="roofline (resident + misses ÷ bandwidth)")
+    for mode, style in (("stock-mmap", ":"), ("stock-resident", "-.")):
+        base = next((r for r in records if r["mode"] == mode and r.get("status") == "ok"), None)
+        if base:
+            ax.axhline(base["decode_tok_per_s"], linestyle=style, color="black" if mode == "stock-mmap" else "green",
+                       label=f"{mode}" + (" (same cgroup)" if mode == "stock-mmap" else " (no limit)"))
+    ax.set_xlabel("slots per layer")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    bx.plot(xs, [r["hit_rate"] for _, r in banks], marker="o", color="tab:orange")
+    bx.set_xlabel("slots per layer")
+    bx.set_ylabel("bank hit rate (decode)")
+    bx.set_ylim(0, 1)
+    bx.grid(True, alpha=0.3)
+    fig.suptitle(f"{Path(records[0]['model']).name} · cgroup {format_size(banks[0][1]['budget_bytes'])}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

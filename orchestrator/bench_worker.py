@@ -25,8 +25,12 @@ def main(arg: str) -> None:
     settings = runner.GenerationSettings(model=model, ctx=spec["ctx"], batch=max(spec["ubatch"], 32),
                                          ubatch=spec["ubatch"], threads=spec["threads"], seed=spec["seed"])
     plan = None
+    ex = None
     out: dict = {}
-    if point["mode"] == "flashflex":
+    if point["mode"] == "slot-bank":
+        ex = _slot_bank_execution(point, spec, model, out)
+        plan = ex.plan
+    elif point["mode"] == "flashflex":
         # The cgroup holds the whole process: plan with what is left after the interpreter and libraries.
         overhead = psutil.Process().memory_info().rss + PROCESS_SLACK
         budget = (point["budget_bytes"] or 1 << 50) - overhead
@@ -39,25 +43,39 @@ def main(arg: str) -> None:
         if plan.fits_entirely or not runner.streamed_tensors(plan):
             plan = None  # the model fits: flashflex runs the stock path
     repack = point["mode"] != "stock-mmap"
+    kwargs = {"use_mmap": False} if point["mode"] == "resident" else {}
     t0 = time.perf_counter()
-    llm = runner.open_model(settings, plan, repack=repack)
+    llm = runner.open_model(settings, plan, repack=repack, moe=ex.moe if ex else None, **kwargs)
     load_s = time.perf_counter() - t0
     # Teacher-forced pseudo-random tokens: the same work for every mode, no early end of text.
     tokens = exact.teacher_tokens(spec["prompt_tokens"] + spec["gen_tokens"], llm.n_vocab(), spec["seed"])
     prompt, gen = tokens[: spec["prompt_tokens"]], tokens[spec["prompt_tokens"]:]
-    if plan is not None:
-        native.model_stats_reset(llm.model)
+    banked = ex is not None and ex.moe is not None
+
+    def reset() -> None:
+        if plan is not None:
+            native.model_stats_reset(llm.model)
+        if banked:
+            native.moe_stats_reset(llm.model)
+
+    reset()
     t1 = time.perf_counter()
     llm.eval(prompt)
     prompt_s = time.perf_counter() - t1
-    if plan is not None:
-        native.model_stats_reset(llm.model)
+    reset()
     t2 = time.perf_counter()
     for tok in gen:
         llm.eval([tok])
     decode_s = time.perf_counter() - t2
     stream = native.model_stats(llm.model) if plan is not None else None
+    moe = native.moe_stats(llm.model) if banked else None
     llm.close()
+    if moe is not None:
+        moe.pop("layers", None)  # per-layer detail stays out of the benchmark records
+        out.update(moe=moe, hit_rate=moe["hit_rate"], miss_bytes_per_token=moe["bytes_read"] / len(gen),
+                   misses_per_token=moe["misses"] / len(gen),
+                   miss_bandwidth_bytes_per_s=moe["bytes_read"] / moe["install_seconds"]
+                   if moe["install_seconds"] > 0 else None)
     out.update(
         load_s=load_s, prompt_s=prompt_s, decode_s=decode_s,
         prompt_tok_per_s=len(prompt) / prompt_s, decode_tok_per_s=len(gen) / decode_s,
@@ -66,6 +84,31 @@ def main(arg: str) -> None:
         wait_s=stream["wait_seconds"] if stream else None,
     )
     print(json.dumps(out), flush=True)
+
+
+def _slot_bank_execution(point: dict, spec: dict, model: Path, out: dict):
+    """The Execution of a slot-bank point: planned for what the cgroup leaves after this process."""
+    from orchestrator import runner
+    from orchestrator.bench import PROCESS_SLACK
+    from orchestrator.config import load_run_config
+    from orchestrator.modelfile.reader import read_model_table
+    from orchestrator.planner import make_plan
+
+    overhead = psutil.Process().memory_info().rss + PROCESS_SLACK
+    budget = (point["budget_bytes"] or 1 << 50) - overhead
+    cfg = load_run_config(None, {"model.path": model, "context.ctx": spec["ctx"], "context.ubatch": spec["ubatch"],
+                                 "moe.mode": "slot-bank", "moe.sidecar": spec["sidecar"],
+                                 "moe.slot_bank": point["slot_bank"], "moe.io_threads": spec["io_threads"],
+                                 "prefetch.threads": max(1, point.get("prefetch_threads") or 1)})
+    table = read_model_table(model)
+    plan = make_plan(table, budget, ctx=spec["ctx"], ubatch=spec["ubatch"], prefetch=cfg.prefetch, moe=cfg.moe)
+    streams = not plan.fits_entirely and bool(runner.streamed_tensors(plan))
+    ex = runner.Execution(mode="slot-bank", plan=plan if streams else None,
+                          moe=runner.moe_setup_for(cfg, model, plan, table))
+    out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead, resident_bytes=plan.resident_bytes,
+               slot_bank=ex.moe.slots, streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token
+               if streams else 0, planned_hit_rate=plan.estimates.expected_hit_rate)
+    return ex
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`flashflex bench dense`: stock and flashflex side by side under memory budgets."""
+"""`flashflex bench dense|moe`: stock and flashflex side by side under memory budgets."""
 
 from __future__ import annotations
 
@@ -67,3 +67,51 @@ def register(app: typer.Typer) -> None:
         else:
             console.print((out_dir / "results.md").read_text())
             console.print(f"results: {out_dir}/results.jsonl, results.md, tok_s_vs_budget.png")
+
+    @group.command("moe")
+    def moe_cmd(
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="MoE GGUF to benchmark (default: "
+                                             "synthetic Qwen3-30B-A3B-shaped, 12 layers, Q4_0, ~4.6 GB)."),
+        sidecar: Optional[Path] = typer.Option(None, "--sidecar", help="Its expert sidecar (default: MODEL.sidecar "
+                                               "beside it, extracted once when missing)."),
+        budget: str = typer.Option("2GiB", "--budget", help="cgroup limit of the stock-mmap and slot-bank runs."),
+        banks: str = typer.Option("8,16,24,32,auto", "--banks",
+                                  help="Comma-separated slots per layer; 'auto' = the planner's pick for the budget."),
+        threads: int = typer.Option(2, "--threads", "-t", min=1, help="Compute threads."),
+        io_threads: int = typer.Option(4, "--io-threads", min=1, help="Parallel readers for expert misses."),
+        ctx: int = typer.Option(256, "--ctx", min=32, help="Context size."),
+        ubatch: int = typer.Option(32, "--ubatch", min=1, help="Micro-batch size."),
+        prompt_tokens: int = typer.Option(8, "--prompt-tokens", min=1, help="Prompt length (teacher-forced)."),
+        gen_tokens: int = typer.Option(24, "--gen-tokens", min=1,
+                                       help="Decoded tokens (teacher-forced pseudo-random, so routing varies)."),
+        out_dir: Path = typer.Option(Path("bench-results/moe"), "--out-dir", help="Where results go."),
+        no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Do not confine runs to a memory cgroup."),
+        no_drop_caches: bool = typer.Option(False, "--no-drop-caches", help="Do not drop the page cache between runs."),
+        timeout: float = typer.Option(1800, "--timeout", help="Seconds before one run is abandoned."),
+        json_out: JsonOpt = False,
+    ) -> None:
+        """MoE slot banks vs stock mmap (repack off) in one memory cgroup, at several bank sizes, with stock and
+        flashflex resident (no limit) for reference."""
+        from orchestrator import bench, runner
+        from orchestrator import sidecar as sidecar_mod
+        from orchestrator.models import check_gguf_file
+        from orchestrator.sizes import parse_size
+
+        log = err_console.print if json_out else console.print
+        path = check_gguf_file(model) if model else _synth_model("moe-a3b-12l-q4_0", log)
+        sc = sidecar or runner.default_sidecar(path)
+        if not sc.exists():
+            log(f"extracting the expert sidecar (once) to {sc}")
+            sidecar_mod.extract(path, sc)
+        sidecar_mod.check_sidecar(sc, path)
+        slot_banks = [None if b.strip() == "auto" else int(b) for b in banks.split(",") if b.strip()]
+        spec = bench.RunSpec(model=path, threads=threads, ctx=ctx, ubatch=ubatch, prompt_tokens=prompt_tokens,
+                             gen_tokens=gen_tokens, timeout_s=timeout, sidecar=sc, io_threads=io_threads)
+        sweep = bench.MoESweep(spec=spec, budget_bytes=parse_size(budget, what="--budget"), slot_banks=slot_banks,
+                               use_cgroup=not no_cgroup, drop_caches=not no_drop_caches)
+        records = bench.run_moe_sweep(sweep, out_dir, log=log)
+        if json_out:
+            emit_json(records)
+        else:
+            console.print((out_dir / "results.md").read_text())
+            console.print(f"results: {out_dir}/results.jsonl, results.md, slot_bank.png")
