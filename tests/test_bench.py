@@ -37,3 +37,22 @@ def test_failed_runs_stay_in_the_table_with_their_status():
 def test_cgroup_detection_degrades_gracefully(monkeypatch):
     monkeypatch.setattr(bench.os, "geteuid", lambda: 1000)
     assert bench.cgroup_version() is None
+
+
+def _moe(mode, decode, slots=None, miss_bytes=None, hit=None, budget=2 << 30):
+    return {**_rec(mode, budget, None, decode, bw=1e9), "slot_bank": slots, "miss_bytes_per_token": miss_bytes,
+            "hit_rate": hit, "io_threads": 4, "model": "/m/moe.gguf"}
+
+
+def test_moe_ratios_use_stock_mmap_and_the_resident_plus_miss_roofline():
+    records = [_moe("stock-resident", 10.0, budget=None), _moe("resident", 9.8, budget=None),
+               _moe("stock-mmap", 0.5), _moe("slot-bank", 2.0, slots=16, miss_bytes=4e8, hit=0.4)]
+    bench._add_moe_ratios(records)
+    assert records[3]["decode_ratio_to_stock"] == 2.0 / 0.5
+    assert records[1]["decode_ratio_to_stock"] == 9.8 / 10.0  # resident compares with stock resident
+    # roofline: 0.1 s resident compute + 0.4 GB of misses at 1 GB/s = 0.5 s per token
+    assert abs(records[3]["roofline_tok_per_s"] - 2.0) < 1e-9
+    assert abs(records[3]["per_token_s_over_roofline"] - 1.0) < 1e-9
+    assert "decode_ratio_to_stock" not in records[0] and "decode_ratio_to_stock" not in records[2]
+    table = bench.moe_markdown(records)
+    assert "40.0%" in table and "4.00" in table and table.count("\n| ") == 1 + len(records)
