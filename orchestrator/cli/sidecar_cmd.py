@@ -89,8 +89,13 @@ def register(app: typer.Typer) -> None:
 
     @sidecar_app.command("extract")
     def extract_cmd(
-        model: Annotated[Path, typer.Argument(help="MoE GGUF model (the first or any shard of a split model).")],
-        out: Annotated[Path, typer.Argument(help="Directory to create for the sidecar.")],
+        model_arg: Annotated[Optional[Path], typer.Argument(
+            metavar="[MODEL]", help="MoE GGUF model (the first or any shard of a split model); or --model.")] = None,
+        out_arg: Annotated[Optional[Path], typer.Argument(
+            metavar="[OUT]", help="Directory to create for the sidecar; or --out-dir.")] = None,
+        model_opt: Annotated[Optional[Path], typer.Option("--model", "-m", help="The MoE GGUF model.")] = None,
+        out_opt: Annotated[Optional[Path], typer.Option("--out-dir", "-o", help="The sidecar directory to create "
+                                                        "(default: MODEL.sidecar beside the model).")] = None,
         include_shared: Annotated[bool, typer.Option("--include-shared", help="Also extract the shared experts "
                                                      "(ffn_*_shexp).")] = False,
         layers: Annotated[Optional[str], typer.Option("--layers", "-l", help="Only these layers, e.g. 0-3,7.")]
@@ -104,9 +109,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Copy a MoE model's routed experts (each padded to a 4096-byte slot) into a new sidecar directory:
         manifest.json plus one layer-NNN.bin per layer. Written atomically; an interrupted run leaves nothing."""
+        from orchestrator.errors import FlashflexError
         from orchestrator.modelfile.realign import byte_progress
+        from orchestrator.runner import default_sidecar
         from orchestrator.sidecar import extract
 
+        model = model_opt or model_arg
+        if model is None:
+            raise FlashflexError("no model given", "pass the GGUF: flashflex sidecar extract --model M [--out-dir D]")
+        out = out_opt or out_arg or default_sidecar(model)
         started = time.monotonic()
         with byte_progress(f"sidecar {model.name}", enabled=_show_progress(json_out)) as progress:
             manifest = extract(model, out, include_shared=include_shared,
