@@ -337,7 +337,8 @@ def markdown_table(records: list[dict[str, Any]], bandwidth: dict[int, float]) -
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict[str, Any]], out: Path, log: Log) -> None:
+def _pyplot(log: Log):
+    """matplotlib.pyplot on the file-only backend, or None (said once) when the bench extra is missing."""
     try:
         import matplotlib
 
@@ -345,6 +346,13 @@ def plot(records: list[dict[str, Any]], out: Path, log: Log) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         log("note: matplotlib is not installed (pip install -e '.[bench]'); skipping the plot")
+        return None
+    return plt
+
+
+def plot(records: list[dict[str, Any]], out: Path, log: Log) -> None:
+    plt = _pyplot(log)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[tuple[float, float]]] = {}
@@ -482,13 +490,8 @@ def moe_markdown(records: list[dict[str, Any]]) -> str:
 
 def plot_moe(records: list[dict[str, Any]], out: Path, log: Log) -> None:
     """decode tok/s (with stock mmap and stock resident as lines) and hit rate against the bank size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("note: matplotlib is not installed (pip install -e '.[bench]'); skipping the plot")
+    plt = _pyplot(log)
+    if plt is None:
         return
     banks = sorted((r["slot_bank"], r) for r in records if r["mode"] == "slot-bank" and r.get("status") == "ok")
     if not banks:

@@ -147,6 +147,15 @@ def test_shared_only_reads_nothing(banks, moe_models):
 # bad input: one clear line before the run starts
 
 
+def _copy_sidecar(sc: Path, to: Path) -> Path:
+    """A copy that the cheap pre-run check still accepts (same sizes and mtimes)."""
+    to.mkdir()
+    for f in sc.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+        os.utime(to / f.name, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns))
+    return to
+
+
 def _run_error(*args: str) -> str:
     r = flashflex("run", *args, "--ctx", str(CTX), "-n", "2")
     assert r.returncode != 0
@@ -176,11 +185,7 @@ def test_bank_below_topk_is_refused(banks, moe_models):
 
 def test_truncated_layer_file_is_refused(banks, moe_models, tmp_path):
     path, sc = moe_models["qwen3moe"]
-    copy = tmp_path / "sc"
-    copy.mkdir()
-    for f in sc.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-        os.utime(copy / f.name, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns))
+    copy = _copy_sidecar(sc, tmp_path / "sc")
     victim = copy / sidecar.load_manifest(sc).layers[1].file
     with open(victim, "r+b") as fh:
         fh.truncate(victim.stat().st_size - 4096)
@@ -198,11 +203,7 @@ def test_an_io_error_during_the_run_ends_it_with_an_error(banks, moe_models, tmp
     """A layer file that shrinks after the load (what a vanishing or rewritten file looks like to pread):
     the next miss fails, llama_decode is aborted, and the run reports the file instead of crashing."""
     path, sc = moe_models["qwen3moe"]
-    copy = tmp_path / "sc"
-    copy.mkdir()
-    for f in sc.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-        os.utime(copy / f.name, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns))
+    copy = _copy_sidecar(sc, tmp_path / "sc")
     ex = _execution(path, copy, "slot-bank", 4)
     llm = runner.open_model(_settings(path, 1), None, moe=ex.moe)
     try:
