@@ -77,6 +77,17 @@ def test_slot_bank_is_bitwise_exact_at_every_bank_size(banks, moe_models, family
         assert result.identical, (family, ubatch, slots, result)
 
 
+def test_many_passes_fit_in_the_graph(banks, tmp_path):
+    """128 experts, top-8, a bank of 8 and ubatch 64: 16 passes for each of 36 banked tensors, more nodes than
+    llama.cpp's default graph budget holds unless the runtime counts them."""
+    spec = synth.preset("tiny-qwen3moe", n_layer=12, n_expert=128, n_expert_used=8, expert_ffn=32)
+    path = synth.write_synth_model(spec, tmp_path / "wide.gguf")
+    sc = tmp_path / "wide.sidecar"
+    sidecar.extract(path, sc)
+    ex = _execution(path, sc, "slot-bank", 8, ubatch=64)
+    assert exact.verify(_settings(path, 64), None, 64, ex=ex).identical
+
+
 @pytest.mark.parametrize("family", ["qwen3moe", "qwen2moe"])
 def test_resident_bank_is_bitwise_exact(banks, moe_models, family):
     path, sc = moe_models[family]
