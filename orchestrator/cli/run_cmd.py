@@ -139,7 +139,8 @@ def register(app: typer.Typer) -> None:
             raise FlashflexError(f"--tokens {tokens} exceeds the context of {settings.ctx}", "raise --ctx")
         ex = runner.execution_for_config(cfg, settings.model)
         result = exact.verify(settings, ex.plan, tokens, seed, ex=ex)
-        mode = ex.mode if ex.native else f"{ex.mode} (nothing to compare: the budget needs no plan)"
+        compared = ex.native or ex.mode == "resident"  # resident: stock's path without mmap
+        mode = ex.mode if compared else f"{ex.mode} (nothing to compare: the budget needs no plan)"
         if ex.moe is not None and ex.moe.mode == "slot-bank":
             mode += f" ({ex.moe.slots} slots)"
         if json_out:
