@@ -109,7 +109,7 @@ class MoESetup:
 
     def options(self) -> dict[str, int]:
         return {"moe_slots": self.slots, "moe_io_threads": self.io_threads,
-                "moe_shared_only": int(self.shared_only)}
+                "moe_shared_only": int(self.shared_only), "direct_io": self.direct_io}
 
 
 def default_sidecar(model: Path) -> Path:
