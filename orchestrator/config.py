@@ -72,7 +72,7 @@ RateSpec = Annotated[str, BeforeValidator(_rate_spec)]
 DirectIO = Literal["auto", "on", "off", "strict"]
 MoEMode = Literal["auto", "stock", "resident", "resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch"]
 MOE_MODES: tuple[str, ...] = typing.get_args(MoEMode)
-MoEPrefetchPolicy = Literal["none", "temporal"]
+MoEPrefetchPolicy = Literal["none", "router-lookahead"]
 MOE_PREFETCH_POLICIES: tuple[str, ...] = typing.get_args(MoEPrefetchPolicy)
 BANKED_MODES = frozenset({"slot-bank", "oracle-all-hit", "oracle-prefetch"})
 """MoE modes whose routed experts live in per-layer slot banks sized by the plan."""
@@ -182,12 +182,15 @@ class MoEConfig(_Section):
     )
     prefetch: MoEPrefetchPolicy = Field(
         default="none",
-        description="Expert prefetch policy. none (default: prediction often loses on real hardware until an "
-        "A/B run on the same machine shows a win) or temporal (re-install the experts just used).",
+        description="Expert prefetch policy (slot-bank). none (default: no policy has won an A/B run on the "
+        "reference machine yet, docs/benchmarks.md) or router-lookahead (while layer L computes, apply layer L+1's "
+        "router to layer L's input and read the experts it picks into free or least recently used slots). Flash-MoE's "
+        "temporal prefetch is not offered: re-installing the experts just used reads nothing new.",
     )
     trace: Path | None = Field(
         default=None,
-        description="Routing trace JSONL: written by a run when set, read (required) by the oracle modes.",
+        description="Routing trace JSONL (docs/traces.md): slot-bank runs record one when set; the oracle modes "
+        "replay it (required).",
     )
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from orchestrator.planner import Plan
-from orchestrator.runner import Execution, GenerationSettings, open_model
+from orchestrator.runner import Execution, GenerationSettings, decode_error, open_model, session
 
 
 def teacher_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
@@ -23,12 +23,12 @@ def logits(settings: GenerationSettings, plan: Plan | None, tokens: list[int],
     """Logits of every position for `tokens`, teacher-forced (one eval of the whole sequence), through the
     stock path (plan None, no ex) or a configured one."""
     ex = ex or Execution(plan=plan)
-    llm = open_model(settings, ex.plan, logits_all=True, moe=ex.moe, **ex.llama_kwargs())
-    try:
-        llm.eval(tokens)
+    with session(settings, ex, logits_all=True) as llm:
+        try:
+            llm.eval(tokens)
+        except RuntimeError as exc:  # an aborted graph: the runtime's reason in one line
+            raise decode_error(llm, ex, exc) from exc
         return np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
-    finally:
-        llm.close()
 
 
 @dataclass

@@ -96,6 +96,17 @@ def _bind_banks(cdll: ctypes.CDLL) -> None:
     cdll.llama_flashflex_moe_stats_reset.restype = None
 
 
+def _bind_traces(cdll: ctypes.CDLL) -> None:
+    """Bindings of the trace / replay / prefetch API (feature "moe-trace", API 3)."""
+    # int32_t llama_flashflex_config_set_string(int32_t config, const char * key, const char * value);
+    cdll.llama_flashflex_config_set_string.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_char_p]
+    cdll.llama_flashflex_config_set_string.restype = ctypes.c_int32
+    # int32_t llama_flashflex_config_moe_schedule(int32_t config, const int32_t * values, size_t n_values);
+    cdll.llama_flashflex_config_moe_schedule.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int32),
+                                                         ctypes.c_size_t]
+    cdll.llama_flashflex_config_moe_schedule.restype = ctypes.c_int32
+
+
 def streaming_lib() -> ctypes.CDLL:
     """lib() with the dense-streaming API bound, or NotPatched when the build predates it."""
     cdll = lib()
@@ -115,6 +126,17 @@ def banks_lib() -> ctypes.CDLL:
     if not hasattr(cdll, "_flashflex_banks_bound"):
         _bind_banks(cdll)
         cdll._flashflex_banks_bound = True
+    return cdll
+
+
+def traces_lib() -> ctypes.CDLL:
+    """banks_lib() with the trace, replay and prefetch API bound, or NotPatched when the build predates it."""
+    cdll = banks_lib()
+    if "moe-trace" not in info().get("features", []):
+        raise NotPatched("the installed flashflex build has no MoE traces or prefetch", "run: flashflex build")
+    if not hasattr(cdll, "_flashflex_traces_bound"):
+        _bind_traces(cdll)
+        cdll._flashflex_traces_bound = True
     return cdll
 
 
@@ -158,13 +180,23 @@ class RuntimeConfig:
     DIRECT_IO = {"off": 0, "auto": 1, "on": 1, "strict": 2}
 
     def __init__(self, files: list[str], tensors: list[tuple[str, int, int, int]] = (), *,
-                 banks: list[BankTensor] = (), options: dict[str, int] | None = None):
-        cdll = banks_lib() if banks else streaming_lib()
+                 banks: list[BankTensor] = (), options: dict[str, int] | None = None,
+                 strings: dict[str, str] | None = None, schedule: list[int] | None = None):
+        needs_traces = bool(strings) or schedule is not None
+        cdll = traces_lib() if needs_traces else banks_lib() if banks else streaming_lib()
         self.id = cdll.llama_flashflex_config_new()
         try:
             for key, value in (options or {}).items():
                 if cdll.llama_flashflex_config_set(self.id, key.encode(), int(value)) != 0:
                     raise FlashflexError(f"the library refused {key}={value}", "check the run settings")
+            for key, text in (strings or {}).items():
+                if cdll.llama_flashflex_config_set_string(self.id, key.encode(), str(text).encode()) != 0:
+                    raise FlashflexError(f"the library refused {key}={text}", "check the run settings")
+            if schedule is not None:
+                values = (ctypes.c_int32 * len(schedule))(*schedule)
+                if cdll.llama_flashflex_config_moe_schedule(self.id, values, len(schedule)) != 0:
+                    raise FlashflexError("the library refused the replayed trace's schedule",
+                                         "check the trace: flashflex trace analyze TRACE")
             for path in files:
                 if cdll.llama_flashflex_config_add_file(self.id, str(path).encode()) < 0:
                     raise FlashflexError(f"the library refused the file {path}", "check the path")

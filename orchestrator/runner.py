@@ -88,15 +88,22 @@ def _quiet_native_stderr(enabled: bool = True):
 class MoESetup:
     """Where a run's routed experts live: a sidecar and a slot bank per layer (Flash-MoE).
 
-    `slots` = 0 means every expert resident, read from the sidecar at load (resident-bank)."""
+    `slots` = 0 means every expert resident, read from the sidecar at load (resident-bank). A slot-bank run
+    may record a routing trace (`trace_out`, with its `trace_header`); the oracle modes replay one (`schedule`,
+    with `preload` for oracle-all-hit and prefetch "oracle" for oracle-prefetch)."""
 
-    mode: str  # resident-bank | slot-bank
+    mode: str  # resident-bank | slot-bank | oracle-all-hit | oracle-prefetch
     sidecar: Path
     manifest: Any  # orchestrator.sidecar.SidecarManifest
     slots: int
     io_threads: int = 4
     shared_only: bool = False
     direct_io: int = 1
+    prefetch: str = "none"  # none | router-lookahead | oracle
+    trace_out: Path | None = None
+    trace_header: Any = None  # orchestrator.traces.TraceHeader
+    schedule: list[int] | None = None
+    preload: bool = False
 
     def files(self) -> list[str]:
         return [str(self.sidecar / layer.file) for layer in self.manifest.layers]
@@ -108,8 +115,35 @@ class MoESetup:
                 for t in self.manifest.tensors if t.n_expert > 1]
 
     def options(self) -> dict[str, int]:
-        return {"moe_slots": self.slots, "moe_io_threads": self.io_threads,
-                "moe_shared_only": int(self.shared_only), "direct_io": self.direct_io}
+        out = {"moe_slots": self.slots, "moe_io_threads": self.io_threads,
+               "moe_shared_only": int(self.shared_only), "direct_io": self.direct_io}
+        if self.preload:
+            out["moe_preload"] = 1
+        return out
+
+    def strings(self) -> dict[str, str]:
+        """String options (API 3): only what differs from the runtime's defaults, so older builds still load."""
+        from orchestrator import traces
+
+        out = {}
+        if self.prefetch != "none":
+            out["moe_prefetch"] = self.prefetch
+        if self.trace_out is not None:
+            out["moe_trace"] = str(traces.partial_path(self.trace_out))
+        return out
+
+    def begin_trace(self) -> None:
+        if self.trace_out is not None:
+            from orchestrator import traces
+
+            traces.begin_recording(self.trace_out, self.trace_header)
+
+    def finish_trace(self, ok: bool) -> None:
+        """After the model is closed (the runtime has flushed every record): publish or discard the trace."""
+        if self.trace_out is not None:
+            from orchestrator import traces
+
+            traces.finish_recording(self.trace_out, ok)
 
 
 def default_sidecar(model: Path) -> Path:
@@ -166,11 +200,20 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
                        "direct_io": 2 if plan.prefetch.direct_io_requested == "strict"
                        else int(plan.prefetch.direct_io)}
         banks: list[native.BankTensor] = []
+        strings: dict[str, str] = {}
         if moe is not None:
             banks = moe.bank_tensors(first_file=len(files))
             files += moe.files()
             options.update(moe.options())
-        config = native.RuntimeConfig(files, stream, banks=banks, options=options)
+            strings = moe.strings()
+            moe.begin_trace()
+        try:
+            config = native.RuntimeConfig(files, stream, banks=banks, options=options, strings=strings,
+                                          schedule=moe.schedule if moe is not None else None)
+        except BaseException:
+            if moe is not None:
+                moe.finish_trace(False)
+            raise
         # Streamed tensors and banked experts are read by our runtime; nothing maps the whole file.
         llama_kwargs = {**llama_kwargs, "use_mmap": False,
                         "kv_overrides": {**llama_kwargs.get("kv_overrides", {}), "flashflex.config": config.id}}
@@ -180,6 +223,8 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, verbose=False, **llama_kwargs)
     except ValueError as exc:  # llama_cpp raises ValueError when llama.cpp cannot load the file
+        if moe is not None:
+            moe.finish_trace(False)
         reason = native.last_error() if config is not None else ""
         if reason:
             fix = ("check the sidecar (flashflex sidecar verify) or re-extract it" if moe is not None and not stream
@@ -194,6 +239,23 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
     if config is not None:
         native.install_abort_callback(llm.ctx, llm.model)
     return llm
+
+
+@contextlib.contextmanager
+def session(settings: GenerationSettings, ex: "Execution", logits_all: bool = False, repack: bool = True,
+            **llama_kwargs: Any):
+    """open_model for an Execution, closed on exit; a routing trace the run records is published only when the
+    block ends without an exception (after the close, which flushes the runtime's last records)."""
+    llm = open_model(settings, ex.plan, logits_all=logits_all, repack=repack, moe=ex.moe,
+                     **{**ex.llama_kwargs(), **llama_kwargs})
+    ok = False
+    try:
+        yield llm
+        ok = True
+    finally:
+        llm.close()
+        if ex.moe is not None:
+            ex.moe.finish_trace(ok)
 
 
 def settings_from_config(cfg: "RunConfig", log=print) -> GenerationSettings:
@@ -241,8 +303,9 @@ class Execution:
 
 
 def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) -> MoESetup:
-    """The sidecar and banks of a resident-bank or slot-bank run, checked (cheaply) against the model."""
-    from orchestrator import sidecar
+    """The sidecar and banks of a resident-bank, slot-bank or oracle run, checked (cheaply) against the model;
+    with the trace it records (slot-bank) or replays (oracle modes)."""
+    from orchestrator import sidecar, traces
 
     assert plan.moe is not None
     where = cfg.moe.sidecar or default_sidecar(model)
@@ -253,8 +316,31 @@ def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) 
     slots = 0 if plan.moe.mode == "resident-bank" else min(plan.moe.slot_bank or plan.moe.n_expert,
                                                            plan.moe.n_expert)
     direct = {"off": 0, "auto": 1, "on": 1, "strict": 2}[str(cfg.prefetch.direct_io)]
-    return MoESetup(mode=plan.moe.mode, sidecar=Path(where), manifest=manifest, slots=slots,
-                    io_threads=cfg.moe.io_threads, shared_only=cfg.moe.shared_only, direct_io=direct)
+    setup = MoESetup(mode=plan.moe.mode, sidecar=Path(where), manifest=manifest, slots=slots,
+                     io_threads=cfg.moe.io_threads, shared_only=cfg.moe.shared_only, direct_io=direct,
+                     prefetch=cfg.moe.prefetch)
+    k = plan.moe.topk or plan.moe.n_expert_used
+    if cfg.moe.prefetch != "none" and plan.moe.mode != "slot-bank":
+        raise FlashflexError(f"--moe-prefetch {cfg.moe.prefetch} applies to slot-bank runs, not {plan.moe.mode}",
+                             "use --moe-mode slot-bank (the oracle modes bring their own prefetch)")
+    if plan.moe.mode in ("oracle-all-hit", "oracle-prefetch"):
+        trace = traces.read_trace(cfg.moe.trace)
+        traces.check_replay(trace, manifest, k=k, ubatch=cfg.context.ubatch)
+        setup.schedule = traces.schedule(trace.records)
+        if plan.moe.mode == "oracle-all-hit":
+            # every expert the trace uses resident: the hit path's ceiling, whatever the budget
+            setup.slots = min(plan.moe.n_expert, max(k, trace.max_distinct_per_layer()))
+            setup.preload = True
+        else:
+            setup.prefetch = "oracle"
+    elif cfg.moe.trace is not None:
+        if plan.moe.mode != "slot-bank":
+            raise FlashflexError(f"--moe-trace records slot-bank runs; {plan.moe.mode} routes nothing through banks",
+                                 "use --moe-mode slot-bank")
+        setup.trace_out = Path(cfg.moe.trace)
+        setup.trace_header = traces.header_for(manifest, k=k, ubatch=cfg.context.ubatch, slots=slots,
+                                               prefetch=cfg.moe.prefetch, mode=plan.moe.mode)
+    return setup
 
 
 def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
@@ -276,9 +362,6 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     plan = plan_for_run(table, cfg)
     ex = Execution(budget_plan=plan)
     if plan.moe is not None:
-        if plan.moe.mode in TRACE_REPLAY_MODES:
-            raise FlashflexError(f"--moe-mode {plan.moe.mode} replays a routing trace, which this build does not "
-                                 "run yet", "use --moe-mode slot-bank")
         if plan.moe.topk_lossy:
             ex.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk
             ex.lossy.append(f"--moe-topk {plan.moe.topk} < the model's {plan.moe.n_expert_used} experts per token")
@@ -287,11 +370,14 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
                                  "add --moe-mode slot-bank (and a sidecar)")
         if cfg.moe.shared_only:
             ex.lossy.append("--moe-shared-only drops every routed expert")
-        if plan.moe.mode in ("resident-bank", "slot-bank"):
+        if plan.moe.mode in ("resident-bank", "slot-bank", *TRACE_REPLAY_MODES):
             ex.moe = moe_setup_for(cfg, model, plan, table)
         ex.mode = plan.moe.mode if plan.moe.mode != "auto" else "stock"
     elif cfg.moe.shared_only:
         raise FlashflexError("--moe-shared-only applies to MoE models only", "drop --moe-shared-only")
+    elif cfg.moe.trace is not None or cfg.moe.prefetch != "none":
+        raise FlashflexError("--moe-trace and --moe-prefetch apply to MoE runs with slot banks",
+                             "add --moe-mode slot-bank (on a MoE model with a sidecar)")
     if not plan.fits_entirely and streamed_tensors(plan):
         ex.plan = plan
         if ex.mode in ("stock", "resident"):
@@ -357,19 +443,23 @@ def _moe_phase_stats(raw: dict[str, Any] | None, n_tokens: int, seconds: float) 
 def generate(settings: GenerationSettings, plan: Plan | None = None, ex: Execution | None = None) -> RunResult:
     ex = ex or Execution(mode="dense-stream" if plan is not None else "stock", plan=plan)
     t0 = time.perf_counter()
-    llm = open_model(settings, ex.plan, moe=ex.moe, **ex.llama_kwargs())
-    load_s = time.perf_counter() - t0
-    try:
-        return _generate(llm, settings, ex, load_s)
-    except RuntimeError as exc:  # llama_decode failed: an aborted graph after a streaming or expert-read error
-        reason = native.model_error(llm.model) if ex.native else None
-        if reason:
-            raise FlashflexError(f"the run stopped: {reason}", "check the model file, the sidecar and the disk") \
-                from exc
-        raise FlashflexError(f"llama.cpp failed during the run ({exc})",
-                             "rerun with FLASHFLEX_DEBUG=1 to see llama.cpp's log") from exc
-    finally:
-        llm.close()
+    with session(settings, ex) as llm:
+        load_s = time.perf_counter() - t0
+        try:
+            return _generate(llm, settings, ex, load_s)
+        except RuntimeError as exc:  # llama_decode failed: an aborted graph after a streaming or expert-read error
+            raise decode_error(llm, ex, exc) from exc
+
+
+def decode_error(llm, ex: Execution, exc: Exception) -> FlashflexError:
+    """One line for a failed llama_decode: the runtime's own reason (I/O error, diverged replay) when it has one."""
+    reason = native.model_error(llm.model) if ex.native else None
+    if reason:
+        fix = ("replay the trace with the model, prompt and settings it was recorded with"
+               if "replayed trace" in reason else "check the model file, the sidecar and the disk")
+        return FlashflexError(f"the run stopped: {reason}", fix)
+    return FlashflexError(f"llama.cpp failed during the run ({exc})",
+                          "rerun with FLASHFLEX_DEBUG=1 to see llama.cpp's log")
 
 
 def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float) -> RunResult:
