@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from orchestrator.errors import FlashflexError
 from orchestrator.fsutil import fsync_dir
+from orchestrator.sizes import format_size
 
 FORMAT = "flashflex-moe-trace"
 VERSION = 1
@@ -509,8 +510,8 @@ def recommend(results: list[dict[str, Any]], *, k: int, bytes_per_expert: int | 
         lru = [r for r in lru if bank_bytes(r["slots"], bytes_per_expert, n_layers, n_expert) <= budget_bytes]
         if not lru:
             need = bank_bytes(k, bytes_per_expert, n_layers, n_expert)
-            raise FlashflexError(f"no modeled bank fits the budget: the smallest ({k} slots) needs {need} bytes",
-                                 "raise --budget")
+            raise FlashflexError(f"no modeled bank fits the budget: the smallest ({k} slots) needs "
+                                 f"{format_size(need)}", "raise --budget")
     best = max(r["decode_hit_rate"] for r in lru)
     pick = min((r for r in lru if r["decode_hit_rate"] >= best - 0.01), key=lambda r: r["slots"])
     out = {"slots": pick["slots"], "lru_decode_hit_rate": pick["decode_hit_rate"], "best_in_budget": best,

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "orchestrator.cli.gguf_cmd",
     "orchestrator.cli.plan_cmd",
     "orchestrator.cli.sidecar_cmd",
+    "orchestrator.cli.trace_cmd",
 ]
 
 app = typer.Typer(

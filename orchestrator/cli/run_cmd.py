@@ -26,8 +26,10 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, hel
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", min=16, help="Context size in tokens.")]
 UbatchOpt = Annotated[Optional[int], typer.Option("--ubatch", "-ub", min=1, help="Micro-batch size.")]
 MoEModeOpt = Annotated[Optional[str], typer.Option(
-    "--moe-mode", help="MoE execution: auto, stock, resident, resident-bank (every expert from the sidecar) or "
-    "slot-bank (per-layer banks of resident expert slots, misses read from the sidecar).")]
+    "--moe-mode", help="MoE execution: auto, stock, resident, resident-bank (every expert from the sidecar), "
+    "slot-bank (per-layer banks of resident expert slots, misses read from the sidecar), or the ceilings "
+    "oracle-all-hit / oracle-prefetch (replay --moe-trace with every expert pre-installed / read one step "
+    "ahead).")]
 MoESidecarOpt = Annotated[Optional[Path], typer.Option(
     "--moe-sidecar", help="Expert sidecar directory (flashflex sidecar extract); default MODEL.sidecar beside it.")]
 MoESlotBankOpt = Annotated[Optional[int], typer.Option(
@@ -38,16 +40,20 @@ MoESharedOnlyOpt = Annotated[Optional[bool], typer.Option(
     "--moe-shared-only", help="Diagnostic, LOSSY: routed experts contribute nothing (slot-bank only).")]
 MoEIOThreadsOpt = Annotated[Optional[int], typer.Option(
     "--moe-io-threads", min=1, help="Parallel readers for expert misses.")]
+MoETraceOpt = Annotated[Optional[Path], typer.Option(
+    "--moe-trace", help="Routing trace JSONL: slot-bank records one here; the oracle modes replay it.")]
+MoEPrefetchOpt = Annotated[Optional[str], typer.Option(
+    "--moe-prefetch", help="Expert prefetch policy for slot-bank: none (default) or router-lookahead.")]
 
 
 def _overrides(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch, *, moe_mode=None,
                moe_sidecar=None, moe_slot_bank=None, moe_topk=None, moe_shared_only=None, moe_io_threads=None,
-               **more) -> dict:
+               moe_trace=None, moe_prefetch=None, **more) -> dict:
     return {"model.path": model, "budget.size": budget, "prefetch.threads": prefetch_threads,
             "prefetch.window": prefetch_window, "prefetch.direct_io": direct_io, "context.threads": threads,
             "context.ctx": ctx, "context.ubatch": ubatch, "moe.mode": moe_mode, "moe.sidecar": moe_sidecar,
             "moe.slot_bank": moe_slot_bank, "moe.topk": moe_topk, "moe.shared_only": moe_shared_only,
-            "moe.io_threads": moe_io_threads, **more}
+            "moe.io_threads": moe_io_threads, "moe.trace": moe_trace, "moe.prefetch": moe_prefetch, **more}
 
 
 def register(app: typer.Typer) -> None:
@@ -71,6 +77,8 @@ def register(app: typer.Typer) -> None:
         moe_topk: MoETopkOpt = None,
         moe_shared_only: MoESharedOnlyOpt = None,
         moe_io_threads: MoEIOThreadsOpt = None,
+        moe_trace: MoETraceOpt = None,
+        moe_prefetch: MoEPrefetchOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Generate text; --json prints token ids, text, timings, peak RSS and streaming and expert-bank
@@ -81,8 +89,8 @@ def register(app: typer.Typer) -> None:
                                                  threads, ctx, ubatch, prompt=prompt, moe_mode=moe_mode,
                                                  moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
                                                  moe_topk=moe_topk, moe_shared_only=moe_shared_only,
-                                                 moe_io_threads=moe_io_threads,
-                                                 **{"sampling.n_predict": n_predict}))
+                                                 moe_io_threads=moe_io_threads, moe_trace=moe_trace,
+                                                 moe_prefetch=moe_prefetch, **{"sampling.n_predict": n_predict}))
         settings = runner.settings_from_config(cfg, log=err_console.print)
         ex = runner.execution_for_config(cfg, settings.model)
         for reason in ex.lossy:
@@ -104,7 +112,12 @@ def register(app: typer.Typer) -> None:
         if moe:
             line += (f" · {moe['mode']} {moe['slots']} slots: hit rate {moe['hit_rate']:.1%}, "
                      f"{moe['bytes_read_per_token'] / 2**20:.1f} MiB/token read")
+            if moe["prefetch"] != "none":
+                line += (f", prefetch {moe['prefetch']}: {moe['prefetch_used']}/{moe['prefetch_issued']} used, "
+                         f"{moe['prefetch_wasted_bytes'] / 2**20:.1f} MiB wasted")
         err_console.print(f"[dim]mode {result.stats['mode']} · {line}[/]")
+        if moe_trace is not None and result.stats["mode"] == "slot-bank":
+            err_console.print(f"[dim]routing trace: {moe_trace} (flashflex trace analyze {moe_trace})[/]")
 
     @app.command("verify-exact")
     def verify_exact_cmd(
@@ -123,6 +136,8 @@ def register(app: typer.Typer) -> None:
         moe_sidecar: MoESidecarOpt = None,
         moe_slot_bank: MoESlotBankOpt = None,
         moe_io_threads: MoEIOThreadsOpt = None,
+        moe_trace: MoETraceOpt = None,
+        moe_prefetch: MoEPrefetchOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Feed the same teacher-forced tokens through stock and through the configured mode; exit 0 only when
@@ -133,7 +148,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = load_run_config(config, _overrides(model, budget, prefetch_threads, prefetch_window, direct_io,
                                                  threads, ctx, ubatch, moe_mode=moe_mode, moe_sidecar=moe_sidecar,
-                                                 moe_slot_bank=moe_slot_bank, moe_io_threads=moe_io_threads))
+                                                 moe_slot_bank=moe_slot_bank, moe_io_threads=moe_io_threads,
+                                                 moe_trace=moe_trace, moe_prefetch=moe_prefetch))
         settings = runner.settings_from_config(cfg, log=err_console.print)
         if tokens > settings.ctx:
             raise FlashflexError(f"--tokens {tokens} exceeds the context of {settings.ctx}", "raise --ctx")
@@ -141,8 +157,10 @@ def register(app: typer.Typer) -> None:
         result = exact.verify(settings, ex.plan, tokens, seed, ex=ex)
         compared = ex.native or ex.mode == "resident"  # resident: stock's path without mmap
         mode = ex.mode if compared else f"{ex.mode} (nothing to compare: the budget needs no plan)"
-        if ex.moe is not None and ex.moe.mode == "slot-bank":
+        if ex.moe is not None and ex.moe.mode != "resident-bank":
             mode += f" ({ex.moe.slots} slots)"
+        if ex.moe is not None and ex.moe.prefetch != "none":
+            mode += f", prefetch {ex.moe.prefetch}"
         if json_out:
             emit_json({"mode": mode, **result.to_dict()})
         else:
