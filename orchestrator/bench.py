@@ -158,17 +158,25 @@ class Point:
     """One configuration to measure."""
 
     mode: str  # stock-mmap (repack off) | stock-resident (stock default) | resident (no mmap) | flashflex
-    #            | slot-bank
+    #            | slot-bank | oracle-prefetch | oracle-all-hit
     budget_bytes: int | None  # the cgroup limit; None = no limit
     prefetch_threads: int | None = None
     slot_bank: int | None = None  # slot-bank: slots per layer; None = the planner's pick for the budget
+    prefetch: str = "none"  # slot-bank: expert prefetch policy
+    trace: str | None = None  # slot-bank: record a routing trace here; oracle modes: replay it
+
+    @property
+    def banked(self) -> bool:
+        return self.mode in ("slot-bank", "oracle-prefetch", "oracle-all-hit")
 
     @property
     def label(self) -> str:
         budget = format_size(self.budget_bytes) if self.budget_bytes else "unlimited"
         tp = f" tp={self.prefetch_threads}" if self.prefetch_threads is not None else ""
-        bank = "" if self.mode != "slot-bank" else f" N={self.slot_bank or 'auto'}"
-        return f"{self.mode}{bank} @ {budget}{tp}"
+        bank = f" N={self.slot_bank or 'auto'}" if self.banked else ""
+        extra = f" +{self.prefetch}" if self.prefetch != "none" else ""
+        extra += " +trace" if self.trace and self.mode == "slot-bank" else ""
+        return f"{self.mode}{bank}{extra} @ {budget}{tp}"
 
 
 @dataclass
@@ -519,6 +527,182 @@ def plot_moe(records: list[dict[str, Any]], out: Path, log: Log) -> None:
     bx.set_ylim(0, 1)
     bx.grid(True, alpha=0.3)
     fig.suptitle(f"{Path(records[0]['model']).name} · cgroup {format_size(banks[0][1]['budget_bytes'])}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The prefetch sweep: real prefetch policies between slot-bank and its oracles
+
+
+@dataclass
+class PrefetchSweep:
+    spec: RunSpec  # spec.sidecar must be set
+    budget_bytes: int  # the cgroup limit of every banked run and of stock mmap
+    slot_banks: list[int]
+    policies: list[str]  # real prefetch policies to A/B against slot-bank
+    repeats: int = 1
+    use_cgroup: bool = True
+    drop_caches: bool = True
+
+
+def _median_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median decode speed (all repeats kept under "repeats")."""
+    ok = sorted((r for r in runs if r.get("status") == "ok"), key=lambda r: r["decode_tok_per_s"])
+    pick = dict(ok[len(ok) // 2] if ok else runs[-1])
+    pick["repeats"] = [r.get("decode_tok_per_s") for r in runs]
+    return pick
+
+
+def run_prefetch_sweep(sweep: PrefetchSweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
+    """Per bank size: slot-bank, slot-bank recording a trace (the writer's cost), slot-bank + each policy,
+    oracle-prefetch and oracle-all-hit replaying that trace; stock mmap in the same cgroup and stock resident
+    without a limit for reference. Cold cache before every run. oracle-all-hit holds every expert the trace
+    uses, so its cgroup grows by those extra slots (it is a ceiling, not a mode that fits the budget)."""
+    from orchestrator import sidecar as sidecar_mod
+    from orchestrator import traces
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_isolation(sweep, log)
+    spec = sweep.spec
+    assert spec.sidecar is not None
+    manifest = sidecar_mod.load_manifest(spec.sidecar)
+    per_expert = traces.layer_expert_bytes(manifest)
+    n_layers = len({t.layer for t in manifest.tensors if t.n_expert > 1})
+    expert_read = max(t.expert_stride for t in manifest.tensors)
+    bandwidth = direct_read_bandwidth(largest_layer_file(spec.sidecar), spec.io_threads, total_bytes=512 << 20,
+                                      chunk=expert_read)
+    log(f"parallel direct-read bandwidth of the sidecar: {bandwidth / 1e9:.2f} GB/s")
+    machine = machine_info()
+    records: list[dict[str, Any]] = []
+    results = out_dir / "results.jsonl"
+
+    def measure(point: Point) -> dict[str, Any]:
+        runs = [run_point(point, spec, sweep.use_cgroup, sweep.drop_caches, log) for _ in range(sweep.repeats)]
+        rec = _median_record(runs)
+        rec.update(machine=machine, model=str(spec.model), model_bytes=spec.model.stat().st_size,
+                   read_bandwidth_bytes_per_s=bandwidth, io_threads=spec.io_threads)
+        records.append(rec)
+        with open(results, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        return rec
+
+    results.write_text("")
+    measure(Point("stock-resident", None))
+    measure(Point("stock-mmap", sweep.budget_bytes))
+    for n in sweep.slot_banks:
+        trace = out_dir / f"trace-N{n}.jsonl"
+        measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n))
+        recorded = measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n, trace=str(trace)))
+        for policy in sweep.policies:
+            measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n, prefetch=policy))
+        if recorded.get("status") != "ok" or not trace.exists():
+            log(f"  no trace at N={n}: the oracle runs are skipped")
+            continue
+        measure(Point("oracle-prefetch", sweep.budget_bytes, slot_bank=n, trace=str(trace)))
+        distinct = traces.read_trace(trace).max_distinct_per_layer()
+        extra = max(0, distinct - n) * per_expert * n_layers
+        measure(Point("oracle-all-hit", sweep.budget_bytes + extra, slot_bank=n, trace=str(trace)))
+    _add_prefetch_ratios(records)
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out_dir / "results.md").write_text(prefetch_markdown(records))
+    plot_prefetch(records, out_dir / "prefetch.png", log)
+    return records
+
+
+def _add_prefetch_ratios(records: list[dict[str, Any]]) -> None:
+    """Against stock mmap (same cgroup) and against slot-bank at the same bank size; for each real policy, the
+    share of the slot-bank -> oracle-prefetch gap in time per token that it closes."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    mmap_run = next((r for r in ok if r["mode"] == "stock-mmap"), None)
+    for r in ok:
+        if mmap_run and r["mode"] not in ("stock-mmap", "stock-resident"):
+            r["decode_ratio_to_stock"] = r["decode_tok_per_s"] / mmap_run["decode_tok_per_s"]
+        if r["mode"] not in ("slot-bank", "oracle-prefetch", "oracle-all-hit"):
+            continue
+        n = r["slot_bank"]
+        base = next((x for x in ok if x["mode"] == "slot-bank" and x["slot_bank"] == n and not x.get("trace")
+                     and x.get("prefetch", "none") == "none"), None)
+        oracle = next((x for x in ok if x["mode"] == "oracle-prefetch" and x["slot_bank"] == n), None)
+        if base is None or r is base:
+            continue
+        t_base, t_r = 1 / base["decode_tok_per_s"], 1 / r["decode_tok_per_s"]
+        r["decode_ratio_to_slot_bank"] = r["decode_tok_per_s"] / base["decode_tok_per_s"]
+        r["time_saved_per_token_s"] = t_base - t_r
+        if r.get("prefetch", "none") != "none" and oracle is not None:
+            gap = t_base - 1 / oracle["decode_tok_per_s"]
+            r["oracle_gap_closed"] = (t_base - t_r) / gap if gap > 0 else None
+
+
+def _label(r: dict[str, Any]) -> str:
+    name = r["mode"]
+    if r.get("prefetch", "none") != "none":
+        name += f" + {r['prefetch']}"
+    if r["mode"] == "slot-bank" and r.get("trace"):
+        name += " + trace"
+    return name
+
+
+def prefetch_markdown(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return ""
+    m, first = records[0]["machine"], records[0]
+    lines = [
+        f"Model: `{Path(first['model']).name}` ({format_size(first['model_bytes'])}) · machine: {m.get('cores')} "
+        f"cores, {format_size(m.get('ram_bytes', 0))} RAM · {m.get('when')} · parallel direct-read bandwidth "
+        f"{first['read_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s",
+        "",
+        "| run | slots | cgroup | decode tok/s | × stock mmap | × slot-bank | hit rate | misses/token | "
+        "read MiB/token | prefetched: used/issued | wasted MiB/token | prefetch wait/token | oracle gap closed | "
+        "trace writer / decode | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        moe = r.get("moe") or {}
+        gen = r.get("decode_tok_per_s") and r.get("decode_s") and r["decode_tok_per_s"] * r["decode_s"]
+        issued = moe.get("prefetch_issued")
+        lines.append("| " + " | ".join([
+            _label(r), _fmt(r.get("slot_bank"), "d") if r["mode"] not in ("stock-mmap", "stock-resident") else "-",
+            format_size(r["budget_bytes"]) if r.get("budget_bytes") else "none",
+            _fmt(r.get("decode_tok_per_s"), ".3f"), _fmt(r.get("decode_ratio_to_stock"), ".2f"),
+            _fmt(r.get("decode_ratio_to_slot_bank"), ".2f"), _fmt(r.get("hit_rate"), ".1%"),
+            _fmt(r.get("misses_per_token"), ".2f"),
+            _fmt(r["miss_bytes_per_token"] / 2**20 if r.get("miss_bytes_per_token") is not None else None, ".1f"),
+            f"{moe.get('prefetch_used')}/{issued}" if issued else "-",
+            _fmt(moe["prefetch_wasted_bytes"] / gen / 2**20 if issued and gen else None, ".1f"),
+            _fmt(f"{moe['prefetch_wait_seconds'] / gen * 1e3:.1f} ms" if issued and gen else None, "s"),
+            _fmt(r.get("oracle_gap_closed"), ".0%"),
+            _fmt(r.get("trace_share_of_decode"), ".2%") if r.get("trace") and r["mode"] == "slot-bank" else "-",
+            r.get("status", "?"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_prefetch(records: list[dict[str, Any]], out: Path, log: Log) -> None:
+    """Decode tok/s per bank size: slot-bank, each policy, oracle-prefetch, oracle-all-hit."""
+    plt = _pyplot(log)
+    if plt is None:
+        return
+    ok = [r for r in records if r.get("status") == "ok" and r["mode"] not in ("stock-mmap", "stock-resident")
+          and not (r["mode"] == "slot-bank" and r.get("trace"))]
+    banks = sorted({r["slot_bank"] for r in ok})
+    if not banks:
+        return
+    names = list(dict.fromkeys(_label(r) for r in ok))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ys = [next((r["decode_tok_per_s"] for r in ok if _label(r) == name and r["slot_bank"] == n), 0) for n in banks]
+        ax.bar([b + (i - (len(names) - 1) / 2) * width for b in range(len(banks))], ys, width, label=name)
+    base = next((r for r in records if r["mode"] == "stock-mmap" and r.get("status") == "ok"), None)
+    if base:
+        ax.axhline(base["decode_tok_per_s"], linestyle=":", color="black", label="stock mmap (same cgroup)")
+    ax.set_xticks(range(len(banks)), [f"{n} slots" for n in banks])
+    ax.set_ylabel("decode tokens/s")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{Path(records[0]['model']).name}: expert prefetch vs its oracles")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -27,7 +27,7 @@ def main(arg: str) -> None:
     plan = None
     ex = None
     out: dict = {}
-    if point["mode"] == "slot-bank":
+    if point["mode"] in ("slot-bank", "oracle-prefetch", "oracle-all-hit"):
         ex = _slot_bank_execution(point, spec, model, out)
         plan = ex.plan
     elif point["mode"] == "flashflex":
@@ -44,13 +44,23 @@ def main(arg: str) -> None:
             plan = None  # the model fits: flashflex runs the stock path
     repack = point["mode"] != "stock-mmap"
     kwargs = {"use_mmap": False} if point["mode"] == "resident" else {}
+    ex = ex or runner.Execution(plan=plan)
     t0 = time.perf_counter()
-    llm = runner.open_model(settings, plan, repack=repack, moe=ex.moe if ex else None, **kwargs)
-    load_s = time.perf_counter() - t0
+    with runner.session(settings, ex, repack=repack, **kwargs) as llm:
+        out["_load_s"] = time.perf_counter() - t0
+        _measure(llm, settings, spec, ex, out)
+    print(json.dumps(out), flush=True)
+
+
+def _measure(llm, settings, spec: dict, ex, out: dict) -> None:
+    from orchestrator import exact, native, runner
+
+    plan = ex.plan
+    load_s = out.pop("_load_s", None)
     # Teacher-forced pseudo-random tokens: the same work for every mode, no early end of text.
     tokens = exact.teacher_tokens(spec["prompt_tokens"] + spec["gen_tokens"], llm.n_vocab(), spec["seed"])
     prompt, gen = tokens[: spec["prompt_tokens"]], tokens[spec["prompt_tokens"]:]
-    banked = ex is not None and ex.moe is not None
+    banked = ex.moe is not None
 
     def reset() -> None:
         if plan is not None:
@@ -69,11 +79,11 @@ def main(arg: str) -> None:
     decode_s = time.perf_counter() - t2
     stream = native.model_stats(llm.model) if plan is not None else None
     moe = native.moe_stats(llm.model) if banked else None
-    llm.close()
     if moe is not None:
         moe.pop("layers", None)  # per-layer detail stays out of the benchmark records
         out.update(moe=moe, hit_rate=moe["hit_rate"], miss_bytes_per_token=moe["bytes_read"] / len(gen),
                    misses_per_token=moe["misses"] / len(gen),
+                   trace_share_of_decode=moe["trace_seconds"] / decode_s,
                    miss_bandwidth_bytes_per_s=moe["bytes_read"] / moe["install_seconds"]
                    if moe["install_seconds"] > 0 else None)
     out.update(
@@ -83,7 +93,6 @@ def main(arg: str) -> None:
         bytes_read_per_token=(stream["bytes_read"] / len(gen)) if stream else None,
         wait_s=stream["wait_seconds"] if stream else None,
     )
-    print(json.dumps(out), flush=True)
 
 
 def _slot_bank_execution(point: dict, spec: dict, model: Path, out: dict):
@@ -97,13 +106,14 @@ def _slot_bank_execution(point: dict, spec: dict, model: Path, out: dict):
     overhead = psutil.Process().memory_info().rss + PROCESS_SLACK
     budget = (point["budget_bytes"] or 1 << 50) - overhead
     cfg = load_run_config(None, {"model.path": model, "context.ctx": spec["ctx"], "context.ubatch": spec["ubatch"],
-                                 "moe.mode": "slot-bank", "moe.sidecar": spec["sidecar"],
+                                 "moe.mode": point["mode"], "moe.sidecar": spec["sidecar"],
                                  "moe.slot_bank": point["slot_bank"], "moe.io_threads": spec["io_threads"],
+                                 "moe.prefetch": point.get("prefetch", "none"), "moe.trace": point.get("trace"),
                                  "prefetch.threads": max(1, point.get("prefetch_threads") or 1)})
     table = read_model_table(model)
     plan = make_plan(table, budget, ctx=spec["ctx"], ubatch=spec["ubatch"], prefetch=cfg.prefetch, moe=cfg.moe)
     streams = not plan.fits_entirely and bool(runner.streamed_tensors(plan))
-    ex = runner.Execution(mode="slot-bank", plan=plan if streams else None,
+    ex = runner.Execution(mode=point["mode"], plan=plan if streams else None,
                           moe=runner.moe_setup_for(cfg, model, plan, table))
     out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead, resident_bytes=plan.resident_bytes,
                slot_bank=ex.moe.slots, streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
+from orchestrator.errors import FlashflexError
 
 
 def _synth_model(preset: str, log) -> Path:
@@ -92,18 +93,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """MoE slot banks vs stock mmap (repack off) in one memory cgroup, at several bank sizes, with stock and
         flashflex resident (no limit) for reference."""
-        from orchestrator import bench, runner
-        from orchestrator import sidecar as sidecar_mod
-        from orchestrator.models import check_gguf_file
+        from orchestrator import bench
         from orchestrator.sizes import parse_size
 
         log = err_console.print if json_out else console.print
-        path = check_gguf_file(model) if model else _synth_model("moe-a3b-12l-q4_0", log)
-        sc = sidecar or runner.default_sidecar(path)
-        if not sc.exists():
-            log(f"extracting the expert sidecar (once) to {sc}")
-            sidecar_mod.extract(path, sc)
-        sidecar_mod.check_sidecar(sc, path)
+        path, sc = _moe_model_and_sidecar(model, sidecar, log)
         slot_banks = [None if b.strip() == "auto" else int(b) for b in banks.split(",") if b.strip()]
         spec = bench.RunSpec(model=path, threads=threads, ctx=ctx, ubatch=ubatch, prompt_tokens=prompt_tokens,
                              gen_tokens=gen_tokens, timeout_s=timeout, sidecar=sc, io_threads=io_threads)
@@ -115,3 +109,72 @@ def register(app: typer.Typer) -> None:
         else:
             console.print((out_dir / "results.md").read_text())
             console.print(f"results: {out_dir}/results.jsonl, results.md, slot_bank.png")
+
+    @group.command("prefetch")
+    def prefetch_cmd(
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="MoE GGUF to benchmark (default: "
+                                             "synthetic Qwen3-30B-A3B-shaped, 12 layers, Q4_0, ~4.6 GB)."),
+        sidecar: Optional[Path] = typer.Option(None, "--sidecar", help="Its expert sidecar (default: MODEL.sidecar "
+                                               "beside it, extracted once when missing)."),
+        budget: str = typer.Option("2GiB", "--budget", help="cgroup limit of every run (oracle-all-hit gets the "
+                                   "extra slots it needs on top)."),
+        banks: str = typer.Option("16,32", "--banks", help="Comma-separated slots per layer."),
+        policies: str = typer.Option("router-lookahead", "--policies",
+                                     help="Comma-separated real prefetch policies to A/B against slot-bank."),
+        repeats: int = typer.Option(1, "--repeats", min=1, help="Runs per point (the median is reported)."),
+        threads: int = typer.Option(2, "--threads", "-t", min=1, help="Compute threads."),
+        io_threads: int = typer.Option(4, "--io-threads", min=1, help="Parallel readers for expert misses."),
+        ctx: int = typer.Option(256, "--ctx", min=32, help="Context size."),
+        ubatch: int = typer.Option(32, "--ubatch", min=1, help="Micro-batch size."),
+        prompt_tokens: int = typer.Option(8, "--prompt-tokens", min=1, help="Prompt length (teacher-forced)."),
+        gen_tokens: int = typer.Option(32, "--gen-tokens", min=1, help="Decoded tokens (teacher-forced)."),
+        out_dir: Path = typer.Option(Path("bench-results/prefetch"), "--out-dir", help="Where results go."),
+        no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Do not confine runs to a memory cgroup."),
+        no_drop_caches: bool = typer.Option(False, "--no-drop-caches", help="Do not drop the page cache between runs."),
+        timeout: float = typer.Option(1800, "--timeout", help="Seconds before one run is abandoned."),
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Expert prefetch A/B: slot-bank vs slot-bank + each policy vs oracle-prefetch vs oracle-all-hit (both
+        replaying the trace slot-bank recorded in the same sweep), with stock mmap in the same cgroup; reports
+        the share of the slot-bank -> oracle-prefetch gap each policy closes and the trace writer's cost."""
+        from orchestrator import bench
+        from orchestrator.config import MOE_PREFETCH_POLICIES
+        from orchestrator.sizes import parse_size
+
+        log = err_console.print if json_out else console.print
+        chosen = [p.strip() for p in policies.split(",") if p.strip()]
+        unknown = [p for p in chosen if p not in MOE_PREFETCH_POLICIES or p == "none"]
+        if unknown:
+            raise FlashflexError(f"unknown prefetch policy {unknown[0]!r}",
+                                 f"use one of: {', '.join(p for p in MOE_PREFETCH_POLICIES if p != 'none')}")
+        try:
+            slot_banks = [int(b) for b in banks.split(",") if b.strip()]
+        except ValueError:
+            raise FlashflexError(f"--banks {banks!r} is not a list of numbers", "write e.g. --banks 16,32") from None
+        path, sc = _moe_model_and_sidecar(model, sidecar, log)
+        spec = bench.RunSpec(model=path, threads=threads, ctx=ctx, ubatch=ubatch, prompt_tokens=prompt_tokens,
+                             gen_tokens=gen_tokens, timeout_s=timeout, sidecar=sc, io_threads=io_threads)
+        sweep = bench.PrefetchSweep(spec=spec, budget_bytes=parse_size(budget, what="--budget"),
+                                    slot_banks=slot_banks, policies=chosen, repeats=repeats,
+                                    use_cgroup=not no_cgroup, drop_caches=not no_drop_caches)
+        records = bench.run_prefetch_sweep(sweep, out_dir, log=log)
+        if json_out:
+            emit_json(records)
+        else:
+            console.print((out_dir / "results.md").read_text())
+            console.print(f"results: {out_dir}/results.jsonl, results.md, prefetch.png")
+
+
+def _moe_model_and_sidecar(model: Path | None, sidecar: Path | None, log) -> tuple[Path, Path]:
+    """The MoE model to benchmark (default: the synthetic A3B-shaped one) and its checked sidecar."""
+    from orchestrator import runner
+    from orchestrator import sidecar as sidecar_mod
+    from orchestrator.models import check_gguf_file
+
+    path = check_gguf_file(model) if model else _synth_model("moe-a3b-12l-q4_0", log)
+    sc = sidecar or runner.default_sidecar(path)
+    if not sc.exists():
+        log(f"extracting the expert sidecar (once) to {sc}")
+        sidecar_mod.extract(path, sc)
+    sidecar_mod.check_sidecar(sc, path)
+    return path, sc
