@@ -663,7 +663,8 @@ def prefetch_markdown(records: list[dict[str, Any]]) -> str:
         gen = r.get("decode_tok_per_s") and r.get("decode_s") and r["decode_tok_per_s"] * r["decode_s"]
         issued = moe.get("prefetch_issued")
         lines.append("| " + " | ".join([
-            _label(r), _fmt(r.get("slot_bank"), "d") if r["mode"] not in ("stock-mmap", "stock-resident") else "-",
+            _label(r), _fmt(r.get("bank_slots") or r.get("slot_bank"), "d")
+            if r["mode"] not in ("stock-mmap", "stock-resident") else "-",
             format_size(r["budget_bytes"]) if r.get("budget_bytes") else "none",
             _fmt(r.get("decode_tok_per_s"), ".3f"), _fmt(r.get("decode_ratio_to_stock"), ".2f"),
             _fmt(r.get("decode_ratio_to_slot_bank"), ".2f"), _fmt(r.get("hit_rate"), ".1%"),

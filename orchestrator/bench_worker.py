@@ -116,7 +116,8 @@ def _slot_bank_execution(point: dict, spec: dict, model: Path, out: dict):
     ex = runner.Execution(mode=point["mode"], plan=plan if streams else None,
                           moe=runner.moe_setup_for(cfg, model, plan, table))
     out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead, resident_bytes=plan.resident_bytes,
-               slot_bank=ex.moe.slots, streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token
+               slot_bank=point["slot_bank"] if point["mode"] == "oracle-all-hit" else ex.moe.slots,
+               bank_slots=ex.moe.slots, streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token
                if streams else 0, planned_hit_rate=plan.estimates.expected_hit_rate)
     return ex
 

@@ -437,7 +437,20 @@ def _moe_phase_stats(raw: dict[str, Any] | None, n_tokens: int, seconds: float) 
         # read_seconds adds up the I/O threads' time; install_seconds is what compute waited for
         "achieved_read_bandwidth": raw["bytes_read"] / raw["install_seconds"] if raw["install_seconds"] > 0 else 0.0,
         "seconds": seconds,
+        **_prefetch_stats(raw),
     }
+
+
+def _prefetch_stats(raw: dict[str, Any]) -> dict[str, Any]:
+    """Prefetch hit rate (read-ahead experts the next call needed), and an estimate of the time it saved: each
+    used prefetch spared compute one demand read, costed at this phase's compute-thread time per demand miss,
+    minus the time compute waited for reads still in flight. The A/B in `flashflex bench prefetch` measures it."""
+    issued = raw.get("prefetch_issued", 0)
+    if not issued:
+        return {}
+    per_miss = raw["install_seconds"] / raw["misses"] if raw["misses"] else 0.0
+    return {"prefetch_hit_rate": min(1.0, raw["prefetch_used"] / issued),
+            "prefetch_time_saved_estimate_seconds": raw["prefetch_used"] * per_miss - raw["prefetch_wait_seconds"]}
 
 
 def generate(settings: GenerationSettings, plan: Plan | None = None, ex: Execution | None = None) -> RunResult:
