@@ -163,6 +163,7 @@ class Point:
     prefetch_threads: int | None = None
     slot_bank: int | None = None  # slot-bank: slots per layer; None = the planner's pick for the budget
     prefetch: str = "none"  # slot-bank: expert prefetch policy
+    prefetch_ranks: int | None = None  # router-lookahead: top ranks read ahead (None = the default, half of k)
     trace: str | None = None  # slot-bank: record a routing trace here; oracle modes: replay it
 
     @property
@@ -175,6 +176,7 @@ class Point:
         tp = f" tp={self.prefetch_threads}" if self.prefetch_threads is not None else ""
         bank = f" N={self.slot_bank or 'auto'}" if self.banked else ""
         extra = f" +{self.prefetch}" if self.prefetch != "none" else ""
+        extra += f"/r{self.prefetch_ranks}" if self.prefetch_ranks else ""
         extra += " +trace" if self.trace and self.mode == "slot-bank" else ""
         return f"{self.mode}{bank}{extra} @ {budget}{tp}"
 
@@ -542,6 +544,7 @@ class PrefetchSweep:
     budget_bytes: int  # the cgroup limit of every banked run and of stock mmap
     slot_banks: list[int]
     policies: list[str]  # real prefetch policies to A/B against slot-bank
+    prefetch_ranks: list[int | None] = field(default_factory=lambda: [None])  # router-lookahead variants
     repeats: int = 1
     use_cgroup: bool = True
     drop_caches: bool = True
@@ -596,7 +599,8 @@ def run_prefetch_sweep(sweep: PrefetchSweep, out_dir: Path, log: Log = print) ->
         measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n))
         recorded = measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n, trace=str(trace)))
         for policy in sweep.policies:
-            measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n, prefetch=policy))
+            for ranks in sweep.prefetch_ranks if policy == "router-lookahead" else [None]:
+                measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n, prefetch=policy, prefetch_ranks=ranks))
         if recorded.get("status") != "ok" or not trace.exists():
             log(f"  no trace at N={n}: the oracle runs are skipped")
             continue
@@ -639,6 +643,7 @@ def _label(r: dict[str, Any]) -> str:
     name = r["mode"]
     if r.get("prefetch", "none") != "none":
         name += f" + {r['prefetch']}"
+        name += f" (top {r['moe_prefetch_ranks']})" if r.get("moe_prefetch_ranks") else ""
     if r["mode"] == "slot-bank" and r.get("trace"):
         name += " + trace"
     return name

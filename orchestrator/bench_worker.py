@@ -109,6 +109,7 @@ def _slot_bank_execution(point: dict, spec: dict, model: Path, out: dict):
                                  "moe.mode": point["mode"], "moe.sidecar": spec["sidecar"],
                                  "moe.slot_bank": point["slot_bank"], "moe.io_threads": spec["io_threads"],
                                  "moe.prefetch": point.get("prefetch", "none"), "moe.trace": point.get("trace"),
+                                 "moe.prefetch_ranks": point.get("prefetch_ranks"),
                                  "prefetch.threads": max(1, point.get("prefetch_threads") or 1)})
     table = read_model_table(model)
     plan = make_plan(table, budget, ctx=spec["ctx"], ubatch=spec["ubatch"], prefetch=cfg.prefetch, moe=cfg.moe)
@@ -117,7 +118,8 @@ def _slot_bank_execution(point: dict, spec: dict, model: Path, out: dict):
                           moe=runner.moe_setup_for(cfg, model, plan, table))
     out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead, resident_bytes=plan.resident_bytes,
                slot_bank=point["slot_bank"] if point["mode"] == "oracle-all-hit" else ex.moe.slots,
-               bank_slots=ex.moe.slots, streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token
+               bank_slots=ex.moe.slots,
+               moe_prefetch_ranks=ex.moe.prefetch_ranks if ex.moe.prefetch == "router-lookahead" else None, streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token
                if streams else 0, planned_hit_rate=plan.estimates.expected_hit_rate)
     return ex
 

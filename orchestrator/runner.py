@@ -100,6 +100,7 @@ class MoESetup:
     shared_only: bool = False
     direct_io: int = 1
     prefetch: str = "none"  # none | router-lookahead | oracle
+    prefetch_ranks: int = 0  # router-lookahead: each token's top ranks read ahead (0 = all)
     trace_out: Path | None = None
     trace_header: Any = None  # orchestrator.traces.TraceHeader
     schedule: list[int] | None = None
@@ -119,6 +120,8 @@ class MoESetup:
                "moe_shared_only": int(self.shared_only), "direct_io": self.direct_io}
         if self.preload:
             out["moe_preload"] = 1
+        if self.prefetch == "router-lookahead":
+            out["moe_prefetch_ranks"] = self.prefetch_ranks
         return out
 
     def strings(self) -> dict[str, str]:
@@ -320,6 +323,7 @@ def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) 
                      io_threads=cfg.moe.io_threads, shared_only=cfg.moe.shared_only, direct_io=direct,
                      prefetch=cfg.moe.prefetch)
     k = plan.moe.topk or plan.moe.n_expert_used
+    setup.prefetch_ranks = min(k, cfg.moe.prefetch_ranks or (k + 1) // 2)
     if cfg.moe.prefetch != "none" and plan.moe.mode != "slot-bank":
         raise FlashflexError(f"--moe-prefetch {cfg.moe.prefetch} applies to slot-bank runs, not {plan.moe.mode}",
                              "use --moe-mode slot-bank (the oracle modes bring their own prefetch)")

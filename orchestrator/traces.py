@@ -93,8 +93,7 @@ class Trace:
 
     @property
     def decode_tokens(self) -> int:
-        first = self.header.layers[0] if self.header.layers else None
-        return sum(1 for r in self.records if r.layer == first and r.tokens == 1)
+        return len(decode_ubatches(self.records))
 
     def recorded_hits(self) -> tuple[int, int]:
         """(hits, misses) over distinct experts per call, as the runtime counts them."""
@@ -331,15 +330,22 @@ class _Bank:
         self.where: dict[int, int] = {}
 
 
+def decode_ubatches(records: list[TraceRecord]) -> set[int]:
+    """The ubatches of one token, judged at the first layer (llama.cpp trims a prompt's last layer to the
+    tokens whose logits are wanted, so a prompt's last-layer call may have one token too)."""
+    first = min((r.layer for r in records), default=None)
+    return {r.ubatch for r in records if r.layer == first and r.tokens == 1}
+
+
 def _calls_by_layer(records: list[TraceRecord], k: int) -> dict[int, list[tuple[int, list[int]]]]:
-    """Per layer: (tokens, distinct experts in first-use order) of each call, keeping each token's first k ids."""
+    """Per layer: (ubatch, distinct experts in first-use order) of each call, keeping each token's first k ids."""
     out: dict[int, list[tuple[int, list[int]]]] = {}
     for r in records:
         distinct: dict[int, None] = {}
         for t in range(r.tokens):
             for e in r.ids[t * r.k: t * r.k + min(k, r.k)]:
                 distinct.setdefault(e, None)
-        out.setdefault(r.layer, []).append((r.tokens, list(distinct)))
+        out.setdefault(r.layer, []).append((r.ubatch, list(distinct)))
     return out
 
 
@@ -355,6 +361,10 @@ def simulate(records: list[TraceRecord], policy: str, slots: int, k: int | None 
         raise FlashflexError(f"unknown bank policy {policy!r}", f"use one of: {', '.join(POLICIES)}")
     k = k or (records[0].k if records else 1)
     res = SimResult(policy=policy, k=k, slots=slots, bytes_per_expert=bytes_per_expert)
+    decode_set = decode_ubatches(records)
+    first = min((r.layer for r in records), default=None)
+    res.tokens = sum(r.tokens for r in records if r.layer == first)
+    res.decode_tokens = len(decode_set)
     clock = 0
     for calls in _calls_by_layer(records, k).values():
         bank = _Bank(slots)
@@ -368,10 +378,8 @@ def simulate(records: list[TraceRecord], policy: str, slots: int, k: int | None 
                 for e in calls[i][1]:
                     upcoming[e] = i
             next_use.reverse()
-        for i, (tokens, experts) in enumerate(calls):
-            decode = tokens == 1
-            res.tokens += tokens
-            res.decode_tokens += tokens if decode else 0
+        for i, (ubatch, experts) in enumerate(calls):
+            decode = ubatch in decode_set
             resident = [e for e in experts if e in bank.where]
             ordered = resident + [e for e in experts if e not in bank.where]
             for g in range(0, len(ordered), slots):
@@ -401,10 +409,6 @@ def simulate(records: list[TraceRecord], policy: str, slots: int, k: int | None 
                 if decode:
                     res.decode_hits += hits
                     res.decode_misses += len(misses)
-    # every layer counted its tokens: report tokens once (per layer pass of the model)
-    n_layers = len({r.layer for r in records}) or 1
-    res.tokens //= n_layers
-    res.decode_tokens //= n_layers
     return res
 
 

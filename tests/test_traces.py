@@ -315,3 +315,19 @@ def test_recorded_trace_analyzes_and_cross_checks(traced, models, tmp_path):
     # a manifest of another model is refused
     r = flashflex("trace", "analyze", str(trace), "--manifest", str(models["qwen2moe"][1]))
     assert r.returncode != 0 and "another model" in r.stderr
+
+
+@pytest.mark.native
+def test_verify_exact_records_and_replays(traced, models, tmp_path):
+    path, sc = models["qwen3moe-q4_0"]
+    trace = tmp_path / "t.jsonl"
+    common = ["verify-exact", "-m", str(path), "--moe-sidecar", str(sc), "--moe-slot-bank", "5", "--ctx", str(CTX),
+              "--tokens", "24", "-ub", "1", "--moe-trace", str(trace), "--json"]
+    for mode in ("slot-bank", "oracle-prefetch", "oracle-all-hit"):
+        r = flashflex(*common, "--moe-mode", mode)
+        assert r.returncode == 0, (mode, r.stderr)
+        assert json.loads(r.stdout)["identical"], mode
+    r = flashflex(*[a for a in common if a != str(trace) and a != "--moe-trace"], "--moe-mode", "slot-bank",
+                  "--moe-prefetch", "router-lookahead")
+    assert r.returncode == 0 and json.loads(r.stdout)["identical"]
+    assert "router-lookahead" in json.loads(r.stdout)["mode"]

@@ -121,6 +121,8 @@ def register(app: typer.Typer) -> None:
         banks: str = typer.Option("16,32", "--banks", help="Comma-separated slots per layer."),
         policies: str = typer.Option("router-lookahead", "--policies",
                                      help="Comma-separated real prefetch policies to A/B against slot-bank."),
+        ranks: str = typer.Option("auto", "--ranks", help="router-lookahead variants: comma-separated top ranks "
+                                  "read ahead per token; auto = the default (half of top-k)."),
         repeats: int = typer.Option(1, "--repeats", min=1, help="Runs per point (the median is reported)."),
         threads: int = typer.Option(2, "--threads", "-t", min=1, help="Compute threads."),
         io_threads: int = typer.Option(4, "--io-threads", min=1, help="Parallel readers for expert misses."),
@@ -151,11 +153,15 @@ def register(app: typer.Typer) -> None:
             slot_banks = [int(b) for b in banks.split(",") if b.strip()]
         except ValueError:
             raise FlashflexError(f"--banks {banks!r} is not a list of numbers", "write e.g. --banks 16,32") from None
+        try:
+            rank_list = [None if r.strip() == "auto" else int(r) for r in ranks.split(",") if r.strip()]
+        except ValueError:
+            raise FlashflexError(f"--ranks {ranks!r} is not a list of numbers", "write e.g. --ranks 2,4,auto") from None
         path, sc = _moe_model_and_sidecar(model, sidecar, log)
         spec = bench.RunSpec(model=path, threads=threads, ctx=ctx, ubatch=ubatch, prompt_tokens=prompt_tokens,
                              gen_tokens=gen_tokens, timeout_s=timeout, sidecar=sc, io_threads=io_threads)
         sweep = bench.PrefetchSweep(spec=spec, budget_bytes=parse_size(budget, what="--budget"),
-                                    slot_banks=slot_banks, policies=chosen, repeats=repeats,
+                                    slot_banks=slot_banks, policies=chosen, repeats=repeats, prefetch_ranks=rank_list,
                                     use_cgroup=not no_cgroup, drop_caches=not no_drop_caches)
         records = bench.run_prefetch_sweep(sweep, out_dir, log=log)
         if json_out:
