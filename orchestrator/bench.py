@@ -163,7 +163,7 @@ class Point:
     prefetch_threads: int | None = None
     slot_bank: int | None = None  # slot-bank: slots per layer; None = the planner's pick for the budget
     prefetch: str = "none"  # slot-bank: expert prefetch policy
-    prefetch_ranks: int | None = None  # router-lookahead: top ranks read ahead (None = the default, half of k)
+    prefetch_ranks: int | None = None  # router-lookahead: top ranks read ahead (None = the default, a quarter of k)
     trace: str | None = None  # slot-bank: record a routing trace here; oracle modes: replay it
 
     @property

@@ -190,8 +190,8 @@ class MoEConfig(_Section):
     prefetch_ranks: int | None = Field(
         default=None, ge=1,
         description="router-lookahead reads only each token's top this-many predicted experts (the router's most "
-        "confident picks). null = half the experts per token, rounded up: on the reference machine it roughly "
-        "halves the wasted reads of predicting all of them (docs/benchmarks.md).",
+        "confident picks). null = a quarter of the experts per token, rounded up: the variant that won the A/B on "
+        "the reference machine (docs/benchmarks.md); more ranks cover more misses but waste more reads.",
     )
     trace: Path | None = Field(
         default=None,

@@ -323,7 +323,7 @@ def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) 
                      io_threads=cfg.moe.io_threads, shared_only=cfg.moe.shared_only, direct_io=direct,
                      prefetch=cfg.moe.prefetch)
     k = plan.moe.topk or plan.moe.n_expert_used
-    setup.prefetch_ranks = min(k, cfg.moe.prefetch_ranks or (k + 1) // 2)
+    setup.prefetch_ranks = min(k, cfg.moe.prefetch_ranks or (k + 3) // 4)
     if cfg.moe.prefetch != "none" and plan.moe.mode != "slot-bank":
         raise FlashflexError(f"--moe-prefetch {cfg.moe.prefetch} applies to slot-bank runs, not {plan.moe.mode}",
                              "use --moe-mode slot-bank (the oracle modes bring their own prefetch)")

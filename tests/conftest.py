@@ -38,3 +38,20 @@ def patched_llama():
     if not native.is_patched():
         pytest.skip("installed llama_cpp is stock; run flashflex build")
     return native
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """(model, sidecar) for each family: qwen3moe (16 experts, top-4; Q8_0), qwen2moe with shared experts
+    (8 experts, top-2; Q8_0) and qwen3moe in Q4_0, a type the CPU backend repacks (slots are then installed
+    through the repacked layout)."""
+    from orchestrator import sidecar, synth
+
+    out = tmp_path_factory.mktemp("moe")
+    models = {}
+    for key, spec in {"qwen3moe": synth.preset("tiny-qwen3moe"), "qwen2moe": synth.preset("tiny-qwen2moe"),
+                      "qwen3moe-q4_0": synth.preset("tiny-qwen3moe", quant="q4_0")}.items():
+        path = synth.write_synth_model(spec, out / f"{key}.gguf")
+        sidecar.extract(path, out / f"{key}.sidecar")
+        models[key] = (path, out / f"{key}.sidecar")
+    return models

@@ -30,21 +30,6 @@ def banks(patched_llama):
     return patched_llama
 
 
-@pytest.fixture(scope="module")
-def moe_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """(model, sidecar) for each family: qwen3moe (16 experts, top-4; Q8_0), qwen2moe with shared experts
-    (8 experts, top-2; Q8_0) and qwen3moe in Q4_0, a type the CPU backend repacks (slots are then installed
-    through the repacked layout)."""
-    out = tmp_path_factory.mktemp("moe")
-    models = {}
-    for key, spec in {"qwen3moe": synth.preset("tiny-qwen3moe"), "qwen2moe": synth.preset("tiny-qwen2moe"),
-                      "qwen3moe-q4_0": synth.preset("tiny-qwen3moe", quant="q4_0")}.items():
-        path = synth.write_synth_model(spec, out / f"{key}.gguf")
-        sidecar.extract(path, out / f"{key}.sidecar")
-        models[key] = (path, out / f"{key}.sidecar")
-    return models
-
-
 def _execution(path: Path, sc: Path, mode: str, slots: int | None = None, ubatch: int = 1, **moe) -> runner.Execution:
     cfg = load_run_config(None, {"model.path": path, "budget.size": "64GiB", "context.ctx": CTX,
                                  "context.ubatch": ubatch, "moe.mode": mode, "moe.sidecar": sc,

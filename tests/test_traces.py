@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from orchestrator import exact, runner, sidecar, synth, traces
+from orchestrator import exact, native, runner, traces
 from orchestrator.config import load_run_config
 from orchestrator.errors import FlashflexError
 
@@ -138,19 +139,6 @@ def traced(patched_llama):
     return patched_llama
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    out = tmp_path_factory.mktemp("traces")
-    found = {}
-    for key, spec in {"qwen3moe": synth.preset("tiny-qwen3moe"),
-                      "qwen3moe-q4_0": synth.preset("tiny-qwen3moe", quant="q4_0"),
-                      "qwen2moe": synth.preset("tiny-qwen2moe")}.items():
-        path = synth.write_synth_model(spec, out / f"{key}.gguf")
-        sidecar.extract(path, out / f"{key}.sidecar")
-        found[key] = (path, out / f"{key}.sidecar")
-    return found
-
-
 def _execution(path: Path, sc: Path, mode: str, slots: int | None, ubatch: int, **moe) -> runner.Execution:
     cfg = load_run_config(None, {"model.path": path, "budget.size": "64GiB", "context.ctx": CTX,
                                  "context.ubatch": ubatch, "moe.mode": mode, "moe.sidecar": sc,
@@ -165,12 +153,8 @@ def _settings(path: Path, ubatch: int) -> runner.GenerationSettings:
 def _stats(ex: runner.Execution, settings: runner.GenerationSettings, tokens: list[int]) -> tuple:
     """Logits and the run's expert-bank stats for teacher-forced tokens."""
     with runner.session(settings, ex, logits_all=True) as llm:
-        from orchestrator import native
-
         native.moe_stats_reset(llm.model)
         llm.eval(tokens)
-        import numpy as np
-
         logits = np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
         return logits, native.moe_stats(llm.model)
 
@@ -178,8 +162,8 @@ def _stats(ex: runner.Execution, settings: runner.GenerationSettings, tokens: li
 @pytest.mark.native
 @pytest.mark.parametrize("family, ubatch, slots", [("qwen3moe", 1, 6), ("qwen3moe", 32, 6),
                                                    ("qwen3moe-q4_0", 1, 5), ("qwen2moe", 4, 3)])
-def test_record_and_replay_are_bitwise_exact(traced, models, tmp_path, family, ubatch, slots):
-    path, sc = models[family]
+def test_record_and_replay_are_bitwise_exact(traced, moe_models, tmp_path, family, ubatch, slots):
+    path, sc = moe_models[family]
     settings = _settings(path, ubatch)
     tokens = exact.teacher_tokens(40, 512, seed=2)
     stock = exact.logits(settings, None, tokens)
@@ -220,8 +204,8 @@ def test_record_and_replay_are_bitwise_exact(traced, models, tmp_path, family, u
 
 
 @pytest.mark.native
-def test_oracle_prefetch_in_decode_turns_misses_into_prefetch_hits(traced, models, tmp_path):
-    path, sc = models["qwen3moe"]
+def test_oracle_prefetch_in_decode_turns_misses_into_prefetch_hits(traced, moe_models, tmp_path):
+    path, sc = moe_models["qwen3moe"]
     trace = tmp_path / "t.jsonl"
     settings = runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=8, threads=2, n_predict=16,
                                          prompt="hello world")
@@ -235,9 +219,9 @@ def test_oracle_prefetch_in_decode_turns_misses_into_prefetch_hits(traced, model
 
 
 @pytest.mark.native
-def test_replay_refuses_other_models_settings_and_prompts(traced, models, tmp_path):
-    path, sc = models["qwen3moe"]
-    other, other_sc = models["qwen2moe"]
+def test_replay_refuses_other_models_settings_and_prompts(traced, moe_models, tmp_path):
+    path, sc = moe_models["qwen3moe"]
+    other, other_sc = moe_models["qwen2moe"]
     trace = tmp_path / "t.jsonl"
     settings = runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=8, threads=2, n_predict=4,
                                          prompt="hello world")
@@ -262,8 +246,8 @@ def test_replay_refuses_other_models_settings_and_prompts(traced, models, tmp_pa
 
 
 @pytest.mark.native
-def test_bad_flags_are_one_line_errors(traced, models, tmp_path):
-    path, sc = models["qwen3moe"]
+def test_bad_flags_are_one_line_errors(traced, moe_models, tmp_path):
+    path, sc = moe_models["qwen3moe"]
     base = ["run", "-m", str(path), "--moe-sidecar", str(sc), "--ctx", str(CTX), "-n", "2"]
     cases = [
         (["--moe-mode", "slot-bank", "--moe-prefetch", "psychic"], "moe.prefetch"),
@@ -281,8 +265,8 @@ def test_bad_flags_are_one_line_errors(traced, models, tmp_path):
 
 
 @pytest.mark.native
-def test_a_failed_run_leaves_no_trace(traced, models, tmp_path):
-    path, sc = models["qwen3moe"]
+def test_a_failed_run_leaves_no_trace(traced, moe_models, tmp_path):
+    path, sc = moe_models["qwen3moe"]
     trace = tmp_path / "t.jsonl"
     ex = _execution(path, sc, "slot-bank", 6, 1, trace=trace)
     with pytest.raises(RuntimeError, match="interrupted"):
@@ -294,8 +278,8 @@ def test_a_failed_run_leaves_no_trace(traced, models, tmp_path):
 
 
 @pytest.mark.native
-def test_recorded_trace_analyzes_and_cross_checks(traced, models, tmp_path):
-    path, sc = models["qwen3moe"]
+def test_recorded_trace_analyzes_and_cross_checks(traced, moe_models, tmp_path):
+    path, sc = moe_models["qwen3moe"]
     trace = tmp_path / "t.jsonl"
     r = flashflex("run", "-m", str(path), "--moe-mode", "slot-bank", "--moe-sidecar", str(sc), "--moe-slot-bank",
                   "6", "--moe-trace", str(trace), "-ub", "8", "--ctx", str(CTX), "-n", "12", "--json")
@@ -313,13 +297,13 @@ def test_recorded_trace_analyzes_and_cross_checks(traced, models, tmp_path):
     assert all(x["bytes_per_token"] > 0 for x in out["results"] if x["misses"])
     assert out["recommendation"]["bank_bytes"] <= 64 << 20
     # a manifest of another model is refused
-    r = flashflex("trace", "analyze", str(trace), "--manifest", str(models["qwen2moe"][1]))
+    r = flashflex("trace", "analyze", str(trace), "--manifest", str(moe_models["qwen2moe"][1]))
     assert r.returncode != 0 and "another model" in r.stderr
 
 
 @pytest.mark.native
-def test_verify_exact_records_and_replays(traced, models, tmp_path):
-    path, sc = models["qwen3moe-q4_0"]
+def test_verify_exact_records_and_replays(traced, moe_models, tmp_path):
+    path, sc = moe_models["qwen3moe-q4_0"]
     trace = tmp_path / "t.jsonl"
     common = ["verify-exact", "-m", str(path), "--moe-sidecar", str(sc), "--moe-slot-bank", "5", "--ctx", str(CTX),
               "--tokens", "24", "-ub", "1", "--moe-trace", str(trace), "--json"]

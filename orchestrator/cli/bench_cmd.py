@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,6 +21,14 @@ def _synth_model(preset: str, log) -> Path:
         log(f"generating the synthetic benchmark model {preset} (once) at {path}")
         synth.write_synth_model(synth.preset(preset), path)
     return path
+
+
+MoEModelOpt = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="MoE GGUF to benchmark (default: synthetic Qwen3-30B-A3B-shaped, 12 layers, Q4_0, ~4.6 GB).")]
+SidecarOpt = Annotated[Optional[Path], typer.Option(
+    "--sidecar", help="Its expert sidecar (default: MODEL.sidecar beside it, extracted once when missing).")]
+IOThreadsOpt = Annotated[int, typer.Option("--io-threads", min=1, help="Parallel readers for expert misses.")]
+PromptTokensOpt = Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length (teacher-forced).")]
 
 
 def register(app: typer.Typer) -> None:
@@ -71,18 +79,16 @@ def register(app: typer.Typer) -> None:
 
     @group.command("moe")
     def moe_cmd(
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="MoE GGUF to benchmark (default: "
-                                             "synthetic Qwen3-30B-A3B-shaped, 12 layers, Q4_0, ~4.6 GB)."),
-        sidecar: Optional[Path] = typer.Option(None, "--sidecar", help="Its expert sidecar (default: MODEL.sidecar "
-                                               "beside it, extracted once when missing)."),
+        model: MoEModelOpt = None,
+        sidecar: SidecarOpt = None,
         budget: str = typer.Option("2GiB", "--budget", help="cgroup limit of the stock-mmap and slot-bank runs."),
         banks: str = typer.Option("8,16,24,32,auto", "--banks",
                                   help="Comma-separated slots per layer; 'auto' = the planner's pick for the budget."),
         threads: int = typer.Option(2, "--threads", "-t", min=1, help="Compute threads."),
-        io_threads: int = typer.Option(4, "--io-threads", min=1, help="Parallel readers for expert misses."),
+        io_threads: IOThreadsOpt = 4,
         ctx: int = typer.Option(256, "--ctx", min=32, help="Context size."),
         ubatch: int = typer.Option(32, "--ubatch", min=1, help="Micro-batch size."),
-        prompt_tokens: int = typer.Option(8, "--prompt-tokens", min=1, help="Prompt length (teacher-forced)."),
+        prompt_tokens: PromptTokensOpt = 8,
         gen_tokens: int = typer.Option(24, "--gen-tokens", min=1,
                                        help="Decoded tokens (teacher-forced pseudo-random, so routing varies)."),
         out_dir: Path = typer.Option(Path("bench-results/moe"), "--out-dir", help="Where results go."),
@@ -112,23 +118,21 @@ def register(app: typer.Typer) -> None:
 
     @group.command("prefetch")
     def prefetch_cmd(
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="MoE GGUF to benchmark (default: "
-                                             "synthetic Qwen3-30B-A3B-shaped, 12 layers, Q4_0, ~4.6 GB)."),
-        sidecar: Optional[Path] = typer.Option(None, "--sidecar", help="Its expert sidecar (default: MODEL.sidecar "
-                                               "beside it, extracted once when missing)."),
+        model: MoEModelOpt = None,
+        sidecar: SidecarOpt = None,
         budget: str = typer.Option("2GiB", "--budget", help="cgroup limit of every run (oracle-all-hit gets the "
                                    "extra slots it needs on top)."),
         banks: str = typer.Option("16,32", "--banks", help="Comma-separated slots per layer."),
         policies: str = typer.Option("router-lookahead", "--policies",
                                      help="Comma-separated real prefetch policies to A/B against slot-bank."),
         ranks: str = typer.Option("auto", "--ranks", help="router-lookahead variants: comma-separated top ranks "
-                                  "read ahead per token; auto = the default (half of top-k)."),
+                                  "read ahead per token; auto = the default (a quarter of top-k)."),
         repeats: int = typer.Option(1, "--repeats", min=1, help="Runs per point (the median is reported)."),
         threads: int = typer.Option(2, "--threads", "-t", min=1, help="Compute threads."),
-        io_threads: int = typer.Option(4, "--io-threads", min=1, help="Parallel readers for expert misses."),
+        io_threads: IOThreadsOpt = 4,
         ctx: int = typer.Option(256, "--ctx", min=32, help="Context size."),
         ubatch: int = typer.Option(32, "--ubatch", min=1, help="Micro-batch size."),
-        prompt_tokens: int = typer.Option(8, "--prompt-tokens", min=1, help="Prompt length (teacher-forced)."),
+        prompt_tokens: PromptTokensOpt = 8,
         gen_tokens: int = typer.Option(32, "--gen-tokens", min=1, help="Decoded tokens (teacher-forced)."),
         out_dir: Path = typer.Option(Path("bench-results/prefetch"), "--out-dir", help="Where results go."),
         no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Do not confine runs to a memory cgroup."),
