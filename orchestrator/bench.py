@@ -412,13 +412,11 @@ def largest_layer_file(sidecar: Path) -> Path:
     return max(sidecar.glob("layer-*.bin"), key=lambda p: p.stat().st_size)
 
 
-def run_moe_sweep(sweep: MoESweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
-    """stock mmap (repack off) and slot-bank at each bank size in the same cgroup, cold cache; stock and
-    flashflex `resident` without a limit for reference; the parallel direct-read bandwidth of the sidecar
-    measured in the same run with expert-sized reads at the runtime's queue depth."""
+def _moe_sweep_context(sweep: Any, log: Log) -> tuple[Any, dict[str, Any]]:
+    """What every record of a MoE sweep carries: the machine, the model, and the sidecar's parallel direct-read
+    bandwidth measured now with expert-sized reads at the runtime's queue depth. Returns (manifest, context)."""
     from orchestrator import sidecar as sidecar_mod
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     check_isolation(sweep, log)
     spec = sweep.spec
     assert spec.sidecar is not None
@@ -428,8 +426,17 @@ def run_moe_sweep(sweep: MoESweep, out_dir: Path, log: Log = print) -> list[dict
                                       chunk=expert_read)
     log(f"parallel direct-read bandwidth of the sidecar ({spec.io_threads} threads, {format_size(expert_read)} "
         f"reads): {bandwidth / 1e9:.2f} GB/s")
-    machine = machine_info()
-    model_bytes = spec.model.stat().st_size
+    return manifest, {"machine": machine_info(), "model": str(spec.model), "model_bytes": spec.model.stat().st_size,
+                      "read_bandwidth_bytes_per_s": bandwidth, "io_threads": spec.io_threads}
+
+
+def run_moe_sweep(sweep: MoESweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
+    """stock mmap (repack off) and slot-bank at each bank size in the same cgroup, cold cache; stock and
+    flashflex `resident` without a limit for reference; the parallel direct-read bandwidth of the sidecar
+    measured in the same run with expert-sized reads at the runtime's queue depth."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = sweep.spec
+    _, context = _moe_sweep_context(sweep, log)
     points = [Point("stock-resident", None), Point("resident", None), Point("stock-mmap", sweep.budget_bytes)]
     points += [Point("slot-bank", sweep.budget_bytes, slot_bank=n) for n in sweep.slot_banks]
     records: list[dict[str, Any]] = []
@@ -437,8 +444,7 @@ def run_moe_sweep(sweep: MoESweep, out_dir: Path, log: Log = print) -> list[dict
     with open(results, "w") as fh:
         for point in points:
             rec = run_point(point, spec, sweep.use_cgroup, sweep.drop_caches, log)
-            rec.update(machine=machine, model=str(spec.model), model_bytes=model_bytes,
-                       read_bandwidth_bytes_per_s=bandwidth, io_threads=spec.io_threads)
+            rec.update(context)
             records.append(rec)
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
@@ -563,29 +569,20 @@ def run_prefetch_sweep(sweep: PrefetchSweep, out_dir: Path, log: Log = print) ->
     oracle-prefetch and oracle-all-hit replaying that trace; stock mmap in the same cgroup and stock resident
     without a limit for reference. Cold cache before every run. oracle-all-hit holds every expert the trace
     uses, so its cgroup grows by those extra slots (it is a ceiling, not a mode that fits the budget)."""
-    from orchestrator import sidecar as sidecar_mod
     from orchestrator import traces
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_isolation(sweep, log)
     spec = sweep.spec
-    assert spec.sidecar is not None
-    manifest = sidecar_mod.load_manifest(spec.sidecar)
+    manifest, context = _moe_sweep_context(sweep, log)
     per_expert = traces.layer_expert_bytes(manifest)
     n_layers = len({t.layer for t in manifest.tensors if t.n_expert > 1})
-    expert_read = max(t.expert_stride for t in manifest.tensors)
-    bandwidth = direct_read_bandwidth(largest_layer_file(spec.sidecar), spec.io_threads, total_bytes=512 << 20,
-                                      chunk=expert_read)
-    log(f"parallel direct-read bandwidth of the sidecar: {bandwidth / 1e9:.2f} GB/s")
-    machine = machine_info()
     records: list[dict[str, Any]] = []
     results = out_dir / "results.jsonl"
 
     def measure(point: Point) -> dict[str, Any]:
         runs = [run_point(point, spec, sweep.use_cgroup, sweep.drop_caches, log) for _ in range(sweep.repeats)]
         rec = _median_record(runs)
-        rec.update(machine=machine, model=str(spec.model), model_bytes=spec.model.stat().st_size,
-                   read_bandwidth_bytes_per_s=bandwidth, io_threads=spec.io_threads)
+        rec.update(context)
         records.append(rec)
         with open(results, "a") as fh:
             fh.write(json.dumps(rec) + "\n")

@@ -23,6 +23,7 @@ Belady's optimal offline policy (evict the expert whose next use is farthest).
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -369,15 +370,11 @@ def simulate(records: list[TraceRecord], policy: str, slots: int, k: int | None 
     for calls in _calls_by_layer(records, k).values():
         bank = _Bank(slots)
         freq: dict[int, int] = {}
-        # Belady: for each call index, when each expert is next used (computed backwards)
-        next_use: list[dict[int, int]] = []
-        if policy == "belady":
-            upcoming: dict[int, int] = {}
-            for i in range(len(calls) - 1, -1, -1):
-                next_use.append(dict(upcoming))
-                for e in calls[i][1]:
-                    upcoming[e] = i
-            next_use.reverse()
+        # Belady: the calls each expert is used in, to find its next use after any call
+        uses: dict[int, list[int]] = {}
+        for i, (_, experts) in enumerate(calls):
+            for e in experts:
+                uses.setdefault(e, []).append(i)
         for i, (ubatch, experts) in enumerate(calls):
             decode = ubatch in decode_set
             resident = [e for e in experts if e in bank.where]
@@ -392,7 +389,7 @@ def simulate(records: list[TraceRecord], policy: str, slots: int, k: int | None 
                     else:
                         misses.append(e)
                 for e in misses:
-                    victim = _victim(bank, reserved, policy, freq, next_use[i] if next_use else None)
+                    victim = _victim(bank, reserved, policy, freq, uses, i)
                     reserved[victim] = True
                     old = bank.slot_expert[victim]
                     if old >= 0:
@@ -412,8 +409,15 @@ def simulate(records: list[TraceRecord], policy: str, slots: int, k: int | None 
     return res
 
 
-def _victim(bank: _Bank, reserved: list[bool], policy: str, freq: dict[int, int],
-            next_use: dict[int, int] | None) -> int:
+def _next_use(uses: dict[int, list[int]], e: int, after: int) -> int:
+    """The first call after `after` that uses expert e (never: a huge number)."""
+    calls = uses.get(e, [])
+    j = bisect.bisect_right(calls, after)
+    return calls[j] if j < len(calls) else 1 << 60
+
+
+def _victim(bank: _Bank, reserved: list[bool], policy: str, freq: dict[int, int], uses: dict[int, list[int]],
+            call: int) -> int:
     best, best_key = -1, None
     for s in range(bank.n):
         if reserved[s]:
@@ -424,7 +428,7 @@ def _victim(bank: _Bank, reserved: list[bool], policy: str, freq: dict[int, int]
         elif policy == "lfu":
             key = (freq.get(e, 0) if e >= 0 else -1, bank.stamp[s])
         else:  # belady: empty slots first, then the expert used farthest in the future (never = farthest)
-            key = (0 if e < 0 else 1, -(next_use.get(e, 1 << 60)) if e >= 0 else 0)
+            key = (0 if e < 0 else 1, -_next_use(uses, e, call) if e >= 0 else 0)
         if best_key is None or key < best_key:
             best, best_key = s, key
     return best
