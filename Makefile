@@ -1,5 +1,6 @@
 # flashflex: the two commands a newcomer needs.
-#   make demo   install everything (patched llama.cpp build + default model) and run the main job
+#   make demo   install everything (patched llama.cpp build + default model) and run the main job:
+#               the default model stock, then under a RAM budget that streams its layers from disk
 #   make test   install what the tests need and run the whole suite
 #
 # Uses the active virtualenv if one is active, else creates .venv here.
@@ -9,12 +10,14 @@ VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(CURDIR)/.venv)
 PY := $(VENV)/bin/python
 FLASHFLEX := $(VENV)/bin/flashflex
 BACKEND ?= cpu
+# Extra `flashflex build` flags, e.g. BUILD_FLAGS=--amx (not recommended: see flashflex build --help).
+BUILD_FLAGS ?=
 
 .PHONY: demo test install venv system-deps native check-patches clean-venv
 
 demo: install
 	$(FLASHFLEX) doctor
-	$(FLASHFLEX) run --prompt "The capital of France is" -n 32
+	$(PY) scripts/demo.py
 
 test: install
 	$(FLASHFLEX) patches check
@@ -39,7 +42,7 @@ system-deps:
 native: system-deps python-deps
 	$(FLASHFLEX) vendor sync
 	$(FLASHFLEX) patches apply
-	$(FLASHFLEX) build --backend $(BACKEND)
+	$(FLASHFLEX) build --backend $(BACKEND) $(BUILD_FLAGS)
 
 clean-venv:
 	rm -rf .venv

@@ -14,7 +14,7 @@ import psutil
 def main(arg: str) -> None:
     payload = json.loads(arg)
     point, spec = payload["point"], payload["spec"]
-    from orchestrator import exact, native, runner
+    from orchestrator import native, runner
     from orchestrator.bench import PROCESS_SLACK
     from orchestrator.config import PrefetchConfig
     from orchestrator.modelfile.reader import read_model_table

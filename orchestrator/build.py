@@ -1,8 +1,12 @@
 """Build llama-cpp-python from its pinned sdist with our patched llama.cpp inside, through its own CMake.
 
 The wheel is cached under <cache>/builds/<key>/ where key = (pin, series hash or "stock", backend,
-CMake flags, platform); an unchanged rebuild just reinstalls the cached wheel. ccache (if installed)
-is shared by all builds, with paths made relative so a new key recompiles only what changed.
+CMake flags, platform, instruction set); an unchanged rebuild just reinstalls the cached wheel. ccache (if
+installed) is shared by all builds, with paths made relative so a new key recompiles only what changed.
+
+The instruction set comes from orchestrator.cpufeatures: on x86-64 every extension the host has except
+ggml's AMX path (it segfaults at our pin), natively elsewhere. The wheel carries a record of it
+(llama_cpp/flashflex_build.json) so doctor and run can refuse it on a CPU that cannot execute it.
 """
 
 from __future__ import annotations
@@ -18,13 +22,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from orchestrator import patches, vendor
+from orchestrator import cpufeatures, patches, vendor
 from orchestrator.errors import FlashflexError
 from orchestrator.fsutil import safe_extractall
 from orchestrator.paths import cache_root, repo_root
@@ -58,6 +61,7 @@ class BuildResult:
     installed: bool
     stock: bool
     series_hash: str | None
+    instruction_set: cpufeatures.InstructionSet
 
 
 def builds_dir() -> Path:
@@ -110,8 +114,10 @@ def _ensure_build_backend() -> None:
                                  "pip install 'scikit-build-core>=0.9.2' and retry")
 
 
-def build_key(pin: vendor.Pin, series: str | None, backend: Backend, cmake_args: list[str]) -> str:
+def build_key(pin: vendor.Pin, series: str | None, backend: Backend, cmake_args: list[str],
+              isa: cpufeatures.InstructionSet) -> str:
     ident = {
+        "instruction_set": [isa.arch, isa.mode, isa.key()],
         "llama.cpp": pin.commit,
         "llama-cpp-python": pin.lcp_version,
         "series": series or "stock",
@@ -122,8 +128,21 @@ def build_key(pin: vendor.Pin, series: str | None, backend: Backend, cmake_args:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cmake_args_for(backend: Backend, series: str | None, extra: list[str]) -> list[str]:
+def instruction_set_for(backend: Backend, amx: bool, extra: list[str]) -> cpufeatures.InstructionSet:
+    """What the build will be compiled for. `--cmake-arg -DGGML_NATIVE=ON` asks for the old -march=native
+    build (every host flag, AMX included where the host has it)."""
+    flags = cpufeatures.host_flags()
+    if backend is Backend.metal or "-DGGML_NATIVE=ON" in extra:
+        return cpufeatures.InstructionSet(arch=platform.machine(), mode="native", requires=tuple(sorted(flags)),
+                                          amx=bool(flags & {"amx_int8", "amx_tile", "amx_bf16"}))
+    return cpufeatures.for_host(amx=amx, flags=flags)
+
+
+def cmake_args_for(backend: Backend, series: str | None, extra: list[str],
+                   isa: cpufeatures.InstructionSet | None = None) -> list[str]:
     args = list(BACKEND_CMAKE_ARGS[backend])
+    if isa is not None and isa.mode == "explicit":
+        args += isa.cmake_args()
     if series:
         args.append(f"-DFLASHFLEX_SERIES_HASH={series}")
     return args + list(extra)
@@ -137,7 +156,7 @@ def _export_tree(repo: Path, commit: str, dest: Path) -> None:
         safe_extractall(tar, dest)
 
 
-def _prepare_source(src: Path, pin: vendor.Pin, stock: bool, log: Log) -> None:
+def _prepare_source(src: Path, pin: vendor.Pin, stock: bool, record: dict, log: Log) -> None:
     sdist = vendor.ensure_sdist(pin.lcp_version, pin.sdist_sha256, log)
     with tarfile.open(sdist, "r:gz") as tar:
         safe_extractall(tar, src.parent / "unpack")
@@ -154,6 +173,8 @@ def _prepare_source(src: Path, pin: vendor.Pin, stock: bool, log: Log) -> None:
     else:
         with patches.scratch_tree(vendor.BASE_REF) as wt:
             _export_tree(wt, "HEAD", src / "vendor" / "llama.cpp")
+    # The wheel carries what it was built for (read by doctor without importing llama_cpp).
+    (src / "llama_cpp" / cpufeatures.BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
 _NINJA_PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")
@@ -194,7 +215,7 @@ def install_wheel(wheel: Path) -> None:
 
 def build(backend: Backend = Backend.cpu, stock: bool = False, extra_cmake_args: list[str] | None = None,
           install: bool = True, force: bool = False, log: Log = print,
-          progress: Progress | None = None) -> BuildResult:
+          progress: Progress | None = None, amx: bool = False) -> BuildResult:
     t0 = time.monotonic()
     root = repo_root()
     for warning in check_toolchain(backend):
@@ -202,8 +223,14 @@ def build(backend: Backend = Backend.cpu, stock: bool = False, extra_cmake_args:
     vendor.sync(root, log=log)
     pin = vendor.load_pin(root)
     series = None if stock else patches.series_hash(root)
-    args = cmake_args_for(backend, series, extra_cmake_args or [])
-    key = build_key(pin, series, backend, args)
+    extra = list(extra_cmake_args or [])
+    isa = instruction_set_for(backend, amx, extra)
+    if isa.amx:
+        log(f"warning: {cpufeatures.AMX_WARNING}")
+    if isa.mode == "native" and not isa.requires:
+        log("warning: could not read this CPU's feature flags; building with -march=native")
+    args = cmake_args_for(backend, series, extra, isa)
+    key = build_key(pin, series, backend, args, isa)
     entry = builds_dir() / key
     wheels = sorted((entry / "wheel").glob("*.whl")) if (entry / "wheel").exists() else []
     cached = bool(wheels) and not force
@@ -214,7 +241,9 @@ def build(backend: Backend = Backend.cpu, stock: bool = False, extra_cmake_args:
         work.mkdir(parents=True)
         try:
             log(f"preparing {'stock' if stock else 'patched'} llama.cpp source (build {key})")
-            _prepare_source(work / "src", pin, stock, log)
+            record = {"key": key, "pin": pin.commit, "series_hash": series, "backend": backend.value,
+                      "instruction_set": isa.to_json()}
+            _prepare_source(work / "src", pin, stock, record, log)
             env = dict(os.environ)
             env["CMAKE_ARGS"] = " ".join(args)
             env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
@@ -222,7 +251,8 @@ def build(backend: Backend = Backend.cpu, stock: bool = False, extra_cmake_args:
             env["CCACHE_BASEDIR"] = str(builds_dir())  # relative paths: a new key reuses the cache
             env["CCACHE_NOHASHDIR"] = "1"
             env.setdefault("CCACHE_MAXSIZE", "5G")
-            log(f"building llama-cpp-python {pin.lcp_version} ({backend.value}); CMAKE_ARGS={env['CMAKE_ARGS']}")
+            log(f"building llama-cpp-python {pin.lcp_version} ({backend.value}, {isa.summary()})")
+            log(f"CMAKE_ARGS={env['CMAKE_ARGS']}")
             log(f"log: {entry / 'build.log'} (a cold build takes ~10 minutes on 2 cores)")
             staging = work / "wheel"
             staging.mkdir()
@@ -233,6 +263,7 @@ def build(backend: Backend = Backend.cpu, stock: bool = False, extra_cmake_args:
             (entry / "meta.json").write_text(json.dumps({
                 "key": key, "pin": pin.commit, "llama_cpp_python": pin.lcp_version, "series_hash": series,
                 "backend": backend.value, "cmake_args": args, "built_at": time.time(),
+                "instruction_set": isa.to_json(),
             }, indent=2))
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -241,4 +272,4 @@ def build(backend: Backend = Backend.cpu, stock: bool = False, extra_cmake_args:
     if install:
         log(f"installing {wheel.name} into {sys.prefix}")
         install_wheel(wheel)
-    return BuildResult(key, wheel, cached, time.monotonic() - t0, install, stock, series)
+    return BuildResult(key, wheel, cached, time.monotonic() - t0, install, stock, series, isa)

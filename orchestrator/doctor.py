@@ -8,7 +8,7 @@ from typing import Any
 
 import psutil
 
-from orchestrator import native, patches, vendor
+from orchestrator import cpufeatures, native, patches, vendor
 from orchestrator.errors import FlashflexError
 from orchestrator.paths import cache_root, repo_root
 
@@ -35,6 +35,15 @@ def diagnose() -> Report:
         f["vendor_synced"] = vendor.status(root)["synced"]
     except FlashflexError as exc:
         rep.problems.append(exc.one_line())
+    record = cpufeatures.installed_build_record()
+    host = cpufeatures.for_host()
+    f["host_instruction_set"] = host.summary()
+    if record and "instruction_set" in record:
+        built = cpufeatures.InstructionSet.from_json(record["instruction_set"])
+        f["build_instruction_set"] = built.summary()
+        f["build_amx"] = built.amx
+    else:
+        f["build_instruction_set"] = None
     try:
         lowlevel = native.llama_cpp_module()
         import llama_cpp
@@ -50,6 +59,15 @@ def diagnose() -> Report:
         if f.get("series_hash") and info.get("series_hash") != f["series_hash"]:
             rep.problems.append("the installed library was built from another patch series "
                                 f"({str(info.get('series_hash'))[:12]} ≠ {f['series_hash'][:12]}) — run: flashflex build")
+        elif f["build_instruction_set"] is None:
+            rep.problems.append("the installed library does not record the instruction set it was built for "
+                                "(built before flashflex keyed builds by CPU) — run: flashflex build --force")
+        if "AMX_INT8 = 1" in f["cpu_features"] and not f.get("build_amx"):
+            rep.problems.append("the installed library compiles ggml's AMX path, which segfaults at this pin "
+                                "(upstream llama.cpp issue 20824) — run: flashflex build --force")
+    except native.WrongCPU as exc:
+        f["patched"] = None
+        rep.problems.append(exc.one_line())
     except native.NotPatched as exc:
         f.setdefault("patched", False)
         rep.problems.append(exc.one_line())

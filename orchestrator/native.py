@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from orchestrator import cpufeatures
 from orchestrator.errors import FlashflexError
 
 
@@ -19,7 +20,19 @@ class NotPatched(FlashflexError):
     """The installed llama_cpp is stock (or missing): flashflex's execution paths are unavailable."""
 
 
+class WrongCPU(FlashflexError):
+    """The installed llama_cpp was compiled for CPU extensions this CPU lacks (importing it could SIGILL)."""
+
+
+def check_cpu_compatible() -> None:
+    """Refuse, before importing it, a llama_cpp whose build record needs extensions this CPU lacks."""
+    problem = cpufeatures.incompatibility(cpufeatures.installed_build_record())
+    if problem:
+        raise WrongCPU(problem, "rebuild it for this CPU: flashflex build --force")
+
+
 def llama_cpp_module():
+    check_cpu_compatible()
     try:
         import llama_cpp  # noqa: F401
         import llama_cpp.llama_cpp as lowlevel

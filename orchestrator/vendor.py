@@ -104,7 +104,7 @@ def verify_sdist(path: Path, sha256: str) -> None:
     got = sha256_file(path)
     if got != sha256:
         raise FlashflexError(f"{path} has sha256 {got[:16]}…, expected {sha256[:16]}… (corrupt or wrong file)",
-                             f"delete it and rerun, or pass the right sdist")
+                             "delete it and rerun, or pass the right sdist")
 
 
 def extract_vendored_gitdir(sdist: Path, into: Path) -> Path:

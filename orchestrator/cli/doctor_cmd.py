@@ -29,11 +29,13 @@ def register(app: typer.Typer) -> None:
                 ("llama-cpp-python", f"{f.get('llama_cpp_version', 'not installed')} "
                                      f"(pin {f.get('llama_cpp_python_pin', '?')})"),
                 ("library", f.get("llama_cpp_path", "-")),
-                ("patched", "yes" if f.get("patched") else "NO (stock or missing)"),
+                ("patched", {True: "yes", None: "unknown (not loaded)"}.get(f.get("patched"), "NO (stock or missing)")),
                 ("series hash", f"{str(f.get('series_hash', '?'))[:16]} (library: "
                                 f"{str(f.get('library_series_hash', '-'))[:16]})"),
                 ("features", ", ".join(f.get("features", [])) or "-"),
                 ("backends", ", ".join(f.get("backends", [])) or "-"),
+                ("built for", f.get("build_instruction_set") or "-"),
+                ("this CPU", f.get("host_instruction_set", "-")),
                 ("cpu", f.get("cpu_features", "-")),
                 ("cores", str(f.get("cpu_count"))),
                 ("RAM", f"{_human(f['ram_available'])} available of {_human(f['ram_total'])}"),
@@ -42,6 +44,6 @@ def register(app: typer.Typer) -> None:
             for k, v in rows:
                 console.print(f"{k:18} {v}", soft_wrap=True)
             for p in rep.problems:
-                err_console.print(f"error: {p}")
+                err_console.print(f"error: {p}", soft_wrap=True, markup=False)
         if not rep.ok:
             raise typer.Exit(1)
