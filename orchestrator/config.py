@@ -286,6 +286,48 @@ class RunConfig(_Section):
 # Loading
 
 
+def _read_yaml(path: str | Path) -> tuple[Path, dict[str, Any], dict[tuple[str, ...], int]]:
+    """(file, mapping, key path → line) of a YAML config file, or one FlashflexError naming the problem."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FlashflexError(f"config file {file} not found",
+                             "check the path; recipes live in configs/ (configs/default.yaml lists every key)"
+                             ) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise FlashflexError(f"cannot read config file {file}: {exc}", "give a readable UTF-8 YAML file") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FlashflexError(f"{file}: invalid YAML{at}: {problem}",
+                             "fix the syntax (indent with spaces; quote values containing ': ')") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise FlashflexError(f"{file}: the top level must be a mapping of sections, not a {type(data).__name__}",
+                             "start from configs/default.yaml")
+    return file, data, _line_numbers(node)
+
+
+def _validate(model: type[BaseModel], raw: dict[str, Any], lines: dict[tuple[str, ...], int], where: str,
+              from_file: bool) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, lines) for err in exc.errors()]
+        fix = ("fix these keys (configs/default.yaml lists every key with its default)" if from_file
+               else "fix these options (--help lists them)")
+        raise FlashflexError(
+            f"{where}: {len(problems)} invalid setting{'s' if len(problems) != 1 else ''}: " + "; ".join(problems),
+            fix,
+        ) from None
+
+
 def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """RunConfig from a YAML file (None = defaults) with `overrides` applied on top.
 
@@ -296,46 +338,88 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
     lines: dict[tuple[str, ...], int] = {}
     where = "options"
     if path is not None:
-        file = Path(path).expanduser()
+        file, data, lines = _read_yaml(path)
         where = str(file)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FlashflexError(f"config file {file} not found",
-                                 "check the path; recipes live in configs/ (configs/default.yaml lists every key)"
-                                 ) from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-            raise FlashflexError(f"cannot read config file {file}: {exc}", "give a readable UTF-8 YAML file") from None
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise FlashflexError(f"{file}: invalid YAML{at}: {problem}",
-                                 "fix the syntax (indent with spaces; quote values containing ': ')") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise FlashflexError(f"{file}: the top level must be a mapping of sections, not a {type(data).__name__}",
-                                 "start from configs/default.yaml")
-        lines = _line_numbers(node)
         raw = _resolve_paths(data, RunConfig, file.parent.resolve(), ())
     if overrides:
         merged = _nest(overrides)
         merged = _resolve_paths(merged, RunConfig, Path.cwd(), ())
         raw = _deep_merge(raw, merged)
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = [_describe(err, lines) for err in exc.errors()]
-        fix = ("fix these keys (configs/default.yaml lists every key with its default)" if path is not None
-               else "fix these options (--help lists them)")
-        raise FlashflexError(
-            f"{where}: {len(problems)} invalid setting{'s' if len(problems) != 1 else ''}: " + "; ".join(problems),
-            fix,
-        ) from None
+    return _validate(RunConfig, raw, lines, where, path is not None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving: one or several models, each a RunConfig with its own plan
+
+
+class ServerConfig(_Section):
+    """`flashflex serve`: where it listens and what a request may ask for."""
+
+    host: str = Field(default="127.0.0.1",
+                      description="Address to listen on. Anything but a loopback address is reachable from other "
+                      "machines (the server warns at startup).")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port to listen on.")
+    api_key: str | None = Field(default=None,
+                                description="When set, every /v1 request needs `Authorization: Bearer <key>`.")
+    max_tokens_cap: int | None = Field(
+        default=None, ge=1,
+        description="Largest max_tokens a request may ask for (a bigger one gets HTTP 400); a request without "
+        "max_tokens gets at most this many. null = the model's context.")
+    shutdown_grace_s: float = Field(
+        default=3.0, ge=0.0, le=600.0,
+        description="On SIGINT/SIGTERM: stop accepting, stop in-flight generations at their next token, and exit "
+        "after at most this many seconds.")
+
+
+class ServedModel(RunConfig):
+    """One model of a serve file: a RunConfig plus the name clients ask for."""
+
+    alias: str | None = Field(default=None, min_length=1,
+                              description="The model name clients send (OpenAI `model`). null = the file name.")
+
+
+class ServeFile(_Section):
+    """A serve file: server settings and several models, each with its own plan; loaded on demand."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig, description="Server settings.")
+    models: list[ServedModel] = Field(min_length=1, description="The models served; the first is the default.")
+
+    @model_validator(mode="after")
+    def _unique_aliases(self) -> ServeFile:
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            name = m.alias or (m.model.path.name if m.model.path else "default")
+            if name in seen:
+                raise ValueError(f"models: two models are named {name!r} (give each an alias)")
+            seen.add(name)
+        return self
+
+
+def is_serve_file(path: str | Path) -> bool:
+    """True when a YAML file lists `models:` (a serve file) rather than one RunConfig."""
+    _, data, _ = _read_yaml(path)
+    return "models" in data or "server" in data
+
+
+def load_serve_file(path: str | Path, overrides: dict[str, Any] | None = None,
+                    server_overrides: dict[str, Any] | None = None) -> ServeFile:
+    """A serve file with flag overrides applied to every model (`overrides`) and to the server section."""
+    file, data, lines = _read_yaml(path)
+    base = file.parent.resolve()
+    raw = dict(data)
+    models = raw.get("models")
+    if isinstance(models, list):
+        fixed = []
+        for item in models:
+            if isinstance(item, dict):
+                item = _resolve_paths(item, ServedModel, base, ())
+                if overrides:
+                    item = _deep_merge(item, _resolve_paths(_nest(overrides), RunConfig, Path.cwd(), ()))
+            fixed.append(item)
+        raw["models"] = fixed
+    if server_overrides:
+        raw["server"] = _deep_merge(raw.get("server") or {}, _nest(server_overrides))
+    return _validate(ServeFile, raw, lines, str(file), True)
 
 
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -347,6 +347,22 @@ def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) 
     return setup
 
 
+# MoE options that only mean something when experts live in banks (RunConfig key → flag).
+_BANK_OPTIONS = {"sidecar": "--moe-sidecar", "slot_bank": "--moe-slot-bank", "io_threads": "--moe-io-threads",
+                 "trace": "--moe-trace", "prefetch": "--moe-prefetch", "prefetch_ranks": "moe.prefetch_ranks"}
+
+
+def _refuse_bank_options(cfg: "RunConfig", what: str) -> None:
+    """One line for a bank option given to a run without banks (stock, resident, a dense model)."""
+    given = [flag for key, flag in _BANK_OPTIONS.items() if key in cfg.moe.model_fields_set
+             and getattr(cfg.moe, key) not in (None, "none")]
+    if given:
+        raise FlashflexError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to runs with expert "
+                             f"banks (resident-bank, slot-bank, oracle modes), and this run is {what}",
+                             "add --moe-mode slot-bank (on a MoE model with a sidecar) or drop "
+                             + ("it" if len(given) == 1 else "them"))
+
+
 def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     """What a RunConfig runs: stock when the model fits (and no mode asks otherwise), else the Plan's
     streaming and/or the MoE banks.
@@ -357,7 +373,7 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     from orchestrator.modelfile.reader import read_model_table, shard_paths
     from orchestrator.sizes import available_memory, is_auto
 
-    plain = cfg.moe.mode in ("auto", "stock", "resident") and cfg.moe.topk is None and not cfg.moe.shared_only
+    plain = cfg.moe.mode in ("auto", "stock", "resident") and not (cfg.moe.model_fields_set - {"mode"})
     if is_auto(str(cfg.budget.size)) and plain:
         file_bytes = sum(p.stat().st_size for p in shard_paths(model))
         if 2 * file_bytes < cfg.budget.resolve_bytes(available_memory()):
@@ -379,9 +395,8 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
         ex.mode = plan.moe.mode if plan.moe.mode != "auto" else "stock"
     elif cfg.moe.shared_only:
         raise FlashflexError("--moe-shared-only applies to MoE models only", "drop --moe-shared-only")
-    elif cfg.moe.trace is not None or cfg.moe.prefetch != "none":
-        raise FlashflexError("--moe-trace and --moe-prefetch apply to MoE runs with slot banks",
-                             "add --moe-mode slot-bank (on a MoE model with a sidecar)")
+    if ex.moe is None:
+        _refuse_bank_options(cfg, ex.mode if plan.moe is not None else "a dense model")
     if not plan.fits_entirely and streamed_tensors(plan):
         ex.plan = plan
         if ex.mode in ("stock", "resident"):
@@ -389,16 +404,12 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     return ex
 
 
-def plan_for_config(cfg: "RunConfig", model: Path) -> Plan | None:
-    """The Plan a run streams with, or None (kept for callers that only stream dense weights)."""
-    return execution_for_config(cfg, model).plan
-
-
 def open_configured(cfg: "RunConfig", log=print, logits_all: bool = False):
-    """The Python API: a `llama_cpp.Llama` for a RunConfig, with its budget plan and MoE banks applied."""
-    settings = settings_from_config(cfg, log)
-    ex = execution_for_config(cfg, settings.model)
-    return open_model(settings, ex.plan, logits_all=logits_all, moe=ex.moe, **ex.llama_kwargs())
+    """A `llama_cpp.Llama` for a RunConfig, with its budget plan and MoE banks applied. Kept for older code:
+    `orchestrator.open_llama` / `orchestrator.llama` are the Python API (its close publishes a trace)."""
+    from orchestrator import api
+
+    return api.prepare(cfg, log=log).open(logits_all=logits_all)
 
 
 def _stream_stats(llm, ex: Execution) -> dict[str, Any] | None:

@@ -212,14 +212,29 @@ def test_configs_has_the_required_recipes():
 
 @pytest.mark.parametrize("path", recipes(), ids=lambda p: p.name)
 def test_every_recipe_validates(path):
+    if cfg.is_serve_file(path):
+        served = cfg.load_serve_file(path)
+        assert served.server.host == "127.0.0.1" and len(served.models) >= 1
+        return
     run = load_run_config(path)
     assert isinstance(run, RunConfig)
     if run.moe.mode in cfg.BANKED_MODES:
         assert run.moe.sidecar is not None
 
 
+def test_serve_file_errors_name_the_model_and_key(tmp_path):
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("models:\n  - alias: a\n    moe: {slot_bank: 0}\n")
+    with pytest.raises(FlashflexError, match=r"models\[0\]\.moe\.slot_bank \(line 3\): must be >= 1"):
+        cfg.load_serve_file(bad)
+    bad.write_text("models:\n  - alias: a\n  - alias: a\n")
+    with pytest.raises(FlashflexError, match="two models are named 'a'"):
+        cfg.load_serve_file(bad)
+
+
 @pytest.mark.parametrize("path", [p for p in recipes() if p.name not in
-                                  ("default.yaml", "dense-budget.yaml", "moe-budget.yaml")], ids=lambda p: p.name)
+                                  ("default.yaml", "dense-budget.yaml", "moe-budget.yaml", "serve.yaml")],
+                         ids=lambda p: p.name)
 def test_seed_recipes_are_marked_untested(path):
     assert path.read_text().startswith("# UNTESTED HERE")
 

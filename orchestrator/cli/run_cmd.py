@@ -2,58 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
 from orchestrator import runner
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
-
-# Options shared by every command that opens a model, mapped to RunConfig keys (flags beat the YAML).
-ConfigArg = Annotated[Optional[Path], typer.Argument(help="A YAML RunConfig (see configs/). Flags override it.")]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (default: Gemma 3 270M Q4_K_M).")]
-BudgetOpt = Annotated[Optional[str], typer.Option(
-    "--budget", "-am", help="RAM budget (2GiB, 1.5G, 512MiB, a bare number of GiB, or auto). Below the model's "
-    "size, weights stream from disk.")]
-PrefetchThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--prefetch-threads", "-tp", min=0, help="Prefetch I/O threads for streamed weights; 0 = synchronous reads.")]
-PrefetchWindowOpt = Annotated[Optional[int], typer.Option(
-    "--prefetch-window", min=1, help="Layers read ahead of compute.")]
-DirectIOOpt = Annotated[Optional[str], typer.Option(
-    "--direct-io", help="O_DIRECT reads: auto, on, off or strict (fail when the file is not 4096-aligned).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="Compute threads.")]
-CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", min=16, help="Context size in tokens.")]
-UbatchOpt = Annotated[Optional[int], typer.Option("--ubatch", "-ub", min=1, help="Micro-batch size.")]
-MoEModeOpt = Annotated[Optional[str], typer.Option(
-    "--moe-mode", help="MoE execution: auto, stock, resident, resident-bank (every expert from the sidecar), "
-    "slot-bank (per-layer banks of resident expert slots, misses read from the sidecar), or the ceilings "
-    "oracle-all-hit / oracle-prefetch (replay --moe-trace with every expert pre-installed / read one step "
-    "ahead).")]
-MoESidecarOpt = Annotated[Optional[Path], typer.Option(
-    "--moe-sidecar", help="Expert sidecar directory (flashflex sidecar extract); default MODEL.sidecar beside it.")]
-MoESlotBankOpt = Annotated[Optional[int], typer.Option(
-    "--moe-slot-bank", min=1, help="Expert slots per MoE layer (>= top-k); default: sized by the planner.")]
-MoETopkOpt = Annotated[Optional[int], typer.Option(
-    "--moe-topk", min=1, help="Use fewer experts per token than the model (LOSSY: output differs from stock).")]
-MoESharedOnlyOpt = Annotated[Optional[bool], typer.Option(
-    "--moe-shared-only", help="Diagnostic, LOSSY: routed experts contribute nothing (slot-bank only).")]
-MoEIOThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--moe-io-threads", min=1, help="Parallel readers for expert misses.")]
-MoETraceOpt = Annotated[Optional[Path], typer.Option(
-    "--moe-trace", help="Routing trace JSONL: slot-bank records one here; the oracle modes replay it.")]
-MoEPrefetchOpt = Annotated[Optional[str], typer.Option(
-    "--moe-prefetch", help="Expert prefetch policy for slot-bank: none (default) or router-lookahead.")]
-
-
-def _overrides(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch, *, moe_mode=None,
-               moe_sidecar=None, moe_slot_bank=None, moe_topk=None, moe_shared_only=None, moe_io_threads=None,
-               moe_trace=None, moe_prefetch=None, **more) -> dict:
-    return {"model.path": model, "budget.size": budget, "prefetch.threads": prefetch_threads,
-            "prefetch.window": prefetch_window, "prefetch.direct_io": direct_io, "context.threads": threads,
-            "context.ctx": ctx, "context.ubatch": ubatch, "moe.mode": moe_mode, "moe.sidecar": moe_sidecar,
-            "moe.slot_bank": moe_slot_bank, "moe.topk": moe_topk, "moe.shared_only": moe_shared_only,
-            "moe.io_threads": moe_io_threads, "moe.trace": moe_trace, "moe.prefetch": moe_prefetch, **more}
+from orchestrator.cli.options import (BudgetOpt, ConfigArg, CtxOpt, DirectIOOpt, MoEIOThreadsOpt, MoEModeOpt,
+                                     MoEPrefetchOpt, MoESharedOnlyOpt, MoESidecarOpt, MoESlotBankOpt, MoETopkOpt,
+                                     MoETraceOpt, ModelOpt, PrefetchThreadsOpt, PrefetchWindowOpt, ThreadsOpt,
+                                     UbatchOpt, model_overrides)
 
 
 def register(app: typer.Typer) -> None:
@@ -85,12 +43,13 @@ def register(app: typer.Typer) -> None:
         statistics (hits, misses, hit rate, bytes read, read and install time, total and per layer)."""
         from orchestrator.config import load_run_config
 
-        cfg = load_run_config(config, _overrides(model, budget, prefetch_threads, prefetch_window, direct_io,
-                                                 threads, ctx, ubatch, prompt=prompt, moe_mode=moe_mode,
+        cfg = load_run_config(config, model_overrides(model, budget, prefetch_threads, prefetch_window, direct_io,
+                                                 threads, ctx, ubatch, moe_mode=moe_mode,
                                                  moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
                                                  moe_topk=moe_topk, moe_shared_only=moe_shared_only,
                                                  moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                                                 moe_prefetch=moe_prefetch, **{"sampling.n_predict": n_predict}))
+                                                 moe_prefetch=moe_prefetch,
+                                                 extra={"prompt": prompt, "sampling.n_predict": n_predict}))
         settings = runner.settings_from_config(cfg, log=err_console.print)
         ex = runner.execution_for_config(cfg, settings.model)
         for reason in ex.lossy:
@@ -146,7 +105,7 @@ def register(app: typer.Typer) -> None:
         from orchestrator.config import load_run_config
         from orchestrator.errors import FlashflexError
 
-        cfg = load_run_config(config, _overrides(model, budget, prefetch_threads, prefetch_window, direct_io,
+        cfg = load_run_config(config, model_overrides(model, budget, prefetch_threads, prefetch_window, direct_io,
                                                  threads, ctx, ubatch, moe_mode=moe_mode, moe_sidecar=moe_sidecar,
                                                  moe_slot_bank=moe_slot_bank, moe_io_threads=moe_io_threads,
                                                  moe_trace=moe_trace, moe_prefetch=moe_prefetch))

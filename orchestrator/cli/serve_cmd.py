@@ -1,4 +1,4 @@
-"""`flashflex serve`: llama-cpp-python's OpenAI-compatible server, on the patched library."""
+"""`flashflex serve`: the OpenAI-compatible server (llama-cpp-python's), every model through flashflex's plan."""
 
 from __future__ import annotations
 
@@ -8,34 +8,112 @@ from typing import Optional
 import typer
 
 from orchestrator.cli.common import err_console
+from orchestrator.cli.options import (BudgetOpt, ConfigArg, CtxOpt, DirectIOOpt, ModelOpt, MoEIOThreadsOpt,
+                                      MoEModeOpt, MoEPrefetchOpt, MoESidecarOpt, MoESlotBankOpt, MoETopkOpt,
+                                      MoETraceOpt, PrefetchThreadsOpt, PrefetchWindowOpt, ThreadsOpt, UbatchOpt,
+                                      model_options)
 from orchestrator.errors import FlashflexError
+
+
+def _server_deps() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import llama_cpp.server.app  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise FlashflexError(f"the server dependencies are missing ({exc.name})",
+                             "pip install -e '.[server]' (uvicorn, fastapi, sse-starlette, ...)") from exc
+
+
+def load_entries(config: Path | None, options: dict, server_overrides: dict, log):
+    """(served entries, server settings) from a serve file, a RunConfig YAML or flags alone; every model is
+    planned and checked now, so a combination `run` refuses is refused before the server starts."""
+    from orchestrator import api
+    from orchestrator.config import RunConfig, ServerConfig, is_serve_file, load_serve_file
+    from orchestrator.server import ServedEntry
+
+    if config is not None and is_serve_file(config):
+        serve_file = load_serve_file(config, api.overrides_from_options(options), server_overrides)
+        entries = []
+        for i, model in enumerate(serve_file.models):
+            data = model.model_dump(exclude_unset=True)
+            alias = data.pop("alias", None) or (model.model.path.name if model.model.path else "default")
+            prepared = api.prepare(RunConfig.model_validate(data), log=log)
+            entries.append(ServedEntry(alias, prepared))
+        return entries, serve_file.server
+    prepared = api.prepare(config, log=log, **options)
+    server = ServerConfig.model_validate({k: v for k, v in server_overrides.items() if v is not None})
+    return [ServedEntry(prepared.settings.model.name, prepared)], server
+
+
+def startup_lines(entries, server) -> list[str]:
+    lines = []
+    for e in entries:
+        s = e.prepared.summary()
+        what = f"{e.alias}: {s['mode']}"
+        plan = s.get("plan")
+        if plan and s["mode"] != "stock":
+            what += (f", budget {plan['budget_bytes'] / 2**20:.0f} MiB, resident weights "
+                     f"{plan['resident_bytes'] / 2**20:.0f} MiB")
+        if s.get("moe"):
+            what += f", {s['moe']['slots']} expert slots per layer"
+        lines.append(what)
+        lines += [f"LOSSY ({e.alias}): {reason}; output differs from stock" for reason in e.prepared.lossy]
+    return lines
 
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF file (default: Gemma 3 270M Q4_K_M)."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-        port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
-        ctx: int = typer.Option(2048, "--ctx", "-c", min=16, help="Context size in tokens."),
-        threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="Compute threads."),
+        config: ConfigArg = None,
+        model: ModelOpt = None,
+        host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1; anything "
+                                           "else is reachable from other machines)."),
+        port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Port to listen on (default 8000)."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY`."),
+        max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", min=1,
+                                                     help="Largest max_tokens a request may ask for "
+                                                     "(default: the context)."),
+        budget: BudgetOpt = None,
+        prefetch_threads: PrefetchThreadsOpt = None,
+        prefetch_window: PrefetchWindowOpt = None,
+        direct_io: DirectIOOpt = None,
+        threads: ThreadsOpt = None,
+        ctx: CtxOpt = None,
+        ubatch: UbatchOpt = None,
+        moe_mode: MoEModeOpt = None,
+        moe_sidecar: MoESidecarOpt = None,
+        moe_slot_bank: MoESlotBankOpt = None,
+        moe_topk: MoETopkOpt = None,
+        moe_io_threads: MoEIOThreadsOpt = None,
+        moe_trace: MoETraceOpt = None,
+        moe_prefetch: MoEPrefetchOpt = None,
     ) -> None:
-        """Serve a model over the OpenAI-compatible HTTP API of llama-cpp-python (llama_cpp.server)."""
-        from orchestrator.models import resolve_model
-        from orchestrator.native import llama_cpp_module
+        """Serve models over the OpenAI API (/v1/completions, /v1/chat/completions with the model's chat
+        template, streaming, /v1/models) through the same plan and runtime as `run`; /health and
+        /flashflex/stats in JSON. CONFIG is a RunConfig YAML or a serve file listing several `models:`
+        (loaded on demand). Concurrent requests queue. SIGINT/SIGTERM stop in-flight answers and exit."""
+        from orchestrator import server as srv
 
-        llama_cpp_module()
-        try:
-            import uvicorn
-            from llama_cpp.server.app import create_app
-            from llama_cpp.server.settings import ModelSettings, ServerSettings
-        except ImportError as exc:
-            raise FlashflexError(f"the server dependencies are missing ({exc.name})",
-                                 "pip install -e '.[server]' (uvicorn, fastapi, sse-starlette, ...)") from exc
-        path = resolve_model(model, log=err_console.print)
-        model_settings = ModelSettings(model=str(path), n_ctx=ctx, verbose=False,
-                                       **({"n_threads": threads, "n_threads_batch": threads} if threads else {}))
-        server_settings = ServerSettings(host=host, port=port)
-        err_console.print(f"serving {path.name} on http://{host}:{port}/v1 (Ctrl-C to stop)")
-        uvicorn.run(create_app(server_settings=server_settings, model_settings=[model_settings]),
-                    host=host, port=port, log_level="warning")
+        _server_deps()
+        options = model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch,
+                                    moe_mode=moe_mode, moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
+                                    moe_topk=moe_topk, moe_io_threads=moe_io_threads, moe_trace=moe_trace,
+                                    moe_prefetch=moe_prefetch)
+        server_overrides = {"host": host, "port": port, "api_key": api_key, "max_tokens_cap": max_tokens_cap}
+        entries, settings = load_entries(config, options, server_overrides, err_console.print)
+        srv.check_port_free(settings.host, settings.port)
+        for line in startup_lines(entries, settings):
+            style = "yellow" if line.startswith("LOSSY") else "dim"
+            err_console.print(f"[{style}]{line}[/]", soft_wrap=True)
+        if not srv.is_loopback(settings.host):
+            err_console.print(f"[bold red]WARNING: listening on {settings.host}: reachable from other machines"
+                              f"{'' if settings.api_key else ' with NO API key (anyone can use it; --api-key)'}[/]",
+                              soft_wrap=True)
+
+        def ready() -> None:
+            err_console.print(f"serving {', '.join(e.alias for e in entries)} on "
+                              f"http://{settings.host}:{settings.port}/v1 (Ctrl-C to stop)", soft_wrap=True)
+
+        srv.serve(entries, settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]", soft_wrap=True),
+                  on_ready=ready)

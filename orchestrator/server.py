@@ -1,0 +1,378 @@
+"""`flashflex serve`: llama-cpp-python's OpenAI-compatible server, each model opened through flashflex's plan.
+
+llama-cpp-python's router (`/v1/completions`, `/v1/chat/completions` with the model's chat template, SSE
+streaming, `/v1/models`, API key) is used as it is; flashflex supplies what it does not have:
+
+- the model proxy: every served model is a `Prepared` (RunConfig → plan, banks), validated at startup and opened
+  on demand through `api.Handle` (one open model at a time, as llama-cpp-python does, so budgets do not add up);
+- a request gate in front of the router: malformed JSON or invalid fields → 400, an unknown model → 404,
+  max_tokens above the cap or the context → 400, never a 500 that shows the server's internals;
+- queueing instead of interruption: concurrent requests wait their turn (llama-cpp-python's default stops a
+  streaming answer whenever another request arrives);
+- `/health` (no auth, never waits for a generation) and `/flashflex/stats` (mode, plan summary, resident and
+  streamed bytes, bank hit rate, bytes read, the last request's tokens/s);
+- shutdown: SIGINT/SIGTERM stop accepting, stop in-flight generations at their next token, close the models
+  (publishing a routing trace they record) and exit within `shutdown_grace_s`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from orchestrator import api
+from orchestrator.config import ServerConfig
+from orchestrator.errors import FlashflexError
+
+
+@dataclass
+class ServedEntry:
+    alias: str
+    prepared: api.Prepared
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before printing anything when the address cannot be bound (in use, or not this machine's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
+                raise FlashflexError(f"port {port} on {host} is already in use",
+                                     "stop the other server or pick another port with --port") from None
+            raise FlashflexError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                                 "give an address of this machine with --host (default 127.0.0.1)") from None
+
+
+class ShutdownFlag:
+    """Set once on SIGINT/SIGTERM; generations check it at every token (a llama_cpp StoppingCriteria)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, _input_ids, _logits) -> bool:
+        return self.event.is_set()
+
+
+class ModelProxy:
+    """What llama-cpp-python's router expects of its LlamaProxy (call with a model name → a Llama; iterate the
+    names; free), over flashflex Handles. Requests are serialised by the router's own lock."""
+
+    def __init__(self, entries: list[ServedEntry], server: ServerConfig, stop: ShutdownFlag,
+                 log: Callable[[str], None] = print):
+        self.entries = {e.alias: e for e in entries}
+        self.default = entries[0].alias
+        self.server = server
+        self.stop = stop
+        self.log = log
+        self.current: api.Handle | None = None
+        self.current_alias: str | None = None
+        self.last_stats: dict[str, Any] = {}  # runtime stats snapshot after each request, per alias
+        self._lock = threading.Lock()
+        self._running = 0  # threads inside llama.cpp right now (a suspended, abandoned stream does not count)
+        self._idle = threading.Condition()
+        self._load(self.default)
+
+    # -- the LlamaProxy interface --------------------------------------------------------------------
+    def __call__(self, model: str | None = None):
+        alias = model if model in self.entries else self.default
+        if alias != self.current_alias:
+            self._load(alias)
+        assert self.current is not None
+        return self.current.llm
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def free(self, timeout: float | None = None) -> bool:
+        """Close the open model once no thread is inside llama.cpp (False: one still was after `timeout` s)."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._running == 0, timeout=timeout):
+                return False
+            with self._lock:
+                if self.current is not None:
+                    self.current.close()
+                    self.current = None
+                    self.current_alias = None
+        return True
+
+    @contextlib.contextmanager
+    def running(self):
+        """Around every call into llama.cpp from a request, so free() never closes a model in use."""
+        with self._idle:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    # -- flashflex ----------------------------------------------------------------------------------
+    def _load(self, alias: str) -> None:
+        with self._lock:
+            if self.current is not None:
+                self.log(f"unloading {self.current_alias}")
+                self.current.close()
+                self.current = None
+                self.current_alias = None
+            entry = self.entries[alias]
+            self.log(f"loading {alias} ({entry.prepared.execution.mode})")
+            handle = api.Handle.open(entry.prepared)
+            _meter(handle, self)
+            self.current, self.current_alias = handle, alias
+
+    def context_of(self, alias: str | None) -> int:
+        entry = self.entries.get(alias or self.default) or self.entries[self.default]
+        return entry.prepared.settings.ctx
+
+    def stats(self) -> dict[str, Any]:
+        models = {}
+        for alias, entry in self.entries.items():
+            info = entry.prepared.summary()
+            info["loaded"] = alias == self.current_alias
+            info.update(self.last_stats.get(alias, {}))
+            models[alias] = info
+        return {"default": self.default, "loaded": self.current_alias, "models": models}
+
+
+def _meter(handle: api.Handle, proxy: ModelProxy) -> None:
+    """Wrap the model's create_completion (every completion and chat request ends up there): add the shutdown
+    stop, time the request, turn errors inside a stream into an error event, snapshot the runtime's stats."""
+    llm = handle.llm
+    original = llm.create_completion
+    alias = proxy.current_alias  # set just after; read lazily below
+
+    def finish(meter: api.RequestMeter) -> None:
+        handle.last_request = meter.result()
+        snapshot: dict[str, Any] = {"last_request": handle.last_request}
+        snapshot.update(_runtime_summary(handle.native_stats()))
+        proxy.last_stats[proxy.current_alias or alias or proxy.default] = snapshot
+
+    def create_completion(*args: Any, **kwargs: Any):
+        import llama_cpp
+
+        criteria = kwargs.get("stopping_criteria")
+        stops = llama_cpp.StoppingCriteriaList([proxy.stop])
+        if criteria:
+            stops.extend(criteria)
+        kwargs["stopping_criteria"] = stops
+        meter = api.RequestMeter()
+        if not kwargs.get("stream"):
+            with proxy.running():
+                result = original(*args, **kwargs)
+            meter.token(result.get("usage", {}).get("completion_tokens", 0))
+            finish(meter)
+            return result
+        chunks = original(*args, **kwargs)  # a generator: nothing runs until it is iterated
+
+        def stream():
+            # Each step runs llama.cpp; between steps the stream is suspended and may be abandoned by a client
+            # that hung up, so only the steps count as running.
+            try:
+                while True:
+                    with proxy.running():
+                        chunk = next(chunks, None)
+                    if chunk is None:
+                        break
+                    if chunk["choices"] and chunk["choices"][0].get("finish_reason") is None:
+                        meter.token()  # the last chunk carries only the finish reason
+                    yield chunk
+            except ValueError as exc:  # e.g. the prompt exceeds the context: an error event, then [DONE]
+                yield {"error": {"message": str(exc), "type": "invalid_request_error", "param": None,
+                                 "code": "context_length_exceeded" if "context window" in str(exc) else None}}
+            finally:
+                finish(meter)
+
+        return stream()
+
+    llm.create_completion = create_completion
+
+
+def _runtime_summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """The runtime counters a user reads first (full counters stay under `runtime`)."""
+    out: dict[str, Any] = {"runtime": raw}
+    stream = raw.get("stream")
+    if stream:
+        out["streamed_bytes_read"] = stream.get("bytes_read")
+    moe = raw.get("moe")
+    if moe:
+        calls = moe.get("hits", 0) + moe.get("misses", 0)
+        out["bank_hit_rate"] = moe.get("hits", 0) / calls if calls else None
+        out["bank_bytes_read"] = moe.get("bytes_read")
+    return out
+
+
+def _error(status: int, message: str, code: str | None = None, param: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500 else
+                                   "server_error", "param": param, "code": code}}, status_code=status)
+
+
+class RequestGate:
+    """ASGI middleware in front of the router: reads a /v1 POST body once, answers 4xx for what would otherwise
+    become a 500 with internals, applies the max_tokens cap, and hands the body on unchanged."""
+
+    GUARDED = {"/v1/completions": "completion", "/v1/chat/completions": "chat",
+               "/v1/engines/copilot-codex/completions": "completion"}
+
+    def __init__(self, app, proxy_ref: Callable[[], ModelProxy]):
+        self.app = app
+        self.proxy_ref = proxy_ref
+
+    async def __call__(self, scope, receive, send):
+        kind = self.GUARDED.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if kind is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        response, body = self.check(kind, body)
+        if response is not None:
+            await response(scope, receive, send)
+            return
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def check(self, kind: str, body: bytes):
+        """(an error response or None, the body to hand on: a request without max_tokens gets the cap)."""
+        data, response = self._check(kind, body)
+        if response is not None:
+            return response, body
+        if not data.get("max_tokens") and self.proxy_ref().server.max_tokens_cap:  # None or 0: "unlimited"
+            data["max_tokens"] = self.proxy_ref().server.max_tokens_cap
+            body = json.dumps(data).encode()
+        return None, body
+
+    def _check(self, kind: str, body: bytes):
+        from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+        from pydantic import ValidationError
+
+        try:
+            data = json.loads(body or b"null")
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested arrays
+            return None, _error(400, f"the request body is not valid JSON ({exc.__class__.__name__}: "
+                                     f"{str(exc).split(':')[0][:100]})", "invalid_json")
+        if not isinstance(data, dict):
+            return None, _error(400, "the request body must be a JSON object", "invalid_json")
+        model_cls = CreateChatCompletionRequest if kind == "chat" else CreateCompletionRequest
+        try:
+            req = model_cls.model_validate(data)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors()[:5]:
+                where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+                problems.append(f"{where}: {err.get('msg', 'invalid')}")
+            return None, _error(400, "invalid request: " + "; ".join(problems), "invalid_request",
+                                str(exc.errors()[0].get("loc", ("body",))[0]))
+        proxy = self.proxy_ref()
+        if req.model is not None and req.model not in proxy.entries:
+            return None, _error(404, f"model {req.model!r} is not served here; available: "
+                                     f"{', '.join(proxy.entries)}", "model_not_found", "model")
+        if req.max_tokens is not None and req.max_tokens < 0:
+            return None, _error(400, f"max_tokens must be >= 0 (got {req.max_tokens})", "invalid_request", "max_tokens")
+        ctx = proxy.context_of(req.model)
+        cap = min(proxy.server.max_tokens_cap or ctx, ctx)
+        if req.max_tokens is not None and req.max_tokens > cap:
+            what = "the model's context" if cap == ctx else "this server's max_tokens cap"
+            return None, _error(400, f"max_tokens {req.max_tokens} exceeds {what} of {cap} tokens",
+                                "max_tokens_too_large", "max_tokens")
+        return data, None
+
+
+def build_app(entries: list[ServedEntry], server: ServerConfig, log: Callable[[str], None] = print):
+    """The ASGI app: llama-cpp-python's router over our proxy, the request gate, /health and /flashflex/stats.
+    Loads the default model (like llama-cpp-python); returns (app, proxy, stop flag)."""
+    from fastapi import Depends, FastAPI
+    from llama_cpp.server import app as lcp_app
+    from llama_cpp.server.settings import ServerSettings
+    from starlette_context.middleware import RawContextMiddleware
+    from starlette_context.plugins import RequestIdPlugin
+
+    import orchestrator
+
+    lcp_app.set_server_settings(ServerSettings(host=server.host, port=server.port, api_key=server.api_key,
+                                               interrupt_requests=False))  # queue, do not interrupt
+    stop = ShutdownFlag()
+    proxy = ModelProxy(entries, server, stop, log)
+    lcp_app._llama_proxy = proxy  # the router's model source (llama-cpp-python's set_llama_proxy builds its own)
+
+    app = FastAPI(title="flashflex", version=orchestrator.__version__)
+    app.add_middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))
+    app.include_router(lcp_app.router)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "stopping" if stop.event.is_set() else "ok", "loaded": proxy.current_alias,
+                "models": list(proxy.entries)}
+
+    @app.get("/flashflex/stats", dependencies=[Depends(lcp_app.authenticate)])
+    async def stats() -> dict[str, Any]:
+        return proxy.stats()
+
+    gated = RequestGate(app, lambda: proxy)
+    return gated, proxy, stop
+
+
+def serve(entries: list[ServedEntry], server: ServerConfig, log: Callable[[str], None] = print,
+          on_ready: Callable[[], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM; in-flight generations stop at their next token, models close, traces publish."""
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    check_port_free(server.host, server.port)
+    app, proxy, stop = build_app(entries, server, log)  # loads the default model: errors surface before "serving"
+    if on_ready is not None:
+        on_ready()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            # Unlike uvicorn's own handler, do not re-raise the signal after shutdown: we exit cleanly ourselves,
+            # after closing the models (which publishes a routing trace they record).
+            stop.event.set()  # generations stop at their next token
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    srv = Server(uvicorn.Config(app, host=server.host, port=server.port, log_level="warning",
+                                timeout_graceful_shutdown=max(1, int(server.shutdown_grace_s))))
+    try:
+        asyncio.run(srv.serve())
+    finally:
+        stop.event.set()
+        if not proxy.free(timeout=server.shutdown_grace_s + 2):
+            log("warning: a generation did not stop in time; exiting without closing the model")
+    log("server stopped")
