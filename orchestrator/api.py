@@ -46,6 +46,7 @@ OPTION_KEYS: dict[str, str] = {
     "moe_shared_only": "moe.shared_only",
     "moe_io_threads": "moe.io_threads",
     "moe_trace": "moe.trace",
+    "moe_trace_force": "moe.trace_force",
     "moe_prefetch": "moe.prefetch",
     "moe_prefetch_ranks": "moe.prefetch_ranks",
     "prompt": "prompt",

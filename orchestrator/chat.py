@@ -98,7 +98,8 @@ def read_message(readline: Callable[[str], str]) -> str | None:
 
 def stats_lines(llm) -> list[str]:
     st = llm.flashflex.stats()
-    lines = [f"model {st['model']}", f"mode {st['mode']}" + (f" (LOSSY: {'; '.join(st['lossy'])})" if st['lossy'] else "")]
+    lossy = f" (LOSSY: {'; '.join(st['lossy'])})" if st["lossy"] else ""
+    lines = [f"model {st['model']}", f"mode {st['mode']}{lossy}"]
     plan = st.get("plan")
     if plan:
         lines.append(f"budget {plan['budget_bytes'] / 2**20:.0f} MiB, resident weights "

@@ -199,6 +199,12 @@ class MoEConfig(_Section):
         "replay it (required).",
     )
 
+    trace_force: bool = Field(
+        default=False,
+        description="Overwrite an existing `trace` file when recording (CLI --force). Without it, recording onto an "
+        "existing file is refused.",
+    )
+
     @model_validator(mode="after")
     def _trace_for_oracles(self) -> MoEConfig:
         if self.mode in TRACE_REPLAY_MODES and self.trace is None:
@@ -286,9 +292,35 @@ class RunConfig(_Section):
 # Loading
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML for configs: no anchors or aliases (a 500-byte file of nested aliases expands to gigabytes, and a
+    self-referencing one recurses forever), no duplicate keys (the last one would silently win)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed in "
+                                              "flashflex configs; write the values out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str | Path) -> tuple[Path, dict[str, Any], dict[tuple[str, ...], int]]:
     """(file, mapping, key path → line) of a YAML config file, or one FlashflexError naming the problem."""
+    from orchestrator.fsutil import require_input_file
+
     file = Path(path).expanduser()
+    if file.exists() or str(path) in ("", "."):
+        file = require_input_file(file, "config file", "give a YAML file (configs/default.yaml lists every key)")
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -298,16 +330,18 @@ def _read_yaml(path: str | Path) -> tuple[Path, dict[str, Any], dict[tuple[str, 
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise FlashflexError(f"cannot read config file {file}: {exc}", "give a readable UTF-8 YAML file") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_StrictLoader)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise FlashflexError(f"{file}: invalid YAML{at}: {problem}",
-                             "fix the syntax (indent with spaces; quote values containing ': ')") from None
+        ours = isinstance(exc, (yaml.composer.ComposerError, yaml.constructor.ConstructorError))
+        fix = "edit the file as said" if ours else "fix the syntax (indent with spaces; quote values containing ': ')"
+        raise FlashflexError(f"{file}: invalid YAML{at}: {problem}", fix) from None
     if data is None:
-        data = {}
+        raise FlashflexError(f"{file} is empty (or only comments)",
+                             "give at least one setting, or omit the config to run with the defaults")
     if not isinstance(data, dict):
         raise FlashflexError(f"{file}: the top level must be a mapping of sections, not a {type(data).__name__}",
                              "start from configs/default.yaml")

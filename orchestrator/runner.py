@@ -239,8 +239,9 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
     finally:
         if config is not None:
             config.free()
-    if config is not None:
+    if config is not None or native.has_feature("interrupt"):  # stock models too: SIGINT stops a decode
         native.install_abort_callback(llm.ctx, llm.model)
+    native.quiet_llama_log()  # Llama(verbose=False) still prints llama.cpp's errors before ours
     return llm
 
 
@@ -261,8 +262,33 @@ def session(settings: GenerationSettings, ex: "Execution", logits_all: bool = Fa
             ex.moe.finish_trace(ok)
 
 
+def sanity_warnings(cfg: "RunConfig") -> list[str]:
+    """Settings that are allowed but almost certainly not meant: a budget above physical RAM (the run would
+    swap or be OOM-killed instead of streaming), more compute threads than cores (each step waits on the
+    slowest thread)."""
+    import psutil
+
+    from orchestrator.sizes import format_size, is_auto
+
+    out = []
+    if not is_auto(str(cfg.budget.size)):
+        total = psutil.virtual_memory().total
+        budget = cfg.budget.resolve_bytes()
+        if budget > total:
+            out.append(f"the budget {format_size(budget)} is more than this machine's {format_size(total)} of RAM; "
+                       "nothing will stream and the run may be killed for memory (give a budget below the RAM)")
+    cores = psutil.cpu_count(logical=True) or 1
+    if cfg.context.threads is not None and cfg.context.threads > cores:
+        out.append(f"-t {cfg.context.threads} is more compute threads than this machine's {cores} cores; "
+                   f"decoding slows down (use -t {cores} or fewer)")
+    return out
+
+
 def settings_from_config(cfg: "RunConfig", log=print) -> GenerationSettings:
     from orchestrator.models import resolve_model
+
+    for line in sanity_warnings(cfg):
+        log(f"warning: {line}")
 
     return GenerationSettings(
         model=resolve_model(cfg.model.path, log=log),
@@ -341,6 +367,7 @@ def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) 
         if plan.moe.mode != "slot-bank":
             raise FlashflexError(f"--moe-trace records slot-bank runs; {plan.moe.mode} routes nothing through banks",
                                  "use --moe-mode slot-bank")
+        traces.check_trace_destination(Path(cfg.moe.trace), cfg.moe.trace_force)
         setup.trace_out = Path(cfg.moe.trace)
         setup.trace_header = traces.header_for(manifest, k=k, ubatch=cfg.context.ubatch, slots=slots,
                                                prefetch=cfg.moe.prefetch, mode=plan.moe.mode)
@@ -375,10 +402,18 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
 
     plain = cfg.moe.mode in ("auto", "stock", "resident") and not (cfg.moe.model_fields_set - {"mode"})
     if is_auto(str(cfg.budget.size)) and plain:
+        from orchestrator.modelfile.validate import read_layout
+
+        for shard in shard_paths(model):  # the header checks the full table read would make, in a fraction
+            read_layout(shard)
         file_bytes = sum(p.stat().st_size for p in shard_paths(model))
         if 2 * file_bytes < cfg.budget.resolve_bytes(available_memory()):
             return Execution(mode="resident" if cfg.moe.mode == "resident" else "stock")
+    if cfg.moe.mode in ("stock", "resident"):
+        _refuse_bank_options(cfg, cfg.moe.mode)
     table = read_model_table(model)
+    if not table.arch.is_moe and not any(t.role.name == "EXPERT_ROUTED" for t in table.tensors):
+        _refuse_bank_options(cfg, "a dense model")
     plan = plan_for_run(table, cfg)
     ex = Execution(budget_plan=plan)
     if plan.moe is not None:
@@ -471,7 +506,7 @@ def _prefetch_stats(raw: dict[str, Any]) -> dict[str, Any]:
 def generate(settings: GenerationSettings, plan: Plan | None = None, ex: Execution | None = None) -> RunResult:
     ex = ex or Execution(mode="dense-stream" if plan is not None else "stock", plan=plan)
     t0 = time.perf_counter()
-    with session(settings, ex) as llm:
+    with native.interruptible(), session(settings, ex) as llm:
         load_s = time.perf_counter() - t0
         try:
             return _generate(llm, settings, ex, load_s)
@@ -479,8 +514,11 @@ def generate(settings: GenerationSettings, plan: Plan | None = None, ex: Executi
             raise decode_error(llm, ex, exc) from exc
 
 
-def decode_error(llm, ex: Execution, exc: Exception) -> FlashflexError:
-    """One line for a failed llama_decode: the runtime's own reason (I/O error, diverged replay) when it has one."""
+def decode_error(llm, ex: Execution, exc: Exception) -> BaseException:
+    """One line for a failed llama_decode: the runtime's own reason (I/O error, diverged replay) when it has one;
+    KeyboardInterrupt when Ctrl-C aborted it (native.interruptible)."""
+    if native.interrupt_requested():
+        return KeyboardInterrupt()
     reason = native.model_error(llm.model) if ex.native else None
     if reason:
         fix = ("replay the trace with the model, prompt and settings it was recorded with"
@@ -491,7 +529,8 @@ def decode_error(llm, ex: Execution, exc: Exception) -> FlashflexError:
 
 
 def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float) -> RunResult:
-    prompt_tokens = llm.tokenize(settings.prompt.encode(), add_bos=True, special=False)
+    # surrogateescape: a prompt from the command line that is not valid UTF-8 goes to the tokenizer as its bytes
+    prompt_tokens = llm.tokenize(settings.prompt.encode("utf-8", "surrogateescape"), add_bos=True, special=False)
     # n_predict < 0 means "until end of text or a full context".
     n_new = settings.n_predict if settings.n_predict >= 0 else settings.ctx - len(prompt_tokens)
     if len(prompt_tokens) + n_new > settings.ctx:

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -38,14 +39,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 
 from orchestrator.errors import FlashflexError
-from orchestrator.fsutil import atomic_dir
+from orchestrator.fsutil import atomic_dir, atomic_file
 from orchestrator.modelfile.reader import read_model_table
 from orchestrator.modelfile.table import ModelTable, TensorInfo
 from orchestrator.sizes import format_size
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layer headers carry a digest of their tensor table; model file mtimes recorded
 MANIFEST_NAME = "manifest.json"
 PAGE = 4096  # every expert slot, tensor and file size is a multiple of this (O_DIRECT's usual block)
 HEADER_MAGIC = b"FFSIDECAR1\n"
@@ -115,6 +116,7 @@ class ModelIdentity(_Strict):
     fingerprint: str
     files: list[str]  # basenames of the GGUF shards, in order
     file_sizes: list[int]
+    file_mtimes_ns: list[int]  # a GGUF edited after extraction feeds the same run its dense part: refuse it
 
 
 class LayerFile(_Strict):
@@ -174,8 +176,9 @@ class SidecarManifest(_Strict):
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version {self.format_version} is not supported (this flashflex reads "
                              f"{FORMAT_VERSION})")
-        if not self.model.files or len(self.model.files) != len(self.model.file_sizes):
-            raise ValueError("model.files and model.file_sizes must be non-empty and of equal length")
+        if not self.model.files or not (len(self.model.files) == len(self.model.file_sizes)
+                                        == len(self.model.file_mtimes_ns)):
+            raise ValueError("model.files, file_sizes and file_mtimes_ns must be non-empty and of equal length")
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown:
             raise ValueError(f"families: unknown family {unknown[0]!r}")
@@ -324,9 +327,19 @@ def fingerprint(files: Iterable[os.PathLike[str] | str]) -> str:
 # Layer file headers
 
 
-def header_page(extraction_id: str, layer: int) -> bytes:
-    """Page 0 of a layer file: magic, one compact JSON line naming the extraction and layer, zeros."""
-    line = json.dumps({"extraction_id": extraction_id, "layer": layer}, separators=(",", ":")).encode()
+def placement_digest(tensors: Iterable[SidecarTensor]) -> str:
+    """A digest of a layer file's tensor table as the manifest states it (names, offsets, strides, sizes,
+    shapes, types, sources). The layer file's header carries it, so a manifest edited after extraction (two
+    tensors' offsets swapped) no longer matches its files."""
+    rows = [t.model_dump() for t in sorted(tensors, key=lambda t: t.offset)]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def header_page(extraction_id: str, layer: int, tensors_digest: str) -> bytes:
+    """Page 0 of a layer file: magic, one compact JSON line naming the extraction, the layer and the digest of
+    its tensor table, zeros."""
+    line = json.dumps({"extraction_id": extraction_id, "layer": layer, "tensors": tensors_digest},
+                      separators=(",", ":")).encode()
     head = HEADER_MAGIC + line + b"\n"
     if len(head) > PAGE:
         raise AssertionError("sidecar header does not fit its page")  # an extraction id is 32 hex digits
@@ -542,6 +555,7 @@ def extract(
                     architecture=table.arch.arch, n_expert=table.arch.n_expert,
                     n_expert_used=table.arch.n_expert_used, n_layer=table.arch.n_layer, fingerprint=model_fp,
                     files=[f.name for f in files], file_sizes=[f.stat().st_size for f in files],
+                    file_mtimes_ns=[f.stat().st_mtime_ns for f in files],
                 ),
                 families=[f for f in FAMILIES if any(t.family == f for ts in plan.values() for t in ts)],
                 layers=entries,
@@ -561,7 +575,7 @@ def _write_layer(directory: Path, layer: int, tensors: list[SidecarTensor], extr
     path = directory / name
     with open(path, "wb") as fh:
         sink = _HashingWriter(fh)
-        sink.write(header_page(extraction_id, layer))
+        sink.write(header_page(extraction_id, layer, placement_digest(tensors)))
         for t in tensors:
             _copy_tensor(fds[t.source_file], files[t.source_file].name, sink, t, advance)
         fh.flush()
@@ -661,6 +675,11 @@ def _layer_problems(manifest: SidecarManifest) -> list[Problem]:
         except FileNotFoundError:
             problems.append(Problem(f"sidecar layer file {path} is missing", file=entry.file, kind="missing"))
             continue
+        if not stat.S_ISREG(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, device or socket)"
+            problems.append(Problem(f"sidecar layer file {path} is {what}", "re-extract the sidecar",
+                                    file=entry.file, kind="missing"))
+            continue
         if st.st_size < entry.size:
             problems.append(Problem(f"{path} is truncated ({st.st_size:,} of {entry.size:,} bytes)",
                                     file=entry.file, kind="size"))
@@ -683,9 +702,30 @@ def _layer_problems(manifest: SidecarManifest) -> list[Problem]:
             problems.append(Problem(f"{path} holds layer {info.get('layer')!r}, not layer {entry.layer}",
                                     file=entry.file, kind="header"))
             continue
+        if info.get("tensors") != placement_digest(manifest.tensors_in(entry.file)):
+            problems.append(Problem(f"the tensor table of {entry.file} in {manifest.directory / MANIFEST_NAME} does "
+                                    f"not match the one {path.name} was written with (manifest.json was edited "
+                                    "after extraction)", "re-extract the sidecar (flashflex sidecar extract "
+                                    "--force)", file=entry.file, kind="header"))
+            continue
         if st.st_mtime_ns != entry.mtime_ns:
             problems.append(Problem(f"{path} was modified after extraction (its mtime changed)",
                                     "run `flashflex sidecar verify` or re-extract", file=entry.file, kind="mtime"))
+    return problems
+
+
+def _model_file_problems(manifest: SidecarManifest, table: ModelTable) -> list[Problem]:
+    """The GGUF shards as recorded at extraction: same size and mtime (an edit the sampled fingerprint misses
+    would otherwise run with the sidecar's experts beside changed dense weights)."""
+    problems = []
+    for path, size, mtime in zip(table.files, manifest.model.file_sizes, manifest.model.file_mtimes_ns):
+        st = Path(path).stat()
+        if st.st_size != size or st.st_mtime_ns != mtime:
+            what = "size" if st.st_size != size else "mtime"
+            problems.append(Problem(
+                f"model file {path} was modified after the sidecar was extracted (its {what} changed)",
+                f"run `flashflex sidecar verify {manifest.directory} --model {path}` (it compares every expert and "
+                "records the new mtime when they match) or re-extract", file=Path(path).name, kind="model-mtime"))
     return problems
 
 
@@ -693,7 +733,7 @@ def _cheap_problems(manifest: SidecarManifest, table: ModelTable) -> list[Proble
     identity = _identity_problem(manifest, table, fingerprint(table.files))
     if identity:
         return [identity]  # every other comparison against another model is noise
-    return _tensor_problems(manifest, table) + _layer_problems(manifest)
+    return _model_file_problems(manifest, table) + _tensor_problems(manifest, table) + _layer_problems(manifest)
 
 
 def check_sidecar(sidecar: SidecarManifest | os.PathLike[str] | str,
@@ -770,7 +810,9 @@ def verify(sidecar_dir: os.PathLike[str] | str, model_path: ModelTable | os.Path
     unreadable = {p.file for p in cheap if p.kind in ("missing", "size")}
     bad_tensors = {p.tensor for p in cheap if p.kind == "tensor" and p.tensor}
     stale = {p.file: p for p in cheap if p.kind == "mtime"}
-    report.problems = [p for p in cheap if p.kind != "mtime"]  # an mtime change is judged once the bytes are read
+    model_stale = [p for p in cheap if p.kind == "model-mtime"]
+    # an mtime change (of a layer file or the model) is judged once the bytes are read
+    report.problems = [p for p in cheap if p.kind not in ("mtime", "model-mtime")]
     to_read = [e for e in manifest.layers if e.file not in unreadable]
     total = sum(e.size for e in to_read)
     done = 0
@@ -798,9 +840,26 @@ def verify(sidecar_dir: os.PathLike[str] | str, model_path: ModelTable | os.Path
     finally:
         for fd in fds:
             os.close(fd)
+    if model_stale:
+        if not report.problems and restamp:  # every expert matches the model as it is now: record its new state
+            _record_model_state(manifest, table)
+            report.restamped += [p.file for p in model_stale if p.file]
+        else:
+            report.problems += model_stale
     report.bytes_checked = done
     report.seconds = time.monotonic() - started
     return report
+
+
+def _record_model_state(manifest: SidecarManifest, table: ModelTable) -> None:
+    """Rewrite manifest.json (atomically) with the model files' current sizes and mtimes."""
+    assert manifest.directory is not None
+    stats = [Path(f).stat() for f in table.files]
+    model = manifest.model.model_copy(update={"file_sizes": [st.st_size for st in stats],
+                                              "file_mtimes_ns": [st.st_mtime_ns for st in stats]})
+    updated = manifest.model_copy(update={"model": model})
+    with atomic_file(manifest.directory / MANIFEST_NAME, "w") as fh:
+        fh.write(updated.to_json())
 
 
 def _restamp(path: Path, seen_mtime_ns: int, mtime_ns: int) -> bool:

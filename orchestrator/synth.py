@@ -81,7 +81,8 @@ class SynthSpec(BaseModel):
     n_shared_expert: int = Field(0, ge=0, description="deepseek: shared experts (each expert_ffn wide)")
     shared_expert_ffn: int = Field(0, ge=0, description="qwen2moe: width of the one shared expert")
     n_leading_dense: int = Field(0, ge=0, description="deepseek: leading layers with a dense FFN instead of MoE")
-    n_vocab: int = Field(512, description="vocabulary size (filler pieces pad the built-in vocabulary)")
+    n_vocab: int = Field(512, ge=1, le=1 << 20,
+                         description="vocabulary size (filler pieces pad the built-in vocabulary; at most 1Mi)")
     n_ctx_train: int = Field(4096, gt=0, description="context length written to the metadata")
     quant: QuantName = Field("q4_0", description="type of every matrix; norms and routers stay F32")
     alignment: int = Field(4096, gt=0, description="general.alignment; 4096 lets O_DIRECT read tensors")

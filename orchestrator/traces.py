@@ -37,7 +37,7 @@ from orchestrator.fsutil import fsync_dir
 from orchestrator.sizes import format_size
 
 FORMAT = "flashflex-moe-trace"
-VERSION = 1
+VERSION = 2  # 2: the last line is an end record {"end": true, "records": N} (a cut trace is refused)
 POLICIES = ("lru", "lfu", "belady")
 
 RECORD_FIX = "record it again: flashflex run --moe-mode slot-bank --moe-trace FILE"
@@ -125,11 +125,20 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {err['msg']}" if where else err["msg"]
 
 
+def _require_trace_file(path: Path) -> None:
+    if not path.exists():
+        raise FlashflexError(f"routing trace {path} does not exist", RECORD_FIX)
+    if path.is_dir():
+        raise FlashflexError(f"routing trace {path} is a directory", "name the trace file (a .jsonl)")
+    if not path.is_file():
+        raise FlashflexError(f"routing trace {path} is not a regular file (a FIFO, device or socket)",
+                             "name the trace file (a .jsonl)")
+
+
 def read_header(path: Path) -> TraceHeader:
     """Just the header line (cheap, for checks before a run)."""
     path = Path(path)
-    if not path.is_file():
-        raise FlashflexError(f"routing trace {path} does not exist", RECORD_FIX)
+    _require_trace_file(path)
     with open(path, "rb") as f:
         first = f.readline()
     return _parse_header(path, first)
@@ -155,8 +164,7 @@ def _parse_header(path: Path, line: bytes) -> TraceHeader:
 def read_trace(path: Path) -> Trace:
     """Read and check a whole trace; any defect is one FlashflexError naming the line."""
     path = Path(path)
-    if not path.is_file():
-        raise FlashflexError(f"routing trace {path} does not exist", RECORD_FIX)
+    _require_trace_file(path)
     data = path.read_bytes()
     lines = data.split(b"\n")
     header = _parse_header(path, lines[0])
@@ -164,8 +172,20 @@ def read_trace(path: Path) -> Trace:
         raise _problem(path, f"line {len(lines)} is incomplete: the trace is truncated")
     banked = set(header.layers)
     records: list[TraceRecord] = []
+    end: dict | None = None
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
+            continue
+        if end is not None:
+            raise _problem(path, f"line {n} follows the end record (lines appended to a finished trace)")
+        if line.startswith(b'{"end"'):
+            try:
+                end = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise _problem(path, f"line {n} is not JSON (a truncated or edited trace)") from None
+            if end.get("records") != len(records):
+                raise _problem(path, f"the end record counts {end.get('records')} records, the file holds "
+                                     f"{len(records)} (lines missing or added)")
             continue
         try:
             rec = TraceRecord.model_validate(json.loads(line))
@@ -186,7 +206,14 @@ def read_trace(path: Path) -> Trace:
             raise _problem(path, f"line {n}: an expert id outside 0..{header.model.n_expert - 1}")
         if any(h not in (0, 1) for h in rec.hit):
             raise _problem(path, f"line {n}: hit values must be 0 or 1")
+        for t in range(rec.tokens):
+            picks = rec.ids[t * rec.k:(t + 1) * rec.k]
+            if len(set(picks)) != len(picks):
+                raise _problem(path, f"line {n}: token {t} lists expert {_repeated(picks)} twice (a router picks "
+                                     "distinct experts: an edited trace)")
         records.append(rec)
+    if end is None:
+        raise _problem(path, "has no end record: the trace was cut short (or written by an interrupted run)")
     if not records:
         raise _problem(path, "holds a header but no routed layer calls (the run routed nothing?)")
     return Trace(path=path, header=header, records=records)
@@ -206,8 +233,27 @@ def header_for(manifest: Any, *, k: int, ubatch: int, slots: int, prefetch: str,
                        layers=layers, k=k, ubatch=ubatch, slots=slots, prefetch=prefetch, mode=mode)
 
 
+def _repeated(values: list[int]) -> int:
+    seen: set[int] = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return -1
+
+
 def partial_path(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + ".partial")
+
+
+def check_trace_destination(path: Path, force: bool) -> None:
+    """Before a recording run: a file path whose parent exists, not a directory, device or FIFO, and not an
+    existing trace unless `force`."""
+    from orchestrator.fsutil import check_output_path
+
+    if Path(path).is_dir():
+        raise FlashflexError(f"--moe-trace {path} is a directory", "name a file, e.g. run.trace.jsonl")
+    check_output_path(Path(path), force=force, flag="--force (or moe.trace_force: true)")
 
 
 def begin_recording(path: Path, header: TraceHeader) -> Path:
@@ -231,6 +277,10 @@ def finish_recording(path: Path, ok: bool) -> None:
     if not ok:
         tmp.unlink()
         return
+    with open(tmp, "rb") as f:
+        n_records = max(0, sum(1 for line in f if line.strip()) - 1)  # every line after the header
+    with open(tmp, "a") as f:
+        f.write(json.dumps({"end": True, "records": n_records}) + "\n")
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -552,7 +602,8 @@ def plot(analysis: Analysis, out: Path, log) -> None:
     ax.legend()
     ax.set_title(f"{Path(analysis.trace).name}: {analysis.decode_tokens} decode tokens")
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".partial")
-    fig.savefig(tmp, dpi=110, format="png")
+    from orchestrator.fsutil import atomic_file
+
+    with atomic_file(out) as fh:  # a failed plot leaves nothing behind
+        fig.savefig(fh, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out)

@@ -113,8 +113,10 @@ def test_top_level_must_be_a_mapping(tmp_path):
     assert "must be a mapping" in line
 
 
-def test_empty_file_is_defaults(tmp_path):
-    assert load_run_config(write(tmp_path, "")) == RunConfig()
+def test_empty_file_is_refused(tmp_path):
+    """An empty config is almost always the wrong file; running the defaults silently would hide that."""
+    assert "is empty" in error_of(write(tmp_path, ""))
+    assert "is empty" in error_of(write(tmp_path, "# only a comment\n"))
 
 
 def test_section_of_wrong_type(tmp_path):

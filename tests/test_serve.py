@@ -15,10 +15,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-
 from conftest import REPO, flashflex
 
 pytestmark = pytest.mark.native
@@ -384,6 +382,7 @@ def test_api_options_are_the_command_line_flags():
     help_text = flashflex("run", "--help", timeout=60).stdout + flashflex("verify-exact", "--help", timeout=60).stdout
     plain = re.sub(r"\x1b\[[0-9;]*m", "", help_text)
     for option in OPTION_KEYS:
-        if option in ("batch", "moe_prefetch_ranks", "temperature", "seed", "n_predict", "prompt", "model"):
-            continue  # RunConfig keys without a dedicated run flag
+        if option in ("batch", "moe_prefetch_ranks", "temperature", "seed", "n_predict", "prompt", "model",
+                      "moe_trace_force"):
+            continue  # RunConfig keys without a flag of the same name (moe_trace_force is --force)
         assert "--" + option.replace("_", "-") in plain, option

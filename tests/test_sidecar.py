@@ -87,8 +87,10 @@ def _assert_layout_matches(out: Path, model_files: list[Path]) -> None:
         data = np.fromfile(out / layer["file"], dtype=np.uint8)
         assert len(data) == layer["size"] and layer["size"] % PAGE == 0
         covered = np.zeros(len(data), dtype=bool)
+        in_file = [sidecar.SidecarTensor.model_validate(t) for t in manifest["tensors"] if t["file"] == layer["file"]]
         head = sidecar.HEADER_MAGIC + json.dumps(
-            {"extraction_id": manifest["extraction_id"], "layer": layer["layer"]}, separators=(",", ":")
+            {"extraction_id": manifest["extraction_id"], "layer": layer["layer"],
+             "tensors": sidecar.placement_digest(in_file)}, separators=(",", ":")
         ).encode() + b"\n"
         assert data[:len(head)].tobytes() == head
         covered[:len(head)] = True
@@ -140,11 +142,12 @@ def test_extract_writes_the_documented_manifest(models, tmp_path):
     assert list(on_disk["tensors"][0]) == ["name", "layer", "family", "ggml_type", "shape", "n_expert",
                                            "bytes_per_expert", "expert_stride", "source_file", "source_offset",
                                            "file", "offset"]
-    assert on_disk["format_version"] == 1
+    assert on_disk["format_version"] == 2
     assert re.fullmatch(r"[0-9a-f]{32}", on_disk["extraction_id"])
     assert on_disk["model"] == {
         "architecture": "qwen3moe", "n_expert": 16, "n_expert_used": 4, "n_layer": table.arch.n_layer,
         "fingerprint": sidecar.fingerprint([model]), "files": [model.name], "file_sizes": [model.stat().st_size],
+        "file_mtimes_ns": [model.stat().st_mtime_ns],
     }
     assert on_disk["families"] == ["gate", "up", "down"]
     assert [entry["file"] for entry in on_disk["layers"]] == \
@@ -481,8 +484,8 @@ def test_a_broken_manifest_is_one_clear_line(models, tmp_path, edit, expected):
 
 def test_manifest_version_json_and_presence(models, tmp_path):
     sidecar.extract(models["qwen3moe"], tmp_path / "sc")
-    _edit_manifest(tmp_path / "sc", lambda d: d.update(format_version=2))
-    with pytest.raises(FlashflexError, match="has format version 2; this flashflex reads version 1"):
+    _edit_manifest(tmp_path / "sc", lambda d: d.update(format_version=1))
+    with pytest.raises(FlashflexError, match="has format version 1; this flashflex reads version 2"):
         sidecar.load_manifest(tmp_path / "sc")
     (tmp_path / "sc" / "manifest.json").write_text('{"format_version": 1,')
     with pytest.raises(FlashflexError, match="is invalid: not JSON"):

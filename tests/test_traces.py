@@ -90,16 +90,20 @@ def test_recommendation_respects_the_budget():
 
 
 def _write_trace(path: Path, header: traces.TraceHeader, recs: list[traces.TraceRecord]) -> Path:
-    path.write_text(header.model_dump_json() + "\n" + "".join(r.model_dump_json() + "\n" for r in recs))
+    path.write_text(header.model_dump_json() + "\n" + "".join(r.model_dump_json() + "\n" for r in recs)
+                    + json.dumps({"end": True, "records": len(recs)}) + "\n")
     return path
 
 
 @pytest.mark.parametrize("damage, message", [
     (lambda text: text[: len(text) - 7], "truncated"),
-    (lambda text: text + "{oops\n", "not JSON"),
+    (lambda text: text.replace('{"end"', '{oops\n{"end"'), "not JSON"),
+    (lambda text: text + '{"seq": 9}\n', "follows the end record"),
     (lambda text: "hello\n", "not a flashflex routing trace"),
     (lambda text: "", "empty"),
-    (lambda text: text.replace('"version":1', '"version":99', 1), "version 99"),
+    (lambda text: text.replace(f'"version":{traces.VERSION}', '"version":99', 1), "version 99"),
+    (lambda text: text[: text.rindex('{"end"')], "no end record"),
+    (lambda text: text.replace('"records": 3', '"records": 2', 1), "counts 2 records, the file holds 3"),
     (lambda text: text.replace('"seq":1,', '"seq":5,', 1), "seq 5, expected 1"),
     (lambda text: text.replace('"ids":[1]', '"ids":[1,2]', 1), "tokens x k"),
     (lambda text: text.replace('"ids":[1]', '"ids":[42]', 1), "outside 0..7"),

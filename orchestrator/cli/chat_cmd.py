@@ -7,10 +7,26 @@ from typing import Optional
 import typer
 
 from orchestrator.cli.common import JsonOpt, err_console
-from orchestrator.cli.options import (BudgetOpt, ConfigArg, CtxOpt, DirectIOOpt, ModelOpt, MoEIOThreadsOpt,
-                                      MoEModeOpt, MoEPrefetchOpt, MoESidecarOpt, MoESlotBankOpt, MoETopkOpt,
-                                      MoETraceOpt, PrefetchThreadsOpt, PrefetchWindowOpt, ThreadsOpt, UbatchOpt,
-                                      model_options)
+from orchestrator.cli.options import (
+    BudgetOpt,
+    ConfigArg,
+    CtxOpt,
+    DirectIOOpt,
+    ModelOpt,
+    MoEIOThreadsOpt,
+    MoEModeOpt,
+    MoEPrefetchOpt,
+    MoESidecarOpt,
+    MoESlotBankOpt,
+    MoETopkOpt,
+    MoETraceOpt,
+    PrefetchThreadsOpt,
+    PrefetchWindowOpt,
+    ThreadsOpt,
+    TraceForceOpt,
+    UbatchOpt,
+    model_options,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -37,6 +53,7 @@ def register(app: typer.Typer) -> None:
         moe_io_threads: MoEIOThreadsOpt = None,
         moe_trace: MoETraceOpt = None,
         moe_prefetch: MoEPrefetchOpt = None,
+        force: TraceForceOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Chat with a model in the terminal, answers streamed as they are generated, with the model's chat
@@ -50,7 +67,7 @@ def register(app: typer.Typer) -> None:
         options = model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch,
                                     moe_mode=moe_mode, moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
                                     moe_topk=moe_topk, moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                                    moe_prefetch=moe_prefetch)
+                                    moe_prefetch=moe_prefetch, moe_trace_force=force)
         prepared = api.prepare(config, log=err_console.print, **options)
         for reason in prepared.lossy:
             err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")

@@ -11,7 +11,7 @@ from rich.console import Console
 
 # Human output goes to stderr when --json is on, so stdout stays machine-readable.
 console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay one line each
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from orchestrator.cli.common import JsonOpt, console, emit_json
 from orchestrator.errors import FlashflexError
+from orchestrator.fsutil import check_free_space, check_output_path
 from orchestrator.modelfile.table import ModelTable, Role
 
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")]
@@ -52,8 +53,8 @@ def _show_progress(json_out: bool) -> bool:
 
 
 def _refuse_existing(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise FlashflexError(f"{out} already exists", "pass --force to overwrite it, or choose another path")
+    """Before any work: an output that is a directory, a device or FIFO, or exists without --force."""
+    check_output_path(out, force=force)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write a synthetic random-weight model that llama.cpp loads and runs (deterministic by seed)."""
         from orchestrator.modelfile.realign import byte_progress
-        from orchestrator.synth import estimate_bytes, preset, write_synth_model
+        from orchestrator.synth import estimate_bytes, plan_tensors, preset, write_synth_model
 
         fields: dict[str, object] = dict(
             quant=quant.value if quant else None, n_layer=layers, seed=seed, alignment=alignment, n_vocab=vocab,
@@ -241,6 +242,8 @@ def register(app: typer.Typer) -> None:
             fields[key.strip()] = value.strip()
         spec = preset(preset_name, **fields)
         _refuse_existing(out, force)
+        need = estimate_bytes(spec) + len(plan_tensors(spec)) * spec.alignment  # data + worst-case padding
+        check_free_space(out.expanduser().parent, need, f"synth {spec.name}")
 
         started = time.monotonic()
         with byte_progress(f"synth {spec.name}", enabled=_show_progress(json_out)) as progress:

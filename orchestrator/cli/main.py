@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import typer
@@ -41,10 +42,54 @@ for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 
 
-def main() -> None:
-    # Standalone mode lets typer report usage errors itself (exit 2); our own errors come through here.
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so every writer's cleanup (temp files, traces) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_terminate(signum, _frame) -> None:
+    raise Terminated(signum)
+
+
+def _usage_line(exc) -> str:
+    """A click usage/parameter error as one line: what is wrong and where to look."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "flashflex"
+    message = " ".join(exc.format_message().split())
+    return f"error: {message} — see {command} --help"
+
+
+def _click_exception() -> type[Exception]:
+    """The base of click's usage errors, from typer's vendored click (typer >= 0.2x) or the click package."""
     try:
-        app()
+        from typer._click.exceptions import ClickException  # type: ignore[import-not-found]
+    except ImportError:
+        from click import ClickException
+    return ClickException
+
+
+def main() -> None:
+    click_exception = _click_exception()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_terminate)
+    try:
+        rc = app(standalone_mode=False)  # click errors come back here and become one line
+        if rc == 130:  # typer turns Ctrl-C into a silent exit code 130
+            print("error: interrupted", file=sys.stderr)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except typer.Exit as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into a silent Exit(130)
+            print("error: interrupted", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click_exception as exc:  # usage and parameter errors (range, type, unknown option)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `flashflex` or `flashflex gguf` alone: the help
+            exc.show()
+            sys.exit(0)
+        print(_usage_line(exc), file=sys.stderr)
+        sys.exit(exc.exit_code)
     except FlashflexError as exc:
         if os.environ.get("FLASHFLEX_DEBUG"):
             raise
@@ -53,9 +98,12 @@ def main() -> None:
             print(report, file=sys.stderr)
         print(f"error: {exc.one_line()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated as exc:
+        print(f"error: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except Exception as exc:  # anything unexpected: still one line unless debugging
         if os.environ.get("FLASHFLEX_DEBUG"):
             raise

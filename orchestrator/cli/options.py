@@ -44,19 +44,21 @@ MoEIOThreadsOpt = Annotated[Optional[int], typer.Option(
     "--moe-io-threads", min=1, help="Parallel readers for expert misses.")]
 MoETraceOpt = Annotated[Optional[Path], typer.Option(
     "--moe-trace", help="Routing trace JSONL: slot-bank records one here; the oracle modes replay it.")]
+TraceForceOpt = Annotated[Optional[bool], typer.Option(
+    "--force", help="Overwrite an existing --moe-trace file (recording refuses to replace one otherwise).")]
 MoEPrefetchOpt = Annotated[Optional[str], typer.Option(
     "--moe-prefetch", help="Expert prefetch policy for slot-bank: none (default) or router-lookahead.")]
 
 
 def model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch, *, moe_mode=None,
                   moe_sidecar=None, moe_slot_bank=None, moe_topk=None, moe_shared_only=None, moe_io_threads=None,
-                  moe_trace=None, moe_prefetch=None) -> dict:
+                  moe_trace=None, moe_prefetch=None, moe_trace_force=None) -> dict:
     """The shared flags as the Python API's keyword options (unset flags are None and change nothing)."""
     return dict(model=model, budget=budget, prefetch_threads=prefetch_threads, prefetch_window=prefetch_window,
                 direct_io=direct_io, threads=threads, ctx=ctx, ubatch=ubatch, moe_mode=moe_mode,
                 moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank, moe_topk=moe_topk,
                 moe_shared_only=moe_shared_only, moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                moe_prefetch=moe_prefetch)
+                moe_prefetch=moe_prefetch, moe_trace_force=moe_trace_force)
 
 
 def model_overrides(*args, extra: dict | None = None, **kwargs) -> dict:

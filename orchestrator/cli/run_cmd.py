@@ -8,10 +8,27 @@ import typer
 
 from orchestrator import runner
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
-from orchestrator.cli.options import (BudgetOpt, ConfigArg, CtxOpt, DirectIOOpt, MoEIOThreadsOpt, MoEModeOpt,
-                                     MoEPrefetchOpt, MoESharedOnlyOpt, MoESidecarOpt, MoESlotBankOpt, MoETopkOpt,
-                                     MoETraceOpt, ModelOpt, PrefetchThreadsOpt, PrefetchWindowOpt, ThreadsOpt,
-                                     UbatchOpt, model_overrides)
+from orchestrator.cli.options import (
+    BudgetOpt,
+    ConfigArg,
+    CtxOpt,
+    DirectIOOpt,
+    ModelOpt,
+    MoEIOThreadsOpt,
+    MoEModeOpt,
+    MoEPrefetchOpt,
+    MoESharedOnlyOpt,
+    MoESidecarOpt,
+    MoESlotBankOpt,
+    MoETopkOpt,
+    MoETraceOpt,
+    PrefetchThreadsOpt,
+    PrefetchWindowOpt,
+    ThreadsOpt,
+    TraceForceOpt,
+    UbatchOpt,
+    model_overrides,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -37,6 +54,7 @@ def register(app: typer.Typer) -> None:
         moe_io_threads: MoEIOThreadsOpt = None,
         moe_trace: MoETraceOpt = None,
         moe_prefetch: MoEPrefetchOpt = None,
+        force: TraceForceOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Generate text; --json prints token ids, text, timings, peak RSS and streaming and expert-bank
@@ -48,7 +66,7 @@ def register(app: typer.Typer) -> None:
                                                  moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
                                                  moe_topk=moe_topk, moe_shared_only=moe_shared_only,
                                                  moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                                                 moe_prefetch=moe_prefetch,
+                                                 moe_prefetch=moe_prefetch, moe_trace_force=force,
                                                  extra={"prompt": prompt, "sampling.n_predict": n_predict}))
         settings = runner.settings_from_config(cfg, log=err_console.print)
         ex = runner.execution_for_config(cfg, settings.model)

@@ -8,10 +8,26 @@ from typing import Optional
 import typer
 
 from orchestrator.cli.common import err_console
-from orchestrator.cli.options import (BudgetOpt, ConfigArg, CtxOpt, DirectIOOpt, ModelOpt, MoEIOThreadsOpt,
-                                      MoEModeOpt, MoEPrefetchOpt, MoESidecarOpt, MoESlotBankOpt, MoETopkOpt,
-                                      MoETraceOpt, PrefetchThreadsOpt, PrefetchWindowOpt, ThreadsOpt, UbatchOpt,
-                                      model_options)
+from orchestrator.cli.options import (
+    BudgetOpt,
+    ConfigArg,
+    CtxOpt,
+    DirectIOOpt,
+    ModelOpt,
+    MoEIOThreadsOpt,
+    MoEModeOpt,
+    MoEPrefetchOpt,
+    MoESidecarOpt,
+    MoESlotBankOpt,
+    MoETopkOpt,
+    MoETraceOpt,
+    PrefetchThreadsOpt,
+    PrefetchWindowOpt,
+    ThreadsOpt,
+    TraceForceOpt,
+    UbatchOpt,
+    model_options,
+)
 from orchestrator.errors import FlashflexError
 
 
@@ -88,6 +104,7 @@ def register(app: typer.Typer) -> None:
         moe_io_threads: MoEIOThreadsOpt = None,
         moe_trace: MoETraceOpt = None,
         moe_prefetch: MoEPrefetchOpt = None,
+        force: TraceForceOpt = None,
     ) -> None:
         """Serve models over the OpenAI API (/v1/completions, /v1/chat/completions with the model's chat
         template, streaming, /v1/models) through the same plan and runtime as `run`; /health and
@@ -99,7 +116,7 @@ def register(app: typer.Typer) -> None:
         options = model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch,
                                     moe_mode=moe_mode, moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
                                     moe_topk=moe_topk, moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                                    moe_prefetch=moe_prefetch)
+                                    moe_prefetch=moe_prefetch, moe_trace_force=force)
         server_overrides = {"host": host, "port": port, "api_key": api_key, "max_tokens_cap": max_tokens_cap}
         entries, settings = load_entries(config, options, server_overrides, err_console.print)
         srv.check_port_free(settings.host, settings.port)

@@ -53,15 +53,21 @@ def register(app: typer.Typer) -> None:
             "--budget", help="RAM for the expert banks (e.g. 1.5GiB): recommend the bank for it (needs "
             "--manifest).")] = None,
         png: Annotated[Optional[Path], typer.Option("--png", help="Plot hit rate vs bank size per policy.")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --png file.")] = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Simulate LRU (the runtime's policy), LFU and Belady (the optimal offline policy) over bank sizes and
         top-k values; print hit rate, misses and bytes per token, and recommend a bank size."""
         from orchestrator import traces
+        from orchestrator.fsutil import check_output_path
 
+        if png is not None:  # every argument is checked before the simulation runs
+            check_output_path(png, force=force)
+        if budget is not None and manifest is None:
+            raise FlashflexError("--budget needs --manifest (the bytes of one expert)", "pass the sidecar's manifest")
+        budget_bytes = parse_size(budget, what="--budget") if budget is not None else None
         t = traces.read_trace(trace)
         man = _manifest(manifest)
-        budget_bytes = parse_size(budget, what="--budget") if budget is not None else None
         result = traces.analyze(t, banks=_int_list(banks, "--banks"), topks=_int_list(topk, "--topk"),
                                 manifest=man, budget_bytes=budget_bytes,
                                 log=None if json_out else lambda m: err_console.print(f"[dim]{m}[/]"))

@@ -170,12 +170,10 @@ def _first_tensor_past_end(reader: GGUFReader, start_offs: int, fields: list[Any
 
 def open_gguf(path: Path) -> GGUFReader:
     """A GGUFReader for `path`, or a FlashflexError naming what is wrong with the file."""
-    path = Path(path)
-    if not path.exists():
-        raise FlashflexError(f"model file not found: {path}",
-                             "check the path (make a test model with `flashflex gguf synth`)")
-    if not path.is_file():
-        raise FlashflexError(f"{path} is not a file", "pass the path of a .gguf model file")
+    from orchestrator.fsutil import require_input_file
+
+    path = require_input_file(Path(path), "model file", "pass the path of a .gguf model file (make a test model "
+                                                        "with `flashflex gguf synth`)")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         magic = fh.read(4)
@@ -188,6 +186,9 @@ def open_gguf(path: Path) -> GGUFReader:
             f"{path} is not a GGUF file ({what})",
             "pass a .gguf model file (convert other formats with llama.cpp's convert_hf_to_gguf.py)",
         )
+    from orchestrator.modelfile.validate import read_layout
+
+    read_layout(path)  # llama.cpp's layout rules and data accounting, before gguf-py parses anything
     try:
         return _CheckedReader(path, "r")
     except _DataPastEndOfFile as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 from gguf import GGUF_MAGIC, GGUFValueType, Keys
 
 from orchestrator.errors import FlashflexError
-from orchestrator.fsutil import atomic_file
+from orchestrator.fsutil import check_free_space, atomic_file
 from orchestrator.modelfile.reader import open_gguf, read_metadata, read_model_table, read_tensors
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -41,10 +41,16 @@ class RealignResult:
     was_aligned: bool  # the source already satisfied the requested alignment
 
 
+MAX_ALIGNMENT = 1 << 20  # 1 MiB: more only pads every tensor for nothing (O_DIRECT needs 4096)
+
+
 def _check_alignment(alignment: int) -> None:
     if alignment <= 0 or alignment & (alignment - 1):
         raise FlashflexError(f"alignment {alignment} is not a power of two",
                              "pass a power of two such as 4096 (the usual page and block size)")
+    if alignment > MAX_ALIGNMENT:
+        raise FlashflexError(f"alignment {alignment} is above the 1 MiB limit (every tensor would be padded to it)",
+                             "pass 4096, the page size O_DIRECT needs")
 
 
 def is_aligned(path: os.PathLike[str] | str, alignment: int = 4096) -> bool:
@@ -100,8 +106,13 @@ def realign(
             return realign(src, dst, alignment, bar)
     callback = progress if callable(progress) else None
 
-    reader = open_gguf(src)
-    tensors = read_tensors(reader, src)  # also rejects a truncated source
+    reader = open_gguf(src)  # refuses a corrupt or truncated source (orchestrator.modelfile.validate)
+    tensors = read_tensors(reader, src)
+    split = reader.fields.get("split.count")
+    if split is not None and int(split.contents()) > 1:
+        raise FlashflexError(f"{src} is one shard of a {int(split.contents())}-shard model; realigning it alone "
+                             "would write a file that claims the other shards",
+                             "merge the shards first (llama-gguf-split --merge) and realign the merged file")
     if dst.exists() and dst.resolve() == src.resolve():
         raise FlashflexError(f"realign would overwrite its input {src}",
                              "write to a new path, then move it over the original")
@@ -110,6 +121,8 @@ def realign(
 
     header, new_offsets, data_start = _plan_header(reader, alignment)
     total = sum(t.n_bytes for t in tensors)
+    check_free_space(dst.parent if dst.parent.exists() else Path("."), data_start + total + len(tensors) * alignment,
+                     f"realign {src.name}")
     was_aligned = all(t.alignment % alignment == 0 and t.offset % alignment == 0 for t in tensors)
 
     done = 0

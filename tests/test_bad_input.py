@@ -1,0 +1,350 @@
+"""The bad-input corpus: every case the 2026-12-01 reliability review found, generated here and pinned.
+
+Each case runs the `flashflex` command as a user would and expects one `error:` line naming the problem and the
+fix, a non-zero exit, no traceback, no hang (every call has a timeout) and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gguf import GGUFReader
+
+from orchestrator import synth
+from orchestrator.errors import FlashflexError
+from orchestrator.modelfile.validate import read_layout
+
+from conftest import REPO, flashflex
+
+
+def one_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """The single `error:` line of a failed command, which must contain every needle."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert " — " in errors[0], f"no fix given: {errors[0]}"
+    return errors[0]
+
+
+def no_partials(directory: Path) -> None:
+    left = [p.name for p in directory.iterdir() if p.name.endswith(".partial")]
+    assert not left, left
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    return synth.write_synth_model(synth.preset("tiny-dense"), tmp_path_factory.mktemp("dense") / "dense.gguf")
+
+
+def _tensor_info(path: Path, name: str) -> tuple[int, int]:
+    """(file position of the tensor's type field, of its offset field)."""
+    t = next(t for t in GGUFReader(path).tensors if t.name == name)
+    pos = t.field.offset + sum(p.nbytes for p in t.field.parts[:4])
+    return pos, pos + t.field.parts[4].nbytes
+
+
+def _patched(src: Path, dst: Path, edits: dict[int, bytes]) -> Path:
+    data = bytearray(src.read_bytes())
+    for pos, value in edits.items():
+        data[pos:pos + len(value)] = value
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def corrupt(dense, tmp_path_factory) -> dict[str, Path]:
+    """GGUFs llama.cpp would refuse or misread: overlapping offset, unknown type, a lowered tensor count,
+    trailing bytes, a cut-off end."""
+    d = tmp_path_factory.mktemp("corrupt")
+    names = [t.name for t in GGUFReader(dense).tensors]
+    type_pos, offset_pos = _tensor_info(dense, names[3])
+    offset = struct.unpack("<Q", dense.read_bytes()[offset_pos:offset_pos + 8])[0]
+    count = struct.unpack("<Q", dense.read_bytes()[8:16])[0]
+    return {
+        "overlap": _patched(dense, d / "overlap.gguf", {offset_pos: struct.pack("<Q", offset - 4096)}),
+        "type": _patched(dense, d / "type.gguf", {type_pos: struct.pack("<I", 250)}),
+        "count": _patched(dense, d / "count.gguf", {8: struct.pack("<Q", count - 1)}),
+        "trailing": _patched(dense, d / "trailing.gguf", {dense.stat().st_size: b"\x01" * 8192}),
+        "truncated": (d / "truncated.gguf").write_bytes(dense.read_bytes()[:-5000]) and d / "truncated.gguf",
+    }
+
+
+# -- GGUF layout: one validator for every command --------------------------------------------------
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("overlap", "overlaps the tensor before it"),
+    ("type", "unknown type 250"),
+    ("count", "bytes after the last declared tensor"),
+    ("trailing", "bytes after the last declared tensor"),
+    ("truncated", "truncated"),
+])
+def test_corrupt_gguf_is_refused_by_inspect_plan_realign_and_extract(corrupt, tmp_path, case, needle):
+    path = corrupt[case]
+    with pytest.raises(FlashflexError, match=needle):
+        read_layout(path)
+    one_error(flashflex("gguf", "inspect", str(path)), needle)
+    one_error(flashflex("plan", str(path), "--budget", "1GiB"), needle)
+    one_error(flashflex("gguf", "realign", str(path), str(tmp_path / "out.gguf")), needle)
+    assert not (tmp_path / "out.gguf").exists()
+    no_partials(tmp_path)
+
+
+def test_a_lowered_tensor_count_does_not_run(corrupt, patched_llama):
+    """llama.cpp itself would load it and silently use the embedding as the output matrix."""
+    one_error(flashflex("run", "-m", str(corrupt["count"]), "-p", "Hello", "-n", "2"), "after the last declared")
+
+
+def test_realign_refuses_unsafe_destinations_and_sizes(dense, tmp_path):
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)
+    one_error(flashflex("gguf", "realign", str(dense), str(fifo), "--force", timeout=60), "not a regular file")
+    assert fifo.is_fifo()  # not replaced by a regular file
+    (tmp_path / "somedir").mkdir()
+    one_error(flashflex("gguf", "realign", str(dense), str(tmp_path / "somedir"), "--force"), "is a directory")
+    one_error(flashflex("gguf", "realign", str(dense), str(tmp_path / "a.gguf"), "-a", str(1 << 30)), "1 MiB limit")
+    one_error(flashflex("gguf", "realign", str(dense), str(tmp_path / "no" / "such" / "x.gguf")), "does not exist")
+    no_partials(tmp_path)
+
+
+def test_realign_refuses_one_shard_of_a_split_model(tmp_path):
+    from test_modelfile import _write_split_model
+
+    shards = _write_split_model(tmp_path)
+    one_error(flashflex("gguf", "realign", str(shards[0]), str(tmp_path / "one.gguf")), "one shard of a 3-shard")
+    assert not (tmp_path / "one.gguf").exists()
+
+
+def test_synth_refuses_sizes_it_cannot_hold(tmp_path):
+    one_error(flashflex("gguf", "synth", str(tmp_path / "v.gguf"), "--vocab", "100000000"), "n_vocab")
+    one_error(flashflex("gguf", "synth", str(tmp_path / "e.gguf"), "--set", "n_embd=1000000", "--set",
+                        "n_ff=1000000"), "GiB free")
+    (tmp_path / "d").mkdir()
+    one_error(flashflex("gguf", "synth", str(tmp_path / "d"), "--force"), "is a directory")
+    no_partials(tmp_path)
+
+
+# -- inputs that are not regular files: one line, never a hang -------------------------------------
+
+
+def test_fifos_as_inputs_are_refused_quickly(tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    cfg = tmp_path / "config.yaml"
+    os.mkfifo(cfg)
+    for args in (["run", "-m", str(fifo), "-n", "1"], ["verify-exact", "-m", str(fifo), "--tokens", "2"],
+                 ["serve", "-m", str(fifo), "--port", "1"], ["run", str(cfg)], ["gguf", "inspect", str(fifo)]):
+        t0 = time.monotonic()
+        one_error(flashflex(*args, timeout=60), "not a regular file")
+        assert time.monotonic() - t0 < 30
+
+
+def test_empty_model_path_says_so():
+    one_error(flashflex("run", "-m", "", "-n", "1"), "--model is empty")
+
+
+# -- YAML ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("a: &a ['lol', 'lol']\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n", "anchors and aliases"),
+    ("a: &a [*a]\n", "anchors and aliases"),
+    ("model: {path: x.gguf}\nmodel: {path: y.gguf}\n", "duplicate key 'model' (first on line 1)"),
+    ("# nothing but a comment\n", "is empty"),
+])
+def test_yaml_bombs_duplicates_and_empty_files(tmp_path, text, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    one_error(flashflex("run", str(cfg), "-n", "1", timeout=60), needle)
+
+
+# -- options that do not apply to the run ----------------------------------------------------------
+
+
+def test_bank_options_on_runs_without_banks_are_refused(dense, moe_models, tmp_path):
+    moe, sc = moe_models["qwen3moe"]
+    cases = [
+        (["-m", str(moe), "--moe-mode", "stock", "--moe-trace", str(tmp_path / "t.jsonl")], "--moe-trace"),
+        (["-m", str(moe), "--moe-trace", str(tmp_path / "t.jsonl")], "--moe-trace"),
+        (["-m", str(dense), "--moe-trace", str(tmp_path / "t.jsonl")], "a dense model"),
+        (["-m", str(moe), "--moe-mode", "stock", "--moe-slot-bank", "8"], "--moe-slot-bank"),
+        (["-m", str(moe), "--moe-mode", "stock", "--moe-prefetch", "router-lookahead"], "--moe-prefetch"),
+        (["-m", str(moe), "--moe-mode", "stock", "--moe-sidecar", str(sc)], "--moe-sidecar"),
+        (["-m", str(dense), "--moe-sidecar", str(sc)], "--moe-sidecar"),
+    ]
+    for args, needle in cases:
+        one_error(flashflex("run", *args, "-n", "1"), needle, "applies to runs with expert banks")
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_budget_above_ram_and_too_many_threads_warn(dense, patched_llama):
+    result = flashflex("run", "-m", str(dense), "--budget", "1TB", "-t", "1000", "-n", "1")
+    assert result.returncode == 0, result.stderr
+    assert "more than this machine's" in result.stderr and "more compute threads than" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--ctx", "1"], ["run", "--moe-slot-bank", "0"], ["run", "--moe-slot-bank", "abc"],
+    ["run", "-n", "-5"], ["run", "--ubatch", "0"], ["run", "--frobnicate"], ["gguf", "synth", "x", "--type", "bogus"],
+    ["verify-exact", "--tokens", "0"], ["serve", "--port", "0"],
+])
+def test_usage_errors_are_one_line(args):
+    result = flashflex(*args)
+    assert result.returncode == 2
+    one_error(result, "--help")
+
+
+def test_a_prompt_that_is_not_utf8_still_runs(dense, patched_llama):
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "run", "-m", str(dense), "-n", "2", "-p",
+                             os.fsdecode(b"\x01\x02\xff\xfe")], capture_output=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+
+
+# -- sidecars -------------------------------------------------------------------------------------------
+
+
+def _copy_sidecar(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, copy_function=shutil.copy2)  # copy2 keeps the mtimes the manifest records
+    return dst
+
+
+def test_a_manifest_edited_after_extraction_is_refused(moe_models, tmp_path, patched_llama):
+    model, sc = moe_models["qwen3moe"]
+    edited = _copy_sidecar(sc, tmp_path / "edited.sidecar")
+    manifest = json.loads((edited / "manifest.json").read_text())
+    a, b = (t for t in manifest["tensors"] if t["layer"] == 1 and t["family"] in ("gate", "up"))
+    a["offset"], b["offset"] = b["offset"], a["offset"]
+    (edited / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    one_error(flashflex("run", "-m", str(model), "--moe-mode", "slot-bank", "--moe-slot-bank", "4", "--moe-sidecar",
+                        str(edited), "-n", "2"), "manifest.json was edited after extraction")
+
+
+def test_a_model_edited_after_extraction_is_refused_until_verified(moe_models, tmp_path, patched_llama):
+    import shutil
+
+    model, sc = moe_models["qwen3moe"]
+    copy = tmp_path / model.name
+    shutil.copy2(model, copy)
+    side = tmp_path / (model.stem + ".sidecar")
+    from orchestrator import sidecar
+
+    sidecar.extract(copy, side)
+    os.utime(copy, ns=(time.time_ns(), time.time_ns()))  # touched (or edited) after extraction
+    run = ["run", "-m", str(copy), "--moe-mode", "slot-bank", "--moe-slot-bank", "4", "-n", "2"]
+    one_error(flashflex(*run), "was modified after the sidecar was extracted", "sidecar verify")
+    verified = flashflex("sidecar", "verify", str(side), "--model", str(copy))
+    assert verified.returncode == 0, verified.stderr  # every expert still matches: the new mtime is recorded
+    assert flashflex(*run).returncode == 0
+
+
+# -- traces ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded(moe_models, tmp_path_factory, patched_llama) -> Path:
+    model, sc = moe_models["qwen3moe"]
+    out = tmp_path_factory.mktemp("trace") / "t.jsonl"
+    result = flashflex("run", "-m", str(model), "--moe-sidecar", str(sc), "--moe-mode", "slot-bank",
+                       "--moe-slot-bank", "6", "--moe-trace", str(out), "-n", "4")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_cut_and_edited_traces_are_refused(recorded, tmp_path):
+    lines = recorded.read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1]) == {"end": True, "records": len(lines) - 2}
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(lines[:5]))
+    one_error(flashflex("trace", "analyze", str(cut)), "no end record")
+    dup = tmp_path / "dup.jsonl"
+    rec = json.loads(lines[1])
+    rec["ids"][1] = rec["ids"][0]
+    dup.write_text("".join([lines[0], json.dumps(rec) + "\n", *lines[2:]]))
+    one_error(flashflex("trace", "analyze", str(dup)), "twice")
+    one_error(flashflex("trace", "analyze", str(tmp_path)), "is a directory")
+
+
+def test_trace_outputs_need_force_and_a_regular_file(recorded, moe_models, tmp_path):
+    model, sc = moe_models["qwen3moe"]
+    base = ["run", "-m", str(model), "--moe-sidecar", str(sc), "--moe-mode", "slot-bank", "--moe-slot-bank", "6",
+            "-n", "2", "--moe-trace"]
+    existing = tmp_path / "existing.jsonl"
+    existing.write_text("keep me\n")
+    one_error(flashflex(*base, str(existing)), "already exists", "--force")
+    assert existing.read_text() == "keep me\n"
+    assert flashflex(*base, str(existing), "--force").returncode == 0
+    assert existing.read_text() != "keep me\n"
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    one_error(flashflex(*base, str(fifo), "--force", timeout=60), "not a regular file")
+    assert fifo.is_fifo()
+    one_error(flashflex("trace", "analyze", str(recorded), "--png", str(tmp_path / "no" / "x.png")), "does not exist")
+    (tmp_path / "pngdir").mkdir()
+    one_error(flashflex("trace", "analyze", str(recorded), "--png", str(tmp_path / "pngdir")), "is a directory")
+    one_error(flashflex("trace", "analyze", str(recorded), "--budget", "1GiB"), "--budget needs --manifest")
+    no_partials(tmp_path)
+
+
+# -- signals and interrupted writes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_during_a_write_leaves_nothing_half_written(tmp_path, sig):
+    out = tmp_path / "big.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "gguf", "synth", str(out), "--preset",
+                             "dense-7b-q4_0", "--layers", "4"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert err.strip().splitlines()[-1].startswith("error:"), err
+    assert not out.exists()
+    no_partials(tmp_path)
+
+
+def test_a_partial_left_by_a_killed_writer_is_swept_by_the_next(dense, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".copy.gguf.{dead.pid}.abc123.partial"
+    stale.write_bytes(b"half")
+    result = flashflex("gguf", "realign", str(dense), str(tmp_path / "copy.gguf"))
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists()
+    no_partials(tmp_path)
+
+
+def test_ctrl_c_during_a_long_prompt_stops_the_run_within_seconds(patched_llama, tmp_path):
+    """The prompt is one llama_decode of a few seconds: SIGINT must stop it at the next graph node, not after."""
+    if "interrupt" not in patched_llama.info()["features"]:
+        pytest.skip("the installed build predates the interrupt flag; run flashflex build")
+    prompt = "The history of the printing press is long and full of detail. " * 220  # ~3,000 tokens
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(json.dumps({"prompt": prompt, "context": {"ctx": 4096, "batch": 4096, "ubatch": 4096},
+                               "sampling": {"n_predict": 1}}))  # one ubatch: a single llama_decode
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # loaded, inside the prompt's decode (which takes several seconds on 2 cores)
+    assert proc.poll() is None, proc.communicate()
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    waited = time.monotonic() - t0
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    assert waited < 2.5, f"took {waited:.1f} s to stop"
