@@ -116,7 +116,7 @@ def main() -> int:
     if cgroup_version():
         cgroup = MemoryCgroup(f"flashflex-serve-load-{os.getpid()}", budget + PROCESS_OVERHEAD)
     cmd = [sys.executable, "-m", "orchestrator", "serve", "-m", str(path), "--moe-sidecar", str(sc), "--moe-mode",
-           "slot-bank", "--budget", str(budget), "--ctx", "1024", "--ubatch", "32", "--port", str(port)]
+           "slot-bank", "--budget", f"{budget}B", "--ctx", "1024", "--ubatch", "32", "--port", str(port)]
     log_path = args.out / "server.log"
     args.out.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as server_log:

@@ -9,6 +9,7 @@ Exit 1 when they differ.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,8 +45,10 @@ def main() -> int:
         return 1
     decode = s["decode"]
     print(f"  {PROMPT}{flex['text']}")
+    size = os.path.getsize(flex["model"])
     print(f"  mode {s['mode']} · budget {mib(s['budget_bytes'])} · weights resident {mib(s['resident_bytes'])} · "
-          f"streamed {mib(decode['bytes_read_per_token'])} per token · waited {decode['wait_seconds']:.2f}s on reads")
+          f"streamed {mib(decode['bytes_read_per_token'])} per token ({decode['bytes_read_per_token'] / size:.0%} of "
+          f"the {mib(size)} model) · waited {decode['wait_seconds']:.2f}s on reads")
     print(f"  decode {flex['decode_tok_per_s']:.1f} tok/s ({flex['decode_tok_per_s'] / stock['decode_tok_per_s']:.2f}× "
           f"stock) · peak RSS of the whole process {mib(flex['peak_rss_bytes'])}")
     same = flex["tokens"] == stock["tokens"]
