@@ -13,7 +13,7 @@ BACKEND ?= cpu
 # Extra `flashflex build` flags, e.g. BUILD_FLAGS=--amx (not recommended: see flashflex build --help).
 BUILD_FLAGS ?=
 
-.PHONY: demo test install venv system-deps native check-patches clean-venv
+.PHONY: demo test lint install venv system-deps native check-patches clean-venv
 
 demo: install
 	$(FLASHFLEX) doctor
@@ -22,6 +22,10 @@ demo: install
 test: install
 	$(FLASHFLEX) patches check
 	$(PY) -m pytest -q
+
+# Seconds, no build needed: ruff (configured in pyproject.toml). CI runs it before the build.
+lint: python-deps
+	$(PY) -m ruff check .
 
 install: native
 

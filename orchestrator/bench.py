@@ -308,8 +308,9 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
             continue
         base = stock.get(r["budget_bytes"])
         if base and r is not base:
-            r["decode_ratio_to_stock"] = r["decode_tok_per_s"] / base["decode_tok_per_s"] if base["decode_tok_per_s"] else None
-            r["prompt_ratio_to_stock"] = r["prompt_tok_per_s"] / base["prompt_tok_per_s"] if base["prompt_tok_per_s"] else None
+            for phase in ("decode", "prompt"):
+                ref = base[f"{phase}_tok_per_s"]
+                r[f"{phase}_ratio_to_stock"] = r[f"{phase}_tok_per_s"] / ref if ref else None
         streamed = r.get("streamed_bytes_per_token") or 0
         bw = r.get("read_bandwidth_bytes_per_s")
         if streamed and bw:
@@ -328,14 +329,16 @@ def markdown_table(records: list[dict[str, Any]], bandwidth: dict[int, float]) -
         f"Model: `{Path(records[0]['model']).name}` ({format_size(records[0]['model_bytes'])}) · machine: "
         f"{m.get('cores')} cores, {format_size(m.get('ram_bytes', 0))} RAM · {m.get('when')}" if records else "",
         "",
-        "Direct-read bandwidth (same run): " + ", ".join(f"QD{qd} {bw / 1e9:.2f} GB/s" for qd, bw in sorted(bandwidth.items())),
+        "Direct-read bandwidth (same run): "
+        + ", ".join(f"QD{qd} {bw / 1e9:.2f} GB/s" for qd, bw in sorted(bandwidth.items())),
         "",
         "| run | budget | tp | decode tok/s | prompt tok/s | × stock (decode) | streamed/token | roofline tok/s | "
         "time/token ÷ roofline | peak mem | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        lines.append("| {mode} | {budget} | {tp} | {dec} | {pro} | {ratio} | {st} | {roof} | {over} | {peak} | {status} |".format(
+        row = "| {mode} | {budget} | {tp} | {dec} | {pro} | {ratio} | {st} | {roof} | {over} | {peak} | {status} |"
+        lines.append(row.format(
             mode=r["mode"], budget=format_size(r["budget_bytes"]) if r.get("budget_bytes") else "-",
             tp=_fmt(r.get("prefetch_threads"), "d"), dec=_fmt(r.get("decode_tok_per_s"), ".3f"),
             pro=_fmt(r.get("prompt_tok_per_s"), ".2f"), ratio=_fmt(r.get("decode_ratio_to_stock"), ".2f"),

@@ -119,7 +119,8 @@ def _slot_bank_execution(point: dict, spec: dict, model: Path, out: dict):
     out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead, resident_bytes=plan.resident_bytes,
                slot_bank=point["slot_bank"] if point["mode"] == "oracle-all-hit" else ex.moe.slots,
                bank_slots=ex.moe.slots,
-               moe_prefetch_ranks=ex.moe.prefetch_ranks if ex.moe.prefetch == "router-lookahead" else None, streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token
+               moe_prefetch_ranks=ex.moe.prefetch_ranks if ex.moe.prefetch == "router-lookahead" else None,
+               streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token
                if streams else 0, planned_hit_rate=plan.estimates.expected_hit_rate)
     return ex
 

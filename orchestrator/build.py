@@ -173,6 +173,7 @@ def _prepare_source(src: Path, pin: vendor.Pin, stock: bool, record: dict, log: 
     else:
         with patches.scratch_tree(vendor.BASE_REF) as wt:
             _export_tree(wt, "HEAD", src / "vendor" / "llama.cpp")
+        patches.install_overlay(src / "vendor" / "llama.cpp")  # our own sources beside the call sites
     # The wheel carries what it was built for (read by doctor without importing llama_cpp).
     (src / "llama_cpp" / cpufeatures.BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
 

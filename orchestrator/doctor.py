@@ -58,7 +58,8 @@ def diagnose() -> Report:
         f["backends"] = info.get("backends", [])
         if f.get("series_hash") and info.get("series_hash") != f["series_hash"]:
             rep.problems.append("the installed library was built from another patch series "
-                                f"({str(info.get('series_hash'))[:12]} ≠ {f['series_hash'][:12]}) — run: flashflex build")
+                                f"({str(info.get('series_hash'))[:12]} ≠ {f['series_hash'][:12]}) "
+                                "— run: flashflex build")
         elif f["build_instruction_set"] is None:
             rep.problems.append("the installed library does not record the instruction set it was built for "
                                 "(built before flashflex keyed builds by CPU) — run: flashflex build --force")

@@ -212,26 +212,25 @@ class RuntimeConfig:
         try:
             for key, value in (options or {}).items():
                 if cdll.llama_flashflex_config_set(self.id, key.encode(), int(value)) != 0:
-                    raise FlashflexError(f"the library refused {key}={value}", "check the run settings")
+                    raise FlashflexError(f"the library refused {key}={value}: {last_error()}", "check the run settings")
             for key, text in (strings or {}).items():
                 if cdll.llama_flashflex_config_set_string(self.id, key.encode(), str(text).encode()) != 0:
-                    raise FlashflexError(f"the library refused {key}={text}", "check the run settings")
+                    raise FlashflexError(f"the library refused {key}={text}: {last_error()}", "check the run settings")
             if schedule is not None:
                 values = (ctypes.c_int32 * len(schedule))(*schedule)
                 if cdll.llama_flashflex_config_moe_schedule(self.id, values, len(schedule)) != 0:
-                    raise FlashflexError("the library refused the replayed trace's schedule",
+                    raise FlashflexError(f"the library refused the replayed trace's schedule: {last_error()}",
                                          "check the trace: flashflex trace analyze TRACE")
             for path in files:
                 if cdll.llama_flashflex_config_add_file(self.id, str(path).encode()) < 0:
-                    raise FlashflexError(f"the library refused the file {path}", "check the path")
+                    raise FlashflexError(f"the library refused the file {path}: {last_error()}", "check the path")
             for name, file, offset, nbytes in tensors:
                 if cdll.llama_flashflex_config_stream_tensor(self.id, name.encode(), file, offset, nbytes) != 0:
-                    raise FlashflexError(f"the library refused to stream {name}", "re-plan the model")
+                    raise FlashflexError(f"the library refused to stream {name}: {last_error()}", "re-plan the model")
             for b in banks:
                 if cdll.llama_flashflex_config_bank_tensor(self.id, b.name.encode(), b.file, b.offset,
                                                            b.expert_stride, b.bytes_per_expert) != 0:
-                    raise FlashflexError(f"the library refused to bank {b.name} (offset {b.offset}, stride "
-                                         f"{b.expert_stride}, {b.bytes_per_expert} bytes per expert)",
+                    raise FlashflexError(f"the library refused to bank {b.name}: {last_error()}",
                                          "re-extract the sidecar: flashflex sidecar extract")
         except BaseException:
             self.free()

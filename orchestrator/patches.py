@@ -64,14 +64,44 @@ def read_series(root: Path | None = None) -> list[str]:
     return names
 
 
+def overlay_dir(root: Path | None = None) -> Path:
+    """Our own C/C++ sources, laid out as in the llama.cpp tree (include/, src/); `flashflex build` copies them
+    into the patched tree. The series holds only the call sites and build wiring in upstream files."""
+    return patches_dir(root) / "overlay"
+
+
+def overlay_files(root: Path | None = None) -> list[Path]:
+    """Every owned source file, relative to the overlay, sorted (what the series hash covers)."""
+    odir = overlay_dir(root)
+    if not odir.is_dir():
+        raise FlashflexError(f"{odir} is missing", "restore it with git checkout patches/")
+    return sorted(p.relative_to(odir) for p in odir.rglob("*") if p.is_file())
+
+
+def install_overlay(tree: Path, root: Path | None = None) -> list[Path]:
+    """Copy the owned sources into a llama.cpp tree (a build's source, a rehearsal's scratch tree)."""
+    odir = overlay_dir(root)
+    files = overlay_files(root)
+    for rel in files:
+        dest = tree / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(odir / rel, dest)
+    return files
+
+
 def series_hash(root: Path | None = None) -> str:
-    """sha256 over the series file and every patch, in order: identifies the source a build carries."""
+    """sha256 over the series file, every patch in order and every owned source file: identifies the source a
+    build carries."""
     sdir = patches_dir(root)
     h = hashlib.sha256()
     h.update((sdir / "series").read_bytes())
     for name in read_series(root):
         h.update(b"\0" + name.encode() + b"\0")
         h.update((sdir / name).read_bytes())
+    odir = overlay_dir(root)
+    for rel in overlay_files(root):
+        h.update(b"\0overlay/" + rel.as_posix().encode() + b"\0")
+        h.update((odir / rel).read_bytes())
     return h.hexdigest()
 
 
@@ -211,6 +241,21 @@ def _format_patches(repo: Path, base: str, head: str, out_dir: Path) -> list[str
     return names
 
 
+def _new_files(sdir: Path, names: list[str]) -> list[str]:
+    """Paths the given patches create (`new file mode`): owned files belong in the overlay instead."""
+    added = []
+    for name in names:
+        text = (sdir / name).read_text(encoding="utf-8", errors="surrogateescape")
+        for m in re.finditer(r"^diff --git a/(\S+) b/\S+\nnew file mode", text, re.M):
+            added.append(m.group(1))
+    return added
+
+
+def series_new_files(root: Path | None = None) -> list[str]:
+    """Files the committed series creates; must be empty (checked by `patches check` and the tests)."""
+    return _new_files(patches_dir(root), read_series(root))
+
+
 def export(root: Path | None = None, log: Log = print) -> list[str]:
     """Regenerate patches/llama.cpp from the commits above the base, deterministically."""
     root = root or repo_root()
@@ -225,6 +270,14 @@ def export(root: Path | None = None, log: Log = print) -> list[str]:
     staging = Path(tempfile.mkdtemp(prefix=".llama.cpp.", suffix=".partial", dir=sdir.parent))
     try:
         names = _format_patches(repo, vendor.BASE_REF, "HEAD", staging)
+        added = _new_files(staging, names)
+        if added:
+            raise FlashflexError(f"the commits above the base add files ({', '.join(added)}); the series holds only "
+                                 "changes to upstream files",
+                                 "move new files to patches/llama.cpp/overlay/ (same path) and drop them from the "
+                                 "commits")
+        if overlay_dir(root).is_dir():  # the owned sources are not exported from commits: keep them
+            shutil.copytree(overlay_dir(root), staging / "overlay")
         old = Path(tempfile.mkdtemp(prefix=".llama.cpp.", suffix=".old", dir=sdir.parent))
         old.rmdir()
         if sdir.exists():
@@ -292,6 +345,9 @@ def check(root: Path | None = None) -> CheckResult:
             diffs.append(f"{name}: in patches/llama.cpp but not produced by export (stale file?)")
         elif exported[name] != current[name]:
             diffs.append(f"{name}: differs after apply + export")
+    diffs += [f"{path}: created by the series; owned files belong in patches/llama.cpp/overlay/"
+              for path in series_new_files(root)]
+    overlay_files(root)  # present and non-empty
     return CheckResult(not diffs, diffs)
 
 
@@ -329,17 +385,55 @@ class RebaseTrial:
     commit: str
     applies: bool
     report: str
+    compiled: bool | None = None  # None: not tried (the series did not apply, or compile=False)
 
 
-def try_onto_release(lcp_version: str, root: Path | None = None, log: Log = print) -> RebaseTrial:
-    """Rebase rehearsal: does the series apply (3-way) onto the llama.cpp another llama-cpp-python release vendors?"""
+def compile_llama(tree: Path, log: Log = print) -> tuple[bool, str]:
+    """Configure and build the `llama` library target of a llama.cpp tree (series and overlay in place):
+    (ok, one-line report). Our owned code reads loader internals, so a pin bump can break it while every patch
+    still applies."""
+    import os
+    import subprocess
+
+    build = tree / "build-flashflex-rehearsal"
+    logfile = tree.parent / "compile.log"
+    jobs = str(os.cpu_count() or 2)
+    configure = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
+                 "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DBUILD_SHARED_LIBS=ON"]
+    if shutil.which("ccache"):
+        configure += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+    log(f"compiling the llama target of the patched tree ({jobs} jobs; minutes on a small machine)")
+    with open(logfile, "w") as fh:
+        for cmd in (configure, ["cmake", "--build", str(build), "--target", "llama", "-j", jobs]):
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                break
+    text = logfile.read_text(errors="replace").splitlines()
+    if rc != 0:
+        first = next((ln.strip() for ln in text if " error" in ln or ln.startswith("CMake Error")), text[-1:] or [""])
+        return False, f"the patched tree does not compile: {str(first)[:300]}"
+    return True, "the llama target compiles with our sources"
+
+
+def try_onto_release(lcp_version: str, root: Path | None = None, log: Log = print,
+                     compile: bool = True) -> RebaseTrial:
+    """Rebase rehearsal: does the series apply (3-way) onto the llama.cpp another llama-cpp-python release
+    vendors, and (compile=True) does the result, with our owned sources, compile?"""
     root = root or repo_root()
     repo = vendor.require_synced(root)
     sdist = vendor.ensure_sdist(lcp_version, None, log)
     commit = vendor.fetch_commit_from_sdist(repo, sdist, log)
+    compiled: bool | None = None
+    compile_report = ""
     try:
-        with scratch_tree(commit, root):
-            pass
+        with scratch_tree(commit, root) as wt:
+            if compile:
+                install_overlay(wt, root)
+                compiled, compile_report = compile_llama(wt, log)
     except PatchConflict as exc:
         return RebaseTrial(lcp_version, commit, False, exc.report)
-    return RebaseTrial(lcp_version, commit, True, f"all {len(read_series(root))} patch(es) apply onto {commit[:12]}")
+    report = f"all {len(read_series(root))} patch(es) apply onto {commit[:12]}"
+    if compile_report:
+        report += f"; {compile_report}"
+    return RebaseTrial(lcp_version, commit, True, report, compiled)

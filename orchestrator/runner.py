@@ -161,6 +161,50 @@ def streamed_tensors(plan: Plan | None) -> list[tuple[str, int, int, int]]:
     return [(t.name, t.file, t.offset, t.n_bytes) for t in plan.tensors if t.placement == "streamed"]
 
 
+@dataclass
+class RuntimeSpec:
+    """Everything flashflex's native runtime is told about a run, in one JSON-serialisable place (what
+    `flashflex run --dry-run --json` prints): the files it reads, the dense tensors it streams (name, file index,
+    offset, bytes), the expert tensors it banks, and its integer and string options (their C names, set through
+    llama_flashflex_config_set / _set_string), plus the replay schedule of an oracle run."""
+
+    files: list[str]
+    streamed: list[tuple[str, int, int, int]]
+    banks: list[native.BankTensor]
+    options: dict[str, int]
+    strings: dict[str, str]
+    schedule: list[int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": self.files,
+                "streamed": [dict(zip(("name", "file", "offset", "bytes"), t)) for t in self.streamed],
+                "banks": [asdict(b) for b in self.banks], "options": self.options, "strings": self.strings,
+                "schedule_values": len(self.schedule) if self.schedule is not None else None}
+
+
+def runtime_spec(plan: Plan | None, moe: MoESetup | None) -> RuntimeSpec | None:
+    """The RuntimeSpec of a plan (its streamed tensors) and MoE setup (its banks), or None for a stock run."""
+    stream = streamed_tensors(plan)
+    if not stream and moe is None:
+        return None
+    files = [str(f) for f in plan.files] if stream and plan is not None else []
+    options: dict[str, int] = {}
+    if stream:
+        assert plan is not None
+        options = {"prefetch_threads": plan.prefetch.threads,
+                   "window": plan.prefetch.buffers,  # the ring the plan paid for
+                   "direct_io": 2 if plan.prefetch.direct_io_requested == "strict"
+                   else int(plan.prefetch.direct_io)}
+    banks: list[native.BankTensor] = []
+    strings: dict[str, str] = {}
+    if moe is not None:
+        banks = moe.bank_tensors(first_file=len(files))
+        files += moe.files()
+        options.update(moe.options())
+        strings = moe.strings()
+    return RuntimeSpec(files, stream, banks, options, strings, moe.schedule if moe is not None else None)
+
+
 @contextlib.contextmanager
 def _without_repack():
     """Load with the CPU backend's repacked weight layout off (llama_model_params.use_extra_bufts = false),
@@ -191,28 +235,15 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
     llama_cpp_module()  # one clear line if llama_cpp is missing
     from llama_cpp import Llama
 
-    stream = streamed_tensors(plan)
+    spec = runtime_spec(plan, moe)
+    stream = spec.streamed if spec is not None else []
     config = None
-    if stream or moe is not None:
-        files = list(plan.files) if stream else []
-        options: dict[str, int] = {}
-        if stream:
-            assert plan is not None
-            options = {"prefetch_threads": plan.prefetch.threads,
-                       "window": plan.prefetch.buffers,  # the ring the plan paid for
-                       "direct_io": 2 if plan.prefetch.direct_io_requested == "strict"
-                       else int(plan.prefetch.direct_io)}
-        banks: list[native.BankTensor] = []
-        strings: dict[str, str] = {}
+    if spec is not None:
         if moe is not None:
-            banks = moe.bank_tensors(first_file=len(files))
-            files += moe.files()
-            options.update(moe.options())
-            strings = moe.strings()
             moe.begin_trace()
         try:
-            config = native.RuntimeConfig(files, stream, banks=banks, options=options, strings=strings,
-                                          schedule=moe.schedule if moe is not None else None)
+            config = native.RuntimeConfig(spec.files, spec.streamed, banks=spec.banks, options=spec.options,
+                                          strings=spec.strings, schedule=spec.schedule)
         except BaseException:
             if moe is not None:
                 moe.finish_trace(False)

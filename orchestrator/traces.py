@@ -520,7 +520,8 @@ def analyze(trace: Trace, *, banks: list[int] | None = None, topks: list[int] | 
     h = trace.header
     if manifest is not None and manifest.model.fingerprint != h.model.fingerprint:
         raise FlashflexError(f"the manifest {getattr(manifest, 'directory', '')} is of another model than "
-                             f"the trace {trace.path}", "pass the sidecar manifest of the model the trace was recorded on")
+                             f"the trace {trace.path}",
+                             "pass the sidecar manifest of the model the trace was recorded on")
     topks = sorted(set(topks or [h.k]), reverse=True)
     if any(k < 1 or k > h.k for k in topks):
         raise FlashflexError(f"--topk values must be within 1..{h.k} (the trace holds {h.k} experts per token)",

@@ -12,6 +12,31 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# What every test shares from the user's state dir: downloads and builds that take minutes to remake.
+SHARED_STATE = ("sdist", "builds", "ccache", "models")
+
+
+def _real_state_dir() -> Path:
+    from orchestrator.paths import cache_root
+
+    return cache_root()
+
+
+_REAL_STATE = _real_state_dir()
+
+
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Each test gets its own FLASHFLEX_HOME (also seen by the commands it runs): anything it writes there stays
+    its own. The expensive shared state (the pinned sdist, builds, ccache, the default model) is linked in."""
+    home = tmp_path_factory.mktemp("flashflex-home")
+    for name in SHARED_STATE:
+        real = _REAL_STATE / name
+        real.mkdir(parents=True, exist_ok=True)
+        (home / name).symlink_to(real, target_is_directory=True)
+    monkeypatch.setenv("FLASHFLEX_HOME", str(home))
+    return home
+
 
 def flashflex(*args: str, check: bool = False, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """Run the `flashflex` command as a user would, capturing its output."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -69,3 +70,21 @@ def test_gitlink_matches_the_recorded_pin():
     line = gitutil.out(REPO, "ls-tree", "HEAD", "vendor/llama.cpp").split()
     assert line[:3] == ["160000", "commit", vendor.load_pin(REPO).commit]
     assert gitutil.out(REPO, "ls-files", "vendor").split() == ["vendor/PIN.json", "vendor/llama.cpp"]
+
+
+@pytest.mark.native
+def test_run_dry_run_prints_the_runtime_spec_and_loads_nothing(moe_models, patched_llama, tmp_path):
+    """`run --dry-run --json`: the mode, the plan summary and what the native runtime would be told."""
+    model, sc = moe_models["qwen3moe"]
+    trace = tmp_path / "t.jsonl"
+    result = flashflex("run", "-m", str(model), "--moe-sidecar", str(sc), "--moe-mode", "slot-bank", "--budget",
+                       "8MiB", "--ctx", "128", "--ubatch", "8", "--moe-trace", str(trace), "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    spec = out["runtime_spec"]
+    assert out["mode"] == "slot-bank" and spec["options"]["moe_slots"] == out["moe"]["slots"] >= 4
+    assert spec["files"] == [str(sc / f"layer-{i:03d}.bin") for i in range(3)]
+    assert {b["name"] for b in spec["banks"]} >= {"blk.0.ffn_up_exps.weight", "blk.2.ffn_down_exps.weight"}
+    assert not trace.exists() and not list(tmp_path.iterdir())  # nothing recorded, nothing loaded
+    stock = json.loads(flashflex("run", "-m", str(model), "--dry-run", "--json").stdout)
+    assert stock["mode"] == "stock" and stock["runtime_spec"] is None

@@ -16,8 +16,8 @@ from orchestrator import synth
 from orchestrator.cli import gguf_cmd
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile import realign as realign_mod
-from orchestrator.modelfile.realign import is_aligned, realign
 from orchestrator.modelfile.reader import read_model_table
+from orchestrator.modelfile.realign import is_aligned, realign
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from conftest import REPO, flashflex
 
 pytestmark = pytest.mark.native

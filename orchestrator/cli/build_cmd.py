@@ -15,7 +15,8 @@ def register(app: typer.Typer) -> None:
     @app.command("build")
     def build_cmd(
         backend: build.Backend = typer.Option(build.Backend.cpu, "--backend", help="ggml backend to build."),
-        stock: bool = typer.Option(False, "--stock", help="Build the unpatched pin (baseline), in its own cache entry."),
+        stock: bool = typer.Option(False, "--stock",
+                                   help="Build the unpatched pin (baseline), in its own cache entry."),
         cmake_arg: Optional[list[str]] = typer.Option(None, "--cmake-arg", help="Extra CMake -D flag (repeatable)."),
         no_install: bool = typer.Option(False, "--no-install", help="Only build and cache the wheel."),
         force: bool = typer.Option(False, "--force", help="Rebuild even if a cached wheel exists."),

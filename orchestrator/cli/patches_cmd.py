@@ -14,7 +14,8 @@ def register(app: typer.Typer) -> None:
 
     @group.command("apply")
     def apply_cmd(
-        force: bool = typer.Option(False, "--force", help="Discard vendor/llama.cpp commits/changes not in the series."),
+        force: bool = typer.Option(False, "--force",
+                                   help="Discard vendor/llama.cpp commits/changes not in the series."),
         json_out: JsonOpt = False,
     ) -> None:
         """Apply the series onto the pinned base with `git am -3`, one commit per patch. Idempotent."""
@@ -64,17 +65,21 @@ def register(app: typer.Typer) -> None:
 
     @group.command("try-release")
     def try_release_cmd(
-        version: str = typer.Argument(..., help="llama-cpp-python release whose vendored llama.cpp to try, e.g. 0.3.35"),
+        version: str = typer.Argument(...,
+                                      help="llama-cpp-python release whose vendored llama.cpp to try, e.g. 0.3.35"),
+        compile_tree: bool = typer.Option(True, "--compile/--no-compile",
+                                          help="Also compile the llama target with our owned sources (minutes)."),
         json_out: JsonOpt = False,
     ) -> None:
-        """Rebase rehearsal: does the series apply onto the llama.cpp another llama-cpp-python release vendors?"""
+        """Rebase rehearsal: does the series apply onto the llama.cpp another llama-cpp-python release vendors,
+        and does the result compile with our owned sources (patches/llama.cpp/overlay)?"""
         log = err_console.print if json_out else console.print
-        trial = patches.try_onto_release(version, log=log)
+        trial = patches.try_onto_release(version, log=log, compile=compile_tree)
         if json_out:
             emit_json(trial.__dict__)
         else:
             console.print(f"llama-cpp-python {trial.lcp_version} → llama.cpp {trial.commit[:12]}: "
                           + ("series APPLIES" if trial.applies else "series does NOT apply"))
             console.print(trial.report)
-        if not trial.applies:
+        if not trial.applies or trial.compiled is False:
             raise typer.Exit(1)

@@ -55,6 +55,9 @@ def register(app: typer.Typer) -> None:
         moe_trace: MoETraceOpt = None,
         moe_prefetch: MoEPrefetchOpt = None,
         force: TraceForceOpt = None,
+        dry_run: bool = typer.Option(False, "--dry-run", help="Check and plan everything, load nothing: print the "
+                                     "mode, the plan summary and what the native runtime would be told (the "
+                                     "RuntimeSpec; all of it with --json)."),
         json_out: JsonOpt = False,
     ) -> None:
         """Generate text; --json prints token ids, text, timings, peak RSS and streaming and expert-bank
@@ -72,6 +75,9 @@ def register(app: typer.Typer) -> None:
         ex = runner.execution_for_config(cfg, settings.model)
         for reason in ex.lossy:
             err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")
+        if dry_run:
+            _dry_run(cfg, settings, ex, json_out)
+            return
         result = runner.generate(settings, ex=ex)
         if json_out:
             emit_json(result.to_dict())
@@ -146,3 +152,29 @@ def register(app: typer.Typer) -> None:
                           f"max |Δ| = {result.max_abs_diff:g}, mismatched positions {result.mismatched_positions}")
         if not result.identical:
             raise typer.Exit(1)
+
+
+def _dry_run(cfg, settings, ex, json_out: bool) -> None:
+    """`run --dry-run`: what the run would do, from the same objects the run would use."""
+    from orchestrator import api
+
+    summary = api.Prepared(cfg, settings, ex).summary()
+    spec = runner.runtime_spec(ex.plan, ex.moe)
+    if json_out:
+        emit_json({**summary, "runtime_spec": spec.to_json() if spec is not None else None})
+        return
+    console.print(f"mode {summary['mode']} · model {summary['model']} · ctx {summary['ctx']} · "
+                  f"ubatch {summary['ubatch']}", soft_wrap=True)
+    plan = summary.get("plan")
+    if plan:
+        streamed = plan["streamed_bytes_per_token"] / 2**20
+        console.print(f"budget {plan['budget_bytes'] / 2**20:.0f} MiB · resident weights "
+                      f"{plan['resident_bytes'] / 2**20:.0f} MiB · streamed {streamed:.1f} MiB/token (planned)",
+                      soft_wrap=True)
+    if spec is None:
+        console.print("runtime: none (the stock path loads the model)")
+    else:
+        console.print(f"runtime: {len(spec.files)} file(s), {len(spec.streamed)} streamed tensor(s), "
+                      f"{len(spec.banks)} banked tensor(s), options {spec.options}"
+                      + (f", {spec.strings}" if spec.strings else ""), soft_wrap=True)
+

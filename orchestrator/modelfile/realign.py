@@ -21,7 +21,7 @@ from pathlib import Path
 from gguf import GGUF_MAGIC, GGUFValueType, Keys
 
 from orchestrator.errors import FlashflexError
-from orchestrator.fsutil import check_free_space, atomic_file
+from orchestrator.fsutil import atomic_file, check_free_space
 from orchestrator.modelfile.reader import open_gguf, read_metadata, read_model_table, read_tensors
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -76,8 +76,7 @@ def byte_progress(description: str, enabled: bool = True) -> Iterator[ProgressCa
         yield None
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:

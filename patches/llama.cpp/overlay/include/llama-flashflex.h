@@ -1,0 +1,99 @@
+// flashflex: the C API that flashflex adds to llama.cpp.
+//
+// Everything flashflex exports lives in this header, as new functions. Upstream structs are never
+// extended (that would break llama-cpp-python's ctypes layouts); per-model settings are attached to a
+// model through functions declared here.
+
+#pragma once
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Version of this C API. Bumped whenever a function here changes signature or meaning.
+#define LLAMA_FLASHFLEX_API_VERSION 4
+
+LLAMA_API int32_t llama_flashflex_api_version(void);
+
+// A JSON object describing this build, valid for the life of the process:
+//   {"api_version": 4, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
+//    "backends": ["CPU", ...]}
+// "series_hash" is the hash flashflex computed over its patch series when it configured the build
+// ("unknown" when built by hand without -DFLASHFLEX_SERIES_HASH=...).
+LLAMA_API const char * llama_flashflex_info(void);
+
+//
+// Dense weight streaming (FlexInfer-style): a per-model configuration, built before the model is loaded
+// and handed to the load through the GGUF key override "flashflex.config" (an int holding the id).
+// Tensors named with llama_flashflex_config_stream_tensor() are never loaded into the model's buffers:
+// they live in a ring of `window` slots (layer i of the streamed layers in slot i % window) and are read
+// from the GGUF by `prefetch_threads` background threads ahead of compute (0 = synchronous reads).
+// Every other tensor loads as usual. The model must be loaded without mmap (load_mode NONE).
+//
+
+// Create an empty configuration; returns its id (> 0).
+LLAMA_API int32_t llama_flashflex_config_new(void);
+// Set an integer option: "prefetch_threads" (>= 0), "window" (>= 1),
+// "direct_io" (0 = buffered reads, 1 = O_DIRECT when the file system allows it, 2 = O_DIRECT or fail),
+// and for MoE expert banks "moe_slots" (slots per layer, >= the experts each token uses; 0 = every expert
+// resident, read from the sidecar at load), "moe_io_threads" (>= 1 parallel readers for misses) and
+// "moe_shared_only" (1 = diagnostic: routed experts contribute nothing and nothing is read).
+// Returns 0, or -1 for an unknown config id, key or value; every -1 of the configuration functions sets
+// llama_flashflex_last_error() to the reason.
+LLAMA_API int32_t llama_flashflex_config_set(int32_t config, const char * key, int64_t value);
+// Register a model file; returns its index in this configuration, or -1.
+LLAMA_API int32_t llama_flashflex_config_add_file(int32_t config, const char * path);
+// Stream this tensor instead of loading it. offset/nbytes are its data range in that file; the load
+// checks them against the GGUF and fails when they differ (a plan made for another file).
+LLAMA_API int32_t llama_flashflex_config_stream_tensor(int32_t config, const char * name, int32_t file,
+                                                      uint64_t offset, uint64_t nbytes);
+// MoE expert slot banks (Flash-MoE-style): bank this routed-expert tensor ([ne0, ne1, n_expert]). Its experts
+// are read from a sidecar file registered with llama_flashflex_config_add_file: expert e is bytes_per_expert
+// bytes at offset + e * expert_stride (offset and stride multiples of 4096). The load checks the shape and
+// size against the model and fails on a mismatch (a sidecar of another model).
+LLAMA_API int32_t llama_flashflex_config_bank_tensor(int32_t config, const char * name, int32_t file,
+                                                    uint64_t offset, uint64_t expert_stride,
+                                                    uint64_t bytes_per_expert);
+// Set a string option (API 3): "moe_trace" = a file to append one JSON line per routed layer call to
+// (sequence number, ubatch, layer, tokens, experts per token, expert ids, slot ids, hit per id; the caller
+// writes the header line), "moe_prefetch" = the expert prefetch policy: "none", "router-lookahead" (while
+// layer L computes, apply layer L+1's router to layer L's input and read the experts it picks) or "oracle"
+// (read the next record of the replayed schedule ahead of use); the integer option "moe_prefetch_ranks" limits
+// router-lookahead to each token's top ranks (0 = all k). Returns 0, or -1 for an unknown key or value.
+LLAMA_API int32_t llama_flashflex_config_set_string(int32_t config, const char * key, const char * value);
+// Replay a routing trace (API 3): `values` holds records as layer, n, then n expert ids (token-major), in the
+// order the run resolves them. The run fails with a clear error when its routing differs from the schedule
+// (another prompt, model or setting). With the integer option "moe_preload" = 1 every expert the schedule uses
+// is installed at load (oracle-all-hit: the bank must have room for each layer's distinct experts).
+LLAMA_API int32_t llama_flashflex_config_moe_schedule(int32_t config, const int32_t * values, size_t n_values);
+// Forget a configuration (a loaded model keeps its own copy).
+LLAMA_API void    llama_flashflex_config_free(int32_t config);
+
+// The last error flashflex raised on this thread (empty string when none).
+LLAMA_API const char * llama_flashflex_last_error(void);
+
+// Statistics of a model loaded with a configuration, as a JSON object written into buf (NUL-terminated,
+// truncated to buf_size). Returns the full length, or -1 when the model has no flashflex configuration.
+LLAMA_API int32_t llama_flashflex_model_stats(const struct llama_model * model, char * buf, size_t buf_size);
+// Zero the model's counters (e.g. between the prompt and the decode phase).
+LLAMA_API void    llama_flashflex_model_stats_reset(const struct llama_model * model);
+// Expert-bank statistics of a model loaded with banked tensors, as JSON (same conventions as
+// llama_flashflex_model_stats): hits, misses, hit rate, bytes read, read and install seconds, total and per
+// layer. Returns -1 when the model has no banks.
+LLAMA_API int32_t llama_flashflex_moe_stats(const struct llama_model * model, char * buf, size_t buf_size);
+LLAMA_API void    llama_flashflex_moe_stats_reset(const struct llama_model * model);
+// The model's runtime error (I/O failure, file changed), or NULL when none.
+LLAMA_API const char * llama_flashflex_model_error(const struct llama_model * model);
+// An abort callback for llama_set_abort_callback(ctx, llama_flashflex_abort_callback, model): aborts the
+// graph when the model's streaming or expert reads failed, so llama_decode returns an error instead of using bad data,
+// or when an interrupt was requested (any model, also one loaded without a flashflex configuration).
+LLAMA_API bool    llama_flashflex_abort_callback(void * model);
+// API 4: request (on = true) or clear an interrupt: every llama_decode whose context uses the callback above
+// stops at its next graph node. Process-wide, like the SIGINT it is meant for; clear it before the next run.
+LLAMA_API void    llama_flashflex_interrupt(bool on);
+
+#ifdef __cplusplus
+}
+#endif

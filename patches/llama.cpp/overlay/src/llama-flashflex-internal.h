@@ -1,0 +1,43 @@
+// flashflex: the call sites upstream files use. Everything here is a no-op for a model loaded without a
+// flashflex configuration, so the stock path stays stock.
+
+#pragma once
+
+#include <cstdint>
+
+struct ggml_context;
+struct ggml_tensor;
+struct llama_model;
+struct llama_model_loader;
+
+// llama_model_base::load_tensors, after all tensors are created and before buffers are allocated:
+// places the configured streamed tensors in the model's ring buffers and removes them from the loader,
+// so neither buffer allocation nor load_all_data touch them. Throws std::runtime_error on a bad plan.
+void llama_flashflex_on_tensors_created(const llama_model & model, llama_model_loader & ml);
+
+// llama_model_base::load_tensors: true when every tensor of ctx was placed by flashflex (the context then
+// needs no weight buffer of its own).
+bool llama_flashflex_ctx_is_placed(const llama_model & model, ggml_context * ctx);
+
+// ~llama_model: stops the model's prefetch threads and frees its buffers.
+void llama_flashflex_on_model_free(const llama_model * model);
+
+// llama_model::build_graph: marks the model whose graph is being built on this thread.
+struct llama_flashflex_graph_scope {
+    explicit llama_flashflex_graph_scope(const llama_model * model);
+    ~llama_flashflex_graph_scope();
+    llama_flashflex_graph_scope(const llama_flashflex_graph_scope &) = delete;
+    llama_flashflex_graph_scope & operator=(const llama_flashflex_graph_scope &) = delete;
+};
+
+// llm_graph_context::build_inp_embd (il_done = -1) and build_cvec (il_done = the layer just built):
+// returns cur, wrapped in an in-place op that releases layer il_done's streamed weights and waits until
+// layer il_done + 1's have arrived. Returns cur unchanged when the model streams nothing.
+ggml_tensor * llama_flashflex_layer_boundary(ggml_context * ctx, ggml_tensor * cur, int il_done);
+
+// llm_graph_context::build_lora_mm_id: ggml_mul_mat_id, or — for a tensor held in a MoE slot bank — the same
+// matmul on slot ids that a custom op resolves (and installs) from the router's expert ids.
+ggml_tensor * llama_flashflex_mul_mat_id(ggml_context * ctx, ggml_tensor * as, ggml_tensor * b, ggml_tensor * ids);
+
+// llama_context::graph_max_nodes: the graph nodes MoE slot banks add for a ubatch of n_tokens (0 without).
+uint32_t llama_flashflex_graph_nodes(const llama_model & model, uint32_t n_tokens);
