@@ -19,7 +19,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -177,7 +176,8 @@ def main() -> int:
         cgroup.remove()
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     table = (
-        "| clients | run | sent | completed | failed | lost | TTFT p50 | TTFT p95 | tok/s | server up | peak / limit |\n"
+        "| clients | run | sent | completed | failed | lost | TTFT p50 | TTFT p95 | tok/s | server up "
+        "| peak / limit |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
         f"| {args.clients} | {args.seconds:.0f} s (+{wall - args.seconds:.0f} s draining) | {result['sent']} | "
         f"{result['completed']} | {result['failed']} {result['failed_statuses'] if failed else ''} | "
