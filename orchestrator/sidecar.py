@@ -39,7 +39,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 
 from orchestrator.errors import FlashflexError
-from orchestrator.fsutil import atomic_dir, atomic_file
+from orchestrator.fsutil import atomic_dir, atomic_file, check_free_space
 from orchestrator.modelfile.reader import read_model_table
 from orchestrator.modelfile.table import ModelTable, TensorInfo
 from orchestrator.sizes import format_size
@@ -529,6 +529,8 @@ def extract(
     model_fp = fingerprint(files)
     plan = _plan(chosen, files)
     total = sum(t.n_bytes for tensors in plan.values() for t in tensors)
+    check_free_space(out_dir.parent if out_dir.parent.exists() else Path("."),
+                     sum(max(t.end for t in ts) for ts in plan.values()), f"the sidecar of {model_path.name}")
     extraction_id = uuid.uuid4().hex
     done = 0
 

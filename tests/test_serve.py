@@ -251,6 +251,17 @@ models:
         srv.stop()
 
 
+def test_lossy_options_show_at_startup_and_in_the_stats(moe_model):
+    path, sc = moe_model
+    srv = Server("-m", str(path), "--moe-sidecar", str(sc), *MOE_FLAGS, "--moe-topk", "2")
+    try:
+        stats = srv.get("/flashflex/stats")["models"][path.name]
+        assert any("--moe-topk 2" in reason for reason in stats["lossy"])
+    finally:
+        _, err = srv.stop()
+    assert "LOSSY" in err and "--moe-topk 2" in err
+
+
 def test_startup_refuses_what_run_refuses_in_one_line(moe_model):
     result = flashflex("serve", "--moe-prefetch", "router-lookahead", "--port", str(_free_port()), timeout=120)
     assert result.returncode != 0
