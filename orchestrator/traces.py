@@ -582,7 +582,7 @@ def recommend(results: list[dict[str, Any]], *, k: int, bytes_per_expert: int | 
 
 def plot(analysis: Analysis, out: Path, log) -> None:
     """Hit rate vs bank size per policy (one line per policy and top-k) as a PNG."""
-    from orchestrator.bench import _pyplot
+    from orchestrator.plotting import pyplot as _pyplot
 
     plt = _pyplot(log)
     if plt is None:

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from orchestrator import sidecar, synth
-from orchestrator.bench import MemoryCgroup, cgroup_version
+from orchestrator.bench.isolation import MemoryCgroup, cgroup_version
 from orchestrator.paths import cache_root
 from orchestrator.sizes import format_size, parse_size
 

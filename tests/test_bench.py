@@ -35,7 +35,9 @@ def test_failed_runs_stay_in_the_table_with_their_status():
 
 
 def test_cgroup_detection_degrades_gracefully(monkeypatch):
-    monkeypatch.setattr(bench.os, "geteuid", lambda: 1000)
+    from orchestrator.bench import isolation
+
+    monkeypatch.setattr(isolation.os, "geteuid", lambda: 1000)
     assert bench.cgroup_version() is None
 
 

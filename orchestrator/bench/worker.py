@@ -1,4 +1,4 @@
-"""One benchmark run, in its own process (so a memory cgroup can hold it): `python -m orchestrator.bench_worker
+"""One benchmark run, in its own process (so a memory cgroup can hold it): `python -m orchestrator.bench.worker
 '<json>'`. Prints one JSON object on its last stdout line. Started by orchestrator.bench."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def main(arg: str) -> None:
     payload = json.loads(arg)
     point, spec = payload["point"], payload["spec"]
     from orchestrator import native, runner
-    from orchestrator.bench import PROCESS_SLACK
+    from orchestrator.bench.isolation import PROCESS_SLACK
     from orchestrator.config import PrefetchConfig
     from orchestrator.modelfile.reader import read_model_table
     from orchestrator.planner import make_plan
@@ -98,7 +98,7 @@ def _measure(llm, settings, spec: dict, ex, out: dict) -> None:
 def _slot_bank_execution(point: dict, spec: dict, model: Path, out: dict):
     """The Execution of a slot-bank point: planned for what the cgroup leaves after this process."""
     from orchestrator import runner
-    from orchestrator.bench import PROCESS_SLACK
+    from orchestrator.bench.isolation import PROCESS_SLACK
     from orchestrator.config import load_run_config
     from orchestrator.modelfile.reader import read_model_table
     from orchestrator.planner import make_plan

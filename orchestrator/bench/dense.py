@@ -1,0 +1,152 @@
+"""The dense sweep: stock mmap, stock resident and flashflex per budget and -tp (FlexInfer's comparison)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator.bench.isolation import direct_read_bandwidth
+from orchestrator.bench.runs import Point, RunSpec, check_isolation, machine_info, run_point
+from orchestrator.plotting import pyplot as _pyplot
+from orchestrator.sizes import format_size
+
+Log = Callable[[str], None]
+
+# --------------------------------------------------------------------------------------------------------
+# The dense sweep
+
+
+@dataclass
+class DenseSweep:
+    spec: RunSpec
+    budgets: list[int]  # cgroup limits; a value >= the model's size gives the "resident" comparison
+    prefetch_threads: list[int] = field(default_factory=lambda: [0, 1, 2, 4])
+    use_cgroup: bool = True
+    drop_caches: bool = True
+
+
+
+
+def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_isolation(sweep, log)
+    model_bytes = sweep.spec.model.stat().st_size
+    machine = machine_info()
+    bandwidth = {}
+    for qd in sorted({max(1, tp) for tp in sweep.prefetch_threads}):
+        bandwidth[qd] = direct_read_bandwidth(sweep.spec.model, qd)
+        log(f"direct-read bandwidth at queue depth {qd}: {bandwidth[qd] / 1e9:.2f} GB/s")
+    records: list[dict[str, Any]] = []
+    results = out_dir / "results.jsonl"
+    with open(results, "w") as fh:
+        def keep(rec: dict[str, Any]) -> None:
+            rec["machine"] = machine
+            rec["model"] = str(sweep.spec.model)
+            rec["model_bytes"] = model_bytes
+            records.append(rec)
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+
+        for budget in sweep.budgets:
+            resident = budget >= model_bytes
+            log(f"budget {format_size(budget)}{' (≥ model size)' if resident else ''}")
+            baseline = Point("stock-resident" if resident else "stock-mmap", budget)
+            keep(run_point(baseline, sweep.spec, sweep.use_cgroup, sweep.drop_caches, log))
+            for tp in sweep.prefetch_threads:
+                rec = run_point(Point("flashflex", budget, tp), sweep.spec, sweep.use_cgroup, sweep.drop_caches, log)
+                rec["read_bandwidth_bytes_per_s"] = bandwidth[max(1, tp)]
+                keep(rec)
+    _add_ratios(records)
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out_dir / "results.md").write_text(markdown_table(records, bandwidth))
+    plot(records, out_dir / "tok_s_vs_budget.png", log)
+    return records
+
+
+def _add_ratios(records: list[dict[str, Any]]) -> None:
+    """Ratios to the stock baseline of the same budget, and to the I/O roofline of the same run."""
+    stock = {r["budget_bytes"]: r for r in records if r["mode"].startswith("stock") and r.get("status") == "ok"}
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        base = stock.get(r["budget_bytes"])
+        if base and r is not base:
+            for phase in ("decode", "prompt"):
+                ref = base[f"{phase}_tok_per_s"]
+                r[f"{phase}_ratio_to_stock"] = r[f"{phase}_tok_per_s"] / ref if ref else None
+        streamed = r.get("streamed_bytes_per_token") or 0
+        bw = r.get("read_bandwidth_bytes_per_s")
+        if streamed and bw:
+            roofline_s = streamed / bw
+            r["roofline_tok_per_s"] = 1 / roofline_s
+            r["per_token_s_over_roofline"] = (1 / r["decode_tok_per_s"]) / roofline_s if r["decode_tok_per_s"] else None
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(records: list[dict[str, Any]], bandwidth: dict[int, float]) -> str:
+    m = records[0]["machine"] if records else {}
+    lines = [
+        f"Model: `{Path(records[0]['model']).name}` ({format_size(records[0]['model_bytes'])}) · machine: "
+        f"{m.get('cores')} cores, {format_size(m.get('ram_bytes', 0))} RAM · {m.get('when')}" if records else "",
+        "",
+        "Direct-read bandwidth (same run): "
+        + ", ".join(f"QD{qd} {bw / 1e9:.2f} GB/s" for qd, bw in sorted(bandwidth.items())),
+        "",
+        "| run | budget | tp | decode tok/s | prompt tok/s | × stock (decode) | streamed/token | roofline tok/s | "
+        "time/token ÷ roofline | peak mem | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        row = "| {mode} | {budget} | {tp} | {dec} | {pro} | {ratio} | {st} | {roof} | {over} | {peak} | {status} |"
+        lines.append(row.format(
+            mode=r["mode"], budget=format_size(r["budget_bytes"]) if r.get("budget_bytes") else "-",
+            tp=_fmt(r.get("prefetch_threads"), "d"), dec=_fmt(r.get("decode_tok_per_s"), ".3f"),
+            pro=_fmt(r.get("prompt_tok_per_s"), ".2f"), ratio=_fmt(r.get("decode_ratio_to_stock"), ".2f"),
+            st=format_size(r["streamed_bytes_per_token"]) if r.get("streamed_bytes_per_token") else "-",
+            roof=_fmt(r.get("roofline_tok_per_s"), ".3f"), over=_fmt(r.get("per_token_s_over_roofline"), ".2f"),
+            peak=format_size(r["cgroup_peak_bytes"]) if r.get("cgroup_peak_bytes") else (
+                format_size(r["peak_rss_bytes"]) if r.get("peak_rss_bytes") else "-"),
+            status=r.get("status", "?")))
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], out: Path, log: Log) -> None:
+    plt = _pyplot(log)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    roof: dict[float, float] = {}
+    for r in records:
+        if r.get("status") != "ok" or not r.get("budget_bytes"):
+            continue
+        name = r["mode"] if r["mode"] != "flashflex" else f"flashflex tp={r['prefetch_threads']}"
+        if r["mode"].startswith("stock"):
+            name = "stock"
+        gib = r["budget_bytes"] / 2**30
+        series.setdefault(name, []).append((gib, r["decode_tok_per_s"]))
+        if r.get("roofline_tok_per_s") and r.get("prefetch_threads") == max(
+                x.get("prefetch_threads") or 0 for x in records):
+            roof[gib] = r["roofline_tok_per_s"]
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if roof:
+        xs = sorted(roof)
+        ax.plot(xs, [roof[x] for x in xs], linestyle="--", color="gray", label="I/O roofline (max tp)")
+    ax.set_xlabel("memory budget (GiB, cgroup limit)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(Path(records[0]["model"]).name if records else "")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
