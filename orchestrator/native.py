@@ -201,7 +201,31 @@ class RuntimeConfig:
     from a Plan; hand `id` to the model load through the GGUF key override "flashflex.config". Free it once
     the model is loaded (the model keeps its own copy)."""
 
-    DIRECT_IO = {"off": 0, "auto": 1, "on": 1, "strict": 2}
+    DIRECT_IO = {"off": 0, "on": 1, "strict": 2}
+
+    @classmethod
+    def from_spec(cls, spec) -> "RuntimeConfig":
+        """A configuration from an orchestrator.runner.RuntimeSpec: the one place that knows the C option names.
+        Options at the runtime's defaults are not sent, so older builds (without them) still load."""
+        options: dict[str, int] = {"direct_io": cls.DIRECT_IO[spec.direct_io]}
+        strings: dict[str, str] = {}
+        if spec.prefetch_threads is not None:
+            options["prefetch_threads"] = spec.prefetch_threads
+        if spec.window is not None:
+            options["window"] = spec.window
+        if spec.moe_slots is not None:
+            options.update(moe_slots=spec.moe_slots, moe_io_threads=spec.moe_io_threads,
+                           moe_shared_only=int(spec.moe_shared_only))
+            if spec.moe_preload:
+                options["moe_preload"] = 1
+            if spec.moe_prefetch_ranks is not None:
+                options["moe_prefetch_ranks"] = spec.moe_prefetch_ranks
+            if spec.moe_prefetch != "none":
+                strings["moe_prefetch"] = spec.moe_prefetch
+            if spec.moe_trace is not None:
+                strings["moe_trace"] = spec.moe_trace
+        return cls(spec.files, spec.streamed, banks=spec.banks, options=options, strings=strings,
+                   schedule=spec.schedule)
 
     def __init__(self, files: list[str], tensors: list[tuple[str, int, int, int]] = (), *,
                  banks: list[BankTensor] = (), options: dict[str, int] | None = None,

@@ -98,7 +98,7 @@ class MoESetup:
     slots: int
     io_threads: int = 4
     shared_only: bool = False
-    direct_io: int = 1
+    direct_io: str = "on"  # off | on | strict (RuntimeSpec's words)
     prefetch: str = "none"  # none | router-lookahead | oracle
     prefetch_ranks: int = 0  # router-lookahead: each token's top ranks read ahead (0 = all)
     trace_out: Path | None = None
@@ -114,26 +114,6 @@ class MoESetup:
         index = {layer.file: first_file + i for i, layer in enumerate(self.manifest.layers)}
         return [native.BankTensor(t.name, index[t.file], t.offset, t.expert_stride, t.bytes_per_expert)
                 for t in self.manifest.tensors if t.n_expert > 1]
-
-    def options(self) -> dict[str, int]:
-        out = {"moe_slots": self.slots, "moe_io_threads": self.io_threads,
-               "moe_shared_only": int(self.shared_only), "direct_io": self.direct_io}
-        if self.preload:
-            out["moe_preload"] = 1
-        if self.prefetch == "router-lookahead":
-            out["moe_prefetch_ranks"] = self.prefetch_ranks
-        return out
-
-    def strings(self) -> dict[str, str]:
-        """String options (API 3): only what differs from the runtime's defaults, so older builds still load."""
-        from orchestrator import traces
-
-        out = {}
-        if self.prefetch != "none":
-            out["moe_prefetch"] = self.prefetch
-        if self.trace_out is not None:
-            out["moe_trace"] = str(traces.partial_path(self.trace_out))
-        return out
 
     def begin_trace(self) -> None:
         if self.trace_out is not None:
@@ -163,23 +143,35 @@ def streamed_tensors(plan: Plan | None) -> list[tuple[str, int, int, int]]:
 
 @dataclass
 class RuntimeSpec:
-    """Everything flashflex's native runtime is told about a run, in one JSON-serialisable place (what
-    `flashflex run --dry-run --json` prints): the files it reads, the dense tensors it streams (name, file index,
-    offset, bytes), the expert tensors it banks, and its integer and string options (their C names, set through
-    llama_flashflex_config_set / _set_string), plus the replay schedule of an oracle run."""
+    """Everything flashflex's native runtime is told about a run, typed and JSON-serialisable (what
+    `flashflex run --dry-run --json` prints), made by runtime_spec() from a run's Plan and MoESetup. The C API's
+    option names appear only in native.RuntimeConfig.from_spec, which hands this to the library.
+
+    Dense streaming: `streamed` tensors (name, file index, offset, bytes) read ahead by `prefetch_threads` into a
+    ring of `window` layer slots. Expert banks: `banks` of `moe_slots` slots per layer (0 = every expert resident),
+    misses read by `moe_io_threads`; `moe_prefetch` and `moe_trace`, and the `schedule` an oracle replays.
+    `direct_io`: off | on (O_DIRECT where the file allows) | strict (O_DIRECT or fail)."""
 
     files: list[str]
-    streamed: list[tuple[str, int, int, int]]
-    banks: list[native.BankTensor]
-    options: dict[str, int]
-    strings: dict[str, str]
+    streamed: list[tuple[str, int, int, int]] = field(default_factory=list)
+    banks: list[native.BankTensor] = field(default_factory=list)
+    direct_io: str = "on"
+    prefetch_threads: int | None = None  # None: nothing streams
+    window: int | None = None
+    moe_slots: int | None = None  # None: no banks
+    moe_io_threads: int | None = None
+    moe_shared_only: bool = False
+    moe_preload: bool = False
+    moe_prefetch: str = "none"
+    moe_prefetch_ranks: int | None = None
+    moe_trace: str | None = None  # where the runtime appends trace records (TRACE.partial)
     schedule: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"files": self.files,
-                "streamed": [dict(zip(("name", "file", "offset", "bytes"), t)) for t in self.streamed],
-                "banks": [asdict(b) for b in self.banks], "options": self.options, "strings": self.strings,
-                "schedule_values": len(self.schedule) if self.schedule is not None else None}
+        out = asdict(self)
+        out["streamed"] = [dict(zip(("name", "file", "offset", "bytes"), t)) for t in self.streamed]
+        out["schedule"] = len(self.schedule) if self.schedule is not None else None  # values, not the list
+        return out
 
 
 def runtime_spec(plan: Plan | None, moe: MoESetup | None) -> RuntimeSpec | None:
@@ -187,22 +179,28 @@ def runtime_spec(plan: Plan | None, moe: MoESetup | None) -> RuntimeSpec | None:
     stream = streamed_tensors(plan)
     if not stream and moe is None:
         return None
-    files = [str(f) for f in plan.files] if stream and plan is not None else []
-    options: dict[str, int] = {}
+    spec = RuntimeSpec(files=[])
     if stream:
         assert plan is not None
-        options = {"prefetch_threads": plan.prefetch.threads,
-                   "window": plan.prefetch.buffers,  # the ring the plan paid for
-                   "direct_io": 2 if plan.prefetch.direct_io_requested == "strict"
-                   else int(plan.prefetch.direct_io)}
-    banks: list[native.BankTensor] = []
-    strings: dict[str, str] = {}
+        spec.files = [str(f) for f in plan.files]
+        spec.streamed = stream
+        spec.prefetch_threads = plan.prefetch.threads
+        spec.window = plan.prefetch.buffers  # the ring the plan paid for
+        spec.direct_io = ("strict" if plan.prefetch.direct_io_requested == "strict"
+                          else "on" if plan.prefetch.direct_io else "off")
     if moe is not None:
-        banks = moe.bank_tensors(first_file=len(files))
-        files += moe.files()
-        options.update(moe.options())
-        strings = moe.strings()
-    return RuntimeSpec(files, stream, banks, options, strings, moe.schedule if moe is not None else None)
+        from orchestrator import traces
+
+        spec.banks = moe.bank_tensors(first_file=len(spec.files))
+        spec.files += moe.files()
+        spec.direct_io = moe.direct_io  # sidecar slices are page-aligned: the MoE setting decides
+        spec.moe_slots, spec.moe_io_threads = moe.slots, moe.io_threads
+        spec.moe_shared_only, spec.moe_preload = moe.shared_only, moe.preload
+        spec.moe_prefetch = moe.prefetch
+        spec.moe_prefetch_ranks = moe.prefetch_ranks if moe.prefetch == "router-lookahead" else None
+        spec.moe_trace = str(traces.partial_path(moe.trace_out)) if moe.trace_out is not None else None
+        spec.schedule = moe.schedule
+    return spec
 
 
 @contextlib.contextmanager
@@ -242,8 +240,7 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
         if moe is not None:
             moe.begin_trace()
         try:
-            config = native.RuntimeConfig(spec.files, spec.streamed, banks=spec.banks, options=spec.options,
-                                          strings=spec.strings, schedule=spec.schedule)
+            config = native.RuntimeConfig.from_spec(spec)
         except BaseException:
             if moe is not None:
                 moe.finish_trace(False)
@@ -375,7 +372,7 @@ def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) 
     manifest = sidecar.check_sidecar(where, table if table is not None else model)
     slots = 0 if plan.moe.mode == "resident-bank" else min(plan.moe.slot_bank or plan.moe.n_expert,
                                                            plan.moe.n_expert)
-    direct = {"off": 0, "auto": 1, "on": 1, "strict": 2}[str(cfg.prefetch.direct_io)]
+    direct = {"off": "off", "auto": "on", "on": "on", "strict": "strict"}[str(cfg.prefetch.direct_io)]  # pages
     setup = MoESetup(mode=plan.moe.mode, sidecar=Path(where), manifest=manifest, slots=slots,
                      io_threads=cfg.moe.io_threads, shared_only=cfg.moe.shared_only, direct_io=direct,
                      prefetch=cfg.moe.prefetch)

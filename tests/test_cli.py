@@ -82,7 +82,8 @@ def test_run_dry_run_prints_the_runtime_spec_and_loads_nothing(moe_models, patch
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     spec = out["runtime_spec"]
-    assert out["mode"] == "slot-bank" and spec["options"]["moe_slots"] == out["moe"]["slots"] >= 4
+    assert out["mode"] == "slot-bank" and spec["moe_slots"] == out["moe"]["slots"] >= 4
+    assert spec["moe_trace"] == str(trace) + ".partial" and spec["direct_io"] == "on"
     assert spec["files"] == [str(sc / f"layer-{i:03d}.bin") for i in range(3)]
     assert {b["name"] for b in spec["banks"]} >= {"blk.0.ffn_up_exps.weight", "blk.2.ffn_down_exps.weight"}
     assert not trace.exists() and not list(tmp_path.iterdir())  # nothing recorded, nothing loaded

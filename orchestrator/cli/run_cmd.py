@@ -174,7 +174,12 @@ def _dry_run(cfg, settings, ex, json_out: bool) -> None:
     if spec is None:
         console.print("runtime: none (the stock path loads the model)")
     else:
-        console.print(f"runtime: {len(spec.files)} file(s), {len(spec.streamed)} streamed tensor(s), "
-                      f"{len(spec.banks)} banked tensor(s), options {spec.options}"
-                      + (f", {spec.strings}" if spec.strings else ""), soft_wrap=True)
+        what = [f"{len(spec.files)} file(s)", f"direct I/O {spec.direct_io}"]
+        if spec.streamed:
+            what.append(f"{len(spec.streamed)} streamed tensor(s), {spec.prefetch_threads} prefetch thread(s), "
+                        f"window {spec.window}")
+        if spec.moe_slots is not None:
+            what.append(f"{len(spec.banks)} banked tensor(s), {spec.moe_slots} slots per layer, prefetch "
+                        f"{spec.moe_prefetch}" + (f", trace {spec.moe_trace}" if spec.moe_trace else ""))
+        console.print("runtime: " + " · ".join(what), soft_wrap=True)
 
