@@ -1,72 +1,4 @@
-"""Budget -> Plan: which tensors stay resident, which stream, how big each MoE slot bank is.
-
-`make_plan` is a pure function of a ModelTable and settings; the Plan it returns is JSON-serialisable and is
-the single contract with the native runtimes, which execute it and never re-plan.
-
-## Reservations (taken from the budget first)
-
-- KV cache: f16 K and V for every layer and the whole context:
-  `n_layer x ctx x n_head_kv x (head_dim_k + head_dim_v) x 2` bytes.
-- Compute buffers (a conservative upper estimate of what llama.cpp's graph allocator needs for one ubatch,
-  all F32): `4 x ubatch x (n_vocab + 6 n_embd + 3 n_ff + n_head x ctx) + 4 MiB` — logits for the ubatch,
-  the residual stream and its temporaries, the widest FFN activations (for MoE: top-k x expert width plus
-  the shared experts), attention scores without flash attention, and a fixed allowance for graph metadata.
-- Prefetch buffers (only when a dense tensor streams): `w x` the largest streamed layer plus two 4096-byte
-  pages per streamable tensor of it (an O_DIRECT read covers whole pages), where `w` = the prefetch window
-  (1 with 0 threads: synchronous reads still need one buffer), never more than the number of layers that
-  stream. Expert misses are read straight into their victim slots and need no buffer.
-- Always-resident weights: every tensor outside the repeating blocks (token embedding, output, output norm:
-  the embedding is only read by row lookups and could stream, but it is kept resident for simplicity and
-  because tied models use it as the output head too), every 1-D tensor (norms, biases, scales: one read each
-  would cost more than it saves) and MoE routers (a layer's expert reads cannot start before routing, so a
-  streamed router would serialise two reads).
-
-## Dense layers (FlexInfer)
-
-Balanced memory locking: the rest of the budget is split EVENLY across the layers as one per-layer quota (a
-water level: a layer that cannot use its whole quota leaves the remainder to the others, never more than the
-level to any one). Flexible tensor preservation picks which tensors of a layer fill its quota; each tensor
-is resident whole or streamed whole. With A = the layer's attention bytes and F = its FFN bytes (FFN = dense
-FFN and shared experts), checked in this order:
-
-- quota <= A → `attention` regime: attention tensors first, in the order K, V, Q, fused QKV, O, other
-  (GQA makes K and V the smallest: keeping them removes the most reads per byte), then FFN smallest first;
-- A < quota < F → `mixed`: FFN tensors largest first where they fit, the gaps filled with attention (K, V,
-  Q, O);
-- quota >= F → `ffn`: every FFN tensor, then attention fills the rest.
-
-A tensor that does not fit is skipped and later ones may fill the gap. Per-layer resident bytes are made
-non-decreasing in the quota by keeping the best selection found at any smaller quota, so more budget never
-means fewer resident bytes.
-
-## MoE layers (Flash-MoE)
-
-Dense, shared-expert, router and norm weights come first; routed experts (`*_exps`) live in per-layer slot
-banks of N resident slots, N x bytes-per-expert (summed over the layer's routed tensors), plus one zero slot
-while N is below the expert count (see runtime_slots). Every MoE layer
-gets at least top-k slots (a token needs k experts resident at once); if the non-expert weights do not fit
-after those minimum banks, they stream exactly like a dense model (one budget for both). Otherwise whatever
-is left grows every bank evenly, capped at the expert count. Leading dense layers get no bank. A bank within
-1.25x top-k draws a warning. Flash-MoE reports the best bank as "a peak, not as big as fits", because a
-bank that starves the page cache loses when misses are buffered reads; our misses are direct reads into
-slots, so the banks take what is left (cap them with --moe-slot-bank). Modes stock / resident /
-resident-bank keep every expert resident and must fit; auto = stock when everything fits, else slot-bank.
-The oracle modes are planned like slot-bank.
-
-## Minimum budget
-
-KV cache + compute + always-resident weights + (for MoE) top-k slots per MoE layer (or the slot bank asked
-for) + the cheaper of: every dense layer weight resident, or everything streamed through the prefetch
-buffers. Below it make_plan raises FlashflexError naming the minimum; at it, a plan always exists.
-
-## Estimates
-
-Expected streamed bytes per token: every streamed dense tensor, plus expert misses under a uniform
-independent routing model — a routed expert is in a bank of N of E slots with probability N/E, so a layer
-misses `k x (1 - N/E)` experts per token. Real routing is skewed, so real hit rates are higher (Flash-MoE
-measured 58-85 % where this model says 6-50 %). I/O-bound tokens/s = read bandwidth / streamed bytes per
-token (1.1 GB/s by default: direct reads at queue depth 4 on the reference machine).
-"""
+"""make_plan: ModelTable + budget + settings -> Plan (a pure function; see the package docstring for the rules)."""
 
 from __future__ import annotations
 
@@ -75,152 +7,30 @@ import itertools
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
-from orchestrator.sizes import MiB, format_rate, format_size, parse_rate
-
-SCHEMA_VERSION = 1
-DIRECT_IO_ALIGNMENT = 4096
-COMPUTE_FIXED_BYTES = 4 * MiB
-BANK_WARN_FACTOR = 1.25
-DEFAULT_READ_BANDWIDTH = 1_100_000_000  # 1.1 GB/s
-DEFAULT_N_VOCAB = 32000
-
-_ATTENTION_RANK = {Role.ATTN_K: 0, Role.ATTN_V: 1, Role.ATTN_Q: 2, Role.ATTN_QKV: 3, Role.ATTN_O: 4, Role.OTHER: 5}
-_FFN_ROLES = frozenset({Role.FFN_DENSE, Role.EXPERT_SHARED})
-_ALL_RESIDENT_MODES = frozenset({"stock", "resident", "resident-bank"})
-_SUBSET_SUM_LIMIT = 14  # layers with more streamable tensors use approximate breakpoints (still safe)
-
-Placement = Literal["resident", "streamed", "bank"]
-Regime = Literal["all", "attention", "mixed", "ffn", "none"]
-
-
-# --------------------------------------------------------------------------------------------------
-# The Plan (the contract with the native side)
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TensorDecision(_Model):
-    """Where one tensor lives during the run."""
-
-    name: str = Field(description="GGUF tensor name.")
-    layer: int | None = Field(description="Block index; null outside the repeating blocks.")
-    role: str = Field(description="Role from the tensor table (attn_k, ffn_dense, expert_routed, ...).")
-    n_bytes: int = Field(description="Size of the tensor data in the file.")
-    file: int = Field(description="Index into Plan.files of the file holding the data.")
-    offset: int = Field(description="Absolute byte offset of the data in that file.")
-    placement: Placement = Field(
-        description="resident = loaded once and kept; streamed = read every token into a prefetch buffer; "
-        "bank = routed experts: a slot bank of LayerPlan.slot_bank experts resident, misses read on demand.")
-    reason: str = Field(description="Short code saying why (non-layer, pinned, fits, quota:<regime>, "
-                        "over-quota, expert-bank, expert-resident).")
-
-
-class LayerPlan(_Model):
-    """One repeating block."""
-
-    layer: int = Field(description="Block index.")
-    regime: Regime = Field(description="Which preservation order filled the quota: all (nothing streams), "
-                           "attention, mixed, ffn, or none (no quota).")
-    resident_bytes: int = Field(description="Resident non-expert weights of the layer, pinned ones included.")
-    streamed_bytes: int = Field(description="Dense weights of the layer read every token.")
-    attention_bytes: int = Field(description="Streamable attention bytes (threshold A of the regimes).")
-    ffn_bytes: int = Field(description="Streamable FFN bytes (threshold F of the regimes).")
-    n_expert: int | None = Field(default=None, description="Routed experts in this layer; null if not MoE.")
-    expert_bytes: int | None = Field(default=None, description="Bytes of one expert over the routed tensors.")
-    slot_bank: int | None = Field(default=None, description="Resident expert slots; null if not MoE.")
-    bank_bytes: int = Field(default=0, description="Bytes of the bank: see runtime_slots.")
-
-
-class PrefetchPlan(_Model):
-    """Dense streaming settings the runtime applies."""
-
-    threads: int = Field(description="Prefetch I/O threads; 0 = synchronous reads.")
-    window: int = Field(description="Requested look-ahead in layers.")
-    buffers: int = Field(description="Prefetch buffers allocated (the effective window); 0 if nothing streams.")
-    buffer_bytes: int = Field(description="Bytes of each buffer: the largest streamed layer plus page "
-                              "padding (an upper bound on the aligned spans of its tensors).")
-    direct_io_requested: str = Field(description="auto | on | off | strict, as asked.")
-    direct_io: bool = Field(description="Whether streamed reads use O_DIRECT.")
-    staging_bytes: int = Field(default=0, description="Staging for tensors repacked on arrival: one largest "
-                               "streamable tensor per prefetch thread (or one for synchronous reads).")
-    alignment: int = Field(default=DIRECT_IO_ALIGNMENT, description="Direct I/O alignment in bytes.")
-    unaligned_tensors: int = Field(default=0, description="Streamed tensors whose offset is not aligned.")
-
-
-class Reservations(_Model):
-    """Budget taken before any weight is placed."""
-
-    kv_cache_bytes: int = Field(description="f16 K and V cache for the whole context.")
-    compute_bytes: int = Field(description="Estimated compute buffers for one ubatch.")
-    prefetch_buffer_bytes: int = Field(description="buffers x buffer_bytes + staging_bytes.")
-
-
-class MoEPlan(_Model):
-    """MoE execution settings."""
-
-    requested_mode: str = Field(description="Mode asked for (auto resolves to stock or slot-bank).")
-    mode: str = Field(description="Mode the runtime runs.")
-    n_expert: int = Field(description="Routed experts per MoE layer.")
-    n_expert_used: int = Field(description="The model's experts per token.")
-    topk: int = Field(description="Experts per token the run uses.")
-    topk_lossy: bool = Field(description="True when topk < n_expert_used (output differs from stock).")
-    slot_bank: int | None = Field(description="Slots per MoE layer (the same in every MoE layer); null when all "
-                                  "experts are resident.")
-    bank_bytes: int = Field(description="Total bytes of all banks (or of all routed experts when resident).")
-    moe_layers: int = Field(description="Layers with routed experts.")
-
-
-class Estimates(_Model):
-    """What the plan predicts; not used by the runtime."""
-
-    dense_streamed_bytes_per_token: int = Field(description="Dense tensors read per token.")
-    expert_miss_bytes_per_token: int = Field(description="Expected expert bytes read per token.")
-    streamed_bytes_per_token: int = Field(description="Sum of the two.")
-    expected_hit_rate: float | None = Field(description="Expected bank hit rate; null for dense models.")
-    hit_rate_model: str = Field(description="How the hit rate was estimated.")
-    read_bandwidth: int = Field(description="Assumed read bandwidth in bytes per second.")
-    io_bound_tokens_per_s: float | None = Field(description="read_bandwidth / streamed bytes per token; null "
-                                                "when nothing streams (not I/O bound).")
-
-
-class Plan(_Model):
-    """A budget turned into placements: what stays resident, what streams, the banks and reservations."""
-
-    schema_version: int = Field(default=SCHEMA_VERSION, description="Bumped on incompatible changes.")
-    files: list[str] = Field(description="Model files, in TensorDecision.file order.")
-    arch: str = Field(description="general.architecture.")
-    kind: Literal["dense", "moe"] = Field(description="dense or moe.")
-    n_layer: int = Field(description="Repeating blocks.")
-    budget_bytes: int = Field(description="The RAM budget planned for.")
-    minimum_budget_bytes: int = Field(description="The smallest budget this model and settings can run in.")
-    ctx: int = Field(description="Context length the KV cache is reserved for.")
-    ubatch: int = Field(description="Micro-batch the compute buffers are sized for.")
-    fits_entirely: bool = Field(description="Every weight is resident (nothing streams, no bank misses).")
-    layer_quota_bytes: int | None = Field(description="Per-layer quota for dense weights (the water level); null "
-                                          "when every dense weight is resident.")
-    model_bytes: int = Field(description="All tensor data of the model.")
-    resident_bytes: int = Field(description="Weights held in RAM: resident tensors plus slot banks.")
-    reserved_bytes: int = Field(description="KV cache + compute + prefetch buffers.")
-    used_bytes: int = Field(description="resident_bytes + reserved_bytes; never above budget_bytes.")
-    reservations: Reservations
-    prefetch: PrefetchPlan
-    moe: MoEPlan | None = Field(description="null for dense models.")
-    estimates: Estimates
-    layers: list[LayerPlan]
-    tensors: list[TensorDecision]
-    warnings: list[str] = Field(default_factory=list, description="Things the user should know.")
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-layer preservation: a step function of the quota
+from orchestrator.planner.schema import (
+    _ALL_RESIDENT_MODES,
+    _ATTENTION_RANK,
+    _FFN_ROLES,
+    _SUBSET_SUM_LIMIT,
+    BANK_WARN_FACTOR,
+    COMPUTE_FIXED_BYTES,
+    DEFAULT_N_VOCAB,
+    DEFAULT_READ_BANDWIDTH,
+    DIRECT_IO_ALIGNMENT,
+    Estimates,
+    LayerPlan,
+    MoEPlan,
+    Placement,
+    Plan,
+    PrefetchPlan,
+    Reservations,
+    TensorDecision,
+)
+from orchestrator.sizes import format_size, parse_rate
 
 
 @dataclass(frozen=True)
@@ -755,120 +565,3 @@ def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None
 
 # --------------------------------------------------------------------------------------------------
 # Explanations
-
-
-def _ranges(indices: list[int]) -> str:
-    out = []
-    for _, group in itertools.groupby(enumerate(indices), key=lambda p: p[1] - p[0]):
-        g = [i for _, i in group]
-        out.append(f"{g[0]}" if len(g) == 1 else f"{g[0]}-{g[-1]}")
-    return ",".join(out)
-
-
-def _layers_label(indices: list[int]) -> str:
-    return f"layer {indices[0]}" if len(indices) == 1 else f"layers {_ranges(indices)}"
-
-
-_REGIME_WHY = {
-    "attention": "attention regime: the quota is at most the layer's attention bytes, so small attention "
-    "tensors go first (K, V, then Q, O), removing the most reads per byte",
-    "mixed": "mixed regime: the quota is above the layer's attention bytes but below its FFN bytes, so FFN "
-    "tensors go in where they fit and attention fills the gaps",
-    "ffn": "FFN regime: the quota holds every FFN tensor, attention fills the rest",
-    "none": "the quota holds none of the layer's tensors",
-    "all": "every tensor fits",
-}
-
-
-def explain(plan: Plan) -> list[str]:
-    """Lines for people: where the budget goes, which tensors are kept and why."""
-    r = plan.reservations
-    lines = [
-        f"budget {format_size(plan.budget_bytes)} (minimum {format_size(plan.minimum_budget_bytes, round_up=True)}): "
-        f"used {format_size(plan.used_bytes)} = weights {format_size(plan.resident_bytes)} + KV cache "
-        f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, f16) + compute {format_size(r.compute_bytes)} "
-        f"(ubatch {plan.ubatch})"
-        + (f" + prefetch buffers {plan.prefetch.buffers} x {format_size(plan.prefetch.buffer_bytes)}"
-           if plan.prefetch.buffers else ""),
-    ]
-    non_layer = [t for t in plan.tensors if t.reason == "non-layer"]
-    if non_layer:
-        lines.append(
-            f"resident outside the layers: {', '.join(t.name for t in non_layer)} "
-            f"({format_size(sum(t.n_bytes for t in non_layer))}); the token embedding could stream by rows but "
-            "stays resident for simplicity")
-    pinned = [t for t in plan.tensors if t.reason == "pinned"]
-    if pinned:
-        routers = any(t.role == Role.ROUTER.value for t in pinned)
-        kinds = "norm, bias and router" if routers else "norm and bias"
-        lines.append(f"pinned in the layers: {len(pinned)} {kinds} tensors "
-                     f"({format_size(sum(t.n_bytes for t in pinned))}): too small to be worth a read each"
-                     + (", and expert reads cannot start before routing" if routers else ""))
-    if plan.layer_quota_bytes is None:
-        lines.append("every dense layer weight is resident: nothing streams")
-    else:
-        lines.append(f"per-layer quota {format_size(plan.layer_quota_bytes)}: the budget left after reservations"
-                     f"{' and minimum expert banks' if plan.kind == 'moe' else ''} split evenly across "
-                     f"{len(plan.layers)} layers (balanced locking)")
-        groups: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[int]] = {}
-        for lp in plan.layers:
-            mine = [t for t in plan.tensors if t.layer == lp.layer and t.reason not in ("pinned",)
-                    and t.placement != "bank" and t.reason != "expert-resident"]
-            kept = tuple(_short(t.name) for t in mine if t.placement == "resident")
-            streamed = tuple(_short(t.name) for t in mine if t.placement == "streamed")
-            groups.setdefault((lp.regime, kept, streamed), []).append(lp.layer)
-        for (regime, kept, streamed), idx in groups.items():
-            lines.append(f"{_layers_label(idx)}: keep {', '.join(kept) or 'nothing'}; stream "
-                         f"{', '.join(streamed) or 'nothing'} ({_REGIME_WHY[regime]})")
-        p = plan.prefetch
-        lines.append(f"prefetch: {p.threads} thread(s), window {p.window}, {p.buffers} buffer(s) of "
-                     f"{format_size(p.buffer_bytes)}, direct I/O {'on' if p.direct_io else 'off'}")
-    if plan.moe is not None:
-        m = plan.moe
-        if m.slot_bank is None:
-            lines.append(f"MoE mode {m.mode}: all {m.n_expert} experts of {m.moe_layers} layers resident "
-                         f"({format_size(m.bank_bytes)})")
-        else:
-            moe_idx = [lp.layer for lp in plan.layers if lp.slot_bank is not None]
-            eb = max((lp.expert_bytes or 0) for lp in plan.layers)
-            lines.append(f"MoE mode {m.mode}: {_layers_label(moe_idx)} keep a slot bank of {m.slot_bank} of "
-                         f"{m.n_expert} experts ({format_size(eb)} each, {format_size(m.bank_bytes)} in all); "
-                         f"top-k {m.topk}{' (lossy override)' if m.topk_lossy else ''}")
-            dense_idx = [lp.layer for lp in plan.layers if lp.slot_bank is None]
-            if dense_idx:
-                lines.append(f"{_layers_label(dense_idx)}: no routed experts, no bank")
-    e = plan.estimates
-    if e.streamed_bytes_per_token:
-        hit = (f"; expected hit rate {e.expected_hit_rate:.0%} ({e.hit_rate_model})"
-               if e.expected_hit_rate is not None else "")
-        lines.append(f"expected reads {format_size(e.streamed_bytes_per_token)}/token (dense "
-                     f"{format_size(e.dense_streamed_bytes_per_token)}, expert misses "
-                     f"{format_size(e.expert_miss_bytes_per_token)}){hit} -> I/O-bound at most "
-                     f"{format_tokens_per_s(e.io_bound_tokens_per_s)} tok/s at {format_rate(e.read_bandwidth)}")
-    else:
-        lines.append("nothing is read per token: not I/O bound")
-    lines.extend(f"warning: {w}" for w in plan.warnings)
-    return lines
-
-
-def format_tokens_per_s(x: float | None) -> str:
-    """`0.83`, `12.4`, `2340`: three significant digits without exponents."""
-    if x is None:
-        return "-"
-    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
-
-
-def _short(name: str) -> str:
-    """`blk.3.attn_k.weight` -> `attn_k`."""
-    parts = name.split(".")
-    if parts and parts[0] == "blk" and len(parts) >= 3:
-        parts = parts[2:]
-    if parts and parts[-1] in ("weight", "bias"):
-        parts = parts[:-1] if parts[-1] == "weight" else parts
-    return ".".join(parts)
-
-
-__all__ = [
-    "Plan", "TensorDecision", "LayerPlan", "PrefetchPlan", "Reservations", "MoEPlan", "Estimates",
-    "make_plan", "plan_for_run", "explain", "format_tokens_per_s", "kv_cache_bytes", "compute_bytes", "SCHEMA_VERSION",
-]

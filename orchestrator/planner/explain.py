@@ -1,0 +1,121 @@
+"""Plans explained for people: where the budget goes, what is kept and why (`flashflex plan --explain`)."""
+
+from __future__ import annotations
+
+import itertools
+
+from orchestrator.modelfile.table import Role
+from orchestrator.planner.schema import Plan
+from orchestrator.sizes import format_rate, format_size
+
+
+def _ranges(indices: list[int]) -> str:
+    out = []
+    for _, group in itertools.groupby(enumerate(indices), key=lambda p: p[1] - p[0]):
+        g = [i for _, i in group]
+        out.append(f"{g[0]}" if len(g) == 1 else f"{g[0]}-{g[-1]}")
+    return ",".join(out)
+
+
+def _layers_label(indices: list[int]) -> str:
+    return f"layer {indices[0]}" if len(indices) == 1 else f"layers {_ranges(indices)}"
+
+
+_REGIME_WHY = {
+    "attention": "attention regime: the quota is at most the layer's attention bytes, so small attention "
+    "tensors go first (K, V, then Q, O), removing the most reads per byte",
+    "mixed": "mixed regime: the quota is above the layer's attention bytes but below its FFN bytes, so FFN "
+    "tensors go in where they fit and attention fills the gaps",
+    "ffn": "FFN regime: the quota holds every FFN tensor, attention fills the rest",
+    "none": "the quota holds none of the layer's tensors",
+    "all": "every tensor fits",
+}
+
+
+def explain(plan: Plan) -> list[str]:
+    """Lines for people: where the budget goes, which tensors are kept and why."""
+    r = plan.reservations
+    lines = [
+        f"budget {format_size(plan.budget_bytes)} (minimum {format_size(plan.minimum_budget_bytes, round_up=True)}): "
+        f"used {format_size(plan.used_bytes)} = weights {format_size(plan.resident_bytes)} + KV cache "
+        f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, f16) + compute {format_size(r.compute_bytes)} "
+        f"(ubatch {plan.ubatch})"
+        + (f" + prefetch buffers {plan.prefetch.buffers} x {format_size(plan.prefetch.buffer_bytes)}"
+           if plan.prefetch.buffers else ""),
+    ]
+    non_layer = [t for t in plan.tensors if t.reason == "non-layer"]
+    if non_layer:
+        lines.append(
+            f"resident outside the layers: {', '.join(t.name for t in non_layer)} "
+            f"({format_size(sum(t.n_bytes for t in non_layer))}); the token embedding could stream by rows but "
+            "stays resident for simplicity")
+    pinned = [t for t in plan.tensors if t.reason == "pinned"]
+    if pinned:
+        routers = any(t.role == Role.ROUTER.value for t in pinned)
+        kinds = "norm, bias and router" if routers else "norm and bias"
+        lines.append(f"pinned in the layers: {len(pinned)} {kinds} tensors "
+                     f"({format_size(sum(t.n_bytes for t in pinned))}): too small to be worth a read each"
+                     + (", and expert reads cannot start before routing" if routers else ""))
+    if plan.layer_quota_bytes is None:
+        lines.append("every dense layer weight is resident: nothing streams")
+    else:
+        lines.append(f"per-layer quota {format_size(plan.layer_quota_bytes)}: the budget left after reservations"
+                     f"{' and minimum expert banks' if plan.kind == 'moe' else ''} split evenly across "
+                     f"{len(plan.layers)} layers (balanced locking)")
+        groups: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[int]] = {}
+        for lp in plan.layers:
+            mine = [t for t in plan.tensors if t.layer == lp.layer and t.reason not in ("pinned",)
+                    and t.placement != "bank" and t.reason != "expert-resident"]
+            kept = tuple(_short(t.name) for t in mine if t.placement == "resident")
+            streamed = tuple(_short(t.name) for t in mine if t.placement == "streamed")
+            groups.setdefault((lp.regime, kept, streamed), []).append(lp.layer)
+        for (regime, kept, streamed), idx in groups.items():
+            lines.append(f"{_layers_label(idx)}: keep {', '.join(kept) or 'nothing'}; stream "
+                         f"{', '.join(streamed) or 'nothing'} ({_REGIME_WHY[regime]})")
+        p = plan.prefetch
+        lines.append(f"prefetch: {p.threads} thread(s), window {p.window}, {p.buffers} buffer(s) of "
+                     f"{format_size(p.buffer_bytes)}, direct I/O {'on' if p.direct_io else 'off'}")
+    if plan.moe is not None:
+        m = plan.moe
+        if m.slot_bank is None:
+            lines.append(f"MoE mode {m.mode}: all {m.n_expert} experts of {m.moe_layers} layers resident "
+                         f"({format_size(m.bank_bytes)})")
+        else:
+            moe_idx = [lp.layer for lp in plan.layers if lp.slot_bank is not None]
+            eb = max((lp.expert_bytes or 0) for lp in plan.layers)
+            lines.append(f"MoE mode {m.mode}: {_layers_label(moe_idx)} keep a slot bank of {m.slot_bank} of "
+                         f"{m.n_expert} experts ({format_size(eb)} each, {format_size(m.bank_bytes)} in all); "
+                         f"top-k {m.topk}{' (lossy override)' if m.topk_lossy else ''}")
+            dense_idx = [lp.layer for lp in plan.layers if lp.slot_bank is None]
+            if dense_idx:
+                lines.append(f"{_layers_label(dense_idx)}: no routed experts, no bank")
+    e = plan.estimates
+    if e.streamed_bytes_per_token:
+        hit = (f"; expected hit rate {e.expected_hit_rate:.0%} ({e.hit_rate_model})"
+               if e.expected_hit_rate is not None else "")
+        lines.append(f"expected reads {format_size(e.streamed_bytes_per_token)}/token (dense "
+                     f"{format_size(e.dense_streamed_bytes_per_token)}, expert misses "
+                     f"{format_size(e.expert_miss_bytes_per_token)}){hit} -> I/O-bound at most "
+                     f"{format_tokens_per_s(e.io_bound_tokens_per_s)} tok/s at {format_rate(e.read_bandwidth)}")
+    else:
+        lines.append("nothing is read per token: not I/O bound")
+    lines.extend(f"warning: {w}" for w in plan.warnings)
+    return lines
+
+
+def format_tokens_per_s(x: float | None) -> str:
+    """`0.83`, `12.4`, `2340`: three significant digits without exponents."""
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _short(name: str) -> str:
+    """`blk.3.attn_k.weight` -> `attn_k`."""
+    parts = name.split(".")
+    if parts and parts[0] == "blk" and len(parts) >= 3:
+        parts = parts[2:]
+    if parts and parts[-1] in ("weight", "bias"):
+        parts = parts[:-1] if parts[-1] == "weight" else parts
+    return ".".join(parts)
+

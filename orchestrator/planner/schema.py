@@ -1,0 +1,152 @@
+"""The Plan: what a budget becomes (JSON-serialisable; `flashflex plan --json` prints it), and the planner's
+constants. The algorithm that makes it is in orchestrator.planner.make; explanations in .explain."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.modelfile.table import Role
+from orchestrator.sizes import MiB
+
+SCHEMA_VERSION = 1
+DIRECT_IO_ALIGNMENT = 4096
+COMPUTE_FIXED_BYTES = 4 * MiB
+BANK_WARN_FACTOR = 1.25
+DEFAULT_READ_BANDWIDTH = 1_100_000_000  # 1.1 GB/s
+DEFAULT_N_VOCAB = 32000
+
+_ATTENTION_RANK = {Role.ATTN_K: 0, Role.ATTN_V: 1, Role.ATTN_Q: 2, Role.ATTN_QKV: 3, Role.ATTN_O: 4, Role.OTHER: 5}
+_FFN_ROLES = frozenset({Role.FFN_DENSE, Role.EXPERT_SHARED})
+_ALL_RESIDENT_MODES = frozenset({"stock", "resident", "resident-bank"})
+_SUBSET_SUM_LIMIT = 14  # layers with more streamable tensors use approximate breakpoints (still safe)
+
+Placement = Literal["resident", "streamed", "bank"]
+Regime = Literal["all", "attention", "mixed", "ffn", "none"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The Plan (the contract with the native side)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorDecision(_Model):
+    """Where one tensor lives during the run."""
+
+    name: str = Field(description="GGUF tensor name.")
+    layer: int | None = Field(description="Block index; null outside the repeating blocks.")
+    role: str = Field(description="Role from the tensor table (attn_k, ffn_dense, expert_routed, ...).")
+    n_bytes: int = Field(description="Size of the tensor data in the file.")
+    file: int = Field(description="Index into Plan.files of the file holding the data.")
+    offset: int = Field(description="Absolute byte offset of the data in that file.")
+    placement: Placement = Field(
+        description="resident = loaded once and kept; streamed = read every token into a prefetch buffer; "
+        "bank = routed experts: a slot bank of LayerPlan.slot_bank experts resident, misses read on demand.")
+    reason: str = Field(description="Short code saying why (non-layer, pinned, fits, quota:<regime>, "
+                        "over-quota, expert-bank, expert-resident).")
+
+
+class LayerPlan(_Model):
+    """One repeating block."""
+
+    layer: int = Field(description="Block index.")
+    regime: Regime = Field(description="Which preservation order filled the quota: all (nothing streams), "
+                           "attention, mixed, ffn, or none (no quota).")
+    resident_bytes: int = Field(description="Resident non-expert weights of the layer, pinned ones included.")
+    streamed_bytes: int = Field(description="Dense weights of the layer read every token.")
+    attention_bytes: int = Field(description="Streamable attention bytes (threshold A of the regimes).")
+    ffn_bytes: int = Field(description="Streamable FFN bytes (threshold F of the regimes).")
+    n_expert: int | None = Field(default=None, description="Routed experts in this layer; null if not MoE.")
+    expert_bytes: int | None = Field(default=None, description="Bytes of one expert over the routed tensors.")
+    slot_bank: int | None = Field(default=None, description="Resident expert slots; null if not MoE.")
+    bank_bytes: int = Field(default=0, description="Bytes of the bank: see runtime_slots.")
+
+
+class PrefetchPlan(_Model):
+    """Dense streaming settings the runtime applies."""
+
+    threads: int = Field(description="Prefetch I/O threads; 0 = synchronous reads.")
+    window: int = Field(description="Requested look-ahead in layers.")
+    buffers: int = Field(description="Prefetch buffers allocated (the effective window); 0 if nothing streams.")
+    buffer_bytes: int = Field(description="Bytes of each buffer: the largest streamed layer plus page "
+                              "padding (an upper bound on the aligned spans of its tensors).")
+    direct_io_requested: str = Field(description="auto | on | off | strict, as asked.")
+    direct_io: bool = Field(description="Whether streamed reads use O_DIRECT.")
+    staging_bytes: int = Field(default=0, description="Staging for tensors repacked on arrival: one largest "
+                               "streamable tensor per prefetch thread (or one for synchronous reads).")
+    alignment: int = Field(default=DIRECT_IO_ALIGNMENT, description="Direct I/O alignment in bytes.")
+    unaligned_tensors: int = Field(default=0, description="Streamed tensors whose offset is not aligned.")
+
+
+class Reservations(_Model):
+    """Budget taken before any weight is placed."""
+
+    kv_cache_bytes: int = Field(description="f16 K and V cache for the whole context.")
+    compute_bytes: int = Field(description="Estimated compute buffers for one ubatch.")
+    prefetch_buffer_bytes: int = Field(description="buffers x buffer_bytes + staging_bytes.")
+
+
+class MoEPlan(_Model):
+    """MoE execution settings."""
+
+    requested_mode: str = Field(description="Mode asked for (auto resolves to stock or slot-bank).")
+    mode: str = Field(description="Mode the runtime runs.")
+    n_expert: int = Field(description="Routed experts per MoE layer.")
+    n_expert_used: int = Field(description="The model's experts per token.")
+    topk: int = Field(description="Experts per token the run uses.")
+    topk_lossy: bool = Field(description="True when topk < n_expert_used (output differs from stock).")
+    slot_bank: int | None = Field(description="Slots per MoE layer (the same in every MoE layer); null when all "
+                                  "experts are resident.")
+    bank_bytes: int = Field(description="Total bytes of all banks (or of all routed experts when resident).")
+    moe_layers: int = Field(description="Layers with routed experts.")
+
+
+class Estimates(_Model):
+    """What the plan predicts; not used by the runtime."""
+
+    dense_streamed_bytes_per_token: int = Field(description="Dense tensors read per token.")
+    expert_miss_bytes_per_token: int = Field(description="Expected expert bytes read per token.")
+    streamed_bytes_per_token: int = Field(description="Sum of the two.")
+    expected_hit_rate: float | None = Field(description="Expected bank hit rate; null for dense models.")
+    hit_rate_model: str = Field(description="How the hit rate was estimated.")
+    read_bandwidth: int = Field(description="Assumed read bandwidth in bytes per second.")
+    io_bound_tokens_per_s: float | None = Field(description="read_bandwidth / streamed bytes per token; null "
+                                                "when nothing streams (not I/O bound).")
+
+
+class Plan(_Model):
+    """A budget turned into placements: what stays resident, what streams, the banks and reservations."""
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Bumped on incompatible changes.")
+    files: list[str] = Field(description="Model files, in TensorDecision.file order.")
+    arch: str = Field(description="general.architecture.")
+    kind: Literal["dense", "moe"] = Field(description="dense or moe.")
+    n_layer: int = Field(description="Repeating blocks.")
+    budget_bytes: int = Field(description="The RAM budget planned for.")
+    minimum_budget_bytes: int = Field(description="The smallest budget this model and settings can run in.")
+    ctx: int = Field(description="Context length the KV cache is reserved for.")
+    ubatch: int = Field(description="Micro-batch the compute buffers are sized for.")
+    fits_entirely: bool = Field(description="Every weight is resident (nothing streams, no bank misses).")
+    layer_quota_bytes: int | None = Field(description="Per-layer quota for dense weights (the water level); null "
+                                          "when every dense weight is resident.")
+    model_bytes: int = Field(description="All tensor data of the model.")
+    resident_bytes: int = Field(description="Weights held in RAM: resident tensors plus slot banks.")
+    reserved_bytes: int = Field(description="KV cache + compute + prefetch buffers.")
+    used_bytes: int = Field(description="resident_bytes + reserved_bytes; never above budget_bytes.")
+    reservations: Reservations
+    prefetch: PrefetchPlan
+    moe: MoEPlan | None = Field(description="null for dense models.")
+    estimates: Estimates
+    layers: list[LayerPlan]
+    tensors: list[TensorDecision]
+    warnings: list[str] = Field(default_factory=list, description="Things the user should know.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-layer preservation: a step function of the quota
+
+
