@@ -1,53 +1,54 @@
 """Options shared by every command that opens a model (run, verify-exact, serve, chat): one definition each.
 
 The flag names are the keyword options of the Python API (`--moe-slot-bank` ↔ `moe_slot_bank=`), and
-`orchestrator.api.OPTION_KEYS` maps both to RunConfig keys; flags beat the YAML.
+`orchestrator.api.OPTION_KEYS` maps both to RunConfig keys; each flag's help text and bounds come from the
+RunConfig field it sets (config.py), so the YAML docs, the JSON schema and --help say the same thing. Flags beat
+the YAML.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from orchestrator.api import overrides_from_options
+from orchestrator.api import OPTION_KEYS, overrides_from_options
+from orchestrator.config import RunConfig
+
+
+def _flag(option: str, *decls: str) -> Any:
+    """A typer option for the API keyword `option`, its help text and bounds taken from the RunConfig field it
+    sets (api.OPTION_KEYS): the field's description is the one definition."""
+    section, _, name = OPTION_KEYS[option].partition(".")
+    field = RunConfig.model_fields[section].annotation.model_fields[name]
+    bounds: dict[str, Any] = {}
+    for rule in field.metadata:
+        if hasattr(rule, "ge"):
+            bounds["min"] = rule.ge
+        if hasattr(rule, "le"):
+            bounds["max"] = rule.le
+    return typer.Option(*decls, help=field.description, **bounds)
+
 
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="A YAML RunConfig (see configs/). Flags override it.")]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="GGUF file (default: Gemma 3 270M Q4_K_M).")]
-BudgetOpt = Annotated[Optional[str], typer.Option(
-    "--budget", "-am", help="RAM budget (2GiB, 1.5G, 512MiB, a bare number of GiB, or auto). Below the model's "
-    "size, weights stream from disk.")]
-PrefetchThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--prefetch-threads", "-tp", min=0, help="Prefetch I/O threads for streamed weights; 0 = synchronous reads.")]
-PrefetchWindowOpt = Annotated[Optional[int], typer.Option(
-    "--prefetch-window", min=1, help="Layers read ahead of compute.")]
-DirectIOOpt = Annotated[Optional[str], typer.Option(
-    "--direct-io", help="O_DIRECT reads: auto, on, off or strict (fail when the file is not 4096-aligned).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="Compute threads.")]
-CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", min=16, help="Context size in tokens.")]
-UbatchOpt = Annotated[Optional[int], typer.Option("--ubatch", "-ub", min=1, help="Micro-batch size.")]
-MoEModeOpt = Annotated[Optional[str], typer.Option(
-    "--moe-mode", help="MoE execution: auto, stock, resident, resident-bank (every expert from the sidecar), "
-    "slot-bank (per-layer banks of resident expert slots, misses read from the sidecar), or the ceilings "
-    "oracle-all-hit / oracle-prefetch (replay --moe-trace with every expert pre-installed / read one step "
-    "ahead).")]
-MoESidecarOpt = Annotated[Optional[Path], typer.Option(
-    "--moe-sidecar", help="Expert sidecar directory (flashflex sidecar extract); default MODEL.sidecar beside it.")]
-MoESlotBankOpt = Annotated[Optional[int], typer.Option(
-    "--moe-slot-bank", min=1, help="Expert slots per MoE layer (>= top-k); default: sized by the planner.")]
-MoETopkOpt = Annotated[Optional[int], typer.Option(
-    "--moe-topk", min=1, help="Use fewer experts per token than the model (LOSSY: output differs from stock).")]
-MoESharedOnlyOpt = Annotated[Optional[bool], typer.Option(
-    "--moe-shared-only", help="Diagnostic, LOSSY: routed experts contribute nothing (slot-bank only).")]
-MoEIOThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--moe-io-threads", min=1, help="Parallel readers for expert misses.")]
-MoETraceOpt = Annotated[Optional[Path], typer.Option(
-    "--moe-trace", help="Routing trace JSONL: slot-bank records one here; the oracle modes replay it.")]
-TraceForceOpt = Annotated[Optional[bool], typer.Option(
-    "--force", help="Overwrite an existing --moe-trace file (recording refuses to replace one otherwise).")]
-MoEPrefetchOpt = Annotated[Optional[str], typer.Option(
-    "--moe-prefetch", help="Expert prefetch policy for slot-bank: none (default) or router-lookahead.")]
+ModelOpt = Annotated[Optional[Path], _flag("model", "--model", "-m")]
+BudgetOpt = Annotated[Optional[str], _flag("budget", "--budget", "-am")]
+PrefetchThreadsOpt = Annotated[Optional[int], _flag("prefetch_threads", "--prefetch-threads", "-tp")]
+PrefetchWindowOpt = Annotated[Optional[int], _flag("prefetch_window", "--prefetch-window")]
+DirectIOOpt = Annotated[Optional[str], _flag("direct_io", "--direct-io")]
+ThreadsOpt = Annotated[Optional[int], _flag("threads", "--threads", "-t")]
+CtxOpt = Annotated[Optional[int], _flag("ctx", "--ctx", "-c")]
+UbatchOpt = Annotated[Optional[int], _flag("ubatch", "--ubatch", "-ub")]
+MoEModeOpt = Annotated[Optional[str], _flag("moe_mode", "--moe-mode")]
+MoESidecarOpt = Annotated[Optional[Path], _flag("moe_sidecar", "--moe-sidecar")]
+MoESlotBankOpt = Annotated[Optional[int], _flag("moe_slot_bank", "--moe-slot-bank")]
+MoETopkOpt = Annotated[Optional[int], _flag("moe_topk", "--moe-topk")]
+MoESharedOnlyOpt = Annotated[Optional[bool], _flag("moe_shared_only", "--moe-shared-only")]
+MoEIOThreadsOpt = Annotated[Optional[int], _flag("moe_io_threads", "--moe-io-threads")]
+MoETraceOpt = Annotated[Optional[Path], _flag("moe_trace", "--moe-trace")]
+TraceForceOpt = Annotated[Optional[bool], _flag("moe_trace_force", "--force")]
+MoEPrefetchOpt = Annotated[Optional[str], _flag("moe_prefetch", "--moe-prefetch")]
 
 
 def model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch, *, moe_mode=None,
