@@ -281,12 +281,17 @@ def test_a_busy_port_is_one_line_before_serving(patched_llama):
 # -- chat -------------------------------------------------------------------------------------------
 
 
-def test_chat_in_a_terminal(patched_llama):
+def _chat_in_a_pty(max_tokens: int):
+    """`flashflex chat` in a pseudo-terminal, as a person would run it (Ctrl-C and Ctrl-D included)."""
     pexpect = pytest.importorskip("pexpect")
     env = dict(os.environ)
     env.pop("FLASHFLEX_DEBUG", None)
-    child = pexpect.spawn(sys.executable, ["-m", "orchestrator", "chat", *DEFAULT_FLAGS, "-n", "24"], cwd=str(REPO),
-                          env=env, encoding="utf-8", timeout=120)
+    return pexpect, pexpect.spawn(sys.executable, ["-m", "orchestrator", "chat", *DEFAULT_FLAGS, "-n", str(max_tokens)],
+                                  cwd=str(REPO), env=env, encoding="utf-8", timeout=120)
+
+
+def test_chat_in_a_terminal(patched_llama):
+    pexpect, child = _chat_in_a_pty(24)
     try:
         child.expect("> ")
         child.sendline("What is the capital of France?")
@@ -312,11 +317,7 @@ def test_chat_in_a_terminal(patched_llama):
 
 
 def test_chat_ctrl_c_stops_a_long_answer(patched_llama):
-    pexpect = pytest.importorskip("pexpect")
-    env = dict(os.environ)
-    env.pop("FLASHFLEX_DEBUG", None)
-    child = pexpect.spawn(sys.executable, ["-m", "orchestrator", "chat", *DEFAULT_FLAGS, "-n", "180"], cwd=str(REPO),
-                          env=env, encoding="utf-8", timeout=120)
+    pexpect, child = _chat_in_a_pty(180)
     try:
         child.expect("> ")
         child.sendline("Write a long essay about rivers.")
