@@ -45,6 +45,7 @@ OPTION_KEYS: dict[str, str] = {
     "moe_topk": "moe.topk",
     "moe_shared_only": "moe.shared_only",
     "moe_io_threads": "moe.io_threads",
+    "moe_verify": "moe.verify",
     "moe_trace": "moe.trace",
     "moe_trace_force": "moe.trace_force",
     "moe_prefetch": "moe.prefetch",

@@ -194,6 +194,19 @@ class BankTensor:
     offset: int
     expert_stride: int
     bytes_per_expert: int
+    checksums: tuple[int, ...] = ()  # per expert (sidecar format 3); empty: nothing to verify
+
+
+def _bind_checksums(cdll: ctypes.CDLL) -> bool:
+    """Bindings of the per-expert checksum API (API 5, feature "expert-checksum"); False on older builds."""
+    if not has_feature("expert-checksum"):
+        return False
+    # int32_t llama_flashflex_config_bank_checksums(int32_t config, const char * name, const uint64_t * checksums,
+    #                                              size_t n_experts);
+    cdll.llama_flashflex_config_bank_checksums.argtypes = [ctypes.c_int32, ctypes.c_char_p,
+                                                           ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+    cdll.llama_flashflex_config_bank_checksums.restype = ctypes.c_int32
+    return True
 
 
 class RuntimeConfig:
@@ -208,6 +221,8 @@ class RuntimeConfig:
         """A configuration from an orchestrator.runner.RuntimeSpec: the one place that knows the C option names.
         Options at the runtime's defaults are not sent, so older builds (without them) still load."""
         options: dict[str, int] = {"direct_io": cls.DIRECT_IO[spec.direct_io]}
+        if spec.moe_verify and has_feature("expert-checksum"):
+            options["moe_verify"] = 1
         strings: dict[str, str] = {}
         if spec.prefetch_threads is not None:
             options["prefetch_threads"] = spec.prefetch_threads
@@ -256,6 +271,11 @@ class RuntimeConfig:
                                                            b.expert_stride, b.bytes_per_expert) != 0:
                     raise FlashflexError(f"the library refused to bank {b.name}: {last_error()}",
                                          "re-extract the sidecar: flashflex sidecar extract")
+                if b.checksums and _bind_checksums(cdll):
+                    sums = (ctypes.c_uint64 * len(b.checksums))(*b.checksums)
+                    if cdll.llama_flashflex_config_bank_checksums(self.id, b.name.encode(), sums, len(sums)) != 0:
+                        raise FlashflexError(f"the library refused the checksums of {b.name}: {last_error()}",
+                                             "re-extract the sidecar: flashflex sidecar extract")
         except BaseException:
             self.free()
             raise

@@ -98,6 +98,7 @@ class MoESetup:
     slots: int
     io_threads: int = 4
     shared_only: bool = False
+    verify: bool = False  # check every expert read against the sidecar's checksum (moe.verify)
     direct_io: str = "on"  # off | on | strict (RuntimeSpec's words)
     prefetch: str = "none"  # none | router-lookahead | oracle
     prefetch_ranks: int = 0  # router-lookahead: each token's top ranks read ahead (0 = all)
@@ -112,7 +113,8 @@ class MoESetup:
     def bank_tensors(self, first_file: int) -> list[native.BankTensor]:
         """Every routed tensor of the sidecar, its file numbered from `first_file` (after the model files)."""
         index = {layer.file: first_file + i for i, layer in enumerate(self.manifest.layers)}
-        return [native.BankTensor(t.name, index[t.file], t.offset, t.expert_stride, t.bytes_per_expert)
+        return [native.BankTensor(t.name, index[t.file], t.offset, t.expert_stride, t.bytes_per_expert,
+                                  tuple(t.checksums))
                 for t in self.manifest.tensors if t.n_expert > 1]
 
     def begin_trace(self) -> None:
@@ -162,6 +164,7 @@ class RuntimeSpec:
     moe_io_threads: int | None = None
     moe_shared_only: bool = False
     moe_preload: bool = False
+    moe_verify: bool = False  # check each expert read against its checksum
     moe_prefetch: str = "none"
     moe_prefetch_ranks: int | None = None
     moe_trace: str | None = None  # where the runtime appends trace records (TRACE.partial)
@@ -195,7 +198,7 @@ def runtime_spec(plan: Plan | None, moe: MoESetup | None) -> RuntimeSpec | None:
         spec.files += moe.files()
         spec.direct_io = moe.direct_io  # sidecar slices are page-aligned: the MoE setting decides
         spec.moe_slots, spec.moe_io_threads = moe.slots, moe.io_threads
-        spec.moe_shared_only, spec.moe_preload = moe.shared_only, moe.preload
+        spec.moe_shared_only, spec.moe_preload, spec.moe_verify = moe.shared_only, moe.preload, moe.verify
         spec.moe_prefetch = moe.prefetch
         spec.moe_prefetch_ranks = moe.prefetch_ranks if moe.prefetch == "router-lookahead" else None
         spec.moe_trace = str(traces.partial_path(moe.trace_out)) if moe.trace_out is not None else None
@@ -374,7 +377,8 @@ def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) 
                                                            plan.moe.n_expert)
     direct = {"off": "off", "auto": "on", "on": "on", "strict": "strict"}[str(cfg.prefetch.direct_io)]  # pages
     setup = MoESetup(mode=plan.moe.mode, sidecar=Path(where), manifest=manifest, slots=slots,
-                     io_threads=cfg.moe.io_threads, shared_only=cfg.moe.shared_only, direct_io=direct,
+                     io_threads=cfg.moe.io_threads, shared_only=cfg.moe.shared_only, verify=cfg.moe.verify,
+                     direct_io=direct,
                      prefetch=cfg.moe.prefetch)
     k = plan.moe.topk or plan.moe.n_expert_used
     setup.prefetch_ranks = min(k, cfg.moe.prefetch_ranks or (k + 3) // 4)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 
 from orchestrator.errors import FlashflexError
@@ -46,7 +47,7 @@ from orchestrator.sizes import format_size
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total)
 
-FORMAT_VERSION = 2  # 2: layer headers carry a digest of their tensor table; model file mtimes recorded
+FORMAT_VERSION = 3  # 2: layer header digests, model mtimes; 3: a checksum per expert (checked on every read)
 MANIFEST_NAME = "manifest.json"
 PAGE = 4096  # every expert slot, tensor and file size is a multiple of this (O_DIRECT's usual block)
 HEADER_MAGIC = b"FFSIDECAR1\n"
@@ -140,6 +141,7 @@ class SidecarTensor(_Strict):
     source_offset: int  # absolute offset of the tensor's data in that file
     file: str  # the layer file holding it
     offset: int  # where expert 0 starts in the layer file
+    checksums: list[int] = []  # one per expert (expert_checksum); the runtime checks every expert it reads
 
     @property
     def n_bytes(self) -> int:
@@ -211,6 +213,8 @@ class SidecarManifest(_Strict):
             if t.expert_stride != _round_up(t.bytes_per_expert):
                 raise ValueError(f"{where}: expert_stride {t.expert_stride} is not bytes_per_expert rounded "
                                  f"up to {PAGE}")
+            if len(t.checksums) != t.n_expert or any(not 0 <= c < 1 << 64 for c in t.checksums):
+                raise ValueError(f"{where}: checksums must hold one 64-bit value per expert ({t.n_expert})")
             if t.offset % PAGE or t.offset < PAGE or t.end > entry.size:
                 raise ValueError(f"{where}: offset {t.offset} is not page-aligned inside {t.file}")
         for file in files:
@@ -454,6 +458,41 @@ def _source_pieces(fd: int, t: SidecarTensor, source_name: str) -> Iterator[tupl
             yield expert, start, _read_exact(fd, t.source_offset + expert * bpe + start, n, t, expert, source_name)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+class ExpertChecksum:
+    """The runtime's per-expert checksum (expert_checksum in the native runtime), fed in pieces: the bytes as
+    little-endian 64-bit words w_i (the last zero-padded), sum of w_i * (2i + 1) mod 2^64."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.words = 0
+        self.tail = b""
+
+    def update(self, data) -> None:
+        data = self.tail + bytes(data) if self.tail else data
+        n = len(data) // 8
+        if n:
+            words = np.frombuffer(data, dtype="<u8", count=n)
+            weights = np.arange(self.words, self.words + n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+            self.total = (self.total + int((words * weights).sum(dtype=np.uint64))) & _MASK64
+            self.words += n
+        self.tail = bytes(data[n * 8:])
+
+    def digest(self) -> int:
+        if self.tail:
+            last = int.from_bytes(self.tail.ljust(8, b"\0"), "little")
+            return (self.total + last * (2 * self.words + 1)) & _MASK64
+        return self.total
+
+
+def expert_checksum(data) -> int:
+    c = ExpertChecksum()
+    c.update(data)
+    return c.digest()
+
+
 class _HashingWriter:
     """Sequential writes to a layer file, hashed on the way."""
 
@@ -482,6 +521,18 @@ def _copy_tensor(fd: int, source_name: str, sink: _HashingWriter, t: SidecarTens
         if start + len(piece) == t.bytes_per_expert:
             sink.zeros(t.expert_stride - t.bytes_per_expert)
         advance(len(piece))
+
+
+def _checksums(fd: int, source_name: str, t: SidecarTensor) -> list[int]:
+    """The checksum of each of tensor t's experts, read from the GGUF."""
+    sums: list[int] = []
+    check = ExpertChecksum()
+    for _expert, start, piece in _source_pieces(fd, t, source_name):
+        check.update(piece)
+        if start + len(piece) == t.bytes_per_expert:
+            sums.append(check.digest())
+            check = ExpertChecksum()
+    return sums
 
 
 def _refuse_existing(out_dir: Path, force: bool) -> None:
@@ -577,6 +628,10 @@ def _write_layer(directory: Path, layer: int, tensors: list[SidecarTensor], extr
     path = directory / name
     with open(path, "wb") as fh:
         sink = _HashingWriter(fh)
+        # the checksums are part of the tensor table the header's digest covers: compute them first
+        for i, t in enumerate(tensors):
+            sums = _checksums(fds[t.source_file], files[t.source_file].name, t)
+            tensors[i] = t.model_copy(update={"checksums": sums})
         sink.write(header_page(extraction_id, layer, placement_digest(tensors)))
         for t in tensors:
             _copy_tensor(fds[t.source_file], files[t.source_file].name, sink, t, advance)
@@ -911,8 +966,15 @@ def _verify_layer(manifest: SidecarManifest, entry: LayerFile, path: Path, fds: 
                     _skip_in_chunks(take, t.expert_stride)
                 continue
             flagged = -1
+            check = ExpertChecksum()
             for expert, start, want in _source_pieces(fds[t.source_file], t, files[t.source_file].name):
                 got = take(len(want))
+                check.update(got)
+                if start + len(want) == t.bytes_per_expert:
+                    # bytes that differ from the model are reported below; a wrong checksum of right bytes here
+                    if check.digest() != t.checksums[expert] and flagged != expert and got == bytes(want):
+                        note(f"the manifest's checksum of {t.name} expert {expert} does not match its bytes")
+                    check = ExpertChecksum()
                 # bytes against bytes is a memcmp; against a memoryview it is ~80x slower, element by element
                 if got != bytes(want) and flagged != expert:
                     flagged = expert

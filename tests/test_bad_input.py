@@ -250,6 +250,32 @@ def test_a_model_edited_after_extraction_is_refused_until_verified(moe_models, t
     assert flashflex(*run).returncode == 0
 
 
+def test_bit_rot_in_a_layer_file_stops_the_run_naming_layer_tensor_and_expert(moe_models, tmp_path, patched_llama):
+    """One flipped byte in an expert slot, the file's mtime restored (what `sidecar verify` alone used to catch):
+    the runtime checks every expert it reads against its checksum."""
+    if "expert-checksum" not in patched_llama.info()["features"]:
+        pytest.skip("the installed build predates expert checksums; run flashflex build")
+    model, sc = moe_models["qwen3moe"]
+    rotten = _copy_sidecar(sc, tmp_path / "rotten.sidecar")
+    manifest = json.loads((rotten / "manifest.json").read_text())
+    t = next(t for t in manifest["tensors"] if t["layer"] == 1 and t["family"] == "up")
+    layer_file = rotten / t["file"]
+    st = layer_file.stat()
+    data = bytearray(layer_file.read_bytes())
+    for e in range(t["n_expert"]):  # every expert, so whichever the prompt routes to is rotten
+        data[t["offset"] + e * t["expert_stride"] + 100] ^= 0x10
+    layer_file.write_bytes(bytes(data))
+    os.utime(layer_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    run = ["run", "-m", str(model), "--moe-mode", "slot-bank", "--moe-slot-bank", "4", "--moe-sidecar", str(rotten),
+           "-n", "4"]
+    one_error(flashflex(*run, "--moe-verify"), "layer 1, tensor blk.1.ffn_up_exps.weight, expert",
+              "does not match its checksum", "sidecar verify")
+    cfg = tmp_path / "verify.yaml"
+    cfg.write_text("moe: {verify: true}\n")
+    one_error(flashflex(*run[:1], str(cfg), *run[1:]), "does not match its checksum")  # the YAML key
+    assert flashflex(*run).returncode == 0  # off by default (its cost: docs/benchmarks.md)
+
+
 # -- traces ----------------------------------------------------------------------------------------------
 
 

@@ -388,9 +388,11 @@ def test_api_context_manager_publishes_the_trace_and_discards_it_after_an_error(
         ff.open_llama(path, moe_slots=4)
 
 
-def test_api_options_are_the_command_line_flags():
+def test_api_options_are_the_command_line_flags(monkeypatch):
     """Every keyword option is a flag of `run` (same name, dashes), so the two cannot drift apart."""
     from orchestrator.api import OPTION_KEYS
+
+    monkeypatch.setenv("COLUMNS", "300")  # rich shortens long flag names in a narrow help table
 
     help_text = flashflex("run", "--help", timeout=60).stdout + flashflex("verify-exact", "--help", timeout=60).stdout
     plain = re.sub(r"\x1b\[[0-9;]*m", "", help_text)

@@ -141,8 +141,8 @@ def test_extract_writes_the_documented_manifest(models, tmp_path):
     assert (out / "manifest.json").read_text() == json.dumps(on_disk, indent=2) + "\n"
     assert list(on_disk["tensors"][0]) == ["name", "layer", "family", "ggml_type", "shape", "n_expert",
                                            "bytes_per_expert", "expert_stride", "source_file", "source_offset",
-                                           "file", "offset"]
-    assert on_disk["format_version"] == 2
+                                           "file", "offset", "checksums"]
+    assert on_disk["format_version"] == 3
     assert re.fullmatch(r"[0-9a-f]{32}", on_disk["extraction_id"])
     assert on_disk["model"] == {
         "architecture": "qwen3moe", "n_expert": 16, "n_expert_used": 4, "n_layer": table.arch.n_layer,
@@ -484,8 +484,8 @@ def test_a_broken_manifest_is_one_clear_line(models, tmp_path, edit, expected):
 
 def test_manifest_version_json_and_presence(models, tmp_path):
     sidecar.extract(models["qwen3moe"], tmp_path / "sc")
-    _edit_manifest(tmp_path / "sc", lambda d: d.update(format_version=1))
-    with pytest.raises(FlashflexError, match="has format version 1; this flashflex reads version 2"):
+    _edit_manifest(tmp_path / "sc", lambda d: d.update(format_version=2))
+    with pytest.raises(FlashflexError, match="has format version 2; this flashflex reads version 3"):
         sidecar.load_manifest(tmp_path / "sc")
     (tmp_path / "sc" / "manifest.json").write_text('{"format_version": 1,')
     with pytest.raises(FlashflexError, match="is invalid: not JSON"):
@@ -581,3 +581,17 @@ def test_cli_verify_against_another_model(models, tmp_path):
     assert "another model" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
     result = flashflex("sidecar", "verify", str(tmp_path / "sc"))  # --model is required
     assert result.returncode == 2 and "--model" in result.stderr
+
+
+def test_every_expert_has_the_runtimes_checksum(models, tmp_path):
+    """Checksums are computed from the GGUF's expert slices (the same function the runtime applies to what it
+    reads), one per expert, and covered by the layer headers' digest."""
+    model = models["qwen3moe"]
+    manifest = sidecar.extract(model, tmp_path / "sc")
+    data = model.read_bytes()
+    for t in manifest.tensors:
+        assert len(t.checksums) == t.n_expert
+        for e in (0, t.n_expert - 1):
+            start = t.source_offset + e * t.bytes_per_expert
+            assert t.checksums[e] == sidecar.expert_checksum(data[start:start + t.bytes_per_expert])
+

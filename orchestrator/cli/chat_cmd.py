@@ -20,6 +20,7 @@ from orchestrator.cli.options import (
     MoESlotBankOpt,
     MoETopkOpt,
     MoETraceOpt,
+    MoEVerifyOpt,
     PrefetchThreadsOpt,
     PrefetchWindowOpt,
     ThreadsOpt,
@@ -54,6 +55,7 @@ def register(app: typer.Typer) -> None:
         moe_trace: MoETraceOpt = None,
         moe_prefetch: MoEPrefetchOpt = None,
         force: TraceForceOpt = None,
+        moe_verify: MoEVerifyOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Chat with a model in the terminal, answers streamed as they are generated, with the model's chat
@@ -67,7 +69,7 @@ def register(app: typer.Typer) -> None:
         options = model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch,
                                     moe_mode=moe_mode, moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
                                     moe_topk=moe_topk, moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                                    moe_prefetch=moe_prefetch, moe_trace_force=force)
+                                    moe_prefetch=moe_prefetch, moe_trace_force=force, moe_verify=moe_verify)
         prepared = api.prepare(config, log=err_console.print, **options)
         for reason in prepared.lossy:
             err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")

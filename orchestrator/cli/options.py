@@ -49,17 +49,18 @@ MoEIOThreadsOpt = Annotated[Optional[int], _flag("moe_io_threads", "--moe-io-thr
 MoETraceOpt = Annotated[Optional[Path], _flag("moe_trace", "--moe-trace")]
 TraceForceOpt = Annotated[Optional[bool], _flag("moe_trace_force", "--force")]
 MoEPrefetchOpt = Annotated[Optional[str], _flag("moe_prefetch", "--moe-prefetch")]
+MoEVerifyOpt = Annotated[Optional[bool], _flag("moe_verify", "--moe-verify/--no-moe-verify")]
 
 
 def model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch, *, moe_mode=None,
                   moe_sidecar=None, moe_slot_bank=None, moe_topk=None, moe_shared_only=None, moe_io_threads=None,
-                  moe_trace=None, moe_prefetch=None, moe_trace_force=None) -> dict:
+                  moe_trace=None, moe_prefetch=None, moe_trace_force=None, moe_verify=None) -> dict:
     """The shared flags as the Python API's keyword options (unset flags are None and change nothing)."""
     return dict(model=model, budget=budget, prefetch_threads=prefetch_threads, prefetch_window=prefetch_window,
                 direct_io=direct_io, threads=threads, ctx=ctx, ubatch=ubatch, moe_mode=moe_mode,
                 moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank, moe_topk=moe_topk,
                 moe_shared_only=moe_shared_only, moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                moe_prefetch=moe_prefetch, moe_trace_force=moe_trace_force)
+                moe_prefetch=moe_prefetch, moe_trace_force=moe_trace_force, moe_verify=moe_verify)
 
 
 def model_overrides(*args, extra: dict | None = None, **kwargs) -> dict:

@@ -22,6 +22,7 @@ from orchestrator.cli.options import (
     MoESlotBankOpt,
     MoETopkOpt,
     MoETraceOpt,
+    MoEVerifyOpt,
     PrefetchThreadsOpt,
     PrefetchWindowOpt,
     ThreadsOpt,
@@ -55,6 +56,7 @@ def register(app: typer.Typer) -> None:
         moe_trace: MoETraceOpt = None,
         moe_prefetch: MoEPrefetchOpt = None,
         force: TraceForceOpt = None,
+        moe_verify: MoEVerifyOpt = None,
         dry_run: bool = typer.Option(False, "--dry-run", help="Check and plan everything, load nothing: print the "
                                      "mode, the plan summary and what the native runtime would be told (the "
                                      "RuntimeSpec; all of it with --json)."),
@@ -70,6 +72,7 @@ def register(app: typer.Typer) -> None:
                                                  moe_topk=moe_topk, moe_shared_only=moe_shared_only,
                                                  moe_io_threads=moe_io_threads, moe_trace=moe_trace,
                                                  moe_prefetch=moe_prefetch, moe_trace_force=force,
+                                                 moe_verify=moe_verify,
                                                  extra={"prompt": prompt, "sampling.n_predict": n_predict}))
         settings = runner.settings_from_config(cfg, log=err_console.print)
         ex = runner.execution_for_config(cfg, settings.model)

@@ -21,6 +21,7 @@ from orchestrator.cli.options import (
     MoESlotBankOpt,
     MoETopkOpt,
     MoETraceOpt,
+    MoEVerifyOpt,
     PrefetchThreadsOpt,
     PrefetchWindowOpt,
     ThreadsOpt,
@@ -105,6 +106,7 @@ def register(app: typer.Typer) -> None:
         moe_trace: MoETraceOpt = None,
         moe_prefetch: MoEPrefetchOpt = None,
         force: TraceForceOpt = None,
+        moe_verify: MoEVerifyOpt = None,
     ) -> None:
         """Serve models over the OpenAI API (/v1/completions, /v1/chat/completions with the model's chat
         template, streaming, /v1/models) through the same plan and runtime as `run`; /health and
@@ -116,7 +118,7 @@ def register(app: typer.Typer) -> None:
         options = model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch,
                                     moe_mode=moe_mode, moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
                                     moe_topk=moe_topk, moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                                    moe_prefetch=moe_prefetch, moe_trace_force=force)
+                                    moe_prefetch=moe_prefetch, moe_trace_force=force, moe_verify=moe_verify)
         server_overrides = {"host": host, "port": port, "api_key": api_key, "max_tokens_cap": max_tokens_cap}
         entries, settings = load_entries(config, options, server_overrides, err_console.print)
         srv.check_port_free(settings.host, settings.port)

@@ -13,12 +13,12 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 4
+#define LLAMA_FLASHFLEX_API_VERSION 5
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
 // A JSON object describing this build, valid for the life of the process:
-//   {"api_version": 4, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
+//   {"api_version": 5, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
 //    "backends": ["CPU", ...]}
 // "series_hash" is the hash flashflex computed over its patch series when it configured the build
 // ("unknown" when built by hand without -DFLASHFLEX_SERIES_HASH=...).
@@ -56,6 +56,11 @@ LLAMA_API int32_t llama_flashflex_config_stream_tensor(int32_t config, const cha
 LLAMA_API int32_t llama_flashflex_config_bank_tensor(int32_t config, const char * name, int32_t file,
                                                     uint64_t offset, uint64_t expert_stride,
                                                     uint64_t bytes_per_expert);
+// API 5: the per-expert checksums of a banked tensor (n_experts values, see flashflex's sidecar format): with the
+// int option "moe_verify" = 1 every expert read from the sidecar is checked against its checksum, and a mismatch
+// fails the model with the layer, tensor and expert named (bit rot, or a layer file changed behind the manifest).
+LLAMA_API int32_t llama_flashflex_config_bank_checksums(int32_t config, const char * name, const uint64_t * checksums,
+                                                       size_t n_experts);
 // Set a string option (API 3): "moe_trace" = a file to append one JSON line per routed layer call to
 // (sequence number, ubatch, layer, tokens, experts per token, expert ids, slot ids, hit per id; the caller
 // writes the header line), "moe_prefetch" = the expert prefetch policy: "none", "router-lookahead" (while

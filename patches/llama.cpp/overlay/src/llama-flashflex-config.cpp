@@ -116,6 +116,23 @@ long long pread_full(int fd, void * dst, size_t len, uint64_t offset) {
     return (long long) done;
 }
 
+uint64_t expert_checksum(const void * data, size_t n) {
+    const uint8_t * p = (const uint8_t *) data;
+    const size_t full = n / 8;
+    uint64_t sum = 0;
+    for (size_t i = 0; i < full; ++i) {
+        uint64_t w;
+        memcpy(&w, p + 8 * i, 8);
+        sum += w * (2 * (uint64_t) i + 1);
+    }
+    if (n % 8) {
+        uint64_t w = 0;
+        memcpy(&w, p + 8 * full, n % 8);
+        sum += w * (2 * (uint64_t) full + 1);
+    }
+    return sum;
+}
+
 int layer_of(const std::string & name) {
     int il = -1;
     if (sscanf(name.c_str(), "blk.%d.", &il) != 1) {
@@ -205,10 +222,12 @@ int32_t llama_flashflex_config_set(int32_t id, const char * key, int64_t value) 
             c.moe_prefetch_ranks = (int) value;
         } else if (k == "moe_preload" && (value == 0 || value == 1)) {
             c.moe_preload = (int) value;
+        } else if (k == "moe_verify" && (value == 0 || value == 1)) {
+            c.moe_verify = (int) value;
         } else {
             static const char * const known[] = {"prefetch_threads", "window", "direct_io", "moe_slots",
                                                  "moe_io_threads", "moe_shared_only", "moe_prefetch_ranks",
-                                                 "moe_preload"};
+                                                 "moe_preload", "moe_verify"};
             for (const char * name : known) {
                 if (k == name) {
                     return refuse("config_set: " + k + " = " + std::to_string(value) + " is out of range");
@@ -257,8 +276,24 @@ int32_t llama_flashflex_config_bank_tensor(int32_t id, const char * name, int32_
             return refuse(what + std::to_string(bytes_per_expert) + " bytes per expert do not fit a stride of " +
                           std::to_string(expert_stride));
         }
-        c.banks.push_back({name, file, offset, expert_stride, bytes_per_expert});
+        c.banks.push_back({name, file, offset, expert_stride, bytes_per_expert, {}});
         return 0;
+    });
+}
+
+int32_t llama_flashflex_config_bank_checksums(int32_t id, const char * name, const uint64_t * checksums,
+                                              size_t n_experts) {
+    if (name == nullptr || (checksums == nullptr && n_experts > 0)) {
+        return refuse("config_bank_checksums: the name or the checksums are NULL");
+    }
+    return with_config(id, [&](config & c) -> int32_t {
+        for (auto & b : c.banks) {
+            if (b.name == name) {
+                b.checksums.assign(checksums, checksums + n_experts);
+                return 0;
+            }
+        }
+        return refuse("config_bank_checksums: " + std::string(name) + " is not banked (call config_bank_tensor first)");
     });
 }
 

@@ -75,6 +75,7 @@ struct bank_tensor {
     std::vector<int>      expert_slot;        // inverse, -1 when not resident
     std::vector<uint64_t> slot_used;          // LRU stamp
     std::vector<uint8_t>  inflight;           // a prefetch read is writing the slot (guarded by moe_state::mtx)
+    std::vector<uint64_t> checksums;          // per expert; empty: not verified
 };
 
 struct layer_counters {
@@ -90,11 +91,12 @@ struct layer_counters {
     std::atomic<uint64_t> prefetch_wasted_bytes{0}; // ... of experts the next call did not need
     std::atomic<int64_t>  prefetch_read_ns{0};
     std::atomic<int64_t>  prefetch_wait_ns{0};      // compute waiting for a prefetch read still in flight
+    std::atomic<int64_t>  verify_ns{0};             // checksumming experts as they are read (I/O threads)
 
     void reset() {
         hits = 0; misses = 0; bytes_read = 0; read_ns = 0; install_ns = 0; calls = 0;
         prefetch_issued = 0; prefetch_used = 0; prefetch_bytes = 0; prefetch_wasted_bytes = 0;
-        prefetch_read_ns = 0; prefetch_wait_ns = 0;
+        prefetch_read_ns = 0; prefetch_wait_ns = 0; verify_ns = 0;
     }
 };
 
@@ -249,6 +251,17 @@ struct moe_state {
             fail(format("%s ended early while reading expert %d of %s (the sidecar is truncated or changed: "
                         "run flashflex sidecar verify)", files[bt.file].path.c_str(), j.expert, bt.name.c_str()));
             return;
+        }
+        if (cfg.moe_verify && !bt.checksums.empty()) {
+            const int64_t tv = now_ns();
+            const uint64_t sum = expert_checksum(into_slot ? slot : staging, bt.bytes);
+            layers[layer_index[bt.layer]].stats->verify_ns.fetch_add(now_ns() - tv);
+            if (sum != bt.checksums[j.expert]) {
+                fail(format("layer %d, tensor %s, expert %d does not match its checksum in %s (bit rot, or the layer "
+                            "file changed: run flashflex sidecar verify)", bt.layer, bt.name.c_str(), j.expert,
+                            files[bt.file].path.c_str()));
+                return;
+            }
         }
         if (!into_slot) {
             if (bt.plain) {
@@ -933,6 +946,11 @@ void flashflex::moe_setup(const llama_model & model, llama_model_loader & ml, co
         bt.stride = bc.expert_stride;
         bt.bytes  = bc.bytes_per_expert;
         bt.plain  = buft == ggml_backend_cpu_buffer_type();
+        if (!bc.checksums.empty() && bc.checksums.size() != (size_t) st->n_expert) {
+            throw std::runtime_error(format("flashflex: %s has %zu checksums for %d experts (a sidecar of another "
+                                            "model?)", bc.name.c_str(), bc.checksums.size(), st->n_expert));
+        }
+        bt.checksums = bc.checksums;
         bt.slot_expert.assign(n_bank, -1);
         bt.expert_slot.assign(st->n_expert, -1);
         bt.slot_used.assign(n_bank, 0);
@@ -1174,7 +1192,7 @@ int32_t llama_flashflex_moe_stats(const llama_model * model, char * buf, size_t 
     uint64_t hits = 0, misses = 0, bytes = 0, calls = 0;
     int64_t read_ns = 0, install_ns = 0;
     uint64_t pf_issued = 0, pf_used = 0, pf_bytes = 0, pf_wasted = 0;
-    int64_t pf_read_ns = 0, pf_wait_ns = 0;
+    int64_t pf_read_ns = 0, pf_wait_ns = 0, verify_ns = 0;
     std::string per_layer = "[";
     for (size_t i = 0; i < st->layers.size(); ++i) {
         const layer_counters & c = *st->layers[i].stats;
@@ -1198,6 +1216,7 @@ int32_t llama_flashflex_moe_stats(const llama_model * model, char * buf, size_t 
         pf_wasted += c.prefetch_wasted_bytes.load();
         pf_read_ns += c.prefetch_read_ns.load();
         pf_wait_ns += c.prefetch_wait_ns.load();
+        verify_ns += c.verify_ns.load();
     }
     per_layer += "]";
     std::string out = format(
@@ -1207,7 +1226,8 @@ int32_t llama_flashflex_moe_stats(const llama_model * model, char * buf, size_t 
         "\"read_seconds\": %.6f, \"install_seconds\": %.6f, \"prefetch\": \"%s\", \"prefetch_issued\": %llu, "
         "\"prefetch_used\": %llu, \"prefetch_bytes\": %llu, \"prefetch_wasted_bytes\": %llu, "
         "\"prefetch_read_seconds\": %.6f, \"prefetch_wait_seconds\": %.6f, \"replay_records\": %zu, "
-        "\"replay_position\": %zu, \"trace\": %s, \"trace_seconds\": %.6f, \"layers\": %s, \"error\": %s}",
+        "\"replay_position\": %zu, \"trace\": %s, \"trace_seconds\": %.6f, \"verify\": %s, "
+        "\"verify_seconds\": %.6f, \"layers\": %s, \"error\": %s}",
         st->resident ? "resident-bank" : "slot-bank", st->n_slots, st->n_expert, st->n_expert_used,
         st->tensors.size(), st->layers.size(), st->bank_bytes, st->cfg.moe_io_threads, st->direct ? "true" : "false",
         st->cfg.moe_shared_only ? "true" : "false", (unsigned long long) calls, (unsigned long long) hits,
@@ -1216,7 +1236,7 @@ int32_t llama_flashflex_moe_stats(const llama_model * model, char * buf, size_t 
         (unsigned long long) pf_issued, (unsigned long long) pf_used, (unsigned long long) pf_bytes,
         (unsigned long long) pf_wasted, pf_read_ns / 1e9, pf_wait_ns / 1e9, st->schedule.size(), st->cursor,
         st->cfg.moe_trace.empty() ? "null" : json_escape(st->cfg.moe_trace).c_str(), st->trace_ns.load() / 1e9,
-        per_layer.c_str(),
+        st->cfg.moe_verify ? "true" : "false", verify_ns / 1e9, per_layer.c_str(),
         err.empty() ? "null" : json_escape(err).c_str());
     return write_c_string(out, buf, buf_size);
 }

@@ -42,7 +42,13 @@ struct bank_tensor_cfg {
     uint64_t    offset;
     uint64_t    expert_stride;
     uint64_t    bytes_per_expert;
+    std::vector<uint64_t> checksums;  // one per expert (expert_checksum), empty when the sidecar has none
 };
+
+// The sidecar's per-expert checksum: the expert's bytes as little-endian 64-bit words w_i (the last one
+// zero-padded), sum of w_i * (2i + 1) mod 2^64. Any change of one word changes it (odd weights are invertible),
+// it runs at memory speed, and numpy computes the same at extraction.
+uint64_t expert_checksum(const void * data, size_t n);
 
 struct config {
     std::vector<std::string>       files;
@@ -55,6 +61,7 @@ struct config {
     int moe_io_threads   = 4;               // parallel readers for bank misses
     int moe_shared_only  = 0;               // diagnostic: routed experts contribute nothing, nothing is read
     int moe_preload      = 0;               // oracle-all-hit: install every expert of moe_schedule at load
+    int moe_verify       = 0;               // check each expert read against its checksum (when it has one)
     std::string moe_trace;                  // append one JSONL record per routed layer call here ("" = off)
     std::string moe_prefetch = "none";      // none | router-lookahead | oracle (needs moe_schedule)
     int moe_prefetch_ranks = 0;             // router-lookahead: read each token's top ranks only; 0 = all k

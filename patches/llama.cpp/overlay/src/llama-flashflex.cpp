@@ -17,6 +17,7 @@ static const char * const k_flashflex_features[] = {
     "slot-bank",
     "moe-trace",
     "interrupt",
+    "expert-checksum",
 };
 
 int32_t llama_flashflex_api_version(void) {

@@ -1,0 +1,79 @@
+"""What checking every expert read against its checksum (`moe.verify`) costs, on the MoE benchmark model.
+
+Runs `flashflex run --json` in slot-bank mode with verify on and off, alternating, and reports per pair the decode
+tok/s of both and the runtime's own timer for checksumming (`verify_seconds`, summed over the I/O threads) as a
+share of decode time; medians over the pairs. Needs the benchmark model and its sidecar (`flashflex bench moe`
+makes them, or `flashflex gguf synth --preset moe-a3b-12l-q4_0` + `flashflex sidecar extract`).
+
+    python scripts/bench_checksum.py --slots 32 --pairs 3 --out bench-results/checksum
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from orchestrator.paths import cache_root
+
+PROMPT = "the model reads its weights from the disk when they are needed and keeps the rest in memory"
+
+
+def run(model: Path, sidecar: Path, slots: int, n: int, verify: bool) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as cfg:
+        cfg.write(json.dumps({"moe": {"verify": verify}}))
+    cmd = [sys.executable, "-m", "orchestrator", "run", cfg.name, "-m", str(model), "--moe-sidecar", str(sidecar),
+           "--moe-mode", "slot-bank", "--moe-slot-bank", str(slots), "--ctx", "512", "--ubatch", "32",
+           "-p", PROMPT, "-n", str(n), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    Path(cfg.name).unlink()
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    out = json.loads(proc.stdout)
+    moe = out["stats"]["moe"]["decode"]
+    return {"verify": verify, "decode_tok_per_s": out["decode_tok_per_s"], "decode_seconds": out["decode_s"],
+            "verify_seconds": moe.get("verify_seconds", 0.0), "bytes_read": moe["bytes_read"],
+            "misses": moe["misses"], "tokens": out["tokens"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = cache_root() / "models" / "synth" / "moe-a3b-12l-q4_0-seed0.gguf"
+    ap.add_argument("--model", type=Path, default=default)
+    ap.add_argument("--sidecar", type=Path, default=None)
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("-n", type=int, default=32)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("bench-results/checksum"))
+    args = ap.parse_args()
+    sidecar = args.sidecar or args.model.with_name(args.model.name.removesuffix(".gguf") + ".sidecar")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for _ in range(args.pairs):
+        for verify in (True, False):
+            rows.append(run(args.model, sidecar, args.slots, args.n, verify))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), file=sys.stderr)
+    on = [r for r in rows if r["verify"]]
+    off = [r for r in rows if not r["verify"]]
+    share = [r["verify_seconds"] / r["decode_seconds"] for r in on]
+    summary = {
+        "model": str(args.model), "slots": args.slots, "pairs": args.pairs,
+        "decode_tok_per_s_verify_on": statistics.median(r["decode_tok_per_s"] for r in on),
+        "decode_tok_per_s_verify_off": statistics.median(r["decode_tok_per_s"] for r in off),
+        "verify_seconds_share_of_decode": statistics.median(share),
+        "verify_seconds_share_max": max(share),
+        "miss_bytes_per_token": statistics.median(r["bytes_read"] / len(r["tokens"]) for r in on),
+        "same_tokens": all(r["tokens"] == rows[0]["tokens"] for r in rows),
+    }
+    (args.out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
