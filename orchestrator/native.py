@@ -406,4 +406,5 @@ def install_abort_callback(ctx_ptr, model_ptr) -> None:
     lowlevel = llama_cpp_module()
     address = ctypes.cast(streaming_lib().llama_flashflex_abort_callback, ctypes.c_void_p).value
     # A function pointer made from the C function's address: no Python runs inside llama_decode.
+    # model_ptr None: a stock model, the callback then only checks the interrupt flag
     lowlevel.llama_set_abort_callback(ctx_ptr, lowlevel.ggml_abort_callback(address), model_ptr)

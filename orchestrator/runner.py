@@ -270,8 +270,12 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
     finally:
         if config is not None:
             config.free()
-    if config is not None or native.has_feature("interrupt"):  # stock models too: SIGINT stops a decode
+    if config is not None:
         native.install_abort_callback(llm.ctx, llm.model)
+    elif native.has_feature("interrupt"):
+        # stock models too, so SIGINT stops a decode; with no model the callback only reads the interrupt flag
+        # (one relaxed atomic load per graph node: stock stays stock)
+        native.install_abort_callback(llm.ctx, None)
     native.quiet_llama_log()  # Llama(verbose=False) still prints llama.cpp's errors before ours
     return llm
 

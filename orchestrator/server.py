@@ -135,7 +135,7 @@ class ModelProxy:
             entry = self.entries[alias]
             self.log(f"loading {alias} ({entry.prepared.execution.mode})")
             handle = api.Handle.open(entry.prepared)
-            _meter(handle, self)
+            _meter(handle, self, alias)
             self.current, self.current_alias = handle, alias
 
     def context_of(self, alias: str | None) -> int:
@@ -152,18 +152,17 @@ class ModelProxy:
         return {"default": self.default, "loaded": self.current_alias, "models": models}
 
 
-def _meter(handle: api.Handle, proxy: ModelProxy) -> None:
+def _meter(handle: api.Handle, proxy: ModelProxy, alias: str) -> None:
     """Wrap the model's create_completion (every completion and chat request ends up there): add the shutdown
     stop, time the request, turn errors inside a stream into an error event, snapshot the runtime's stats."""
     llm = handle.llm
     original = llm.create_completion
-    alias = proxy.current_alias  # set just after; read lazily below
 
     def finish(meter: api.RequestMeter) -> None:
         handle.last_request = meter.result()
         snapshot: dict[str, Any] = {"last_request": handle.last_request}
         snapshot.update(_runtime_summary(handle.native_stats()))
-        proxy.last_stats[proxy.current_alias or alias or proxy.default] = snapshot
+        proxy.last_stats[alias] = snapshot
 
     def create_completion(*args: Any, **kwargs: Any):
         import llama_cpp
