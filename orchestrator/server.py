@@ -225,6 +225,16 @@ def _error(status: int, message: str, code: str | None = None, param: str | None
                                    "server_error", "param": param, "code": code}}, status_code=status)
 
 
+def _authorized(scope, key: str) -> bool:
+    import hmac
+
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+    return False
+
+
 class RequestGate:
     """ASGI middleware in front of the router: reads a /v1 POST body once, answers 4xx for what would otherwise
     become a 500 with internals, applies the max_tokens cap, and hands the body on unchanged."""
@@ -249,6 +259,11 @@ class RequestGate:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        key = self.proxy_ref().server.api_key
+        if key is not None and not _authorized(scope, key):  # before any answer that tells about the server
+            await _error(401, "invalid or missing API key (Authorization: Bearer KEY)", "invalid_api_key")(
+                scope, receive, send)
+            return
         response, body = self.check(kind, body)
         if response is not None:
             await response(scope, receive, send)

@@ -262,6 +262,24 @@ def test_lossy_options_show_at_startup_and_in_the_stats(moe_model):
     assert "LOSSY" in err and "--moe-topk 2" in err
 
 
+def test_api_key_is_required_before_anything_else(moe_model):
+    from openai import AuthenticationError, OpenAI
+
+    path, sc = moe_model
+    srv = Server("-m", str(path), "--moe-sidecar", str(sc), *MOE_FLAGS, "--api-key", "s3cret")
+    try:
+        for body in ({"prompt": "hi", "model": "a-secret-name"}, {"prompt": "hi", "max_tokens": 2}):
+            status, answer = srv.post("/v1/completions", body)
+            assert status == 401 and path.name not in json.dumps(answer), answer  # no model names leak
+        good = OpenAI(base_url=srv.base + "/v1", api_key="s3cret", timeout=60, max_retries=0)
+        assert good.completions.create(model=path.name, prompt="hello", max_tokens=2).choices
+        with pytest.raises(AuthenticationError):
+            srv.client().completions.create(model=path.name, prompt="hello", max_tokens=2)
+        assert srv.get("/health")["status"] == "ok"  # health needs no key
+    finally:
+        srv.stop()
+
+
 def test_startup_refuses_what_run_refuses_in_one_line(moe_model):
     result = flashflex("serve", "--moe-prefetch", "router-lookahead", "--port", str(_free_port()), timeout=120)
     assert result.returncode != 0
