@@ -106,6 +106,15 @@ def test_a_lowered_tensor_count_does_not_run(corrupt, patched_llama):
     one_error(flashflex("run", "-m", str(corrupt["count"]), "-p", "Hello", "-n", "2"), "after the last declared")
 
 
+@pytest.mark.parametrize("case", ["truncated", "overlap"])
+def test_corrupt_models_are_refused_by_run_and_serve_before_serving(corrupt, case):
+    for args in (["run", "-m", str(corrupt[case]), "-n", "1"], ["serve", "-m", str(corrupt[case]), "--port", "1"],
+                 ["chat", "-m", str(corrupt[case]), "--once", "hi"]):
+        result = flashflex(*args, timeout=120)
+        one_error(result, str(corrupt[case].name))
+        assert "serving" not in result.stderr
+
+
 def test_realign_refuses_unsafe_destinations_and_sizes(dense, tmp_path):
     fifo = tmp_path / "fifo.gguf"
     os.mkfifo(fifo)
