@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from orchestrator.api import OPTION_KEYS, overrides_from_options
+from orchestrator.api import OPTION_KEYS
 from orchestrator.config import RunConfig
 
 
@@ -52,17 +52,40 @@ MoEPrefetchOpt = Annotated[Optional[str], _flag("moe_prefetch", "--moe-prefetch"
 MoEVerifyOpt = Annotated[Optional[bool], _flag("moe_verify", "--moe-verify/--no-moe-verify")]
 
 
-def model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch, *, moe_mode=None,
-                  moe_sidecar=None, moe_slot_bank=None, moe_topk=None, moe_shared_only=None, moe_io_threads=None,
-                  moe_trace=None, moe_prefetch=None, moe_trace_force=None, moe_verify=None) -> dict:
-    """The shared flags as the Python API's keyword options (unset flags are None and change nothing)."""
-    return dict(model=model, budget=budget, prefetch_threads=prefetch_threads, prefetch_window=prefetch_window,
-                direct_io=direct_io, threads=threads, ctx=ctx, ubatch=ubatch, moe_mode=moe_mode,
-                moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank, moe_topk=moe_topk,
-                moe_shared_only=moe_shared_only, moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                moe_prefetch=moe_prefetch, moe_trace_force=moe_trace_force, moe_verify=moe_verify)
+# The shared flags, in --help order: parameter name → its annotated type. A command takes them all through
+# @model_options_command (minus any it excludes) and receives them as one dict of API keyword options.
+SHARED_FLAGS: dict[str, Any] = {
+    "model": ModelOpt, "budget": BudgetOpt, "prefetch_threads": PrefetchThreadsOpt,
+    "prefetch_window": PrefetchWindowOpt, "direct_io": DirectIOOpt, "threads": ThreadsOpt, "ctx": CtxOpt,
+    "ubatch": UbatchOpt, "moe_mode": MoEModeOpt, "moe_sidecar": MoESidecarOpt, "moe_slot_bank": MoESlotBankOpt,
+    "moe_topk": MoETopkOpt, "moe_shared_only": MoESharedOnlyOpt, "moe_io_threads": MoEIOThreadsOpt,
+    "moe_trace": MoETraceOpt, "moe_prefetch": MoEPrefetchOpt, "moe_verify": MoEVerifyOpt,
+    "moe_trace_force": TraceForceOpt,
+}
 
 
-def model_overrides(*args, extra: dict | None = None, **kwargs) -> dict:
-    """The shared flags as RunConfig overrides, plus `extra` overrides (dotted RunConfig keys)."""
-    return {**overrides_from_options(model_options(*args, **kwargs)), **(extra or {})}
+def model_options_command(*, exclude: tuple[str, ...] = ()):
+    """Give a command every shared flag (one definition, not a copy per command): the decorated function declares
+    `options: dict` and gets the flags' values as Python API keyword options (unset flags are None). Its own
+    parameters keep their places; the shared ones come after its first (the CONFIG argument), in SHARED_FLAGS
+    order."""
+    import functools
+    import inspect
+
+    def decorate(fn):
+        own = inspect.signature(fn, eval_str=True)
+        params = [p for p in own.parameters.values() if p.name != "options"]
+        shared = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=ann)
+                  for name, ann in SHARED_FLAGS.items() if name not in exclude]
+        names = [p.name for p in shared]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            return fn(options={name: kwargs.pop(name) for name in names}, **kwargs)
+
+        merged = params[:1] + shared + params[1:]
+        command.__signature__ = own.replace(parameters=merged)
+        command.__annotations__ = {p.name: p.annotation for p in merged}
+        return command
+
+    return decorate

@@ -7,73 +7,31 @@ from typing import Optional
 import typer
 
 from orchestrator import runner
+from orchestrator.api import overrides_from_options
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
-from orchestrator.cli.options import (
-    BudgetOpt,
-    ConfigArg,
-    CtxOpt,
-    DirectIOOpt,
-    ModelOpt,
-    MoEIOThreadsOpt,
-    MoEModeOpt,
-    MoEPrefetchOpt,
-    MoESharedOnlyOpt,
-    MoESidecarOpt,
-    MoESlotBankOpt,
-    MoETopkOpt,
-    MoETraceOpt,
-    MoEVerifyOpt,
-    PrefetchThreadsOpt,
-    PrefetchWindowOpt,
-    ThreadsOpt,
-    TraceForceOpt,
-    UbatchOpt,
-    model_overrides,
-)
+from orchestrator.cli.options import ConfigArg, model_options_command
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
+    @model_options_command()
     def run_cmd(
         config: ConfigArg = None,
-        model: ModelOpt = None,
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text."),
         n_predict: Optional[int] = typer.Option(None, "-n", "--n-predict", min=-1,
                                                 help="Tokens to generate (-1: until end of text)."),
-        budget: BudgetOpt = None,
-        prefetch_threads: PrefetchThreadsOpt = None,
-        prefetch_window: PrefetchWindowOpt = None,
-        direct_io: DirectIOOpt = None,
-        threads: ThreadsOpt = None,
-        ctx: CtxOpt = None,
-        ubatch: UbatchOpt = None,
-        moe_mode: MoEModeOpt = None,
-        moe_sidecar: MoESidecarOpt = None,
-        moe_slot_bank: MoESlotBankOpt = None,
-        moe_topk: MoETopkOpt = None,
-        moe_shared_only: MoESharedOnlyOpt = None,
-        moe_io_threads: MoEIOThreadsOpt = None,
-        moe_trace: MoETraceOpt = None,
-        moe_prefetch: MoEPrefetchOpt = None,
-        force: TraceForceOpt = None,
-        moe_verify: MoEVerifyOpt = None,
         dry_run: bool = typer.Option(False, "--dry-run", help="Check and plan everything, load nothing: print the "
                                      "mode, the plan summary and what the native runtime would be told (the "
                                      "RuntimeSpec; all of it with --json)."),
         json_out: JsonOpt = False,
+        options: dict = None,
     ) -> None:
         """Generate text; --json prints token ids, text, timings, peak RSS and streaming and expert-bank
         statistics (hits, misses, hit rate, bytes read, read and install time, total and per layer)."""
         from orchestrator.config import load_run_config
 
-        cfg = load_run_config(config, model_overrides(model, budget, prefetch_threads, prefetch_window, direct_io,
-                                                 threads, ctx, ubatch, moe_mode=moe_mode,
-                                                 moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
-                                                 moe_topk=moe_topk, moe_shared_only=moe_shared_only,
-                                                 moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                                                 moe_prefetch=moe_prefetch, moe_trace_force=force,
-                                                 moe_verify=moe_verify,
-                                                 extra={"prompt": prompt, "sampling.n_predict": n_predict}))
+        cfg = load_run_config(config, {**overrides_from_options(options), "prompt": prompt,
+                                       "sampling.n_predict": n_predict})
         settings = runner.settings_from_config(cfg, log=err_console.print)
         ex = runner.execution_for_config(cfg, settings.model)
         for reason in ex.lossy:
@@ -102,29 +60,18 @@ def register(app: typer.Typer) -> None:
                 line += (f", prefetch {moe['prefetch']}: {moe['prefetch_used']}/{moe['prefetch_issued']} used, "
                          f"{moe['prefetch_wasted_bytes'] / 2**20:.1f} MiB wasted")
         err_console.print(f"[dim]mode {result.stats['mode']} · {line}[/]")
-        if moe_trace is not None and result.stats["mode"] == "slot-bank":
-            err_console.print(f"[dim]routing trace: {moe_trace} (flashflex trace analyze {moe_trace})[/]")
+        trace = options["moe_trace"]
+        if trace is not None and result.stats["mode"] == "slot-bank":
+            err_console.print(f"[dim]routing trace: {trace} (flashflex trace analyze {trace})[/]")
 
     @app.command("verify-exact")
+    @model_options_command(exclude=("moe_topk", "moe_shared_only"))
     def verify_exact_cmd(
         config: ConfigArg = None,
-        model: ModelOpt = None,
         tokens: int = typer.Option(64, "--tokens", min=1, help="Teacher-forced tokens to compare."),
         seed: int = typer.Option(0, "--seed", help="Seed of the pseudo-random token sequence."),
-        budget: BudgetOpt = None,
-        prefetch_threads: PrefetchThreadsOpt = None,
-        prefetch_window: PrefetchWindowOpt = None,
-        direct_io: DirectIOOpt = None,
-        threads: ThreadsOpt = None,
-        ctx: CtxOpt = None,
-        ubatch: UbatchOpt = None,
-        moe_mode: MoEModeOpt = None,
-        moe_sidecar: MoESidecarOpt = None,
-        moe_slot_bank: MoESlotBankOpt = None,
-        moe_io_threads: MoEIOThreadsOpt = None,
-        moe_trace: MoETraceOpt = None,
-        moe_prefetch: MoEPrefetchOpt = None,
         json_out: JsonOpt = False,
+        options: dict = None,
     ) -> None:
         """Feed the same teacher-forced tokens through stock and through the configured mode; exit 0 only when
         every logit is bitwise identical."""
@@ -132,10 +79,7 @@ def register(app: typer.Typer) -> None:
         from orchestrator.config import load_run_config
         from orchestrator.errors import FlashflexError
 
-        cfg = load_run_config(config, model_overrides(model, budget, prefetch_threads, prefetch_window, direct_io,
-                                                 threads, ctx, ubatch, moe_mode=moe_mode, moe_sidecar=moe_sidecar,
-                                                 moe_slot_bank=moe_slot_bank, moe_io_threads=moe_io_threads,
-                                                 moe_trace=moe_trace, moe_prefetch=moe_prefetch))
+        cfg = load_run_config(config, overrides_from_options(options))
         settings = runner.settings_from_config(cfg, log=err_console.print)
         if tokens > settings.ctx:
             raise FlashflexError(f"--tokens {tokens} exceeds the context of {settings.ctx}", "raise --ctx")

@@ -8,27 +8,7 @@ from typing import Optional
 import typer
 
 from orchestrator.cli.common import err_console
-from orchestrator.cli.options import (
-    BudgetOpt,
-    ConfigArg,
-    CtxOpt,
-    DirectIOOpt,
-    ModelOpt,
-    MoEIOThreadsOpt,
-    MoEModeOpt,
-    MoEPrefetchOpt,
-    MoESidecarOpt,
-    MoESlotBankOpt,
-    MoETopkOpt,
-    MoETraceOpt,
-    MoEVerifyOpt,
-    PrefetchThreadsOpt,
-    PrefetchWindowOpt,
-    ThreadsOpt,
-    TraceForceOpt,
-    UbatchOpt,
-    model_options,
-)
+from orchestrator.cli.options import ConfigArg, model_options_command
 from orchestrator.errors import FlashflexError
 
 
@@ -81,9 +61,9 @@ def startup_lines(entries, server) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
+    @model_options_command(exclude=("moe_shared_only",))
     def serve_cmd(
         config: ConfigArg = None,
-        model: ModelOpt = None,
         host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1; anything "
                                            "else is reachable from other machines)."),
         port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Port to listen on (default 8000)."),
@@ -91,22 +71,7 @@ def register(app: typer.Typer) -> None:
         max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", min=1,
                                                      help="Largest max_tokens a request may ask for "
                                                      "(default: the context)."),
-        budget: BudgetOpt = None,
-        prefetch_threads: PrefetchThreadsOpt = None,
-        prefetch_window: PrefetchWindowOpt = None,
-        direct_io: DirectIOOpt = None,
-        threads: ThreadsOpt = None,
-        ctx: CtxOpt = None,
-        ubatch: UbatchOpt = None,
-        moe_mode: MoEModeOpt = None,
-        moe_sidecar: MoESidecarOpt = None,
-        moe_slot_bank: MoESlotBankOpt = None,
-        moe_topk: MoETopkOpt = None,
-        moe_io_threads: MoEIOThreadsOpt = None,
-        moe_trace: MoETraceOpt = None,
-        moe_prefetch: MoEPrefetchOpt = None,
-        force: TraceForceOpt = None,
-        moe_verify: MoEVerifyOpt = None,
+        options: dict = None,
     ) -> None:
         """Serve models over the OpenAI API (/v1/completions, /v1/chat/completions with the model's chat
         template, streaming, /v1/models) through the same plan and runtime as `run`; /health and
@@ -115,10 +80,6 @@ def register(app: typer.Typer) -> None:
         from orchestrator import server as srv
 
         _server_deps()
-        options = model_options(model, budget, prefetch_threads, prefetch_window, direct_io, threads, ctx, ubatch,
-                                    moe_mode=moe_mode, moe_sidecar=moe_sidecar, moe_slot_bank=moe_slot_bank,
-                                    moe_topk=moe_topk, moe_io_threads=moe_io_threads, moe_trace=moe_trace,
-                                    moe_prefetch=moe_prefetch, moe_trace_force=force, moe_verify=moe_verify)
         server_overrides = {"host": host, "port": port, "api_key": api_key, "max_tokens_cap": max_tokens_cap}
         entries, settings = load_entries(config, options, server_overrides, err_console.print)
         srv.check_port_free(settings.host, settings.port)
