@@ -15,41 +15,60 @@ def main(arg: str) -> None:
     payload = json.loads(arg)
     point, spec = payload["point"], payload["spec"]
     from orchestrator import native, runner
-    from orchestrator.bench.isolation import PROCESS_SLACK
-    from orchestrator.config import PrefetchConfig
-    from orchestrator.modelfile.reader import read_model_table
-    from orchestrator.planner import make_plan
 
     model = Path(spec["model"])
     native.llama_cpp_module()  # import llama_cpp before measuring what the process itself occupies
     settings = runner.GenerationSettings(model=model, ctx=spec["ctx"], batch=max(spec["ubatch"], 32),
                                          ubatch=spec["ubatch"], threads=spec["threads"], seed=spec["seed"])
-    plan = None
-    ex = None
     out: dict = {}
-    if point["mode"] in ("slot-bank", "oracle-prefetch", "oracle-all-hit"):
-        ex = _slot_bank_execution(point, spec, model, out)
-        plan = ex.plan
-    elif point["mode"] == "flashflex":
-        # The cgroup holds the whole process: plan with what is left after the interpreter and libraries.
-        overhead = psutil.Process().memory_info().rss + PROCESS_SLACK
-        budget = (point["budget_bytes"] or 1 << 50) - overhead
-        table = read_model_table(model)
-        plan = make_plan(table, budget, ctx=spec["ctx"], ubatch=spec["ubatch"],
-                         prefetch=PrefetchConfig(threads=point["prefetch_threads"], window=spec["window"]))
-        out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead,
-                   resident_bytes=plan.resident_bytes,
-                   streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token)
-        if plan.fits_entirely or not runner.streamed_tensors(plan):
-            plan = None  # the model fits: flashflex runs the stock path
+    ex = _execution(point, spec, model, out) if point["mode"] in FLASHFLEX_MODES else runner.Execution()
     repack = point["mode"] != "stock-mmap"
     kwargs = {"use_mmap": False} if point["mode"] == "resident" else {}
-    ex = ex or runner.Execution(plan=plan)
     t0 = time.perf_counter()
     with runner.session(settings, ex, repack=repack, **kwargs) as llm:
         out["_load_s"] = time.perf_counter() - t0
         _measure(llm, settings, spec, ex, out)
     print(json.dumps(out), flush=True)
+
+
+# Points flashflex plans (the others are stock baselines).
+FLASHFLEX_MODES = ("flashflex", "slot-bank", "oracle-prefetch", "oracle-all-hit")
+
+
+def _execution(point: dict, spec: dict, model: Path, out: dict):
+    """The Execution of a flashflex point, through the same contract as `flashflex run` (a RunConfig →
+    runner.execution_for_config), planned for what the cgroup leaves after this process."""
+    from orchestrator import runner
+    from orchestrator.bench.isolation import PROCESS_SLACK
+    from orchestrator.config import load_run_config
+
+    # The cgroup holds the whole process: plan with what is left after the interpreter and libraries.
+    overhead = psutil.Process().memory_info().rss + PROCESS_SLACK
+    budget = (point["budget_bytes"] or 1 << 50) - overhead
+    settings = {"model.path": model, "budget.size": f"{budget}B", "context.ctx": spec["ctx"],
+                "context.ubatch": spec["ubatch"]}
+    banked = point["mode"] != "flashflex"
+    if banked:
+        settings.update({"moe.mode": point["mode"], "moe.sidecar": spec["sidecar"],
+                         "moe.slot_bank": point["slot_bank"], "moe.io_threads": spec["io_threads"],
+                         "moe.prefetch": point.get("prefetch", "none"), "moe.trace": point.get("trace"),
+                         "moe.trace_force": True,  # the sweep owns its result directory
+                         "moe.prefetch_ranks": point.get("prefetch_ranks"),
+                         "prefetch.threads": max(1, point.get("prefetch_threads") or 1)})
+    else:
+        settings.update({"prefetch.threads": point["prefetch_threads"], "prefetch.window": spec["window"]})
+    ex = runner.execution_for_config(load_run_config(None, settings), model)
+    plan = ex.budget_plan
+    assert plan is not None
+    streamed = plan.estimates.dense_streamed_bytes_per_token
+    out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead, resident_bytes=plan.resident_bytes,
+               streamed_bytes_per_token=streamed if ex.plan is not None or not banked else 0)
+    if banked:
+        out.update(slot_bank=point["slot_bank"] if point["mode"] == "oracle-all-hit" else ex.moe.slots,
+                   bank_slots=ex.moe.slots,
+                   moe_prefetch_ranks=ex.moe.prefetch_ranks if ex.moe.prefetch == "router-lookahead" else None,
+                   planned_hit_rate=plan.estimates.expected_hit_rate)
+    return ex
 
 
 def _measure(llm, settings, spec: dict, ex, out: dict) -> None:
@@ -93,36 +112,6 @@ def _measure(llm, settings, spec: dict, ex, out: dict) -> None:
         bytes_read_per_token=(stream["bytes_read"] / len(gen)) if stream else None,
         wait_s=stream["wait_seconds"] if stream else None,
     )
-
-
-def _slot_bank_execution(point: dict, spec: dict, model: Path, out: dict):
-    """The Execution of a slot-bank point: planned for what the cgroup leaves after this process."""
-    from orchestrator import runner
-    from orchestrator.bench.isolation import PROCESS_SLACK
-    from orchestrator.config import load_run_config
-    from orchestrator.modelfile.reader import read_model_table
-    from orchestrator.planner import make_plan
-
-    overhead = psutil.Process().memory_info().rss + PROCESS_SLACK
-    budget = (point["budget_bytes"] or 1 << 50) - overhead
-    cfg = load_run_config(None, {"model.path": model, "context.ctx": spec["ctx"], "context.ubatch": spec["ubatch"],
-                                 "moe.mode": point["mode"], "moe.sidecar": spec["sidecar"],
-                                 "moe.slot_bank": point["slot_bank"], "moe.io_threads": spec["io_threads"],
-                                 "moe.prefetch": point.get("prefetch", "none"), "moe.trace": point.get("trace"),
-                                 "moe.prefetch_ranks": point.get("prefetch_ranks"),
-                                 "prefetch.threads": max(1, point.get("prefetch_threads") or 1)})
-    table = read_model_table(model)
-    plan = make_plan(table, budget, ctx=spec["ctx"], ubatch=spec["ubatch"], prefetch=cfg.prefetch, moe=cfg.moe)
-    streams = not plan.fits_entirely and bool(runner.streamed_tensors(plan))
-    ex = runner.Execution(mode=point["mode"], plan=plan if streams else None,
-                          moe=runner.moe_setup_for(cfg, model, plan, table))
-    out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead, resident_bytes=plan.resident_bytes,
-               slot_bank=point["slot_bank"] if point["mode"] == "oracle-all-hit" else ex.moe.slots,
-               bank_slots=ex.moe.slots,
-               moe_prefetch_ranks=ex.moe.prefetch_ranks if ex.moe.prefetch == "router-lookahead" else None,
-               streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token
-               if streams else 0, planned_hit_rate=plan.estimates.expected_hit_rate)
-    return ex
 
 
 if __name__ == "__main__":
