@@ -320,7 +320,7 @@ def sanity_warnings(cfg: "RunConfig") -> list[str]:
 
 
 def settings_from_config(cfg: "RunConfig", log=print) -> GenerationSettings:
-    from orchestrator.models import resolve_model
+    from orchestrator.modelfile.locate import resolve_model
 
     for line in sanity_warnings(cfg):
         log(f"warning: {line}")

@@ -87,8 +87,8 @@ def test_stats_count_the_streamed_bytes(streaming, dense_models):
 
 
 def test_real_model_realigned_is_exact(streaming, tmp_path):
+    from orchestrator.modelfile.locate import default_model_path
     from orchestrator.modelfile.realign import realign
-    from orchestrator.models import default_model_path
 
     aligned = realign(default_model_path(log=lambda m: None), tmp_path / "gemma-4096.gguf", alignment=4096).dst
     plan = _plan(aligned, "min", threads=2, ubatch=32)
@@ -97,7 +97,7 @@ def test_real_model_realigned_is_exact(streaming, tmp_path):
 
 
 def test_unaligned_file_streams_exactly_with_buffered_reads(streaming):
-    from orchestrator.models import default_model_path
+    from orchestrator.modelfile.locate import default_model_path
 
     path = default_model_path(log=lambda m: None)  # 32-aligned as published
     plan = _plan(path, "mid", threads=1, ubatch=8)

@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Dense streaming vs stock mmap (repack off) under each budget, and vs stock resident at full size."""
         from orchestrator import bench
-        from orchestrator.models import check_gguf_file
+        from orchestrator.modelfile.locate import check_gguf_file
         from orchestrator.sizes import parse_size
 
         log = err_console.print if json_out else console.print
@@ -179,7 +179,7 @@ def _moe_model_and_sidecar(model: Path | None, sidecar: Path | None, log) -> tup
     """The MoE model to benchmark (default: the synthetic A3B-shaped one) and its checked sidecar."""
     from orchestrator import runner
     from orchestrator import sidecar as sidecar_mod
-    from orchestrator.models import check_gguf_file
+    from orchestrator.modelfile.locate import check_gguf_file
 
     path = check_gguf_file(model) if model else _synth_model("moe-a3b-12l-q4_0", log)
     sc = sidecar or runner.default_sidecar(path)
