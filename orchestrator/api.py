@@ -186,12 +186,7 @@ class Handle:
         """How this model runs (`Prepared.summary`), the runtime's counters under `runtime` (`stream`: dense
         streaming; `moe`: expert banks, with `hit_rate`), and the last request's timing."""
         out = self.prepared.summary()
-        runtime = self.native_stats()
-        moe = runtime.get("moe")
-        if moe:
-            calls = moe.get("hits", 0) + moe.get("misses", 0)
-            moe["hit_rate"] = moe.get("hits", 0) / calls if calls else None
-        out["runtime"] = runtime
+        out["runtime"] = self.native_stats()
         out["last_request"] = self.last_request
         return out
 

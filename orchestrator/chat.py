@@ -110,8 +110,7 @@ def stats_lines(llm) -> list[str]:
         lines.append(f"streamed {stream['bytes_read'] / 2**20:.1f} MiB so far, waited {stream['wait_seconds']:.2f}s")
     moe = st.get("runtime", {}).get("moe")
     if moe:
-        calls = moe["hits"] + moe["misses"]
-        lines.append(f"expert bank: {st['moe']['slots']} slots, hit rate {moe['hits'] / calls if calls else 0:.1%}, "
+        lines.append(f"expert bank: {st['moe']['slots']} slots, hit rate {moe['hit_rate']:.1%}, "
                      f"{moe['bytes_read'] / 2**20:.1f} MiB read")
     last = st.get("last_request")
     if last:

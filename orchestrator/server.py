@@ -212,8 +212,7 @@ def _runtime_summary(raw: dict[str, Any]) -> dict[str, Any]:
         out["streamed_bytes_read"] = stream.get("bytes_read")
     moe = raw.get("moe")
     if moe:
-        calls = moe.get("hits", 0) + moe.get("misses", 0)
-        out["bank_hit_rate"] = moe.get("hits", 0) / calls if calls else None
+        out["bank_hit_rate"] = moe.get("hit_rate")  # the runtime's own counters
         out["bank_bytes_read"] = moe.get("bytes_read")
     return out
 
