@@ -13,7 +13,7 @@ BACKEND ?= cpu
 # Extra `flashflex build` flags, e.g. BUILD_FLAGS=--amx (not recommended: see flashflex build --help).
 BUILD_FLAGS ?=
 
-.PHONY: demo test lint install venv system-deps native check-patches clean-venv
+.PHONY: demo test lint format-cpp install venv system-deps native check-patches clean-venv
 
 demo: install
 	$(FLASHFLEX) doctor
@@ -26,6 +26,12 @@ test: install
 # Seconds, no build needed: ruff (configured in pyproject.toml). CI runs it before the build.
 lint: python-deps
 	$(PY) -m ruff check .
+
+# Our C++ (patches/llama.cpp/overlay) in llama.cpp's own style: the pinned tree's .clang-format.
+format-cpp: python-deps
+	$(FLASHFLEX) vendor sync
+	$(VENV)/bin/clang-format --style=file:vendor/llama.cpp/.clang-format -i \
+		patches/llama.cpp/overlay/src/*.cpp patches/llama.cpp/overlay/src/*.h patches/llama.cpp/overlay/include/*.h
 
 install: native
 

@@ -2,11 +2,14 @@
 
 Each build is a directory holding an installed `llama_cpp` package (`pip install --no-deps --target DIR
 WHEEL`), put first on PYTHONPATH; an empty path means the build installed in this environment. Every run is
-`flashflex run --json` in its own process, with the model resident (no budget), greedy, a fixed prompt. Runs
-alternate between builds (A B A B ...) so drift on this shared virtual machine hits both alike.
+`flashflex run --json` in its own process, greedy, a fixed prompt: the model resident unless `--run-args` adds
+a budget or a MoE mode. Runs alternate between builds (A B A B ...) so drift on this shared virtual machine hits
+both alike.
 
     python scripts/bench_builds.py --build explicit= --build native=/tmp/native-lcp \\
         --model default --model dense-7b-q4_0 --repeats 3 --out bench-results/builds
+    python scripts/bench_builds.py --build before=/tmp/lcp-before --build after= \\
+        --model dense-7b-q4_0 --run-args "--budget 2GiB" --repeats 3 --out bench-results/split-dense
 
 Writes runs.jsonl and summary.md to --out and prints the table (ratios against the first build).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,7 +46,7 @@ def model_path(name: str) -> str | None:
     return str(path)
 
 
-def one_run(build_dir: str, model: str | None, n: int, threads: int | None) -> dict:
+def one_run(build_dir: str, model: str | None, n: int, threads: int | None, extra: list[str]) -> dict:
     env = dict(os.environ)
     if build_dir:
         env["PYTHONPATH"] = build_dir + os.pathsep + env.get("PYTHONPATH", "")
@@ -51,6 +55,7 @@ def one_run(build_dir: str, model: str | None, n: int, threads: int | None) -> d
         cmd += ["-m", model]
     if threads:
         cmd += ["-t", str(threads)]
+    cmd += extra
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"ok": False, "rc": proc.returncode, "error": proc.stderr.strip().splitlines()[-1:] or ["?"]}
@@ -66,10 +71,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("-n", type=int, default=32, help="tokens to generate per run")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--run-args", default="", help="more `flashflex run` flags, e.g. \"--budget 2GiB\"")
     ap.add_argument("--out", type=Path, default=Path("bench-results/builds"))
     args = ap.parse_args()
     builds = [tuple(b.split("=", 1)) for b in args.build]
     models = args.model or ["default"]
+    extra = shlex.split(args.run_args)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(args.out / "runs.jsonl", "w") as log:
@@ -77,7 +84,8 @@ def main() -> int:
             path = model_path(name)
             for rep in range(args.repeats):
                 for label, build_dir in builds:
-                    r = {"model": name, "build": label, "repeat": rep, **one_run(build_dir, path, args.n, args.threads)}
+                    run = one_run(build_dir, path, args.n, args.threads, extra)
+                    r = {"model": name, "build": label, "repeat": rep, **run}
                     print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), file=sys.stderr)
                     log.write(json.dumps(r) + "\n")
                     rows.append(r)

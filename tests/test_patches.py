@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,19 @@ def test_series_holds_only_call_sites_in_upstream_files(synced_vendor):
     assert 0 < changed <= 300
     owned = patches.overlay_files(REPO)
     assert Path("include/llama-flashflex.h") in owned and Path("src/flashflex.cmake") in owned
+
+
+def test_owned_sources_follow_the_pinned_clang_format(synced_vendor):
+    """Our C++ reads like the tree it is compiled into: formatted with the pinned llama.cpp's .clang-format
+    (fix: make format-cpp)."""
+    exe = shutil.which("clang-format", path=str(Path(sys.executable).parent)) or shutil.which("clang-format")
+    if exe is None:
+        pytest.skip("clang-format is not installed (pip install -e '.[test]')")
+    sources = [patches.overlay_dir(REPO) / p for p in patches.overlay_files(REPO) if p.suffix in (".cpp", ".h")]
+    assert len(sources) >= 10
+    style = f"--style=file:{synced_vendor / '.clang-format'}"
+    out = subprocess.run([exe, style, "--dry-run", "--Werror", *map(str, sources)], capture_output=True, text=True)
+    assert out.returncode == 0, f"not in llama.cpp's style (run make format-cpp):\n{out.stderr[:3000]}"
 
 
 def test_series_hash_covers_the_owned_sources(sandbox):

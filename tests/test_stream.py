@@ -151,3 +151,33 @@ def test_file_shrinking_mid_run_ends_with_an_error(streaming, dense_models, tmp_
         assert "ended early" in native.model_error(llm.model)
     finally:
         llm.close()
+
+
+def test_a_second_context_on_a_streamed_model_is_refused(streaming, dense_models):
+    """The ring belongs to the model and decoding changes it: a second context on the same model would evict the
+    layers the first computes with, so llama.cpp refuses to create it, with the reason; once the first context is
+    freed, the model serves a new one. A stock model keeps any number of contexts."""
+    import llama_cpp
+
+    def new_context(model):
+        return llama_cpp.llama_init_from_model(model, llama_cpp.llama_context_default_params())
+
+    path = dense_models["q8_0"]
+    llm = runner.open_model(_settings(path, 32), _plan(path, "min", threads=1, ubatch=32))
+    try:
+        assert not new_context(llm.model)
+        assert "serves one context at a time" in native.last_error()
+        llm._ctx.close()  # the Llama's own context
+        second = new_context(llm.model)
+        assert second
+        llama_cpp.llama_free(second)
+    finally:
+        llm.close()
+
+    stock = runner.open_model(_settings(path, 32), None)
+    try:
+        extra = new_context(stock.model)
+        assert extra
+        llama_cpp.llama_free(extra)
+    finally:
+        stock.close()

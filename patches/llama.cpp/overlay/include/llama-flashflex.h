@@ -47,20 +47,25 @@ LLAMA_API int32_t llama_flashflex_config_set(int32_t config, const char * key, i
 LLAMA_API int32_t llama_flashflex_config_add_file(int32_t config, const char * path);
 // Stream this tensor instead of loading it. offset/nbytes are its data range in that file; the load
 // checks them against the GGUF and fails when they differ (a plan made for another file).
-LLAMA_API int32_t llama_flashflex_config_stream_tensor(int32_t config, const char * name, int32_t file,
-                                                      uint64_t offset, uint64_t nbytes);
+LLAMA_API int32_t
+llama_flashflex_config_stream_tensor(int32_t config, const char * name, int32_t file, uint64_t offset, uint64_t nbytes);
 // MoE expert slot banks (Flash-MoE-style): bank this routed-expert tensor ([ne0, ne1, n_expert]). Its experts
 // are read from a sidecar file registered with llama_flashflex_config_add_file: expert e is bytes_per_expert
 // bytes at offset + e * expert_stride (offset and stride multiples of 4096). The load checks the shape and
 // size against the model and fails on a mismatch (a sidecar of another model).
-LLAMA_API int32_t llama_flashflex_config_bank_tensor(int32_t config, const char * name, int32_t file,
-                                                    uint64_t offset, uint64_t expert_stride,
-                                                    uint64_t bytes_per_expert);
+LLAMA_API int32_t llama_flashflex_config_bank_tensor(int32_t      config,
+                                                     const char * name,
+                                                     int32_t      file,
+                                                     uint64_t     offset,
+                                                     uint64_t     expert_stride,
+                                                     uint64_t     bytes_per_expert);
 // API 5: the per-expert checksums of a banked tensor (n_experts values, see flashflex's sidecar format): with the
 // int option "moe_verify" = 1 every expert read from the sidecar is checked against its checksum, and a mismatch
 // fails the model with the layer, tensor and expert named (bit rot, or a layer file changed behind the manifest).
-LLAMA_API int32_t llama_flashflex_config_bank_checksums(int32_t config, const char * name, const uint64_t * checksums,
-                                                       size_t n_experts);
+LLAMA_API int32_t llama_flashflex_config_bank_checksums(int32_t          config,
+                                                        const char *     name,
+                                                        const uint64_t * checksums,
+                                                        size_t           n_experts);
 // Set a string option (API 3): "moe_trace" = a file to append one JSON line per routed layer call to
 // (sequence number, ubatch, layer, tokens, experts per token, expert ids, slot ids, hit per id; the caller
 // writes the header line), "moe_prefetch" = the expert prefetch policy: "none", "router-lookahead" (while
@@ -81,23 +86,23 @@ LLAMA_API const char * llama_flashflex_last_error(void);
 
 // Statistics of a model loaded with a configuration, as a JSON object written into buf (NUL-terminated,
 // truncated to buf_size). Returns the full length, or -1 when the model has no flashflex configuration.
-LLAMA_API int32_t llama_flashflex_model_stats(const struct llama_model * model, char * buf, size_t buf_size);
+LLAMA_API int32_t      llama_flashflex_model_stats(const struct llama_model * model, char * buf, size_t buf_size);
 // Zero the model's counters (e.g. between the prompt and the decode phase).
-LLAMA_API void    llama_flashflex_model_stats_reset(const struct llama_model * model);
+LLAMA_API void         llama_flashflex_model_stats_reset(const struct llama_model * model);
 // Expert-bank statistics of a model loaded with banked tensors, as JSON (same conventions as
 // llama_flashflex_model_stats): hits, misses, hit rate, bytes read, read and install seconds, total and per
 // layer. Returns -1 when the model has no banks.
-LLAMA_API int32_t llama_flashflex_moe_stats(const struct llama_model * model, char * buf, size_t buf_size);
-LLAMA_API void    llama_flashflex_moe_stats_reset(const struct llama_model * model);
+LLAMA_API int32_t      llama_flashflex_moe_stats(const struct llama_model * model, char * buf, size_t buf_size);
+LLAMA_API void         llama_flashflex_moe_stats_reset(const struct llama_model * model);
 // The model's runtime error (I/O failure, file changed), or NULL when none.
 LLAMA_API const char * llama_flashflex_model_error(const struct llama_model * model);
 // An abort callback for llama_set_abort_callback(ctx, llama_flashflex_abort_callback, model): aborts the
 // graph when the model's streaming or expert reads failed, so llama_decode returns an error instead of using bad data,
 // or when an interrupt was requested (any model, also one loaded without a flashflex configuration).
-LLAMA_API bool    llama_flashflex_abort_callback(void * model);
+LLAMA_API bool         llama_flashflex_abort_callback(void * model);
 // API 4: request (on = true) or clear an interrupt: every llama_decode whose context uses the callback above
 // stops at its next graph node. Process-wide, like the SIGINT it is meant for; clear it before the next run.
-LLAMA_API void    llama_flashflex_interrupt(bool on);
+LLAMA_API void         llama_flashflex_interrupt(bool on);
 
 #ifdef __cplusplus
 }

@@ -5,15 +5,33 @@
 
 set(FLASHFLEX_SERIES_HASH "" CACHE STRING "flashflex: hash of the patch series this tree was built from")
 
+# One file per concern (docs/architecture.md): build info and C API entry points, configurations, call sites,
+# shared I/O, JSON, dense streaming, the expert bank, its prefetch policies, trace replay, the trace writer.
 set(FLASHFLEX_SOURCES
     llama-flashflex.cpp
     llama-flashflex-config.cpp
+    llama-flashflex-hooks.cpp
+    llama-flashflex-io.cpp
+    llama-flashflex-json.cpp
     llama-flashflex-stream.cpp
-    llama-flashflex-moe.cpp
+    llama-flashflex-bank.cpp
+    llama-flashflex-bank-prefetch.cpp
+    llama-flashflex-replay.cpp
+    llama-flashflex-trace.cpp
+)
+set(FLASHFLEX_HEADERS
+    ../include/llama-flashflex.h
+    llama-flashflex-internal.h
+    llama-flashflex-runtime.h
+    llama-flashflex-config.h
+    llama-flashflex-io.h
+    llama-flashflex-json.h
+    llama-flashflex-bank.h
+    llama-flashflex-replay.h
+    llama-flashflex-trace.h
 )
 
-target_sources(llama PRIVATE ${FLASHFLEX_SOURCES} ../include/llama-flashflex.h llama-flashflex-internal.h
-               llama-flashflex-runtime.h)
+target_sources(llama PRIVATE ${FLASHFLEX_SOURCES} ${FLASHFLEX_HEADERS})
 set_source_files_properties(${FLASHFLEX_SOURCES} PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
 
 if (FLASHFLEX_SERIES_HASH)

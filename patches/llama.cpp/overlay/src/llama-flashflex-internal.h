@@ -7,6 +7,7 @@
 
 struct ggml_context;
 struct ggml_tensor;
+struct llama_context;
 struct llama_model;
 struct llama_model_loader;
 
@@ -22,11 +23,17 @@ bool llama_flashflex_ctx_is_placed(const llama_model & model, ggml_context * ctx
 // ~llama_model: stops the model's prefetch threads and frees its buffers.
 void llama_flashflex_on_model_free(const llama_model * model);
 
+// llama_context::llama_context, last: a model that streams weights or banks experts serves one context at a time
+// (its runtime state belongs to the model and decoding changes it); throws std::runtime_error for a second one.
+void llama_flashflex_on_context_created(const llama_model & model, const llama_context * ctx);
+// ~llama_context: the model may serve another context.
+void llama_flashflex_on_context_free(const llama_model & model, const llama_context * ctx);
+
 // llama_model::build_graph: marks the model whose graph is being built on this thread.
 struct llama_flashflex_graph_scope {
     explicit llama_flashflex_graph_scope(const llama_model * model);
     ~llama_flashflex_graph_scope();
-    llama_flashflex_graph_scope(const llama_flashflex_graph_scope &) = delete;
+    llama_flashflex_graph_scope(const llama_flashflex_graph_scope &)             = delete;
     llama_flashflex_graph_scope & operator=(const llama_flashflex_graph_scope &) = delete;
 };
 

@@ -15,23 +15,21 @@
 // - Failure: a read error marks the model failed; the boundary stops waiting, and the abort callback
 //   (llama_flashflex_abort_callback) makes llama_decode return an error instead of computing on bad data.
 
-#include "llama-flashflex.h"
-#include "llama-flashflex-internal.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "llama-flashflex-io.h"
+#include "llama-flashflex-json.h"
 #include "llama-flashflex-runtime.h"
-
+#include "llama-flashflex.h"
 #include "llama-impl.h"
 #include "llama-model-loader.h"
 #include "llama-model.h"
 
-#include "ggml-backend.h"
-#include "ggml.h"
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <chrono>
-#include <condition_variable>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -41,118 +39,87 @@
 #include <set>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <vector>
-
-#include <fcntl.h>
-#include <unistd.h>
 
 using namespace flashflex;
 
 namespace {
 
-constexpr size_t k_chunk = 4u << 20;     // one read job moves at most this many bytes
+constexpr size_t k_chunk = 4u << 20;  // one read job moves at most this many bytes
 
 // ---------------------------------------------------------------------------------------------------------
 // Per-model runtime.
 
 struct stream_tensor {
     ggml_tensor * t;
-    int       file;
-    uint64_t  read_off;  // file offset of the aligned superset
-    size_t    read_len;  // its length (multiple of 4096)
-    size_t    head;      // the tensor starts this many bytes into the superset
-    size_t    nbytes;
-    bool      staged;    // read into staging, then ggml_backend_tensor_set (repacked layout)
-    uint8_t * home;      // direct tensors: where the superset is read to
+    int           file;
+    uint64_t      read_off;  // file offset of the aligned superset
+    size_t        read_len;  // its length (multiple of 4096)
+    size_t        head;      // the tensor starts this many bytes into the superset
+    size_t        nbytes;
+    bool          staged;    // read into staging, then ggml_backend_tensor_set (repacked layout)
+    uint8_t *     home;      // direct tensors: where the superset is read to
 };
 
 struct stream_layer {
-    int layer;
+    int                        layer;
     std::vector<stream_tensor> tensors;
-    size_t bytes = 0;
+    size_t                     bytes = 0;
 };
 
 struct slot {
-    int      layer   = -1;   // streamed-layer index whose bytes are (being) placed here
-    uint64_t gen     = 0;    // bumped on every new load, so stale jobs are dropped
-    int      pending = 0;    // jobs not finished for this gen
+    int      layer   = -1;  // streamed-layer index whose bytes are (being) placed here
+    uint64_t gen     = 0;   // bumped on every new load, so stale jobs are dropped
+    int      pending = 0;   // jobs not finished for this gen
     bool     ready   = false;
     bool     in_use  = false;
 };
 
-struct job {
-    int      slot;
-    uint64_t gen;
-    int      li;       // streamed-layer index
-    int      ti;       // tensor index in that layer
-    size_t   begin;    // byte range of the superset (direct tensors); whole tensor when staged
-    size_t   end;
-};
-
 struct boundary {
     struct stream_state * st;
-    int il_done;
+    int                   il_done;
 };
 
 struct stream_state {
-    config cfg;
-    int    n_layer = 0;
-    std::vector<stream_layer> layers;     // streamed layers in order
-    std::vector<int>          li_of;      // model layer -> streamed-layer index, -1 if it streams nothing
+    config                    cfg;
+    int                       n_layer = 0;
+    std::vector<stream_layer> layers;  // streamed layers in order
+    std::vector<int>          li_of;   // model layer -> streamed-layer index, -1 if it streams nothing
     std::vector<open_file>    files;
-    bool direct = false;
+    bool                      direct = false;
 
     // ring memory
-    void * ring_plain = nullptr;
-    ggml_backend_buffer_t buf_plain = nullptr;
+    void *                             ring_plain = nullptr;
+    ggml_backend_buffer_t              buf_plain  = nullptr;
     std::vector<ggml_backend_buffer_t> bufs_staged;
-    size_t ring_bytes = 0;
-    size_t staging_bytes = 0;
+    size_t                             ring_bytes    = 0;
+    size_t                             staging_bytes = 0;
 
-    // slots and jobs
-    std::mutex mtx;
-    std::condition_variable cv_ready;     // compute waits for a slot
-    std::condition_variable cv_jobs;      // workers wait for jobs
+    // slots (guarded by pool.mutex()) and the prefetch threads that fill them
+    io_pool           pool;
     std::vector<slot> slots;
-    std::deque<job> jobs;
-    std::vector<std::thread> workers;
-    bool stopping = false;
-    void * sync_staging = nullptr;        // staging for synchronous reads (-tp 0)
+    void *            sync_staging = nullptr;  // staging for synchronous reads (-tp 0)
 
     // graph boundaries
-    std::deque<boundary> boundaries;      // stable addresses for graph userdata
-    std::vector<bool> seen_after;         // boundary after layer il seen in the graph being built
-    bool seen_input = false;
+    std::deque<boundary> boundaries;  // stable addresses for graph userdata
+    std::vector<bool>    seen_after;  // boundary after layer il seen in the graph being built
+    bool                 seen_input = false;
 
-    // failure
-    std::atomic<bool> failed{false};
-    std::string error;                    // guarded by mtx
+    failure failed;
 
     // stats
-    std::atomic<uint64_t> bytes_read{0};
-    std::atomic<int64_t>  read_ns{0};
-    std::atomic<int64_t>  wait_ns{0};
-    std::atomic<uint64_t> layer_loads{0};
-    std::atomic<uint64_t> layer_waits{0};
-    std::atomic<uint64_t> acquires{0};
+    std::atomic<uint64_t> bytes_read{ 0 };
+    std::atomic<int64_t>  read_ns{ 0 };
+    std::atomic<int64_t>  wait_ns{ 0 };
+    std::atomic<uint64_t> layer_loads{ 0 };
+    std::atomic<uint64_t> layer_waits{ 0 };
+    std::atomic<uint64_t> acquires{ 0 };
 
     ~stream_state() { stop(); }
 
     void stop() {
-        {
-            std::lock_guard<std::mutex> lk(mtx);
-            stopping = true;
-        }
-        cv_jobs.notify_all();
-        cv_ready.notify_all();
-        for (auto & w : workers) {
-            if (w.joinable()) {
-                w.join();
-            }
-        }
-        workers.clear();
+        pool.stop();
         close_files(files);
         if (buf_plain) {
             ggml_backend_buffer_free(buf_plain);
@@ -169,42 +136,31 @@ struct stream_state {
     }
 
     int window() const { return (int) slots.size(); }
+
     int slot_of(int li) const { return li % window(); }
 
+    // Never called with pool.mutex() held: it takes the lock, so a compute thread that is about to wait for a
+    // slot cannot miss the wake-up.
     void fail(const std::string & msg) {
         {
-            std::lock_guard<std::mutex> lk(mtx);
-            if (error.empty()) {
-                error = msg;
-            }
+            std::lock_guard<std::mutex> lk(pool.mutex());
+            failed.set(msg);
         }
-        failed.store(true);
-        LLAMA_LOG_ERROR("flashflex: %s\n", msg.c_str());
-        cv_ready.notify_all();
+        pool.done_cv().notify_all();
     }
 
     // Read [begin, end) of tensor ti's superset of streamed layer li (direct), or the whole tensor (staged).
     void read_range(int li, int ti, size_t begin, size_t end, void * staging) {
-        const stream_tensor & st = layers[li].tensors[ti];
-        uint8_t * dst = st.staged ? (uint8_t *) staging : st.home;
-        const int fd = files[st.file].fd;
-        const int64_t t0 = now_ns();
-        size_t done = begin;
-        while (done < end) {
-            const ssize_t n = pread(fd, dst + done, end - done, (off_t) (st.read_off + done));
-            if (n < 0) {
-                if (errno == EINTR) {
-                    continue;
-                }
-                fail(format("reading %s from %s failed: %s", ggml_get_name(st.t), files[st.file].path.c_str(),
-                            strerror(errno)));
-                return;
-            }
-            if (n == 0) {
-                break; // end of file: fine once the tensor itself is covered
-            }
-            done += (size_t) n;
+        const stream_tensor & st  = layers[li].tensors[ti];
+        uint8_t *             dst = st.staged ? (uint8_t *) staging : st.home;
+        const int64_t         t0  = now_ns();
+        const long long       n   = pread_full(files[st.file].fd, dst + begin, end - begin, st.read_off + begin);
+        if (n < 0) {
+            fail(format("reading %s from %s failed: %s", ggml_get_name(st.t), files[st.file].path.c_str(),
+                        strerror(errno)));
+            return;
         }
+        const size_t done = begin + (size_t) n;  // short only at the end of the file
         // The superset may run past the end of the file; the tensor bytes may not.
         if (done < std::min(end, st.head + st.nbytes)) {
             fail(format("%s ended early while reading %s (the file shrank or changed since the plan was made)",
@@ -218,18 +174,18 @@ struct stream_state {
         read_ns.fetch_add(now_ns() - t0);
     }
 
-    // Queue (or, without threads, perform) the reads of streamed layer li into its slot. mtx is held.
+    // Queue (or, without threads, perform) the reads of streamed layer li into its slot. pool.mutex() is held.
     void start_load(int li, std::unique_lock<std::mutex> & lk) {
         slot & s = slots[slot_of(li)];
-        s.layer = li;
+        s.layer  = li;
         s.gen++;
-        s.ready = false;
+        s.ready   = false;
         s.pending = 0;
         layer_loads.fetch_add(1);
         const stream_layer & L = layers[li];
-        if (workers.empty()) {
+        if (pool.threads() == 0) {
             lk.unlock();
-            for (size_t ti = 0; ti < L.tensors.size() && !failed.load(); ++ti) {
+            for (size_t ti = 0; ti < L.tensors.size() && !failed.is_set(); ++ti) {
                 read_range(li, (int) ti, 0, L.tensors[ti].read_len, sync_staging);
             }
             lk.lock();
@@ -237,68 +193,50 @@ struct stream_state {
             return;
         }
         for (size_t ti = 0; ti < L.tensors.size(); ++ti) {
-            const stream_tensor & st = L.tensors[ti];
-            if (st.staged) {
-                jobs.push_back({slot_of(li), s.gen, li, (int) ti, 0, st.read_len});
-                s.pending++;
-                continue;
-            }
-            for (size_t b = 0; b < st.read_len; b += k_chunk) {
-                jobs.push_back({slot_of(li), s.gen, li, (int) ti, b, std::min(st.read_len, b + k_chunk)});
+            const stream_tensor & st   = L.tensors[ti];
+            // a staged tensor is one job (its staging buffer holds it whole); a direct one, chunks of k_chunk
+            const size_t          step = st.staged ? st.read_len : k_chunk;
+            for (size_t b = 0; b < st.read_len; b += step) {
+                queue_read(slot_of(li), s.gen, li, (int) ti, b, std::min(st.read_len, b + step));
                 s.pending++;
             }
         }
         if (s.pending == 0) {
             s.ready = true;
         }
-        cv_jobs.notify_all();
+        pool.wake();
     }
 
-    void worker_main() {
-        void * staging = nullptr;
-        if (staging_bytes > 0 && posix_memalign(&staging, k_page, staging_bytes) != 0) {
-            fail("out of memory for a prefetch staging buffer");
-            return;
-        }
-        std::unique_lock<std::mutex> lk(mtx);
-        while (true) {
-            cv_jobs.wait(lk, [&] { return stopping || !jobs.empty(); });
-            if (stopping) {
-                break;
-            }
-            job j = jobs.front();
-            jobs.pop_front();
-            const bool stale = slots[j.slot].gen != j.gen;
-            if (!stale && !failed.load()) {
-                lk.unlock();
-                read_range(j.li, j.ti, j.begin, j.end, staging);
-                lk.lock();
-            }
-            slot & s = slots[j.slot];
-            if (s.gen == j.gen && --s.pending == 0) {
-                s.ready = true;
-                cv_ready.notify_all();
-            }
-        }
-        lk.unlock();
-        free(staging);
+    // One read job into slot sl for its load `gen`: dropped when the slot has moved on to another load.
+    void queue_read(int sl, uint64_t gen, int li, int ti, size_t begin, size_t end) {
+        pool.push({
+            [this, sl, gen] { return slots[sl].gen == gen; },
+            [this, li, ti, begin, end](void * staging) { read_range(li, ti, begin, end, staging); },
+            [this, sl, gen] {
+                slot & s = slots[sl];
+                if (s.gen == gen && --s.pending == 0) {
+                    s.ready = true;
+                }
+            },
+        });
     }
 
     // Compute thread: make streamed layer li's bytes available, then queue the next layers' reads.
     void acquire(int li) {
         acquires.fetch_add(1);
-        std::unique_lock<std::mutex> lk(mtx);
-        slot & s = slots[slot_of(li)];
+        std::unique_lock<std::mutex> lk(pool.mutex());
+        auto &                       cv = pool.done_cv();
+        slot &                       s  = slots[slot_of(li)];
         if (!(s.layer == li && s.in_use)) {
             if (s.layer != li) {
                 // the slot still holds (or loads) another layer: let its in-flight jobs drain, then load ours
-                cv_ready.wait(lk, [&] { return s.pending == 0 || failed.load() || stopping; });
+                cv.wait(lk, [&] { return s.pending == 0 || failed.is_set() || pool.stopping(); });
                 start_load(li, lk);
             }
-            if (!s.ready && !failed.load()) {
+            if (!s.ready && !failed.is_set()) {
                 layer_waits.fetch_add(1);
                 const int64_t t0 = now_ns();
-                cv_ready.wait(lk, [&] { return (s.layer == li && s.ready) || failed.load() || stopping; });
+                cv.wait(lk, [&] { return (s.layer == li && s.ready) || failed.is_set() || pool.stopping(); });
                 wait_ns.fetch_add(now_ns() - t0);
             }
             s.in_use = true;
@@ -307,8 +245,8 @@ struct stream_state {
         const int n = (int) layers.size();
         for (int k = 1; k < std::min(window(), n); ++k) {
             const int next = (li + k) % n;
-            slot & ns = slots[slot_of(next)];
-            if (ns.in_use || ns.layer == next || ns.pending > 0 || workers.empty()) {
+            slot &    ns   = slots[slot_of(next)];
+            if (ns.in_use || ns.layer == next || ns.pending > 0 || pool.threads() == 0) {
                 continue;
             }
             start_load(next, lk);
@@ -316,16 +254,16 @@ struct stream_state {
     }
 
     void release(int li) {
-        std::lock_guard<std::mutex> lk(mtx);
-        slot & s = slots[slot_of(li)];
+        std::lock_guard<std::mutex> lk(pool.mutex());
+        slot &                      s = slots[slot_of(li)];
         if (s.layer == li) {
             s.in_use = false;
         }
     }
 
     void on_boundary(int il_done) {
-        if (failed.load()) {
-            return; // the abort callback ends the graph; never block on a failed model
+        if (failed.is_set()) {
+            return;  // the abort callback ends the graph; never block on a failed model
         }
         if (il_done >= 0 && il_done < n_layer && li_of[il_done] >= 0) {
             release(li_of[il_done]);
@@ -337,19 +275,18 @@ struct stream_state {
     }
 };
 
-std::mutex g_models_mutex;
-std::unordered_map<const llama_model *, std::unique_ptr<stream_state>> g_models;
+model_registry<stream_state> g_models;
 
 stream_state * find_state(const llama_model * model) {
-    std::lock_guard<std::mutex> lk(g_models_mutex);
-    auto it = g_models.find(model);
-    return it == g_models.end() ? nullptr : it->second.get();
+    return g_models.find(model);
 }
 
 thread_local stream_state * g_building = nullptr;
 
 void boundary_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void * userdata) {
-    (void) dst; (void) a; (void) nth;
+    (void) dst;
+    (void) a;
+    (void) nth;
     if (ith != 0) {
         return;
     }
@@ -357,7 +294,7 @@ void boundary_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, voi
     b->st->on_boundary(b->il_done);
 }
 
-} // namespace
+}  // namespace
 
 // -------------------------------------------------------------------------------------------------------------
 // Public C API
@@ -367,27 +304,26 @@ int32_t llama_flashflex_model_stats(const llama_model * model, char * buf, size_
     if (!st) {
         return -1;
     }
-    std::string err;
-    {
-        std::lock_guard<std::mutex> lk(st->mtx);
-        err = st->error;
-    }
     size_t n_tensors = 0;
     for (const auto & L : st->layers) {
         n_tensors += L.tensors.size();
     }
-    std::string out = format(
-        "{\"streamed_layers\": %zu, \"streamed_tensors\": %zu, \"window\": %d, \"prefetch_threads\": %d, "
-        "\"direct_io\": %s, \"ring_bytes\": %zu, \"staging_bytes\": %zu, \"bytes_read\": %llu, "
-        "\"read_seconds\": %.6f, \"wait_seconds\": %.6f, \"layer_loads\": %llu, \"layer_waits\": %llu, "
-        "\"acquires\": %llu, \"error\": ",
-        st->layers.size(), n_tensors, st->window(), (int) st->workers.size(), st->direct ? "true" : "false",
-        st->ring_bytes, st->staging_bytes * std::max<size_t>(1, st->workers.size()),
-        (unsigned long long) st->bytes_read.load(), st->read_ns.load() / 1e9, st->wait_ns.load() / 1e9,
-        (unsigned long long) st->layer_loads.load(), (unsigned long long) st->layer_waits.load(),
-        (unsigned long long) st->acquires.load());
-    out += (err.empty() ? std::string("null") : json_escape(err)) + "}";
-    return write_c_string(out, buf, buf_size);
+    json_object out;
+    out.add("streamed_layers", st->layers.size())
+        .add("streamed_tensors", n_tensors)
+        .add("window", st->window())
+        .add("prefetch_threads", st->pool.threads())
+        .add("direct_io", st->direct)
+        .add("ring_bytes", st->ring_bytes)
+        .add("staging_bytes", st->staging_bytes * std::max<size_t>(1, st->pool.threads()))
+        .add("bytes_read", st->bytes_read.load())
+        .add("read_seconds", st->read_ns.load() / 1e9)
+        .add("wait_seconds", st->wait_ns.load() / 1e9)
+        .add("layer_loads", st->layer_loads.load())
+        .add("layer_waits", st->layer_waits.load())
+        .add("acquires", st->acquires.load())
+        .add_or_null("error", st->failed.message());
+    return write_c_string(out.str(), buf, buf_size);
 }
 
 void llama_flashflex_model_stats_reset(const llama_model * model) {
@@ -395,12 +331,12 @@ void llama_flashflex_model_stats_reset(const llama_model * model) {
     if (!st) {
         return;
     }
-    st->bytes_read = 0;
-    st->read_ns = 0;
-    st->wait_ns = 0;
+    st->bytes_read  = 0;
+    st->read_ns     = 0;
+    st->wait_ns     = 0;
     st->layer_loads = 0;
     st->layer_waits = 0;
-    st->acquires = 0;
+    st->acquires    = 0;
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -408,53 +344,58 @@ void llama_flashflex_model_stats_reset(const llama_model * model) {
 
 void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml, const config & cfg) {
     {
-        auto st = std::make_unique<stream_state>();
-        st->cfg = cfg;
+        auto st     = std::make_unique<stream_state>();
+        st->cfg     = cfg;
         st->n_layer = (int) model.hparams.n_layer();
         st->li_of.assign(st->n_layer, -1);
         st->seen_after.assign(st->n_layer, false);
 
         // which context (buffer type) the loader put each tensor in
         std::unordered_map<std::string, std::pair<ggml_tensor *, ggml_backend_buffer_type_t>> model_tensors;
-        std::unordered_map<std::string, ggml_context *> ctx_of;
+        std::unordered_map<std::string, ggml_context *>                                       ctx_of;
         for (auto & [key, ctx_ptr] : ml.ctx_map) {
-            for (ggml_tensor * t = ggml_get_first_tensor(ctx_ptr.get()); t; t = ggml_get_next_tensor(ctx_ptr.get(), t)) {
-                model_tensors[ggml_get_name(t)] = {t, key.buft};
-                ctx_of[ggml_get_name(t)] = ctx_ptr.get();
+            for (ggml_tensor * t = ggml_get_first_tensor(ctx_ptr.get()); t;
+                 t               = ggml_get_next_tensor(ctx_ptr.get(), t)) {
+                model_tensors[ggml_get_name(t)] = { t, key.buft };
+                ctx_of[ggml_get_name(t)]        = ctx_ptr.get();
             }
         }
 
         // validate the plan against the file and group tensors by layer
         std::map<int, std::vector<stream_tensor>> by_layer;
-        std::set<std::string> streamed_names;
-        std::set<ggml_backend_buffer_type_t> staged_bufts;
+        std::set<std::string>                     streamed_names;
+        std::set<ggml_backend_buffer_type_t>      staged_bufts;
         for (const auto & ct : st->cfg.tensors) {
-            auto w = ml.weights_map.find(ct.name);
+            auto w  = ml.weights_map.find(ct.name);
             auto mt = model_tensors.find(ct.name);
             if (w == ml.weights_map.end() || mt == model_tensors.end()) {
-                throw std::runtime_error(format("flashflex: the plan streams %s, which this model does not have "
-                                                "(a plan made for another model?)", ct.name.c_str()));
+                throw std::runtime_error(
+                    format("flashflex: the plan streams %s, which this model does not have "
+                           "(a plan made for another model?)",
+                           ct.name.c_str()));
             }
             ggml_tensor * t = mt->second.first;
             if (w->second.idx != ct.file || w->second.offs != ct.offset || ggml_nbytes(t) != ct.nbytes) {
-                throw std::runtime_error(format("flashflex: the plan places %s at file %d offset %llu (%llu bytes) but "
-                                                "the model has it at file %d offset %zu (%zu bytes): re-plan this file",
-                                                ct.name.c_str(), ct.file, (unsigned long long) ct.offset,
-                                                (unsigned long long) ct.nbytes, (int) w->second.idx, w->second.offs,
-                                                ggml_nbytes(t)));
+                throw std::runtime_error(
+                    format("flashflex: the plan places %s at file %d offset %llu (%llu bytes) but "
+                           "the model has it at file %d offset %zu (%zu bytes): re-plan this file",
+                           ct.name.c_str(), ct.file, (unsigned long long) ct.offset, (unsigned long long) ct.nbytes,
+                           (int) w->second.idx, w->second.offs, ggml_nbytes(t)));
             }
             const int il = layer_of(ct.name);
             if (il < 0 || il >= st->n_layer) {
-                throw std::runtime_error(format("flashflex: only per-layer tensors can stream, not %s", ct.name.c_str()));
+                throw std::runtime_error(
+                    format("flashflex: only per-layer tensors can stream, not %s", ct.name.c_str()));
             }
             if (!streamed_names.insert(ct.name).second) {
                 throw std::runtime_error(format("flashflex: the plan streams %s twice", ct.name.c_str()));
             }
             ggml_backend_buffer_type_t buft = mt->second.second;
-            ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+            ggml_backend_dev_t         dev  = ggml_backend_buft_get_device(buft);
             if (dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
-                throw std::runtime_error(format("flashflex: %s is placed on %s; dense streaming supports CPU weights only",
-                                                ct.name.c_str(), ggml_backend_buft_name(buft)));
+                throw std::runtime_error(
+                    format("flashflex: %s is placed on %s; dense streaming supports CPU weights only", ct.name.c_str(),
+                           ggml_backend_buft_name(buft)));
             }
             stream_tensor s{};
             s.t        = t;
@@ -471,7 +412,7 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
         }
         for (auto & [il, tensors] : by_layer) {
             stream_layer L;
-            L.layer = il;
+            L.layer   = il;
             L.tensors = std::move(tensors);
             for (const auto & s : L.tensors) {
                 L.bytes += s.nbytes;
@@ -485,11 +426,11 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
 
         // slot layout: per layer, direct tensors at page-aligned offsets of the plain ring; staged tensors at
         // offsets of a ring of their own buffer type. A slot is as large as its largest layer needs.
-        size_t slot_plain = 0;
+        size_t                                       slot_plain = 0;
         std::map<ggml_backend_buffer_type_t, size_t> slot_staged;
-        std::vector<std::vector<size_t>> offs(st->layers.size());
+        std::vector<std::vector<size_t>>             offs(st->layers.size());
         for (size_t li = 0; li < st->layers.size(); ++li) {
-            size_t cur_plain = 0;
+            size_t                                       cur_plain = 0;
             std::map<ggml_backend_buffer_type_t, size_t> cur_staged;
             for (auto & s : st->layers[li].tensors) {
                 if (!s.staged) {
@@ -497,9 +438,9 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
                     cur_plain += s.read_len;
                 } else {
                     ggml_backend_buffer_type_t buft = model_tensors[ggml_get_name(s.t)].second;
-                    const size_t a = ggml_backend_buft_get_alignment(buft);
-                    size_t & c = cur_staged[buft];
-                    c = align_up(c, std::max<size_t>(a, 64));
+                    const size_t               a    = ggml_backend_buft_get_alignment(buft);
+                    size_t &                   c    = cur_staged[buft];
+                    c                               = align_up(c, std::max<size_t>(a, 64));
                     offs[li].push_back(c);
                     c += ggml_backend_buft_get_alloc_size(buft, s.t);
                     st->staging_bytes = std::max(st->staging_bytes, s.read_len);
@@ -512,7 +453,8 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
         }
         if (slot_plain > 0) {
             if (posix_memalign(&st->ring_plain, k_page, slot_plain * W) != 0) {
-                throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte streaming ring", slot_plain * W));
+                throw std::runtime_error(
+                    format("flashflex: cannot allocate the %zu-byte streaming ring", slot_plain * W));
             }
             st->buf_plain = ggml_backend_cpu_buffer_from_ptr(st->ring_plain, slot_plain * W);
             ggml_backend_buffer_set_usage(st->buf_plain, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
@@ -522,8 +464,8 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
         for (auto & [b, size] : slot_staged) {
             ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(b, size * W);
             if (!buf) {
-                throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte %s streaming ring",
-                                                size * W, ggml_backend_buft_name(b)));
+                throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte %s streaming ring", size * W,
+                                                ggml_backend_buft_name(b)));
             }
             ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
             staged_buf[b] = buf;
@@ -533,20 +475,21 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
         for (size_t li = 0; li < st->layers.size(); ++li) {
             const int sl = (int) li % W;
             for (size_t ti = 0; ti < st->layers[li].tensors.size(); ++ti) {
-                stream_tensor & s = st->layers[li].tensors[ti];
-                void * addr;
+                stream_tensor &       s = st->layers[li].tensors[ti];
+                void *                addr;
                 ggml_backend_buffer_t buf;
                 if (!s.staged) {
                     s.home = (uint8_t *) st->ring_plain + (size_t) sl * slot_plain + offs[li][ti];
-                    addr = s.home + s.head;
-                    buf = st->buf_plain;
+                    addr   = s.home + s.head;
+                    buf    = st->buf_plain;
                 } else {
                     ggml_backend_buffer_type_t b = model_tensors[ggml_get_name(s.t)].second;
-                    buf = staged_buf[b];
+                    buf                          = staged_buf[b];
                     addr = (uint8_t *) ggml_backend_buffer_get_base(buf) + (size_t) sl * slot_staged[b] + offs[li][ti];
                 }
                 if (ggml_backend_tensor_alloc(buf, s.t, addr) != GGML_STATUS_SUCCESS) {
-                    throw std::runtime_error(format("flashflex: cannot place %s in the streaming ring", ggml_get_name(s.t)));
+                    throw std::runtime_error(
+                        format("flashflex: cannot place %s in the streaming ring", ggml_get_name(s.t)));
                 }
             }
         }
@@ -560,15 +503,13 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
         if (st->staging_bytes > 0 && posix_memalign(&st->sync_staging, k_page, st->staging_bytes) != 0) {
             throw std::runtime_error("flashflex: out of memory for the staging buffer");
         }
-        stream_state * raw = st.get();
-        for (int i = 0; i < st->cfg.prefetch_threads; ++i) {
-            st->workers.emplace_back([raw] { raw->worker_main(); });
-        }
-        LLAMA_LOG_INFO("flashflex: streaming %zu tensors of %zu layers through a %d-slot ring (%.1f MiB), "
-                       "%d prefetch threads, %s reads\n", streamed_names.size(), st->layers.size(), W,
-                       st->ring_bytes / 1048576.0, st->cfg.prefetch_threads, st->direct ? "direct" : "buffered");
-        std::lock_guard<std::mutex> lk(g_models_mutex);
-        g_models[&model] = std::move(st);
+        st->pool.start(st->cfg.prefetch_threads, st->staging_bytes, st->failed);
+        LLAMA_LOG_INFO(
+            "flashflex: streaming %zu tensors of %zu layers through a %d-slot ring (%.1f MiB), "
+            "%d prefetch threads, %s reads\n",
+            streamed_names.size(), st->layers.size(), W, st->ring_bytes / 1048576.0, st->cfg.prefetch_threads,
+            st->direct ? "direct" : "buffered");
+        g_models.add(&model, std::move(st));
     }
 }
 
@@ -578,28 +519,19 @@ bool flashflex::stream_active(const llama_model * model) {
 
 bool flashflex::stream_failed(const llama_model * model, std::string * error) {
     stream_state * st = find_state(model);
-    if (!st || !st->failed.load()) {
+    if (!st || !st->failed.is_set()) {
         return false;
     }
     if (error) {
-        std::lock_guard<std::mutex> lk(st->mtx);
-        *error = st->error;
+        *error = st->failed.message();
     }
     return true;
 }
 
 void flashflex::stream_free(const llama_model * model) {
-    std::unique_ptr<stream_state> st;
-    {
-        std::lock_guard<std::mutex> lk(g_models_mutex);
-        auto it = g_models.find(model);
-        if (it == g_models.end()) {
-            return;
-        }
-        st = std::move(it->second);
-        g_models.erase(it);
+    if (std::unique_ptr<stream_state> st = g_models.take(model)) {
+        st->stop();
     }
-    st->stop();
 }
 
 void flashflex::stream_graph_begin(const llama_model * model) {
@@ -612,7 +544,7 @@ void flashflex::stream_graph_begin(const llama_model * model) {
 
 void flashflex::stream_graph_end() {
     stream_state * st = g_building;
-    g_building = nullptr;
+    g_building        = nullptr;
     if (!st) {
         return;
     }
@@ -620,8 +552,10 @@ void flashflex::stream_graph_end() {
     for (const auto & L : st->layers) {
         const bool before = L.layer == 0 ? st->seen_input : st->seen_after[L.layer - 1];
         if (!before || !st->seen_after[L.layer]) {
-            st->fail(format("this model's graph does not mark the boundaries of layer %d, so its weights cannot "
-                            "stream (architecture not supported by dense streaming)", L.layer));
+            st->fail(
+                format("this model's graph does not mark the boundaries of layer %d, so its weights cannot "
+                       "stream (architecture not supported by dense streaming)",
+                       L.layer));
             return;
         }
     }
@@ -645,7 +579,7 @@ ggml_tensor * flashflex::stream_boundary(ggml_context * ctx, ggml_tensor * cur, 
         }
     }
     if (!b) {
-        st->boundaries.push_back({st, il_done});
+        st->boundaries.push_back({ st, il_done });
         b = &st->boundaries.back();
     }
     return ggml_map_custom1_inplace(ctx, cur, boundary_op, 1, b);

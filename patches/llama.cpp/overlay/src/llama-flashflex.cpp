@@ -3,60 +3,39 @@
 #include "llama-flashflex.h"
 
 #include "ggml-backend.h"
+#include "llama-flashflex-json.h"
 
 #include <string>
+#include <vector>
 
 #ifndef FLASHFLEX_SERIES_HASH
-#define FLASHFLEX_SERIES_HASH "unknown"
+#    define FLASHFLEX_SERIES_HASH "unknown"
 #endif
 
 // Features this build carries (the Python side checks them before using an API).
 static const char * const k_flashflex_features[] = {
-    "info",
-    "dense-stream",
-    "slot-bank",
-    "moe-trace",
-    "interrupt",
-    "expert-checksum",
+    "info", "dense-stream", "slot-bank", "moe-trace", "interrupt", "expert-checksum", "one-context",
 };
 
 int32_t llama_flashflex_api_version(void) {
     return LLAMA_FLASHFLEX_API_VERSION;
 }
 
-static void append_json_string(std::string & out, const char * s) {
-    out += '"';
-    for (; *s; ++s) {
-        const char c = *s;
-        if (c == '"' || c == '\\') {
-            out += '\\';
-            out += c;
-        } else if ((unsigned char) c < 0x20) {
-            out += ' ';
-        } else {
-            out += c;
-        }
-    }
-    out += '"';
-}
-
 static std::string build_info_json() {
-    std::string out = "{\"api_version\": " + std::to_string(LLAMA_FLASHFLEX_API_VERSION);
-    out += ", \"series_hash\": ";
-    append_json_string(out, FLASHFLEX_SERIES_HASH);
-    out += ", \"features\": [";
-    for (size_t i = 0; i < sizeof(k_flashflex_features) / sizeof(k_flashflex_features[0]); ++i) {
-        if (i) out += ", ";
-        append_json_string(out, k_flashflex_features[i]);
+    std::vector<std::string> features, backends;
+    for (const char * f : k_flashflex_features) {
+        features.push_back(flashflex::json_string(f));
     }
-    out += "], \"backends\": [";
     // Backends registered in this process (dynamic backends appear once loaded).
     for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
-        if (i) out += ", ";
-        append_json_string(out, ggml_backend_reg_name(ggml_backend_reg_get(i)));
+        backends.push_back(flashflex::json_string(ggml_backend_reg_name(ggml_backend_reg_get(i))));
     }
-    out += "]}";
-    return out;
+    return flashflex::json_object()
+        .add("api_version", LLAMA_FLASHFLEX_API_VERSION)
+        .add("series_hash", FLASHFLEX_SERIES_HASH)
+        .add_array("features", features)
+        .add_array("backends", backends)
+        .str();
 }
 
 const char * llama_flashflex_info(void) {

@@ -1,0 +1,170 @@
+// flashflex call sites: the functions upstream files call (llama-flashflex-internal.h). Each hands the model to
+// the execution paths its configuration asks for (dense streaming, MoE slot banks). A model loaded without a
+// configuration never reaches either path: every call site is then a no-op, so the stock path stays stock.
+
+#include "ggml.h"
+#include "llama-flashflex-config.h"
+#include "llama-flashflex-internal.h"
+#include "llama-flashflex-runtime.h"
+#include "llama-flashflex.h"
+#include "llama-impl.h"
+#include "llama-model-loader.h"
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+using namespace flashflex;
+
+namespace {
+
+thread_local std::string g_model_error;
+
+// Process-wide, like the signal it stands for: set from Python when SIGINT arrives during llama_decode (a
+// watcher thread runs while the decode holds no GIL), cleared before the next run.
+std::atomic<bool> g_interrupt{ false };
+
+// The context each streamed or banked model serves. Their runtime state (ring slots, bank slots, LRU, replay
+// position) belongs to the model and is changed by decoding, so a second context decoding on the same model
+// would evict what the first is computing with: it is refused.
+std::mutex                                           g_contexts_mutex;
+std::map<const llama_model *, const llama_context *> g_context_of;
+
+bool runs_flashflex(const llama_model * model) {
+    return stream_active(model) || bank_active(model);
+}
+
+}  // namespace
+
+const char * llama_flashflex_model_error(const llama_model * model) {
+    std::string err;
+    if (!stream_failed(model, &err) && !bank_failed(model, &err)) {
+        return nullptr;
+    }
+    g_model_error = err;
+    return g_model_error.c_str();
+}
+
+void llama_flashflex_interrupt(bool on) {
+    g_interrupt.store(on, std::memory_order_relaxed);
+}
+
+bool llama_flashflex_abort_callback(void * model) {
+    if (g_interrupt.load(std::memory_order_relaxed)) {
+        return true;
+    }
+    const auto * m = (const llama_model *) model;
+    return m != nullptr && (stream_failed(m, nullptr) || bank_failed(m, nullptr));
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Call sites (llama-flashflex-internal.h)
+
+void llama_flashflex_on_tensors_created(const llama_model & model, llama_model_loader & ml) {
+    auto ov = ml.kv_overrides.find("flashflex.config");
+    if (ov == ml.kv_overrides.end()) {
+        return;  // stock path
+    }
+    try {
+        if (ov->second.tag != LLAMA_KV_OVERRIDE_TYPE_INT) {
+            throw std::runtime_error("flashflex: the flashflex.config override must be an int");
+        }
+        config cfg;
+        if (!find_config((int32_t) ov->second.val_i64, cfg)) {
+            throw std::runtime_error(
+                format("flashflex: no configuration with id %lld", (long long) ov->second.val_i64));
+        }
+        if (cfg.tensors.empty() && cfg.banks.empty()) {
+            throw std::runtime_error("flashflex: the configuration streams no tensor and banks no expert");
+        }
+        if (ml.use_mmap) {
+            throw std::runtime_error(
+                "flashflex: a flashflex configuration needs the model loaded without mmap "
+                "(load_mode none / use_mmap=False)");
+        }
+        if (!cfg.tensors.empty()) {
+            stream_setup(model, ml, cfg);
+        }
+        if (!cfg.banks.empty()) {
+            bank_setup(model, ml, cfg);
+        }
+    } catch (const std::exception & e) {
+        stream_free(&model);
+        bank_free(&model);
+        refuse(e.what());
+        throw;
+    }
+}
+
+bool llama_flashflex_ctx_is_placed(const llama_model & model, ggml_context * ctx) {
+    if (!runs_flashflex(&model)) {
+        return false;
+    }
+    // placed = flashflex already gave every tensor of the context its memory
+    ggml_tensor * t = ggml_get_first_tensor(ctx);
+    if (!t) {
+        return false;
+    }
+    for (; t; t = ggml_get_next_tensor(ctx, t)) {
+        if (t->data == nullptr) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void llama_flashflex_on_model_free(const llama_model * model) {
+    stream_free(model);
+    bank_free(model);
+    std::lock_guard<std::mutex> lk(g_contexts_mutex);
+    g_context_of.erase(model);
+}
+
+void llama_flashflex_on_context_created(const llama_model & model, const llama_context * ctx) {
+    if (!runs_flashflex(&model)) {
+        return;
+    }
+    std::lock_guard<std::mutex> lk(g_contexts_mutex);
+    auto                        it = g_context_of.find(&model);
+    if (it != g_context_of.end() && it->second != ctx) {
+        const std::string why =
+            "flashflex: this model already has a context, and a model that streams weights or "
+            "banks experts serves one context at a time (free the other context, or load the "
+            "model a second time)";
+        refuse(why);
+        throw std::runtime_error(why);
+    }
+    g_context_of[&model] = ctx;
+}
+
+void llama_flashflex_on_context_free(const llama_model & model, const llama_context * ctx) {
+    std::lock_guard<std::mutex> lk(g_contexts_mutex);
+    auto                        it = g_context_of.find(&model);
+    if (it != g_context_of.end() && it->second == ctx) {
+        g_context_of.erase(it);
+    }
+}
+
+llama_flashflex_graph_scope::llama_flashflex_graph_scope(const llama_model * model) {
+    stream_graph_begin(model);
+    bank_graph_begin(model);
+}
+
+llama_flashflex_graph_scope::~llama_flashflex_graph_scope() {
+    stream_graph_end();
+    bank_graph_end();
+}
+
+ggml_tensor * llama_flashflex_layer_boundary(ggml_context * ctx, ggml_tensor * cur, int il_done) {
+    return bank_boundary(ctx, stream_boundary(ctx, cur, il_done), il_done);
+}
+
+ggml_tensor * llama_flashflex_mul_mat_id(ggml_context * ctx, ggml_tensor * as, ggml_tensor * b, ggml_tensor * ids) {
+    return bank_mul_mat_id(ctx, as, b, ids);
+}
+
+uint32_t llama_flashflex_graph_nodes(const llama_model & model, uint32_t n_tokens) {
+    return bank_graph_nodes(&model, n_tokens);
+}

@@ -1,0 +1,150 @@
+// flashflex: what both execution paths (dense streaming, MoE slot banks) use to read weights — the model
+// files, full preads, the first failure of a runtime, one pool of I/O threads, and the per-model registry
+// that finds a model's runtime from the call sites.
+
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+struct llama_model;
+
+namespace flashflex {
+
+constexpr size_t k_page = 4096;  // O_DIRECT granularity for offsets, lengths and addresses
+
+inline size_t align_up(size_t x, size_t a) {
+    return (x + a - 1) / a * a;
+}
+
+inline int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+// The model layer a tensor name belongs to ("blk.N."), or -1.
+int layer_of(const std::string & name);
+
+struct open_file {
+    std::string path;
+    int         fd = -1;
+};
+
+// Opens files for reading; with direct_io > 0 probes O_DIRECT with one aligned read and falls back to
+// buffered reads (all files alike) unless direct_io == 2. Throws std::runtime_error naming the file.
+std::vector<open_file> open_files(const std::vector<std::string> & paths, int direct_io, bool & direct);
+void                   close_files(std::vector<open_file> & files);
+
+// pread until [dst, dst + len) is filled or the file ends; returns bytes read, or -1 with errno set.
+long long pread_full(int fd, void * dst, size_t len, uint64_t offset);
+
+// The sidecar's per-expert checksum: the expert's bytes as little-endian 64-bit words w_i (the last one
+// zero-padded), sum of w_i * (2i + 1) mod 2^64. Any change of one word changes it (odd weights are invertible),
+// it runs at memory speed, and numpy computes the same at extraction.
+uint64_t expert_checksum(const void * data, size_t n);
+
+// The first error of a model's runtime. Once set, reads stop, call sites stop waiting and the abort callback
+// ends the graph, so llama_decode returns an error instead of computing on bad data.
+class failure {
+  public:
+    // Records msg unless an earlier error was recorded; logs it either way.
+    void set(const std::string & msg);
+
+    bool is_set() const { return flag.load(std::memory_order_acquire); }
+
+    std::string message() const;
+
+  private:
+    std::atomic<bool>  flag{ false };
+    mutable std::mutex mtx;
+    std::string        msg;
+};
+
+// A read for the I/O pool. `wanted` and `done` run under the pool's lock (so they may touch whatever state the
+// owner guards with it); `run` runs outside it, with the thread's own page-aligned staging buffer. A job is not
+// run when `wanted` says no or the runtime has failed; `done` runs in every case.
+struct io_job {
+    std::function<bool()>       wanted;  // null: always
+    std::function<void(void *)> run;
+    std::function<void()>       done;    // null: nothing to record
+};
+
+// One pool of I/O threads per runtime. The owner guards its own read bookkeeping with mutex() and waits on
+// done_cv(), which is notified after every job and on stop.
+class io_pool {
+  public:
+    ~io_pool() { stop(); }
+
+    // Starts n threads, each with a page-aligned staging buffer of staging_bytes (none when 0). A thread that
+    // cannot allocate its buffer fails the runtime.
+    void start(int n_threads, size_t staging_bytes, failure & fail);
+    // Wakes every waiter, drops queued jobs and joins the threads.
+    void stop();
+
+    int threads() const { return (int) workers.size(); }
+
+    std::mutex & mutex() { return mtx; }
+
+    std::condition_variable & done_cv() { return cv_done; }
+
+    bool stopping() const { return stop_requested; }  // under mutex()
+
+    // Under mutex(): queue a job behind (or, urgent, ahead of) the queued ones; then call wake().
+    void push(io_job job, bool urgent = false);
+
+    void wake() { cv_jobs.notify_all(); }
+
+  private:
+    void worker_main(size_t staging_bytes, failure * fail);
+
+    std::mutex               mtx;
+    std::condition_variable  cv_jobs;
+    std::condition_variable  cv_done;
+    std::deque<io_job>       jobs;
+    std::vector<std::thread> workers;
+    bool                     stop_requested = false;
+};
+
+// The runtimes of one execution path, one per model, found from the call sites by model pointer.
+template <typename T> class model_registry {
+  public:
+    T * find(const llama_model * model) {
+        std::lock_guard<std::mutex> lk(mtx);
+        auto                        it = map.find(model);
+        return it == map.end() ? nullptr : it->second.get();
+    }
+
+    void add(const llama_model * model, std::unique_ptr<T> runtime) {
+        std::lock_guard<std::mutex> lk(mtx);
+        map[model] = std::move(runtime);
+    }
+
+    // Removes the model's runtime and hands it to the caller (who stops it outside the registry lock).
+    std::unique_ptr<T> take(const llama_model * model) {
+        std::lock_guard<std::mutex> lk(mtx);
+        auto                        it = map.find(model);
+        if (it == map.end()) {
+            return nullptr;
+        }
+        std::unique_ptr<T> out = std::move(it->second);
+        map.erase(it);
+        return out;
+    }
+
+  private:
+    std::mutex                                                  mtx;
+    std::unordered_map<const llama_model *, std::unique_ptr<T>> map;
+};
+
+}  // namespace flashflex
