@@ -44,6 +44,11 @@ class Backend(str, enum.Enum):
     metal = "metal"
 
 
+# Every build (stock baseline included) carries ggml's RPC backend: `flashflex rpc-server` starts a worker through
+# it and `--rpc HOST:PORT` adds remote devices to llama.cpp's device list. It is a CMake flag like any other, so it
+# is part of the build key (cmake_args_for puts it in the args the key hashes).
+COMMON_CMAKE_ARGS: list[str] = ["-DGGML_RPC=ON"]
+
 BACKEND_CMAKE_ARGS: dict[Backend, list[str]] = {
     # Metal is on by default on Apple platforms; a CPU build turns it off explicitly.
     Backend.cpu: ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"],
@@ -140,7 +145,7 @@ def instruction_set_for(backend: Backend, amx: bool, extra: list[str]) -> cpufea
 
 def cmake_args_for(backend: Backend, series: str | None, extra: list[str],
                    isa: cpufeatures.InstructionSet | None = None) -> list[str]:
-    args = list(BACKEND_CMAKE_ARGS[backend])
+    args = list(BACKEND_CMAKE_ARGS[backend]) + COMMON_CMAKE_ARGS
     if isa is not None and isa.mode == "explicit":
         args += isa.cmake_args()
     if series:

@@ -106,6 +106,10 @@ def test_series_hash_reaches_cmake_only_for_patched_builds():
     assert any(a.startswith("-DFLASHFLEX_SERIES_HASH=abc") for a in build.cmake_args_for(build.Backend.cpu, "abc", []))
     assert not any("FLASHFLEX" in a for a in build.cmake_args_for(build.Backend.cpu, None, []))
     assert "-DGGML_CUDA=ON" in build.cmake_args_for(build.Backend.cuda, "abc", [])
+    # the RPC backend is in every build, and so in every build key
+    for backend in build.Backend:
+        assert "-DGGML_RPC=ON" in build.cmake_args_for(backend, "abc", [])
+    assert "-DGGML_RPC=ON" in build.cmake_args_for(build.Backend.cpu, None, [])
 
 
 def test_missing_cmake_is_one_clear_error(monkeypatch):
