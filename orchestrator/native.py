@@ -400,6 +400,121 @@ def interruptible():
         raise KeyboardInterrupt
 
 
+def _bind_devices(cdll: ctypes.CDLL) -> None:
+    """Bindings of the devices and RPC API (API 6, features "devices" and "rpc")."""
+    # int32_t llama_flashflex_devices(char * buf, size_t buf_size);
+    cdll.llama_flashflex_devices.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    cdll.llama_flashflex_devices.restype = ctypes.c_int32
+    # ggml_backend_dev_t llama_flashflex_device(int32_t index);
+    cdll.llama_flashflex_device.argtypes = [ctypes.c_int32]
+    cdll.llama_flashflex_device.restype = ctypes.c_void_p
+    # int32_t llama_flashflex_memory_breakdown(const struct llama_context * ctx, char * buf, size_t buf_size);
+    cdll.llama_flashflex_memory_breakdown.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    cdll.llama_flashflex_memory_breakdown.restype = ctypes.c_int32
+    # int32_t llama_flashflex_rpc_add_server(const char * endpoint);
+    cdll.llama_flashflex_rpc_add_server.argtypes = [ctypes.c_char_p]
+    cdll.llama_flashflex_rpc_add_server.restype = ctypes.c_int32
+    # int32_t llama_flashflex_rpc_serve(const char * endpoint, const char * cache_dir, int32_t n_threads,
+    #                                   uint64_t announce_bytes, const int32_t * device_indices, size_t n_devices);
+    cdll.llama_flashflex_rpc_serve.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32, ctypes.c_uint64,
+                                               ctypes.POINTER(ctypes.c_int32), ctypes.c_size_t]
+    cdll.llama_flashflex_rpc_serve.restype = ctypes.c_int32
+
+
+def devices_lib() -> ctypes.CDLL:
+    """lib() with the devices and RPC API bound, or NotPatched when the build predates it."""
+    cdll = lib()
+    if "devices" not in info().get("features", []):
+        raise NotPatched("the installed flashflex build predates device placement and RPC", "run: flashflex build")
+    if not hasattr(cdll, "_flashflex_devices_bound"):
+        _bind_devices(cdll)
+        cdll._flashflex_devices_bound = True
+    return cdll
+
+
+def _json_call(fn, *args) -> Any:
+    """Call a C API function that writes JSON into a buffer after `args` (returning its length, -1 for none)."""
+    buf = ctypes.create_string_buffer(16384)
+    n = fn(*args, buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        fn(*args, buf, len(buf))
+    return json.loads(buf.value.decode())
+
+
+def devices() -> list[dict[str, Any]]:
+    """The backend devices this process sees: local ones, then the devices of RPC workers added so far (index, name,
+    description, type, backend, free, total). An RPC device's memory is a round trip to its worker."""
+    return _json_call(devices_lib().llama_flashflex_devices)["devices"]
+
+
+def device_handle(index: int) -> int:
+    """The ggml_backend_dev_t of devices()[index], for llama_model_params.devices."""
+    ptr = devices_lib().llama_flashflex_device(index)
+    if not ptr:
+        raise FlashflexError(f"no backend device has index {index}", "list them with orchestrator.native.devices()")
+    return ptr
+
+
+def memory_breakdown(ctx_ptr) -> list[dict[str, Any]] | None:
+    """Bytes a context and its model hold per buffer type (device): model, context (KV cache), compute; None on builds
+    without the API."""
+    if not has_feature("devices"):
+        return None
+    out = _json_call(devices_lib().llama_flashflex_memory_breakdown, ctx_ptr)
+    return out["buffers"] if out is not None else None
+
+
+_rpc_registered: set[str] = set()
+_local_devices: list[dict[str, Any]] | None = None  # devices() before the first RPC worker joined the list
+
+
+def local_accelerators() -> list[int]:
+    """Indices of the local devices llama.cpp would offload to by default (GPUs; integrated GPUs when there is no
+    discrete one): the device list for a model that uses no RPC worker in a process that registered some."""
+    local = _local_devices if _local_devices is not None else devices()
+    gpus = [d["index"] for d in local if d["type"] == "gpu" and d["backend"] != "RPC"]
+    return gpus or [d["index"] for d in local if d["type"] == "igpu" and d["backend"] != "RPC"]
+
+
+def rpc_registered() -> frozenset[str]:
+    """RPC workers this process has added to the device list (it holds a connection to each)."""
+    return frozenset(_rpc_registered)
+
+
+def rpc_add_server(endpoint: str) -> int:
+    """Add an RPC worker's devices to the device list (once per process); returns its device count. Check the worker
+    first (orchestrator.rpc.probe): ggml aborts the process when it does not answer."""
+    global _local_devices
+    cdll = devices_lib()
+    if "rpc" not in info().get("features", []):
+        raise FlashflexError("the installed flashflex build has no RPC backend", "rebuild it: flashflex build")
+    if _local_devices is None:
+        _local_devices = devices()
+    n = cdll.llama_flashflex_rpc_add_server(endpoint.encode())
+    if n < 0:
+        raise FlashflexError(f"could not add the RPC worker {endpoint}: {last_error()}", "check the worker's log")
+    _rpc_registered.add(endpoint)
+    return n
+
+
+def rpc_worker_devices(endpoint: str) -> list[dict[str, Any]]:
+    """The devices() entries of a registered RPC worker, in its own order."""
+    return [d for d in devices() if d["backend"] == "RPC" and d["description"] == endpoint]
+
+
+def rpc_serve(endpoint: str, cache_dir: str | None, threads: int, announce_bytes: int, indices: list[int]) -> str:
+    """Serve devices()[i] for i in `indices` to RPC clients at `endpoint` until the process ends (blocking: call it
+    on a thread of its own; ctypes releases the GIL). Returns only when the server could not start: the reason."""
+    cdll = devices_lib()
+    values = (ctypes.c_int32 * len(indices))(*indices)
+    cdll.llama_flashflex_rpc_serve(endpoint.encode(), (cache_dir or "").encode(), threads, announce_bytes, values,
+                                   len(indices))
+    return last_error()  # thread-local: set on this thread
+
+
 def install_abort_callback(ctx_ptr, model_ptr) -> None:
     """Make llama_decode fail (not compute on bad data) once the model's streaming has failed, and stop at the
     next graph node when an interrupt is requested (any model)."""

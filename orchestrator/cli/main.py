@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "orchestrator.cli.plan_cmd",
     "orchestrator.cli.sidecar_cmd",
     "orchestrator.cli.trace_cmd",
+    "orchestrator.cli.rpc_cmd",
 ]
 
 app = typer.Typer(

@@ -13,13 +13,14 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 5
+#define LLAMA_FLASHFLEX_API_VERSION 6
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
 // A JSON object describing this build, valid for the life of the process:
-//   {"api_version": 5, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
-//    "backends": ["CPU", ...]}
+//   {"api_version": 6, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
+//    "backends": ["CPU", ...], "rpc_protocol": [7, 0, 0]}
+// ("rpc_protocol": the version of ggml's RPC protocol this build speaks; null without the RPC backend)
 // "series_hash" is the hash flashflex computed over its patch series when it configured the build
 // ("unknown" when built by hand without -DFLASHFLEX_SERIES_HASH=...).
 LLAMA_API const char * llama_flashflex_info(void);
@@ -103,6 +104,40 @@ LLAMA_API bool         llama_flashflex_abort_callback(void * model);
 // API 4: request (on = true) or clear an interrupt: every llama_decode whose context uses the callback above
 // stops at its next graph node. Process-wide, like the SIGINT it is meant for; clear it before the next run.
 LLAMA_API void         llama_flashflex_interrupt(bool on);
+
+//
+// Devices and ggml's RPC backend (API 6; feature "devices", and "rpc" when the build has ggml's RPC backend).
+//
+
+// The backend devices this process sees (ggml's registry: local devices, then RPC workers' devices once added), as
+// JSON (same conventions as llama_flashflex_model_stats): {"devices": [{"index", "name", "description",
+// "type": "cpu|gpu|igpu|accel", "backend" (its registry: "CPU", "RPC", ...), "free", "total"}]}. Asking an RPC
+// device for its memory is a round trip to its worker.
+LLAMA_API int32_t            llama_flashflex_devices(char * buf, size_t buf_size);
+// The device at `index` of that list (for llama_model_params.devices), or NULL.
+LLAMA_API ggml_backend_dev_t llama_flashflex_device(int32_t index);
+// The memory a context and its model hold per buffer type, as llama.cpp allocated it: {"buffers": [{"buffer_type",
+// "device", "description", "host", "model", "context", "compute"}]} (bytes). Tensors flashflex streams or banks
+// live in flashflex's own buffers and are not counted here. Returns the full length, or -1 without a context.
+LLAMA_API int32_t llama_flashflex_memory_breakdown(const struct llama_context * ctx, char * buf, size_t buf_size);
+// Add the devices of the RPC worker at endpoint ("host:port") to the device list (ggml_backend_rpc_add_server, then
+// ggml_backend_register), once per endpoint per process. Returns its device count, or -1 (llama_flashflex_last_error).
+// ggml connects at once and aborts the process when the worker does not answer: check that it does first (flashflex
+// probes it with a timeout). From the first call on, an abort of ggml's RPC client (a worker that stops answering
+// during a run) prints one line naming the worker and exits with status 1.
+LLAMA_API int32_t llama_flashflex_rpc_add_server(const char * endpoint);
+// Serve the devices at device_indices (of llama_flashflex_devices) to RPC clients at endpoint ("host:port"), with
+// n_threads compute threads and an optional tensor cache directory (NULL or "" = none), until the process ends.
+// announce_bytes > 0: each device tells clients it has that much memory (total; free = the smaller of that and the
+// device's own), so the client's planner places no more than that on it (a figure, not a limit the worker
+// enforces). ggml's RPC protocol has no authentication: whoever reaches the port can use the devices. Returns -1
+// (llama_flashflex_last_error) when it cannot start; it does not return otherwise.
+LLAMA_API int32_t llama_flashflex_rpc_serve(const char *    endpoint,
+                                            const char *    cache_dir,
+                                            int32_t         n_threads,
+                                            uint64_t        announce_bytes,
+                                            const int32_t * device_indices,
+                                            size_t          n_devices);
 
 #ifdef __cplusplus
 }

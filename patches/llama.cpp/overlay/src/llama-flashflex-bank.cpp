@@ -734,7 +734,7 @@ ggml_tensor * flashflex::bank_boundary(ggml_context * ctx, ggml_tensor * cur, in
         return cur;
     }
     st->seen_epoch = true;
-    return ggml_map_custom1_inplace(ctx, cur, epoch_op, 1, st);
+    return pin_to_cpu(ggml_map_custom1_inplace(ctx, cur, epoch_op, 1, st));
 }
 
 namespace {
@@ -773,9 +773,9 @@ ggml_tensor * flashflex::bank_mul_mat_id(ggml_context * ctx, ggml_tensor * as, g
     for (int p = 0; p < n_pass; ++p) {
         resolve_site * site  = site_for(*st, j, p);
         // pass p may only evict pass p-1's experts after pass p-1's matmul: depend on its result
-        ggml_tensor *  slots = ggml_map_custom3(ctx, ids, acc ? acc : ids, b, resolve_op, 1, site);
+        ggml_tensor *  slots = pin_to_cpu(ggml_map_custom3(ctx, ids, acc ? acc : ids, b, resolve_op, 1, site));
         ggml_tensor *  out   = ggml_mul_mat_id(ctx, as, b, slots);
-        acc = acc ? ggml_map_custom3_inplace(ctx, acc, out, slots, merge_op, GGML_N_TASKS_MAX, site) : out;
+        acc = acc ? pin_to_cpu(ggml_map_custom3_inplace(ctx, acc, out, slots, merge_op, GGML_N_TASKS_MAX, site)) : out;
     }
     return acc;
 }

@@ -22,6 +22,10 @@ namespace {
 
 thread_local std::string g_model_error;
 
+// The scheduler and CPU backend of the graph being built on this thread (llama_flashflex_graph_scope).
+thread_local ggml_backend_sched_t g_sched       = nullptr;
+thread_local ggml_backend_t       g_backend_cpu = nullptr;
+
 // Process-wide, like the signal it stands for: set from Python when SIGINT arrives during llama_decode (a
 // watcher thread runs while the decode holds no GIL), cleared before the next run.
 std::atomic<bool> g_interrupt{ false };
@@ -147,7 +151,11 @@ void llama_flashflex_on_context_free(const llama_model & model, const llama_cont
     }
 }
 
-llama_flashflex_graph_scope::llama_flashflex_graph_scope(const llama_model * model) {
+llama_flashflex_graph_scope::llama_flashflex_graph_scope(const llama_model *  model,
+                                                         ggml_backend_sched_t sched,
+                                                         ggml_backend_t       backend_cpu) {
+    g_sched       = sched;
+    g_backend_cpu = backend_cpu;
     stream_graph_begin(model);
     bank_graph_begin(model);
 }
@@ -155,6 +163,15 @@ llama_flashflex_graph_scope::llama_flashflex_graph_scope(const llama_model * mod
 llama_flashflex_graph_scope::~llama_flashflex_graph_scope() {
     stream_graph_end();
     bank_graph_end();
+    g_sched       = nullptr;
+    g_backend_cpu = nullptr;
+}
+
+ggml_tensor * flashflex::pin_to_cpu(ggml_tensor * t) {
+    if (t != nullptr && g_sched != nullptr && g_backend_cpu != nullptr) {
+        ggml_backend_sched_set_tensor_backend(g_sched, t, g_backend_cpu);
+    }
+    return t;
 }
 
 ggml_tensor * llama_flashflex_layer_boundary(ggml_context * ctx, ggml_tensor * cur, int il_done) {

@@ -3,6 +3,8 @@
 
 #pragma once
 
+#include "ggml-backend.h"
+
 #include <cstdint>
 
 struct ggml_context;
@@ -29,9 +31,11 @@ void llama_flashflex_on_context_created(const llama_model & model, const llama_c
 // ~llama_context: the model may serve another context.
 void llama_flashflex_on_context_free(const llama_model & model, const llama_context * ctx);
 
-// llama_model::build_graph: marks the model whose graph is being built on this thread.
+// llama_model::build_graph: marks the model whose graph is being built on this thread, and the scheduler that will
+// run it: the graph nodes flashflex adds (layer boundaries, expert-bank ops) are pinned to backend_cpu, because they
+// call back into this process (a node the scheduler gave to an RPC worker or a GPU could not run there).
 struct llama_flashflex_graph_scope {
-    explicit llama_flashflex_graph_scope(const llama_model * model);
+    llama_flashflex_graph_scope(const llama_model * model, ggml_backend_sched_t sched, ggml_backend_t backend_cpu);
     ~llama_flashflex_graph_scope();
     llama_flashflex_graph_scope(const llama_flashflex_graph_scope &)             = delete;
     llama_flashflex_graph_scope & operator=(const llama_flashflex_graph_scope &) = delete;

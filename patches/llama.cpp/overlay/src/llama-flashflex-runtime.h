@@ -16,6 +16,10 @@ struct llama_model_loader;
 
 namespace flashflex {
 
+// Pins a graph node flashflex added to the CPU backend of the graph being built (llama_flashflex_graph_scope), so
+// the scheduler never hands it to another device (an RPC worker cannot call back into this process). Returns t.
+ggml_tensor * pin_to_cpu(ggml_tensor * t);
+
 // Copies s into buf (NUL-terminated, truncated to size) and returns its full length: the C API's JSON outputs.
 int32_t write_c_string(const std::string & s, char * buf, size_t size);
 

@@ -571,6 +571,13 @@ ggml_tensor * flashflex::stream_boundary(ggml_context * ctx, ggml_tensor * cur, 
     } else if (il_done < st->n_layer) {
         st->seen_after[il_done] = true;
     }
+    // a boundary between two layers that stream nothing has nothing to do (on_boundary): no node, so layers placed
+    // on another device (an RPC worker) get no round trip to the CPU
+    const bool done_streams = il_done >= 0 && il_done < st->n_layer && st->li_of[il_done] >= 0;
+    const bool next_streams = il_done + 1 < st->n_layer && st->li_of[il_done + 1] >= 0;
+    if (!done_streams && !next_streams) {
+        return cur;
+    }
     boundary * b = nullptr;
     for (auto & x : st->boundaries) {
         if (x.il_done == il_done) {
@@ -582,5 +589,5 @@ ggml_tensor * flashflex::stream_boundary(ggml_context * ctx, ggml_tensor * cur, 
         st->boundaries.push_back({ st, il_done });
         b = &st->boundaries.back();
     }
-    return ggml_map_custom1_inplace(ctx, cur, boundary_op, 1, b);
+    return pin_to_cpu(ggml_map_custom1_inplace(ctx, cur, boundary_op, 1, b));
 }

@@ -5,6 +5,10 @@
 #include "ggml-backend.h"
 #include "llama-flashflex-json.h"
 
+#ifdef GGML_USE_RPC
+#    include "ggml-rpc.h"
+#endif
+
 #include <string>
 #include <vector>
 
@@ -14,7 +18,10 @@
 
 // Features this build carries (the Python side checks them before using an API).
 static const char * const k_flashflex_features[] = {
-    "info", "dense-stream", "slot-bank", "moe-trace", "interrupt", "expert-checksum", "one-context",
+    "info", "dense-stream", "slot-bank", "moe-trace", "interrupt", "expert-checksum", "one-context", "devices",
+#ifdef GGML_USE_RPC
+    "rpc",
+#endif
 };
 
 int32_t llama_flashflex_api_version(void) {
@@ -30,12 +37,20 @@ static std::string build_info_json() {
     for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
         backends.push_back(flashflex::json_string(ggml_backend_reg_name(ggml_backend_reg_get(i))));
     }
-    return flashflex::json_object()
-        .add("api_version", LLAMA_FLASHFLEX_API_VERSION)
+#ifdef GGML_USE_RPC
+    const int32_t rpc_protocol[] = { RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION, RPC_PROTO_PATCH_VERSION };
+#endif
+    flashflex::json_object out;
+    out.add("api_version", LLAMA_FLASHFLEX_API_VERSION)
         .add("series_hash", FLASHFLEX_SERIES_HASH)
         .add_array("features", features)
-        .add_array("backends", backends)
-        .str();
+        .add_array("backends", backends);
+#ifdef GGML_USE_RPC
+    out.add_ints("rpc_protocol", rpc_protocol, 3);
+#else
+    out.add_raw("rpc_protocol", "null");
+#endif
+    return out.str();
 }
 
 const char * llama_flashflex_info(void) {

@@ -1,0 +1,168 @@
+"""`flashflex rpc-server`: serve this host's devices to other flashflex processes over ggml's RPC protocol.
+
+The server is ggml's own (ggml_backend_rpc_start_server, through our library: no separate binary). It blocks in C
+forever, so it runs on a thread of its own while the main thread waits for SIGINT/SIGTERM and then ends the
+process at once (nothing of the worker's needs saving: a client's buffers die with the connection).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from orchestrator.cli.common import JsonOpt, emit_json, err_console
+from orchestrator.errors import FlashflexError
+
+UNSAFE_HOST_WARNING = (
+    "WARNING: this RPC worker listens on {host}, reachable from other machines. ggml's RPC protocol has NO "
+    "authentication and is experimental: anyone who can reach port {port} can allocate memory on this host, read "
+    "and write it, and run computations here. Use it only on a trusted, private network (or a tunnel), never on an "
+    "open one."
+)
+
+
+def _served_devices(all_devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What upstream's rpc-server serves: every local accelerator (GPU, iGPU), else the CPU."""
+    local = [d for d in all_devices if d["backend"] != "RPC"]
+    accelerators = [d for d in local if d["type"] in ("gpu", "igpu")]
+    return accelerators or [d for d in local if d["type"] == "cpu"][:1]
+
+
+def _announce(mem: str, devices: list[dict[str, Any]]) -> tuple[int, str]:
+    """(bytes each device announces, 0 = its own figure; how that was decided)."""
+    from orchestrator.sizes import DEFAULT_HEADROOM, available_memory, format_size, is_auto, parse_size
+
+    if not is_auto(mem):
+        n = parse_size(mem, what="--mem")
+        if n <= 0:
+            raise FlashflexError("--mem must be greater than zero", "give a size such as 8GiB, or auto")
+        return n, "--mem"
+    if all(d["type"] == "cpu" for d in devices):
+        # ggml's CPU device reports all of physical RAM as free; announce what is really available
+        headroom = DEFAULT_HEADROOM
+        n = max(available_memory() - headroom, 1 << 20)
+        return n, f"auto: available memory minus {format_size(headroom)}"
+    return 0, "the device's own figure"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("rpc-server")
+    def rpc_server_cmd(
+        host: str = typer.Option("127.0.0.1", "--host", help="IPv4 address to listen on. Anything but a loopback "
+                                 "address is reachable from other machines, and ggml's RPC protocol has no "
+                                 "authentication: use a trusted network only (a loud warning is printed)."),
+        port: int = typer.Option(50052, "--port", min=1, max=65535, help="TCP port to listen on."),
+        threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1,
+                                              help="CPU compute threads (default: the physical cores)."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep the tensors clients send in this "
+                                                 "directory (by hash), so a client loading the same model again "
+                                                 "sends only hashes of its large tensors. Created when missing."),
+        mem: str = typer.Option("auto", "--mem", help="Memory each device announces to clients, whose planner puts "
+                                "no more than that on it: a size (8GiB, 0.5 = 512 MiB) or auto (a CPU worker: "
+                                "available memory minus 1 GiB; an accelerator: its own free memory). Announced, not "
+                                "enforced: confine the worker (a memory cgroup) to make it a limit."),
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Serve this host's devices (accelerators, else the CPU) to flashflex runs elsewhere (--rpc HOST:PORT),
+        over ggml's RPC protocol; Ctrl-C or SIGTERM stops it."""
+        import psutil
+
+        from orchestrator import native, rpc
+        from orchestrator.sizes import format_size
+
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise FlashflexError(f"--host {host!r} is not an IPv4 address (ggml's RPC server listens on IPv4 only)",
+                                 "give an address such as 127.0.0.1 or 192.168.1.10") from None
+        endpoint = f"{host}:{port}"
+        _check_can_listen(host, port)
+        protocol = rpc.library_protocol()
+        devices = _served_devices(native.devices())
+        if not devices:
+            raise FlashflexError("this host has no device to serve", "check the build (flashflex doctor)")
+        announce, how = _announce(mem, devices)
+        n_threads = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        cache = None
+        if cache_dir is not None:
+            cache = cache_dir.expanduser().resolve()
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FlashflexError(f"cannot create the cache directory {cache}: {exc.strerror}",
+                                     "give a writable directory") from None
+            if not os.access(cache, os.W_OK):
+                raise FlashflexError(f"the cache directory {cache} is not writable", "give a writable directory")
+
+        served = [{**d, "announced": announce or d["free"]} for d in devices]
+        if not rpc.is_loopback(host):
+            err_console.print(f"[bold red]{UNSAFE_HOST_WARNING.format(host=host, port=port)}[/]")
+        if json_out:
+            emit_json({"endpoint": endpoint, "protocol": ".".join(map(str, protocol)), "threads": n_threads,
+                       "cache_dir": str(cache) if cache else None, "announced_by": how, "devices": served})
+        else:
+            print(f"flashflex rpc-server: serving on {endpoint} (ggml RPC protocol {'.'.join(map(str, protocol))}), "
+                  f"{n_threads} thread(s), tensor cache {cache or 'off'}")
+            for d in served:
+                print(f"  {d['name']} ({d['description']}): announces {format_size(d['announced'])} "
+                      f"({how}; the device reports {format_size(d['free'])} free of {format_size(d['total'])})")
+            print(f"clients: flashflex run --rpc {endpoint} ... · Ctrl-C stops the worker")
+        sys.stdout.flush()
+        # From here on ggml's own log lines (printf: "Accepted client connection", ...) go to stderr, so stdout
+        # holds only the lines above (with --json, one JSON document).
+        os.dup2(2, 1)
+        _serve_until_signal(endpoint, str(cache) if cache else None, n_threads, announce,
+                            [d["index"] for d in devices])
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """One clear line when the port is taken or the address is not this host's (ggml would only print 'Failed to
+    create server socket')."""
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ggml's server does
+    try:
+        s.bind((host, port))
+    except OSError as exc:
+        raise FlashflexError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                             "pick another --port, or an address of this host for --host") from None
+    finally:
+        s.close()
+
+
+def _serve_until_signal(endpoint: str, cache_dir: str | None, threads: int, announce: int, indices: list[int]) -> None:
+    from orchestrator import native
+
+    failure: list[str] = []
+
+    def serve() -> None:
+        failure.append(native.rpc_serve(endpoint, cache_dir, threads, announce, indices))
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    server = threading.Thread(target=serve, name="flashflex-rpc-server", daemon=True)
+    server.start()
+    while server.is_alive() and not stop.wait(0.2):
+        pass
+    if received:
+        print(f"flashflex rpc-server: stopped by {signal.Signals(received[0]).name}", file=sys.stderr, flush=True)
+        # The server thread is blocked in C (accept or a client's request) and cannot be joined: end the process.
+        os._exit(0)
+    server.join(timeout=1)
+    raise FlashflexError(failure[0] if failure and failure[0] else f"the RPC server on {endpoint} stopped",
+                         "pick another --port, or an address of this host for --host")

@@ -1,0 +1,252 @@
+"""Other machines' devices through ggml's RPC backend: worker addresses, a bounded check of each worker before
+anything is loaded, and the client side's registration with the library.
+
+A worker is `flashflex rpc-server` (cli/rpc_cmd.py) on another host: it serves that host's devices over ggml's RPC
+protocol, which has NO authentication — whoever can reach its port can allocate memory and run graphs there. It
+binds 127.0.0.1 unless told otherwise.
+
+Before a model loads, every worker is checked here in Python, with timeouts: connect, the protocol handshake
+(HELLO: the worker's protocol version must be one this build speaks), its device count and each device's memory.
+ggml's own client would abort the whole process on a worker that is down, and wait forever on one that accepts
+but never answers; this check turns each of those into one line naming the worker. Only then does
+`connect_workers` hand the workers to the library (native.rpc_add_server), whose devices join llama.cpp's device
+list. A worker that goes away later, during a run, is reported by the library's abort callback (one line naming
+it, exit status 1): ggml's client cannot recover from it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.errors import FlashflexError
+
+# ggml's RPC protocol at our pin (ggml/include/ggml-rpc.h: RPC_PROTO_*_VERSION); the library reports the version it
+# was built with (native.info()["rpc_protocol"]) and tests keep the two equal.
+RPC_PROTOCOL = (7, 0, 0)
+MAX_WORKER_DEVICES = 16  # GGML_RPC_MAX_SERVERS, and llama.cpp's LLAMA_MAX_DEVICES on CPU builds
+DEFAULT_PORT = 50052
+
+_CMD_GET_DEVICE_MEMORY = 11
+_CMD_HELLO = 14
+_CMD_DEVICE_COUNT = 15
+_CONN_CAPS_SIZE = 24  # transport capabilities in HELLO (RDMA negotiation); zero = plain TCP
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Addresses
+
+
+def parse_endpoint(text: str) -> str:
+    """`HOST:PORT` checked and normalised (surrounding spaces dropped), or FlashflexError saying what is wrong."""
+    value = str(text).strip()
+    if not value:
+        raise FlashflexError("an RPC worker address is empty", "give HOST:PORT, e.g. 127.0.0.1:50052")
+    if value.startswith("[") or value.count(":") > 1:
+        raise FlashflexError(f"RPC worker {value!r}: IPv6 addresses are not supported by ggml's RPC client",
+                             "give a host name or an IPv4 address, e.g. 192.168.1.10:50052")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise FlashflexError(f"RPC worker {value!r} is not HOST:PORT", f"e.g. {value or '127.0.0.1'}:{DEFAULT_PORT}")
+    if not _HOST.match(host):
+        raise FlashflexError(f"RPC worker {value!r}: {host!r} is not a host name or IPv4 address",
+                             "give HOST:PORT, e.g. 127.0.0.1:50052")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise FlashflexError(f"RPC worker {value!r}: the port must be a number from 1 to 65535",
+                             f"e.g. {host}:{DEFAULT_PORT}")
+    return f"{host}:{int(port)}"
+
+
+def parse_endpoints(value: Any) -> list[str]:
+    """A comma-separated string or a list of `HOST:PORT` → the checked list (no duplicates, at most 16)."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if isinstance(value, str) and not value.strip():
+        raise FlashflexError("--rpc is empty", "give HOST:PORT[,HOST:PORT...], or leave --rpc out")
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise FlashflexError(f"RPC worker {item!r} is not HOST:PORT", "write each worker as a string HOST:PORT")
+        endpoint = parse_endpoint(item)
+        if endpoint in out:
+            raise FlashflexError(f"RPC worker {endpoint} is listed twice", "list each worker once")
+        out.append(endpoint)
+    if len(out) > MAX_WORKER_DEVICES:
+        raise FlashflexError(f"{len(out)} RPC workers; ggml's RPC backend takes at most {MAX_WORKER_DEVICES}",
+                             "use fewer workers")
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+# --------------------------------------------------------------------------------------------------
+# The check before loading
+
+
+@dataclass(frozen=True)
+class WorkerDevice:
+    """One device a worker serves, with the memory it announces."""
+
+    index: int  # on the worker
+    free: int
+    total: int
+
+
+@dataclass
+class Worker:
+    """A worker that answered the check: its protocol version and devices."""
+
+    endpoint: str
+    protocol: tuple[int, int, int]
+    devices: list[WorkerDevice] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "protocol": ".".join(map(str, self.protocol)),
+                "devices": [{"index": d.index, "free": d.free, "total": d.total} for d in self.devices]}
+
+
+def _fail(endpoint: str, problem: str, fix: str) -> FlashflexError:
+    return FlashflexError(f"RPC worker {endpoint} {problem}", fix)
+
+
+_START_FIX = "start it there (flashflex rpc-server --host ADDRESS --port PORT) or fix --rpc"
+
+
+def _recv_exact(sock: socket.socket, n: int, endpoint: str, what: str) -> bytes:
+    data = b""
+    while len(data) < n:
+        try:
+            chunk = sock.recv(n - len(data))
+        except socket.timeout:
+            raise _fail(endpoint, f"accepted the connection but did not answer {what} within "
+                        f"{sock.gettimeout():g}s: it is busy serving another client (a worker serves one client at "
+                        "a time), or it is not a ggml RPC worker",
+                        "wait for the other client to finish, or check the address (--rpc-timeout waits longer)"
+                        ) from None
+        except OSError as exc:
+            raise _fail(endpoint, f"dropped the connection during {what} ({exc.strerror or exc})",
+                        "check the worker's log") from None
+        if not chunk:
+            raise _fail(endpoint, f"closed the connection during {what}: it is not a ggml RPC worker, or it speaks "
+                        f"another version of the protocol than this build ({'.'.join(map(str, RPC_PROTOCOL))})",
+                        "run the same flashflex version (flashflex rpc-server) on both machines")
+        data += chunk
+    return data
+
+
+def _command(sock: socket.socket, endpoint: str, cmd: int, payload: bytes, reply_size: int, what: str) -> bytes:
+    try:
+        sock.sendall(bytes([cmd]) + struct.pack("<Q", len(payload)) + payload)
+    except OSError as exc:
+        raise _fail(endpoint, f"dropped the connection during {what} ({exc.strerror or exc})",
+                    "check the worker's log") from None
+    (size,) = struct.unpack("<Q", _recv_exact(sock, 8, endpoint, what))
+    if size != reply_size:
+        raise _fail(endpoint, f"answered {what} with {size} bytes instead of {reply_size}: it speaks another version "
+                    f"of ggml's RPC protocol than this build ({'.'.join(map(str, RPC_PROTOCOL))})",
+                    "run the same flashflex version (flashflex rpc-server) on both machines")
+    return _recv_exact(sock, size, endpoint, what)
+
+
+def probe(endpoint: str, timeout: float = 3.0, protocol: tuple[int, int, int] = RPC_PROTOCOL) -> Worker:
+    """Connect to a worker, check its protocol version and read its devices' memory, each step within `timeout`
+    seconds; FlashflexError naming the worker otherwise (down, refusing, unreachable, silent, another protocol)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)  # ggml's client is IPv4
+    except socket.gaierror as exc:
+        raise _fail(endpoint, f"cannot be found: the host name does not resolve ({exc.strerror})",
+                    "check the host name in --rpc") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(address)
+        except ConnectionRefusedError:
+            raise _fail(endpoint, "refused the connection: nothing listens on that port", _START_FIX) from None
+        except socket.timeout:
+            raise _fail(endpoint, f"did not accept a connection within {timeout:g}s (host down, or a firewall drops "
+                        "the packets)", "check that the host is up and the port reachable from here") from None
+        except OSError as exc:
+            raise _fail(endpoint, f"cannot be reached ({exc.strerror or exc})",
+                        "check the address and the network") from None
+        hello = _command(sock, endpoint, _CMD_HELLO, bytes(_CONN_CAPS_SIZE), 4 + _CONN_CAPS_SIZE, "the handshake")
+        version = (hello[0], hello[1], hello[2])
+        if version[0] != protocol[0] or version[1] > protocol[1]:
+            raise _fail(endpoint, f"speaks ggml RPC protocol {'.'.join(map(str, version))}, and this build speaks "
+                        f"{'.'.join(map(str, protocol))}",
+                        "run the same flashflex (or llama.cpp) version on both machines")
+        (count,) = struct.unpack("<I", _command(sock, endpoint, _CMD_DEVICE_COUNT, b"", 4, "the device count"))
+        if count == 0:
+            raise _fail(endpoint, "serves no devices", "check the worker's log")
+        devices = []
+        for i in range(count):
+            reply = _command(sock, endpoint, _CMD_GET_DEVICE_MEMORY, struct.pack("<I", i), 16, "the memory query")
+            free, total = struct.unpack("<QQ", reply)
+            devices.append(WorkerDevice(i, free, total))
+        return Worker(endpoint, version, devices)
+    finally:
+        sock.close()
+
+
+def probe_all(endpoints: list[str], timeout: float = 3.0, protocol: tuple[int, int, int] = RPC_PROTOCOL
+              ) -> list[Worker]:
+    return [probe(e, timeout, protocol) for e in endpoints]
+
+
+# --------------------------------------------------------------------------------------------------
+# The client side in the library
+
+
+def library_protocol() -> tuple[int, int, int]:
+    """The RPC protocol version the installed library speaks; NotPatched/FlashflexError when it has no RPC."""
+    from orchestrator import native
+
+    proto = native.info().get("rpc_protocol")
+    if not native.has_feature("rpc") or not proto:
+        raise FlashflexError("the installed flashflex build has no RPC backend", "rebuild it: flashflex build")
+    return (int(proto[0]), int(proto[1]), int(proto[2]))
+
+
+def workers_for(endpoints: list[str], timeout: float) -> list[Worker]:
+    """Each worker's devices and memory, for the planner. A worker this process already uses is asked through the
+    library (it serves one client at a time: this process); the others are probed with timeouts."""
+    from orchestrator import native
+
+    protocol = library_protocol()
+    out = []
+    for endpoint in endpoints:
+        if endpoint in native.rpc_registered():
+            devs = native.rpc_worker_devices(endpoint)
+            out.append(Worker(endpoint, protocol, [WorkerDevice(i, d["free"], d["total"])
+                                                   for i, d in enumerate(devs)]))
+        else:
+            out.append(probe(endpoint, timeout, protocol))
+    return out
+
+
+def connect_workers(endpoints: list[str], timeout: float) -> dict[str, list[int]]:
+    """Register each worker with the library (checked first when this process does not use it yet): endpoint →
+    the indices of its devices in the library's device list (native.devices())."""
+    from orchestrator import native
+
+    protocol = library_protocol()
+    out = {}
+    for endpoint in endpoints:
+        if endpoint not in native.rpc_registered():
+            probe(endpoint, timeout, protocol)
+            native.rpc_add_server(endpoint)
+        out[endpoint] = [d["index"] for d in native.rpc_worker_devices(endpoint)]
+    return out
