@@ -50,6 +50,9 @@ OPTION_KEYS: dict[str, str] = {
     "moe_trace_force": "moe.trace_force",
     "moe_prefetch": "moe.prefetch",
     "moe_prefetch_ranks": "moe.prefetch_ranks",
+    "rpc": "rpc.servers",
+    "rpc_layers": "rpc.layers",
+    "rpc_timeout": "rpc.timeout_s",
     "prompt": "prompt",
     "n_predict": "sampling.n_predict",
     "temperature": "sampling.temperature",
@@ -113,6 +116,11 @@ class Prepared:
                 "fits_entirely": plan.fits_entirely,
                 "prefetch_threads": plan.prefetch.threads,
             }
+        if ex.rpc is not None:
+            out["rpc"] = {"local_layers": ex.rpc.local_layers, "remote_layers": ex.rpc.remote_layers,
+                          "devices": [{"endpoint": d.endpoint, "device": d.device, "first_layer": d.first_layer,
+                                       "n_layers": d.n_layers, "output": d.output, "weight_bytes": d.weight_bytes}
+                                      for d in ex.rpc.devices]}
         if ex.moe is not None:
             out["moe"] = {"mode": ex.moe.mode, "slots": ex.moe.slots, "prefetch": ex.moe.prefetch,
                           "sidecar": str(ex.moe.sidecar),
@@ -146,7 +154,8 @@ class Handle:
     @classmethod
     def open(cls, prepared: Prepared, **llama_kwargs: Any) -> "Handle":
         ex = prepared.execution
-        llm = runner.open_model(prepared.settings, ex.plan, moe=ex.moe, **{**ex.llama_kwargs(), **llama_kwargs})
+        llm = runner.open_model(prepared.settings, ex.plan, moe=ex.moe, rpc=ex.rpc, rpc_timeout=ex.rpc_timeout,
+                                **{**ex.llama_kwargs(), **llama_kwargs})
         handle = cls(prepared, llm)
         if "chat_format" not in llama_kwargs:
             _fallback_chat_format(llm)

@@ -219,6 +219,45 @@ class MoEConfig(_Section):
         return self
 
 
+def _endpoints(value: Any) -> list[str]:
+    """RPC workers: a comma-separated string or a list of HOST:PORT, each checked (orchestrator.rpc)."""
+    from orchestrator.rpc import parse_endpoints
+
+    if isinstance(value, (str, list, tuple)) or value is None:
+        try:
+            return parse_endpoints(value)
+        except FlashflexError as exc:
+            raise ValueError(exc.one_line()) from None
+    raise ValueError("must be HOST:PORT, a comma-separated list of them, or a YAML list")
+
+
+class RPCConfig(_Section):
+    """Other machines' devices through ggml's RPC backend: workers started with `flashflex rpc-server`."""
+
+    servers: Annotated[list[str], BeforeValidator(_endpoints)] = Field(
+        default_factory=list,
+        description="RPC workers as HOST:PORT, comma-separated (flashflex rpc-server on each; its protocol has no "
+        "authentication: trusted networks only). The planner puts the model's last layers on them, each as many as "
+        "the memory it announces holds, and plans the layers left here under the budget. Empty = this host only.",
+    )
+    layers: int | None = Field(
+        default=None, ge=1,
+        description="Layers to place on the RPC workers (the model's last ones; the output layer goes with them). "
+        "null = as many as the workers' announced memory holds.",
+    )
+    timeout_s: float = Field(
+        default=3.0, ge=0.1, le=120.0,
+        description="Seconds each RPC worker has to accept the connection and to answer each step of the check "
+        "made before loading (handshake, devices, memory).",
+    )
+
+    @model_validator(mode="after")
+    def _layers_need_servers(self) -> RPCConfig:
+        if self.layers is not None and not self.servers:
+            raise ValueError("layers: places layers on RPC workers, and rpc.servers lists none (give --rpc)")
+        return self
+
+
 class ContextConfig(_Section):
     """Context window, batching and compute threads (llama.cpp -c, -b, -ub, -t)."""
 
@@ -290,6 +329,7 @@ class RunConfig(_Section):
     prefetch: PrefetchConfig = Field(default_factory=PrefetchConfig, description="Dense weight streaming.")
     moe: MoEConfig = Field(default_factory=MoEConfig, description="MoE expert placement (MoE models only).")
     context: ContextConfig = Field(default_factory=ContextConfig, description="Context and batching.")
+    rpc: RPCConfig = Field(default_factory=RPCConfig, description="RPC workers on other machines.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Token sampling.")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Benchmark sweeps.")
     prompt: str = Field(default="I believe the meaning of life is", description="The prompt text.")

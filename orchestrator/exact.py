@@ -21,7 +21,7 @@ def teacher_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
 def logits(settings: GenerationSettings, plan: Plan | None, tokens: list[int],
            ex: Execution | None = None) -> np.ndarray:
     """Logits of every position for `tokens`, teacher-forced (one eval of the whole sequence), through the
-    stock path (plan None, no ex) or a configured one."""
+    stock path (plan None, no ex; or ex.stock()) or a configured one."""
     from orchestrator import native
 
     ex = ex or Execution(plan=plan)
@@ -61,4 +61,6 @@ def verify(settings: GenerationSettings, plan: Plan | None, n_tokens: int, seed:
     n_vocab = vocab.n_vocab()
     vocab.close()
     tokens = teacher_tokens(n_tokens, n_vocab, seed)
-    return compare(logits(settings, None, tokens), logits(settings, plan, tokens, ex))
+    # stock with the same placement: the same RPC workers and layer split, when the run has them
+    stock = ex.stock() if ex is not None else None
+    return compare(logits(settings, None, tokens, stock), logits(settings, plan, tokens, ex))

@@ -207,17 +207,30 @@ def runtime_spec(plan: Plan | None, moe: MoESetup | None) -> RuntimeSpec | None:
 
 
 @contextlib.contextmanager
-def _without_repack():
-    """Load with the CPU backend's repacked weight layout off (llama_model_params.use_extra_bufts = false),
-    which llama_cpp.Llama does not expose: the one stock mode whose weights stay in the page cache (mmap)
-    instead of anonymous memory, used as the below-RAM baseline by benchmarks."""
+def _model_params(repack: bool = True, devices: list[int] | None = None):
+    """Model parameters llama_cpp.Llama does not expose, set on the defaults it starts from during the load:
+    `repack=False` turns the CPU backend's repacked weight layout off (llama_model_params.use_extra_bufts = false:
+    the one stock mode whose weights stay in the page cache (mmap) instead of anonymous memory, the below-RAM
+    baseline of benchmarks); `devices` (ggml_backend_dev_t handles, native.device_handle) is the model's device
+    list (llama_model_params.devices; [] = the CPU only), in the order its layers are split across them."""
+    import ctypes
+
+    if repack and devices is None:
+        yield
+        return
     import llama_cpp.llama as high
 
     original = high.llama_cpp.llama_model_default_params
+    handles = None
+    if devices is not None:  # NULL-terminated; alive until the load has copied it
+        handles = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
 
     def params():
         p = original()
-        p.use_extra_bufts = False
+        if not repack:
+            p.use_extra_bufts = False
+        if handles is not None:
+            p.devices = ctypes.cast(handles, ctypes.c_void_p)
         return p
 
     high.llama_cpp.llama_model_default_params = params
@@ -227,15 +240,40 @@ def _without_repack():
         high.llama_cpp.llama_model_default_params = original
 
 
+def _placement(rpc: Any, timeout: float) -> tuple[list[int] | None, dict[str, Any]]:
+    """(device handles, Llama keyword arguments) for a model split across RPC workers (an RPCPlan): each worker is
+    checked (when this process does not use it yet) and registered, and the layer split is llama.cpp's
+    n_gpu_layers / tensor_split. Without one: the device list this process would give llama.cpp by default, minus
+    RPC workers registered for other models (None = leave it to llama.cpp)."""
+    if rpc is None:
+        local = native.local_accelerators() if native.rpc_registered() else None
+        return ([native.device_handle(i) for i in local] if local is not None else None), {}
+    from orchestrator import rpc as rpc_mod
+
+    index = rpc_mod.connect_workers(list(dict.fromkeys(d.endpoint for d in rpc.devices)), timeout)
+    handles = []
+    for d in rpc.devices:
+        mine = index[d.endpoint]
+        if d.device >= len(mine):
+            raise FlashflexError(f"RPC worker {d.endpoint} serves {len(mine)} device(s), and the plan uses its device "
+                                 f"{d.device}", "re-plan: the worker changed since the plan was made")
+        handles.append(native.device_handle(mine[d.device]))
+    return handles, {"n_gpu_layers": rpc.n_gpu_layers, "tensor_split": list(rpc.tensor_split)}
+
+
 def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_all: bool = False,
-               repack: bool = True, moe: MoESetup | None = None, **llama_kwargs: Any):
+               repack: bool = True, moe: MoESetup | None = None, rpc: Any = None, rpc_timeout: float = 3.0,
+               **llama_kwargs: Any):
     """A `llama_cpp.Llama` for `settings.model`: the stock path, or with flashflex's runtime reading the
     plan's streamed tensors (when the plan streams anything) and/or the routed experts from a sidecar into
     slot banks (`moe`). `repack=False` turns the CPU backend's repacked weight layout off (a stock
-    baseline mode)."""
+    baseline mode). `rpc` (an RPCPlan) places the model's last layers on RPC workers, checked within
+    `rpc_timeout` seconds each before the load."""
     llama_cpp_module()  # one clear line if llama_cpp is missing
     from llama_cpp import Llama
 
+    devices, placement_kwargs = _placement(rpc, rpc_timeout)
+    llama_kwargs = {**llama_kwargs, **placement_kwargs}
     spec = runtime_spec(plan, moe)
     stream = spec.streamed if spec is not None else []
     config = None
@@ -252,7 +290,7 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
         llama_kwargs = {**llama_kwargs, "use_mmap": False,
                         "kv_overrides": {**llama_kwargs.get("kv_overrides", {}), "flashflex.config": config.id}}
     try:
-        with _quiet_native_stderr(), (contextlib.nullcontext() if repack else _without_repack()):
+        with _quiet_native_stderr(), _model_params(repack=repack, devices=devices):
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, verbose=False, **llama_kwargs)
@@ -285,8 +323,8 @@ def session(settings: GenerationSettings, ex: "Execution", logits_all: bool = Fa
             **llama_kwargs: Any):
     """open_model for an Execution, closed on exit; a routing trace the run records is published only when the
     block ends without an exception (after the close, which flushes the runtime's last records)."""
-    llm = open_model(settings, ex.plan, logits_all=logits_all, repack=repack, moe=ex.moe,
-                     **{**ex.llama_kwargs(), **llama_kwargs})
+    llm = open_model(settings, ex.plan, logits_all=logits_all, repack=repack, moe=ex.moe, rpc=ex.rpc,
+                     rpc_timeout=ex.rpc_timeout, **{**ex.llama_kwargs(), **llama_kwargs})
     ok = False
     try:
         yield llm
@@ -351,6 +389,13 @@ class Execution:
     kv_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. a --moe-topk override
     budget_plan: Plan | None = None  # the plan made for the budget, streaming or not (for reports)
     lossy: list[str] = field(default_factory=list)  # why this run's output may differ from stock
+    rpc: Any = None  # planner.RPCPlan: the model's last layers on RPC workers (stock runs too)
+    rpc_timeout: float = 3.0  # seconds each worker has to answer the check before the load
+
+    def stock(self) -> "Execution":
+        """Stock llama.cpp with the same placement (the same RPC workers and layer split): what exactness compares
+        against."""
+        return Execution(mode="stock", rpc=self.rpc, rpc_timeout=self.rpc_timeout)
 
     @property
     def native(self) -> bool:
@@ -437,7 +482,7 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     from orchestrator.sizes import available_memory, is_auto
 
     plain = cfg.moe.mode in ("auto", "stock", "resident") and not (cfg.moe.model_fields_set - {"mode"})
-    if is_auto(str(cfg.budget.size)) and plain:
+    if is_auto(str(cfg.budget.size)) and plain and not cfg.rpc.servers:
         from orchestrator.modelfile.validate import read_layout
 
         for shard in shard_paths(model):  # the header checks the full table read would make, in a fraction
@@ -450,8 +495,18 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     table = read_model_table(model)
     if not table.arch.is_moe and not any(t.role.name == "EXPERT_ROUTED" for t in table.tensors):
         _refuse_bank_options(cfg, "a dense model")
-    plan = plan_for_run(table, cfg)
-    ex = Execution(budget_plan=plan)
+    workers = None
+    if cfg.rpc.servers:
+        from orchestrator import rpc
+
+        workers = rpc.workers_for(cfg.rpc.servers, cfg.rpc.timeout_s)
+    plan = plan_for_run(table, cfg, workers=workers)
+    ex = Execution(budget_plan=plan, rpc=plan.rpc, rpc_timeout=cfg.rpc.timeout_s)
+    if plan.rpc is not None and plan.moe is not None and plan.moe.mode not in ("auto", "stock", "resident"):
+        raise FlashflexError(f"--moe-mode {plan.moe.mode} with --rpc is not supported yet: expert banks run only when "
+                             "every layer is on this host",
+                             "give the local part a budget that holds its experts (or --moe-mode stock/resident), or "
+                             "drop --rpc")
     if plan.moe is not None:
         if plan.moe.topk_lossy:
             ex.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk
@@ -592,6 +647,11 @@ def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float) -
     decode_stats, decode_moe = _stream_stats(llm, ex), _moe_stats(llm, ex)
     text = llm.detokenize(out).decode(errors="replace")
     stats: dict[str, Any] = {"mode": ex.mode, "lossy": ex.lossy}
+    devices = native.memory_breakdown(llm.ctx)
+    if devices is not None:
+        stats["devices"] = devices  # bytes per buffer type (device), as llama.cpp allocated them
+    if ex.rpc is not None:
+        stats["rpc"] = ex.rpc.model_dump(mode="json")
     if ex.plan is not None:
         stats.update({
             "budget_bytes": ex.plan.budget_bytes,

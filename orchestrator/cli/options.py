@@ -50,6 +50,9 @@ MoETraceOpt = Annotated[Optional[Path], _flag("moe_trace", "--moe-trace")]
 TraceForceOpt = Annotated[Optional[bool], _flag("moe_trace_force", "--force")]
 MoEPrefetchOpt = Annotated[Optional[str], _flag("moe_prefetch", "--moe-prefetch")]
 MoEVerifyOpt = Annotated[Optional[bool], _flag("moe_verify", "--moe-verify/--no-moe-verify")]
+RPCOpt = Annotated[Optional[str], _flag("rpc", "--rpc")]
+RPCLayersOpt = Annotated[Optional[int], _flag("rpc_layers", "--rpc-layers")]
+RPCTimeoutOpt = Annotated[Optional[float], _flag("rpc_timeout", "--rpc-timeout")]
 
 
 # The shared flags, in --help order: parameter name → its annotated type. A command takes them all through
@@ -60,7 +63,7 @@ SHARED_FLAGS: dict[str, Any] = {
     "ubatch": UbatchOpt, "moe_mode": MoEModeOpt, "moe_sidecar": MoESidecarOpt, "moe_slot_bank": MoESlotBankOpt,
     "moe_topk": MoETopkOpt, "moe_shared_only": MoESharedOnlyOpt, "moe_io_threads": MoEIOThreadsOpt,
     "moe_trace": MoETraceOpt, "moe_prefetch": MoEPrefetchOpt, "moe_verify": MoEVerifyOpt,
-    "moe_trace_force": TraceForceOpt,
+    "moe_trace_force": TraceForceOpt, "rpc": RPCOpt, "rpc_layers": RPCLayersOpt, "rpc_timeout": RPCTimeoutOpt,
 }
 
 

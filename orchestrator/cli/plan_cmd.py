@@ -16,7 +16,7 @@ from rich.table import Table
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.config import DEFAULT_BANDWIDTH, RunConfig, load_run_config
 from orchestrator.modelfile.table import ModelTable
-from orchestrator.planner import Plan, explain, format_tokens_per_s, make_plan
+from orchestrator.planner import Plan, explain, format_tokens_per_s, plan_for_run
 from orchestrator.sizes import format_rate, format_size, parse_rate
 
 
@@ -28,7 +28,8 @@ def _load_table(path: Path) -> ModelTable:
 
 
 def _settings(budget: str, ctx: int, ubatch: int, window: int, threads: int, direct_io: str,
-              moe_mode: str | None, slot_bank: int | None, topk: int | None) -> RunConfig:
+              moe_mode: str | None, slot_bank: int | None, topk: int | None, rpc: str | None = None,
+              rpc_layers: int | None = None, rpc_timeout: float | None = None) -> RunConfig:
     """Flags validated by the same models as YAML, so errors read the same."""
     overrides: dict[str, Any] = {
         "budget.size": budget,
@@ -41,6 +42,9 @@ def _settings(budget: str, ctx: int, ubatch: int, window: int, threads: int, dir
         "moe.mode": moe_mode,
         "moe.slot_bank": slot_bank,
         "moe.topk": topk,
+        "rpc.servers": rpc,
+        "rpc.layers": rpc_layers,
+        "rpc.timeout_s": rpc_timeout,
     }
     return load_run_config(None, overrides)
 
@@ -65,23 +69,28 @@ def plan_command(
                                                          "layer instead of the planner's choice.")] = None,
     moe_topk: Annotated[Optional[int], typer.Option("--moe-topk", help="MoE only: fewer experts per token "
                                                     "(lossy).")] = None,
+    rpc: Annotated[Optional[str], typer.Option("--rpc", help="RPC workers, HOST:PORT[,HOST:PORT...] (flashflex "
+                                               "rpc-server on each): each is asked for the memory it announces, and "
+                                               "the plan puts the model's last layers on them.")] = None,
+    rpc_layers: Annotated[Optional[int], typer.Option("--rpc-layers", min=1, help="Layers to put on the RPC "
+                                                      "workers (default: as many as they hold).")] = None,
+    rpc_timeout: Annotated[Optional[float], typer.Option("--rpc-timeout", min=0.1, max=120.0,
+                                                         help="Seconds each worker has to answer.")] = None,
     show_explain: Annotated[bool, typer.Option("--explain", help="Say which tensors are kept and why.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Plan a model under a RAM budget: resident and streamed tensors, expert banks, reservations, estimates."""
+    """Plan a model under a RAM budget: resident and streamed tensors, expert banks, reservations, estimates; with
+    --rpc, which layers go to which worker and what stays here."""
     settings = _settings(budget, ctx, ubatch, prefetch_window, prefetch_threads, direct_io, moe_mode,
-                         moe_slot_bank, moe_topk)
+                         moe_slot_bank, moe_topk, rpc, rpc_layers, rpc_timeout)
     rate = parse_rate(bandwidth, what="--bandwidth")
     table = _load_table(model)
-    plan = make_plan(
-        table,
-        settings.budget.resolve_bytes(),
-        ctx=settings.context.ctx,
-        ubatch=settings.context.ubatch,
-        prefetch=settings.prefetch,
-        moe=settings.moe,
-        read_bandwidth=rate,
-    )
+    workers = None
+    if settings.rpc.servers:
+        from orchestrator import rpc as rpc_mod
+
+        workers = rpc_mod.probe_all(settings.rpc.servers, settings.rpc.timeout_s)
+    plan = plan_for_run(table, settings, workers=workers, read_bandwidth=rate)
     if json_out:
         emit_json(plan.model_dump(mode="json"))
         if show_explain:
@@ -126,8 +135,10 @@ def _print_plan(plan: Plan) -> None:
     else:
         summary.add_row("reads per token", "none: not I/O bound")
     console.print(summary)
+    if plan.rpc is not None:
+        _print_placement(plan)
 
-    layers = Table(title="layers", title_justify="left")
+    layers = Table(title="layers on this host" if plan.rpc is not None else "layers", title_justify="left")
     for col in ("layers", "regime", "resident", "streamed", "bank"):
         layers.add_column(col, justify="left" if col in ("layers", "regime") else "right")
 
@@ -145,6 +156,30 @@ def _print_plan(plan: Plan) -> None:
     console.print(layers)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+
+
+def _print_placement(plan: Plan) -> None:
+    """Which layers go to which RPC worker device, and what stays here."""
+    rpc = plan.rpc
+    assert rpc is not None
+    table = Table(title=f"placement: {rpc.remote_layers} of {plan.n_layer} layers on RPC workers "
+                        f"({format_size(rpc.remote_weight_bytes)}), {rpc.local_layers} here "
+                        f"({format_size(rpc.local_model_bytes)} with the input embedding)", title_justify="left")
+    for col in ("device", "layers", "weights", "KV cache", "compute", "used", "announced free"):
+        table.add_column(col, justify="left" if col in ("device", "layers") else "right")
+    if rpc.local_layers:
+        table.add_row("this host", f"0-{rpc.local_layers - 1} + input", "planned below", "", "", "", "")
+    else:
+        table.add_row("this host", "input embedding", "planned below", "", "", "", "")
+    for d in rpc.devices:
+        last = d.first_layer + d.n_layers - 1
+        span = (f"{d.first_layer}" if d.n_layers == 1 else f"{d.first_layer}-{last}") + (" + output" if d.output
+                                                                                          else "")
+        table.add_row(f"{d.endpoint} #{d.device}", span, format_size(d.weight_bytes), format_size(d.kv_cache_bytes),
+                      format_size(d.compute_bytes), format_size(d.used_bytes), format_size(d.free_bytes))
+    console.print(table)
+    console.print(f"llama.cpp: n_gpu_layers {rpc.n_gpu_layers}, tensor_split "
+                  f"{','.join(f'{x:g}' for x in rpc.tensor_split)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -81,9 +81,12 @@ from orchestrator.planner.schema import (
                                          Plan,
                                          PrefetchPlan,
                                          Reservations,
+                                         RPCDevicePlan,
+                                         RPCPlan,
                                          TensorDecision,
 )
 
 __all__ = ["DIRECT_IO_ALIGNMENT", "SCHEMA_VERSION", "Estimates", "LayerPlan", "MoEPlan", "Plan", "PrefetchPlan",
-           "Reservations", "TensorDecision", "compute_bytes", "explain", "format_tokens_per_s", "kv_cache_bytes",
+           "Reservations", "RPCDevicePlan", "RPCPlan",
+           "TensorDecision", "compute_bytes", "explain", "format_tokens_per_s", "kv_cache_bytes",
            "make_plan", "plan_for_run", "runtime_slots"]

@@ -551,16 +551,35 @@ def make_plan(
     return plan
 
 
-def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None) -> Plan:
-    """make_plan with the settings of a RunConfig. Not pure when the budget is `auto` (reads free memory)."""
-    return make_plan(
-        table,
+def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None, workers: list[Any] | None = None,
+                 read_bandwidth: int | str | None = None) -> Plan:
+    """make_plan with the settings of a RunConfig. Not pure when the budget is `auto` (reads free memory).
+
+    `workers` (orchestrator.rpc.Worker, checked by the caller): the model's last layers go to them
+    (planner.placement) and the budget plans what stays here."""
+    ctx, ubatch = config.context.ctx, config.context.ubatch
+    rpc_plan, rpc_warnings, local = None, [], table
+    if workers:
+        from orchestrator.planner.placement import devices_of, local_table, place_layers
+
+        layers = getattr(getattr(config, "rpc", None), "layers", None)
+        rpc_plan, rpc_warnings = place_layers(table, devices_of(workers), ctx=ctx, ubatch=ubatch, layers=layers)
+        local = local_table(table, rpc_plan.local_layers)
+    plan = make_plan(
+        local,
         config.budget.resolve_bytes(available),
-        ctx=config.context.ctx,
-        ubatch=config.context.ubatch,
+        ctx=ctx,
+        ubatch=ubatch,
         prefetch=config.prefetch,
         moe=config.moe,
+        read_bandwidth=read_bandwidth,
     )
+    if rpc_plan is not None:
+        plan.rpc = rpc_plan
+        plan.n_layer = table.arch.n_layer
+        plan.model_bytes = table.total_bytes
+        plan.warnings = rpc_warnings + plan.warnings
+    return plan
 
 
 # --------------------------------------------------------------------------------------------------

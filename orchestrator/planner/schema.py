@@ -118,6 +118,37 @@ class Estimates(_Model):
                                                 "when nothing streams (not I/O bound).")
 
 
+class RPCDevicePlan(_Model):
+    """One RPC worker device and the layers placed on it."""
+
+    endpoint: str = Field(description="The worker, HOST:PORT.")
+    device: int = Field(description="The device's index on its worker.")
+    free_bytes: int = Field(description="Memory the device announced as free when planned.")
+    total_bytes: int = Field(description="Memory the device announced in total.")
+    first_layer: int = Field(description="First layer placed here; its layers are first_layer .. first_layer + "
+                             "n_layers - 1.")
+    n_layers: int = Field(description="Layers placed here.")
+    output: bool = Field(description="Whether the output layer (output norm and matrix) is placed here.")
+    weight_bytes: int = Field(description="Weights placed here (the output layer's included).")
+    kv_cache_bytes: int = Field(description="KV cache of its layers (f16, the whole context).")
+    compute_bytes: int = Field(description="Compute buffers reserved for it (an upper estimate).")
+    used_bytes: int = Field(description="weights + KV cache + compute: never above free_bytes.")
+
+
+class RPCPlan(_Model):
+    """Where the layers of a model split across RPC workers go: what llama.cpp is told, and per device."""
+
+    devices: list[RPCDevicePlan] = Field(description="Devices that get layers, in llama.cpp's device order.")
+    local_layers: int = Field(description="Layers 0 .. local_layers - 1 stay on this host.")
+    remote_layers: int = Field(description="Layers on the workers (the model's last ones).")
+    n_gpu_layers: int = Field(description="llama.cpp's n_gpu_layers: remote layers + the output layer.")
+    tensor_split: list[float] = Field(description="llama.cpp's tensor_split: layers per device in device order (the "
+                                      "last device's count includes the output layer).")
+    requested_layers: int | None = Field(description="rpc.layers as given; null = as many as fit.")
+    remote_weight_bytes: int = Field(description="Weights placed on the workers.")
+    local_model_bytes: int = Field(description="Weights that stay on this host (planned under the budget).")
+
+
 class Plan(_Model):
     """A budget turned into placements: what stays resident, what streams, the banks and reservations."""
 
@@ -144,6 +175,9 @@ class Plan(_Model):
     layers: list[LayerPlan]
     tensors: list[TensorDecision]
     warnings: list[str] = Field(default_factory=list, description="Things the user should know.")
+    rpc: RPCPlan | None = Field(default=None, description="Layers placed on RPC workers; null = this host runs every "
+                                "layer. With it, the rest of the plan (layers, tensors, reservations) is this host's "
+                                "part: layers 0 .. rpc.local_layers - 1 and the input embedding.")
 
 
 # --------------------------------------------------------------------------------------------------
