@@ -123,11 +123,19 @@ def _fail(endpoint: str, problem: str, fix: str) -> FlashflexError:
 _START_FIX = "start it there (flashflex rpc-server --host ADDRESS --port PORT) or fix --rpc"
 
 
+def _closed(endpoint: str, what: str) -> FlashflexError:
+    return _fail(endpoint, f"closed the connection during {what}: it is not a ggml RPC worker, or it speaks another "
+                 f"version of the protocol than this build ({'.'.join(map(str, RPC_PROTOCOL))})",
+                 "run the same flashflex version (flashflex rpc-server) on both machines")
+
+
 def _recv_exact(sock: socket.socket, n: int, endpoint: str, what: str) -> bytes:
     data = b""
     while len(data) < n:
         try:
             chunk = sock.recv(n - len(data))
+        except ConnectionResetError:
+            raise _closed(endpoint, what) from None
         except socket.timeout:
             raise _fail(endpoint, f"accepted the connection but did not answer {what} within "
                         f"{sock.gettimeout():g}s: it is busy serving another client (a worker serves one client at "
@@ -138,9 +146,7 @@ def _recv_exact(sock: socket.socket, n: int, endpoint: str, what: str) -> bytes:
             raise _fail(endpoint, f"dropped the connection during {what} ({exc.strerror or exc})",
                         "check the worker's log") from None
         if not chunk:
-            raise _fail(endpoint, f"closed the connection during {what}: it is not a ggml RPC worker, or it speaks "
-                        f"another version of the protocol than this build ({'.'.join(map(str, RPC_PROTOCOL))})",
-                        "run the same flashflex version (flashflex rpc-server) on both machines")
+            raise _closed(endpoint, what)
         data += chunk
     return data
 
@@ -148,6 +154,10 @@ def _recv_exact(sock: socket.socket, n: int, endpoint: str, what: str) -> bytes:
 def _command(sock: socket.socket, endpoint: str, cmd: int, payload: bytes, reply_size: int, what: str) -> bytes:
     try:
         sock.sendall(bytes([cmd]) + struct.pack("<Q", len(payload)) + payload)
+    except (ConnectionResetError, BrokenPipeError):
+        raise _closed(endpoint, what) from None
+    except socket.timeout:
+        raise _fail(endpoint, f"did not take {what} within {sock.gettimeout():g}s", "check the worker") from None
     except OSError as exc:
         raise _fail(endpoint, f"dropped the connection during {what} ({exc.strerror or exc})",
                     "check the worker's log") from None

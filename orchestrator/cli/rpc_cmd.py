@@ -8,6 +8,7 @@ process at once (nothing of the worker's needs saving: a client's buffers die wi
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ from typing import Any, Optional
 
 import typer
 
-from orchestrator.cli.common import JsonOpt, emit_json, err_console
+from orchestrator.cli.common import JsonOpt, err_console
 from orchestrator.errors import FlashflexError
 
 UNSAFE_HOST_WARNING = (
@@ -105,21 +106,17 @@ def register(app: typer.Typer) -> None:
         if not rpc.is_loopback(host):
             err_console.print(f"[bold red]{UNSAFE_HOST_WARNING.format(host=host, port=port)}[/]")
         if json_out:
-            emit_json({"endpoint": endpoint, "protocol": ".".join(map(str, protocol)), "threads": n_threads,
-                       "cache_dir": str(cache) if cache else None, "announced_by": how, "devices": served})
+            lines = [json.dumps({"endpoint": endpoint, "protocol": ".".join(map(str, protocol)),
+                                 "threads": n_threads, "cache_dir": str(cache) if cache else None,
+                                 "announced_by": how, "devices": served}, indent=2)]
         else:
-            print(f"flashflex rpc-server: serving on {endpoint} (ggml RPC protocol {'.'.join(map(str, protocol))}), "
-                  f"{n_threads} thread(s), tensor cache {cache or 'off'}")
-            for d in served:
-                print(f"  {d['name']} ({d['description']}): announces {format_size(d['announced'])} "
-                      f"({how}; the device reports {format_size(d['free'])} free of {format_size(d['total'])})")
-            print(f"clients: flashflex run --rpc {endpoint} ... · Ctrl-C stops the worker")
-        sys.stdout.flush()
-        # From here on ggml's own log lines (printf: "Accepted client connection", ...) go to stderr, so stdout
-        # holds only the lines above (with --json, one JSON document).
-        os.dup2(2, 1)
+            lines = [f"flashflex rpc-server: serving on {endpoint} (ggml RPC protocol {'.'.join(map(str, protocol))}), "
+                     f"{n_threads} thread(s), tensor cache {cache or 'off'}"]
+            lines += [f"  {d['name']} ({d['description']}): announces {format_size(d['announced'])} ({how}; the "
+                      f"device reports {format_size(d['free'])} free of {format_size(d['total'])})" for d in served]
+            lines.append(f"clients: flashflex run --rpc {endpoint} ... · Ctrl-C stops the worker")
         _serve_until_signal(endpoint, str(cache) if cache else None, n_threads, announce,
-                            [d["index"] for d in devices])
+                            [d["index"] for d in devices], "\n".join(lines) + "\n")
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -138,9 +135,35 @@ def _check_can_listen(host: str, port: int) -> None:
         s.close()
 
 
-def _serve_until_signal(endpoint: str, cache_dir: str | None, threads: int, announce: int, indices: list[int]) -> None:
+def _listening(host: str, port: int) -> bool:
+    """Whether something listens on host:port now, read from /proc/net/tcp (Linux: no connection made, so the worker
+    logs no client); elsewhere a connection attempt."""
+    import socket
+
+    table = Path("/proc/net/tcp")
+    if table.exists():
+        want = f"{port:04X}"
+        for line in table.read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[1].endswith(":" + want) and fields[3] == "0A":  # 0A = LISTEN
+                return True
+        return False
+    try:
+        with socket.create_connection(("127.0.0.1" if host == "0.0.0.0" else host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _serve_until_signal(endpoint: str, cache_dir: str | None, threads: int, announce: int, indices: list[int],
+                        announcement: str) -> None:
+    """Start ggml's server on a thread, print `announcement` on stdout once it listens, and end the process on
+    SIGINT/SIGTERM/SIGHUP."""
+    import time
+
     from orchestrator import native
 
+    host, _, port = endpoint.rpartition(":")
     failure: list[str] = []
 
     def serve() -> None:
@@ -155,8 +178,19 @@ def _serve_until_signal(endpoint: str, cache_dir: str | None, threads: int, anno
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    # ggml's own log lines (printf: "Starting RPC server", "Accepted client connection", ...) go to stderr; stdout
+    # gets only the announcement, printed once the server listens (so a script that read it can connect at once).
+    sys.stdout.flush()
+    stdout = os.dup(1)
+    os.dup2(2, 1)
     server = threading.Thread(target=serve, name="flashflex-rpc-server", daemon=True)
     server.start()
+    deadline = time.monotonic() + 30
+    while server.is_alive() and not stop.is_set() and not _listening(host, int(port)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with os.fdopen(stdout, "w") as out:
+        if server.is_alive() and not stop.is_set():
+            out.write(announcement)
     while server.is_alive() and not stop.wait(0.2):
         pass
     if received:

@@ -127,7 +127,7 @@ class _Fit:
 
     def assign(self, r: int) -> list[int] | None:
         counts = _proportional(r, self.caps)
-        if self.used(counts) is not None:
+        if sum(counts) == r and self.used(counts) is not None:
             return counts
         return self.fill_from_last(r)
 
