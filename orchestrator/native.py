@@ -467,6 +467,16 @@ def memory_breakdown(ctx_ptr) -> list[dict[str, Any]] | None:
     return out["buffers"] if out is not None else None
 
 
+def cpu_buffer_type() -> int:
+    """ggml's plain CPU buffer type (ggml_backend_cpu_buffer_type, an upstream ggml function the library exports),
+    for tensor overrides that keep tensors in host memory (llama.cpp's --cpu-moe)."""
+    cdll = lib()
+    fn = cdll.ggml_backend_cpu_buffer_type
+    fn.argtypes = []
+    fn.restype = ctypes.c_void_p
+    return fn()
+
+
 _rpc_registered: set[str] = set()
 _local_devices: list[dict[str, Any]] | None = None  # devices() before the first RPC worker joined the list
 

@@ -9,6 +9,7 @@ With no plan (the model fits), the model opens exactly as stock llama-cpp-python
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import sys
@@ -207,15 +208,15 @@ def runtime_spec(plan: Plan | None, moe: MoESetup | None) -> RuntimeSpec | None:
 
 
 @contextlib.contextmanager
-def _model_params(repack: bool = True, devices: list[int] | None = None):
+def _model_params(repack: bool = True, devices: list[int] | None = None, cpu_tensors: list[str] | None = None):
     """Model parameters llama_cpp.Llama does not expose, set on the defaults it starts from during the load:
     `repack=False` turns the CPU backend's repacked weight layout off (llama_model_params.use_extra_bufts = false:
     the one stock mode whose weights stay in the page cache (mmap) instead of anonymous memory, the below-RAM
     baseline of benchmarks); `devices` (ggml_backend_dev_t handles, native.device_handle) is the model's device
-    list (llama_model_params.devices; [] = the CPU only), in the order its layers are split across them."""
-    import ctypes
-
-    if repack and devices is None:
+    list (llama_model_params.devices; [] = the CPU only), in the order its layers are split across them;
+    `cpu_tensors` (regular expressions) are kept in the CPU buffer type whatever their layer's device
+    (llama_model_params.tensor_buft_overrides: llama.cpp's --cpu-moe)."""
+    if repack and devices is None and not cpu_tensors:
         yield
         return
     import llama_cpp.llama as high
@@ -224,6 +225,11 @@ def _model_params(repack: bool = True, devices: list[int] | None = None):
     handles = None
     if devices is not None:  # NULL-terminated; alive until the load has copied it
         handles = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    overrides = None
+    if cpu_tensors:
+        cpu = native.cpu_buffer_type()
+        overrides = (_BuftOverride * (len(cpu_tensors) + 1))(
+            *[_BuftOverride(p.encode(), cpu) for p in cpu_tensors], _BuftOverride(None, None))
 
     def params():
         p = original()
@@ -231,6 +237,8 @@ def _model_params(repack: bool = True, devices: list[int] | None = None):
             p.use_extra_bufts = False
         if handles is not None:
             p.devices = ctypes.cast(handles, ctypes.c_void_p)
+        if overrides is not None:
+            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         return p
 
     high.llama_cpp.llama_model_default_params = params
@@ -261,6 +269,12 @@ def _placement(rpc: Any, timeout: float) -> tuple[list[int] | None, dict[str, An
     return handles, {"n_gpu_layers": rpc.n_gpu_layers, "tensor_split": list(rpc.tensor_split)}
 
 
+class _BuftOverride(ctypes.Structure):
+    """struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }"""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
 def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_all: bool = False,
                repack: bool = True, moe: MoESetup | None = None, rpc: Any = None, rpc_timeout: float = 3.0,
                **llama_kwargs: Any):
@@ -273,6 +287,7 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
     from llama_cpp import Llama
 
     devices, placement_kwargs = _placement(rpc, rpc_timeout)
+    cpu_tensors = list(rpc.cpu_tensors) if rpc is not None else []
     llama_kwargs = {**llama_kwargs, **placement_kwargs}
     spec = runtime_spec(plan, moe)
     stream = spec.streamed if spec is not None else []
@@ -290,7 +305,7 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
         llama_kwargs = {**llama_kwargs, "use_mmap": False,
                         "kv_overrides": {**llama_kwargs.get("kv_overrides", {}), "flashflex.config": config.id}}
     try:
-        with _quiet_native_stderr(), _model_params(repack=repack, devices=devices):
+        with _quiet_native_stderr(), _model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors):
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, verbose=False, **llama_kwargs)
@@ -503,10 +518,15 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     plan = plan_for_run(table, cfg, workers=workers)
     ex = Execution(budget_plan=plan, rpc=plan.rpc, rpc_timeout=cfg.rpc.timeout_s)
     if plan.rpc is not None and plan.moe is not None and plan.moe.mode not in ("auto", "stock", "resident"):
-        raise FlashflexError(f"--moe-mode {plan.moe.mode} with --rpc is not supported yet: expert banks run only when "
-                             "every layer is on this host",
-                             "give the local part a budget that holds its experts (or --moe-mode stock/resident), or "
-                             "drop --rpc")
+        if not plan.rpc.experts_here:
+            raise FlashflexError(f"the layers left here need --moe-mode {plan.moe.mode}, and with --rpc expert banks "
+                                 "hold every layer's experts only when asked for",
+                                 f"add --moe-mode {plan.moe.mode} (every layer's experts then stay here, in banks), or "
+                                 "raise --budget")
+        if cfg.moe.prefetch == "router-lookahead" and plan.rpc.remote_layers:
+            raise FlashflexError("--moe-prefetch router-lookahead reads each layer's router on this host, and with "
+                                 "--rpc the routers of the workers' layers are there",
+                                 "drop --moe-prefetch, or --rpc")
     if plan.moe is not None:
         if plan.moe.topk_lossy:
             ex.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk

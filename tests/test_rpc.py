@@ -177,6 +177,23 @@ def test_placement_refusals_say_how_many_fit(dense_models):
         place_layers(table, _fake(1, 1 << 30), ctx=CTX, ubatch=32, layers=5)
 
 
+def test_experts_stay_here_in_a_bank_mode(moe_models):
+    table = read_model_table(moe_models["qwen3moe"][0])
+    cfg = load_run_config(None, {"context.ctx": CTX, "context.ubatch": 32, "budget.size": "64MiB",
+                                 "moe.mode": "slot-bank", "moe.slot_bank": 8, "rpc.servers": "10.0.0.1:50052"})
+    worker = rpc.Worker("10.0.0.1:50052", rpc.RPC_PROTOCOL, [rpc.WorkerDevice(0, 1 << 30, 1 << 30)])
+    plan = plan_for_run(table, cfg, workers=[worker])
+    assert plan.rpc.experts_here and plan.rpc.remote_layers == table.arch.n_layer and plan.rpc.local_layers == 0
+    experts = {t.name for t in table.tensors if "_exps." in t.name}
+    assert experts and {t.name for t in plan.tensors if t.placement == "bank"} == experts  # every layer's, here
+    assert plan.rpc.remote_weight_bytes + plan.rpc.local_model_bytes >= table.total_bytes
+    assert not any(t.layer is not None and "_exps." not in t.name for t in plan.tensors)
+    stock = plan_for_run(table, load_run_config(None, {"context.ctx": CTX, "rpc.servers": "10.0.0.1:50052"}),
+                         workers=[worker])
+    assert not stock.rpc.experts_here and not stock.rpc.cpu_tensors  # stock: experts go with their layers
+    assert stock.rpc.remote_weight_bytes > plan.rpc.remote_weight_bytes
+
+
 def test_the_budget_plans_only_what_stays_here(dense_models):
     table = read_model_table(dense_models["q4_0"])
     cfg = load_run_config(None, {"context.ctx": CTX, "context.ubatch": 32, "budget.size": "8.5MiB",
@@ -476,12 +493,48 @@ def test_more_layers_than_the_workers_hold_is_one_line(workers, dense_models):
 
 
 @pytest.mark.native
-def test_banked_moe_with_rpc_is_refused_for_now(workers, moe_models):
+@pytest.mark.parametrize("family,mode,slots,layers,ubatch", [
+    ("qwen3moe", "slot-bank", 8, None, 32),  # every layer's dense part on the worker, all experts banked here
+    ("qwen3moe-q4_0", "slot-bank", 6, 2, 1),  # a repacked quant; layer 0 entirely here
+    ("qwen2moe", "resident-bank", None, 1, 16),  # shared experts go with their layer
+])
+def test_moe_dense_parts_on_a_worker_experts_in_banks_here_are_bitwise_exact(workers, moe_models, family, mode, slots,
+                                                                              layers, ubatch):
+    """llama.cpp's --cpu-moe shape over RPC: each layer's attention, router (and shared experts) on the worker, its
+    routed experts in this host's slot banks; exact against stock with the same workers, split and expert
+    override."""
+    w = workers(mem="256MiB")
+    path, sidecar = moe_models[family]
+    common = ["--model", str(path), "--moe-mode", mode, "--moe-sidecar", str(sidecar), "--rpc", w.endpoint,
+              "--ctx", str(CTX), "--ubatch", str(ubatch), "-t", "1"]
+    common += ["--moe-slot-bank", str(slots)] if slots else []
+    common += ["--rpc-layers", str(layers)] if layers else []
+    result = flashflex("verify-exact", *common, "--tokens", "40", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["identical"] and out["mode"].startswith(mode) and out["max_abs_diff"] == 0.0, out
+
+    run = flashflex("run", *common, "-n", "4", "--json", timeout=300)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(run.stdout)["stats"]
+    placed = stats["rpc"]
+    assert placed["experts_here"] and placed["cpu_tensors"]
+    remote = [d for d in stats["devices"] if d["device"].startswith("RPC")]
+    # the worker holds exactly the planned weights: no routed expert went there
+    assert remote[0]["model"] == placed["devices"][0]["weight_bytes"]
+    assert stats["moe"]["decode"] is not None
+    if mode == "slot-bank":
+        assert stats["moe"]["decode"]["calls"] > 0 and stats["moe"]["decode"]["slots"] == slots
+
+
+@pytest.mark.native
+def test_router_lookahead_with_layers_on_a_worker_is_refused(workers, moe_models):
     w = workers(mem="256MiB")
     path, sidecar = moe_models["qwen3moe"]
-    result = flashflex("run", "-m", str(path), "--moe-mode", "slot-bank", "--moe-sidecar", str(sidecar), "--rpc",
-                       w.endpoint, "--rpc-layers", "1", "--ctx", str(CTX), "-n", "1", timeout=60)
-    one_error(result, "not supported yet")
+    result = flashflex("run", "-m", str(path), "--moe-mode", "slot-bank", "--moe-slot-bank", "8", "--moe-sidecar",
+                       str(sidecar), "--moe-prefetch", "router-lookahead", "--rpc", w.endpoint, "--ctx", str(CTX),
+                       "-n", "1", timeout=60)
+    one_error(result, "router-lookahead", "--rpc")
 
 
 @pytest.mark.native

@@ -563,8 +563,12 @@ def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None
         from orchestrator.planner.placement import devices_of, local_table, place_layers
 
         layers = getattr(getattr(config, "rpc", None), "layers", None)
-        rpc_plan, rpc_warnings = place_layers(table, devices_of(workers), ctx=ctx, ubatch=ubatch, layers=layers)
-        local = local_table(table, rpc_plan.local_layers)
+        moe_mode = str(getattr(getattr(config, "moe", None), "mode", "auto"))
+        experts_here = (moe_mode in ("resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch")
+                        and any(t.role is Role.EXPERT_ROUTED for t in table.tensors))
+        rpc_plan, rpc_warnings = place_layers(table, devices_of(workers), ctx=ctx, ubatch=ubatch, layers=layers,
+                                              experts_here=experts_here)
+        local = local_table(table, rpc_plan.local_layers, experts_here)
     plan = make_plan(
         local,
         config.budget.resolve_bytes(available),

@@ -20,6 +20,11 @@ How many layers and where (place_layers, pure):
 
 What stays here (the input embedding, layers [0, local_layers) and any other tensor outside the layers) is planned
 under the local budget exactly like a model of local_layers layers: resident, streamed or banked (local_table).
+
+MoE models in a bank mode (resident-bank, slot-bank, the oracles) keep every layer's routed experts here, in slot
+banks, while the workers get the rest of their layers (llama.cpp's --cpu-moe shape: the expert tensors are kept in
+the CPU buffer type by a tensor override, EXPERTS_HERE); a worker layer then costs its attention, norms, router and
+shared experts.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ from orchestrator.planner.schema import RPCDevicePlan, RPCPlan
 from orchestrator.sizes import format_size
 
 _OUTPUT_NAMES = re.compile(r"^output(_norm)?\.(weight|bias)$")
+
+# Routed-expert weights that stay on this host, in slot banks, when a MoE model's layers sit on RPC workers (llama.cpp's
+# --cpu-moe shape): llama.cpp is told to keep every tensor this matches in the CPU buffer type, and the planner keeps
+# the same tensors here.
+EXPERTS_HERE = r"\.ffn_(up|down|gate|gate_up)_exps\."
+_EXPERTS_HERE = re.compile(EXPERTS_HERE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +77,16 @@ def output_layer_bytes(table: ModelTable) -> int:
     return n
 
 
-def _layer_costs(table: ModelTable, ctx: int) -> tuple[list[int], list[int]]:
+def is_expert_here(t: TensorInfo) -> bool:
+    """A routed-expert weight that stays here when the experts stay here (EXPERTS_HERE)."""
+    return t.layer is not None and bool(_EXPERTS_HERE.search(t.name))
+
+
+def _layer_costs(table: ModelTable, ctx: int, experts_here: bool) -> tuple[list[int], list[int]]:
     a = table.arch
     weights = [0] * a.n_layer
     for t in table.tensors:
-        if t.layer is not None and 0 <= t.layer < a.n_layer:
+        if t.layer is not None and 0 <= t.layer < a.n_layer and not (experts_here and is_expert_here(t)):
             weights[t.layer] += t.n_bytes
     kv = ctx * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * 2
     return weights, [kv] * a.n_layer
@@ -133,8 +149,12 @@ class _Fit:
 
 
 def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ubatch: int,
-                 layers: int | None = None, compute: int | None = None) -> tuple[RPCPlan, list[str]]:
-    """The placement of `table`'s layers on `devices` (see the module docstring) and warnings. Pure."""
+                 layers: int | None = None, compute: int | None = None,
+                 experts_here: bool = False) -> tuple[RPCPlan, list[str]]:
+    """The placement of `table`'s layers on `devices` (see the module docstring) and warnings. Pure.
+
+    `experts_here`: the routed experts of every layer stay on this host (in slot banks); the workers get the rest
+    of their layers (attention, norms, router, shared experts)."""
     from orchestrator.planner.make import compute_bytes
 
     name = table.files[0].name if table.files else table.arch.arch
@@ -144,7 +164,7 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
     if n_layer < 1:
         raise FlashflexError(f"{name} has no repeating layers to place on RPC workers", "drop --rpc")
     reserve = compute if compute is not None else compute_bytes(table, ctx, ubatch)
-    weights, kv = _layer_costs(table, ctx)
+    weights, kv = _layer_costs(table, ctx, experts_here)
     output = output_layer_bytes(table)
     fit = _Fit(weights, kv, output, [max(0, d.free - reserve) for d in devices])
     where = ", ".join(f"{d.endpoint}#{d.device} {format_size(d.free)}" for d in devices)
@@ -192,18 +212,21 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
                                    compute_bytes=reserve, used_bytes=w + k + reserve))
         first += c
     split = [float(p.n_layers + (1 if p.output else 0)) for p in plans]
-    local_bytes = sum(t.n_bytes for t in local_table(table, n_layer - remote).tensors)
+    local_bytes = sum(t.n_bytes for t in local_table(table, n_layer - remote, experts_here).tensors)
     plan = RPCPlan(devices=plans, local_layers=n_layer - remote, remote_layers=remote, n_gpu_layers=remote + 1,
                    tensor_split=split, requested_layers=layers,
-                   remote_weight_bytes=sum(p.weight_bytes for p in plans), local_model_bytes=local_bytes)
+                   remote_weight_bytes=sum(p.weight_bytes for p in plans), local_model_bytes=local_bytes,
+                   experts_here=experts_here, cpu_tensors=[EXPERTS_HERE] if experts_here else [])
     return plan, warnings
 
 
-def local_table(table: ModelTable, local_layers: int) -> ModelTable:
-    """The part of `table` that stays on this host: layers [0, local_layers) and the tensors outside the layers
-    except the output layer's, as a model of local_layers layers (so the local plan's KV cache counts only them)."""
+def local_table(table: ModelTable, local_layers: int, experts_here: bool = False) -> ModelTable:
+    """The part of `table` that stays on this host: layers [0, local_layers), the tensors outside the layers except
+    the output layer's and, with `experts_here`, every layer's routed experts; as a model of local_layers layers (so
+    the local plan's KV cache counts only them)."""
     keep = [t for t in table.tensors
-            if (t.layer is None and not is_output_tensor(t)) or (t.layer is not None and t.layer < local_layers)]
+            if (t.layer is None and not is_output_tensor(t)) or (t.layer is not None and t.layer < local_layers)
+            or (experts_here and is_expert_here(t))]
     arch = dataclasses.replace(table.arch, n_layer=local_layers,
                                n_leading_dense=min(table.arch.n_leading_dense, local_layers))
     return ModelTable(files=table.files, arch=arch, tensors=keep, metadata=table.metadata)

@@ -147,6 +147,10 @@ class RPCPlan(_Model):
     requested_layers: int | None = Field(description="rpc.layers as given; null = as many as fit.")
     remote_weight_bytes: int = Field(description="Weights placed on the workers.")
     local_model_bytes: int = Field(description="Weights that stay on this host (planned under the budget).")
+    experts_here: bool = Field(default=False, description="Every layer's routed experts stay on this host, in slot "
+                               "banks; the workers get the rest of their layers (llama.cpp's --cpu-moe shape).")
+    cpu_tensors: list[str] = Field(default_factory=list, description="Patterns of tensors llama.cpp keeps in the "
+                                   "CPU buffer type whatever their layer's device (tensor_buft_overrides).")
 
 
 class Plan(_Model):
