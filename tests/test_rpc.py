@@ -362,9 +362,20 @@ def test_worker_announces_its_devices_and_stops_cleanly(workers):
     assert "stopped by SIGINT" in w.log.read_text()
 
 
+def test_loopback_and_the_warning():
+    from orchestrator.cli.rpc_cmd import UNSAFE_HOST_WARNING
+
+    assert rpc.is_loopback("127.0.0.1") and rpc.is_loopback("127.3.0.1") and rpc.is_loopback("localhost")
+    assert not rpc.is_loopback("0.0.0.0") and not rpc.is_loopback("192.168.1.10")
+    assert "NO authentication" in UNSAFE_HOST_WARNING
+
+
 @pytest.mark.native
-def test_worker_stops_on_sigterm_while_serving_a_client(workers):
-    w = workers()
+def test_worker_stops_on_sigterm_while_serving_a_client(workers, tmp_path):
+    w = workers("auto", 1, "--cache-dir", str(tmp_path / "cache"))
+    a = w.announcement
+    assert a["announced_by"].startswith("auto") and 0 < a["devices"][0]["announced"] <= a["devices"][0]["total"]
+    assert a["cache_dir"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
     client = socket.create_connection(("127.0.0.1", w.port), timeout=5)  # a client that never says anything
     try:
         time.sleep(0.3)
