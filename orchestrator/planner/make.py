@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from orchestrator import modes
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
 from orchestrator.planner.schema import (
-    _ALL_RESIDENT_MODES,
     _ATTENTION_RANK,
     _FFN_ROLES,
     _SUBSET_SUM_LIMIT,
@@ -350,7 +350,7 @@ def _read_request(ctx: int, ubatch: int, prefetch: Any, moe: Any, read_bandwidth
         read_bandwidth = _get(prefetch, "read_bandwidth", DEFAULT_READ_BANDWIDTH)
     bandwidth = read_bandwidth if isinstance(read_bandwidth, int) else parse_rate(read_bandwidth)
     return _Request(ctx=ctx, ubatch=ubatch, threads=threads, window=window, direct_io=direct_io,
-                    bandwidth=bandwidth, mode=str(_get(moe, "mode", "auto") or "auto"),
+                    bandwidth=bandwidth, mode=str(_get(moe, "mode", modes.AUTO) or modes.AUTO),
                     slot_bank=_get(moe, "slot_bank", None), topk=_get(moe, "topk", None))
 
 
@@ -383,7 +383,7 @@ def _analyse_model(table: ModelTable, req: _Request, warnings: list[str]) -> _Mo
     name = table.files[0].name if table.files else arch.arch
     is_moe = arch.is_moe or any(t.role is Role.EXPERT_ROUTED for t in table.tensors)
     if not is_moe:
-        used = [f"--moe-mode {req.mode}"] if req.mode not in ("auto", "stock") else []
+        used = [f"--moe-mode {req.mode}"] if req.mode not in (modes.AUTO, modes.STOCK) else []
         used += [f"--moe-slot-bank {req.slot_bank}"] if req.slot_bank is not None else []
         used += [f"--moe-topk {req.topk}"] if req.topk is not None else []
         if used:
@@ -465,9 +465,9 @@ def _experts(model: _ModelFacts, req: _Request, over: _Overheads, budget: int, w
     a banked mode refuses a slot bank below top-k and warns when it exceeds the expert count."""
     mode = req.mode
     if model.is_moe:
-        if mode == "auto":
-            mode = "stock" if over.everything <= budget and req.slot_bank is None else "slot-bank"
-        if mode in _ALL_RESIDENT_MODES:
+        if mode == modes.AUTO:
+            mode = modes.STOCK if over.everything <= budget and req.slot_bank is None else modes.SLOT_BANK
+        if modes.keeps_every_expert(mode):
             if req.slot_bank is not None:
                 raise FlashflexError(f"--moe-slot-bank applies to slot-bank and oracle modes, not {mode}",
                                      "drop --moe-slot-bank or use --moe-mode slot-bank")
@@ -476,7 +476,7 @@ def _experts(model: _ModelFacts, req: _Request, over: _Overheads, budget: int, w
                     f"mode {mode} keeps every expert resident and needs "
                     f"{format_size(over.everything, round_up=True)}; the budget is {format_size(budget)}",
                     "use --moe-mode slot-bank, or raise --budget")
-    banked = model.is_moe and mode not in _ALL_RESIDENT_MODES
+    banked = model.is_moe and not modes.keeps_every_expert(mode)
 
     min_slots = model.topk
     if banked and req.slot_bank is not None:
@@ -499,7 +499,7 @@ def _minimum_budget(model: _ModelFacts, req: _Request, over: _Overheads, experts
     n_buf0, buf0 = _buffers(model.layers, 0, req.effective_window)
     stream_all = _prefetch_cost(n_buf0, buf0, staging)
     minimum = fixed + experts.min_bank_bytes + min(over.streamable, stream_all)
-    if model.is_moe and req.mode == "auto" and not experts.banked:  # auto falls back to slot-bank below stock
+    if model.is_moe and req.mode == modes.AUTO and not experts.banked:  # auto falls back to slot-bank below stock
         auto_min = fixed - over.routed + model.bank_bytes(model.topk) + min(over.streamable, stream_all)
         minimum = min(minimum, auto_min)
     if budget < minimum:
