@@ -462,11 +462,11 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
             ex.lossy.append("--moe-shared-only drops every routed expert")
         if modes.reads_sidecar(plan.moe.mode):
             ex.moe = moe_setup_for(cfg, model, plan, table)
+        else:  # llama.cpp loads every expert: what auto resolved to stock (stock and resident were refused above)
+            _refuse_bank_options(cfg, plan.moe.mode)
         ex.mode = plan.moe.mode  # the planner resolves auto
     elif cfg.moe.shared_only:
         raise FlashflexError("--moe-shared-only applies to MoE models only", "drop --moe-shared-only")
-    if ex.moe is None:
-        _refuse_bank_options(cfg, ex.mode if plan.moe is not None else "a dense model")
     if not plan.fits_entirely and streamed_tensors(plan):
         ex.plan = plan
         if ex.mode in modes.STOCK_LOADER_MODES:
