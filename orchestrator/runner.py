@@ -462,7 +462,7 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
             ex.lossy.append("--moe-shared-only drops every routed expert")
         if modes.reads_sidecar(plan.moe.mode):
             ex.moe = moe_setup_for(cfg, model, plan, table)
-        else:  # llama.cpp loads every expert: what auto resolved to stock (stock and resident were refused above)
+        else:  # llama.cpp loads every expert (auto resolved to stock; asked-for stock and resident were checked above)
             _refuse_bank_options(cfg, plan.moe.mode)
         ex.mode = plan.moe.mode  # the planner resolves auto
     elif cfg.moe.shared_only:
