@@ -21,7 +21,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator import modes
 from orchestrator.errors import FlashflexError
+from orchestrator.modes import BANKED_MODES, MOE_MODES, TRACE_REPLAY_MODES, MoEMode  # noqa: F401 (re-exported)
 from orchestrator.sizes import is_auto, parse_budget, parse_rate, parse_size
 
 
@@ -70,13 +72,8 @@ FixedSizeSpec = Annotated[str, BeforeValidator(_fixed_size_spec)]
 RateSpec = Annotated[str, BeforeValidator(_rate_spec)]
 
 DirectIO = Literal["auto", "on", "off", "strict"]
-MoEMode = Literal["auto", "stock", "resident", "resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch"]
-MOE_MODES: tuple[str, ...] = typing.get_args(MoEMode)
 MoEPrefetchPolicy = Literal["none", "router-lookahead"]
 MOE_PREFETCH_POLICIES: tuple[str, ...] = typing.get_args(MoEPrefetchPolicy)
-BANKED_MODES = frozenset({"slot-bank", "oracle-all-hit", "oracle-prefetch"})
-"""MoE modes whose routed experts live in per-layer slot banks sized by the plan."""
-TRACE_REPLAY_MODES = frozenset({"oracle-all-hit", "oracle-prefetch"})
 
 DEFAULT_BANDWIDTH = "1.1GB/s"
 """Direct 1 MiB random reads at queue depth 4+ on the reference machine (docs/ANCHORS.md)."""
@@ -149,7 +146,7 @@ class MoEConfig(_Section):
     """Mixture-of-Experts execution: where routed experts live and how many stay resident (Flash-MoE)."""
 
     mode: MoEMode = Field(
-        default="auto",
+        default=modes.AUTO,
         description="auto = stock when the whole model fits the budget, else slot-bank. stock = upstream "
         "llama.cpp; resident = every expert resident from the GGUF; resident-bank = every expert resident, "
         "loaded from the sidecar; slot-bank = per-layer banks of resident slots, misses read from the "
@@ -214,7 +211,7 @@ class MoEConfig(_Section):
 
     @model_validator(mode="after")
     def _trace_for_oracles(self) -> MoEConfig:
-        if self.mode in TRACE_REPLAY_MODES and self.trace is None:
+        if modes.is_oracle(self.mode) and self.trace is None:
             raise ValueError(f"trace: required by mode {self.mode} (the routing trace to replay)")
         return self
 

@@ -16,8 +16,11 @@ from rich.table import Table
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.config import DEFAULT_BANDWIDTH, RunConfig, load_run_config
 from orchestrator.modelfile.table import ModelTable
+from orchestrator.modes import MOE_MODES
 from orchestrator.planner import Plan, explain, format_tokens_per_s, make_plan
 from orchestrator.sizes import format_rate, format_size, parse_rate
+
+_MOE_MODE_HELP = f"MoE only: {' | '.join(MOE_MODES)}."
 
 
 def _load_table(path: Path) -> ModelTable:
@@ -58,9 +61,7 @@ def plan_command(
     direct_io: Annotated[str, typer.Option("--direct-io", help="auto | on | off | strict.")] = "auto",
     bandwidth: Annotated[str, typer.Option("--bandwidth", help="Read bandwidth for the tokens/s estimate "
                                            "(1.1GB/s, 500MiB/s).")] = DEFAULT_BANDWIDTH,
-    moe_mode: Annotated[Optional[str], typer.Option("--moe-mode", help="MoE only: auto | stock | resident | "
-                                                    "resident-bank | slot-bank | oracle-all-hit | "
-                                                    "oracle-prefetch.")] = None,
+    moe_mode: Annotated[Optional[str], typer.Option("--moe-mode", help=_MOE_MODE_HELP)] = None,
     moe_slot_bank: Annotated[Optional[int], typer.Option("--moe-slot-bank", help="MoE only: expert slots per "
                                                          "layer instead of the planner's choice.")] = None,
     moe_topk: Annotated[Optional[int], typer.Option("--moe-topk", help="MoE only: fewer experts per token "

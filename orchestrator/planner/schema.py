@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.modelfile.table import Role
+from orchestrator.modes import MoEMode, PlannedMoEMode
 from orchestrator.sizes import MiB
 
 SCHEMA_VERSION = 1
@@ -19,7 +20,6 @@ DEFAULT_N_VOCAB = 32000
 
 _ATTENTION_RANK = {Role.ATTN_K: 0, Role.ATTN_V: 1, Role.ATTN_Q: 2, Role.ATTN_QKV: 3, Role.ATTN_O: 4, Role.OTHER: 5}
 _FFN_ROLES = frozenset({Role.FFN_DENSE, Role.EXPERT_SHARED})
-_ALL_RESIDENT_MODES = frozenset({"stock", "resident", "resident-bank"})
 _SUBSET_SUM_LIMIT = 14  # layers with more streamable tensors use approximate breakpoints (still safe)
 
 Placement = Literal["resident", "streamed", "bank"]
@@ -93,8 +93,8 @@ class Reservations(_Model):
 class MoEPlan(_Model):
     """MoE execution settings."""
 
-    requested_mode: str = Field(description="Mode asked for (auto resolves to stock or slot-bank).")
-    mode: str = Field(description="Mode the runtime runs.")
+    requested_mode: MoEMode = Field(description="Mode asked for (auto resolves to stock or slot-bank).")
+    mode: PlannedMoEMode = Field(description="Mode the runtime runs.")
     n_expert: int = Field(description="Routed experts per MoE layer.")
     n_expert_used: int = Field(description="The model's experts per token.")
     topk: int = Field(description="Experts per token the run uses.")
