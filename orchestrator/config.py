@@ -67,6 +67,27 @@ def _on_off(value: Any) -> Any:
     return value
 
 
+def _auto_or_int(lo: int, hi: int):
+    """`auto`, or a whole number in [lo, hi] (a numeric string too: flags arrive as text): one error either way."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"must be auto or a whole number (got {value!r})")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"must be auto or a whole number (got {value!r})") from None
+        if n < lo:
+            raise ValueError(f"must be >= {lo} (or auto)")
+        if n > hi:
+            raise ValueError(f"must be <= {hi} (or auto)")
+        return n
+
+    return Annotated[Union[int, Literal["auto"]], BeforeValidator(check)]
+
+
 SizeSpec = Annotated[str, BeforeValidator(_size_spec)]
 FixedSizeSpec = Annotated[str, BeforeValidator(_fixed_size_spec)]
 RateSpec = Annotated[str, BeforeValidator(_rate_spec)]
@@ -115,15 +136,17 @@ class BudgetConfig(_Section):
 class PrefetchConfig(_Section):
     """Dense weight streaming: prefetch threads, look-ahead window and direct I/O (FlexInfer's -tp)."""
 
-    threads: int = Field(
-        default=1, ge=0, le=64,
-        description="I/O threads reading streamed tensors ahead of compute (FlexInfer -tp). 0 = synchronous "
-        "reads on the compute thread (the window is then 1).",
+    threads: _auto_or_int(0, 64) = Field(
+        default="auto",
+        description="I/O threads reading streamed tensors ahead of compute (FlexInfer -tp). auto = the fewest "
+        "threads within 10% of the best direct-read bandwidth probed on the model's device (cached per device). "
+        "0 = synchronous reads on the compute thread.",
     )
-    window: int = Field(
-        default=3, ge=1, le=64,
-        description="How many layers ahead of compute the prefetch threads read; each layer in flight needs "
-        "one prefetch buffer, so the buffers cost window x the largest streamed layer.",
+    window: _auto_or_int(1, 64) = Field(
+        default="auto",
+        description="Read-ahead. auto = a ring sized in bytes: the largest streamed layer, the slack of its "
+        "largest tensor, and one 4 MiB read per prefetch thread, the rest of the budget holding weights. A number "
+        "N = N layers' worth of ring (the ring then costs N x the largest streamed layer).",
     )
     direct_io: Annotated[DirectIO, BeforeValidator(_on_off)] = Field(
         default="auto",

@@ -131,6 +131,19 @@ def _bind_traces(cdll: ctypes.CDLL) -> None:
     cdll.llama_flashflex_config_moe_schedule.restype = ctypes.c_int32
 
 
+def memory_lib() -> ctypes.CDLL:
+    """lib() with llama_flashflex_context_memory bound (feature "context-memory", API 6)."""
+    cdll = lib()
+    if "context-memory" not in info().get("features", []):
+        raise NotPatched("the installed flashflex build cannot measure a context's memory", "run: flashflex build")
+    if not hasattr(cdll, "_flashflex_memory_bound"):
+        # int32_t llama_flashflex_context_memory(const struct llama_context * ctx, char * buf, size_t buf_size);
+        cdll.llama_flashflex_context_memory.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        cdll.llama_flashflex_context_memory.restype = ctypes.c_int32
+        cdll._flashflex_memory_bound = True
+    return cdll
+
+
 def streaming_lib() -> ctypes.CDLL:
     """lib() with the dense-streaming API bound, or NotPatched when the build predates it."""
     cdll = lib()
@@ -228,6 +241,8 @@ class RuntimeConfig:
             options["prefetch_threads"] = spec.prefetch_threads
         if spec.window is not None:
             options["window"] = spec.window
+        if spec.ring_bytes and has_feature("byte-ring"):
+            options["ring_bytes"] = spec.ring_bytes
         if spec.moe_slots is not None:
             options.update(moe_slots=spec.moe_slots, moe_io_threads=spec.moe_io_threads,
                            moe_shared_only=int(spec.moe_shared_only))
@@ -305,6 +320,12 @@ def _json_out(fn, model_ptr) -> dict[str, Any] | None:
 def model_stats(model_ptr) -> dict[str, Any] | None:
     """Streaming counters of a loaded model (None when it streams nothing)."""
     return _json_out(streaming_lib().llama_flashflex_model_stats, model_ptr)
+
+
+def context_memory(ctx_ptr) -> dict[str, Any] | None:
+    """What llama.cpp allocates (or, for a no_alloc model, would allocate) for a context: model, context (the KV
+    cache), compute, in bytes, and per buffer type."""
+    return _json_out(memory_lib().llama_flashflex_context_memory, ctx_ptr)
 
 
 def moe_stats(model_ptr) -> dict[str, Any] | None:

@@ -68,7 +68,7 @@ def peak_rss_bytes() -> int:
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr(enabled: bool = True):
+def quiet_native_stderr(enabled: bool = True):
     """llama.cpp logs to fd 2 from C; keep it off the terminal unless FLASHFLEX_DEBUG is set."""
     if not enabled or os.environ.get("FLASHFLEX_DEBUG"):
         yield
@@ -150,8 +150,9 @@ class RuntimeSpec:
     option names appear only in native.RuntimeConfig.from_spec, which hands this to the library.
 
     Dense streaming: `streamed` tensors (name, file index, offset, bytes) read ahead by `prefetch_threads` into a
-    ring of `window` layer slots. Expert banks: `banks` of `moe_slots` slots per layer (0 = every expert resident),
-    misses read by `moe_io_threads`; `moe_prefetch` and `moe_trace`, and the `schedule` an oracle replays.
+    ring of `ring_bytes` (tensors at fixed homes; `window` is the plan's layer count, for older builds). Expert
+    banks: `banks` of `moe_slots` slots per layer (0 = every expert resident), misses read by `moe_io_threads`;
+    `moe_prefetch` and `moe_trace`, and the `schedule` an oracle replays.
     `direct_io`: off | on (O_DIRECT where the file allows) | strict (O_DIRECT or fail)."""
 
     files: list[str]
@@ -160,6 +161,7 @@ class RuntimeSpec:
     direct_io: str = "on"
     prefetch_threads: int | None = None  # None: nothing streams
     window: int | None = None
+    ring_bytes: int | None = None
     moe_slots: int | None = None  # None: no banks
     moe_io_threads: int | None = None
     moe_shared_only: bool = False
@@ -188,7 +190,8 @@ def runtime_spec(plan: Plan | None, moe: MoESetup | None) -> RuntimeSpec | None:
         spec.files = [str(f) for f in plan.files]
         spec.streamed = stream
         spec.prefetch_threads = plan.prefetch.threads
-        spec.window = plan.prefetch.buffers  # the ring the plan paid for
+        spec.window = plan.prefetch.buffers
+        spec.ring_bytes = plan.prefetch.ring_bytes  # the ring the plan paid for
         spec.direct_io = ("strict" if plan.prefetch.direct_io_requested == "strict"
                           else "on" if plan.prefetch.direct_io else "off")
     if moe is not None:
@@ -252,7 +255,7 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
         llama_kwargs = {**llama_kwargs, "use_mmap": False,
                         "kv_overrides": {**llama_kwargs.get("kv_overrides", {}), "flashflex.config": config.id}}
     try:
-        with _quiet_native_stderr(), (contextlib.nullcontext() if repack else _without_repack()):
+        with quiet_native_stderr(), (contextlib.nullcontext() if repack else _without_repack()):
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, verbose=False, **llama_kwargs)
@@ -449,7 +452,15 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     table = read_model_table(model)
     if not table.arch.is_moe and not any(t.role.name == "EXPERT_ROUTED" for t in table.tensors):
         _refuse_bank_options(cfg, "a dense model")
-    plan = plan_for_run(table, cfg)
+    from orchestrator import overheads
+
+    measured = overheads.measure(model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch)
+    probe = None
+    if cfg.prefetch.threads == "auto":
+        from orchestrator import readspeed
+
+        probe = readspeed.measured(model)
+    plan = plan_for_run(table, cfg, overheads=measured, read_probe=probe)
     ex = Execution(budget_plan=plan)
     if plan.moe is not None:
         if plan.moe.topk_lossy:

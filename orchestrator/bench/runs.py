@@ -62,7 +62,7 @@ class RunSpec:
     ubatch: int = 32
     prompt_tokens: int = 16
     gen_tokens: int = 16
-    window: int = 3
+    window: int | str = "auto"  # prefetch read-ahead: auto (a ring sized in bytes) or layers
     seed: int = 0
     timeout_s: float = 1800
     sidecar: Path | None = None  # MoE runs: the expert sidecar

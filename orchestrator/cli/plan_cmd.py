@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from orchestrator import readspeed
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.config import DEFAULT_BANDWIDTH, RunConfig, load_run_config
 from orchestrator.modelfile.table import ModelTable
@@ -30,7 +31,7 @@ def _load_table(path: Path) -> ModelTable:
     return read_model_table(path)
 
 
-def _settings(budget: str, ctx: int, ubatch: int, window: int, threads: int, direct_io: str,
+def _settings(budget: str, ctx: int, ubatch: int, window: str, threads: str, direct_io: str,
               moe_mode: str | None, slot_bank: int | None, topk: int | None) -> RunConfig:
     """Flags validated by the same models as YAML, so errors read the same."""
     overrides: dict[str, Any] = {
@@ -55,9 +56,13 @@ def plan_command(
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context length the KV cache is reserved for.")] = 2048,
     ubatch: Annotated[int, typer.Option("--ubatch", "-ub", help="Micro-batch the compute buffers are sized "
                                         "for.")] = 512,
-    prefetch_window: Annotated[int, typer.Option("--prefetch-window", help="Layers read ahead of compute.")] = 3,
-    prefetch_threads: Annotated[int, typer.Option("--prefetch-threads", "-tp", help="Prefetch I/O threads; 0 = "
-                                                  "synchronous reads.")] = 1,
+    prefetch_window: Annotated[str, typer.Option("--prefetch-window", help="Read-ahead: auto (a ring sized in "
+                                                 "bytes) or a number of layers.")] = "auto",
+    prefetch_threads: Annotated[str, typer.Option("--prefetch-threads", "-tp", help="Prefetch I/O threads: auto "
+                                                  "(chosen from the device's probed read bandwidth), or a number; "
+                                                  "0 = synchronous reads.")] = "auto",
+    reprobe: Annotated[bool, typer.Option("--reprobe", help="Probe the device's direct-read bandwidth again (-tp "
+                                          "auto; the probe is cached per device).")] = False,
     direct_io: Annotated[str, typer.Option("--direct-io", help="auto | on | off | strict.")] = "auto",
     bandwidth: Annotated[str, typer.Option("--bandwidth", help="Read bandwidth for the tokens/s estimate "
                                            "(1.1GB/s, 500MiB/s).")] = DEFAULT_BANDWIDTH,
@@ -67,6 +72,9 @@ def plan_command(
     moe_topk: Annotated[Optional[int], typer.Option("--moe-topk", help="MoE only: fewer experts per token "
                                                     "(lossy).")] = None,
     show_explain: Annotated[bool, typer.Option("--explain", help="Say which tensors are kept and why.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Reserve the planner's estimates for the KV cache and "
+                                           "compute buffers instead of measuring what llama.cpp allocates (the "
+                                           "measurement needs the patched library; it is cached).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Plan a model under a RAM budget: resident and streamed tensors, expert banks, reservations, estimates."""
@@ -74,6 +82,12 @@ def plan_command(
                          moe_slot_bank, moe_topk)
     rate = parse_rate(bandwidth, what="--bandwidth")
     table = _load_table(model)
+    measured = None
+    if not estimate:
+        from orchestrator import overheads
+
+        measured = overheads.measure(model, ctx=settings.context.ctx, ubatch=settings.context.ubatch,
+                                     batch=settings.context.batch)
     plan = make_plan(
         table,
         settings.budget.resolve_bytes(),
@@ -82,6 +96,8 @@ def plan_command(
         prefetch=settings.prefetch,
         moe=settings.moe,
         read_bandwidth=rate,
+        overheads=measured,
+        read_probe=readspeed.measured(model, refresh=reprobe) if settings.prefetch.threads == "auto" else None,
     )
     if json_out:
         emit_json(plan.model_dump(mode="json"))
@@ -106,9 +122,9 @@ def _print_plan(plan: Plan) -> None:
     summary.add_row("budget", f"{format_size(plan.budget_bytes)} (minimum "
                               f"{format_size(plan.minimum_budget_bytes, round_up=True)}), used "
                               f"{format_size(plan.used_bytes)}")
-    summary.add_row("KV cache", f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, f16)")
-    summary.add_row("compute", f"{format_size(r.compute_bytes)} (ubatch {plan.ubatch})")
-    summary.add_row("prefetch", f"{p.buffers} x {format_size(p.buffer_bytes)}, {p.threads} thread(s), window "
+    summary.add_row("KV cache", f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, {r.source})")
+    summary.add_row("compute", f"{format_size(r.compute_bytes)} (ubatch {plan.ubatch}, {r.source})")
+    summary.add_row("prefetch", f"ring {format_size(p.ring_bytes)}, {p.threads} thread(s), window "
                                 f"{p.window}, direct I/O {'on' if p.direct_io else 'off'}" if p.buffers
                     else "none (nothing streams)")
     summary.add_row("weights resident", format_size(plan.resident_bytes))

@@ -10,6 +10,7 @@ from orchestrator import modes, runner
 from orchestrator.api import overrides_from_options
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.cli.options import ConfigArg, model_options_command
+from orchestrator.sizes import format_size
 
 
 def register(app: typer.Typer) -> None:
@@ -124,7 +125,7 @@ def _dry_run(cfg, settings, ex, json_out: bool) -> None:
         what = [f"{len(spec.files)} file(s)", f"direct I/O {spec.direct_io}"]
         if spec.streamed:
             what.append(f"{len(spec.streamed)} streamed tensor(s), {spec.prefetch_threads} prefetch thread(s), "
-                        f"window {spec.window}")
+                        f"ring {format_size(spec.ring_bytes or 0)}")
         if spec.moe_slots is not None:
             what.append(f"{len(spec.banks)} banked tensor(s), {spec.moe_slots} slots per layer, prefetch "
                         f"{spec.moe_prefetch}" + (f", trace {spec.moe_trace}" if spec.moe_trace else ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from orchestrator.planner.schema import (
     DEFAULT_N_VOCAB,
     DEFAULT_READ_BANDWIDTH,
     DIRECT_IO_ALIGNMENT,
+    READ_CHUNK_BYTES,
     Estimates,
     LayerPlan,
     MoEPlan,
@@ -30,7 +32,7 @@ from orchestrator.planner.schema import (
     Reservations,
     TensorDecision,
 )
-from orchestrator.sizes import format_size, parse_rate
+from orchestrator.sizes import format_rate, format_size, parse_rate
 
 
 @dataclass(frozen=True)
@@ -226,13 +228,41 @@ def _streamed_layer_buffer(layer: _Layer, quota: int | None) -> int:
     return streamed + _span_allowance(layer) if streamed > 0 else 0
 
 
-def _buffers(layers: list[_Layer], quota: int | None, window: int) -> tuple[int, int]:
-    """(number of buffers, bytes per buffer) for a quota (None = nothing streams)."""
+def _largest_streamed_tensor(layers: list[_Layer], quota: int) -> int:
+    """The largest tensor that streams at `quota`, with the two pages an O_DIRECT read may add."""
+    largest = 0
+    for layer in layers:
+        kept = layer.steps.selections[layer.steps.at(quota)]
+        for i, t in enumerate(layer.streamable):
+            if i not in kept:
+                largest = max(largest, t.n_bytes + 2 * DIRECT_IO_ALIGNMENT)
+    return largest
+
+
+def _buffers(layers: list[_Layer], quota: int | None, window: int | None,
+             threads: int = 1) -> tuple[int, int, int]:
+    """(buffers, bytes per buffer, ring bytes) for a quota (None = nothing streams).
+
+    The runtime's ring is bytes, tensors laid out in the order compute uses them: it must hold the largest layer
+    plus the slack a wrap may waste (a largest tensor per buffer type: two, for the plain and the repacked
+    layout). An explicit `window` keeps its meaning, window x the largest layer (at least that minimum). With
+    `window` None (auto) the ring is the minimum plus one read job (4 MiB, or a smaller tensor) per prefetch
+    thread, so every I/O thread has a home to read into while compute holds a layer; whatever a deeper ring would
+    cost stays resident weights."""
     per_layer = [_streamed_layer_buffer(layer, quota) for layer in layers]
     streaming = sum(1 for b in per_layer if b > 0)
-    if streaming == 0:
-        return 0, 0
-    return min(window, streaming), max(per_layer)
+    if streaming == 0 or quota is None:
+        return 0, 0, 0
+    buf = max(per_layer)
+    largest = _largest_streamed_tensor(layers, quota)
+    minimum = buf + 2 * largest
+    if window is not None:
+        n_buf = min(window, streaming)
+        ring = max(n_buf * buf, minimum)
+    else:
+        n_buf = 1
+        ring = minimum + max(threads, 0) * min(READ_CHUNK_BYTES, largest)  # a read job: a chunk, or a tensor
+    return n_buf, buf, min(ring, sum(per_layer))
 
 
 def _staging_bytes(layers: list[_Layer], threads: int) -> int:
@@ -243,30 +273,30 @@ def _staging_bytes(layers: list[_Layer], threads: int) -> int:
     return max(1, threads) * (largest + 2 * DIRECT_IO_ALIGNMENT) if largest else 0
 
 
-def _prefetch_cost(n_buf: int, buf: int, staging: int) -> int:
-    """Bytes of the ring (n_buf slots of buf bytes) plus staging, when anything streams."""
-    return n_buf * buf + (staging if n_buf else 0)
+def _prefetch_cost(ring: int, staging: int) -> int:
+    """Bytes of the ring plus staging, when anything streams."""
+    return ring + (staging if ring else 0)
 
 
-def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int,
-                staging: int = 0) -> tuple[int, int, int]:
+def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int | None,
+                staging: int = 0, threads: int = 1) -> tuple[int, int, int, int]:
     """Water-fill the layers' quota while paying for the prefetch buffers it leaves necessary.
 
     Starts from the buffers of streaming everything and iterates: a higher quota streams less, so needs
     smaller buffers, which frees budget for a higher quota. Each step stays within budget and is monotone in
-    the budget, so the result is too. Returns (quota, buffers, buffer_bytes).
+    the budget, so the result is too. Returns (quota, buffers, buffer_bytes, ring_bytes).
     """
     candidates = sorted({bp for layer in layers for bp in layer.steps.breakpoints})
-    n_buf, buf = _buffers(layers, 0, window)
-    reserved = _prefetch_cost(n_buf, buf, staging)
+    n_buf, buf, ring = _buffers(layers, 0, window, threads)
+    reserved = _prefetch_cost(ring, staging)
     quota = 0
     for _ in range(64):
         quota = _level(layers, avail_before_buffers - reserved, candidates)
-        n_buf, buf = _buffers(layers, quota, window)
-        if _prefetch_cost(n_buf, buf, staging) >= reserved:
+        n_buf, buf, ring = _buffers(layers, quota, window, threads)
+        if _prefetch_cost(ring, staging) >= reserved:
             break
-        reserved = _prefetch_cost(n_buf, buf, staging)
-    return quota, n_buf, buf
+        reserved = _prefetch_cost(ring, staging)
+    return quota, n_buf, buf, ring
 
 
 def runtime_slots(slots: int, n_expert: int) -> int:
@@ -285,12 +315,17 @@ def make_plan(
     prefetch: Any = None,
     moe: Any = None,
     read_bandwidth: int | str | None = None,
+    overheads: Any = None,
+    read_probe: dict[int, float] | None = None,
 ) -> Plan:
     """Plan `table` under `budget_bytes` of RAM. Pure: reads nothing, writes nothing.
 
     `prefetch` is a PrefetchConfig or anything with `threads`, `window`, `direct_io` (and optionally
     `read_bandwidth`); `moe` a MoEConfig or anything with `mode`, `slot_bank`, `topk`; dicts work too.
     `read_bandwidth` (bytes/s or a rate string) overrides the prefetch settings' value for the estimate.
+    `overheads` (an overheads.Measured, or anything with `kv_bytes` and `compute_bytes`) replaces the KV cache and
+    compute estimates with what llama.cpp allocates for these settings. `read_probe` (queue depth → direct-read
+    bytes/s of the model's device, orchestrator.readspeed) is what `threads: auto` chooses from.
     Raises FlashflexError for a budget below the minimum, MoE options on a dense model, and impossible
     MoE settings.
 
@@ -301,7 +336,8 @@ def make_plan(
     req = _read_request(ctx, ubatch, prefetch, moe, read_bandwidth)
     warnings: list[str] = []
     model = _analyse_model(table, req, warnings)
-    over = _overheads(table, model, req)
+    req = _prefetch_threads(req, model, read_probe)
+    over = _overheads(table, model, req, overheads)
     experts = _experts(model, req, over, budget_bytes, warnings)
     staging = _staging_bytes(model.layers, req.threads)
     minimum = _minimum_budget(model, req, over, experts, staging, budget_bytes)
@@ -323,8 +359,9 @@ class _Request:
 
     ctx: int
     ubatch: int
-    threads: int  # prefetch I/O threads; 0 = synchronous reads
-    window: int  # requested look-ahead in layers
+    threads: int | None  # prefetch I/O threads; 0 = synchronous reads; None = auto (see _prefetch_threads)
+    threads_reason: str  # why this many threads
+    window: int | None  # requested look-ahead in layers; None = auto (a ring sized in bytes)
     direct_io: str  # auto | on | off | strict, as asked
     bandwidth: int  # bytes/s, for the estimate only
     mode: str  # the requested MoE mode (auto is resolved by _experts)
@@ -332,8 +369,10 @@ class _Request:
     topk: int | None  # experts per token asked for; None = the model's
 
     @property
-    def effective_window(self) -> int:
-        """The most prefetch buffers streaming can use: the window, or one for synchronous reads."""
+    def effective_window(self) -> int | None:
+        """The layers' worth of ring an explicit window asks for (one for synchronous reads); None = auto."""
+        if self.window is None:
+            return None
         return max(1, self.window) if self.threads > 0 else 1
 
 
@@ -343,13 +382,16 @@ def _read_request(ctx: int, ubatch: int, prefetch: Any, moe: Any, read_bandwidth
     if ctx < 1 or ubatch < 1:
         raise FlashflexError(f"ctx and ubatch must be positive (got ctx={ctx}, ubatch={ubatch})",
                              "pass --ctx and --ubatch of 1 or more")
-    threads = int(_get(prefetch, "threads", 1))
-    window = int(_get(prefetch, "window", 3))
+    raw_threads = _get(prefetch, "threads", 1)
+    threads = None if raw_threads == "auto" else int(raw_threads)
+    raw_window = _get(prefetch, "window", "auto")
+    window = None if raw_window in (None, "auto") else int(raw_window)
     direct_io = str(_get(prefetch, "direct_io", "auto"))
     if read_bandwidth is None:
         read_bandwidth = _get(prefetch, "read_bandwidth", DEFAULT_READ_BANDWIDTH)
     bandwidth = read_bandwidth if isinstance(read_bandwidth, int) else parse_rate(read_bandwidth)
-    return _Request(ctx=ctx, ubatch=ubatch, threads=threads, window=window, direct_io=direct_io,
+    return _Request(ctx=ctx, ubatch=ubatch, threads=threads, threads_reason="asked", window=window,
+                    direct_io=direct_io,
                     bandwidth=bandwidth, mode=str(_get(moe, "mode", modes.AUTO) or modes.AUTO),
                     slot_bank=_get(moe, "slot_bank", None), topk=_get(moe, "topk", None))
 
@@ -408,6 +450,33 @@ def _analyse_model(table: ModelTable, req: _Request, warnings: list[str]) -> _Mo
                   n_expert_used=n_expert_used, topk=topk)
 
 
+AUTO_THREADS_WITHIN = 0.9  # -tp auto: the fewest threads within 10% of the best probed bandwidth
+
+
+def _prefetch_threads(req: _Request, model: _ModelFacts, probe: dict[int, float] | None) -> _Request:
+    """-tp auto: the fewest prefetch threads whose probed direct-read bandwidth is within 10% of the best depth
+    probed on this device, but no more than the read jobs (4 MiB) of the largest layer, which is all a thread can
+    work on ahead of compute; the probed bandwidth at that depth becomes the estimate's. Without a probe (no
+    O_DIRECT, a file of a few MiB), one thread. Threads asked for are kept."""
+    if req.threads is not None:
+        return req
+    largest_layer = max((layer.streamable_bytes for layer in model.layers), default=0)
+    cap = max(1, largest_layer // READ_CHUNK_BYTES)
+    if not probe:
+        return dataclasses.replace(req, threads=1, threads_reason="auto: 1 thread (no direct-read probe of this "
+                                   "device: O_DIRECT unavailable, or the file is a few MiB)")
+    best = max(probe.values())
+    depth = min(d for d, bw in probe.items() if bw >= AUTO_THREADS_WITHIN * best)
+    threads = min(depth, cap)
+    rates = ", ".join(f"{d}: {format_rate(bw)}" for d, bw in sorted(probe.items()))
+    why = (f"auto: {threads} thread(s); direct reads on this device by 1, 2, 4 threads: {rates}; {depth} is the "
+           f"fewest within {round(100 * (1 - AUTO_THREADS_WITHIN))}% of the best")
+    if threads < depth:
+        why += f", capped at {threads} by the largest layer's {cap} read job(s) of 4 MiB"
+    return dataclasses.replace(req, threads=threads, threads_reason=why, bandwidth=int(probe[threads]
+                               if threads in probe else probe[depth]))
+
+
 @dataclass(frozen=True)
 class _Overheads:
     """Bytes no decision changes: the reservations, the always-resident weights, and the totals of the weights
@@ -415,6 +484,7 @@ class _Overheads:
 
     kv: int
     compute: int
+    source: str  # measured | estimated (kv and compute)
     non_layer: int  # tensors outside the repeating blocks
     pinned: int  # 1-D tensors and routers inside them
     streamable: int  # every dense layer weight (may stream)
@@ -431,12 +501,20 @@ class _Overheads:
         return self.fixed + self.streamable + self.routed
 
 
-def _overheads(table: ModelTable, model: _ModelFacts, req: _Request) -> _Overheads:
-    """The KV cache and compute reservations (compute sized for the run's top-k), the always-resident weights,
-    and the totals of the streamable dense weights and of the routed experts."""
+def _overheads(table: ModelTable, model: _ModelFacts, req: _Request, measured: Any) -> _Overheads:
+    """The KV cache and compute reservations (what llama.cpp allocates, when measured; else the estimates, compute
+    sized for the run's top-k), the always-resident weights, and the totals of the streamable dense weights and of
+    the routed experts."""
+    if measured is not None:
+        kv, compute, source = int(_get(measured, "kv_bytes", 0)), int(_get(measured, "compute_bytes", 0)), "measured"
+    else:
+        kv = kv_cache_bytes(table, req.ctx)
+        compute = compute_bytes(table, req.ctx, req.ubatch, model.topk if model.is_moe else None)
+        source = "estimated"
     return _Overheads(
-        kv=kv_cache_bytes(table, req.ctx),
-        compute=compute_bytes(table, req.ctx, req.ubatch, model.topk if model.is_moe else None),
+        kv=kv,
+        compute=compute,
+        source=source,
         non_layer=sum(t.n_bytes for t in table.tensors if t.layer is None),
         pinned=sum(t.n_bytes for layer in model.layers for t in layer.pinned),
         streamable=sum(layer.streamable_bytes for layer in model.layers),
@@ -496,8 +574,8 @@ def _minimum_budget(model: _ModelFacts, req: _Request, over: _Overheads, experts
     weight resident or everything streamed through the prefetch buffers (for auto on a MoE model, the cheaper
     of stock and slot-bank at top-k). A budget below it is refused, naming each part."""
     fixed = experts.fixed_weights(over)
-    n_buf0, buf0 = _buffers(model.layers, 0, req.effective_window)
-    stream_all = _prefetch_cost(n_buf0, buf0, staging)
+    n_buf0, buf0, ring0 = _buffers(model.layers, 0, req.effective_window, req.threads)
+    stream_all = _prefetch_cost(ring0, staging)
     minimum = fixed + experts.min_bank_bytes + min(over.streamable, stream_all)
     if model.is_moe and req.mode == modes.AUTO and not experts.banked:  # auto falls back to slot-bank below stock
         auto_min = fixed - over.routed + model.bank_bytes(model.topk) + min(over.streamable, stream_all)
@@ -507,7 +585,7 @@ def _minimum_budget(model: _ModelFacts, req: _Request, over: _Overheads, experts
                  f"always-resident weights "
                  f"{format_size(over.non_layer + over.pinned + (0 if experts.banked else over.routed))}"]
         if over.streamable > stream_all:
-            parts.append(f"prefetch buffers {n_buf0} x {format_size(buf0)} + staging {format_size(staging)}")
+            parts.append(f"prefetch ring {format_size(ring0)} + staging {format_size(staging)}")
         else:
             parts.append(f"layer weights {format_size(over.streamable)}")
         if experts.banked:
@@ -527,13 +605,14 @@ class _Dense:
 
     avail: int  # budget left for dense weights beside the fixed weights and the minimum banks
     quota: int | None  # per-layer quota (the water level); None = every dense weight resident
-    buffers: int  # prefetch buffers; 0 when nothing streams
-    buffer_bytes: int
+    buffers: int  # layer-sized buffers an explicit window asks for (1 for auto); 0 when nothing streams
+    buffer_bytes: int  # the largest streamed layer with page padding
+    ring_bytes: int  # what the runtime allocates (see _buffers)
     staging: int  # see _staging_bytes; reserved only when something streams
 
     @property
     def prefetch_bytes(self) -> int:
-        return _prefetch_cost(self.buffers, self.buffer_bytes, self.staging)
+        return _prefetch_cost(self.ring_bytes, self.staging)
 
 
 def _split_dense(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, staging: int,
@@ -542,9 +621,9 @@ def _split_dense(model: _ModelFacts, req: _Request, over: _Overheads, experts: _
     water-filled to a per-layer quota that also pays for the prefetch buffers the rest needs (_dense_fill)."""
     avail = budget - experts.fixed_weights(over) - experts.min_bank_bytes
     if over.streamable <= avail:
-        return _Dense(avail=avail, quota=None, buffers=0, buffer_bytes=0, staging=staging)
-    quota, n_buf, buf = _dense_fill(model.layers, avail, req.effective_window, staging)
-    return _Dense(avail=avail, quota=quota, buffers=n_buf, buffer_bytes=buf, staging=staging)
+        return _Dense(avail=avail, quota=None, buffers=0, buffer_bytes=0, ring_bytes=0, staging=staging)
+    quota, n_buf, buf, ring = _dense_fill(model.layers, avail, req.effective_window, staging, req.threads)
+    return _Dense(avail=avail, quota=quota, buffers=n_buf, buffer_bytes=buf, ring_bytes=ring, staging=staging)
 
 
 def _bank_slots(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, dense: _Dense,
@@ -700,9 +779,11 @@ def _assemble(table: ModelTable, budget: int, *, req: _Request, model: _ModelFac
         reserved_bytes=reserved,
         used_bytes=resident_weights + reserved,
         reservations=Reservations(kv_cache_bytes=over.kv, compute_bytes=over.compute,
-                                  prefetch_buffer_bytes=dense.prefetch_bytes),
-        prefetch=PrefetchPlan(threads=req.threads, window=req.window, buffers=dense.buffers,
-                              buffer_bytes=dense.buffer_bytes, staging_bytes=dense.staging if dense.buffers else 0,
+                                  prefetch_buffer_bytes=dense.prefetch_bytes, source=over.source),
+        prefetch=PrefetchPlan(threads=req.threads, threads_reason=req.threads_reason,
+                              window=req.window if req.window is not None else "auto",
+                              buffers=dense.buffers, buffer_bytes=dense.buffer_bytes, ring_bytes=dense.ring_bytes,
+                              staging_bytes=dense.staging if dense.buffers else 0,
                               direct_io_requested=req.direct_io, direct_io=direct_io,
                               unaligned_tensors=placed.unaligned),
         moe=None if not model.is_moe else MoEPlan(
@@ -723,8 +804,10 @@ def _assemble(table: ModelTable, budget: int, *, req: _Request, model: _ModelFac
     )
 
 
-def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None) -> Plan:
-    """make_plan with the settings of a RunConfig. Not pure when the budget is `auto` (reads free memory)."""
+def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None, overheads: Any = None,
+                 read_probe: dict[int, float] | None = None) -> Plan:
+    """make_plan with the settings of a RunConfig (and the overheads measured for them, when given). Not pure when
+    the budget is `auto` (reads free memory)."""
     return make_plan(
         table,
         config.budget.resolve_bytes(available),
@@ -732,5 +815,7 @@ def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None
         ubatch=config.context.ubatch,
         prefetch=config.prefetch,
         moe=config.moe,
+        overheads=overheads,
+        read_probe=read_probe,
     )
 

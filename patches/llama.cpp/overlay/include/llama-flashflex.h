@@ -13,12 +13,12 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 5
+#define LLAMA_FLASHFLEX_API_VERSION 6
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
 // A JSON object describing this build, valid for the life of the process:
-//   {"api_version": 5, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
+//   {"api_version": 6, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
 //    "backends": ["CPU", ...]}
 // "series_hash" is the hash flashflex computed over its patch series when it configured the build
 // ("unknown" when built by hand without -DFLASHFLEX_SERIES_HASH=...).
@@ -28,14 +28,16 @@ LLAMA_API const char * llama_flashflex_info(void);
 // Dense weight streaming (FlexInfer-style): a per-model configuration, built before the model is loaded
 // and handed to the load through the GGUF key override "flashflex.config" (an int holding the id).
 // Tensors named with llama_flashflex_config_stream_tensor() are never loaded into the model's buffers:
-// they live in a ring of `window` slots (layer i of the streamed layers in slot i % window) and are read
-// from the GGUF by `prefetch_threads` background threads ahead of compute (0 = synchronous reads).
+// they live in a ring of bytes (API 6: "ring_bytes"; without it, `window` layers' worth), each at a fixed home laid
+// out in the order compute uses them, and are read from the GGUF by `prefetch_threads` background threads ahead of
+// compute (0 = synchronous reads) as soon as the bytes of their home are released.
 // Every other tensor loads as usual. The model must be loaded without mmap (load_mode NONE).
 //
 
 // Create an empty configuration; returns its id (> 0).
 LLAMA_API int32_t llama_flashflex_config_new(void);
-// Set an integer option: "prefetch_threads" (>= 0), "window" (>= 1),
+// Set an integer option: "prefetch_threads" (>= 0), "window" (>= 1), "ring_bytes" (API 6, >= 0; at least the
+// largest streamed layer plus its largest tensor per buffer type, which is used when it is less),
 // "direct_io" (0 = buffered reads, 1 = O_DIRECT when the file system allows it, 2 = O_DIRECT or fail),
 // and for MoE expert banks "moe_slots" (slots per layer, >= the experts each token uses; 0 = every expert
 // resident, read from the sidecar at load), "moe_io_threads" (>= 1 parallel readers for misses) and
@@ -100,6 +102,11 @@ LLAMA_API const char * llama_flashflex_model_error(const struct llama_model * mo
 // graph when the model's streaming or expert reads failed, so llama_decode returns an error instead of using bad data,
 // or when an interrupt was requested (any model, also one loaded without a flashflex configuration).
 LLAMA_API bool         llama_flashflex_abort_callback(void * model);
+// API 6: the bytes llama.cpp allocates for a context, as JSON: {"model": weights, "context": the KV cache (and other
+// per-context memory), "compute": compute buffers, "buffer_types": [{"name", "model", "context", "compute"}, ...]}.
+// For a model loaded with no_alloc these are the sizes it would allocate (nothing is). Same buffer conventions as
+// llama_flashflex_model_stats; -1 for a NULL context.
+LLAMA_API int32_t      llama_flashflex_context_memory(const struct llama_context * ctx, char * buf, size_t buf_size);
 // API 4: request (on = true) or clear an interrupt: every llama_decode whose context uses the callback above
 // stops at its next graph node. Process-wide, like the SIGINT it is meant for; clear it before the next run.
 LLAMA_API void         llama_flashflex_interrupt(bool on);

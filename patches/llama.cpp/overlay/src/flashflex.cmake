@@ -6,7 +6,8 @@
 set(FLASHFLEX_SERIES_HASH "" CACHE STRING "flashflex: hash of the patch series this tree was built from")
 
 # One file per concern (docs/architecture.md): build info and C API entry points, configurations, call sites,
-# shared I/O, JSON, dense streaming, the expert bank, its prefetch policies, trace replay, the trace writer.
+# shared I/O, JSON, dense streaming, the expert bank, its prefetch policies, trace replay, the trace writer, and
+# the memory a context takes (what the planner reserves).
 set(FLASHFLEX_SOURCES
     llama-flashflex.cpp
     llama-flashflex-config.cpp
@@ -18,6 +19,7 @@ set(FLASHFLEX_SOURCES
     llama-flashflex-bank-prefetch.cpp
     llama-flashflex-replay.cpp
     llama-flashflex-trace.cpp
+    llama-flashflex-memory.cpp
 )
 set(FLASHFLEX_HEADERS
     ../include/llama-flashflex.h

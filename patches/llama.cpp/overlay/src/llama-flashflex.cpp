@@ -14,7 +14,8 @@
 
 // Features this build carries (the Python side checks them before using an API).
 static const char * const k_flashflex_features[] = {
-    "info", "dense-stream", "slot-bank", "moe-trace", "interrupt", "expert-checksum", "one-context",
+    "info",        "dense-stream", "slot-bank",      "moe-trace", "interrupt", "expert-checksum",
+    "one-context", "byte-ring",    "context-memory",
 };
 
 int32_t llama_flashflex_api_version(void) {
