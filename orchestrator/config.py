@@ -21,7 +21,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator import modes
 from orchestrator.errors import FlashflexError
+from orchestrator.modes import BANKED_MODES, MOE_MODES, TRACE_REPLAY_MODES, MoEMode  # noqa: F401 (re-exported)
 from orchestrator.sizes import is_auto, parse_budget, parse_rate, parse_size
 
 
@@ -65,18 +67,34 @@ def _on_off(value: Any) -> Any:
     return value
 
 
+def _auto_or_int(lo: int, hi: int):
+    """`auto`, or a whole number in [lo, hi] (a numeric string too: flags arrive as text): one error either way."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"must be auto or a whole number (got {value!r})")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"must be auto or a whole number (got {value!r})") from None
+        if n < lo:
+            raise ValueError(f"must be >= {lo} (or auto)")
+        if n > hi:
+            raise ValueError(f"must be <= {hi} (or auto)")
+        return n
+
+    return Annotated[Union[int, Literal["auto"]], BeforeValidator(check)]
+
+
 SizeSpec = Annotated[str, BeforeValidator(_size_spec)]
 FixedSizeSpec = Annotated[str, BeforeValidator(_fixed_size_spec)]
 RateSpec = Annotated[str, BeforeValidator(_rate_spec)]
 
 DirectIO = Literal["auto", "on", "off", "strict"]
-MoEMode = Literal["auto", "stock", "resident", "resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch"]
-MOE_MODES: tuple[str, ...] = typing.get_args(MoEMode)
 MoEPrefetchPolicy = Literal["none", "router-lookahead"]
 MOE_PREFETCH_POLICIES: tuple[str, ...] = typing.get_args(MoEPrefetchPolicy)
-BANKED_MODES = frozenset({"slot-bank", "oracle-all-hit", "oracle-prefetch"})
-"""MoE modes whose routed experts live in per-layer slot banks sized by the plan."""
-TRACE_REPLAY_MODES = frozenset({"oracle-all-hit", "oracle-prefetch"})
 
 DEFAULT_BANDWIDTH = "1.1GB/s"
 """Direct 1 MiB random reads at queue depth 4+ on the reference machine (docs/ANCHORS.md)."""
@@ -118,15 +136,17 @@ class BudgetConfig(_Section):
 class PrefetchConfig(_Section):
     """Dense weight streaming: prefetch threads, look-ahead window and direct I/O (FlexInfer's -tp)."""
 
-    threads: int = Field(
-        default=1, ge=0, le=64,
-        description="I/O threads reading streamed tensors ahead of compute (FlexInfer -tp). 0 = synchronous "
-        "reads on the compute thread (the window is then 1).",
+    threads: _auto_or_int(0, 64) = Field(
+        default="auto",
+        description="I/O threads reading streamed tensors ahead of compute (FlexInfer -tp). auto = the fewest "
+        "threads within 10% of the best direct-read bandwidth probed on the model's device (cached per device). "
+        "0 = synchronous reads on the compute thread.",
     )
-    window: int = Field(
-        default=3, ge=1, le=64,
-        description="How many layers ahead of compute the prefetch threads read; each layer in flight needs "
-        "one prefetch buffer, so the buffers cost window x the largest streamed layer.",
+    window: _auto_or_int(1, 64) = Field(
+        default="auto",
+        description="Read-ahead. auto = a ring sized in bytes: the largest streamed layer, the slack of its "
+        "largest tensor, and one 4 MiB read per prefetch thread, the rest of the budget holding weights. A number "
+        "N = N layers' worth of ring (the ring then costs N x the largest streamed layer).",
     )
     direct_io: Annotated[DirectIO, BeforeValidator(_on_off)] = Field(
         default="auto",
@@ -149,7 +169,7 @@ class MoEConfig(_Section):
     """Mixture-of-Experts execution: where routed experts live and how many stay resident (Flash-MoE)."""
 
     mode: MoEMode = Field(
-        default="auto",
+        default=modes.AUTO,
         description="auto = stock when the whole model fits the budget, else slot-bank. stock = upstream "
         "llama.cpp; resident = every expert resident from the GGUF; resident-bank = every expert resident, "
         "loaded from the sidecar; slot-bank = per-layer banks of resident slots, misses read from the "
@@ -214,7 +234,7 @@ class MoEConfig(_Section):
 
     @model_validator(mode="after")
     def _trace_for_oracles(self) -> MoEConfig:
-        if self.mode in TRACE_REPLAY_MODES and self.trace is None:
+        if modes.is_oracle(self.mode) and self.trace is None:
             raise ValueError(f"trace: required by mode {self.mode} (the routing trace to replay)")
         return self
 

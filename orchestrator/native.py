@@ -228,6 +228,8 @@ class RuntimeConfig:
             options["prefetch_threads"] = spec.prefetch_threads
         if spec.window is not None:
             options["window"] = spec.window
+        if spec.ring_bytes and has_feature("byte-ring"):
+            options["ring_bytes"] = spec.ring_bytes
         if spec.moe_slots is not None:
             options.update(moe_slots=spec.moe_slots, moe_io_threads=spec.moe_io_threads,
                            moe_shared_only=int(spec.moe_shared_only))
@@ -465,6 +467,14 @@ def memory_breakdown(ctx_ptr) -> list[dict[str, Any]] | None:
         return None
     out = _json_call(devices_lib().llama_flashflex_memory_breakdown, ctx_ptr)
     return out["buffers"] if out is not None else None
+
+
+def context_memory(ctx_ptr) -> dict[str, int] | None:
+    """memory_breakdown summed over the buffer types: model, context (the KV cache), compute bytes."""
+    buffers = memory_breakdown(ctx_ptr)
+    if buffers is None:
+        return None
+    return {key: sum(int(b[key]) for b in buffers) for key in ("model", "context", "compute")}
 
 
 def cpu_buffer_type() -> int:

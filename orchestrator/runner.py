@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import native
+from orchestrator import modes, native
 from orchestrator.errors import FlashflexError
 from orchestrator.native import llama_cpp_module
 from orchestrator.planner import Plan, plan_for_run
@@ -69,7 +69,7 @@ def peak_rss_bytes() -> int:
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr(enabled: bool = True):
+def quiet_native_stderr(enabled: bool = True):
     """llama.cpp logs to fd 2 from C; keep it off the terminal unless FLASHFLEX_DEBUG is set."""
     if not enabled or os.environ.get("FLASHFLEX_DEBUG"):
         yield
@@ -93,7 +93,7 @@ class MoESetup:
     may record a routing trace (`trace_out`, with its `trace_header`); the oracle modes replay one (`schedule`,
     with `preload` for oracle-all-hit and prefetch "oracle" for oracle-prefetch)."""
 
-    mode: str  # resident-bank | slot-bank | oracle-all-hit | oracle-prefetch
+    mode: modes.SidecarMode
     sidecar: Path
     manifest: Any  # orchestrator.sidecar.SidecarManifest
     slots: int
@@ -151,8 +151,9 @@ class RuntimeSpec:
     option names appear only in native.RuntimeConfig.from_spec, which hands this to the library.
 
     Dense streaming: `streamed` tensors (name, file index, offset, bytes) read ahead by `prefetch_threads` into a
-    ring of `window` layer slots. Expert banks: `banks` of `moe_slots` slots per layer (0 = every expert resident),
-    misses read by `moe_io_threads`; `moe_prefetch` and `moe_trace`, and the `schedule` an oracle replays.
+    ring of `ring_bytes` (tensors at fixed homes; `window` is the plan's layer count, for older builds). Expert
+    banks: `banks` of `moe_slots` slots per layer (0 = every expert resident), misses read by `moe_io_threads`;
+    `moe_prefetch` and `moe_trace`, and the `schedule` an oracle replays.
     `direct_io`: off | on (O_DIRECT where the file allows) | strict (O_DIRECT or fail)."""
 
     files: list[str]
@@ -161,6 +162,7 @@ class RuntimeSpec:
     direct_io: str = "on"
     prefetch_threads: int | None = None  # None: nothing streams
     window: int | None = None
+    ring_bytes: int | None = None
     moe_slots: int | None = None  # None: no banks
     moe_io_threads: int | None = None
     moe_shared_only: bool = False
@@ -189,7 +191,8 @@ def runtime_spec(plan: Plan | None, moe: MoESetup | None) -> RuntimeSpec | None:
         spec.files = [str(f) for f in plan.files]
         spec.streamed = stream
         spec.prefetch_threads = plan.prefetch.threads
-        spec.window = plan.prefetch.buffers  # the ring the plan paid for
+        spec.window = plan.prefetch.buffers
+        spec.ring_bytes = plan.prefetch.ring_bytes  # the ring the plan paid for
         spec.direct_io = ("strict" if plan.prefetch.direct_io_requested == "strict"
                           else "on" if plan.prefetch.direct_io else "off")
     if moe is not None:
@@ -305,7 +308,7 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
         llama_kwargs = {**llama_kwargs, "use_mmap": False,
                         "kv_overrides": {**llama_kwargs.get("kv_overrides", {}), "flashflex.config": config.id}}
     try:
-        with _quiet_native_stderr(), _model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors):
+        with quiet_native_stderr(), _model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors):
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, verbose=False, **llama_kwargs)
@@ -398,7 +401,7 @@ class Execution:
     """How a run executes beyond GenerationSettings: the Plan's streamed tensors, the MoE banks, a lossy
     top-k override, and whether the stock weights load resident (no mmap)."""
 
-    mode: str = "stock"  # stock | resident | dense-stream | resident-bank | slot-bank
+    mode: modes.ExecutionMode = modes.STOCK
     plan: Plan | None = None  # set when the plan streams dense tensors
     moe: MoESetup | None = None
     kv_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. a --moe-topk override
@@ -421,7 +424,7 @@ class Execution:
         kw: dict[str, Any] = {}
         if self.kv_overrides:
             kw["kv_overrides"] = dict(self.kv_overrides)
-        if self.mode == "resident":
+        if self.mode == modes.RESIDENT:
             kw["use_mmap"] = False
         return kw
 
@@ -437,8 +440,8 @@ def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) 
         raise FlashflexError(f"--moe-mode {plan.moe.mode} needs the model's expert sidecar, and {where} does not "
                              "exist", f"extract it: flashflex sidecar extract {model} {where} (or pass --moe-sidecar)")
     manifest = sidecar.check_sidecar(where, table if table is not None else model)
-    slots = 0 if plan.moe.mode == "resident-bank" else min(plan.moe.slot_bank or plan.moe.n_expert,
-                                                           plan.moe.n_expert)
+    slots = 0 if plan.moe.mode == modes.RESIDENT_BANK else min(plan.moe.slot_bank or plan.moe.n_expert,
+                                                                plan.moe.n_expert)
     direct = {"off": "off", "auto": "on", "on": "on", "strict": "strict"}[str(cfg.prefetch.direct_io)]  # pages
     setup = MoESetup(mode=plan.moe.mode, sidecar=Path(where), manifest=manifest, slots=slots,
                      io_threads=cfg.moe.io_threads, shared_only=cfg.moe.shared_only, verify=cfg.moe.verify,
@@ -446,21 +449,21 @@ def moe_setup_for(cfg: "RunConfig", model: Path, plan: Plan, table: Any = None) 
                      prefetch=cfg.moe.prefetch)
     k = plan.moe.topk or plan.moe.n_expert_used
     setup.prefetch_ranks = min(k, cfg.moe.prefetch_ranks or (k + 3) // 4)
-    if cfg.moe.prefetch != "none" and plan.moe.mode != "slot-bank":
+    if cfg.moe.prefetch != "none" and plan.moe.mode != modes.SLOT_BANK:
         raise FlashflexError(f"--moe-prefetch {cfg.moe.prefetch} applies to slot-bank runs, not {plan.moe.mode}",
                              "use --moe-mode slot-bank (the oracle modes bring their own prefetch)")
-    if plan.moe.mode in ("oracle-all-hit", "oracle-prefetch"):
+    if modes.is_oracle(plan.moe.mode):
         trace = traces.read_trace(cfg.moe.trace)
         traces.check_replay(trace, manifest, k=k, ubatch=cfg.context.ubatch)
         setup.schedule = traces.schedule(trace.records)
-        if plan.moe.mode == "oracle-all-hit":
+        if plan.moe.mode == modes.ORACLE_ALL_HIT:
             # every expert the trace uses resident: the hit path's ceiling, whatever the budget
             setup.slots = min(plan.moe.n_expert, max(k, trace.max_distinct_per_layer()))
             setup.preload = True
         else:
             setup.prefetch = "oracle"
     elif cfg.moe.trace is not None:
-        if plan.moe.mode != "slot-bank":
+        if plan.moe.mode != modes.SLOT_BANK:
             raise FlashflexError(f"--moe-trace records slot-bank runs; {plan.moe.mode} routes nothing through banks",
                                  "use --moe-mode slot-bank")
         traces.check_trace_destination(Path(cfg.moe.trace), cfg.moe.trace_force)
@@ -492,11 +495,10 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
 
     An `auto` budget with the model's files well inside available memory skips planning altogether (reading
     the tensor table of a large-vocabulary model takes seconds)."""
-    from orchestrator.config import TRACE_REPLAY_MODES
     from orchestrator.modelfile.reader import read_model_table, shard_paths
     from orchestrator.sizes import available_memory, is_auto
 
-    plain = cfg.moe.mode in ("auto", "stock", "resident") and not (cfg.moe.model_fields_set - {"mode"})
+    plain = cfg.moe.mode in (modes.AUTO, *modes.STOCK_LOADER_MODES) and not (cfg.moe.model_fields_set - {"mode"})
     if is_auto(str(cfg.budget.size)) and plain and not cfg.rpc.servers:
         from orchestrator.modelfile.validate import read_layout
 
@@ -504,8 +506,8 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
             read_layout(shard)
         file_bytes = sum(p.stat().st_size for p in shard_paths(model))
         if 2 * file_bytes < cfg.budget.resolve_bytes(available_memory()):
-            return Execution(mode="resident" if cfg.moe.mode == "resident" else "stock")
-    if cfg.moe.mode in ("stock", "resident"):
+            return Execution(mode=modes.RESIDENT if cfg.moe.mode == modes.RESIDENT else modes.STOCK)
+    if cfg.moe.mode in modes.STOCK_LOADER_MODES:
         _refuse_bank_options(cfg, cfg.moe.mode)
     table = read_model_table(model)
     if not table.arch.is_moe and not any(t.role.name == "EXPERT_ROUTED" for t in table.tensors):
@@ -515,7 +517,16 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
         from orchestrator import rpc
 
         workers = rpc.workers_for(cfg.rpc.servers, cfg.rpc.timeout_s)
-    plan = plan_for_run(table, cfg, workers=workers)
+    measured = probe = None
+    if not workers:  # with workers the local share of the KV cache is planned, not measured
+        from orchestrator import overheads
+
+        measured = overheads.measure(model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch)
+    if cfg.prefetch.threads == "auto":
+        from orchestrator import readspeed
+
+        probe = readspeed.measured(model)
+    plan = plan_for_run(table, cfg, workers=workers, overheads=measured, read_probe=probe)
     ex = Execution(budget_plan=plan, rpc=plan.rpc, rpc_timeout=cfg.rpc.timeout_s)
     if plan.rpc is not None and plan.moe is not None and plan.moe.mode not in ("auto", "stock", "resident"):
         if not plan.rpc.experts_here:
@@ -531,22 +542,22 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
         if plan.moe.topk_lossy:
             ex.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk
             ex.lossy.append(f"--moe-topk {plan.moe.topk} < the model's {plan.moe.n_expert_used} experts per token")
-        if cfg.moe.shared_only and plan.moe.mode != "slot-bank":
+        if cfg.moe.shared_only and plan.moe.mode != modes.SLOT_BANK:
             raise FlashflexError("--moe-shared-only is a slot-bank diagnostic",
                                  "add --moe-mode slot-bank (and a sidecar)")
         if cfg.moe.shared_only:
             ex.lossy.append("--moe-shared-only drops every routed expert")
-        if plan.moe.mode in ("resident-bank", "slot-bank", *TRACE_REPLAY_MODES):
+        if modes.reads_sidecar(plan.moe.mode):
             ex.moe = moe_setup_for(cfg, model, plan, table)
-        ex.mode = plan.moe.mode if plan.moe.mode != "auto" else "stock"
+        else:  # llama.cpp loads every expert (auto resolved to stock; asked-for stock and resident were checked above)
+            _refuse_bank_options(cfg, plan.moe.mode)
+        ex.mode = plan.moe.mode  # the planner resolves auto
     elif cfg.moe.shared_only:
         raise FlashflexError("--moe-shared-only applies to MoE models only", "drop --moe-shared-only")
-    if ex.moe is None:
-        _refuse_bank_options(cfg, ex.mode if plan.moe is not None else "a dense model")
     if not plan.fits_entirely and streamed_tensors(plan):
         ex.plan = plan
-        if ex.mode in ("stock", "resident"):
-            ex.mode = "dense-stream"
+        if ex.mode in modes.STOCK_LOADER_MODES:
+            ex.mode = modes.DENSE_STREAM
     return ex
 
 
@@ -615,7 +626,7 @@ def _prefetch_stats(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def generate(settings: GenerationSettings, plan: Plan | None = None, ex: Execution | None = None) -> RunResult:
-    ex = ex or Execution(mode="dense-stream" if plan is not None else "stock", plan=plan)
+    ex = ex or Execution(mode=modes.DENSE_STREAM if plan is not None else modes.STOCK, plan=plan)
     t0 = time.perf_counter()
     with native.interruptible(), session(settings, ex) as llm:
         load_s = time.perf_counter() - t0

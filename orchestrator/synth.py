@@ -203,6 +203,9 @@ PRESETS: dict[str, dict] = {
     # Benchmark shapes.
     "dense-7b-q4_0": dict(name="dense-7b-shaped", arch="llama", n_layer=32, n_embd=4096, n_head=32,
                           n_head_kv=32, n_ff=11008, n_vocab=32000, quant="q4_0", rms_eps=1e-5),
+    # wide layers (a 13B-class layer shape, fewer of them): the shape #15's benchmark found the ring wasting budget on
+    "dense-wide-16l-q4_0": dict(name="dense-wide-16l", arch="llama", n_layer=16, n_embd=5120, n_head=40,
+                                n_head_kv=8, n_ff=13824, n_vocab=32000, quant="q4_0", rms_eps=1e-5),
     "moe-a3b-12l-q4_0": dict(name="qwen3-30b-a3b-shaped-12l", arch="qwen3moe", n_layer=12, n_embd=2048,
                              n_head=32, n_head_kv=4, head_dim=128, n_expert=128, n_expert_used=8,
                              expert_ffn=768, n_vocab=151936, n_ctx_train=40960, quant="q4_0",

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+from orchestrator.modes import DENSE_STREAM
+
 PROMPT = "The capital of France is"
 SHARED = ["--prompt", PROMPT, "-n", "32", "--ctx", "128", "--ubatch", "8"]
 BUDGET = "200MiB"
@@ -40,7 +42,7 @@ def main() -> int:
     print(f"\nunder a budget: the same run with --budget {BUDGET}")
     flex = run("--budget", BUDGET)
     s = flex["stats"]
-    if s["mode"] != "dense-stream":
+    if s["mode"] != DENSE_STREAM:
         print(f"error: expected the budget to stream weights, but the run was {s['mode']}", file=sys.stderr)
         return 1
     decode = s["decode"]

@@ -51,7 +51,7 @@ def test_every_field_is_documented_and_unknown_keys_forbidden(model: type[BaseMo
 def test_defaults_validate_and_round_trip():
     run = RunConfig()
     assert RunConfig.model_validate(run.model_dump()) == run
-    assert run.prefetch.window == 3 and run.prefetch.threads == 1 and run.prefetch.direct_io == "auto"
+    assert run.prefetch.window == "auto" and run.prefetch.threads == "auto" and run.prefetch.direct_io == "auto"
     assert run.moe.mode == "auto" and run.moe.prefetch == "none"
     assert run.model.path is None
 

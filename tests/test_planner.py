@@ -267,19 +267,41 @@ def test_non_layer_and_one_dimensional_tensors_stay_resident():
 
 def test_prefetch_buffers_are_window_times_largest_streamed_layer():
     t = dense_table()
-    budget = minimum(t, ctx=256, ubatch=16)
+    budget = minimum(t, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=2))
     plan = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=2))
     layer_bytes = sum(d.n_bytes for d in plan.tensors if d.layer == 0 and d.placement == "streamed")
     assert plan.prefetch.buffers == 2
     assert layer_bytes <= plan.prefetch.buffer_bytes <= layer_bytes + 2 * 4096 * 7
+    # the ring holds the largest layer and the slack a wrap may waste (two largest tensors), at least
+    largest = max(d.n_bytes for d in plan.tensors if d.placement == "streamed")
+    assert plan.prefetch.ring_bytes == max(2 * plan.prefetch.buffer_bytes,
+                                           plan.prefetch.buffer_bytes + 2 * (largest + 2 * 4096))
     sync = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=0, window=5))
     assert sync.prefetch.buffers == 1  # synchronous reads still need one buffer
-    assert sync.resident_bytes > plan.resident_bytes
+    assert sync.prefetch.ring_bytes <= plan.prefetch.ring_bytes
+    assert sync.resident_bytes >= plan.resident_bytes
+
+
+def test_auto_ring_is_the_largest_layer_its_slack_and_one_read_per_thread():
+    """The default read-ahead is a ring sized in bytes, not in layers: what it does not need holds weights."""
+    t = dense_table(n_layer=16)
+    budget = minimum(t, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=3)) + (1 << 20)
+    auto = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2))
+    layers3 = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2, window=3))
+    p = auto.prefetch
+    assert p.window == "auto" and p.buffers == 1
+    largest = max(d.n_bytes for d in auto.tensors if d.placement == "streamed") + 2 * 4096
+    streamed = sum(d.n_bytes + 2 * 4096 for d in auto.tensors if d.placement == "streamed")
+    assert p.ring_bytes == min(p.buffer_bytes + 2 * largest + 2 * min(4 << 20, largest), streamed)
+    assert auto.reservations.prefetch_buffer_bytes == p.ring_bytes + p.staging_bytes
+    assert p.ring_bytes < layers3.prefetch.ring_bytes
+    assert auto.resident_bytes > layers3.resident_bytes  # the bytes a deeper ring would cost hold weights
 
 
 def test_window_never_exceeds_the_streaming_layers():
     t = dense_table(n_layer=2)
-    plan = make_plan(t, minimum(t, ctx=64, ubatch=8), ctx=64, ubatch=8, prefetch={"window": 8})
+    plan = make_plan(t, minimum(t, ctx=64, ubatch=8, prefetch={"window": 8}), ctx=64, ubatch=8,
+                     prefetch={"window": 8})
     assert plan.prefetch.buffers <= 2
 
 
@@ -519,6 +541,11 @@ def test_banks_between_topk_and_expert_count(table, kw, extra, data):
 def cli(monkeypatch):
     tables_by_name = {"dense.gguf": dense_table(), "moe.gguf": moe_table()}
     monkeypatch.setattr(plan_cmd, "_load_table", lambda path: tables_by_name[Path(path).name])
+    # no file behind these tables: nothing to measure or probe (the planner keeps its estimates, -tp auto 1 thread)
+    from orchestrator import overheads, readspeed
+
+    monkeypatch.setattr(overheads, "measure", lambda *a, **k: None)
+    monkeypatch.setattr(readspeed, "measured", lambda *a, **k: None)
     app = typer.Typer()
     plan_cmd.register(app)
     app.command("noop")(lambda: None)  # keep `plan` a named subcommand

@@ -107,10 +107,11 @@ def test_unaligned_file_streams_exactly_with_buffered_reads(streaming):
 
 def test_cli_verify_exact_and_run_json(streaming, dense_models):
     path = str(dense_models["q4_0"])
-    plan = _plan(dense_models["q4_0"], "min", threads=2, ubatch=32)
-    budget = f"{plan.budget_bytes}B"
-    common = ["--model", path, "--budget", budget, "-tp", "2", "--prefetch-window", "2", "--ctx", str(CTX),
-              "--ubatch", "32"]
+    settings = ["-tp", "2", "--prefetch-window", "2", "--ctx", str(CTX), "--ubatch", "32"]
+    planned = flashflex("plan", path, "--budget", "1GiB", *settings, "--json")
+    assert planned.returncode == 0, planned.stderr
+    budget = f"{json.loads(planned.stdout)['minimum_budget_bytes']}B"  # plan's minimum is what run accepts
+    common = ["--model", path, "--budget", budget, *settings]
     result = flashflex("verify-exact", *common, "--tokens", "24", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -181,3 +182,25 @@ def test_a_second_context_on_a_streamed_model_is_refused(streaming, dense_models
         llama_cpp.llama_free(extra)
     finally:
         stock.close()
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q8_0"])
+def test_byte_ring_is_exact(streaming, dense_models, quant):
+    """The default read-ahead is a ring sized in bytes: tensors at fixed homes laid out in compute order, a read
+    issued as soon as the bytes of its home are released. At the minimum budget the ring is far smaller than what
+    streams, so tensors of different layers share bytes and a layer's reads wait on the release of the layers
+    before it; the logits stay bitwise identical and the runtime allocates the ring the plan paid for."""
+    path = dense_models[quant]
+    table = read_model_table(path)
+    prefetch = PrefetchConfig(threads=2)  # window auto
+    minimum = make_plan(table, 1 << 40, ctx=CTX, ubatch=32, prefetch=prefetch).minimum_budget_bytes
+    plan = make_plan(table, minimum, ctx=CTX, ubatch=32, prefetch=prefetch)
+    assert plan.prefetch.window == "auto"
+    streamed = sum(d.n_bytes for d in plan.tensors if d.placement == "streamed")
+    assert plan.prefetch.buffer_bytes < plan.prefetch.ring_bytes < streamed  # homes are shared across layers
+    result = exact.verify(_settings(path, 32), plan, n_tokens=40)
+    assert result.identical, result
+    gen = runner.generate(runner.GenerationSettings(model=path, prompt="hello world", n_predict=4, ctx=CTX,
+                                                    ubatch=32, threads=2), plan)
+    ring = gen.stats["decode"]["ring_bytes"] if "ring_bytes" in gen.stats["decode"] else gen.stats["ring_bytes"]
+    assert plan.prefetch.ring_bytes <= ring <= plan.prefetch.ring_bytes + 2 * 4096

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator import modes
 from orchestrator.bench.isolation import direct_read_bandwidth
 from orchestrator.bench.runs import Point, RunSpec, check_isolation, machine_info, run_point
 from orchestrator.plotting import pyplot as _pyplot
@@ -52,10 +53,11 @@ def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[
         for budget in sweep.budgets:
             resident = budget >= model_bytes
             log(f"budget {format_size(budget)}{' (≥ model size)' if resident else ''}")
-            baseline = Point("stock-resident" if resident else "stock-mmap", budget)
+            baseline = Point(modes.STOCK_RESIDENT if resident else modes.STOCK_MMAP, budget)
             keep(run_point(baseline, sweep.spec, sweep.use_cgroup, sweep.drop_caches, log))
             for tp in sweep.prefetch_threads:
-                rec = run_point(Point("flashflex", budget, tp), sweep.spec, sweep.use_cgroup, sweep.drop_caches, log)
+                rec = run_point(Point(modes.FLASHFLEX, budget, tp), sweep.spec, sweep.use_cgroup, sweep.drop_caches,
+                                log)
                 rec["read_bandwidth_bytes_per_s"] = bandwidth[max(1, tp)]
                 keep(rec)
     _add_ratios(records)
@@ -67,7 +69,7 @@ def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[
 
 def _add_ratios(records: list[dict[str, Any]]) -> None:
     """Ratios to the stock baseline of the same budget, and to the I/O roofline of the same run."""
-    stock = {r["budget_bytes"]: r for r in records if r["mode"].startswith("stock") and r.get("status") == "ok"}
+    stock = {r["budget_bytes"]: r for r in records if modes.is_stock_baseline(r["mode"]) and r.get("status") == "ok"}
     for r in records:
         if r.get("status") != "ok":
             continue
@@ -125,8 +127,8 @@ def plot(records: list[dict[str, Any]], out: Path, log: Log) -> None:
     for r in records:
         if r.get("status") != "ok" or not r.get("budget_bytes"):
             continue
-        name = r["mode"] if r["mode"] != "flashflex" else f"flashflex tp={r['prefetch_threads']}"
-        if r["mode"].startswith("stock"):
+        name = r["mode"] if r["mode"] != modes.FLASHFLEX else f"flashflex tp={r['prefetch_threads']}"
+        if modes.is_stock_baseline(r["mode"]):
             name = "stock"
         gib = r["budget_bytes"] / 2**30
         series.setdefault(name, []).append((gib, r["decode_tok_per_s"]))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator import modes
 from orchestrator.bench.dense import _fmt
 from orchestrator.bench.isolation import direct_read_bandwidth
 from orchestrator.bench.runs import Point, RunSpec, check_isolation, machine_info, run_point
@@ -57,8 +58,9 @@ def run_moe_sweep(sweep: MoESweep, out_dir: Path, log: Log = print) -> list[dict
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = sweep.spec
     _, context = _moe_sweep_context(sweep, log)
-    points = [Point("stock-resident", None), Point("resident", None), Point("stock-mmap", sweep.budget_bytes)]
-    points += [Point("slot-bank", sweep.budget_bytes, slot_bank=n) for n in sweep.slot_banks]
+    points = [Point(modes.STOCK_RESIDENT, None), Point(modes.RESIDENT, None),
+              Point(modes.STOCK_MMAP, sweep.budget_bytes)]
+    points += [Point(modes.SLOT_BANK, sweep.budget_bytes, slot_bank=n) for n in sweep.slot_banks]
     records: list[dict[str, Any]] = []
     results = out_dir / "results.jsonl"
     with open(results, "w") as fh:
@@ -79,14 +81,14 @@ def _add_moe_ratios(records: list[dict[str, Any]]) -> None:
     """Each run against stock mmap in the same cgroup; slot-bank against its roofline: the stock-resident
     per-token time plus the miss bytes per token read at the measured parallel bandwidth."""
     ok = [r for r in records if r.get("status") == "ok"]
-    by_mode = {r["mode"]: r for r in ok if r["mode"] != "slot-bank"}
-    mmap_run, resident = by_mode.get("stock-mmap"), by_mode.get("stock-resident")
+    by_mode = {r["mode"]: r for r in ok if r["mode"] != modes.SLOT_BANK}
+    mmap_run, resident = by_mode.get(modes.STOCK_MMAP), by_mode.get(modes.STOCK_RESIDENT)
     for r in ok:
-        if mmap_run and r is not mmap_run and r["mode"] != "stock-resident" and r["mode"] != "resident":
+        if mmap_run and r is not mmap_run and r["mode"] not in (modes.STOCK_RESIDENT, modes.RESIDENT):
             r["decode_ratio_to_stock"] = r["decode_tok_per_s"] / mmap_run["decode_tok_per_s"]
-        if r["mode"] == "resident" and resident:
+        if r["mode"] == modes.RESIDENT and resident:
             r["decode_ratio_to_stock"] = r["decode_tok_per_s"] / resident["decode_tok_per_s"]
-        if r["mode"] == "slot-bank" and resident and r.get("read_bandwidth_bytes_per_s"):
+        if r["mode"] == modes.SLOT_BANK and resident and r.get("read_bandwidth_bytes_per_s"):
             roofline_s = 1 / resident["decode_tok_per_s"] + r["miss_bytes_per_token"] / r["read_bandwidth_bytes_per_s"]
             r["roofline_tok_per_s"] = 1 / roofline_s
             r["per_token_s_over_roofline"] = (1 / r["decode_tok_per_s"]) / roofline_s
@@ -112,7 +114,7 @@ def moe_markdown(records: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([
             r["mode"], format_size(r["budget_bytes"]) if r.get("budget_bytes") else "none",
             _fmt(r.get("slot_bank"), "d"), _fmt(r.get("decode_tok_per_s"), ".3f"),
-            (_fmt(ratio, ".2f") + (" (vs stock-resident)" if r["mode"] == "resident" and ratio else "")),
+            (_fmt(ratio, ".2f") + (f" (vs {modes.STOCK_RESIDENT})" if r["mode"] == modes.RESIDENT and ratio else "")),
             _fmt(r.get("hit_rate"), ".1%"), _fmt(r.get("misses_per_token"), ".1f"),
             _fmt(r["miss_bytes_per_token"] / 2**20 if r.get("miss_bytes_per_token") is not None else None, ".1f"),
             f"{r['miss_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s" if r.get("miss_bandwidth_bytes_per_s") else "-",
@@ -129,21 +131,22 @@ def plot_moe(records: list[dict[str, Any]], out: Path, log: Log) -> None:
     plt = _pyplot(log)
     if plt is None:
         return
-    banks = sorted((r["slot_bank"], r) for r in records if r["mode"] == "slot-bank" and r.get("status") == "ok")
+    banks = sorted((r["slot_bank"], r) for r in records if r["mode"] == modes.SLOT_BANK and r.get("status") == "ok")
     if not banks:
         return
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     xs = [n for n, _ in banks]
-    ax.plot(xs, [r["decode_tok_per_s"] for _, r in banks], marker="o", label="slot-bank")
+    ax.plot(xs, [r["decode_tok_per_s"] for _, r in banks], marker="o", label=modes.SLOT_BANK)
     roof = [(n, r["roofline_tok_per_s"]) for n, r in banks if r.get("roofline_tok_per_s")]
     if roof:
         ax.plot([p[0] for p in roof], [p[1] for p in roof], linestyle="--", color="gray",
                 label="roofline (resident + misses ÷ bandwidth)")
-    for mode, style in (("stock-mmap", ":"), ("stock-resident", "-.")):
+    for mode, style in ((modes.STOCK_MMAP, ":"), (modes.STOCK_RESIDENT, "-.")):
         base = next((r for r in records if r["mode"] == mode and r.get("status") == "ok"), None)
         if base:
-            ax.axhline(base["decode_tok_per_s"], linestyle=style, color="black" if mode == "stock-mmap" else "green",
-                       label=f"{mode}" + (" (same cgroup)" if mode == "stock-mmap" else " (no limit)"))
+            same_cgroup = mode == modes.STOCK_MMAP
+            ax.axhline(base["decode_tok_per_s"], linestyle=style, color="black" if same_cgroup else "green",
+                       label=f"{mode}" + (" (same cgroup)" if same_cgroup else " (no limit)"))
     ax.set_xlabel("slots per layer")
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
@@ -209,22 +212,22 @@ def run_prefetch_sweep(sweep: PrefetchSweep, out_dir: Path, log: Log = print) ->
         return rec
 
     results.write_text("")
-    measure(Point("stock-resident", None))
-    measure(Point("stock-mmap", sweep.budget_bytes))
+    measure(Point(modes.STOCK_RESIDENT, None))
+    measure(Point(modes.STOCK_MMAP, sweep.budget_bytes))
     for n in sweep.slot_banks:
         trace = out_dir / f"trace-N{n}.jsonl"
-        measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n))
-        recorded = measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n, trace=str(trace)))
+        measure(Point(modes.SLOT_BANK, sweep.budget_bytes, slot_bank=n))
+        recorded = measure(Point(modes.SLOT_BANK, sweep.budget_bytes, slot_bank=n, trace=str(trace)))
         for policy in sweep.policies:
             for ranks in sweep.prefetch_ranks if policy == "router-lookahead" else [None]:
-                measure(Point("slot-bank", sweep.budget_bytes, slot_bank=n, prefetch=policy, prefetch_ranks=ranks))
+                measure(Point(modes.SLOT_BANK, sweep.budget_bytes, slot_bank=n, prefetch=policy, prefetch_ranks=ranks))
         if recorded.get("status") != "ok" or not trace.exists():
             log(f"  no trace at N={n}: the oracle runs are skipped")
             continue
-        measure(Point("oracle-prefetch", sweep.budget_bytes, slot_bank=n, trace=str(trace)))
+        measure(Point(modes.ORACLE_PREFETCH, sweep.budget_bytes, slot_bank=n, trace=str(trace)))
         distinct = traces.read_trace(trace).max_distinct_per_layer()
         extra = max(0, distinct - n) * per_expert * n_layers
-        measure(Point("oracle-all-hit", sweep.budget_bytes + extra, slot_bank=n, trace=str(trace)))
+        measure(Point(modes.ORACLE_ALL_HIT, sweep.budget_bytes + extra, slot_bank=n, trace=str(trace)))
     _add_prefetch_ratios(records)
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     (out_dir / "results.md").write_text(prefetch_markdown(records))
@@ -236,16 +239,16 @@ def _add_prefetch_ratios(records: list[dict[str, Any]]) -> None:
     """Against stock mmap (same cgroup) and against slot-bank at the same bank size; for each real policy, the
     share of the slot-bank -> oracle-prefetch gap in time per token that it closes."""
     ok = [r for r in records if r.get("status") == "ok"]
-    mmap_run = next((r for r in ok if r["mode"] == "stock-mmap"), None)
+    mmap_run = next((r for r in ok if r["mode"] == modes.STOCK_MMAP), None)
     for r in ok:
-        if mmap_run and r["mode"] not in ("stock-mmap", "stock-resident"):
+        if mmap_run and not modes.is_stock_baseline(r["mode"]):
             r["decode_ratio_to_stock"] = r["decode_tok_per_s"] / mmap_run["decode_tok_per_s"]
-        if r["mode"] not in ("slot-bank", "oracle-prefetch", "oracle-all-hit"):
+        if not modes.is_banked(r["mode"]):
             continue
         n = r["slot_bank"]
-        base = next((x for x in ok if x["mode"] == "slot-bank" and x["slot_bank"] == n and not x.get("trace")
+        base = next((x for x in ok if x["mode"] == modes.SLOT_BANK and x["slot_bank"] == n and not x.get("trace")
                      and x.get("prefetch", "none") == "none"), None)
-        oracle = next((x for x in ok if x["mode"] == "oracle-prefetch" and x["slot_bank"] == n), None)
+        oracle = next((x for x in ok if x["mode"] == modes.ORACLE_PREFETCH and x["slot_bank"] == n), None)
         if base is None or r is base:
             continue
         t_base, t_r = 1 / base["decode_tok_per_s"], 1 / r["decode_tok_per_s"]
@@ -256,12 +259,17 @@ def _add_prefetch_ratios(records: list[dict[str, Any]]) -> None:
             r["oracle_gap_closed"] = (t_base - t_r) / gap if gap > 0 else None
 
 
+def _records_trace(r: dict[str, Any]) -> bool:
+    """A slot-bank run that recorded a routing trace (it measures the writer's cost; the oracles replay it)."""
+    return r["mode"] == modes.SLOT_BANK and bool(r.get("trace"))
+
+
 def _label(r: dict[str, Any]) -> str:
     name = r["mode"]
     if r.get("prefetch", "none") != "none":
         name += f" + {r['prefetch']}"
         name += f" (top {r['moe_prefetch_ranks']})" if r.get("moe_prefetch_ranks") else ""
-    if r["mode"] == "slot-bank" and r.get("trace"):
+    if _records_trace(r):
         name += " + trace"
     return name
 
@@ -286,7 +294,7 @@ def prefetch_markdown(records: list[dict[str, Any]]) -> str:
         issued = moe.get("prefetch_issued")
         lines.append("| " + " | ".join([
             _label(r), _fmt(r.get("bank_slots") or r.get("slot_bank"), "d")
-            if r["mode"] not in ("stock-mmap", "stock-resident") else "-",
+            if not modes.is_stock_baseline(r["mode"]) else "-",
             format_size(r["budget_bytes"]) if r.get("budget_bytes") else "none",
             _fmt(r.get("decode_tok_per_s"), ".3f"), _fmt(r.get("decode_ratio_to_stock"), ".2f"),
             _fmt(r.get("decode_ratio_to_slot_bank"), ".2f"), _fmt(r.get("hit_rate"), ".1%"),
@@ -296,7 +304,7 @@ def prefetch_markdown(records: list[dict[str, Any]]) -> str:
             _fmt(moe["prefetch_wasted_bytes"] / gen / 2**20 if issued and gen else None, ".1f"),
             _fmt(f"{moe['prefetch_wait_seconds'] / gen * 1e3:.1f} ms" if issued and gen else None, "s"),
             _fmt(r.get("oracle_gap_closed"), ".0%"),
-            _fmt(r.get("trace_share_of_decode"), ".2%") if r.get("trace") and r["mode"] == "slot-bank" else "-",
+            _fmt(r.get("trace_share_of_decode"), ".2%") if _records_trace(r) else "-",
             r.get("status", "?"),
         ]) + " |")
     return "\n".join(lines) + "\n"
@@ -307,8 +315,8 @@ def plot_prefetch(records: list[dict[str, Any]], out: Path, log: Log) -> None:
     plt = _pyplot(log)
     if plt is None:
         return
-    ok = [r for r in records if r.get("status") == "ok" and r["mode"] not in ("stock-mmap", "stock-resident")
-          and not (r["mode"] == "slot-bank" and r.get("trace"))]
+    ok = [r for r in records if r.get("status") == "ok" and not modes.is_stock_baseline(r["mode"])
+          and not _records_trace(r)]
     banks = sorted({r["slot_bank"] for r in ok})
     if not banks:
         return
@@ -318,7 +326,7 @@ def plot_prefetch(records: list[dict[str, Any]], out: Path, log: Log) -> None:
     for i, name in enumerate(names):
         ys = [next((r["decode_tok_per_s"] for r in ok if _label(r) == name and r["slot_bank"] == n), 0) for n in banks]
         ax.bar([b + (i - (len(names) - 1) / 2) * width for b in range(len(banks))], ys, width, label=name)
-    base = next((r for r in records if r["mode"] == "stock-mmap" and r.get("status") == "ok"), None)
+    base = next((r for r in records if r["mode"] == modes.STOCK_MMAP and r.get("status") == "ok"), None)
     if base:
         ax.axhline(base["decode_tok_per_s"], linestyle=":", color="black", label="stock mmap (same cgroup)")
     ax.set_xticks(range(len(banks)), [f"{n} slots" for n in banks])

@@ -16,7 +16,9 @@ from typing import Any, Callable
 
 import psutil
 
+from orchestrator import modes
 from orchestrator.bench.isolation import MemoryCgroup, cgroup_version, drop_page_cache
+from orchestrator.modes import BenchMode
 from orchestrator.sizes import format_size
 
 Log = Callable[[str], None]
@@ -29,8 +31,7 @@ Log = Callable[[str], None]
 class Point:
     """One configuration to measure."""
 
-    mode: str  # stock-mmap (repack off) | stock-resident (stock default) | resident (no mmap) | flashflex
-    #            | slot-bank | oracle-prefetch | oracle-all-hit
+    mode: BenchMode  # the record's label (see orchestrator.modes)
     budget_bytes: int | None  # the cgroup limit; None = no limit
     prefetch_threads: int | None = None
     slot_bank: int | None = None  # slot-bank: slots per layer; None = the planner's pick for the budget
@@ -40,7 +41,7 @@ class Point:
 
     @property
     def banked(self) -> bool:
-        return self.mode in ("slot-bank", "oracle-prefetch", "oracle-all-hit")
+        return modes.is_banked(self.mode)
 
     @property
     def label(self) -> str:
@@ -49,7 +50,7 @@ class Point:
         bank = f" N={self.slot_bank or 'auto'}" if self.banked else ""
         extra = f" +{self.prefetch}" if self.prefetch != "none" else ""
         extra += f"/r{self.prefetch_ranks}" if self.prefetch_ranks else ""
-        extra += " +trace" if self.trace and self.mode == "slot-bank" else ""
+        extra += " +trace" if self.trace and self.mode == modes.SLOT_BANK else ""
         return f"{self.mode}{bank}{extra} @ {budget}{tp}"
 
 
@@ -61,7 +62,7 @@ class RunSpec:
     ubatch: int = 32
     prompt_tokens: int = 16
     gen_tokens: int = 16
-    window: int = 3
+    window: int | str = "auto"  # prefetch read-ahead: auto (a ring sized in bytes) or layers
     seed: int = 0
     timeout_s: float = 1800
     sidecar: Path | None = None  # MoE runs: the expert sidecar

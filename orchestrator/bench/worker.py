@@ -10,6 +10,8 @@ from pathlib import Path
 
 import psutil
 
+from orchestrator import modes
+
 
 def main(arg: str) -> None:
     payload = json.loads(arg)
@@ -21,18 +23,15 @@ def main(arg: str) -> None:
     settings = runner.GenerationSettings(model=model, ctx=spec["ctx"], batch=max(spec["ubatch"], 32),
                                          ubatch=spec["ubatch"], threads=spec["threads"], seed=spec["seed"])
     out: dict = {}
-    ex = _execution(point, spec, model, out) if point["mode"] in FLASHFLEX_MODES else runner.Execution()
-    repack = point["mode"] != "stock-mmap"
-    kwargs = {"use_mmap": False} if point["mode"] == "resident" else {}
+    planned = point["mode"] in modes.PLANNED_BENCH_MODES  # the others are stock baselines
+    ex = _execution(point, spec, model, out) if planned else runner.Execution()
+    repack = point["mode"] != modes.STOCK_MMAP
+    kwargs = {"use_mmap": False} if point["mode"] == modes.RESIDENT else {}
     t0 = time.perf_counter()
     with runner.session(settings, ex, repack=repack, **kwargs) as llm:
         out["_load_s"] = time.perf_counter() - t0
         _measure(llm, settings, spec, ex, out)
     print(json.dumps(out), flush=True)
-
-
-# Points flashflex plans (the others are stock baselines).
-FLASHFLEX_MODES = ("flashflex", "slot-bank", "oracle-prefetch", "oracle-all-hit")
 
 
 def _execution(point: dict, spec: dict, model: Path, out: dict):
@@ -47,7 +46,7 @@ def _execution(point: dict, spec: dict, model: Path, out: dict):
     budget = (point["budget_bytes"] or 1 << 50) - overhead
     settings = {"model.path": model, "budget.size": f"{budget}B", "context.ctx": spec["ctx"],
                 "context.ubatch": spec["ubatch"]}
-    banked = point["mode"] != "flashflex"
+    banked = modes.is_banked(point["mode"])
     if banked:
         settings.update({"moe.mode": point["mode"], "moe.sidecar": spec["sidecar"],
                          "moe.slot_bank": point["slot_bank"], "moe.io_threads": spec["io_threads"],
@@ -64,7 +63,7 @@ def _execution(point: dict, spec: dict, model: Path, out: dict):
     out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead, resident_bytes=plan.resident_bytes,
                streamed_bytes_per_token=streamed if ex.plan is not None or not banked else 0)
     if banked:
-        out.update(slot_bank=point["slot_bank"] if point["mode"] == "oracle-all-hit" else ex.moe.slots,
+        out.update(slot_bank=point["slot_bank"] if point["mode"] == modes.ORACLE_ALL_HIT else ex.moe.slots,
                    bank_slots=ex.moe.slots,
                    moe_prefetch_ranks=ex.moe.prefetch_ranks if ex.moe.prefetch == "router-lookahead" else None,
                    planned_hit_rate=plan.estimates.expected_hit_rate)

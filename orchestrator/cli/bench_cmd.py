@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         ubatch: int = typer.Option(32, "--ubatch", min=1, help="Micro-batch size."),
         prompt_tokens: int = typer.Option(16, "--prompt-tokens", min=1, help="Prompt length (teacher-forced)."),
         gen_tokens: int = typer.Option(16, "--gen-tokens", min=1, help="Decoded tokens (teacher-forced)."),
-        window: int = typer.Option(3, "--prefetch-window", min=1, help="Layers read ahead."),
+        window: str = typer.Option("auto", "--prefetch-window", help="Read-ahead: auto or a number of layers."),
         out_dir: Path = typer.Option(Path("bench-results/dense"), "--out-dir", help="Where results go."),
         no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Do not confine runs to a memory cgroup."),
         no_drop_caches: bool = typer.Option(False, "--no-drop-caches", help="Do not drop the page cache between runs."),

@@ -13,11 +13,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from orchestrator import readspeed
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.config import DEFAULT_BANDWIDTH, RunConfig, load_run_config
 from orchestrator.modelfile.table import ModelTable
+from orchestrator.modes import MOE_MODES
 from orchestrator.planner import Plan, explain, format_tokens_per_s, plan_for_run
 from orchestrator.sizes import format_rate, format_size, parse_rate
+
+_MOE_MODE_HELP = f"MoE only: {' | '.join(MOE_MODES)}."
 
 
 def _load_table(path: Path) -> ModelTable:
@@ -27,7 +31,7 @@ def _load_table(path: Path) -> ModelTable:
     return read_model_table(path)
 
 
-def _settings(budget: str, ctx: int, ubatch: int, window: int, threads: int, direct_io: str,
+def _settings(budget: str, ctx: int, ubatch: int, window: str, threads: str, direct_io: str,
               moe_mode: str | None, slot_bank: int | None, topk: int | None, rpc: str | None = None,
               rpc_layers: int | None = None, rpc_timeout: float | None = None) -> RunConfig:
     """Flags validated by the same models as YAML, so errors read the same."""
@@ -56,15 +60,17 @@ def plan_command(
     ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context length the KV cache is reserved for.")] = 2048,
     ubatch: Annotated[int, typer.Option("--ubatch", "-ub", help="Micro-batch the compute buffers are sized "
                                         "for.")] = 512,
-    prefetch_window: Annotated[int, typer.Option("--prefetch-window", help="Layers read ahead of compute.")] = 3,
-    prefetch_threads: Annotated[int, typer.Option("--prefetch-threads", "-tp", help="Prefetch I/O threads; 0 = "
-                                                  "synchronous reads.")] = 1,
+    prefetch_window: Annotated[str, typer.Option("--prefetch-window", help="Read-ahead: auto (a ring sized in "
+                                                 "bytes) or a number of layers.")] = "auto",
+    prefetch_threads: Annotated[str, typer.Option("--prefetch-threads", "-tp", help="Prefetch I/O threads: auto "
+                                                  "(chosen from the device's probed read bandwidth), or a number; "
+                                                  "0 = synchronous reads.")] = "auto",
+    reprobe: Annotated[bool, typer.Option("--reprobe", help="Probe the device's direct-read bandwidth again (-tp "
+                                          "auto; the probe is cached per device).")] = False,
     direct_io: Annotated[str, typer.Option("--direct-io", help="auto | on | off | strict.")] = "auto",
     bandwidth: Annotated[str, typer.Option("--bandwidth", help="Read bandwidth for the tokens/s estimate "
                                            "(1.1GB/s, 500MiB/s).")] = DEFAULT_BANDWIDTH,
-    moe_mode: Annotated[Optional[str], typer.Option("--moe-mode", help="MoE only: auto | stock | resident | "
-                                                    "resident-bank | slot-bank | oracle-all-hit | "
-                                                    "oracle-prefetch.")] = None,
+    moe_mode: Annotated[Optional[str], typer.Option("--moe-mode", help=_MOE_MODE_HELP)] = None,
     moe_slot_bank: Annotated[Optional[int], typer.Option("--moe-slot-bank", help="MoE only: expert slots per "
                                                          "layer instead of the planner's choice.")] = None,
     moe_topk: Annotated[Optional[int], typer.Option("--moe-topk", help="MoE only: fewer experts per token "
@@ -77,6 +83,9 @@ def plan_command(
     rpc_timeout: Annotated[Optional[float], typer.Option("--rpc-timeout", min=0.1, max=120.0,
                                                          help="Seconds each worker has to answer.")] = None,
     show_explain: Annotated[bool, typer.Option("--explain", help="Say which tensors are kept and why.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Reserve the planner's estimates for the KV cache and "
+                                           "compute buffers instead of measuring what llama.cpp allocates (the "
+                                           "measurement needs the patched library; it is cached).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Plan a model under a RAM budget: resident and streamed tensors, expert banks, reservations, estimates; with
@@ -90,7 +99,14 @@ def plan_command(
         from orchestrator import rpc as rpc_mod
 
         workers = rpc_mod.probe_all(settings.rpc.servers, settings.rpc.timeout_s)
-    plan = plan_for_run(table, settings, workers=workers, read_bandwidth=rate)
+    measured = None
+    if not estimate and not workers:  # with workers the local share of the KV cache is planned, not measured
+        from orchestrator import overheads
+
+        measured = overheads.measure(model, ctx=settings.context.ctx, ubatch=settings.context.ubatch,
+                                     batch=settings.context.batch)
+    probe = readspeed.measured(model, refresh=reprobe) if settings.prefetch.threads == "auto" else None
+    plan = plan_for_run(table, settings, workers=workers, read_bandwidth=rate, overheads=measured, read_probe=probe)
     if json_out:
         emit_json(plan.model_dump(mode="json"))
         if show_explain:
@@ -114,9 +130,9 @@ def _print_plan(plan: Plan) -> None:
     summary.add_row("budget", f"{format_size(plan.budget_bytes)} (minimum "
                               f"{format_size(plan.minimum_budget_bytes, round_up=True)}), used "
                               f"{format_size(plan.used_bytes)}")
-    summary.add_row("KV cache", f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, f16)")
-    summary.add_row("compute", f"{format_size(r.compute_bytes)} (ubatch {plan.ubatch})")
-    summary.add_row("prefetch", f"{p.buffers} x {format_size(p.buffer_bytes)}, {p.threads} thread(s), window "
+    summary.add_row("KV cache", f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, {r.source})")
+    summary.add_row("compute", f"{format_size(r.compute_bytes)} (ubatch {plan.ubatch}, {r.source})")
+    summary.add_row("prefetch", f"ring {format_size(p.ring_bytes)}, {p.threads} thread(s), window "
                                 f"{p.window}, direct I/O {'on' if p.direct_io else 'off'}" if p.buffers
                     else "none (nothing streams)")
     summary.add_row("weights resident", format_size(plan.resident_bytes))

@@ -6,10 +6,11 @@ from typing import Optional
 
 import typer
 
-from orchestrator import runner
+from orchestrator import modes, runner
 from orchestrator.api import overrides_from_options
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.cli.options import ConfigArg, model_options_command
+from orchestrator.sizes import format_size
 
 
 def register(app: typer.Typer) -> None:
@@ -61,7 +62,7 @@ def register(app: typer.Typer) -> None:
                          f"{moe['prefetch_wasted_bytes'] / 2**20:.1f} MiB wasted")
         err_console.print(f"[dim]mode {result.stats['mode']} · {line}[/]")
         trace = options["moe_trace"]
-        if trace is not None and result.stats["mode"] == "slot-bank":
+        if trace is not None and result.stats["mode"] == modes.SLOT_BANK:
             err_console.print(f"[dim]routing trace: {trace} (flashflex trace analyze {trace})[/]")
 
     @app.command("verify-exact")
@@ -85,9 +86,9 @@ def register(app: typer.Typer) -> None:
             raise FlashflexError(f"--tokens {tokens} exceeds the context of {settings.ctx}", "raise --ctx")
         ex = runner.execution_for_config(cfg, settings.model)
         result = exact.verify(settings, ex.plan, tokens, seed, ex=ex)
-        compared = ex.native or ex.mode == "resident"  # resident: stock's path without mmap
+        compared = ex.native or ex.mode == modes.RESIDENT  # resident: stock's path without mmap
         mode = ex.mode if compared else f"{ex.mode} (nothing to compare: the budget needs no plan)"
-        if ex.moe is not None and ex.moe.mode != "resident-bank":
+        if ex.moe is not None and ex.moe.mode != modes.RESIDENT_BANK:
             mode += f" ({ex.moe.slots} slots)"
         if ex.moe is not None and ex.moe.prefetch != "none":
             mode += f", prefetch {ex.moe.prefetch}"
@@ -124,7 +125,7 @@ def _dry_run(cfg, settings, ex, json_out: bool) -> None:
         what = [f"{len(spec.files)} file(s)", f"direct I/O {spec.direct_io}"]
         if spec.streamed:
             what.append(f"{len(spec.streamed)} streamed tensor(s), {spec.prefetch_threads} prefetch thread(s), "
-                        f"window {spec.window}")
+                        f"ring {format_size(spec.ring_bytes or 0)}")
         if spec.moe_slots is not None:
             what.append(f"{len(spec.banks)} banked tensor(s), {spec.moe_slots} slots per layer, prefetch "
                         f"{spec.moe_prefetch}" + (f", trace {spec.moe_trace}" if spec.moe_trace else ""))

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from orchestrator import modes
 from orchestrator.cli.common import err_console
 from orchestrator.cli.options import ConfigArg, model_options_command
 from orchestrator.errors import FlashflexError
@@ -49,7 +50,7 @@ def startup_lines(entries, server) -> list[str]:
         s = e.prepared.summary()
         what = f"{e.alias}: {s['mode']}"
         plan = s.get("plan")
-        if plan and s["mode"] != "stock":
+        if plan and s["mode"] != modes.STOCK:
             what += (f", budget {plan['budget_bytes'] / 2**20:.0f} MiB, resident weights "
                      f"{plan['resident_bytes'] / 2**20:.0f} MiB")
         if s.get("moe"):

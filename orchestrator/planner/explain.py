@@ -38,10 +38,10 @@ def explain(plan: Plan) -> list[str]:
     lines = [
         f"budget {format_size(plan.budget_bytes)} (minimum {format_size(plan.minimum_budget_bytes, round_up=True)}): "
         f"used {format_size(plan.used_bytes)} = weights {format_size(plan.resident_bytes)} + KV cache "
-        f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, f16) + compute {format_size(r.compute_bytes)} "
-        f"(ubatch {plan.ubatch})"
-        + (f" + prefetch buffers {plan.prefetch.buffers} x {format_size(plan.prefetch.buffer_bytes)}"
-           if plan.prefetch.buffers else ""),
+        f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens) + compute {format_size(r.compute_bytes)} "
+        f"(ubatch {plan.ubatch}; KV and compute {r.source}"
+        + (" from what llama.cpp allocates for these settings)" if r.source == "measured" else ")")
+        + (f" + prefetch ring {format_size(plan.prefetch.ring_bytes)}" if plan.prefetch.buffers else ""),
     ]
     non_layer = [t for t in plan.tensors if t.reason == "non-layer"]
     if non_layer:
@@ -73,8 +73,15 @@ def explain(plan: Plan) -> list[str]:
             lines.append(f"{_layers_label(idx)}: keep {', '.join(kept) or 'nothing'}; stream "
                          f"{', '.join(streamed) or 'nothing'} ({_REGIME_WHY[regime]})")
         p = plan.prefetch
-        lines.append(f"prefetch: {p.threads} thread(s), window {p.window}, {p.buffers} buffer(s) of "
-                     f"{format_size(p.buffer_bytes)}, direct I/O {'on' if p.direct_io else 'off'}")
+        ring = (f"a ring of {format_size(p.ring_bytes)} sized in bytes (the largest streamed layer "
+                f"{format_size(p.buffer_bytes)}, the slack of its largest tensor, one read per thread)"
+                if p.window == "auto" else
+                f"a ring of {format_size(p.ring_bytes)} ({p.buffers} x the largest streamed layer "
+                f"{format_size(p.buffer_bytes)})")
+        lines.append(f"prefetch: {p.threads} thread(s), window {p.window}: {ring}, direct I/O "
+                     f"{'on' if p.direct_io else 'off'}")
+        if p.threads_reason != "asked":
+            lines.append(f"prefetch threads: {p.threads_reason}")
     if plan.moe is not None:
         m = plan.moe
         if m.slot_bank is None:

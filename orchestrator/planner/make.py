@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from orchestrator import modes
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
 from orchestrator.planner.schema import (
-    _ALL_RESIDENT_MODES,
     _ATTENTION_RANK,
     _FFN_ROLES,
     _SUBSET_SUM_LIMIT,
@@ -21,6 +22,7 @@ from orchestrator.planner.schema import (
     DEFAULT_N_VOCAB,
     DEFAULT_READ_BANDWIDTH,
     DIRECT_IO_ALIGNMENT,
+    READ_CHUNK_BYTES,
     Estimates,
     LayerPlan,
     MoEPlan,
@@ -30,7 +32,7 @@ from orchestrator.planner.schema import (
     Reservations,
     TensorDecision,
 )
-from orchestrator.sizes import format_size, parse_rate
+from orchestrator.sizes import format_rate, format_size, parse_rate
 
 
 @dataclass(frozen=True)
@@ -226,13 +228,41 @@ def _streamed_layer_buffer(layer: _Layer, quota: int | None) -> int:
     return streamed + _span_allowance(layer) if streamed > 0 else 0
 
 
-def _buffers(layers: list[_Layer], quota: int | None, window: int) -> tuple[int, int]:
-    """(number of buffers, bytes per buffer) for a quota (None = nothing streams)."""
+def _largest_streamed_tensor(layers: list[_Layer], quota: int) -> int:
+    """The largest tensor that streams at `quota`, with the two pages an O_DIRECT read may add."""
+    largest = 0
+    for layer in layers:
+        kept = layer.steps.selections[layer.steps.at(quota)]
+        for i, t in enumerate(layer.streamable):
+            if i not in kept:
+                largest = max(largest, t.n_bytes + 2 * DIRECT_IO_ALIGNMENT)
+    return largest
+
+
+def _buffers(layers: list[_Layer], quota: int | None, window: int | None,
+             threads: int = 1) -> tuple[int, int, int]:
+    """(buffers, bytes per buffer, ring bytes) for a quota (None = nothing streams).
+
+    The runtime's ring is bytes, tensors laid out in the order compute uses them: it must hold the largest layer
+    plus the slack a wrap may waste (a largest tensor per buffer type: two, for the plain and the repacked
+    layout). An explicit `window` keeps its meaning, window x the largest layer (at least that minimum). With
+    `window` None (auto) the ring is the minimum plus one read job (4 MiB, or a smaller tensor) per prefetch
+    thread, so every I/O thread has a home to read into while compute holds a layer; whatever a deeper ring would
+    cost stays resident weights."""
     per_layer = [_streamed_layer_buffer(layer, quota) for layer in layers]
     streaming = sum(1 for b in per_layer if b > 0)
-    if streaming == 0:
-        return 0, 0
-    return min(window, streaming), max(per_layer)
+    if streaming == 0 or quota is None:
+        return 0, 0, 0
+    buf = max(per_layer)
+    largest = _largest_streamed_tensor(layers, quota)
+    minimum = buf + 2 * largest
+    if window is not None:
+        n_buf = min(window, streaming)
+        ring = max(n_buf * buf, minimum)
+    else:
+        n_buf = 1
+        ring = minimum + max(threads, 0) * min(READ_CHUNK_BYTES, largest)  # a read job: a chunk, or a tensor
+    return n_buf, buf, min(ring, sum(per_layer))
 
 
 def _staging_bytes(layers: list[_Layer], threads: int) -> int:
@@ -243,30 +273,30 @@ def _staging_bytes(layers: list[_Layer], threads: int) -> int:
     return max(1, threads) * (largest + 2 * DIRECT_IO_ALIGNMENT) if largest else 0
 
 
-def _prefetch_cost(n_buf: int, buf: int, staging: int) -> int:
-    """Bytes of the ring (n_buf slots of buf bytes) plus staging, when anything streams."""
-    return n_buf * buf + (staging if n_buf else 0)
+def _prefetch_cost(ring: int, staging: int) -> int:
+    """Bytes of the ring plus staging, when anything streams."""
+    return ring + (staging if ring else 0)
 
 
-def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int,
-                staging: int = 0) -> tuple[int, int, int]:
+def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int | None,
+                staging: int = 0, threads: int = 1) -> tuple[int, int, int, int]:
     """Water-fill the layers' quota while paying for the prefetch buffers it leaves necessary.
 
     Starts from the buffers of streaming everything and iterates: a higher quota streams less, so needs
     smaller buffers, which frees budget for a higher quota. Each step stays within budget and is monotone in
-    the budget, so the result is too. Returns (quota, buffers, buffer_bytes).
+    the budget, so the result is too. Returns (quota, buffers, buffer_bytes, ring_bytes).
     """
     candidates = sorted({bp for layer in layers for bp in layer.steps.breakpoints})
-    n_buf, buf = _buffers(layers, 0, window)
-    reserved = _prefetch_cost(n_buf, buf, staging)
+    n_buf, buf, ring = _buffers(layers, 0, window, threads)
+    reserved = _prefetch_cost(ring, staging)
     quota = 0
     for _ in range(64):
         quota = _level(layers, avail_before_buffers - reserved, candidates)
-        n_buf, buf = _buffers(layers, quota, window)
-        if _prefetch_cost(n_buf, buf, staging) >= reserved:
+        n_buf, buf, ring = _buffers(layers, quota, window, threads)
+        if _prefetch_cost(ring, staging) >= reserved:
             break
-        reserved = _prefetch_cost(n_buf, buf, staging)
-    return quota, n_buf, buf
+        reserved = _prefetch_cost(ring, staging)
+    return quota, n_buf, buf, ring
 
 
 def runtime_slots(slots: int, n_expert: int) -> int:
@@ -285,158 +315,363 @@ def make_plan(
     prefetch: Any = None,
     moe: Any = None,
     read_bandwidth: int | str | None = None,
+    overheads: Any = None,
+    read_probe: dict[int, float] | None = None,
 ) -> Plan:
     """Plan `table` under `budget_bytes` of RAM. Pure: reads nothing, writes nothing.
 
     `prefetch` is a PrefetchConfig or anything with `threads`, `window`, `direct_io` (and optionally
     `read_bandwidth`); `moe` a MoEConfig or anything with `mode`, `slot_bank`, `topk`; dicts work too.
     `read_bandwidth` (bytes/s or a rate string) overrides the prefetch settings' value for the estimate.
+    `overheads` (an overheads.Measured, or anything with `kv_bytes` and `compute_bytes`) replaces the KV cache and
+    compute estimates with what llama.cpp allocates for these settings. `read_probe` (queue depth → direct-read
+    bytes/s of the model's device, orchestrator.readspeed) is what `threads: auto` chooses from.
     Raises FlashflexError for a budget below the minimum, MoE options on a dense model, and impossible
     MoE settings.
+
+    The stages, in order (each a function below that says what it decides): read the request, analyse the
+    model, the fixed overheads, the MoE mode and minimum banks, the minimum budget (or refusal), the dense
+    resident/streamed split, the bank size, each tensor's placement, direct I/O, the estimates, the Plan.
     """
-    arch = table.arch
-    name = table.files[0].name if table.files else arch.arch
+    req = _read_request(ctx, ubatch, prefetch, moe, read_bandwidth)
+    warnings: list[str] = []
+    model = _analyse_model(table, req, warnings)
+    req = _prefetch_threads(req, model, read_probe)
+    over = _overheads(table, model, req, overheads)
+    experts = _experts(model, req, over, budget_bytes, warnings)
+    staging = _staging_bytes(model.layers, req.threads)
+    minimum = _minimum_budget(model, req, over, experts, staging, budget_bytes)
+    dense = _split_dense(model, req, over, experts, staging, budget_bytes)
+    slots = _bank_slots(model, req, over, experts, dense, warnings)
+    placed = _place_tensors(table, model, experts, dense.quota, slots)
+    direct_io = _direct_io(req, model, placed.unaligned, warnings)
+    return _assemble(table, budget_bytes, req=req, model=model, over=over, experts=experts, minimum=minimum,
+                     dense=dense, slots=slots, placed=placed, direct_io=direct_io, warnings=warnings)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages of make_plan, in the order it runs them
+
+
+@dataclass(frozen=True)
+class _Request:
+    """make_plan's settings, validated and read once from whatever the caller passed (configs or dicts)."""
+
+    ctx: int
+    ubatch: int
+    threads: int | None  # prefetch I/O threads; 0 = synchronous reads; None = auto (see _prefetch_threads)
+    threads_reason: str  # why this many threads
+    window: int | None  # requested look-ahead in layers; None = auto (a ring sized in bytes)
+    direct_io: str  # auto | on | off | strict, as asked
+    bandwidth: int  # bytes/s, for the estimate only
+    mode: str  # the requested MoE mode (auto is resolved by _experts)
+    slot_bank: int | None  # slots per MoE layer asked for; None = sized from the budget
+    topk: int | None  # experts per token asked for; None = the model's
+
+    @property
+    def effective_window(self) -> int | None:
+        """The layers' worth of ring an explicit window asks for (one for synchronous reads); None = auto."""
+        if self.window is None:
+            return None
+        return max(1, self.window) if self.threads > 0 else 1
+
+
+def _read_request(ctx: int, ubatch: int, prefetch: Any, moe: Any, read_bandwidth: int | str | None) -> _Request:
+    """Refuse a non-positive ctx or ubatch; read the prefetch and MoE settings, with their defaults for what is
+    missing (an explicit `read_bandwidth` beats the prefetch settings' value)."""
     if ctx < 1 or ubatch < 1:
         raise FlashflexError(f"ctx and ubatch must be positive (got ctx={ctx}, ubatch={ubatch})",
                              "pass --ctx and --ubatch of 1 or more")
-    threads = int(_get(prefetch, "threads", 1))
-    window = int(_get(prefetch, "window", 3))
-    direct_io_requested = str(_get(prefetch, "direct_io", "auto"))
+    raw_threads = _get(prefetch, "threads", 1)
+    threads = None if raw_threads == "auto" else int(raw_threads)
+    raw_window = _get(prefetch, "window", "auto")
+    window = None if raw_window in (None, "auto") else int(raw_window)
+    direct_io = str(_get(prefetch, "direct_io", "auto"))
     if read_bandwidth is None:
         read_bandwidth = _get(prefetch, "read_bandwidth", DEFAULT_READ_BANDWIDTH)
     bandwidth = read_bandwidth if isinstance(read_bandwidth, int) else parse_rate(read_bandwidth)
-    effective_window = max(1, window) if threads > 0 else 1
+    return _Request(ctx=ctx, ubatch=ubatch, threads=threads, threads_reason="asked", window=window,
+                    direct_io=direct_io,
+                    bandwidth=bandwidth, mode=str(_get(moe, "mode", modes.AUTO) or modes.AUTO),
+                    slot_bank=_get(moe, "slot_bank", None), topk=_get(moe, "topk", None))
 
-    requested_mode = str(_get(moe, "mode", "auto") or "auto")
-    slot_bank_req = _get(moe, "slot_bank", None)
-    topk_req = _get(moe, "topk", None)
-    warnings: list[str] = []
 
-    has_routed = any(t.role is Role.EXPERT_ROUTED for t in table.tensors)
-    is_moe = arch.is_moe or has_routed
+@dataclass(frozen=True)
+class _ModelFacts:
+    """What planning needs to know about the model: its layers, whether it is MoE, the top-k the run uses."""
+
+    name: str  # for messages: the first file's name, else the architecture
+    is_moe: bool
+    layers: list[_Layer]
+    moe_layers: list[_Layer]  # the layers with routed experts
+    n_expert_used: int  # the model's experts per token; 0 for a dense model
+    topk: int  # experts per token this run uses
+
+    @property
+    def max_expert(self) -> int:
+        """The most routed experts in any layer (0 without MoE layers)."""
+        return max((layer.n_expert for layer in self.moe_layers), default=0)
+
+    def bank_bytes(self, slots: int) -> int:
+        """Bytes of a bank of `slots` in every MoE layer (see runtime_slots)."""
+        return sum(runtime_slots(slots, layer.n_expert) * layer.expert_bytes for layer in self.moe_layers)
+
+
+def _analyse_model(table: ModelTable, req: _Request, warnings: list[str]) -> _ModelFacts:
+    """Whether the model is MoE (MoE options on a dense model are refused), the top-k the run uses (refused
+    outside 1..n_expert_used; a reduction warns that it is lossy), and its layers. Warns when ctx exceeds the
+    training context."""
+    arch = table.arch
+    name = table.files[0].name if table.files else arch.arch
+    is_moe = arch.is_moe or any(t.role is Role.EXPERT_ROUTED for t in table.tensors)
     if not is_moe:
-        used = [f"--moe-mode {requested_mode}"] if requested_mode not in ("auto", "stock") else []
-        used += [f"--moe-slot-bank {slot_bank_req}"] if slot_bank_req is not None else []
-        used += [f"--moe-topk {topk_req}"] if topk_req is not None else []
+        used = [f"--moe-mode {req.mode}"] if req.mode not in (modes.AUTO, modes.STOCK) else []
+        used += [f"--moe-slot-bank {req.slot_bank}"] if req.slot_bank is not None else []
+        used += [f"--moe-topk {req.topk}"] if req.topk is not None else []
         if used:
             raise FlashflexError(f"{name} is a dense model ({arch.arch}, no routed experts): "
                                  f"{', '.join(used)} applies to MoE models only", "drop the MoE options")
 
     n_expert_used = max(arch.n_expert_used, 1) if is_moe else 0
     topk = n_expert_used
-    if is_moe and topk_req is not None:
-        if topk_req < 1 or topk_req > n_expert_used:
-            raise FlashflexError(f"--moe-topk {topk_req} is outside 1..{n_expert_used}",
+    if is_moe and req.topk is not None:
+        if req.topk < 1 or req.topk > n_expert_used:
+            raise FlashflexError(f"--moe-topk {req.topk} is outside 1..{n_expert_used}",
                                  f"top-k can only reduce the model's {n_expert_used} experts per token")
-        topk = int(topk_req)
+        topk = int(req.topk)
         if topk < n_expert_used:
             warnings.append(f"top-k {topk} overrides the model's {n_expert_used} experts per token: lossy, "
                             "output will differ from stock")
 
     layers = _layers(table, arch.n_expert)
-    moe_layers = [layer for layer in layers if layer.routed]
-    if ctx > arch.n_ctx_train > 0:
-        warnings.append(f"ctx {ctx} exceeds the model's training context {arch.n_ctx_train}")
+    if req.ctx > arch.n_ctx_train > 0:
+        warnings.append(f"ctx {req.ctx} exceeds the model's training context {arch.n_ctx_train}")
+    return _ModelFacts(name=name, is_moe=is_moe, layers=layers, moe_layers=[layer for layer in layers if layer.routed],
+                  n_expert_used=n_expert_used, topk=topk)
 
-    kv = kv_cache_bytes(table, ctx)
-    compute = compute_bytes(table, ctx, ubatch, topk if is_moe else None)
-    non_layer = sum(t.n_bytes for t in table.tensors if t.layer is None)
-    pinned = sum(t.n_bytes for layer in layers for t in layer.pinned)
-    fixed = kv + compute + non_layer + pinned
-    streamable_all = sum(layer.streamable_bytes for layer in layers)
-    routed_all = sum(t.n_bytes for layer in moe_layers for t in layer.routed)
-    everything = fixed + streamable_all + routed_all
 
-    # MoE mode: which experts are resident
-    mode = requested_mode
-    if is_moe:
-        if mode == "auto":
-            mode = "stock" if everything <= budget_bytes and slot_bank_req is None else "slot-bank"
-        if mode in _ALL_RESIDENT_MODES:
-            if slot_bank_req is not None:
+AUTO_THREADS_WITHIN = 0.9  # -tp auto: the fewest threads within 10% of the best probed bandwidth
+
+
+def _prefetch_threads(req: _Request, model: _ModelFacts, probe: dict[int, float] | None) -> _Request:
+    """-tp auto: the fewest prefetch threads whose probed direct-read bandwidth is within 10% of the best depth
+    probed on this device, but no more than the read jobs (4 MiB) of the largest layer, which is all a thread can
+    work on ahead of compute; the probed bandwidth at that depth becomes the estimate's. Without a probe (no
+    O_DIRECT, a file of a few MiB), one thread. Threads asked for are kept."""
+    if req.threads is not None:
+        return req
+    largest_layer = max((layer.streamable_bytes for layer in model.layers), default=0)
+    cap = max(1, largest_layer // READ_CHUNK_BYTES)
+    if not probe:
+        return dataclasses.replace(req, threads=1, threads_reason="auto: 1 thread (no direct-read probe of this "
+                                   "device: O_DIRECT unavailable, or the file is a few MiB)")
+    best = max(probe.values())
+    depth = min(d for d, bw in probe.items() if bw >= AUTO_THREADS_WITHIN * best)
+    threads = min(depth, cap)
+    rates = ", ".join(f"{d}: {format_rate(bw)}" for d, bw in sorted(probe.items()))
+    why = (f"auto: {threads} thread(s); direct reads on this device by 1, 2, 4 threads: {rates}; {depth} is the "
+           f"fewest within {round(100 * (1 - AUTO_THREADS_WITHIN))}% of the best")
+    if threads < depth:
+        why += f", capped at {threads} by the largest layer's {cap} read job(s) of 4 MiB"
+    return dataclasses.replace(req, threads=threads, threads_reason=why, bandwidth=int(probe[threads]
+                               if threads in probe else probe[depth]))
+
+
+@dataclass(frozen=True)
+class _Overheads:
+    """Bytes no decision changes: the reservations, the always-resident weights, and the totals of the weights
+    the later stages place."""
+
+    kv: int
+    compute: int
+    source: str  # measured | estimated (kv and compute)
+    non_layer: int  # tensors outside the repeating blocks
+    pinned: int  # 1-D tensors and routers inside them
+    streamable: int  # every dense layer weight (may stream)
+    routed: int  # every routed expert
+
+    @property
+    def fixed(self) -> int:
+        """Taken before any weight is placed: KV cache, compute, always-resident weights."""
+        return self.kv + self.compute + self.non_layer + self.pinned
+
+    @property
+    def everything(self) -> int:
+        """The budget that holds every weight resident."""
+        return self.fixed + self.streamable + self.routed
+
+
+def _overheads(table: ModelTable, model: _ModelFacts, req: _Request, measured: Any) -> _Overheads:
+    """The KV cache and compute reservations (what llama.cpp allocates, when measured; else the estimates, compute
+    sized for the run's top-k), the always-resident weights, and the totals of the streamable dense weights and of
+    the routed experts."""
+    if measured is not None:
+        kv, compute, source = int(_get(measured, "kv_bytes", 0)), int(_get(measured, "compute_bytes", 0)), "measured"
+    else:
+        kv = kv_cache_bytes(table, req.ctx)
+        compute = compute_bytes(table, req.ctx, req.ubatch, model.topk if model.is_moe else None)
+        source = "estimated"
+    return _Overheads(
+        kv=kv,
+        compute=compute,
+        source=source,
+        non_layer=sum(t.n_bytes for t in table.tensors if t.layer is None),
+        pinned=sum(t.n_bytes for layer in model.layers for t in layer.pinned),
+        streamable=sum(layer.streamable_bytes for layer in model.layers),
+        routed=sum(t.n_bytes for layer in model.moe_layers for t in layer.routed),
+    )
+
+
+@dataclass(frozen=True)
+class _Experts:
+    """Where routed experts live: the mode the runtime runs, whether in slot banks, and the smallest banks."""
+
+    mode: str  # the requested mode, auto resolved (a dense model keeps the request's)
+    banked: bool  # routed experts in slot banks; False = every expert resident, or no experts
+    min_slots: int  # the smallest bank per layer: top-k, or the slot bank asked for
+    min_bank_bytes: int  # bytes of the smallest banks; 0 unless banked
+
+    def fixed_weights(self, over: _Overheads) -> int:
+        """What the budget pays before the dense split: the fixed overheads, plus every routed expert when the
+        mode keeps them all resident."""
+        return over.fixed + (0 if self.banked else over.routed)
+
+
+def _experts(model: _ModelFacts, req: _Request, over: _Overheads, budget: int, warnings: list[str]) -> _Experts:
+    """The MoE mode and the minimum banks. auto = stock when every weight fits (and no slot bank is asked for),
+    else slot-bank. A mode that keeps every expert resident refuses a slot bank and a budget it does not fit;
+    a banked mode refuses a slot bank below top-k and warns when it exceeds the expert count."""
+    mode = req.mode
+    if model.is_moe:
+        if mode == modes.AUTO:
+            mode = modes.STOCK if over.everything <= budget and req.slot_bank is None else modes.SLOT_BANK
+        if modes.keeps_every_expert(mode):
+            if req.slot_bank is not None:
                 raise FlashflexError(f"--moe-slot-bank applies to slot-bank and oracle modes, not {mode}",
                                      "drop --moe-slot-bank or use --moe-mode slot-bank")
-            if everything > budget_bytes:
+            if over.everything > budget:
                 raise FlashflexError(
-                    f"mode {mode} keeps every expert resident and needs {format_size(everything, round_up=True)}; "
-                    f"the budget is {format_size(budget_bytes)}",
+                    f"mode {mode} keeps every expert resident and needs "
+                    f"{format_size(over.everything, round_up=True)}; the budget is {format_size(budget)}",
                     "use --moe-mode slot-bank, or raise --budget")
-    banked = is_moe and mode not in _ALL_RESIDENT_MODES
+    banked = model.is_moe and not modes.keeps_every_expert(mode)
 
-    # Minimum banks (top-k, or the slot bank asked for)
-    min_slots = topk
-    if banked and slot_bank_req is not None:
-        max_expert = max(layer.n_expert for layer in moe_layers) if moe_layers else 0
-        if slot_bank_req < topk:
-            raise FlashflexError(f"--moe-slot-bank {slot_bank_req} is below top-k {topk}: every token needs {topk} "
-                                 "experts resident at once", f"use a slot bank of at least {topk}")
-        if slot_bank_req > max_expert:
-            warnings.append(f"slot bank {slot_bank_req} capped at the expert count {max_expert}")
-        min_slots = int(slot_bank_req)
+    min_slots = model.topk
+    if banked and req.slot_bank is not None:
+        if req.slot_bank < model.topk:
+            raise FlashflexError(f"--moe-slot-bank {req.slot_bank} is below top-k {model.topk}: every token needs "
+                                 f"{model.topk} experts resident at once", f"use a slot bank of at least {model.topk}")
+        if req.slot_bank > model.max_expert:
+            warnings.append(f"slot bank {req.slot_bank} capped at the expert count {model.max_expert}")
+        min_slots = int(req.slot_bank)
+    return _Experts(mode=mode, banked=banked, min_slots=min_slots,
+                    min_bank_bytes=model.bank_bytes(min_slots) if banked else 0)
 
-    def bank_bytes(slots: int) -> int:
-        return sum(runtime_slots(slots, layer.n_expert) * layer.expert_bytes for layer in moe_layers)
 
-    min_banks = bank_bytes(min_slots) if banked else 0
-    if not banked:
-        fixed += routed_all  # resident experts are fixed weights
-
-    staging = _staging_bytes(layers, threads)
-    n_buf0, buf0 = _buffers(layers, 0, effective_window)
-    stream_all = _prefetch_cost(n_buf0, buf0, staging)
-    minimum = fixed + min_banks + min(streamable_all, stream_all)
-    if is_moe and requested_mode == "auto" and not banked:  # auto falls back to slot-bank below the stock size
-        auto_min = fixed - routed_all + bank_bytes(topk) + min(streamable_all, stream_all)
+def _minimum_budget(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, staging: int,
+                    budget: int) -> int:
+    """The smallest budget that runs: the fixed weights, the minimum banks, and the cheaper of every dense layer
+    weight resident or everything streamed through the prefetch buffers (for auto on a MoE model, the cheaper
+    of stock and slot-bank at top-k). A budget below it is refused, naming each part."""
+    fixed = experts.fixed_weights(over)
+    n_buf0, buf0, ring0 = _buffers(model.layers, 0, req.effective_window, req.threads)
+    stream_all = _prefetch_cost(ring0, staging)
+    minimum = fixed + experts.min_bank_bytes + min(over.streamable, stream_all)
+    if model.is_moe and req.mode == modes.AUTO and not experts.banked:  # auto falls back to slot-bank below stock
+        auto_min = fixed - over.routed + model.bank_bytes(model.topk) + min(over.streamable, stream_all)
         minimum = min(minimum, auto_min)
-    if budget_bytes < minimum:
-        parts = [f"KV cache {format_size(kv)}", f"compute {format_size(compute)}",
-                 f"always-resident weights {format_size(non_layer + pinned + (0 if banked else routed_all))}"]
-        if streamable_all > stream_all:
-            parts.append(f"prefetch buffers {n_buf0} x {format_size(buf0)} + staging {format_size(staging)}")
+    if budget < minimum:
+        parts = [f"KV cache {format_size(over.kv)}", f"compute {format_size(over.compute)}",
+                 f"always-resident weights "
+                 f"{format_size(over.non_layer + over.pinned + (0 if experts.banked else over.routed))}"]
+        if over.streamable > stream_all:
+            parts.append(f"prefetch ring {format_size(ring0)} + staging {format_size(staging)}")
         else:
-            parts.append(f"layer weights {format_size(streamable_all)}")
-        if banked:
-            parts.append(f"{min_slots} expert slots x {len(moe_layers)} layers {format_size(min_banks)}")
+            parts.append(f"layer weights {format_size(over.streamable)}")
+        if experts.banked:
+            parts.append(f"{experts.min_slots} expert slots x {len(model.moe_layers)} layers "
+                         f"{format_size(experts.min_bank_bytes)}")
         raise FlashflexError(
-            f"budget {format_size(budget_bytes)} is below the {format_size(minimum, round_up=True)} minimum for "
-            f"{name} ({' + '.join(parts)})",
+            f"budget {format_size(budget)} is below the {format_size(minimum, round_up=True)} minimum for "
+            f"{model.name} ({' + '.join(parts)})",
             f"give --budget {format_size(minimum, round_up=True).replace(' ', '')} or more, or lower --ctx, "
             "--ubatch or --prefetch-window")
+    return minimum
 
-    # Dense weights: all resident if they fit beside the minimum banks, else water-filled with streaming
-    avail = budget_bytes - fixed - min_banks
-    if streamable_all <= avail:
-        quota: int | None = None
-        n_buf, buf = 0, 0
-    else:
-        quota, n_buf, buf = _dense_fill(layers, avail, effective_window, staging)
 
-    # Banks grow with whatever is left once every dense weight is resident
-    slots = min_slots
-    if banked and quota is None and slot_bank_req is None and moe_layers:
-        left = avail + min_banks - streamable_all
-        lo, hi = min_slots, max(layer.n_expert for layer in moe_layers)
+@dataclass(frozen=True)
+class _Dense:
+    """How the dense layer weights split between resident and streamed, and what streaming reserves."""
+
+    avail: int  # budget left for dense weights beside the fixed weights and the minimum banks
+    quota: int | None  # per-layer quota (the water level); None = every dense weight resident
+    buffers: int  # layer-sized buffers an explicit window asks for (1 for auto); 0 when nothing streams
+    buffer_bytes: int  # the largest streamed layer with page padding
+    ring_bytes: int  # what the runtime allocates (see _buffers)
+    staging: int  # see _staging_bytes; reserved only when something streams
+
+    @property
+    def prefetch_bytes(self) -> int:
+        return _prefetch_cost(self.ring_bytes, self.staging)
+
+
+def _split_dense(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, staging: int,
+                 budget: int) -> _Dense:
+    """Dense layer weights: all resident when they fit beside the fixed weights and the minimum banks, else
+    water-filled to a per-layer quota that also pays for the prefetch buffers the rest needs (_dense_fill)."""
+    avail = budget - experts.fixed_weights(over) - experts.min_bank_bytes
+    if over.streamable <= avail:
+        return _Dense(avail=avail, quota=None, buffers=0, buffer_bytes=0, ring_bytes=0, staging=staging)
+    quota, n_buf, buf, ring = _dense_fill(model.layers, avail, req.effective_window, staging, req.threads)
+    return _Dense(avail=avail, quota=quota, buffers=n_buf, buffer_bytes=buf, ring_bytes=ring, staging=staging)
+
+
+def _bank_slots(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, dense: _Dense,
+                warnings: list[str]) -> int:
+    """Slots per MoE layer: the minimum, grown evenly by whatever is left once every dense weight is resident
+    (unless a slot bank was asked for), up to the expert count. Warns when a bank is within BANK_WARN_FACTOR x
+    top-k."""
+    slots = experts.min_slots
+    if experts.banked and dense.quota is None and req.slot_bank is None and model.moe_layers:
+        left = dense.avail + experts.min_bank_bytes - over.streamable
+        lo, hi = experts.min_slots, model.max_expert
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if bank_bytes(mid) <= left:
+            if model.bank_bytes(mid) <= left:
                 lo = mid
             else:
                 hi = mid - 1
         slots = lo
-    if banked and moe_layers:
-        top = max(layer.n_expert for layer in moe_layers)
-        if min(slots, top) < BANK_WARN_FACTOR * topk and min(slots, top) < top:
-            warnings.append(f"slot bank {min(slots, top)} is within {BANK_WARN_FACTOR}x top-k {topk}: most expert "
-                            "reads will miss; raise the budget or lower --moe-topk")
+    if experts.banked and model.moe_layers:
+        top = model.max_expert
+        if min(slots, top) < BANK_WARN_FACTOR * model.topk and min(slots, top) < top:
+            warnings.append(f"slot bank {min(slots, top)} is within {BANK_WARN_FACTOR}x top-k {model.topk}: most "
+                            "expert reads will miss; raise the budget or lower --moe-topk")
+    return slots
 
-    # Decisions
-    file_index = {str(f): i for i, f in enumerate(table.files)}
+
+@dataclass(frozen=True)
+class _Placements:
+    """Each tensor's placement and reason, each layer's plan, and the totals the Plan reports."""
+
+    decision: dict[str, tuple[Placement, str]]  # tensor name -> (placement, reason)
+    layers: list[LayerPlan]
+    dense_streamed: int  # dense bytes read per token
+    dense_kept: int  # streamable bytes kept resident
+    unaligned: int  # streamed tensors whose offset is not direct-I/O aligned
+
+
+def _place_tensors(table: ModelTable, model: _ModelFacts, experts: _Experts, quota: int | None,
+                   slots: int) -> _Placements:
+    """Where each tensor lives: a layer's streamable tensors in the quota's selection stay resident and the
+    rest stream (all resident with no quota); pinned and non-layer tensors are resident; routed experts go to
+    the banks, or stay resident when the mode keeps every expert."""
     decision: dict[str, tuple[Placement, str]] = {}
     layer_plans: list[LayerPlan] = []
     dense_streamed = 0
     dense_kept = 0
     unaligned = 0
-    for layer in layers:
+    for layer in model.layers:
         kept = frozenset(range(len(layer.streamable))) if quota is None else layer.steps.selections[
             layer.steps.at(quota)]
         regime = "all" if quota is None else layer.steps.regimes[layer.steps.at(quota)]
@@ -450,110 +685,130 @@ def make_plan(
                 dense_streamed += t.n_bytes
                 unaligned += t.offset % DIRECT_IO_ALIGNMENT != 0
         for t in layer.routed:
-            decision[t.name] = ("bank", "expert-bank") if banked else ("resident", "expert-resident")
+            decision[t.name] = ("bank", "expert-bank") if experts.banked else ("resident", "expert-resident")
         kept_bytes = sum(layer.streamable[i].n_bytes for i in kept)
         dense_kept += kept_bytes
-        res = sum(t.n_bytes for t in layer.pinned) + kept_bytes
         lp = LayerPlan(
-            layer=layer.index, regime=regime if layer.streamable else "all", resident_bytes=res,
+            layer=layer.index, regime=regime if layer.streamable else "all",
+            resident_bytes=sum(t.n_bytes for t in layer.pinned) + kept_bytes,
             streamed_bytes=layer.streamable_bytes - kept_bytes,
             attention_bytes=sum(t.n_bytes for t in layer.streamable if t.role not in _FFN_ROLES),
             ffn_bytes=sum(t.n_bytes for t in layer.streamable if t.role in _FFN_ROLES),
         )
         if layer.routed:
-            s = min(slots, layer.n_expert) if banked else layer.n_expert
+            s = min(slots, layer.n_expert) if experts.banked else layer.n_expert
             lp.n_expert, lp.expert_bytes = layer.n_expert, layer.expert_bytes
-            lp.slot_bank = s if banked else None
-            lp.bank_bytes = (runtime_slots(s, layer.n_expert) * layer.expert_bytes if banked
+            lp.slot_bank = s if experts.banked else None
+            lp.bank_bytes = (runtime_slots(s, layer.n_expert) * layer.expert_bytes if experts.banked
                              else sum(t.n_bytes for t in layer.routed))
         layer_plans.append(lp)
     for t in table.tensors:
         if t.layer is None:
             decision[t.name] = ("resident", "non-layer")
+    return _Placements(decision, layer_plans, dense_streamed, dense_kept, unaligned)
 
-    # Direct I/O
-    if direct_io_requested == "strict" and unaligned:
-        raise FlashflexError(f"{unaligned} streamed tensors of {name} are not {DIRECT_IO_ALIGNMENT}-byte aligned, "
-                             "and direct I/O is strict",
+
+def _direct_io(req: _Request, model: _ModelFacts, unaligned: int, warnings: list[str]) -> bool:
+    """Whether streamed reads use O_DIRECT: off as asked; auto = on unless a streamed tensor is unaligned (with a
+    warning); on = on, unaligned tensors read through the page cache (a warning); strict refuses unaligned
+    streamed tensors."""
+    if req.direct_io == "strict" and unaligned:
+        raise FlashflexError(f"{unaligned} streamed tensors of {model.name} are not {DIRECT_IO_ALIGNMENT}-byte "
+                             "aligned, and direct I/O is strict",
                              "rewrite the model with `flashflex gguf realign`, or use --direct-io auto")
-    if direct_io_requested == "off":
-        direct_io = False
-    elif direct_io_requested == "auto":
-        direct_io = unaligned == 0
+    if req.direct_io == "off":
+        return False
+    if req.direct_io == "auto":
         if unaligned:
             warnings.append(f"direct I/O off: {unaligned} streamed tensors are not {DIRECT_IO_ALIGNMENT}-byte "
                             "aligned (rewrite with `flashflex gguf realign`)")
-    else:
-        direct_io = True
-        if unaligned:
-            warnings.append(f"{unaligned} unaligned streamed tensors are read through the page cache")
+        return unaligned == 0
+    if unaligned:
+        warnings.append(f"{unaligned} unaligned streamed tensors are read through the page cache")
+    return True
 
-    # Estimates
+
+def _estimates(model: _ModelFacts, experts: _Experts, slots: int, dense_streamed: int, bandwidth: int) -> Estimates:
+    """Bytes read per token (streamed dense tensors, plus expert misses under uniform independent routing: a
+    layer misses top-k x (1 - slots/experts) experts), the hit rate that implies, and the I/O-bound tokens/s."""
     expert_miss = 0.0
     expert_reads = 0.0
-    if banked:
-        for layer in moe_layers:
+    if experts.banked:
+        for layer in model.moe_layers:
             s = min(slots, layer.n_expert)
-            expert_reads += topk * layer.expert_bytes
-            expert_miss += topk * layer.expert_bytes * (1 - s / layer.n_expert)
+            expert_reads += model.topk * layer.expert_bytes
+            expert_miss += model.topk * layer.expert_bytes * (1 - s / layer.n_expert)
     expert_miss_bytes = int(round(expert_miss))
     streamed_per_token = dense_streamed + expert_miss_bytes
-    hit_rate = None if not is_moe else (1.0 if expert_reads == 0 else 1 - expert_miss / expert_reads)
+    hit_rate = None if not model.is_moe else (1.0 if expert_reads == 0 else 1 - expert_miss / expert_reads)
+    return Estimates(
+        dense_streamed_bytes_per_token=dense_streamed,
+        expert_miss_bytes_per_token=expert_miss_bytes,
+        streamed_bytes_per_token=streamed_per_token,
+        expected_hit_rate=hit_rate,
+        hit_rate_model="uniform independent routing: hit rate = slots / experts" if model.is_moe else "none",
+        read_bandwidth=bandwidth,
+        io_bound_tokens_per_s=(bandwidth / streamed_per_token) if streamed_per_token else None,
+    )
 
-    resident_weights = (non_layer + pinned + dense_kept
-                        + (bank_bytes(slots) if banked else routed_all))
-    reserved = kv + compute + _prefetch_cost(n_buf, buf, staging)
-    plan = Plan(
+
+def _assemble(table: ModelTable, budget: int, *, req: _Request, model: _ModelFacts, over: _Overheads,
+              experts: _Experts, minimum: int, dense: _Dense, slots: int, placed: _Placements, direct_io: bool,
+              warnings: list[str]) -> Plan:
+    """The Plan: the stages' decisions with their totals (resident, reserved, used) and the estimates."""
+    arch = table.arch
+    estimates = _estimates(model, experts, slots, placed.dense_streamed, req.bandwidth)
+    banks = model.bank_bytes(slots) if experts.banked else over.routed
+    resident_weights = over.non_layer + over.pinned + placed.dense_kept + banks
+    reserved = over.kv + over.compute + dense.prefetch_bytes
+    file_index = {str(f): i for i, f in enumerate(table.files)}
+    return Plan(
         files=[str(f) for f in table.files],
         arch=arch.arch,
-        kind="moe" if is_moe else "dense",
+        kind="moe" if model.is_moe else "dense",
         n_layer=arch.n_layer,
-        budget_bytes=budget_bytes,
+        budget_bytes=budget,
         minimum_budget_bytes=minimum,
-        ctx=ctx,
-        ubatch=ubatch,
-        fits_entirely=streamed_per_token == 0 and (not banked or all(
-            min(slots, layer.n_expert) >= layer.n_expert for layer in moe_layers)),
-        layer_quota_bytes=quota,
+        ctx=req.ctx,
+        ubatch=req.ubatch,
+        fits_entirely=estimates.streamed_bytes_per_token == 0 and (not experts.banked or all(
+            min(slots, layer.n_expert) >= layer.n_expert for layer in model.moe_layers)),
+        layer_quota_bytes=dense.quota,
         model_bytes=table.total_bytes,
         resident_bytes=resident_weights,
         reserved_bytes=reserved,
         used_bytes=resident_weights + reserved,
-        reservations=Reservations(kv_cache_bytes=kv, compute_bytes=compute,
-                                  prefetch_buffer_bytes=_prefetch_cost(n_buf, buf, staging)),
-        prefetch=PrefetchPlan(threads=threads, window=window, buffers=n_buf, buffer_bytes=buf,
-                              staging_bytes=staging if n_buf else 0,
-                              direct_io_requested=direct_io_requested, direct_io=direct_io,
-                              unaligned_tensors=unaligned),
-        moe=None if not is_moe else MoEPlan(
-            requested_mode=requested_mode, mode=mode, n_expert=max((lay.n_expert for lay in moe_layers), default=0),
-            n_expert_used=n_expert_used, topk=topk, topk_lossy=topk < n_expert_used,
-            slot_bank=min(slots, max((lay.n_expert for lay in moe_layers), default=slots)) if banked else None,
-            bank_bytes=bank_bytes(slots) if banked else routed_all, moe_layers=len(moe_layers)),
-        estimates=Estimates(
-            dense_streamed_bytes_per_token=dense_streamed,
-            expert_miss_bytes_per_token=expert_miss_bytes,
-            streamed_bytes_per_token=streamed_per_token,
-            expected_hit_rate=hit_rate,
-            hit_rate_model="uniform independent routing: hit rate = slots / experts" if is_moe else "none",
-            read_bandwidth=bandwidth,
-            io_bound_tokens_per_s=(bandwidth / streamed_per_token) if streamed_per_token else None,
-        ),
-        layers=layer_plans,
+        reservations=Reservations(kv_cache_bytes=over.kv, compute_bytes=over.compute,
+                                  prefetch_buffer_bytes=dense.prefetch_bytes, source=over.source),
+        prefetch=PrefetchPlan(threads=req.threads, threads_reason=req.threads_reason,
+                              window=req.window if req.window is not None else "auto",
+                              buffers=dense.buffers, buffer_bytes=dense.buffer_bytes, ring_bytes=dense.ring_bytes,
+                              staging_bytes=dense.staging if dense.buffers else 0,
+                              direct_io_requested=req.direct_io, direct_io=direct_io,
+                              unaligned_tensors=placed.unaligned),
+        moe=None if not model.is_moe else MoEPlan(
+            requested_mode=req.mode, mode=experts.mode, n_expert=model.max_expert,
+            n_expert_used=model.n_expert_used, topk=model.topk, topk_lossy=model.topk < model.n_expert_used,
+            slot_bank=min(slots, max((lay.n_expert for lay in model.moe_layers), default=slots))
+            if experts.banked else None,
+            bank_bytes=banks, moe_layers=len(model.moe_layers)),
+        estimates=estimates,
+        layers=placed.layers,
         tensors=[
             TensorDecision(name=t.name, layer=t.layer, role=t.role.value, n_bytes=t.n_bytes,
                            file=file_index.get(str(t.file), 0), offset=t.offset,
-                           placement=decision[t.name][0], reason=decision[t.name][1])
+                           placement=placed.decision[t.name][0], reason=placed.decision[t.name][1])
             for t in table.tensors
         ],
         warnings=warnings,
     )
-    return plan
 
 
 def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None, workers: list[Any] | None = None,
-                 read_bandwidth: int | str | None = None) -> Plan:
-    """make_plan with the settings of a RunConfig. Not pure when the budget is `auto` (reads free memory).
+                 read_bandwidth: int | str | None = None, overheads: Any = None,
+                 read_probe: dict[int, float] | None = None) -> Plan:
+    """make_plan with the settings of a RunConfig (and the overheads measured for them, and the device's read
+    probe for -tp auto, when given). Not pure when the budget is `auto` (reads free memory).
 
     `workers` (orchestrator.rpc.Worker, checked by the caller): the model's last layers go to them
     (planner.placement) and the budget plans what stays here."""
@@ -577,6 +832,8 @@ def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None
         prefetch=config.prefetch,
         moe=config.moe,
         read_bandwidth=read_bandwidth,
+        overheads=overheads,
+        read_probe=read_probe,
     )
     if rpc_plan is not None:
         plan.rpc = rpc_plan
@@ -585,6 +842,3 @@ def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None
         plan.warnings = rpc_warnings + plan.warnings
     return plan
 
-
-# --------------------------------------------------------------------------------------------------
-# Explanations

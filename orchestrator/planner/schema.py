@@ -8,10 +8,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.modelfile.table import Role
+from orchestrator.modes import MoEMode, PlannedMoEMode
 from orchestrator.sizes import MiB
 
 SCHEMA_VERSION = 1
 DIRECT_IO_ALIGNMENT = 4096
+READ_CHUNK_BYTES = 4 << 20  # one read job of the runtime (k_chunk in llama-flashflex-stream.cpp)
 COMPUTE_FIXED_BYTES = 4 * MiB
 BANK_WARN_FACTOR = 1.25
 DEFAULT_READ_BANDWIDTH = 1_100_000_000  # 1.1 GB/s
@@ -19,7 +21,6 @@ DEFAULT_N_VOCAB = 32000
 
 _ATTENTION_RANK = {Role.ATTN_K: 0, Role.ATTN_V: 1, Role.ATTN_Q: 2, Role.ATTN_QKV: 3, Role.ATTN_O: 4, Role.OTHER: 5}
 _FFN_ROLES = frozenset({Role.FFN_DENSE, Role.EXPERT_SHARED})
-_ALL_RESIDENT_MODES = frozenset({"stock", "resident", "resident-bank"})
 _SUBSET_SUM_LIMIT = 14  # layers with more streamable tensors use approximate breakpoints (still safe)
 
 Placement = Literal["resident", "streamed", "bank"]
@@ -70,10 +71,15 @@ class PrefetchPlan(_Model):
     """Dense streaming settings the runtime applies."""
 
     threads: int = Field(description="Prefetch I/O threads; 0 = synchronous reads.")
-    window: int = Field(description="Requested look-ahead in layers.")
-    buffers: int = Field(description="Prefetch buffers allocated (the effective window); 0 if nothing streams.")
-    buffer_bytes: int = Field(description="Bytes of each buffer: the largest streamed layer plus page "
-                              "padding (an upper bound on the aligned spans of its tensors).")
+    threads_reason: str = Field(default="asked", description="Why this many threads (-tp auto says what it "
+                                "measured).")
+    window: int | Literal["auto"] = Field(description="Requested look-ahead in layers; auto = a ring sized in bytes.")
+    buffers: int = Field(description="Layer-sized buffers an explicit window asks for (1 for auto); 0 if nothing "
+                         "streams.")
+    buffer_bytes: int = Field(description="The largest streamed layer plus page padding (an upper bound on the "
+                              "aligned spans of its tensors).")
+    ring_bytes: int = Field(default=0, description="The ring the runtime allocates: the largest streamed layer, "
+                            "the slack a wrap may waste, and read-ahead (see planner/make.py _buffers).")
     direct_io_requested: str = Field(description="auto | on | off | strict, as asked.")
     direct_io: bool = Field(description="Whether streamed reads use O_DIRECT.")
     staging_bytes: int = Field(default=0, description="Staging for tensors repacked on arrival: one largest "
@@ -85,16 +91,19 @@ class PrefetchPlan(_Model):
 class Reservations(_Model):
     """Budget taken before any weight is placed."""
 
-    kv_cache_bytes: int = Field(description="f16 K and V cache for the whole context.")
-    compute_bytes: int = Field(description="Estimated compute buffers for one ubatch.")
-    prefetch_buffer_bytes: int = Field(description="buffers x buffer_bytes + staging_bytes.")
+    kv_cache_bytes: int = Field(description="K and V cache for the whole context.")
+    compute_bytes: int = Field(description="Compute buffers for one ubatch.")
+    prefetch_buffer_bytes: int = Field(description="ring_bytes + staging_bytes.")
+    source: Literal["measured", "estimated"] = Field(
+        default="estimated", description="measured = KV and compute are what llama.cpp allocates for these settings "
+        "(orchestrator.overheads); estimated = the planner's formulas.")
 
 
 class MoEPlan(_Model):
     """MoE execution settings."""
 
-    requested_mode: str = Field(description="Mode asked for (auto resolves to stock or slot-bank).")
-    mode: str = Field(description="Mode the runtime runs.")
+    requested_mode: MoEMode = Field(description="Mode asked for (auto resolves to stock or slot-bank).")
+    mode: PlannedMoEMode = Field(description="Mode the runtime runs.")
     n_expert: int = Field(description="Routed experts per MoE layer.")
     n_expert_used: int = Field(description="The model's experts per token.")
     topk: int = Field(description="Experts per token the run uses.")

@@ -29,14 +29,16 @@ LLAMA_API const char * llama_flashflex_info(void);
 // Dense weight streaming (FlexInfer-style): a per-model configuration, built before the model is loaded
 // and handed to the load through the GGUF key override "flashflex.config" (an int holding the id).
 // Tensors named with llama_flashflex_config_stream_tensor() are never loaded into the model's buffers:
-// they live in a ring of `window` slots (layer i of the streamed layers in slot i % window) and are read
-// from the GGUF by `prefetch_threads` background threads ahead of compute (0 = synchronous reads).
+// they live in a ring of bytes (API 6: "ring_bytes"; without it, `window` layers' worth), each at a fixed home laid
+// out in the order compute uses them, and are read from the GGUF by `prefetch_threads` background threads ahead of
+// compute (0 = synchronous reads) as soon as the bytes of their home are released.
 // Every other tensor loads as usual. The model must be loaded without mmap (load_mode NONE).
 //
 
 // Create an empty configuration; returns its id (> 0).
 LLAMA_API int32_t llama_flashflex_config_new(void);
-// Set an integer option: "prefetch_threads" (>= 0), "window" (>= 1),
+// Set an integer option: "prefetch_threads" (>= 0), "window" (>= 1), "ring_bytes" (API 6, >= 0; at least the
+// largest streamed layer plus its largest tensor per buffer type, which is used when it is less),
 // "direct_io" (0 = buffered reads, 1 = O_DIRECT when the file system allows it, 2 = O_DIRECT or fail),
 // and for MoE expert banks "moe_slots" (slots per layer, >= the experts each token uses; 0 = every expert
 // resident, read from the sidecar at load), "moe_io_threads" (>= 1 parallel readers for misses) and
@@ -118,7 +120,8 @@ LLAMA_API int32_t            llama_flashflex_devices(char * buf, size_t buf_size
 LLAMA_API ggml_backend_dev_t llama_flashflex_device(int32_t index);
 // The memory a context and its model hold per buffer type, as llama.cpp allocated it: {"buffers": [{"buffer_type",
 // "device", "description", "host", "model", "context", "compute"}]} (bytes). Tensors flashflex streams or banks
-// live in flashflex's own buffers and are not counted here. Returns the full length, or -1 without a context.
+// live in flashflex's own buffers and are not counted here. For a model loaded with no_alloc these are the sizes
+// llama.cpp would allocate (nothing is): what flashflex's planner reserves for the KV cache and compute buffers. Returns the full length, or -1 without a context.
 LLAMA_API int32_t llama_flashflex_memory_breakdown(const struct llama_context * ctx, char * buf, size_t buf_size);
 // Add the devices of the RPC worker at endpoint ("host:port") to the device list (ggml_backend_rpc_add_server, then
 // ggml_backend_register), once per endpoint per process. Returns its device count, or -1 (llama_flashflex_last_error).

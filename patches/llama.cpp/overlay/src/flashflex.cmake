@@ -6,8 +6,8 @@
 set(FLASHFLEX_SERIES_HASH "" CACHE STRING "flashflex: hash of the patch series this tree was built from")
 
 # One file per concern (docs/architecture.md): build info and C API entry points, configurations, call sites,
-# shared I/O, JSON, dense streaming, the expert bank, its prefetch policies, trace replay, the trace writer, devices
-# and ggml's RPC backend.
+# shared I/O, JSON, dense streaming, the expert bank, its prefetch policies, trace replay, the trace writer, devices,
+# a context's memory (what the planner reserves) and ggml's RPC backend.
 set(FLASHFLEX_SOURCES
     llama-flashflex.cpp
     llama-flashflex-config.cpp

@@ -78,6 +78,8 @@ int32_t llama_flashflex_config_set(int32_t id, const char * key, int64_t value) 
             c.prefetch_threads = (int) value;
         } else if (k == "window" && value >= 1 && value <= 4096) {
             c.window = (int) value;
+        } else if (k == "ring_bytes" && value >= 0 && value <= ((int64_t) 1 << 50)) {
+            c.ring_bytes = value;
         } else if (k == "direct_io" && value >= 0 && value <= 2) {
             c.direct_io = (int) value;
         } else if (k == "moe_slots" && value >= 0 && value <= 65536) {
@@ -93,9 +95,10 @@ int32_t llama_flashflex_config_set(int32_t id, const char * key, int64_t value) 
         } else if (k == "moe_verify" && (value == 0 || value == 1)) {
             c.moe_verify = (int) value;
         } else {
-            static const char * const known[] = { "prefetch_threads",   "window",         "direct_io",
-                                                  "moe_slots",          "moe_io_threads", "moe_shared_only",
-                                                  "moe_prefetch_ranks", "moe_preload",    "moe_verify" };
+            static const char * const known[] = {
+                "prefetch_threads", "window",          "ring_bytes",         "direct_io",   "moe_slots",
+                "moe_io_threads",   "moe_shared_only", "moe_prefetch_ranks", "moe_preload", "moe_verify"
+            };
             for (const char * name : known) {
                 if (k == name) {
                     return refuse("config_set: " + k + " = " + std::to_string(value) + " is out of range");

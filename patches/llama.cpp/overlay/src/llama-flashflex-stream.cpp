@@ -1,17 +1,24 @@
 // flashflex dense weight streaming: a planned set of weight tensors is not loaded with the model but read
-// from the GGUF, layer by layer, into a ring of `window` slots, by prefetch threads working ahead of compute.
+// from the GGUF, tensor by tensor, into a ring of bytes, by prefetch threads working ahead of compute.
 //
 // Design (see include/llama-flashflex.h for the public API):
-// - Placement: every streamed tensor of streamed layer #i (i counts only layers that stream something) gets a
-//   fixed home in slot i % window, so tensor->data never changes and the graph needs no rewriting. Tensors the
-//   loader put in the plain CPU buffer type are read straight into their home (O_DIRECT: the read covers the
-//   4096-aligned superset of the tensor, and tensor->data points at the tensor inside it). Tensors the loader
-//   put in another CPU buffer type (the repacked layout) get their home in a buffer of that type and are read
-//   into a staging buffer, then written with ggml_backend_tensor_set, which repacks them exactly as the stock
-//   load does — so the same kernels run and the logits stay bitwise identical.
+// - Placement: streamed tensors are laid out once, in the order compute uses them (layer by layer), in a ring of
+//   `ring_bytes` per buffer type: each tensor's home follows the previous one's and wraps to the ring's start
+//   when it would run past the end. So tensor->data never changes and the graph needs no rewriting, and a
+//   tensor shares ring bytes only with tensors far enough away in the cycle. Tensors the loader put in the plain
+//   CPU buffer type are read straight into their home (O_DIRECT: the read covers the 4096-aligned superset of
+//   the tensor, and tensor->data points at the tensor inside it). Tensors the loader put in another CPU buffer
+//   type (the repacked layout) get their home in a ring of that type and are read into a staging buffer, then
+//   written with ggml_backend_tensor_set, which repacks them exactly as the stock load does — so the same
+//   kernels run and the logits stay bitwise identical.
+// - Read-ahead: the reads of one cycle (one pass over the layers, i.e. one ubatch) are issued in that order, each
+//   as soon as every tensor whose home overlaps its own has been released by compute; so prefetch occupies
+//   exactly the ring bytes compute is not using, with no per-layer slots. A ring holds at least the largest
+//   layer plus the largest tensor (the wrap), checked at load.
 // - Synchronisation: an in-place no-op graph node at every layer boundary (after the input embeddings and
-//   after each layer) releases the layer just computed and waits until the next layer's bytes are in place.
-//   Acquiring layer L also queues the reads of the next window-1 streamed layers into their slots.
+//   after each layer) releases the layer just computed and waits until the next layer's tensors are in place.
+//   Compute is sequential (one context per model, see llama-flashflex-hooks.cpp); a layer acquired out of the
+//   cycle's order (a graph that aborted half-way, or skipped layers) re-synchronises the cycle at that layer.
 // - Failure: a read error marks the model failed; the boundary stops waiting, and the abort callback
 //   (llama_flashflex_abort_callback) makes llama_decode return an error instead of computing on bad data.
 
@@ -52,28 +59,40 @@ constexpr size_t k_chunk = 4u << 20;  // one read job moves at most this many by
 // Per-model runtime.
 
 struct stream_tensor {
-    ggml_tensor * t;
-    int           file;
-    uint64_t      read_off;  // file offset of the aligned superset
-    size_t        read_len;  // its length (multiple of 4096)
-    size_t        head;      // the tensor starts this many bytes into the superset
-    size_t        nbytes;
-    bool          staged;    // read into staging, then ggml_backend_tensor_set (repacked layout)
-    uint8_t *     home;      // direct tensors: where the superset is read to
+    ggml_tensor *    t;
+    int              file;
+    uint64_t         read_off;  // file offset of the aligned superset
+    size_t           read_len;  // its length (multiple of 4096)
+    size_t           head;      // the tensor starts this many bytes into the superset
+    size_t           nbytes;
+    bool             staged;    // read into staging, then ggml_backend_tensor_set (repacked layout)
+    int              li;        // streamed-layer index
+    int              ring;      // which ring (buffer type) holds its home
+    size_t           home_off;  // the home's offset in that ring
+    size_t           home_len;  // bytes of the home
+    uint8_t *        home;      // direct tensors: where the superset is read to
+    std::vector<int> overlaps;  // the other tensors whose homes share bytes with this one's
+
+    // guarded by pool.mutex()
+    int64_t cycle    = -1;  // the cycle whose bytes the home holds or is receiving (-1: none)
+    int     pending  = 0;   // read jobs of that cycle not finished
+    int64_t released = -1;  // the last cycle whose use of the home is over
+
+    bool ready(int64_t c) const { return cycle == c && pending == 0; }
 };
 
 struct stream_layer {
-    int                        layer;
-    std::vector<stream_tensor> tensors;
-    size_t                     bytes = 0;
+    int    layer;  // model layer
+    int    first;  // its tensors: [first, first + count) of stream_state::tensors
+    int    count;
+    size_t bytes = 0;
 };
 
-struct slot {
-    int      layer   = -1;  // streamed-layer index whose bytes are (being) placed here
-    uint64_t gen     = 0;   // bumped on every new load, so stale jobs are dropped
-    int      pending = 0;   // jobs not finished for this gen
-    bool     ready   = false;
-    bool     in_use  = false;
+struct ring_buffer {
+    ggml_backend_buffer_type_t buft;
+    size_t                     size = 0;
+    ggml_backend_buffer_t      buf  = nullptr;
+    void *                     mem  = nullptr;  // plain ring: page-aligned host memory behind buf
 };
 
 struct boundary {
@@ -82,24 +101,26 @@ struct boundary {
 };
 
 struct stream_state {
-    config                    cfg;
-    int                       n_layer = 0;
-    std::vector<stream_layer> layers;  // streamed layers in order
-    std::vector<int>          li_of;   // model layer -> streamed-layer index, -1 if it streams nothing
-    std::vector<open_file>    files;
-    bool                      direct = false;
+    config                     cfg;
+    int                        n_layer = 0;
+    std::vector<stream_tensor> tensors;  // in the order compute uses them
+    std::vector<stream_layer>  layers;   // streamed layers in order
+    std::vector<int>           li_of;    // model layer -> streamed-layer index, -1 if it streams nothing
+    std::vector<open_file>     files;
+    bool                       direct = false;
 
-    // ring memory
-    void *                             ring_plain = nullptr;
-    ggml_backend_buffer_t              buf_plain  = nullptr;
-    std::vector<ggml_backend_buffer_t> bufs_staged;
-    size_t                             ring_bytes    = 0;
-    size_t                             staging_bytes = 0;
+    std::vector<ring_buffer> rings;
+    size_t                   ring_bytes    = 0;
+    size_t                   staging_bytes = 0;
 
-    // slots (guarded by pool.mutex()) and the prefetch threads that fill them
-    io_pool           pool;
-    std::vector<slot> slots;
-    void *            sync_staging = nullptr;  // staging for synchronous reads (-tp 0)
+    // reads (guarded by pool.mutex())
+    io_pool pool;
+    int64_t next_cycle   = 0;        // the read cursor: the next read is tensor next_tensor of cycle next_cycle
+    int     next_tensor  = 0;
+    int     inflight     = 0;        // jobs queued or running
+    int64_t cycle        = 0;        // the cycle compute is in
+    int     expected_li  = -1;       // the layer compute should acquire next (-1: not synchronised)
+    void *  sync_staging = nullptr;  // staging for synchronous reads (-tp 0)
 
     // graph boundaries
     std::deque<boundary> boundaries;  // stable addresses for graph userdata
@@ -112,35 +133,30 @@ struct stream_state {
     std::atomic<uint64_t> bytes_read{ 0 };
     std::atomic<int64_t>  read_ns{ 0 };
     std::atomic<int64_t>  wait_ns{ 0 };
-    std::atomic<uint64_t> layer_loads{ 0 };
-    std::atomic<uint64_t> layer_waits{ 0 };
+    std::atomic<uint64_t> layer_loads{ 0 };  // tensor reads issued (the name predates the byte ring)
+    std::atomic<uint64_t> layer_waits{ 0 };  // acquisitions that waited for a read
     std::atomic<uint64_t> acquires{ 0 };
+    std::atomic<uint64_t> resyncs{ 0 };
 
     ~stream_state() { stop(); }
 
     void stop() {
         pool.stop();
         close_files(files);
-        if (buf_plain) {
-            ggml_backend_buffer_free(buf_plain);
-            buf_plain = nullptr;
+        for (auto & r : rings) {
+            if (r.buf) {
+                ggml_backend_buffer_free(r.buf);
+                r.buf = nullptr;
+            }
+            free(r.mem);
+            r.mem = nullptr;
         }
-        for (auto * b : bufs_staged) {
-            ggml_backend_buffer_free(b);
-        }
-        bufs_staged.clear();
-        free(ring_plain);
-        ring_plain = nullptr;
         free(sync_staging);
         sync_staging = nullptr;
     }
 
-    int window() const { return (int) slots.size(); }
-
-    int slot_of(int li) const { return li % window(); }
-
     // Never called with pool.mutex() held: it takes the lock, so a compute thread that is about to wait for a
-    // slot cannot miss the wake-up.
+    // read cannot miss the wake-up.
     void fail(const std::string & msg) {
         {
             std::lock_guard<std::mutex> lk(pool.mutex());
@@ -149,9 +165,9 @@ struct stream_state {
         pool.done_cv().notify_all();
     }
 
-    // Read [begin, end) of tensor ti's superset of streamed layer li (direct), or the whole tensor (staged).
-    void read_range(int li, int ti, size_t begin, size_t end, void * staging) {
-        const stream_tensor & st  = layers[li].tensors[ti];
+    // Read [begin, end) of tensor k's superset (direct), or the whole tensor (staged).
+    void read_range(int k, size_t begin, size_t end, void * staging) {
+        const stream_tensor & st  = tensors[k];
         uint8_t *             dst = st.staged ? (uint8_t *) staging : st.home;
         const int64_t         t0  = now_ns();
         const long long       n   = pread_full(files[st.file].fd, dst + begin, end - begin, st.read_off + begin);
@@ -174,90 +190,137 @@ struct stream_state {
         read_ns.fetch_add(now_ns() - t0);
     }
 
-    // Queue (or, without threads, perform) the reads of streamed layer li into its slot. pool.mutex() is held.
-    void start_load(int li, std::unique_lock<std::mutex> & lk) {
-        slot & s = slots[slot_of(li)];
-        s.layer  = li;
-        s.gen++;
-        s.ready   = false;
-        s.pending = 0;
-        layer_loads.fetch_add(1);
-        const stream_layer & L = layers[li];
-        if (pool.threads() == 0) {
-            lk.unlock();
-            for (size_t ti = 0; ti < L.tensors.size() && !failed.is_set(); ++ti) {
-                read_range(li, (int) ti, 0, L.tensors[ti].read_len, sync_staging);
-            }
-            lk.lock();
-            s.ready = true;
-            return;
+    // May tensor k's home receive cycle c's bytes: is every use of the bytes it shares over? A tensor before k
+    // in the order must have been released in cycle c, one after it (and k itself) in cycle c - 1.
+    bool home_free(int k, int64_t c) const {
+        if (tensors[k].released < c - 1) {
+            return false;
         }
-        for (size_t ti = 0; ti < L.tensors.size(); ++ti) {
-            const stream_tensor & st   = L.tensors[ti];
-            // a staged tensor is one job (its staging buffer holds it whole); a direct one, chunks of k_chunk
-            const size_t          step = st.staged ? st.read_len : k_chunk;
-            for (size_t b = 0; b < st.read_len; b += step) {
-                queue_read(slot_of(li), s.gen, li, (int) ti, b, std::min(st.read_len, b + step));
-                s.pending++;
+        for (int j : tensors[k].overlaps) {
+            if (tensors[j].released < (j < k ? c : c - 1)) {
+                return false;
             }
         }
-        if (s.pending == 0) {
-            s.ready = true;
-        }
-        pool.wake();
+        return true;
     }
 
-    // One read job into slot sl for its load `gen`: dropped when the slot has moved on to another load.
-    void queue_read(int sl, uint64_t gen, int li, int ti, size_t begin, size_t end) {
+    // Issue reads in cycle order while homes are free (prefetch threads only). pool.mutex() is held.
+    void pump() {
+        const int n   = (int) tensors.size();
+        bool      any = false;
+        while (!failed.is_set() && home_free(next_tensor, next_cycle)) {
+            stream_tensor & t = tensors[next_tensor];
+            if (t.overlaps.empty() && t.cycle >= 0 && t.pending == 0) {
+                t.cycle = next_cycle;  // shares its home with nobody: the bytes are still there
+            } else {
+                t.cycle   = next_cycle;
+                t.pending = 0;
+                layer_loads.fetch_add(1);
+                // a staged tensor is one job (its staging buffer holds it whole); a direct one, chunks of k_chunk
+                const size_t step = t.staged ? t.read_len : k_chunk;
+                for (size_t b = 0; b < t.read_len; b += step) {
+                    queue_read(next_tensor, next_cycle, b, std::min(t.read_len, b + step));
+                    t.pending++;
+                    any = true;
+                }
+            }
+            if (++next_tensor == n) {
+                next_tensor = 0;
+                next_cycle++;
+            }
+        }
+        if (any) {
+            pool.wake();
+        }
+    }
+
+    // One read job of tensor k for cycle c: dropped when the tensor's home has moved on (a re-synchronisation).
+    void queue_read(int k, int64_t c, size_t begin, size_t end) {
+        inflight++;
         pool.push({
-            [this, sl, gen] { return slots[sl].gen == gen; },
-            [this, li, ti, begin, end](void * staging) { read_range(li, ti, begin, end, staging); },
-            [this, sl, gen] {
-                slot & s = slots[sl];
-                if (s.gen == gen && --s.pending == 0) {
-                    s.ready = true;
+            [this, k, c] { return tensors[k].cycle == c; },
+            [this, k, begin, end](void * staging) { read_range(k, begin, end, staging); },
+            [this, k, c] {
+                inflight--;
+                if (tensors[k].cycle == c) {
+                    tensors[k].pending--;
                 }
             },
         });
     }
 
-    // Compute thread: make streamed layer li's bytes available, then queue the next layers' reads.
+    // Start the cycle over at streamed layer li: whatever was acquired is not computing any more (compute is
+    // sequential), so once in-flight reads are done every home is free. pool.mutex() is held by lk.
+    void resync(int li, std::unique_lock<std::mutex> & lk) {
+        resyncs.fetch_add(1);
+        for (auto & t : tensors) {
+            t.cycle = -1;  // queued reads are dropped, the bytes of every home are unknown
+        }
+        pool.done_cv().wait(lk, [&] { return inflight == 0 || pool.stopping(); });
+        const int64_t base = std::max(next_cycle, cycle) + 1;
+        const int     s    = layers[li].first;
+        for (int k = 0; k < (int) tensors.size(); ++k) {
+            // tensors before layer li are not used in cycle `base`: their homes are free for it
+            tensors[k].released = k < s ? base : base - 1;
+            tensors[k].pending  = 0;
+        }
+        next_cycle  = base;
+        next_tensor = s;
+        cycle       = base;
+    }
+
+    // Compute thread: make streamed layer li's tensors available for this cycle.
     void acquire(int li) {
         acquires.fetch_add(1);
         std::unique_lock<std::mutex> lk(pool.mutex());
-        auto &                       cv = pool.done_cv();
-        slot &                       s  = slots[slot_of(li)];
-        if (!(s.layer == li && s.in_use)) {
-            if (s.layer != li) {
-                // the slot still holds (or loads) another layer: let its in-flight jobs drain, then load ours
-                cv.wait(lk, [&] { return s.pending == 0 || failed.is_set() || pool.stopping(); });
-                start_load(li, lk);
-            }
-            if (!s.ready && !failed.is_set()) {
-                layer_waits.fetch_add(1);
-                const int64_t t0 = now_ns();
-                cv.wait(lk, [&] { return (s.layer == li && s.ready) || failed.is_set() || pool.stopping(); });
-                wait_ns.fetch_add(now_ns() - t0);
-            }
-            s.in_use = true;
+        if (li != expected_li) {
+            resync(li, lk);
+        } else if (li == 0) {
+            cycle++;
         }
-        // prefetch: the next window-1 streamed layers, cyclically (the next token starts at layer 0 again)
-        const int n = (int) layers.size();
-        for (int k = 1; k < std::min(window(), n); ++k) {
-            const int next = (li + k) % n;
-            slot &    ns   = slots[slot_of(next)];
-            if (ns.in_use || ns.layer == next || ns.pending > 0 || pool.threads() == 0) {
-                continue;
+        expected_li            = (li + 1) % (int) layers.size();
+        const stream_layer & L = layers[li];
+        if (pool.threads() == 0) {
+            // synchronous reads: every other layer was released, so the homes are free
+            for (int k = L.first; k < L.first + L.count && !failed.is_set(); ++k) {
+                stream_tensor & t = tensors[k];
+                if (t.ready(cycle) || (t.overlaps.empty() && t.cycle >= 0)) {
+                    t.cycle = cycle;
+                    continue;
+                }
+                t.cycle = cycle;
+                layer_loads.fetch_add(1);
+                lk.unlock();
+                read_range(k, 0, t.read_len, sync_staging);
+                lk.lock();
             }
-            start_load(next, lk);
+            return;
+        }
+        pump();
+        auto all_ready = [&] {
+            for (int k = L.first; k < L.first + L.count; ++k) {
+                if (!tensors[k].ready(cycle)) {
+                    return false;
+                }
+            }
+            return true;
+        };
+        if (!all_ready() && !failed.is_set()) {
+            layer_waits.fetch_add(1);
+            const int64_t t0 = now_ns();
+            pool.done_cv().wait(lk, [&] { return all_ready() || failed.is_set() || pool.stopping(); });
+            wait_ns.fetch_add(now_ns() - t0);
         }
     }
 
     void release(int li) {
         std::lock_guard<std::mutex> lk(pool.mutex());
-        slot &                      s = slots[slot_of(li)];
-        if (s.layer == li) {
-            s.in_use = false;
+        const stream_layer &        L = layers[li];
+        for (int k = L.first; k < L.first + L.count; ++k) {
+            tensors[k].released = std::max(tensors[k].released, cycle);
+        }
+        if (pool.threads() > 0) {
+            pump();
         }
     }
 
@@ -304,14 +367,10 @@ int32_t llama_flashflex_model_stats(const llama_model * model, char * buf, size_
     if (!st) {
         return -1;
     }
-    size_t n_tensors = 0;
-    for (const auto & L : st->layers) {
-        n_tensors += L.tensors.size();
-    }
     json_object out;
     out.add("streamed_layers", st->layers.size())
-        .add("streamed_tensors", n_tensors)
-        .add("window", st->window())
+        .add("streamed_tensors", st->tensors.size())
+        .add("rings", st->rings.size())
         .add("prefetch_threads", st->pool.threads())
         .add("direct_io", st->direct)
         .add("ring_bytes", st->ring_bytes)
@@ -322,6 +381,7 @@ int32_t llama_flashflex_model_stats(const llama_model * model, char * buf, size_
         .add("layer_loads", st->layer_loads.load())
         .add("layer_waits", st->layer_waits.load())
         .add("acquires", st->acquires.load())
+        .add("resyncs", st->resyncs.load())
         .add_or_null("error", st->failed.message());
     return write_c_string(out.str(), buf, buf_size);
 }
@@ -337,6 +397,7 @@ void llama_flashflex_model_stats_reset(const llama_model * model) {
     st->layer_loads = 0;
     st->layer_waits = 0;
     st->acquires    = 0;
+    st->resyncs     = 0;
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -410,87 +471,134 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
             }
             by_layer[il].push_back(s);
         }
-        for (auto & [il, tensors] : by_layer) {
-            stream_layer L;
-            L.layer   = il;
-            L.tensors = std::move(tensors);
-            for (const auto & s : L.tensors) {
+        // the order compute uses them: layer by layer
+        std::vector<ggml_backend_buffer_type_t> buft_of;
+        for (auto & [il, ts] : by_layer) {
+            stream_layer L{ il, (int) st->tensors.size(), (int) ts.size() };
+            for (auto & s : ts) {
+                s.li = (int) st->layers.size();
                 L.bytes += s.nbytes;
+                buft_of.push_back(model_tensors[ggml_get_name(s.t)].second);
+                st->tensors.push_back(std::move(s));
             }
             st->li_of[il] = (int) st->layers.size();
-            st->layers.push_back(std::move(L));
+            st->layers.push_back(L);
         }
 
-        const int W = std::max(1, std::min(st->cfg.window, (int) st->layers.size()));
-        st->slots.assign(W, slot{});
+        // one ring per buffer type: the plain CPU type (read straight into homes) and each repacked type
+        std::map<ggml_backend_buffer_type_t, int> ring_of;
+        for (size_t k = 0; k < st->tensors.size(); ++k) {
+            stream_tensor & s = st->tensors[k];
+            if (!ring_of.count(buft_of[k])) {
+                ring_of[buft_of[k]] = (int) st->rings.size();
+                st->rings.push_back({ buft_of[k] });
+            }
+            s.ring = ring_of[buft_of[k]];
+            if (s.staged) {
+                const size_t a    = std::max<size_t>(ggml_backend_buft_get_alignment(buft_of[k]), 64);
+                s.home_len        = align_up(ggml_backend_buft_get_alloc_size(buft_of[k], s.t), a);
+                st->staging_bytes = std::max(st->staging_bytes, s.read_len);
+            } else {
+                s.home_len = s.read_len;  // page multiple: homes stay page-aligned for O_DIRECT
+            }
+        }
 
-        // slot layout: per layer, direct tensors at page-aligned offsets of the plain ring; staged tensors at
-        // offsets of a ring of their own buffer type. A slot is as large as its largest layer needs.
-        size_t                                       slot_plain = 0;
-        std::map<ggml_backend_buffer_type_t, size_t> slot_staged;
-        std::vector<std::vector<size_t>>             offs(st->layers.size());
-        for (size_t li = 0; li < st->layers.size(); ++li) {
-            size_t                                       cur_plain = 0;
-            std::map<ggml_backend_buffer_type_t, size_t> cur_staged;
-            for (auto & s : st->layers[li].tensors) {
-                if (!s.staged) {
-                    offs[li].push_back(cur_plain);
-                    cur_plain += s.read_len;
-                } else {
-                    ggml_backend_buffer_type_t buft = model_tensors[ggml_get_name(s.t)].second;
-                    const size_t               a    = ggml_backend_buft_get_alignment(buft);
-                    size_t &                   c    = cur_staged[buft];
-                    c                               = align_up(c, std::max<size_t>(a, 64));
-                    offs[li].push_back(c);
-                    c += ggml_backend_buft_get_alloc_size(buft, s.t);
-                    st->staging_bytes = std::max(st->staging_bytes, s.read_len);
+        // ring sizes: each ring holds its largest layer plus its largest tensor (the slack a wrap may waste), so
+        // a layer's tensors never share bytes; what the plan gives beyond that is read-ahead, shared by the rings
+        // in proportion to the bytes they stream
+        const size_t        n_rings = st->rings.size();
+        std::vector<size_t> need(n_rings, 0), total(n_rings, 0), largest(n_rings, 0);
+        for (const auto & L : st->layers) {
+            std::vector<size_t> in_layer(n_rings, 0);
+            for (int k = L.first; k < L.first + L.count; ++k) {
+                const stream_tensor & s = st->tensors[k];
+                in_layer[s.ring] += s.home_len;
+                total[s.ring] += s.home_len;
+                largest[s.ring] = std::max(largest[s.ring], s.home_len);
+            }
+            for (size_t r = 0; r < n_rings; ++r) {
+                need[r] = std::max(need[r], in_layer[r]);
+            }
+        }
+        size_t need_all = 0, total_all = 0;
+        for (size_t r = 0; r < n_rings; ++r) {
+            need[r] += largest[r];
+            need_all += need[r];
+            total_all += total[r];
+        }
+        const size_t asked = st->cfg.ring_bytes > 0 ? (size_t) st->cfg.ring_bytes : 0;
+        if (asked > 0 && asked < need_all) {
+            LLAMA_LOG_WARN(
+                "flashflex: a %.1f MiB ring is below the %.1f MiB this model's largest layer and tensor "
+                "need; using %.1f MiB\n",
+                asked / 1048576.0, need_all / 1048576.0, need_all / 1048576.0);
+        }
+        for (size_t r = 0; r < n_rings; ++r) {
+            size_t size;
+            if (asked > 0) {
+                const size_t extra = asked > need_all ? asked - need_all : 0;
+                size               = need[r] + (size_t) ((double) extra * total[r] / std::max<size_t>(total_all, 1));
+            } else {
+                // no byte size given: `window` layers' worth (the C API's original meaning)
+                size = std::max(need[r], (size_t) std::max(1, st->cfg.window) * (need[r] - largest[r]));
+            }
+            size              = std::min(size, total[r]);  // a ring that holds everything never wraps
+            st->rings[r].size = align_up(size, k_page);
+        }
+
+        // homes: consecutive in the cycle's order, wrapping to the ring's start
+        std::vector<size_t> pos(n_rings, 0);
+        for (auto & s : st->tensors) {
+            ring_buffer & R = st->rings[s.ring];
+            if (pos[s.ring] + s.home_len > R.size) {
+                pos[s.ring] = 0;
+            }
+            s.home_off = pos[s.ring];
+            pos[s.ring] += s.home_len;
+        }
+        for (size_t a = 0; a < st->tensors.size(); ++a) {
+            for (size_t b = a + 1; b < st->tensors.size(); ++b) {
+                const stream_tensor & x = st->tensors[a];
+                const stream_tensor & y = st->tensors[b];
+                if (x.ring != y.ring || x.home_off >= y.home_off + y.home_len ||
+                    y.home_off >= x.home_off + x.home_len) {
+                    continue;
                 }
-            }
-            slot_plain = std::max(slot_plain, cur_plain);
-            for (auto & [b, c] : cur_staged) {
-                slot_staged[b] = std::max(slot_staged[b], align_up(c, k_page));
-            }
-        }
-        if (slot_plain > 0) {
-            if (posix_memalign(&st->ring_plain, k_page, slot_plain * W) != 0) {
-                throw std::runtime_error(
-                    format("flashflex: cannot allocate the %zu-byte streaming ring", slot_plain * W));
-            }
-            st->buf_plain = ggml_backend_cpu_buffer_from_ptr(st->ring_plain, slot_plain * W);
-            ggml_backend_buffer_set_usage(st->buf_plain, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-            st->ring_bytes += slot_plain * W;
-        }
-        std::map<ggml_backend_buffer_type_t, ggml_backend_buffer_t> staged_buf;
-        for (auto & [b, size] : slot_staged) {
-            ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(b, size * W);
-            if (!buf) {
-                throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte %s streaming ring", size * W,
-                                                ggml_backend_buft_name(b)));
-            }
-            ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-            staged_buf[b] = buf;
-            st->bufs_staged.push_back(buf);
-            st->ring_bytes += size * W;
-        }
-        for (size_t li = 0; li < st->layers.size(); ++li) {
-            const int sl = (int) li % W;
-            for (size_t ti = 0; ti < st->layers[li].tensors.size(); ++ti) {
-                stream_tensor &       s = st->layers[li].tensors[ti];
-                void *                addr;
-                ggml_backend_buffer_t buf;
-                if (!s.staged) {
-                    s.home = (uint8_t *) st->ring_plain + (size_t) sl * slot_plain + offs[li][ti];
-                    addr   = s.home + s.head;
-                    buf    = st->buf_plain;
-                } else {
-                    ggml_backend_buffer_type_t b = model_tensors[ggml_get_name(s.t)].second;
-                    buf                          = staged_buf[b];
-                    addr = (uint8_t *) ggml_backend_buffer_get_base(buf) + (size_t) sl * slot_staged[b] + offs[li][ti];
-                }
-                if (ggml_backend_tensor_alloc(buf, s.t, addr) != GGML_STATUS_SUCCESS) {
+                if (x.li == y.li) {
                     throw std::runtime_error(
-                        format("flashflex: cannot place %s in the streaming ring", ggml_get_name(s.t)));
+                        format("flashflex: the streaming ring cannot hold layer %d's tensors "
+                               "at once (re-plan this model)",
+                               st->layers[x.li].layer));
                 }
+                st->tensors[a].overlaps.push_back((int) b);
+                st->tensors[b].overlaps.push_back((int) a);
+            }
+        }
+
+        for (auto & R : st->rings) {
+            if (R.buft == ggml_backend_cpu_buffer_type()) {
+                if (posix_memalign(&R.mem, k_page, R.size) != 0) {
+                    throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte streaming ring", R.size));
+                }
+                R.buf = ggml_backend_cpu_buffer_from_ptr(R.mem, R.size);
+            } else {
+                R.buf = ggml_backend_buft_alloc_buffer(R.buft, R.size);
+            }
+            if (!R.buf) {
+                throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte %s streaming ring", R.size,
+                                                ggml_backend_buft_name(R.buft)));
+            }
+            ggml_backend_buffer_set_usage(R.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+            st->ring_bytes += R.size;
+        }
+        for (auto & s : st->tensors) {
+            ring_buffer & R    = st->rings[s.ring];
+            uint8_t *     base = (uint8_t *) ggml_backend_buffer_get_base(R.buf) + s.home_off;
+            s.home             = s.staged ? nullptr : base;
+            void * addr        = s.staged ? (void *) base : (void *) (base + s.head);
+            if (ggml_backend_tensor_alloc(R.buf, s.t, addr) != GGML_STATUS_SUCCESS) {
+                throw std::runtime_error(
+                    format("flashflex: cannot place %s in the streaming ring", ggml_get_name(s.t)));
             }
         }
 
@@ -505,9 +613,9 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
         }
         st->pool.start(st->cfg.prefetch_threads, st->staging_bytes, st->failed);
         LLAMA_LOG_INFO(
-            "flashflex: streaming %zu tensors of %zu layers through a %d-slot ring (%.1f MiB), "
-            "%d prefetch threads, %s reads\n",
-            streamed_names.size(), st->layers.size(), W, st->ring_bytes / 1048576.0, st->cfg.prefetch_threads,
+            "flashflex: streaming %zu tensors of %zu layers through a %.1f MiB ring, %d prefetch "
+            "threads, %s reads\n",
+            streamed_names.size(), st->layers.size(), st->ring_bytes / 1048576.0, st->cfg.prefetch_threads,
             st->direct ? "direct" : "buffered");
         g_models.add(&model, std::move(st));
     }

@@ -1,0 +1,103 @@
+"""The words for modes, defined once: what each vocabulary is for, its values, and the questions asked of them.
+
+Four vocabularies, each for one thing (the values are what YAML, flags, JSON and result files show):
+
+- MoEMode, the MoE mode a user asks for: `moe.mode` in a RunConfig, `--moe-mode`, Plan.moe.requested_mode.
+  auto | stock | resident | resident-bank | slot-bank | oracle-all-hit | oracle-prefetch.
+- PlannedMoEMode, the mode the plan resolves that to and the runtime runs: Plan.moe.mode. The same without
+  auto (the planner turns auto into stock when every weight fits, else slot-bank).
+- ExecutionMode, how a run executes: runner.Execution.mode, and `mode` in run stats, `run --dry-run`, `chat`'s
+  /stats and the server's /flashflex/stats. A planned MoE mode, or dense-stream: stock llama.cpp with the plan's
+  dense tensors streamed. runner.MoESetup.mode is a SidecarMode: one whose routed experts come from the sidecar.
+- BenchMode, the label of a benchmark point and of its result record (bench.runs.Point.mode): the stock
+  baselines stock-mmap (repack off, weights in the page cache) and stock-resident (stock's default), resident
+  (stock without mmap), flashflex (a dense plan), and the banked MoE modes slot-bank, oracle-prefetch,
+  oracle-all-hit.
+
+Compare against the constants and helpers here, never against a spelled-out string. (The native build's
+feature names, `native.info()["features"]`, are another vocabulary that shares the words dense-stream and
+slot-bank.)
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+# --------------------------------------------------------------------------------------------------
+# The words
+
+AUTO = "auto"
+STOCK = "stock"
+RESIDENT = "resident"
+RESIDENT_BANK = "resident-bank"
+SLOT_BANK = "slot-bank"
+ORACLE_ALL_HIT = "oracle-all-hit"
+ORACLE_PREFETCH = "oracle-prefetch"
+DENSE_STREAM = "dense-stream"
+STOCK_MMAP = "stock-mmap"
+STOCK_RESIDENT = "stock-resident"
+FLASHFLEX = "flashflex"
+
+# --------------------------------------------------------------------------------------------------
+# The vocabularies (Literal types for pydantic and readers; tuples of their values, in that order)
+
+MoEMode = Literal["auto", "stock", "resident", "resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch"]
+MOE_MODES: tuple[str, ...] = typing.get_args(MoEMode)
+
+PlannedMoEMode = Literal["stock", "resident", "resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch"]
+PLANNED_MOE_MODES: tuple[str, ...] = typing.get_args(PlannedMoEMode)
+
+ExecutionMode = Literal["stock", "resident", "dense-stream", "resident-bank", "slot-bank", "oracle-all-hit",
+                        "oracle-prefetch"]
+EXECUTION_MODES: tuple[str, ...] = typing.get_args(ExecutionMode)
+
+SidecarMode = Literal["resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch"]
+SIDECAR_MODES: frozenset[str] = frozenset(typing.get_args(SidecarMode))
+"""Modes whose routed experts the runtime reads from the sidecar (a runner.MoESetup)."""
+
+BenchMode = Literal["stock-mmap", "stock-resident", "resident", "flashflex", "slot-bank", "oracle-prefetch",
+                    "oracle-all-hit"]
+BENCH_MODES: tuple[str, ...] = typing.get_args(BenchMode)
+
+# --------------------------------------------------------------------------------------------------
+# Groups and the questions asked of a mode
+
+ALL_RESIDENT_MODES = frozenset({STOCK, RESIDENT, RESIDENT_BANK})
+"""Planned modes that keep every routed expert resident (they must fit the budget; no slot bank)."""
+BANKED_MODES = frozenset({SLOT_BANK, ORACLE_ALL_HIT, ORACLE_PREFETCH})
+"""Modes whose routed experts live in per-layer slot banks sized by the plan (also the banked bench labels)."""
+TRACE_REPLAY_MODES = frozenset({ORACLE_ALL_HIT, ORACLE_PREFETCH})
+"""Modes that replay a routing trace (moe.trace is required)."""
+STOCK_LOADER_MODES = frozenset({STOCK, RESIDENT})
+"""Modes in which llama.cpp loads every weight from the GGUF itself, as stock does (resident: without mmap): no
+sidecar, no banks. A run in one of them whose plan streams dense tensors executes as dense-stream."""
+STOCK_BASELINES = (STOCK_MMAP, STOCK_RESIDENT)
+"""Bench labels of the stock llama.cpp baselines."""
+PLANNED_BENCH_MODES = (FLASHFLEX, SLOT_BANK, ORACLE_PREFETCH, ORACLE_ALL_HIT)
+"""Bench labels of points flashflex plans (the others run stock llama.cpp)."""
+
+
+def keeps_every_expert(mode: str) -> bool:
+    """A planned MoE mode that holds every routed expert resident (stock, resident, resident-bank)."""
+    return mode in ALL_RESIDENT_MODES
+
+
+def is_banked(mode: str) -> bool:
+    """A mode (or bench label) whose routed experts live in slot banks: slot-bank and the oracle modes."""
+    return mode in BANKED_MODES
+
+
+def is_oracle(mode: str) -> bool:
+    """An oracle mode: replays a routing trace (a ceiling, not a product)."""
+    return mode in TRACE_REPLAY_MODES
+
+
+def reads_sidecar(mode: str) -> bool:
+    """A mode whose routed experts the runtime reads from the sidecar: resident-bank, slot-bank, the oracles."""
+    return mode in SIDECAR_MODES
+
+
+def is_stock_baseline(label: str) -> bool:
+    """A bench label of a stock llama.cpp baseline (stock-mmap, stock-resident)."""
+    return label in STOCK_BASELINES

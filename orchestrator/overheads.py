@@ -1,0 +1,105 @@
+"""Overheads measured, not guessed: the KV cache and compute buffers llama.cpp itself sizes for a model and a run's
+settings, which the planner reserves instead of its formula.
+
+How: the model is opened through llama_cpp.Llama exactly as a run opens it, but with `no_alloc` (llama.cpp reads
+the metadata and sizes every buffer without allocating one), and the library reports the sizes
+(llama_flashflex_memory_breakdown). That costs a metadata read and one graph build, so the answer is cached per
+model file (path, size, mtime), settings and library build, under the cache root's `overheads/`.
+
+A build without the measurement (or a model llama.cpp cannot size) gives None, and the planner keeps its
+estimate; `Plan.reservations.source` says which one a plan used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orchestrator import fsutil, native
+from orchestrator.paths import cache_root
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Bytes llama.cpp allocates for a context on the model (the weights as stock loads them, for reference)."""
+
+    kv_bytes: int
+    compute_bytes: int
+    model_bytes: int
+
+
+def _key(model: Path, ctx: int, ubatch: int, batch: int) -> str:
+    st = model.stat()
+    build = native.info().get("series_hash", "unknown")
+    raw = json.dumps([FORMAT_VERSION, str(model.resolve()), st.st_size, st.st_mtime_ns, ctx, ubatch, batch, build])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def cache_file(model: Path, *, ctx: int, ubatch: int, batch: int) -> Path:
+    return cache_root() / "overheads" / f"{_key(model, ctx, ubatch, batch)}.json"
+
+
+@contextlib.contextmanager
+def _no_alloc():
+    """llama_cpp.Llama with llama_model_params.no_alloc = true (it does not expose the field)."""
+    import llama_cpp.llama as high
+
+    original = high.llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.no_alloc = True
+        return p
+
+    high.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        high.llama_cpp.llama_model_default_params = original
+
+
+def _measure_now(model: Path, ctx: int, ubatch: int, batch: int) -> Measured | None:
+    from llama_cpp import Llama
+
+    from orchestrator.runner import quiet_native_stderr
+
+    try:
+        with quiet_native_stderr(), _no_alloc():
+            llm = Llama(model_path=str(model), n_ctx=ctx, n_batch=batch, n_ubatch=ubatch, use_mmap=False,
+                        verbose=False)
+    except (ValueError, RuntimeError, OSError):
+        return None  # llama.cpp cannot size this model: the planner keeps its estimate
+    try:
+        mem = native.context_memory(llm.ctx)
+    finally:
+        llm.close()
+    if mem is None:
+        return None
+    return Measured(kv_bytes=int(mem["context"]), compute_bytes=int(mem["compute"]), model_bytes=int(mem["model"]))
+
+
+def measure(model: Path, *, ctx: int, ubatch: int, batch: int, refresh: bool = False) -> Measured | None:
+    """The KV cache and compute bytes of a context with these settings on `model`, from the cache unless
+    `refresh`; None when this build cannot measure (the planner then estimates)."""
+    try:
+        if not native.has_feature("devices"):
+            return None
+    except Exception:  # no patched library: nothing to measure with
+        return None
+    path = cache_file(model, ctx=ctx, ubatch=ubatch, batch=batch)
+    if path.is_file() and not refresh:
+        try:
+            return Measured(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            pass  # a damaged cache entry: measure again
+    measured = _measure_now(model, ctx, ubatch, batch)
+    if measured is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with fsutil.atomic_file(path, "w") as f:
+            json.dump(asdict(measured), f)
+    return measured

@@ -1,0 +1,126 @@
+"""Dense streaming under a memory cgroup: the byte-sized ring with `-tp auto` (today's defaults) against the
+previous defaults (a ring of 3 layer slots, 1 prefetch thread) and stock llama.cpp (mmap), in the same run.
+
+Each configuration runs `--repeats` times, interleaved (stock, previous, auto, stock, ...), each in a fresh process
+inside a cgroup of the budget with the page cache dropped (orchestrator.bench.runs.run_point); the table reports
+medians. Also, with `--full`, a budget above the model's size: flashflex auto against stock resident.
+
+    python scripts/bench_ring.py --model dense-7b-q4_0 --budget 1.8GiB --repeats 3 --out bench-results/ring-7b
+
+Streamed bytes per token are what the runtime read during decode, divided by the tokens; the target is
+1.10 x (model bytes - (budget - process overhead)), the least any plan can stream. The roofline is the direct-read
+bandwidth probed in the same run at the run's thread count, divided by the streamed bytes. Writes runs.jsonl and
+summary.md to --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from orchestrator import modes, readspeed
+from orchestrator.bench.runs import Point, RunSpec, check_isolation, run_point
+from orchestrator.sizes import format_size, parse_size
+
+
+def model_path(name: str) -> Path:
+    if Path(name).exists():
+        return Path(name)
+    from orchestrator import synth
+    from orchestrator.paths import cache_root
+
+    path = cache_root() / "models" / "synth" / f"{name}-seed0.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"generating {name} at {path} (once)", file=sys.stderr)
+        synth.write_synth_model(synth.preset(name), path)
+    return path
+
+
+class _Sweep:  # what check_isolation reads and may switch off
+    use_cgroup = True
+    drop_caches = True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a synth preset or a GGUF path")
+    ap.add_argument("--budget", required=True, help="the cgroup limit, e.g. 1.8GiB (about half the model)")
+    ap.add_argument("--full", action="store_true", help="also a budget above the model's size (vs stock resident)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gen-tokens", type=int, default=12)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    model = model_path(args.model)
+    model_bytes = model.stat().st_size
+    budget = parse_size(args.budget, what="--budget")
+    sweep = _Sweep()
+    check_isolation(sweep, print)
+    probe = readspeed.probe(model) or {}
+    print("direct-read bandwidth: " + ", ".join(f"QD{d} {bw / 1e9:.2f} GB/s" for d, bw in sorted(probe.items())))
+
+    auto = RunSpec(model=model, gen_tokens=args.gen_tokens, window="auto")
+    previous = RunSpec(model=model, gen_tokens=args.gen_tokens, window=3)
+    configs = [("stock mmap", Point(modes.STOCK_MMAP, budget), auto),
+               ("previous: 3 layer slots, tp 1", Point(modes.FLASHFLEX, budget, 1), previous),
+               ("auto: byte ring, tp auto", Point(modes.FLASHFLEX, budget, "auto"), auto)]
+    if args.full:
+        full = model_bytes + (1 << 30)
+        configs += [("stock resident (full)", Point(modes.STOCK_RESIDENT, full), auto),
+                    ("auto (full)", Point(modes.FLASHFLEX, full, "auto"), auto)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    with open(args.out / "runs.jsonl", "w") as log:
+        for rep in range(args.repeats):
+            for name, point, spec in configs:
+                rec = {"config": name, "repeat": rep,
+                       **run_point(point, spec, sweep.use_cgroup, sweep.drop_caches, lambda m: print(m, flush=True))}
+                stream = rec.get("stream") or {}
+                if stream:
+                    rec["decode_streamed_bytes_per_token"] = stream["bytes_read"] / args.gen_tokens
+                    rec["ring_bytes"] = stream["ring_bytes"]
+                    rec["threads_used"] = stream["prefetch_threads"]
+                log.write(json.dumps(rec) + "\n")
+                records.append(rec)
+
+    def median(name: str, key: str) -> float | None:
+        vals = [r[key] for r in records if r["config"] == name and r.get("status") == "ok" and r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    lines = [f"Model `{model.name}` ({format_size(model_bytes)}), cgroup {format_size(budget)}; medians of "
+             f"{args.repeats} interleaved runs; direct reads "
+             + ", ".join(f"QD{d} {bw / 1e9:.2f} GB/s" for d, bw in sorted(probe.items())), "",
+             "| run | decode tok/s | × stock | streamed/token | target | resident weights | ring | tp | "
+             "time/token ÷ roofline | runs ok |", "|---|---|---|---|---|---|---|---|---|---|"]
+    stock = {False: median("stock mmap", "decode_tok_per_s"), True: median("stock resident (full)", "decode_tok_per_s")}
+    for name, point, _ in configs:
+        dec = median(name, "decode_tok_per_s")
+        ok = sum(1 for r in records if r["config"] == name and r.get("status") == "ok")
+        full = point.budget_bytes > model_bytes
+        ref = stock[full]
+        streamed = median(name, "decode_streamed_bytes_per_token")
+        overhead = median(name, "process_overhead_bytes")
+        target = 1.10 * (model_bytes - (point.budget_bytes - overhead)) if overhead and not full else None
+        tp = median(name, "threads_used")
+        bw = probe.get(max(1, int(tp))) if tp is not None else None
+        roof = (1 / dec) / (streamed / bw) if dec and streamed and bw else None
+
+        def fmt(x, f=".3f"):
+            return "-" if x is None else format(x, f)
+        ratio = dec / ref if dec and ref and not name.startswith("stock") else None
+        lines.append(f"| {name} | {fmt(dec)} | {fmt(ratio, '.2f')}"
+                     f" | {format_size(streamed) if streamed else '-'} | {format_size(target) if target else '-'} | "
+                     f"{format_size(median(name, 'resident_bytes')) if median(name, 'resident_bytes') else '-'} | "
+                     f"{format_size(median(name, 'ring_bytes')) if median(name, 'ring_bytes') else '-'} | "
+                     f"{fmt(tp, '.0f')} | {fmt(roof, '.2f')} | {ok}/{args.repeats} |")
+    table = "\n".join(lines) + "\n"
+    (args.out / "summary.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Overheads measured, not guessed: the KV cache and compute buffers a plan reserves are what llama.cpp allocates
+for the model and settings (within 5% of a real run's context, dense streaming and slot banks alike), and the
+minimum `plan` reports is the smallest budget `run` accepts for the same settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator import modes, native, overheads, runner, synth
+from orchestrator.config import RunConfig, load_run_config
+from orchestrator.errors import FlashflexError
+
+pytestmark = pytest.mark.native
+
+CTX, UBATCH = 256, 32
+BATCH = RunConfig().context.batch  # what `flashflex plan` assumes
+
+
+@pytest.fixture(scope="module")
+def dense_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dense")
+    return synth.write_synth_model(synth.preset("tiny-dense", quant="q8_0", n_embd=512, n_ff=1536), out / "m.gguf")
+
+
+@pytest.fixture(scope="module")
+def measuring(patched_llama):
+    if "devices" not in patched_llama.info()["features"]:
+        pytest.skip("the installed build cannot measure a context's memory; run flashflex build")
+    return patched_llama
+
+
+def _config(path: Path, budget: str, **more):
+    return load_run_config(None, {"model.path": path, "budget.size": budget, "context.ctx": CTX,
+                                  "context.ubatch": UBATCH, "context.batch": BATCH, **more})
+
+
+def _allocated(ex: runner.Execution, path: Path) -> dict:
+    """What the run's own context allocates (llama.cpp's buffers, not an estimate)."""
+    settings = runner.GenerationSettings(model=path, ctx=CTX, batch=BATCH, ubatch=UBATCH, threads=2)
+    with runner.session(settings, ex) as llm:
+        return native.context_memory(llm.ctx)
+
+
+def _check_within_5_percent(ex: runner.Execution, path: Path) -> None:
+    r = ex.budget_plan.reservations
+    assert r.source == "measured"
+    real = _allocated(ex, path)
+    assert real["context"] > 0 and real["compute"] > 0
+    assert abs(r.kv_cache_bytes - real["context"]) <= 0.05 * real["context"], (r, real)
+    assert abs(r.compute_bytes - real["compute"]) <= 0.05 * real["compute"], (r, real)
+
+
+def test_dense_streaming_reserves_what_llama_cpp_allocates(measuring, dense_model):
+    path = dense_model
+    budget = runner.execution_for_config(_config(path, "1GiB"), path).budget_plan.minimum_budget_bytes
+    ex = runner.execution_for_config(_config(path, f"{budget}B"), path)
+    assert ex.mode == modes.DENSE_STREAM
+    _check_within_5_percent(ex, path)
+
+
+def test_slot_banks_reserve_what_llama_cpp_allocates(measuring, moe_models):
+    path, sc = moe_models["qwen3moe"]
+    ex = runner.execution_for_config(_config(path, "64GiB", **{"moe.mode": "slot-bank", "moe.sidecar": sc}), path)
+    assert ex.mode == modes.SLOT_BANK
+    _check_within_5_percent(ex, path)
+
+
+def test_real_model_reserves_what_llama_cpp_allocates(measuring):
+    from orchestrator.modelfile.locate import default_model_path
+
+    path = default_model_path()
+    if path is None or not path.exists():
+        pytest.skip("the default model is not installed (make demo installs it)")
+    ex = runner.execution_for_config(_config(path, "230MiB"), path)
+    assert ex.mode == modes.DENSE_STREAM
+    _check_within_5_percent(ex, path)
+    # the old formula reserved several times what llama.cpp allocates for Gemma's 262k vocabulary
+    assert ex.budget_plan.reservations.compute_bytes < 64 << 20
+
+
+def test_measurement_is_cached_per_model_and_settings(measuring, dense_model):
+    first = overheads.measure(dense_model, ctx=CTX, ubatch=UBATCH, batch=BATCH)
+    where = overheads.cache_file(dense_model, ctx=CTX, ubatch=UBATCH, batch=BATCH)
+    assert first is not None and where.is_file()
+    assert overheads.measure(dense_model, ctx=CTX, ubatch=UBATCH, batch=BATCH) == first
+    bigger = overheads.measure(dense_model, ctx=4 * CTX, ubatch=UBATCH, batch=BATCH)
+    assert bigger.kv_bytes > first.kv_bytes  # another ctx is another entry, with its own answer
+    where.write_text("{not json")
+    assert overheads.measure(dense_model, ctx=CTX, ubatch=UBATCH, batch=BATCH) == first  # a damaged entry re-measures
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_plan_minimum_is_what_run_accepts(measuring, dense_model, tmp_path, threads):
+    """`flashflex plan --json` and `run` plan the same settings the same way: the reported minimum runs, one byte
+    less is refused (with the same minimum in the message)."""
+    import json
+
+    from conftest import flashflex
+
+    out = flashflex("plan", str(dense_model), "--budget", "1GiB", "--ctx", str(CTX), "--ubatch", str(UBATCH),
+                    "-tp", str(threads), "--json")
+    minimum = json.loads(out.stdout)["minimum_budget_bytes"]
+    common = {"prefetch.threads": threads}
+    ex = runner.execution_for_config(_config(dense_model, f"{minimum}B", **common), dense_model)
+    assert ex.budget_plan.minimum_budget_bytes == minimum
+    with pytest.raises(FlashflexError, match="below the"):
+        runner.execution_for_config(_config(dense_model, f"{minimum - 1}B", **common), dense_model)
