@@ -8,7 +8,9 @@ medians. Also, with `--full`, a budget above the model's size: flashflex auto ag
     python scripts/bench_ring.py --model dense-7b-q4_0 --budget 1.8GiB --repeats 3 --out bench-results/ring-7b
 
 Streamed bytes per token are what the runtime read during decode, divided by the tokens; the target is
-1.10 x (model bytes - (budget - process overhead)), the least any plan can stream. The roofline is the direct-read
+1.10 x (model bytes - (budget - runtime overhead)), where the runtime overhead is measured: the process before it
+loads anything, and the KV cache and compute buffers llama.cpp allocates (what no weight can use); the floor is
+what a plan with no prefetch memory at all would stream. The roofline is the direct-read
 bandwidth probed in the same run at the run's thread count, divided by the streamed bytes. Writes runs.jsonl and
 summary.md to --out and prints the table.
 """
@@ -84,6 +86,7 @@ def main() -> int:
                     rec["ring_bytes"] = stream["ring_bytes"]
                     rec["threads_used"] = stream["prefetch_threads"]
                 log.write(json.dumps(rec) + "\n")
+                log.flush()
                 records.append(rec)
 
     def median(name: str, key: str) -> float | None:
@@ -102,7 +105,10 @@ def main() -> int:
         full = point.budget_bytes > model_bytes
         ref = stock[full]
         streamed = median(name, "decode_streamed_bytes_per_token")
-        overhead = median(name, "process_overhead_bytes")
+        overhead = None
+        if median(name, "process_overhead_bytes") is not None:
+            overhead = sum(median(name, key) or 0 for key in ("process_overhead_bytes", "kv_cache_bytes",
+                                                              "compute_bytes"))
         target = 1.10 * (model_bytes - (point.budget_bytes - overhead)) if overhead and not full else None
         tp = median(name, "threads_used")
         bw = probe.get(max(1, int(tp))) if tp is not None else None

@@ -196,7 +196,7 @@ def test_experts_stay_here_in_a_bank_mode(moe_models):
 
 def test_the_budget_plans_only_what_stays_here(dense_models):
     table = read_model_table(dense_models["q4_0"])
-    cfg = load_run_config(None, {"context.ctx": CTX, "context.ubatch": 32, "budget.size": "8.5MiB",
+    cfg = load_run_config(None, {"context.ctx": CTX, "context.ubatch": 32, "budget.size": "9MiB",
                                  "prefetch.window": 1, "rpc.servers": "10.0.0.1:50052", "rpc.layers": 1})
     worker = rpc.Worker("10.0.0.1:50052", rpc.RPC_PROTOCOL, [rpc.WorkerDevice(0, 10 * MiB, 10 * MiB)])
     plan = plan_for_run(table, cfg, workers=[worker])

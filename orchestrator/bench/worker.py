@@ -61,6 +61,8 @@ def _execution(point: dict, spec: dict, model: Path, out: dict):
     assert plan is not None
     streamed = plan.estimates.dense_streamed_bytes_per_token
     out.update(planned_budget_bytes=budget, process_overhead_bytes=overhead, resident_bytes=plan.resident_bytes,
+               kv_cache_bytes=plan.reservations.kv_cache_bytes, compute_bytes=plan.reservations.compute_bytes,
+               overheads_source=plan.reservations.source,
                streamed_bytes_per_token=streamed if ex.plan is not None or not banked else 0)
     if banked:
         out.update(slot_bank=point["slot_bank"] if point["mode"] == modes.ORACLE_ALL_HIT else ex.moe.slots,

@@ -451,13 +451,18 @@ def _analyse_model(table: ModelTable, req: _Request, warnings: list[str]) -> _Mo
 
 
 AUTO_THREADS_WITHIN = 0.9  # -tp auto: the fewest threads within 10% of the best probed bandwidth
+# Types the CPU backend keeps in a repacked layout (x86 AVX2+, Arm): a streamed one is repacked on arrival by the
+# thread that read it, so that thread is busy for longer than its read (measured: about 1.0 GB/s of reads and
+# repacks per thread on a device that reads 1.5 GB/s), and one more thread overlaps the repack with the next read.
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
 
 
 def _prefetch_threads(req: _Request, model: _ModelFacts, probe: dict[int, float] | None) -> _Request:
     """-tp auto: the fewest prefetch threads whose probed direct-read bandwidth is within 10% of the best depth
-    probed on this device, but no more than the read jobs (4 MiB) of the largest layer, which is all a thread can
-    work on ahead of compute; the probed bandwidth at that depth becomes the estimate's. Without a probe (no
-    O_DIRECT, a file of a few MiB), one thread. Threads asked for are kept."""
+    probed on this device, plus one when streamed tensors are repacked on arrival (REPACKED_TYPES), but no more than
+    the read jobs (4 MiB) of the largest layer, which is all a thread can work on ahead of compute; the probed
+    bandwidth at that depth becomes the estimate's. Without a probe (no O_DIRECT, a file of a few MiB), one thread.
+    Threads asked for are kept."""
     if req.threads is not None:
         return req
     largest_layer = max((layer.streamable_bytes for layer in model.layers), default=0)
@@ -467,11 +472,14 @@ def _prefetch_threads(req: _Request, model: _ModelFacts, probe: dict[int, float]
                                    "device: O_DIRECT unavailable, or the file is a few MiB)")
     best = max(probe.values())
     depth = min(d for d, bw in probe.items() if bw >= AUTO_THREADS_WITHIN * best)
-    threads = min(depth, cap)
+    repacked = sorted({t.ggml_type for layer in model.layers for t in layer.streamable} & REPACKED_TYPES)
+    threads = min(depth + (1 if repacked else 0), cap)
     rates = ", ".join(f"{d}: {format_rate(bw)}" for d, bw in sorted(probe.items()))
     why = (f"auto: {threads} thread(s); direct reads on this device by 1, 2, 4 threads: {rates}; {depth} is the "
            f"fewest within {round(100 * (1 - AUTO_THREADS_WITHIN))}% of the best")
-    if threads < depth:
+    if repacked:
+        why += f", +1 because {'/'.join(repacked)} tensors are repacked on arrival by the thread that reads them"
+    if threads < depth + (1 if repacked else 0):
         why += f", capped at {threads} by the largest layer's {cap} read job(s) of 4 MiB"
     return dataclasses.replace(req, threads=threads, threads_reason=why, bandwidth=int(probe[threads]
                                if threads in probe else probe[depth]))
