@@ -343,7 +343,7 @@ def make_plan(
     minimum = _minimum_budget(model, req, over, experts, staging, budget_bytes)
     dense = _split_dense(model, req, over, experts, staging, budget_bytes)
     slots = _bank_slots(model, req, over, experts, dense, warnings)
-    placed = _place_tensors(table, model, experts, dense.quota, slots)
+    placed = _place_tensors(table, model, experts, dense, slots)
     direct_io = _direct_io(req, model, placed.unaligned, warnings)
     return _assemble(table, budget_bytes, req=req, model=model, over=over, experts=experts, minimum=minimum,
                      dense=dense, slots=slots, placed=placed, direct_io=direct_io, warnings=warnings)
@@ -617,10 +617,37 @@ class _Dense:
     buffer_bytes: int  # the largest streamed layer with page padding
     ring_bytes: int  # what the runtime allocates (see _buffers)
     staging: int  # see _staging_bytes; reserved only when something streams
+    raised: tuple[tuple[int, int], ...] = ()  # (layer index, quota): layers given one more step from the leftover
 
     @property
     def prefetch_bytes(self) -> int:
         return _prefetch_cost(self.ring_bytes, self.staging)
+
+    def quota_of(self, layer: int) -> int | None:
+        return dict(self.raised).get(layer, self.quota)
+
+
+def _spend_leftover(layers: list[_Layer], quota: int, leftover: int) -> tuple[tuple[int, int], ...]:
+    """What an even quota leaves unspent (less than one more step in every layer) keeps more weights anyway: round
+    by round, each layer in turn takes its next step when the bytes it adds still fit. Keeping more only lowers
+    what streams, so the ring the even quota paid for stays large enough."""
+    level = {layer.index: quota for layer in layers}
+    raised: dict[int, int] = {}
+    changed = True
+    while changed:
+        changed = False
+        for layer in layers:
+            steps = layer.steps
+            i = steps.at(level[layer.index])
+            nxt = next((j for j in range(i + 1, len(steps.breakpoints)) if steps.resident[j] > steps.resident[i]), None)
+            if nxt is None:
+                continue
+            cost = steps.resident[nxt] - steps.resident[i]
+            if cost <= leftover:
+                leftover -= cost
+                level[layer.index] = raised[layer.index] = steps.breakpoints[nxt]
+                changed = True
+    return tuple(sorted(raised.items()))
 
 
 def _split_dense(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, staging: int,
@@ -631,7 +658,10 @@ def _split_dense(model: _ModelFacts, req: _Request, over: _Overheads, experts: _
     if over.streamable <= avail:
         return _Dense(avail=avail, quota=None, buffers=0, buffer_bytes=0, ring_bytes=0, staging=staging)
     quota, n_buf, buf, ring = _dense_fill(model.layers, avail, req.effective_window, staging, req.threads)
-    return _Dense(avail=avail, quota=quota, buffers=n_buf, buffer_bytes=buf, ring_bytes=ring, staging=staging)
+    kept = sum(layer.steps.resident[layer.steps.at(quota)] for layer in model.layers)
+    raised = _spend_leftover(model.layers, quota, avail - kept - _prefetch_cost(ring, staging))
+    return _Dense(avail=avail, quota=quota, buffers=n_buf, buffer_bytes=buf, ring_bytes=ring, staging=staging,
+                  raised=raised)
 
 
 def _bank_slots(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, dense: _Dense,
@@ -669,7 +699,7 @@ class _Placements:
     unaligned: int  # streamed tensors whose offset is not direct-I/O aligned
 
 
-def _place_tensors(table: ModelTable, model: _ModelFacts, experts: _Experts, quota: int | None,
+def _place_tensors(table: ModelTable, model: _ModelFacts, experts: _Experts, dense: _Dense,
                    slots: int) -> _Placements:
     """Where each tensor lives: a layer's streamable tensors in the quota's selection stay resident and the
     rest stream (all resident with no quota); pinned and non-layer tensors are resident; routed experts go to
@@ -680,6 +710,7 @@ def _place_tensors(table: ModelTable, model: _ModelFacts, experts: _Experts, quo
     dense_kept = 0
     unaligned = 0
     for layer in model.layers:
+        quota = dense.quota_of(layer.index)
         kept = frozenset(range(len(layer.streamable))) if quota is None else layer.steps.selections[
             layer.steps.at(quota)]
         regime = "all" if quota is None else layer.steps.regimes[layer.steps.at(quota)]
