@@ -12,7 +12,6 @@ estimate; `Plan.reservations.source` says which one a plan used.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -44,32 +43,13 @@ def cache_file(model: Path, *, ctx: int, ubatch: int, batch: int) -> Path:
     return cache_root() / "overheads" / f"{_key(model, ctx, ubatch, batch)}.json"
 
 
-@contextlib.contextmanager
-def _no_alloc():
-    """llama_cpp.Llama with llama_model_params.no_alloc = true (it does not expose the field)."""
-    import llama_cpp.llama as high
-
-    original = high.llama_cpp.llama_model_default_params
-
-    def params():
-        p = original()
-        p.no_alloc = True
-        return p
-
-    high.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        high.llama_cpp.llama_model_default_params = original
-
-
 def _measure_now(model: Path, ctx: int, ubatch: int, batch: int) -> Measured | None:
     from llama_cpp import Llama
 
-    from orchestrator.runner import quiet_native_stderr
+    from orchestrator.runner import model_params, quiet_native_stderr
 
     try:
-        with quiet_native_stderr(), _no_alloc():
+        with quiet_native_stderr(), model_params(no_alloc=True):
             llm = Llama(model_path=str(model), n_ctx=ctx, n_batch=batch, n_ubatch=ubatch, use_mmap=False,
                         verbose=False)
     except (ValueError, RuntimeError, OSError):

@@ -211,15 +211,17 @@ def runtime_spec(plan: Plan | None, moe: MoESetup | None) -> RuntimeSpec | None:
 
 
 @contextlib.contextmanager
-def _model_params(repack: bool = True, devices: list[int] | None = None, cpu_tensors: list[str] | None = None):
+def model_params(repack: bool = True, devices: list[int] | None = None, cpu_tensors: list[str] | None = None,
+                 no_alloc: bool = False):
     """Model parameters llama_cpp.Llama does not expose, set on the defaults it starts from during the load:
     `repack=False` turns the CPU backend's repacked weight layout off (llama_model_params.use_extra_bufts = false:
     the one stock mode whose weights stay in the page cache (mmap) instead of anonymous memory, the below-RAM
     baseline of benchmarks); `devices` (ggml_backend_dev_t handles, native.device_handle) is the model's device
     list (llama_model_params.devices; [] = the CPU only), in the order its layers are split across them;
     `cpu_tensors` (regular expressions) are kept in the CPU buffer type whatever their layer's device
-    (llama_model_params.tensor_buft_overrides: llama.cpp's --cpu-moe)."""
-    if repack and devices is None and not cpu_tensors:
+    (llama_model_params.tensor_buft_overrides: llama.cpp's --cpu-moe); `no_alloc` sizes every buffer without
+    allocating any (llama_model_params.no_alloc: what orchestrator.overheads measures)."""
+    if repack and devices is None and not cpu_tensors and not no_alloc:
         yield
         return
     import llama_cpp.llama as high
@@ -238,6 +240,8 @@ def _model_params(repack: bool = True, devices: list[int] | None = None, cpu_ten
         p = original()
         if not repack:
             p.use_extra_bufts = False
+        if no_alloc:
+            p.no_alloc = True
         if handles is not None:
             p.devices = ctypes.cast(handles, ctypes.c_void_p)
         if overrides is not None:
@@ -308,7 +312,7 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
         llama_kwargs = {**llama_kwargs, "use_mmap": False,
                         "kv_overrides": {**llama_kwargs.get("kv_overrides", {}), "flashflex.config": config.id}}
     try:
-        with quiet_native_stderr(), _model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors):
+        with quiet_native_stderr(), model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors):
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, verbose=False, **llama_kwargs)

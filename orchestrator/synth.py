@@ -213,6 +213,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def cached_preset(name: str, log=print) -> Path:
+    """The preset's model (seed 0) in the cache, generated there once (benchmarks; deterministic by seed)."""
+    from orchestrator.paths import cache_root
+
+    path = cache_root() / "models" / "synth" / f"{name}-seed0.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"generating the synthetic model {name} (once) at {path}")
+        write_synth_model(preset(name), path)
+    return path
+
+
 def preset(name: str, **overrides: object) -> SynthSpec:
     """A preset spec, optionally with fields overridden."""
     if name not in PRESETS:

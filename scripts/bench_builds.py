@@ -36,14 +36,8 @@ def model_path(name: str) -> str | None:
     if Path(name).exists():
         return name
     from orchestrator import synth
-    from orchestrator.paths import cache_root
 
-    path = cache_root() / "models" / "synth" / f"{name}-seed0.gguf"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"generating {name} at {path} (once)", file=sys.stderr)
-        synth.write_synth_model(synth.preset(name), path)
-    return str(path)
+    return str(synth.cached_preset(name, log=lambda msg: print(msg, file=sys.stderr)))
 
 
 def one_run(build_dir: str, model: str | None, n: int, threads: int | None, extra: list[str]) -> dict:

@@ -32,14 +32,8 @@ def model_path(name: str) -> Path:
     if Path(name).exists():
         return Path(name)
     from orchestrator import synth
-    from orchestrator.paths import cache_root
 
-    path = cache_root() / "models" / "synth" / f"{name}-seed0.gguf"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"generating {name} at {path} (once)", file=sys.stderr)
-        synth.write_synth_model(synth.preset(name), path)
-    return path
+    return synth.cached_preset(name, log=lambda msg: print(msg, file=sys.stderr))
 
 
 class _Sweep:  # what check_isolation reads and may switch off

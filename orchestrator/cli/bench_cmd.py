@@ -14,13 +14,8 @@ from orchestrator.errors import FlashflexError
 def _synth_model(preset: str, log) -> Path:
     """A benchmark model generated once into the cache (deterministic by seed)."""
     from orchestrator import synth
-    from orchestrator.paths import cache_root
 
-    path = cache_root() / "models" / "synth" / f"{preset}-seed0.gguf"
-    if not path.exists():
-        log(f"generating the synthetic benchmark model {preset} (once) at {path}")
-        synth.write_synth_model(synth.preset(preset), path)
-    return path
+    return synth.cached_preset(preset, log)
 
 
 MoEModelOpt = Annotated[Optional[Path], typer.Option(
