@@ -204,3 +204,20 @@ def test_byte_ring_is_exact(streaming, dense_models, quant):
                                                     ubatch=32, threads=2), plan)
     ring = gen.stats["decode"]["ring_bytes"] if "ring_bytes" in gen.stats["decode"] else gen.stats["ring_bytes"]
     assert plan.prefetch.ring_bytes <= ring <= plan.prefetch.ring_bytes + 2 * 4096
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_prompt_of_several_ubatches_that_wants_one_output_streams(streaming, dense_models, threads):
+    """A prompt longer than one ubatch, logits for its last token only: llama.cpp trims the last layer of every
+    other ubatch to zero rows, so that layer's closing boundary never runs; the next ubatch must not wait for its
+    release (it hung once). Run as a user would, with a time limit."""
+    path = str(dense_models["q8_0"])
+    settings = ["-tp", str(threads), "--ctx", str(CTX), "--ubatch", "8"]
+    planned = flashflex("plan", path, "--budget", "1GiB", *settings, "--json")
+    minimum = json.loads(planned.stdout)["minimum_budget_bytes"]
+    prompt = " ".join(["the cat sat on the mat and the dog sat on the log"] * 4)
+    result = flashflex("run", "--model", path, "--budget", f"{minimum}B", *settings, "-n", "4", "--prompt", prompt,
+                       "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["mode"] == "dense-stream" and stats["prompt"]["tokens"] > 8

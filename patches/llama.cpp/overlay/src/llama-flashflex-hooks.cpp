@@ -42,6 +42,10 @@ bool runs_flashflex(const llama_model * model) {
 
 }  // namespace
 
+bool flashflex::interrupt_requested() {
+    return g_interrupt.load(std::memory_order_relaxed);
+}
+
 const char * llama_flashflex_model_error(const llama_model * model) {
     std::string err;
     if (!stream_failed(model, &err) && !bank_failed(model, &err)) {

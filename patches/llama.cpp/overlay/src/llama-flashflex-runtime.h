@@ -20,6 +20,9 @@ namespace flashflex {
 // the scheduler never hands it to another device (an RPC worker cannot call back into this process). Returns t.
 ggml_tensor * pin_to_cpu(ggml_tensor * t);
 
+// Whether an interrupt was requested (llama_flashflex_interrupt): a runtime waiting on reads stops waiting.
+bool interrupt_requested();
+
 // Copies s into buf (NUL-terminated, truncated to size) and returns its full length: the C API's JSON outputs.
 int32_t write_c_string(const std::string & s, char * buf, size_t size);
 

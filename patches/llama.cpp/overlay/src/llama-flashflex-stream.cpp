@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -120,6 +121,7 @@ struct stream_state {
     int     inflight     = 0;        // jobs queued or running
     int64_t cycle        = 0;        // the cycle compute is in
     int     expected_li  = -1;       // the layer compute should acquire next (-1: not synchronised)
+    int     held         = -1;       // the layer compute acquired last and has not released
     void *  sync_staging = nullptr;  // staging for synchronous reads (-tp 0)
 
     // graph boundaries
@@ -273,12 +275,18 @@ struct stream_state {
     void acquire(int li) {
         acquires.fetch_add(1);
         std::unique_lock<std::mutex> lk(pool.mutex());
+        if (held >= 0 && held != li) {
+            // compute is sequential: a layer still held is done. Its boundary did not run when llama.cpp trimmed the
+            // last layer of a ubatch that wants no outputs to zero rows (an op on an empty tensor is skipped).
+            release_locked(held);
+        }
         if (li != expected_li) {
             resync(li, lk);
         } else if (li == 0) {
             cycle++;
         }
         expected_li            = (li + 1) % (int) layers.size();
+        held                   = li;
         const stream_layer & L = layers[li];
         if (pool.threads() == 0) {
             // synchronous reads: every other layer was released, so the homes are free
@@ -308,16 +316,31 @@ struct stream_state {
         if (!all_ready() && !failed.is_set()) {
             layer_waits.fetch_add(1);
             const int64_t t0 = now_ns();
-            pool.done_cv().wait(lk, [&] { return all_ready() || failed.is_set() || pool.stopping(); });
+            // in slices, so an interrupt (Ctrl-C, SIGTERM) ends a wait the reads would not end soon: the abort
+            // callback then stops the graph at its next node
+            while (!pool.done_cv().wait_for(lk, std::chrono::milliseconds(100),
+                                            [&] { return all_ready() || failed.is_set() || pool.stopping(); })) {
+                if (interrupt_requested()) {
+                    break;
+                }
+            }
             wait_ns.fetch_add(now_ns() - t0);
         }
     }
 
     void release(int li) {
         std::lock_guard<std::mutex> lk(pool.mutex());
-        const stream_layer &        L = layers[li];
+        release_locked(li);
+    }
+
+    // pool.mutex() is held.
+    void release_locked(int li) {
+        const stream_layer & L = layers[li];
         for (int k = L.first; k < L.first + L.count; ++k) {
             tensors[k].released = std::max(tensors[k].released, cycle);
+        }
+        if (held == li) {
+            held = -1;
         }
         if (pool.threads() > 0) {
             pump();
