@@ -50,6 +50,10 @@ MoETraceOpt = Annotated[Optional[Path], _flag("moe_trace", "--moe-trace")]
 TraceForceOpt = Annotated[Optional[bool], _flag("moe_trace_force", "--force")]
 MoEPrefetchOpt = Annotated[Optional[str], _flag("moe_prefetch", "--moe-prefetch")]
 MoEVerifyOpt = Annotated[Optional[bool], _flag("moe_verify", "--moe-verify/--no-moe-verify")]
+DraftOpt = Annotated[Optional[str], _flag("draft", "--draft")]
+DraftModelOpt = Annotated[Optional[Path], _flag("draft_model", "--draft-model")]
+DraftMaxOpt = Annotated[Optional[int], _flag("draft_max", "--draft-max")]
+DraftAdaptiveOpt = Annotated[Optional[bool], _flag("draft_adaptive", "--draft-adaptive/--no-draft-adaptive")]
 
 
 # The shared flags, in --help order: parameter name → its annotated type. A command takes them all through
@@ -60,8 +64,12 @@ SHARED_FLAGS: dict[str, Any] = {
     "ubatch": UbatchOpt, "moe_mode": MoEModeOpt, "moe_sidecar": MoESidecarOpt, "moe_slot_bank": MoESlotBankOpt,
     "moe_topk": MoETopkOpt, "moe_shared_only": MoESharedOnlyOpt, "moe_io_threads": MoEIOThreadsOpt,
     "moe_trace": MoETraceOpt, "moe_prefetch": MoEPrefetchOpt, "moe_verify": MoEVerifyOpt,
-    "moe_trace_force": TraceForceOpt,
+    "moe_trace_force": TraceForceOpt, "draft": DraftOpt, "draft_model": DraftModelOpt, "draft_max": DraftMaxOpt,
+    "draft_adaptive": DraftAdaptiveOpt,
 }
+
+DRAFT_FLAGS = ("draft", "draft_model", "draft_max", "draft_adaptive")
+"""Speculative decoding's flags: for commands that generate (not verify-exact, which teacher-forces)."""
 
 
 def model_options_command(*, exclude: tuple[str, ...] = ()):
