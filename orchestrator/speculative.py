@@ -322,6 +322,27 @@ class Drafter:
             self.stats.accepted_tokens += kept
         self.length.observe(len(draft), kept)
 
+    def finish(self, ids: Sequence[int] | np.ndarray) -> None:
+        """The sequence ended (`ids`: the context and every token taken): judge what of the last draft it shows
+        (a run that stops at -n may show only part of the last verification)."""
+        last, self._last = self._last, None
+        ids = np.asarray(ids, dtype=np.intc)
+        if last is None or not len(last[2]):
+            return
+        n0, tail, draft = last
+        if n0 == 0 or len(ids) < n0 or int(ids[n0 - 1]) != tail:
+            return
+        seen = ids[n0:n0 + len(draft)]
+        equal = seen == draft[:len(seen)]
+        kept = len(seen) if equal.all() else int(np.argmin(equal))
+        judged = kept + (1 if kept < len(seen) else 0)
+        if judged == 0:
+            return
+        self.stats.judged_drafts += 1
+        self.stats.judged_tokens += judged
+        self.stats.accepted_tokens += kept
+        self.length.observe(judged, kept)
+
     def observe_eval(self, n_tokens: int, seconds: float) -> None:
         """Called by attach's eval after every decode: a batch of 1 + the last draft is its verification."""
         pending, self._pending = self._pending, None
@@ -471,6 +492,7 @@ def decode(llm: Any, prompt_tokens: list[int], n_new: int, settings: "Generation
                 break
     finally:
         gen.close()
+    drafter.finish(list(prompt_tokens) + out)
     return out
 
 

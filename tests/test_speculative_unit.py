@@ -236,6 +236,23 @@ def test_acceptance_is_inferred_from_the_next_calls_input_ids():
     assert d.report()["acceptance_rate"] == pytest.approx(4 / 5)
 
 
+def test_the_last_draft_is_judged_by_what_the_run_took():
+    d = Scripted([[5, 6, 7, 8], [9, 9, 9, 9]])
+    d(ids(1, 2, 3))
+    d(ids(1, 2, 3, 5, 6, 7, 8, 4))  # all four kept
+    d.finish(ids(1, 2, 3, 5, 6, 7, 8, 4, 9, 9))  # the run stopped after two more tokens: both the draft's
+    s = d.stats
+    assert (s.judged_drafts, s.judged_tokens, s.accepted_tokens) == (2, 6, 6)
+    d = Scripted([[5, 6, 7, 8]])
+    d(ids(1, 2, 3))
+    d.finish(ids(1, 2, 3, 5, 0))  # one kept, the next one rejected
+    assert (d.stats.judged_tokens, d.stats.accepted_tokens) == (2, 1)
+    d = Scripted([[5, 6]])
+    d(ids(1, 2, 3))
+    d.finish(ids(1, 2, 3))  # nothing taken after it: nothing judged
+    assert d.stats.judged_drafts == 0
+
+
 def test_a_new_sequence_is_not_counted_as_a_verification():
     d = Scripted([[5, 6], [7, 8]])
     d(ids(1, 2, 3))
