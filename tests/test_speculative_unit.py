@@ -298,3 +298,21 @@ def test_the_budget_shrinks_by_what_drafting_keeps_resident():
     assert speculative.target_config(cfg, None) is cfg
     with pytest.raises(FlashflexError, match="more than the budget"):
         speculative.target_config(load_run_config(None, {"budget.size": "100MiB"}), setup)
+
+
+def test_bench_summary_takes_medians_and_compares_with_no_drafting():
+    from orchestrator.bench import speculative as spec_bench
+
+    def rec(mode, tps, ids, **kw):
+        return {"task": "rewrite", "mode": mode, "prompt_tokens": 100, "tokens": 8, "token_ids": ids,
+                "decode_tok_per_s": tps, "bytes_read_per_token": 60 << 20, **kw}
+
+    runs = [rec("no draft", 4.0, [1, 2]), rec("no draft", 5.0, [1, 2]), rec("no draft", 6.0, [1, 2]),
+            *[rec("draft", t, [1, 2], acceptance_rate=0.8, accepted_per_verification=2.0,
+                  tokens_per_verification=3.0) for t in (9.0, 10.0, 20.0)]]
+    rows = spec_bench.summarise(runs, ["rewrite"])
+    assert rows[0]["decode_tok_per_s"] == 5.0 and rows[1]["decode_tok_per_s"] == 10.0
+    assert rows[1]["speedup"] == pytest.approx(2.0) and rows[1]["same_tokens"]
+    table = spec_bench.markdown({"summary": rows})
+    assert "| rewrite | draft | 100 | 8 | 10.00 | 2.00× | 80% | 2.00 | 3.00 | 60.0 | yes |" in table
+    assert set(spec_bench.TASKS) == {"rewrite", "edit-function", "document-qa", "free-chat"}
