@@ -285,3 +285,12 @@ def test_python_api_and_chat_draft(features, models):
     chat = flashflex("chat", "--model", str(path), "--ctx", str(CTX), "--ubatch", str(UBATCH),
                      "--draft", "prompt-lookup", "--once", "say the cat sat on the mat", "-n", "8", "--json")
     assert chat.returncode == 0, chat.stderr
+
+
+def test_serve_plans_the_draft_and_says_so(features, models):
+    from orchestrator.cli.serve_cmd import load_entries, startup_lines
+
+    entries, server = load_entries(None, {"model": models["target"], "ctx": CTX, "ubatch": UBATCH,
+                                          "draft_model": models["small"]}, {}, lambda _msg: None)
+    assert entries[0].prepared.draft is not None and entries[0].prepared.draft.kind == "model"
+    assert "drafts model small.gguf (up to 7 per verification)" in startup_lines(entries, server)[0]

@@ -62,7 +62,7 @@ _DOCUMENT = (
     "management and lighting. The budget for 2024 is 44 million dollars.\n"
 )
 
-TASKS: dict[str, tuple[str, str]] = {
+TASKS: dict[str, tuple[str, str]] = {  # name -> (what it is, the prompt); greedy unless in TEMPERATURE
     "rewrite": ("rewrite a paragraph: fix its spelling, keep everything else",
                 f"Original paragraph:\n{_PARAGRAPH}\n\nThe same paragraph with the spelling mistakes corrected and "
                 f"nothing else changed:\n"),
@@ -75,7 +75,14 @@ TASKS: dict[str, tuple[str, str]] = {
     "free-chat": ("free chat: an open question, nothing to copy",
                   "User: I have a free afternoon. Tell me a short story about a robot who learns to paint.\n"
                   "Assistant:"),
+    "story-sampled": ("a new story, sampled (temperature 0.8): little to copy, drafts mostly fail",
+                      "Chapter One\n\nNobody in the village of Hollin had ever seen the sea. Mara, the blacksmith's "
+                      "youngest daughter,"),
 }
+TEMPERATURE = {"story-sampled": 0.8}
+"""Tasks sampled rather than greedy. Greedy Gemma 3 270M (a base model) soon repeats itself, which prompt lookup
+drafts perfectly; sampling keeps its text new. Sampled runs with and without drafting need not give the same tokens
+(the runner's plain loop draws its random numbers differently from llama-cpp-python's generate)."""
 
 
 @dataclass
@@ -96,9 +103,10 @@ class SpeculativeBench:
     prefetch_threads: int = 1
 
 
-def _options(b: SpeculativeBench, drafting: bool) -> dict[str, Any]:
+def _options(b: SpeculativeBench, drafting: bool, task: str | None = None) -> dict[str, Any]:
     opts: dict[str, Any] = {"model": b.model, "ctx": b.ctx, "ubatch": b.ubatch, "threads": b.threads,
-                            "prefetch_threads": b.prefetch_threads, "n_predict": b.n_predict, "temperature": 0.0}
+                            "prefetch_threads": b.prefetch_threads, "n_predict": b.n_predict,
+                            "temperature": TEMPERATURE.get(task or "", 0.0)}
     if drafting:
         if b.draft_model is not None:
             opts["draft_model"] = b.draft_model
@@ -137,7 +145,7 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
     plans: dict[str, dict[str, Any]] = {}
     for mode, drafting in modes.items():
         for task in b.tasks:
-            p = api.prepare(budget=f"{budget}B", prompt=TASKS[task][1], log=log, **_options(b, drafting))
+            p = api.prepare(budget=f"{budget}B", prompt=TASKS[task][1], log=log, **_options(b, drafting, task))
             prepared[(task, mode)] = p
         plan = p.execution.plan or p.execution.budget_plan
         plans[mode] = {"mode": p.execution.mode, "budget_bytes": plan.budget_bytes,
@@ -175,7 +183,8 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
     summary = summarise(runs, b.tasks)
     results = {"bench": "speculative", "machine": machine_info(), "model": str(b.model), "budget_bytes": budget,
                "budget": b.budget, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(b).items()},
-               "tasks": {t: {"what": TASKS[t][0], "prompt": TASKS[t][1]} for t in b.tasks}, "plans": plans,
+               "tasks": {t: {"what": TASKS[t][0], "prompt": TASKS[t][1], "temperature": TEMPERATURE.get(t, 0.0)}
+                         for t in b.tasks}, "plans": plans,
                "summary": summary, "runs": runs}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(results, indent=1) + "\n"),
