@@ -64,13 +64,13 @@ def _stream_execution(path: Path) -> runner.Execution:
     return runner.Execution(mode="dense-stream", plan=plan, budget_plan=plan)
 
 
-def _bank_execution(path: Path, sc: Path) -> runner.Execution:
+def _bank_execution(path: Path, sc: Path, mode: str = "slot-bank") -> runner.Execution:
     k = read_model_table(path).arch.n_expert_used
     cfg = load_run_config(None, {"model.path": path, "budget.size": "64GiB", "context.ctx": CTX,
-                                 "context.ubatch": UBATCH, "moe.mode": "slot-bank", "moe.sidecar": sc,
-                                 "moe.slot_bank": k + 1})
+                                 "context.ubatch": UBATCH, "moe.mode": mode, "moe.sidecar": sc,
+                                 "moe.slot_bank": k + 1 if mode == "slot-bank" else None})
     ex = runner.execution_for_config(cfg, path)
-    assert ex.moe is not None and ex.moe.slots == k + 1
+    assert ex.moe is not None and ex.moe.slots == (k + 1 if mode == "slot-bank" else 0)
     return ex
 
 
@@ -186,15 +186,18 @@ def test_dense_streaming_with_drafts_is_bitwise_exact(features, models, kind):
         assert any(len(batch) > 1 for batch, n_past, _ in streamed.calls[1:]), "no verification batch ran"
 
 
-@pytest.mark.parametrize("kind", ["prompt-lookup", "self"])
-def test_slot_bank_with_drafts_is_bitwise_exact(features, moe_models, kind):
+@pytest.mark.parametrize(("mode", "kind"), [("slot-bank", "prompt-lookup"), ("slot-bank", "self"),
+                                           ("resident-bank", "prompt-lookup")])
+def test_expert_banks_with_drafts_are_bitwise_exact(features, moe_models, mode, kind):
+    """A verification batch routes to the union of its tokens' experts: a bank of top-k + 1 slots resolves it in
+    passes, as for any ubatch."""
     path, sc = moe_models["qwen3moe"]
     settings = _settings(path)
     draft = _draft(kind, {}, path)
     for prompt in PROMPTS:
         stock = _drafted(settings, runner.Execution(), draft, prompt)
-        banked = _drafted(settings, _bank_execution(path, sc), draft, prompt)
-        _assert_same_batches_and_logits(stock, banked, f"slot-bank, draft {kind}, {prompt[:20]!r}")
+        banked = _drafted(settings, _bank_execution(path, sc, mode), draft, prompt)
+        _assert_same_batches_and_logits(stock, banked, f"{mode}, draft {kind}, {prompt[:20]!r}")
         if kind == "self":
             assert banked.report["accepted_tokens"] > 0
 
