@@ -27,7 +27,9 @@ What this module adds:
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -54,23 +56,25 @@ class DraftLength:
     ones before it were, so a draft of k yields 1 + p + ... + p^k tokens per verification (the model's own token
     always comes with it). p is the decayed ratio of kept drafted tokens to judged ones (a rejected token is
     judged, the tokens after it are not), starting from a prior. The cost of a verification of n tokens is
-    measured per n (moving average of seconds) and used as the ratio r(n) = t(n) / t(1), linear in n: measured
-    where it can be, the prior slope where it cannot. Drafting costs its own measured seconds per drafted token.
-    The length chosen maximises (1 + p + ... + p^k) / (r(k + 1) + k d), and must beat no drafting by `min_gain`.
+    measured per n (the median of its last `cost_window` verifications, so one slowed by another process does not
+    turn drafting off) and used as the ratio r(n) = t(n) / t(1), linear in n: measured where it can be, the prior
+    slope where it cannot. Drafting costs its own measured seconds per drafted token. The length chosen maximises
+    (1 + p + ... + p^k) / (r(k + 1) + k d), and must beat no drafting by `min_gain`.
 
     The first verification drafts nothing, so the single-token step is measured before any draft goes out, and
     the first draft is one token, which measures a longer batch cheaply. At length 0 nothing is learnt about
     acceptance, so a probe of one token goes out after `probe_gap` verifications; a probe that fails doubles the
-    gap (up to `max_probe_gap`), one that hits resets it; the gap is never so short that probes cost more than
-    `probe_budget` (1%) of the time. A text whose drafts never hit thus pays one two-token batch at the start and
-    one every 64 tokens (or more, where a longer batch costs much more) after.
+    gap (up to `max_probe_gap`), one that hits resets it. Where a longer batch costs more than usual, the gap
+    starts longer, so that probes cost at most `probe_budget` (1%) of the time, but never beyond `max_probe_gap`
+    (a cost measured during a burst of load elsewhere is measured again). A text whose drafts never hit thus pays
+    one two-token batch at the start and one every 64 tokens after.
 
     With `adaptive` false the length is always `max_tokens` (deterministic: what exactness tests compare)."""
 
     def __init__(self, max_tokens: int, adaptive: bool = True, *, decay: float = 0.8,
                  prior_acceptance: float = 0.5, prior_weight: float = 2.0, prior_slope: float = 0.1,
                  cost_alpha: float = 0.3, min_gain: float = 0.03, probe_gap: int = 4, max_probe_gap: int = 64,
-                 probe_budget: float = 0.01):
+                 probe_budget: float = 0.01, cost_window: int = 9):
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
         self.max_tokens = max_tokens
@@ -82,9 +86,10 @@ class DraftLength:
         self.min_probe_gap = probe_gap
         self.max_probe_gap = max_probe_gap
         self.probe_budget = probe_budget
+        self.cost_window = cost_window
         self._kept = prior_acceptance * prior_weight
         self._judged = prior_weight
-        self._cost: dict[int, list[float]] = {}  # batch tokens -> [mean seconds, samples]
+        self._samples: dict[int, deque[float]] = {}  # batch tokens -> seconds of its recent verifications
         self._draft_cost: list[float] = [0.0, 0.0]  # [mean seconds per drafted token, samples]
         self._gap = probe_gap
         self._idle = 0  # verifications at length 0 since the last draft went out
@@ -113,12 +118,13 @@ class DraftLength:
         """One verification of `batch_tokens` tokens (the last token and the draft) took `seconds`."""
         if batch_tokens < 1 or not (seconds > 0 and math.isfinite(seconds)):
             return
-        entry = self._cost.get(batch_tokens)
-        if entry is None:
-            self._cost[batch_tokens] = [seconds, 1.0]
-        else:
-            entry[0] += self.cost_alpha * (seconds - entry[0])
-            entry[1] += 1
+        self._samples.setdefault(batch_tokens, deque(maxlen=self.cost_window)).append(seconds)
+
+    @property
+    def _cost(self) -> dict[int, tuple[float, float]]:
+        """Batch tokens -> (median seconds of its recent verifications, how many): a median, so one verification
+        slowed by another process on the machine does not turn drafting off."""
+        return {n: (statistics.median(q), float(len(q))) for n, q in self._samples.items()}
 
     def observe_draft_cost(self, drafted: int, seconds: float) -> None:
         """Drafting `drafted` tokens took `seconds` (the draft model's steps; prompt lookup's search)."""
@@ -132,15 +138,16 @@ class DraftLength:
     def cost_slope(self) -> float:
         """s in r(n) = 1 + s (n - 1): the measured extra cost of each more token in a verification, relative
         to a single-token step, blended with the prior (weight of one measurement)."""
-        t1 = self._cost.get(1)
+        costs = self._cost
+        t1 = costs.get(1)
         num, den = self.prior_slope, 1.0
         if t1 is not None:
-            for n, (t, w) in self._cost.items():
+            for n, (t, w) in costs.items():
                 if n > 1:
                     num += w * (t / t1[0] - 1.0) / (n - 1)
                     den += w
         else:
-            points = [(n - 1, t, w) for n, (t, w) in self._cost.items() if n > 1]
+            points = [(n - 1, t, w) for n, (t, w) in costs.items() if n > 1]
             if len({x for x, _, _ in points}) >= 2:  # a + b x through the points: s = b / a
                 sw = sum(w for *_, w in points)
                 mx = sum(w * x for x, _, w in points) / sw
@@ -155,11 +162,12 @@ class DraftLength:
 
     def step_seconds(self) -> float | None:
         """Estimated seconds of a single-token step (measured, or derived from a measured batch)."""
-        if 1 in self._cost:
-            return self._cost[1][0]
-        if not self._cost:
+        costs = self._cost
+        if 1 in costs:
+            return costs[1][0]
+        if not costs:
             return None
-        n, (t, _) = min(self._cost.items())
+        n, (t, _) = min(costs.items())
         return t / (1.0 + self.cost_slope() * (n - 1))
 
     def draft_ratio(self) -> float:
@@ -188,12 +196,12 @@ class DraftLength:
         """Tokens to draft now."""
         if not self.adaptive:
             return self.max_tokens
-        if 1 not in self._cost:
+        if 1 not in self._samples:
             return 0  # one plain step first: the cost of every verification is measured against it
         k = self.best()
         if k > 0:
             self._probing = False
-            return k if len(self._cost) > 1 else 1  # the first draft is one token: it measures the slope cheaply
+            return k if len(self._samples) > 1 else 1  # the first draft is one token: it measures the slope cheaply
         if self.max_tokens > 0 and self._idle >= self.probe_gap():
             self._probing = True
             return 1
@@ -203,7 +211,7 @@ class DraftLength:
         """Verifications at length 0 before a probe: the backed-off gap, and never so short that probes cost more
         than `probe_budget` of the time (a probe costs one more token in a verification, and drafting it)."""
         cost = self.cost_slope() + self.draft_ratio()
-        return max(self._gap, math.ceil(cost / self.probe_budget))
+        return max(self._gap, min(self.max_probe_gap, math.ceil(cost / self.probe_budget)))
 
     def drafted(self, n: int) -> None:
         """What the drafter actually produced for the last proposal (prompt lookup may find nothing)."""

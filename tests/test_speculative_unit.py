@@ -154,6 +154,17 @@ def test_probes_back_off_when_they_fail_and_reset_when_they_hit():
     assert length.state()["probe_gap"] == 4
 
 
+def test_one_verification_slowed_by_another_process_does_not_turn_drafting_off():
+    length = DraftLength(8)
+    prime(length, slope=0.02)
+    for _ in range(5):
+        length.observe(8, 6)
+    assert length.best() == 8
+    length.observe_cost(9, 5.0)  # 100x a normal verification: the machine was busy
+    length.observe_cost(5, 5.0)
+    assert length.best() == 8
+
+
 def test_probes_are_rarer_where_a_longer_batch_costs_more():
     length = DraftLength(8)
     prime(length, slope=0.5, times=30)
