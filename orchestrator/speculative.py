@@ -136,28 +136,28 @@ class DraftLength:
 
     # -- the model ----------------------------------------------------------------------------------
     def cost_slope(self) -> float:
-        """s in r(n) = 1 + s (n - 1): the measured extra cost of each more token in a verification, relative
-        to a single-token step, blended with the prior (weight of one measurement)."""
+        """s in r(n) = 1 + s (n - 1): the extra cost of each more token in a verification, relative to a
+        single-token step. The median of the prior and of every recent verification's own slope (so a few slowed
+        by other processes move it little); before a single-token step is measured, a line through the batches'
+        medians."""
         costs = self._cost
         t1 = costs.get(1)
-        num, den = self.prior_slope, 1.0
         if t1 is not None:
-            for n, (t, w) in costs.items():
-                if n > 1:
-                    num += w * (t / t1[0] - 1.0) / (n - 1)
-                    den += w
-        else:
-            points = [(n - 1, t, w) for n, (t, w) in costs.items() if n > 1]
-            if len({x for x, _, _ in points}) >= 2:  # a + b x through the points: s = b / a
-                sw = sum(w for *_, w in points)
-                mx = sum(w * x for x, _, w in points) / sw
-                my = sum(w * t for _, t, w in points) / sw
-                sxx = sum(w * (x - mx) ** 2 for x, _, w in points)
-                b = sum(w * (x - mx) * (t - my) for x, t, w in points) / sxx
-                a = my - b * mx
-                if a > 0:
-                    num += sw * b / a
-                    den += sw
+            slopes = [self.prior_slope] + [(t / t1[0] - 1.0) / (n - 1) for n, q in self._samples.items() if n > 1
+                                           for t in q]
+            return max(0.0, statistics.median(slopes))
+        num, den = self.prior_slope, 1.0
+        points = [(n - 1, t, w) for n, (t, w) in costs.items() if n > 1]
+        if len({x for x, _, _ in points}) >= 2:  # a + b x through the points: s = b / a
+            sw = sum(w for *_, w in points)
+            mx = sum(w * x for x, _, w in points) / sw
+            my = sum(w * t for _, t, w in points) / sw
+            sxx = sum(w * (x - mx) ** 2 for x, _, w in points)
+            b = sum(w * (x - mx) * (t - my) for x, t, w in points) / sxx
+            a = my - b * mx
+            if a > 0:
+                num += sw * b / a
+                den += sw
         return max(0.0, num / den)
 
     def step_seconds(self) -> float | None:
