@@ -38,13 +38,15 @@ def main() -> int:
     ap.add_argument("--threads", "-t", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--ubatch", type=int, default=8)
+    ap.add_argument("--prefetch-threads", "-tp", type=int, default=1, help="prefetch I/O threads (-tp)")
     ap.add_argument("--out", type=Path, default=Path("bench-results/speculative"))
     args = ap.parse_args()
     try:
         bench = spec_bench.SpeculativeBench(
             model=args.model or spec_bench.default_model(), draft=args.draft, draft_model=args.draft_model,
             draft_max=args.draft_max, budget=args.budget, tasks=[t for t in args.tasks.split(",") if t],
-            n_predict=args.n_predict, repeats=args.repeats, threads=args.threads, ctx=args.ctx, ubatch=args.ubatch)
+            n_predict=args.n_predict, repeats=args.repeats, threads=args.threads, ctx=args.ctx, ubatch=args.ubatch,
+            prefetch_threads=args.prefetch_threads)
         results = spec_bench.run(bench, args.out, log=lambda msg: print(msg, file=sys.stderr))
     except FlashflexError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
