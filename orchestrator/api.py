@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from orchestrator import native, runner
+from orchestrator import native, runner, speculative
 from orchestrator.config import RunConfig, load_run_config
 from orchestrator.errors import FlashflexError
 
@@ -57,6 +57,10 @@ OPTION_KEYS: dict[str, str] = {
     "n_predict": "sampling.n_predict",
     "temperature": "sampling.temperature",
     "seed": "sampling.seed",
+    "draft": "draft.kind",
+    "draft_model": "draft.model",
+    "draft_max": "draft.max_tokens",
+    "draft_adaptive": "draft.adaptive",
 }
 
 
@@ -97,6 +101,7 @@ class Prepared:
     config: RunConfig
     settings: runner.GenerationSettings
     execution: runner.Execution
+    draft: speculative.DraftSetup | None = None  # speculative decoding; its RAM is already off the plan's budget
 
     @property
     def lossy(self) -> list[str]:
@@ -125,6 +130,9 @@ class Prepared:
             out["moe"] = {"mode": ex.moe.mode, "slots": ex.moe.slots, "prefetch": ex.moe.prefetch,
                           "sidecar": str(ex.moe.sidecar),
                           "trace": str(ex.moe.trace_out) if ex.moe.trace_out is not None else None}
+        if self.draft is not None:
+            # the whole budget; the plan's budget_bytes is what is left for the model after drafting
+            out["draft"] = {**self.draft.summary(), "total_budget_bytes": self.config.budget.resolve_bytes()}
         return out
 
     def open(self, **llama_kwargs: Any):
@@ -134,10 +142,41 @@ class Prepared:
 
 
 def prepare(config: str | Path | RunConfig | None = None, log=None, **options: Any) -> Prepared:
-    """Validate everything `run` validates (model, plan, sidecar, traces, flag combinations) without loading."""
+    """Validate everything `run` validates (model, plan, sidecar, traces, flag combinations, a draft model's
+    vocabulary) without loading the weights. Drafting's resident RAM (speculative.DraftSetup) is taken off the
+    budget here, the one place, before the model is planned."""
+    log = log or (lambda _msg: None)
     cfg = run_config(config, **options)
-    settings = runner.settings_from_config(cfg, log=log or (lambda _msg: None))
-    return Prepared(cfg, settings, runner.execution_for_config(cfg, settings.model))
+    settings = runner.settings_from_config(cfg, log=log)
+    draft = speculative.setup_for(cfg, settings, log=log)
+    try:
+        execution = runner.execution_for_config(speculative.target_config(cfg, draft), settings.model)
+    except FlashflexError as exc:
+        if draft is None or not draft.resident_bytes:
+            raise
+        from orchestrator.sizes import format_size
+
+        raise FlashflexError(f"{exc.problem} (after {format_size(draft.resident_bytes)} kept for drafting)",
+                             _fix_with_draft(cfg, settings, draft, exc)) from exc
+    return Prepared(cfg, settings, execution, draft)
+
+
+def _fix_with_draft(cfg: RunConfig, settings: runner.GenerationSettings, draft: speculative.DraftSetup,
+                    exc: FlashflexError) -> str | None:
+    """A budget below the minimum once drafting took its share: the budget that would do, drafting included."""
+    from orchestrator.modelfile.reader import read_model_table
+    from orchestrator.planner import plan_for_run
+    from orchestrator.sizes import format_size
+
+    if "minimum" not in exc.problem:
+        return exc.fix
+    try:
+        roomy = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"size": f"{1 << 50}B"})})
+        minimum = plan_for_run(read_model_table(settings.model), roomy).minimum_budget_bytes + draft.resident_bytes
+    except FlashflexError:
+        return exc.fix
+    return (f"give --budget {format_size(minimum, round_up=True).replace(' ', '')} or more (the model's minimum plus "
+            "drafting), or a smaller draft (--draft-max, --draft prompt-lookup)")
 
 
 class Handle:
@@ -148,6 +187,7 @@ class Handle:
         self.llm = llm
         self.failed = False  # set by callers whose run failed: the trace is then discarded, not published
         self.last_request: dict[str, Any] | None = None
+        self.drafter: speculative.Drafter | None = None
         self._closed = False
         self._lock = threading.Lock()
 
@@ -157,6 +197,15 @@ class Handle:
         llm = runner.open_model(prepared.settings, ex.plan, moe=ex.moe, rpc=ex.rpc, rpc_timeout=ex.rpc_timeout,
                                 **{**ex.llama_kwargs(), **llama_kwargs})
         handle = cls(prepared, llm)
+        if prepared.draft is not None:
+            try:
+                handle.drafter = prepared.draft.open(prepared.settings)
+                speculative.attach(llm, handle.drafter, max_batch=prepared.draft.max_tokens + 1)
+            except BaseException:
+                llm.close()
+                if ex.moe is not None:
+                    ex.moe.finish_trace(False)
+                raise
         if "chat_format" not in llama_kwargs:
             _fallback_chat_format(llm)
         original_close = llm.close
@@ -174,6 +223,8 @@ class Handle:
                 return
             self._closed = True
         try:
+            if self.drafter is not None:
+                self.drafter.close()
             (close_llama or self.llm.close)()
         finally:
             if self.prepared.execution.moe is not None:
@@ -196,6 +247,8 @@ class Handle:
         streaming; `moe`: expert banks, with `hit_rate`), and the last request's timing."""
         out = self.prepared.summary()
         out["runtime"] = self.native_stats()
+        if self.drafter is not None:
+            out["draft_stats"] = self.drafter.report()
         out["last_request"] = self.last_request
         return out
 

@@ -275,6 +275,66 @@ class RPCConfig(_Section):
     def _layers_need_servers(self) -> RPCConfig:
         if self.layers is not None and not self.servers:
             raise ValueError("layers: places layers on RPC workers, and rpc.servers lists none (give --rpc)")
+
+
+DraftKind = Literal["none", "prompt-lookup", "model"]
+DRAFT_KINDS: tuple[str, ...] = typing.get_args(DraftKind)
+
+
+class DraftConfig(_Section):
+    """Speculative decoding: draft tokens cheaply, verify them in one batch of the model (orchestrator.speculative).
+    Output is what the model alone would give (each drafted token is kept only where the model itself picks it)."""
+
+    kind: DraftKind = Field(
+        default="none",
+        description="none = no drafting; prompt-lookup = draft by matching the last n-gram earlier in the context "
+        "(prompt-lookup:N sets the n-gram size); model = a small GGUF with the same vocabulary drafts greedily, "
+        "kept resident (its weights, KV cache and compute count in the budget). --draft-model PATH implies model.",
+    )
+    ngram: int = Field(
+        default=3, ge=1, le=16,
+        description="prompt-lookup: the longest n-gram matched (shorter ones are tried when it has no match).",
+    )
+    max_tokens: int = Field(
+        default=8, ge=1, le=64,
+        description="Most tokens drafted per verification (capped at ubatch - 1, so one verification is one pass "
+        "over the weights).",
+    )
+    model: Path | None = Field(
+        default=None,
+        description="kind model: the draft GGUF (same vocabulary as the model; opened stock, resident).",
+    )
+    adaptive: bool = Field(
+        default=True,
+        description="Adapt the draft length to the measured acceptance and the measured cost of a verification "
+        "batch against a single-token step: down to 0 (with rare probes) when drafts fail, up to max_tokens when "
+        "they hit. false = always draft max_tokens (deterministic; what exactness tests use).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_with_ngram(cls, data: Any) -> Any:
+        """`prompt-lookup:N` (the --draft flag's form) sets kind and ngram at once."""
+        if isinstance(data, dict) and isinstance(data.get("kind"), str) and ":" in data["kind"]:
+            kind, _, n = data["kind"].partition(":")
+            if kind.strip() != "prompt-lookup":
+                raise ValueError(f"kind: only prompt-lookup takes :N (the n-gram size), got {data['kind']!r}")
+            if not n.strip().isdigit():
+                raise ValueError(f"kind: prompt-lookup:N needs a whole number N (the n-gram size), "
+                                 f"got {data['kind']!r}")
+            if data.get("ngram") is not None and int(data["ngram"]) != int(n):
+                raise ValueError(f"kind: {data['kind']!r} contradicts ngram {data['ngram']}; give one")
+            data = {**data, "kind": "prompt-lookup", "ngram": int(n)}
+        if isinstance(data, dict) and data.get("model") is not None and data.get("kind") is None:
+            data = {**data, "kind": "model"}  # --draft-model alone means drafting with it
+        return data
+
+    @model_validator(mode="after")
+    def _model_for_kind(self) -> DraftConfig:
+        if self.kind == "model" and self.model is None:
+            raise ValueError("model: required by kind model (the draft GGUF; --draft-model PATH)")
+        if self.kind != "model" and self.model is not None:
+            raise ValueError(f"model: a draft model is used by kind model, not {self.kind} (drop one of them)")
         return self
 
 
@@ -351,6 +411,7 @@ class RunConfig(_Section):
     context: ContextConfig = Field(default_factory=ContextConfig, description="Context and batching.")
     rpc: RPCConfig = Field(default_factory=RPCConfig, description="RPC workers on other machines.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Token sampling.")
+    draft: DraftConfig = Field(default_factory=DraftConfig, description="Speculative decoding (drafts).")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Benchmark sweeps.")
     prompt: str = Field(default="I believe the meaning of life is", description="The prompt text.")
 

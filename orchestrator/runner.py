@@ -629,15 +629,33 @@ def _prefetch_stats(raw: dict[str, Any]) -> dict[str, Any]:
             "prefetch_time_saved_estimate_seconds": raw["prefetch_used"] * per_miss - raw["prefetch_wait_seconds"]}
 
 
-def generate(settings: GenerationSettings, plan: Plan | None = None, ex: Execution | None = None) -> RunResult:
+def generate(settings: GenerationSettings, plan: Plan | None = None, ex: Execution | None = None,
+             draft: Any = None) -> RunResult:
+    """One run; `draft` (a speculative.DraftSetup) drafts tokens and verifies them in one batch."""
     ex = ex or Execution(mode=modes.DENSE_STREAM if plan is not None else modes.STOCK, plan=plan)
     t0 = time.perf_counter()
-    with native.interruptible(), session(settings, ex) as llm:
+    with native.interruptible(), session(settings, ex) as llm, _drafting(llm, settings, draft) as drafter:
         load_s = time.perf_counter() - t0
         try:
-            return _generate(llm, settings, ex, load_s)
+            return _generate(llm, settings, ex, load_s, drafter)
         except RuntimeError as exc:  # llama_decode failed: an aborted graph after a streaming or expert-read error
             raise decode_error(llm, ex, exc) from exc
+
+
+@contextlib.contextmanager
+def _drafting(llm, settings: GenerationSettings, draft: Any):
+    """The drafter of a DraftSetup attached to `llm` (None without drafting), closed on exit."""
+    if draft is None:
+        yield None
+        return
+    from orchestrator import speculative
+
+    drafter = draft.open(settings)
+    try:
+        speculative.attach(llm, drafter, max_batch=draft.max_tokens + 1)
+        yield drafter
+    finally:
+        drafter.close()
 
 
 def decode_error(llm, ex: Execution, exc: Exception) -> BaseException:
@@ -654,7 +672,7 @@ def decode_error(llm, ex: Execution, exc: Exception) -> BaseException:
                           "rerun with FLASHFLEX_DEBUG=1 to see llama.cpp's log")
 
 
-def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float) -> RunResult:
+def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float, drafter: Any = None) -> RunResult:
     # surrogateescape: a prompt from the command line that is not valid UTF-8 goes to the tokenizer as its bytes
     prompt_tokens = llm.tokenize(settings.prompt.encode("utf-8", "surrogateescape"), add_bos=True, special=False)
     # n_predict < 0 means "until end of text or a full context".
@@ -672,7 +690,11 @@ def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float) -
     out: list[int] = []
     eos = llm.token_eos()
     t2 = time.perf_counter()
-    for _ in range(n_new):
+    if drafter is not None:
+        from orchestrator import speculative
+
+        out = speculative.decode(llm, prompt_tokens, n_new, settings, drafter)
+    for _ in range(n_new if drafter is None else 0):
         tok = llm.sample(temp=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
         if tok == eos:
             break
@@ -687,6 +709,8 @@ def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float) -
         stats["devices"] = devices  # bytes per buffer type (device), as llama.cpp allocated them
     if ex.rpc is not None:
         stats["rpc"] = ex.rpc.model_dump(mode="json")
+    if drafter is not None:
+        stats["draft"] = drafter.report()
     if ex.plan is not None:
         stats.update({
             "budget_bytes": ex.plan.budget_bytes,

@@ -12,6 +12,7 @@ from orchestrator.config import (
     BenchmarkConfig,
     BudgetConfig,
     ContextConfig,
+    DraftConfig,
     ModelConfig,
     MoEConfig,
     PrefetchConfig,
@@ -24,7 +25,7 @@ from orchestrator.sizes import GiB, MiB
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = [ModelConfig, BudgetConfig, PrefetchConfig, MoEConfig, ContextConfig, SamplingConfig, BenchmarkConfig,
-            RunConfig]
+            DraftConfig, RunConfig]
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -262,3 +263,27 @@ def test_budget_recipes():
 def test_seed_recipes_carry_flash_moe_settings(name, bank, topk):
     run = load_run_config(CONFIGS / name)
     assert (run.moe.mode, run.moe.slot_bank, run.moe.topk) == ("slot-bank", bank, topk)
+
+
+def test_draft_flag_forms():
+    cfg = load_run_config(None, {"draft.kind": "prompt-lookup:4"})
+    assert (cfg.draft.kind, cfg.draft.ngram) == ("prompt-lookup", 4)
+    cfg = load_run_config(None, {"draft.model": "small.gguf"})
+    assert cfg.draft.kind == "model" and cfg.draft.model.name == "small.gguf"
+    assert load_run_config(None).draft.kind == "none"
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"draft.kind": "lookup"}, "draft.kind: must be one of"),
+    ({"draft.kind": "prompt-lookup:x"}, "needs a whole number"),
+    ({"draft.kind": "prompt-lookup:0"}, "draft.ngram: must be >= 1"),
+    ({"draft.kind": "model"}, "draft.model: required by kind model"),
+    ({"draft.kind": "prompt-lookup", "draft.model": "a.gguf"}, "draft.model: a draft model is used by kind model"),
+    ({"draft.kind": "prompt-lookup:3", "draft.ngram": 2}, "contradicts ngram 2"),
+    ({"draft.max_tokens": 0}, "draft.max_tokens: must be >= 1"),
+])
+def test_bad_draft_settings_are_one_line(overrides, expected):
+    with pytest.raises(FlashflexError) as info:
+        load_run_config(None, overrides)
+    line = info.value.one_line()
+    assert expected in line and "\n" not in line

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
+from orchestrator.cli.options import DraftMaxOpt, DraftModelOpt, DraftOpt
 from orchestrator.errors import FlashflexError
 
 
@@ -110,6 +111,44 @@ def register(app: typer.Typer) -> None:
         else:
             console.print((out_dir / "results.md").read_text())
             console.print(f"results: {out_dir}/results.jsonl, results.md, slot_bank.png")
+
+    @group.command("speculative")
+    def speculative_cmd(
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF to benchmark (default: Gemma 3 270M "
+                                             "realigned to 4096 bytes, so streamed reads bypass the page cache)."),
+        draft: DraftOpt = None,
+        draft_model: DraftModelOpt = None,
+        draft_max: DraftMaxOpt = None,
+        budget: str = typer.Option("min", "--budget", help="Total budget of both runs; min = the smallest the "
+                                   "planner accepts with drafting."),
+        tasks: str = typer.Option("all", "--tasks", help="Comma-separated written-down tasks: rewrite, "
+                                  "edit-function, document-qa, free-chat, story-sampled; all = every one."),
+        n_predict: int = typer.Option(128, "-n", "--n-predict", min=1, help="Tokens to generate per run."),
+        repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per task and mode (medians reported)."),
+        threads: int = typer.Option(2, "--threads", "-t", min=1, help="Compute threads."),
+        ctx: int = typer.Option(1024, "--ctx", min=64, help="Context size."),
+        ubatch: int = typer.Option(8, "--ubatch", min=2, help="Micro-batch (a verification is at most one)."),
+        out_dir: Path = typer.Option(Path("bench-results/speculative"), "--out-dir", help="Where results go."),
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Speculative decoding vs none under the same budget, on written-down text tasks (rewrite a paragraph,
+        edit a function, answer from a long document, free chat): decode tok/s, acceptance, tokens per
+        verification, bytes read per token; medians of --repeats interleaved runs."""
+        from orchestrator.bench import speculative as spec_bench
+
+        log = err_console.print if json_out else console.print
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        bench = spec_bench.SpeculativeBench(
+            model=model or spec_bench.default_model(log), draft=draft or "prompt-lookup", draft_model=draft_model,
+            draft_max=draft_max, budget=budget,
+            tasks=list(spec_bench.TASKS) if names == ["all"] else names,
+            n_predict=n_predict, repeats=repeats, threads=threads, ctx=ctx, ubatch=ubatch)
+        results = spec_bench.run(bench, out_dir, log=log)
+        if json_out:
+            emit_json(results)
+        else:
+            console.print(spec_bench.markdown(results))
+            console.print(f"results: {out_dir}/results.json, results.md")
 
     @group.command("prefetch")
     def prefetch_cmd(

@@ -53,6 +53,10 @@ MoEVerifyOpt = Annotated[Optional[bool], _flag("moe_verify", "--moe-verify/--no-
 RPCOpt = Annotated[Optional[str], _flag("rpc", "--rpc")]
 RPCLayersOpt = Annotated[Optional[int], _flag("rpc_layers", "--rpc-layers")]
 RPCTimeoutOpt = Annotated[Optional[float], _flag("rpc_timeout", "--rpc-timeout")]
+DraftOpt = Annotated[Optional[str], _flag("draft", "--draft")]
+DraftModelOpt = Annotated[Optional[Path], _flag("draft_model", "--draft-model")]
+DraftMaxOpt = Annotated[Optional[int], _flag("draft_max", "--draft-max")]
+DraftAdaptiveOpt = Annotated[Optional[bool], _flag("draft_adaptive", "--draft-adaptive/--no-draft-adaptive")]
 
 
 # The shared flags, in --help order: parameter name → its annotated type. A command takes them all through
@@ -64,7 +68,11 @@ SHARED_FLAGS: dict[str, Any] = {
     "moe_topk": MoETopkOpt, "moe_shared_only": MoESharedOnlyOpt, "moe_io_threads": MoEIOThreadsOpt,
     "moe_trace": MoETraceOpt, "moe_prefetch": MoEPrefetchOpt, "moe_verify": MoEVerifyOpt,
     "moe_trace_force": TraceForceOpt, "rpc": RPCOpt, "rpc_layers": RPCLayersOpt, "rpc_timeout": RPCTimeoutOpt,
+    "draft": DraftOpt, "draft_model": DraftModelOpt, "draft_max": DraftMaxOpt, "draft_adaptive": DraftAdaptiveOpt,
 }
+
+DRAFT_FLAGS = ("draft", "draft_model", "draft_max", "draft_adaptive")
+"""Speculative decoding's flags: for commands that generate (not verify-exact, which teacher-forces)."""
 
 
 def model_options_command(*, exclude: tuple[str, ...] = ()):

@@ -9,7 +9,7 @@ import typer
 from orchestrator import modes, runner
 from orchestrator.api import overrides_from_options
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
-from orchestrator.cli.options import ConfigArg, model_options_command
+from orchestrator.cli.options import DRAFT_FLAGS, ConfigArg, model_options_command
 from orchestrator.sizes import format_size
 
 
@@ -29,18 +29,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate text; --json prints token ids, text, timings, peak RSS and streaming and expert-bank
         statistics (hits, misses, hit rate, bytes read, read and install time, total and per layer)."""
+        from orchestrator import api
         from orchestrator.config import load_run_config
 
         cfg = load_run_config(config, {**overrides_from_options(options), "prompt": prompt,
                                        "sampling.n_predict": n_predict})
-        settings = runner.settings_from_config(cfg, log=err_console.print)
-        ex = runner.execution_for_config(cfg, settings.model)
+        prepared = api.prepare(cfg, log=err_console.print)  # the plan, and drafting's RAM taken off its budget
+        settings, ex = prepared.settings, prepared.execution
         for reason in ex.lossy:
             err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")
         if dry_run:
-            _dry_run(cfg, settings, ex, json_out)
+            _dry_run(prepared, json_out)
             return
-        result = runner.generate(settings, ex=ex)
+        result = runner.generate(settings, ex=ex, draft=prepared.draft)
         if json_out:
             emit_json(result.to_dict())
             return
@@ -60,13 +61,19 @@ def register(app: typer.Typer) -> None:
             if moe["prefetch"] != "none":
                 line += (f", prefetch {moe['prefetch']}: {moe['prefetch_used']}/{moe['prefetch_issued']} used, "
                          f"{moe['prefetch_wasted_bytes'] / 2**20:.1f} MiB wasted")
+        draft = result.stats.get("draft")
+        if draft:
+            rate = draft["acceptance_rate"]
+            line += (f" · draft {draft['kind']}: {draft['accepted_tokens']}/{draft['judged_tokens']} drafted tokens "
+                     f"kept ({rate:.0%})" if rate is not None else f" · draft {draft['kind']}: nothing drafted")
+            line += f", {len(result.tokens) / max(1, draft['verifications']):.2f} tokens per verification"
         err_console.print(f"[dim]mode {result.stats['mode']} · {line}[/]")
         trace = options["moe_trace"]
         if trace is not None and result.stats["mode"] == modes.SLOT_BANK:
             err_console.print(f"[dim]routing trace: {trace} (flashflex trace analyze {trace})[/]")
 
     @app.command("verify-exact")
-    @model_options_command(exclude=("moe_topk", "moe_shared_only"))
+    @model_options_command(exclude=("moe_topk", "moe_shared_only", *DRAFT_FLAGS))
     def verify_exact_cmd(
         config: ConfigArg = None,
         tokens: int = typer.Option(64, "--tokens", min=1, help="Teacher-forced tokens to compare."),
@@ -102,11 +109,10 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
 
-def _dry_run(cfg, settings, ex, json_out: bool) -> None:
+def _dry_run(prepared, json_out: bool) -> None:
     """`run --dry-run`: what the run would do, from the same objects the run would use."""
-    from orchestrator import api
-
-    summary = api.Prepared(cfg, settings, ex).summary()
+    ex = prepared.execution
+    summary = prepared.summary()
     spec = runner.runtime_spec(ex.plan, ex.moe)
     if json_out:
         emit_json({**summary, "runtime_spec": spec.to_json() if spec is not None else None})
@@ -119,6 +125,12 @@ def _dry_run(cfg, settings, ex, json_out: bool) -> None:
         console.print(f"budget {plan['budget_bytes'] / 2**20:.0f} MiB · resident weights "
                       f"{plan['resident_bytes'] / 2**20:.0f} MiB · streamed {streamed:.1f} MiB/token (planned)",
                       soft_wrap=True)
+    draft = summary.get("draft")
+    if draft:
+        what = draft["kind"] + (f" {draft['model']}" if draft["model"] else f":{draft['ngram']}")
+        console.print(f"draft {what} · up to {draft['max_tokens']} tokens per verification"
+                      f"{' (adaptive)' if draft['adaptive'] else ''} · {draft['resident_bytes'] / 2**20:.1f} MiB "
+                      f"resident, taken off the {draft['total_budget_bytes'] / 2**20:.0f} MiB budget", soft_wrap=True)
     if spec is None:
         console.print("runtime: none (the stock path loads the model)")
     else:

@@ -55,6 +55,11 @@ def startup_lines(entries, server) -> list[str]:
                      f"{plan['resident_bytes'] / 2**20:.0f} MiB")
         if s.get("moe"):
             what += f", {s['moe']['slots']} expert slots per layer"
+        draft = s.get("draft")
+        if draft:
+            what += (f", drafts {draft['kind']}" + (f" {Path(draft['model']).name}" if draft["model"]
+                                                    else f":{draft['ngram']}")
+                     + f" (up to {draft['max_tokens']} per verification)")
         lines.append(what)
         lines += [f"LOSSY ({e.alias}): {reason}; output differs from stock" for reason in e.prepared.lossy]
     return lines

@@ -1,0 +1,261 @@
+"""Speculative decoding under a budget (`flashflex bench speculative`, scripts/bench_speculative.py).
+
+On written-down text tasks, each run goes through what `flashflex run` does (api.prepare → runner.generate), with
+and without drafting, under the same total budget (by default the smallest one the planner accepts with drafting:
+drafting's RAM comes off the model's share, so the drafted run streams a little more). The runs are interleaved
+(every task and mode once, then again) so drift on a shared machine hits both alike; the table reports medians.
+
+Per run: decode tok/s, the drafter's acceptance rate (kept / judged drafted tokens), accepted drafted tokens per
+verification, generated tokens per verification (decode calls of the model), and bytes read per generated token
+from the runtime's stream counters (the runner's decode phase). Nothing here asserts a speed.
+
+The no-drafting runs use the runner's plain loop, which also evaluates its last token (one step more than
+needed: at most 1/n of its decode time, in drafting's favour).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+Log = Callable[[str], None]
+
+_PARAGRAPH = (
+    "The comittee met on tuesday to discus the new budjet for the libary. Most members agreed that the "
+    "reading room needs new chairs, better lightning and a quieter heating system, but there was a long "
+    "arguement about wether the childrens section should get more books or more computers. In the end "
+    "they decided to spend half of the money on each, and to ask the town council for a seperate grant "
+    "next year so that the old windows can finaly be replaced before winter."
+)
+
+_FUNCTION = '''def total_price(items, tax_rate):
+    total = 0
+    for item in items:
+        if item.quantity <= 0:
+            continue
+        total = total + item.price * item.quantity
+    total = total * (1 + tax_rate)
+    return round(total, 2)
+'''
+
+_DOCUMENT = (
+    "The Harbour Bridge Maintenance Report, 2023.\n\n"
+    "Section 1. Structure. The bridge is a steel arch bridge with a main span of 503 metres and a total "
+    "length of 1,149 metres. It carries eight road lanes, two railway tracks, a footway and a cycleway. The "
+    "arch is made of 28 panels on each side, joined by about six million hand-driven rivets.\n\n"
+    "Section 2. Painting. The steelwork is repainted in a continuous cycle. Since 2019 the old lead-based "
+    "paint has been removed by robotic blasting machines, which reduced the number of workers exposed to dust "
+    "by two thirds. One full coat needs about 30,000 litres of paint. The current cycle started in March 2021 "
+    "and is planned to finish in November 2027.\n\n"
+    "Section 3. Inspections. Engineers inspect the deck every six months and the arch every year. In 2023 "
+    "they found 41 loose rivets, all on the western side, and replaced them during night closures. Corrosion "
+    "was found on two bearings of the southern pylon; the bearings were cleaned and coated, and will be "
+    "replaced in 2025.\n\n"
+    "Section 4. Traffic. On an average weekday 160,000 vehicles, 480 trains and 1,900 cyclists crossed the "
+    "bridge in 2023. Night closures of one lane were needed on 63 nights. The longest full closure lasted "
+    "five hours, on 12 August, when a crane replaced a damaged expansion joint.\n\n"
+    "Section 5. Budget. Maintenance cost 42.5 million dollars in 2023: 18.2 million for painting, 9.7 million "
+    "for inspections and repairs, 6.1 million for the expansion joint and bearings, and the rest for traffic "
+    "management and lighting. The budget for 2024 is 44 million dollars.\n"
+)
+
+TASKS: dict[str, tuple[str, str]] = {  # name -> (what it is, the prompt); greedy unless in TEMPERATURE
+    "rewrite": ("rewrite a paragraph: fix its spelling, keep everything else",
+                f"Original paragraph:\n{_PARAGRAPH}\n\nThe same paragraph with the spelling mistakes corrected and "
+                f"nothing else changed:\n"),
+    "edit-function": ("edit a function: rename a variable in a Python function",
+                      f"Before:\n```python\n{_FUNCTION}```\n\nAfter renaming the variable `total` to `subtotal` "
+                      f"(the rest unchanged):\n```python\n"),
+    "document-qa": ("answer from a long quoted document",
+                    f"{_DOCUMENT}\nQuestion: What did the engineers find during the 2023 inspections, and what was "
+                    f"done about it? Answer with the sentences from the report.\nAnswer:"),
+    "free-chat": ("free chat: an open question, nothing to copy",
+                  "User: I have a free afternoon. Tell me a short story about a robot who learns to paint.\n"
+                  "Assistant:"),
+    "story-sampled": ("a new story, sampled (temperature 0.8): little to copy, drafts mostly fail",
+                      "Chapter One\n\nNobody in the village of Hollin had ever seen the sea. Mara, the blacksmith's "
+                      "youngest daughter,"),
+}
+TEMPERATURE = {"story-sampled": 0.8}
+"""Tasks sampled rather than greedy. Greedy Gemma 3 270M (a base model) soon repeats itself, which prompt lookup
+drafts perfectly; sampling keeps its text new. Sampled runs with and without drafting need not give the same tokens
+(the runner's plain loop draws its random numbers differently from llama-cpp-python's generate)."""
+
+
+@dataclass
+class SpeculativeBench:
+    """What one invocation measures."""
+
+    model: Path
+    draft: str = "prompt-lookup"  # --draft value (prompt-lookup[:N]); ignored with draft_model
+    draft_model: Path | None = None
+    draft_max: int | None = None
+    budget: str = "min"  # "min" = the smallest budget the planner accepts with drafting, else a size
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    n_predict: int = 128
+    repeats: int = 3
+    ctx: int = 1024
+    ubatch: int = 8
+    threads: int | None = 2
+    prefetch_threads: int = 1
+
+
+def _options(b: SpeculativeBench, drafting: bool, task: str | None = None) -> dict[str, Any]:
+    opts: dict[str, Any] = {"model": b.model, "ctx": b.ctx, "ubatch": b.ubatch, "threads": b.threads,
+                            "prefetch_threads": b.prefetch_threads, "n_predict": b.n_predict,
+                            "temperature": TEMPERATURE.get(task or "", 0.0)}
+    if drafting:
+        if b.draft_model is not None:
+            opts["draft_model"] = b.draft_model
+        else:
+            opts["draft"] = b.draft
+        opts["draft_max"] = b.draft_max
+    return opts
+
+
+def smallest_budget(b: SpeculativeBench) -> int:
+    """The smallest total budget the planner accepts for the drafted run: the model's minimum plus drafting."""
+    from orchestrator import api
+
+    probe = api.prepare(budget=f"{1 << 40}B", **_options(b, drafting=True))
+    plan = probe.execution.budget_plan
+    assert plan is not None
+    return plan.minimum_budget_bytes + (probe.draft.resident_bytes if probe.draft is not None else 0)
+
+
+def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
+    """Measure every task with and without drafting, `repeats` times each, interleaved; write results.json and
+    results.md under out_dir; return the results."""
+    from orchestrator import api, runner
+    from orchestrator.bench.runs import machine_info
+    from orchestrator.fsutil import atomic_file
+    from orchestrator.sizes import format_size, parse_size
+
+    unknown = [t for t in b.tasks if t not in TASKS]
+    if unknown:
+        from orchestrator.errors import FlashflexError
+
+        raise FlashflexError(f"unknown task {', '.join(unknown)}", f"use some of {', '.join(TASKS)}")
+    budget = smallest_budget(b) if b.budget == "min" else parse_size(b.budget, what="--budget")
+    modes = {"no draft": False, "draft": True}
+    prepared: dict[tuple[str, str], Any] = {}
+    plans: dict[str, dict[str, Any]] = {}
+    for mode, drafting in modes.items():
+        for task in b.tasks:
+            p = api.prepare(budget=f"{budget}B", prompt=TASKS[task][1], log=log, **_options(b, drafting, task))
+            prepared[(task, mode)] = p
+        plan = p.execution.plan or p.execution.budget_plan
+        plans[mode] = {"mode": p.execution.mode, "budget_bytes": plan.budget_bytes,
+                       "resident_bytes": plan.resident_bytes, "model_bytes": plan.model_bytes,
+                       "streamed_bytes_per_token": plan.estimates.dense_streamed_bytes_per_token,
+                       "streamed_fraction": plan.estimates.dense_streamed_bytes_per_token / plan.model_bytes,
+                       "draft": p.draft.summary() if p.draft is not None else None}
+        log(f"{mode}: {p.execution.mode}, model's share of the {format_size(budget)} budget "
+            f"{format_size(plan.budget_bytes)}, streams {format_size(plans[mode]['streamed_bytes_per_token'])} "
+            f"per token ({plans[mode]['streamed_fraction']:.0%} of the weights)")
+    runs: list[dict[str, Any]] = []
+    for rep in range(b.repeats):
+        for task in b.tasks:
+            for mode in modes:
+                p = prepared[(task, mode)]
+                result = runner.generate(p.settings, ex=p.execution, draft=p.draft)
+                decode = result.stats.get("decode") or {}
+                draft = result.stats.get("draft")
+                rec = {"task": task, "mode": mode, "repeat": rep, "prompt_tokens": len(result.prompt_tokens),
+                       "tokens": len(result.tokens), "token_ids": result.tokens, "text": result.text,
+                       "decode_s": result.decode_s, "decode_tok_per_s": result.decode_tok_per_s,
+                       "bytes_read_per_token": decode.get("bytes_read_per_token"),
+                       "wait_seconds": decode.get("wait_seconds"), "peak_rss_bytes": result.peak_rss_bytes}
+                if draft is not None:
+                    verifications = max(1, draft["verifications"])
+                    rec.update(acceptance_rate=draft["acceptance_rate"],
+                               accepted_per_verification=draft["accepted_tokens"] / verifications,
+                               tokens_per_verification=len(result.tokens) / verifications, draft=draft)
+                else:
+                    rec.update(tokens_per_verification=1.0)
+                runs.append(rec)
+                log(f"  {task} · {mode} · run {rep + 1}/{b.repeats}: {rec['tokens']} tokens, "
+                    f"{rec['decode_tok_per_s']:.2f} tok/s"
+                    + (f", {rec['acceptance_rate'] or 0:.0%} of drafted tokens kept" if draft is not None else ""))
+    summary = summarise(runs, b.tasks)
+    results = {"bench": "speculative", "machine": machine_info(), "model": str(b.model), "budget_bytes": budget,
+               "budget": b.budget, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(b).items()},
+               "tasks": {t: {"what": TASKS[t][0], "prompt": TASKS[t][1], "temperature": TEMPERATURE.get(t, 0.0)}
+                         for t in b.tasks}, "plans": plans,
+               "summary": summary, "runs": runs}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.json", json.dumps(results, indent=1) + "\n"),
+                       ("results.md", markdown(results) + "\n")):
+        with atomic_file(out_dir / name, "w") as fh:
+            fh.write(text)
+    return results
+
+
+def _median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
+    """Medians per task and mode, with the drafted run's decode tok/s over the undrafted one's."""
+    rows = []
+    for task in tasks:
+        base = None
+        for mode in ("no draft", "draft"):
+            rs = [r for r in runs if r["task"] == task and r["mode"] == mode]
+            if not rs:
+                continue
+            row = {"task": task, "mode": mode, "runs": len(rs), "prompt_tokens": rs[0]["prompt_tokens"],
+                   "tokens": _median([r["tokens"] for r in rs]),
+                   "decode_tok_per_s": _median([r["decode_tok_per_s"] for r in rs]),
+                   "acceptance_rate": _median([r.get("acceptance_rate") for r in rs]),
+                   "accepted_per_verification": _median([r.get("accepted_per_verification") for r in rs]),
+                   "tokens_per_verification": _median([r.get("tokens_per_verification") for r in rs]),
+                   "bytes_read_per_token": _median([r["bytes_read_per_token"] for r in rs])}
+            if mode == "no draft":
+                base = rs
+            else:
+                base_tps = _median([r["decode_tok_per_s"] for r in base]) if base else None
+                row["speedup"] = row["decode_tok_per_s"] / base_tps if base_tps else None
+                row["same_tokens"] = bool(base) and all(r["token_ids"] == base[0]["token_ids"] for r in rs + base)
+            rows.append(row)
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    def num(v: float | None, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    lines = ["| task | mode | prompt tok | gen tok | decode tok/s | × no draft | drafted tokens kept | "
+             "accepted / verification | tokens / verification | MiB read / token | same tokens |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results["summary"]:
+        drafted = r["mode"] == "draft"
+        lines.append(
+            f"| {r['task']} | {r['mode']} | {r['prompt_tokens']} | {num(r['tokens'], '.0f')} | "
+            f"{num(r['decode_tok_per_s'], '.2f')} | {num(r.get('speedup'), '.2f') + '×' if drafted else ''} | "
+            f"{num(r['acceptance_rate'], '.0%') if drafted else ''} | "
+            f"{num(r['accepted_per_verification'], '.2f') if drafted else ''} | "
+            f"{num(r['tokens_per_verification'], '.2f')} | "
+            f"{num(r['bytes_read_per_token'] / 2**20 if r['bytes_read_per_token'] is not None else None, '.1f')} | "
+            f"{('yes' if r.get('same_tokens') else 'no') if drafted else ''} |")
+    return "\n".join(lines)
+
+
+def default_model(log: Log = print) -> Path:
+    """The default model (Gemma 3 270M) realigned to 4096 bytes, made once in the cache: its streamed tensors
+    are then read with O_DIRECT from disk, as under a budget that leaves no room for the page cache to keep them
+    (the published file is 32-aligned, so its reads would be buffered and served from the page cache)."""
+    from orchestrator.modelfile.locate import default_model_path
+    from orchestrator.modelfile.realign import realign
+    from orchestrator.paths import cache_root
+
+    src = default_model_path(log=log)
+    dst = cache_root() / "models" / (src.name.removesuffix(".gguf") + ".align4096.gguf")
+    if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+        log(f"realigning {src.name} to 4096 bytes (once) at {dst}")
+        realign(src, dst, alignment=4096)
+    return dst

@@ -1,0 +1,657 @@
+"""Speculative decoding under a budget: draft tokens cheaply, verify them in ONE batch of the model.
+
+When weights stream from disk, a decode step costs one pass over the streamed bytes whether it computes one token
+or eight, so verifying several drafted tokens in one batch multiplies the tokens generated per byte read.
+
+Built on llama-cpp-python's draft interface: `Llama.generate` asks `llm.draft_model(input_ids)` for a draft after
+every verification, evaluates [last token, *draft] as one batch, samples the model's own token at every position
+and keeps drafted tokens only while they equal it (the first mismatch is replaced by the model's token and the KV
+cache is cut back there). The output is therefore the model's own, token for token, for any drafter.
+
+What this module adds:
+
+- drafters: `PromptLookupDrafter` (the last n-gram of the context matched at its most recent earlier occurrence;
+  what followed is the draft) and `ModelDrafter` (a small GGUF with the same vocabulary, opened stock and kept
+  resident, drafting greedily; a model of another vocabulary is refused by `check_vocab`);
+- `DraftLength`, the adaptive draft length: acceptance is inferred from the next call's input ids (how many
+  drafted tokens the model kept), the cost of a verification batch of n tokens against a single-token step is
+  measured on every verification, and the length maximising expected tokens per second is chosen: 0 (with rare,
+  backed-off probes) when drafts fail, up to max_tokens when they hit;
+- `attach`, which gives an open Llama the drafter and an eval that asks llama.cpp for every row's logits only in
+  verification batches (llama-cpp-python's own draft path needs logits_all, which keeps n_ctx x n_vocab floats
+  and computes the output head for every prompt token: 1 MiB per token for Gemma's 262k vocabulary);
+- `DraftSetup`: the checked settings and the RAM the drafting costs (draft weights, KV cache and compute
+  buffers, and the verification batch's logits), which api.prepare takes off the budget before planning.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from orchestrator.errors import FlashflexError
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
+    from orchestrator.runner import GenerationSettings
+
+_EMPTY = np.zeros(0, dtype=np.intc)
+
+
+# --------------------------------------------------------------------------------------------------
+# The draft length: acceptance and cost, measured
+
+
+class DraftLength:
+    """How many tokens to draft before the next verification.
+
+    Acceptance follows the usual geometric model: each drafted token is kept with probability p given that the
+    ones before it were, so a draft of k yields 1 + p + ... + p^k tokens per verification (the model's own token
+    always comes with it). p is the decayed ratio of kept drafted tokens to judged ones (a rejected token is
+    judged, the tokens after it are not), starting from a prior. The cost of a verification of n tokens is
+    measured per n (the median of its last `cost_window` verifications, so one slowed by another process does not
+    turn drafting off) and used as the ratio r(n) = t(n) / t(1), linear in n: measured where it can be, the prior
+    slope where it cannot. Drafting costs its own measured seconds per drafted token. The length chosen maximises
+    (1 + p + ... + p^k) / (r(k + 1) + k d), and must beat no drafting by `min_gain`.
+
+    The first verification drafts nothing, so the single-token step is measured before any draft goes out, and
+    the first draft is one token, which measures a longer batch cheaply. At length 0 nothing is learnt about
+    acceptance, so a probe of one token goes out after `probe_gap` verifications; a probe that fails doubles the
+    gap (up to `max_probe_gap`), one that hits resets it. Where a longer batch costs more than usual, the gap
+    starts longer, so that probes cost at most `probe_budget` (1%) of the time, but never beyond `max_probe_gap`
+    (a cost measured during a burst of load elsewhere is measured again). A text whose drafts never hit thus pays
+    one two-token batch at the start and one every 64 tokens after.
+
+    With `adaptive` false the length is always `max_tokens` (deterministic: what exactness tests compare)."""
+
+    def __init__(self, max_tokens: int, adaptive: bool = True, *, decay: float = 0.8,
+                 prior_acceptance: float = 0.5, prior_weight: float = 2.0, prior_slope: float = 0.1,
+                 cost_alpha: float = 0.3, min_gain: float = 0.03, probe_gap: int = 4, max_probe_gap: int = 64,
+                 probe_budget: float = 0.01, cost_window: int = 9):
+        if max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        self.max_tokens = max_tokens
+        self.adaptive = adaptive
+        self.decay = decay
+        self.prior_slope = prior_slope
+        self.cost_alpha = cost_alpha
+        self.min_gain = min_gain
+        self.min_probe_gap = probe_gap
+        self.max_probe_gap = max_probe_gap
+        self.probe_budget = probe_budget
+        self.cost_window = cost_window
+        self._kept = prior_acceptance * prior_weight
+        self._judged = prior_weight
+        self._samples: dict[int, deque[float]] = {}  # batch tokens -> seconds of its recent verifications
+        self._draft_cost: list[float] = [0.0, 0.0]  # [mean seconds per drafted token, samples]
+        self._gap = probe_gap
+        self._idle = 0  # verifications at length 0 since the last draft went out
+        self._probing = False
+        self.probes = 0
+
+    # -- what was measured ---------------------------------------------------------------------------
+    @property
+    def acceptance(self) -> float:
+        """Estimated probability that a drafted token is kept, given the ones before it were."""
+        return self._kept / self._judged if self._judged > 0 else 0.0
+
+    def observe(self, drafted: int, kept: int) -> None:
+        """A verification judged `drafted` tokens and kept the first `kept` of them."""
+        if drafted <= 0:
+            return
+        kept = max(0, min(kept, drafted))
+        judged = kept + (1 if kept < drafted else 0)
+        self._kept = self.decay * self._kept + kept
+        self._judged = self.decay * self._judged + judged
+        if self._probing:
+            self._gap = self.min_probe_gap if kept > 0 else min(2 * self._gap, self.max_probe_gap)
+            self._probing = False
+
+    def observe_cost(self, batch_tokens: int, seconds: float) -> None:
+        """One verification of `batch_tokens` tokens (the last token and the draft) took `seconds`."""
+        if batch_tokens < 1 or not (seconds > 0 and math.isfinite(seconds)):
+            return
+        self._samples.setdefault(batch_tokens, deque(maxlen=self.cost_window)).append(seconds)
+
+    @property
+    def _cost(self) -> dict[int, tuple[float, float]]:
+        """Batch tokens -> (median seconds of its recent verifications, how many): a median, so one verification
+        slowed by another process on the machine does not turn drafting off."""
+        return {n: (statistics.median(q), float(len(q))) for n, q in self._samples.items()}
+
+    def observe_draft_cost(self, drafted: int, seconds: float) -> None:
+        """Drafting `drafted` tokens took `seconds` (the draft model's steps; prompt lookup's search)."""
+        if drafted <= 0 or not (seconds >= 0 and math.isfinite(seconds)):
+            return
+        per = seconds / drafted
+        mean, n = self._draft_cost
+        self._draft_cost = [per if n == 0 else mean + self.cost_alpha * (per - mean), n + 1]
+
+    # -- the model ----------------------------------------------------------------------------------
+    def cost_slope(self) -> float:
+        """s in r(n) = 1 + s (n - 1): the extra cost of each more token in a verification, relative to a
+        single-token step. The median of the prior and of every recent verification's own slope (so a few slowed
+        by other processes move it little); before a single-token step is measured, a line through the batches'
+        medians."""
+        costs = self._cost
+        t1 = costs.get(1)
+        if t1 is not None:
+            slopes = [self.prior_slope] + [(t / t1[0] - 1.0) / (n - 1) for n, q in self._samples.items() if n > 1
+                                           for t in q]
+            return max(0.0, statistics.median(slopes))
+        num, den = self.prior_slope, 1.0
+        points = [(n - 1, t, w) for n, (t, w) in costs.items() if n > 1]
+        if len({x for x, _, _ in points}) >= 2:  # a + b x through the points: s = b / a
+            sw = sum(w for *_, w in points)
+            mx = sum(w * x for x, _, w in points) / sw
+            my = sum(w * t for _, t, w in points) / sw
+            sxx = sum(w * (x - mx) ** 2 for x, _, w in points)
+            b = sum(w * (x - mx) * (t - my) for x, t, w in points) / sxx
+            a = my - b * mx
+            if a > 0:
+                num += sw * b / a
+                den += sw
+        return max(0.0, num / den)
+
+    def step_seconds(self) -> float | None:
+        """Estimated seconds of a single-token step (measured, or derived from a measured batch)."""
+        costs = self._cost
+        if 1 in costs:
+            return costs[1][0]
+        if not costs:
+            return None
+        n, (t, _) = min(costs.items())
+        return t / (1.0 + self.cost_slope() * (n - 1))
+
+    def draft_ratio(self) -> float:
+        """Seconds of drafting one token, relative to a single-token step of the model."""
+        step = self.step_seconds()
+        if not step or self._draft_cost[1] == 0:
+            return 0.0
+        return self._draft_cost[0] / step
+
+    def throughput(self, k: int) -> float:
+        """Expected tokens per single-token-step time with a draft of k."""
+        p, s, d = self.acceptance, self.cost_slope(), self.draft_ratio()
+        expected = sum(p ** i for i in range(k + 1))
+        return expected / (1.0 + s * k + d * k)
+
+    def best(self) -> int:
+        """The draft length with the highest expected throughput, 0 unless it beats no drafting by min_gain."""
+        if self.max_tokens == 0:
+            return 0
+        scores = [self.throughput(k) for k in range(self.max_tokens + 1)]
+        k = max(range(len(scores)), key=scores.__getitem__)
+        return k if scores[k] >= scores[0] * (1.0 + self.min_gain) else 0
+
+    # -- the decision -------------------------------------------------------------------------------
+    def propose(self) -> int:
+        """Tokens to draft now."""
+        if not self.adaptive:
+            return self.max_tokens
+        if 1 not in self._samples:
+            return 0  # one plain step first: the cost of every verification is measured against it
+        k = self.best()
+        if k > 0:
+            self._probing = False
+            return k if len(self._samples) > 1 else 1  # the first draft is one token: it measures the slope cheaply
+        if self.max_tokens > 0 and self._idle >= self.probe_gap():
+            self._probing = True
+            return 1
+        return 0
+
+    def probe_gap(self) -> int:
+        """Verifications at length 0 before a probe: the backed-off gap, and never so short that probes cost more
+        than `probe_budget` of the time (a probe costs one more token in a verification, and drafting it)."""
+        cost = self.cost_slope() + self.draft_ratio()
+        return max(self._gap, min(self.max_probe_gap, math.ceil(cost / self.probe_budget)))
+
+    def drafted(self, n: int) -> None:
+        """What the drafter actually produced for the last proposal (prompt lookup may find nothing)."""
+        if n > 0:
+            self._idle = 0
+            if self._probing:
+                self.probes += 1
+        else:
+            self._idle += 1
+            self._probing = False  # nothing went out: probe again at the next chance
+
+    def state(self) -> dict[str, Any]:
+        return {"acceptance_estimate": self.acceptance, "cost_slope": self.cost_slope(),
+                "draft_cost_ratio": self.draft_ratio(), "next_length": self.best() if self.adaptive
+                else self.max_tokens, "probe_gap": self.probe_gap(), "probes": self.probes,
+                "verification_seconds": {n: t for n, (t, _) in sorted(self._cost.items())}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Drafters
+
+
+@dataclass
+class DraftStats:
+    """What drafting did: drafts sent, tokens drafted, kept and judged (inferred at the next call), and the
+    verifications (decode calls of the model) they went into."""
+
+    calls: int = 0  # times the drafter was asked (once per verification)
+    drafts: int = 0  # calls that drafted at least one token
+    drafted_tokens: int = 0
+    judged_tokens: int = 0  # drafted tokens whose verification was seen (the last draft of a run may not be)
+    judged_drafts: int = 0
+    accepted_tokens: int = 0
+    verifications: int = 0  # decode calls of the model after a draft call (with or without a draft)
+    verified_tokens: int = 0  # tokens in those calls
+    verification_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    lengths: dict[int, int] = field(default_factory=dict)  # draft length -> how often
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lengths"] = {str(k): v for k, v in sorted(self.lengths.items())}
+        out["acceptance_rate"] = self.accepted_tokens / self.judged_tokens if self.judged_tokens else None
+        out["accepted_per_draft"] = self.accepted_tokens / self.judged_drafts if self.judged_drafts else None
+        return out
+
+
+class Drafter:
+    """A llama-cpp-python draft model (`LlamaDraftModel`: called with the context's token ids, returns drafted
+    ids) with the draft length chosen by a DraftLength, acceptance inferred from the next call's input ids, and
+    the cost of every verification reported by `attach`'s eval. Subclasses implement `draft(ids, k)`."""
+
+    kind = "none"
+
+    def __init__(self, length: DraftLength):
+        self.length = length
+        self.stats = DraftStats()
+        self.stop_at: int | None = None  # sequence length after which nothing more is wanted (runner's -n)
+        self.n_ctx: int | None = None  # the context (set by attach): a draft never runs past it
+        self._last: tuple[int, int, np.ndarray] | None = None  # (input length, its last id, the draft)
+        self._pending: int | None = None  # tokens the next eval should hold to be this draft's verification
+
+    def draft(self, ids: np.ndarray, k: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reset(self, stop_at: int | None = None) -> None:
+        """A new sequence starts (acceptance and cost knowledge carry over)."""
+        self._last = None
+        self._pending = None
+        self.stop_at = stop_at
+
+    def close(self) -> None:
+        pass
+
+    def __call__(self, input_ids: Sequence[int] | np.ndarray, /, **_kwargs: Any) -> np.ndarray:
+        ids = np.asarray(input_ids, dtype=np.intc)
+        self._account(ids)
+        self.stats.calls += 1
+        k = self.length.propose()
+        if self.stop_at is not None:
+            # the verification brings one token of the model's own besides the kept draft
+            k = min(k, max(0, self.stop_at - len(ids) - 1))
+        if self.n_ctx is not None:
+            k = min(k, max(0, self.n_ctx - len(ids)))
+        out = _EMPTY
+        if k > 0 and len(ids) > 0:
+            t0 = time.perf_counter()
+            out = np.asarray(self.draft(ids, k), dtype=np.intc)[:k]
+            seconds = time.perf_counter() - t0
+            self.stats.draft_seconds += seconds
+            self.length.observe_draft_cost(len(out), seconds)
+        self.length.drafted(len(out))
+        if len(out):
+            self.stats.drafts += 1
+            self.stats.drafted_tokens += len(out)
+        self.stats.lengths[len(out)] = self.stats.lengths.get(len(out), 0) + 1
+        self._last = (len(ids), int(ids[-1]) if len(ids) else -1, out.copy())
+        self._pending = 1 + len(out)
+        return out
+
+    def _account(self, ids: np.ndarray) -> None:
+        """How many tokens of the previous draft the model kept: the context grew by the kept ones plus the
+        model's own token, and starts with the previous context. Anything else is a new sequence."""
+        last, self._last = self._last, None
+        if last is None:
+            return
+        n0, tail, draft = last
+        kept = len(ids) - n0 - 1
+        if not (0 <= kept <= len(draft)) or n0 == 0 or int(ids[n0 - 1]) != tail:
+            return
+        if not np.array_equal(ids[n0:n0 + kept], draft[:kept]):
+            return
+        if len(draft):
+            self.stats.judged_drafts += 1
+            self.stats.judged_tokens += kept + (1 if kept < len(draft) else 0)
+            self.stats.accepted_tokens += kept
+        self.length.observe(len(draft), kept)
+
+    def finish(self, ids: Sequence[int] | np.ndarray) -> None:
+        """The sequence ended (`ids`: the context and every token taken): judge what of the last draft it shows
+        (a run that stops at -n may show only part of the last verification)."""
+        last, self._last = self._last, None
+        ids = np.asarray(ids, dtype=np.intc)
+        if last is None or not len(last[2]):
+            return
+        n0, tail, draft = last
+        if n0 == 0 or len(ids) < n0 or int(ids[n0 - 1]) != tail:
+            return
+        seen = ids[n0:n0 + len(draft)]
+        equal = seen == draft[:len(seen)]
+        kept = len(seen) if equal.all() else int(np.argmin(equal))
+        judged = kept + (1 if kept < len(seen) else 0)
+        if judged == 0:
+            return
+        self.stats.judged_drafts += 1
+        self.stats.judged_tokens += judged
+        self.stats.accepted_tokens += kept
+        self.length.observe(judged, kept)
+
+    def observe_eval(self, n_tokens: int, seconds: float) -> None:
+        """Called by attach's eval after every decode: a batch of 1 + the last draft is its verification."""
+        pending, self._pending = self._pending, None
+        if pending is not None and n_tokens == pending:
+            self.stats.verifications += 1
+            self.stats.verified_tokens += n_tokens
+            self.stats.verification_seconds += seconds
+            self.length.observe_cost(n_tokens, seconds)
+
+    def report(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.stats.to_dict(), "length": self.length.state()}
+
+
+class PromptLookupDrafter(Drafter):
+    """Prompt lookup (n-grams from the context): the last `ngram` tokens are looked for earlier in the context,
+    most recent occurrence first, falling back to shorter n-grams down to one token; the tokens that followed
+    the match are the draft. Costs a vectorised scan of the context, no model."""
+
+    kind = "prompt-lookup"
+
+    def __init__(self, length: DraftLength, ngram: int = 3):
+        super().__init__(length)
+        if ngram < 1:
+            raise ValueError("ngram must be >= 1")
+        self.ngram = ngram
+
+    def draft(self, ids: np.ndarray, k: int) -> np.ndarray:
+        return lookup(ids, self.ngram, k)
+
+
+def lookup(ids: np.ndarray, ngram: int, k: int) -> np.ndarray:
+    """Up to k tokens that followed the most recent earlier occurrence of the context's last n tokens, for n
+    from `ngram` down to 1 (the longest match wins)."""
+    ids = np.asarray(ids, dtype=np.intc)
+    n_ids = len(ids)
+    for n in range(min(ngram, n_ids - 1), 0, -1):
+        pattern = ids[n_ids - n:]
+        # windows starting at 0 .. n_ids - n - 1: every occurrence but the suffix itself
+        windows = np.lib.stride_tricks.sliding_window_view(ids[:n_ids - 1], n)
+        hits = np.flatnonzero((windows == pattern).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return ids[start:start + k].copy()
+    return _EMPTY
+
+
+class ModelDrafter(Drafter):
+    """A small model with the same vocabulary, opened stock (its own llama_cpp.Llama, resident), drafting
+    greedily. Its KV cache follows the context: the common prefix with what it holds is kept (drafted tokens the
+    model kept are already in it), the rest is cut and the new tokens evaluated."""
+
+    kind = "model"
+
+    def __init__(self, length: DraftLength, llm: Any, path: Path):
+        super().__init__(length)
+        self.llm = llm
+        self.path = path
+        self._n_vocab = llm.n_vocab()
+
+    def _last_logits(self) -> np.ndarray:
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def draft(self, ids: np.ndarray, k: int) -> np.ndarray:
+        llm = self.llm
+        held = llm.input_ids[: llm.n_tokens]
+        n = min(len(held), len(ids))
+        equal = held[:n] == ids[:n]
+        same = n if equal.all() else int(np.argmin(equal))  # the first position that differs
+        same = min(same, len(ids) - 1)  # at least the last token is evaluated: its logits are the next draft's
+        llm.n_tokens = same  # Llama.eval cuts the KV cache back to n_tokens first
+        llm.eval(ids[same:].tolist())
+        out: list[int] = []
+        for i in range(k):
+            tok = int(np.argmax(self._last_logits()))
+            out.append(tok)
+            if i + 1 < k:
+                llm.eval([tok])
+        return np.asarray(out, dtype=np.intc)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Attaching a drafter to an open model
+
+
+Recorder = Callable[[list[int], int, np.ndarray], None]
+"""attach's recorder: (tokens of one decode call, position of the first, logits of its output rows)."""
+
+
+def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None = None) -> None:
+    """Give an open llama_cpp.Llama the drafter: `llm.generate` (so create_completion, chat, the server) drafts
+    and verifies. Its eval is replaced by one that asks for every row's logits only in a verification batch (at
+    most `max_batch` tokens after the prompt), keeps no copy of them (llm.scores stays unused: logprobs are not
+    offered, as with logits_all off), and reports each decode's tokens and seconds to the drafter."""
+    from llama_cpp.llama_speculative import LlamaDraftModel
+
+    LlamaDraftModel.register(type(drafter))
+    llm.draft_model = drafter
+    drafter.n_ctx = llm.n_ctx()
+    n_vocab = llm.n_vocab()
+
+    def eval(tokens: Sequence[int]) -> None:
+        tokens = list(tokens)
+        llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+        every_row = llm.n_tokens > 0 and 1 < len(tokens) <= max_batch
+        t0 = time.perf_counter()
+        for i in range(0, len(tokens), llm.n_batch):
+            batch = tokens[i: i + llm.n_batch]
+            n_past = llm.n_tokens
+            llm._batch.set_batch(batch=batch, n_past=n_past, logits_all=every_row)
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[n_past: n_past + len(batch)] = batch
+            llm.n_tokens += len(batch)
+            llm._requires_eval = False
+            if recorder is not None:
+                rows = len(batch) if every_row else 1
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(rows * n_vocab,))
+                recorder(batch, n_past, np.array(logits, dtype=np.float32, copy=True).reshape(rows, n_vocab))
+        drafter.observe_eval(len(tokens), time.perf_counter() - t0)
+
+    llm.eval = eval
+
+
+def decode(llm: Any, prompt_tokens: list[int], n_new: int, settings: "GenerationSettings",
+           drafter: Drafter) -> list[int]:
+    """Generate up to n_new tokens after `prompt_tokens`, which the caller has evaluated, with drafting (the
+    runner's decode phase). Stops at end of text."""
+    drafter.reset(stop_at=len(prompt_tokens) + n_new)
+    out: list[int] = []
+    if n_new <= 0:
+        return out
+    eos = llm.token_eos()
+    # the prompt is already in the KV cache: generate finds it there and samples from its last logits
+    gen = llm.generate(prompt_tokens, top_k=settings.top_k, top_p=settings.top_p, temp=settings.temperature,
+                       reset=True)
+    try:
+        for tok in gen:
+            if tok == eos:
+                break
+            out.append(int(tok))
+            if len(out) >= n_new:
+                break
+    finally:
+        gen.close()
+    drafter.finish(list(prompt_tokens) + out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings, checks and what drafting costs in RAM
+
+
+@dataclass
+class DraftSetup:
+    """A checked `draft` section: what `open` makes, and the RAM it costs (taken off the model's budget)."""
+
+    kind: str  # prompt-lookup | model
+    max_tokens: int  # effective: capped at ubatch - 1
+    adaptive: bool
+    ngram: int | None = None
+    model: Path | None = None
+    weights_bytes: int = 0  # draft model file(s)
+    kv_cache_bytes: int = 0  # the draft model's KV cache for the context
+    compute_bytes: int = 0  # the draft model's compute buffers
+    logits_bytes: int = 0  # the model's output rows for a verification batch
+    capped_from: int | None = None  # max_tokens asked for, when the ubatch capped it
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.compute_bytes + self.logits_bytes
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out["resident_bytes"] = self.resident_bytes
+        return out
+
+    def open(self, settings: "GenerationSettings") -> Drafter:
+        length = DraftLength(self.max_tokens, adaptive=self.adaptive)
+        if self.kind == "prompt-lookup":
+            return PromptLookupDrafter(length, ngram=self.ngram or 1)
+        from orchestrator import runner
+
+        assert self.model is not None
+        draft_settings = runner.GenerationSettings(model=self.model, ctx=settings.ctx, batch=settings.ubatch,
+                                                   ubatch=settings.ubatch, threads=settings.threads,
+                                                   seed=settings.seed)
+        return ModelDrafter(length, runner.open_model(draft_settings, None), self.model)
+
+
+def _n_vocab(table: Any) -> int:
+    from orchestrator.modelfile.table import Role
+
+    for role in (Role.OUTPUT, Role.TOKEN_EMBD):
+        for t in table.tensors:
+            if t.role is role and len(t.shape) >= 2:
+                return int(t.shape[1])
+    return 0
+
+
+def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[str], None] = print,
+              target_table: Any = None) -> DraftSetup | None:
+    """The DraftSetup of a RunConfig (None without drafting): the draft model checked (a GGUF with the model's
+    vocabulary) and the RAM drafting needs."""
+    from orchestrator.modelfile.reader import read_model_table
+
+    d = cfg.draft
+    if d.kind == "none":
+        return None
+    if settings.ubatch < 2:
+        raise FlashflexError(f"drafting needs --ubatch 2 or more (a verification of the last token and its draft "
+                             f"is one batch), and ubatch is {settings.ubatch}", "raise --ubatch (8 or more) or drop "
+                             "--draft / --draft-model")
+    max_tokens = min(d.max_tokens, settings.ubatch - 1)
+    setup = DraftSetup(kind=d.kind, max_tokens=max_tokens, adaptive=d.adaptive,
+                       capped_from=d.max_tokens if max_tokens < d.max_tokens else None)
+    if max_tokens < d.max_tokens and "max_tokens" in d.model_fields_set:
+        log(f"note: draft.max_tokens {d.max_tokens} capped at {max_tokens} (ubatch {settings.ubatch} - 1: a longer "
+            "verification would take two passes over the weights)")
+    table = target_table if target_table is not None else read_model_table(settings.model)
+    n_vocab = _n_vocab(table)
+    setup.logits_bytes = 4 * (max_tokens + 1) * n_vocab
+    if d.kind == "prompt-lookup":
+        setup.ngram = d.ngram
+        return setup
+    from orchestrator.modelfile.locate import check_gguf_file
+    from orchestrator.modelfile.reader import shard_paths
+    from orchestrator.planner import compute_bytes, kv_cache_bytes
+
+    assert d.model is not None
+    draft = check_gguf_file(Path(d.model))
+    if draft.resolve() == Path(settings.model).resolve():
+        log("note: the draft model is the model itself (its resident copy costs as much RAM as the model)")
+    draft_table = read_model_table(draft)
+    setup.model = draft
+    setup.weights_bytes = sum(p.stat().st_size for p in shard_paths(draft))
+    setup.kv_cache_bytes = kv_cache_bytes(draft_table, settings.ctx)
+    setup.compute_bytes = compute_bytes(draft_table, settings.ctx, settings.ubatch)
+    check_vocab(settings.model, draft)
+    return setup
+
+
+def vocab_fingerprint(path: Path, samples: int = 512) -> dict[str, Any]:
+    """n_vocab, BOS, EOS and the text of a sample of token ids (the first 64, the last 64 and evenly spaced
+    ones), read by llama.cpp itself from a vocab-only load (no weights)."""
+    from orchestrator import runner
+
+    llm = runner.open_model(runner.GenerationSettings(model=Path(path), ctx=64), None, vocab_only=True)
+    try:
+        model = llm._model
+        n = model.n_vocab()
+        ids = sorted(set(range(min(64, n))) | set(range(max(0, n - 64), n))
+                     | {int(i) for i in np.linspace(0, n - 1, num=min(samples, n))})
+        return {"n_vocab": n, "bos": model.token_bos(), "eos": model.token_eos(),
+                "tokens": {i: model.token_get_text(i) for i in ids}}
+    finally:
+        llm.close()
+
+
+def check_vocab(model: Path, draft: Path) -> None:
+    """Refuse a draft model whose vocabulary is not the model's (a drafted id would mean another token)."""
+    a, b = vocab_fingerprint(model), vocab_fingerprint(draft)
+    problem = None
+    if a["n_vocab"] != b["n_vocab"]:
+        problem = f"{a['n_vocab']} tokens vs {b['n_vocab']}"
+    elif (a["bos"], a["eos"]) != (b["bos"], b["eos"]):
+        problem = f"BOS/EOS {a['bos']}/{a['eos']} vs {b['bos']}/{b['eos']}"
+    else:
+        diff = [i for i in a["tokens"] if a["tokens"][i] != b["tokens"].get(i)]
+        if diff:
+            i = diff[0]
+            problem = f"token {i} is {a['tokens'][i]!r} vs {b['tokens'].get(i)!r} ({len(diff)} of {len(a['tokens'])} " \
+                      "sampled ids differ)"
+    if problem:
+        raise FlashflexError(f"draft model {draft.name} has another vocabulary than {Path(model).name} ({problem})",
+                             "use a draft model of the same family and tokenizer (or --draft prompt-lookup, "
+                             "which needs no model)")
+
+
+def target_config(cfg: "RunConfig", setup: DraftSetup | None) -> "RunConfig":
+    """The RunConfig the model is planned with: its budget less what drafting keeps resident. An explicit budget
+    shrinks by it; `auto` keeps its meaning (available memory minus headroom) with the headroom grown by it."""
+    from orchestrator.sizes import format_size, is_auto, parse_size
+
+    if setup is None or setup.resident_bytes == 0:
+        return cfg
+    need = setup.resident_bytes
+    budget = cfg.budget
+    if is_auto(str(budget.size)):
+        headroom = parse_size(budget.headroom, what="budget.headroom") + need
+        new_budget = budget.model_copy(update={"headroom": f"{headroom}B"})
+    else:
+        total = budget.resolve_bytes()
+        if need >= total:
+            raise FlashflexError(f"drafting needs {format_size(need)} resident ({setup.kind}"
+                                 f"{': ' + setup.model.name if setup.model else ''}: weights, KV cache, compute, "
+                                 f"verification logits), more than the budget of {format_size(total)}",
+                                 "raise --budget, use a smaller draft model, or --draft prompt-lookup")
+        new_budget = budget.model_copy(update={"size": f"{total - need}B"})
+    return cfg.model_copy(update={"budget": new_budget})

@@ -1,0 +1,299 @@
+"""Speculative decoding on the patched build: with the same draft settings, a budgeted run (dense streaming; MoE
+slot banks) evaluates the same batches as stock llama.cpp and gets bitwise-identical logits for every verified
+token; greedy output with drafting equals greedy output without it; a draft model of another vocabulary is
+refused; the options reach run, chat and the Python API, and drafting's RAM comes off the plan's budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator import api, exact, runner, speculative, synth
+from orchestrator.config import PrefetchConfig, load_run_config
+from orchestrator.errors import FlashflexError
+from orchestrator.modelfile.reader import read_model_table
+from orchestrator.planner import make_plan
+
+from conftest import flashflex
+
+pytestmark = pytest.mark.native
+
+CTX = 256
+UBATCH = 8
+N_NEW = 32
+PROMPTS = ["the cat sat on the mat. the cat sat on the mat. the cat sat on",
+           "one two three four five six, one two three four five six, one two"]
+
+
+@pytest.fixture(scope="module")
+def features(patched_llama):
+    have = set(patched_llama.info()["features"])
+    if not {"dense-stream", "slot-bank"} <= have:
+        pytest.skip("the installed build predates dense streaming or slot banks; run flashflex build")
+    return have
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """The model (tiny llama, Q4_0: a type the CPU backend repacks), a smaller draft with the same vocabulary
+    and other weights, and one with another vocabulary."""
+    out = tmp_path_factory.mktemp("spec")
+    return {
+        "target": synth.write_synth_model(synth.preset("tiny-dense", quant="q4_0", n_embd=512, n_ff=1536),
+                                          out / "target.gguf"),
+        "small": synth.write_synth_model(synth.preset("tiny-dense", quant="q8_0", n_layer=2, seed=7),
+                                         out / "small.gguf"),
+        "other-vocab": synth.write_synth_model(synth.preset("tiny-dense", quant="q8_0", n_layer=1, n_vocab=600),
+                                               out / "other-vocab.gguf"),
+    }
+
+
+def _settings(path: Path) -> runner.GenerationSettings:
+    return runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=UBATCH, threads=2, temperature=0.0)
+
+
+def _stream_execution(path: Path) -> runner.Execution:
+    table = read_model_table(path)
+    prefetch = PrefetchConfig(threads=2, window=2)
+    minimum = make_plan(table, 1 << 40, ctx=CTX, ubatch=UBATCH, prefetch=prefetch).minimum_budget_bytes
+    plan = make_plan(table, minimum, ctx=CTX, ubatch=UBATCH, prefetch=prefetch)
+    assert runner.streamed_tensors(plan)
+    return runner.Execution(mode="dense-stream", plan=plan, budget_plan=plan)
+
+
+def _bank_execution(path: Path, sc: Path, mode: str = "slot-bank") -> runner.Execution:
+    k = read_model_table(path).arch.n_expert_used
+    cfg = load_run_config(None, {"model.path": path, "budget.size": "64GiB", "context.ctx": CTX,
+                                 "context.ubatch": UBATCH, "moe.mode": mode, "moe.sidecar": sc,
+                                 "moe.slot_bank": k + 1 if mode == "slot-bank" else None})
+    ex = runner.execution_for_config(cfg, path)
+    assert ex.moe is not None and ex.moe.slots == (k + 1 if mode == "slot-bank" else 0)
+    return ex
+
+
+def _draft(kind: str, models: dict[str, Path], target: Path) -> speculative.DraftSetup:
+    """Fixed-length drafts (adaptive off: the same drafts in every run, whatever the timing)."""
+    if kind == "prompt-lookup":
+        return speculative.DraftSetup(kind="prompt-lookup", ngram=2, max_tokens=4, adaptive=False)
+    model = target if kind == "self" else models["small"]
+    return speculative.DraftSetup(kind="model", model=model, max_tokens=4, adaptive=False)
+
+
+class Run:
+    """One greedy generation: its tokens, every decode call (tokens, first position, logits of its output rows)
+    and the drafter's report."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.calls: list[tuple[list[int], int, np.ndarray]] = []
+        self.report: dict | None = None
+
+    def record(self, batch: list[int], n_past: int, logits: np.ndarray) -> None:
+        self.calls.append((list(batch), n_past, logits))
+
+    def rows_by_position(self) -> dict[int, np.ndarray]:
+        """Logits predicting the token after each position, as last computed there (a position whose drafted
+        token was rejected is computed again with the model's own token)."""
+        out: dict[int, np.ndarray] = {}
+        for batch, n_past, logits in self.calls:
+            first = n_past + len(batch) - len(logits)  # one row: the last position only
+            for i, row in enumerate(logits):
+                out[first + i] = row
+        return out
+
+
+def _drafted(settings, ex: runner.Execution, draft: speculative.DraftSetup, prompt: str) -> Run:
+    run = Run()
+    with runner.session(settings, ex) as llm:
+        drafter = draft.open(settings)
+        try:
+            speculative.attach(llm, drafter, max_batch=draft.max_tokens + 1, recorder=run.record)
+            tokens = llm.tokenize(prompt.encode(), add_bos=True)
+            llm.eval(tokens)
+            run.tokens = speculative.decode(llm, tokens, N_NEW, settings, drafter)
+            run.report = drafter.report()
+        finally:
+            drafter.close()
+    return run
+
+
+def _plain(settings, ex: runner.Execution, prompt: str) -> Run:
+    """Greedy without drafting, one token per decode, with the logits of every step."""
+    import llama_cpp
+
+    run = Run()
+    with runner.session(settings, ex) as llm:
+        tokens = llm.tokenize(prompt.encode(), add_bos=True)
+        llm.eval(tokens)
+        n_vocab, eos = llm.n_vocab(), llm.token_eos()
+        pos = len(tokens) - 1
+        for _ in range(N_NEW):
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
+            run.calls.append(([int(llm.input_ids[pos])], pos, row[None, :]))
+            tok = int(np.argmax(row))
+            if tok == eos:
+                break
+            run.tokens.append(tok)
+            llm.eval([tok])
+            pos += 1
+    return run
+
+
+def _assert_same_batches_and_logits(stock: Run, mode: Run, what: str) -> None:
+    assert len(stock.calls) == len(mode.calls), f"{what}: {len(stock.calls)} decode calls vs {len(mode.calls)}"
+    for i, ((sb, sp, sl), (mb, mp, ml)) in enumerate(zip(stock.calls, mode.calls)):
+        assert (sb, sp) == (mb, mp), f"{what}: decode call {i} differs: {sp}:{sb} vs {mp}:{mb}"
+        result = exact.compare(sl, ml)
+        assert result.identical, f"{what}: decode call {i} (position {sp}, {len(sb)} tokens): {result}"
+    assert stock.tokens == mode.tokens
+
+
+def _assert_same_greedy(plain: Run, drafted: Run, what: str) -> None:
+    """Greedy output with drafts equals greedy output without; where a verification batch's rounding flips a
+    token, the failure shows by how much the model preferred its token."""
+    if plain.tokens == drafted.tokens:
+        return
+    i = next((j for j, (a, b) in enumerate(zip(plain.tokens, drafted.tokens)) if a != b),
+             min(len(plain.tokens), len(drafted.tokens)))
+    start = plain.calls[0][1]  # the prompt's last position predicts the first new token
+    ref = plain.rows_by_position()[start + i]
+    top2 = np.sort(ref)[-2:]
+    got = drafted.rows_by_position().get(start + i)
+    delta = float(np.max(np.abs(got.astype(np.float64) - ref))) if got is not None else float("nan")
+    pytest.fail(f"{what}: greedy output differs at new token {i}: without drafting "
+                f"{plain.tokens[i] if i < len(plain.tokens) else 'end'} (logit margin over the runner-up "
+                f"{top2[1] - top2[0]:.6g}), with drafting {drafted.tokens[i] if i < len(drafted.tokens) else 'end'};"
+                f" max |Δlogit| at that position between the single-token step and the verification batch "
+                f"{delta:.3g}")
+
+
+@pytest.mark.parametrize("kind", ["prompt-lookup", "self", "small"])
+def test_dense_streaming_with_drafts_is_bitwise_exact(features, models, kind):
+    path = models["target"]
+    settings, draft = _settings(path), _draft(kind, models, path)
+    for prompt in PROMPTS:
+        stock = _drafted(settings, runner.Execution(), draft, prompt)
+        streamed = _drafted(settings, _stream_execution(path), draft, prompt)
+        _assert_same_batches_and_logits(stock, streamed, f"dense-stream, draft {kind}, {prompt[:20]!r}")
+        assert streamed.report["verifications"] >= 1
+        if kind != "prompt-lookup":
+            assert streamed.report["drafted_tokens"] > 0
+        if kind == "self":  # the model drafting for itself: its drafts are kept
+            assert streamed.report["accepted_tokens"] > 0
+        assert any(len(batch) > 1 for batch, n_past, _ in streamed.calls[1:]), "no verification batch ran"
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("slot-bank", "prompt-lookup"), ("slot-bank", "self"),
+                                           ("resident-bank", "prompt-lookup")])
+def test_expert_banks_with_drafts_are_bitwise_exact(features, moe_models, mode, kind):
+    """A verification batch routes to the union of its tokens' experts: a bank of top-k + 1 slots resolves it in
+    passes, as for any ubatch."""
+    path, sc = moe_models["qwen3moe"]
+    settings = _settings(path)
+    draft = _draft(kind, {}, path)
+    for prompt in PROMPTS:
+        stock = _drafted(settings, runner.Execution(), draft, prompt)
+        banked = _drafted(settings, _bank_execution(path, sc, mode), draft, prompt)
+        _assert_same_batches_and_logits(stock, banked, f"{mode}, draft {kind}, {prompt[:20]!r}")
+        if kind == "self":
+            assert banked.report["accepted_tokens"] > 0
+
+
+@pytest.mark.parametrize("kind", ["prompt-lookup", "self", "small"])
+def test_greedy_output_is_the_same_with_and_without_drafts(features, models, kind):
+    path = models["target"]
+    settings, draft = _settings(path), _draft(kind, models, path)
+    ex = _stream_execution(path)
+    for prompt in PROMPTS:
+        _assert_same_greedy(_plain(settings, ex, prompt), _drafted(settings, ex, draft, prompt),
+                            f"dense-stream, draft {kind}, {prompt[:20]!r}")
+
+
+def test_greedy_output_is_the_same_with_and_without_drafts_on_slot_banks(features, moe_models):
+    path, sc = moe_models["qwen3moe"]
+    settings = _settings(path)
+    ex = _bank_execution(path, sc)
+    for kind in ("prompt-lookup", "self"):
+        for prompt in PROMPTS:
+            _assert_same_greedy(_plain(settings, ex, prompt), _drafted(settings, ex, _draft(kind, {}, path), prompt),
+                                f"slot-bank, draft {kind}, {prompt[:20]!r}")
+
+
+def test_draft_model_with_another_vocabulary_is_refused(features, models):
+    with pytest.raises(FlashflexError) as info:
+        api.prepare(model=models["target"], draft_model=models["other-vocab"], ctx=CTX, ubatch=UBATCH)
+    line = info.value.one_line()
+    assert "\n" not in line
+    assert "other-vocab.gguf" in line and "target.gguf" in line and "512 tokens vs 600" in line
+    assert "same family and tokenizer" in line
+
+
+def test_draft_model_ram_comes_off_the_budget(features, models):
+    path = models["target"]
+    plain = api.prepare(model=path, budget="64MiB", ctx=CTX, ubatch=UBATCH)
+    drafted = api.prepare(model=path, budget="64MiB", ctx=CTX, ubatch=UBATCH, draft_model=models["small"])
+    d = drafted.draft
+    assert d is not None and d.kind == "model" and d.max_tokens == UBATCH - 1
+    assert d.weights_bytes == models["small"].stat().st_size and d.kv_cache_bytes > 0 and d.compute_bytes > 0
+    assert d.logits_bytes == 4 * UBATCH * 512
+    assert drafted.execution.budget_plan.budget_bytes == plain.execution.budget_plan.budget_bytes - d.resident_bytes
+    summary = drafted.summary()["draft"]
+    assert summary["resident_bytes"] == d.resident_bytes and summary["total_budget_bytes"] == 64 << 20
+
+
+def test_run_cli_drafts_and_shows_it(features, models):
+    path = models["target"]
+    common = ["--model", str(path), "--ctx", str(CTX), "--ubatch", str(UBATCH), "-t", "2", "-n", "24",
+              "--prompt", PROMPTS[0]]
+    dry = flashflex("run", *common, "--budget", "64MiB", "--draft", "prompt-lookup:2", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    summary = json.loads(dry.stdout)
+    assert summary["draft"]["kind"] == "prompt-lookup" and summary["draft"]["ngram"] == 2
+    assert summary["draft"]["max_tokens"] == UBATCH - 1
+    assert summary["plan"]["budget_bytes"] == (64 << 20) - summary["draft"]["resident_bytes"]
+    with_draft = flashflex("run", *common, "--draft", "prompt-lookup:2", "--json")
+    without = flashflex("run", *common, "--json")
+    assert with_draft.returncode == 0 and without.returncode == 0, with_draft.stderr + without.stderr
+    a, b = json.loads(with_draft.stdout), json.loads(without.stdout)
+    assert a["stats"]["draft"]["kind"] == "prompt-lookup" and a["stats"]["draft"]["verifications"] >= 1
+    assert "draft" not in b["stats"]
+    assert a["tokens"] == b["tokens"]  # stock here: no batch-size difference on these prompts
+    text = flashflex("run", *common, "--draft", "prompt-lookup:2")
+    assert "draft prompt-lookup" in text.stderr
+
+
+def test_bad_draft_flags_are_one_line(features, models):
+    result = flashflex("run", "--model", str(models["target"]), "--draft", "lookahead", "--dry-run")
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "draft.kind" in lines[0], result.stderr
+    result = flashflex("run", "--model", str(models["target"]), "--draft", "prompt-lookup", "--ubatch", "1",
+                       "--dry-run")
+    assert result.returncode != 0 and "--ubatch 2 or more" in result.stderr
+
+
+def test_python_api_and_chat_draft(features, models):
+    path = models["target"]
+    import orchestrator as ff
+
+    with ff.llama(path, draft_model=models["small"], ctx=CTX, ubatch=UBATCH, threads=2) as llm:
+        out = llm(PROMPTS[1], max_tokens=12, temperature=0)
+        assert out["usage"]["completion_tokens"] >= 1
+        stats = llm.flashflex.stats()
+        assert stats["draft"]["kind"] == "model" and stats["draft_stats"]["verifications"] >= 1
+        assert stats["draft_stats"]["drafted_tokens"] > 0
+    chat = flashflex("chat", "--model", str(path), "--ctx", str(CTX), "--ubatch", str(UBATCH),
+                     "--draft", "prompt-lookup", "--once", "say the cat sat on the mat", "-n", "8", "--json")
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_serve_plans_the_draft_and_says_so(features, models):
+    from orchestrator.cli.serve_cmd import load_entries, startup_lines
+
+    entries, server = load_entries(None, {"model": models["target"], "ctx": CTX, "ubatch": UBATCH,
+                                          "draft_model": models["small"]}, {}, lambda _msg: None)
+    assert entries[0].prepared.draft is not None and entries[0].prepared.draft.kind == "model"
+    assert "drafts model small.gguf (up to 7 per verification)" in startup_lines(entries, server)[0]

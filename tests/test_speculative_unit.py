@@ -1,0 +1,330 @@
+"""Speculative decoding without a model: prompt lookup, the adaptive draft length (acceptance and cost, measured),
+acceptance inferred from the next call's input ids, the `draft` settings and what drafting takes off the budget."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from orchestrator import speculative
+from orchestrator.config import load_run_config
+from orchestrator.errors import FlashflexError
+from orchestrator.speculative import Drafter, DraftLength, DraftSetup, lookup
+
+# --------------------------------------------------------------------------------------------------
+# prompt lookup
+
+
+def ids(*xs: int) -> np.ndarray:
+    return np.array(xs, dtype=np.intc)
+
+
+def test_lookup_takes_the_most_recent_occurrence_of_the_longest_ngram():
+    seq = ids(1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3)
+    assert lookup(seq, 3, 4).tolist() == [7, 8, 5, 1]  # the later "1 2 3" wins over the first
+    assert lookup(seq, 3, 1).tolist() == [7]
+
+
+def test_lookup_falls_back_to_shorter_ngrams_and_may_find_nothing():
+    assert lookup(ids(4, 5, 6, 7, 5), 3, 3).tolist() == [6, 7, 5]  # only the 1-gram "5" matches
+    assert lookup(ids(1, 2, 3, 4), 3, 3).tolist() == []
+    assert lookup(ids(1), 3, 3).tolist() == []
+    assert lookup(ids(), 3, 3).tolist() == []
+
+
+def test_lookup_draft_stops_at_the_end_of_the_context():
+    assert lookup(ids(1, 2, 1, 2), 2, 8).tolist() == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# the draft length
+
+
+def simulate(length: DraftLength, n_tokens: int, p: float, slope: float, draft_ratio: float = 0.0,
+             seed: int = 0, step: float = 0.05) -> tuple[float, int]:
+    """Generate n_tokens with drafts kept with probability p each (geometric) and a verification of n tokens
+    costing step * (1 + slope (n - 1)) plus draft_ratio * step per drafted token. Returns (seconds, verifications)."""
+    rng = random.Random(seed)
+    made, seconds, verifications = 0, 0.0, 0
+    while made < n_tokens:
+        k = length.propose()
+        length.drafted(k)
+        if k:
+            length.observe_draft_cost(k, draft_ratio * step * k)
+        kept = 0
+        while kept < k and rng.random() < p:
+            kept += 1
+        cost = step * (1 + slope * k)
+        length.observe_cost(k + 1, cost)
+        length.observe(k, kept)
+        seconds += cost + draft_ratio * step * k
+        made += kept + 1
+        verifications += 1
+    return seconds, verifications
+
+
+def test_fixed_length_always_drafts_the_maximum():
+    length = DraftLength(6, adaptive=False)
+    for _ in range(5):
+        length.observe(6, 0)
+        assert length.propose() == 6
+
+
+def prime(length: DraftLength, slope: float = 0.02, times: int = 10) -> None:
+    """Measured verification costs: a step of 50 ms, each more token `slope` of it."""
+    for _ in range(times):
+        length.observe_cost(1, 0.05)
+        length.observe_cost(5, 0.05 * (1 + 4 * slope))
+
+
+def test_a_plain_step_then_one_token_are_measured_before_longer_drafts():
+    length = DraftLength(8)
+    assert length.propose() == 0  # nothing measured yet
+    length.drafted(0)
+    length.observe_cost(1, 0.05)
+    assert length.propose() == 1  # the first draft: one token, which measures the cost of a longer batch
+    length.drafted(1)
+    length.observe_cost(2, 0.051)
+    length.observe(1, 1)
+    assert length.propose() > 1
+
+
+def test_failing_drafts_shrink_the_length_to_zero():
+    length = DraftLength(8)
+    prime(length, slope=0.2)
+    assert 0 < length.propose() < 8  # the prior (p = 0.5) drafts a little
+    for _ in range(6):
+        k = length.propose() or 1
+        length.drafted(k)
+        length.observe_cost(k + 1, 0.05 * (1 + 0.2 * k))
+        length.observe(k, 0)
+    assert length.best() == 0
+    assert length.acceptance < 0.15
+
+
+def test_hits_grow_the_length_to_the_maximum():
+    length = DraftLength(8)
+    prime(length)
+    for _ in range(8):
+        k = length.propose()
+        length.drafted(k)
+        length.observe_cost(k + 1, 0.05 * (1 + 0.02 * k))
+        length.observe(k, k)
+    assert length.propose() == 8
+    assert length.acceptance > 0.9
+
+
+def test_expensive_verification_keeps_drafts_short():
+    """Drafts that hit half the time are worth little when each drafted token costs as much as a step."""
+    length = DraftLength(8, prior_slope=1.0)
+    for _ in range(20):
+        length.observe_cost(2, 0.1)
+        length.observe_cost(1, 0.05)
+        length.observe(4, 1)
+    assert length.cost_slope() > 0.9
+    assert length.best() <= 1
+
+
+def test_probes_back_off_when_they_fail_and_reset_when_they_hit():
+    length = DraftLength(8)
+    prime(length, slope=0.01, times=30)
+    for _ in range(10):
+        length.observe(8, 0)
+    assert length.best() == 0
+    gaps = []
+    idle = 0
+    for _ in range(400):
+        k = length.propose()
+        length.drafted(k)
+        if k:
+            gaps.append(idle)
+            idle = 0
+            length.observe(k, 0)
+        else:
+            idle += 1
+    assert gaps[:5] == [4, 8, 16, 32, 64]
+    assert set(gaps[5:]) == {64}
+    # a probe that hits brings the gap back to its minimum
+    while not length.propose():
+        length.drafted(0)
+    length.drafted(1)
+    length.observe(1, 1)
+    assert length.state()["probe_gap"] == 4
+
+
+def test_one_verification_slowed_by_another_process_does_not_turn_drafting_off():
+    length = DraftLength(8)
+    prime(length, slope=0.02)
+    for _ in range(5):
+        length.observe(8, 6)
+    assert length.best() == 8
+    length.observe_cost(9, 5.0)  # 100x a normal verification: the machine was busy
+    length.observe_cost(5, 5.0)
+    assert length.best() == 8
+
+
+def test_probes_are_rarer_where_a_longer_batch_costs_more():
+    length = DraftLength(8)
+    prime(length, slope=0.5, times=30)
+    for _ in range(10):
+        length.observe(8, 0)
+    assert length.probe_gap() >= 45  # a probe costs ~half a step: at most 1% of the time
+
+
+def test_a_probe_that_drafted_nothing_is_tried_again():
+    length = DraftLength(4)
+    prime(length, slope=0.01, times=30)
+    for _ in range(10):
+        length.observe(4, 0)
+    for _ in range(4):
+        assert length.propose() == 0
+        length.drafted(0)
+    assert length.propose() == 1
+    length.drafted(0)  # prompt lookup found no match
+    assert length.propose() == 1
+
+
+@pytest.mark.parametrize("slope", [0.01, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("draft_ratio", [0.0, 0.3])
+def test_drafts_that_never_hit_cost_at_most_five_percent(slope, draft_ratio):
+    n = 256
+    seconds, _ = simulate(DraftLength(8), n, p=0.0, slope=slope, draft_ratio=draft_ratio)
+    assert seconds <= 1.05 * n * 0.05, seconds / (n * 0.05)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_drafts_that_hit_save_verifications(seed):
+    n = 256
+    seconds, verifications = simulate(DraftLength(8), n, p=0.9, slope=0.02, seed=seed)
+    assert verifications < n / 3
+    assert seconds < 0.5 * n * 0.05
+
+
+def test_the_cost_model_follows_measurements():
+    length = DraftLength(8, prior_slope=0.1)
+    assert length.cost_slope() == pytest.approx(0.1)
+    for _ in range(20):
+        length.observe_cost(1, 0.10)
+        length.observe_cost(5, 0.12)  # streaming: four more tokens cost 20 %
+    assert length.cost_slope() == pytest.approx(0.05, abs=0.01)
+    without_t1 = DraftLength(8, prior_slope=0.1)
+    for _ in range(20):
+        without_t1.observe_cost(3, 0.14)
+        without_t1.observe_cost(7, 0.22)  # t = 0.10 + 0.02 (n - 1): slope 0.2
+    assert without_t1.cost_slope() == pytest.approx(0.2, abs=0.02)
+    assert without_t1.step_seconds() == pytest.approx(0.10, rel=0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# acceptance inferred from the next call
+
+
+class Scripted(Drafter):
+    kind = "scripted"
+
+    def __init__(self, proposals, adaptive=False, max_tokens=4):
+        super().__init__(DraftLength(max_tokens, adaptive=adaptive))
+        self.proposals = list(proposals)
+
+    def draft(self, ids, k):
+        return np.array(self.proposals.pop(0)[:k], dtype=np.intc)
+
+
+def test_acceptance_is_inferred_from_the_next_calls_input_ids():
+    d = Scripted([[5, 6, 7, 8], [9, 9], [1, 2, 3, 4]])
+    assert d(ids(1, 2, 3)).tolist() == [5, 6, 7, 8]
+    d.observe_eval(5, 0.1)  # the verification: last token + 4 drafted
+    # the model kept 5 and 6, then picked 4 instead of 7
+    assert d(ids(1, 2, 3, 5, 6, 4)).tolist() == [9, 9]
+    d.observe_eval(3, 0.1)
+    # every drafted token kept, plus the model's own next one
+    d(ids(1, 2, 3, 5, 6, 4, 9, 9, 0))
+    s = d.stats
+    assert (s.judged_drafts, s.judged_tokens, s.accepted_tokens) == (2, 5, 4)
+    assert s.drafted_tokens == 10 and s.verifications == 2 and s.verified_tokens == 8
+    assert d.report()["acceptance_rate"] == pytest.approx(4 / 5)
+
+
+def test_the_last_draft_is_judged_by_what_the_run_took():
+    d = Scripted([[5, 6, 7, 8], [9, 9, 9, 9]])
+    d(ids(1, 2, 3))
+    d(ids(1, 2, 3, 5, 6, 7, 8, 4))  # all four kept
+    d.finish(ids(1, 2, 3, 5, 6, 7, 8, 4, 9, 9))  # the run stopped after two more tokens: both the draft's
+    s = d.stats
+    assert (s.judged_drafts, s.judged_tokens, s.accepted_tokens) == (2, 6, 6)
+    d = Scripted([[5, 6, 7, 8]])
+    d(ids(1, 2, 3))
+    d.finish(ids(1, 2, 3, 5, 0))  # one kept, the next one rejected
+    assert (d.stats.judged_tokens, d.stats.accepted_tokens) == (2, 1)
+    d = Scripted([[5, 6]])
+    d(ids(1, 2, 3))
+    d.finish(ids(1, 2, 3))  # nothing taken after it: nothing judged
+    assert d.stats.judged_drafts == 0
+
+
+def test_a_new_sequence_is_not_counted_as_a_verification():
+    d = Scripted([[5, 6], [7, 8]])
+    d(ids(1, 2, 3))
+    d(ids(4, 4, 4, 5))  # another request: same length growth, different context
+    assert d.stats.judged_drafts == 0
+    d2 = Scripted([[5, 6], [7, 8]])
+    d2(ids(1, 2, 3))
+    d2(ids(1, 2, 3, 7, 1))  # grew by two but the first new token is not the draft's
+    assert d2.stats.judged_drafts == 0
+
+
+def test_a_prompt_eval_is_not_a_verification_cost():
+    d = Scripted([[5, 6]])
+    d.observe_eval(40, 1.0)  # the prompt
+    d(ids(1, 2, 3))
+    d.observe_eval(3, 0.2)
+    assert d.stats.verifications == 1 and d.length.state()["verification_seconds"] == {3: 0.2}
+
+
+def test_drafts_stop_at_the_tokens_still_wanted_and_the_context():
+    d = Scripted([[5, 6, 7, 8]] * 3)
+    d.stop_at = 6
+    assert d(ids(1, 2, 3)).tolist() == [5, 6]  # 3 tokens still wanted: 2 drafted + the model's own
+    d.reset(stop_at=None)
+    d.n_ctx = 5
+    assert d(ids(1, 2, 3)).tolist() == [5, 6]
+
+
+# --------------------------------------------------------------------------------------------------
+# settings and the budget
+
+
+def test_the_budget_shrinks_by_what_drafting_keeps_resident():
+    setup = DraftSetup(kind="model", max_tokens=4, adaptive=True, weights_bytes=100 << 20, kv_cache_bytes=8 << 20,
+                       compute_bytes=4 << 20, logits_bytes=2 << 20)
+    cfg = load_run_config(None, {"budget.size": "1GiB"})
+    target = speculative.target_config(cfg, setup)
+    assert target.budget.resolve_bytes() == (1 << 30) - (114 << 20)
+    assert cfg.budget.resolve_bytes() == 1 << 30  # the original is untouched
+    auto = speculative.target_config(load_run_config(None), setup)
+    assert auto.budget.size == "auto"
+    assert auto.budget.resolve_bytes(available=4 << 30) == (3 << 30) - (114 << 20)
+    assert speculative.target_config(cfg, None) is cfg
+    with pytest.raises(FlashflexError, match="more than the budget"):
+        speculative.target_config(load_run_config(None, {"budget.size": "100MiB"}), setup)
+
+
+def test_bench_summary_takes_medians_and_compares_with_no_drafting():
+    from orchestrator.bench import speculative as spec_bench
+
+    def rec(mode, tps, ids, **kw):
+        return {"task": "rewrite", "mode": mode, "prompt_tokens": 100, "tokens": 8, "token_ids": ids,
+                "decode_tok_per_s": tps, "bytes_read_per_token": 60 << 20, **kw}
+
+    runs = [rec("no draft", 4.0, [1, 2]), rec("no draft", 5.0, [1, 2]), rec("no draft", 6.0, [1, 2]),
+            *[rec("draft", t, [1, 2], acceptance_rate=0.8, accepted_per_verification=2.0,
+                  tokens_per_verification=3.0) for t in (9.0, 10.0, 20.0)]]
+    rows = spec_bench.summarise(runs, ["rewrite"])
+    assert rows[0]["decode_tok_per_s"] == 5.0 and rows[1]["decode_tok_per_s"] == 10.0
+    assert rows[1]["speedup"] == pytest.approx(2.0) and rows[1]["same_tokens"]
+    table = spec_bench.markdown({"summary": rows})
+    assert "| rewrite | draft | 100 | 8 | 10.00 | 2.00× | 80% | 2.00 | 3.00 | 60.0 | yes |" in table
+    assert {"rewrite", "edit-function", "document-qa", "free-chat"} <= set(spec_bench.TASKS)
+    assert set(spec_bench.TEMPERATURE) <= set(spec_bench.TASKS)
