@@ -275,6 +275,7 @@ class RPCConfig(_Section):
     def _layers_need_servers(self) -> RPCConfig:
         if self.layers is not None and not self.servers:
             raise ValueError("layers: places layers on RPC workers, and rpc.servers lists none (give --rpc)")
+        return self
 
 
 DraftKind = Literal["none", "prompt-lookup", "model"]
