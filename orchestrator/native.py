@@ -370,19 +370,28 @@ def interruptible():
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
 
-    def on_sigint(_signum, _frame) -> None:
+    # SIGTERM and SIGHUP stop the decode the same way, and their own handlers run once the block is over: a handler
+    # that raises must not run inside a ctypes callback (llama.cpp logs from the decode thread)
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    deferred: list[int] = []
+
+    def on_sigint(signum, _frame) -> None:
         global _interrupted
-        _interrupted = True
+        if signum == signal.SIGINT:
+            _interrupted = True
+        elif signum not in deferred:
+            deferred.append(signum)
 
     def watch() -> None:
         while True:
             data = os.read(read_fd, 64)
             if not data:  # the write end closed: the block is over
                 return
-            if signal.SIGINT in data:
+            # a decode waiting on reads checks the flag every 100 ms, so no signal waits for a slow disk
+            if any(sig in data for sig in stops):
                 cdll.llama_flashflex_interrupt(True)
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous = {sig: signal.signal(sig, on_sigint) for sig in stops}
     previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     watcher = threading.Thread(target=watch, name="flashflex-sigint", daemon=True)
     watcher.start()
@@ -392,12 +401,19 @@ def interruptible():
         finished = True
     finally:
         signal.set_wakeup_fd(previous_fd)
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         os.close(write_fd)
         watcher.join(timeout=2)
         os.close(read_fd)
         cdll.llama_flashflex_interrupt(False)
         was_interrupted, _interrupted = _interrupted, False
+        for sig in deferred:  # now, in plain Python (and in place of the aborted decode's error): the command's
+            handler = previous[sig]  # handler (one line, its exit status) or the default action
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)
     if finished and was_interrupted:
         raise KeyboardInterrupt
 

@@ -365,8 +365,10 @@ def test_a_partial_left_by_a_killed_writer_is_swept_by_the_next(dense, tmp_path)
     no_partials(tmp_path)
 
 
-def test_ctrl_c_during_a_long_prompt_stops_the_run_within_seconds(patched_llama, tmp_path):
-    """The prompt is one llama_decode of a few seconds: SIGINT must stop it at the next graph node, not after."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_long_prompt_stops_the_run_within_seconds(patched_llama, tmp_path, sig):
+    """The prompt is one llama_decode of a few seconds: SIGINT (Ctrl-C) or SIGTERM must stop it at the next graph
+    node, not after."""
     if "interrupt" not in patched_llama.info()["features"]:
         pytest.skip("the installed build predates the interrupt flag; run flashflex build")
     prompt = "The history of the printing press is long and full of detail. " * 220  # ~3,000 tokens
@@ -378,8 +380,9 @@ def test_ctrl_c_during_a_long_prompt_stops_the_run_within_seconds(patched_llama,
     time.sleep(4)  # loaded, inside the prompt's decode (which takes several seconds on 2 cores)
     assert proc.poll() is None, proc.communicate()
     t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     waited = time.monotonic() - t0
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    expected = (130, "error: interrupted") if sig == signal.SIGINT else (128 + sig, f"error: stopped by {sig.name}")
+    assert (proc.returncode, err.strip()) == expected, err
     assert waited < 2.5, f"took {waited:.1f} s to stop"
