@@ -21,20 +21,7 @@ from orchestrator import synth
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.validate import read_layout
 
-from conftest import REPO, flashflex
-
-
-def one_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """The single `error:` line of a failed command, which must contain every needle."""
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    assert " — " in errors[0], f"no fix given: {errors[0]}"
-    return errors[0]
+from conftest import REPO, flashflex, one_error
 
 
 def no_partials(directory: Path) -> None:

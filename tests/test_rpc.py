@@ -31,23 +31,10 @@ from orchestrator.modelfile.reader import read_model_table
 from orchestrator.planner import plan_for_run
 from orchestrator.planner.placement import DeviceMemory, local_table, place_layers
 
-from conftest import REPO, flashflex
+from conftest import REPO, flashflex, one_error
 
 CTX = 256
 MiB = 1 << 20
-
-
-def one_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """The single `error:` line of a failed command, which must contain every needle."""
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    assert " — " in errors[0], f"no fix given: {errors[0]}"
-    return errors[0]
 
 
 def free_port() -> int:
