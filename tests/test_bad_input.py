@@ -326,16 +326,18 @@ def test_trace_outputs_need_force_and_a_regular_file(recorded, moe_models, tmp_p
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_during_a_write_leaves_nothing_half_written(tmp_path, sig):
     out = tmp_path / "big.gguf"
+    # 12 layers (about 1.4 GB): long enough that the signal lands mid-write on a loaded 2-core machine too (with 4,
+    # a busy CI run once finished the file between the partial's appearance and the signal)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "gguf", "synth", str(out), "--preset",
-                             "dense-7b-q4_0", "--layers", "4"], cwd=REPO, stdout=subprocess.PIPE,
+                             "dense-7b-q4_0", "--layers", "12"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, f"the write finished before the signal: {err}"
     assert err.strip().splitlines()[-1].startswith("error:"), err
     assert not out.exists()
     no_partials(tmp_path)

@@ -67,6 +67,7 @@ class RunSpec:
     timeout_s: float = 1800
     sidecar: Path | None = None  # MoE runs: the expert sidecar
     io_threads: int = 4  # MoE runs: parallel readers for misses
+    rpc: str | None = None  # flashflex runs: RPC workers (HOST:PORT,...) that take the model's last layers
 
 
 def run_point(point: Point, spec: RunSpec, use_cgroup: bool, drop_caches: bool, log: Log) -> dict[str, Any]:

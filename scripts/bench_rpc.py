@@ -1,0 +1,125 @@
+"""A model that fits in neither of two memory cgroups alone, but in both together: flashflex split across the two
+(this process in one, an RPC worker on loopback in the other) against flashflex streaming in one cgroup and stock
+llama.cpp (mmap) in one cgroup, in the same run.
+
+    python scripts/bench_rpc.py --model dense-wide-16l-q4_0 --cgroup 1.5GiB --repeats 3 --out bench-results/rpc
+
+The worker (`flashflex rpc-server --mem`, announcing what its cgroup leaves after its own process) runs for the
+whole invocation inside its own cgroup; each measured run is a fresh process in a cgroup of the same size with the
+page cache dropped (orchestrator.bench.runs.run_point), runs interleaved, medians reported. Bytes over RPC per
+token are computed, not measured: a split after layer L sends the hidden state (n_embd float32 per token) to the
+worker and the logits' input back, once per token each way, plus the worker's output for the last layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator import modes, synth
+from orchestrator.bench.isolation import MemoryCgroup
+from orchestrator.bench.runs import Point, RunSpec, check_isolation, run_point
+from orchestrator.modelfile.reader import read_model_table
+from orchestrator.sizes import format_size, parse_size
+
+WORKER_SLACK = 256 << 20  # the worker's interpreter and libraries, kept out of what it announces
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Sweep:
+    use_cgroup = True
+    drop_caches = True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a synth preset or a GGUF path")
+    ap.add_argument("--cgroup", required=True, help="each cgroup's limit (the model must not fit in one)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gen-tokens", type=int, default=12)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    model = Path(args.model) if Path(args.model).exists() else synth.cached_preset(args.model)
+    model_bytes = model.stat().st_size
+    limit = parse_size(args.cgroup, what="--cgroup")
+    sweep = _Sweep()
+    check_isolation(sweep, print)
+    port = free_port()
+    cg = MemoryCgroup(f"flashflex-bench-rpc-worker-{port}", limit) if sweep.use_cgroup else None
+    announce = limit - WORKER_SLACK
+    worker = subprocess.Popen([sys.executable, "-m", "orchestrator", "rpc-server", "--port", str(port), "--mem",
+                               f"{announce}B", "-t", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, preexec_fn=cg.preexec if cg else None)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = worker.stdout.readline()
+            print("worker: " + line.rstrip())
+            if "serving on" in line:
+                break
+        endpoint = f"127.0.0.1:{port}"
+        spec = RunSpec(model=model, gen_tokens=args.gen_tokens)
+        split = RunSpec(model=model, gen_tokens=args.gen_tokens, rpc=endpoint)
+        configs = [("stock mmap, one cgroup", Point(modes.STOCK_MMAP, limit), spec),
+                   ("flashflex streaming, one cgroup", Point(modes.FLASHFLEX, limit, "auto"), spec),
+                   ("flashflex split over RPC, two cgroups", Point(modes.FLASHFLEX, limit, "auto"), split)]
+        args.out.mkdir(parents=True, exist_ok=True)
+        records = []
+        with open(args.out / "runs.jsonl", "w") as log:
+            for rep in range(args.repeats):
+                for name, point, rspec in configs:
+                    rec = {"config": name, "repeat": rep, **run_point(point, rspec, sweep.use_cgroup,
+                                                                      sweep.drop_caches, print)}
+                    stream = rec.get("stream") or {}
+                    rec["decode_streamed_bytes_per_token"] = stream.get("bytes_read", 0) / args.gen_tokens
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    records.append(rec)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if cg:
+            cg.remove()
+
+    def median(name: str, key: str):
+        vals = [r[key] for r in records if r["config"] == name and r.get("status") == "ok" and r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    n_embd = read_model_table(model).arch.n_embd
+    per_token = 2 * n_embd * 4  # the hidden state to the worker and back, float32, once per token
+    stock = median("stock mmap, one cgroup", "decode_tok_per_s")
+    lines = [f"Model `{model.name}` ({format_size(model_bytes)}); each cgroup {format_size(limit)}; worker on "
+             f"127.0.0.1 announcing {format_size(announce)}; medians of {args.repeats} interleaved runs", "",
+             "| run | decode tok/s | × stock | streamed here per token | runs ok |", "|---|---|---|---|---|"]
+    for name, _, _ in configs:
+        dec = median(name, "decode_tok_per_s")
+        st = median(name, "decode_streamed_bytes_per_token")
+        ok = sum(1 for r in records if r["config"] == name and r.get("status") == "ok")
+        lines.append(f"| {name} | {dec:.3f} | {dec / stock:.2f} |" if dec and stock else f"| {name} | - | - |")
+        lines[-1] += f" {format_size(st) if st else '-'} | {ok}/{args.repeats} |"
+    lines += ["", f"Bytes over RPC per decoded token, computed (not measured): about {per_token} B of activations "
+              f"(n_embd {n_embd} × 4 B, each way) plus ggml RPC's per-graph commands; at 1 Gb/s that is "
+              f"{per_token * 8 / 1e9 * 1e3:.3f} ms per token, at 10 Gb/s {per_token * 8 / 10e9 * 1e3:.4f} ms, "
+              "before round-trip latency (one round trip per graph split per token)."]
+    table = "\n".join(lines) + "\n"
+    (args.out / "summary.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
