@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from orchestrator import modes, readspeed
-from orchestrator.bench.runs import Point, RunSpec, check_isolation, run_point
+from orchestrator.bench.runs import Isolation, Point, RunSpec, check_isolation, run_point
 from orchestrator.sizes import format_size, parse_size
 
 
@@ -34,11 +34,6 @@ def model_path(name: str) -> Path:
     from orchestrator import synth
 
     return synth.cached_preset(name, log=lambda msg: print(msg, file=sys.stderr))
-
-
-class _Sweep:  # what check_isolation reads and may switch off
-    use_cgroup = True
-    drop_caches = True
 
 
 def main() -> int:
@@ -53,7 +48,7 @@ def main() -> int:
     model = model_path(args.model)
     model_bytes = model.stat().st_size
     budget = parse_size(args.budget, what="--budget")
-    sweep = _Sweep()
+    sweep = Isolation()
     check_isolation(sweep, print)
     probe = readspeed.probe(model) or {}
     print("direct-read bandwidth: " + ", ".join(f"QD{d} {bw / 1e9:.2f} GB/s" for d, bw in sorted(probe.items())))

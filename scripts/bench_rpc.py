@@ -24,7 +24,7 @@ from pathlib import Path
 
 from orchestrator import modes, synth
 from orchestrator.bench.isolation import MemoryCgroup
-from orchestrator.bench.runs import Point, RunSpec, check_isolation, run_point
+from orchestrator.bench.runs import Isolation, Point, RunSpec, check_isolation, run_point
 from orchestrator.modelfile.reader import read_model_table
 from orchestrator.sizes import format_size, parse_size
 
@@ -35,11 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _Sweep:
-    use_cgroup = True
-    drop_caches = True
 
 
 def main() -> int:
@@ -53,7 +48,7 @@ def main() -> int:
     model = Path(args.model) if Path(args.model).exists() else synth.cached_preset(args.model)
     model_bytes = model.stat().st_size
     limit = parse_size(args.cgroup, what="--cgroup")
-    sweep = _Sweep()
+    sweep = Isolation()
     check_isolation(sweep, print)
     port = free_port()
     cg = MemoryCgroup(f"flashflex-bench-rpc-worker-{port}", limit) if sweep.use_cgroup else None

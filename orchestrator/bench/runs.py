@@ -108,6 +108,14 @@ def run_point(point: Point, spec: RunSpec, use_cgroup: bool, drop_caches: bool, 
 
 
 
+@dataclass
+class Isolation:
+    """How runs are isolated (what check_isolation reads, and switches off where the platform forbids it)."""
+
+    use_cgroup: bool = True
+    drop_caches: bool = True
+
+
 def check_isolation(sweep: Any, log: Log) -> None:
     """Degrade gracefully where the platform forbids cgroups or dropping the page cache (said once)."""
     if sweep.use_cgroup and cgroup_version() is None:
