@@ -16,6 +16,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator import fsutil, native
 from orchestrator.paths import cache_root
@@ -61,6 +62,20 @@ def _measure_now(model: Path, ctx: int, ubatch: int, batch: int) -> Measured | N
     if mem is None:
         return None
     return Measured(kv_bytes=int(mem["context"]), compute_bytes=int(mem["compute"]), model_bytes=int(mem["model"]))
+
+
+def plan_inputs(cfg, model: Path, *, workers: Any = None, estimate: bool = False,
+                reprobe: bool = False) -> tuple[Measured | None, dict[int, float] | None]:
+    """What a plan of RunConfig `cfg` measures before planning, the same for `plan` and `run`: the overheads (not
+    with RPC workers: the local share of the KV cache is planned, not measured; not with `estimate`), and the
+    device's read probe when `-tp` is auto."""
+    from orchestrator import readspeed
+
+    measured = None
+    if not estimate and not workers:
+        measured = measure(model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch)
+    probe = readspeed.measured(model, refresh=reprobe) if cfg.prefetch.threads == "auto" else None
+    return measured, probe
 
 
 def measure(model: Path, *, ctx: int, ubatch: int, batch: int, refresh: bool = False) -> Measured | None:

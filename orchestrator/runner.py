@@ -521,15 +521,9 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
         from orchestrator import rpc
 
         workers = rpc.workers_for(cfg.rpc.servers, cfg.rpc.timeout_s)
-    measured = probe = None
-    if not workers:  # with workers the local share of the KV cache is planned, not measured
-        from orchestrator import overheads
+    from orchestrator import overheads
 
-        measured = overheads.measure(model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch)
-    if cfg.prefetch.threads == "auto":
-        from orchestrator import readspeed
-
-        probe = readspeed.measured(model)
+    measured, probe = overheads.plan_inputs(cfg, model, workers=workers)
     plan = plan_for_run(table, cfg, workers=workers, overheads=measured, read_probe=probe)
     ex = Execution(budget_plan=plan, rpc=plan.rpc, rpc_timeout=cfg.rpc.timeout_s)
     if plan.rpc is not None and plan.moe is not None and plan.moe.mode not in ("auto", "stock", "resident"):

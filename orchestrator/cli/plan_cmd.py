@@ -13,7 +13,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator import readspeed
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.config import DEFAULT_BANDWIDTH, RunConfig, load_run_config
 from orchestrator.modelfile.table import ModelTable
@@ -99,13 +98,9 @@ def plan_command(
         from orchestrator import rpc as rpc_mod
 
         workers = rpc_mod.probe_all(settings.rpc.servers, settings.rpc.timeout_s)
-    measured = None
-    if not estimate and not workers:  # with workers the local share of the KV cache is planned, not measured
-        from orchestrator import overheads
+    from orchestrator import overheads
 
-        measured = overheads.measure(model, ctx=settings.context.ctx, ubatch=settings.context.ubatch,
-                                     batch=settings.context.batch)
-    probe = readspeed.measured(model, refresh=reprobe) if settings.prefetch.threads == "auto" else None
+    measured, probe = overheads.plan_inputs(settings, model, workers=workers, estimate=estimate, reprobe=reprobe)
     plan = plan_for_run(table, settings, workers=workers, read_bandwidth=rate, overheads=measured, read_probe=probe)
     if json_out:
         emit_json(plan.model_dump(mode="json"))
