@@ -149,6 +149,12 @@ def prepare(config: str | Path | RunConfig | None = None, log=None, **options: A
     cfg = run_config(config, **options)
     settings = runner.settings_from_config(cfg, log=log)
     draft = speculative.setup_for(cfg, settings, log=log)
+    if draft is not None and not draft.length_fixed:
+        try:
+            plan = runner.execution_for_config(cfg, settings.model).budget_plan
+        except FlashflexError:
+            plan = None  # the drafted plan below fails too, and says so with drafting's share
+        speculative.fit_length(draft, plan.estimates.streamed_bytes_per_token if plan is not None else 0, log)
     try:
         execution = runner.execution_for_config(speculative.target_config(cfg, draft), settings.model)
     except FlashflexError as exc:

@@ -520,8 +520,10 @@ class DraftSetup:
     weights_bytes: int = 0  # draft model file(s)
     kv_cache_bytes: int = 0  # the draft model's KV cache for the context
     compute_bytes: int = 0  # the draft model's compute buffers
-    logits_bytes: int = 0  # the model's output rows for a verification batch
-    capped_from: int | None = None  # max_tokens asked for, when the ubatch capped it
+    logits_bytes: int = 0  # the model's output rows a verification batch adds (one per drafted token)
+    row_bytes: int = 0  # one output row: 4 bytes per vocabulary entry
+    capped_from: int | None = None  # max_tokens asked for, when the ubatch (or the budget) capped it
+    length_fixed: bool = False  # max_tokens was given: never capped for the budget
 
     @property
     def resident_bytes(self) -> int:
@@ -575,8 +577,10 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
         log(f"note: draft.max_tokens {d.max_tokens} capped at {max_tokens} (ubatch {settings.ubatch} - 1: a longer "
             "verification would take two passes over the weights)")
     table = target_table if target_table is not None else read_model_table(settings.model)
-    n_vocab = _n_vocab(table)
-    setup.logits_bytes = 4 * (max_tokens + 1) * n_vocab
+    setup.row_bytes = 4 * _n_vocab(table)
+    setup.length_fixed = "max_tokens" in d.model_fields_set
+    # every run keeps one row (the next token's logits, inside the runtime margin); drafting adds one per token
+    setup.logits_bytes = max_tokens * setup.row_bytes
     if d.kind == "prompt-lookup":
         setup.ngram = d.ngram
         return setup
@@ -594,6 +598,38 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
     setup.kv_cache_bytes = kv_cache_bytes(draft_table, settings.ctx)
     setup.compute_bytes = compute_bytes(draft_table, settings.ctx, settings.ubatch)
     check_vocab(settings.model, draft)
+    return setup
+
+
+# The verification rows may cost at most this share of the bytes a token streams without drafting: where drafts
+# fail everywhere, adaptive lengths fall to 0 and what is left is the memory the rows took from the resident
+# weights (each token then reads that much more) and the rare probes (about 1%, tests/test_speculative_unit.py).
+FAILING_DRAFT_SHARE = 0.04
+
+
+def fit_length(setup: DraftSetup, streamed_per_token: int, log: Callable[[str], None] = print) -> DraftSetup:
+    """Cap max_tokens so that the rows a verification batch adds cost at most FAILING_DRAFT_SHARE of the bytes a
+    token streams without drafting (`streamed_per_token`, 0 when the model fits: nothing to cap). An explicit
+    max_tokens is the user's choice and is kept."""
+    if setup.length_fixed or streamed_per_token <= 0 or setup.row_bytes <= 0:
+        return setup
+    allowed = int(FAILING_DRAFT_SHARE * streamed_per_token // setup.row_bytes)
+    if allowed >= setup.max_tokens:
+        return setup
+    from orchestrator.sizes import format_size
+
+    fitted = max(1, allowed)
+    why = (f"each drafted token keeps a {format_size(setup.row_bytes)} logits row, taken off the resident weights, "
+           f"and a token streams {format_size(streamed_per_token)} without drafting")
+    if allowed < 1:
+        log(f"note: drafting 1 token per verification costs more than {FAILING_DRAFT_SHARE:.0%} of the reads where "
+            f"drafts fail ({why}); give --draft-max to choose the length yourself")
+    else:
+        log(f"note: up to {fitted} drafted tokens per verification (not {setup.max_tokens}), so text where drafts "
+            f"fail costs at most {FAILING_DRAFT_SHARE:.0%} more reads ({why}); --draft-max overrides")
+    setup.capped_from = setup.capped_from or setup.max_tokens
+    setup.max_tokens = fitted
+    setup.logits_bytes = fitted * setup.row_bytes
     return setup
 
 

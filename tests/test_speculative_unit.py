@@ -311,6 +311,30 @@ def test_the_budget_shrinks_by_what_drafting_keeps_resident():
         speculative.target_config(load_run_config(None, {"budget.size": "100MiB"}), setup)
 
 
+def test_the_draft_length_is_capped_so_failing_drafts_cost_at_most_their_share_of_the_reads():
+    def setup(**kw):
+        return DraftSetup(kind="prompt-lookup", max_tokens=7, adaptive=True, row_bytes=1 << 20,
+                          logits_bytes=7 << 20, **kw)
+
+    notes: list[str] = []
+    # 57 MiB streamed per token: 4% of it is 2.28 MiB, two 1 MiB rows
+    fitted = speculative.fit_length(setup(), 57 << 20, notes.append)
+    assert (fitted.max_tokens, fitted.logits_bytes, fitted.capped_from) == (2, 2 << 20, 7)
+    assert len(notes) == 1 and "up to 2 drafted tokens" in notes[0] and "--draft-max" in notes[0]
+    # rows are cheap next to what streams: no cap; nothing streams: no cap; the user chose the length: kept
+    assert speculative.fit_length(setup(), 1 << 30, notes.append).max_tokens == 7
+    assert speculative.fit_length(setup(), 0, notes.append).max_tokens == 7
+    assert speculative.fit_length(setup(length_fixed=True), 57 << 20, notes.append).max_tokens == 7
+    assert len(notes) == 1
+    # not even one row fits the share: one token, said
+    tiny = speculative.fit_length(setup(), 10 << 20, notes.append)
+    assert tiny.max_tokens == 1 and "more than 4%" in notes[-1]
+    # every drafted row costs FAILING_DRAFT_SHARE of the reads at most, the rows' cost checked against it
+    for streamed in (30 << 20, 57 << 20, 200 << 20):
+        f = speculative.fit_length(setup(), streamed, notes.append)
+        assert f.logits_bytes <= speculative.FAILING_DRAFT_SHARE * streamed or f.max_tokens == 1
+
+
 def test_bench_summary_takes_medians_and_compares_with_no_drafting():
     from orchestrator.bench import speculative as spec_bench
 
