@@ -290,18 +290,18 @@ def test_prefetch_buffers_are_window_times_largest_streamed_layer():
     layer_bytes = sum(d.n_bytes for d in plan.tensors if d.layer == 0 and d.placement == "streamed")
     assert plan.prefetch.buffers == 2
     assert layer_bytes <= plan.prefetch.buffer_bytes <= layer_bytes + 2 * 4096 * 7
-    # the ring holds the largest layer and the slack a wrap may waste (two largest tensors), at least
+    # window x the largest layer, at least the slack a wrap may waste (two largest tensors)
     largest = max(d.n_bytes for d in plan.tensors if d.placement == "streamed")
-    assert plan.prefetch.ring_bytes == max(2 * plan.prefetch.buffer_bytes,
-                                           plan.prefetch.buffer_bytes + 2 * (largest + 2 * 4096))
+    assert plan.prefetch.ring_bytes == max(2 * plan.prefetch.buffer_bytes, 2 * (largest + 2 * 4096))
     sync = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=0, window=5))
     assert sync.prefetch.buffers == 1  # synchronous reads still need one buffer
     assert sync.prefetch.ring_bytes <= plan.prefetch.ring_bytes
     assert sync.resident_bytes >= plan.resident_bytes
 
 
-def test_auto_ring_is_the_largest_layer_its_slack_and_one_read_per_thread():
-    """The default read-ahead is a ring sized in bytes, not in layers: what it does not need holds weights."""
+def test_auto_ring_is_three_largest_tensors_and_one_read_per_thread():
+    """The default read-ahead is a ring sized in bytes, not in layers: compute holds one weight at a time, so the
+    ring holds the one computing, the one arriving and a wrap's slack; what it does not need holds weights."""
     t = dense_table(n_layer=16)
     budget = minimum(t, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=3)) + (1 << 20)
     auto = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2))
@@ -310,7 +310,8 @@ def test_auto_ring_is_the_largest_layer_its_slack_and_one_read_per_thread():
     assert p.window == "auto" and p.buffers == 1
     largest = max(d.n_bytes for d in auto.tensors if d.placement == "streamed") + 2 * 4096
     streamed = sum(d.n_bytes + 2 * 4096 for d in auto.tensors if d.placement == "streamed")
-    assert p.ring_bytes == min(p.buffer_bytes + 2 * largest + 2 * min(4 << 20, largest), streamed)
+    assert p.ring_bytes == min(3 * largest + 2 * min(4 << 20, largest), streamed)
+    assert p.ring_bytes < p.buffer_bytes + 2 * largest  # less than the old floor: a layer and its slack
     assert auto.reservations.prefetch_buffer_bytes == p.ring_bytes + p.staging_bytes
     assert p.ring_bytes < layers3.prefetch.ring_bytes
     assert auto.resident_bytes > layers3.resident_bytes  # the bytes a deeper ring would cost hold weights

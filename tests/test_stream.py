@@ -221,3 +221,39 @@ def test_a_prompt_of_several_ubatches_that_wants_one_output_streams(streaming, d
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)["stats"]
     assert stats["mode"] == "dense-stream" and stats["prompt"]["tokens"] > 8
+
+
+@pytest.fixture(scope="module")
+def wide_ffn_model(tmp_path_factory) -> Path:
+    """Q4_0 (repacked on arrival on x86) with FFN matrices larger than one 4 MiB read job, in both directions."""
+    out = tmp_path_factory.mktemp("wide-ffn")
+    spec = synth.preset("tiny-dense", quant="q4_0", n_layer=4, n_embd=512, n_ff=16384)
+    return synth.write_synth_model(spec, out / "wide-ffn.gguf")
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+@pytest.mark.parametrize("ubatch", [1, 32])
+def test_a_ring_smaller_than_a_layer_is_exact(streaming, wide_ffn_model, threads, ubatch):
+    """Compute holds one matmul weight at a time (a use node before each matmul waits for its weight and releases
+    the one before), so a ring of two largest tensors, less than a layer, streams every weight; the layout follows
+    the order the graph uses the weights in, and repacked matrices are staged a row group (one read job) at a
+    time. The logits stay bitwise identical."""
+    path = wide_ffn_model
+    table = read_model_table(path)
+    prefetch = PrefetchConfig(threads=threads)
+    minimum = make_plan(table, 1 << 40, ctx=CTX, ubatch=ubatch, prefetch=prefetch).minimum_budget_bytes
+    plan = make_plan(table, minimum, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
+    streamed = [d.n_bytes for d in plan.tensors if d.placement == "streamed"]
+    largest = max(streamed) + 2 * 4096
+    assert largest > 4 << 20  # staged in row groups
+    small = plan.model_copy(update={"prefetch": plan.prefetch.model_copy(update={"ring_bytes": 2 * largest})})
+    assert small.prefetch.ring_bytes < plan.prefetch.buffer_bytes  # less than the largest streamed layer
+    result = exact.verify(_settings(path, ubatch), small, n_tokens=24)
+    assert result.identical, result
+    gen = runner.generate(runner.GenerationSettings(model=path, prompt="hello world", n_predict=4, ctx=CTX,
+                                                    ubatch=ubatch, threads=2), small)
+    stats = gen.stats["decode"]
+    assert stats["error"] is None and stats["relayouts"] <= 1
+    assert stats["ring_bytes"] <= 2 * largest + 2 * 4096
+    # staging: one row group per thread (the largest matrix would be 4.7 MB a thread)
+    assert 0 < stats["staging_bytes"] <= max(1, threads) * ((4 << 20) + 3 * 4096)

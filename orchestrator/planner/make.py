@@ -239,38 +239,60 @@ def _largest_streamed_tensor(layers: list[_Layer], quota: int) -> int:
     return largest
 
 
+def _held_with_layer(t: TensorInfo) -> bool:
+    """A streamed tensor the runtime holds for its whole layer: one the graph does not use through build_lora_mm's
+    matmul (that takes 2-D weights), so no use node waits for and releases it on its own."""
+    return len(t.shape) >= 3
+
+
 def _buffers(layers: list[_Layer], quota: int | None, window: int | None,
              threads: int = 1) -> tuple[int, int, int]:
     """(buffers, bytes per buffer, ring bytes) for a quota (None = nothing streams).
 
-    The runtime's ring is bytes, tensors laid out in the order compute uses them: it must hold the largest layer
-    plus the slack a wrap may waste (a largest tensor per buffer type: two, for the plain and the repacked
-    layout). An explicit `window` keeps its meaning, window x the largest layer (at least that minimum). With
-    `window` None (auto) the ring is the minimum plus one read job (4 MiB, or a smaller tensor) per prefetch
-    thread, so every I/O thread has a home to read into while compute holds a layer; whatever a deeper ring would
-    cost stays resident weights."""
+    The runtime's ring is bytes, tensors laid out in the order compute uses them, and compute holds one matmul
+    weight at a time (a use node waits for it and the next one releases it): the ring must hold the largest
+    tensor plus the slack a wrap may waste (a largest tensor per buffer type: two, for the plain and the repacked
+    layout), and a whole layer plus that where the layer streams tensors held for the whole layer
+    (_held_with_layer). An explicit `window` keeps its meaning, window x the largest layer (at least that
+    minimum). With `window` None (auto) the ring is three largest tensors (one computing, one arriving, one of
+    wrap slack) plus one read job (4 MiB, or a smaller tensor) per prefetch thread, so the disk stays busy while
+    compute holds a weight; whatever a deeper ring would cost stays resident weights."""
     per_layer = [_streamed_layer_buffer(layer, quota) for layer in layers]
     streaming = sum(1 for b in per_layer if b > 0)
     if streaming == 0 or quota is None:
         return 0, 0, 0
     buf = max(per_layer)
     largest = _largest_streamed_tensor(layers, quota)
-    minimum = buf + 2 * largest
+    held = max((b for layer, b in zip(layers, per_layer) if b and any(map(_held_with_layer, layer.streamable))),
+               default=0)
+    minimum = max(held, largest) + 2 * largest if held else 2 * largest
     if window is not None:
         n_buf = min(window, streaming)
         ring = max(n_buf * buf, minimum)
     else:
         n_buf = 1
-        ring = minimum + max(threads, 0) * min(READ_CHUNK_BYTES, largest)  # a read job: a chunk, or a tensor
+        ring = max(minimum, 3 * largest) + max(threads, 0) * min(READ_CHUNK_BYTES, largest)
     return n_buf, buf, min(ring, sum(per_layer))
+
+
+def _staging_job_bytes(t: TensorInfo) -> int:
+    """Staging one read job of a repacked tensor takes: a matrix is staged 64 rows or more at a time, about one
+    4 MiB read job (the runtime's job_rows), anything else whole; plus the page padding of an O_DIRECT read."""
+    if len(t.shape) == 2 and t.shape[1] > 0:
+        rows = int(t.shape[1])
+        row_bytes = t.n_bytes // rows
+        group = max(64, READ_CHUNK_BYTES // max(row_bytes, 1) // 64 * 64)
+        if rows > group:
+            return group * row_bytes + 2 * DIRECT_IO_ALIGNMENT
+    return t.n_bytes + 2 * DIRECT_IO_ALIGNMENT
 
 
 def _staging_bytes(layers: list[_Layer], threads: int) -> int:
     """Staging the runtime needs besides the ring: tensors the CPU backend keeps in a repacked layout are read
-    raw into a staging buffer, then repacked into their slot; one buffer per prefetch thread (or one for
-    synchronous reads), each as large as the largest streamable tensor plus its page padding."""
-    largest = max((t.n_bytes for layer in layers for t in layer.streamable), default=0)
-    return max(1, threads) * (largest + 2 * DIRECT_IO_ALIGNMENT) if largest else 0
+    raw into a staging buffer, a read job at a time, then repacked into their home; one buffer per prefetch
+    thread (or one for synchronous reads), as large as the largest job (_staging_job_bytes)."""
+    largest = max((_staging_job_bytes(t) for layer in layers for t in layer.streamable), default=0)
+    return max(1, threads) * largest
 
 
 def _prefetch_cost(ring: int, staging: int) -> int:

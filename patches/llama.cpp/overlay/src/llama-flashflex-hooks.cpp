@@ -7,6 +7,7 @@
 #include "llama-flashflex-internal.h"
 #include "llama-flashflex-runtime.h"
 #include "llama-flashflex.h"
+#include "llama-graph.h"
 #include "llama-impl.h"
 #include "llama-model-loader.h"
 
@@ -157,7 +158,9 @@ void llama_flashflex_on_context_free(const llama_model & model, const llama_cont
 
 llama_flashflex_graph_scope::llama_flashflex_graph_scope(const llama_model *  model,
                                                          ggml_backend_sched_t sched,
-                                                         ggml_backend_t       backend_cpu) {
+                                                         ggml_backend_t       backend_cpu,
+                                                         llm_graph_result *   res) :
+    res(res) {
     g_sched       = sched;
     g_backend_cpu = backend_cpu;
     stream_graph_begin(model);
@@ -165,7 +168,7 @@ llama_flashflex_graph_scope::llama_flashflex_graph_scope(const llama_model *  mo
 }
 
 llama_flashflex_graph_scope::~llama_flashflex_graph_scope() {
-    stream_graph_end();
+    stream_graph_end(res != nullptr ? res->get_gf() : nullptr);
     bank_graph_end();
     g_sched       = nullptr;
     g_backend_cpu = nullptr;
@@ -182,10 +185,14 @@ ggml_tensor * llama_flashflex_layer_boundary(ggml_context * ctx, ggml_tensor * c
     return bank_boundary(ctx, stream_boundary(ctx, cur, il_done), il_done);
 }
 
+ggml_tensor * llama_flashflex_weight_use(ggml_context * ctx, ggml_tensor * w, ggml_tensor * cur) {
+    return stream_weight_use(ctx, w, cur);
+}
+
 ggml_tensor * llama_flashflex_mul_mat_id(ggml_context * ctx, ggml_tensor * as, ggml_tensor * b, ggml_tensor * ids) {
     return bank_mul_mat_id(ctx, as, b, ids);
 }
 
 uint32_t llama_flashflex_graph_nodes(const llama_model & model, uint32_t n_tokens) {
-    return bank_graph_nodes(&model, n_tokens);
+    return stream_graph_nodes(&model) + bank_graph_nodes(&model, n_tokens);
 }

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+class llm_graph_result;
 struct ggml_context;
 struct ggml_tensor;
 struct llama_context;
@@ -32,13 +33,20 @@ void llama_flashflex_on_context_created(const llama_model & model, const llama_c
 void llama_flashflex_on_context_free(const llama_model & model, const llama_context * ctx);
 
 // llama_model::build_graph: marks the model whose graph is being built on this thread, and the scheduler that will
-// run it: the graph nodes flashflex adds (layer boundaries, expert-bank ops) are pinned to backend_cpu, because they
-// call back into this process (a node the scheduler gave to an RPC worker or a GPU could not run there).
+// run it: the graph nodes flashflex adds (layer boundaries, weight uses, expert-bank ops) are pinned to backend_cpu,
+// because they call back into this process (a node the scheduler gave to an RPC worker or a GPU could not run
+// there). When the scope ends, res holds the finished graph: dense streaming reads the order its weights are used in.
 struct llama_flashflex_graph_scope {
-    llama_flashflex_graph_scope(const llama_model * model, ggml_backend_sched_t sched, ggml_backend_t backend_cpu);
+    llama_flashflex_graph_scope(const llama_model *  model,
+                                ggml_backend_sched_t sched,
+                                ggml_backend_t       backend_cpu,
+                                llm_graph_result *   res);
     ~llama_flashflex_graph_scope();
     llama_flashflex_graph_scope(const llama_flashflex_graph_scope &)             = delete;
     llama_flashflex_graph_scope & operator=(const llama_flashflex_graph_scope &) = delete;
+
+  private:
+    llm_graph_result * res;
 };
 
 // llm_graph_context::build_inp_embd (il_done = -1) and build_cvec (il_done = the layer just built):
@@ -46,9 +54,15 @@ struct llama_flashflex_graph_scope {
 // layer il_done + 1's have arrived. Returns cur unchanged when the model streams nothing.
 ggml_tensor * llama_flashflex_layer_boundary(ggml_context * ctx, ggml_tensor * cur, int il_done);
 
+// llm_graph_context::build_lora_mm: returns cur, wrapped — when w streams — in an in-place op that waits until w's
+// bytes are in place and releases the weight the previous such op waited for (its matmul is done: compute is
+// sequential, and each wait runs just before its own matmul). Returns cur unchanged for any other weight.
+ggml_tensor * llama_flashflex_weight_use(ggml_context * ctx, ggml_tensor * w, ggml_tensor * cur);
+
 // llm_graph_context::build_lora_mm_id: ggml_mul_mat_id, or — for a tensor held in a MoE slot bank — the same
 // matmul on slot ids that a custom op resolves (and installs) from the router's expert ids.
 ggml_tensor * llama_flashflex_mul_mat_id(ggml_context * ctx, ggml_tensor * as, ggml_tensor * b, ggml_tensor * ids);
 
-// llama_context::graph_max_nodes: the graph nodes MoE slot banks add for a ubatch of n_tokens (0 without).
+// llama_context::graph_max_nodes: the graph nodes dense streaming and MoE slot banks add for a ubatch of n_tokens
+// (0 without either).
 uint32_t llama_flashflex_graph_nodes(const llama_model & model, uint32_t n_tokens);

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+struct ggml_cgraph;
 struct ggml_context;
 struct ggml_tensor;
 struct llama_model;
@@ -31,8 +32,10 @@ void          stream_setup(const llama_model & model, llama_model_loader & ml, c
 bool          stream_active(const llama_model * model);
 void          stream_free(const llama_model * model);
 void          stream_graph_begin(const llama_model * model);
-void          stream_graph_end();
+void          stream_graph_end(ggml_cgraph * gf);
 ggml_tensor * stream_boundary(ggml_context * ctx, ggml_tensor * cur, int il_done);
+ggml_tensor * stream_weight_use(ggml_context * ctx, ggml_tensor * w, ggml_tensor * cur);
+uint32_t      stream_graph_nodes(const llama_model * model);
 bool          stream_failed(const llama_model * model, std::string * error);
 
 // MoE slot banks (llama-flashflex-bank.cpp).

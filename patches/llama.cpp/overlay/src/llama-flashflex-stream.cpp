@@ -2,10 +2,12 @@
 // from the GGUF, tensor by tensor, into a ring of bytes, by prefetch threads working ahead of compute.
 //
 // Design (see include/llama-flashflex.h for the public API):
-// - Placement: streamed tensors are laid out once, in the order compute uses them (layer by layer), in a ring of
-//   `ring_bytes` per buffer type: each tensor's home follows the previous one's and wraps to the ring's start
-//   when it would run past the end. So tensor->data never changes and the graph needs no rewriting, and a
-//   tensor shares ring bytes only with tensors far enough away in the cycle. Tensors the loader put in the plain
+// - Placement: streamed tensors are laid out in the order compute uses them (layer by layer, and inside a layer in
+//   the order the graph's matmuls use them), in a ring of `ring_bytes` per buffer type: each tensor's home follows
+//   the previous one's and wraps to the ring's start when it would run past the end. So tensor->data does not
+//   change from one graph to the next, and a tensor shares ring bytes only with tensors far enough away in the
+//   cycle. The order inside a layer is read from the first graph built (before anything computes); a graph that
+//   uses the weights in another order moves the homes once more, between two computes. Tensors the loader put in the plain
 //   CPU buffer type are read straight into their home (O_DIRECT: the read covers the 4096-aligned superset of
 //   the tensor, and tensor->data points at the tensor inside it). Tensors the loader put in another CPU buffer
 //   type (the repacked layout) get their home in a ring of that type and are read into a staging buffer, then
@@ -16,9 +18,13 @@
 //   exactly the ring bytes compute is not using, with no per-layer slots. A ring holds at least the largest
 //   layer plus the largest tensor (the wrap), checked at load.
 // - Synchronisation: an in-place no-op graph node at every layer boundary (after the input embeddings and
-//   after each layer) releases the layer just computed and waits until the next layer's tensors are in place.
-//   Compute is sequential (one context per model, see llama-flashflex-hooks.cpp); a layer acquired out of the
-//   cycle's order (a graph that aborted half-way, or skipped layers) re-synchronises the cycle at that layer.
+//   after each layer) releases the layer just computed and waits for the next layer's tensors the graph uses
+//   outside build_lora_mm; and an in-place no-op node on the input of each matmul of a streamed weight (a "use",
+//   llama_flashflex_weight_use) waits for that weight and releases the weight of the use before it. So a
+//   layer's matmul weights are held one at a time, and the ring needs only the largest weight (plus whatever a
+//   layer holds outside matmuls), not a whole layer: what it has beyond that is read-ahead. Compute is
+//   sequential (one context per model, see llama-flashflex-hooks.cpp); a layer acquired out of the cycle's
+//   order (a graph that aborted half-way, or skipped layers) re-synchronises the cycle at that layer.
 // - Failure: a read error marks the model failed; the boundary stops waiting, and the abort callback
 //   (llama_flashflex_abort_callback) makes llama_decode return an error instead of computing on bad data.
 
@@ -62,17 +68,19 @@ constexpr size_t k_chunk = 4u << 20;  // one read job moves at most this many by
 struct stream_tensor {
     ggml_tensor *    t;
     int              file;
-    uint64_t         read_off;  // file offset of the aligned superset
-    size_t           read_len;  // its length (multiple of 4096)
-    size_t           head;      // the tensor starts this many bytes into the superset
+    uint64_t         read_off;        // file offset of the aligned superset
+    size_t           read_len;        // its length (multiple of 4096)
+    size_t           head;            // the tensor starts this many bytes into the superset
     size_t           nbytes;
-    bool             staged;    // read into staging, then ggml_backend_tensor_set (repacked layout)
-    int              li;        // streamed-layer index
-    int              ring;      // which ring (buffer type) holds its home
-    size_t           home_off;  // the home's offset in that ring
-    size_t           home_len;  // bytes of the home
-    uint8_t *        home;      // direct tensors: where the superset is read to
-    std::vector<int> overlaps;  // the other tensors whose homes share bytes with this one's
+    bool             staged;          // read into staging, then ggml_backend_tensor_set (repacked layout)
+    size_t           job_rows = 0;    // staged in groups of this many rows, one read job each (0: whole, one job)
+    int              li;              // streamed-layer index
+    int              ring;            // which ring (buffer type) holds its home
+    size_t           home_off;        // the home's offset in that ring
+    size_t           home_len;        // bytes of the home
+    uint8_t *        home;            // direct tensors: where the superset is read to
+    std::vector<int> overlaps;        // the other tensors whose homes share bytes with this one's
+    bool             by_use = false;  // waited for and released by its use node, not with its layer
 
     // guarded by pool.mutex()
     int64_t cycle    = -1;  // the cycle whose bytes the home holds or is receiving (-1: none)
@@ -101,6 +109,12 @@ struct boundary {
     int                   il_done;
 };
 
+// graph userdata of a use node: the weight it waits for
+struct weight_use {
+    struct stream_state * st;
+    const ggml_tensor *   w;
+};
+
 struct stream_state {
     config                     cfg;
     int                        n_layer = 0;
@@ -122,12 +136,16 @@ struct stream_state {
     int64_t cycle        = 0;        // the cycle compute is in
     int     expected_li  = -1;       // the layer compute should acquire next (-1: not synchronised)
     int     held         = -1;       // the layer compute acquired last and has not released
+    int     held_use     = -1;       // the tensor the last use node waited for, until the next one releases it
     void *  sync_staging = nullptr;  // staging for synchronous reads (-tp 0)
 
-    // graph boundaries
-    std::deque<boundary> boundaries;  // stable addresses for graph userdata
-    std::vector<bool>    seen_after;  // boundary after layer il seen in the graph being built
-    bool                 seen_input = false;
+    // graph boundaries and uses
+    std::deque<boundary>                                             boundaries;  // stable addresses for graph userdata
+    std::unordered_map<const ggml_tensor *, weight_use>              uses;        // one per weight, likewise
+    std::unordered_map<const ggml_tensor *, int>                     index_of;    // weight -> its index in tensors
+    std::vector<std::pair<const ggml_tensor *, const ggml_tensor *>> built_uses;  // (node, weight) of this build
+    std::vector<bool>                                                seen_after;  // boundary after layer il seen
+    bool                                                             seen_input = false;
 
     failure failed;
 
@@ -139,6 +157,7 @@ struct stream_state {
     std::atomic<uint64_t> layer_waits{ 0 };  // acquisitions that waited for a read
     std::atomic<uint64_t> acquires{ 0 };
     std::atomic<uint64_t> resyncs{ 0 };
+    std::atomic<uint64_t> relayouts{ 0 };
 
     ~stream_state() { stop(); }
 
@@ -165,14 +184,57 @@ struct stream_state {
             failed.set(msg);
         }
         pool.done_cv().notify_all();
+    }  // The read jobs of tensor k: [begin, end) in bytes of its superset (direct, or staged whole), or in rows
+
+    // (staged in row groups).
+    static size_t job_units(const stream_tensor & t) { return t.job_rows ? (size_t) ggml_nrows(t.t) : t.read_len; }
+
+    static size_t job_step(const stream_tensor & t) {
+        return t.job_rows ? t.job_rows : t.staged ? t.read_len : k_chunk;
     }
 
-    // Read [begin, end) of tensor k's superset (direct), or the whole tensor (staged).
+    // Rows [begin, end) of staged tensor k: their aligned superset into staging, then repacked into the home
+    // through a view of those rows. The repacked layouts keep each group of interleaved rows in the bytes the
+    // rows have unpacked (row_bytes apiece), so the rows land where a whole-tensor set would put them.
+    void read_rows(int k, size_t begin, size_t end, void * staging) {
+        const stream_tensor & st   = tensors[k];
+        const size_t          rb   = st.t->nb[1];
+        const uint64_t        off  = st.read_off + st.head + begin * rb;
+        const uint64_t        aoff = off - off % k_page;
+        const size_t          pre  = (size_t) (off - aoff);
+        const size_t          want = pre + (end - begin) * rb;
+        const int64_t         t0   = now_ns();
+        const long long       n    = pread_full(files[st.file].fd, staging, align_up(want, k_page), aoff);
+        if (n < 0) {
+            fail(format("reading %s from %s failed: %s", ggml_get_name(st.t), files[st.file].path.c_str(),
+                        strerror(errno)));
+            return;
+        }
+        if ((size_t) n < want) {
+            fail(format("%s ended early while reading %s (the file shrank or changed since the plan was made)",
+                        files[st.file].path.c_str(), ggml_get_name(st.t)));
+            return;
+        }
+        bytes_read.fetch_add((uint64_t) n);
+        ggml_tensor rows = *st.t;
+        rows.ne[1]       = (int64_t) (end - begin);
+        rows.nb[2]       = rows.nb[1] * rows.ne[1];
+        rows.nb[3]       = rows.nb[2] * rows.ne[2];
+        rows.data        = (uint8_t *) st.t->data + begin * rb;
+        ggml_backend_tensor_set(&rows, (uint8_t *) staging + pre, 0, ggml_nbytes(&rows));
+        read_ns.fetch_add(now_ns() - t0);
+    }
+
+    // One read job of tensor k: [begin, end) of its superset (direct), the whole tensor (staged), or rows.
     void read_range(int k, size_t begin, size_t end, void * staging) {
-        const stream_tensor & st  = tensors[k];
-        uint8_t *             dst = st.staged ? (uint8_t *) staging : st.home;
-        const int64_t         t0  = now_ns();
-        const long long       n   = pread_full(files[st.file].fd, dst + begin, end - begin, st.read_off + begin);
+        const stream_tensor & st = tensors[k];
+        if (st.job_rows) {
+            read_rows(k, begin, end, staging);
+            return;
+        }
+        uint8_t *       dst = st.staged ? (uint8_t *) staging : st.home;
+        const int64_t   t0  = now_ns();
+        const long long n   = pread_full(files[st.file].fd, dst + begin, end - begin, st.read_off + begin);
         if (n < 0) {
             fail(format("reading %s from %s failed: %s", ggml_get_name(st.t), files[st.file].path.c_str(),
                         strerror(errno)));
@@ -218,10 +280,9 @@ struct stream_state {
                 t.cycle   = next_cycle;
                 t.pending = 0;
                 layer_loads.fetch_add(1);
-                // a staged tensor is one job (its staging buffer holds it whole); a direct one, chunks of k_chunk
-                const size_t step = t.staged ? t.read_len : k_chunk;
-                for (size_t b = 0; b < t.read_len; b += step) {
-                    queue_read(next_tensor, next_cycle, b, std::min(t.read_len, b + step));
+                const size_t units = job_units(t), step = job_step(t);
+                for (size_t b = 0; b < units; b += step) {
+                    queue_read(next_tensor, next_cycle, b, std::min(units, b + step));
                     t.pending++;
                     any = true;
                 }
@@ -287,11 +348,47 @@ struct stream_state {
         }
         expected_li            = (li + 1) % (int) layers.size();
         held                   = li;
+        held_use               = -1;
         const stream_layer & L = layers[li];
+        wait_for(L.first, L.first + L.count, lk);  // the tensors its use nodes do not wait for
+    }
+
+    // Compute thread, at the use node of tensor k: release the tensor the previous use waited for (its matmul is
+    // done), then make k available for this cycle.
+    void use(int k) {
+        if (tensors[k].by_use && tensors[k].li != held) {
+            acquire(tensors[k].li);  // its layer's boundary did not run (only this thread writes `held`)
+        }
+        std::unique_lock<std::mutex> lk(pool.mutex());
+        if (held_use >= 0 && held_use != k) {
+            tensors[held_use].released = std::max(tensors[held_use].released, cycle);
+            held_use                   = -1;
+        }
+        stream_tensor & t = tensors[k];
+        if (!t.by_use || t.li != held) {
+            if (pool.threads() > 0) {
+                pump();  // for the release above; a tensor not held by its use came with its layer
+            }
+            return;
+        }
+        held_use = k;
+        wait_for(k, k + 1, lk);
+    }
+
+    // Tensors [first, end) that are waited for here (by their use when `by_use`, else with their layer): read them
+    // now (no prefetch threads) or wait until the prefetch threads have. pool.mutex() is held by lk.
+    void wait_for(int first, int end, std::unique_lock<std::mutex> & lk) {
+        const bool by_use = end == first + 1 && tensors[first].by_use;
+        auto       wanted = [&](int k) {
+            return by_use || !tensors[k].by_use;
+        };
         if (pool.threads() == 0) {
-            // synchronous reads: every other layer was released, so the homes are free
-            for (int k = L.first; k < L.first + L.count && !failed.is_set(); ++k) {
+            // synchronous reads: whatever shares these homes was released, so they are free
+            for (int k = first; k < end && !failed.is_set(); ++k) {
                 stream_tensor & t = tensors[k];
+                if (!wanted(k)) {
+                    continue;
+                }
                 if (t.ready(cycle) || (t.overlaps.empty() && t.cycle >= 0)) {
                     t.cycle = cycle;
                     continue;
@@ -299,15 +396,17 @@ struct stream_state {
                 t.cycle = cycle;
                 layer_loads.fetch_add(1);
                 lk.unlock();
-                read_range(k, 0, t.read_len, sync_staging);
+                for (size_t b = 0, units = job_units(t), step = job_step(t); b < units && !failed.is_set(); b += step) {
+                    read_range(k, b, std::min(units, b + step), sync_staging);
+                }
                 lk.lock();
             }
             return;
         }
         pump();
         auto all_ready = [&] {
-            for (int k = L.first; k < L.first + L.count; ++k) {
-                if (!tensors[k].ready(cycle)) {
+            for (int k = first; k < end; ++k) {
+                if (wanted(k) && !tensors[k].ready(cycle)) {
                     return false;
                 }
             }
@@ -342,9 +441,140 @@ struct stream_state {
         if (held == li) {
             held = -1;
         }
+        if (held_use >= L.first && held_use < L.first + L.count) {
+            held_use = -1;
+        }
         if (pool.threads() > 0) {
             pump();
         }
+    }
+
+    // Homes in the current order, consecutive, wrapping to the ring's start; which homes share bytes; and every
+    // tensor's data pointer at its home. Nothing may be reading or computing (setup, or relayout).
+    void place() {
+        std::vector<size_t> pos(rings.size(), 0);
+        index_of.clear();
+        for (size_t k = 0; k < tensors.size(); ++k) {
+            stream_tensor & s = tensors[k];
+            ring_buffer &   R = rings[s.ring];
+            if (pos[s.ring] + s.home_len > R.size) {
+                pos[s.ring] = 0;
+            }
+            s.home_off = pos[s.ring];
+            pos[s.ring] += s.home_len;
+            s.overlaps.clear();
+            index_of[s.t] = (int) k;
+        }
+        for (size_t a = 0; a < tensors.size(); ++a) {
+            for (size_t b = a + 1; b < tensors.size(); ++b) {
+                const stream_tensor & x = tensors[a];
+                const stream_tensor & y = tensors[b];
+                if (x.ring == y.ring && x.home_off < y.home_off + y.home_len && y.home_off < x.home_off + x.home_len) {
+                    tensors[a].overlaps.push_back((int) b);
+                    tensors[b].overlaps.push_back((int) a);
+                }
+            }
+        }
+        for (auto & s : tensors) {
+            uint8_t * base = (uint8_t *) ggml_backend_buffer_get_base(rings[s.ring].buf) + s.home_off;
+            s.home         = s.staged ? nullptr : base;
+            void * addr    = s.staged ? (void *) base : (void *) (base + s.head);
+            if (s.t->buffer == nullptr) {
+                if (ggml_backend_tensor_alloc(rings[s.ring].buf, s.t, addr) != GGML_STATUS_SUCCESS) {
+                    throw std::runtime_error(
+                        format("flashflex: cannot place %s in the streaming ring", ggml_get_name(s.t)));
+                }
+            } else {
+                s.t->data = addr;  // moved between two computes (relayout); the buffer and its extras stay
+            }
+        }
+    }
+
+    // A layer's tensors held for the whole layer (those without a use node) must not share bytes with any other
+    // tensor of the layer; a tensor held by its use only shares with the tensors used before it (released by then).
+    std::string layout_error() const {
+        for (size_t k = 0; k < tensors.size(); ++k) {
+            if (tensors[k].by_use) {
+                continue;
+            }
+            for (int j : tensors[k].overlaps) {
+                if (tensors[j].li == tensors[k].li) {
+                    return format(
+                        "the streaming ring (%.1f MiB) cannot hold layer %d's %s, which its graph uses outside "
+                        "build_lora_mm and so is held for the whole layer, together with %s: re-plan with a larger "
+                        "--prefetch-window",
+                        ring_bytes / 1048576.0, layers[tensors[k].li].layer, ggml_get_name(tensors[k].t),
+                        ggml_get_name(tensors[j].t));
+                }
+            }
+        }
+        return {};
+    }
+
+    // The order in which a finished graph uses the streamed weights (its use nodes, in node order): in each
+    // layer, the tensors without a use node first (its boundary waits for them), then the others in use order.
+    // A weight used twice in one graph is held with its layer. Moves the homes when that differs from now.
+    void learn_order(ggml_cgraph * gf) {
+        std::unordered_map<const ggml_tensor *, const ggml_tensor *> weight_of(built_uses.begin(), built_uses.end());
+        std::vector<int>                                             seq;
+        std::vector<int>                                             n_uses(tensors.size(), 0);
+        for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+            auto it = weight_of.find(ggml_graph_node(gf, i));
+            if (it != weight_of.end()) {
+                const int k = index_of.at(it->second);
+                seq.push_back(k);
+                n_uses[k]++;
+            }
+        }
+        std::vector<std::vector<int>> by_layer(layers.size());
+        for (int k : seq) {
+            if (n_uses[k] == 1) {
+                by_layer[tensors[k].li].push_back(k);
+            }
+        }
+        std::vector<int> order;
+        order.reserve(tensors.size());
+        for (size_t li = 0; li < layers.size(); ++li) {
+            const stream_layer & L = layers[li];
+            for (int k = L.first; k < L.first + L.count; ++k) {
+                if (n_uses[k] != 1) {
+                    order.push_back(k);
+                }
+            }
+            order.insert(order.end(), by_layer[li].begin(), by_layer[li].end());
+        }
+        bool same = true;
+        for (size_t i = 0; i < order.size() && same; ++i) {
+            same = order[i] == (int) i && tensors[i].by_use == (n_uses[i] == 1);
+        }
+        if (!same) {
+            relayout(order, n_uses);
+        }
+        const std::string err = layout_error();
+        if (!err.empty()) {
+            fail(err);
+        }
+    }
+
+    // Compute thread, between two computes: the new order takes effect (reads in flight are dropped first).
+    void relayout(const std::vector<int> & order, const std::vector<int> & n_uses) {
+        std::unique_lock<std::mutex> lk(pool.mutex());
+        for (auto & t : tensors) {
+            t.cycle = -1;  // queued reads are dropped
+        }
+        pool.done_cv().wait(lk, [&] { return inflight == 0 || pool.stopping(); });
+        std::vector<stream_tensor> moved;
+        moved.reserve(tensors.size());
+        for (int k : order) {
+            moved.push_back(std::move(tensors[k]));
+            moved.back().by_use = n_uses[k] == 1;
+        }
+        tensors = std::move(moved);
+        place();
+        expected_li = -1;  // the next acquire re-synchronises the cycle
+        held        = -1;
+        held_use    = -1;
+        relayouts.fetch_add(1);
     }
 
     void on_boundary(int il_done) {
@@ -380,6 +610,23 @@ void boundary_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, voi
     b->st->on_boundary(b->il_done);
 }
 
+void use_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void * userdata) {
+    (void) dst;
+    (void) a;
+    (void) nth;
+    if (ith != 0) {
+        return;
+    }
+    auto * u = (weight_use *) userdata;
+    if (u->st->failed.is_set()) {
+        return;  // the abort callback ends the graph
+    }
+    auto it = u->st->index_of.find(u->w);
+    if (it != u->st->index_of.end()) {
+        u->st->use(it->second);
+    }
+}
+
 }  // namespace
 
 // -------------------------------------------------------------------------------------------------------------
@@ -405,6 +652,7 @@ int32_t llama_flashflex_model_stats(const llama_model * model, char * buf, size_
         .add("layer_waits", st->layer_waits.load())
         .add("acquires", st->acquires.load())
         .add("resyncs", st->resyncs.load())
+        .add("relayouts", st->relayouts.load())
         .add_or_null("error", st->failed.message());
     return write_c_string(out.str(), buf, buf_size);
 }
@@ -518,19 +766,30 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
             }
             s.ring = ring_of[buft_of[k]];
             if (s.staged) {
-                const size_t a    = std::max<size_t>(ggml_backend_buft_get_alignment(buft_of[k]), 64);
-                s.home_len        = align_up(ggml_backend_buft_get_alloc_size(buft_of[k], s.t), a);
-                st->staging_bytes = std::max(st->staging_bytes, s.read_len);
+                const size_t a     = std::max<size_t>(ggml_backend_buft_get_alignment(buft_of[k]), 64);
+                const size_t alloc = ggml_backend_buft_get_alloc_size(buft_of[k], s.t);
+                s.home_len         = align_up(alloc, a);
+                // a matrix whose repacked size is its own is staged a group of rows at a time (64 or more, a
+                // multiple of every interleave), so staging is about one read job, not the largest tensor
+                const size_t rb    = s.t->nb[1];
+                const size_t group = std::max<size_t>(64, k_chunk / rb / 64 * 64);
+                if (ggml_n_dims(s.t) <= 2 && alloc == s.nbytes && (size_t) ggml_nrows(s.t) > group) {
+                    s.job_rows        = group;
+                    st->staging_bytes = std::max(st->staging_bytes, group * rb + 2 * k_page);
+                } else {
+                    st->staging_bytes = std::max(st->staging_bytes, s.read_len);
+                }
             } else {
                 s.home_len = s.read_len;  // page multiple: homes stay page-aligned for O_DIRECT
             }
         }
 
-        // ring sizes: each ring holds its largest layer plus its largest tensor (the slack a wrap may waste), so
-        // a layer's tensors never share bytes; what the plan gives beyond that is read-ahead, shared by the rings
-        // in proportion to the bytes they stream
+        // ring sizes: each ring holds at least its largest tensor (a use node holds one tensor at a time). A layer
+        // that also holds tensors outside matmuls needs more; that is checked once the graph shows which
+        // (layout_error). What the plan gives beyond that is read-ahead, shared by the rings in proportion to the
+        // bytes they stream.
         const size_t        n_rings = st->rings.size();
-        std::vector<size_t> need(n_rings, 0), total(n_rings, 0), largest(n_rings, 0);
+        std::vector<size_t> total(n_rings, 0), largest(n_rings, 0), layer_max(n_rings, 0);
         for (const auto & L : st->layers) {
             std::vector<size_t> in_layer(n_rings, 0);
             for (int k = L.first; k < L.first + L.count; ++k) {
@@ -540,62 +799,32 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
                 largest[s.ring] = std::max(largest[s.ring], s.home_len);
             }
             for (size_t r = 0; r < n_rings; ++r) {
-                need[r] = std::max(need[r], in_layer[r]);
+                layer_max[r] = std::max(layer_max[r], in_layer[r]);
             }
         }
         size_t need_all = 0, total_all = 0;
         for (size_t r = 0; r < n_rings; ++r) {
-            need[r] += largest[r];
-            need_all += need[r];
+            need_all += largest[r];
             total_all += total[r];
         }
         const size_t asked = st->cfg.ring_bytes > 0 ? (size_t) st->cfg.ring_bytes : 0;
         if (asked > 0 && asked < need_all) {
             LLAMA_LOG_WARN(
-                "flashflex: a %.1f MiB ring is below the %.1f MiB this model's largest layer and tensor "
-                "need; using %.1f MiB\n",
+                "flashflex: a %.1f MiB ring is below the %.1f MiB this model's largest tensor needs; using "
+                "%.1f MiB\n",
                 asked / 1048576.0, need_all / 1048576.0, need_all / 1048576.0);
         }
         for (size_t r = 0; r < n_rings; ++r) {
             size_t size;
             if (asked > 0) {
                 const size_t extra = asked > need_all ? asked - need_all : 0;
-                size               = need[r] + (size_t) ((double) extra * total[r] / std::max<size_t>(total_all, 1));
+                size               = largest[r] + (size_t) ((double) extra * total[r] / std::max<size_t>(total_all, 1));
             } else {
-                // no byte size given: `window` layers' worth (the C API's original meaning)
-                size = std::max(need[r], (size_t) std::max(1, st->cfg.window) * (need[r] - largest[r]));
+                // no byte size given: `window` layers' worth plus the wrap (the C API's original meaning)
+                size = (size_t) std::max(1, st->cfg.window) * layer_max[r] + largest[r];
             }
             size              = std::min(size, total[r]);  // a ring that holds everything never wraps
             st->rings[r].size = align_up(size, k_page);
-        }
-
-        // homes: consecutive in the cycle's order, wrapping to the ring's start
-        std::vector<size_t> pos(n_rings, 0);
-        for (auto & s : st->tensors) {
-            ring_buffer & R = st->rings[s.ring];
-            if (pos[s.ring] + s.home_len > R.size) {
-                pos[s.ring] = 0;
-            }
-            s.home_off = pos[s.ring];
-            pos[s.ring] += s.home_len;
-        }
-        for (size_t a = 0; a < st->tensors.size(); ++a) {
-            for (size_t b = a + 1; b < st->tensors.size(); ++b) {
-                const stream_tensor & x = st->tensors[a];
-                const stream_tensor & y = st->tensors[b];
-                if (x.ring != y.ring || x.home_off >= y.home_off + y.home_len ||
-                    y.home_off >= x.home_off + x.home_len) {
-                    continue;
-                }
-                if (x.li == y.li) {
-                    throw std::runtime_error(
-                        format("flashflex: the streaming ring cannot hold layer %d's tensors "
-                               "at once (re-plan this model)",
-                               st->layers[x.li].layer));
-                }
-                st->tensors[a].overlaps.push_back((int) b);
-                st->tensors[b].overlaps.push_back((int) a);
-            }
         }
 
         for (auto & R : st->rings) {
@@ -614,16 +843,7 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
             ggml_backend_buffer_set_usage(R.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
             st->ring_bytes += R.size;
         }
-        for (auto & s : st->tensors) {
-            ring_buffer & R    = st->rings[s.ring];
-            uint8_t *     base = (uint8_t *) ggml_backend_buffer_get_base(R.buf) + s.home_off;
-            s.home             = s.staged ? nullptr : base;
-            void * addr        = s.staged ? (void *) base : (void *) (base + s.head);
-            if (ggml_backend_tensor_alloc(R.buf, s.t, addr) != GGML_STATUS_SUCCESS) {
-                throw std::runtime_error(
-                    format("flashflex: cannot place %s in the streaming ring", ggml_get_name(s.t)));
-            }
-        }
+        st->place();
 
         // the loader must neither allocate nor read what streams
         for (const auto & name : streamed_names) {
@@ -670,10 +890,11 @@ void flashflex::stream_graph_begin(const llama_model * model) {
     if (g_building) {
         std::fill(g_building->seen_after.begin(), g_building->seen_after.end(), false);
         g_building->seen_input = false;
+        g_building->built_uses.clear();
     }
 }
 
-void flashflex::stream_graph_end() {
+void flashflex::stream_graph_end(ggml_cgraph * gf) {
     stream_state * st = g_building;
     g_building        = nullptr;
     if (!st) {
@@ -690,6 +911,26 @@ void flashflex::stream_graph_end() {
             return;
         }
     }
+    if (gf != nullptr && !st->failed.is_set()) {
+        st->learn_order(gf);
+    }
+}
+
+ggml_tensor * flashflex::stream_weight_use(ggml_context * ctx, ggml_tensor * w, ggml_tensor * cur) {
+    stream_state * st = g_building;
+    if (!st || cur == nullptr || !st->index_of.count(w)) {
+        return cur;
+    }
+    weight_use *  u    = &st->uses.try_emplace(w, weight_use{ st, w }).first->second;  // node-based: stays put
+    ggml_tensor * node = pin_to_cpu(ggml_map_custom1_inplace(ctx, cur, use_op, 1, u));
+    st->built_uses.emplace_back(node, w);
+    return node;
+}
+
+uint32_t flashflex::stream_graph_nodes(const llama_model * model) {
+    stream_state * st = find_state(model);
+    // a use node per streamed weight and a boundary per layer, with room for a weight used twice
+    return st ? (uint32_t) (2 * st->tensors.size() + st->n_layer + 2) : 0;
 }
 
 ggml_tensor * flashflex::stream_boundary(ggml_context * ctx, ggml_tensor * cur, int il_done) {
