@@ -21,7 +21,7 @@ per generated token and, on a MoE model run from expert banks, the experts a bat
 tokens') against top-k for a single-token step, and the bytes of expert misses per generated token:
 
     python scripts/bench_speculative.py --model synth:moe-a3b-12l-q4_0 --draft-model synth:draft-for-a3b \
-        --no-draft-adaptive --draft-max 7 --budget 2.2GiB --tasks free-chat -n 32 --repeats 2
+        --no-draft-adaptive --draft-max 7 --budget 2.1GiB --ctx 256 --tasks free-chat -n 64 --repeats 3
 """
 
 from __future__ import annotations
