@@ -210,6 +210,15 @@ PRESETS: dict[str, dict] = {
                              n_head=32, n_head_kv=4, head_dim=128, n_expert=128, n_expert_used=8,
                              expert_ffn=768, n_vocab=151936, n_ctx_train=40960, quant="q4_0",
                              rope_freq_base=1000000.0),
+    # Draft models for speculative decoding on the benchmark shapes: small dense llama models with the target's
+    # n_vocab (the vocabulary is made from n_vocab alone, so speculative.check_vocab accepts them), resident
+    # when drafting. Random weights: what they draft is not what the target picks; they are for the mechanics.
+    "draft-for-7b": dict(name="draft-for-7b", arch="llama", n_layer=2, n_embd=512, n_head=8, n_head_kv=8,
+                         n_ff=1536, n_vocab=32000, quant="q8_0", rms_eps=1e-5),
+    "draft-for-a3b": dict(name="draft-for-a3b", arch="llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=4,
+                          n_ff=768, n_vocab=151936, n_ctx_train=40960, quant="q8_0", tie_embeddings=True),
+    "tiny-draft": dict(name="tiny-draft", arch="llama", n_layer=1, n_embd=128, n_head=4, n_head_kv=4, n_ff=256,
+                       quant="q8_0"),  # the tiny presets' vocabulary: a draft for smoke tests
 }
 
 

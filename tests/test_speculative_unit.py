@@ -344,11 +344,85 @@ def test_bench_summary_takes_medians_and_compares_with_no_drafting():
 
     runs = [rec("no draft", 4.0, [1, 2]), rec("no draft", 5.0, [1, 2]), rec("no draft", 6.0, [1, 2]),
             *[rec("draft", t, [1, 2], acceptance_rate=0.8, accepted_per_verification=2.0,
-                  tokens_per_verification=3.0) for t in (9.0, 10.0, 20.0)]]
+                  verified_per_verification=v, tokens_per_verification=3.0) for t, v in ((9.0, 4), (10.0, 5),
+                                                                                         (20.0, 8))]]
     rows = spec_bench.summarise(runs, ["rewrite"])
     assert rows[0]["decode_tok_per_s"] == 5.0 and rows[1]["decode_tok_per_s"] == 10.0
     assert rows[1]["speedup"] == pytest.approx(2.0) and rows[1]["same_tokens"]
+    assert "experts_per_verification" not in rows[1]  # a dense run has no expert columns
     table = spec_bench.markdown({"summary": rows})
-    assert "| rewrite | draft | 100 | 8 | 10.00 | 2.00× | 80% | 2.00 | 3.00 | 60.0 | yes |" in table
+    assert "| rewrite | draft | 100 | 8 | 10.00 | 2.00× | 80% | 2.00 | 5.00 | 3.00 | 60.0 | yes |" in table
+    assert "Expert banks" not in table
     assert {"rewrite", "edit-function", "document-qa", "free-chat"} <= set(spec_bench.TASKS)
     assert set(spec_bench.TEMPERATURE) <= set(spec_bench.TASKS)
+
+
+def _moe_decode(hits, misses, layers=4, top_k=8, slots=32, bytes_read=0):
+    """The part of a decode phase's native expert-bank counters (runner stats["moe"]["decode"]) the bench reads."""
+    return {"hits": hits, "misses": misses, "banked_layers": layers, "n_expert_used": top_k, "slots": slots,
+            "bytes_read": bytes_read, "hit_rate": hits / (hits + misses) if hits + misses else 0.0}
+
+
+def test_moe_columns_count_distinct_experts_per_decode_call_and_layer():
+    from orchestrator.bench import speculative as spec_bench
+
+    # 16 single-token steps over 4 layers, top-8: 16 * 4 * 8 experts resolved, 3/4 of them hits
+    plain = spec_bench.moe_columns(_moe_decode(384, 128, bytes_read=128 * 5 << 20), tokens=16, decode_calls=16)
+    assert plain["experts_per_verification"] == 8.0 == plain["experts_per_token"]  # top-k per step
+    assert plain["expert_hit_rate"] == 0.75 and plain["expert_misses_per_token"] == 2.0
+    assert plain["expert_miss_bytes_per_token"] == 8 * 5 << 20
+    # 4 verifications of 8 tokens each resolving the union of their experts (20 per layer, not 64), 2 tokens each
+    drafted = spec_bench.moe_columns(_moe_decode(240, 80, bytes_read=80 << 20), tokens=8, decode_calls=4)
+    assert drafted["experts_per_verification"] == 20.0 and drafted["experts_per_token"] == 10.0
+    assert drafted["expert_misses_per_token"] == 2.5 and drafted["expert_miss_bytes_per_token"] == 10 << 20
+    assert (drafted["top_k"], drafted["expert_slots"]) == (8, 32)
+    # no banks (a dense model, a MoE model that fits): no columns; nothing generated: nothing per token
+    assert spec_bench.moe_columns(None, 8, 8) == {} and spec_bench.moe_columns({"banked_layers": 0}, 8, 8) == {}
+    empty = spec_bench.moe_columns(_moe_decode(0, 0), tokens=0, decode_calls=0)
+    assert empty["experts_per_verification"] is None and empty["expert_hit_rate"] is None
+
+
+def test_bench_reports_expert_columns_for_banked_runs():
+    from orchestrator.bench import speculative as spec_bench
+
+    def rec(mode, calls, decode, **kw):
+        return {"task": "free-chat", "mode": mode, "prompt_tokens": 20, "tokens": 8, "token_ids": [3] * 8,
+                "decode_tok_per_s": 1.0, "bytes_read_per_token": 100 << 20,
+                **spec_bench.moe_columns(decode, 8, calls), **kw}
+
+    runs = [rec("no draft", 8, _moe_decode(128, 128, bytes_read=128 << 20), tokens_per_verification=1.0),
+            rec("draft", 2, _moe_decode(10, 70, bytes_read=70 << 20), acceptance_rate=1.0,
+                accepted_per_verification=3.0, verified_per_verification=4.0, tokens_per_verification=4.0),
+            rec("draft", 4, _moe_decode(20, 100, bytes_read=100 << 20), acceptance_rate=0.5,
+                accepted_per_verification=1.0, verified_per_verification=4.0, tokens_per_verification=2.0)]
+    rows = spec_bench.summarise(runs, ["free-chat"])
+    plain, drafted = rows
+    assert plain["experts_per_verification"] == 8.0 and plain["expert_miss_bytes_per_token"] == 16 << 20
+    # medians over the two drafted runs: (10 + 7.5) / 2 experts per verification, (2.5 + 3.75) / 2 per token,
+    # hit rates 1/8 and 1/6
+    assert drafted["experts_per_verification"] == pytest.approx(8.75)
+    assert drafted["experts_per_token"] == pytest.approx(3.125)
+    assert drafted["expert_miss_bytes_per_token"] == pytest.approx(((70 + 100) / 2 / 8) * 2**20)
+    table = spec_bench.markdown({"summary": rows})
+    assert "Expert banks" in table
+    assert "| free-chat | no draft | 8 | 32 | 8.00 | 8.00 | 50.0% | 4.00 | 16.0 |" in table
+    assert "| free-chat | draft | 8 | 32 | 8.75 | 3.12 | 14.6% | 2.66 | 10.6 |" in table
+
+
+def test_bench_models_may_be_synthetic_presets(tmp_path, monkeypatch):
+    from orchestrator import runner, synth
+    from orchestrator.bench import speculative as spec_bench
+
+    monkeypatch.setenv("FLASHFLEX_HOME", str(tmp_path / "home"))  # not the models dir the suite shares
+    assert spec_bench.resolve_model(tmp_path / "m.gguf") == tmp_path / "m.gguf"  # a path is taken as given
+    with pytest.raises(FlashflexError, match="unknown synthetic model preset"):
+        spec_bench.resolve_model("synth:no-such-preset", lambda _m: None)
+    notes: list[str] = []
+    moe = spec_bench.resolve_model("synth:tiny-qwen3moe", notes.append)
+    assert moe == synth.cached_preset("tiny-qwen3moe") and runner.default_sidecar(moe).is_dir()
+    assert any("sidecar" in n for n in notes)
+    draft = spec_bench.resolve_model("synth:tiny-draft", notes.append)
+    assert not runner.default_sidecar(draft).exists()  # a dense model has no experts to extract
+    before = (moe.stat().st_mtime_ns, len(notes))
+    assert spec_bench.resolve_model("synth:tiny-qwen3moe", notes.append) == moe
+    assert (moe.stat().st_mtime_ns, len(notes)) == before  # made once

@@ -49,6 +49,15 @@ def test_benchmark_presets_have_the_advertised_shapes():
     assert experts[0].shape == (2048, 768, 128)
 
 
+@pytest.mark.parametrize("draft, target", [("draft-for-7b", "dense-7b-q4_0"), ("draft-for-a3b", "moe-a3b-12l-q4_0"),
+                                           ("tiny-draft", "tiny-dense"), ("tiny-draft", "tiny-qwen3moe")])
+def test_draft_presets_share_their_targets_vocabulary_and_are_small(draft, target):
+    d, t = synth.preset(draft), synth.preset(target)
+    assert d.n_vocab == t.n_vocab and d.arch == "llama"
+    assert synth.build_vocab(d.n_vocab) == synth.build_vocab(t.n_vocab)  # the vocabulary comes from n_vocab alone
+    assert synth.estimate_bytes(d) < 0.02 * synth.estimate_bytes(t) or target.startswith("tiny")
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"n_embd": 100}, "multiple"),
     ({"n_head_kv": 3}, "n_head_kv"),

@@ -6,8 +6,17 @@ drafting's RAM comes off the model's share, so the drafted run streams a little 
 (every task and mode once, then again) so drift on a shared machine hits both alike; the table reports medians.
 
 Per run: decode tok/s, the drafter's acceptance rate (kept / judged drafted tokens), accepted drafted tokens per
-verification, generated tokens per verification (decode calls of the model), and bytes read per generated token
-from the runtime's stream counters (the runner's decode phase). Nothing here asserts a speed.
+verification, tokens verified and tokens generated per verification (decode calls of the model), and bytes read per
+generated token from the runtime's stream counters (the runner's decode phase). On a MoE model with expert banks,
+also per MoE layer: the distinct experts a decode call resolves (a verification batch resolves the union of its
+tokens' experts once; a single-token step resolves top-k), experts resolved per generated token, the bank's hit
+rate and the bytes of expert misses per generated token. Nothing here asserts a speed.
+
+Models are GGUF paths or `synth:PRESET` (orchestrator.synth: generated once into the cache, deterministic; a MoE
+preset gets its expert sidecar extracted beside it once). A synthetic draft preset (draft-for-7b, draft-for-a3b,
+tiny-draft) shares its target's vocabulary. With random weights the drafts are rarely what the target picks: those
+runs measure the mechanics (bytes and experts per verification), best with fixed draft lengths (draft_adaptive
+False), since adaptive lengths fall to 0 when drafts fail.
 
 The no-drafting runs use the runner's plain loop, which also evaluates its last token (one step more than
 needed: at most 1/n of its decode time, in drafting's favour).
@@ -93,6 +102,7 @@ class SpeculativeBench:
     draft: str = "prompt-lookup"  # --draft value (prompt-lookup[:N]); ignored with draft_model
     draft_model: Path | None = None
     draft_max: int | None = None
+    draft_adaptive: bool | None = None  # None = the config's default (adaptive); False = always draft_max
     budget: str = "min"  # "min" = the smallest budget the planner accepts with drafting, else a size
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     n_predict: int = 128
@@ -101,6 +111,31 @@ class SpeculativeBench:
     ubatch: int = 8
     threads: int | None = 2
     prefetch_threads: int = 1
+    moe_mode: str | None = None  # None = auto: expert banks when the model does not fit the budget
+    moe_slot_bank: int | None = None  # None = the planner's pick for the budget (MoE models with a sidecar)
+
+
+SYNTH_PREFIX = "synth:"
+
+
+def resolve_model(name: str | Path, log: Log = print) -> Path:
+    """A GGUF path as given, or for `synth:PRESET` the synthetic preset's model, generated once into the cache;
+    a MoE preset also gets its expert sidecar extracted once at the default place beside it (a budget below the
+    model's size runs its experts from slot banks, `moe.mode` auto)."""
+    text = str(name)
+    if not text.startswith(SYNTH_PREFIX):
+        return Path(name)
+    from orchestrator import runner, sidecar, synth
+
+    preset = text.removeprefix(SYNTH_PREFIX)
+    spec = synth.preset(preset)  # an unknown preset is one line naming the known ones
+    path = synth.cached_preset(preset, log)
+    if spec.is_moe:
+        where = runner.default_sidecar(path)
+        if not where.exists():
+            log(f"extracting the expert sidecar of {preset} (once) to {where}")
+            sidecar.extract(path, where)
+    return path
 
 
 def _options(b: SpeculativeBench, drafting: bool, task: str | None = None) -> dict[str, Any]:
@@ -113,6 +148,12 @@ def _options(b: SpeculativeBench, drafting: bool, task: str | None = None) -> di
         else:
             opts["draft"] = b.draft
         opts["draft_max"] = b.draft_max
+        if b.draft_adaptive is not None:
+            opts["draft_adaptive"] = b.draft_adaptive
+    if b.moe_mode is not None:
+        opts["moe_mode"] = b.moe_mode
+    if b.moe_slot_bank is not None:
+        opts["moe_slot_bank"] = b.moe_slot_bank
     return opts
 
 
@@ -152,10 +193,13 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
                        "resident_bytes": plan.resident_bytes, "model_bytes": plan.model_bytes,
                        "streamed_bytes_per_token": plan.estimates.dense_streamed_bytes_per_token,
                        "streamed_fraction": plan.estimates.dense_streamed_bytes_per_token / plan.model_bytes,
-                       "draft": p.draft.summary() if p.draft is not None else None}
+                       "draft": p.draft.summary() if p.draft is not None else None,
+                       "moe": ({"mode": p.execution.moe.mode, "slots": p.execution.moe.slots}
+                               if p.execution.moe is not None else None)}
         log(f"{mode}: {p.execution.mode}, model's share of the {format_size(budget)} budget "
             f"{format_size(plan.budget_bytes)}, streams {format_size(plans[mode]['streamed_bytes_per_token'])} "
-            f"per token ({plans[mode]['streamed_fraction']:.0%} of the weights)")
+            f"per token ({plans[mode]['streamed_fraction']:.0%} of the weights)"
+            + (f", {p.execution.moe.slots} expert slots per MoE layer" if p.execution.moe is not None else ""))
     runs: list[dict[str, Any]] = []
     for rep in range(b.repeats):
         for task in b.tasks:
@@ -173,15 +217,21 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
                     verifications = max(1, draft["verifications"])
                     rec.update(acceptance_rate=draft["acceptance_rate"],
                                accepted_per_verification=draft["accepted_tokens"] / verifications,
+                               verified_per_verification=draft["verified_tokens"] / verifications,
                                tokens_per_verification=len(result.tokens) / verifications, draft=draft)
                 else:
-                    rec.update(tokens_per_verification=1.0)
+                    # the plain loop evaluates every generated token alone: one decode call per token
+                    verifications = len(result.tokens)
+                    rec.update(verified_per_verification=1.0, tokens_per_verification=1.0)
+                rec.update(moe_columns((result.stats.get("moe") or {}).get("decode"), len(result.tokens),
+                                       verifications))
                 runs.append(rec)
                 log(f"  {task} · {mode} · run {rep + 1}/{b.repeats}: {rec['tokens']} tokens, "
                     f"{rec['decode_tok_per_s']:.2f} tok/s"
                     + (f", {rec['acceptance_rate'] or 0:.0%} of drafted tokens kept" if draft is not None else ""))
     summary = summarise(runs, b.tasks)
-    results = {"bench": "speculative", "machine": machine_info(), "model": str(b.model), "budget_bytes": budget,
+    results = {"bench": "speculative", "machine": machine_info(), "model": str(b.model),
+               "model_bytes": b.model.stat().st_size, "budget_bytes": budget,
                "budget": b.budget, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(b).items()},
                "tasks": {t: {"what": TASKS[t][0], "prompt": TASKS[t][1], "temperature": TEMPERATURE.get(t, 0.0)}
                          for t in b.tasks}, "plans": plans,
@@ -199,6 +249,28 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def moe_columns(moe: dict[str, Any] | None, tokens: int, decode_calls: int) -> dict[str, Any]:
+    """A decode phase's expert-bank counters (runner's stats["moe"]["decode"]: the native counters) per MoE layer.
+    The bank counts each distinct expert of a layer call once, as a hit or a miss (a call whose experts exceed the
+    bank runs in passes, each expert in one), so hits + misses over layers and decode calls is the number of
+    distinct experts a call resolves: top-k for a single-token step, the union of its tokens' experts for a
+    verification batch. {} for a run without expert banks."""
+    if not moe or not moe.get("banked_layers"):
+        return {}
+    layers = moe["banked_layers"]
+    resolved = moe["hits"] + moe["misses"]
+    return {"top_k": moe["n_expert_used"], "expert_slots": moe["slots"],
+            "experts_per_verification": resolved / layers / decode_calls if decode_calls else None,
+            "experts_per_token": resolved / layers / tokens if tokens else None,
+            "expert_hit_rate": moe["hits"] / resolved if resolved else None,
+            "expert_misses_per_token": moe["misses"] / layers / tokens if tokens else None,
+            "expert_miss_bytes_per_token": moe["bytes_read"] / tokens if tokens else None}
+
+
+MOE_COLUMNS = ("experts_per_verification", "experts_per_token", "expert_hit_rate", "expert_misses_per_token",
+               "expert_miss_bytes_per_token")
+
+
 def summarise(runs: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, Any]]:
     """Medians per task and mode, with the drafted run's decode tok/s over the undrafted one's."""
     rows = []
@@ -213,8 +285,12 @@ def summarise(runs: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, An
                    "decode_tok_per_s": _median([r["decode_tok_per_s"] for r in rs]),
                    "acceptance_rate": _median([r.get("acceptance_rate") for r in rs]),
                    "accepted_per_verification": _median([r.get("accepted_per_verification") for r in rs]),
+                   "verified_per_verification": _median([r.get("verified_per_verification") for r in rs]),
                    "tokens_per_verification": _median([r.get("tokens_per_verification") for r in rs]),
                    "bytes_read_per_token": _median([r["bytes_read_per_token"] for r in rs])}
+            if any("experts_per_verification" in r for r in rs):
+                row.update({k: _median([r.get(k) for r in rs]) for k in MOE_COLUMNS})
+                row["top_k"], row["expert_slots"] = rs[0].get("top_k"), rs[0].get("expert_slots")
             if mode == "no draft":
                 base = rs
             else:
@@ -229,9 +305,13 @@ def markdown(results: dict[str, Any]) -> str:
     def num(v: float | None, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
 
+    def mib(v: float | None) -> str:
+        return num(v / 2**20 if v is not None else None, ".1f")
+
     lines = ["| task | mode | prompt tok | gen tok | decode tok/s | × no draft | drafted tokens kept | "
-             "accepted / verification | tokens / verification | MiB read / token | same tokens |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "accepted / verification | verified / verification | tokens / verification | MiB read / token | "
+             "same tokens |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results["summary"]:
         drafted = r["mode"] == "draft"
         lines.append(
@@ -239,9 +319,21 @@ def markdown(results: dict[str, Any]) -> str:
             f"{num(r['decode_tok_per_s'], '.2f')} | {num(r.get('speedup'), '.2f') + '×' if drafted else ''} | "
             f"{num(r['acceptance_rate'], '.0%') if drafted else ''} | "
             f"{num(r['accepted_per_verification'], '.2f') if drafted else ''} | "
-            f"{num(r['tokens_per_verification'], '.2f')} | "
-            f"{num(r['bytes_read_per_token'] / 2**20 if r['bytes_read_per_token'] is not None else None, '.1f')} | "
+            f"{num(r.get('verified_per_verification'), '.2f')} | "
+            f"{num(r['tokens_per_verification'], '.2f')} | {mib(r['bytes_read_per_token'])} | "
             f"{('yes' if r.get('same_tokens') else 'no') if drafted else ''} |")
+    moe = [r for r in results["summary"] if "experts_per_verification" in r]
+    if moe:
+        lines += ["", "Expert banks (decode; per MoE layer; an expert counted once per decode call that uses it):", "",
+                  "| task | mode | top-k | slots | experts / verification | experts / gen token | hit rate | "
+                  "misses / gen token | expert miss MiB / gen token |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in moe:
+            lines.append(
+                f"| {r['task']} | {r['mode']} | {num(r.get('top_k'), 'd')} | {num(r.get('expert_slots'), 'd')} | "
+                f"{num(r['experts_per_verification'], '.2f')} | {num(r['experts_per_token'], '.2f')} | "
+                f"{num(r['expert_hit_rate'], '.1%')} | {num(r['expert_misses_per_token'], '.2f')} | "
+                f"{mib(r['expert_miss_bytes_per_token'])} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,14 @@ from typing import Annotated, Optional
 import typer
 
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
-from orchestrator.cli.options import DraftMaxOpt, DraftModelOpt, DraftOpt
+from orchestrator.cli.options import (
+    DraftAdaptiveOpt,
+    DraftMaxOpt,
+    DraftModelOpt,
+    DraftOpt,
+    MoEModeOpt,
+    MoESlotBankOpt,
+)
 from orchestrator.errors import FlashflexError
 
 
@@ -114,11 +121,15 @@ def register(app: typer.Typer) -> None:
 
     @group.command("speculative")
     def speculative_cmd(
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF to benchmark (default: Gemma 3 270M "
-                                             "realigned to 4096 bytes, so streamed reads bypass the page cache)."),
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="GGUF or synth:PRESET to benchmark "
+                                             "(default: Gemma 3 270M realigned to 4096 bytes, so streamed reads "
+                                             "bypass the page cache)."),
         draft: DraftOpt = None,
         draft_model: DraftModelOpt = None,
         draft_max: DraftMaxOpt = None,
+        draft_adaptive: DraftAdaptiveOpt = None,
+        moe_mode: MoEModeOpt = None,
+        moe_slot_bank: MoESlotBankOpt = None,
         budget: str = typer.Option("min", "--budget", help="Total budget of both runs; min = the smallest the "
                                    "planner accepts with drafting."),
         tasks: str = typer.Option("all", "--tasks", help="Comma-separated written-down tasks: rewrite, "
@@ -139,10 +150,13 @@ def register(app: typer.Typer) -> None:
         log = err_console.print if json_out else console.print
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         bench = spec_bench.SpeculativeBench(
-            model=model or spec_bench.default_model(log), draft=draft or "prompt-lookup", draft_model=draft_model,
-            draft_max=draft_max, budget=budget,
+            model=spec_bench.resolve_model(model, log) if model else spec_bench.default_model(log),
+            draft=draft or "prompt-lookup",
+            draft_model=spec_bench.resolve_model(draft_model, log) if draft_model else None,
+            draft_max=draft_max, draft_adaptive=draft_adaptive, budget=budget,
             tasks=list(spec_bench.TASKS) if names == ["all"] else names,
-            n_predict=n_predict, repeats=repeats, threads=threads, ctx=ctx, ubatch=ubatch)
+            n_predict=n_predict, repeats=repeats, threads=threads, ctx=ctx, ubatch=ubatch, moe_mode=moe_mode,
+            moe_slot_bank=moe_slot_bank)
         results = spec_bench.run(bench, out_dir, log=log)
         if json_out:
             emit_json(results)
