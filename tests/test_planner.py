@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -617,3 +618,35 @@ def test_plans_real_gguf_tables_from_the_reader(tmp_path, preset):
         check_invariants(table, plan, budget)
         assert plan.prefetch.direct_io  # synth writes 4096-aligned files
     assert (plan.moe is not None) == table.arch.is_moe
+
+
+def test_staging_is_one_read_job_of_rows_and_a_layer_held_whole_keeps_the_layer_floor():
+    """Repacked matrices are staged a row group (about one 4 MiB read job) at a time, other tensors whole; a layer
+    that streams a tensor the graph does not use through build_lora_mm (3-D) is held whole, so the ring keeps
+    that layer plus the wrap's slack."""
+    from pathlib import Path
+
+    from orchestrator.modelfile.table import Role, TensorInfo
+    from orchestrator.planner import make as mk
+
+    def tensor(shape, n_bytes, name="blk.0.ffn_up.weight"):
+        return TensorInfo(name, 0, Role.FFN_DENSE, "Q4_0", shape, n_bytes, Path("m.gguf"), 0, 4096)
+
+    row = 512 // 32 * 18  # a Q4_0 row of 512
+    big = tensor((512, 16384), 16384 * row)  # 4.7 MB: 14,528-row groups (4 MiB // 288 rounded down to 64s)
+    assert mk._staging_job_bytes(big) == 14528 * row + 2 * 4096
+    small = tensor((512, 1024), 1024 * row)  # one job
+    assert mk._staging_job_bytes(small) == small.n_bytes + 2 * 4096
+    cube = tensor((512, 64, 8), 8 * 64 * row)  # not a matrix: whole
+    assert mk._staging_job_bytes(cube) == cube.n_bytes + 2 * 4096
+    assert mk._held_with_layer(cube) and not mk._held_with_layer(big)
+
+    t = dense_table(n_layer=4)
+    layers = mk._layers(t, 0)
+    _, buf, ring = mk._buffers(layers, 0, None, threads=0)
+    largest = mk._largest_streamed_tensor(layers, 0)
+    assert ring == min(3 * largest, sum(mk._streamed_layer_buffer(x, 0) for x in layers)) and ring < buf + 2 * largest
+    held = [dataclasses.replace(x, streamable=[*x.streamable, dataclasses.replace(cube, layer=x.index)])
+            for x in layers]
+    _, buf_h, ring_h = mk._buffers(held, 0, None, threads=0)
+    assert ring_h >= buf_h + 2 * mk._largest_streamed_tensor(held, 0)
