@@ -53,6 +53,7 @@ OPTION_KEYS: dict[str, str] = {
     "rpc": "rpc.servers",
     "rpc_layers": "rpc.layers",
     "rpc_timeout": "rpc.timeout_s",
+    "rpc_answer_timeout": "rpc.answer_timeout_s",
     "prompt": "prompt",
     "n_predict": "sampling.n_predict",
     "temperature": "sampling.temperature",
@@ -201,7 +202,7 @@ class Handle:
     def open(cls, prepared: Prepared, **llama_kwargs: Any) -> "Handle":
         ex = prepared.execution
         llm = runner.open_model(prepared.settings, ex.plan, moe=ex.moe, rpc=ex.rpc, rpc_timeout=ex.rpc_timeout,
-                                **{**ex.llama_kwargs(), **llama_kwargs})
+                                rpc_answer_timeout=ex.rpc_answer_timeout, **{**ex.llama_kwargs(), **llama_kwargs})
         handle = cls(prepared, llm)
         if prepared.draft is not None:
             try:

@@ -270,6 +270,12 @@ class RPCConfig(_Section):
         description="Seconds each RPC worker has to accept the connection and to answer each step of the check "
         "made before loading (handshake, devices, memory).",
     )
+    answer_timeout_s: float = Field(
+        default=120.0, ge=1.0, le=3600.0,
+        description="During a run, seconds a worker may take to answer one request (a graph of its layers, a tensor) "
+        "before the run ends with an error naming it: a frozen host or a network that drops packets, which never "
+        "close the connection. Raise it for workers that compute long prompts slowly.",
+    )
 
     @model_validator(mode="after")
     def _layers_need_servers(self) -> RPCConfig:

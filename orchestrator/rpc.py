@@ -17,8 +17,10 @@ it, exit status 1): ggml's client cannot recover from it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,3 +262,83 @@ def connect_workers(endpoints: list[str], timeout: float) -> dict[str, list[int]
             native.rpc_add_server(endpoint)
         out[endpoint] = [d["index"] for d in native.rpc_worker_devices(endpoint)]
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# ggml's connections during a run: a bound on each answer, and the bytes they carried
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received, u64 at these offsets (Linux 4.2+)
+_TCPI_BYTES_ACKED = 120
+_TCPI_BYTES_RECEIVED = 128
+_TCPI_SIZE = 136
+
+
+def _peers(endpoints: list[str]) -> set[tuple[str, int]]:
+    out = set()
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        try:
+            for info in socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM):
+                out.add((info[4][0], int(port)))
+        except OSError:
+            continue
+    return out
+
+
+def _connections(endpoints: list[str]):
+    """This process's TCP sockets connected to the workers (ggml's RPC client keeps one per worker), each as a
+    socket object on a duplicate of the descriptor (closed by the caller; the connection stays). Found through
+    /proc/self/fd (Linux) or /dev/fd; nothing where neither lists descriptors."""
+    peers = _peers(endpoints)
+    listing = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
+    if not peers or listing is None:
+        return
+    for name in os.listdir(listing):
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except (ValueError, OSError):
+            continue
+        try:
+            if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM and sock.getpeername() in peers:
+                yield sock
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+def limit_answer_time(endpoints: list[str], seconds: float) -> int:
+    """Bound how long ggml's client waits for a worker to answer (send and receive timeouts on its connections):
+    a worker that stops answering without closing the connection (a frozen host, a network that drops packets)
+    then fails the wait instead of hanging the run, and the library's abort callback names it (exit status 1).
+    Returns the number of connections bounded."""
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    n = 0
+    for sock in _connections(endpoints):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        n += 1
+    return n
+
+
+def traffic(endpoints: list[str]) -> tuple[int, int] | None:
+    """(bytes sent, bytes received) so far on the connections to the workers, as the kernel counts them (TCP_INFO);
+    None where that is not available (not Linux, or no connection)."""
+    if not hasattr(socket, "TCP_INFO"):
+        return None
+    sent = received = 0
+    found = False
+    for sock in _connections(endpoints):
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_SIZE)
+        except OSError:
+            continue
+        if len(info) < _TCPI_SIZE:
+            continue
+        found = True
+        sent += struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
+        received += struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0]
+    return (sent, received) if found else None

@@ -284,12 +284,13 @@ class _BuftOverride(ctypes.Structure):
 
 def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_all: bool = False,
                repack: bool = True, moe: MoESetup | None = None, rpc: Any = None, rpc_timeout: float = 3.0,
-               **llama_kwargs: Any):
+               rpc_answer_timeout: float | None = None, **llama_kwargs: Any):
     """A `llama_cpp.Llama` for `settings.model`: the stock path, or with flashflex's runtime reading the
     plan's streamed tensors (when the plan streams anything) and/or the routed experts from a sidecar into
     slot banks (`moe`). `repack=False` turns the CPU backend's repacked weight layout off (a stock
     baseline mode). `rpc` (an RPCPlan) places the model's last layers on RPC workers, checked within
-    `rpc_timeout` seconds each before the load."""
+    `rpc_timeout` seconds each before the load; during the run each has `rpc_answer_timeout` seconds to answer a
+    request (None: no limit, ggml's default)."""
     llama_cpp_module()  # one clear line if llama_cpp is missing
     from llama_cpp import Llama
 
@@ -337,6 +338,10 @@ def open_model(settings: GenerationSettings, plan: Plan | None = None, logits_al
         # (one relaxed atomic load per graph node: stock stays stock)
         native.install_abort_callback(llm.ctx, None)
     native.quiet_llama_log()  # Llama(verbose=False) still prints llama.cpp's errors before ours
+    if rpc is not None and rpc_answer_timeout is not None:
+        from orchestrator import rpc as rpc_mod
+
+        rpc_mod.limit_answer_time([d.endpoint for d in rpc.devices], rpc_answer_timeout)
     return llm
 
 
@@ -346,7 +351,8 @@ def session(settings: GenerationSettings, ex: "Execution", logits_all: bool = Fa
     """open_model for an Execution, closed on exit; a routing trace the run records is published only when the
     block ends without an exception (after the close, which flushes the runtime's last records)."""
     llm = open_model(settings, ex.plan, logits_all=logits_all, repack=repack, moe=ex.moe, rpc=ex.rpc,
-                     rpc_timeout=ex.rpc_timeout, **{**ex.llama_kwargs(), **llama_kwargs})
+                     rpc_timeout=ex.rpc_timeout, rpc_answer_timeout=ex.rpc_answer_timeout,
+                     **{**ex.llama_kwargs(), **llama_kwargs})
     ok = False
     try:
         yield llm
@@ -413,11 +419,13 @@ class Execution:
     lossy: list[str] = field(default_factory=list)  # why this run's output may differ from stock
     rpc: Any = None  # planner.RPCPlan: the model's last layers on RPC workers (stock runs too)
     rpc_timeout: float = 3.0  # seconds each worker has to answer the check before the load
+    rpc_answer_timeout: float = 120.0  # seconds each worker has to answer a request during the run
 
     def stock(self) -> "Execution":
         """Stock llama.cpp with the same placement (the same RPC workers and layer split): what exactness compares
         against."""
-        return Execution(mode="stock", rpc=self.rpc, rpc_timeout=self.rpc_timeout)
+        return Execution(mode="stock", rpc=self.rpc, rpc_timeout=self.rpc_timeout,
+                         rpc_answer_timeout=self.rpc_answer_timeout)
 
     @property
     def native(self) -> bool:
@@ -525,7 +533,8 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
 
     measured, probe = overheads.plan_inputs(cfg, model, workers=workers)
     plan = plan_for_run(table, cfg, workers=workers, overheads=measured, read_probe=probe)
-    ex = Execution(budget_plan=plan, rpc=plan.rpc, rpc_timeout=cfg.rpc.timeout_s)
+    ex = Execution(budget_plan=plan, rpc=plan.rpc, rpc_timeout=cfg.rpc.timeout_s,
+                   rpc_answer_timeout=cfg.rpc.answer_timeout_s)
     if plan.rpc is not None and plan.moe is not None and plan.moe.mode not in ("auto", "stock", "resident"):
         if not plan.rpc.experts_here:
             raise FlashflexError(f"the layers left here need --moe-mode {plan.moe.mode}, and with --rpc expert banks "
@@ -623,6 +632,31 @@ def _prefetch_stats(raw: dict[str, Any]) -> dict[str, Any]:
             "prefetch_time_saved_estimate_seconds": raw["prefetch_used"] * per_miss - raw["prefetch_wait_seconds"]}
 
 
+class RPCTraffic:
+    """Bytes on the connections to the RPC workers per phase of a run, as the kernel counted them (rpc.traffic):
+    measured, not computed. Nothing without workers, or where the counters are not available."""
+
+    def __init__(self, ex: Execution):
+        self.endpoints = sorted({d.endpoint for d in ex.rpc.devices}) if ex.rpc is not None else []
+        self.phases: dict[str, dict[str, Any]] = {}
+        self.last = self._now()
+
+    def _now(self) -> tuple[int, int] | None:
+        if not self.endpoints:
+            return None
+        from orchestrator import rpc
+
+        return rpc.traffic(self.endpoints)
+
+    def phase(self, name: str, n_tokens: int) -> None:
+        now = self._now()
+        if now is not None and self.last is not None:
+            sent, received = now[0] - self.last[0], now[1] - self.last[1]
+            self.phases[name] = {"bytes_sent": sent, "bytes_received": received, "tokens": n_tokens,
+                                 "bytes_per_token": (sent + received) / n_tokens if n_tokens else None}
+        self.last = now
+
+
 def generate(settings: GenerationSettings, plan: Plan | None = None, ex: Execution | None = None,
              draft: Any = None) -> RunResult:
     """One run; `draft` (a speculative.DraftSetup) drafts tokens and verifies them in one batch."""
@@ -675,10 +709,12 @@ def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float, d
         raise FlashflexError(f"prompt ({len(prompt_tokens)} tokens) + {n_new} new tokens exceed "
                              f"the context of {settings.ctx}", "raise --ctx or lower -n")
     _reset_stats(llm, ex)  # the load's initial reads are not the prompt's
+    wire = RPCTraffic(ex)
     t1 = time.perf_counter()
     llm.eval(prompt_tokens)
     prompt_s = time.perf_counter() - t1
     prompt_stats, prompt_moe = _stream_stats(llm, ex), _moe_stats(llm, ex)
+    wire.phase("prompt", len(prompt_tokens))
     _reset_stats(llm, ex)
 
     out: list[int] = []
@@ -696,13 +732,14 @@ def _generate(llm, settings: GenerationSettings, ex: Execution, load_s: float, d
         llm.eval([tok])
     decode_s = time.perf_counter() - t2
     decode_stats, decode_moe = _stream_stats(llm, ex), _moe_stats(llm, ex)
+    wire.phase("decode", len(out))
     text = llm.detokenize(out).decode(errors="replace")
     stats: dict[str, Any] = {"mode": ex.mode, "lossy": ex.lossy}
     devices = native.memory_breakdown(llm.ctx)
     if devices is not None:
         stats["devices"] = devices  # bytes per buffer type (device), as llama.cpp allocated them
     if ex.rpc is not None:
-        stats["rpc"] = ex.rpc.model_dump(mode="json")
+        stats["rpc"] = {**ex.rpc.model_dump(mode="json"), "traffic": wire.phases or None}
     if drafter is not None:
         stats["draft"] = drafter.report()
     if ex.plan is not None:

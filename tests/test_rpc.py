@@ -562,3 +562,54 @@ def test_a_worker_killed_mid_run_ends_the_run_with_its_name(workers, dense_model
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[-1].startswith(f"error: the RPC worker {w.endpoint} stopped answering during the run"), err
     assert "Traceback" not in err
+
+
+def test_a_frozen_worker_ends_the_run_within_the_answer_timeout(workers, dense_models, tmp_path):
+    """A worker that stops answering without closing its connection (a frozen host: SIGSTOP here) would block
+    ggml's client forever; --rpc-answer-timeout bounds each wait, and the run ends with one line naming it."""
+    w = workers(mem="256MiB")
+    env = dict(os.environ)
+    env.pop("FLASHFLEX_DEBUG", None)
+    client = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "-m", str(dense_models["q8_0"]), "--rpc", w.endpoint,
+         "--rpc-layers", "2", "--rpc-answer-timeout", "2", "--ctx", "4096", "-ub", "32", "-n", "4000", "-t", "1",
+         "--prompt", "hello"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while w.accepted() < 3 and client.poll() is None and time.monotonic() < deadline:  # 2 checks + ggml's
+            time.sleep(0.1)
+        assert client.poll() is None, client.communicate()
+        time.sleep(1.0)  # generating now
+        w.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = client.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 1, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "stopped answering during the run" in lines[-1] and w.endpoint in lines[-1], err
+    assert "Traceback" not in err
+
+
+def test_run_json_reports_the_bytes_over_rpc_measured(workers, dense_models):
+    """The bytes each phase sent to and received from the workers, as the kernel counted them on ggml's
+    connections: a decoded token moves its hidden state to the worker and the logits back, so the decode phase
+    carries at least the logits of every token (n_vocab x 4 bytes) and far less than the worker's weights."""
+    w = workers(mem="256MiB")
+    model = dense_models["q8_0"]
+    result = flashflex("run", "--model", str(model), "--rpc", w.endpoint, "--rpc-layers", "2", "--ctx", str(CTX),
+                       "-ub", "32", "-t", "1", "-n", "8", "--prompt", "hello world", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    traffic = stats["rpc"]["traffic"]
+    decode = traffic["decode"]
+    n_vocab = next(t.shape[1] for t in read_model_table(model).tensors if t.name == "token_embd.weight")
+    assert decode["tokens"] == 8
+    assert decode["bytes_received"] >= 8 * n_vocab * 4  # the logits came back from the worker (output layer)
+    assert 0 < decode["bytes_sent"] < stats["rpc"]["devices"][0]["weight_bytes"]
+    assert traffic["prompt"]["bytes_per_token"] > 0

@@ -91,14 +91,19 @@ def _measure(llm, settings, spec: dict, ex, out: dict) -> None:
             native.moe_stats_reset(llm.model)
 
     reset()
+    wire = runner.RPCTraffic(ex)
     t1 = time.perf_counter()
     llm.eval(prompt)
     prompt_s = time.perf_counter() - t1
+    wire.phase("prompt", len(prompt))
     reset()
     t2 = time.perf_counter()
     for tok in gen:
         llm.eval([tok])
     decode_s = time.perf_counter() - t2
+    wire.phase("decode", len(gen))
+    if wire.phases:
+        out.update(rpc_traffic=wire.phases, rpc_bytes_per_token=wire.phases["decode"]["bytes_per_token"])
     stream = native.model_stats(llm.model) if plan is not None else None
     moe = native.moe_stats(llm.model) if banked else None
     if moe is not None:
