@@ -54,6 +54,7 @@ OPTION_KEYS: dict[str, str] = {
     "rpc_layers": "rpc.layers",
     "rpc_timeout": "rpc.timeout_s",
     "rpc_answer_timeout": "rpc.answer_timeout_s",
+    "gpu_layers": "gpu.layers",
     "prompt": "prompt",
     "n_predict": "sampling.n_predict",
     "temperature": "sampling.temperature",

@@ -284,6 +284,18 @@ class RPCConfig(_Section):
         return self
 
 
+class GPUConfig(_Section):
+    """Layers on the accelerators present: this host's GPUs (a CUDA or Metal build) and the RPC workers' devices."""
+
+    layers: int | None = Field(
+        default=None, ge=1,
+        description="Layers to offload (the model's last ones, and the output layer; llama.cpp's -ngl, so 99 = all): "
+        "to this host's GPUs, then to the RPC workers (rpc.servers), as each one's memory holds. In a bank MoE mode "
+        "the routed experts stay in this host's slot banks (the --cpu-moe shape), and what stays on the CPU is "
+        "planned under the budget. null = nothing offloaded (with rpc.servers: rpc.layers decides).",
+    )
+
+
 DraftKind = Literal["none", "prompt-lookup", "model"]
 DRAFT_KINDS: tuple[str, ...] = typing.get_args(DraftKind)
 
@@ -417,10 +429,23 @@ class RunConfig(_Section):
     moe: MoEConfig = Field(default_factory=MoEConfig, description="MoE expert placement (MoE models only).")
     context: ContextConfig = Field(default_factory=ContextConfig, description="Context and batching.")
     rpc: RPCConfig = Field(default_factory=RPCConfig, description="RPC workers on other machines.")
+    gpu: GPUConfig = Field(default_factory=GPUConfig, description="Layers offloaded to GPUs and RPC workers.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Token sampling.")
     draft: DraftConfig = Field(default_factory=DraftConfig, description="Speculative decoding (drafts).")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="Benchmark sweeps.")
     prompt: str = Field(default="I believe the meaning of life is", description="The prompt text.")
+
+    @model_validator(mode="after")
+    def _one_layer_count(self) -> RunConfig:
+        if self.gpu.layers is not None and self.rpc.layers is not None:
+            raise ValueError("gpu.layers and rpc.layers both say how many layers to offload: give one "
+                             "(--gpu-layers counts the GPUs and the RPC workers together)")
+        return self
+
+    @property
+    def offloads(self) -> bool:
+        """Whether layers go to devices other than this host's CPU (GPUs or RPC workers)."""
+        return bool(self.rpc.servers) or self.gpu.layers is not None
 
 
 # --------------------------------------------------------------------------------------------------

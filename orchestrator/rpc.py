@@ -249,6 +249,42 @@ def workers_for(endpoints: list[str], timeout: float) -> list[Worker]:
     return out
 
 
+# The endpoint of this host's own accelerators in a placement (their device indices are the library's).
+LOCAL = "local"
+
+
+def local_gpus() -> Worker | None:
+    """This host's accelerators (the GPUs of a CUDA build, Metal) as one pseudo-worker with endpoint LOCAL, each
+    device's index being its index in the library's device list; None when the build sees none (CPU only)."""
+    from orchestrator import native
+
+    indices = native.local_accelerators()
+    if not indices:
+        return None
+    listed = {d["index"]: d for d in native.devices()}
+    return Worker(LOCAL, library_protocol(), [WorkerDevice(i, listed[i]["free"], listed[i]["total"])
+                                              for i in indices])
+
+
+def offload_targets(cfg: Any) -> list[Worker] | None:
+    """The devices a RunConfig offloads layers to, in llama.cpp's device order: with gpu.layers this host's GPUs,
+    then the RPC workers (checked with timeouts); None when it offloads nothing."""
+    if not cfg.offloads:
+        return None
+    out = []
+    if cfg.gpu.layers is not None:
+        local = local_gpus()
+        if local is not None:
+            out.append(local)
+    if cfg.rpc.servers:
+        out += workers_for(cfg.rpc.servers, cfg.rpc.timeout_s)
+    if not out:
+        raise FlashflexError(f"--gpu-layers {cfg.gpu.layers}: this build sees no GPU, and no RPC worker is given",
+                             "build for a GPU (flashflex build --backend cuda, or metal on a Mac), give --rpc "
+                             "HOST:PORT, or drop --gpu-layers")
+    return out
+
+
 def connect_workers(endpoints: list[str], timeout: float) -> dict[str, list[int]]:
     """Register each worker with the library (checked first when this process does not use it yet): endpoint →
     the indices of its devices in the library's device list (native.devices())."""
@@ -276,6 +312,8 @@ _TCPI_SIZE = 136
 def _peers(endpoints: list[str]) -> set[tuple[str, int]]:
     out = set()
     for endpoint in endpoints:
+        if endpoint == LOCAL:
+            continue
         host, _, port = endpoint.rpartition(":")
         try:
             for info in socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM):

@@ -265,9 +265,13 @@ def _placement(rpc: Any, timeout: float) -> tuple[list[int] | None, dict[str, An
         return ([native.device_handle(i) for i in local] if local is not None else None), {}
     from orchestrator import rpc as rpc_mod
 
-    index = rpc_mod.connect_workers(list(dict.fromkeys(d.endpoint for d in rpc.devices)), timeout)
+    remote = [d.endpoint for d in rpc.devices if d.endpoint != rpc_mod.LOCAL]
+    index = rpc_mod.connect_workers(list(dict.fromkeys(remote)), timeout)
     handles = []
     for d in rpc.devices:
+        if d.endpoint == rpc_mod.LOCAL:  # this host's GPU: its index is the library's
+            handles.append(native.device_handle(d.device))
+            continue
         mine = index[d.endpoint]
         if d.device >= len(mine):
             raise FlashflexError(f"RPC worker {d.endpoint} serves {len(mine)} device(s), and the plan uses its device "
@@ -511,7 +515,7 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     from orchestrator.sizes import available_memory, is_auto
 
     plain = cfg.moe.mode in (modes.AUTO, *modes.STOCK_LOADER_MODES) and not (cfg.moe.model_fields_set - {"mode"})
-    if is_auto(str(cfg.budget.size)) and plain and not cfg.rpc.servers:
+    if is_auto(str(cfg.budget.size)) and plain and not cfg.offloads:
         from orchestrator.modelfile.validate import read_layout
 
         for shard in shard_paths(model):  # the header checks the full table read would make, in a fraction
@@ -524,12 +528,9 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
     table = read_model_table(model)
     if not table.arch.is_moe and not any(t.role.name == "EXPERT_ROUTED" for t in table.tensors):
         _refuse_bank_options(cfg, "a dense model")
-    workers = None
-    if cfg.rpc.servers:
-        from orchestrator import rpc
+    from orchestrator import overheads, rpc
 
-        workers = rpc.workers_for(cfg.rpc.servers, cfg.rpc.timeout_s)
-    from orchestrator import overheads
+    workers = rpc.offload_targets(cfg)  # GPUs here and RPC workers, or None
 
     measured, probe = overheads.plan_inputs(cfg, model, workers=workers)
     plan = plan_for_run(table, cfg, workers=workers, overheads=measured, read_probe=probe)
@@ -541,10 +542,6 @@ def execution_for_config(cfg: "RunConfig", model: Path) -> Execution:
                                  "hold every layer's experts only when asked for",
                                  f"add --moe-mode {plan.moe.mode} (every layer's experts then stay here, in banks), or "
                                  "raise --budget")
-        if cfg.moe.prefetch == "router-lookahead" and plan.rpc.remote_layers:
-            raise FlashflexError("--moe-prefetch router-lookahead reads each layer's router on this host, and with "
-                                 "--rpc the routers of the workers' layers are there",
-                                 "drop --moe-prefetch, or --rpc")
     if plan.moe is not None:
         if plan.moe.topk_lossy:
             ex.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk

@@ -131,8 +131,8 @@ def main() -> int:
         lines[-1] += (f" {format_size(st) if st else '-'} | {format_size(wire) if wire else '-'} |"
                       f" {ok}/{args.repeats} |")
     wire = median("flashflex split over RPC, two cgroups", "rpc_bytes_per_token")
-    lines += ["", f"Over RPC per decoded token: {format_size(wire) if wire else 'not measured'} measured (both "
-              f"directions, ggml's commands included), against a floor of {format_size(floor)} computed (the "
+    measured = f"{format_size(wire)} measured (both directions, ggml's commands included)" if wire else "not measured"
+    lines += ["", f"Over RPC per decoded token: {measured}, against a floor of {format_size(floor)} computed (the "
               f"hidden state out, n_embd {n_embd} × 4 B, and the logits back, n_vocab {n_vocab} × 4 B)."]
     if wire:
         lines += [f"Computed from the measured bytes: {wire * 8 / 1e9 * 1e3:.3f} ms per token on a 1 Gb/s link, "

@@ -170,11 +170,12 @@ def test_experts_stay_here_in_a_bank_mode(moe_models):
                                  "moe.mode": "slot-bank", "moe.slot_bank": 8, "rpc.servers": "10.0.0.1:50052"})
     worker = rpc.Worker("10.0.0.1:50052", rpc.RPC_PROTOCOL, [rpc.WorkerDevice(0, 1 << 30, 1 << 30)])
     plan = plan_for_run(table, cfg, workers=[worker])
-    assert plan.rpc.experts_here and plan.rpc.remote_layers == table.arch.n_layer and plan.rpc.local_layers == 0
+    # every layer the worker holds, but layer 0 (placement.KEEP_FIRST_WHY)
+    assert plan.rpc.experts_here and plan.rpc.remote_layers == table.arch.n_layer - 1 and plan.rpc.local_layers == 1
     experts = {t.name for t in table.tensors if "_exps." in t.name}
     assert experts and {t.name for t in plan.tensors if t.placement == "bank"} == experts  # every layer's, here
     assert plan.rpc.remote_weight_bytes + plan.rpc.local_model_bytes >= table.total_bytes
-    assert not any(t.layer is not None and "_exps." not in t.name for t in plan.tensors)
+    assert not any(t.layer not in (None, 0) and "_exps." not in t.name for t in plan.tensors)
     stock = plan_for_run(table, load_run_config(None, {"context.ctx": CTX, "rpc.servers": "10.0.0.1:50052"}),
                          workers=[worker])
     assert not stock.rpc.experts_here and not stock.rpc.cpu_tensors  # stock: experts go with their layers
@@ -526,13 +527,26 @@ def test_moe_dense_parts_on_a_worker_experts_in_banks_here_are_bitwise_exact(wor
 
 
 @pytest.mark.native
-def test_router_lookahead_with_layers_on_a_worker_is_refused(workers, moe_models):
+def test_router_lookahead_with_layers_on_a_worker_keeps_the_routers_here_and_is_exact(workers, moe_models):
+    """Router-lookahead applies layer L+1's router here to layer L's MoE input, so with layers on a worker the
+    routers stay here with the experts (a second tensor override); exact against stock with the same placement."""
     w = workers(mem="256MiB")
     path, sidecar = moe_models["qwen3moe"]
-    result = flashflex("run", "-m", str(path), "--moe-mode", "slot-bank", "--moe-slot-bank", "8", "--moe-sidecar",
-                       str(sidecar), "--moe-prefetch", "router-lookahead", "--rpc", w.endpoint, "--ctx", str(CTX),
-                       "-n", "1", timeout=60)
-    one_error(result, "router-lookahead", "--rpc")
+    common = ["--model", str(path), "--moe-mode", "slot-bank", "--moe-slot-bank", "8", "--moe-sidecar", str(sidecar),
+              "--moe-prefetch", "router-lookahead", "--rpc", w.endpoint, "--rpc-layers", "2", "--ctx", str(CTX),
+              "--ubatch", "8", "-t", "1"]
+    result = flashflex("verify-exact", *common, "--tokens", "40", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["identical"], result.stdout
+    run = flashflex("run", *common, "-n", "8", "--json", timeout=300)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(run.stdout)["stats"]
+    placed = stats["rpc"]
+    assert placed["routers_here"] and len(placed["cpu_tensors"]) == 2
+    remote = [d for d in stats["devices"] if d["device"].startswith("RPC")]
+    assert remote[0]["model"] == placed["devices"][0]["weight_bytes"]  # neither experts nor routers went there
+    decode = stats["moe"]["decode"]
+    assert decode["calls"] > 0 and decode.get("prefetch_issued", decode.get("prefetch_used", 0)) >= 0
 
 
 @pytest.mark.native
@@ -613,3 +627,44 @@ def test_run_json_reports_the_bytes_over_rpc_measured(workers, dense_models):
     assert decode["bytes_received"] >= 8 * n_vocab * 4  # the logits came back from the worker (output layer)
     assert 0 < decode["bytes_sent"] < stats["rpc"]["devices"][0]["weight_bytes"]
     assert traffic["prompt"]["bytes_per_token"] > 0
+
+
+def test_gpu_layers_without_a_gpu_or_a_worker_is_one_line(patched_llama, dense_models):
+    """-ngl offloads to the accelerators present: a CPU-only build without --rpc has none."""
+    result = flashflex("run", "-m", str(dense_models["q8_0"]), "-ngl", "2", "-n", "1", timeout=60)
+    one_error(result, "--gpu-layers 2", "no GPU", "--rpc")
+
+
+def test_gpu_layers_and_rpc_layers_together_are_one_line(dense_models):
+    result = flashflex("run", "-m", str(dense_models["q8_0"]), "-ngl", "2", "--rpc", "127.0.0.1:1", "--rpc-layers",
+                       "2", "-n", "1", timeout=60)
+    one_error(result, "gpu.layers", "rpc.layers")
+
+
+@pytest.mark.native
+def test_gpu_layers_offload_to_rpc_devices_like_rpc_layers(workers, moe_models):
+    """On a CPU-only build the accelerators present are the RPC workers' devices: -ngl N puts the last N layers
+    there, the routed experts staying in this host's slot banks (the --cpu-moe shape), exact against stock with the
+    same placement. (With a CUDA or Metal build this host's GPUs come first in the device list.)"""
+    w = workers(mem="256MiB")
+    path, sidecar = moe_models["qwen3moe"]
+    common = ["--model", str(path), "--moe-mode", "slot-bank", "--moe-slot-bank", "8", "--moe-sidecar", str(sidecar),
+              "--rpc", w.endpoint, "-ngl", "2", "--ctx", str(CTX), "--ubatch", "8", "-t", "1"]
+    result = flashflex("verify-exact", *common, "--tokens", "24", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["identical"], result.stdout
+    run = flashflex("run", *common, "-n", "4", "--json", timeout=300)
+    assert run.returncode == 0, run.stderr
+    placed = json.loads(run.stdout)["stats"]["rpc"]
+    assert placed["remote_layers"] == 2 and placed["experts_here"]
+    assert [d["endpoint"] for d in placed["devices"]] == [w.endpoint]
+    # 99 = every layer, as with llama.cpp's -ngl; with experts in slot banks, every layer but layer 0
+    # (placement.KEEP_FIRST_WHY), which an explicit --rpc-layers of all of them is refused for
+    for mode, here in (("stock", 0), ("slot-bank", 1)):
+        every = flashflex("plan", str(path), "--rpc", w.endpoint, "-ngl", "99", "--moe-mode", mode, "--budget",
+                          "1GiB", "--ctx", str(CTX), "--json", timeout=120)
+        assert every.returncode == 0, every.stderr
+        assert json.loads(every.stdout)["rpc"]["local_layers"] == here, mode
+    refused = flashflex("plan", str(path), "--rpc", w.endpoint, "--rpc-layers", "3", "--moe-mode", "slot-bank",
+                        "--budget", "1GiB", "--ctx", str(CTX), timeout=120)
+    one_error(refused, "layer 0 stays here", "--rpc-layers / --gpu-layers 2 or fewer")

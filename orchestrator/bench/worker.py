@@ -56,8 +56,8 @@ def _execution(point: dict, spec: dict, model: Path, out: dict):
                          "prefetch.threads": max(1, point.get("prefetch_threads") or 1)})
     else:
         settings.update({"prefetch.threads": point["prefetch_threads"], "prefetch.window": spec["window"]})
-        if spec.get("rpc"):
-            settings["rpc.servers"] = spec["rpc"]
+    if spec.get("rpc"):
+        settings["rpc.servers"] = spec["rpc"]
     ex = runner.execution_for_config(load_run_config(None, settings), model)
     plan = ex.budget_plan
     assert plan is not None

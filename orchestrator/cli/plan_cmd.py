@@ -32,7 +32,8 @@ def _load_table(path: Path) -> ModelTable:
 
 def _settings(budget: str, ctx: int, ubatch: int, window: str, threads: str, direct_io: str,
               moe_mode: str | None, slot_bank: int | None, topk: int | None, rpc: str | None = None,
-              rpc_layers: int | None = None, rpc_timeout: float | None = None) -> RunConfig:
+              rpc_layers: int | None = None, rpc_timeout: float | None = None,
+              gpu_layers: int | None = None) -> RunConfig:
     """Flags validated by the same models as YAML, so errors read the same."""
     overrides: dict[str, Any] = {
         "budget.size": budget,
@@ -48,6 +49,7 @@ def _settings(budget: str, ctx: int, ubatch: int, window: str, threads: str, dir
         "rpc.servers": rpc,
         "rpc.layers": rpc_layers,
         "rpc.timeout_s": rpc_timeout,
+        "gpu.layers": gpu_layers,
     }
     return load_run_config(None, overrides)
 
@@ -81,6 +83,8 @@ def plan_command(
                                                       "workers (default: as many as they hold).")] = None,
     rpc_timeout: Annotated[Optional[float], typer.Option("--rpc-timeout", min=0.1, max=120.0,
                                                          help="Seconds each worker has to answer.")] = None,
+    gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", min=1, help="Layers to offload "
+                                                      "to this host's GPUs, then the RPC workers (99 = all).")] = None,
     show_explain: Annotated[bool, typer.Option("--explain", help="Say which tensors are kept and why.")] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Reserve the planner's estimates for the KV cache and "
                                            "compute buffers instead of measuring what llama.cpp allocates (the "
@@ -90,14 +94,15 @@ def plan_command(
     """Plan a model under a RAM budget: resident and streamed tensors, expert banks, reservations, estimates; with
     --rpc, which layers go to which worker and what stays here."""
     settings = _settings(budget, ctx, ubatch, prefetch_window, prefetch_threads, direct_io, moe_mode,
-                         moe_slot_bank, moe_topk, rpc, rpc_layers, rpc_timeout)
+                         moe_slot_bank, moe_topk, rpc, rpc_layers, rpc_timeout, gpu_layers)
     rate = parse_rate(bandwidth, what="--bandwidth")
     table = _load_table(model)
     workers = None
-    if settings.rpc.servers:
+    if settings.offloads:
         from orchestrator import rpc as rpc_mod
 
-        workers = rpc_mod.probe_all(settings.rpc.servers, settings.rpc.timeout_s)
+        workers = (rpc_mod.offload_targets(settings) if settings.gpu.layers is not None
+                   else rpc_mod.probe_all(settings.rpc.servers, settings.rpc.timeout_s))
     from orchestrator import overheads
 
     measured, probe = overheads.plan_inputs(settings, model, workers=workers, estimate=estimate, reprobe=reprobe)

@@ -45,6 +45,16 @@ _OUTPUT_NAMES = re.compile(r"^output(_norm)?\.(weight|bias)$")
 # the same tensors here.
 EXPERTS_HERE = r"\.ffn_(up|down|gate|gate_up)_exps\."
 _EXPERTS_HERE = re.compile(EXPERTS_HERE)
+# Known issue: slot banks whose matmul runs in passes (a ubatch routing to more experts than the bank holds) corrupt
+# memory when every layer, layer 0 included, sits on an RPC device (seen with the A3B-shaped model at ubatch 8;
+# not with layer 0 here, not with one pass, not with resident banks). Until that is understood, the planner keeps
+# layer 0 here in those modes.
+KEEP_FIRST_WHY = "a known crash of bank passes with every layer on other devices"
+
+# With router-lookahead prefetch, every layer's router stays here too: the prefetcher applies layer L+1's router to
+# layer L's MoE input on this host, so it needs the router's bytes in host memory.
+ROUTERS_HERE = r"\.ffn_gate_inp\.weight$"
+_ROUTERS_HERE = re.compile(ROUTERS_HERE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +92,22 @@ def is_expert_here(t: TensorInfo) -> bool:
     return t.layer is not None and bool(_EXPERTS_HERE.search(t.name))
 
 
-def _layer_costs(table: ModelTable, ctx: int, experts_here: bool) -> tuple[list[int], list[int]]:
+def is_router_here(t: TensorInfo) -> bool:
+    """A layer's router weight, kept here for router-lookahead prefetch (ROUTERS_HERE)."""
+    return t.layer is not None and bool(_ROUTERS_HERE.search(t.name))
+
+
+def _stays_here(t: TensorInfo, experts_here: bool, routers_here: bool) -> bool:
+    """A layer's tensor that stays on this host whichever device holds its layer."""
+    return (experts_here and is_expert_here(t)) or (routers_here and is_router_here(t))
+
+
+def _layer_costs(table: ModelTable, ctx: int, experts_here: bool,
+                 routers_here: bool = False) -> tuple[list[int], list[int]]:
     a = table.arch
     weights = [0] * a.n_layer
     for t in table.tensors:
-        if t.layer is not None and 0 <= t.layer < a.n_layer and not (experts_here and is_expert_here(t)):
+        if t.layer is not None and 0 <= t.layer < a.n_layer and not _stays_here(t, experts_here, routers_here):
             weights[t.layer] += t.n_bytes
     kv = ctx * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * 2
     return weights, [kv] * a.n_layer
@@ -150,11 +171,14 @@ class _Fit:
 
 def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ubatch: int,
                  layers: int | None = None, compute: int | None = None,
-                 experts_here: bool = False) -> tuple[RPCPlan, list[str]]:
+                 experts_here: bool = False, routers_here: bool = False,
+                 keep_first_here: bool = False) -> tuple[RPCPlan, list[str]]:
     """The placement of `table`'s layers on `devices` (see the module docstring) and warnings. Pure.
 
     `experts_here`: the routed experts of every layer stay on this host (in slot banks); the workers get the rest
-    of their layers (attention, norms, router, shared experts)."""
+    of their layers (attention, norms, router, shared experts). `routers_here`: the routers stay here as well
+    (router-lookahead prefetch reads them here). `keep_first_here`: layer 0 stays on this host (see
+    KEEP_FIRST_WHY)."""
     from orchestrator.planner.make import compute_bytes
 
     name = table.files[0].name if table.files else table.arch.arch
@@ -164,14 +188,19 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
     if n_layer < 1:
         raise FlashflexError(f"{name} has no repeating layers to place on RPC workers", "drop --rpc")
     reserve = compute if compute is not None else compute_bytes(table, ctx, ubatch)
-    weights, kv = _layer_costs(table, ctx, experts_here)
+    weights, kv = _layer_costs(table, ctx, experts_here, routers_here)
     output = output_layer_bytes(table)
     fit = _Fit(weights, kv, output, [max(0, d.free - reserve) for d in devices])
     where = ", ".join(f"{d.endpoint}#{d.device} {format_size(d.free)}" for d in devices)
+    most_here = n_layer - 1 if keep_first_here else n_layer  # the most layers the devices may take
     if layers is not None:
         if layers > n_layer:
             raise FlashflexError(f"--rpc-layers {layers} exceeds the {n_layer} layers of {name}",
                                  f"give at most {n_layer}")
+        if layers > most_here:
+            raise FlashflexError(f"{layers} layers on other devices would leave none of {name}'s layers here, and with "
+                                 f"experts in slot banks layer 0 stays here ({KEEP_FIRST_WHY})",
+                                 f"give --rpc-layers / --gpu-layers {most_here} or fewer, or --moe-mode resident-bank")
         counts = fit.assign(layers)
         if counts is None:
             most = next((r for r in range(layers - 1, 0, -1) if fit.assign(r) is not None), 0)
@@ -184,7 +213,7 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
                 if most else "lower --ctx, or start the workers with more --mem")
     else:
         counts = None
-        for r in range(n_layer, 0, -1):
+        for r in range(most_here, 0, -1):
             counts = fit.assign(r)
             if counts is not None:
                 break
@@ -212,21 +241,23 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
                                    compute_bytes=reserve, used_bytes=w + k + reserve))
         first += c
     split = [float(p.n_layers + (1 if p.output else 0)) for p in plans]
-    local_bytes = sum(t.n_bytes for t in local_table(table, n_layer - remote, experts_here).tensors)
+    local_bytes = sum(t.n_bytes for t in local_table(table, n_layer - remote, experts_here, routers_here).tensors)
     plan = RPCPlan(devices=plans, local_layers=n_layer - remote, remote_layers=remote, n_gpu_layers=remote + 1,
                    tensor_split=split, requested_layers=layers,
                    remote_weight_bytes=sum(p.weight_bytes for p in plans), local_model_bytes=local_bytes,
-                   experts_here=experts_here, cpu_tensors=[EXPERTS_HERE] if experts_here else [])
+                   experts_here=experts_here, routers_here=routers_here,
+                   cpu_tensors=[EXPERTS_HERE] * experts_here + [ROUTERS_HERE] * routers_here)
     return plan, warnings
 
 
-def local_table(table: ModelTable, local_layers: int, experts_here: bool = False) -> ModelTable:
+def local_table(table: ModelTable, local_layers: int, experts_here: bool = False,
+                routers_here: bool = False) -> ModelTable:
     """The part of `table` that stays on this host: layers [0, local_layers), the tensors outside the layers except
     the output layer's and, with `experts_here`, every layer's routed experts; as a model of local_layers layers (so
     the local plan's KV cache counts only them)."""
     keep = [t for t in table.tensors
             if (t.layer is None and not is_output_tensor(t)) or (t.layer is not None and t.layer < local_layers)
-            or (experts_here and is_expert_here(t))]
+            or (t.layer is not None and _stays_here(t, experts_here, routers_here))]
     arch = dataclasses.replace(table.arch, n_layer=local_layers,
                                n_leading_dense=min(table.arch.n_leading_dense, local_layers))
     return ModelTable(files=table.files, arch=arch, tensors=keep, metadata=table.metadata)

@@ -158,6 +158,8 @@ class RPCPlan(_Model):
     local_model_bytes: int = Field(description="Weights that stay on this host (planned under the budget).")
     experts_here: bool = Field(default=False, description="Every layer's routed experts stay on this host, in slot "
                                "banks; the workers get the rest of their layers (llama.cpp's --cpu-moe shape).")
+    routers_here: bool = Field(default=False, description="Every layer's router stays on this host too "
+                               "(router-lookahead prefetch applies it here).")
     cpu_tensors: list[str] = Field(default_factory=list, description="Patterns of tensors llama.cpp keeps in the "
                                    "CPU buffer type whatever their layer's device (tensor_buft_overrides).")
 

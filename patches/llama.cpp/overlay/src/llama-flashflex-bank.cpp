@@ -774,7 +774,9 @@ ggml_tensor * flashflex::bank_mul_mat_id(ggml_context * ctx, ggml_tensor * as, g
         resolve_site * site  = site_for(*st, j, p);
         // pass p may only evict pass p-1's experts after pass p-1's matmul: depend on its result
         ggml_tensor *  slots = pin_to_cpu(ggml_map_custom3(ctx, ids, acc ? acc : ids, b, resolve_op, 1, site));
-        ggml_tensor *  out   = ggml_mul_mat_id(ctx, as, b, slots);
+        // on the CPU, where the bank is: the scheduler would otherwise give the matmul the device of its input (an
+        // RPC worker's, for a layer placed there), and the in-place merge below would write to that device's memory
+        ggml_tensor *  out   = pin_to_cpu(ggml_mul_mat_id(ctx, as, b, slots));
         acc = acc ? pin_to_cpu(ggml_map_custom3_inplace(ctx, acc, out, slots, merge_op, GGML_N_TASKS_MAX, site)) : out;
     }
     return acc;
