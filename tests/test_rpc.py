@@ -549,14 +549,14 @@ def test_router_lookahead_with_layers_on_a_worker_keeps_the_routers_here_and_is_
     assert decode["calls"] > 0 and decode.get("prefetch_issued", decode.get("prefetch_used", 0)) >= 0
 
 
-@pytest.mark.native
-def test_a_worker_killed_mid_run_ends_the_run_with_its_name(workers, dense_models, tmp_path):
-    w = workers(mem="256MiB")
+def _worker_lost_mid_run(w, model: Path, lose, *extra: str) -> str:
+    """A long run with its last layers on worker `w`; `lose(w)` once it generates. Returns the run's stderr after
+    checking it ended with status 1, within 30 s, in one line naming the worker."""
     env = dict(os.environ)
     env.pop("FLASHFLEX_DEBUG", None)
     client = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "-m", str(dense_models["q8_0"]), "--rpc", w.endpoint,
-         "--rpc-layers", "2", "--ctx", "4096", "-ub", "32", "-n", "4000", "-t", "1", "--prompt", "hello"],
+        [sys.executable, "-m", "orchestrator", "run", "-m", str(model), "--rpc", w.endpoint, "--rpc-layers", "2",
+         *extra, "--ctx", "4096", "-ub", "32", "-n", "4000", "-t", "1", "--prompt", "hello"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         deadline = time.monotonic() + 60
@@ -564,7 +564,7 @@ def test_a_worker_killed_mid_run_ends_the_run_with_its_name(workers, dense_model
             time.sleep(0.1)
         assert client.poll() is None, client.communicate()
         time.sleep(1.0)  # generating now
-        w.stop(signal.SIGKILL)
+        lose(w)
         t0 = time.monotonic()
         _, err = client.communicate(timeout=60)
         assert time.monotonic() - t0 < 30
@@ -573,41 +573,29 @@ def test_a_worker_killed_mid_run_ends_the_run_with_its_name(workers, dense_model
             client.kill()
             client.wait()
     assert client.returncode == 1, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert lines[-1].startswith(f"error: the RPC worker {w.endpoint} stopped answering during the run"), err
     assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "stopped answering during the run" in lines[-1] and w.endpoint in lines[-1], err
+    return lines[-1]
 
 
-def test_a_frozen_worker_ends_the_run_within_the_answer_timeout(workers, dense_models, tmp_path):
+@pytest.mark.native
+def test_a_worker_killed_mid_run_ends_the_run_with_its_name(workers, dense_models):
+    w = workers(mem="256MiB")
+    last = _worker_lost_mid_run(w, dense_models["q8_0"], lambda w: w.stop(signal.SIGKILL))
+    assert last.startswith(f"error: the RPC worker {w.endpoint} stopped answering during the run")
+
+
+@pytest.mark.native
+def test_a_frozen_worker_ends_the_run_within_the_answer_timeout(workers, dense_models):
     """A worker that stops answering without closing its connection (a frozen host: SIGSTOP here) would block
     ggml's client forever; --rpc-answer-timeout bounds each wait, and the run ends with one line naming it."""
     w = workers(mem="256MiB")
-    env = dict(os.environ)
-    env.pop("FLASHFLEX_DEBUG", None)
-    client = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "-m", str(dense_models["q8_0"]), "--rpc", w.endpoint,
-         "--rpc-layers", "2", "--rpc-answer-timeout", "2", "--ctx", "4096", "-ub", "32", "-n", "4000", "-t", "1",
-         "--prompt", "hello"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while w.accepted() < 3 and client.poll() is None and time.monotonic() < deadline:  # 2 checks + ggml's
-            time.sleep(0.1)
-        assert client.poll() is None, client.communicate()
-        time.sleep(1.0)  # generating now
-        w.proc.send_signal(signal.SIGSTOP)
-        t0 = time.monotonic()
-        _, err = client.communicate(timeout=60)
-        assert time.monotonic() - t0 < 30
+        _worker_lost_mid_run(w, dense_models["q8_0"], lambda w: w.proc.send_signal(signal.SIGSTOP),
+                             "--rpc-answer-timeout", "2")
     finally:
         w.proc.send_signal(signal.SIGCONT)
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-    assert client.returncode == 1, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert "stopped answering during the run" in lines[-1] and w.endpoint in lines[-1], err
-    assert "Traceback" not in err
 
 
 def test_run_json_reports_the_bytes_over_rpc_measured(workers, dense_models):
