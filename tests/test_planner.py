@@ -650,3 +650,28 @@ def test_staging_is_one_read_job_of_rows_and_a_layer_held_whole_keeps_the_layer_
             for x in layers]
     _, buf_h, ring_h = mk._buffers(held, 0, None, threads=0)
     assert ring_h >= buf_h + 2 * mk._largest_streamed_tensor(held, 0)
+
+
+def test_a_split_reserves_the_load_staging_of_the_largest_tensor_sent():
+    """llama.cpp reads each tensor bound for another device whole into a host buffer while loading, before the
+    context allocates the KV cache and compute buffers: a plan with layers elsewhere reserves what the largest
+    (here the output matrix of a large vocabulary) needs beyond those, and its minimum includes it."""
+    from orchestrator import rpc
+    from orchestrator.config import load_run_config
+    from orchestrator.planner import plan_for_run
+
+    t = dense_table(n_layer=4, n_vocab=200_000)
+    output = next(x.n_bytes for x in t.tensors if x.name == "output.weight")
+    worker = rpc.Worker("10.0.0.1:50052", rpc.RPC_PROTOCOL, [rpc.WorkerDevice(0, 1 << 30, 1 << 30)])
+    cfg = load_run_config(None, {"context.ctx": 64, "context.ubatch": 8, "budget.size": "1GiB",
+                                 "rpc.servers": "10.0.0.1:50052", "rpc.layers": 2})
+    plan = plan_for_run(t, cfg, workers=[worker])
+    r = plan.reservations
+    assert plan.rpc.load_staging_bytes == output
+    assert r.load_staging_bytes == output - r.kv_cache_bytes - r.compute_bytes > 0
+    assert plan.reserved_bytes == r.kv_cache_bytes + r.compute_bytes + r.load_staging_bytes + r.prefetch_buffer_bytes
+    alone = make_plan(t, 1 << 30, ctx=64, ubatch=8)  # nothing sent anywhere: nothing staged
+    assert alone.reservations.load_staging_bytes == 0
+    with pytest.raises(FlashflexError, match="loading"):
+        plan_for_run(t, cfg.model_copy(update={"budget": cfg.budget.model_copy(
+            update={"size": f"{plan.minimum_budget_bytes - 1}B"})}), workers=[worker])

@@ -132,6 +132,9 @@ def _print_plan(plan: Plan) -> None:
                               f"{format_size(plan.used_bytes)}")
     summary.add_row("KV cache", f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens, {r.source})")
     summary.add_row("compute", f"{format_size(r.compute_bytes)} (ubatch {plan.ubatch}, {r.source})")
+    if r.load_staging_bytes:
+        summary.add_row("loading", f"{format_size(r.load_staging_bytes)} more while a tensor bound for another "
+                                   "device is staged here")
     summary.add_row("prefetch", f"ring {format_size(p.ring_bytes)}, {p.threads} thread(s), window "
                                 f"{p.window}, direct I/O {'on' if p.direct_io else 'off'}" if p.buffers
                     else "none (nothing streams)")

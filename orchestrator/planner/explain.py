@@ -41,7 +41,9 @@ def explain(plan: Plan) -> list[str]:
         f"{format_size(r.kv_cache_bytes)} ({plan.ctx} tokens) + compute {format_size(r.compute_bytes)} "
         f"(ubatch {plan.ubatch}; KV and compute {r.source}"
         + (" from what llama.cpp allocates for these settings)" if r.source == "measured" else ")")
-        + (f" + prefetch ring {format_size(plan.prefetch.ring_bytes)}" if plan.prefetch.buffers else ""),
+        + (f" + prefetch ring {format_size(plan.prefetch.ring_bytes)}" if plan.prefetch.buffers else "")
+        + (f" + loading {format_size(r.load_staging_bytes)} (a tensor bound for another device, staged here)"
+           if r.load_staging_bytes else ""),
     ]
     non_layer = [t for t in plan.tensors if t.reason == "non-layer"]
     if non_layer:

@@ -339,6 +339,7 @@ def make_plan(
     read_bandwidth: int | str | None = None,
     overheads: Any = None,
     read_probe: dict[int, float] | None = None,
+    load_staging_bytes: int = 0,
 ) -> Plan:
     """Plan `table` under `budget_bytes` of RAM. Pure: reads nothing, writes nothing.
 
@@ -348,6 +349,9 @@ def make_plan(
     `overheads` (an overheads.Measured, or anything with `kv_bytes` and `compute_bytes`) replaces the KV cache and
     compute estimates with what llama.cpp allocates for these settings. `read_probe` (queue depth → direct-read
     bytes/s of the model's device, orchestrator.readspeed) is what `threads: auto` chooses from.
+    `load_staging_bytes`: the largest tensor llama.cpp sends to another device while loading (placement), read
+    whole into a host buffer first; what of it the KV cache and compute buffers (allocated after the load) do not
+    cover is reserved.
     Raises FlashflexError for a budget below the minimum, MoE options on a dense model, and impossible
     MoE settings.
 
@@ -359,7 +363,7 @@ def make_plan(
     warnings: list[str] = []
     model = _analyse_model(table, req, warnings)
     req = _prefetch_threads(req, model, read_probe)
-    over = _overheads(table, model, req, overheads)
+    over = _overheads(table, model, req, overheads, load_staging_bytes)
     experts = _experts(model, req, over, budget_bytes, warnings)
     staging = _staging_bytes(model.layers, req.threads)
     minimum = _minimum_budget(model, req, over, experts, staging, budget_bytes)
@@ -515,6 +519,7 @@ class _Overheads:
     kv: int
     compute: int
     source: str  # measured | estimated (kv and compute)
+    load: int  # the load's peak beyond kv + compute: a tensor bound for another device, staged whole
     non_layer: int  # tensors outside the repeating blocks
     pinned: int  # 1-D tensors and routers inside them
     streamable: int  # every dense layer weight (may stream)
@@ -522,8 +527,9 @@ class _Overheads:
 
     @property
     def fixed(self) -> int:
-        """Taken before any weight is placed: KV cache, compute, always-resident weights."""
-        return self.kv + self.compute + self.non_layer + self.pinned
+        """Taken before any weight is placed: KV cache, compute (or the load's staging where larger),
+        always-resident weights."""
+        return self.kv + self.compute + self.load + self.non_layer + self.pinned
 
     @property
     def everything(self) -> int:
@@ -531,7 +537,8 @@ class _Overheads:
         return self.fixed + self.streamable + self.routed
 
 
-def _overheads(table: ModelTable, model: _ModelFacts, req: _Request, measured: Any) -> _Overheads:
+def _overheads(table: ModelTable, model: _ModelFacts, req: _Request, measured: Any,
+               load_staging: int = 0) -> _Overheads:
     """The KV cache and compute reservations (what llama.cpp allocates, when measured; else the estimates, compute
     sized for the run's top-k), the always-resident weights, and the totals of the streamable dense weights and of
     the routed experts."""
@@ -545,6 +552,9 @@ def _overheads(table: ModelTable, model: _ModelFacts, req: _Request, measured: A
         kv=kv,
         compute=compute,
         source=source,
+        # the load reads a device-bound tensor into a host buffer and frees it before the context allocates the KV
+        # cache and compute buffers, so only what exceeds those is extra
+        load=max(0, load_staging - kv - compute),
         non_layer=sum(t.n_bytes for t in table.tensors if t.layer is None),
         pinned=sum(t.n_bytes for layer in model.layers for t in layer.pinned),
         streamable=sum(layer.streamable_bytes for layer in model.layers),
@@ -612,6 +622,7 @@ def _minimum_budget(model: _ModelFacts, req: _Request, over: _Overheads, experts
         minimum = min(minimum, auto_min)
     if budget < minimum:
         parts = [f"KV cache {format_size(over.kv)}", f"compute {format_size(over.compute)}",
+                 *([f"loading {format_size(over.load)}"] if over.load else []),
                  f"always-resident weights "
                  f"{format_size(over.non_layer + over.pinned + (0 if experts.banked else over.routed))}"]
         if over.streamable > stream_all:
@@ -821,7 +832,7 @@ def _assemble(table: ModelTable, budget: int, *, req: _Request, model: _ModelFac
     estimates = _estimates(model, experts, slots, placed.dense_streamed, req.bandwidth)
     banks = model.bank_bytes(slots) if experts.banked else over.routed
     resident_weights = over.non_layer + over.pinned + placed.dense_kept + banks
-    reserved = over.kv + over.compute + dense.prefetch_bytes
+    reserved = over.kv + over.compute + over.load + dense.prefetch_bytes
     file_index = {str(f): i for i, f in enumerate(table.files)}
     return Plan(
         files=[str(f) for f in table.files],
@@ -840,7 +851,8 @@ def _assemble(table: ModelTable, budget: int, *, req: _Request, model: _ModelFac
         reserved_bytes=reserved,
         used_bytes=resident_weights + reserved,
         reservations=Reservations(kv_cache_bytes=over.kv, compute_bytes=over.compute,
-                                  prefetch_buffer_bytes=dense.prefetch_bytes, source=over.source),
+                                  prefetch_buffer_bytes=dense.prefetch_bytes, load_staging_bytes=over.load,
+                                  source=over.source),
         prefetch=PrefetchPlan(threads=req.threads, threads_reason=req.threads_reason,
                               window=req.window if req.window is not None else "auto",
                               buffers=dense.buffers, buffer_bytes=dense.buffer_bytes, ring_bytes=dense.ring_bytes,
@@ -902,6 +914,7 @@ def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None
         read_bandwidth=read_bandwidth,
         overheads=overheads,
         read_probe=read_probe,
+        load_staging_bytes=rpc_plan.load_staging_bytes if rpc_plan is not None else 0,
     )
     if rpc_plan is not None:
         plan.rpc = rpc_plan

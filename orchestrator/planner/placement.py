@@ -242,10 +242,16 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
         first += c
     split = [float(p.n_layers + (1 if p.output else 0)) for p in plans]
     local_bytes = sum(t.n_bytes for t in local_table(table, n_layer - remote, experts_here, routers_here).tensors)
+    # what llama.cpp sends to the devices while loading, each tensor read whole into a host buffer first
+    sent = [t.n_bytes for t in table.tensors
+            if (t.layer is not None and t.layer >= n_layer - remote and not _stays_here(t, experts_here, routers_here))
+            or is_output_tensor(t)]
+    if not any(t.name == "output.weight" for t in table.tensors):
+        sent += [t.n_bytes for t in table.tensors if t.role is Role.TOKEN_EMBD]  # the output layer's copy
     plan = RPCPlan(devices=plans, local_layers=n_layer - remote, remote_layers=remote, n_gpu_layers=remote + 1,
                    tensor_split=split, requested_layers=layers,
                    remote_weight_bytes=sum(p.weight_bytes for p in plans), local_model_bytes=local_bytes,
-                   experts_here=experts_here, routers_here=routers_here,
+                   experts_here=experts_here, routers_here=routers_here, load_staging_bytes=max(sent, default=0),
                    cpu_tensors=[EXPERTS_HERE] * experts_here + [ROUTERS_HERE] * routers_here)
     return plan, warnings
 

@@ -94,6 +94,10 @@ class Reservations(_Model):
     kv_cache_bytes: int = Field(description="K and V cache for the whole context.")
     compute_bytes: int = Field(description="Compute buffers for one ubatch.")
     prefetch_buffer_bytes: int = Field(description="ring_bytes + staging_bytes.")
+    load_staging_bytes: int = Field(default=0, description="While loading, llama.cpp reads each tensor bound for "
+                                    "another device (an RPC worker, a GPU) whole into a host buffer: what the "
+                                    "largest needs beyond the KV cache and compute buffers, allocated after the "
+                                    "load.")
     source: Literal["measured", "estimated"] = Field(
         default="estimated", description="measured = KV and compute are what llama.cpp allocates for these settings "
         "(orchestrator.overheads); estimated = the planner's formulas.")
@@ -160,6 +164,8 @@ class RPCPlan(_Model):
                                "banks; the workers get the rest of their layers (llama.cpp's --cpu-moe shape).")
     routers_here: bool = Field(default=False, description="Every layer's router stays on this host too "
                                "(router-lookahead prefetch applies it here).")
+    load_staging_bytes: int = Field(default=0, description="The largest tensor sent to a device while loading "
+                                    "(llama.cpp stages each whole in host memory first).")
     cpu_tensors: list[str] = Field(default_factory=list, description="Patterns of tensors llama.cpp keeps in the "
                                    "CPU buffer type whatever their layer's device (tensor_buft_overrides).")
 
