@@ -98,6 +98,12 @@ def test_malformed_rpc_flag_is_one_line(dense_models, value):
     one_error(result, "rpc")
 
 
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_bench_takes_rpc_workers_and_refuses_a_malformed_one(kind):
+    result = flashflex("bench", kind, "--rpc", "nocolon", "--model", str(REPO / "README.md"), timeout=60)
+    one_error(result, "RPC worker 'nocolon' is not HOST:PORT")
+
+
 # --------------------------------------------------------------------------------------------------
 # Placement (pure)
 

@@ -32,6 +32,19 @@ SidecarOpt = Annotated[Optional[Path], typer.Option(
     "--sidecar", help="Its expert sidecar (default: MODEL.sidecar beside it, extracted once when missing).")]
 IOThreadsOpt = Annotated[int, typer.Option("--io-threads", min=1, help="Parallel readers for expert misses.")]
 PromptTokensOpt = Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length (teacher-forced).")]
+BenchRPCOpt = Annotated[Optional[str], typer.Option(
+    "--rpc", help="RPC workers, HOST:PORT[,HOST:PORT...] (flashflex rpc-server on each): the flashflex runs put "
+    "their last layers there, as the workers' memory holds (stock runs stay on this host). scripts/bench_rpc.py "
+    "runs a worker in a cgroup of its own.")]
+
+
+def _rpc_endpoints(value: str | None) -> str | None:
+    """--rpc checked (one line for a malformed address), normalised for RunSpec.rpc."""
+    if not value:
+        return None
+    from orchestrator import rpc
+
+    return ",".join(rpc.parse_endpoints(value))
 
 
 def register(app: typer.Typer) -> None:
@@ -56,9 +69,11 @@ def register(app: typer.Typer) -> None:
         no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Do not confine runs to a memory cgroup."),
         no_drop_caches: bool = typer.Option(False, "--no-drop-caches", help="Do not drop the page cache between runs."),
         timeout: float = typer.Option(1800, "--timeout", help="Seconds before one run is abandoned."),
+        rpc: BenchRPCOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Dense streaming vs stock mmap (repack off) under each budget, and vs stock resident at full size."""
+        endpoints = _rpc_endpoints(rpc)  # a malformed address is one line before anything runs
         from orchestrator import bench
         from orchestrator.modelfile.locate import check_gguf_file
         from orchestrator.sizes import parse_size
@@ -70,7 +85,7 @@ def register(app: typer.Typer) -> None:
                   for b in budgets.split(",") if b.strip()]
         tps = [int(x) for x in tp.split(",") if x.strip()]
         spec = bench.RunSpec(model=path, threads=threads, ctx=ctx, ubatch=ubatch, prompt_tokens=prompt_tokens,
-                             gen_tokens=gen_tokens, window=window, timeout_s=timeout)
+                             gen_tokens=gen_tokens, window=window, timeout_s=timeout, rpc=endpoints)
         sweep = bench.DenseSweep(spec=spec, budgets=limits, prefetch_threads=tps, use_cgroup=not no_cgroup,
                                  drop_caches=not no_drop_caches)
         records = bench.run_dense_sweep(sweep, out_dir, log=log)
@@ -98,10 +113,12 @@ def register(app: typer.Typer) -> None:
         no_cgroup: bool = typer.Option(False, "--no-cgroup", help="Do not confine runs to a memory cgroup."),
         no_drop_caches: bool = typer.Option(False, "--no-drop-caches", help="Do not drop the page cache between runs."),
         timeout: float = typer.Option(1800, "--timeout", help="Seconds before one run is abandoned."),
+        rpc: BenchRPCOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """MoE slot banks vs stock mmap (repack off) in one memory cgroup, at several bank sizes, with stock and
         flashflex resident (no limit) for reference."""
+        endpoints = _rpc_endpoints(rpc)  # a malformed address is one line before anything runs
         from orchestrator import bench
         from orchestrator.sizes import parse_size
 
@@ -109,7 +126,8 @@ def register(app: typer.Typer) -> None:
         path, sc = _moe_model_and_sidecar(model, sidecar, log)
         slot_banks = [None if b.strip() == "auto" else int(b) for b in banks.split(",") if b.strip()]
         spec = bench.RunSpec(model=path, threads=threads, ctx=ctx, ubatch=ubatch, prompt_tokens=prompt_tokens,
-                             gen_tokens=gen_tokens, timeout_s=timeout, sidecar=sc, io_threads=io_threads)
+                             gen_tokens=gen_tokens, timeout_s=timeout, sidecar=sc, io_threads=io_threads,
+                             rpc=endpoints)
         sweep = bench.MoESweep(spec=spec, budget_bytes=parse_size(budget, what="--budget"), slot_banks=slot_banks,
                                use_cgroup=not no_cgroup, drop_caches=not no_drop_caches)
         records = bench.run_moe_sweep(sweep, out_dir, log=log)
