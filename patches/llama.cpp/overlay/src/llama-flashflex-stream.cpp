@@ -137,6 +137,7 @@ struct stream_state {
     int     expected_li  = -1;       // the layer compute should acquire next (-1: not synchronised)
     int     held         = -1;       // the layer compute acquired last and has not released
     int     held_use     = -1;       // the tensor the last use node waited for, until the next one releases it
+    bool    draining     = false;    // resync or relayout is waiting for the reads in flight: issue none
     void *  sync_staging = nullptr;  // staging for synchronous reads (-tp 0)
 
     // graph boundaries and uses
@@ -256,12 +257,14 @@ struct stream_state {
 
     // May tensor k's home receive cycle c's bytes: is every use of the bytes it shares over? A tensor before k
     // in the order must have been released in cycle c, one after it (and k itself) in cycle c - 1.
+    // A home whose bytes a read is still writing is not free either, even when compute released the tensor: a
+    // use that did not run (a layer trimmed to no rows) releases a tensor its read may not have finished.
     bool home_free(int k, int64_t c) const {
-        if (tensors[k].released < c - 1) {
+        if (tensors[k].released < c - 1 || tensors[k].pending > 0) {
             return false;
         }
         for (int j : tensors[k].overlaps) {
-            if (tensors[j].released < (j < k ? c : c - 1)) {
+            if (tensors[j].released < (j < k ? c : c - 1) || tensors[j].pending > 0) {
                 return false;
             }
         }
@@ -270,6 +273,9 @@ struct stream_state {
 
     // Issue reads in cycle order while homes are free (prefetch threads only). pool.mutex() is held.
     void pump() {
+        if (draining) {
+            return;  // resync or relayout: waiting for the reads in flight to end
+        }
         const int n   = (int) tensors.size();
         bool      any = false;
         while (!failed.is_set() && home_free(next_tensor, next_cycle)) {
@@ -305,8 +311,8 @@ struct stream_state {
             [this, k, begin, end](void * staging) { read_range(k, begin, end, staging); },
             [this, k, c] {
                 inflight--;
-                if (tensors[k].cycle == c) {
-                    tensors[k].pending--;
+                if (tensors[k].cycle == c && --tensors[k].pending == 0) {
+                    pump();  // a home this read kept busy may be free now
                 }
             },
         });
@@ -319,7 +325,9 @@ struct stream_state {
         for (auto & t : tensors) {
             t.cycle = -1;  // queued reads are dropped, the bytes of every home are unknown
         }
+        draining = true;
         pool.done_cv().wait(lk, [&] { return inflight == 0 || pool.stopping(); });
+        draining           = false;
         const int64_t base = std::max(next_cycle, cycle) + 1;
         const int     s    = layers[li].first;
         for (int k = 0; k < (int) tensors.size(); ++k) {
@@ -562,12 +570,15 @@ struct stream_state {
         for (auto & t : tensors) {
             t.cycle = -1;  // queued reads are dropped
         }
+        draining = true;
         pool.done_cv().wait(lk, [&] { return inflight == 0 || pool.stopping(); });
+        draining = false;
         std::vector<stream_tensor> moved;
         moved.reserve(tensors.size());
         for (int k : order) {
             moved.push_back(std::move(tensors[k]));
-            moved.back().by_use = n_uses[k] == 1;
+            moved.back().by_use  = n_uses[k] == 1;
+            moved.back().pending = 0;  // drained above
         }
         tensors = std::move(moved);
         place();
