@@ -896,13 +896,11 @@ def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None
                         and any(t.role is Role.EXPERT_ROUTED for t in table.tensors))
         routers_here = experts_here and str(getattr(getattr(config, "moe", None), "prefetch", "")) == \
             "router-lookahead"
-        keep_first = experts_here and moe_mode != "resident-bank"  # placement.KEEP_FIRST_WHY
         gpu_layers = getattr(getattr(config, "gpu", None), "layers", None)
-        if gpu_layers is not None:  # llama.cpp's -ngl: 99 means all (that may go)
-            layers = min(gpu_layers, table.arch.n_layer - keep_first)
+        if gpu_layers is not None:  # llama.cpp's -ngl: 99 means all
+            layers = min(gpu_layers, table.arch.n_layer)
         rpc_plan, rpc_warnings = place_layers(table, devices_of(workers), ctx=ctx, ubatch=ubatch, layers=layers,
-                                              experts_here=experts_here, routers_here=routers_here,
-                                              keep_first_here=keep_first)
+                                              experts_here=experts_here, routers_here=routers_here)
         local = local_table(table, rpc_plan.local_layers, experts_here, routers_here)
     plan = make_plan(
         local,

@@ -45,12 +45,6 @@ _OUTPUT_NAMES = re.compile(r"^output(_norm)?\.(weight|bias)$")
 # the same tensors here.
 EXPERTS_HERE = r"\.ffn_(up|down|gate|gate_up)_exps\."
 _EXPERTS_HERE = re.compile(EXPERTS_HERE)
-# Known issue: slot banks whose matmul runs in passes (a ubatch routing to more experts than the bank holds) corrupt
-# memory when every layer, layer 0 included, sits on an RPC device (seen with the A3B-shaped model at ubatch 8;
-# not with layer 0 here, not with one pass, not with resident banks). Until that is understood, the planner keeps
-# layer 0 here in those modes.
-KEEP_FIRST_WHY = "a known crash of bank passes with every layer on other devices"
-
 # With router-lookahead prefetch, every layer's router stays here too: the prefetcher applies layer L+1's router to
 # layer L's MoE input on this host, so it needs the router's bytes in host memory.
 ROUTERS_HERE = r"\.ffn_gate_inp\.weight$"
@@ -171,14 +165,12 @@ class _Fit:
 
 def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ubatch: int,
                  layers: int | None = None, compute: int | None = None,
-                 experts_here: bool = False, routers_here: bool = False,
-                 keep_first_here: bool = False) -> tuple[RPCPlan, list[str]]:
+                 experts_here: bool = False, routers_here: bool = False) -> tuple[RPCPlan, list[str]]:
     """The placement of `table`'s layers on `devices` (see the module docstring) and warnings. Pure.
 
     `experts_here`: the routed experts of every layer stay on this host (in slot banks); the workers get the rest
     of their layers (attention, norms, router, shared experts). `routers_here`: the routers stay here as well
-    (router-lookahead prefetch reads them here). `keep_first_here`: layer 0 stays on this host (see
-    KEEP_FIRST_WHY)."""
+    (router-lookahead prefetch reads them here)."""
     from orchestrator.planner.make import compute_bytes
 
     name = table.files[0].name if table.files else table.arch.arch
@@ -192,15 +184,10 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
     output = output_layer_bytes(table)
     fit = _Fit(weights, kv, output, [max(0, d.free - reserve) for d in devices])
     where = ", ".join(f"{d.endpoint}#{d.device} {format_size(d.free)}" for d in devices)
-    most_here = n_layer - 1 if keep_first_here else n_layer  # the most layers the devices may take
     if layers is not None:
         if layers > n_layer:
             raise FlashflexError(f"--rpc-layers {layers} exceeds the {n_layer} layers of {name}",
                                  f"give at most {n_layer}")
-        if layers > most_here:
-            raise FlashflexError(f"{layers} layers on other devices would leave none of {name}'s layers here, and with "
-                                 f"experts in slot banks layer 0 stays here ({KEEP_FIRST_WHY})",
-                                 f"give --rpc-layers / --gpu-layers {most_here} or fewer, or --moe-mode resident-bank")
         counts = fit.assign(layers)
         if counts is None:
             most = next((r for r in range(layers - 1, 0, -1) if fit.assign(r) is not None), 0)
@@ -213,7 +200,7 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
                 if most else "lower --ctx, or start the workers with more --mem")
     else:
         counts = None
-        for r in range(most_here, 0, -1):
+        for r in range(n_layer, 0, -1):
             counts = fit.assign(r)
             if counts is not None:
                 break

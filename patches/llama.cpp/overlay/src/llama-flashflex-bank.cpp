@@ -644,6 +644,16 @@ void flashflex::bank_setup(const llama_model & model, llama_model_loader & ml, c
                 bt.slot_tensor.push_back(v);
             }
         }
+        if (st->has_junk && st->n_expert_used > 1) {
+            // Phantom slots after the junk slot, with no memory behind them. In a pass every pair routed to another
+            // pass goes to the junk slot, up to n_expert_used - 1 pairs of one token, while ggml's mul_mat_id maps
+            // rows into a work-buffer table of (slots x tokens) entries, one per token per slot: the junk slot's
+            // extra rows run into the next slots' entries. Phantom slots are never routed to (so never read) and
+            // make room for those rows inside the table; without them they ran past the end of the work buffer
+            // when nothing else had made it larger (a heap overflow with every layer on an RPC worker).
+            bt.t->ne[2] = n_bank + st->n_expert_used - 1;
+            bt.t->nb[3] = bt.t->nb[2] * bt.t->ne[2];
+        }
         ml.weights_map.erase(bt.name);  // the loader neither allocates nor reads what the banks hold
     }
 
