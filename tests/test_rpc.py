@@ -659,3 +659,21 @@ def test_gpu_layers_offload_to_rpc_devices_like_rpc_layers(workers, moe_models):
                       "1GiB", "--ctx", str(CTX), "--json", timeout=120)
     assert every.returncode == 0, every.stderr
     assert json.loads(every.stdout)["rpc"]["local_layers"] == 0
+
+
+@pytest.mark.native
+def test_oracle_modes_with_layers_on_a_worker_are_exact(workers, moe_models, tmp_path):
+    """A routing trace recorded with the dense parts on a worker replays there: oracle-all-hit and oracle-prefetch
+    give logits bitwise identical to stock with the same placement."""
+    w = workers(mem="256MiB")
+    path, sidecar = moe_models["qwen3moe"]
+    trace = tmp_path / "t.jsonl"
+    common = ["--model", str(path), "--moe-sidecar", str(sidecar), "--rpc", w.endpoint, "--rpc-layers", "2",
+              "--ctx", str(CTX), "--ubatch", "8", "-t", "1", "--moe-slot-bank", "6", "--moe-trace", str(trace),
+              "--tokens", "24", "--json"]
+    for mode in ("slot-bank", "oracle-all-hit", "oracle-prefetch"):  # record, then replay twice
+        result = flashflex("verify-exact", *common, "--moe-mode", mode, timeout=300)
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout)
+        assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"].startswith(mode), out
+    assert trace.exists()
