@@ -793,6 +793,19 @@ def _cheap_problems(manifest: SidecarManifest, table: ModelTable) -> list[Proble
     return _model_file_problems(manifest, table) + _tensor_problems(manifest, table) + _layer_problems(manifest)
 
 
+def beside(model: Path, log: Callable[[str], None] = print) -> Path:
+    """The model's sidecar at the default place beside it (runner.default_sidecar), extracted there once when
+    missing (benchmarks of a MoE model), checked against the model."""
+    from orchestrator.runner import default_sidecar
+
+    where = default_sidecar(model)
+    if not where.exists():
+        log(f"extracting the expert sidecar (once) to {where}")
+        extract(model, where)
+    check_sidecar(where, model)
+    return where
+
+
 def check_sidecar(sidecar: SidecarManifest | os.PathLike[str] | str,
                   model: ModelTable | os.PathLike[str] | str) -> SidecarManifest:
     """The cheap pre-run check: raise FlashflexError unless the sidecar can serve this model as it is.

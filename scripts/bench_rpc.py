@@ -55,13 +55,9 @@ def main() -> int:
     model_bytes = model.stat().st_size
     sidecar = None
     if read_model_table(model).arch.is_moe:
-        from orchestrator import runner
         from orchestrator import sidecar as sidecar_mod
 
-        sidecar = runner.default_sidecar(model)
-        if not sidecar.exists():
-            print(f"extracting the expert sidecar (once) to {sidecar}")
-            sidecar_mod.extract(model, sidecar)
+        sidecar = sidecar_mod.beside(model)
     limit = parse_size(args.cgroup, what="--cgroup")
     sweep = Isolation()
     check_isolation(sweep, print)

@@ -125,16 +125,13 @@ def resolve_model(name: str | Path, log: Log = print) -> Path:
     text = str(name)
     if not text.startswith(SYNTH_PREFIX):
         return Path(name)
-    from orchestrator import runner, sidecar, synth
+    from orchestrator import sidecar, synth
 
     preset = text.removeprefix(SYNTH_PREFIX)
     spec = synth.preset(preset)  # an unknown preset is one line naming the known ones
     path = synth.cached_preset(preset, log)
     if spec.is_moe:
-        where = runner.default_sidecar(path)
-        if not where.exists():
-            log(f"extracting the expert sidecar of {preset} (once) to {where}")
-            sidecar.extract(path, where)
+        sidecar.beside(path, log)
     return path
 
 

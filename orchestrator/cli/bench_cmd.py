@@ -243,14 +243,11 @@ def register(app: typer.Typer) -> None:
 
 def _moe_model_and_sidecar(model: Path | None, sidecar: Path | None, log) -> tuple[Path, Path]:
     """The MoE model to benchmark (default: the synthetic A3B-shaped one) and its checked sidecar."""
-    from orchestrator import runner
     from orchestrator import sidecar as sidecar_mod
     from orchestrator.modelfile.locate import check_gguf_file
 
     path = check_gguf_file(model) if model else _synth_model("moe-a3b-12l-q4_0", log)
-    sc = sidecar or runner.default_sidecar(path)
-    if not sc.exists():
-        log(f"extracting the expert sidecar (once) to {sc}")
-        sidecar_mod.extract(path, sc)
-    sidecar_mod.check_sidecar(sc, path)
-    return path, sc
+    if sidecar is None:
+        return path, sidecar_mod.beside(path, log)
+    sidecar_mod.check_sidecar(sidecar, path)
+    return path, sidecar
