@@ -139,7 +139,7 @@ def repl(llm, conv: Conversation, out: TextIO = sys.stdout, readline: Callable[[
 
     previous = signal.signal(signal.SIGINT, on_sigint)  # for the whole session: no window without it
     try:
-        out.write(f"flashflex chat · {llm.flashflex.prepared.execution.mode} · {HELP}\n")
+        out.write(f"flashflex chat · {llm.flashflex.prepared.spec.mode} · {HELP}\n")
         while True:
             try:
                 message = read_message(readline)

@@ -442,6 +442,14 @@ class RunConfig(_Section):
                              "(--gpu-layers counts the GPUs and the RPC workers together)")
         return self
 
+    @model_validator(mode="after")
+    def _draft_needs_a_batch(self) -> RunConfig:
+        if self.draft.kind != "none" and self.context.ubatch < 2:
+            raise ValueError(f"drafting needs --ubatch 2 or more (a verification of the last token and its draft is "
+                             f"one batch), and ubatch is {self.context.ubatch}: raise --ubatch (8 or more) or drop "
+                             "--draft / --draft-model")
+        return self
+
     @property
     def offloads(self) -> bool:
         """Whether layers go to devices other than this host's CPU (GPUs or RPC workers)."""

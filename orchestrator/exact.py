@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from orchestrator.planner import Plan
-from orchestrator.runner import Execution, GenerationSettings, decode_error, open_model, session
+from orchestrator.run import loader
+from orchestrator.run.execution import decode_error
+from orchestrator.run.handle import Prepared
+from orchestrator.run.settings import GenerationSettings
 
 
 def teacher_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
@@ -18,19 +20,17 @@ def teacher_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
     return [int(x) for x in rng.integers(low, n_vocab, size=n)]
 
 
-def logits(settings: GenerationSettings, plan: Plan | None, tokens: list[int],
-           ex: Execution | None = None) -> np.ndarray:
-    """Logits of every position for `tokens`, teacher-forced (one eval of the whole sequence), through the
-    stock path (plan None, no ex; or ex.stock()) or a configured one."""
+def logits(prepared: Prepared, tokens: list[int]) -> np.ndarray:
+    """Logits of every position for `tokens`, teacher-forced (one eval of the whole sequence), through the run
+    `prepared` describes (`prepared.stock()`: stock llama.cpp with the same placement)."""
     from orchestrator import native
 
-    ex = ex or Execution(plan=plan)
-    with native.interruptible(), session(settings, ex, logits_all=True) as llm:
+    with native.interruptible(), prepared.session(logits_all=True) as handle:
         try:
-            llm.eval(tokens)
+            handle.llm.eval(tokens)
         except RuntimeError as exc:  # an aborted graph: the runtime's reason in one line
-            raise decode_error(llm, ex, exc) from exc
-        return np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
+            raise decode_error(handle.llm, prepared.spec, exc) from exc
+        return np.array(handle.llm.scores[: len(tokens)], dtype=np.float32, copy=True)
 
 
 @dataclass
@@ -54,13 +54,16 @@ def compare(stock: np.ndarray, mode: np.ndarray) -> ExactResult:
                        max_abs_diff=max_diff, mismatched_positions=int((~same.all(axis=1)).sum()))
 
 
-def verify(settings: GenerationSettings, plan: Plan | None, n_tokens: int, seed: int = 0,
-           ex: Execution | None = None) -> ExactResult:
-    # The vocabulary size picks the token range; a vocab-only load reads no weights.
-    vocab = open_model(GenerationSettings(model=settings.model, ctx=settings.ctx), None, vocab_only=True)
-    n_vocab = vocab.n_vocab()
-    vocab.close()
-    tokens = teacher_tokens(n_tokens, n_vocab, seed)
-    # stock with the same placement: the same RPC workers and layer split, when the run has them
-    stock = ex.stock() if ex is not None else None
-    return compare(logits(settings, None, tokens, stock), logits(settings, plan, tokens, ex))
+def vocab_size(model) -> int:
+    """The model's vocabulary size, from a vocab-only load (no weights read)."""
+    vocab = loader.open_model(GenerationSettings(model=model, ctx=64), None, vocab_only=True)
+    try:
+        return vocab.n_vocab()
+    finally:
+        vocab.close()
+
+
+def verify(prepared: Prepared, n_tokens: int, seed: int = 0) -> ExactResult:
+    """The same pseudo-random tokens through stock (with the same placement) and through `prepared`."""
+    tokens = teacher_tokens(n_tokens, vocab_size(prepared.settings.model), seed)
+    return compare(logits(prepared.stock(), tokens), logits(prepared, tokens))

@@ -1,28 +1,32 @@
 """The words for modes, defined once: what each vocabulary is for, its values, and the questions asked of them.
 
-Four vocabularies, each for one thing (the values are what YAML, flags, JSON and result files show):
+A run is described by axes, and the mode words are labels of their combinations:
 
 - MoEMode, the MoE mode a user asks for: `moe.mode` in a RunConfig, `--moe-mode`, Plan.moe.requested_mode.
   auto | stock | resident | resident-bank | slot-bank | oracle-all-hit | oracle-prefetch.
-- PlannedMoEMode, the mode the plan resolves that to and the runtime runs: Plan.moe.mode. The same without
-  auto (the planner turns auto into stock when every weight fits, else slot-bank).
-- ExecutionMode, how a run executes: runner.Execution.mode, and `mode` in run stats, `run --dry-run`, `chat`'s
-  /stats and the server's /flashflex/stats. A planned MoE mode, or dense-stream: stock llama.cpp with the plan's
-  dense tensors streamed. runner.MoESetup.mode is a SidecarMode: one whose routed experts come from the sidecar.
+- PlannedMoEMode, the mode the plan resolves that to: Plan.moe.mode. The same without auto (the planner turns auto
+  into stock when every weight fits, else slot-bank). The plan also states its axes (Plan.moe): where routed
+  experts are read from (ExpertSource: gguf | sidecar), whether they live in slot banks, and which trace replay
+  (Replay: none | all-hit | prefetch) — the knobs the C API takes.
+- The execution label, how a run executes (`mode` in run stats, `run --dry-run`, `chat`'s /stats and the server's
+  /flashflex/stats): `label(spec)` derives it from a RuntimeSpec's axes: dense-stream when only dense tensors stream
+  (stock llama.cpp otherwise), the bank's mode word when experts are banked, stock or resident when neither.
 - BenchMode, the label of a benchmark point and of its result record (bench.runs.Point.mode): the stock
   baselines stock-mmap (repack off, weights in the page cache) and stock-resident (stock's default), resident
   (stock without mmap), flashflex (a dense plan), and the banked MoE modes slot-bank, oracle-prefetch,
   oracle-all-hit.
 
-Compare against the constants and helpers here, never against a spelled-out string. (The native build's
-feature names, `native.info()["features"]`, are another vocabulary that shares the words dense-stream and
-slot-bank.)
+Compare against the constants and helpers here, never against a spelled-out string (tests/test_modes.py checks
+that no other module quotes a mode word).
 """
 
 from __future__ import annotations
 
 import typing
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from orchestrator.run.spec import RuntimeSpec
 
 # --------------------------------------------------------------------------------------------------
 # The words
@@ -48,17 +52,33 @@ MOE_MODES: tuple[str, ...] = typing.get_args(MoEMode)
 PlannedMoEMode = Literal["stock", "resident", "resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch"]
 PLANNED_MOE_MODES: tuple[str, ...] = typing.get_args(PlannedMoEMode)
 
-ExecutionMode = Literal["stock", "resident", "dense-stream", "resident-bank", "slot-bank", "oracle-all-hit",
-                        "oracle-prefetch"]
-EXECUTION_MODES: tuple[str, ...] = typing.get_args(ExecutionMode)
+EXECUTION_MODES: tuple[str, ...] = (STOCK, RESIDENT, DENSE_STREAM, RESIDENT_BANK, SLOT_BANK, ORACLE_ALL_HIT,
+                                     ORACLE_PREFETCH)
+"""Every execution label (`label`)."""
 
-SidecarMode = Literal["resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch"]
-SIDECAR_MODES: frozenset[str] = frozenset(typing.get_args(SidecarMode))
-"""Modes whose routed experts the runtime reads from the sidecar (a runner.MoESetup)."""
+SIDECAR_MODES = frozenset({RESIDENT_BANK, SLOT_BANK, ORACLE_ALL_HIT, ORACLE_PREFETCH})
+"""Modes whose routed experts the runtime reads from the sidecar."""
 
 BenchMode = Literal["stock-mmap", "stock-resident", "resident", "flashflex", "slot-bank", "oracle-prefetch",
                     "oracle-all-hit"]
 BENCH_MODES: tuple[str, ...] = typing.get_args(BenchMode)
+
+# --------------------------------------------------------------------------------------------------
+# The axes (Plan.moe, RuntimeSpec.banks)
+
+GGUF = "gguf"
+SIDECAR = "sidecar"
+ExpertSource = Literal["gguf", "sidecar"]
+
+REPLAY_NONE = "none"
+REPLAY_ALL_HIT = "all-hit"
+REPLAY_PREFETCH = "prefetch"
+Replay = Literal["none", "all-hit", "prefetch"]
+
+ROUTER_LOOKAHEAD = "router-lookahead"
+MoEPrefetch = Literal["none", "router-lookahead", "oracle"]
+"""Expert read-ahead the runtime does: what moe.prefetch asks for (none | router-lookahead), or oracle, which a
+replayed trace brings (oracle-prefetch)."""
 
 # --------------------------------------------------------------------------------------------------
 # Groups and the questions asked of a mode
@@ -101,3 +121,21 @@ def reads_sidecar(mode: str) -> bool:
 def is_stock_baseline(label: str) -> bool:
     """A bench label of a stock llama.cpp baseline (stock-mmap, stock-resident)."""
     return label in STOCK_BASELINES
+
+
+def replay_of(mode: str) -> str:
+    """The trace replay a planned mode does: all-hit, prefetch or none."""
+    return {ORACLE_ALL_HIT: REPLAY_ALL_HIT, ORACLE_PREFETCH: REPLAY_PREFETCH}.get(mode, REPLAY_NONE)
+
+
+def label(spec: "RuntimeSpec") -> str:
+    """The execution label of a RuntimeSpec, from its axes: the bank's word when experts come from the sidecar
+    (resident-bank for every expert resident, an oracle word for a replay, else slot-bank); dense-stream when only
+    dense tensors stream; resident for stock without mmap; stock."""
+    if spec.banks is not None:
+        if spec.banks.slots == 0:
+            return RESIDENT_BANK
+        return {REPLAY_ALL_HIT: ORACLE_ALL_HIT, REPLAY_PREFETCH: ORACLE_PREFETCH}.get(spec.banks.replay, SLOT_BANK)
+    if spec.stream is not None:
+        return DENSE_STREAM
+    return RESIDENT if spec.use_mmap is False else STOCK

@@ -54,8 +54,9 @@ def quiet_llama_log() -> None:
 
 
 @lru_cache(maxsize=1)
-def lib() -> ctypes.CDLL:
-    """The shared library llama_cpp loaded, with our symbols bound, or NotPatched."""
+def installed() -> ctypes.CDLL:
+    """The shared library llama_cpp loaded, with llama_flashflex_info bound, or NotPatched (a stock build). Not
+    checked against this tree: `doctor` reports what it is; everything else goes through lib()."""
     lowlevel = llama_cpp_module()
     cdll: ctypes.CDLL = lowlevel._lib
     try:
@@ -69,6 +70,34 @@ def lib() -> ctypes.CDLL:
         raise NotPatched("the installed llama_cpp is stock: it lacks the flashflex C API",
                          "run: flashflex build (it installs the patched build into this environment)") from exc
     return cdll
+
+
+@lru_cache(maxsize=1)
+def lib() -> ctypes.CDLL:
+    """The installed library with our whole C API bound, once it is known to be built from this tree's patch series
+    (the one check: a library from another series may lack, or differ in, anything below); else NotPatched."""
+    cdll = installed()
+    mismatch = _series_mismatch(info().get("series_hash"))
+    if mismatch:
+        raise NotPatched(mismatch, "rebuild it from this tree: flashflex build")
+    for bind in (_bind_streaming, _bind_banks, _bind_traces, _bind_checksums, _bind_devices):
+        bind(cdll)
+    return cdll
+
+
+def _series_mismatch(library_series: str | None) -> str | None:
+    """Why a library built from `library_series` does not match this checkout's patch series (None when it does, or
+    when this installation has no patches/ to compare with)."""
+    from orchestrator import patches
+
+    try:
+        mine = patches.series_hash()
+    except (OSError, FlashflexError):
+        return None  # an installed package without the checkout: nothing to compare
+    if library_series == mine:
+        return None
+    return (f"the installed library was built from another patch series ({str(library_series)[:12]}) than this "
+            f"checkout's ({mine[:12]})")
 
 
 def _bind_streaming(cdll: ctypes.CDLL) -> None:
@@ -131,39 +160,6 @@ def _bind_traces(cdll: ctypes.CDLL) -> None:
     cdll.llama_flashflex_config_moe_schedule.restype = ctypes.c_int32
 
 
-def streaming_lib() -> ctypes.CDLL:
-    """lib() with the dense-streaming API bound, or NotPatched when the build predates it."""
-    cdll = lib()
-    if "dense-stream" not in info().get("features", []):
-        raise NotPatched("the installed flashflex build has no dense streaming", "run: flashflex build")
-    if not hasattr(cdll, "_flashflex_streaming_bound"):
-        _bind_streaming(cdll)
-        cdll._flashflex_streaming_bound = True
-    return cdll
-
-
-def banks_lib() -> ctypes.CDLL:
-    """streaming_lib() with the MoE slot-bank API bound, or NotPatched when the build predates it."""
-    cdll = streaming_lib()
-    if "slot-bank" not in info().get("features", []):
-        raise NotPatched("the installed flashflex build has no MoE slot banks", "run: flashflex build")
-    if not hasattr(cdll, "_flashflex_banks_bound"):
-        _bind_banks(cdll)
-        cdll._flashflex_banks_bound = True
-    return cdll
-
-
-def traces_lib() -> ctypes.CDLL:
-    """banks_lib() with the trace, replay and prefetch API bound, or NotPatched when the build predates it."""
-    cdll = banks_lib()
-    if "moe-trace" not in info().get("features", []):
-        raise NotPatched("the installed flashflex build has no MoE traces or prefetch", "run: flashflex build")
-    if not hasattr(cdll, "_flashflex_traces_bound"):
-        _bind_traces(cdll)
-        cdll._flashflex_traces_bound = True
-    return cdll
-
-
 def is_patched() -> bool:
     try:
         lib()
@@ -174,7 +170,7 @@ def is_patched() -> bool:
 
 def info() -> dict[str, Any]:
     """llama_flashflex_info() decoded: api_version, series_hash, features, backends."""
-    raw = lib().llama_flashflex_info()
+    raw = installed().llama_flashflex_info()
     return json.loads(raw.decode())
 
 
@@ -184,29 +180,13 @@ def system_info() -> str:
     return lowlevel.llama_print_system_info().decode(errors="replace").strip()
 
 
-@dataclass(frozen=True)
-class BankTensor:
-    """A routed-expert tensor held in slot banks: expert e is `bytes_per_expert` bytes at
-    offset + e * expert_stride of sidecar file `file` (an index into RuntimeConfig.files)."""
-
-    name: str
-    file: int
-    offset: int
-    expert_stride: int
-    bytes_per_expert: int
-    checksums: tuple[int, ...] = ()  # per expert (sidecar format 3); empty: nothing to verify
-
-
-def _bind_checksums(cdll: ctypes.CDLL) -> bool:
-    """Bindings of the per-expert checksum API (API 5, feature "expert-checksum"); False on older builds."""
-    if not has_feature("expert-checksum"):
-        return False
+def _bind_checksums(cdll: ctypes.CDLL) -> None:
+    """Bindings of the per-expert checksum API."""
     # int32_t llama_flashflex_config_bank_checksums(int32_t config, const char * name, const uint64_t * checksums,
     #                                              size_t n_experts);
     cdll.llama_flashflex_config_bank_checksums.argtypes = [ctypes.c_int32, ctypes.c_char_p,
                                                            ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
     cdll.llama_flashflex_config_bank_checksums.restype = ctypes.c_int32
-    return True
 
 
 class RuntimeConfig:
@@ -218,37 +198,37 @@ class RuntimeConfig:
 
     @classmethod
     def from_spec(cls, spec) -> "RuntimeConfig":
-        """A configuration from an orchestrator.runner.RuntimeSpec: the one place that knows the C option names.
-        Options at the runtime's defaults are not sent, so older builds (without them) still load."""
+        """A configuration from an orchestrator.run.spec.RuntimeSpec: the one place that knows the C option names.
+        Options at the runtime's defaults are not sent."""
         options: dict[str, int] = {"direct_io": cls.DIRECT_IO[spec.direct_io]}
-        if spec.moe_verify and has_feature("expert-checksum"):
-            options["moe_verify"] = 1
         strings: dict[str, str] = {}
-        if spec.prefetch_threads is not None:
-            options["prefetch_threads"] = spec.prefetch_threads
-        if spec.window is not None:
-            options["window"] = spec.window
-        if spec.ring_bytes and has_feature("byte-ring"):
-            options["ring_bytes"] = spec.ring_bytes
-        if spec.moe_slots is not None:
-            options.update(moe_slots=spec.moe_slots, moe_io_threads=spec.moe_io_threads,
-                           moe_shared_only=int(spec.moe_shared_only))
-            if spec.moe_preload:
+        stream, banks = spec.stream, spec.banks
+        if stream is not None:
+            options.update(prefetch_threads=stream.prefetch_threads, window=stream.window)
+            if stream.ring_bytes:
+                options["ring_bytes"] = stream.ring_bytes
+        if banks is not None:
+            options.update(moe_slots=banks.slots, moe_io_threads=banks.io_threads,
+                           moe_shared_only=int(banks.shared_only))
+            if banks.verify:
+                options["moe_verify"] = 1
+            if banks.preload:
                 options["moe_preload"] = 1
-            if spec.moe_prefetch_ranks is not None:
-                options["moe_prefetch_ranks"] = spec.moe_prefetch_ranks
-            if spec.moe_prefetch != "none":
-                strings["moe_prefetch"] = spec.moe_prefetch
-            if spec.moe_trace is not None:
-                strings["moe_trace"] = spec.moe_trace
-        return cls(spec.files, spec.streamed, banks=spec.banks, options=options, strings=strings,
-                   schedule=spec.schedule)
+            if banks.prefetch_ranks is not None:
+                options["moe_prefetch_ranks"] = banks.prefetch_ranks
+            if banks.prefetch != "none":
+                strings["moe_prefetch"] = banks.prefetch
+            if banks.trace_file is not None:
+                strings["moe_trace"] = banks.trace_file
+        return cls(spec.files, [(t.name, t.file, t.offset, t.bytes) for t in stream.tensors] if stream else [],
+                   banks=banks.tensors if banks else [], options=options, strings=strings,
+                   schedule=banks.schedule if banks else None)
 
     def __init__(self, files: list[str], tensors: list[tuple[str, int, int, int]] = (), *,
-                 banks: list[BankTensor] = (), options: dict[str, int] | None = None,
+                 banks: list[Any] = (), options: dict[str, int] | None = None,
                  strings: dict[str, str] | None = None, schedule: list[int] | None = None):
-        needs_traces = bool(strings) or schedule is not None
-        cdll = traces_lib() if needs_traces else banks_lib() if banks else streaming_lib()
+        """`banks`: run.spec.BankedTensor (name, file, offset, expert_stride, bytes_per_expert, checksums)."""
+        cdll = lib()
         self.id = cdll.llama_flashflex_config_new()
         try:
             for key, value in (options or {}).items():
@@ -273,7 +253,7 @@ class RuntimeConfig:
                                                            b.expert_stride, b.bytes_per_expert) != 0:
                     raise FlashflexError(f"the library refused to bank {b.name}: {last_error()}",
                                          "re-extract the sidecar: flashflex sidecar extract")
-                if b.checksums and _bind_checksums(cdll):
+                if b.checksums:
                     sums = (ctypes.c_uint64 * len(b.checksums))(*b.checksums)
                     if cdll.llama_flashflex_config_bank_checksums(self.id, b.name.encode(), sums, len(sums)) != 0:
                         raise FlashflexError(f"the library refused the checksums of {b.name}: {last_error()}",
@@ -289,7 +269,7 @@ class RuntimeConfig:
 
 
 def last_error() -> str:
-    return streaming_lib().llama_flashflex_last_error().decode(errors="replace")
+    return lib().llama_flashflex_last_error().decode(errors="replace")
 
 
 def _json_out(fn, model_ptr) -> dict[str, Any] | None:
@@ -306,32 +286,25 @@ def _json_out(fn, model_ptr) -> dict[str, Any] | None:
 
 def model_stats(model_ptr) -> dict[str, Any] | None:
     """Streaming counters of a loaded model (None when it streams nothing)."""
-    return _json_out(streaming_lib().llama_flashflex_model_stats, model_ptr)
+    return _json_out(lib().llama_flashflex_model_stats, model_ptr)
 
 
 def moe_stats(model_ptr) -> dict[str, Any] | None:
     """Expert-bank counters of a loaded model, total and per layer (None when it banks nothing)."""
-    return _json_out(banks_lib().llama_flashflex_moe_stats, model_ptr)
+    return _json_out(lib().llama_flashflex_moe_stats, model_ptr)
 
 
 def moe_stats_reset(model_ptr) -> None:
-    banks_lib().llama_flashflex_moe_stats_reset(model_ptr)
+    lib().llama_flashflex_moe_stats_reset(model_ptr)
 
 
 def model_stats_reset(model_ptr) -> None:
-    streaming_lib().llama_flashflex_model_stats_reset(model_ptr)
+    lib().llama_flashflex_model_stats_reset(model_ptr)
 
 
 def model_error(model_ptr) -> str | None:
-    raw = streaming_lib().llama_flashflex_model_error(model_ptr)
+    raw = lib().llama_flashflex_model_error(model_ptr)
     return raw.decode(errors="replace") if raw else None
-
-
-def has_feature(name: str) -> bool:
-    try:
-        return name in info().get("features", [])
-    except NotPatched:
-        return False
 
 
 _interrupted = False
@@ -359,7 +332,7 @@ def interruptible():
     import threading
 
     global _interrupted
-    if threading.current_thread() is not threading.main_thread() or not has_feature("interrupt"):
+    if threading.current_thread() is not threading.main_thread() or not is_patched():
         yield
         return
     cdll = lib()
@@ -439,17 +412,6 @@ def _bind_devices(cdll: ctypes.CDLL) -> None:
     cdll.llama_flashflex_rpc_serve.restype = ctypes.c_int32
 
 
-def devices_lib() -> ctypes.CDLL:
-    """lib() with the devices and RPC API bound, or NotPatched when the build predates it."""
-    cdll = lib()
-    if "devices" not in info().get("features", []):
-        raise NotPatched("the installed flashflex build predates device placement and RPC", "run: flashflex build")
-    if not hasattr(cdll, "_flashflex_devices_bound"):
-        _bind_devices(cdll)
-        cdll._flashflex_devices_bound = True
-    return cdll
-
-
 def _json_call(fn, *args) -> Any:
     """Call a C API function that writes JSON into a buffer after `args` (returning its length, -1 for none)."""
     buf = ctypes.create_string_buffer(16384)
@@ -465,12 +427,12 @@ def _json_call(fn, *args) -> Any:
 def devices() -> list[dict[str, Any]]:
     """The backend devices this process sees: local ones, then the devices of RPC workers added so far (index, name,
     description, type, backend, free, total). An RPC device's memory is a round trip to its worker."""
-    return _json_call(devices_lib().llama_flashflex_devices)["devices"]
+    return _json_call(lib().llama_flashflex_devices)["devices"]
 
 
 def device_handle(index: int) -> int:
     """The ggml_backend_dev_t of devices()[index], for llama_model_params.devices."""
-    ptr = devices_lib().llama_flashflex_device(index)
+    ptr = lib().llama_flashflex_device(index)
     if not ptr:
         raise FlashflexError(f"no backend device has index {index}", "list them with orchestrator.native.devices()")
     return ptr
@@ -479,9 +441,9 @@ def device_handle(index: int) -> int:
 def memory_breakdown(ctx_ptr) -> list[dict[str, Any]] | None:
     """Bytes a context and its model hold per buffer type (device): model, context (KV cache), compute; None on builds
     without the API."""
-    if not has_feature("devices"):
+    if not is_patched():
         return None
-    out = _json_call(devices_lib().llama_flashflex_memory_breakdown, ctx_ptr)
+    out = _json_call(lib().llama_flashflex_memory_breakdown, ctx_ptr)
     return out["buffers"] if out is not None else None
 
 
@@ -524,9 +486,7 @@ def rpc_add_server(endpoint: str) -> int:
     """Add an RPC worker's devices to the device list (once per process); returns its device count. Check the worker
     first (orchestrator.rpc.probe): ggml aborts the process when it does not answer."""
     global _local_devices
-    cdll = devices_lib()
-    if "rpc" not in info().get("features", []):
-        raise FlashflexError("the installed flashflex build has no RPC backend", "rebuild it: flashflex build")
+    cdll = lib()
     if _local_devices is None:
         _local_devices = devices()
     n = cdll.llama_flashflex_rpc_add_server(endpoint.encode())
@@ -544,7 +504,7 @@ def rpc_worker_devices(endpoint: str) -> list[dict[str, Any]]:
 def rpc_serve(endpoint: str, cache_dir: str | None, threads: int, announce_bytes: int, indices: list[int]) -> str:
     """Serve devices()[i] for i in `indices` to RPC clients at `endpoint` until the process ends (blocking: call it
     on a thread of its own; ctypes releases the GIL). Returns only when the server could not start: the reason."""
-    cdll = devices_lib()
+    cdll = lib()
     values = (ctypes.c_int32 * len(indices))(*indices)
     cdll.llama_flashflex_rpc_serve(endpoint.encode(), (cache_dir or "").encode(), threads, announce_bytes, values,
                                    len(indices))
@@ -555,7 +515,7 @@ def install_abort_callback(ctx_ptr, model_ptr) -> None:
     """Make llama_decode fail (not compute on bad data) once the model's streaming has failed, and stop at the
     next graph node when an interrupt is requested (any model)."""
     lowlevel = llama_cpp_module()
-    address = ctypes.cast(streaming_lib().llama_flashflex_abort_callback, ctypes.c_void_p).value
+    address = ctypes.cast(lib().llama_flashflex_abort_callback, ctypes.c_void_p).value
     # A function pointer made from the C function's address: no Python runs inside llama_decode.
     # model_ptr None: a stock model, the callback then only checks the interrupt flag
     lowlevel.llama_set_abort_callback(ctx_ptr, lowlevel.ggml_abort_callback(address), model_ptr)

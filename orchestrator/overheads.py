@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import fsutil, native
+from orchestrator.llamacpp import model_params, quiet_native_stderr
 from orchestrator.paths import cache_root
 
 FORMAT_VERSION = 1
@@ -46,8 +47,6 @@ def cache_file(model: Path, *, ctx: int, ubatch: int, batch: int) -> Path:
 
 def _measure_now(model: Path, ctx: int, ubatch: int, batch: int) -> Measured | None:
     from llama_cpp import Llama
-
-    from orchestrator.runner import model_params, quiet_native_stderr
 
     try:
         with quiet_native_stderr(), model_params(no_alloc=True):
@@ -82,7 +81,7 @@ def measure(model: Path, *, ctx: int, ubatch: int, batch: int, refresh: bool = F
     """The KV cache and compute bytes of a context with these settings on `model`, from the cache unless
     `refresh`; None when this build cannot measure (the planner then estimates)."""
     try:
-        if not native.has_feature("devices"):
+        if not native.is_patched():
             return None
     except Exception:  # no patched library: nothing to measure with
         return None

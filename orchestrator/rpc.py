@@ -226,8 +226,9 @@ def library_protocol() -> tuple[int, int, int]:
     """The RPC protocol version the installed library speaks; NotPatched/FlashflexError when it has no RPC."""
     from orchestrator import native
 
+    native.lib()  # NotPatched unless built from this tree's series, which builds every library with RPC
     proto = native.info().get("rpc_protocol")
-    if not native.has_feature("rpc") or not proto:
+    if not proto:
         raise FlashflexError("the installed flashflex build has no RPC backend", "rebuild it: flashflex build")
     return (int(proto[0]), int(proto[1]), int(proto[2]))
 

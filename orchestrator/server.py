@@ -133,7 +133,7 @@ class ModelProxy:
                 self.current = None
                 self.current_alias = None
             entry = self.entries[alias]
-            self.log(f"loading {alias} ({entry.prepared.execution.mode})")
+            self.log(f"loading {alias} ({entry.prepared.spec.mode})")
             handle = api.Handle.open(entry.prepared)
             _meter(handle, self, alias)
             self.current, self.current_alias = handle, alias

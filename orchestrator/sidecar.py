@@ -793,12 +793,15 @@ def _cheap_problems(manifest: SidecarManifest, table: ModelTable) -> list[Proble
     return _model_file_problems(manifest, table) + _tensor_problems(manifest, table) + _layer_problems(manifest)
 
 
-def beside(model: Path, log: Callable[[str], None] = print) -> Path:
-    """The model's sidecar at the default place beside it (runner.default_sidecar), extracted there once when
-    missing (benchmarks of a MoE model), checked against the model."""
-    from orchestrator.runner import default_sidecar
+def default_path(model: Path) -> Path:
+    """Where `flashflex sidecar extract` writes, and runs look, when no sidecar is named: beside the model."""
+    return model.with_name(model.name.removesuffix(".gguf") + ".sidecar")
 
-    where = default_sidecar(model)
+
+def beside(model: Path, log: Callable[[str], None] = print) -> Path:
+    """The model's sidecar at the default place beside it (default_path), extracted there once when missing
+    (benchmarks of a MoE model), checked against the model."""
+    where = default_path(model)
     if not where.exists():
         log(f"extracting the expert sidecar (once) to {where}")
         extract(model, where)

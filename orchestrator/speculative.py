@@ -21,7 +21,7 @@ What this module adds:
   verification batches (llama-cpp-python's own draft path needs logits_all, which keeps n_ctx x n_vocab floats
   and computes the output head for every prompt token: 1 MiB per token for Gemma's 262k vocabulary);
 - `DraftSetup`: the checked settings and the RAM the drafting costs (draft weights, KV cache and compute
-  buffers, and the verification batch's logits), which api.prepare takes off the budget before planning.
+  buffers, and the verification batch's logits), which the plan reserves (planner.DraftPlan).
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ import numpy as np
 
 from orchestrator.errors import FlashflexError
 
+from orchestrator.run.settings import GenerationSettings
+
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
-    from orchestrator.runner import GenerationSettings
 
 _EMPTY = np.zeros(0, dtype=np.intc)
 
@@ -269,7 +270,7 @@ class Drafter:
     def __init__(self, length: DraftLength):
         self.length = length
         self.stats = DraftStats()
-        self.stop_at: int | None = None  # sequence length after which nothing more is wanted (runner's -n)
+        self.stop_at: int | None = None  # sequence length after which nothing more is wanted (the run's -n)
         self.n_ctx: int | None = None  # the context (set by attach): a draft never runs past it
         self._last: tuple[int, int, np.ndarray] | None = None  # (input length, its last id, the draft)
         self._pending: int | None = None  # tokens the next eval should hold to be this draft's verification
@@ -482,7 +483,7 @@ def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None
 def decode(llm: Any, prompt_tokens: list[int], n_new: int, settings: "GenerationSettings",
            drafter: Drafter) -> list[int]:
     """Generate up to n_new tokens after `prompt_tokens`, which the caller has evaluated, with drafting (the
-    runner's decode phase). Stops at end of text."""
+    decode phase of run.execution). Stops at end of text."""
     drafter.reset(stop_at=len(prompt_tokens) + n_new)
     out: list[int] = []
     if n_new <= 0:
@@ -538,13 +539,20 @@ class DraftSetup:
         length = DraftLength(self.max_tokens, adaptive=self.adaptive)
         if self.kind == "prompt-lookup":
             return PromptLookupDrafter(length, ngram=self.ngram or 1)
-        from orchestrator import runner
+        from orchestrator.run import loader
 
         assert self.model is not None
-        draft_settings = runner.GenerationSettings(model=self.model, ctx=settings.ctx, batch=settings.ubatch,
-                                                   ubatch=settings.ubatch, threads=settings.threads,
-                                                   seed=settings.seed)
-        return ModelDrafter(length, runner.open_model(draft_settings, None), self.model)
+        draft_settings = GenerationSettings(model=self.model, ctx=settings.ctx, batch=settings.ubatch,
+                                            ubatch=settings.ubatch, threads=settings.threads, seed=settings.seed)
+        return ModelDrafter(length, loader.open_model(draft_settings, None), self.model)
+
+    def apply(self, plan: Any) -> None:
+        """Take the length the plan fitted (planner.DraftPlan): its drafted tokens and their logits rows."""
+        if plan is None:
+            return
+        self.max_tokens = plan.max_tokens
+        self.logits_bytes = plan.logits_bytes
+        self.capped_from = self.capped_from or plan.capped_from
 
 
 def _n_vocab(table: Any) -> int:
@@ -566,10 +574,6 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
     d = cfg.draft
     if d.kind == "none":
         return None
-    if settings.ubatch < 2:
-        raise FlashflexError(f"drafting needs --ubatch 2 or more (a verification of the last token and its draft "
-                             f"is one batch), and ubatch is {settings.ubatch}", "raise --ubatch (8 or more) or drop "
-                             "--draft / --draft-model")
     max_tokens = min(d.max_tokens, settings.ubatch - 1)
     setup = DraftSetup(kind=d.kind, max_tokens=max_tokens, adaptive=d.adaptive,
                        capped_from=d.max_tokens if max_tokens < d.max_tokens else None)
@@ -586,7 +590,7 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
         return setup
     from orchestrator.modelfile.locate import check_gguf_file
     from orchestrator.modelfile.reader import shard_paths
-    from orchestrator.planner import compute_bytes, kv_cache_bytes
+    from orchestrator.planner.buffers import compute_bytes, kv_cache_bytes
 
     assert d.model is not None
     draft = check_gguf_file(Path(d.model))
@@ -601,44 +605,12 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
     return setup
 
 
-# The verification rows may cost at most this share of the bytes a token streams without drafting: where drafts
-# fail everywhere, adaptive lengths fall to 0 and what is left is the memory the rows took from the resident
-# weights (each token then reads that much more) and the rare probes (about 1%, tests/test_speculative_unit.py).
-FAILING_DRAFT_SHARE = 0.04
-
-
-def fit_length(setup: DraftSetup, streamed_per_token: int, log: Callable[[str], None] = print) -> DraftSetup:
-    """Cap max_tokens so that the rows a verification batch adds cost at most FAILING_DRAFT_SHARE of the bytes a
-    token streams without drafting (`streamed_per_token`, 0 when the model fits: nothing to cap). An explicit
-    max_tokens is the user's choice and is kept."""
-    if setup.length_fixed or streamed_per_token <= 0 or setup.row_bytes <= 0:
-        return setup
-    allowed = int(FAILING_DRAFT_SHARE * streamed_per_token // setup.row_bytes)
-    if allowed >= setup.max_tokens:
-        return setup
-    from orchestrator.sizes import format_size
-
-    fitted = max(1, allowed)
-    why = (f"each drafted token keeps a {format_size(setup.row_bytes)} logits row, taken off the resident weights, "
-           f"and a token streams {format_size(streamed_per_token)} without drafting")
-    if allowed < 1:
-        log(f"note: drafting 1 token per verification costs more than {FAILING_DRAFT_SHARE:.0%} of the reads where "
-            f"drafts fail ({why}); give --draft-max to choose the length yourself")
-    else:
-        log(f"note: up to {fitted} drafted tokens per verification (not {setup.max_tokens}), so text where drafts "
-            f"fail costs at most {FAILING_DRAFT_SHARE:.0%} more reads ({why}); --draft-max overrides")
-    setup.capped_from = setup.capped_from or setup.max_tokens
-    setup.max_tokens = fitted
-    setup.logits_bytes = fitted * setup.row_bytes
-    return setup
-
-
 def vocab_fingerprint(path: Path, samples: int = 512) -> dict[str, Any]:
     """n_vocab, BOS, EOS and the text of a sample of token ids (the first 64, the last 64 and evenly spaced
     ones), read by llama.cpp itself from a vocab-only load (no weights)."""
-    from orchestrator import runner
+    from orchestrator.run import loader
 
-    llm = runner.open_model(runner.GenerationSettings(model=Path(path), ctx=64), None, vocab_only=True)
+    llm = loader.open_model(GenerationSettings(model=Path(path), ctx=64), None, vocab_only=True)
     try:
         model = llm._model
         n = model.n_vocab()
@@ -668,26 +640,3 @@ def check_vocab(model: Path, draft: Path) -> None:
         raise FlashflexError(f"draft model {draft.name} has another vocabulary than {Path(model).name} ({problem})",
                              "use a draft model of the same family and tokenizer (or --draft prompt-lookup, "
                              "which needs no model)")
-
-
-def target_config(cfg: "RunConfig", setup: DraftSetup | None) -> "RunConfig":
-    """The RunConfig the model is planned with: its budget less what drafting keeps resident. An explicit budget
-    shrinks by it; `auto` keeps its meaning (available memory minus headroom) with the headroom grown by it."""
-    from orchestrator.sizes import format_size, is_auto, parse_size
-
-    if setup is None or setup.resident_bytes == 0:
-        return cfg
-    need = setup.resident_bytes
-    budget = cfg.budget
-    if is_auto(str(budget.size)):
-        headroom = parse_size(budget.headroom, what="budget.headroom") + need
-        new_budget = budget.model_copy(update={"headroom": f"{headroom}B"})
-    else:
-        total = budget.resolve_bytes()
-        if need >= total:
-            raise FlashflexError(f"drafting needs {format_size(need)} resident ({setup.kind}"
-                                 f"{': ' + setup.model.name if setup.model else ''}: weights, KV cache, compute, "
-                                 f"verification logits), more than the budget of {format_size(total)}",
-                                 "raise --budget, use a smaller draft model, or --draft prompt-lookup")
-        new_budget = budget.model_copy(update={"size": f"{total - need}B"})
-    return cfg.model_copy(update={"budget": new_budget})

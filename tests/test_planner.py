@@ -17,8 +17,9 @@ from orchestrator.cli import plan_cmd
 from orchestrator.config import MoEConfig, PrefetchConfig
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ArchInfo, ModelTable, Role, TensorInfo
-from orchestrator.planner import Plan, compute_bytes, explain, kv_cache_bytes, make_plan
+from orchestrator.planner import Plan, compute_bytes, explain, kv_cache_bytes
 from orchestrator.sizes import GiB, MiB
+from tests.helpers import plan_config, plan_table
 
 # --------------------------------------------------------------------------------------------------
 # Table factory: llama-style dense GQA, qwen3moe, MoE with shared experts and leading dense layers
@@ -119,7 +120,7 @@ def moe_table(n_layer: int = 6, n_embd: int = 512, n_head: int = 8, n_head_kv: i
 
 
 def minimum(table: ModelTable, **kw) -> int:
-    return make_plan(table, 1 << 50, **kw).minimum_budget_bytes
+    return plan_table(table, 1 << 50, **kw).minimum_budget_bytes
 
 
 def placements(plan: Plan, layer: int) -> dict[str, str]:
@@ -176,7 +177,7 @@ def test_compute_grows_with_ubatch_and_ctx():
 
 def test_reservations_are_part_of_the_plan():
     t = dense_table()
-    plan = make_plan(t, 1 << 40, ctx=256, ubatch=16)
+    plan = plan_table(t, 1 << 40, ctx=256, ubatch=16)
     r = plan.reservations
     assert r.kv_cache_bytes == kv_cache_bytes(t, 256)
     assert r.compute_bytes == compute_bytes(t, 256, 16)
@@ -189,7 +190,7 @@ def test_reservations_are_part_of_the_plan():
 
 def test_everything_fits_streams_nothing_and_needs_no_buffers():
     t = dense_table()
-    plan = make_plan(t, 1 << 40, ctx=256, ubatch=16)
+    plan = plan_table(t, 1 << 40, ctx=256, ubatch=16)
     assert plan.fits_entirely and plan.layer_quota_bytes is None
     assert {d.placement for d in plan.tensors} == {"resident"}
     assert plan.prefetch.buffers == 0 and plan.reservations.prefetch_buffer_bytes == 0
@@ -205,7 +206,7 @@ def _budget_for_quota(t: ModelTable, per_layer: int, **kw) -> int:
 def test_small_quota_keeps_k_and_v_first_under_gqa():
     t = dense_table()
     k = q4_0(512, 128)
-    plan = make_plan(t, _budget_for_quota(t, 2 * k + 100, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    plan = plan_table(t, _budget_for_quota(t, 2 * k + 100, ctx=256, ubatch=16), ctx=256, ubatch=16)
     for layer in range(8):
         p = placements(plan, layer)
         assert p["attn_k"] == p["attn_v"] == "resident"
@@ -216,7 +217,7 @@ def test_small_quota_keeps_k_and_v_first_under_gqa():
 
 def test_quota_is_balanced_evenly_across_layers():
     t = dense_table()
-    plan = make_plan(t, _budget_for_quota(t, 3 * q4_0(512, 512), ctx=256, ubatch=16), ctx=256, ubatch=16)
+    plan = plan_table(t, _budget_for_quota(t, 3 * q4_0(512, 512), ctx=256, ubatch=16), ctx=256, ubatch=16)
     # even, but for what the even quota leaves over: that goes to some layers as one more tensor each
     sizes = sorted({lp.resident_bytes for lp in plan.layers})
     largest = max(d.n_bytes for d in plan.tensors if d.layer is not None)
@@ -231,7 +232,7 @@ def test_what_the_even_quota_leaves_holds_weights():
     base = _budget_for_quota(t, 3 * q4_0(512, 512), ctx=256, ubatch=16)
     uneven = 0
     for extra in range(0, 8 * q4_0(512, 512), q4_0(512, 512) // 4):
-        plan = make_plan(t, base + extra, ctx=256, ubatch=16)
+        plan = plan_table(t, base + extra, ctx=256, ubatch=16)
         sizes = [lp.resident_bytes for lp in plan.layers]
         uneven += max(sizes) > min(sizes)
         assert plan.used_bytes <= plan.budget_bytes
@@ -242,7 +243,7 @@ def test_what_the_even_quota_leaves_holds_weights():
 def test_large_quota_keeps_ffn_first():
     t = dense_table(n_layer=32)  # many layers: the buffers freed by keeping FFN barely raise the quota
     ffn = 3 * q4_0(512, 1536)
-    plan = make_plan(t, _budget_for_quota(t, ffn, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    plan = plan_table(t, _budget_for_quota(t, ffn, ctx=256, ubatch=16), ctx=256, ubatch=16)
     for layer in range(32):
         p = placements(plan, layer)
         assert p["ffn_gate"] == p["ffn_up"] == p["ffn_down"] == "resident"
@@ -256,7 +257,7 @@ def test_between_the_thresholds_ffn_where_it_fits_and_attention_fills_gaps():
     one_ffn = q4_0(512, 1536)
     quota = one_ffn + 2 * q4_0(512, 128) + 100  # above A, below F: one FFN tensor plus K and V
     assert attention < quota < 3 * one_ffn
-    plan = make_plan(t, _budget_for_quota(t, quota, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    plan = plan_table(t, _budget_for_quota(t, quota, ctx=256, ubatch=16), ctx=256, ubatch=16)
     for lp in plan.layers:
         p = placements(plan, lp.layer)
         assert sum(p[n] == "resident" for n in ("ffn_gate", "ffn_up", "ffn_down")) >= 1
@@ -266,7 +267,7 @@ def test_between_the_thresholds_ffn_where_it_fits_and_attention_fills_gaps():
 
 def test_tensors_are_resident_whole_or_streamed_whole():
     t = dense_table()
-    plan = make_plan(t, _budget_for_quota(t, 100_000, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    plan = plan_table(t, _budget_for_quota(t, 100_000, ctx=256, ubatch=16), ctx=256, ubatch=16)
     assert {d.placement for d in plan.tensors} <= {"resident", "streamed"}
     assert plan.estimates.dense_streamed_bytes_per_token == sum(
         d.n_bytes for d in plan.tensors if d.placement == "streamed")
@@ -274,7 +275,7 @@ def test_tensors_are_resident_whole_or_streamed_whole():
 
 def test_non_layer_and_one_dimensional_tensors_stay_resident():
     t = dense_table()
-    plan = make_plan(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    plan = plan_table(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16)
     for d in plan.tensors:
         if d.layer is None:
             assert (d.placement, d.reason) == ("resident", "non-layer")
@@ -287,14 +288,14 @@ def test_non_layer_and_one_dimensional_tensors_stay_resident():
 def test_prefetch_buffers_are_window_times_largest_streamed_layer():
     t = dense_table()
     budget = minimum(t, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=2))
-    plan = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=2))
+    plan = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=2))
     layer_bytes = sum(d.n_bytes for d in plan.tensors if d.layer == 0 and d.placement == "streamed")
     assert plan.prefetch.buffers == 2
     assert layer_bytes <= plan.prefetch.buffer_bytes <= layer_bytes + 2 * 4096 * 7
     # window x the largest layer, at least the slack a wrap may waste (two largest tensors)
     largest = max(d.n_bytes for d in plan.tensors if d.placement == "streamed")
     assert plan.prefetch.ring_bytes == max(2 * plan.prefetch.buffer_bytes, 2 * (largest + 2 * 4096))
-    sync = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=0, window=5))
+    sync = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=0, window=5))
     assert sync.prefetch.buffers == 1  # synchronous reads still need one buffer
     assert sync.prefetch.ring_bytes <= plan.prefetch.ring_bytes
     assert sync.resident_bytes >= plan.resident_bytes
@@ -305,8 +306,8 @@ def test_auto_ring_is_three_largest_tensors_and_one_read_per_thread():
     ring holds the one computing, the one arriving and a wrap's slack; what it does not need holds weights."""
     t = dense_table(n_layer=16)
     budget = minimum(t, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=3)) + (1 << 20)
-    auto = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2))
-    layers3 = make_plan(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2, window=3))
+    auto = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2))
+    layers3 = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2, window=3))
     p = auto.prefetch
     assert p.window == "auto" and p.buffers == 1
     largest = max(d.n_bytes for d in auto.tensors if d.placement == "streamed") + 2 * 4096
@@ -320,7 +321,7 @@ def test_auto_ring_is_three_largest_tensors_and_one_read_per_thread():
 
 def test_window_never_exceeds_the_streaming_layers():
     t = dense_table(n_layer=2)
-    plan = make_plan(t, minimum(t, ctx=64, ubatch=8, prefetch={"window": 8}), ctx=64, ubatch=8,
+    plan = plan_table(t, minimum(t, ctx=64, ubatch=8, prefetch={"window": 8}), ctx=64, ubatch=8,
                      prefetch={"window": 8})
     assert plan.prefetch.buffers <= 2
 
@@ -328,9 +329,9 @@ def test_window_never_exceeds_the_streaming_layers():
 def test_budget_below_minimum_is_refused_in_human_units():
     t = dense_table()
     low = minimum(t, ctx=256, ubatch=16)
-    make_plan(t, low, ctx=256, ubatch=16)
+    plan_table(t, low, ctx=256, ubatch=16)
     with pytest.raises(FlashflexError) as info:
-        make_plan(t, low - 1, ctx=256, ubatch=16)
+        plan_table(t, low - 1, ctx=256, ubatch=16)
     line = info.value.one_line()
     assert "minimum" in line and "MiB" in line and "\n" not in line
     assert "--budget" in (info.value.fix or "")
@@ -339,22 +340,22 @@ def test_budget_below_minimum_is_refused_in_human_units():
 def test_direct_io_settings():
     t = dense_table(alignment=32)
     budget = minimum(t, ctx=64, ubatch=8)
-    auto = make_plan(t, budget, ctx=64, ubatch=8)
+    auto = plan_table(t, budget, ctx=64, ubatch=8)
     assert not auto.prefetch.direct_io and auto.prefetch.unaligned_tensors > 0
     assert any("realign" in w for w in auto.warnings)
-    assert make_plan(t, budget, ctx=64, ubatch=8, prefetch={"direct_io": "on"}).prefetch.direct_io
+    assert plan_table(t, budget, ctx=64, ubatch=8, prefetch={"direct_io": "on"}).prefetch.direct_io
     with pytest.raises(FlashflexError, match="aligned"):
-        make_plan(t, budget, ctx=64, ubatch=8, prefetch={"direct_io": "strict"})
+        plan_table(t, budget, ctx=64, ubatch=8, prefetch={"direct_io": "strict"})
     aligned = dense_table()
-    assert make_plan(aligned, minimum(aligned, ctx=64, ubatch=8), ctx=64, ubatch=8).prefetch.direct_io
+    assert plan_table(aligned, minimum(aligned, ctx=64, ubatch=8), ctx=64, ubatch=8).prefetch.direct_io
 
 
 def test_io_bound_estimate_uses_the_bandwidth():
     t = dense_table()
     budget = minimum(t, ctx=64, ubatch=8)
-    plan = make_plan(t, budget, ctx=64, ubatch=8, read_bandwidth="1GB/s")
+    plan = plan_table(t, budget, ctx=64, ubatch=8, read_bandwidth="1GB/s")
     assert plan.estimates.io_bound_tokens_per_s == pytest.approx(1e9 / plan.estimates.streamed_bytes_per_token)
-    faster = make_plan(t, budget, ctx=64, ubatch=8, read_bandwidth=2_000_000_000)
+    faster = plan_table(t, budget, ctx=64, ubatch=8, read_bandwidth=2_000_000_000)
     assert faster.estimates.io_bound_tokens_per_s == pytest.approx(2 * plan.estimates.io_bound_tokens_per_s)
 
 
@@ -362,14 +363,14 @@ def test_moe_options_on_a_dense_model_are_refused():
     t = dense_table()
     for moe in ({"slot_bank": 4}, {"topk": 2}, {"mode": "slot-bank"}):
         with pytest.raises(FlashflexError, match="dense model") as info:
-            make_plan(t, 1 << 40, moe=moe)
+            plan_table(t, 1 << 40, moe=moe)
         assert "drop the MoE options" in info.value.one_line()
-    make_plan(t, 1 << 40, moe=MoEConfig())  # defaults are fine
+    plan_table(t, 1 << 40, moe=MoEConfig())  # defaults are fine
 
 
 def test_ctx_above_training_context_warns():
     t = dense_table()
-    assert any("training context" in w for w in make_plan(t, 1 << 40, ctx=8192).warnings)
+    assert any("training context" in w for w in plan_table(t, 1 << 40, ctx=8192).warnings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def test_ctx_above_training_context_warns():
 def test_moe_dense_weights_resident_and_banks_take_the_rest():
     t = moe_table()
     low = minimum(t, ctx=256, ubatch=16)
-    plan = make_plan(t, low + 8 * MiB, ctx=256, ubatch=16)
+    plan = plan_table(t, low + 8 * MiB, ctx=256, ubatch=16)
     assert plan.moe.mode == "slot-bank"
     assert plan.layer_quota_bytes is None  # every dense weight resident
     assert plan.moe.topk < plan.moe.slot_bank < 32
@@ -390,17 +391,17 @@ def test_moe_dense_weights_resident_and_banks_take_the_rest():
 
 def test_moe_bank_never_below_topk_and_capped_at_expert_count():
     t = moe_table()
-    at_min = make_plan(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16)
+    at_min = plan_table(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16)
     assert at_min.moe.slot_bank == 4
     assert any("1.25x top-k" in w for w in at_min.warnings)
-    big = make_plan(t, 1 << 40, ctx=256, ubatch=16, moe={"mode": "slot-bank"})
+    big = plan_table(t, 1 << 40, ctx=256, ubatch=16, moe={"mode": "slot-bank"})
     assert big.moe.slot_bank == 32 and big.fits_entirely
     assert big.estimates.expert_miss_bytes_per_token == 0
 
 
 def test_moe_auto_mode_is_stock_when_everything_fits():
     t = moe_table()
-    plan = make_plan(t, 1 << 40, ctx=256, ubatch=16)
+    plan = plan_table(t, 1 << 40, ctx=256, ubatch=16)
     assert (plan.moe.requested_mode, plan.moe.mode, plan.moe.slot_bank) == ("auto", "stock", None)
     assert all(d.placement == "resident" for d in plan.tensors)
 
@@ -408,12 +409,12 @@ def test_moe_auto_mode_is_stock_when_everything_fits():
 def test_moe_resident_modes_must_fit():
     t = moe_table()
     with pytest.raises(FlashflexError, match="mode resident keeps every expert resident"):
-        make_plan(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16, moe={"mode": "resident"})
+        plan_table(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16, moe={"mode": "resident"})
 
 
 def test_moe_leading_dense_layers_get_no_bank_and_shared_experts_stay_resident():
     t = moe_table(n_layer=5, n_leading_dense=2, shexp_ffn=512, arch="deepseek2")
-    plan = make_plan(t, minimum(t, ctx=256, ubatch=16) + 4 * MiB, ctx=256, ubatch=16, moe={"mode": "slot-bank"})
+    plan = plan_table(t, minimum(t, ctx=256, ubatch=16) + 4 * MiB, ctx=256, ubatch=16, moe={"mode": "slot-bank"})
     for lp in plan.layers:
         if lp.layer < 2:
             assert lp.slot_bank is None and lp.n_expert is None
@@ -426,7 +427,7 @@ def test_moe_leading_dense_layers_get_no_bank_and_shared_experts_stay_resident()
 
 def test_moe_streams_dense_weights_when_they_do_not_fit_one_budget_for_both():
     t = moe_table(n_layer=12, n_leading_dense=1, shexp_ffn=512, arch="deepseek2")
-    plan = make_plan(t, minimum(t, ctx=256, ubatch=16) + 200_000, ctx=256, ubatch=16)
+    plan = plan_table(t, minimum(t, ctx=256, ubatch=16) + 200_000, ctx=256, ubatch=16)
     assert plan.moe.slot_bank == plan.moe.topk  # banks stay at their minimum while dense weights stream
     assert plan.layer_quota_bytes is not None and plan.prefetch.buffers > 0
     assert any(d.placement == "streamed" for d in plan.tensors)
@@ -436,7 +437,7 @@ def test_moe_streams_dense_weights_when_they_do_not_fit_one_budget_for_both():
 
 def test_moe_expected_miss_bytes_follow_uniform_routing():
     t = moe_table()
-    plan = make_plan(t, minimum(t, ctx=256, ubatch=16) + 32 * MiB, ctx=256, ubatch=16)
+    plan = plan_table(t, minimum(t, ctx=256, ubatch=16) + 32 * MiB, ctx=256, ubatch=16)
     s, e, k = plan.moe.slot_bank, plan.moe.n_expert, plan.moe.topk
     per_expert = plan.layers[0].expert_bytes
     assert plan.estimates.expert_miss_bytes_per_token == pytest.approx(6 * k * per_expert * (1 - s / e), abs=2)
@@ -445,36 +446,36 @@ def test_moe_expected_miss_bytes_follow_uniform_routing():
 
 def test_moe_slot_bank_override():
     t = moe_table()
-    plan = make_plan(t, 1 << 40, ctx=256, ubatch=16, moe={"mode": "slot-bank", "slot_bank": 8})
+    plan = plan_table(t, 1 << 40, ctx=256, ubatch=16, moe={"mode": "slot-bank", "slot_bank": 8})
     assert plan.moe.slot_bank == 8 and all(lp.slot_bank == 8 for lp in plan.layers)
     with pytest.raises(FlashflexError, match="below top-k"):
-        make_plan(t, 1 << 40, moe={"mode": "slot-bank", "slot_bank": 2})
-    capped = make_plan(t, 1 << 40, moe={"mode": "slot-bank", "slot_bank": 100})
+        plan_table(t, 1 << 40, moe={"mode": "slot-bank", "slot_bank": 2})
+    capped = plan_table(t, 1 << 40, moe={"mode": "slot-bank", "slot_bank": 100})
     assert capped.moe.slot_bank == 32 and all(lp.slot_bank == 32 for lp in capped.layers)
     assert any("capped" in w for w in capped.warnings)
     with pytest.raises(FlashflexError, match="minimum"):
-        make_plan(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16, moe={"slot_bank": 16})
+        plan_table(t, minimum(t, ctx=256, ubatch=16), ctx=256, ubatch=16, moe={"slot_bank": 16})
 
 
 def test_moe_topk_override_is_reduction_only_and_lossy():
     t = moe_table()
-    plan = make_plan(t, 1 << 40, moe={"mode": "slot-bank", "topk": 2})
+    plan = plan_table(t, 1 << 40, moe={"mode": "slot-bank", "topk": 2})
     assert plan.moe.topk == 2 and plan.moe.topk_lossy
     assert any("lossy" in w for w in plan.warnings)
     with pytest.raises(FlashflexError, match="top-k"):
-        make_plan(t, 1 << 40, moe={"topk": 8})
+        plan_table(t, 1 << 40, moe={"topk": 8})
     assert minimum(t, moe={"topk": 2}) < minimum(t)
 
 
 def test_moe_below_minimum_names_the_expert_slots():
     t = moe_table()
     with pytest.raises(FlashflexError, match="expert slots"):
-        make_plan(t, minimum(t, ctx=256, ubatch=16) - 1, ctx=256, ubatch=16)
+        plan_table(t, minimum(t, ctx=256, ubatch=16) - 1, ctx=256, ubatch=16)
 
 
 def test_explain_says_what_is_kept_and_why():
     t = dense_table()
-    lines = explain(make_plan(t, _budget_for_quota(t, 2 * q4_0(512, 128) + 100, ctx=256, ubatch=16), ctx=256,
+    lines = explain(plan_table(t, _budget_for_quota(t, 2 * q4_0(512, 128) + 100, ctx=256, ubatch=16), ctx=256,
                               ubatch=16))
     text = "\n".join(lines)
     assert "layers 0-7: keep attn_k, attn_v; stream attn_q" in text
@@ -517,7 +518,7 @@ EXTRA = st.one_of(st.integers(0, 1 << 16), st.integers(0, 1 << 22), st.integers(
 @given(tables(), plan_settings(), EXTRA)
 def test_never_over_budget_and_every_tensor_placed_once(table, kw, extra):
     budget = minimum(table, **kw) + extra
-    plan = make_plan(table, budget, **kw)
+    plan = plan_table(table, budget, **kw)
     check_invariants(table, plan, budget)
 
 
@@ -525,17 +526,17 @@ def test_never_over_budget_and_every_tensor_placed_once(table, kw, extra):
 @given(tables(), plan_settings(), EXTRA, st.one_of(st.integers(1, 1 << 12), EXTRA))
 def test_resident_bytes_never_shrink_as_the_budget_grows(table, kw, extra, more):
     small = minimum(table, **kw) + extra
-    assert make_plan(table, small, **kw).resident_bytes <= make_plan(table, small + more, **kw).resident_bytes
+    assert plan_table(table, small, **kw).resident_bytes <= plan_table(table, small + more, **kw).resident_bytes
 
 
 @PROPERTY
 @given(tables(), plan_settings(), st.integers(1, 1 << 20))
 def test_below_the_minimum_is_refused_at_the_minimum_accepted(table, kw, gap):
     low = minimum(table, **kw)
-    make_plan(table, low, **kw)
+    plan_table(table, low, **kw)
     assume(low - gap > 0)
     with pytest.raises(FlashflexError, match="minimum"):
-        make_plan(table, low - gap, **kw)
+        plan_table(table, low - gap, **kw)
 
 
 @PROPERTY
@@ -545,7 +546,7 @@ def test_banks_between_topk_and_expert_count(table, kw, extra, data):
     moe = {"mode": data.draw(st.sampled_from(["auto", "slot-bank", "oracle-prefetch"])),
            "topk": data.draw(st.one_of(st.none(), st.integers(1, table.arch.n_expert_used)))}
     budget = minimum(table, moe=moe, **kw) + extra
-    plan = make_plan(table, budget, moe=moe, **kw)
+    plan = plan_table(table, budget, moe=moe, **kw)
     check_invariants(table, plan, budget)
     if plan.moe.slot_bank is not None:
         for lp in plan.layers:
@@ -614,7 +615,7 @@ def test_plans_real_gguf_tables_from_the_reader(tmp_path, preset):
     table = read_model_table(path)
     low = minimum(table, ctx=64, ubatch=1)
     for budget in (low, low + 1 * MiB, low + table.total_bytes):
-        plan = make_plan(table, budget, ctx=64, ubatch=1)
+        plan = plan_table(table, budget, ctx=64, ubatch=1)
         check_invariants(table, plan, budget)
         assert plan.prefetch.direct_io  # synth writes 4096-aligned files
     assert (plan.moe is not None) == table.arch.is_moe
@@ -658,20 +659,19 @@ def test_a_split_reserves_the_load_staging_of_the_largest_tensor_sent():
     (here the output matrix of a large vocabulary) needs beyond those, and its minimum includes it."""
     from orchestrator import rpc
     from orchestrator.config import load_run_config
-    from orchestrator.planner import plan_for_run
 
     t = dense_table(n_layer=4, n_vocab=200_000)
     output = next(x.n_bytes for x in t.tensors if x.name == "output.weight")
     worker = rpc.Worker("10.0.0.1:50052", rpc.RPC_PROTOCOL, [rpc.WorkerDevice(0, 1 << 30, 1 << 30)])
     cfg = load_run_config(None, {"context.ctx": 64, "context.ubatch": 8, "budget.size": "1GiB",
                                  "rpc.servers": "10.0.0.1:50052", "rpc.layers": 2})
-    plan = plan_for_run(t, cfg, workers=[worker])
+    plan = plan_config(t, cfg, workers=[worker])
     r = plan.reservations
     assert plan.rpc.load_staging_bytes == output
     assert r.load_staging_bytes == output - r.kv_cache_bytes - r.compute_bytes > 0
     assert plan.reserved_bytes == r.kv_cache_bytes + r.compute_bytes + r.load_staging_bytes + r.prefetch_buffer_bytes
-    alone = make_plan(t, 1 << 30, ctx=64, ubatch=8)  # nothing sent anywhere: nothing staged
+    alone = plan_table(t, 1 << 30, ctx=64, ubatch=8)  # nothing sent anywhere: nothing staged
     assert alone.reservations.load_staging_bytes == 0
     with pytest.raises(FlashflexError, match="loading"):
-        plan_for_run(t, cfg.model_copy(update={"budget": cfg.budget.model_copy(
+        plan_config(t, cfg.model_copy(update={"budget": cfg.budget.model_copy(
             update={"size": f"{plan.minimum_budget_bytes - 1}B"})}), workers=[worker])

@@ -419,10 +419,10 @@ def test_bench_models_may_be_synthetic_presets(tmp_path, monkeypatch):
         spec_bench.resolve_model("synth:no-such-preset", lambda _m: None)
     notes: list[str] = []
     moe = spec_bench.resolve_model("synth:tiny-qwen3moe", notes.append)
-    assert moe == synth.cached_preset("tiny-qwen3moe") and runner.default_sidecar(moe).is_dir()
+    assert moe == synth.cached_preset("tiny-qwen3moe") and sidecar.default_path(moe).is_dir()
     assert any("sidecar" in n for n in notes)
     draft = spec_bench.resolve_model("synth:tiny-draft", notes.append)
-    assert not runner.default_sidecar(draft).exists()  # a dense model has no experts to extract
+    assert not sidecar.default_path(draft).exists()  # a dense model has no experts to extract
     before = (moe.stat().st_mtime_ns, len(notes))
     assert spec_bench.resolve_model("synth:tiny-qwen3moe", notes.append) == moe
     assert (moe.stat().st_mtime_ns, len(notes)) == before  # made once

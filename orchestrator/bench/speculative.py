@@ -1,13 +1,13 @@
 """Speculative decoding under a budget (`flashflex bench speculative`, scripts/bench_speculative.py).
 
-On written-down text tasks, each run goes through what `flashflex run` does (api.prepare → runner.generate), with
+On written-down text tasks, each run goes through what `flashflex run` does (api.prepare → run.execution.run), with
 and without drafting, under the same total budget (by default the smallest one the planner accepts with drafting:
 drafting's RAM comes off the model's share, so the drafted run streams a little more). The runs are interleaved
 (every task and mode once, then again) so drift on a shared machine hits both alike; the table reports medians.
 
 Per run: decode tok/s, the drafter's acceptance rate (kept / judged drafted tokens), accepted drafted tokens per
 verification, tokens verified and tokens generated per verification (decode calls of the model), and bytes read per
-generated token from the runtime's stream counters (the runner's decode phase). On a MoE model with expert banks,
+generated token from the runtime's stream counters (run.execution's decode phase). On a MoE model with expert banks,
 also per MoE layer: the distinct experts a decode call resolves (a verification batch resolves the union of its
 tokens' experts once; a single-token step resolves top-k), experts resolved per generated token, the bank's hit
 rate and the bytes of expert misses per generated token. Nothing here asserts a speed.
@@ -18,7 +18,7 @@ tiny-draft) shares its target's vocabulary. With random weights the drafts are r
 runs measure the mechanics (bytes and experts per verification), best with fixed draft lengths (draft_adaptive
 False), since adaptive lengths fall to 0 when drafts fail.
 
-The no-drafting runs use the runner's plain loop, which also evaluates its last token (one step more than
+The no-drafting runs use run.execution's plain loop, which also evaluates its last token (one step more than
 needed: at most 1/n of its decode time, in drafting's favour).
 """
 
@@ -91,7 +91,7 @@ TASKS: dict[str, tuple[str, str]] = {  # name -> (what it is, the prompt); greed
 TEMPERATURE = {"story-sampled": 0.8}
 """Tasks sampled rather than greedy. Greedy Gemma 3 270M (a base model) soon repeats itself, which prompt lookup
 drafts perfectly; sampling keeps its text new. Sampled runs with and without drafting need not give the same tokens
-(the runner's plain loop draws its random numbers differently from llama-cpp-python's generate)."""
+(run.execution's plain loop draws its random numbers differently from llama-cpp-python's generate)."""
 
 
 @dataclass
@@ -159,16 +159,16 @@ def smallest_budget(b: SpeculativeBench) -> int:
     from orchestrator import api
 
     probe = api.prepare(budget=f"{1 << 40}B", **_options(b, drafting=True))
-    plan = probe.execution.budget_plan
-    assert plan is not None
-    return plan.minimum_budget_bytes + (probe.draft.resident_bytes if probe.draft is not None else 0)
+    assert probe.plan is not None
+    return probe.plan.minimum_budget_bytes  # drafting's reservation included
 
 
 def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
     """Measure every task with and without drafting, `repeats` times each, interleaved; write results.json and
     results.md under out_dir; return the results."""
-    from orchestrator import api, runner
+    from orchestrator import api
     from orchestrator.bench.runs import machine_info
+    from orchestrator.run import execution
     from orchestrator.fsutil import atomic_file
     from orchestrator.sizes import format_size, parse_size
 
@@ -185,24 +185,25 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
         for task in b.tasks:
             p = api.prepare(budget=f"{budget}B", prompt=TASKS[task][1], log=log, **_options(b, drafting, task))
             prepared[(task, mode)] = p
-        plan = p.execution.plan or p.execution.budget_plan
-        plans[mode] = {"mode": p.execution.mode, "budget_bytes": plan.budget_bytes,
+        plan, banks = p.plan, p.spec.banks
+        assert plan is not None
+        share = plan.budget_bytes - plan.reservations.draft_bytes  # the model's share, drafting's reservation apart
+        plans[mode] = {"mode": p.spec.mode, "budget_bytes": share,
                        "resident_bytes": plan.resident_bytes, "model_bytes": plan.model_bytes,
                        "streamed_bytes_per_token": plan.estimates.dense_streamed_bytes_per_token,
                        "streamed_fraction": plan.estimates.dense_streamed_bytes_per_token / plan.model_bytes,
                        "draft": p.draft.summary() if p.draft is not None else None,
-                       "moe": ({"mode": p.execution.moe.mode, "slots": p.execution.moe.slots}
-                               if p.execution.moe is not None else None)}
-        log(f"{mode}: {p.execution.mode}, model's share of the {format_size(budget)} budget "
-            f"{format_size(plan.budget_bytes)}, streams {format_size(plans[mode]['streamed_bytes_per_token'])} "
+                       "moe": {"mode": p.spec.mode, "slots": banks.slots} if banks is not None else None}
+        log(f"{mode}: {p.spec.mode}, model's share of the {format_size(budget)} budget "
+            f"{format_size(share)}, streams {format_size(plans[mode]['streamed_bytes_per_token'])} "
             f"per token ({plans[mode]['streamed_fraction']:.0%} of the weights)"
-            + (f", {p.execution.moe.slots} expert slots per MoE layer" if p.execution.moe is not None else ""))
+            + (f", {banks.slots} expert slots per MoE layer" if banks is not None else ""))
     runs: list[dict[str, Any]] = []
     for rep in range(b.repeats):
         for task in b.tasks:
             for mode in modes:
                 p = prepared[(task, mode)]
-                result = runner.generate(p.settings, ex=p.execution, draft=p.draft)
+                result = execution.run(p)
                 decode = result.stats.get("decode") or {}
                 draft = result.stats.get("draft")
                 rec = {"task": task, "mode": mode, "repeat": rep, "prompt_tokens": len(result.prompt_tokens),
@@ -247,7 +248,7 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def moe_columns(moe: dict[str, Any] | None, tokens: int, decode_calls: int) -> dict[str, Any]:
-    """A decode phase's expert-bank counters (runner's stats["moe"]["decode"]: the native counters) per MoE layer.
+    """A decode phase's expert-bank counters (run.execution's stats["moe"]["decode"]: the native counters) per MoE layer.
     The bank counts each distinct expert of a layer call once, as a hit or a miss (a call whose experts exceed the
     bank runs in passes, each expert in one), so hits + misses over layers and decode calls is the number of
     distinct experts a call resolves: top-k for a single-token step, the union of its tokens' experts for a

@@ -17,7 +17,7 @@ from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.config import DEFAULT_BANDWIDTH, RunConfig, load_run_config
 from orchestrator.modelfile.table import ModelTable
 from orchestrator.modes import MOE_MODES
-from orchestrator.planner import Plan, explain, format_tokens_per_s, plan_for_run
+from orchestrator.planner import Plan, PlanInputs, PlanRequest, explain, format_tokens_per_s, make_plan
 from orchestrator.sizes import format_rate, format_size, parse_rate
 
 _MOE_MODE_HELP = f"MoE only: {' | '.join(MOE_MODES)}."
@@ -106,7 +106,8 @@ def plan_command(
     from orchestrator import overheads
 
     measured, probe = overheads.plan_inputs(settings, model, workers=workers, estimate=estimate, reprobe=reprobe)
-    plan = plan_for_run(table, settings, workers=workers, read_bandwidth=rate, overheads=measured, read_probe=probe)
+    request = PlanRequest.from_config(settings, settings.budget.resolve_bytes(), read_bandwidth=rate)
+    plan = make_plan(request, PlanInputs(table=table, overheads=measured, read_probe=probe, workers=workers or []))
     if json_out:
         emit_json(plan.model_dump(mode="json"))
         if show_explain:

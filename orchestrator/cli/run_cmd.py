@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from orchestrator import modes, runner
+from orchestrator import modes
 from orchestrator.api import overrides_from_options
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.cli.options import DRAFT_FLAGS, ConfigArg, model_options_command
@@ -34,14 +34,16 @@ def register(app: typer.Typer) -> None:
 
         cfg = load_run_config(config, {**overrides_from_options(options), "prompt": prompt,
                                        "sampling.n_predict": n_predict})
-        prepared = api.prepare(cfg, log=err_console.print)  # the plan, and drafting's RAM taken off its budget
-        settings, ex = prepared.settings, prepared.execution
-        for reason in ex.lossy:
+        from orchestrator.run import execution
+
+        prepared = api.prepare(cfg, log=err_console.print)
+        settings = prepared.settings
+        for reason in prepared.lossy:
             err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")
         if dry_run:
             _dry_run(prepared, json_out)
             return
-        result = runner.generate(settings, ex=ex, draft=prepared.draft)
+        result = execution.run(prepared)
         if json_out:
             emit_json(result.to_dict())
             return
@@ -83,22 +85,22 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Feed the same teacher-forced tokens through stock and through the configured mode; exit 0 only when
         every logit is bitwise identical."""
-        from orchestrator import exact
+        from orchestrator import api, exact
         from orchestrator.config import load_run_config
         from orchestrator.errors import FlashflexError
 
         cfg = load_run_config(config, overrides_from_options(options))
-        settings = runner.settings_from_config(cfg, log=err_console.print)
-        if tokens > settings.ctx:
-            raise FlashflexError(f"--tokens {tokens} exceeds the context of {settings.ctx}", "raise --ctx")
-        ex = runner.execution_for_config(cfg, settings.model)
-        result = exact.verify(settings, ex.plan, tokens, seed, ex=ex)
-        compared = ex.native or ex.mode == modes.RESIDENT  # resident: stock's path without mmap
-        mode = ex.mode if compared else f"{ex.mode} (nothing to compare: the budget needs no plan)"
-        if ex.moe is not None and ex.moe.mode != modes.RESIDENT_BANK:
-            mode += f" ({ex.moe.slots} slots)"
-        if ex.moe is not None and ex.moe.prefetch != "none":
-            mode += f", prefetch {ex.moe.prefetch}"
+        if tokens > cfg.context.ctx:
+            raise FlashflexError(f"--tokens {tokens} exceeds the context of {cfg.context.ctx}", "raise --ctx")
+        prepared = api.prepare(cfg, log=err_console.print)
+        result = exact.verify(prepared, tokens, seed)
+        spec = prepared.spec
+        compared = spec.native or spec.use_mmap is False  # resident: stock's path without mmap
+        mode = spec.mode if compared else f"{spec.mode} (nothing to compare: the budget needs no plan)"
+        if spec.banks is not None and spec.banks.slots:
+            mode += f" ({spec.banks.slots} slots)"
+        if spec.banks is not None and spec.banks.prefetch != "none":
+            mode += f", prefetch {spec.banks.prefetch}"
         if json_out:
             emit_json({"mode": mode, **result.to_dict()})
         else:
@@ -111,11 +113,10 @@ def register(app: typer.Typer) -> None:
 
 def _dry_run(prepared, json_out: bool) -> None:
     """`run --dry-run`: what the run would do, from the same objects the run would use."""
-    ex = prepared.execution
+    spec = prepared.spec
     summary = prepared.summary()
-    spec = runner.runtime_spec(ex.plan, ex.moe)
     if json_out:
-        emit_json({**summary, "runtime_spec": spec.to_json() if spec is not None else None})
+        emit_json({**summary, "runtime_spec": spec.model_dump(mode="json")})
         return
     console.print(f"mode {summary['mode']} · model {summary['model']} · ctx {summary['ctx']} · "
                   f"ubatch {summary['ubatch']}", soft_wrap=True)
@@ -130,16 +131,15 @@ def _dry_run(prepared, json_out: bool) -> None:
         what = draft["kind"] + (f" {draft['model']}" if draft["model"] else f":{draft['ngram']}")
         console.print(f"draft {what} · up to {draft['max_tokens']} tokens per verification"
                       f"{' (adaptive)' if draft['adaptive'] else ''} · {draft['resident_bytes'] / 2**20:.1f} MiB "
-                      f"resident, taken off the {draft['total_budget_bytes'] / 2**20:.0f} MiB budget", soft_wrap=True)
-    if spec is None:
+                      f"resident, reserved in the {draft['total_budget_bytes'] / 2**20:.0f} MiB budget", soft_wrap=True)
+    if not spec.native:
         console.print("runtime: none (the stock path loads the model)")
     else:
         what = [f"{len(spec.files)} file(s)", f"direct I/O {spec.direct_io}"]
-        if spec.streamed:
-            what.append(f"{len(spec.streamed)} streamed tensor(s), {spec.prefetch_threads} prefetch thread(s), "
-                        f"ring {format_size(spec.ring_bytes or 0)}")
-        if spec.moe_slots is not None:
-            what.append(f"{len(spec.banks)} banked tensor(s), {spec.moe_slots} slots per layer, prefetch "
-                        f"{spec.moe_prefetch}" + (f", trace {spec.moe_trace}" if spec.moe_trace else ""))
+        if spec.stream is not None:
+            what.append(f"{len(spec.stream.tensors)} streamed tensor(s), {spec.stream.prefetch_threads} prefetch "
+                        f"thread(s), ring {format_size(spec.stream.ring_bytes)}")
+        if spec.banks is not None:
+            what.append(f"{len(spec.banks.tensors)} banked tensor(s), {spec.banks.slots} slots per layer, prefetch "
+                        f"{spec.banks.prefetch}" + (f", trace {spec.banks.trace}" if spec.banks.trace else ""))
         console.print("runtime: " + " · ".join(what), soft_wrap=True)
-

@@ -111,13 +111,13 @@ def register(app: typer.Typer) -> None:
         manifest.json plus one layer-NNN.bin per layer. Written atomically; an interrupted run leaves nothing."""
         from orchestrator.errors import FlashflexError
         from orchestrator.modelfile.realign import byte_progress
-        from orchestrator.runner import default_sidecar
+        from orchestrator.sidecar import default_path
         from orchestrator.sidecar import extract
 
         model = model_opt or model_arg
         if model is None:
             raise FlashflexError("no model given", "pass the GGUF: flashflex sidecar extract --model M [--out-dir D]")
-        out = out_opt or out_arg or default_sidecar(model)
+        out = out_opt or out_arg or default_path(model)
         started = time.monotonic()
         with byte_progress(f"sidecar {model.name}", enabled=_show_progress(json_out)) as progress:
             manifest = extract(model, out, include_shared=include_shared,

@@ -1,7 +1,9 @@
 """Budget -> Plan: which tensors stay resident, which stream, how big each MoE slot bank is.
 
-`make_plan` is a pure function of a ModelTable and settings; the Plan it returns is JSON-serialisable and is
-the single contract with the native runtimes, which execute it and never re-plan.
+`make_plan(PlanRequest, PlanInputs)` is a pure function: the settings, and the facts gathered about the model and
+the machine (orchestrator.run.inputs). The Plan it returns is JSON-serialisable (`flashflex plan --json`) and states
+every decision, including what the MoE runtime allocates; orchestrator.run.spec turns it into the RuntimeSpec, the
+contract with the native runtimes, which execute it and never re-plan.
 
 ## Reservations (taken from the budget first)
 
@@ -67,26 +69,33 @@ misses `k x (1 - N/E)` experts per token. Real routing is skewed, so real hit ra
 measured 58-85 % where this model says 6-50 %). I/O-bound tokens/s = read bandwidth / streamed bytes per
 token (1.1 GB/s by default: direct reads at queue depth 4 on the reference machine).
 
-The package: `schema` (the Plan and its parts), `make` (make_plan, plan_for_run), `explain` (for people).
+Beside the budget: drafting's RAM (a draft model, and one logits row per drafted token, the length capped so the
+rows cost at most 4% of a token's reads) and a benchmark process's own memory are reservations of the plan.
+
+The package: `request` (PlanRequest, PlanInputs), `schema` (the Plan and its parts), `make` (make_plan), `buffers`
+(KV cache and compute estimates), `placement` (layers on other devices), `explain` (for people).
 """
 
+from orchestrator.planner.buffers import compute_bytes, kv_cache_bytes
 from orchestrator.planner.explain import explain, format_tokens_per_s
-from orchestrator.planner.make import compute_bytes, kv_cache_bytes, make_plan, plan_for_run, runtime_slots
+from orchestrator.planner.make import make_plan, runtime_slots
+from orchestrator.planner.request import DraftRequest, PlanInputs, PlanRequest
 from orchestrator.planner.schema import (
-                                         DIRECT_IO_ALIGNMENT,
-                                         SCHEMA_VERSION,
-                                         Estimates,
-                                         LayerPlan,
-                                         MoEPlan,
-                                         Plan,
-                                         PrefetchPlan,
-                                         Reservations,
-                                         RPCDevicePlan,
-                                         RPCPlan,
-                                         TensorDecision,
+    DIRECT_IO_ALIGNMENT,
+    SCHEMA_VERSION,
+    DraftPlan,
+    Estimates,
+    LayerPlan,
+    MoEPlan,
+    Plan,
+    PrefetchPlan,
+    Reservations,
+    RPCDevicePlan,
+    RPCPlan,
+    TensorDecision,
 )
 
-__all__ = ["DIRECT_IO_ALIGNMENT", "SCHEMA_VERSION", "Estimates", "LayerPlan", "MoEPlan", "Plan", "PrefetchPlan",
-           "Reservations", "RPCDevicePlan", "RPCPlan",
-           "TensorDecision", "compute_bytes", "explain", "format_tokens_per_s", "kv_cache_bytes",
-           "make_plan", "plan_for_run", "runtime_slots"]
+__all__ = ["DIRECT_IO_ALIGNMENT", "SCHEMA_VERSION", "DraftPlan", "DraftRequest", "Estimates", "LayerPlan", "MoEPlan",
+           "Plan", "PlanInputs", "PlanRequest", "PrefetchPlan", "Reservations", "RPCDevicePlan", "RPCPlan",
+           "TensorDecision", "compute_bytes", "explain", "format_tokens_per_s", "kv_cache_bytes", "make_plan",
+           "runtime_slots"]

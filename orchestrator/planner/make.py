@@ -11,18 +11,16 @@ from functools import lru_cache
 from typing import Any
 
 from orchestrator import modes
+from orchestrator.modes import ROUTER_LOOKAHEAD
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
+from orchestrator.planner.buffers import compute_bytes, kv_cache_bytes
+from orchestrator.planner.request import PlanInputs, PlanRequest
 from orchestrator.planner.schema import (
-    _ATTENTION_RANK,
-    _FFN_ROLES,
-    _SUBSET_SUM_LIMIT,
     BANK_WARN_FACTOR,
-    COMPUTE_FIXED_BYTES,
-    DEFAULT_N_VOCAB,
-    DEFAULT_READ_BANDWIDTH,
     DIRECT_IO_ALIGNMENT,
     READ_CHUNK_BYTES,
+    DraftPlan,
     Estimates,
     LayerPlan,
     MoEPlan,
@@ -30,9 +28,16 @@ from orchestrator.planner.schema import (
     Plan,
     PrefetchPlan,
     Reservations,
+    RPCPlan,
     TensorDecision,
 )
-from orchestrator.sizes import format_rate, format_size, parse_rate
+from orchestrator.sizes import format_rate, format_size
+
+# Preservation order of attention tensors (K and V first: under GQA they are the smallest), the roles counted as
+# FFN by the regimes, and the streamable-tensor count above which breakpoints are approximate (still safe).
+_ATTENTION_RANK = {Role.ATTN_K: 0, Role.ATTN_V: 1, Role.ATTN_Q: 2, Role.ATTN_QKV: 3, Role.ATTN_O: 4, Role.OTHER: 5}
+_FFN_ROLES = frozenset({Role.FFN_DENSE, Role.EXPERT_SHARED})
+_SUBSET_SUM_LIMIT = 14
 
 
 @dataclass(frozen=True)
@@ -158,50 +163,8 @@ def _layers(table: ModelTable, n_expert: int) -> list[_Layer]:
     return out
 
 
-def _n_vocab(table: ModelTable) -> int:
-    for role in (Role.OUTPUT, Role.TOKEN_EMBD):
-        for t in table.tensors:
-            if t.role is role and len(t.shape) >= 2:
-                return int(t.shape[1])
-    return DEFAULT_N_VOCAB
-
-
-def _ffn_width(table: ModelTable, topk: int) -> int:
-    a = table.arch
-    dense = [d for t in table.tensors if t.role is Role.FFN_DENSE for d in t.shape[:2] if d != a.n_embd]
-    shared = [d for t in table.tensors if t.role is Role.EXPERT_SHARED for d in t.shape[:2] if d != a.n_embd]
-    width = max(dense, default=0)
-    if a.is_moe:
-        expert = a.expert_ffn or max((d for t in table.tensors if t.role is Role.EXPERT_ROUTED
-                                      for d in t.shape[:2] if d != a.n_embd), default=0)
-        width = max(width, expert * topk + (a.shared_expert_ffn or max(shared, default=0)))
-    return width or 4 * a.n_embd
-
-
-def kv_cache_bytes(table: ModelTable, ctx: int) -> int:
-    """f16 K and V for all layers and the whole context."""
-    a = table.arch
-    return a.n_layer * ctx * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * 2
-
-
-def compute_bytes(table: ModelTable, ctx: int, ubatch: int, topk: int | None = None) -> int:
-    """Upper estimate of llama.cpp's compute buffers for one ubatch (see the module docstring)."""
-    a = table.arch
-    k = topk if topk is not None else max(a.n_expert_used, 1)
-    per_token = _n_vocab(table) + 6 * a.n_embd + 3 * _ffn_width(table, k) + a.n_head * ctx
-    return 4 * ubatch * per_token + COMPUTE_FIXED_BYTES
-
-
 # --------------------------------------------------------------------------------------------------
 # Planning
-
-
-def _get(obj: Any, name: str, default: Any) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
 
 
 def _level(layers: list[_Layer], avail: int, candidates: list[int]) -> int:
@@ -328,98 +291,75 @@ def runtime_slots(slots: int, n_expert: int) -> int:
     return slots + 1 if slots < n_expert else slots
 
 
-def make_plan(
-    table: ModelTable,
-    budget_bytes: int,
-    *,
-    ctx: int = 2048,
-    ubatch: int = 512,
-    prefetch: Any = None,
-    moe: Any = None,
-    read_bandwidth: int | str | None = None,
-    overheads: Any = None,
-    read_probe: dict[int, float] | None = None,
-    load_staging_bytes: int = 0,
-) -> Plan:
-    """Plan `table` under `budget_bytes` of RAM. Pure: reads nothing, writes nothing.
+def make_plan(request: PlanRequest, inputs: PlanInputs) -> Plan:
+    """Plan `inputs.table` for `request`. Pure: reads nothing, writes nothing.
 
-    `prefetch` is a PrefetchConfig or anything with `threads`, `window`, `direct_io` (and optionally
-    `read_bandwidth`); `moe` a MoEConfig or anything with `mode`, `slot_bank`, `topk`; dicts work too.
-    `read_bandwidth` (bytes/s or a rate string) overrides the prefetch settings' value for the estimate.
-    `overheads` (an overheads.Measured, or anything with `kv_bytes` and `compute_bytes`) replaces the KV cache and
-    compute estimates with what llama.cpp allocates for these settings. `read_probe` (queue depth → direct-read
-    bytes/s of the model's device, orchestrator.readspeed) is what `threads: auto` chooses from.
-    `load_staging_bytes`: the largest tensor llama.cpp sends to another device while loading (placement), read
-    whole into a host buffer first; what of it the KV cache and compute buffers (allocated after the load) do not
-    cover is reserved.
-    Raises FlashflexError for a budget below the minimum, MoE options on a dense model, and impossible
-    MoE settings.
+    Raises FlashflexError for a budget below the minimum and for every option combination that needs the model or
+    a resolved `auto` to judge (MoE options on a dense model, bank options without banks, ...: _check_options);
+    rules that need only the settings are the RunConfig's validators.
 
-    The stages, in order (each a function below that says what it decides): read the request, analyse the
-    model, the fixed overheads, the MoE mode and minimum banks, the minimum budget (or refusal), the dense
-    resident/streamed split, the bank size, each tensor's placement, direct I/O, the estimates, the Plan.
+    The stages, in order (each a function below that says what it decides): check the request, place the last
+    layers on other devices (RPC workers, GPUs), analyse the model, the prefetch threads, the fixed overheads, the
+    MoE mode and minimum banks, the option rules, the draft length and what drafting reserves, then with the
+    budget the model is left: the minimum budget (or refusal), the dense resident/streamed split, the bank size,
+    each tensor's placement, direct I/O, the estimates; last what the MoE runtime allocates, and the Plan.
     """
-    req = _read_request(ctx, ubatch, prefetch, moe, read_bandwidth)
-    warnings: list[str] = []
+    req = _check_request(request)
+    table, rpc, warnings = _place_layers(req, inputs)
     model = _analyse_model(table, req, warnings)
-    req = _prefetch_threads(req, model, read_probe)
-    over = _overheads(table, model, req, overheads, load_staging_bytes)
-    experts = _experts(model, req, over, budget_bytes, warnings)
-    staging = _staging_bytes(model.layers, req.threads)
-    minimum = _minimum_budget(model, req, over, experts, staging, budget_bytes)
-    dense = _split_dense(model, req, over, experts, staging, budget_bytes)
-    slots = _bank_slots(model, req, over, experts, dense, warnings)
-    placed = _place_tensors(table, model, experts, dense, slots)
-    direct_io = _direct_io(req, model, placed.unaligned, warnings)
-    return _assemble(table, budget_bytes, req=req, model=model, over=over, experts=experts, minimum=minimum,
-                     dense=dense, slots=slots, placed=placed, direct_io=direct_io, warnings=warnings)
+    req = _prefetch_threads(req, model, inputs.read_probe)
+    over = _overheads(table, model, req, inputs.overheads, rpc.load_staging_bytes if rpc is not None else 0)
+    extras = [("this process", req.process_bytes)] if req.process_bytes else []
+    draft = _fit_draft(table, req, model, over, extras)
+    if draft is not None:
+        extras.append(("drafting", draft.reserved_bytes))
+    experts = _experts(model, req, over, req.budget_bytes - _total(extras), warnings)
+    _check_options(req, model, experts, rpc)
+    d = _decide(table, model, req, over, experts, extras, warnings)
+    moe = _moe_runtime(req, model, experts, d.slots, inputs.replay_distinct)
+    plan = _assemble(table, req.budget_bytes, req=req, model=model, over=over, experts=experts, extras=extras,
+                     d=d, moe=moe, warnings=warnings)
+    plan.draft = draft
+    if rpc is not None:
+        plan.rpc = rpc
+        plan.n_layer = inputs.table.arch.n_layer
+        plan.model_bytes = inputs.table.total_bytes
+    return plan
+
+
+def _total(extras: list[tuple[str, int]]) -> int:
+    return sum(n for _, n in extras)
 
 
 # --------------------------------------------------------------------------------------------------
 # The stages of make_plan, in the order it runs them
 
 
-@dataclass(frozen=True)
-class _Request:
-    """make_plan's settings, validated and read once from whatever the caller passed (configs or dicts)."""
-
-    ctx: int
-    ubatch: int
-    threads: int | None  # prefetch I/O threads; 0 = synchronous reads; None = auto (see _prefetch_threads)
-    threads_reason: str  # why this many threads
-    window: int | None  # requested look-ahead in layers; None = auto (a ring sized in bytes)
-    direct_io: str  # auto | on | off | strict, as asked
-    bandwidth: int  # bytes/s, for the estimate only
-    mode: str  # the requested MoE mode (auto is resolved by _experts)
-    slot_bank: int | None  # slots per MoE layer asked for; None = sized from the budget
-    topk: int | None  # experts per token asked for; None = the model's
-
-    @property
-    def effective_window(self) -> int | None:
-        """The layers' worth of ring an explicit window asks for (one for synchronous reads); None = auto."""
-        if self.window is None:
-            return None
-        return max(1, self.window) if self.threads > 0 else 1
-
-
-def _read_request(ctx: int, ubatch: int, prefetch: Any, moe: Any, read_bandwidth: int | str | None) -> _Request:
-    """Refuse a non-positive ctx or ubatch; read the prefetch and MoE settings, with their defaults for what is
-    missing (an explicit `read_bandwidth` beats the prefetch settings' value)."""
-    if ctx < 1 or ubatch < 1:
-        raise FlashflexError(f"ctx and ubatch must be positive (got ctx={ctx}, ubatch={ubatch})",
+def _check_request(req: PlanRequest) -> PlanRequest:
+    """Refuse a non-positive ctx or ubatch."""
+    if req.ctx < 1 or req.ubatch < 1:
+        raise FlashflexError(f"ctx and ubatch must be positive (got ctx={req.ctx}, ubatch={req.ubatch})",
                              "pass --ctx and --ubatch of 1 or more")
-    raw_threads = _get(prefetch, "threads", 1)
-    threads = None if raw_threads == "auto" else int(raw_threads)
-    raw_window = _get(prefetch, "window", "auto")
-    window = None if raw_window in (None, "auto") else int(raw_window)
-    direct_io = str(_get(prefetch, "direct_io", "auto"))
-    if read_bandwidth is None:
-        read_bandwidth = _get(prefetch, "read_bandwidth", DEFAULT_READ_BANDWIDTH)
-    bandwidth = read_bandwidth if isinstance(read_bandwidth, int) else parse_rate(read_bandwidth)
-    return _Request(ctx=ctx, ubatch=ubatch, threads=threads, threads_reason="asked", window=window,
-                    direct_io=direct_io,
-                    bandwidth=bandwidth, mode=str(_get(moe, "mode", modes.AUTO) or modes.AUTO),
-                    slot_bank=_get(moe, "slot_bank", None), topk=_get(moe, "topk", None))
+    return req
+
+
+def _place_layers(req: PlanRequest, inputs: PlanInputs) -> tuple[ModelTable, RPCPlan | None, list[str]]:
+    """With devices elsewhere (inputs.workers: RPC workers, this host's GPUs), the model's last layers go to them
+    (planner.placement) and the rest of the plan is this host's part: (the local table, the placement, its
+    warnings). Routed experts (and, for router-lookahead, the routers) stay here when a mode banks them."""
+    table = inputs.table
+    if not inputs.workers:
+        return table, None, []
+    from orchestrator.planner.placement import devices_of, local_table, place_layers
+
+    experts_here = modes.reads_sidecar(req.mode) and any(t.role is Role.EXPERT_ROUTED for t in table.tensors)
+    routers_here = experts_here and req.moe_prefetch == ROUTER_LOOKAHEAD
+    layers = req.layers_elsewhere
+    if layers is not None:
+        layers = min(layers, table.arch.n_layer)
+    rpc, warnings = place_layers(table, devices_of(inputs.workers), ctx=req.ctx, ubatch=req.ubatch, layers=layers,
+                                 experts_here=experts_here, routers_here=routers_here)
+    return local_table(table, rpc.local_layers, experts_here, routers_here), rpc, list(warnings)
 
 
 @dataclass(frozen=True)
@@ -443,7 +383,7 @@ class _ModelFacts:
         return sum(runtime_slots(slots, layer.n_expert) * layer.expert_bytes for layer in self.moe_layers)
 
 
-def _analyse_model(table: ModelTable, req: _Request, warnings: list[str]) -> _ModelFacts:
+def _analyse_model(table: ModelTable, req: PlanRequest, warnings: list[str]) -> _ModelFacts:
     """Whether the model is MoE (MoE options on a dense model are refused), the top-k the run uses (refused
     outside 1..n_expert_used; a reduction warns that it is lossy), and its layers. Warns when ctx exceeds the
     training context."""
@@ -454,6 +394,8 @@ def _analyse_model(table: ModelTable, req: _Request, warnings: list[str]) -> _Mo
         used = [f"--moe-mode {req.mode}"] if req.mode not in (modes.AUTO, modes.STOCK) else []
         used += [f"--moe-slot-bank {req.slot_bank}"] if req.slot_bank is not None else []
         used += [f"--moe-topk {req.topk}"] if req.topk is not None else []
+        used += [flag for flag in req.bank_options if flag != "--moe-slot-bank"]
+        used += ["--moe-shared-only"] if req.shared_only else []
         if used:
             raise FlashflexError(f"{name} is a dense model ({arch.arch}, no routed experts): "
                                  f"{', '.join(used)} applies to MoE models only", "drop the MoE options")
@@ -483,7 +425,7 @@ AUTO_THREADS_WITHIN = 0.9  # -tp auto: the fewest threads within 10% of the best
 REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
 
 
-def _prefetch_threads(req: _Request, model: _ModelFacts, probe: dict[int, float] | None) -> _Request:
+def _prefetch_threads(req: PlanRequest, model: _ModelFacts, probe: dict[int, float] | None) -> PlanRequest:
     """-tp auto: the fewest prefetch threads whose probed direct-read bandwidth is within 10% of the best depth
     probed on this device, plus one when streamed tensors are repacked on arrival (REPACKED_TYPES), but no more than
     the read jobs (4 MiB) of the largest layer, which is all a thread can work on ahead of compute; the probed
@@ -537,13 +479,13 @@ class _Overheads:
         return self.fixed + self.streamable + self.routed
 
 
-def _overheads(table: ModelTable, model: _ModelFacts, req: _Request, measured: Any,
+def _overheads(table: ModelTable, model: _ModelFacts, req: PlanRequest, measured: Any,
                load_staging: int = 0) -> _Overheads:
     """The KV cache and compute reservations (what llama.cpp allocates, when measured; else the estimates, compute
     sized for the run's top-k), the always-resident weights, and the totals of the streamable dense weights and of
     the routed experts."""
     if measured is not None:
-        kv, compute, source = int(_get(measured, "kv_bytes", 0)), int(_get(measured, "compute_bytes", 0)), "measured"
+        kv, compute, source = int(measured.kv_bytes), int(measured.compute_bytes), "measured"
     else:
         kv = kv_cache_bytes(table, req.ctx)
         compute = compute_bytes(table, req.ctx, req.ubatch, model.topk if model.is_moe else None)
@@ -577,7 +519,7 @@ class _Experts:
         return over.fixed + (0 if self.banked else over.routed)
 
 
-def _experts(model: _ModelFacts, req: _Request, over: _Overheads, budget: int, warnings: list[str]) -> _Experts:
+def _experts(model: _ModelFacts, req: PlanRequest, over: _Overheads, budget: int, warnings: list[str]) -> _Experts:
     """The MoE mode and the minimum banks. auto = stock when every weight fits (and no slot bank is asked for),
     else slot-bank. A mode that keeps every expert resident refuses a slot bank and a budget it does not fit;
     a banked mode refuses a slot bank below top-k and warns when it exceeds the expert count."""
@@ -608,11 +550,89 @@ def _experts(model: _ModelFacts, req: _Request, over: _Overheads, budget: int, w
                     min_bank_bytes=model.bank_bytes(min_slots) if banked else 0)
 
 
-def _minimum_budget(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, staging: int,
-                    budget: int) -> int:
+def _check_options(req: PlanRequest, model: _ModelFacts, experts: _Experts, rpc: RPCPlan | None) -> None:
+    """The option rules that need the model or the resolved mode (rules on the settings alone are RunConfig
+    validators; MoE options on a dense model are refused by _analyse_model). Each is one line naming the option."""
+    if not model.is_moe:
+        return
+    mode = experts.mode
+    if not modes.reads_sidecar(mode) and req.bank_options:  # stock, resident, or auto resolved to stock
+        given = list(req.bank_options)
+        raise FlashflexError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to runs with expert "
+                             f"banks (resident-bank, slot-bank, oracle modes), and this run is {mode}",
+                             "add --moe-mode slot-bank (on a MoE model with a sidecar) or drop "
+                             + ("it" if len(given) == 1 else "them"))
+    if req.shared_only and mode != modes.SLOT_BANK:
+        raise FlashflexError("--moe-shared-only is a slot-bank diagnostic", "add --moe-mode slot-bank (and a sidecar)")
+    if req.moe_prefetch != "none" and mode != modes.SLOT_BANK:
+        raise FlashflexError(f"--moe-prefetch {req.moe_prefetch} applies to slot-bank runs, not {mode}",
+                             "use --moe-mode slot-bank (the oracle modes bring their own prefetch)")
+    if req.records_trace and mode != modes.SLOT_BANK:
+        raise FlashflexError(f"--moe-trace records slot-bank runs; {mode} routes nothing through banks",
+                             "use --moe-mode slot-bank")
+    if rpc is not None and modes.reads_sidecar(mode) and not rpc.experts_here:
+        raise FlashflexError(f"the layers left here need --moe-mode {mode}, and with --rpc expert banks hold every "
+                             "layer's experts only when asked for",
+                             f"add --moe-mode {mode} (every layer's experts then stay here, in banks), or raise "
+                             "--budget")
+
+
+# The verification rows may cost at most this share of the bytes a token streams without drafting: where drafts
+# fail everywhere, adaptive lengths fall to 0 and what is left is the memory the rows took from the resident
+# weights (each token then reads that much more) and the rare probes (about 1%, tests/test_speculative_unit.py).
+FAILING_DRAFT_SHARE = 0.04
+
+
+def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _Overheads,
+               extras: list[tuple[str, int]]) -> DraftPlan | None:
+    """What drafting reserves: the draft model (weights, KV cache, compute) and one logits row per drafted token.
+    Unless the length was given, it is capped so that the rows cost at most FAILING_DRAFT_SHARE of the bytes a
+    token streams without drafting (the plan at this budget without the reservation; nothing to cap when that
+    streams nothing or is refused). Refused when drafting alone needs the whole budget."""
+    if req.draft is None:
+        return None
+    d = req.draft
+    length, note = d.max_tokens, None
+    if not d.length_fixed and d.row_bytes > 0:
+        streamed = _streamed_without_draft(table, req, model, over, extras)
+        allowed = int(FAILING_DRAFT_SHARE * streamed // d.row_bytes) if streamed > 0 else length
+        if allowed < length:
+            length = max(1, allowed)
+            why = (f"each drafted token keeps a {format_size(d.row_bytes)} logits row, taken off the resident "
+                   f"weights, and a token streams {format_size(streamed)} without drafting")
+            note = (f"drafting 1 token per verification costs more than {FAILING_DRAFT_SHARE:.0%} of the reads where "
+                    f"drafts fail ({why}); give --draft-max to choose the length yourself") if allowed < 1 else (
+                    f"up to {length} drafted tokens per verification (not {d.max_tokens}), so text where drafts fail "
+                    f"costs at most {FAILING_DRAFT_SHARE:.0%} more reads ({why}); --draft-max overrides")
+    reserved = d.model_bytes + length * d.row_bytes
+    total = req.budget_bytes - _total(extras)
+    if reserved >= total:
+        raise FlashflexError(f"drafting needs {format_size(reserved)} resident ({d.kind}{': ' + d.name if d.name else ''}"
+                             f": weights, KV cache, compute, verification logits), more than the budget of "
+                             f"{format_size(total)}", "raise --budget, use a smaller draft model, or --draft "
+                             "prompt-lookup")
+    return DraftPlan(kind=d.kind, max_tokens=length, capped_from=d.max_tokens if length < d.max_tokens else None,
+                     row_bytes=d.row_bytes, logits_bytes=length * d.row_bytes, model_bytes=d.model_bytes,
+                     reserved_bytes=reserved, note=note)
+
+
+def _streamed_without_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _Overheads,
+                            extras: list[tuple[str, int]]) -> int:
+    """Bytes a token streams under this budget with nothing reserved for drafting (0 when that is refused)."""
+    try:
+        experts = _experts(model, req, over, req.budget_bytes - _total(extras), [])
+        d = _decide(table, model, req, over, experts, extras, [])
+    except FlashflexError:
+        return 0
+    return _estimates(model, experts, d.slots, d.placed.dense_streamed, req.bandwidth).streamed_bytes_per_token
+
+
+def _minimum_budget(model: _ModelFacts, req: PlanRequest, over: _Overheads, experts: _Experts, staging: int,
+                    budget: int, extras: list[tuple[str, int]]) -> int:
     """The smallest budget that runs: the fixed weights, the minimum banks, and the cheaper of every dense layer
     weight resident or everything streamed through the prefetch buffers (for auto on a MoE model, the cheaper
-    of stock and slot-bank at top-k). A budget below it is refused, naming each part."""
+    of stock and slot-bank at top-k), plus the `extras` reserved beside the model (drafting, this process).
+    `budget` is what the extras leave for the model. A budget below the minimum is refused, naming each part."""
     fixed = experts.fixed_weights(over)
     n_buf0, buf0, ring0 = _buffers(model.layers, 0, req.effective_window, req.threads)
     stream_all = _prefetch_cost(ring0, staging)
@@ -632,12 +652,14 @@ def _minimum_budget(model: _ModelFacts, req: _Request, over: _Overheads, experts
         if experts.banked:
             parts.append(f"{experts.min_slots} expert slots x {len(model.moe_layers)} layers "
                          f"{format_size(experts.min_bank_bytes)}")
+        parts += [f"{what} {format_size(n)}" for what, n in extras]
+        whole = minimum + _total(extras)
         raise FlashflexError(
-            f"budget {format_size(budget)} is below the {format_size(minimum, round_up=True)} minimum for "
-            f"{model.name} ({' + '.join(parts)})",
-            f"give --budget {format_size(minimum, round_up=True).replace(' ', '')} or more, or lower --ctx, "
+            f"budget {format_size(budget + _total(extras))} is below the {format_size(whole, round_up=True)} "
+            f"minimum for {model.name} ({' + '.join(parts)})",
+            f"give --budget {format_size(whole, round_up=True).replace(' ', '')} or more, or lower --ctx, "
             "--ubatch or --prefetch-window")
-    return minimum
+    return minimum + _total(extras)
 
 
 @dataclass(frozen=True)
@@ -683,7 +705,7 @@ def _spend_leftover(layers: list[_Layer], quota: int, leftover: int) -> tuple[tu
     return tuple(sorted(raised.items()))
 
 
-def _split_dense(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, staging: int,
+def _split_dense(model: _ModelFacts, req: PlanRequest, over: _Overheads, experts: _Experts, staging: int,
                  budget: int) -> _Dense:
     """Dense layer weights: all resident when they fit beside the fixed weights and the minimum banks, else
     water-filled to a per-layer quota that also pays for the prefetch buffers the rest needs (_dense_fill)."""
@@ -697,7 +719,7 @@ def _split_dense(model: _ModelFacts, req: _Request, over: _Overheads, experts: _
                   raised=raised)
 
 
-def _bank_slots(model: _ModelFacts, req: _Request, over: _Overheads, experts: _Experts, dense: _Dense,
+def _bank_slots(model: _ModelFacts, req: PlanRequest, over: _Overheads, experts: _Experts, dense: _Dense,
                 warnings: list[str]) -> int:
     """Slots per MoE layer: the minimum, grown evenly by whatever is left once every dense weight is resident
     (unless a slot bank was asked for), up to the expert count. Warns when a bank is within BANK_WARN_FACTOR x
@@ -780,7 +802,7 @@ def _place_tensors(table: ModelTable, model: _ModelFacts, experts: _Experts, den
     return _Placements(decision, layer_plans, dense_streamed, dense_kept, unaligned)
 
 
-def _direct_io(req: _Request, model: _ModelFacts, unaligned: int, warnings: list[str]) -> bool:
+def _direct_io(req: PlanRequest, model: _ModelFacts, unaligned: int, warnings: list[str]) -> bool:
     """Whether streamed reads use O_DIRECT: off as asked; auto = on unless a streamed tensor is unaligned (with a
     warning); on = on, unaligned tensors read through the page cache (a warning); strict refuses unaligned
     streamed tensors."""
@@ -798,6 +820,51 @@ def _direct_io(req: _Request, model: _ModelFacts, unaligned: int, warnings: list
     if unaligned:
         warnings.append(f"{unaligned} unaligned streamed tensors are read through the page cache")
     return True
+
+
+@dataclass(frozen=True)
+class _Decisions:
+    """What the budget left for the model decides: the minimum, the dense split, the banks, each tensor's place."""
+
+    minimum: int
+    dense: _Dense
+    slots: int
+    placed: _Placements
+    direct_io: bool
+
+
+def _decide(table: ModelTable, model: _ModelFacts, req: PlanRequest, over: _Overheads, experts: _Experts,
+            extras: list[tuple[str, int]], warnings: list[str]) -> _Decisions:
+    """The budget stages, with what `extras` leave of the budget for the model."""
+    budget = req.budget_bytes - _total(extras)
+    staging = _staging_bytes(model.layers, req.threads or 0)
+    minimum = _minimum_budget(model, req, over, experts, staging, budget, extras)
+    dense = _split_dense(model, req, over, experts, staging, budget)
+    slots = _bank_slots(model, req, over, experts, dense, warnings)
+    placed = _place_tensors(table, model, experts, dense, slots)
+    return _Decisions(minimum, dense, slots, placed, _direct_io(req, model, placed.unaligned, warnings))
+
+
+def _moe_runtime(req: PlanRequest, model: _ModelFacts, experts: _Experts, slots: int,
+                 replay_distinct: int | None) -> dict[str, Any]:
+    """What the MoE runtime allocates and does, as MoEPlan fields: where experts come from (the GGUF or the
+    sidecar), banked or all resident, which trace replay; the slots it allocates per layer (0 = every expert,
+    from the sidecar; oracle-all-hit: every expert the trace uses, whatever the budget: the hit path's ceiling),
+    preload, the prefetch policy and router-lookahead's ranks (a quarter of top-k by default)."""
+    mode = experts.mode
+    sidecar = modes.reads_sidecar(mode)
+    replay = modes.replay_of(mode)
+    if mode == modes.RESIDENT_BANK:
+        runtime = 0
+    elif replay == modes.REPLAY_ALL_HIT:
+        runtime = min(model.max_expert, max(model.topk, replay_distinct or 0))
+    else:
+        runtime = min(slots, model.max_expert) if experts.banked else None
+    prefetch = "oracle" if replay == modes.REPLAY_PREFETCH else req.moe_prefetch if sidecar else "none"
+    ranks = min(model.topk, req.prefetch_ranks or (model.topk + 3) // 4) if prefetch == ROUTER_LOOKAHEAD else None
+    return dict(experts=modes.SIDECAR if sidecar else modes.GGUF, banked=experts.banked, replay=replay,
+                runtime_slots=runtime if sidecar else None, preload=replay == modes.REPLAY_ALL_HIT, prefetch=prefetch,
+                prefetch_ranks=ranks, io_threads=req.io_threads, verify=req.verify, shared_only=req.shared_only)
 
 
 def _estimates(model: _ModelFacts, experts: _Experts, slots: int, dense_streamed: int, bandwidth: int) -> Estimates:
@@ -824,100 +891,56 @@ def _estimates(model: _ModelFacts, experts: _Experts, slots: int, dense_streamed
     )
 
 
-def _assemble(table: ModelTable, budget: int, *, req: _Request, model: _ModelFacts, over: _Overheads,
-              experts: _Experts, minimum: int, dense: _Dense, slots: int, placed: _Placements, direct_io: bool,
+def _assemble(table: ModelTable, budget: int, *, req: PlanRequest, model: _ModelFacts, over: _Overheads,
+              experts: _Experts, extras: list[tuple[str, int]], d: _Decisions, moe: dict[str, Any],
               warnings: list[str]) -> Plan:
     """The Plan: the stages' decisions with their totals (resident, reserved, used) and the estimates."""
     arch = table.arch
-    estimates = _estimates(model, experts, slots, placed.dense_streamed, req.bandwidth)
-    banks = model.bank_bytes(slots) if experts.banked else over.routed
-    resident_weights = over.non_layer + over.pinned + placed.dense_kept + banks
-    reserved = over.kv + over.compute + over.load + dense.prefetch_bytes
+    estimates = _estimates(model, experts, d.slots, d.placed.dense_streamed, req.bandwidth)
+    banks = model.bank_bytes(d.slots) if experts.banked else over.routed
+    resident_weights = over.non_layer + over.pinned + d.placed.dense_kept + banks
+    reserved = over.kv + over.compute + over.load + d.dense.prefetch_bytes + _total(extras)
     file_index = {str(f): i for i, f in enumerate(table.files)}
+    extra = dict(extras)
     return Plan(
         files=[str(f) for f in table.files],
         arch=arch.arch,
         kind="moe" if model.is_moe else "dense",
         n_layer=arch.n_layer,
         budget_bytes=budget,
-        minimum_budget_bytes=minimum,
+        minimum_budget_bytes=d.minimum,
         ctx=req.ctx,
         ubatch=req.ubatch,
         fits_entirely=estimates.streamed_bytes_per_token == 0 and (not experts.banked or all(
-            min(slots, layer.n_expert) >= layer.n_expert for layer in model.moe_layers)),
-        layer_quota_bytes=dense.quota,
+            min(d.slots, layer.n_expert) >= layer.n_expert for layer in model.moe_layers)),
+        layer_quota_bytes=d.dense.quota,
         model_bytes=table.total_bytes,
         resident_bytes=resident_weights,
         reserved_bytes=reserved,
         used_bytes=resident_weights + reserved,
         reservations=Reservations(kv_cache_bytes=over.kv, compute_bytes=over.compute,
-                                  prefetch_buffer_bytes=dense.prefetch_bytes, load_staging_bytes=over.load,
+                                  prefetch_buffer_bytes=d.dense.prefetch_bytes, load_staging_bytes=over.load,
+                                  draft_bytes=extra.get("drafting", 0), process_bytes=extra.get("this process", 0),
                                   source=over.source),
         prefetch=PrefetchPlan(threads=req.threads, threads_reason=req.threads_reason,
                               window=req.window if req.window is not None else "auto",
-                              buffers=dense.buffers, buffer_bytes=dense.buffer_bytes, ring_bytes=dense.ring_bytes,
-                              staging_bytes=dense.staging if dense.buffers else 0,
-                              direct_io_requested=req.direct_io, direct_io=direct_io,
-                              unaligned_tensors=placed.unaligned),
+                              buffers=d.dense.buffers, buffer_bytes=d.dense.buffer_bytes,
+                              ring_bytes=d.dense.ring_bytes, staging_bytes=d.dense.staging if d.dense.buffers else 0,
+                              direct_io_requested=req.direct_io, direct_io=d.direct_io,
+                              unaligned_tensors=d.placed.unaligned),
         moe=None if not model.is_moe else MoEPlan(
             requested_mode=req.mode, mode=experts.mode, n_expert=model.max_expert,
             n_expert_used=model.n_expert_used, topk=model.topk, topk_lossy=model.topk < model.n_expert_used,
-            slot_bank=min(slots, max((lay.n_expert for lay in model.moe_layers), default=slots))
+            slot_bank=min(d.slots, max((lay.n_expert for lay in model.moe_layers), default=d.slots))
             if experts.banked else None,
-            bank_bytes=banks, moe_layers=len(model.moe_layers)),
+            bank_bytes=banks, moe_layers=len(model.moe_layers), **moe),
         estimates=estimates,
-        layers=placed.layers,
+        layers=d.placed.layers,
         tensors=[
             TensorDecision(name=t.name, layer=t.layer, role=t.role.value, n_bytes=t.n_bytes,
                            file=file_index.get(str(t.file), 0), offset=t.offset,
-                           placement=placed.decision[t.name][0], reason=placed.decision[t.name][1])
+                           placement=d.placed.decision[t.name][0], reason=d.placed.decision[t.name][1])
             for t in table.tensors
         ],
         warnings=warnings,
     )
-
-
-def plan_for_run(table: ModelTable, config: Any, *, available: int | None = None, workers: list[Any] | None = None,
-                 read_bandwidth: int | str | None = None, overheads: Any = None,
-                 read_probe: dict[int, float] | None = None) -> Plan:
-    """make_plan with the settings of a RunConfig (and the overheads measured for them, and the device's read
-    probe for -tp auto, when given). Not pure when the budget is `auto` (reads free memory).
-
-    `workers` (orchestrator.rpc.Worker, checked by the caller): the model's last layers go to them
-    (planner.placement) and the budget plans what stays here."""
-    ctx, ubatch = config.context.ctx, config.context.ubatch
-    rpc_plan, rpc_warnings, local = None, [], table
-    if workers:
-        from orchestrator.planner.placement import devices_of, local_table, place_layers
-
-        layers = getattr(getattr(config, "rpc", None), "layers", None)
-        moe_mode = str(getattr(getattr(config, "moe", None), "mode", "auto"))
-        experts_here = (moe_mode in ("resident-bank", "slot-bank", "oracle-all-hit", "oracle-prefetch")
-                        and any(t.role is Role.EXPERT_ROUTED for t in table.tensors))
-        routers_here = experts_here and str(getattr(getattr(config, "moe", None), "prefetch", "")) == \
-            "router-lookahead"
-        gpu_layers = getattr(getattr(config, "gpu", None), "layers", None)
-        if gpu_layers is not None:  # llama.cpp's -ngl: 99 means all
-            layers = min(gpu_layers, table.arch.n_layer)
-        rpc_plan, rpc_warnings = place_layers(table, devices_of(workers), ctx=ctx, ubatch=ubatch, layers=layers,
-                                              experts_here=experts_here, routers_here=routers_here)
-        local = local_table(table, rpc_plan.local_layers, experts_here, routers_here)
-    plan = make_plan(
-        local,
-        config.budget.resolve_bytes(available),
-        ctx=ctx,
-        ubatch=ubatch,
-        prefetch=config.prefetch,
-        moe=config.moe,
-        read_bandwidth=read_bandwidth,
-        overheads=overheads,
-        read_probe=read_probe,
-        load_staging_bytes=rpc_plan.load_staging_bytes if rpc_plan is not None else 0,
-    )
-    if rpc_plan is not None:
-        plan.rpc = rpc_plan
-        plan.n_layer = table.arch.n_layer
-        plan.model_bytes = table.total_bytes
-        plan.warnings = rpc_warnings + plan.warnings
-    return plan
-

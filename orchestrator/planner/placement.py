@@ -35,6 +35,7 @@ from typing import Any
 
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
+from orchestrator.planner.buffers import compute_bytes
 from orchestrator.planner.schema import RPCDevicePlan, RPCPlan
 from orchestrator.sizes import format_size
 
@@ -171,7 +172,6 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
     `experts_here`: the routed experts of every layer stay on this host (in slot banks); the workers get the rest
     of their layers (attention, norms, router, shared experts). `routers_here`: the routers stay here as well
     (router-lookahead prefetch reads them here)."""
-    from orchestrator.planner.make import compute_bytes
 
     name = table.files[0].name if table.files else table.arch.arch
     n_layer = table.arch.n_layer

@@ -7,8 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.modelfile.table import Role
-from orchestrator.modes import MoEMode, PlannedMoEMode
+from orchestrator.modes import ExpertSource, MoEMode, MoEPrefetch, PlannedMoEMode, Replay
 from orchestrator.sizes import MiB
 
 SCHEMA_VERSION = 1
@@ -19,9 +18,6 @@ BANK_WARN_FACTOR = 1.25
 DEFAULT_READ_BANDWIDTH = 1_100_000_000  # 1.1 GB/s
 DEFAULT_N_VOCAB = 32000
 
-_ATTENTION_RANK = {Role.ATTN_K: 0, Role.ATTN_V: 1, Role.ATTN_Q: 2, Role.ATTN_QKV: 3, Role.ATTN_O: 4, Role.OTHER: 5}
-_FFN_ROLES = frozenset({Role.FFN_DENSE, Role.EXPERT_SHARED})
-_SUBSET_SUM_LIMIT = 14  # layers with more streamable tensors use approximate breakpoints (still safe)
 
 Placement = Literal["resident", "streamed", "bank"]
 Regime = Literal["all", "attention", "mixed", "ffn", "none"]
@@ -98,6 +94,10 @@ class Reservations(_Model):
                                     "another device (an RPC worker, a GPU) whole into a host buffer: what the "
                                     "largest needs beyond the KV cache and compute buffers, allocated after the "
                                     "load.")
+    draft_bytes: int = Field(default=0, description="Speculative decoding beside the model: a draft model's weights, "
+                             "KV cache and compute, and one logits row per drafted token (DraftPlan).")
+    process_bytes: int = Field(default=0, description="The process around the model (a benchmark worker's "
+                               "interpreter and libraries), when the budget is a whole cgroup.")
     source: Literal["measured", "estimated"] = Field(
         default="estimated", description="measured = KV and compute are what llama.cpp allocates for these settings "
         "(orchestrator.overheads); estimated = the planner's formulas.")
@@ -116,6 +116,37 @@ class MoEPlan(_Model):
                                   "experts are resident.")
     bank_bytes: int = Field(description="Total bytes of all banks (or of all routed experts when resident).")
     moe_layers: int = Field(description="Layers with routed experts.")
+    # What the runtime allocates and does: the axes the C API takes (`mode` above is their label)
+    experts: ExpertSource = Field(default="gguf", description="Where routed experts are read from: gguf = llama.cpp "
+                                  "loads them with the model; sidecar = flashflex's runtime reads them.")
+    banked: bool = Field(default=False, description="Routed experts live in per-layer slot banks (misses read on "
+                         "demand); false = every expert resident.")
+    replay: Replay = Field(default="none", description="A recorded routing trace replayed: all-hit = every expert it "
+                           "uses pre-installed; prefetch = perfect one-step look-ahead; none.")
+    runtime_slots: int | None = Field(default=None, description="Slots per MoE layer the runtime allocates (before its "
+                                      "zero slot): 0 = every expert, read from the sidecar at load; oracle-all-hit: "
+                                      "every expert the trace uses, whatever the budget. null = no sidecar.")
+    preload: bool = Field(default=False, description="Install the replayed trace's experts at load (all-hit).")
+    prefetch: MoEPrefetch = Field(default="none", description="Expert read-ahead: router-lookahead, oracle (a "
+                                  "replayed trace's next call), none.")
+    prefetch_ranks: int | None = Field(default=None, description="router-lookahead: each token's top this-many "
+                                       "predicted experts are read ahead.")
+    io_threads: int = Field(default=4, description="Parallel readers of bank misses.")
+    verify: bool = Field(default=False, description="Check every expert read against its checksum.")
+    shared_only: bool = Field(default=False, description="Diagnostic: routed experts contribute nothing (lossy).")
+
+
+class DraftPlan(_Model):
+    """Speculative decoding's share of the budget."""
+
+    kind: str = Field(description="prompt-lookup or model.")
+    max_tokens: int = Field(description="Drafted tokens per verification at most.")
+    capped_from: int | None = Field(default=None, description="The length asked for, when the budget capped it.")
+    row_bytes: int = Field(description="One logits row (4 bytes per vocabulary entry).")
+    logits_bytes: int = Field(description="max_tokens rows: what a verification batch adds.")
+    model_bytes: int = Field(default=0, description="A draft model's weights, KV cache and compute buffers.")
+    reserved_bytes: int = Field(description="logits_bytes + model_bytes (Reservations.draft_bytes).")
+    note: str | None = Field(default=None, description="Why the length was capped, when it was.")
 
 
 class Estimates(_Model):
@@ -196,6 +227,8 @@ class Plan(_Model):
     layers: list[LayerPlan]
     tensors: list[TensorDecision]
     warnings: list[str] = Field(default_factory=list, description="Things the user should know.")
+    draft: DraftPlan | None = Field(default=None, description="Speculative decoding's reservation; null without "
+                                    "drafting.")
     rpc: RPCPlan | None = Field(default=None, description="Layers placed on RPC workers; null = this host runs every "
                                 "layer. With it, the rest of the plan (layers, tensors, reservations) is this host's "
                                 "part: layers 0 .. rpc.local_layers - 1 and the input embedding.")

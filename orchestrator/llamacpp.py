@@ -1,0 +1,92 @@
+"""The seam with llama-cpp-python: what flashflex sets on llama_cpp beyond `Llama(...)`'s own arguments.
+
+Every reach into llama-cpp-python's internals that is not a public `Llama` argument lives here, so a version bump of
+llama-cpp-python is checked in one file: the model-parameter defaults swapped during a load (`model_params`), and
+llama.cpp's own stderr kept off the terminal (`quiet_native_stderr`). The server's seam (its private model proxy)
+is named in orchestrator.server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import sys
+from typing import Iterator
+
+from orchestrator import native
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@contextlib.contextmanager
+def quiet_native_stderr(enabled: bool = True) -> Iterator[None]:
+    """llama.cpp logs to fd 2 from C; keep it off the terminal unless FLASHFLEX_DEBUG is set."""
+    if not enabled or os.environ.get("FLASHFLEX_DEBUG"):
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _BuftOverride(ctypes.Structure):
+    """struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }"""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@contextlib.contextmanager
+def model_params(repack: bool = True, devices: list[int] | None = None, cpu_tensors: list[str] | None = None,
+                 no_alloc: bool = False) -> Iterator[None]:
+    """Model parameters llama_cpp.Llama does not expose, set on the defaults it starts from during the load:
+    `repack=False` turns the CPU backend's repacked weight layout off (llama_model_params.use_extra_bufts = false:
+    the one stock mode whose weights stay in the page cache (mmap) instead of anonymous memory, the below-RAM
+    baseline of benchmarks); `devices` (ggml_backend_dev_t handles, native.device_handle) is the model's device
+    list (llama_model_params.devices; [] = the CPU only), in the order its layers are split across them;
+    `cpu_tensors` (regular expressions) are kept in the CPU buffer type whatever their layer's device
+    (llama_model_params.tensor_buft_overrides: llama.cpp's --cpu-moe); `no_alloc` sizes every buffer without
+    allocating any (llama_model_params.no_alloc: what orchestrator.overheads measures)."""
+    if repack and devices is None and not cpu_tensors and not no_alloc:
+        yield
+        return
+    import llama_cpp.llama as high
+
+    original = high.llama_cpp.llama_model_default_params
+    handles = None
+    if devices is not None:  # NULL-terminated; alive until the load has copied it
+        handles = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    overrides = None
+    if cpu_tensors:
+        cpu = native.cpu_buffer_type()
+        overrides = (_BuftOverride * (len(cpu_tensors) + 1))(
+            *[_BuftOverride(p.encode(), cpu) for p in cpu_tensors], _BuftOverride(None, None))
+
+    def params():
+        p = original()
+        if not repack:
+            p.use_extra_bufts = False
+        if no_alloc:
+            p.no_alloc = True
+        if handles is not None:
+            p.devices = ctypes.cast(handles, ctypes.c_void_p)
+        if overrides is not None:
+            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        return p
+
+    high.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        high.llama_cpp.llama_model_default_params = original

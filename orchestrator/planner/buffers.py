@@ -1,0 +1,42 @@
+"""What llama.cpp allocates beside the weights, estimated from the tensor table: the KV cache and the compute
+buffers (the planner's formulas; orchestrator.overheads measures the real ones when it can)."""
+
+from __future__ import annotations
+
+from orchestrator.modelfile.table import ModelTable, Role
+from orchestrator.planner.schema import COMPUTE_FIXED_BYTES, DEFAULT_N_VOCAB
+
+
+def n_vocab(table: ModelTable) -> int:
+    """The vocabulary size: the output (or token embedding) matrix's second dimension."""
+    for role in (Role.OUTPUT, Role.TOKEN_EMBD):
+        for t in table.tensors:
+            if t.role is role and len(t.shape) >= 2:
+                return int(t.shape[1])
+    return DEFAULT_N_VOCAB
+
+
+def _ffn_width(table: ModelTable, topk: int) -> int:
+    a = table.arch
+    dense = [d for t in table.tensors if t.role is Role.FFN_DENSE for d in t.shape[:2] if d != a.n_embd]
+    shared = [d for t in table.tensors if t.role is Role.EXPERT_SHARED for d in t.shape[:2] if d != a.n_embd]
+    width = max(dense, default=0)
+    if a.is_moe:
+        expert = a.expert_ffn or max((d for t in table.tensors if t.role is Role.EXPERT_ROUTED
+                                      for d in t.shape[:2] if d != a.n_embd), default=0)
+        width = max(width, expert * topk + (a.shared_expert_ffn or max(shared, default=0)))
+    return width or 4 * a.n_embd
+
+
+def kv_cache_bytes(table: ModelTable, ctx: int) -> int:
+    """f16 K and V for all layers and the whole context."""
+    a = table.arch
+    return a.n_layer * ctx * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * 2
+
+
+def compute_bytes(table: ModelTable, ctx: int, ubatch: int, topk: int | None = None) -> int:
+    """Upper estimate of llama.cpp's compute buffers for one ubatch (see the planner package docstring)."""
+    a = table.arch
+    k = topk if topk is not None else max(a.n_expert_used, 1)
+    per_token = n_vocab(table) + 6 * a.n_embd + 3 * _ffn_width(table, k) + a.n_head * ctx
+    return 4 * ubatch * per_token + COMPUTE_FIXED_BYTES

@@ -1,0 +1,112 @@
+"""Open a model through llama_cpp as a RuntimeSpec says: the devices and RPC workers its layers go to, flashflex's
+runtime attached when the spec streams or banks anything (the spec handed to the library as one configuration,
+named by a GGUF key override), the stock path otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator import native
+from orchestrator.errors import FlashflexError
+from orchestrator.llamacpp import model_params, quiet_native_stderr
+from orchestrator.planner import RPCPlan
+from orchestrator.run.settings import GenerationSettings
+from orchestrator.run.spec import RuntimeSpec
+
+
+def _placement(rpc: RPCPlan | None, timeout: float) -> tuple[list[int] | None, dict[str, Any]]:
+    """(device handles, Llama keyword arguments) for a model split across devices (an RPCPlan): each worker is
+    checked (when this process does not use it yet) and registered, and the layer split is llama.cpp's
+    n_gpu_layers / tensor_split. Without one: the device list this process would give llama.cpp by default, minus
+    RPC workers registered for other models (None = leave it to llama.cpp)."""
+    if rpc is None:
+        local = native.local_accelerators() if native.rpc_registered() else None
+        return ([native.device_handle(i) for i in local] if local is not None else None), {}
+    from orchestrator import rpc as rpc_mod
+
+    remote = [d.endpoint for d in rpc.devices if d.endpoint != rpc_mod.LOCAL]
+    index = rpc_mod.connect_workers(list(dict.fromkeys(remote)), timeout)
+    handles = []
+    for d in rpc.devices:
+        if d.endpoint == rpc_mod.LOCAL:  # this host's GPU: its index is the library's
+            handles.append(native.device_handle(d.device))
+            continue
+        mine = index[d.endpoint]
+        if d.device >= len(mine):
+            raise FlashflexError(f"RPC worker {d.endpoint} serves {len(mine)} device(s), and the plan uses its device "
+                                 f"{d.device}", "re-plan: the worker changed since the plan was made")
+        handles.append(native.device_handle(mine[d.device]))
+    return handles, {"n_gpu_layers": rpc.n_gpu_layers, "tensor_split": list(rpc.tensor_split)}
+
+
+def begin_trace(spec: RuntimeSpec) -> None:
+    """Before the load: the header of the routing trace the run records, at TRACE.partial (the runtime appends)."""
+    if spec.banks is not None and spec.banks.trace is not None:
+        from orchestrator import traces
+
+        traces.begin_recording(spec.banks.trace, traces.TraceHeader.model_validate(spec.banks.trace_header))
+
+
+def finish_trace(spec: RuntimeSpec, ok: bool) -> None:
+    """After the model is closed (the runtime has flushed every record): publish the trace, or discard it."""
+    if spec.banks is not None and spec.banks.trace is not None:
+        from orchestrator import traces
+
+        traces.finish_recording(spec.banks.trace, ok)
+
+
+def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_all: bool = False,
+               repack: bool = True, **llama_kwargs: Any):
+    """A `llama_cpp.Llama` for `settings.model` as `spec` says (None: stock, as llama-cpp-python opens it).
+    `repack=False` turns the CPU backend's repacked weight layout off (a stock baseline of benchmarks). A trace the
+    spec records is begun here; the caller finishes it after closing the model (finish_trace)."""
+    native.llama_cpp_module()  # one clear line if llama_cpp is missing
+    from llama_cpp import Llama
+
+    spec = spec or RuntimeSpec(model=str(settings.model))
+    devices, placement_kwargs = _placement(spec.placement, spec.rpc_timeout_s)
+    cpu_tensors = list(spec.placement.cpu_tensors) if spec.placement is not None else []
+    kwargs: dict[str, Any] = {**placement_kwargs}
+    if spec.kv_overrides:
+        kwargs["kv_overrides"] = dict(spec.kv_overrides)
+    if spec.use_mmap is not None:
+        kwargs["use_mmap"] = spec.use_mmap
+    kwargs.update(llama_kwargs)
+    config = None
+    if spec.native:
+        begin_trace(spec)
+        try:
+            config = native.RuntimeConfig.from_spec(spec)
+        except BaseException:
+            finish_trace(spec, False)
+            raise
+        kwargs["kv_overrides"] = {**kwargs.get("kv_overrides", {}), "flashflex.config": config.id}
+    try:
+        with quiet_native_stderr(), model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors):
+            llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
+                        n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
+                        seed=settings.seed, logits_all=logits_all, verbose=False, **kwargs)
+    except ValueError as exc:  # llama_cpp raises ValueError when llama.cpp cannot load the file
+        finish_trace(spec, False)
+        reason = native.last_error() if config is not None else ""
+        if reason:
+            fix = ("check the sidecar (flashflex sidecar verify) or re-extract it"
+                   if spec.banks is not None and spec.stream is None
+                   else "re-plan the model (flashflex plan) and check the file")
+            raise FlashflexError(f"could not load {settings.model}: {reason}", fix) from exc
+        raise FlashflexError(f"llama.cpp could not load {settings.model} ({exc})",
+                             "check that the file is a complete GGUF of an architecture this llama.cpp supports "
+                             "(FLASHFLEX_DEBUG=1 shows llama.cpp's log)") from exc
+    finally:
+        if config is not None:
+            config.free()
+    # stock models too, so SIGINT stops a decode; with no model the callback only reads the interrupt flag
+    # (one relaxed atomic load per graph node: stock stays stock)
+    if native.is_patched():
+        native.install_abort_callback(llm.ctx, llm.model if config is not None else None)
+    native.quiet_llama_log()  # Llama(verbose=False) still prints llama.cpp's errors before ours
+    if spec.placement is not None and spec.rpc_answer_timeout_s is not None:
+        from orchestrator import rpc as rpc_mod
+
+        rpc_mod.limit_answer_time([d.endpoint for d in spec.placement.devices], spec.rpc_answer_timeout_s)
+    return llm

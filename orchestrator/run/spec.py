@@ -1,0 +1,172 @@
+"""RuntimeSpec: everything flashflex's native runtime and the model load are told about a run, typed, versioned and
+JSON-serialisable whole (what `flashflex run --dry-run --json` prints). The one contract between Python and C++:
+`RuntimeSpec.from_plan` makes it from a Plan and the run's inputs (a pure function), orchestrator.run.loader opens a
+model with it, and only native.RuntimeConfig.from_spec knows the C API's option names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator import modes
+from orchestrator.modes import MoEPrefetch, Replay
+from orchestrator.planner import Plan, RPCPlan
+
+if TYPE_CHECKING:
+    from orchestrator.run.inputs import RunInputs
+
+SPEC_VERSION = 1
+
+DirectIO = Literal["off", "on", "strict"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamedTensor(_Spec):
+    """A dense tensor read from `file` (an index into RuntimeSpec.files) at `offset` ahead of every use."""
+
+    name: str
+    file: int
+    offset: int
+    bytes: int
+
+
+class StreamSpec(_Spec):
+    """Dense streaming: `tensors` read ahead by `prefetch_threads` into a ring of `ring_bytes` (fixed homes in the
+    order compute uses them); `window` is the plan's layer count."""
+
+    tensors: list[StreamedTensor]
+    prefetch_threads: int
+    window: int
+    ring_bytes: int
+
+
+class BankedTensor(_Spec):
+    """A routed-expert tensor held in slot banks: expert e is `bytes_per_expert` bytes at offset + e * expert_stride
+    of sidecar file `file` (an index into RuntimeSpec.files); `checksums` per expert (empty: nothing to verify)."""
+
+    name: str
+    file: int
+    offset: int
+    expert_stride: int
+    bytes_per_expert: int
+    checksums: list[int] = Field(default_factory=list)
+
+
+class BankSpec(_Spec):
+    """Expert banks: `slots` per MoE layer (0 = every expert resident, read from the sidecar at load), misses read by
+    `io_threads`; the prefetch policy, a replayed trace's `schedule`, and a trace recorded to `trace`."""
+
+    sidecar: str
+    tensors: list[BankedTensor]
+    slots: int
+    io_threads: int
+    shared_only: bool = False
+    preload: bool = False
+    verify: bool = False
+    prefetch: MoEPrefetch = "none"
+    prefetch_ranks: int | None = None
+    replay: Replay = "none"
+    schedule: list[int] | None = None
+    trace: str | None = None  # the trace this run records, published there when the run succeeds
+    trace_file: str | None = None  # where the runtime appends its records meanwhile (TRACE.partial)
+    trace_header: dict[str, Any] | None = None
+
+
+class RuntimeSpec(_Spec):
+    """How one model is loaded and run. With no `stream` and no `banks`, stock llama.cpp loads it (with the
+    `placement` and load options below, which stock runs share: exactness compares against `stock()`)."""
+
+    version: int = SPEC_VERSION
+    model: str
+    files: list[str] = Field(default_factory=list, description="Files the runtime reads: the model's, then the "
+                             "sidecar's layer files.")
+    direct_io: DirectIO = "on"
+    stream: StreamSpec | None = None
+    banks: BankSpec | None = None
+    placement: RPCPlan | None = None
+    rpc_timeout_s: float = 3.0  # each worker's check before the load
+    rpc_answer_timeout_s: float | None = 120.0  # each worker's answer during the run; None: no limit
+    use_mmap: bool | None = None  # None: llama.cpp's default
+    kv_overrides: dict[str, int] = Field(default_factory=dict)
+    lossy: list[str] = Field(default_factory=list, description="Why this run's output may differ from stock.")
+
+    @property
+    def native(self) -> bool:
+        """True when flashflex's runtime (not stock llama.cpp) loads part of the model."""
+        return self.stream is not None or self.banks is not None
+
+    @property
+    def mode(self) -> str:
+        """The execution label (modes.label)."""
+        return modes.label(self)
+
+    def stock(self) -> "RuntimeSpec":
+        """Stock llama.cpp with the same placement (the same devices and layer split): what exactness compares
+        against."""
+        return RuntimeSpec(model=self.model, placement=self.placement, rpc_timeout_s=self.rpc_timeout_s,
+                           rpc_answer_timeout_s=self.rpc_answer_timeout_s)
+
+    @classmethod
+    def from_plan(cls, plan: Plan | None, inputs: "RunInputs") -> "RuntimeSpec":
+        """The spec of a plan (None: stock, the model fits) and the run's inputs. Pure: reads nothing; refuses a
+        replayed trace recorded with other settings."""
+        cfg = inputs.config
+        spec = cls(model=str(inputs.model), rpc_timeout_s=cfg.rpc.timeout_s,
+                   rpc_answer_timeout_s=cfg.rpc.answer_timeout_s)
+        if plan is None:
+            spec.use_mmap = False if cfg.moe.mode == modes.RESIDENT else None
+            return spec
+        spec.placement = plan.rpc
+        streamed = [StreamedTensor(name=t.name, file=t.file, offset=t.offset, bytes=t.n_bytes)
+                    for t in plan.tensors if t.placement == "streamed"]
+        if streamed and not plan.fits_entirely:
+            spec.files = list(plan.files)
+            spec.stream = StreamSpec(tensors=streamed, prefetch_threads=plan.prefetch.threads,
+                                     window=plan.prefetch.buffers, ring_bytes=plan.prefetch.ring_bytes)
+            requested = plan.prefetch.direct_io_requested
+            spec.direct_io = "strict" if requested == "strict" else "on" if plan.prefetch.direct_io else "off"
+        if plan.moe is not None:
+            if plan.moe.topk_lossy:
+                spec.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk
+                spec.lossy.append(f"--moe-topk {plan.moe.topk} < the model's {plan.moe.n_expert_used} experts per "
+                                  "token")
+            if plan.moe.shared_only:
+                spec.lossy.append("--moe-shared-only drops every routed expert")
+            if plan.moe.experts == modes.SIDECAR:
+                spec.banks = _banks(plan, inputs, first_file=len(spec.files))
+                spec.files += [str(inputs.sidecar / layer.file) for layer in inputs.manifest.layers]
+                # sidecar slices are page-aligned: the setting as asked decides
+                spec.direct_io = {"off": "off", "strict": "strict"}.get(plan.prefetch.direct_io_requested, "on")
+        if spec.native or (plan.moe is not None and plan.moe.mode == modes.RESIDENT):
+            spec.use_mmap = False  # our runtime reads what it needs; resident = stock without mmap
+        return spec
+
+
+def _banks(plan: Plan, inputs: "RunInputs", first_file: int) -> BankSpec:
+    """The banks of a plan whose experts come from the sidecar: every routed tensor of the manifest (its file
+    numbered after the model's), and the trace the run replays or records."""
+    from orchestrator import traces
+
+    moe, manifest, cfg = plan.moe, inputs.manifest, inputs.config
+    assert moe is not None and manifest is not None and inputs.sidecar is not None
+    index = {layer.file: first_file + i for i, layer in enumerate(manifest.layers)}
+    tensors = [BankedTensor(name=t.name, file=index[t.file], offset=t.offset, expert_stride=t.expert_stride,
+                            bytes_per_expert=t.bytes_per_expert, checksums=list(t.checksums))
+               for t in manifest.tensors if t.n_expert > 1]
+    banks = BankSpec(sidecar=str(inputs.sidecar), tensors=tensors, slots=moe.runtime_slots or 0,
+                     io_threads=moe.io_threads, shared_only=moe.shared_only, preload=moe.preload, verify=moe.verify,
+                     prefetch=moe.prefetch, prefetch_ranks=moe.prefetch_ranks, replay=moe.replay)
+    if inputs.replayed is not None:
+        traces.check_replay(inputs.replayed, manifest, k=moe.topk, ubatch=plan.ubatch)
+        banks.schedule = traces.schedule(inputs.replayed.records)
+    elif cfg.moe.trace is not None:
+        banks.trace = str(cfg.moe.trace)
+        banks.trace_file = str(traces.partial_path(cfg.moe.trace))
+        banks.trace_header = traces.header_for(manifest, k=moe.topk, ubatch=plan.ubatch, slots=banks.slots,
+                                               prefetch=cfg.moe.prefetch, mode=moe.mode).model_dump(mode="json")
+    return banks
