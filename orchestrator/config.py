@@ -241,7 +241,7 @@ class MoEConfig(_Section):
 
 def _endpoints(value: Any) -> list[str]:
     """RPC workers: a comma-separated string or a list of HOST:PORT, each checked (orchestrator.rpc)."""
-    from orchestrator.rpc import parse_endpoints
+    from orchestrator.endpoints import parse_endpoints
 
     if isinstance(value, (str, list, tuple)) or value is None:
         try:

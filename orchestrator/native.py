@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 

@@ -16,80 +16,31 @@ it, exit status 1): ggml's client cannot recover from it.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import socket
 import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.endpoints import (  # noqa: F401 (the addresses' helpers, where RPC code looks for them)
+    DEFAULT_RPC_PORT,
+    MAX_WORKER_DEVICES,
+    is_loopback,
+    parse_endpoint,
+    parse_endpoints,
+)
 from orchestrator.errors import FlashflexError
 
 # ggml's RPC protocol at our pin (ggml/include/ggml-rpc.h: RPC_PROTO_*_VERSION); the library reports the version it
 # was built with (native.info()["rpc_protocol"]) and tests keep the two equal.
 RPC_PROTOCOL = (7, 0, 0)
-MAX_WORKER_DEVICES = 16  # GGML_RPC_MAX_SERVERS, and llama.cpp's LLAMA_MAX_DEVICES on CPU builds
-DEFAULT_PORT = 50052
+DEFAULT_PORT = DEFAULT_RPC_PORT
 
 _CMD_GET_DEVICE_MEMORY = 11
 _CMD_HELLO = 14
 _CMD_DEVICE_COUNT = 15
 _CONN_CAPS_SIZE = 24  # transport capabilities in HELLO (RDMA negotiation); zero = plain TCP
-_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
-
-
-# --------------------------------------------------------------------------------------------------
-# Addresses
-
-
-def parse_endpoint(text: str) -> str:
-    """`HOST:PORT` checked and normalised (surrounding spaces dropped), or FlashflexError saying what is wrong."""
-    value = str(text).strip()
-    if not value:
-        raise FlashflexError("an RPC worker address is empty", "give HOST:PORT, e.g. 127.0.0.1:50052")
-    if value.startswith("[") or value.count(":") > 1:
-        raise FlashflexError(f"RPC worker {value!r}: IPv6 addresses are not supported by ggml's RPC client",
-                             "give a host name or an IPv4 address, e.g. 192.168.1.10:50052")
-    host, sep, port = value.rpartition(":")
-    if not sep or not host:
-        raise FlashflexError(f"RPC worker {value!r} is not HOST:PORT", f"e.g. {value or '127.0.0.1'}:{DEFAULT_PORT}")
-    if not _HOST.match(host):
-        raise FlashflexError(f"RPC worker {value!r}: {host!r} is not a host name or IPv4 address",
-                             "give HOST:PORT, e.g. 127.0.0.1:50052")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise FlashflexError(f"RPC worker {value!r}: the port must be a number from 1 to 65535",
-                             f"e.g. {host}:{DEFAULT_PORT}")
-    return f"{host}:{int(port)}"
-
-
-def parse_endpoints(value: Any) -> list[str]:
-    """A comma-separated string or a list of `HOST:PORT` → the checked list (no duplicates, at most 16)."""
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    if isinstance(value, str) and not value.strip():
-        raise FlashflexError("--rpc is empty", "give HOST:PORT[,HOST:PORT...], or leave --rpc out")
-    out: list[str] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise FlashflexError(f"RPC worker {item!r} is not HOST:PORT", "write each worker as a string HOST:PORT")
-        endpoint = parse_endpoint(item)
-        if endpoint in out:
-            raise FlashflexError(f"RPC worker {endpoint} is listed twice", "list each worker once")
-        out.append(endpoint)
-    if len(out) > MAX_WORKER_DEVICES:
-        raise FlashflexError(f"{len(out)} RPC workers; ggml's RPC backend takes at most {MAX_WORKER_DEVICES}",
-                             "use fewer workers")
-    return out
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,46 +18,20 @@ streaming, `/v1/models`, API key) is used as it is; flashflex supplies what it d
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
-import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from orchestrator import api
 from orchestrator.config import ServerConfig
-from orchestrator.errors import FlashflexError
+from orchestrator.endpoints import check_can_listen, is_loopback  # noqa: F401 (serve_cmd asks here)
 
 
 @dataclass
 class ServedEntry:
     alias: str
     prepared: api.Prepared
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail before printing anything when the address cannot be bound (in use, or not this machine's)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
-                raise FlashflexError(f"port {port} on {host} is already in use",
-                                     "stop the other server or pick another port with --port") from None
-            raise FlashflexError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                                 "give an address of this machine with --host (default 127.0.0.1)") from None
 
 
 class ShutdownFlag:
@@ -366,7 +340,7 @@ def serve(entries: list[ServedEntry], server: ServerConfig, log: Callable[[str],
 
     import uvicorn
 
-    check_port_free(server.host, server.port)
+    check_can_listen(server.host, server.port)
     app, proxy, stop = build_app(entries, server, log)  # loads the default model: errors surface before "serving"
     if on_ready is not None:
         on_ready()

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from orchestrator.errors import FlashflexError
-
 from orchestrator.run.settings import GenerationSettings
 
 if TYPE_CHECKING:

@@ -54,9 +54,9 @@ def inputs():
         modes = ["auto", "stock", "resident-bank", "slot-bank", "oracle-prefetch"] if is_moe else ["auto"]
         slot_banks = [None, 4, 9, 64] if is_moe else [None]
         topks = [None, 1] if is_moe else [None]
-        for budget, ctx, ubatch, threads, window, direct_io, mode, slot_bank, topk, measured, probe in itertools.product(
-                budgets, (64, 512), (1, 32), (0, 2, "auto"), ("auto", 2), ("auto", "off", "strict"), modes,
-                slot_banks, topks, (False, True), (False, True)):
+        grid = itertools.product(budgets, (64, 512), (1, 32), (0, 2, "auto"), ("auto", 2), ("auto", "off", "strict"),
+                                 modes, slot_banks, topks, (False, True), (False, True))
+        for budget, ctx, ubatch, threads, window, direct_io, mode, slot_bank, topk, measured, probe in grid:
             if threads != "auto" and probe:
                 continue
             options = {"ctx": ctx, "ubatch": ubatch, "threads": threads, "window": window, "direct_io": direct_io,

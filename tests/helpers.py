@@ -61,3 +61,28 @@ def prepared_of(settings: GenerationSettings, plan: Plan | None = None) -> Prepa
 def streamed(plan: Plan) -> list[str]:
     """Names of the tensors the plan streams."""
     return [t.name for t in plan.tensors if t.placement == "streamed"]
+
+
+def open_plan(settings: GenerationSettings, plan: Plan | None, **llama_kwargs: Any):
+    """A llama_cpp.Llama opened with a dense plan applied (None: stock)."""
+    from orchestrator.run import loader
+
+    return loader.open_model(settings, spec_of(plan, settings.model), **llama_kwargs)
+
+
+def prepare(overrides: dict[str, Any], settings: GenerationSettings | None = None) -> Prepared:
+    """api.prepare of a RunConfig given as overrides; `settings` replaces the generation settings (the tests' own
+    ctx, batch and threads) while the plan and spec stay the config's."""
+    import dataclasses
+
+    from orchestrator import api
+
+    prepared = api.prepare(load_run_config(None, overrides))
+    return dataclasses.replace(prepared, settings=settings) if settings is not None else prepared
+
+
+def with_settings(prepared: Prepared, settings: GenerationSettings) -> Prepared:
+    """The same plan and spec with other generation settings."""
+    import dataclasses
+
+    return dataclasses.replace(prepared, settings=settings)

@@ -82,10 +82,17 @@ def test_run_dry_run_prints_the_runtime_spec_and_loads_nothing(moe_models, patch
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     spec = out["runtime_spec"]
-    assert out["mode"] == "slot-bank" and spec["moe_slots"] == out["moe"]["slots"] >= 4
-    assert spec["moe_trace"] == str(trace) + ".partial" and spec["direct_io"] == "on"
+    banks = spec["banks"]
+    assert out["mode"] == "slot-bank" and banks["slots"] == out["moe"]["slots"] >= 4 and spec["version"] == 1
+    assert banks["trace"] == str(trace) and banks["trace_file"] == str(trace) + ".partial"
+    assert spec["direct_io"] == "on" and spec["stream"] is None
     assert spec["files"] == [str(sc / f"layer-{i:03d}.bin") for i in range(3)]
-    assert {b["name"] for b in spec["banks"]} >= {"blk.0.ffn_up_exps.weight", "blk.2.ffn_down_exps.weight"}
+    assert {b["name"] for b in banks["tensors"]} >= {"blk.0.ffn_up_exps.weight", "blk.2.ffn_down_exps.weight"}
     assert not trace.exists() and not list(tmp_path.iterdir())  # nothing recorded, nothing loaded
+    # the spec is the whole contract: it reads back into the model it came from
+    from orchestrator.run.spec import RuntimeSpec
+
+    assert RuntimeSpec.model_validate(spec).model_dump(mode="json") == spec
     stock = json.loads(flashflex("run", "-m", str(model), "--dry-run", "--json").stdout)
-    assert stock["mode"] == "stock" and stock["runtime_spec"] is None
+    assert stock["mode"] == "stock" and stock["runtime_spec"]["stream"] is None
+    assert stock["runtime_spec"]["banks"] is None

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import exact, native, runner, sidecar, synth
-from orchestrator.config import load_run_config
+from orchestrator import exact, native, sidecar, synth
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.reader import read_model_table
+from orchestrator.run import execution, loader
+from orchestrator.run.handle import Prepared
+from orchestrator.run.settings import GenerationSettings
+from tests.helpers import open_plan, prepare, prepared_of, with_settings
 
 from conftest import flashflex
 
@@ -30,15 +33,14 @@ def banks(patched_llama):
     return patched_llama
 
 
-def _execution(path: Path, sc: Path, mode: str, slots: int | None = None, ubatch: int = 1, **moe) -> runner.Execution:
-    cfg = load_run_config(None, {"model.path": path, "budget.size": "64GiB", "context.ctx": CTX,
-                                 "context.ubatch": ubatch, "moe.mode": mode, "moe.sidecar": sc,
-                                 "moe.slot_bank": slots, **{f"moe.{k}": v for k, v in moe.items()}})
-    return runner.execution_for_config(cfg, path)
+def _execution(path: Path, sc: Path, mode: str, slots: int | None = None, ubatch: int = 1, **moe) -> Prepared:
+    return prepare({"model.path": path, "budget.size": "64GiB", "context.ctx": CTX, "context.ubatch": ubatch,
+                    "moe.mode": mode, "moe.sidecar": sc, "moe.slot_bank": slots,
+                    **{f"moe.{k}": v for k, v in moe.items()}}, _settings(path, ubatch))
 
 
-def _settings(path: Path, ubatch: int) -> runner.GenerationSettings:
-    return runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2)
+def _settings(path: Path, ubatch: int) -> GenerationSettings:
+    return GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2)
 
 
 def _bank_sizes(path: Path) -> list[int]:
@@ -54,11 +56,11 @@ def test_slot_bank_is_bitwise_exact_at_every_bank_size(banks, moe_models, family
     path, sc = moe_models[family]
     settings = _settings(path, ubatch)
     tokens = exact.teacher_tokens(40, 512, seed=1)
-    stock = exact.logits(settings, None, tokens)
+    stock = exact.logits(prepared_of(settings), tokens)
     for slots in _bank_sizes(path):
         ex = _execution(path, sc, "slot-bank", slots, ubatch)
-        assert ex.moe is not None and ex.moe.slots == slots
-        result = exact.compare(stock, exact.logits(settings, None, tokens, ex))
+        assert ex.spec.banks is not None and ex.spec.banks.slots == slots
+        result = exact.compare(stock, exact.logits(ex, tokens))
         assert result.identical, (family, ubatch, slots, result)
 
 
@@ -70,15 +72,15 @@ def test_many_passes_fit_in_the_graph(banks, tmp_path):
     sc = tmp_path / "wide.sidecar"
     sidecar.extract(path, sc)
     ex = _execution(path, sc, "slot-bank", 8, ubatch=64)
-    assert exact.verify(_settings(path, 64), None, 64, ex=ex).identical
+    assert exact.verify(ex, 64).identical
 
 
 @pytest.mark.parametrize("family", ["qwen3moe", "qwen2moe"])
 def test_resident_bank_is_bitwise_exact(banks, moe_models, family):
     path, sc = moe_models[family]
     ex = _execution(path, sc, "resident-bank", ubatch=32)
-    assert ex.mode == "resident-bank" and ex.moe.slots == 0
-    assert exact.verify(_settings(path, 32), None, 40, ex=ex).identical
+    assert ex.spec.mode == "resident-bank" and ex.spec.banks.slots == 0
+    assert exact.verify(ex, 40).identical
 
 
 def test_run_reports_bank_stats_per_layer(banks, moe_models):
@@ -107,8 +109,8 @@ def test_run_reports_bank_stats_per_layer(banks, moe_models):
 def test_a_bank_of_every_expert_stops_missing(banks, moe_models):
     path, sc = moe_models["qwen3moe"]
     ex = _execution(path, sc, "slot-bank", 16)
-    result = runner.generate(runner.GenerationSettings(model=path, prompt="a b c d e f", n_predict=8, ctx=CTX,
-                                                       threads=2), ex=ex)
+    result = execution.run(with_settings(ex, GenerationSettings(model=path, prompt="a b c d e f", n_predict=8,
+                                                                ctx=CTX, threads=2)))
     decode = result.stats["moe"]["decode"]
     # 16 slots hold all 16 experts: once the prompt has installed what it used, decode misses only experts
     # the prompt never routed to, never one it already read
@@ -120,8 +122,8 @@ def test_topk_is_labelled_lossy_and_changes_output(banks, moe_models):
     path, sc = moe_models["qwen3moe"]
     ex = _execution(path, sc, "slot-bank", 4, topk=2)
     assert ex.lossy and "topk" in ex.lossy[0]
-    assert ex.kv_overrides == {"qwen3moe.expert_used_count": 2}
-    result = exact.verify(_settings(path, 1), None, 16, ex=ex)
+    assert ex.spec.kv_overrides == {"qwen3moe.expert_used_count": 2}
+    result = exact.verify(ex, 16)
     assert not result.identical
     r = flashflex("run", "-m", str(path), "--moe-mode", "slot-bank", "--moe-sidecar", str(sc), "--moe-topk", "2",
                   "--ctx", str(CTX), "-n", "2")
@@ -131,8 +133,8 @@ def test_topk_is_labelled_lossy_and_changes_output(banks, moe_models):
 def test_shared_only_reads_nothing(banks, moe_models):
     path, sc = moe_models["qwen2moe"]
     ex = _execution(path, sc, "slot-bank", 2, shared_only=True)
-    result = runner.generate(runner.GenerationSettings(model=path, prompt="a b c", n_predict=4, ctx=CTX,
-                                                       threads=2), ex=ex)
+    result = execution.run(with_settings(ex, GenerationSettings(model=path, prompt="a b c", n_predict=4, ctx=CTX,
+                                                                threads=2)))
     for phase in ("prompt", "decode"):
         assert result.stats["moe"][phase]["bytes_read"] == 0
         assert result.stats["moe"][phase]["shared_only"] is True
@@ -201,7 +203,7 @@ def test_an_io_error_during_the_run_ends_it_with_an_error(banks, moe_models, tmp
     path, sc = moe_models["qwen3moe"]
     copy = _copy_sidecar(sc, tmp_path / "sc")
     ex = _execution(path, copy, "slot-bank", 4)
-    llm = runner.open_model(_settings(path, 1), None, moe=ex.moe)
+    llm = loader.open_model(_settings(path, 1), ex.spec)
     try:
         for layer in sidecar.load_manifest(copy).layers:
             os.truncate(copy / layer.file, 4096)  # only the header page is left
@@ -216,7 +218,7 @@ def test_an_io_error_during_the_run_ends_it_with_an_error(banks, moe_models, tmp
 def test_stock_stays_stock_without_a_configuration(banks, moe_models):
     """No flashflex configuration: a MoE model opens through upstream's path (no bank stats exist)."""
     path, _ = moe_models["qwen3moe"]
-    llm = runner.open_model(_settings(path, 1), None)
+    llm = open_plan(_settings(path, 1), None)
     try:
         assert native.moe_stats(llm.model) is None
     finally:

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import modes, native, overheads, runner, synth
+from orchestrator import api, modes, native, overheads, synth
 from orchestrator.config import RunConfig, load_run_config
 from orchestrator.errors import FlashflexError
+from orchestrator.run.handle import Prepared
+from orchestrator.run.settings import GenerationSettings
+from tests.helpers import with_settings
 
 pytestmark = pytest.mark.native
 
@@ -36,15 +39,15 @@ def _config(path: Path, budget: str, **more):
                                   "context.ubatch": UBATCH, "context.batch": BATCH, **more})
 
 
-def _allocated(ex: runner.Execution, path: Path) -> dict:
+def _allocated(ex: Prepared, path: Path) -> dict:
     """What the run's own context allocates (llama.cpp's buffers, not an estimate)."""
-    settings = runner.GenerationSettings(model=path, ctx=CTX, batch=BATCH, ubatch=UBATCH, threads=2)
-    with runner.session(settings, ex) as llm:
-        return native.context_memory(llm.ctx)
+    settings = GenerationSettings(model=path, ctx=CTX, batch=BATCH, ubatch=UBATCH, threads=2)
+    with with_settings(ex, settings).session() as handle:
+        return native.context_memory(handle.llm.ctx)
 
 
-def _check_within_5_percent(ex: runner.Execution, path: Path) -> None:
-    r = ex.budget_plan.reservations
+def _check_within_5_percent(ex: Prepared, path: Path) -> None:
+    r = ex.plan.reservations
     assert r.source == "measured"
     real = _allocated(ex, path)
     assert real["context"] > 0 and real["compute"] > 0
@@ -54,16 +57,16 @@ def _check_within_5_percent(ex: runner.Execution, path: Path) -> None:
 
 def test_dense_streaming_reserves_what_llama_cpp_allocates(measuring, dense_model):
     path = dense_model
-    budget = runner.execution_for_config(_config(path, "1GiB"), path).budget_plan.minimum_budget_bytes
-    ex = runner.execution_for_config(_config(path, f"{budget}B"), path)
-    assert ex.mode == modes.DENSE_STREAM
+    budget = api.prepare(_config(path, "1GiB")).plan.minimum_budget_bytes
+    ex = api.prepare(_config(path, f"{budget}B"))
+    assert ex.spec.mode == modes.DENSE_STREAM
     _check_within_5_percent(ex, path)
 
 
 def test_slot_banks_reserve_what_llama_cpp_allocates(measuring, moe_models):
     path, sc = moe_models["qwen3moe"]
-    ex = runner.execution_for_config(_config(path, "64GiB", **{"moe.mode": "slot-bank", "moe.sidecar": sc}), path)
-    assert ex.mode == modes.SLOT_BANK
+    ex = api.prepare(_config(path, "64GiB", **{"moe.mode": "slot-bank", "moe.sidecar": sc}))
+    assert ex.spec.mode == modes.SLOT_BANK
     _check_within_5_percent(ex, path)
 
 
@@ -73,11 +76,11 @@ def test_real_model_reserves_what_llama_cpp_allocates(measuring):
     path = default_model_path()
     if path is None or not path.exists():
         pytest.skip("the default model is not installed (make demo installs it)")
-    ex = runner.execution_for_config(_config(path, "230MiB"), path)
-    assert ex.mode == modes.DENSE_STREAM
+    ex = api.prepare(_config(path, "230MiB"))
+    assert ex.spec.mode == modes.DENSE_STREAM
     _check_within_5_percent(ex, path)
     # the old formula reserved several times what llama.cpp allocates for Gemma's 262k vocabulary
-    assert ex.budget_plan.reservations.compute_bytes < 64 << 20
+    assert ex.plan.reservations.compute_bytes < 64 << 20
 
 
 def test_measurement_is_cached_per_model_and_settings(measuring, dense_model):
@@ -103,7 +106,7 @@ def test_plan_minimum_is_what_run_accepts(measuring, dense_model, tmp_path, thre
                     "-tp", str(threads), "--json")
     minimum = json.loads(out.stdout)["minimum_budget_bytes"]
     common = {"prefetch.threads": threads}
-    ex = runner.execution_for_config(_config(dense_model, f"{minimum}B", **common), dense_model)
-    assert ex.budget_plan.minimum_budget_bytes == minimum
+    ex = api.prepare(_config(dense_model, f"{minimum}B", **common))
+    assert ex.plan.minimum_budget_bytes == minimum
     with pytest.raises(FlashflexError, match="below the"):
-        runner.execution_for_config(_config(dense_model, f"{minimum - 1}B", **common), dense_model)
+        api.prepare(_config(dense_model, f"{minimum - 1}B", **common))

@@ -17,7 +17,17 @@ from orchestrator.cli import plan_cmd
 from orchestrator.config import MoEConfig, PrefetchConfig
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ArchInfo, ModelTable, Role, TensorInfo
-from orchestrator.planner import Plan, compute_bytes, explain, kv_cache_bytes
+from orchestrator.planner import (
+    DraftRequest,
+    Plan,
+    PlanInputs,
+    PlanRequest,
+    compute_bytes,
+    explain,
+    kv_cache_bytes,
+    make_plan,
+)
+from orchestrator.planner.make import FAILING_DRAFT_SHARE
 from orchestrator.sizes import GiB, MiB
 from tests.helpers import plan_config, plan_table
 
@@ -675,3 +685,65 @@ def test_a_split_reserves_the_load_staging_of_the_largest_tensor_sent():
     with pytest.raises(FlashflexError, match="loading"):
         plan_config(t, cfg.model_copy(update={"budget": cfg.budget.model_copy(
             update={"size": f"{plan.minimum_budget_bytes - 1}B"})}), workers=[worker])
+
+
+# --------------------------------------------------------------------------------------------------
+# Drafting and a benchmark's process: reservations of the one plan
+
+
+def _drafted(table: ModelTable, budget: int, draft: DraftRequest | None, process: int = 0) -> Plan:
+    return make_plan(PlanRequest(budget_bytes=budget, ctx=256, ubatch=16, draft=draft, process_bytes=process),
+                     PlanInputs(table=table))
+
+
+def test_drafting_is_a_reservation_the_model_plans_around():
+    t = dense_table()
+    minimum = plan_table(t, 1 << 40, ctx=256, ubatch=16).minimum_budget_bytes
+    budget = minimum + 8 * MiB
+    draft = DraftRequest(kind="model", max_tokens=4, row_bytes=8192, model_bytes=2 * MiB, length_fixed=True)
+    drafted = _drafted(t, budget, draft)
+    need = 2 * MiB + 4 * 8192
+    assert drafted.reservations.draft_bytes == need and drafted.draft.reserved_bytes == need
+    assert drafted.budget_bytes == budget and drafted.used_bytes <= budget
+    assert drafted.minimum_budget_bytes == minimum + need
+    # the model is planned exactly as it would be with the budget less the reservation
+    alone = plan_table(t, budget - need, ctx=256, ubatch=16)
+    assert [x.placement for x in drafted.tensors] == [x.placement for x in alone.tensors]
+    assert drafted.reserved_bytes == alone.reserved_bytes + need
+    with pytest.raises(FlashflexError, match=r"below the .* minimum .*drafting"):
+        _drafted(t, minimum + need - 1, draft)
+    with pytest.raises(FlashflexError, match="more than the budget"):
+        _drafted(t, need, draft)
+
+
+def test_a_benchmark_process_is_reserved_before_the_model():
+    t = dense_table()
+    minimum = plan_table(t, 1 << 40, ctx=256, ubatch=16).minimum_budget_bytes
+    plan = _drafted(t, minimum + 20 * MiB, None, process=20 * MiB)
+    assert plan.reservations.process_bytes == 20 * MiB and plan.minimum_budget_bytes == minimum + 20 * MiB
+    with pytest.raises(FlashflexError, match="this process"):
+        _drafted(t, minimum + 20 * MiB - 1, None, process=20 * MiB)
+
+
+def test_the_draft_length_is_capped_so_failing_drafts_cost_at_most_their_share_of_the_reads():
+    t = dense_table()
+    budget = plan_table(t, 1 << 40, ctx=256, ubatch=16).minimum_budget_bytes + 2 * MiB
+    streamed = plan_table(t, budget, ctx=256, ubatch=16).estimates.streamed_bytes_per_token
+    assert streamed > 0
+    row = int(FAILING_DRAFT_SHARE * streamed / 2.5)  # 4% of a token's reads holds two rows, not three
+
+    def fit(**kw) -> Plan:
+        return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, **{"row_bytes": row, **kw}))
+
+    capped = fit().draft
+    assert (capped.max_tokens, capped.logits_bytes, capped.capped_from) == (2, 2 * row, 7)
+    assert "up to 2 drafted tokens" in capped.note and "--draft-max" in capped.note
+    assert fit(length_fixed=True).draft.max_tokens == 7 and fit(length_fixed=True).draft.note is None
+    assert fit(row_bytes=1).draft.max_tokens == 7  # rows cheap next to what streams: no cap
+    roomy = _drafted(t, 1 << 40, DraftRequest(kind="prompt-lookup", max_tokens=7, row_bytes=row))
+    assert roomy.draft.max_tokens == 7  # nothing streams: nothing to cap
+    tiny = fit(row_bytes=streamed // 20).draft  # one row is 5% of the reads
+    assert tiny.max_tokens == 1 and "more than 4%" in tiny.note
+    for r in (row // 3, row, 3 * row):
+        d = fit(row_bytes=r).draft
+        assert d.logits_bytes <= FAILING_DRAFT_SHARE * streamed or d.max_tokens == 1

@@ -28,8 +28,8 @@ from orchestrator import rpc, synth
 from orchestrator.config import load_run_config
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.reader import read_model_table
-from orchestrator.planner import plan_for_run
 from orchestrator.planner.placement import DeviceMemory, local_table, place_layers
+from tests.helpers import plan_config
 
 from conftest import REPO, flashflex, one_error
 
@@ -175,13 +175,13 @@ def test_experts_stay_here_in_a_bank_mode(moe_models):
     cfg = load_run_config(None, {"context.ctx": CTX, "context.ubatch": 32, "budget.size": "64MiB",
                                  "moe.mode": "slot-bank", "moe.slot_bank": 8, "rpc.servers": "10.0.0.1:50052"})
     worker = rpc.Worker("10.0.0.1:50052", rpc.RPC_PROTOCOL, [rpc.WorkerDevice(0, 1 << 30, 1 << 30)])
-    plan = plan_for_run(table, cfg, workers=[worker])
+    plan = plan_config(table, cfg, workers=[worker])
     assert plan.rpc.experts_here and plan.rpc.remote_layers == table.arch.n_layer and plan.rpc.local_layers == 0
     experts = {t.name for t in table.tensors if "_exps." in t.name}
     assert experts and {t.name for t in plan.tensors if t.placement == "bank"} == experts  # every layer's, here
     assert plan.rpc.remote_weight_bytes + plan.rpc.local_model_bytes >= table.total_bytes
     assert not any(t.layer is not None and "_exps." not in t.name for t in plan.tensors)
-    stock = plan_for_run(table, load_run_config(None, {"context.ctx": CTX, "rpc.servers": "10.0.0.1:50052"}),
+    stock = plan_config(table, load_run_config(None, {"context.ctx": CTX, "rpc.servers": "10.0.0.1:50052"}),
                          workers=[worker])
     assert not stock.rpc.experts_here and not stock.rpc.cpu_tensors  # stock: experts go with their layers
     assert stock.rpc.remote_weight_bytes > plan.rpc.remote_weight_bytes
@@ -192,7 +192,7 @@ def test_the_budget_plans_only_what_stays_here(dense_models):
     cfg = load_run_config(None, {"context.ctx": CTX, "context.ubatch": 32, "budget.size": "9MiB",
                                  "prefetch.window": 1, "rpc.servers": "10.0.0.1:50052", "rpc.layers": 1})
     worker = rpc.Worker("10.0.0.1:50052", rpc.RPC_PROTOCOL, [rpc.WorkerDevice(0, 10 * MiB, 10 * MiB)])
-    plan = plan_for_run(table, cfg, workers=[worker])
+    plan = plan_config(table, cfg, workers=[worker])
     assert plan.rpc is not None and plan.rpc.local_layers == 3 and plan.n_layer == 4
     assert {lp.layer for lp in plan.layers} == {0, 1, 2}
     streamed = {t.layer for t in plan.tensors if t.placement == "streamed"}
@@ -393,7 +393,7 @@ def _budget(model: Path, endpoint: str, layers: int, window: int, threads: int, 
     cfg = load_run_config(None, {"context.ctx": CTX, "context.ubatch": ubatch, "context.batch": 64,
                                  "budget.size": "1TiB", "prefetch.window": window, "prefetch.threads": threads,
                                  "rpc.servers": endpoint, "rpc.layers": layers})
-    return plan_for_run(table, cfg, workers=[rpc.probe(endpoint, 5)]).minimum_budget_bytes
+    return plan_config(table, cfg, workers=[rpc.probe(endpoint, 5)]).minimum_budget_bytes
 
 
 @pytest.mark.native
@@ -439,8 +439,8 @@ opts = dict(ctx={CTX}, ubatch=32, threads=1)
 tokens = exact.teacher_tokens(24, 512)
 here = api.prepare(model=model, **opts)
 split = api.prepare(model=model, rpc={w.endpoint!r}, rpc_layers=2, **opts)
-a = exact.logits(here.settings, None, tokens, here.execution.stock())
-b = exact.logits(split.settings, None, tokens, split.execution.stock())
+a = exact.logits(here.stock(), tokens)
+b = exact.logits(split.stock(), tokens)
 print(json.dumps(exact.compare(a, b).to_dict()))
 """)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300)

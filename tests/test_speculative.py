@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import api, exact, runner, speculative, synth
-from orchestrator.config import PrefetchConfig, load_run_config
+from orchestrator import api, exact, speculative, synth
+from orchestrator.config import PrefetchConfig
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.reader import read_model_table
-from orchestrator.planner import make_plan
+from orchestrator.run.handle import Prepared
+from orchestrator.run.settings import GenerationSettings
+from tests.helpers import plan_table, prepare, prepared_of, with_settings
 
 from conftest import flashflex
 
@@ -51,26 +53,25 @@ def models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _settings(path: Path) -> runner.GenerationSettings:
-    return runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=UBATCH, threads=2, temperature=0.0)
+def _settings(path: Path) -> GenerationSettings:
+    return GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=UBATCH, threads=2, temperature=0.0)
 
 
-def _stream_execution(path: Path) -> runner.Execution:
+def _stream_execution(path: Path) -> Prepared:
     table = read_model_table(path)
     prefetch = PrefetchConfig(threads=2, window=2)
-    minimum = make_plan(table, 1 << 40, ctx=CTX, ubatch=UBATCH, prefetch=prefetch).minimum_budget_bytes
-    plan = make_plan(table, minimum, ctx=CTX, ubatch=UBATCH, prefetch=prefetch)
-    assert runner.streamed_tensors(plan)
-    return runner.Execution(mode="dense-stream", plan=plan, budget_plan=plan)
+    minimum = plan_table(table, 1 << 40, ctx=CTX, ubatch=UBATCH, prefetch=prefetch).minimum_budget_bytes
+    prepared = prepared_of(_settings(path), plan_table(table, minimum, ctx=CTX, ubatch=UBATCH, prefetch=prefetch))
+    assert prepared.spec.stream is not None
+    return prepared
 
 
-def _bank_execution(path: Path, sc: Path, mode: str = "slot-bank") -> runner.Execution:
+def _bank_execution(path: Path, sc: Path, mode: str = "slot-bank") -> Prepared:
     k = read_model_table(path).arch.n_expert_used
-    cfg = load_run_config(None, {"model.path": path, "budget.size": "64GiB", "context.ctx": CTX,
-                                 "context.ubatch": UBATCH, "moe.mode": mode, "moe.sidecar": sc,
-                                 "moe.slot_bank": k + 1 if mode == "slot-bank" else None})
-    ex = runner.execution_for_config(cfg, path)
-    assert ex.moe is not None and ex.moe.slots == (k + 1 if mode == "slot-bank" else 0)
+    ex = prepare({"model.path": path, "budget.size": "64GiB", "context.ctx": CTX, "context.ubatch": UBATCH,
+                  "moe.mode": mode, "moe.sidecar": sc, "moe.slot_bank": k + 1 if mode == "slot-bank" else None},
+                 _settings(path))
+    assert ex.spec.banks is not None and ex.spec.banks.slots == (k + 1 if mode == "slot-bank" else 0)
     return ex
 
 
@@ -105,9 +106,10 @@ class Run:
         return out
 
 
-def _drafted(settings, ex: runner.Execution, draft: speculative.DraftSetup, prompt: str) -> Run:
+def _drafted(settings, ex: Prepared, draft: speculative.DraftSetup, prompt: str) -> Run:
     run = Run()
-    with runner.session(settings, ex) as llm:
+    with with_settings(ex, settings).session() as handle:
+        llm = handle.llm
         drafter = draft.open(settings)
         try:
             speculative.attach(llm, drafter, max_batch=draft.max_tokens + 1, recorder=run.record)
@@ -120,12 +122,13 @@ def _drafted(settings, ex: runner.Execution, draft: speculative.DraftSetup, prom
     return run
 
 
-def _plain(settings, ex: runner.Execution, prompt: str) -> Run:
+def _plain(settings, ex: Prepared, prompt: str) -> Run:
     """Greedy without drafting, one token per decode, with the logits of every step."""
     import llama_cpp
 
     run = Run()
-    with runner.session(settings, ex) as llm:
+    with with_settings(ex, settings).session() as handle:
+        llm = handle.llm
         tokens = llm.tokenize(prompt.encode(), add_bos=True)
         llm.eval(tokens)
         n_vocab, eos = llm.n_vocab(), llm.token_eos()
@@ -175,7 +178,7 @@ def test_dense_streaming_with_drafts_is_bitwise_exact(features, models, kind):
     path = models["target"]
     settings, draft = _settings(path), _draft(kind, models, path)
     for prompt in PROMPTS:
-        stock = _drafted(settings, runner.Execution(), draft, prompt)
+        stock = _drafted(settings, prepared_of(settings), draft, prompt)
         streamed = _drafted(settings, _stream_execution(path), draft, prompt)
         _assert_same_batches_and_logits(stock, streamed, f"dense-stream, draft {kind}, {prompt[:20]!r}")
         assert streamed.report["verifications"] >= 1
@@ -195,7 +198,7 @@ def test_expert_banks_with_drafts_are_bitwise_exact(features, moe_models, mode, 
     settings = _settings(path)
     draft = _draft(kind, {}, path)
     for prompt in PROMPTS:
-        stock = _drafted(settings, runner.Execution(), draft, prompt)
+        stock = _drafted(settings, prepared_of(settings), draft, prompt)
         banked = _drafted(settings, _bank_execution(path, sc, mode), draft, prompt)
         _assert_same_batches_and_logits(stock, banked, f"{mode}, draft {kind}, {prompt[:20]!r}")
         if kind == "self":
@@ -239,7 +242,10 @@ def test_draft_model_ram_comes_off_the_budget(features, models):
     assert d is not None and d.kind == "model" and 1 <= d.max_tokens <= UBATCH - 1
     assert d.weights_bytes == models["small"].stat().st_size and d.kv_cache_bytes > 0 and d.compute_bytes > 0
     assert d.row_bytes == 4 * 512 and d.logits_bytes == d.max_tokens * d.row_bytes
-    assert drafted.execution.budget_plan.budget_bytes == plain.execution.budget_plan.budget_bytes - d.resident_bytes
+    # one budget: drafting is a reservation of the plan, and the model's share is what is left
+    assert drafted.plan.budget_bytes == plain.plan.budget_bytes == 64 << 20
+    assert drafted.plan.reservations.draft_bytes == d.resident_bytes and plain.plan.reservations.draft_bytes == 0
+    assert drafted.plan.used_bytes <= 64 << 20 and drafted.plan.resident_bytes <= plain.plan.resident_bytes
     summary = drafted.summary()["draft"]
     assert summary["resident_bytes"] == d.resident_bytes and summary["total_budget_bytes"] == 64 << 20
 
@@ -253,7 +259,8 @@ def test_run_cli_drafts_and_shows_it(features, models):
     summary = json.loads(dry.stdout)
     assert summary["draft"]["kind"] == "prompt-lookup" and summary["draft"]["ngram"] == 2
     assert summary["draft"]["max_tokens"] == UBATCH - 1
-    assert summary["plan"]["budget_bytes"] == (64 << 20) - summary["draft"]["resident_bytes"]
+    assert summary["plan"]["budget_bytes"] == 64 << 20
+    assert summary["plan"]["draft_bytes"] == summary["draft"]["resident_bytes"] > 0
     with_draft = flashflex("run", *common, "--draft", "prompt-lookup:2", "--json")
     without = flashflex("run", *common, "--json")
     assert with_draft.returncode == 0 and without.returncode == 0, with_draft.stderr + without.stderr

@@ -8,10 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from orchestrator import speculative
-from orchestrator.config import load_run_config
 from orchestrator.errors import FlashflexError
-from orchestrator.speculative import Drafter, DraftLength, DraftSetup, lookup
+from orchestrator.speculative import Drafter, DraftLength, lookup
 
 # --------------------------------------------------------------------------------------------------
 # prompt lookup
@@ -296,45 +294,6 @@ def test_drafts_stop_at_the_tokens_still_wanted_and_the_context():
 # settings and the budget
 
 
-def test_the_budget_shrinks_by_what_drafting_keeps_resident():
-    setup = DraftSetup(kind="model", max_tokens=4, adaptive=True, weights_bytes=100 << 20, kv_cache_bytes=8 << 20,
-                       compute_bytes=4 << 20, logits_bytes=2 << 20)
-    cfg = load_run_config(None, {"budget.size": "1GiB"})
-    target = speculative.target_config(cfg, setup)
-    assert target.budget.resolve_bytes() == (1 << 30) - (114 << 20)
-    assert cfg.budget.resolve_bytes() == 1 << 30  # the original is untouched
-    auto = speculative.target_config(load_run_config(None), setup)
-    assert auto.budget.size == "auto"
-    assert auto.budget.resolve_bytes(available=4 << 30) == (3 << 30) - (114 << 20)
-    assert speculative.target_config(cfg, None) is cfg
-    with pytest.raises(FlashflexError, match="more than the budget"):
-        speculative.target_config(load_run_config(None, {"budget.size": "100MiB"}), setup)
-
-
-def test_the_draft_length_is_capped_so_failing_drafts_cost_at_most_their_share_of_the_reads():
-    def setup(**kw):
-        return DraftSetup(kind="prompt-lookup", max_tokens=7, adaptive=True, row_bytes=1 << 20,
-                          logits_bytes=7 << 20, **kw)
-
-    notes: list[str] = []
-    # 57 MiB streamed per token: 4% of it is 2.28 MiB, two 1 MiB rows
-    fitted = speculative.fit_length(setup(), 57 << 20, notes.append)
-    assert (fitted.max_tokens, fitted.logits_bytes, fitted.capped_from) == (2, 2 << 20, 7)
-    assert len(notes) == 1 and "up to 2 drafted tokens" in notes[0] and "--draft-max" in notes[0]
-    # rows are cheap next to what streams: no cap; nothing streams: no cap; the user chose the length: kept
-    assert speculative.fit_length(setup(), 1 << 30, notes.append).max_tokens == 7
-    assert speculative.fit_length(setup(), 0, notes.append).max_tokens == 7
-    assert speculative.fit_length(setup(length_fixed=True), 57 << 20, notes.append).max_tokens == 7
-    assert len(notes) == 1
-    # not even one row fits the share: one token, said
-    tiny = speculative.fit_length(setup(), 10 << 20, notes.append)
-    assert tiny.max_tokens == 1 and "more than 4%" in notes[-1]
-    # every drafted row costs FAILING_DRAFT_SHARE of the reads at most, the rows' cost checked against it
-    for streamed in (30 << 20, 57 << 20, 200 << 20):
-        f = speculative.fit_length(setup(), streamed, notes.append)
-        assert f.logits_bytes <= speculative.FAILING_DRAFT_SHARE * streamed or f.max_tokens == 1
-
-
 def test_bench_summary_takes_medians_and_compares_with_no_drafting():
     from orchestrator.bench import speculative as spec_bench
 
@@ -358,7 +317,7 @@ def test_bench_summary_takes_medians_and_compares_with_no_drafting():
 
 
 def _moe_decode(hits, misses, layers=4, top_k=8, slots=32, bytes_read=0):
-    """The part of a decode phase's native expert-bank counters (runner stats["moe"]["decode"]) the bench reads."""
+    """The part of a decode phase's native expert-bank counters (run stats["moe"]["decode"]) the bench reads."""
     return {"hits": hits, "misses": misses, "banked_layers": layers, "n_expert_used": top_k, "slots": slots,
             "bytes_read": bytes_read, "hit_rate": hits / (hits + misses) if hits + misses else 0.0}
 
@@ -410,7 +369,7 @@ def test_bench_reports_expert_columns_for_banked_runs():
 
 
 def test_bench_models_may_be_synthetic_presets(tmp_path, monkeypatch):
-    from orchestrator import runner, synth
+    from orchestrator import sidecar, synth
     from orchestrator.bench import speculative as spec_bench
 
     monkeypatch.setenv("FLASHFLEX_HOME", str(tmp_path / "home"))  # not the models dir the suite shares

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import exact, native, runner, synth
+from orchestrator import exact, native, synth
 from orchestrator.config import PrefetchConfig
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.reader import read_model_table
-from orchestrator.planner import make_plan
+from orchestrator.run import execution
+from orchestrator.run.settings import GenerationSettings
+from tests.helpers import open_plan, plan_table, prepared_of
+from tests.helpers import streamed as streamed_names
 
 from conftest import flashflex
 
@@ -41,14 +44,14 @@ def dense_models(tmp_path_factory) -> dict[str, Path]:
 def _plan(path: Path, where: str, threads: int, ubatch: int):
     table = read_model_table(path)
     prefetch = PrefetchConfig(threads=threads, window=2)
-    full = make_plan(table, 1 << 40, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
+    full = plan_table(table, 1 << 40, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
     lo, hi = full.minimum_budget_bytes, full.model_bytes + full.reserved_bytes
     budget = {"min": lo, "mid": (lo + hi) // 2, "above": hi + (64 << 20)}[where]
-    return make_plan(table, budget, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
+    return plan_table(table, budget, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
 
 
-def _settings(path: Path, ubatch: int) -> runner.GenerationSettings:
-    return runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2)
+def _settings(path: Path, ubatch: int) -> GenerationSettings:
+    return GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2)
 
 
 @pytest.mark.parametrize("quant", ["q4_0", "q8_0"])
@@ -58,20 +61,20 @@ def _settings(path: Path, ubatch: int) -> runner.GenerationSettings:
 def test_streaming_is_bitwise_exact(streaming, dense_models, quant, where, threads, ubatch):
     path = dense_models[quant]
     plan = _plan(path, where, threads, ubatch)
-    streamed = runner.streamed_tensors(plan)
+    streamed = streamed_names(plan)
     if where == "above":
         assert not streamed and plan.fits_entirely
     else:
         assert streamed  # the budget really is below the model: something streams
-    result = exact.verify(_settings(path, ubatch), plan if streamed else None, n_tokens=40)
+    result = exact.verify(prepared_of(_settings(path, ubatch), plan if streamed else None), n_tokens=40)
     assert result.identical, result
 
 
 def test_stats_count_the_streamed_bytes(streaming, dense_models):
     path = dense_models["q8_0"]
     plan = _plan(path, "min", threads=1, ubatch=32)
-    result = runner.generate(runner.GenerationSettings(model=path, prompt="hello world", n_predict=6, ctx=CTX,
-                                                       ubatch=32, threads=2), plan)
+    result = execution.run(prepared_of(GenerationSettings(model=path, prompt="hello world", n_predict=6, ctx=CTX,
+                                                       ubatch=32, threads=2), plan))
     decode = result.stats["decode"]
     assert result.stats["mode"] == "dense-stream"
     assert decode["tokens"] == len(result.tokens) == 6
@@ -79,7 +82,7 @@ def test_stats_count_the_streamed_bytes(streaming, dense_models):
     # page padding around each tensor; the phase edges shift at most one window of layers (2 of 4 here)
     # between the prompt's count and the decode's, spread over the 6 tokens.
     planned = plan.estimates.dense_streamed_bytes_per_token
-    n_streamed = len(runner.streamed_tensors(plan))
+    n_streamed = len(streamed_names(plan))
     edge = planned * 2 / 4 / 6
     assert planned - edge <= decode["bytes_read_per_token"] <= planned + n_streamed * 2 * 4096 + edge
     assert decode["wait_seconds"] >= 0 and decode["compute_seconds"] > 0
@@ -93,7 +96,7 @@ def test_real_model_realigned_is_exact(streaming, tmp_path):
     aligned = realign(default_model_path(log=lambda m: None), tmp_path / "gemma-4096.gguf", alignment=4096).dst
     plan = _plan(aligned, "min", threads=2, ubatch=32)
     assert plan.prefetch.direct_io
-    assert exact.verify(_settings(aligned, 32), plan, n_tokens=24).identical
+    assert exact.verify(prepared_of(_settings(aligned, 32), plan), n_tokens=24).identical
 
 
 def test_unaligned_file_streams_exactly_with_buffered_reads(streaming):
@@ -102,7 +105,7 @@ def test_unaligned_file_streams_exactly_with_buffered_reads(streaming):
     path = default_model_path(log=lambda m: None)  # 32-aligned as published
     plan = _plan(path, "mid", threads=1, ubatch=8)
     assert not plan.prefetch.direct_io
-    assert exact.verify(_settings(path, 8), plan, n_tokens=16).identical
+    assert exact.verify(prepared_of(_settings(path, 8), plan), n_tokens=16).identical
 
 
 def test_cli_verify_exact_and_run_json(streaming, dense_models):
@@ -135,14 +138,14 @@ def test_plan_for_another_file_is_refused(streaming, dense_models):
     victim = next(t for t in plan.tensors if t.placement == "streamed")
     victim.offset += 4096
     with pytest.raises(FlashflexError, match="re-plan"):
-        runner.open_model(_settings(dense_models["q8_0"], 32), plan)
+        open_plan(_settings(dense_models["q8_0"], 32), plan)
 
 
 def test_file_shrinking_mid_run_ends_with_an_error(streaming, dense_models, tmp_path):
     path = tmp_path / "victim.gguf"
     shutil.copyfile(dense_models["q8_0"], path)
     plan = _plan(path, "min", threads=1, ubatch=32)
-    llm = runner.open_model(_settings(path, 32), plan)
+    llm = open_plan(_settings(path, 32), plan)
     try:
         llm.eval([5, 6, 7, 8])
         os.truncate(path, path.stat().st_size // 2)
@@ -164,7 +167,7 @@ def test_a_second_context_on_a_streamed_model_is_refused(streaming, dense_models
         return llama_cpp.llama_init_from_model(model, llama_cpp.llama_context_default_params())
 
     path = dense_models["q8_0"]
-    llm = runner.open_model(_settings(path, 32), _plan(path, "min", threads=1, ubatch=32))
+    llm = open_plan(_settings(path, 32), _plan(path, "min", threads=1, ubatch=32))
     try:
         assert not new_context(llm.model)
         assert "serves one context at a time" in native.last_error()
@@ -175,7 +178,7 @@ def test_a_second_context_on_a_streamed_model_is_refused(streaming, dense_models
     finally:
         llm.close()
 
-    stock = runner.open_model(_settings(path, 32), None)
+    stock = open_plan(_settings(path, 32), None)
     try:
         extra = new_context(stock.model)
         assert extra
@@ -193,15 +196,15 @@ def test_byte_ring_is_exact(streaming, dense_models, quant):
     path = dense_models[quant]
     table = read_model_table(path)
     prefetch = PrefetchConfig(threads=2)  # window auto
-    minimum = make_plan(table, 1 << 40, ctx=CTX, ubatch=32, prefetch=prefetch).minimum_budget_bytes
-    plan = make_plan(table, minimum, ctx=CTX, ubatch=32, prefetch=prefetch)
+    minimum = plan_table(table, 1 << 40, ctx=CTX, ubatch=32, prefetch=prefetch).minimum_budget_bytes
+    plan = plan_table(table, minimum, ctx=CTX, ubatch=32, prefetch=prefetch)
     assert plan.prefetch.window == "auto"
     streamed = sum(d.n_bytes for d in plan.tensors if d.placement == "streamed")
     assert plan.prefetch.buffer_bytes < plan.prefetch.ring_bytes < streamed  # homes are shared across layers
-    result = exact.verify(_settings(path, 32), plan, n_tokens=40)
+    result = exact.verify(prepared_of(_settings(path, 32), plan), n_tokens=40)
     assert result.identical, result
-    gen = runner.generate(runner.GenerationSettings(model=path, prompt="hello world", n_predict=4, ctx=CTX,
-                                                    ubatch=32, threads=2), plan)
+    gen = execution.run(prepared_of(GenerationSettings(model=path, prompt="hello world", n_predict=4, ctx=CTX,
+                                                    ubatch=32, threads=2), plan))
     ring = gen.stats["decode"]["ring_bytes"] if "ring_bytes" in gen.stats["decode"] else gen.stats["ring_bytes"]
     assert plan.prefetch.ring_bytes <= ring <= plan.prefetch.ring_bytes + 2 * 4096
 
@@ -241,17 +244,17 @@ def test_a_ring_smaller_than_a_layer_is_exact(streaming, wide_ffn_model, threads
     path = wide_ffn_model
     table = read_model_table(path)
     prefetch = PrefetchConfig(threads=threads)
-    minimum = make_plan(table, 1 << 40, ctx=CTX, ubatch=ubatch, prefetch=prefetch).minimum_budget_bytes
-    plan = make_plan(table, minimum, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
+    minimum = plan_table(table, 1 << 40, ctx=CTX, ubatch=ubatch, prefetch=prefetch).minimum_budget_bytes
+    plan = plan_table(table, minimum, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
     streamed = [d.n_bytes for d in plan.tensors if d.placement == "streamed"]
     largest = max(streamed) + 2 * 4096
     assert largest > 4 << 20  # staged in row groups
     small = plan.model_copy(update={"prefetch": plan.prefetch.model_copy(update={"ring_bytes": 2 * largest})})
     assert small.prefetch.ring_bytes < plan.prefetch.buffer_bytes  # less than the largest streamed layer
-    result = exact.verify(_settings(path, ubatch), small, n_tokens=24)
+    result = exact.verify(prepared_of(_settings(path, ubatch), small), n_tokens=24)
     assert result.identical, result
-    gen = runner.generate(runner.GenerationSettings(model=path, prompt="hello world", n_predict=4, ctx=CTX,
-                                                    ubatch=ubatch, threads=2), small)
+    gen = execution.run(prepared_of(GenerationSettings(model=path, prompt="hello world", n_predict=4, ctx=CTX,
+                                                    ubatch=ubatch, threads=2), small))
     stats = gen.stats["decode"]
     assert stats["error"] is None and stats["relayouts"] <= 1
     assert stats["ring_bytes"] <= 2 * largest + 2 * 4096

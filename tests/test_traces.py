@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import exact, native, runner, traces
-from orchestrator.config import load_run_config
+from orchestrator import exact, native, traces
 from orchestrator.errors import FlashflexError
+from orchestrator.run import execution
+from orchestrator.run.handle import Prepared
+from orchestrator.run.settings import GenerationSettings
+from tests.helpers import prepare, prepared_of, with_settings
 
 from conftest import flashflex
 
@@ -143,20 +146,20 @@ def traced(patched_llama):
     return patched_llama
 
 
-def _execution(path: Path, sc: Path, mode: str, slots: int | None, ubatch: int, **moe) -> runner.Execution:
-    cfg = load_run_config(None, {"model.path": path, "budget.size": "64GiB", "context.ctx": CTX,
-                                 "context.ubatch": ubatch, "moe.mode": mode, "moe.sidecar": sc,
-                                 "moe.slot_bank": slots, **{f"moe.{k}": v for k, v in moe.items()}})
-    return runner.execution_for_config(cfg, path)
+def _execution(path: Path, sc: Path, mode: str, slots: int | None, ubatch: int, **moe) -> Prepared:
+    return prepare({"model.path": path, "budget.size": "64GiB", "context.ctx": CTX, "context.ubatch": ubatch,
+                    "moe.mode": mode, "moe.sidecar": sc, "moe.slot_bank": slots,
+                    **{f"moe.{k}": v for k, v in moe.items()}}, _settings(path, ubatch))
 
 
-def _settings(path: Path, ubatch: int) -> runner.GenerationSettings:
-    return runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2)
+def _settings(path: Path, ubatch: int) -> GenerationSettings:
+    return GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2)
 
 
-def _stats(ex: runner.Execution, settings: runner.GenerationSettings, tokens: list[int]) -> tuple:
+def _stats(ex: Prepared, settings: GenerationSettings, tokens: list[int]) -> tuple:
     """Logits and the run's expert-bank stats for teacher-forced tokens."""
-    with runner.session(settings, ex, logits_all=True) as llm:
+    with with_settings(ex, settings).session(logits_all=True) as handle:
+        llm = handle.llm
         native.moe_stats_reset(llm.model)
         llm.eval(tokens)
         logits = np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
@@ -170,7 +173,7 @@ def test_record_and_replay_are_bitwise_exact(traced, moe_models, tmp_path, famil
     path, sc = moe_models[family]
     settings = _settings(path, ubatch)
     tokens = exact.teacher_tokens(40, 512, seed=2)
-    stock = exact.logits(settings, None, tokens)
+    stock = exact.logits(prepared_of(settings), tokens)
     trace = tmp_path / "run.trace.jsonl"
 
     logits, rec_stats = _stats(_execution(path, sc, "slot-bank", slots, ubatch, trace=trace), settings, tokens)
@@ -194,7 +197,7 @@ def test_record_and_replay_are_bitwise_exact(traced, moe_models, tmp_path, famil
         assert st["replay_position"] == st["replay_records"] == len(t.records)
         if mode == "oracle-all-hit":
             assert st["misses"] == 0 and st["bytes_read"] == 0
-            assert ex.moe.slots == max(t.header.k, t.max_distinct_per_layer())
+            assert ex.spec.banks.slots == max(t.header.k, t.max_distinct_per_layer())
         else:
             assert st["prefetch"] == "oracle" and st["prefetch_issued"] > 0
             assert st["misses"] <= rec_stats["misses"]
@@ -211,10 +214,10 @@ def test_record_and_replay_are_bitwise_exact(traced, moe_models, tmp_path, famil
 def test_oracle_prefetch_in_decode_turns_misses_into_prefetch_hits(traced, moe_models, tmp_path):
     path, sc = moe_models["qwen3moe"]
     trace = tmp_path / "t.jsonl"
-    settings = runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=8, threads=2, n_predict=16,
+    settings = GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=8, threads=2, n_predict=16,
                                          prompt="hello world")
-    recorded = runner.generate(settings, ex=_execution(path, sc, "slot-bank", 5, 8, trace=trace))
-    replay = runner.generate(settings, ex=_execution(path, sc, "oracle-prefetch", 5, 8, trace=trace))
+    recorded = execution.run(with_settings(_execution(path, sc, "slot-bank", 5, 8, trace=trace), settings))
+    replay = execution.run(with_settings(_execution(path, sc, "oracle-prefetch", 5, 8, trace=trace), settings))
     assert replay.tokens == recorded.tokens
     dec = replay.stats["moe"]["decode"]
     assert recorded.stats["moe"]["decode"]["misses"] > 0
@@ -227,9 +230,9 @@ def test_replay_refuses_other_models_settings_and_prompts(traced, moe_models, tm
     path, sc = moe_models["qwen3moe"]
     other, other_sc = moe_models["qwen2moe"]
     trace = tmp_path / "t.jsonl"
-    settings = runner.GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=8, threads=2, n_predict=4,
+    settings = GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=8, threads=2, n_predict=4,
                                          prompt="hello world")
-    runner.generate(settings, ex=_execution(path, sc, "slot-bank", 6, 8, trace=trace))
+    execution.run(with_settings(_execution(path, sc, "slot-bank", 6, 8, trace=trace), settings))
     with pytest.raises(FlashflexError, match="recorded on another model"):
         _execution(other, other_sc, "oracle-prefetch", 3, 8, trace=trace)
     with pytest.raises(FlashflexError, match="ubatch 8, this run uses 1"):
@@ -274,8 +277,8 @@ def test_a_failed_run_leaves_no_trace(traced, moe_models, tmp_path):
     trace = tmp_path / "t.jsonl"
     ex = _execution(path, sc, "slot-bank", 6, 1, trace=trace)
     with pytest.raises(RuntimeError, match="interrupted"):
-        with runner.session(_settings(path, 1), ex) as llm:
-            llm.eval([5, 6, 7])
+        with ex.session() as handle:
+            handle.llm.eval([5, 6, 7])
             assert traces.partial_path(trace).exists()  # being written
             raise RuntimeError("interrupted")
     assert not trace.exists() and not traces.partial_path(trace).exists()

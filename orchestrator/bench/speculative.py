@@ -168,8 +168,8 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
     results.md under out_dir; return the results."""
     from orchestrator import api
     from orchestrator.bench.runs import machine_info
-    from orchestrator.run import execution
     from orchestrator.fsutil import atomic_file
+    from orchestrator.run import execution
     from orchestrator.sizes import format_size, parse_size
 
     unknown = [t for t in b.tasks if t not in TASKS]
@@ -248,7 +248,7 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def moe_columns(moe: dict[str, Any] | None, tokens: int, decode_calls: int) -> dict[str, Any]:
-    """A decode phase's expert-bank counters (run.execution's stats["moe"]["decode"]: the native counters) per MoE layer.
+    """A decode phase's expert-bank counters (a run's stats["moe"]["decode"]: the native counters) per MoE layer.
     The bank counts each distinct expert of a layer call once, as a hit or a miss (a call whose experts exceed the
     bank runs in passes, each expert in one), so hits + misses over layers and decode calls is the number of
     distinct experts a call resolves: top-k for a single-token step, the union of its tokens' experts for a

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import typer
 
 from orchestrator.cli.common import JsonOpt, err_console
+from orchestrator.endpoints import check_can_listen
 from orchestrator.errors import FlashflexError
 
 UNSAFE_HOST_WARNING = (
@@ -84,7 +85,7 @@ def register(app: typer.Typer) -> None:
             raise FlashflexError(f"--host {host!r} is not an IPv4 address (ggml's RPC server listens on IPv4 only)",
                                  "give an address such as 127.0.0.1 or 192.168.1.10") from None
         endpoint = f"{host}:{port}"
-        _check_can_listen(host, port)
+        check_can_listen(host, port)
         protocol = rpc.library_protocol()
         devices = _served_devices(native.devices())
         if not devices:
@@ -117,22 +118,6 @@ def register(app: typer.Typer) -> None:
             lines.append(f"clients: flashflex run --rpc {endpoint} ... · Ctrl-C stops the worker")
         _serve_until_signal(endpoint, str(cache) if cache else None, n_threads, announce,
                             [d["index"] for d in devices], "\n".join(lines) + "\n")
-
-
-def _check_can_listen(host: str, port: int) -> None:
-    """One clear line when the port is taken or the address is not this host's (ggml would only print 'Failed to
-    create server socket')."""
-    import socket
-
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ggml's server does
-    try:
-        s.bind((host, port))
-    except OSError as exc:
-        raise FlashflexError(f"cannot listen on {host}:{port}: {exc.strerror}",
-                             "pick another --port, or an address of this host for --host") from None
-    finally:
-        s.close()
 
 
 def _listening(host: str, port: int) -> bool:

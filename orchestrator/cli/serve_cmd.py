@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         _server_deps()
         server_overrides = {"host": host, "port": port, "api_key": api_key, "max_tokens_cap": max_tokens_cap}
         entries, settings = load_entries(config, options, server_overrides, err_console.print)
-        srv.check_port_free(settings.host, settings.port)
+        srv.check_can_listen(settings.host, settings.port)
         for line in startup_lines(entries, settings):
             style = "yellow" if line.startswith("LOSSY") else "dim"
             err_console.print(f"[{style}]{line}[/]", soft_wrap=True)

@@ -111,8 +111,7 @@ def register(app: typer.Typer) -> None:
         manifest.json plus one layer-NNN.bin per layer. Written atomically; an interrupted run leaves nothing."""
         from orchestrator.errors import FlashflexError
         from orchestrator.modelfile.realign import byte_progress
-        from orchestrator.sidecar import default_path
-        from orchestrator.sidecar import extract
+        from orchestrator.sidecar import default_path, extract
 
         model = model_opt or model_arg
         if model is None:

@@ -11,9 +11,9 @@ from functools import lru_cache
 from typing import Any
 
 from orchestrator import modes
-from orchestrator.modes import ROUTER_LOOKAHEAD
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
+from orchestrator.modes import ROUTER_LOOKAHEAD
 from orchestrator.planner.buffers import compute_bytes, kv_cache_bytes
 from orchestrator.planner.request import PlanInputs, PlanRequest
 from orchestrator.planner.schema import (
@@ -607,8 +607,9 @@ def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _O
     reserved = d.model_bytes + length * d.row_bytes
     total = req.budget_bytes - _total(extras)
     if reserved >= total:
-        raise FlashflexError(f"drafting needs {format_size(reserved)} resident ({d.kind}{': ' + d.name if d.name else ''}"
-                             f": weights, KV cache, compute, verification logits), more than the budget of "
+        what = d.kind + (f": {d.name}" if d.name else "")
+        raise FlashflexError(f"drafting needs {format_size(reserved)} resident ({what}: weights, KV cache, compute, "
+                             "verification logits), more than the budget of "
                              f"{format_size(total)}", "raise --budget, use a smaller draft model, or --draft "
                              "prompt-lookup")
     return DraftPlan(kind=d.kind, max_tokens=length, capped_from=d.max_tokens if length < d.max_tokens else None,

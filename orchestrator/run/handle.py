@@ -17,7 +17,7 @@ from orchestrator.run.spec import RuntimeSpec
 
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
-    from orchestrator.speculative import DraftSetup, Drafter
+    from orchestrator.speculative import Drafter, DraftSetup
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Prepared:
                 "streamed_bytes_per_token": plan.estimates.dense_streamed_bytes_per_token,
                 "fits_entirely": plan.fits_entirely,
                 "prefetch_threads": plan.prefetch.threads,
+                "draft_bytes": plan.reservations.draft_bytes,
             }
         if spec.placement is not None:
             p = spec.placement
