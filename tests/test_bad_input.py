@@ -170,17 +170,19 @@ def test_yaml_bombs_duplicates_and_empty_files(tmp_path, text, needle):
 
 def test_bank_options_on_runs_without_banks_are_refused(dense, moe_models, tmp_path):
     moe, sc = moe_models["qwen3moe"]
+    banks, moe_only = "applies to runs with expert banks", "applies to MoE models only"
     cases = [
-        (["-m", str(moe), "--moe-mode", "stock", "--moe-trace", str(tmp_path / "t.jsonl")], "--moe-trace"),
-        (["-m", str(moe), "--moe-trace", str(tmp_path / "t.jsonl")], "--moe-trace"),
-        (["-m", str(dense), "--moe-trace", str(tmp_path / "t.jsonl")], "a dense model"),
-        (["-m", str(moe), "--moe-mode", "stock", "--moe-slot-bank", "8"], "--moe-slot-bank"),
-        (["-m", str(moe), "--moe-mode", "stock", "--moe-prefetch", "router-lookahead"], "--moe-prefetch"),
-        (["-m", str(moe), "--moe-mode", "stock", "--moe-sidecar", str(sc)], "--moe-sidecar"),
-        (["-m", str(dense), "--moe-sidecar", str(sc)], "--moe-sidecar"),
+        (["-m", str(moe), "--moe-mode", "stock", "--moe-trace", str(tmp_path / "t.jsonl")], "--moe-trace", banks),
+        (["-m", str(moe), "--moe-trace", str(tmp_path / "t.jsonl")], "--moe-trace", banks),
+        (["-m", str(dense), "--moe-trace", str(tmp_path / "t.jsonl")], "a dense model", moe_only),
+        (["-m", str(moe), "--moe-mode", "stock", "--moe-slot-bank", "8"], "--moe-slot-bank",
+         "applies to slot-bank and oracle modes, not stock"),
+        (["-m", str(moe), "--moe-mode", "stock", "--moe-prefetch", "router-lookahead"], "--moe-prefetch", banks),
+        (["-m", str(moe), "--moe-mode", "stock", "--moe-sidecar", str(sc)], "--moe-sidecar", banks),
+        (["-m", str(dense), "--moe-sidecar", str(sc)], "--moe-sidecar", moe_only),
     ]
-    for args, needle in cases:
-        one_error(flashflex("run", *args, "-n", "1"), needle, "applies to runs with expert banks")
+    for args, needle, rule in cases:
+        one_error(flashflex("run", *args, "-n", "1"), needle, rule)
     assert not (tmp_path / "t.jsonl").exists()
 
 

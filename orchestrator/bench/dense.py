@@ -129,7 +129,7 @@ def plot(records: list[dict[str, Any]], out: Path, log: Log) -> None:
             continue
         name = r["mode"] if r["mode"] != modes.FLASHFLEX else f"flashflex tp={r['prefetch_threads']}"
         if modes.is_stock_baseline(r["mode"]):
-            name = "stock"
+            name = modes.STOCK
         gib = r["budget_bytes"] / 2**30
         series.setdefault(name, []).append((gib, r["decode_tok_per_s"]))
         if r.get("roofline_tok_per_s") and r.get("prefetch_threads") == max(
