@@ -23,7 +23,7 @@ that no other module quotes a mode word).
 from __future__ import annotations
 
 import typing
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 if TYPE_CHECKING:
     from orchestrator.run.spec import RuntimeSpec
@@ -31,17 +31,17 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------------
 # The words
 
-AUTO = "auto"
-STOCK = "stock"
-RESIDENT = "resident"
-RESIDENT_BANK = "resident-bank"
-SLOT_BANK = "slot-bank"
-ORACLE_ALL_HIT = "oracle-all-hit"
-ORACLE_PREFETCH = "oracle-prefetch"
-DENSE_STREAM = "dense-stream"
-STOCK_MMAP = "stock-mmap"
-STOCK_RESIDENT = "stock-resident"
-FLASHFLEX = "flashflex"
+AUTO: Final = "auto"
+STOCK: Final = "stock"
+RESIDENT: Final = "resident"
+RESIDENT_BANK: Final = "resident-bank"
+SLOT_BANK: Final = "slot-bank"
+ORACLE_ALL_HIT: Final = "oracle-all-hit"
+ORACLE_PREFETCH: Final = "oracle-prefetch"
+DENSE_STREAM: Final = "dense-stream"
+STOCK_MMAP: Final = "stock-mmap"
+STOCK_RESIDENT: Final = "stock-resident"
+FLASHFLEX: Final = "flashflex"
 
 # --------------------------------------------------------------------------------------------------
 # The vocabularies (Literal types for pydantic and readers; tuples of their values, in that order)
@@ -66,16 +66,16 @@ BENCH_MODES: tuple[str, ...] = typing.get_args(BenchMode)
 # --------------------------------------------------------------------------------------------------
 # The axes (Plan.moe, RuntimeSpec.banks)
 
-GGUF = "gguf"
-SIDECAR = "sidecar"
+GGUF: Final = "gguf"
+SIDECAR: Final = "sidecar"
 ExpertSource = Literal["gguf", "sidecar"]
 
-REPLAY_NONE = "none"
-REPLAY_ALL_HIT = "all-hit"
-REPLAY_PREFETCH = "prefetch"
+REPLAY_NONE: Final = "none"
+REPLAY_ALL_HIT: Final = "all-hit"
+REPLAY_PREFETCH: Final = "prefetch"
 Replay = Literal["none", "all-hit", "prefetch"]
 
-ROUTER_LOOKAHEAD = "router-lookahead"
+ROUTER_LOOKAHEAD: Final = "router-lookahead"
 MoEPrefetch = Literal["none", "router-lookahead", "oracle"]
 """Expert read-ahead the runtime does: what moe.prefetch asks for (none | router-lookahead), or oracle, which a
 replayed trace brings (oracle-prefetch)."""

@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 import json
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 from orchestrator import cpufeatures
 from orchestrator.errors import FlashflexError
@@ -223,8 +223,8 @@ class RuntimeConfig:
                    banks=banks.tensors if banks else [], options=options, strings=strings,
                    schedule=banks.schedule if banks else None)
 
-    def __init__(self, files: list[str], tensors: list[tuple[str, int, int, int]] = (), *,
-                 banks: list[Any] = (), options: dict[str, int] | None = None,
+    def __init__(self, files: Sequence[str], tensors: Sequence[tuple[str, int, int, int]] = (), *,
+                 banks: Sequence[Any] = (), options: dict[str, int] | None = None,
                  strings: dict[str, str] | None = None, schedule: list[int] | None = None):
         """`banks`: run.spec.BankedTensor (name, file, offset, expert_stride, bytes_per_expert, checksums)."""
         cdll = lib()

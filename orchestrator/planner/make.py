@@ -8,12 +8,12 @@ import itertools
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal, cast
 
 from orchestrator import modes
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
-from orchestrator.modes import ROUTER_LOOKAHEAD
+from orchestrator.modes import ROUTER_LOOKAHEAD, MoEMode, PlannedMoEMode
 from orchestrator.planner.buffers import compute_bytes, kv_cache_bytes
 from orchestrator.planner.request import PlanInputs, PlanRequest
 from orchestrator.planner.schema import (
@@ -27,6 +27,7 @@ from orchestrator.planner.schema import (
     Placement,
     Plan,
     PrefetchPlan,
+    Regime,
     Reservations,
     RPCPlan,
     TensorDecision,
@@ -635,7 +636,7 @@ def _minimum_budget(model: _ModelFacts, req: PlanRequest, over: _Overheads, expe
     of stock and slot-bank at top-k), plus the `extras` reserved beside the model (drafting, this process).
     `budget` is what the extras leave for the model. A budget below the minimum is refused, naming each part."""
     fixed = experts.fixed_weights(over)
-    n_buf0, buf0, ring0 = _buffers(model.layers, 0, req.effective_window, req.threads)
+    n_buf0, buf0, ring0 = _buffers(model.layers, 0, req.effective_window, req.prefetch_threads)
     stream_all = _prefetch_cost(ring0, staging)
     minimum = fixed + experts.min_bank_bytes + min(over.streamable, stream_all)
     if model.is_moe and req.mode == modes.AUTO and not experts.banked:  # auto falls back to slot-bank below stock
@@ -713,7 +714,7 @@ def _split_dense(model: _ModelFacts, req: PlanRequest, over: _Overheads, experts
     avail = budget - experts.fixed_weights(over) - experts.min_bank_bytes
     if over.streamable <= avail:
         return _Dense(avail=avail, quota=None, buffers=0, buffer_bytes=0, ring_bytes=0, staging=staging)
-    quota, n_buf, buf, ring = _dense_fill(model.layers, avail, req.effective_window, staging, req.threads)
+    quota, n_buf, buf, ring = _dense_fill(model.layers, avail, req.effective_window, staging, req.prefetch_threads)
     kept = sum(layer.steps.resident[layer.steps.at(quota)] for layer in model.layers)
     raised = _spend_leftover(model.layers, quota, avail - kept - _prefetch_cost(ring, staging))
     return _Dense(avail=avail, quota=quota, buffers=n_buf, buffer_bytes=buf, ring_bytes=ring, staging=staging,
@@ -784,7 +785,7 @@ def _place_tensors(table: ModelTable, model: _ModelFacts, experts: _Experts, den
         kept_bytes = sum(layer.streamable[i].n_bytes for i in kept)
         dense_kept += kept_bytes
         lp = LayerPlan(
-            layer=layer.index, regime=regime if layer.streamable else "all",
+            layer=layer.index, regime=cast(Regime, regime if layer.streamable else "all"),
             resident_bytes=sum(t.n_bytes for t in layer.pinned) + kept_bytes,
             streamed_bytes=layer.streamable_bytes - kept_bytes,
             attention_bytes=sum(t.n_bytes for t in layer.streamable if t.role not in _FFN_ROLES),
@@ -838,7 +839,7 @@ def _decide(table: ModelTable, model: _ModelFacts, req: PlanRequest, over: _Over
             extras: list[tuple[str, int]], warnings: list[str]) -> _Decisions:
     """The budget stages, with what `extras` leave of the budget for the model."""
     budget = req.budget_bytes - _total(extras)
-    staging = _staging_bytes(model.layers, req.threads or 0)
+    staging = _staging_bytes(model.layers, req.prefetch_threads)
     minimum = _minimum_budget(model, req, over, experts, staging, budget, extras)
     dense = _split_dense(model, req, over, experts, staging, budget)
     slots = _bank_slots(model, req, over, experts, dense, warnings)
@@ -855,6 +856,7 @@ def _moe_runtime(req: PlanRequest, model: _ModelFacts, experts: _Experts, slots:
     mode = experts.mode
     sidecar = modes.reads_sidecar(mode)
     replay = modes.replay_of(mode)
+    runtime: int | None
     if mode == modes.RESIDENT_BANK:
         runtime = 0
     elif replay == modes.REPLAY_ALL_HIT:
@@ -922,15 +924,15 @@ def _assemble(table: ModelTable, budget: int, *, req: PlanRequest, model: _Model
         reservations=Reservations(kv_cache_bytes=over.kv, compute_bytes=over.compute,
                                   prefetch_buffer_bytes=d.dense.prefetch_bytes, load_staging_bytes=over.load,
                                   draft_bytes=extra.get("drafting", 0), process_bytes=extra.get("this process", 0),
-                                  source=over.source),
-        prefetch=PrefetchPlan(threads=req.threads, threads_reason=req.threads_reason,
+                                  source=cast(Literal["measured", "estimated"], over.source)),
+        prefetch=PrefetchPlan(threads=req.prefetch_threads, threads_reason=req.threads_reason,
                               window=req.window if req.window is not None else "auto",
                               buffers=d.dense.buffers, buffer_bytes=d.dense.buffer_bytes,
                               ring_bytes=d.dense.ring_bytes, staging_bytes=d.dense.staging if d.dense.buffers else 0,
                               direct_io_requested=req.direct_io, direct_io=d.direct_io,
                               unaligned_tensors=d.placed.unaligned),
         moe=None if not model.is_moe else MoEPlan(
-            requested_mode=req.mode, mode=experts.mode, n_expert=model.max_expert,
+            requested_mode=cast(MoEMode, req.mode), mode=cast(PlannedMoEMode, experts.mode), n_expert=model.max_expert,
             n_expert_used=model.n_expert_used, topk=model.topk, topk_lossy=model.topk < model.n_expert_used,
             slot_bank=min(d.slots, max((lay.n_expert for lay in model.moe_layers), default=d.slots))
             if experts.banked else None,

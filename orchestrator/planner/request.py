@@ -58,6 +58,12 @@ class PlanRequest:
     process_bytes: int = 0  # the process beside the model (a benchmark's interpreter), reserved first
 
     @property
+    def prefetch_threads(self) -> int:
+        """The prefetch threads once resolved (make_plan's _prefetch_threads stage turns auto into a number)."""
+        assert self.threads is not None, "-tp auto is resolved before the budget stages"
+        return self.threads
+
+    @property
     def effective_window(self) -> int | None:
         """The layers' worth of ring an explicit window asks for (one for synchronous reads); None = auto."""
         if self.window is None:

@@ -92,6 +92,7 @@ def gather(cfg: "RunConfig", settings: GenerationSettings, *, log: Callable[[str
     if modes.is_oracle(cfg.moe.mode):
         from orchestrator import traces
 
+        assert cfg.moe.trace is not None  # MoEConfig requires it for the oracle modes
         inputs.replayed = traces.read_trace(cfg.moe.trace)
     elif cfg.moe.trace is not None:
         from orchestrator import traces

@@ -4,6 +4,7 @@ named by a GGUF key override), the stock path otherwise."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from orchestrator import native
@@ -44,7 +45,7 @@ def begin_trace(spec: RuntimeSpec) -> None:
     if spec.banks is not None and spec.banks.trace is not None:
         from orchestrator import traces
 
-        traces.begin_recording(spec.banks.trace, traces.TraceHeader.model_validate(spec.banks.trace_header))
+        traces.begin_recording(Path(spec.banks.trace), traces.TraceHeader.model_validate(spec.banks.trace_header))
 
 
 def finish_trace(spec: RuntimeSpec, ok: bool) -> None:
@@ -52,7 +53,7 @@ def finish_trace(spec: RuntimeSpec, ok: bool) -> None:
     if spec.banks is not None and spec.banks.trace is not None:
         from orchestrator import traces
 
-        traces.finish_recording(spec.banks.trace, ok)
+        traces.finish_recording(Path(spec.banks.trace), ok)
 
 
 def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_all: bool = False,

@@ -138,10 +138,12 @@ class RuntimeSpec(_Spec):
             if plan.moe.shared_only:
                 spec.lossy.append("--moe-shared-only drops every routed expert")
             if plan.moe.experts == modes.SIDECAR:
+                assert inputs.sidecar is not None and inputs.manifest is not None, "RunInputs.with_sidecar(plan)"
                 spec.banks = _banks(plan, inputs, first_file=len(spec.files))
                 spec.files += [str(inputs.sidecar / layer.file) for layer in inputs.manifest.layers]
                 # sidecar slices are page-aligned: the setting as asked decides
-                spec.direct_io = {"off": "off", "strict": "strict"}.get(plan.prefetch.direct_io_requested, "on")
+                asked = plan.prefetch.direct_io_requested
+                spec.direct_io = "off" if asked == "off" else "strict" if asked == "strict" else "on"
         if spec.native or (plan.moe is not None and plan.moe.mode == modes.RESIDENT):
             spec.use_mmap = False  # our runtime reads what it needs; resident = stock without mmap
         return spec
