@@ -8,14 +8,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.modes import ExpertSource, MoEMode, MoEPrefetch, PlannedMoEMode, Replay
-from orchestrator.sizes import MiB
+from orchestrator.config import DEFAULT_BANDWIDTH
+from orchestrator.sizes import MiB, parse_rate
 
 SCHEMA_VERSION = 1
 DIRECT_IO_ALIGNMENT = 4096
 READ_CHUNK_BYTES = 4 << 20  # one read job of the runtime (k_chunk in llama-flashflex-stream.cpp)
 COMPUTE_FIXED_BYTES = 4 * MiB
 BANK_WARN_FACTOR = 1.25
-DEFAULT_READ_BANDWIDTH = 1_100_000_000  # 1.1 GB/s
+DEFAULT_READ_BANDWIDTH = parse_rate(DEFAULT_BANDWIDTH)  # prefetch.read_bandwidth's default, in bytes/s
 DEFAULT_N_VOCAB = 32000
 
 
