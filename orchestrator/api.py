@@ -102,15 +102,16 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepare(config: str | Path | RunConfig | None = None, log=None, *, process_bytes: int = 0,
-            **options: Any) -> Prepared:
+def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_bytes: int | None = None,
+            process_bytes: int = 0, **options: Any) -> Prepared:
     """Validate everything `run` validates (model, plan, sidecar, traces, flag combinations, a draft model's
     vocabulary) without loading the weights: the inputs gathered once, one plan, its RuntimeSpec.
-    `process_bytes`: what the process around the model occupies when the budget is a whole cgroup (benchmarks)."""
+    `budget_bytes` replaces the config's budget (always planned); `process_bytes`: what the process around the
+    model occupies when the budget is a whole cgroup (benchmarks)."""
     log = log or (lambda _msg: None)
     cfg = run_config(config, **options)
     settings = settings_from_config(cfg, log=log)
-    inputs = gather(cfg, settings, log=log, process_bytes=process_bytes)
+    inputs = gather(cfg, settings, log=log, budget_bytes=budget_bytes, process_bytes=process_bytes)
     plan = make_plan(inputs.request(), inputs.plan_inputs()) if inputs.table is not None else None
     if plan is not None and plan.draft is not None:
         if plan.draft.note:

@@ -21,6 +21,23 @@ def test_library_reports_our_series(patched_llama):
     assert "CPU" in info["backends"]
 
 
+def test_a_library_from_another_series_is_refused_in_one_place(patched_llama, monkeypatch):
+    """native.lib() is the one gate: a library built from another patch series than this checkout's is refused
+    with the fix (whatever feature is asked for), unless FLASHFLEX_ANY_SERIES=1 (an A/B of two builds)."""
+    from orchestrator import native
+
+    monkeypatch.setattr(patches, "series_hash", lambda root=None: "0" * 64)
+    native.lib.cache_clear()
+    try:
+        with pytest.raises(native.NotPatched, match="another patch series") as info:
+            native.lib()
+        assert "flashflex build" in info.value.one_line() and not native.is_patched()
+        monkeypatch.setenv("FLASHFLEX_ANY_SERIES", "1")
+        assert native.is_patched()
+    finally:
+        native.lib.cache_clear()
+
+
 def test_doctor_reports_the_patched_library(patched_llama):
     result = flashflex("doctor", "--json")
     assert result.returncode == 0, result.stderr

@@ -71,14 +71,14 @@ class RunInputs:
 
 
 def gather(cfg: "RunConfig", settings: GenerationSettings, *, log: Callable[[str], None] = print,
-           process_bytes: int = 0) -> RunInputs:
-    """Everything planning needs, read once."""
+           budget_bytes: int | None = None, process_bytes: int = 0) -> RunInputs:
+    """Everything planning needs, read once. `budget_bytes` replaces the config's budget (a benchmark's cgroup)."""
     from orchestrator import overheads, rpc, speculative
     from orchestrator.sizes import available_memory
 
-    budget = cfg.budget.resolve_bytes(available_memory())
+    budget = budget_bytes if budget_bytes is not None else cfg.budget.resolve_bytes(available_memory())
     inputs = RunInputs(config=cfg, model=settings.model, budget_bytes=budget, process_bytes=process_bytes)
-    needs_plan = not _fits_without_plan(cfg, settings.model, budget)
+    needs_plan = budget_bytes is not None or not _fits_without_plan(cfg, settings.model, budget)
     if needs_plan or cfg.draft.kind != "none":
         from orchestrator.modelfile.reader import read_model_table
 
