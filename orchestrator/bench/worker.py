@@ -43,7 +43,6 @@ def _prepare(point: dict, spec: dict, out: dict):
     # The cgroup holds the whole process: the interpreter and libraries are a reservation of the plan.
     overhead = psutil.Process().memory_info().rss + PROCESS_SLACK
     budget = point["budget_bytes"] or 1 << 50
-    options["budget"] = f"{budget}B"
     if modes.is_banked(point["mode"]):
         options.update(moe_mode=point["mode"], moe_sidecar=spec["sidecar"], moe_slot_bank=point["slot_bank"],
                        moe_io_threads=spec["io_threads"], moe_prefetch=point.get("prefetch", "none"),
@@ -54,7 +53,7 @@ def _prepare(point: dict, spec: dict, out: dict):
         options.update(prefetch_threads=point["prefetch_threads"], prefetch_window=spec["window"])
     if spec.get("rpc"):
         options["rpc"] = spec["rpc"]
-    prepared = api.prepare(process_bytes=overhead, **options)
+    prepared = api.prepare(budget_bytes=budget, process_bytes=overhead, **options)
     plan = prepared.plan
     assert plan is not None
     banks = prepared.spec.banks

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.modes import ExpertSource, MoEMode, MoEPrefetch, PlannedMoEMode, Replay
 from orchestrator.config import DEFAULT_BANDWIDTH
+from orchestrator.modes import ExpertSource, MoEMode, MoEPrefetch, PlannedMoEMode, Replay
 from orchestrator.sizes import MiB, parse_rate
 
 SCHEMA_VERSION = 1
