@@ -127,7 +127,7 @@ def prepare_stock(config: str | Path | RunConfig | None = None, *, use_mmap: boo
     """Stock llama.cpp as llama-cpp-python opens the model, nothing planned or measured (benchmarks' baselines);
     `use_mmap=False` loads the weights resident."""
     cfg = run_config(config, **options)
-    settings = settings_from_config(cfg)
+    settings = settings_from_config(cfg, log=lambda _msg: None)
     return Prepared(cfg, settings, None, RuntimeSpec(model=str(settings.model), use_mmap=use_mmap))
 
 
