@@ -13,7 +13,7 @@ BACKEND ?= cpu
 # Extra `flashflex build` flags, e.g. BUILD_FLAGS=--amx (not recommended: see flashflex build --help).
 BUILD_FLAGS ?=
 
-.PHONY: demo test lint format-cpp install venv system-deps native check-patches clean-venv
+.PHONY: demo test lint format-cpp install venv python-deps system-deps native clean-venv
 
 demo: install
 	$(FLASHFLEX) doctor
@@ -23,9 +23,11 @@ test: install
 	$(FLASHFLEX) patches check
 	$(PY) -m pytest -q
 
-# Seconds, no build needed: ruff (configured in pyproject.toml). CI runs it before the build.
+# Seconds, no build needed: ruff, then mypy over orchestrator/ (both configured in pyproject.toml).
+# CI runs it before the build.
 lint: python-deps
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # Our C++ (patches/llama.cpp/overlay) in llama.cpp's own style: the pinned tree's .clang-format.
 format-cpp: python-deps

@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Generator, TextIO
 
 from orchestrator import api
 
@@ -44,13 +44,13 @@ class Conversation:
         return head + self.messages
 
 
-def answer(llm, conv: Conversation, question: str, stop: StopFlag, write: Callable[[str], None]) -> dict[str, Any]:
+def answer(llm, conv: Conversation, question: str, stop: StopFlag, write: Callable[[str], object]) -> dict[str, Any]:
     """Stream one answer to `question` through `write`; the answer (whole or stopped) joins the conversation."""
     conv.messages.append({"role": "user", "content": question})
     meter = api.RequestMeter()
     parts: list[str] = []
     stop.set = False
-    chunks: Iterator[dict] = llm.create_chat_completion(
+    chunks: Generator[dict, None, None] = llm.create_chat_completion(
         messages=conv.request(), stream=True, max_tokens=conv.max_tokens, temperature=conv.temperature)
     try:
         for chunk in chunks:

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from orchestrator import modes
 from orchestrator.errors import FlashflexError
@@ -67,8 +68,12 @@ def _on_off(value: Any) -> Any:
     return value
 
 
-def _auto_or_int(lo: int, hi: int):
-    """`auto`, or a whole number in [lo, hi] (a numeric string too: flags arrive as text): one error either way."""
+AutoOrInt = Union[int, Literal["auto"]]
+
+
+def _auto_or_int(lo: int, hi: int) -> BeforeValidator:
+    """The validator of an AutoOrInt field: `auto`, or a whole number in [lo, hi] (a numeric string too: flags
+    arrive as text): one error either way."""
 
     def check(value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() == "auto":
@@ -85,7 +90,7 @@ def _auto_or_int(lo: int, hi: int):
             raise ValueError(f"must be <= {hi} (or auto)")
         return n
 
-    return Annotated[Union[int, Literal["auto"]], BeforeValidator(check)]
+    return BeforeValidator(check)
 
 
 SizeSpec = Annotated[str, BeforeValidator(_size_spec)]
@@ -136,13 +141,13 @@ class BudgetConfig(_Section):
 class PrefetchConfig(_Section):
     """Dense weight streaming: prefetch threads, look-ahead window and direct I/O (FlexInfer's -tp)."""
 
-    threads: _auto_or_int(0, 64) = Field(
+    threads: Annotated[AutoOrInt, _auto_or_int(0, 64)] = Field(
         default="auto",
         description="I/O threads reading streamed tensors ahead of compute (FlexInfer -tp). auto = the fewest "
         "threads within 10% of the best direct-read bandwidth probed on the model's device (cached per device). "
         "0 = synchronous reads on the compute thread.",
     )
-    window: _auto_or_int(1, 64) = Field(
+    window: Annotated[AutoOrInt, _auto_or_int(1, 64)] = Field(
         default="auto",
         description="Read-ahead. auto = a ring sized in bytes: the largest streamed layer, the slack of its "
         "largest tensor, and one 4 MiB read per prefetch thread, the rest of the budget holding weights. A number "
@@ -709,7 +714,7 @@ def _line_numbers(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
     return found
 
 
-def _describe(err: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
+def _describe(err: ErrorDetails, lines: dict[tuple[str, ...], int]) -> str:
     loc = tuple(str(p) for p in err.get("loc", ()))
     kind = err.get("type", "")
     ctx = err.get("ctx") or {}

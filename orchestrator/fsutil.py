@@ -15,7 +15,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, ContextManager, Iterator, Literal, TextIO, overload
 
 from orchestrator.errors import FlashflexError
 
@@ -86,7 +86,7 @@ def _pid_alive(pid: int) -> bool:
 def sweep_stale_partials(dest: Path) -> list[Path]:
     """Remove `.NAME.PID.*.partial` temp paths of `dest` left by processes that no longer run."""
     dest = Path(dest)
-    removed = []
+    removed: list[Path] = []
     if not dest.parent.is_dir():
         return removed
     prefix = f".{dest.name}."
@@ -132,8 +132,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@overload
+def atomic_file(dest: Path, mode: Literal["wb", "w+b"] = "wb") -> ContextManager[BinaryIO]: ...
+@overload
+def atomic_file(dest: Path, mode: Literal["w"]) -> ContextManager[TextIO]: ...
+
+
 @contextlib.contextmanager
-def atomic_file(dest: Path, mode: str = "wb") -> Iterator[BinaryIO]:
+def atomic_file(dest: Path, mode: str = "wb") -> Iterator[Any]:  # the overloads above give the file type
     """Write `dest` through a temp file in the same directory; rename only on success."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

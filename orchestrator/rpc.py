@@ -262,14 +262,14 @@ _TCPI_SIZE = 136
 
 
 def _peers(endpoints: list[str]) -> set[tuple[str, int]]:
-    out = set()
+    out: set[tuple[str, int]] = set()
     for endpoint in endpoints:
         if endpoint == LOCAL:
             continue
         host, _, port = endpoint.rpartition(":")
         try:
             for info in socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM):
-                out.add((info[4][0], int(port)))
+                out.add((str(info[4][0]), int(port)))  # AF_INET: (host, port)
         except OSError:
             continue
     return out

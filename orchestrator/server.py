@@ -313,7 +313,8 @@ def build_app(entries: list[ServedEntry], server: ServerConfig, log: Callable[[s
                                                interrupt_requests=False))  # queue, do not interrupt
     stop = ShutdownFlag()
     proxy = ModelProxy(entries, server, stop, log)
-    lcp_app._llama_proxy = proxy  # the router's model source (llama-cpp-python's set_llama_proxy builds its own)
+    # the router's model source (llama-cpp-python's set_llama_proxy builds its own); ModelProxy is duck-typed
+    lcp_app._llama_proxy = proxy  # type: ignore[assignment]
 
     app = FastAPI(title="flashflex", version=orchestrator.__version__)
     app.add_middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))

@@ -196,10 +196,10 @@ class SidecarManifest(_Strict):
             files[entry.file] = entry
         for i, t in enumerate(self.tensors):
             where = f"tensors.{i} ({t.name})"
-            entry = files.get(t.file)
-            if entry is None:
+            layer_file = files.get(t.file)
+            if layer_file is None:
                 raise ValueError(f"{where}: file {t.file!r} is not among the layers")
-            if t.layer != entry.layer:
+            if t.layer != layer_file.layer:
                 raise ValueError(f"{where}: layer {t.layer} stored in {t.file}")
             if t.family not in self.families or family_of(t.name) != t.family:
                 raise ValueError(f"{where}: family {t.family!r} does not fit the name or the families list")
@@ -501,7 +501,7 @@ class _HashingWriter:
         self.sha = hashlib.sha256()
         self.pos = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.fh.write(data)
         self.sha.update(data)
         self.pos += len(data)

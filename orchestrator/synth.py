@@ -322,7 +322,8 @@ def build_vocab(n_vocab: int) -> Vocab:
     """A SentencePiece-style vocabulary of exactly n_vocab tokens."""
     base = list(_base_vocab())[:n_vocab]
     known = {t for t, _s, _ty in base}
-    filler, i = [], 0
+    filler: list[tuple[str, float, TokenType]] = []
+    i = 0
     while len(base) + len(filler) < n_vocab:
         piece = f"{SPACE}tok{i}"
         i += 1
@@ -535,7 +536,7 @@ def write_synth_model(
         with atomic_file(out) as fh:
             # GGUFWriter serialises the header, metadata and tensor infos into our temp file; the data
             # we stream ourselves, chunk by chunk, instead of handing it whole arrays.
-            writer.fout = [fh]
+            writer.fout = [fh]  # type: ignore[list-item]  # gguf-py annotates BufferedWriter; it only writes
             writer.state = WriterState.EMPTY
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -544,7 +545,7 @@ def write_synth_model(
                 _pad_to(fh, spec.alignment)
                 written = 0
                 for chunk in tensor_chunks(t, spec.seed):
-                    data = memoryview(np.ascontiguousarray(chunk).view(np.uint8))
+                    data = np.ascontiguousarray(chunk).view(np.uint8).data
                     fh.write(data)
                     written += len(data)
                     done += len(data)

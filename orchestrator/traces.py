@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Final, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -36,7 +36,7 @@ from orchestrator.errors import FlashflexError
 from orchestrator.fsutil import fsync_dir
 from orchestrator.sizes import format_size
 
-FORMAT = "flashflex-moe-trace"
+FORMAT: Final = "flashflex-moe-trace"
 VERSION = 2  # 2: the last line is an end record {"end": true, "records": N} (a cut trace is refused)
 POLICIES = ("lru", "lfu", "belady")
 

@@ -243,8 +243,8 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
 
 
 def _median(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def moe_columns(moe: dict[str, Any] | None, tokens: int, decode_calls: int) -> dict[str, Any]:
@@ -273,7 +273,7 @@ def summarise(runs: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, An
     """Medians per task and mode, with the drafted run's decode tok/s over the undrafted one's."""
     rows = []
     for task in tasks:
-        base = None
+        base: list[dict[str, Any]] = []
         for mode in ("no draft", "draft"):
             rs = [r for r in runs if r["task"] == task and r["mode"] == mode]
             if not rs:

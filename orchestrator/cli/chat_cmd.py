@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Longest answer in tokens."),
         temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=10.0, help="0 = greedy."),
         json_out: JsonOpt = False,
-        options: dict = None,
+        *,
+        options: dict,
     ) -> None:
         """Chat with a model in the terminal, answers streamed as they are generated, with the model's chat
         template. /reset, /stats, /help, /exit; Ctrl-C stops an answer and keeps the session."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import JustifyMethod
 from rich.table import Table
 
 from orchestrator.cli.common import JsonOpt, console, emit_json
@@ -132,8 +133,9 @@ def _print_inspect(report: dict[str, Any], show_tensors: bool, show_metadata: bo
     if show_tensors:
         tensors = Table(title="tensors", title_justify="left")
         tensors.add_column("name", overflow="fold")
-        for col, justify in (("role", "left"), ("type", "left"), ("shape", "left"), ("bytes", "right"),
-                             ("offset", "right")):
+        columns: tuple[tuple[str, JustifyMethod], ...] = (("role", "left"), ("type", "left"), ("shape", "left"),
+                                                          ("bytes", "right"), ("offset", "right"))
+        for col, justify in columns:
             tensors.add_column(col, justify=justify, no_wrap=True)
         multi = len(report["files"]) > 1
         if multi:

@@ -9,6 +9,7 @@ import importlib
 import os
 import signal
 import sys
+from typing import Protocol, cast
 
 import typer
 
@@ -63,12 +64,21 @@ def _usage_line(exc) -> str:
     return f"error: {message} — see {command} --help"
 
 
+class _ClickError(Protocol):
+    """What main uses of a ClickException (from either copy of click)."""
+
+    exit_code: int
+
+    def show(self) -> None: ...
+
+
 def _click_exception() -> type[Exception]:
     """The base of click's usage errors, from typer's vendored click (typer >= 0.2x) or the click package."""
     try:
-        from typer._click.exceptions import ClickException  # type: ignore[import-not-found]
-    except ImportError:
-        from click import ClickException
+        from typer._click.exceptions import ClickException  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:  # typer without a vendored click
+        # the same class in the click package (mypy sees two distinct classes)
+        from click import ClickException  # type: ignore[assignment, unused-ignore]
     return ClickException
 
 
@@ -87,10 +97,10 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click_exception as exc:  # usage and parameter errors (range, type, unknown option)
         if type(exc).__name__ == "NoArgsIsHelpError":  # `flashflex` or `flashflex gguf` alone: the help
-            exc.show()
+            cast(_ClickError, exc).show()
             sys.exit(0)
         print(_usage_line(exc), file=sys.stderr)
-        sys.exit(exc.exit_code)
+        sys.exit(cast(_ClickError, exc).exit_code)
     except FlashflexError as exc:
         if os.environ.get("FLASHFLEX_DEBUG"):
             raise

@@ -9,9 +9,10 @@ the YAML.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, cast
 
 import typer
+from pydantic import BaseModel
 
 from orchestrator.api import OPTION_KEYS
 from orchestrator.config import RunConfig
@@ -21,7 +22,7 @@ def _flag(option: str, *decls: str) -> Any:
     """A typer option for the API keyword `option`, its help text and bounds taken from the RunConfig field it
     sets (api.OPTION_KEYS): the field's description is the one definition."""
     section, _, name = OPTION_KEYS[option].partition(".")
-    field = RunConfig.model_fields[section].annotation.model_fields[name]
+    field = cast(type[BaseModel], RunConfig.model_fields[section].annotation).model_fields[name]
     bounds: dict[str, Any] = {}
     for rule in field.metadata:
         if hasattr(rule, "ge"):
@@ -98,7 +99,7 @@ def model_options_command(*, exclude: tuple[str, ...] = ()):
             return fn(options={name: kwargs.pop(name) for name in names}, **kwargs)
 
         merged = params[:1] + shared + params[1:]
-        command.__signature__ = own.replace(parameters=merged)
+        setattr(command, "__signature__", own.replace(parameters=merged))  # what inspect (and typer) read
         command.__annotations__ = {p.name: p.annotation for p in merged}
         return command
 

@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
                                      "mode, the plan summary and what the native runtime would be told (the "
                                      "RuntimeSpec; all of it with --json)."),
         json_out: JsonOpt = False,
-        options: dict = None,
+        *,
+        options: dict,
     ) -> None:
         """Generate text; --json prints token ids, text, timings, peak RSS and streaming and expert-bank
         statistics (hits, misses, hit rate, bytes read, read and install time, total and per layer)."""
@@ -81,7 +82,8 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(64, "--tokens", min=1, help="Teacher-forced tokens to compare."),
         seed: int = typer.Option(0, "--seed", help="Seed of the pseudo-random token sequence."),
         json_out: JsonOpt = False,
-        options: dict = None,
+        *,
+        options: dict,
     ) -> None:
         """Feed the same teacher-forced tokens through stock and through the configured mode; exit 0 only when
         every logit is bitwise identical."""

@@ -77,7 +77,8 @@ def register(app: typer.Typer) -> None:
         max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", min=1,
                                                      help="Largest max_tokens a request may ask for "
                                                      "(default: the context)."),
-        options: dict = None,
+        *,
+        options: dict,
     ) -> None:
         """Serve models over the OpenAI API (/v1/completions, /v1/chat/completions with the model's chat
         template, streaming, /v1/models) through the same plan and runtime as `run`; /health and
