@@ -102,7 +102,7 @@ MoEPrefetchPolicy = Literal["none", "router-lookahead"]
 MOE_PREFETCH_POLICIES: tuple[str, ...] = typing.get_args(MoEPrefetchPolicy)
 
 DEFAULT_BANDWIDTH = "1.1GB/s"
-"""Direct 1 MiB random reads at queue depth 4+ on the reference machine (docs/ANCHORS.md)."""
+"""Direct 1 MiB random reads at queue depth 4+ on the reference machine (docs/benchmarks.md); the planner's default too."""
 
 
 class _Section(BaseModel):
