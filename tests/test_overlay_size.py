@@ -146,15 +146,16 @@ def scan(src: str) -> list[Block]:
             header = text[stmt:i]
             start = stmt + (len(header) - len(header.lstrip()))
             flat = " ".join(header.split())
-            if re.search(r"\b(namespace|extern)\b", flat) and "(" not in flat:
+            if re.search(r"\benum\b", flat):
+                pass  # enum and enum class: a list of names
+            elif re.search(r"\b(namespace|extern)\b", flat) and "(" not in flat:
                 walk(i + 1, close)
             elif re.search(r"\b(struct|class|union)\b", flat) and "(" not in flat and "=" not in flat:
                 name = re.findall(r"\b(?:struct|class|union)\s+(\w+)", flat)
                 blocks.append(Block("struct", name[-1] if name else flat, line_at[start], line_at[close]))
                 walk(i + 1, close)
             elif (
-                not re.search(r"\benum\b", flat)
-                and not flat.endswith("=")
+                not flat.endswith("=")
                 and not _CONTROL.match(flat)
                 and re.search(r"\)\s*(const|override|final|noexcept|mutable|->\s*[\w:<>*& ]+|\s)*$|\)\s*:\s*\S", flat)
             ):
@@ -195,6 +196,7 @@ int g(int y) {
     return y;
 }
 enum e { one, two };
+enum class f { three };
 '''
     found = {(b.kind, b.name): b.lines for b in scan(src)}
     assert found == {("struct", "a"): 10, ("function", "f"): 5, ("function", "a"): 1, ("function", "g"): 5}
