@@ -55,6 +55,20 @@ def test_series_holds_only_call_sites_in_upstream_files(synced_vendor):
     assert Path("include/llama-flashflex.h") in owned and Path("src/flashflex.cmake") in owned
 
 
+def test_every_patch_says_why_and_its_upstream_status():
+    """patches/README.md: a patch's commit message says why it exists and its upstream status (DEP-3 style
+    trailers), so a rebase knows what to keep, drop or forward."""
+    names = patches.read_series(REPO)
+    assert len(names) >= 4
+    for name in names:
+        text = (patches.patches_dir(REPO) / name).read_text()
+        message = text.split("\ndiff --git ", 1)[0]
+        assert re.search(r"^Why: \S", message, re.M), f"{name}: no 'Why:' paragraph in its commit message"
+        status = re.search(r"^Upstream-Status: (.+)$", message, re.M)
+        assert status, f"{name}: no 'Upstream-Status:' trailer in its commit message"
+        assert status.group(1).startswith(("deliberately ours", "submitted", "backport")), status.group(1)
+
+
 def test_owned_sources_follow_the_pinned_clang_format(synced_vendor):
     """Our C++ reads like the tree it is compiled into: formatted with the pinned llama.cpp's .clang-format
     (fix: make format-cpp)."""

@@ -6,14 +6,16 @@
 set(FLASHFLEX_SERIES_HASH "" CACHE STRING "flashflex: hash of the patch series this tree was built from")
 
 # One file per concern (docs/architecture.md): build info and C API entry points, configurations, call sites,
-# shared I/O, JSON, dense streaming, the expert bank, its prefetch policies, trace replay, the trace writer, devices,
-# a context's memory (what the planner reserves) and ggml's RPC backend.
+# shared I/O, JSON, dense streaming's ring layout (pure bookkeeping) and its runtime, the expert bank, its prefetch
+# policies, trace replay, the trace writer, devices, a context's memory (what the planner reserves) and ggml's RPC
+# backend.
 set(FLASHFLEX_SOURCES
     llama-flashflex.cpp
     llama-flashflex-config.cpp
     llama-flashflex-hooks.cpp
     llama-flashflex-io.cpp
     llama-flashflex-json.cpp
+    llama-flashflex-ring.cpp
     llama-flashflex-stream.cpp
     llama-flashflex-bank.cpp
     llama-flashflex-bank-prefetch.cpp
@@ -28,6 +30,7 @@ set(FLASHFLEX_HEADERS
     llama-flashflex-config.h
     llama-flashflex-io.h
     llama-flashflex-json.h
+    llama-flashflex-ring.h
     llama-flashflex-bank.h
     llama-flashflex-replay.h
     llama-flashflex-trace.h

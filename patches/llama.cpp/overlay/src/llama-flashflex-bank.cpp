@@ -273,50 +273,35 @@ bool bank_state::begin_layer_call(bank_layer & L, const std::vector<int32_t> & i
     return true;
 }
 
-// The custom op before a banked matmul: expert ids -> slot ids for pass `site.pass` (compute thread).
-// `b` is the matmul's input (for router-lookahead).
-void bank_state::resolve(const resolve_site & site,
-                         const ggml_tensor *  ids_t,
-                         const ggml_tensor *  b,
-                         ggml_tensor *        dst) {
-    const int64_t t0  = now_ns();
-    const int64_t K   = ids_t->ne[0];
-    const int64_t T   = ids_t->ne[1];
-    int32_t *     out = (int32_t *) dst->data;
-    std::fill(out, out + K * T, (int32_t) junk());
-    if (failed.is_set() || cfg.moe_shared_only) {
-        return;  // shared-only: every routed pair hits the zero slot; failed: the abort callback ends the graph
-    }
-    std::vector<int32_t> ids(K * T);
+// The router's ids (token-major) from its output; false, with the model failed, when one is out of range.
+bool bank_state::routed_ids(const ggml_tensor * ids_t, std::vector<int32_t> & ids) {
+    const int64_t K = ids_t->ne[0];
+    const int64_t T = ids_t->ne[1];
+    ids.resize(K * T);
     for (int64_t t = 0; t < T; ++t) {
         for (int64_t k = 0; k < K; ++k) {
             const int32_t e = *(const int32_t *) ((const char *) ids_t->data + t * ids_t->nb[1] + k * ids_t->nb[0]);
             if (e < 0 || e >= n_expert) {
                 fail(format("the router chose expert %d, outside 0..%d", e, n_expert - 1));
-                return;
+                return false;
             }
             ids[t * K + k] = e;
         }
     }
-    bank_tensor & bt = tensors[site.tensor];
-    const int     li = layer_index[bt.layer];
-    bank_layer &  L  = layers[li];
-    if (L.epoch != epoch.load() || L.ids != ids) {
-        if (!begin_layer_call(L, ids)) {
-            return;
-        }
-        group_ubatch(L, bt, ids);
-    }
-    if (site.pass >= (int) L.groups.size()) {
-        return;  // this ubatch needs fewer passes than the graph has
-    }
-    const std::vector<int> & group = L.groups[site.pass];
+    return true;
+}
 
-    // hits first: reserve every slot the group already has (waiting for any still being prefetched),
-    // then choose victims among the rest by LRU
+// A pass's experts into slots of tensor `tensor`: hits first, reserving every slot the group already has (waiting
+// for any still being prefetched), then victims for the misses among the rest by LRU. The misses' reads go to
+// `batch`; `missed` marks them. Returns how many missed.
+size_t bank_state::install_group(int                      tensor,
+                                 bank_layer &             L,
+                                 const std::vector<int> & group,
+                                 std::vector<bool> &      missed,
+                                 std::vector<read_job> &  batch) {
+    bank_tensor &     bt = tensors[tensor];
     std::vector<bool> reserved(n_slots, false);
     std::vector<int>  misses, hit_slots;
-    std::vector<bool> missed(n_expert, false);
     for (int e : group) {
         if (bt.expert_slot[e] >= 0) {
             reserved[bt.expert_slot[e]] = true;
@@ -327,8 +312,7 @@ void bank_state::resolve(const resolve_site & site,
         }
     }
     wait_slots(bt, hit_slots, *L.stats);
-    std::vector<read_job> batch;
-    std::vector<uint8_t>  busy = busy_slots(bt);
+    std::vector<uint8_t> busy = busy_slots(bt);
     for (int e : misses) {
         int victim = -1;
         for (int attempt = 0; attempt < 2 && victim < 0; ++attempt) {
@@ -350,63 +334,126 @@ void bank_state::resolve(const resolve_site & site,
         // |group| <= N, so a free slot always exists
         reserved[victim] = true;
         place(bt, e, victim);
-        batch.push_back({ site.tensor, e, victim });
+        batch.push_back({ tensor, e, victim });
     }
-    const uint64_t stamp = ++clock;
+    return misses.size();
+}
+
+// One group for the whole ubatch: the layer's other banked tensors take the same slots as tensor `tensor` now, so
+// their reads run in the same parallel batch and their own resolutions are all hits.
+void bank_state::share_group(int                      tensor,
+                             bank_layer &             L,
+                             const std::vector<int> & group,
+                             uint64_t                 stamp,
+                             std::vector<read_job> &  batch) {
+    const bank_tensor & bt = tensors[tensor];
+    for (int j : L.tensors) {
+        if (j == tensor) {
+            continue;
+        }
+        bank_tensor &    c = tensors[j];
+        std::vector<int> install;
+        for (int e : group) {
+            if (c.slot_expert[bt.expert_slot[e]] != e) {
+                install.push_back(bt.expert_slot[e]);
+            }
+        }
+        wait_slots(c, install, *L.stats);  // a prefetch may still be writing a slot this replaces
+        for (int e : group) {
+            const int s = bt.expert_slot[e];
+            if (c.slot_expert[s] != e) {
+                place(c, e, s);
+                batch.push_back({ j, e, s });
+            }
+            c.slot_used[s] = stamp;
+        }
+    }
+}
+
+// The first resolution of a pass in a layer call: its hits and misses, its trace entries, and after the call's
+// last pass the trace line and the read-ahead.
+void bank_state::count_pass(const resolve_site &         site,
+                            int                          li,
+                            const std::vector<int32_t> & ids,
+                            const std::vector<bool> &    missed,
+                            size_t                       n_group,
+                            size_t                       n_missed,
+                            const ggml_tensor *          b,
+                            int64_t                      K,
+                            int64_t                      T) {
+    bank_layer &        L  = layers[li];
+    const bank_tensor & bt = tensors[site.tensor];
+    L.counted[site.pass]   = true;
+    L.stats->hits.fetch_add(n_group - n_missed);
+    L.stats->misses.fetch_add(n_missed);
+    L.stats->calls.fetch_add(1);
+    if (trace.is_open()) {
+        L.trace_slot.resize(K * T);
+        L.trace_hit.resize(K * T);
+        for (int64_t i = 0; i < K * T; ++i) {
+            if (L.group_of[ids[i]] == site.pass) {
+                L.trace_slot[i] = bt.expert_slot[ids[i]];
+                L.trace_hit[i]  = missed[ids[i]] ? 0 : 1;
+            }
+        }
+    }
+    if (site.pass + 1 == (int) L.groups.size()) {
+        // the layer call's own reads are done: record it and read ahead while it computes
+        if (trace.is_open() && !trace.write(epoch.load(), L.layer, T, K, ids, L.trace_slot, L.trace_hit)) {
+            fail(format("writing the routing trace failed: %s", strerror(errno)));
+        }
+        if (policy != prefetch_policy::none) {
+            prefetch_after(li, ids, b, K);
+        }
+    }
+}
+
+// The custom op before a banked matmul: expert ids -> slot ids for pass `site.pass` (compute thread).
+// `b` is the matmul's input (for router-lookahead).
+void bank_state::resolve(const resolve_site & site,
+                         const ggml_tensor *  ids_t,
+                         const ggml_tensor *  b,
+                         ggml_tensor *        dst) {
+    const int64_t t0  = now_ns();
+    const int64_t K   = ids_t->ne[0];
+    const int64_t T   = ids_t->ne[1];
+    int32_t *     out = (int32_t *) dst->data;
+    std::fill(out, out + K * T, (int32_t) junk());
+    if (failed.is_set() || cfg.moe_shared_only) {
+        return;  // shared-only: every routed pair hits the zero slot; failed: the abort callback ends the graph
+    }
+    std::vector<int32_t> ids;
+    if (!routed_ids(ids_t, ids)) {
+        return;
+    }
+    bank_tensor & bt = tensors[site.tensor];
+    const int     li = layer_index[bt.layer];
+    bank_layer &  L  = layers[li];
+    if (L.epoch != epoch.load() || L.ids != ids) {
+        if (!begin_layer_call(L, ids)) {
+            return;
+        }
+        group_ubatch(L, bt, ids);
+    }
+    if (site.pass >= (int) L.groups.size()) {
+        return;  // this ubatch needs fewer passes than the graph has
+    }
+    const std::vector<int> & group = L.groups[site.pass];
+
+    std::vector<bool>     missed(n_expert, false);
+    std::vector<read_job> batch;
+    const size_t          n_missed = install_group(site.tensor, L, group, missed, batch);
+    const uint64_t        stamp    = ++clock;
     for (int e : group) {
         bt.slot_used[bt.expert_slot[e]] = stamp;
     }
-    // One group for the whole ubatch: the layer's other banked tensors take the same slots now, so their
-    // reads run in this same parallel batch and their own resolutions are all hits.
     if (L.groups.size() == 1) {
-        for (int j : L.tensors) {
-            if (j == site.tensor) {
-                continue;
-            }
-            bank_tensor &    c = tensors[j];
-            std::vector<int> install;
-            for (int e : group) {
-                if (c.slot_expert[bt.expert_slot[e]] != e) {
-                    install.push_back(bt.expert_slot[e]);
-                }
-            }
-            wait_slots(c, install, *L.stats);  // a prefetch may still be writing a slot this replaces
-            for (int e : group) {
-                const int s = bt.expert_slot[e];
-                if (c.slot_expert[s] != e) {
-                    place(c, e, s);
-                    batch.push_back({ j, e, s });
-                }
-                c.slot_used[s] = stamp;
-            }
-        }
+        share_group(site.tensor, L, group, stamp, batch);
     }
     run_jobs(batch);
 
     if (!L.counted[site.pass]) {
-        L.counted[site.pass] = true;
-        L.stats->hits.fetch_add(group.size() - misses.size());
-        L.stats->misses.fetch_add(misses.size());
-        L.stats->calls.fetch_add(1);
-        if (trace.is_open()) {
-            L.trace_slot.resize(K * T);
-            L.trace_hit.resize(K * T);
-            for (int64_t i = 0; i < K * T; ++i) {
-                if (L.group_of[ids[i]] == site.pass) {
-                    L.trace_slot[i] = bt.expert_slot[ids[i]];
-                    L.trace_hit[i]  = missed[ids[i]] ? 0 : 1;
-                }
-            }
-        }
-        if (site.pass + 1 == (int) L.groups.size()) {
-            // the layer call's own reads are done: record it and read ahead while it computes
-            if (trace.is_open() && !trace.write(epoch.load(), L.layer, T, K, ids, L.trace_slot, L.trace_hit)) {
-                fail(format("writing the routing trace failed: %s", strerror(errno)));
-            }
-            if (policy != prefetch_policy::none) {
-                prefetch_after(li, ids, b, K);
-            }
-        }
+        count_pass(site, li, ids, missed, group.size(), n_missed, b, K, T);
     }
     for (int64_t i = 0; i < K * T; ++i) {
         if (L.group_of[ids[i]] == site.pass) {
@@ -488,74 +535,85 @@ resolve_site * site_for(bank_state & st, int tensor, int pass) {
 }  // namespace
 
 // -------------------------------------------------------------------------------------------------------------
-// Entry points for the call sites (llama-flashflex-config.cpp)
+// Setup, stage by stage (bank_setup)
 
-void flashflex::bank_setup(const llama_model & model, llama_model_loader & ml, const config & cfg) {
-    auto st           = std::make_unique<bank_state>();
-    st->cfg           = cfg;
-    st->resident      = cfg.moe_slots == 0;
-    st->n_expert      = (int) model.hparams.n_expert;
-    st->n_expert_used = (int) model.hparams.n_expert_used_max();
-    if (st->n_expert <= 0) {
+namespace {
+
+// The bank's shape from the model and the configuration: experts, slots, and whether a junk slot is needed.
+void size_bank(bank_state & st, const llama_model & model, const config & cfg) {
+    st.cfg           = cfg;
+    st.resident      = cfg.moe_slots == 0;
+    st.n_expert      = (int) model.hparams.n_expert;
+    st.n_expert_used = (int) model.hparams.n_expert_used_max();
+    if (st.n_expert <= 0) {
         throw std::runtime_error("flashflex: slot banks need a MoE model, and this model has no routed experts");
     }
-    st->n_slots = st->resident ? st->n_expert : cfg.moe_slots;
-    if (!st->resident && st->n_slots < st->n_expert_used) {
+    st.n_slots = st.resident ? st.n_expert : cfg.moe_slots;
+    if (!st.resident && st.n_slots < st.n_expert_used) {
         throw std::runtime_error(
             format("flashflex: a bank of %d slots is smaller than the %d experts each token "
                    "uses; use at least %d slots",
-                   st->n_slots, st->n_expert_used, st->n_expert_used));
+                   st.n_slots, st.n_expert_used, st.n_expert_used));
     }
-    if (st->n_slots > st->n_expert) {
+    if (st.n_slots > st.n_expert) {
         throw std::runtime_error(
-            format("flashflex: a bank of %d slots is larger than the model's %d experts", st->n_slots, st->n_expert));
+            format("flashflex: a bank of %d slots is larger than the model's %d experts", st.n_slots, st.n_expert));
     }
-    const int n_layer = (int) model.hparams.n_layer();
-    st->layer_index.assign(n_layer, -1);
+    st.layer_index.assign((int) model.hparams.n_layer(), -1);
+    st.has_junk = !st.resident && (st.n_slots < st.n_expert || cfg.moe_shared_only);
+}
 
-    std::unordered_map<std::string, std::pair<ggml_tensor *, ggml_backend_buffer_type_t>> model_tensors;
-    for (auto & [key, ctx_ptr] : ml.ctx_map) {
-        for (ggml_tensor * t = ggml_get_first_tensor(ctx_ptr.get()); t; t = ggml_get_next_tensor(ctx_ptr.get(), t)) {
-            model_tensors[ggml_get_name(t)] = { t, key.buft };
-        }
+// The model tensor a sidecar entry banks, validated: a routed expert tensor of this model, on the CPU.
+ggml_tensor * banked_tensor(const bank_state &        st,
+                            const bank_tensor_cfg &   bc,
+                            llama_model_loader &      ml,
+                            const loader_tensor_map & model_tensors) {
+    auto mt = model_tensors.find(bc.name);
+    if (mt == model_tensors.end() || ml.weights_map.find(bc.name) == ml.weights_map.end()) {
+        throw std::runtime_error(
+            format("flashflex: the sidecar banks %s, which this model does not have "
+                   "(a sidecar of another model?)",
+                   bc.name.c_str()));
     }
+    ggml_tensor * t = mt->second.first;
+    if (st.tensor_index.count(t)) {
+        throw std::runtime_error(format("flashflex: %s is banked twice", bc.name.c_str()));
+    }
+    if (t->ne[2] != st.n_expert || t->ne[3] != 1 || !ggml_is_contiguous(t) ||
+        ggml_nbytes(t) != bc.bytes_per_expert * (uint64_t) st.n_expert) {
+        throw std::runtime_error(
+            format("flashflex: %s is not a routed expert tensor of %d experts x %llu bytes "
+                   "(a sidecar of another model?)",
+                   bc.name.c_str(), st.n_expert, (unsigned long long) bc.bytes_per_expert));
+    }
+    const int il = layer_of(bc.name);
+    if (il < 0 || il >= (int) st.layer_index.size()) {
+        throw std::runtime_error(format("flashflex: %s is not a per-layer tensor", bc.name.c_str()));
+    }
+    ggml_backend_buffer_type_t buft = mt->second.second;
+    ggml_backend_dev_t         dev  = ggml_backend_buft_get_device(buft);
+    if (dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        throw std::runtime_error(format("flashflex: %s is placed on %s; slot banks support CPU weights only",
+                                        bc.name.c_str(), ggml_backend_buft_name(buft)));
+    }
+    return t;
+}
 
-    // validate the configuration against the model, shrink each tensor to its bank and size the buffers
-    st->has_junk = !st->resident && (st->n_slots < st->n_expert || cfg.moe_shared_only);
-    const int64_t                                n_bank = st->n_slots + (st->has_junk ? 1 : 0);
-    std::map<ggml_backend_buffer_type_t, size_t> buf_size;
-    std::vector<size_t>                          tensor_off;
-    for (const auto & bc : cfg.banks) {
-        auto mt = model_tensors.find(bc.name);
-        if (mt == model_tensors.end() || ml.weights_map.find(bc.name) == ml.weights_map.end()) {
-            throw std::runtime_error(
-                format("flashflex: the sidecar banks %s, which this model does not have "
-                       "(a sidecar of another model?)",
-                       bc.name.c_str()));
-        }
-        ggml_tensor * t = mt->second.first;
-        if (st->tensor_index.count(t)) {
-            throw std::runtime_error(format("flashflex: %s is banked twice", bc.name.c_str()));
-        }
-        if (t->ne[2] != st->n_expert || t->ne[3] != 1 || !ggml_is_contiguous(t) ||
-            ggml_nbytes(t) != bc.bytes_per_expert * (uint64_t) st->n_expert) {
-            throw std::runtime_error(
-                format("flashflex: %s is not a routed expert tensor of %d experts x %llu bytes "
-                       "(a sidecar of another model?)",
-                       bc.name.c_str(), st->n_expert, (unsigned long long) bc.bytes_per_expert));
-        }
-        const int il = layer_of(bc.name);
-        if (il < 0 || il >= n_layer) {
-            throw std::runtime_error(format("flashflex: %s is not a per-layer tensor", bc.name.c_str()));
-        }
-        ggml_backend_buffer_type_t buft = mt->second.second;
-        ggml_backend_dev_t         dev  = ggml_backend_buft_get_device(buft);
-        if (dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
-            throw std::runtime_error(format("flashflex: %s is placed on %s; slot banks support CPU weights only",
-                                            bc.name.c_str(), ggml_backend_buft_name(buft)));
-        }
-        t->ne[2] = n_bank;
-        t->nb[3] = t->nb[2] * t->ne[2];
+// Each sidecar entry validated, its tensor shrunk to its bank, and added to its layer; where each tensor lies in
+// the buffer of its buffer type (tensor_off) and the size of each buffer (buf_size).
+void collect_banks(bank_state &                                   st,
+                   const llama_model &                            model,
+                   llama_model_loader &                           ml,
+                   const loader_tensor_map &                      model_tensors,
+                   std::map<ggml_backend_buffer_type_t, size_t> & buf_size,
+                   std::vector<size_t> &                          tensor_off) {
+    const int64_t n_bank = st.n_slots + (st.has_junk ? 1 : 0);
+    for (const auto & bc : st.cfg.banks) {
+        ggml_tensor *              t    = banked_tensor(st, bc, ml, model_tensors);
+        ggml_backend_buffer_type_t buft = model_tensors.at(bc.name).second;
+        const int                  il   = layer_of(bc.name);
+        t->ne[2]                        = n_bank;
+        t->nb[3]                        = t->nb[2] * t->ne[2];
 
         bank_tensor bt;
         bt.t      = t;
@@ -566,36 +624,40 @@ void flashflex::bank_setup(const llama_model & model, llama_model_loader & ml, c
         bt.stride = bc.expert_stride;
         bt.bytes  = bc.bytes_per_expert;
         bt.plain  = buft == ggml_backend_cpu_buffer_type();
-        if (!bc.checksums.empty() && bc.checksums.size() != (size_t) st->n_expert) {
+        if (!bc.checksums.empty() && bc.checksums.size() != (size_t) st.n_expert) {
             throw std::runtime_error(
                 format("flashflex: %s has %zu checksums for %d experts (a sidecar of another "
                        "model?)",
-                       bc.name.c_str(), bc.checksums.size(), st->n_expert));
+                       bc.name.c_str(), bc.checksums.size(), st.n_expert));
         }
         bt.checksums = bc.checksums;
         bt.slot_expert.assign(n_bank, -1);
-        bt.expert_slot.assign(st->n_expert, -1);
+        bt.expert_slot.assign(st.n_expert, -1);
         bt.slot_used.assign(n_bank, 0);
         bt.inflight.assign(n_bank, 0);
         size_t & off = buf_size[buft];
         tensor_off.push_back(off);
         off += align_up(ggml_backend_buft_get_alloc_size(buft, t), k_page);
-        st->staging_bytes = std::max(st->staging_bytes, align_up(bt.bytes, k_page));
+        st.staging_bytes = std::max(st.staging_bytes, align_up(bt.bytes, k_page));
 
-        if (st->layer_index[il] < 0) {
-            st->layer_index[il] = (int) st->layers.size();
-            st->layers.emplace_back();
-            st->layers.back().layer = il;
+        if (st.layer_index[il] < 0) {
+            st.layer_index[il] = (int) st.layers.size();
+            st.layers.emplace_back();
+            st.layers.back().layer = il;
         }
-        st->layers[st->layer_index[il]].tensors.push_back((int) st->tensors.size());
-        st->layers[st->layer_index[il]].expert_bytes += bt.bytes;
-        st->layers[st->layer_index[il]].router = model.layers[il].ffn_gate_inp;
-        st->tensor_index[t]                    = (int) st->tensors.size();
-        st->tensors.push_back(std::move(bt));
+        st.layers[st.layer_index[il]].tensors.push_back((int) st.tensors.size());
+        st.layers[st.layer_index[il]].expert_bytes += bt.bytes;
+        st.layers[st.layer_index[il]].router = model.layers[il].ffn_gate_inp;
+        st.tensor_index[t]                   = (int) st.tensors.size();
+        st.tensors.push_back(std::move(bt));
     }
-    st->seen.assign(st->tensors.size(), false);
+    st.seen.assign(st.tensors.size(), false);
+}
 
-    // one zero-filled buffer per buffer type; plain memory is page-aligned for O_DIRECT reads into slots
+// One zero-filled buffer per buffer type; plain memory is page-aligned for O_DIRECT reads into slots.
+std::map<ggml_backend_buffer_type_t, ggml_backend_buffer_t> allocate_banks(
+    bank_state &                                         st,
+    const std::map<ggml_backend_buffer_type_t, size_t> & buf_size) {
     std::map<ggml_backend_buffer_type_t, ggml_backend_buffer_t> buf_of;
     for (auto & [buft, size] : buf_size) {
         ggml_backend_buffer_t buf = nullptr;
@@ -604,7 +666,7 @@ void flashflex::bank_setup(const llama_model & model, llama_model_loader & ml, c
             if (posix_memalign(&mem, k_page, size) != 0) {
                 throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte expert banks", size));
             }
-            st->host_mem.push_back(mem);
+            st.host_mem.push_back(mem);
             buf = ggml_backend_cpu_buffer_from_ptr(mem, size);
         } else {
             buf = ggml_backend_buft_alloc_buffer(buft, size);
@@ -615,21 +677,32 @@ void flashflex::bank_setup(const llama_model & model, llama_model_loader & ml, c
         }
         ggml_backend_buffer_clear(buf, 0);
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-        st->bufs.push_back(buf);
+        st.bufs.push_back(buf);
         buf_of[buft] = buf;
-        st->bank_bytes += size;
+        st.bank_bytes += size;
     }
-    size_t n_slot_tensors = 0;
-    for (const auto & bt : st->tensors) {
+    return buf_of;
+}
+
+// Every banked tensor in its buffer (and, in a repacked layout, one tensor per slot to set an expert alone); the
+// loader neither allocates nor reads them.
+void place_banks(bank_state &                                                        st,
+                 llama_model_loader &                                                ml,
+                 const loader_tensor_map &                                           model_tensors,
+                 const std::map<ggml_backend_buffer_type_t, ggml_backend_buffer_t> & buf_of,
+                 const std::vector<size_t> &                                         tensor_off) {
+    const int64_t n_bank         = st.n_slots + (st.has_junk ? 1 : 0);
+    size_t        n_slot_tensors = 0;
+    for (const auto & bt : st.tensors) {
         n_slot_tensors += bt.plain ? 0 : (size_t) n_bank;
     }
     if (n_slot_tensors > 0) {
         ggml_init_params params = { n_slot_tensors * ggml_tensor_overhead(), nullptr, true };
-        st->slot_ctx            = ggml_init(params);
+        st.slot_ctx             = ggml_init(params);
     }
-    for (size_t i = 0; i < st->tensors.size(); ++i) {
-        bank_tensor &         bt  = st->tensors[i];
-        ggml_backend_buffer_t buf = buf_of[model_tensors[bt.name].second];
+    for (size_t i = 0; i < st.tensors.size(); ++i) {
+        bank_tensor &         bt  = st.tensors[i];
+        ggml_backend_buffer_t buf = buf_of.at(model_tensors.at(bt.name).second);
         bt.base                   = (uint8_t *) ggml_backend_buffer_get_base(buf) + tensor_off[i];
         if (ggml_backend_tensor_alloc(buf, bt.t, bt.base) != GGML_STATUS_SUCCESS) {
             throw std::runtime_error(format("flashflex: cannot place %s in its expert bank", bt.name.c_str()));
@@ -637,43 +710,64 @@ void flashflex::bank_setup(const llama_model & model, llama_model_loader & ml, c
         if (!bt.plain) {
             // the repacked layout keeps each expert's bytes in its own range, so one expert can be set alone
             for (int64_t s = 0; s < n_bank; ++s) {
-                ggml_tensor * v = ggml_new_tensor_3d(st->slot_ctx, bt.t->type, bt.t->ne[0], bt.t->ne[1], 1);
+                ggml_tensor * v = ggml_new_tensor_3d(st.slot_ctx, bt.t->type, bt.t->ne[0], bt.t->ne[1], 1);
                 if (ggml_backend_tensor_alloc(buf, v, bt.base + s * bt.bytes) != GGML_STATUS_SUCCESS) {
                     throw std::runtime_error(format("flashflex: cannot place a slot of %s", bt.name.c_str()));
                 }
                 bt.slot_tensor.push_back(v);
             }
         }
-        if (st->has_junk && st->n_expert_used > 1) {
+        if (st.has_junk && st.n_expert_used > 1) {
             // Phantom slots after the junk slot, with no memory behind them. In a pass every pair routed to another
             // pass goes to the junk slot, up to n_expert_used - 1 pairs of one token, while ggml's mul_mat_id maps
             // rows into a work-buffer table of (slots x tokens) entries, one per token per slot: the junk slot's
             // extra rows run into the next slots' entries. Phantom slots are never routed to (so never read) and
             // make room for those rows inside the table; without them they ran past the end of the work buffer
             // when nothing else had made it larger (a heap overflow with every layer on an RPC worker).
-            bt.t->ne[2] = n_bank + st->n_expert_used - 1;
+            bt.t->ne[2] = n_bank + st.n_expert_used - 1;
             bt.t->nb[3] = bt.t->nb[2] * bt.t->ne[2];
         }
         ml.weights_map.erase(bt.name);  // the loader neither allocates nor reads what the banks hold
     }
+}
+
+// resident-bank: expert e in slot e of every tensor, read once now.
+void read_resident(bank_state & st) {
+    std::vector<read_job> batch;
+    for (size_t i = 0; i < st.tensors.size(); ++i) {
+        for (int e = 0; e < st.n_expert; ++e) {
+            bank_state::place(st.tensors[i], e, e);
+            batch.push_back({ (int) i, e, e });
+        }
+    }
+    st.run_jobs(batch);
+    if (st.failed.is_set()) {
+        throw std::runtime_error("flashflex: " + st.failed.message());
+    }
+}
+
+}  // namespace
+
+// -------------------------------------------------------------------------------------------------------------
+// Entry points for the call sites (llama-flashflex-config.cpp)
+
+void flashflex::bank_setup(const llama_model & model, llama_model_loader & ml, const config & cfg) {
+    auto st = std::make_unique<bank_state>();
+    size_bank(*st, model, cfg);
+
+    // validate the configuration against the model, shrink each tensor to its bank and size the buffers
+    const loader_tensor_map                      model_tensors = loader_tensors(ml);
+    std::map<ggml_backend_buffer_type_t, size_t> buf_size;
+    std::vector<size_t>                          tensor_off;
+    collect_banks(*st, model, ml, model_tensors, buf_size, tensor_off);
+    place_banks(*st, ml, model_tensors, allocate_banks(*st, buf_size), tensor_off);
 
     st->setup_replay();
 
     st->files = open_files(cfg.files, cfg.direct_io, st->direct);
     st->pool.start(cfg.moe_io_threads, st->staging_bytes, st->failed);
     if (st->resident) {
-        // resident-bank: expert e in slot e of every tensor, read once now
-        std::vector<read_job> batch;
-        for (size_t i = 0; i < st->tensors.size(); ++i) {
-            for (int e = 0; e < st->n_expert; ++e) {
-                bank_state::place(st->tensors[i], e, e);
-                batch.push_back({ (int) i, e, e });
-            }
-        }
-        st->run_jobs(batch);
-        if (st->failed.is_set()) {
-            throw std::runtime_error("flashflex: " + st->failed.message());
-        }
+        read_resident(*st);
     }
     if (cfg.moe_preload) {
         st->preload_schedule();
@@ -696,20 +790,11 @@ bool flashflex::bank_active(const llama_model * model) {
 }
 
 void flashflex::bank_free(const llama_model * model) {
-    if (std::unique_ptr<bank_state> st = g_models.take(model)) {
-        st->stop();
-    }
+    g_models.remove(model);
 }
 
 bool flashflex::bank_failed(const llama_model * model, std::string * error) {
-    bank_state * st = find_state(model);
-    if (!st || !st->failed.is_set()) {
-        return false;
-    }
-    if (error) {
-        *error = st->failed.message();
-    }
-    return true;
+    return g_models.failed(model, error);
 }
 
 void flashflex::bank_graph_begin(const llama_model * model) {

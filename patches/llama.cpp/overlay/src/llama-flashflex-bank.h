@@ -163,6 +163,26 @@ struct bank_state {
     void        group_ubatch(bank_layer & L, const bank_tensor & bt, const std::vector<int32_t> & ids);
     bool        begin_layer_call(bank_layer & L, const std::vector<int32_t> & ids);
     void        resolve(const resolve_site & site, const ggml_tensor * ids_t, const ggml_tensor * b, ggml_tensor * dst);
+    bool        routed_ids(const ggml_tensor * ids_t, std::vector<int32_t> & ids);
+    size_t      install_group(int                      tensor,
+                              bank_layer &             L,
+                              const std::vector<int> & group,
+                              std::vector<bool> &      missed,
+                              std::vector<read_job> &  batch);
+    void        share_group(int                      tensor,
+                            bank_layer &             L,
+                            const std::vector<int> & group,
+                            uint64_t                 stamp,
+                            std::vector<read_job> &  batch);
+    void        count_pass(const resolve_site &         site,
+                           int                          li,
+                           const std::vector<int32_t> & ids,
+                           const std::vector<bool> &    missed,
+                           size_t                       n_group,
+                           size_t                       n_missed,
+                           const ggml_tensor *          b,
+                           int64_t                      K,
+                           int64_t                      T);
 
     // replay and prefetch (bank-prefetch.cpp)
     void             setup_replay();

@@ -71,6 +71,17 @@ bool llama_flashflex_abort_callback(void * model) {
 // -------------------------------------------------------------------------------------------------------------
 // Call sites (llama-flashflex-internal.h)
 
+// What stream and bank setup take over at load (llama-flashflex-runtime.h).
+flashflex::loader_tensor_map flashflex::loader_tensors(llama_model_loader & ml) {
+    loader_tensor_map out;
+    for (auto & [key, ctx_ptr] : ml.ctx_map) {
+        for (ggml_tensor * t = ggml_get_first_tensor(ctx_ptr.get()); t; t = ggml_get_next_tensor(ctx_ptr.get(), t)) {
+            out[ggml_get_name(t)] = { t, key.buft };
+        }
+    }
+    return out;
+}
+
 void llama_flashflex_on_tensors_created(const llama_model & model, llama_model_loader & ml) {
     auto ov = ml.kv_overrides.find("flashflex.config");
     if (ov == ml.kv_overrides.end()) {

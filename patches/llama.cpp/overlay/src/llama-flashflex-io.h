@@ -142,6 +142,25 @@ template <typename T> class model_registry {
         return out;
     }
 
+    // Removes the model's runtime and stops it (T::stop(), outside the registry lock); none: nothing to do.
+    void remove(const llama_model * model) {
+        if (std::unique_ptr<T> runtime = take(model)) {
+            runtime->stop();
+        }
+    }
+
+    // Whether the model has a runtime that failed (T::failed, a failure); its reason into *error when asked.
+    bool failed(const llama_model * model, std::string * error) {
+        T * runtime = find(model);
+        if (!runtime || !runtime->failed.is_set()) {
+            return false;
+        }
+        if (error) {
+            *error = runtime->failed.message();
+        }
+        return true;
+    }
+
   private:
     std::mutex                                                  mtx;
     std::unordered_map<const llama_model *, std::unique_ptr<T>> map;

@@ -3,11 +3,14 @@
 
 #pragma once
 
+#include "ggml-backend.h"
 #include "llama-flashflex-config.h"
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <unordered_map>
+#include <utility>
 
 struct ggml_cgraph;
 struct ggml_context;
@@ -26,6 +29,11 @@ bool interrupt_requested();
 
 // Copies s into buf (NUL-terminated, truncated to size) and returns its full length: the C API's JSON outputs.
 int32_t write_c_string(const std::string & s, char * buf, size_t size);
+
+// The loader's tensors by name, each with the buffer type (context) the loader put it in (hooks.cpp): what dense
+// streaming and the slot banks take over at load.
+using loader_tensor_map = std::unordered_map<std::string, std::pair<ggml_tensor *, ggml_backend_buffer_type_t>>;
+loader_tensor_map loader_tensors(llama_model_loader & ml);
 
 // Dense streaming (llama-flashflex-stream.cpp).
 void          stream_setup(const llama_model & model, llama_model_loader & ml, const config & cfg);

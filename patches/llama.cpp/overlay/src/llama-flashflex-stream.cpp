@@ -27,11 +27,17 @@
 //   order (a graph that aborted half-way, or skipped layers) re-synchronises the cycle at that layer.
 // - Failure: a read error marks the model failed; the boundary stops waiting, and the abort callback
 //   (llama_flashflex_abort_callback) makes llama_decode return an error instead of computing on bad data.
+//
+// Code: the ring layout (homes, their order, relayout, the layout error) is pure bookkeeping in
+// llama-flashflex-ring.{h,cpp}; here are the reader (stream_reader: preads, staging and repacking), the scheduler
+// (stream_scheduler: the read cursor, acquire/use/release, re-synchronisation, the layer boundaries), the per-model
+// state that ties them to the model's tensors and graphs (stream_state), and setup as named stages (stream_setup).
 
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "llama-flashflex-io.h"
 #include "llama-flashflex-json.h"
+#include "llama-flashflex-ring.h"
 #include "llama-flashflex-runtime.h"
 #include "llama-flashflex.h"
 #include "llama-impl.h"
@@ -63,26 +69,22 @@ namespace {
 constexpr size_t k_chunk = 4u << 20;  // one read job moves at most this many bytes
 
 // ---------------------------------------------------------------------------------------------------------
-// Per-model runtime.
+// Per-model runtime: the tensors and where they are read from, the ring layout (llama-flashflex-ring.h), the
+// reader, the scheduler that decides what is read when and what compute waits for, and the graph's nodes.
 
+// A streamed tensor as the reader and the scheduler see it; its home's place is layout.homes[k] (same index).
 struct stream_tensor {
-    ggml_tensor *    t;
-    int              file;
-    uint64_t         read_off;        // file offset of the aligned superset
-    size_t           read_len;        // its length (multiple of 4096)
-    size_t           head;            // the tensor starts this many bytes into the superset
-    size_t           nbytes;
-    bool             staged;          // read into staging, then ggml_backend_tensor_set (repacked layout)
-    size_t           job_rows = 0;    // staged in groups of this many rows, one read job each (0: whole, one job)
-    int              li;              // streamed-layer index
-    int              ring;            // which ring (buffer type) holds its home
-    size_t           home_off;        // the home's offset in that ring
-    size_t           home_len;        // bytes of the home
-    uint8_t *        home;            // direct tensors: where the superset is read to
-    std::vector<int> overlaps;        // the other tensors whose homes share bytes with this one's
-    bool             by_use = false;  // waited for and released by its use node, not with its layer
+    ggml_tensor * t;
+    int           file;
+    uint64_t      read_off;      // file offset of the aligned superset
+    size_t        read_len;      // its length (multiple of 4096)
+    size_t        head;          // the tensor starts this many bytes into the superset
+    size_t        nbytes;
+    bool          staged;        // read into staging, then ggml_backend_tensor_set (repacked layout)
+    size_t        job_rows = 0;  // staged in groups of this many rows, one read job each (0: whole, one job)
+    uint8_t *     home;          // direct tensors: where the superset is read to
 
-    // guarded by pool.mutex()
+    // guarded by the scheduler's pool.mutex()
     int64_t cycle    = -1;  // the cycle whose bytes the home holds or is receiving (-1: none)
     int     pending  = 0;   // read jobs of that cycle not finished
     int64_t released = -1;  // the last cycle whose use of the home is over
@@ -90,18 +92,10 @@ struct stream_tensor {
     bool ready(int64_t c) const { return cycle == c && pending == 0; }
 };
 
-struct stream_layer {
-    int    layer;  // model layer
-    int    first;  // its tensors: [first, first + count) of stream_state::tensors
-    int    count;
-    size_t bytes = 0;
-};
-
 struct ring_buffer {
     ggml_backend_buffer_type_t buft;
-    size_t                     size = 0;
-    ggml_backend_buffer_t      buf  = nullptr;
-    void *                     mem  = nullptr;  // plain ring: page-aligned host memory behind buf
+    ggml_backend_buffer_t      buf = nullptr;
+    void *                     mem = nullptr;  // plain ring: page-aligned host memory behind buf
 };
 
 struct boundary {
@@ -115,20 +109,92 @@ struct weight_use {
     const ggml_tensor *   w;
 };
 
-struct stream_state {
-    config                     cfg;
-    int                        n_layer = 0;
-    std::vector<stream_tensor> tensors;  // in the order compute uses them
-    std::vector<stream_layer>  layers;   // streamed layers in order
-    std::vector<int>           li_of;    // model layer -> streamed-layer index, -1 if it streams nothing
-    std::vector<open_file>     files;
-    bool                       direct = false;
+// Reads streamed tensors from the model files into their homes (prefetch threads, or compute with -tp 0). It knows
+// nothing of cycles or locks: a read that fails returns why (empty: done).
+struct stream_reader {
+    std::vector<open_file> files;
+    std::atomic<uint64_t>  bytes_read{ 0 };
+    std::atomic<int64_t>   read_ns{ 0 };
 
-    std::vector<ring_buffer> rings;
-    size_t                   ring_bytes    = 0;
-    size_t                   staging_bytes = 0;
+    // The read jobs of a tensor: [begin, end) in bytes of its superset (direct, or staged whole), or in rows
+    // (staged in row groups).
+    static size_t job_units(const stream_tensor & t) { return t.job_rows ? (size_t) ggml_nrows(t.t) : t.read_len; }
 
-    // reads (guarded by pool.mutex())
+    static size_t job_step(const stream_tensor & t) {
+        return t.job_rows ? t.job_rows : t.staged ? t.read_len : k_chunk;
+    }
+
+    std::string read_error(const stream_tensor & st) const {
+        return format("reading %s from %s failed: %s", ggml_get_name(st.t), files[st.file].path.c_str(),
+                      strerror(errno));
+    }
+
+    std::string short_error(const stream_tensor & st) const {
+        return format("%s ended early while reading %s (the file shrank or changed since the plan was made)",
+                      files[st.file].path.c_str(), ggml_get_name(st.t));
+    }
+
+    // Rows [begin, end) of a staged tensor: their aligned superset into staging, then repacked into the home
+    // through a view of those rows. The repacked layouts keep each group of interleaved rows in the bytes the
+    // rows have unpacked (row_bytes apiece), so the rows land where a whole-tensor set would put them.
+    std::string read_rows(const stream_tensor & st, size_t begin, size_t end, void * staging) {
+        const size_t    rb   = st.t->nb[1];
+        const uint64_t  off  = st.read_off + st.head + begin * rb;
+        const uint64_t  aoff = off - off % k_page;
+        const size_t    pre  = (size_t) (off - aoff);
+        const size_t    want = pre + (end - begin) * rb;
+        const int64_t   t0   = now_ns();
+        const long long n    = pread_full(files[st.file].fd, staging, align_up(want, k_page), aoff);
+        if (n < 0) {
+            return read_error(st);
+        }
+        if ((size_t) n < want) {
+            return short_error(st);
+        }
+        bytes_read.fetch_add((uint64_t) n);
+        ggml_tensor rows = *st.t;
+        rows.ne[1]       = (int64_t) (end - begin);
+        rows.nb[2]       = rows.nb[1] * rows.ne[1];
+        rows.nb[3]       = rows.nb[2] * rows.ne[2];
+        rows.data        = (uint8_t *) st.t->data + begin * rb;
+        ggml_backend_tensor_set(&rows, (uint8_t *) staging + pre, 0, ggml_nbytes(&rows));
+        read_ns.fetch_add(now_ns() - t0);
+        return {};
+    }
+
+    // One read job of a tensor: [begin, end) of its superset (direct), the whole tensor (staged), or rows.
+    std::string read_range(const stream_tensor & st, size_t begin, size_t end, void * staging) {
+        if (st.job_rows) {
+            return read_rows(st, begin, end, staging);
+        }
+        uint8_t *       dst = st.staged ? (uint8_t *) staging : st.home;
+        const int64_t   t0  = now_ns();
+        const long long n   = pread_full(files[st.file].fd, dst + begin, end - begin, st.read_off + begin);
+        if (n < 0) {
+            return read_error(st);
+        }
+        const size_t done = begin + (size_t) n;  // short only at the end of the file
+        // The superset may run past the end of the file; the tensor bytes may not.
+        if (done < std::min(end, st.head + st.nbytes)) {
+            return short_error(st);
+        }
+        bytes_read.fetch_add(done - begin);
+        if (st.staged) {
+            ggml_backend_tensor_set(st.t, dst + st.head, 0, st.nbytes);
+        }
+        read_ns.fetch_add(now_ns() - t0);
+        return {};
+    }
+};
+
+// Decides what is read when and what compute waits for: reads are issued in cycle order (one cycle: one pass over
+// the layers, i.e. one ubatch) as soon as the homes they go to are free; compute acquires a layer at its boundary,
+// a weight at its use node, and releases them after. Its state is guarded by pool.mutex().
+struct stream_scheduler {
+    explicit stream_scheduler(stream_state & st) : st(st) {}
+
+    stream_state & st;
+
     io_pool pool;
     int64_t next_cycle   = 0;        // the read cursor: the next read is tensor next_tensor of cycle next_cycle
     int     next_tensor  = 0;
@@ -140,6 +206,42 @@ struct stream_state {
     bool    draining     = false;    // resync or relayout is waiting for the reads in flight: issue none
     void *  sync_staging = nullptr;  // staging for synchronous reads (-tp 0)
 
+    // stats
+    std::atomic<int64_t>  wait_ns{ 0 };
+    std::atomic<uint64_t> layer_loads{ 0 };  // tensor reads issued (the name predates the byte ring)
+    std::atomic<uint64_t> layer_waits{ 0 };  // acquisitions that waited for a read
+    std::atomic<uint64_t> acquires{ 0 };
+    std::atomic<uint64_t> resyncs{ 0 };
+
+    bool home_free(int k, int64_t c) const;
+    void pump();
+    void queue_read(int k, int64_t c, size_t begin, size_t end);
+    void drain(std::unique_lock<std::mutex> & lk);
+    void resync(int li, std::unique_lock<std::mutex> & lk);
+    void acquire(int li);
+    void use(int k);
+    void wait_for(int first, int end, std::unique_lock<std::mutex> & lk);
+    void read_now(int first, int end, bool by_use, std::unique_lock<std::mutex> & lk);
+    void release(int li);
+    void release_locked(int li);
+    void on_boundary(int il_done);
+};
+
+struct stream_state {
+    config                     cfg;
+    int                        n_layer = 0;
+    std::vector<stream_tensor> tensors;  // in the order compute uses them
+    ring_layout                layout;   // their homes (same index) and the streamed layers
+    std::vector<int>           li_of;    // model layer -> streamed-layer index, -1 if it streams nothing
+    bool                       direct = false;
+
+    std::vector<ring_buffer> rings;
+    size_t                   ring_bytes    = 0;
+    size_t                   staging_bytes = 0;
+
+    stream_reader    reader;
+    stream_scheduler sched{ *this };
+
     // graph boundaries and uses
     std::deque<boundary>                                             boundaries;  // stable addresses for graph userdata
     std::unordered_map<const ggml_tensor *, weight_use>              uses;        // one per weight, likewise
@@ -148,23 +250,14 @@ struct stream_state {
     std::vector<bool>                                                seen_after;  // boundary after layer il seen
     bool                                                             seen_input = false;
 
-    failure failed;
-
-    // stats
-    std::atomic<uint64_t> bytes_read{ 0 };
-    std::atomic<int64_t>  read_ns{ 0 };
-    std::atomic<int64_t>  wait_ns{ 0 };
-    std::atomic<uint64_t> layer_loads{ 0 };  // tensor reads issued (the name predates the byte ring)
-    std::atomic<uint64_t> layer_waits{ 0 };  // acquisitions that waited for a read
-    std::atomic<uint64_t> acquires{ 0 };
-    std::atomic<uint64_t> resyncs{ 0 };
+    failure               failed;
     std::atomic<uint64_t> relayouts{ 0 };
 
     ~stream_state() { stop(); }
 
     void stop() {
-        pool.stop();
-        close_files(files);
+        sched.pool.stop();
+        close_files(reader.files);
         for (auto & r : rings) {
             if (r.buf) {
                 ggml_backend_buffer_free(r.buf);
@@ -173,434 +266,350 @@ struct stream_state {
             free(r.mem);
             r.mem = nullptr;
         }
-        free(sync_staging);
-        sync_staging = nullptr;
+        free(sched.sync_staging);
+        sched.sync_staging = nullptr;
     }
 
     // Never called with pool.mutex() held: it takes the lock, so a compute thread that is about to wait for a
     // read cannot miss the wake-up.
     void fail(const std::string & msg) {
         {
-            std::lock_guard<std::mutex> lk(pool.mutex());
+            std::lock_guard<std::mutex> lk(sched.pool.mutex());
             failed.set(msg);
         }
-        pool.done_cv().notify_all();
-    }  // The read jobs of tensor k: [begin, end) in bytes of its superset (direct, or staged whole), or in rows
-
-    // (staged in row groups).
-    static size_t job_units(const stream_tensor & t) { return t.job_rows ? (size_t) ggml_nrows(t.t) : t.read_len; }
-
-    static size_t job_step(const stream_tensor & t) {
-        return t.job_rows ? t.job_rows : t.staged ? t.read_len : k_chunk;
+        sched.pool.done_cv().notify_all();
     }
 
-    // Rows [begin, end) of staged tensor k: their aligned superset into staging, then repacked into the home
-    // through a view of those rows. The repacked layouts keep each group of interleaved rows in the bytes the
-    // rows have unpacked (row_bytes apiece), so the rows land where a whole-tensor set would put them.
-    void read_rows(int k, size_t begin, size_t end, void * staging) {
-        const stream_tensor & st   = tensors[k];
-        const size_t          rb   = st.t->nb[1];
-        const uint64_t        off  = st.read_off + st.head + begin * rb;
-        const uint64_t        aoff = off - off % k_page;
-        const size_t          pre  = (size_t) (off - aoff);
-        const size_t          want = pre + (end - begin) * rb;
-        const int64_t         t0   = now_ns();
-        const long long       n    = pread_full(files[st.file].fd, staging, align_up(want, k_page), aoff);
-        if (n < 0) {
-            fail(format("reading %s from %s failed: %s", ggml_get_name(st.t), files[st.file].path.c_str(),
-                        strerror(errno)));
-            return;
-        }
-        if ((size_t) n < want) {
-            fail(format("%s ended early while reading %s (the file shrank or changed since the plan was made)",
-                        files[st.file].path.c_str(), ggml_get_name(st.t)));
-            return;
-        }
-        bytes_read.fetch_add((uint64_t) n);
-        ggml_tensor rows = *st.t;
-        rows.ne[1]       = (int64_t) (end - begin);
-        rows.nb[2]       = rows.nb[1] * rows.ne[1];
-        rows.nb[3]       = rows.nb[2] * rows.ne[2];
-        rows.data        = (uint8_t *) st.t->data + begin * rb;
-        ggml_backend_tensor_set(&rows, (uint8_t *) staging + pre, 0, ggml_nbytes(&rows));
-        read_ns.fetch_add(now_ns() - t0);
-    }
-
-    // One read job of tensor k: [begin, end) of its superset (direct), the whole tensor (staged), or rows.
-    void read_range(int k, size_t begin, size_t end, void * staging) {
-        const stream_tensor & st = tensors[k];
-        if (st.job_rows) {
-            read_rows(k, begin, end, staging);
-            return;
-        }
-        uint8_t *       dst = st.staged ? (uint8_t *) staging : st.home;
-        const int64_t   t0  = now_ns();
-        const long long n   = pread_full(files[st.file].fd, dst + begin, end - begin, st.read_off + begin);
-        if (n < 0) {
-            fail(format("reading %s from %s failed: %s", ggml_get_name(st.t), files[st.file].path.c_str(),
-                        strerror(errno)));
-            return;
-        }
-        const size_t done = begin + (size_t) n;  // short only at the end of the file
-        // The superset may run past the end of the file; the tensor bytes may not.
-        if (done < std::min(end, st.head + st.nbytes)) {
-            fail(format("%s ended early while reading %s (the file shrank or changed since the plan was made)",
-                        files[st.file].path.c_str(), ggml_get_name(st.t)));
-            return;
-        }
-        bytes_read.fetch_add(done - begin);
-        if (st.staged) {
-            ggml_backend_tensor_set(st.t, dst + st.head, 0, st.nbytes);
-        }
-        read_ns.fetch_add(now_ns() - t0);
-    }
-
-    // May tensor k's home receive cycle c's bytes: is every use of the bytes it shares over? A tensor before k
-    // in the order must have been released in cycle c, one after it (and k itself) in cycle c - 1.
-    // A home whose bytes a read is still writing is not free either, even when compute released the tensor: a
-    // use that did not run (a layer trimmed to no rows) releases a tensor its read may not have finished.
-    bool home_free(int k, int64_t c) const {
-        if (tensors[k].released < c - 1 || tensors[k].pending > 0) {
-            return false;
-        }
-        for (int j : tensors[k].overlaps) {
-            if (tensors[j].released < (j < k ? c : c - 1) || tensors[j].pending > 0) {
-                return false;
-            }
-        }
-        return true;
-    }
-
-    // Issue reads in cycle order while homes are free (prefetch threads only). pool.mutex() is held.
-    void pump() {
-        if (draining) {
-            return;  // resync or relayout: waiting for the reads in flight to end
-        }
-        const int n   = (int) tensors.size();
-        bool      any = false;
-        while (!failed.is_set() && home_free(next_tensor, next_cycle)) {
-            stream_tensor & t = tensors[next_tensor];
-            if (t.overlaps.empty() && t.cycle >= 0 && t.pending == 0) {
-                t.cycle = next_cycle;  // shares its home with nobody: the bytes are still there
-            } else {
-                t.cycle   = next_cycle;
-                t.pending = 0;
-                layer_loads.fetch_add(1);
-                const size_t units = job_units(t), step = job_step(t);
-                for (size_t b = 0; b < units; b += step) {
-                    queue_read(next_tensor, next_cycle, b, std::min(units, b + step));
-                    t.pending++;
-                    any = true;
-                }
-            }
-            if (++next_tensor == n) {
-                next_tensor = 0;
-                next_cycle++;
-            }
-        }
-        if (any) {
-            pool.wake();
-        }
-    }
-
-    // One read job of tensor k for cycle c: dropped when the tensor's home has moved on (a re-synchronisation).
-    void queue_read(int k, int64_t c, size_t begin, size_t end) {
-        inflight++;
-        pool.push({
-            [this, k, c] { return tensors[k].cycle == c; },
-            [this, k, begin, end](void * staging) { read_range(k, begin, end, staging); },
-            [this, k, c] {
-                inflight--;
-                if (tensors[k].cycle == c && --tensors[k].pending == 0) {
-                    pump();  // a home this read kept busy may be free now
-                }
-            },
-        });
-    }
-
-    // Start the cycle over at streamed layer li: whatever was acquired is not computing any more (compute is
-    // sequential), so once in-flight reads are done every home is free. pool.mutex() is held by lk.
-    void resync(int li, std::unique_lock<std::mutex> & lk) {
-        resyncs.fetch_add(1);
-        for (auto & t : tensors) {
-            t.cycle = -1;  // queued reads are dropped, the bytes of every home are unknown
-        }
-        draining = true;
-        pool.done_cv().wait(lk, [&] { return inflight == 0 || pool.stopping(); });
-        draining           = false;
-        const int64_t base = std::max(next_cycle, cycle) + 1;
-        const int     s    = layers[li].first;
-        for (int k = 0; k < (int) tensors.size(); ++k) {
-            // tensors before layer li are not used in cycle `base`: their homes are free for it
-            tensors[k].released = k < s ? base : base - 1;
-            tensors[k].pending  = 0;
-        }
-        next_cycle  = base;
-        next_tensor = s;
-        cycle       = base;
-    }
-
-    // Compute thread: make streamed layer li's tensors available for this cycle.
-    void acquire(int li) {
-        acquires.fetch_add(1);
-        std::unique_lock<std::mutex> lk(pool.mutex());
-        if (held >= 0 && held != li) {
-            // compute is sequential: a layer still held is done. Its boundary did not run when llama.cpp trimmed the
-            // last layer of a ubatch that wants no outputs to zero rows (an op on an empty tensor is skipped).
-            release_locked(held);
-        }
-        if (li != expected_li) {
-            resync(li, lk);
-        } else if (li == 0) {
-            cycle++;
-        }
-        expected_li            = (li + 1) % (int) layers.size();
-        held                   = li;
-        held_use               = -1;
-        const stream_layer & L = layers[li];
-        wait_for(L.first, L.first + L.count, lk);  // the tensors its use nodes do not wait for
-    }
-
-    // Compute thread, at the use node of tensor k: release the tensor the previous use waited for (its matmul is
-    // done), then make k available for this cycle.
-    void use(int k) {
-        if (tensors[k].by_use && tensors[k].li != held) {
-            acquire(tensors[k].li);  // its layer's boundary did not run (only this thread writes `held`)
-        }
-        std::unique_lock<std::mutex> lk(pool.mutex());
-        if (held_use >= 0 && held_use != k) {
-            tensors[held_use].released = std::max(tensors[held_use].released, cycle);
-            held_use                   = -1;
-        }
-        stream_tensor & t = tensors[k];
-        if (!t.by_use || t.li != held) {
-            if (pool.threads() > 0) {
-                pump();  // for the release above; a tensor not held by its use came with its layer
-            }
-            return;
-        }
-        held_use = k;
-        wait_for(k, k + 1, lk);
-    }
-
-    // Tensors [first, end) that are waited for here (by their use when `by_use`, else with their layer): read them
-    // now (no prefetch threads) or wait until the prefetch threads have. pool.mutex() is held by lk.
-    void wait_for(int first, int end, std::unique_lock<std::mutex> & lk) {
-        const bool by_use = end == first + 1 && tensors[first].by_use;
-        auto       wanted = [&](int k) {
-            return by_use || !tensors[k].by_use;
-        };
-        if (pool.threads() == 0) {
-            // synchronous reads: whatever shares these homes was released, so they are free
-            for (int k = first; k < end && !failed.is_set(); ++k) {
-                stream_tensor & t = tensors[k];
-                if (!wanted(k)) {
-                    continue;
-                }
-                if (t.ready(cycle) || (t.overlaps.empty() && t.cycle >= 0)) {
-                    t.cycle = cycle;
-                    continue;
-                }
-                t.cycle = cycle;
-                layer_loads.fetch_add(1);
-                lk.unlock();
-                for (size_t b = 0, units = job_units(t), step = job_step(t); b < units && !failed.is_set(); b += step) {
-                    read_range(k, b, std::min(units, b + step), sync_staging);
-                }
-                lk.lock();
-            }
-            return;
-        }
-        pump();
-        auto all_ready = [&] {
-            for (int k = first; k < end; ++k) {
-                if (wanted(k) && !tensors[k].ready(cycle)) {
-                    return false;
-                }
-            }
-            return true;
-        };
-        if (!all_ready() && !failed.is_set()) {
-            layer_waits.fetch_add(1);
-            const int64_t t0 = now_ns();
-            // in slices, so an interrupt (Ctrl-C, SIGTERM) ends a wait the reads would not end soon: the abort
-            // callback then stops the graph at its next node
-            while (!pool.done_cv().wait_for(lk, std::chrono::milliseconds(100),
-                                            [&] { return all_ready() || failed.is_set() || pool.stopping(); })) {
-                if (interrupt_requested()) {
-                    break;
-                }
-            }
-            wait_ns.fetch_add(now_ns() - t0);
-        }
-    }
-
-    void release(int li) {
-        std::lock_guard<std::mutex> lk(pool.mutex());
-        release_locked(li);
-    }
-
-    // pool.mutex() is held.
-    void release_locked(int li) {
-        const stream_layer & L = layers[li];
-        for (int k = L.first; k < L.first + L.count; ++k) {
-            tensors[k].released = std::max(tensors[k].released, cycle);
-        }
-        if (held == li) {
-            held = -1;
-        }
-        if (held_use >= L.first && held_use < L.first + L.count) {
-            held_use = -1;
-        }
-        if (pool.threads() > 0) {
-            pump();
-        }
-    }
-
-    // Homes in the current order, consecutive, wrapping to the ring's start; which homes share bytes; and every
-    // tensor's data pointer at its home. Nothing may be reading or computing (setup, or relayout).
-    void place() {
-        std::vector<size_t> pos(rings.size(), 0);
-        index_of.clear();
-        for (size_t k = 0; k < tensors.size(); ++k) {
-            stream_tensor & s = tensors[k];
-            ring_buffer &   R = rings[s.ring];
-            if (pos[s.ring] + s.home_len > R.size) {
-                pos[s.ring] = 0;
-            }
-            s.home_off = pos[s.ring];
-            pos[s.ring] += s.home_len;
-            s.overlaps.clear();
-            index_of[s.t] = (int) k;
-        }
-        for (size_t a = 0; a < tensors.size(); ++a) {
-            for (size_t b = a + 1; b < tensors.size(); ++b) {
-                const stream_tensor & x = tensors[a];
-                const stream_tensor & y = tensors[b];
-                if (x.ring == y.ring && x.home_off < y.home_off + y.home_len && y.home_off < x.home_off + x.home_len) {
-                    tensors[a].overlaps.push_back((int) b);
-                    tensors[b].overlaps.push_back((int) a);
-                }
-            }
-        }
-        for (auto & s : tensors) {
-            uint8_t * base = (uint8_t *) ggml_backend_buffer_get_base(rings[s.ring].buf) + s.home_off;
-            s.home         = s.staged ? nullptr : base;
-            void * addr    = s.staged ? (void *) base : (void *) (base + s.head);
-            if (s.t->buffer == nullptr) {
-                if (ggml_backend_tensor_alloc(rings[s.ring].buf, s.t, addr) != GGML_STATUS_SUCCESS) {
-                    throw std::runtime_error(
-                        format("flashflex: cannot place %s in the streaming ring", ggml_get_name(s.t)));
-                }
-            } else {
-                s.t->data = addr;  // moved between two computes (relayout); the buffer and its extras stay
-            }
-        }
-    }
-
-    // A layer's tensors held for the whole layer (those without a use node) must not share bytes with any other
-    // tensor of the layer; a tensor held by its use only shares with the tensors used before it (released by then).
-    std::string layout_error() const {
-        for (size_t k = 0; k < tensors.size(); ++k) {
-            if (tensors[k].by_use) {
-                continue;
-            }
-            for (int j : tensors[k].overlaps) {
-                if (tensors[j].li == tensors[k].li) {
-                    return format(
-                        "the streaming ring (%.1f MiB) cannot hold layer %d's %s, which its graph uses outside "
-                        "build_lora_mm and so is held for the whole layer, together with %s: re-plan with a larger "
-                        "--prefetch-window",
-                        ring_bytes / 1048576.0, layers[tensors[k].li].layer, ggml_get_name(tensors[k].t),
-                        ggml_get_name(tensors[j].t));
-                }
-            }
-        }
-        return {};
-    }
-
-    // The order in which a finished graph uses the streamed weights (its use nodes, in node order): in each
-    // layer, the tensors without a use node first (its boundary waits for them), then the others in use order.
-    // A weight used twice in one graph is held with its layer. Moves the homes when that differs from now.
-    void learn_order(ggml_cgraph * gf) {
-        std::unordered_map<const ggml_tensor *, const ggml_tensor *> weight_of(built_uses.begin(), built_uses.end());
-        std::vector<int>                                             seq;
-        std::vector<int>                                             n_uses(tensors.size(), 0);
-        for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-            auto it = weight_of.find(ggml_graph_node(gf, i));
-            if (it != weight_of.end()) {
-                const int k = index_of.at(it->second);
-                seq.push_back(k);
-                n_uses[k]++;
-            }
-        }
-        std::vector<std::vector<int>> by_layer(layers.size());
-        for (int k : seq) {
-            if (n_uses[k] == 1) {
-                by_layer[tensors[k].li].push_back(k);
-            }
-        }
-        std::vector<int> order;
-        order.reserve(tensors.size());
-        for (size_t li = 0; li < layers.size(); ++li) {
-            const stream_layer & L = layers[li];
-            for (int k = L.first; k < L.first + L.count; ++k) {
-                if (n_uses[k] != 1) {
-                    order.push_back(k);
-                }
-            }
-            order.insert(order.end(), by_layer[li].begin(), by_layer[li].end());
-        }
-        bool same = true;
-        for (size_t i = 0; i < order.size() && same; ++i) {
-            same = order[i] == (int) i && tensors[i].by_use == (n_uses[i] == 1);
-        }
-        if (!same) {
-            relayout(order, n_uses);
-        }
-        const std::string err = layout_error();
+    // One read job of tensor k (outside pool.mutex()); a failed read fails the model.
+    void read(int k, size_t begin, size_t end, void * staging) {
+        const std::string err = reader.read_range(tensors[k], begin, end, staging);
         if (!err.empty()) {
             fail(err);
         }
     }
 
-    // Compute thread, between two computes: the new order takes effect (reads in flight are dropped first).
-    void relayout(const std::vector<int> & order, const std::vector<int> & n_uses) {
-        std::unique_lock<std::mutex> lk(pool.mutex());
-        for (auto & t : tensors) {
-            t.cycle = -1;  // queued reads are dropped
-        }
-        draining = true;
-        pool.done_cv().wait(lk, [&] { return inflight == 0 || pool.stopping(); });
-        draining = false;
-        std::vector<stream_tensor> moved;
-        moved.reserve(tensors.size());
-        for (int k : order) {
-            moved.push_back(std::move(tensors[k]));
-            moved.back().by_use  = n_uses[k] == 1;
-            moved.back().pending = 0;  // drained above
-        }
-        tensors = std::move(moved);
-        place();
-        expected_li = -1;  // the next acquire re-synchronises the cycle
-        held        = -1;
-        held_use    = -1;
-        relayouts.fetch_add(1);
+    // The layout's homes (ring_layout::place) and every tensor's data pointer at its home. Nothing may be reading
+    // or computing (setup, or relayout).
+    void place() {
+        layout.place();
+        bind();
     }
 
-    void on_boundary(int il_done) {
-        if (failed.is_set()) {
-            return;  // the abort callback ends the graph; never block on a failed model
-        }
-        if (il_done >= 0 && il_done < n_layer && li_of[il_done] >= 0) {
-            release(li_of[il_done]);
-        }
-        const int next = il_done + 1;
-        if (next < n_layer && li_of[next] >= 0) {
-            acquire(li_of[next]);
+    void        bind();
+    void        learn_order(ggml_cgraph * gf);
+    void        relayout(const std::vector<int> & order, const std::vector<int> & n_uses);
+    std::string layout_error() const;
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// The scheduler
+
+// May tensor k's home receive cycle c's bytes: is every use of the bytes it shares over? A tensor before k
+// in the order must have been released in cycle c, one after it (and k itself) in cycle c - 1.
+// A home whose bytes a read is still writing is not free either, even when compute released the tensor: a
+// use that did not run (a layer trimmed to no rows) releases a tensor its read may not have finished.
+bool stream_scheduler::home_free(int k, int64_t c) const {
+    const std::vector<stream_tensor> & tensors = st.tensors;
+    if (tensors[k].released < c - 1 || tensors[k].pending > 0) {
+        return false;
+    }
+    for (int j : st.layout.homes[k].overlaps) {
+        if (tensors[j].released < (j < k ? c : c - 1) || tensors[j].pending > 0) {
+            return false;
         }
     }
-};
+    return true;
+}
+
+// Issue reads in cycle order while homes are free (prefetch threads only). pool.mutex() is held.
+void stream_scheduler::pump() {
+    if (draining) {
+        return;  // resync or relayout: waiting for the reads in flight to end
+    }
+    const int n   = (int) st.tensors.size();
+    bool      any = false;
+    while (!st.failed.is_set() && home_free(next_tensor, next_cycle)) {
+        stream_tensor & t = st.tensors[next_tensor];
+        if (st.layout.homes[next_tensor].overlaps.empty() && t.cycle >= 0 && t.pending == 0) {
+            t.cycle = next_cycle;  // shares its home with nobody: the bytes are still there
+        } else {
+            t.cycle   = next_cycle;
+            t.pending = 0;
+            layer_loads.fetch_add(1);
+            const size_t units = stream_reader::job_units(t), step = stream_reader::job_step(t);
+            for (size_t b = 0; b < units; b += step) {
+                queue_read(next_tensor, next_cycle, b, std::min(units, b + step));
+                t.pending++;
+                any = true;
+            }
+        }
+        if (++next_tensor == n) {
+            next_tensor = 0;
+            next_cycle++;
+        }
+    }
+    if (any) {
+        pool.wake();
+    }
+}
+
+// One read job of tensor k for cycle c: dropped when the tensor's home has moved on (a re-synchronisation).
+void stream_scheduler::queue_read(int k, int64_t c, size_t begin, size_t end) {
+    inflight++;
+    pool.push({
+        [this, k, c] { return st.tensors[k].cycle == c; },
+        [this, k, begin, end](void * staging) { st.read(k, begin, end, staging); },
+        [this, k, c] {
+            inflight--;
+            if (st.tensors[k].cycle == c && --st.tensors[k].pending == 0) {
+                pump();  // a home this read kept busy may be free now
+            }
+        },
+    });
+}
+
+// Drop the queued reads (the bytes of every home are unknown) and wait for those in flight. pool.mutex() is held
+// by lk.
+void stream_scheduler::drain(std::unique_lock<std::mutex> & lk) {
+    for (auto & t : st.tensors) {
+        t.cycle = -1;
+    }
+    draining = true;
+    pool.done_cv().wait(lk, [&] { return inflight == 0 || pool.stopping(); });
+    draining = false;
+}
+
+// Start the cycle over at streamed layer li: whatever was acquired is not computing any more (compute is
+// sequential), so once in-flight reads are done every home is free. pool.mutex() is held by lk.
+void stream_scheduler::resync(int li, std::unique_lock<std::mutex> & lk) {
+    resyncs.fetch_add(1);
+    drain(lk);
+    const int64_t base = std::max(next_cycle, cycle) + 1;
+    const int     s    = st.layout.layers[li].first;
+    for (int k = 0; k < (int) st.tensors.size(); ++k) {
+        // tensors before layer li are not used in cycle `base`: their homes are free for it
+        st.tensors[k].released = k < s ? base : base - 1;
+        st.tensors[k].pending  = 0;
+    }
+    next_cycle  = base;
+    next_tensor = s;
+    cycle       = base;
+}
+
+// Compute thread: make streamed layer li's tensors available for this cycle.
+void stream_scheduler::acquire(int li) {
+    acquires.fetch_add(1);
+    std::unique_lock<std::mutex> lk(pool.mutex());
+    if (held >= 0 && held != li) {
+        // compute is sequential: a layer still held is done. Its boundary did not run when llama.cpp trimmed the
+        // last layer of a ubatch that wants no outputs to zero rows (an op on an empty tensor is skipped).
+        release_locked(held);
+    }
+    if (li != expected_li) {
+        resync(li, lk);
+    } else if (li == 0) {
+        cycle++;
+    }
+    expected_li          = (li + 1) % (int) st.layout.layers.size();
+    held                 = li;
+    held_use             = -1;
+    const ring_layer & L = st.layout.layers[li];
+    wait_for(L.first, L.first + L.count, lk);  // the tensors its use nodes do not wait for
+}
+
+// Compute thread, at the use node of tensor k: release the tensor the previous use waited for (its matmul is
+// done), then make k available for this cycle.
+void stream_scheduler::use(int k) {
+    const ring_home & h = st.layout.homes[k];
+    if (h.by_use && h.li != held) {
+        acquire(h.li);  // its layer's boundary did not run (only this thread writes `held`)
+    }
+    std::unique_lock<std::mutex> lk(pool.mutex());
+    if (held_use >= 0 && held_use != k) {
+        st.tensors[held_use].released = std::max(st.tensors[held_use].released, cycle);
+        held_use                      = -1;
+    }
+    if (!h.by_use || h.li != held) {
+        if (pool.threads() > 0) {
+            pump();  // for the release above; a tensor not held by its use came with its layer
+        }
+        return;
+    }
+    held_use = k;
+    wait_for(k, k + 1, lk);
+}
+
+// Synchronous reads (no prefetch threads) of tensors [first, end) that are waited for here: whatever shares these
+// homes was released, so they are free. pool.mutex() is held by lk.
+void stream_scheduler::read_now(int first, int end, bool by_use, std::unique_lock<std::mutex> & lk) {
+    for (int k = first; k < end && !st.failed.is_set(); ++k) {
+        stream_tensor & t = st.tensors[k];
+        if (!(by_use || !st.layout.homes[k].by_use)) {
+            continue;
+        }
+        if (t.ready(cycle) || (st.layout.homes[k].overlaps.empty() && t.cycle >= 0)) {
+            t.cycle = cycle;
+            continue;
+        }
+        t.cycle = cycle;
+        layer_loads.fetch_add(1);
+        lk.unlock();
+        for (size_t b = 0, units = stream_reader::job_units(t), step = stream_reader::job_step(t);
+             b < units && !st.failed.is_set(); b += step) {
+            st.read(k, b, std::min(units, b + step), sync_staging);
+        }
+        lk.lock();
+    }
+}
+
+// Tensors [first, end) that are waited for here (by their use when `by_use`, else with their layer): read them
+// now (no prefetch threads) or wait until the prefetch threads have. pool.mutex() is held by lk.
+void stream_scheduler::wait_for(int first, int end, std::unique_lock<std::mutex> & lk) {
+    const bool by_use = end == first + 1 && st.layout.homes[first].by_use;
+    if (pool.threads() == 0) {
+        read_now(first, end, by_use, lk);
+        return;
+    }
+    pump();
+    auto all_ready = [&] {
+        for (int k = first; k < end; ++k) {
+            if ((by_use || !st.layout.homes[k].by_use) && !st.tensors[k].ready(cycle)) {
+                return false;
+            }
+        }
+        return true;
+    };
+    if (!all_ready() && !st.failed.is_set()) {
+        layer_waits.fetch_add(1);
+        const int64_t t0 = now_ns();
+        // in slices, so an interrupt (Ctrl-C, SIGTERM) ends a wait the reads would not end soon: the abort
+        // callback then stops the graph at its next node
+        while (!pool.done_cv().wait_for(lk, std::chrono::milliseconds(100),
+                                        [&] { return all_ready() || st.failed.is_set() || pool.stopping(); })) {
+            if (interrupt_requested()) {
+                break;
+            }
+        }
+        wait_ns.fetch_add(now_ns() - t0);
+    }
+}
+
+void stream_scheduler::release(int li) {
+    std::lock_guard<std::mutex> lk(pool.mutex());
+    release_locked(li);
+}
+
+// pool.mutex() is held.
+void stream_scheduler::release_locked(int li) {
+    const ring_layer & L = st.layout.layers[li];
+    for (int k = L.first; k < L.first + L.count; ++k) {
+        st.tensors[k].released = std::max(st.tensors[k].released, cycle);
+    }
+    if (held == li) {
+        held = -1;
+    }
+    if (held_use >= L.first && held_use < L.first + L.count) {
+        held_use = -1;
+    }
+    if (pool.threads() > 0) {
+        pump();
+    }
+}
+
+void stream_scheduler::on_boundary(int il_done) {
+    if (st.failed.is_set()) {
+        return;  // the abort callback ends the graph; never block on a failed model
+    }
+    if (il_done >= 0 && il_done < st.n_layer && st.li_of[il_done] >= 0) {
+        release(st.li_of[il_done]);
+    }
+    const int next = il_done + 1;
+    if (next < st.n_layer && st.li_of[next] >= 0) {
+        acquire(st.li_of[next]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The layout's effects on the tensors
+
+// Every tensor's data pointer at its home (placed by the layout), and the weight -> index map.
+void stream_state::bind() {
+    index_of.clear();
+    for (size_t k = 0; k < tensors.size(); ++k) {
+        index_of[tensors[k].t] = (int) k;
+    }
+    for (size_t k = 0; k < tensors.size(); ++k) {
+        stream_tensor &   s    = tensors[k];
+        const ring_home & h    = layout.homes[k];
+        uint8_t *         base = (uint8_t *) ggml_backend_buffer_get_base(rings[h.ring].buf) + h.off;
+        s.home                 = s.staged ? nullptr : base;
+        void * addr            = s.staged ? (void *) base : (void *) (base + s.head);
+        if (s.t->buffer == nullptr) {
+            if (ggml_backend_tensor_alloc(rings[h.ring].buf, s.t, addr) != GGML_STATUS_SUCCESS) {
+                throw std::runtime_error(
+                    format("flashflex: cannot place %s in the streaming ring", ggml_get_name(s.t)));
+            }
+        } else {
+            s.t->data = addr;  // moved between two computes (relayout); the buffer and its extras stay
+        }
+    }
+}
+
+// A layer's tensors held for the whole layer (those without a use node) must not share bytes with any other
+// tensor of the layer; a tensor held by its use only shares with the tensors used before it (released by then).
+std::string stream_state::layout_error() const {
+    int k = -1, j = -1;
+    if (!layout.conflict(k, j)) {
+        return {};
+    }
+    return format(
+        "the streaming ring (%.1f MiB) cannot hold layer %d's %s, which its graph uses outside "
+        "build_lora_mm and so is held for the whole layer, together with %s: re-plan with a larger "
+        "--prefetch-window",
+        ring_bytes / 1048576.0, layout.layers[layout.homes[k].li].layer, ggml_get_name(tensors[k].t),
+        ggml_get_name(tensors[j].t));
+}
+
+// The order in which a finished graph uses the streamed weights (its use nodes, in node order; see
+// ring_layout::learn_order). A weight used twice in one graph is held with its layer. Moves the homes when that
+// differs from now.
+void stream_state::learn_order(ggml_cgraph * gf) {
+    std::unordered_map<const ggml_tensor *, const ggml_tensor *> weight_of(built_uses.begin(), built_uses.end());
+    std::vector<int>                                             seq;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        auto it = weight_of.find(ggml_graph_node(gf, i));
+        if (it != weight_of.end()) {
+            seq.push_back(index_of.at(it->second));
+        }
+    }
+    std::vector<int> order, n_uses;
+    if (layout.learn_order(seq, order, n_uses)) {
+        relayout(order, n_uses);
+    }
+    const std::string err = layout_error();
+    if (!err.empty()) {
+        fail(err);
+    }
+}
+
+// Compute thread, between two computes: the new order takes effect (reads in flight are dropped first).
+void stream_state::relayout(const std::vector<int> & order, const std::vector<int> & n_uses) {
+    std::unique_lock<std::mutex> lk(sched.pool.mutex());
+    sched.drain(lk);
+    std::vector<stream_tensor> moved;
+    moved.reserve(tensors.size());
+    for (int k : order) {
+        moved.push_back(std::move(tensors[k]));
+        moved.back().pending = 0;  // drained above
+    }
+    tensors = std::move(moved);
+    layout.reorder(order, n_uses);
+    bind();
+    sched.expected_li = -1;  // the next acquire re-synchronises the cycle
+    sched.held        = -1;
+    sched.held_use    = -1;
+    relayouts.fetch_add(1);
+}
 
 model_registry<stream_state> g_models;
 
@@ -618,7 +627,7 @@ void boundary_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, voi
         return;
     }
     auto * b = (boundary *) userdata;
-    b->st->on_boundary(b->il_done);
+    b->st->sched.on_boundary(b->il_done);
 }
 
 void use_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void * userdata) {
@@ -634,8 +643,156 @@ void use_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void * u
     }
     auto it = u->st->index_of.find(u->w);
     if (it != u->st->index_of.end()) {
-        u->st->use(it->second);
+        u->st->sched.use(it->second);
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Setup, stage by stage (stream_setup)
+
+// One tensor of the plan, validated against the file: where it is read from and how (direct or staged).
+stream_tensor planned_tensor(const stream_tensor_cfg & ct,
+                             llama_model_loader &      ml,
+                             const loader_tensor_map & model_tensors,
+                             int                       n_layer) {
+    auto w  = ml.weights_map.find(ct.name);
+    auto mt = model_tensors.find(ct.name);
+    if (w == ml.weights_map.end() || mt == model_tensors.end()) {
+        throw std::runtime_error(
+            format("flashflex: the plan streams %s, which this model does not have "
+                   "(a plan made for another model?)",
+                   ct.name.c_str()));
+    }
+    ggml_tensor * t = mt->second.first;
+    if (w->second.idx != ct.file || w->second.offs != ct.offset || ggml_nbytes(t) != ct.nbytes) {
+        throw std::runtime_error(
+            format("flashflex: the plan places %s at file %d offset %llu (%llu bytes) but "
+                   "the model has it at file %d offset %zu (%zu bytes): re-plan this file",
+                   ct.name.c_str(), ct.file, (unsigned long long) ct.offset, (unsigned long long) ct.nbytes,
+                   (int) w->second.idx, w->second.offs, ggml_nbytes(t)));
+    }
+    const int il = layer_of(ct.name);
+    if (il < 0 || il >= n_layer) {
+        throw std::runtime_error(format("flashflex: only per-layer tensors can stream, not %s", ct.name.c_str()));
+    }
+    ggml_backend_buffer_type_t buft = mt->second.second;
+    ggml_backend_dev_t         dev  = ggml_backend_buft_get_device(buft);
+    if (dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        throw std::runtime_error(format("flashflex: %s is placed on %s; dense streaming supports CPU weights only",
+                                        ct.name.c_str(), ggml_backend_buft_name(buft)));
+    }
+    stream_tensor s{};
+    s.t        = t;
+    s.file     = ct.file;
+    s.nbytes   = ggml_nbytes(t);
+    s.head     = ct.offset % k_page;
+    s.read_off = ct.offset - s.head;
+    s.read_len = align_up(s.head + s.nbytes, k_page);
+    s.staged   = buft != ggml_backend_cpu_buffer_type();
+    return s;
+}
+
+// The plan's tensors validated and in the order compute uses them, layer by layer; the names that stream. Returns
+// each tensor's buffer type (same index).
+std::vector<ggml_backend_buffer_type_t> collect_tensors(stream_state &            st,
+                                                        llama_model_loader &      ml,
+                                                        const loader_tensor_map & model_tensors,
+                                                        std::set<std::string> &   streamed_names) {
+    std::map<int, std::vector<stream_tensor>> by_layer;
+    for (const auto & ct : st.cfg.tensors) {
+        stream_tensor s = planned_tensor(ct, ml, model_tensors, st.n_layer);
+        if (!streamed_names.insert(ct.name).second) {
+            throw std::runtime_error(format("flashflex: the plan streams %s twice", ct.name.c_str()));
+        }
+        by_layer[layer_of(ct.name)].push_back(s);
+    }
+    std::vector<ggml_backend_buffer_type_t> buft_of;
+    for (auto & [il, ts] : by_layer) {
+        ring_layer L{ il, (int) st.tensors.size(), (int) ts.size() };
+        for (auto & s : ts) {
+            ring_home h;
+            h.li = (int) st.layout.layers.size();
+            buft_of.push_back(model_tensors.at(ggml_get_name(s.t)).second);
+            st.tensors.push_back(std::move(s));
+            st.layout.homes.push_back(std::move(h));
+        }
+        st.li_of[il] = (int) st.layout.layers.size();
+        st.layout.layers.push_back(L);
+    }
+    return buft_of;
+}
+
+// One ring per buffer type: the plain CPU type (read straight into homes) and each repacked type; each home's
+// length, and how staged tensors are read (whole, or in row groups) and the staging that needs.
+void assign_rings(stream_state & st, const std::vector<ggml_backend_buffer_type_t> & buft_of) {
+    std::map<ggml_backend_buffer_type_t, int> ring_of;
+    for (size_t k = 0; k < st.tensors.size(); ++k) {
+        stream_tensor & s = st.tensors[k];
+        ring_home &     h = st.layout.homes[k];
+        if (!ring_of.count(buft_of[k])) {
+            ring_of[buft_of[k]] = (int) st.rings.size();
+            st.rings.push_back({ buft_of[k] });
+        }
+        h.ring = ring_of[buft_of[k]];
+        if (s.staged) {
+            const size_t a     = std::max<size_t>(ggml_backend_buft_get_alignment(buft_of[k]), 64);
+            const size_t alloc = ggml_backend_buft_get_alloc_size(buft_of[k], s.t);
+            h.len              = align_up(alloc, a);
+            // a matrix whose repacked size is its own is staged a group of rows at a time (64 or more, a
+            // multiple of every interleave), so staging is about one read job, not the largest tensor
+            const size_t rb    = s.t->nb[1];
+            const size_t group = std::max<size_t>(64, k_chunk / rb / 64 * 64);
+            if (ggml_n_dims(s.t) <= 2 && alloc == s.nbytes && (size_t) ggml_nrows(s.t) > group) {
+                s.job_rows       = group;
+                st.staging_bytes = std::max(st.staging_bytes, group * rb + 2 * k_page);
+            } else {
+                st.staging_bytes = std::max(st.staging_bytes, s.read_len);
+            }
+        } else {
+            h.len = s.read_len;  // page multiple: homes stay page-aligned for O_DIRECT
+        }
+    }
+}
+
+// Ring sizes (ring_sizes; a layer that also holds tensors outside matmuls needs more than the largest tensor,
+// checked once the graph shows which: layout_error), then the rings' memory.
+void allocate_rings(stream_state & st) {
+    const size_t      asked = st.cfg.ring_bytes > 0 ? (size_t) st.cfg.ring_bytes : 0;
+    const ring_sizing sz    = ring_sizes(st.layout, st.rings.size(), asked, st.cfg.window, k_page);
+    if (asked > 0 && asked < sz.need) {
+        LLAMA_LOG_WARN(
+            "flashflex: a %.1f MiB ring is below the %.1f MiB this model's largest tensor needs; using "
+            "%.1f MiB\n",
+            asked / 1048576.0, sz.need / 1048576.0, sz.need / 1048576.0);
+    }
+    st.layout.ring_size = sz.size;
+    for (size_t r = 0; r < st.rings.size(); ++r) {
+        ring_buffer & R    = st.rings[r];
+        const size_t  size = sz.size[r];
+        if (R.buft == ggml_backend_cpu_buffer_type()) {
+            if (posix_memalign(&R.mem, k_page, size) != 0) {
+                throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte streaming ring", size));
+            }
+            R.buf = ggml_backend_cpu_buffer_from_ptr(R.mem, size);
+        } else {
+            R.buf = ggml_backend_buft_alloc_buffer(R.buft, size);
+        }
+        if (!R.buf) {
+            throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte %s streaming ring", size,
+                                            ggml_backend_buft_name(R.buft)));
+        }
+        ggml_backend_buffer_set_usage(R.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        st.ring_bytes += size;
+    }
+}
+
+// The model files, the staging buffer for synchronous reads and the prefetch threads.
+void start_reads(stream_state & st) {
+    st.reader.files = open_files(st.cfg.files, st.cfg.direct_io, st.direct);
+    if (st.staging_bytes > 0 && posix_memalign(&st.sched.sync_staging, k_page, st.staging_bytes) != 0) {
+        throw std::runtime_error("flashflex: out of memory for the staging buffer");
+    }
+    st.sched.pool.start(st.cfg.prefetch_threads, st.staging_bytes, st.failed);
 }
 
 }  // namespace
@@ -649,20 +806,20 @@ int32_t llama_flashflex_model_stats(const llama_model * model, char * buf, size_
         return -1;
     }
     json_object out;
-    out.add("streamed_layers", st->layers.size())
+    out.add("streamed_layers", st->layout.layers.size())
         .add("streamed_tensors", st->tensors.size())
         .add("rings", st->rings.size())
-        .add("prefetch_threads", st->pool.threads())
+        .add("prefetch_threads", st->sched.pool.threads())
         .add("direct_io", st->direct)
         .add("ring_bytes", st->ring_bytes)
-        .add("staging_bytes", st->staging_bytes * std::max<size_t>(1, st->pool.threads()))
-        .add("bytes_read", st->bytes_read.load())
-        .add("read_seconds", st->read_ns.load() / 1e9)
-        .add("wait_seconds", st->wait_ns.load() / 1e9)
-        .add("layer_loads", st->layer_loads.load())
-        .add("layer_waits", st->layer_waits.load())
-        .add("acquires", st->acquires.load())
-        .add("resyncs", st->resyncs.load())
+        .add("staging_bytes", st->staging_bytes * std::max<size_t>(1, st->sched.pool.threads()))
+        .add("bytes_read", st->reader.bytes_read.load())
+        .add("read_seconds", st->reader.read_ns.load() / 1e9)
+        .add("wait_seconds", st->sched.wait_ns.load() / 1e9)
+        .add("layer_loads", st->sched.layer_loads.load())
+        .add("layer_waits", st->sched.layer_waits.load())
+        .add("acquires", st->sched.acquires.load())
+        .add("resyncs", st->sched.resyncs.load())
         .add("relayouts", st->relayouts.load())
         .add_or_null("error", st->failed.message());
     return write_c_string(out.str(), buf, buf_size);
@@ -673,206 +830,44 @@ void llama_flashflex_model_stats_reset(const llama_model * model) {
     if (!st) {
         return;
     }
-    st->bytes_read  = 0;
-    st->read_ns     = 0;
-    st->wait_ns     = 0;
-    st->layer_loads = 0;
-    st->layer_waits = 0;
-    st->acquires    = 0;
-    st->resyncs     = 0;
+    st->reader.bytes_read = 0;
+    st->reader.read_ns    = 0;
+    st->sched.wait_ns     = 0;
+    st->sched.layer_loads = 0;
+    st->sched.layer_waits = 0;
+    st->sched.acquires    = 0;
+    st->sched.resyncs     = 0;
 }
 
 // -------------------------------------------------------------------------------------------------------------
 // Entry points for the call sites (llama-flashflex-config.cpp)
 
 void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml, const config & cfg) {
-    {
-        auto st     = std::make_unique<stream_state>();
-        st->cfg     = cfg;
-        st->n_layer = (int) model.hparams.n_layer();
-        st->li_of.assign(st->n_layer, -1);
-        st->seen_after.assign(st->n_layer, false);
+    auto st     = std::make_unique<stream_state>();
+    st->cfg     = cfg;
+    st->n_layer = (int) model.hparams.n_layer();
+    st->li_of.assign(st->n_layer, -1);
+    st->seen_after.assign(st->n_layer, false);
 
-        // which context (buffer type) the loader put each tensor in
-        std::unordered_map<std::string, std::pair<ggml_tensor *, ggml_backend_buffer_type_t>> model_tensors;
-        std::unordered_map<std::string, ggml_context *>                                       ctx_of;
-        for (auto & [key, ctx_ptr] : ml.ctx_map) {
-            for (ggml_tensor * t = ggml_get_first_tensor(ctx_ptr.get()); t;
-                 t               = ggml_get_next_tensor(ctx_ptr.get(), t)) {
-                model_tensors[ggml_get_name(t)] = { t, key.buft };
-                ctx_of[ggml_get_name(t)]        = ctx_ptr.get();
-            }
-        }
+    std::set<std::string>                         streamed_names;
+    const std::vector<ggml_backend_buffer_type_t> buft_of =
+        collect_tensors(*st, ml, loader_tensors(ml), streamed_names);
+    assign_rings(*st, buft_of);
+    allocate_rings(*st);
+    st->place();
 
-        // validate the plan against the file and group tensors by layer
-        std::map<int, std::vector<stream_tensor>> by_layer;
-        std::set<std::string>                     streamed_names;
-        std::set<ggml_backend_buffer_type_t>      staged_bufts;
-        for (const auto & ct : st->cfg.tensors) {
-            auto w  = ml.weights_map.find(ct.name);
-            auto mt = model_tensors.find(ct.name);
-            if (w == ml.weights_map.end() || mt == model_tensors.end()) {
-                throw std::runtime_error(
-                    format("flashflex: the plan streams %s, which this model does not have "
-                           "(a plan made for another model?)",
-                           ct.name.c_str()));
-            }
-            ggml_tensor * t = mt->second.first;
-            if (w->second.idx != ct.file || w->second.offs != ct.offset || ggml_nbytes(t) != ct.nbytes) {
-                throw std::runtime_error(
-                    format("flashflex: the plan places %s at file %d offset %llu (%llu bytes) but "
-                           "the model has it at file %d offset %zu (%zu bytes): re-plan this file",
-                           ct.name.c_str(), ct.file, (unsigned long long) ct.offset, (unsigned long long) ct.nbytes,
-                           (int) w->second.idx, w->second.offs, ggml_nbytes(t)));
-            }
-            const int il = layer_of(ct.name);
-            if (il < 0 || il >= st->n_layer) {
-                throw std::runtime_error(
-                    format("flashflex: only per-layer tensors can stream, not %s", ct.name.c_str()));
-            }
-            if (!streamed_names.insert(ct.name).second) {
-                throw std::runtime_error(format("flashflex: the plan streams %s twice", ct.name.c_str()));
-            }
-            ggml_backend_buffer_type_t buft = mt->second.second;
-            ggml_backend_dev_t         dev  = ggml_backend_buft_get_device(buft);
-            if (dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
-                throw std::runtime_error(
-                    format("flashflex: %s is placed on %s; dense streaming supports CPU weights only", ct.name.c_str(),
-                           ggml_backend_buft_name(buft)));
-            }
-            stream_tensor s{};
-            s.t        = t;
-            s.file     = ct.file;
-            s.nbytes   = ggml_nbytes(t);
-            s.head     = ct.offset % k_page;
-            s.read_off = ct.offset - s.head;
-            s.read_len = align_up(s.head + s.nbytes, k_page);
-            s.staged   = buft != ggml_backend_cpu_buffer_type();
-            if (s.staged) {
-                staged_bufts.insert(buft);
-            }
-            by_layer[il].push_back(s);
-        }
-        // the order compute uses them: layer by layer
-        std::vector<ggml_backend_buffer_type_t> buft_of;
-        for (auto & [il, ts] : by_layer) {
-            stream_layer L{ il, (int) st->tensors.size(), (int) ts.size() };
-            for (auto & s : ts) {
-                s.li = (int) st->layers.size();
-                L.bytes += s.nbytes;
-                buft_of.push_back(model_tensors[ggml_get_name(s.t)].second);
-                st->tensors.push_back(std::move(s));
-            }
-            st->li_of[il] = (int) st->layers.size();
-            st->layers.push_back(L);
-        }
-
-        // one ring per buffer type: the plain CPU type (read straight into homes) and each repacked type
-        std::map<ggml_backend_buffer_type_t, int> ring_of;
-        for (size_t k = 0; k < st->tensors.size(); ++k) {
-            stream_tensor & s = st->tensors[k];
-            if (!ring_of.count(buft_of[k])) {
-                ring_of[buft_of[k]] = (int) st->rings.size();
-                st->rings.push_back({ buft_of[k] });
-            }
-            s.ring = ring_of[buft_of[k]];
-            if (s.staged) {
-                const size_t a     = std::max<size_t>(ggml_backend_buft_get_alignment(buft_of[k]), 64);
-                const size_t alloc = ggml_backend_buft_get_alloc_size(buft_of[k], s.t);
-                s.home_len         = align_up(alloc, a);
-                // a matrix whose repacked size is its own is staged a group of rows at a time (64 or more, a
-                // multiple of every interleave), so staging is about one read job, not the largest tensor
-                const size_t rb    = s.t->nb[1];
-                const size_t group = std::max<size_t>(64, k_chunk / rb / 64 * 64);
-                if (ggml_n_dims(s.t) <= 2 && alloc == s.nbytes && (size_t) ggml_nrows(s.t) > group) {
-                    s.job_rows        = group;
-                    st->staging_bytes = std::max(st->staging_bytes, group * rb + 2 * k_page);
-                } else {
-                    st->staging_bytes = std::max(st->staging_bytes, s.read_len);
-                }
-            } else {
-                s.home_len = s.read_len;  // page multiple: homes stay page-aligned for O_DIRECT
-            }
-        }
-
-        // ring sizes: each ring holds at least its largest tensor (a use node holds one tensor at a time). A layer
-        // that also holds tensors outside matmuls needs more; that is checked once the graph shows which
-        // (layout_error). What the plan gives beyond that is read-ahead, shared by the rings in proportion to the
-        // bytes they stream.
-        const size_t        n_rings = st->rings.size();
-        std::vector<size_t> total(n_rings, 0), largest(n_rings, 0), layer_max(n_rings, 0);
-        for (const auto & L : st->layers) {
-            std::vector<size_t> in_layer(n_rings, 0);
-            for (int k = L.first; k < L.first + L.count; ++k) {
-                const stream_tensor & s = st->tensors[k];
-                in_layer[s.ring] += s.home_len;
-                total[s.ring] += s.home_len;
-                largest[s.ring] = std::max(largest[s.ring], s.home_len);
-            }
-            for (size_t r = 0; r < n_rings; ++r) {
-                layer_max[r] = std::max(layer_max[r], in_layer[r]);
-            }
-        }
-        size_t need_all = 0, total_all = 0;
-        for (size_t r = 0; r < n_rings; ++r) {
-            need_all += largest[r];
-            total_all += total[r];
-        }
-        const size_t asked = st->cfg.ring_bytes > 0 ? (size_t) st->cfg.ring_bytes : 0;
-        if (asked > 0 && asked < need_all) {
-            LLAMA_LOG_WARN(
-                "flashflex: a %.1f MiB ring is below the %.1f MiB this model's largest tensor needs; using "
-                "%.1f MiB\n",
-                asked / 1048576.0, need_all / 1048576.0, need_all / 1048576.0);
-        }
-        for (size_t r = 0; r < n_rings; ++r) {
-            size_t size;
-            if (asked > 0) {
-                const size_t extra = asked > need_all ? asked - need_all : 0;
-                size               = largest[r] + (size_t) ((double) extra * total[r] / std::max<size_t>(total_all, 1));
-            } else {
-                // no byte size given: `window` layers' worth plus the wrap (the C API's original meaning)
-                size = (size_t) std::max(1, st->cfg.window) * layer_max[r] + largest[r];
-            }
-            size              = std::min(size, total[r]);  // a ring that holds everything never wraps
-            st->rings[r].size = align_up(size, k_page);
-        }
-
-        for (auto & R : st->rings) {
-            if (R.buft == ggml_backend_cpu_buffer_type()) {
-                if (posix_memalign(&R.mem, k_page, R.size) != 0) {
-                    throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte streaming ring", R.size));
-                }
-                R.buf = ggml_backend_cpu_buffer_from_ptr(R.mem, R.size);
-            } else {
-                R.buf = ggml_backend_buft_alloc_buffer(R.buft, R.size);
-            }
-            if (!R.buf) {
-                throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte %s streaming ring", R.size,
-                                                ggml_backend_buft_name(R.buft)));
-            }
-            ggml_backend_buffer_set_usage(R.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-            st->ring_bytes += R.size;
-        }
-        st->place();
-
-        // the loader must neither allocate nor read what streams
-        for (const auto & name : streamed_names) {
-            ml.weights_map.erase(name);
-        }
-
-        st->files = open_files(st->cfg.files, st->cfg.direct_io, st->direct);
-        if (st->staging_bytes > 0 && posix_memalign(&st->sync_staging, k_page, st->staging_bytes) != 0) {
-            throw std::runtime_error("flashflex: out of memory for the staging buffer");
-        }
-        st->pool.start(st->cfg.prefetch_threads, st->staging_bytes, st->failed);
-        LLAMA_LOG_INFO(
-            "flashflex: streaming %zu tensors of %zu layers through a %.1f MiB ring, %d prefetch "
-            "threads, %s reads\n",
-            streamed_names.size(), st->layers.size(), st->ring_bytes / 1048576.0, st->cfg.prefetch_threads,
-            st->direct ? "direct" : "buffered");
-        g_models.add(&model, std::move(st));
+    // the loader must neither allocate nor read what streams
+    for (const auto & name : streamed_names) {
+        ml.weights_map.erase(name);
     }
+
+    start_reads(*st);
+    LLAMA_LOG_INFO(
+        "flashflex: streaming %zu tensors of %zu layers through a %.1f MiB ring, %d prefetch "
+        "threads, %s reads\n",
+        streamed_names.size(), st->layout.layers.size(), st->ring_bytes / 1048576.0, st->cfg.prefetch_threads,
+        st->direct ? "direct" : "buffered");
+    g_models.add(&model, std::move(st));
 }
 
 bool flashflex::stream_active(const llama_model * model) {
@@ -880,20 +875,11 @@ bool flashflex::stream_active(const llama_model * model) {
 }
 
 bool flashflex::stream_failed(const llama_model * model, std::string * error) {
-    stream_state * st = find_state(model);
-    if (!st || !st->failed.is_set()) {
-        return false;
-    }
-    if (error) {
-        *error = st->failed.message();
-    }
-    return true;
+    return g_models.failed(model, error);
 }
 
 void flashflex::stream_free(const llama_model * model) {
-    if (std::unique_ptr<stream_state> st = g_models.take(model)) {
-        st->stop();
-    }
+    g_models.remove(model);
 }
 
 void flashflex::stream_graph_begin(const llama_model * model) {
@@ -912,7 +898,7 @@ void flashflex::stream_graph_end(ggml_cgraph * gf) {
         return;
     }
     // Every streamed layer needs the boundary before it and after it, or compute could race the reads.
-    for (const auto & L : st->layers) {
+    for (const auto & L : st->layout.layers) {
         const bool before = L.layer == 0 ? st->seen_input : st->seen_after[L.layer - 1];
         if (!before || !st->seen_after[L.layer]) {
             st->fail(
