@@ -102,7 +102,7 @@ MoEPrefetchPolicy = Literal["none", "router-lookahead"]
 MOE_PREFETCH_POLICIES: tuple[str, ...] = typing.get_args(MoEPrefetchPolicy)
 
 DEFAULT_BANDWIDTH = "1.1GB/s"
-"""Direct 1 MiB random reads at queue depth 4+ on the reference machine (docs/benchmarks.md); the planner's default too."""
+"""Direct 1 MiB random reads at queue depth 4+ on the reference machine (docs/benchmarks.md); the planner uses it."""
 
 
 class _Section(BaseModel):
@@ -487,6 +487,11 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_CONFIG_BYTES = 16 << 20  # far beyond any RunConfig; a bigger file is a mistake, refused before it is parsed
+MAX_PROBLEMS_SHOWN = 10  # an error line names the first problems and counts the rest
+MAX_VALUE_SHOWN = 80  # characters of a rejected value shown
+
+
 def _read_yaml(path: str | Path) -> tuple[Path, dict[str, Any], dict[tuple[str, ...], int]]:
     """(file, mapping, key path → line) of a YAML config file, or one FlashflexError naming the problem."""
     from orchestrator.fsutil import require_input_file
@@ -495,6 +500,10 @@ def _read_yaml(path: str | Path) -> tuple[Path, dict[str, Any], dict[tuple[str, 
     if file.exists() or str(path) in ("", "."):
         file = require_input_file(file, "config file", "give a YAML file (configs/default.yaml lists every key)")
     try:
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise FlashflexError(f"config file {file} is {size / 2**20:.0f} MiB: a RunConfig is a few KiB",
+                                 "give the settings in a small YAML file (configs/default.yaml lists every key)")
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FlashflexError(f"config file {file} not found",
@@ -505,6 +514,7 @@ def _read_yaml(path: str | Path) -> tuple[Path, dict[str, Any], dict[tuple[str, 
     try:
         node = yaml.compose(text, Loader=_StrictLoader)
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        lines = _line_numbers(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -512,13 +522,18 @@ def _read_yaml(path: str | Path) -> tuple[Path, dict[str, Any], dict[tuple[str, 
         ours = isinstance(exc, (yaml.composer.ComposerError, yaml.constructor.ConstructorError))
         fix = "edit the file as said" if ours else "fix the syntax (indent with spaces; quote values containing ': ')"
         raise FlashflexError(f"{file}: invalid YAML{at}: {problem}", fix) from None
+    except RecursionError:
+        raise FlashflexError(f"{file}: the YAML nests too deeply to read", "flatten it: a RunConfig nests two levels"
+                             ) from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise FlashflexError(f"{file}: invalid YAML: {str(exc)[:200]}", "give numbers of a sensible size") from None
     if data is None:
         raise FlashflexError(f"{file} is empty (or only comments)",
                              "give at least one setting, or omit the config to run with the defaults")
     if not isinstance(data, dict):
         raise FlashflexError(f"{file}: the top level must be a mapping of sections, not a {type(data).__name__}",
                              "start from configs/default.yaml")
-    return file, data, _line_numbers(node)
+    return file, data, lines
 
 
 def _validate(model: type[BaseModel], raw: dict[str, Any], lines: dict[tuple[str, ...], int], where: str,
@@ -526,11 +541,14 @@ def _validate(model: type[BaseModel], raw: dict[str, Any], lines: dict[tuple[str
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(err, lines) for err in exc.errors()]
+        errors = exc.errors()
+        problems = [_describe(err, lines) for err in errors[:MAX_PROBLEMS_SHOWN]]
+        if len(errors) > MAX_PROBLEMS_SHOWN:
+            problems.append(f"and {len(errors) - MAX_PROBLEMS_SHOWN} more")
         fix = ("fix these keys (configs/default.yaml lists every key with its default)" if from_file
                else "fix these options (--help lists them)")
         raise FlashflexError(
-            f"{where}: {len(problems)} invalid setting{'s' if len(problems) != 1 else ''}: " + "; ".join(problems),
+            f"{where}: {len(errors)} invalid setting{'s' if len(errors) != 1 else ''}: " + "; ".join(problems),
             fix,
         ) from None
 
@@ -745,8 +763,10 @@ def _describe(err: ErrorDetails, lines: dict[tuple[str, ...], int]) -> str:
     elif kind == "too_short":
         msg = "must not be empty"
     value = err.get("input")
+    got = repr(value)
+    got = got if len(got) <= MAX_VALUE_SHOWN else got[:MAX_VALUE_SHOWN] + "…"
     shown = "" if kind in ("extra_forbidden", "model_type", "dict_type", "missing") or isinstance(value, dict) \
-        else f" (got {value!r})"
+        else f" (got {got})"
     line = _line_of(loc, lines)
     path = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") if loc else "(top level)"
     return f"{path}{f' (line {line})' if line else ''}: {msg}{shown}"

@@ -155,9 +155,31 @@ def atomic_file(dest: Path, mode: str = "wb") -> Iterator[Any]:  # the overloads
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with signals_deferred(), contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block, SIGINT, SIGTERM and SIGHUP are held back and delivered at its end: a cleanup that a second
+    signal interrupted would leave a partial file behind. Main thread only; elsewhere signals never reach Python."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
 
 
 @contextlib.contextmanager
@@ -182,7 +204,8 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

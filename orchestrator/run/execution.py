@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from orchestrator.run.handle import Handle, Prepared
 
 
+# A prompt longer than this many bytes per context token cannot fit: refused before it is tokenized (a 50 MB prompt
+# takes over a minute to tokenize). Generous: the longest tokens of common vocabularies are a few dozen bytes.
+MAX_PROMPT_BYTES_PER_TOKEN = 128
+
+
 @dataclass
 class RunResult:
     model: str
@@ -150,7 +155,11 @@ def _generate(handle: "Handle", load_s: float) -> RunResult:
     llm, settings, spec, drafter = handle.llm, handle.prepared.settings, handle.prepared.spec, handle.drafter
     plan = handle.prepared.plan
     # surrogateescape: a prompt from the command line that is not valid UTF-8 goes to the tokenizer as its bytes
-    prompt_tokens = llm.tokenize(settings.prompt.encode("utf-8", "surrogateescape"), add_bos=True, special=False)
+    prompt = settings.prompt.encode("utf-8", "surrogateescape")
+    if len(prompt) > MAX_PROMPT_BYTES_PER_TOKEN * settings.ctx:  # refused before a long tokenization
+        raise FlashflexError(f"the prompt is {len(prompt)} bytes, far more than a context of {settings.ctx} tokens "
+                             "holds", "shorten the prompt or raise --ctx")
+    prompt_tokens = llm.tokenize(prompt, add_bos=True, special=False)
     # n_predict < 0 means "until end of text or a full context".
     n_new = settings.n_predict if settings.n_predict >= 0 else settings.ctx - len(prompt_tokens)
     if len(prompt_tokens) + n_new > settings.ctx:

@@ -1,0 +1,111 @@
+"""Inputs that are clumsy rather than wrong get one line, quickly, and an interrupted cleanup still cleans up (the
+2026-12-04 reliability review: H1, H2, M16, M17, L6)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import MAX_PROBLEMS_SHOWN, load_run_config
+from orchestrator.errors import FlashflexError
+
+from conftest import REPO
+
+
+def _refused(path: Path) -> str:
+    with pytest.raises(FlashflexError) as info:
+        load_run_config(path)
+    line = info.value.one_line()
+    assert "\n" not in line
+    return line
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert "nests too deeply" in _refused(deep)
+
+
+def test_a_giant_integer_is_one_line(tmp_path):
+    big = tmp_path / "bigint.yaml"
+    big.write_text("context:\n  ctx: " + "9" * 5000 + "\n")
+    line = _refused(big)
+    assert "invalid YAML" in line and len(line) < 600
+
+
+def test_many_unknown_keys_are_counted_not_listed(tmp_path):
+    many = tmp_path / "keys.yaml"
+    many.write_text("".join(f"key{i}: 1\n" for i in range(20_000)))
+    started = time.monotonic()
+    line = _refused(many)
+    assert "20000 invalid settings" in line and f"and {20_000 - MAX_PROBLEMS_SHOWN} more" in line
+    assert len(line) < 2000 and time.monotonic() - started < 60
+
+
+def test_a_huge_config_file_is_refused_before_it_is_parsed(tmp_path):
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("prompt: " + "x" * (17 << 20) + "\n")
+    started = time.monotonic()
+    assert "a RunConfig is a few KiB" in _refused(huge)
+    assert time.monotonic() - started < 5
+
+
+def test_a_long_rejected_value_is_cut(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("context:\n  ctx: '" + "y" * 10_000 + "'\n")
+    line = _refused(bad)
+    assert "…" in line and len(line) < 600
+
+
+def test_a_second_signal_does_not_interrupt_a_writers_cleanup(tmp_path):
+    """The first SIGTERM stops the writer; a second one arriving while its partial directory is removed waits until
+    the removal is done (it used to leave the partial directory behind)."""
+    script = f"""
+import os, shutil, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(REPO)!r})
+from orchestrator import fsutil
+
+class Stop(BaseException):
+    pass
+
+def stop(signum, frame):
+    raise Stop(signum)
+
+signal.signal(signal.SIGTERM, stop)
+remove = shutil.rmtree
+
+def remove_slowly(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # the second signal, during the cleanup
+    time.sleep(0.05)
+    remove(*args, **kwargs)
+
+shutil.rmtree = remove_slowly
+out = Path(sys.argv[1])
+try:
+    with fsutil.atomic_dir(out / "result") as tmp:
+        (tmp / "part").write_bytes(b"x" * 4096)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first signal, while writing
+        time.sleep(5)
+except Stop:
+    print("stopped")
+print(sorted(p.name for p in out.iterdir()))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["stopped", "[]"], proc.stdout
+
+
+@pytest.mark.native
+def test_a_prompt_far_beyond_the_context_is_refused_before_tokenizing(patched_llama, tmp_path):
+    from orchestrator import synth
+
+    from conftest import flashflex, one_error
+
+    model = synth.write_synth_model(synth.preset("tiny-dense"), tmp_path / "m.gguf")
+    one_error(flashflex("run", "-m", str(model), "--ctx", "64", "-n", "1", "--prompt", "word " * 4000),
+              "far more than a context of 64 tokens", "--ctx")
