@@ -109,3 +109,36 @@ def test_a_prompt_far_beyond_the_context_is_refused_before_tokenizing(patched_ll
     model = synth.write_synth_model(synth.preset("tiny-dense"), tmp_path / "m.gguf")
     one_error(flashflex("run", "-m", str(model), "--ctx", "64", "-n", "1", "--prompt", "word " * 4000),
               "far more than a context of 64 tokens", "--ctx")
+
+
+def test_strings_from_files_are_printable_and_bounded():
+    """An error quoting a file's bytes (a corrupt key of 3 MB, a tensor name with terminal escapes) prints as one
+    bounded line without control characters (M14, X6)."""
+    line = FlashflexError("corrupt: general.architecture\x08\x00" + "\x1b[2J" * 1_000_000, "fix it").one_line()
+    assert "\x1b" not in line and "\x00" not in line and "\\x1b[2J" in line
+    assert len(line) < 2200 and "more characters" in line and line.endswith("— fix it")
+
+
+def test_gguf_inspect_escapes_a_tensor_name(tmp_path):
+    from orchestrator import synth
+
+    from conftest import flashflex
+
+    model = synth.write_synth_model(synth.preset("tiny-dense"), tmp_path / "m.gguf")
+    data = model.read_bytes()
+    name = b"token_embd.weight"
+    evil = b"\x1b[2J\x1b[31mtoken_em"  # same length: the file stays a valid GGUF
+    assert len(evil) == len(name) and data.count(name) == 1
+    model.write_bytes(data.replace(name, evil))
+    out = flashflex("gguf", "inspect", str(model), "--tensors")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b[2J" not in out.stdout and "\\x1b[2J" in out.stdout
+
+
+def test_a_loop_of_links_is_named_as_such(tmp_path):
+    from orchestrator.modelfile.reader import read_model_table
+
+    loop = tmp_path / "loop.gguf"
+    loop.symlink_to(loop)
+    with pytest.raises(FlashflexError, match="symbolic link that leads nowhere"):
+        read_model_table(loop)

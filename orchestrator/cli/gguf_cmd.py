@@ -12,10 +12,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import JustifyMethod
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.cli.common import JsonOpt, console, emit_json
-from orchestrator.errors import FlashflexError
+from orchestrator.errors import FlashflexError, printable
 from orchestrator.fsutil import check_free_space, check_output_path
 from orchestrator.modelfile.table import ModelTable, Role
 
@@ -92,17 +93,22 @@ def inspect_report(table: ModelTable) -> dict[str, Any]:
     }
 
 
+def _shown(text: Any, limit: int = 200) -> str:
+    """A string from the model file as the terminal may show it: no control characters or markup, bounded."""
+    return escape(printable(str(text), limit))
+
+
 def _print_inspect(report: dict[str, Any], show_tensors: bool, show_metadata: bool) -> None:
     arch = report["arch"]
-    console.print(f"[bold]{', '.join(Path(f).name for f in report['files'])}[/bold]  "
-                  f"{arch['arch']}  {report['n_tensors']} tensors  {_human(report['total_bytes'])}  "
+    console.print(f"[bold]{_shown(', '.join(Path(f).name for f in report['files']))}[/bold]  "
+                  f"{_shown(arch['arch'])}  {report['n_tensors']} tensors  {_human(report['total_bytes'])}  "
                   f"alignment {report['alignment']}"
                   + ("  (page-aligned)" if report["all_page_aligned"] else "  (not page-aligned)"))
 
     shape = Table(title="architecture", show_header=False, title_justify="left")
     for key, value in arch.items():
         if key != "arch" and (value or key in ("n_layer", "n_embd", "n_head", "n_head_kv")):
-            shape.add_row(key, str(value))
+            shape.add_row(_shown(key), _shown(value))
     console.print(shape)
 
     roles = Table(title="bytes by role", title_justify="left")
@@ -141,10 +147,10 @@ def _print_inspect(report: dict[str, Any], show_tensors: bool, show_metadata: bo
         if multi:
             tensors.add_column("file")
         for t in report["tensors"]:
-            row = [t["name"], t["role"], t["type"], "×".join(map(str, t["shape"])), _compact(t["bytes"]),
+            row = [_shown(t["name"]), t["role"], t["type"], "×".join(map(str, t["shape"])), _compact(t["bytes"]),
                    f"{t['offset']:,}"]
             if multi:
-                row.append(Path(t["file"]).name)
+                row.append(_shown(Path(t["file"]).name))
             tensors.add_row(*row)
         console.print(tensors)
 
@@ -153,7 +159,7 @@ def _print_inspect(report: dict[str, Any], show_tensors: bool, show_metadata: bo
         meta.add_column("key")
         meta.add_column("value", overflow="fold")
         for key, value in report["metadata"].items():
-            meta.add_row(key, str(value))
+            meta.add_row(_shown(key), _shown(value, 1000))
         console.print(meta)
 
 

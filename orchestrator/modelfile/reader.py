@@ -336,6 +336,12 @@ def read_model_table(path: os.PathLike[str] | str) -> ModelTable:
     """The tensor table and architecture of a GGUF model (any shard of a split model names the whole)."""
     path = Path(path).expanduser()
     if not path.exists():
+        if path.is_symlink():  # exists() is False for a dangling link and for a loop of links alike
+            try:
+                path.resolve(strict=True)
+            except (OSError, RuntimeError) as exc:
+                raise FlashflexError(f"model file {path} is a symbolic link that leads nowhere: "
+                                     f"{getattr(exc, 'strerror', None) or exc}", "point it at a GGUF file") from None
         raise FlashflexError(f"model file not found: {path}",
                              "check the path (make a test model with `flashflex gguf synth`)")
     files = [p.resolve() for p in shard_paths(path)]
