@@ -202,9 +202,10 @@ class RuntimeConfig:
     DIRECT_IO = {"off": 0, "on": 1, "strict": 2}
 
     @classmethod
-    def from_spec(cls, spec) -> "RuntimeConfig":
+    def from_spec(cls, spec, trace_file: str | None = None) -> "RuntimeConfig":
         """A configuration from an orchestrator.run.spec.RuntimeSpec: the one place that knows the C option names.
-        Options at the runtime's defaults are not sent."""
+        Options at the runtime's defaults are not sent. `trace_file`: where the runtime appends the routing trace
+        the spec records (its recording's temp file)."""
         options: dict[str, int] = {"direct_io": cls.DIRECT_IO[spec.direct_io]}
         strings: dict[str, str] = {}
         stream, banks = spec.stream, spec.banks
@@ -223,8 +224,8 @@ class RuntimeConfig:
                 options["moe_prefetch_ranks"] = banks.prefetch_ranks
             if banks.prefetch != "none":
                 strings["moe_prefetch"] = banks.prefetch
-            if banks.trace_file is not None:
-                strings["moe_trace"] = banks.trace_file
+            if trace_file is not None:
+                strings["moe_trace"] = trace_file
         return cls(spec.files, [(t.name, t.file, t.offset, t.bytes) for t in stream.tensors] if stream else [],
                    banks=banks.tensors if banks else [], options=options, strings=strings,
                    schedule=banks.schedule if banks else None)

@@ -242,8 +242,12 @@ def _repeated(values: list[int]) -> int:
     return -1
 
 
-def partial_path(path: Path) -> Path:
-    return Path(path).with_name(Path(path).name + ".partial")
+def partials_of(path: Path) -> list[Path]:
+    """The temp files of recordings into `path` now on disk (`.NAME.PID.RANDOM.partial`, one per recording)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f".{path.name}.*.partial"))
 
 
 def check_trace_destination(path: Path, force: bool) -> None:
@@ -257,21 +261,29 @@ def check_trace_destination(path: Path, force: bool) -> None:
 
 
 def begin_recording(path: Path, header: TraceHeader) -> Path:
-    """Write the header to TRACE.partial (the runtime appends the records); returns that path."""
+    """A temp file of this recording's own beside TRACE (`.TRACE.PID.RANDOM.partial`, created exclusively, so two
+    runs recording into one TRACE never share a file) with the header written; the runtime appends the records to
+    it. Temp files of dead recorders are swept first. Returns its path."""
+    import tempfile
+
+    from orchestrator.fsutil import sweep_stale_partials
+
     path = Path(path)
     if path.is_dir():
         raise FlashflexError(f"--moe-trace {path} is a directory", "name a file, e.g. run.trace.jsonl")
     if not path.parent.is_dir():
         raise FlashflexError(f"cannot write the trace: {path.parent} does not exist", "create it or pick another path")
-    tmp = partial_path(path)
-    with open(tmp, "w") as f:
+    sweep_stale_partials(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
         f.write(header.model_dump_json() + "\n")
-    return tmp
+    return Path(tmp)
 
 
-def finish_recording(path: Path, ok: bool) -> None:
-    """Publish TRACE.partial as TRACE (fsync + rename) after a successful run; delete it after a failed one."""
-    tmp = partial_path(path)
+def finish_recording(path: Path, partial: Path, ok: bool) -> None:
+    """Publish a recording's temp file as TRACE (its end record, fsync, rename) after a successful run; delete it
+    after a failed one. Two recordings into one TRACE each publish a whole trace; the last one stays."""
+    tmp = Path(partial)
     if not tmp.exists():
         return
     if not ok:

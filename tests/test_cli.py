@@ -84,7 +84,7 @@ def test_run_dry_run_prints_the_runtime_spec_and_loads_nothing(moe_models, patch
     spec = out["runtime_spec"]
     banks = spec["banks"]
     assert out["mode"] == "slot-bank" and banks["slots"] == out["moe"]["slots"] >= 4 and spec["version"] == 1
-    assert banks["trace"] == str(trace) and banks["trace_file"] == str(trace) + ".partial"
+    assert banks["trace"] == str(trace) and banks["trace_header"]["slots"] == banks["slots"]
     assert spec["direct_io"] == "on" and spec["stream"] is None
     assert spec["files"] == [str(sc / f"layer-{i:03d}.bin") for i in range(3)]
     assert {b["name"] for b in banks["tensors"]} >= {"blk.0.ffn_up_exps.weight", "blk.2.ffn_down_exps.weight"}

@@ -178,7 +178,7 @@ def test_record_and_replay_are_bitwise_exact(traced, moe_models, tmp_path, famil
 
     logits, rec_stats = _stats(_execution(path, sc, "slot-bank", slots, ubatch, trace=trace), settings, tokens)
     assert exact.compare(stock, logits).identical
-    assert trace.exists() and not traces.partial_path(trace).exists()
+    assert trace.exists() and not traces.partials_of(trace)
     t = traces.read_trace(trace)
     assert t.header.slots == slots and t.header.ubatch == ubatch and t.header.prefetch == "none"
     assert t.tokens == len(tokens)
@@ -268,7 +268,7 @@ def test_bad_flags_are_one_line_errors(traced, moe_models, tmp_path):
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode != 0 and len(errors) == 1 and message in errors[0], (extra, r.stderr)
         assert "Traceback" not in r.stderr
-    assert not (tmp_path / "t.jsonl").exists() and not traces.partial_path(tmp_path / "t.jsonl").exists()
+    assert not (tmp_path / "t.jsonl").exists() and not traces.partials_of(tmp_path / "t.jsonl")
 
 
 @pytest.mark.native
@@ -279,9 +279,9 @@ def test_a_failed_run_leaves_no_trace(traced, moe_models, tmp_path):
     with pytest.raises(RuntimeError, match="interrupted"):
         with ex.session() as handle:
             handle.llm.eval([5, 6, 7])
-            assert traces.partial_path(trace).exists()  # being written
+            assert len(traces.partials_of(trace)) == 1  # being written, to this recording's own temp file
             raise RuntimeError("interrupted")
-    assert not trace.exists() and not traces.partial_path(trace).exists()
+    assert not trace.exists() and not traces.partials_of(trace)
 
 
 @pytest.mark.native
@@ -322,3 +322,23 @@ def test_verify_exact_records_and_replays(traced, moe_models, tmp_path):
                   "--moe-prefetch", "router-lookahead")
     assert r.returncode == 0 and json.loads(r.stdout)["identical"]
     assert "router-lookahead" in json.loads(r.stdout)["mode"]
+
+
+def test_two_recordings_into_one_trace_never_share_a_file(tmp_path):
+    """Each recording appends to a temp file of its own, created exclusively; each publishes a whole trace, and the
+    last one published stays (review S5: two writers used to interleave one TRACE.partial)."""
+    trace = tmp_path / "t.jsonl"
+    header = traces.TraceHeader(format=traces.FORMAT, version=traces.VERSION,
+                                model=traces.TraceModel(architecture="qwen3moe", n_expert=4, n_expert_used=2, n_layer=1,
+                                                        fingerprint="f" * 16),
+                                layers=[0], k=2, ubatch=1, slots=2, prefetch="none", mode="slot-bank")
+    first, second = traces.begin_recording(trace, header), traces.begin_recording(trace, header)
+    assert first != second and set(traces.partials_of(trace)) == {first, second}
+    record = {"seq": 0, "ubatch": 0, "layer": 0, "tokens": 1, "k": 2, "ids": [0, 1], "slots": [0, 1], "hit": [0, 0]}
+    for partial, n in ((first, 1), (second, 2)):
+        with open(partial, "a") as f:
+            for i in range(n):
+                f.write(json.dumps({**record, "seq": i, "ubatch": i}) + "\n")
+    traces.finish_recording(trace, first, True)
+    traces.finish_recording(trace, second, True)
+    assert traces.read_trace(trace).tokens == 2 and not traces.partials_of(trace)

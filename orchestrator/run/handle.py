@@ -90,9 +90,10 @@ class Prepared:
 class Handle:
     """flashflex's side of an open model: its Prepared, statistics, and the close that finishes a trace."""
 
-    def __init__(self, prepared: Prepared, llm: Any):
+    def __init__(self, prepared: Prepared, llm: Any, recording: "loader.Recording | None" = None):
         self.prepared = prepared
         self.llm = llm
+        self.recording = recording
         self.failed = False  # set by callers whose run failed: the trace is then discarded, not published
         self.last_request: dict[str, Any] | None = None
         self.drafter: "Drafter | None" = None
@@ -105,9 +106,15 @@ class Handle:
              **llama_kwargs: Any) -> "Handle":
         """Load the model (logits of every position with `logits_all`; `repack=False`: the CPU backend's plain
         weight layout, a stock baseline) and attach the drafter."""
-        llm = loader.open_model(prepared.settings, prepared.spec, logits_all=logits_all, repack=repack,
-                                **llama_kwargs)
-        handle = cls(prepared, llm)
+        recording = loader.begin_trace(prepared.spec)
+        try:
+            llm = loader.open_model(prepared.settings, prepared.spec, logits_all=logits_all, repack=repack,
+                                    trace_file=recording.partial if recording is not None else None, **llama_kwargs)
+        except BaseException:
+            if recording is not None:
+                recording.finish(False)
+            raise
+        handle = cls(prepared, llm, recording)
         if prepared.draft is not None:
             from orchestrator import speculative
 
@@ -134,7 +141,8 @@ class Handle:
                 self.drafter.close()
             self._close_llama()
         finally:
-            loader.finish_trace(self.prepared.spec, not self.failed)
+            if self.recording is not None:
+                self.recording.finish(not self.failed)
 
     def native_stats(self) -> dict[str, Any]:
         """The runtime's counters since the last reset: dense streaming and expert banks."""

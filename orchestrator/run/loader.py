@@ -4,6 +4,7 @@ named by a GGUF key override), the stock path otherwise."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +41,36 @@ def _placement(rpc: RPCPlan | None, timeout: float) -> tuple[list[int] | None, d
     return handles, {"n_gpu_layers": rpc.n_gpu_layers, "tensor_split": list(rpc.tensor_split)}
 
 
-def begin_trace(spec: RuntimeSpec) -> None:
-    """Before the load: the header of the routing trace the run records, at TRACE.partial (the runtime appends)."""
-    if spec.banks is not None and spec.banks.trace is not None:
+@dataclass(frozen=True)
+class Recording:
+    """A routing trace being recorded: the runtime appends to `partial`, a temp file of this recording's own;
+    `finish` publishes it as `path` after a successful run or discards it."""
+
+    path: Path
+    partial: Path
+
+    def finish(self, ok: bool) -> None:
         from orchestrator import traces
 
-        traces.begin_recording(Path(spec.banks.trace), traces.TraceHeader.model_validate(spec.banks.trace_header))
+        traces.finish_recording(self.path, self.partial, ok)
 
 
-def finish_trace(spec: RuntimeSpec, ok: bool) -> None:
-    """After the model is closed (the runtime has flushed every record): publish the trace, or discard it."""
-    if spec.banks is not None and spec.banks.trace is not None:
-        from orchestrator import traces
+def begin_trace(spec: RuntimeSpec) -> Recording | None:
+    """Before the load: the trace the spec records (None if none), its header written to its temp file."""
+    if spec.banks is None or spec.banks.trace is None:
+        return None
+    from orchestrator import traces
 
-        traces.finish_recording(Path(spec.banks.trace), ok)
+    path = Path(spec.banks.trace)
+    return Recording(path, traces.begin_recording(path, traces.TraceHeader.model_validate(spec.banks.trace_header)))
 
 
 def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_all: bool = False,
-               repack: bool = True, **llama_kwargs: Any):
+               repack: bool = True, trace_file: Path | None = None, **llama_kwargs: Any):
     """A `llama_cpp.Llama` for `settings.model` as `spec` says (None: stock, as llama-cpp-python opens it).
-    `repack=False` turns the CPU backend's repacked weight layout off (a stock baseline of benchmarks). A trace the
-    spec records is begun here; the caller finishes it after closing the model (finish_trace)."""
+    `repack=False` turns the CPU backend's repacked weight layout off (a stock baseline of benchmarks).
+    `trace_file`: where the runtime appends the routing trace the spec records (a Recording's temp file; without
+    it nothing is recorded)."""
     native.llama_cpp_module()  # one clear line if llama_cpp is missing
     from llama_cpp import Llama
 
@@ -75,12 +85,7 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
     kwargs.update(llama_kwargs)
     config = None
     if spec.native:
-        begin_trace(spec)
-        try:
-            config = native.RuntimeConfig.from_spec(spec)
-        except BaseException:
-            finish_trace(spec, False)
-            raise
+        config = native.RuntimeConfig.from_spec(spec, str(trace_file) if trace_file is not None else None)
         kwargs["kv_overrides"] = {**kwargs.get("kv_overrides", {}), "flashflex.config": config.id}
     try:
         with quiet_native_stderr(), model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors):
@@ -88,7 +93,6 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, verbose=False, **kwargs)
     except ValueError as exc:  # llama_cpp raises ValueError when llama.cpp cannot load the file
-        finish_trace(spec, False)
         reason = native.last_error() if config is not None else ""
         if reason:
             fix = ("check the sidecar (flashflex sidecar verify) or re-extract it"

@@ -72,8 +72,7 @@ class BankSpec(_Spec):
     prefetch_ranks: int | None = None
     replay: Replay = "none"
     schedule: list[int] | None = None
-    trace: str | None = None  # the trace this run records, published there when the run succeeds
-    trace_file: str | None = None  # where the runtime appends its records meanwhile (TRACE.partial)
+    trace: str | None = None  # the trace this run records (to a temp file of its own meanwhile: run.loader)
     trace_header: dict[str, Any] | None = None
 
 
@@ -168,7 +167,6 @@ def _banks(plan: Plan, inputs: "RunInputs", first_file: int) -> BankSpec:
         banks.schedule = traces.schedule(inputs.replayed.records)
     elif cfg.moe.trace is not None:
         banks.trace = str(cfg.moe.trace)
-        banks.trace_file = str(traces.partial_path(cfg.moe.trace))
         banks.trace_header = traces.header_for(manifest, k=moe.topk, ubatch=plan.ubatch, slots=banks.slots,
                                                prefetch=cfg.moe.prefetch, mode=moe.mode).model_dump(mode="json")
     return banks
