@@ -40,6 +40,7 @@ DEFAULT_PORT = DEFAULT_RPC_PORT
 _CMD_GET_DEVICE_MEMORY = 11
 _CMD_HELLO = 14
 _CMD_DEVICE_COUNT = 15
+_MAX_REPLY = 1 << 20  # far above any answer of the commands probe sends
 _CONN_CAPS_SIZE = 24  # transport capabilities in HELLO (RDMA negotiation); zero = plain TCP
 
 
@@ -114,7 +115,12 @@ def _command(sock: socket.socket, endpoint: str, cmd: int, payload: bytes, reply
     except OSError as exc:
         raise _fail(endpoint, f"dropped the connection during {what} ({exc.strerror or exc})",
                     "check the worker's log") from None
-    (size,) = struct.unpack("<Q", _recv_exact(sock, 8, endpoint, what))
+    raw = _recv_exact(sock, 8, endpoint, what)
+    (size,) = struct.unpack("<Q", raw)
+    if size != reply_size and size > _MAX_REPLY:  # no RPC answer is this long: another kind of server
+        shown = raw.decode("ascii", "replace") if all(32 <= b < 127 for b in raw) else raw.hex()
+        raise _fail(endpoint, f"is not an RPC worker: it answered {what} with {shown!r}",
+                    "check the address: --rpc takes the HOST:PORT of a `flashflex rpc-server`")
     if size != reply_size:
         raise _fail(endpoint, f"answered {what} with {size} bytes instead of {reply_size}: it speaks another version "
                     f"of ggml's RPC protocol than this build ({'.'.join(map(str, RPC_PROTOCOL))})",

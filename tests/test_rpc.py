@@ -230,6 +230,9 @@ class _FakeServer:
         elif isinstance(self.behaviour, tuple):
             conn.recv(1 + 8 + 24)
             conn.sendall(struct.pack("<Q", 28) + bytes(self.behaviour) + bytes(25))
+        elif self.behaviour == "http":  # an HTTP server on the port given to --rpc
+            conn.recv(1 + 8 + 24)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
 
     def close(self):
         self.sock.close()
@@ -242,6 +245,7 @@ class _FakeServer:
     ("close", "closed the connection during the handshake"),
     ((6, 0, 0), "speaks ggml RPC protocol 6.0.0"),
     ((7, 9, 0), "speaks ggml RPC protocol 7.9.0"),
+    ("http", "is not an RPC worker: it answered the handshake with 'HTTP/1.1'"),
 ])
 def test_a_server_that_is_not_a_compatible_worker_is_named(behaviour, needle):
     server = _FakeServer(behaviour)
