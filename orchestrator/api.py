@@ -146,13 +146,41 @@ def llama(model: str | Path | None = None, *, config: str | Path | RunConfig | N
         llm.close()
 
 
+# llama_cpp.Llama's own keyword names, for code ported from `Llama(...)`: those that are ours under another name,
+# and those handed to the Llama as they are (they change nothing the plan decides).
+LLAMA_NAMES: dict[str, str] = {"model_path": "model", "n_ctx": "ctx", "n_batch": "batch", "n_ubatch": "ubatch",
+                               "n_threads": "threads", "n_gpu_layers": "gpu_layers"}
+LLAMA_PASSTHROUGH = frozenset({"verbose", "chat_format", "chat_handler", "n_threads_batch", "embedding",
+                               "last_n_tokens_size", "logits_all", "type_k", "type_v", "flash_attn"})
+
+
+def split_llama_kwargs(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(our options, keyword arguments for the Llama) from keyword arguments that may use Llama's own names."""
+    ours: dict[str, Any] = {}
+    llama_kwargs: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in LLAMA_NAMES:
+            if LLAMA_NAMES[key] in options:
+                raise FlashflexError(f"{key} and {LLAMA_NAMES[key]} both set the same option",
+                                     f"give one of them ({key} is llama_cpp.Llama's name for it)")
+            ours[LLAMA_NAMES[key]] = value
+        elif key in LLAMA_PASSTHROUGH:
+            llama_kwargs[key] = value
+        else:
+            ours[key] = value
+    return ours, llama_kwargs
+
+
 def open_llama(model: str | Path | None = None, *, config: str | Path | RunConfig | None = None,
                **options: Any):
     """A ready `llama_cpp.Llama` for `model` (default: Gemma 3 270M) and/or a YAML/RunConfig, with keyword
-    options as on the command line (budget, prefetch_threads, moe_mode, moe_sidecar, moe_slot_bank, ...)."""
+    options as on the command line (budget, prefetch_threads, moe_mode, moe_sidecar, moe_slot_bank, ...) or as
+    `llama_cpp.Llama` names them (n_ctx, n_batch, n_ubatch, n_threads, n_gpu_layers; verbose, chat_format
+    and other load options that a plan does not decide are handed to the Llama)."""
+    ours, llama_kwargs = split_llama_kwargs(options)
     if model is not None:
-        options["model"] = model
-    return prepare(config, **options).open()
+        ours["model"] = model
+    return prepare(config, **ours).open(**llama_kwargs)
 
 
 @dataclass

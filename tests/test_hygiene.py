@@ -142,3 +142,27 @@ def test_a_loop_of_links_is_named_as_such(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(FlashflexError, match="symbolic link that leads nowhere"):
         read_model_table(loop)
+
+
+def test_llama_cpp_keyword_names_are_accepted(tmp_path):
+    """Code ported from `llama_cpp.Llama(...)` keeps its keyword names (review, friendliness)."""
+    from orchestrator.api import split_llama_kwargs
+
+    ours, passed = split_llama_kwargs({"n_ctx": 256, "n_batch": 64, "n_ubatch": 8, "n_threads": 2, "seed": 3,
+                                       "n_gpu_layers": 2, "budget": "1GiB", "verbose": True, "chat_format": "chatml"})
+    assert ours == {"ctx": 256, "batch": 64, "ubatch": 8, "threads": 2, "seed": 3, "gpu_layers": 2, "budget": "1GiB"}
+    assert passed == {"verbose": True, "chat_format": "chatml"}
+    with pytest.raises(FlashflexError, match="n_ctx and ctx both set"):
+        split_llama_kwargs({"n_ctx": 256, "ctx": 128})
+
+
+@pytest.mark.native
+def test_open_llama_with_llama_cpp_names(patched_llama, tmp_path):
+    import orchestrator as ff
+    from orchestrator import synth
+
+    model = synth.write_synth_model(synth.preset("tiny-dense"), tmp_path / "m.gguf")
+    with ff.llama(model_path=model, n_ctx=256, n_batch=32, n_ubatch=8, n_threads=1, verbose=False,
+                  chat_format="chatml") as llm:
+        assert llm.n_ctx() == 256 and llm.n_batch == 32 and llm.chat_format == "chatml"
+        assert llm.flashflex.prepared.settings.ubatch == 8

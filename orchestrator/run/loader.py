@@ -91,7 +91,7 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
         with quiet_native_stderr(), model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors):
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
-                        seed=settings.seed, logits_all=logits_all, verbose=False, **kwargs)
+                        seed=settings.seed, logits_all=logits_all, **{"verbose": False, **kwargs})
     except ValueError as exc:  # llama_cpp raises ValueError when llama.cpp cannot load the file
         reason = native.last_error() if config is not None else ""
         if reason:
