@@ -118,8 +118,8 @@ def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_by
             log(f"note: {plan.draft.note}")
         assert inputs.draft is not None
         inputs.draft.apply(plan.draft)
-    spec = RuntimeSpec.from_plan(plan, inputs.with_sidecar(plan))
-    return Prepared(cfg, settings, plan, spec, inputs.draft)
+    inputs = inputs.with_sidecar(plan)
+    return Prepared(cfg, settings, plan, RuntimeSpec.from_plan(plan, inputs), inputs.draft)
 
 
 def prepare_stock(config: str | Path | RunConfig | None = None, *, use_mmap: bool | None = None,
