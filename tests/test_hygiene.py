@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,18 +39,22 @@ def test_a_giant_integer_is_one_line(tmp_path):
 def test_many_unknown_keys_are_counted_not_listed(tmp_path):
     many = tmp_path / "keys.yaml"
     many.write_text("".join(f"key{i}: 1\n" for i in range(20_000)))
-    started = time.monotonic()
     line = _refused(many)
     assert "20000 invalid settings" in line and f"and {20_000 - MAX_PROBLEMS_SHOWN} more" in line
-    assert len(line) < 2000 and time.monotonic() - started < 60
+    assert len(line) < 2000
 
 
-def test_a_huge_config_file_is_refused_before_it_is_parsed(tmp_path):
+def test_a_huge_config_file_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    import yaml
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the YAML parser was reached")
+
+    monkeypatch.setattr(yaml, "compose", never)
+    monkeypatch.setattr(yaml, "load", never)
     huge = tmp_path / "huge.yaml"
     huge.write_text("prompt: " + "x" * (17 << 20) + "\n")
-    started = time.monotonic()
     assert "a RunConfig is a few KiB" in _refused(huge)
-    assert time.monotonic() - started < 5
 
 
 def test_a_long_rejected_value_is_cut(tmp_path):
