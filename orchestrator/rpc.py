@@ -115,6 +115,10 @@ def _command(sock: socket.socket, endpoint: str, cmd: int, payload: bytes, reply
         raise _fail(endpoint, f"dropped the connection during {what} ({exc.strerror or exc})",
                     "check the worker's log") from None
     (size,) = struct.unpack("<Q", _recv_exact(sock, 8, endpoint, what))
+    if size > 1 << 20:  # no reply of this protocol is that long: the bytes are another protocol's (M12)
+        raise _fail(endpoint, f"answered {what} with bytes that are not a ggml RPC reply: it is not an RPC worker "
+                    "(another service listens on that port)",
+                    "check the port in --rpc: the one flashflex rpc-server --port listens on")
     if size != reply_size:
         raise _fail(endpoint, f"answered {what} with {size} bytes instead of {reply_size}: it speaks another version "
                     f"of ggml's RPC protocol than this build ({'.'.join(map(str, RPC_PROTOCOL))})",

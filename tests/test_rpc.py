@@ -227,6 +227,9 @@ class _FakeServer:
         self.conns.append(conn)
         if self.behaviour == "close":
             conn.close()
+        elif self.behaviour == "http":
+            conn.recv(1 + 8 + 24)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
         elif isinstance(self.behaviour, tuple):
             conn.recv(1 + 8 + 24)
             conn.sendall(struct.pack("<Q", 28) + bytes(self.behaviour) + bytes(25))
@@ -242,6 +245,7 @@ class _FakeServer:
     ("close", "closed the connection during the handshake"),
     ((6, 0, 0), "speaks ggml RPC protocol 6.0.0"),
     ((7, 9, 0), "speaks ggml RPC protocol 7.9.0"),
+    ("http", "bytes that are not a ggml RPC reply: it is not an RPC worker"),
 ])
 def test_a_server_that_is_not_a_compatible_worker_is_named(behaviour, needle):
     server = _FakeServer(behaviour)
@@ -361,6 +365,18 @@ def test_loopback_and_the_warning():
     assert rpc.is_loopback("127.0.0.1") and rpc.is_loopback("127.3.0.1") and rpc.is_loopback("localhost")
     assert not rpc.is_loopback("0.0.0.0") and not rpc.is_loopback("192.168.1.10")
     assert "NO authentication" in UNSAFE_HOST_WARNING
+
+
+def test_the_workers_lines_say_no_authentication_and_a_usable_address():
+    """On loopback too the worker says it has no authentication; with --host 0.0.0.0 the client hint names no
+    wildcard address (review M13)."""
+    from orchestrator.cli.rpc_cmd import LOOPBACK_NOTE, client_hint
+
+    assert "no authentication" in LOOPBACK_NOTE.format(endpoint="127.0.0.1:1")
+    assert client_hint("127.0.0.1", 50052) == "clients: flashflex run --rpc 127.0.0.1:50052 ..."
+    assert client_hint("192.168.1.10", 50052) == "clients: flashflex run --rpc 192.168.1.10:50052 ..."
+    hint = client_hint("0.0.0.0", 50052)
+    assert "0.0.0.0" not in hint and "ADDRESS:50052" in hint and "this machine's address" in hint
 
 
 @pytest.mark.native
