@@ -367,6 +367,18 @@ def test_loopback_and_the_warning():
     assert "NO authentication" in UNSAFE_HOST_WARNING
 
 
+def test_the_workers_lines_say_no_authentication_and_a_usable_address():
+    """On loopback too the worker says it has no authentication; with --host 0.0.0.0 the client hint names no
+    wildcard address (review M13)."""
+    from orchestrator.cli.rpc_cmd import LOOPBACK_NOTE, client_hint
+
+    assert "no authentication" in LOOPBACK_NOTE.format(endpoint="127.0.0.1:1")
+    assert client_hint("127.0.0.1", 50052) == "clients: flashflex run --rpc 127.0.0.1:50052 ..."
+    assert client_hint("192.168.1.10", 50052) == "clients: flashflex run --rpc 192.168.1.10:50052 ..."
+    hint = client_hint("0.0.0.0", 50052)
+    assert "0.0.0.0" not in hint and "ADDRESS:50052" in hint and "this machine's address" in hint
+
+
 @pytest.mark.native
 def test_worker_stops_on_sigterm_while_serving_a_client(workers, tmp_path):
     w = workers("auto", 1, "--cache-dir", str(tmp_path / "cache"))

@@ -28,6 +28,19 @@ UNSAFE_HOST_WARNING = (
     "and write it, and run computations here. Use it only on a trusted, private network (or a tunnel), never on an "
     "open one."
 )
+LOOPBACK_NOTE = (
+    "note: ggml's RPC protocol has no authentication: any local user or process that can reach {endpoint} can "
+    "allocate memory here, read and write it, and run computations"
+)
+# ggml's server reads this (ggml/src/ggml-rpc/transport.cpp, our patch): seconds a client connection may stay silent
+CLIENT_TIMEOUT_ENV = "GGML_RPC_CLIENT_TIMEOUT"
+
+
+def client_hint(host: str, port: int) -> str:
+    """The line telling clients how to reach this worker: a wildcard address is not one they can use (M13)."""
+    if host == "0.0.0.0":
+        return f"clients: flashflex run --rpc ADDRESS:{port} ... (ADDRESS: this machine's address on their network)"
+    return f"clients: flashflex run --rpc {host}:{port} ..."
 
 
 def _served_devices(all_devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -70,6 +83,12 @@ def register(app: typer.Typer) -> None:
                                 "no more than that on it: a size (8GiB, 0.5 = 512 MiB) or auto (a CPU worker: "
                                 "available memory minus 1 GiB; an accelerator: its own free memory). Announced, not "
                                 "enforced: confine the worker (a memory cgroup) to make it a limit."),
+        client_timeout: int = typer.Option(0, "--client-timeout", min=0, help="Seconds a client connection may "
+                                           "stay silent (or not read an answer) before the worker drops it; 0 (the "
+                                           "default) = never. The worker serves one client at a time, so an idle "
+                                           "connection holds it for everyone meanwhile; but a client idle longer "
+                                           "than this (a serve or chat session between requests) then ends with "
+                                           "'stopped answering' at its next request, so it is off unless asked for."),
         json_out: JsonOpt = False,
     ) -> None:
         """Serve this host's devices (accelerators, else the CPU) to flashflex runs elsewhere (--rpc HOST:PORT),
@@ -106,16 +125,24 @@ def register(app: typer.Typer) -> None:
         served = [{**d, "announced": announce or d["free"]} for d in devices]
         if not rpc.is_loopback(host):
             err_console.print(f"[bold red]{UNSAFE_HOST_WARNING.format(host=host, port=port)}[/]")
+        else:
+            err_console.print(LOOPBACK_NOTE.format(endpoint=endpoint))
         if json_out:
             lines = [json.dumps({"endpoint": endpoint, "protocol": ".".join(map(str, protocol)),
                                  "threads": n_threads, "cache_dir": str(cache) if cache else None,
+                                 "client_timeout_s": client_timeout or None,
                                  "announced_by": how, "devices": served}, indent=2)]
         else:
             lines = [f"flashflex rpc-server: serving on {endpoint} (ggml RPC protocol {'.'.join(map(str, protocol))}), "
                      f"{n_threads} thread(s), tensor cache {cache or 'off'}"]
             lines += [f"  {d['name']} ({d['description']}): announces {format_size(d['announced'])} ({how}; the "
                       f"device reports {format_size(d['free'])} free of {format_size(d['total'])})" for d in served]
-            lines.append(f"clients: flashflex run --rpc {endpoint} ... · Ctrl-C stops the worker")
+            lines.append(f"{client_hint(host, port)} · idle clients dropped after "
+                         f"{f'{client_timeout}s' if client_timeout else 'never'} · Ctrl-C stops the worker")
+        if client_timeout:
+            os.environ[CLIENT_TIMEOUT_ENV] = str(client_timeout)
+        else:
+            os.environ.pop(CLIENT_TIMEOUT_ENV, None)
         _serve_until_signal(endpoint, str(cache) if cache else None, n_threads, announce,
                             [d["index"] for d in devices], "\n".join(lines) + "\n")
 

@@ -82,6 +82,24 @@ std::map<std::string, int32_t> g_workers;  // endpoint -> its device count, once
 std::mutex                     g_names_mutex;
 std::vector<std::string>       g_names;    // registered endpoints, and the one being registered
 ggml_abort_callback_t          g_previous_abort = nullptr;
+// The real stderr, saved when the callback is installed (before any model loads): llama-cpp-python points fd 2 at
+// /dev/null while it loads a model, and a worker that goes away then must still get its one line.
+int                            g_stderr_fd      = 2;
+
+// Writes one line to the saved stderr.
+void print_saved_stderr(const std::string & line) {
+    size_t done = 0;
+    while (done < line.size()) {
+        const ssize_t n = write(g_stderr_fd, line.data() + done, line.size() - done);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return;
+        }
+        done += (size_t) n;
+    }
+}
 
 // True when a TCP connection to endpoint ("host:port") is refused or not answered within timeout_ms.
 bool endpoint_down(const std::string & endpoint, int timeout_ms) {
@@ -152,17 +170,13 @@ void rpc_abort_callback(const char * message) {
         what.pop_back();
     }
     if (!down.empty()) {
-        fprintf(stderr,
-                "error: the RPC worker %s stopped answering during the run (%s) — check that flashflex rpc-server "
-                "still runs there and is reachable, then rerun\n",
-                down.c_str(), what.c_str());
+        print_saved_stderr("error: the RPC worker " + down + " stopped answering during the run (" + what +
+                           ") — check that flashflex rpc-server still runs there and is reachable, then rerun\n");
     } else {
-        fprintf(stderr,
-                "error: an RPC worker (%s) stopped answering during the run (%s) — check the workers (flashflex "
-                "rpc-server) and the network, then rerun\n",
-                all.empty() ? "unknown" : all.c_str(), what.c_str());
+        print_saved_stderr("error: an RPC worker (" + (all.empty() ? std::string("unknown") : all) +
+                           ") stopped answering during the run (" + what +
+                           ") — check the workers (flashflex rpc-server) and the network, then rerun\n");
     }
-    fflush(stderr);
     _exit(1);
 }
 
@@ -268,6 +282,8 @@ int32_t llama_flashflex_rpc_add_server(const char * endpoint) {
     }
     static bool callback_installed = false;
     if (!callback_installed) {
+        const int saved    = fcntl(2, F_DUPFD_CLOEXEC, 3);
+        g_stderr_fd        = saved >= 0 ? saved : 2;
         g_previous_abort   = ggml_set_abort_callback(rpc_abort_callback);
         callback_installed = true;
     }
