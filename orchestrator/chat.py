@@ -122,6 +122,18 @@ def stats_lines(llm) -> list[str]:
     return lines
 
 
+def template_note(llm) -> str | None:
+    """One line when the model carries no chat template (a base model): its answers are not a conversation."""
+    if llm.metadata.get("tokenizer.chat_template"):
+        return None
+    from pathlib import Path
+
+    name = Path(llm.model_path).name
+    how = f"llama-cpp-python's {llm.chat_format} format" if llm.chat_format else "a generic format"
+    return (f"note: {name} has no chat template (a base model?): answers use {how} and may not follow the "
+            "conversation — an instruction-tuned model answers better (chat's default, when no --model is given)")
+
+
 def repl(llm, conv: Conversation, out: TextIO = sys.stdout, readline: Callable[[str], str] = input) -> None:
     """The interactive loop. Ctrl-C while answering stops the answer; at the prompt it clears the line."""
     stop = StopFlag()

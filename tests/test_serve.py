@@ -24,6 +24,7 @@ pytestmark = pytest.mark.native
 
 MOE_FLAGS = ["--budget", "8MiB", "--moe-mode", "slot-bank", "--ctx", "128", "--ubatch", "8"]
 DEFAULT_FLAGS = ["--ctx", "256", "--ubatch", "64"]
+CHAT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"  # serve's and chat's default: an instruction-tuned model
 
 
 def _free_port() -> int:
@@ -95,7 +96,7 @@ def moe_model(patched_llama, moe_models):
 
 
 @pytest.fixture(scope="module")
-def gemma_server(patched_llama):
+def default_server(patched_llama):
     srv = Server(*DEFAULT_FLAGS)
     yield srv
     srv.stop()
@@ -105,13 +106,14 @@ def _internals(text: str) -> bool:
     return bool(re.search(r"Traceback|\.py\b|line \d+|/orchestrator/|site-packages", text))
 
 
-def test_openai_client_chat_completion_and_streaming(gemma_server):
-    client = gemma_server.client()
+def test_openai_client_chat_completion_and_streaming(default_server):
+    client = default_server.client()
     models = [m.id for m in client.models.list().data]
-    assert models == ["gemma-3-270m-q4_k_m.gguf"]
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert models == [CHAT_MODEL]
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     whole = client.chat.completions.create(model=models[0], messages=messages, max_tokens=16, temperature=0)
     assert whole.choices[0].finish_reason in ("stop", "length")
+    assert "Paris" in whole.choices[0].message.content  # the default model follows the chat
     assert whole.usage.completion_tokens >= 1
     chunks = [c for c in client.chat.completions.create(model=models[0], messages=messages, max_tokens=16,
                                                         temperature=0, stream=True) if c.choices]
@@ -126,12 +128,12 @@ def test_openai_client_chat_completion_and_streaming(gemma_server):
     assert text.choices[0].text.strip()
 
 
-def test_health_and_stats_endpoints(gemma_server):
-    gemma_server.client().completions.create(model="gemma-3-270m-q4_k_m.gguf", prompt="Hello", max_tokens=4,
+def test_health_and_stats_endpoints(default_server):
+    default_server.client().completions.create(model=CHAT_MODEL, prompt="Hello", max_tokens=4,
                                              temperature=0)
-    health = gemma_server.get("/health")
-    assert health == {"status": "ok", "loaded": "gemma-3-270m-q4_k_m.gguf", "models": ["gemma-3-270m-q4_k_m.gguf"]}
-    stats = gemma_server.get("/flashflex/stats")["models"]["gemma-3-270m-q4_k_m.gguf"]
+    health = default_server.get("/health")
+    assert health == {"status": "ok", "loaded": CHAT_MODEL, "models": [CHAT_MODEL]}
+    stats = default_server.get("/flashflex/stats")["models"][CHAT_MODEL]
     assert stats["mode"] == "stock" and stats["loaded"] is True and stats["lossy"] == []
     assert stats["last_request"]["completion_tokens"] >= 1
 
@@ -150,34 +152,34 @@ def test_health_and_stats_endpoints(gemma_server):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "invalid_request"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens_too_large"),
 ])
-def test_bad_requests_get_a_clear_4xx_without_internals(gemma_server, body, status, code):
-    got, answer = gemma_server.post("/v1/chat/completions", body)
+def test_bad_requests_get_a_clear_4xx_without_internals(default_server, body, status, code):
+    got, answer = default_server.post("/v1/chat/completions", body)
     assert got == status, answer
     assert isinstance(answer, dict) and answer["error"]["code"] == code, answer
     assert not _internals(json.dumps(answer)), answer
-    assert gemma_server.get("/health")["status"] == "ok"
+    assert default_server.get("/health")["status"] == "ok"
 
 
-def test_prompt_longer_than_the_context_is_an_error_not_a_crash(gemma_server):
+def test_prompt_longer_than_the_context_is_an_error_not_a_crash(default_server):
     long_prompt = "word " * 600  # > ctx 256 tokens
-    status, answer = gemma_server.post("/v1/completions", {"prompt": long_prompt, "max_tokens": 4})
+    status, answer = default_server.post("/v1/completions", {"prompt": long_prompt, "max_tokens": 4})
     assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer
     from openai import APIError
 
     with pytest.raises(APIError, match="context"):  # streaming: an error event in the stream
-        for _ in gemma_server.client().completions.create(model="gemma-3-270m-q4_k_m.gguf", prompt=long_prompt,
+        for _ in default_server.client().completions.create(model=CHAT_MODEL, prompt=long_prompt,
                                                           max_tokens=4, stream=True):
             pass
-    assert gemma_server.get("/health")["status"] == "ok"
+    assert default_server.get("/health")["status"] == "ok"
 
 
-def test_a_client_that_disconnects_mid_stream_leaves_the_server_serving(gemma_server):
-    req = urllib.request.Request(gemma_server.base + "/v1/completions", headers={"Content-Type": "application/json"},
+def test_a_client_that_disconnects_mid_stream_leaves_the_server_serving(default_server):
+    req = urllib.request.Request(default_server.base + "/v1/completions", headers={"Content-Type": "application/json"},
                                  data=json.dumps({"prompt": "Once upon a time", "max_tokens": 200,
                                                   "stream": True}).encode())
     with urllib.request.urlopen(req, timeout=60) as r:
         r.readline()  # the first event, then hang up
-    answer = gemma_server.client().completions.create(model="gemma-3-270m-q4_k_m.gguf", prompt="Hello",
+    answer = default_server.client().completions.create(model=CHAT_MODEL, prompt="Hello",
                                                       max_tokens=4, temperature=0)
     assert answer.choices[0].text is not None
 
@@ -419,3 +421,15 @@ def test_api_options_are_the_command_line_flags(monkeypatch):
                       "moe_trace_force"):
             continue  # RunConfig keys without a flag of the same name (moe_trace_force is --force)
         assert "--" + option.replace("_", "-") in plain, option
+
+
+def test_chat_says_when_a_model_has_no_chat_template(patched_llama):
+    """The base Gemma carries no chat template: chat says so in one line (and answers anyway)."""
+    from orchestrator.modelfile.locate import default_model_path
+
+    result = flashflex("chat", "-m", str(default_model_path(log=lambda m: None)), *DEFAULT_FLAGS, "--once", "Hi",
+                       "-n", "2")
+    assert result.returncode == 0, result.stderr
+    assert "has no chat template" in result.stderr and "instruction-tuned" in result.stderr
+    plain = flashflex("chat", *DEFAULT_FLAGS, "--once", "Hi", "-n", "2")  # the default: SmolLM2, with a template
+    assert plain.returncode == 0 and "no chat template" not in plain.stderr, plain.stderr

@@ -260,3 +260,14 @@ def test_a_ring_smaller_than_a_layer_is_exact(streaming, wide_ffn_model, threads
     assert stats["ring_bytes"] <= 2 * largest + 2 * 4096
     # staging: one row group per thread (the largest matrix would be 4.7 MB a thread)
     assert 0 < stats["staging_bytes"] <= max(1, threads) * ((4 << 20) + 3 * 4096)
+
+
+def test_a_second_real_architecture_streams_exactly(streaming):
+    """SmolLM2-135M-Instruct (llama architecture, Q4_1), chat's default model, under a 60 MiB budget."""
+    from orchestrator.modelfile.locate import default_chat_model_path
+
+    out = flashflex("verify-exact", "-m", str(default_chat_model_path()), "--budget", "60MiB", "--ctx", "256",
+                    "--ubatch", "8", "--tokens", "32", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["identical"] and result["mode"] == "dense-stream", result

@@ -32,11 +32,14 @@ def register(app: typer.Typer) -> None:
         if json_out and once is None:
             raise FlashflexError("--json needs --once (the interactive chat has no JSON form)",
                                  "add --once \"QUESTION\" or drop --json")
-        prepared = api.prepare(config, log=err_console.print, **options)
+        prepared = api.prepare(config, log=err_console.print, chat=True, **options)
         for reason in prepared.lossy:
             err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")
         conv = chat.Conversation(system=system, max_tokens=max_tokens, temperature=temperature)
         llm = prepared.open()
+        note = chat.template_note(llm)
+        if note:
+            err_console.print(note, markup=False)
         try:
             if once is not None:
                 chat.once(llm, conv, once, as_json=json_out)

