@@ -9,7 +9,7 @@ A run is described by axes, and the mode words are labels of their combinations:
   experts are read from (ExpertSource: gguf | sidecar), whether they live in slot banks, and which trace replay
   (Replay: none | all-hit | prefetch) — the knobs the C API takes.
 - The execution label, how a run executes (`mode` in run stats, `run --dry-run`, `chat`'s /stats and the server's
-  /flashflex/stats): `label(spec)` derives it from a RuntimeSpec's axes: dense-stream when only dense tensors stream
+  /flashflex/stats): `label(...)` derives it from a RuntimeSpec's axes: dense-stream when only dense tensors stream
   (stock llama.cpp otherwise), the bank's mode word when experts are banked, stock or resident when neither.
 - BenchMode, the label of a benchmark point and of its result record (bench.runs.Point.mode): the stock
   baselines stock-mmap (repack off, weights in the page cache) and stock-resident (stock's default), resident
@@ -23,10 +23,7 @@ that no other module quotes a mode word).
 from __future__ import annotations
 
 import typing
-from typing import TYPE_CHECKING, Final, Literal
-
-if TYPE_CHECKING:
-    from orchestrator.run.spec import RuntimeSpec
+from typing import Final, Literal
 
 # --------------------------------------------------------------------------------------------------
 # The words
@@ -128,14 +125,15 @@ def replay_of(mode: str) -> str:
     return {ORACLE_ALL_HIT: REPLAY_ALL_HIT, ORACLE_PREFETCH: REPLAY_PREFETCH}.get(mode, REPLAY_NONE)
 
 
-def label(spec: "RuntimeSpec") -> str:
-    """The execution label of a RuntimeSpec, from its axes: the bank's word when experts come from the sidecar
-    (resident-bank for every expert resident, an oracle word for a replay, else slot-bank); dense-stream when only
-    dense tensors stream; resident for stock without mmap; stock."""
-    if spec.banks is not None:
-        if spec.banks.slots == 0:
+def label(*, banked_slots: int | None, replay: str = REPLAY_NONE, streams: bool = False,
+          use_mmap: bool | None = None) -> str:
+    """The execution label of a run's axes (RuntimeSpec.mode): the bank's word when experts come from the sidecar
+    (`banked_slots` not None; 0 = every expert resident: resident-bank; an oracle word for a replay; else slot-bank);
+    dense-stream when only dense tensors stream; resident for stock without mmap; stock."""
+    if banked_slots is not None:
+        if banked_slots == 0:
             return RESIDENT_BANK
-        return {REPLAY_ALL_HIT: ORACLE_ALL_HIT, REPLAY_PREFETCH: ORACLE_PREFETCH}.get(spec.banks.replay, SLOT_BANK)
-    if spec.stream is not None:
+        return {REPLAY_ALL_HIT: ORACLE_ALL_HIT, REPLAY_PREFETCH: ORACLE_PREFETCH}.get(replay, SLOT_BANK)
+    if streams:
         return DENSE_STREAM
-    return RESIDENT if spec.use_mmap is False else STOCK
+    return RESIDENT if use_mmap is False else STOCK

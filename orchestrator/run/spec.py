@@ -101,8 +101,11 @@ class RuntimeSpec(_Spec):
 
     @property
     def mode(self) -> str:
-        """The execution label (modes.label)."""
-        return modes.label(self)
+        """The execution label, derived from the axes (modes.label)."""
+        banks = self.banks
+        return modes.label(banked_slots=banks.slots if banks is not None else None,
+                           replay=banks.replay if banks is not None else modes.REPLAY_NONE,
+                           streams=self.stream is not None, use_mmap=self.use_mmap)
 
     def stock(self) -> "RuntimeSpec":
         """Stock llama.cpp with the same placement (the same devices and layer split): what exactness compares
