@@ -6,7 +6,8 @@ model with it, and only native.RuntimeConfig.from_spec knows the C API's option 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,7 +16,19 @@ from orchestrator.modes import MoEPrefetch, Replay
 from orchestrator.planner import Plan, RPCPlan
 
 if TYPE_CHECKING:
-    from orchestrator.run.inputs import RunInputs
+    from orchestrator.config import RunConfig
+    from orchestrator.sidecar import SidecarManifest
+    from orchestrator.traces import Trace
+
+
+class SpecInputs(Protocol):
+    """What from_plan reads of a run's inputs (run.inputs.RunInputs has it)."""
+
+    config: "RunConfig"
+    model: Path
+    sidecar: Path | None
+    manifest: "SidecarManifest | None"
+    replayed: "Trace | None"
 
 SPEC_VERSION = 1
 
@@ -114,7 +127,7 @@ class RuntimeSpec(_Spec):
                            rpc_answer_timeout_s=self.rpc_answer_timeout_s)
 
     @classmethod
-    def from_plan(cls, plan: Plan | None, inputs: "RunInputs") -> "RuntimeSpec":
+    def from_plan(cls, plan: Plan | None, inputs: SpecInputs) -> "RuntimeSpec":
         """The spec of a plan (None: stock, the model fits) and the run's inputs. Pure: reads nothing; refuses a
         replayed trace recorded with other settings."""
         cfg = inputs.config
@@ -151,7 +164,7 @@ class RuntimeSpec(_Spec):
         return spec
 
 
-def _banks(plan: Plan, inputs: "RunInputs", first_file: int) -> BankSpec:
+def _banks(plan: Plan, inputs: SpecInputs, first_file: int) -> BankSpec:
     """The banks of a plan whose experts come from the sidecar: every routed tensor of the manifest (its file
     numbered after the model's), and the trace the run replays or records."""
     from orchestrator import traces
