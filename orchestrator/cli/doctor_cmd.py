@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from orchestrator import doctor
+from orchestrator import build, doctor
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 
 
@@ -22,16 +22,16 @@ def _device_line(d: dict[str, Any]) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("doctor")
     def doctor_cmd(
-        backend: Optional[str] = typer.Option(None, "--backend",
-                                              help="Fail unless the installed library is built for this backend "
-                                                   "(cpu, vulkan, cuda, metal)."),
+        backend: Optional[build.Backend] = typer.Option(None, "--backend",
+                                                        help="Fail unless the installed library is built for this "
+                                                             "backend."),
         json_out: JsonOpt = False,
     ) -> None:
         """Check the install: pin, series hash, whether llama_cpp carries our patches, backend, CPU, RAM, disk.
 
         Exits non-zero when the installed llama_cpp is stock, stale or missing.
         """
-        rep = doctor.diagnose(backend=backend)
+        rep = doctor.diagnose(backend=backend.value if backend else None)
         if json_out:
             emit_json({"ok": rep.ok, **rep.facts, "problems": rep.problems, "warnings": rep.warnings})
         else:
