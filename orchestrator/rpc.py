@@ -237,9 +237,18 @@ def offload_targets(cfg: Any) -> list[Worker] | None:
     if cfg.rpc.servers:
         out += workers_for(cfg.rpc.servers, cfg.rpc.timeout_s)
     if not out:
-        raise FlashflexError(f"--gpu-layers {cfg.gpu.layers}: this build sees no GPU, and no RPC worker is given",
-                             "build for a GPU (flashflex build --backend cuda, or metal on a Mac), give --rpc "
-                             "HOST:PORT, or drop --gpu-layers")
+        from orchestrator import cpufeatures
+
+        built = (cpufeatures.installed_build_record() or {}).get("backend") or "cpu"
+        if built == "cpu":
+            fix = "build for a GPU (flashflex build --backend vulkan or cuda, or metal on a Mac)"
+        elif built == "vulkan":  # ggml skips a CPU-type Vulkan device (lavapipe) unless told to use it
+            fix = ("install your GPU's Vulkan driver, or set GGML_VK_VISIBLE_DEVICES=0 to use a CPU-type Vulkan "
+                   "device (lavapipe)")
+        else:
+            fix = f"check the {built} driver (flashflex doctor lists the devices ggml sees)"
+        raise FlashflexError(f"--gpu-layers {cfg.gpu.layers}: this {built} build sees no GPU, and no RPC worker is "
+                             "given", f"{fix}, give --rpc HOST:PORT, or drop --gpu-layers")
     return out
 
 

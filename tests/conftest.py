@@ -12,8 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# What every test shares from the user's state dir: downloads and builds that take minutes to remake.
-SHARED_STATE = ("sdist", "builds", "ccache", "models")
+# What every test shares from the user's state dir: downloads, builds and compiled GPU pipelines that take minutes
+# to remake.
+SHARED_STATE = ("sdist", "builds", "ccache", "models", "mesa-shader-cache")
 
 
 def _real_state_dir() -> Path:

@@ -14,7 +14,8 @@ from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 def register(app: typer.Typer) -> None:
     @app.command("build")
     def build_cmd(
-        backend: build.Backend = typer.Option(build.Backend.cpu, "--backend", help="ggml backend to build."),
+        backend: build.Backend = typer.Option(build.Backend.default(), "--backend",
+                                              help="ggml backend to build (default: metal on Apple, cpu elsewhere)."),
         stock: bool = typer.Option(False, "--stock",
                                    help="Build the unpatched pin (baseline), in its own cache entry."),
         cmake_arg: Optional[list[str]] = typer.Option(None, "--cmake-arg", help="Extra CMake -D flag (repeatable)."),
@@ -40,11 +41,13 @@ def register(app: typer.Typer) -> None:
         summary = {
             "key": result.key, "wheel": str(result.wheel), "cached": result.cached,
             "seconds": round(result.seconds, 1), "installed": result.installed, "stock": result.stock,
-            "series_hash": result.series_hash, "instruction_set": result.instruction_set.to_json(),
+            "series_hash": result.series_hash, "backend": result.backend.value,
+            "instruction_set": result.instruction_set.to_json(),
         }
         if json_out:
             emit_json(summary)
         else:
             how = "cached wheel" if result.cached else "fresh build"
             console.print(f"{'stock' if stock else 'patched'} llama-cpp-python ready ({how}, "
-                          f"{result.seconds:.0f}s, {result.instruction_set.summary()}): {result.wheel}")
+                          f"{result.seconds:.0f}s, {result.backend.value}, {result.instruction_set.summary()}): "
+                          f"{result.wheel}")
