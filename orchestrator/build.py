@@ -56,6 +56,15 @@ class Backend(str, enum.Enum):
 # is part of the build key (cmake_args_for puts it in the args the key hashes).
 COMMON_CMAKE_ARGS: list[str] = ["-DGGML_RPC=ON"]
 
+# A patched build also compiles llama.cpp's own programs from the same tree, shipped in the package beside the
+# libraries (flashflex.cmake installs them; `flashflex exec` runs them under a plan): llama-server, llama-cli,
+# llama-completion, llama-bench, llama-perplexity. The server's web UI is left out: its assets come prebuilt from a
+# model hub or from an npm build, and a build must work offline (the API and /metrics are all there). LLAVA_BUILD is
+# off because llama.cpp's tools add mtmd themselves (flashflex.cmake still ships it for llama-cpp-python).
+TOOLS_CMAKE_ARGS: list[str] = ["-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAVA_BUILD=OFF",
+                               "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                               "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib"]
+
 BACKEND_CMAKE_ARGS: dict[Backend, list[str]] = {
     # Metal is on by default on Apple platforms; a CPU build turns it off explicitly.
     Backend.cpu: ["-DGGML_METAL=OFF", "-DGGML_CUDA=OFF"],
@@ -203,7 +212,7 @@ def cmake_args_for(backend: Backend, series: str | None, extra: list[str],
     if isa is not None and isa.mode == "explicit":
         args += isa.cmake_args()
     if series:
-        args.append(f"-DFLASHFLEX_SERIES_HASH={series}")
+        args += TOOLS_CMAKE_ARGS + [f"-DFLASHFLEX_SERIES_HASH={series}"]
     return args + list(extra)
 
 

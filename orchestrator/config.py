@@ -594,6 +594,16 @@ class ServerConfig(_Section):
         default=3.0, ge=0.0, le=600.0,
         description="On SIGINT/SIGTERM: stop accepting, stop in-flight generations at their next token, and exit "
         "after at most this many seconds.")
+    engine: Literal["python", "llama-server"] = Field(
+        default="python",
+        description="python: flashflex's own server (one request at a time, several models, drafting, "
+        "/flashflex/stats). llama-server: llama.cpp's server from the same patched build, one model under its plan "
+        "with `parallel` slots decoded together (continuous batching), /metrics.")
+    parallel: int | None = Field(
+        default=None, ge=1, le=256,
+        description="llama-server engine: sequences decoded together. The plan holds a KV cache of parallel x ctx "
+        "tokens; null = 4, lowered to what the budget holds (said at startup); a given value that does not fit is "
+        "refused.")
 
 
 class ServedModel(RunConfig):

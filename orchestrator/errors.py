@@ -32,3 +32,8 @@ class FlashflexError(Exception):
 
     def one_line(self) -> str:
         return f"{self.problem} — {self.fix}" if self.fix else self.problem
+
+
+class BudgetBelowMinimum(FlashflexError):
+    """The budget cannot hold the smallest plan (the planner names each part): a caller that may ask for less (fewer
+    server slots) tries again."""

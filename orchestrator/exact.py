@@ -33,6 +33,42 @@ def logits(prepared: Prepared, tokens: list[int]) -> np.ndarray:
         return np.array(handle.llm.scores[: len(tokens)], dtype=np.float32, copy=True)
 
 
+def batched_logits(prepared: Prepared, sequences: list[list[int]], prompt: int) -> np.ndarray:
+    """Logits of every position of several sequences decoded together, as a server's continuous batching decodes
+    them: one batch with the first `prompt` tokens of every sequence, then one batch per step with each sequence's
+    next token (teacher-forced). The batch composition is fixed by this harness, not by timing, so the stock path
+    and a mode see the same passes. Shape: (len(sequences), len(sequence), n_vocab)."""
+    import llama_cpp.llama_cpp as lowlevel
+
+    from orchestrator import native
+
+    n_seq, length = len(sequences), len(sequences[0])
+    if any(len(s) != length for s in sequences) or not 0 < prompt <= length:
+        raise ValueError("the sequences must have one length, longer than the prompt")
+    steps = [[(i, j) for i in range(n_seq) for j in range(prompt)]]
+    steps += [[(i, j) for i in range(n_seq)] for j in range(prompt, length)]
+    with native.interruptible(), prepared.session(n_seq_max=n_seq) as handle:
+        llm = handle.llm
+        n_vocab = llm.n_vocab()
+        out = np.empty((n_seq, length, n_vocab), dtype=np.float32)
+        batch = lowlevel.llama_batch_init(max(len(s) for s in steps), 0, 1)
+        try:
+            for step in steps:
+                batch.n_tokens = len(step)
+                for k, (i, j) in enumerate(step):
+                    batch.token[k], batch.pos[k], batch.n_seq_id[k] = sequences[i][j], j, 1
+                    batch.seq_id[k][0], batch.logits[k] = i, True
+                rc = lowlevel.llama_decode(llm.ctx, batch)
+                if rc != 0:
+                    raise decode_error(llm, prepared.spec, RuntimeError(f"llama_decode returned {rc}"))
+                for k, (i, j) in enumerate(step):
+                    row = lowlevel.llama_get_logits_ith(llm.ctx, k)
+                    out[i, j] = np.ctypeslib.as_array(row, shape=(n_vocab,))
+        finally:
+            lowlevel.llama_batch_free(batch)
+    return out
+
+
 @dataclass
 class ExactResult:
     tokens: int

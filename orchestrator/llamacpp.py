@@ -90,3 +90,28 @@ def model_params(repack: bool = True, devices: list[int] | None = None, cpu_tens
         yield
     finally:
         high.llama_cpp.llama_model_default_params = original
+
+
+@contextlib.contextmanager
+def context_params(n_seq_max: int | None = None) -> Iterator[None]:
+    """Context parameters llama_cpp.Llama does not expose, set on the defaults it starts from while it creates its
+    context: `n_seq_max` sequences decoded together in one unified KV cache (what llama-server's slots are), so a
+    harness can drive continuous batching through the same context the Python API opens."""
+    if n_seq_max is None:
+        yield
+        return
+    import llama_cpp.llama as high
+
+    original = high.llama_cpp.llama_context_default_params
+
+    def params():
+        p = original()
+        p.n_seq_max = n_seq_max
+        p.kv_unified = True
+        return p
+
+    high.llama_cpp.llama_context_default_params = params
+    try:
+        yield
+    finally:
+        high.llama_cpp.llama_context_default_params = original

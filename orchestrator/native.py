@@ -10,7 +10,7 @@ import contextlib
 import ctypes
 import json
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 from orchestrator import cpufeatures
 from orchestrator.errors import FlashflexError
@@ -91,7 +91,7 @@ def lib() -> ctypes.CDLL:
     mismatch = _series_mismatch(info().get("series_hash"))
     if mismatch:
         raise NotPatched(mismatch, "rebuild it from this tree: flashflex build")
-    for bind in (_bind_streaming, _bind_banks, _bind_traces, _bind_checksums, _bind_devices):
+    for bind in (_bind_streaming, _bind_banks, _bind_devices):
         bind(cdll)
     return cdll
 
@@ -118,24 +118,10 @@ def _series_mismatch(library_series: str | None) -> str | None:
 
 
 def _bind_streaming(cdll: ctypes.CDLL) -> None:
-    """Bindings of the dense-streaming API (feature "dense-stream")."""
-    # int32_t llama_flashflex_config_new(void);
-    cdll.llama_flashflex_config_new.argtypes = []
-    cdll.llama_flashflex_config_new.restype = ctypes.c_int32
-    # int32_t llama_flashflex_config_set(int32_t config, const char * key, int64_t value);
-    cdll.llama_flashflex_config_set.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_int64]
-    cdll.llama_flashflex_config_set.restype = ctypes.c_int32
-    # int32_t llama_flashflex_config_add_file(int32_t config, const char * path);
-    cdll.llama_flashflex_config_add_file.argtypes = [ctypes.c_int32, ctypes.c_char_p]
-    cdll.llama_flashflex_config_add_file.restype = ctypes.c_int32
-    # int32_t llama_flashflex_config_stream_tensor(int32_t config, const char * name, int32_t file,
-    #                                              uint64_t offset, uint64_t nbytes);
-    cdll.llama_flashflex_config_stream_tensor.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32,
-                                                          ctypes.c_uint64, ctypes.c_uint64]
-    cdll.llama_flashflex_config_stream_tensor.restype = ctypes.c_int32
-    # void llama_flashflex_config_free(int32_t config);
-    cdll.llama_flashflex_config_free.argtypes = [ctypes.c_int32]
-    cdll.llama_flashflex_config_free.restype = None
+    """Bindings of specs and of the dense-streaming API (features "spec-file", "dense-stream")."""
+    # int32_t llama_flashflex_spec_check(const char * path);
+    cdll.llama_flashflex_spec_check.argtypes = [ctypes.c_char_p]
+    cdll.llama_flashflex_spec_check.restype = ctypes.c_int32
     # const char * llama_flashflex_last_error(void);
     cdll.llama_flashflex_last_error.argtypes = []
     cdll.llama_flashflex_last_error.restype = ctypes.c_char_p
@@ -153,28 +139,12 @@ def _bind_streaming(cdll: ctypes.CDLL) -> None:
 
 def _bind_banks(cdll: ctypes.CDLL) -> None:
     """Bindings of the MoE slot-bank API (feature "slot-bank")."""
-    # int32_t llama_flashflex_config_bank_tensor(int32_t config, const char * name, int32_t file,
-    #                                            uint64_t offset, uint64_t expert_stride, uint64_t bytes_per_expert);
-    cdll.llama_flashflex_config_bank_tensor.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32,
-                                                        ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64]
-    cdll.llama_flashflex_config_bank_tensor.restype = ctypes.c_int32
     # int32_t llama_flashflex_moe_stats(const struct llama_model * model, char * buf, size_t buf_size);
     cdll.llama_flashflex_moe_stats.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     cdll.llama_flashflex_moe_stats.restype = ctypes.c_int32
     # void llama_flashflex_moe_stats_reset(const struct llama_model * model);
     cdll.llama_flashflex_moe_stats_reset.argtypes = [ctypes.c_void_p]
     cdll.llama_flashflex_moe_stats_reset.restype = None
-
-
-def _bind_traces(cdll: ctypes.CDLL) -> None:
-    """Bindings of the trace / replay / prefetch API (feature "moe-trace", API 3)."""
-    # int32_t llama_flashflex_config_set_string(int32_t config, const char * key, const char * value);
-    cdll.llama_flashflex_config_set_string.argtypes = [ctypes.c_int32, ctypes.c_char_p, ctypes.c_char_p]
-    cdll.llama_flashflex_config_set_string.restype = ctypes.c_int32
-    # int32_t llama_flashflex_config_moe_schedule(int32_t config, const int32_t * values, size_t n_values);
-    cdll.llama_flashflex_config_moe_schedule.argtypes = [ctypes.c_int32, ctypes.POINTER(ctypes.c_int32),
-                                                         ctypes.c_size_t]
-    cdll.llama_flashflex_config_moe_schedule.restype = ctypes.c_int32
 
 
 def is_patched() -> bool:
@@ -197,93 +167,94 @@ def system_info() -> str:
     return lowlevel.llama_print_system_info().decode(errors="replace").strip()
 
 
-def _bind_checksums(cdll: ctypes.CDLL) -> None:
-    """Bindings of the per-expert checksum API."""
-    # int32_t llama_flashflex_config_bank_checksums(int32_t config, const char * name, const uint64_t * checksums,
-    #                                              size_t n_experts);
-    cdll.llama_flashflex_config_bank_checksums.argtypes = [ctypes.c_int32, ctypes.c_char_p,
-                                                           ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
-    cdll.llama_flashflex_config_bank_checksums.restype = ctypes.c_int32
+SPEC_KEY = "flashflex.spec"  # LLAMA_FLASHFLEX_SPEC_KEY: the GGUF key override that names a spec file at load
+SPEC_VERSION = 1  # LLAMA_FLASHFLEX_SPEC_VERSION
+MAX_SPEC_PATH_BYTES = 127  # llama.cpp's string overrides hold 128 bytes, the NUL included
+_DIRECT_IO = {"off": 0, "on": 1, "strict": 2}
 
 
-class RuntimeConfig:
-    """A flashflex configuration in the library: streamed dense tensors and/or banked expert tensors, built
-    from a Plan; hand `id` to the model load through the GGUF key override "flashflex.config". Free it once
-    the model is loaded (the model keeps its own copy)."""
+def _fnv1a64(data: bytes) -> str:
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
 
-    DIRECT_IO = {"off": 0, "on": 1, "strict": 2}
 
-    @classmethod
-    def from_spec(cls, spec, trace_file: str | None = None) -> "RuntimeConfig":
-        """A configuration from an orchestrator.run.spec.RuntimeSpec: the one place that knows the C option names.
-        Options at the runtime's defaults are not sent. `trace_file`: where the runtime appends the routing trace
-        the spec records (its recording's temp file)."""
-        options: dict[str, int] = {"direct_io": cls.DIRECT_IO[spec.direct_io]}
-        strings: dict[str, str] = {}
-        stream, banks = spec.stream, spec.banks
-        if stream is not None:
-            options.update(prefetch_threads=stream.prefetch_threads, window=stream.window)
-            if stream.ring_bytes:
-                options["ring_bytes"] = stream.ring_bytes
-        if banks is not None:
-            options.update(moe_slots=banks.slots, moe_io_threads=banks.io_threads,
-                           moe_shared_only=int(banks.shared_only))
-            if banks.verify:
-                options["moe_verify"] = 1
-            if banks.preload:
-                options["moe_preload"] = 1
-            if banks.prefetch_ranks is not None:
-                options["moe_prefetch_ranks"] = banks.prefetch_ranks
-            if banks.prefetch != "none":
-                strings["moe_prefetch"] = banks.prefetch
-            if trace_file is not None:
-                strings["moe_trace"] = trace_file
-        return cls(spec.files, [(t.name, t.file, t.offset, t.bytes) for t in stream.tensors] if stream else [],
-                   banks=banks.tensors if banks else [], options=options, strings=strings,
-                   schedule=banks.schedule if banks else None)
+def _canonical(doc: dict[str, Any]) -> bytes:
+    """The text the digest covers: what nlohmann::json's dump() writes (sorted keys, no spaces, UTF-8)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
-    def __init__(self, files: Sequence[str], tensors: Sequence[tuple[str, int, int, int]] = (), *,
-                 banks: Sequence[Any] = (), options: dict[str, int] | None = None,
-                 strings: dict[str, str] | None = None, schedule: list[int] | None = None):
-        """`banks`: run.spec.BankedTensor (name, file, offset, expert_stride, bytes_per_expert, checksums)."""
-        cdll = lib()
-        self.id = cdll.llama_flashflex_config_new()
-        try:
-            for key, value in (options or {}).items():
-                if cdll.llama_flashflex_config_set(self.id, key.encode(), int(value)) != 0:
-                    raise FlashflexError(f"the library refused {key}={value}: {last_error()}", "check the run settings")
-            for key, text in (strings or {}).items():
-                if cdll.llama_flashflex_config_set_string(self.id, key.encode(), str(text).encode()) != 0:
-                    raise FlashflexError(f"the library refused {key}={text}: {last_error()}", "check the run settings")
-            if schedule is not None:
-                values = (ctypes.c_int32 * len(schedule))(*schedule)
-                if cdll.llama_flashflex_config_moe_schedule(self.id, values, len(schedule)) != 0:
-                    raise FlashflexError(f"the library refused the replayed trace's schedule: {last_error()}",
-                                         "check the trace: flashflex trace analyze TRACE")
-            for path in files:
-                if cdll.llama_flashflex_config_add_file(self.id, str(path).encode()) < 0:
-                    raise FlashflexError(f"the library refused the file {path}: {last_error()}", "check the path")
-            for name, file, offset, nbytes in tensors:
-                if cdll.llama_flashflex_config_stream_tensor(self.id, name.encode(), file, offset, nbytes) != 0:
-                    raise FlashflexError(f"the library refused to stream {name}: {last_error()}", "re-plan the model")
-            for b in banks:
-                if cdll.llama_flashflex_config_bank_tensor(self.id, b.name.encode(), b.file, b.offset,
-                                                           b.expert_stride, b.bytes_per_expert) != 0:
-                    raise FlashflexError(f"the library refused to bank {b.name}: {last_error()}",
-                                         "re-extract the sidecar: flashflex sidecar extract")
-                if b.checksums:
-                    sums = (ctypes.c_uint64 * len(b.checksums))(*b.checksums)
-                    if cdll.llama_flashflex_config_bank_checksums(self.id, b.name.encode(), sums, len(sums)) != 0:
-                        raise FlashflexError(f"the library refused the checksums of {b.name}: {last_error()}",
-                                             "re-extract the sidecar: flashflex sidecar extract")
-        except BaseException:
-            self.free()
-            raise
 
-    def free(self) -> None:
-        if self.id:
-            lib().llama_flashflex_config_free(self.id)
-            self.id = 0
+def spec_document(spec, trace_file: str | None = None) -> dict[str, Any]:
+    """The spec file's content for an orchestrator.run.spec.RuntimeSpec: the one place that knows the runtime's option
+    names (docs/spec-format.md). Options at the runtime's defaults are not written. `trace_file`: where the runtime
+    appends the routing trace the spec records (its recording's temp file)."""
+    import os
+
+    options: dict[str, int] = {"direct_io": _DIRECT_IO[spec.direct_io]}
+    strings: dict[str, str] = {}
+    stream, banks = spec.stream, spec.banks
+    if stream is not None:
+        options.update(prefetch_threads=stream.prefetch_threads, window=stream.window)
+        if stream.ring_bytes:
+            options["ring_bytes"] = stream.ring_bytes
+    if banks is not None:
+        options.update(moe_slots=banks.slots, moe_io_threads=banks.io_threads, moe_shared_only=int(banks.shared_only))
+        if banks.verify:
+            options["moe_verify"] = 1
+        if banks.preload:
+            options["moe_preload"] = 1
+        if banks.prefetch_ranks is not None:
+            options["moe_prefetch_ranks"] = banks.prefetch_ranks
+        if banks.prefetch != "none":
+            strings["moe_prefetch"] = banks.prefetch
+        if trace_file is not None:
+            strings["moe_trace"] = trace_file
+    doc: dict[str, Any] = {
+        "flashflex_spec": SPEC_VERSION,
+        "series_hash": info().get("series_hash"),
+        "model": {"path": str(spec.model), "bytes": os.path.getsize(spec.model)},
+        "files": [str(f) for f in spec.files],
+        "options": options,
+        "strings": strings,
+        "stream": [{"name": t.name, "file": t.file, "offset": t.offset, "bytes": t.bytes}
+                   for t in (stream.tensors if stream else [])],
+        "banks": [{"name": b.name, "file": b.file, "offset": b.offset, "expert_stride": b.expert_stride,
+                   "bytes_per_expert": b.bytes_per_expert, **({"checksums": list(b.checksums)} if b.checksums else {})}
+                  for b in (banks.tensors if banks else [])],
+    }
+    if banks is not None and banks.schedule is not None:
+        doc["schedule"] = list(banks.schedule)
+    return seal(doc)
+
+
+def seal(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with its digest (replacing any): what tells a spec flashflex wrote from one edited afterwards."""
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    return {**body, "digest": "fnv1a64:" + _fnv1a64(_canonical(body))}
+
+
+def write_spec(doc: dict[str, Any], dest) -> str:
+    """Write a spec document to dest (temp file, fsync, rename) and return the path the load names. The path must fit
+    llama.cpp's string override."""
+    from pathlib import Path
+
+    from orchestrator.fsutil import atomic_file
+
+    path = str(Path(dest).absolute())
+    if len(path.encode()) > MAX_SPEC_PATH_BYTES:
+        raise FlashflexError(f"the spec path {path} is longer than llama.cpp's {MAX_SPEC_PATH_BYTES}-byte string "
+                             "overrides", "write it to a shorter path (or set TMPDIR to a short directory)")
+    with atomic_file(Path(path), "w") as f:
+        json.dump(doc, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    return path
+
+
+def check_spec(path) -> None:
+    """The library's own checks of a spec file (version, series, digest, every value), without a model."""
+    if lib().llama_flashflex_spec_check(str(path).encode()) != 0:
+        raise FlashflexError(last_error(), "write it again: flashflex exec (or flashflex run) plans and writes it")
 
 
 def last_error() -> str:

@@ -73,17 +73,3 @@ def test_run_json_on_the_default_model(patched_llama):
     for key in ("load_s", "prompt_s", "decode_s"):
         assert out[key] > 0
     assert out["peak_rss_bytes"] > 100 * 2**20  # the model is ~250 MB
-
-
-@pytest.mark.parametrize("kwargs,reason", [
-    (dict(options={"window": 0}), "window = 0 is out of range"),
-    (dict(options={"no_such_key": 1}), "unknown key no_such_key"),
-    (dict(strings={"moe_prefetch": "psychic"}), "moe_prefetch psychic is not none"),
-    (dict(tensors=[("blk.0.attn_q.weight", 3, 0, 4096)]), "names file 3 of 0 registered"),
-])
-def test_every_refusal_of_the_c_api_says_why(patched_llama, kwargs, reason):
-    """The configuration API sets a reason for each -1 (llama_flashflex_last_error); Python prints it."""
-    from orchestrator.errors import FlashflexError
-
-    with pytest.raises(FlashflexError, match=reason):
-        patched_llama.RuntimeConfig([], **kwargs)

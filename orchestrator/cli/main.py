@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "orchestrator.cli.doctor_cmd",
     "orchestrator.cli.run_cmd",
     "orchestrator.cli.serve_cmd",
+    "orchestrator.cli.exec_cmd",
     "orchestrator.cli.chat_cmd",
     "orchestrator.cli.bench_cmd",
     "orchestrator.cli.gguf_cmd",

@@ -65,6 +65,57 @@ def startup_lines(entries, server) -> list[str]:
     return lines
 
 
+def _engine_of(config: Path | None, server_overrides: dict) -> str:
+    from orchestrator.config import is_serve_file, load_serve_file
+
+    if server_overrides.get("engine"):
+        return server_overrides["engine"]
+    if config is not None and is_serve_file(config):
+        return load_serve_file(config, {}, {}).server.engine
+    return "python"
+
+
+def _serve_llama_server(config: Path | None, options: dict, server_overrides: dict) -> int:
+    """One model under its plan in llama.cpp's server, N slots; returns the server's exit status."""
+    from orchestrator import llama_server
+    from orchestrator.cli.options import DRAFT_FLAGS
+    from orchestrator.config import ServerConfig, is_serve_file
+
+    if config is not None and is_serve_file(config):
+        raise FlashflexError("the llama-server engine serves one model, and this serve file lists models",
+                             "give one RunConfig (or flags), or use --engine python for several models")
+    for flag in (*DRAFT_FLAGS, "moe_trace"):
+        if options.get(flag) is not None:
+            raise FlashflexError(f"--{flag.replace('_', '-')} is not available with the llama-server engine",
+                                 "drop it, or use --engine python")
+    server = ServerConfig.model_validate({k: v for k, v in server_overrides.items() if v is not None})
+    from orchestrator.endpoints import check_can_listen, is_loopback
+
+    check_can_listen(server.host, server.port)
+    slots = llama_server.plan_slots(config, options, server.parallel, err_console.print)
+    if slots.lowered_from is not None:
+        err_console.print(f"[yellow]--parallel {slots.lowered_from} does not fit the budget: serving "
+                          f"{slots.parallel} slot(s) (give --budget more, or --ctx less)[/]", soft_wrap=True)
+    s = slots.prepared.summary()
+    plan = s.get("plan")
+    line = f"llama-server: {s['mode']}, {slots.parallel} slots x {slots.ctx_per_slot} tokens"
+    if plan and s["mode"] != modes.STOCK:
+        line += (f", budget {plan['budget_bytes'] / 2**20:.0f} MiB, resident weights "
+                 f"{plan['resident_bytes'] / 2**20:.0f} MiB")
+    err_console.print(f"[dim]{line}; prompt cache off (--cache-ram 0)[/]", soft_wrap=True)
+    if not is_loopback(server.host):
+        err_console.print(f"[bold red]WARNING: listening on {server.host}: reachable from other machines"
+                          f"{'' if server.api_key else ' with NO API key (anyone can use it; --api-key)'}[/]",
+                          soft_wrap=True)
+    def log(msg: str) -> None:
+        err_console.print(msg, style="dim", soft_wrap=True, markup=False, highlight=False)
+
+    return llama_server.serve(
+        slots, server, log=log,
+        on_ready=lambda url: err_console.print(f"serving {slots.prepared.settings.model.name} on {url}/v1 "
+                                               f"({slots.parallel} slots; Ctrl-C to stop)", soft_wrap=True))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     @model_options_command(exclude=("moe_shared_only",))
@@ -77,6 +128,11 @@ def register(app: typer.Typer) -> None:
         max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", min=1,
                                                      help="Largest max_tokens a request may ask for "
                                                      "(default: the context)."),
+        engine: Optional[str] = typer.Option(None, "--engine", help="python (default: flashflex's server) or "
+                                             "llama-server (llama.cpp's, under the plan, with --parallel slots)."),
+        parallel: Optional[int] = typer.Option(None, "--parallel", "-np", min=1, max=256,
+                                               help="llama-server engine: sequences decoded together (default 4, "
+                                               "lowered to what the budget holds)."),
         *,
         options: dict,
     ) -> None:
@@ -86,8 +142,14 @@ def register(app: typer.Typer) -> None:
         (loaded on demand). Concurrent requests queue. SIGINT/SIGTERM stop in-flight answers and exit."""
         from orchestrator import server as srv
 
+        server_overrides = {"host": host, "port": port, "api_key": api_key, "max_tokens_cap": max_tokens_cap,
+                            "engine": engine, "parallel": parallel}
+        if _engine_of(config, server_overrides) == "llama-server":
+            raise typer.Exit(_serve_llama_server(config, options, server_overrides))
+        if parallel is not None:
+            raise FlashflexError("--parallel applies to the llama-server engine",
+                                 "add --engine llama-server (the python engine answers one request at a time)")
         _server_deps()
-        server_overrides = {"host": host, "port": port, "api_key": api_key, "max_tokens_cap": max_tokens_cap}
         entries, settings = load_entries(config, options, server_overrides, err_console.print)
         srv.check_can_listen(settings.host, settings.port)
         for line in startup_lines(entries, settings):

@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any, Literal, cast
 
 from orchestrator import modes
-from orchestrator.errors import FlashflexError
+from orchestrator.errors import BudgetBelowMinimum, FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
 from orchestrator.modes import ROUTER_LOOKAHEAD, MoEMode, PlannedMoEMode
 from orchestrator.planner.buffers import compute_bytes, kv_cache_bytes
@@ -656,7 +656,7 @@ def _minimum_budget(model: _ModelFacts, req: PlanRequest, over: _Overheads, expe
                          f"{format_size(experts.min_bank_bytes)}")
         parts += [f"{what} {format_size(n)}" for what, n in extras]
         whole = minimum + _total(extras)
-        raise FlashflexError(
+        raise BudgetBelowMinimum(
             f"budget {format_size(budget + _total(extras))} is below the {format_size(whole, round_up=True)} "
             f"minimum for {model.name} ({' + '.join(parts)})",
             f"give --budget {format_size(whole, round_up=True).replace(' ', '')} or more, or lower --ctx, "

@@ -1,16 +1,18 @@
 """Open a model through llama_cpp as a RuntimeSpec says: the devices and RPC workers its layers go to, flashflex's
-runtime attached when the spec streams or banks anything (the spec handed to the library as one configuration,
-named by a GGUF key override), the stock path otherwise."""
+runtime attached when the spec streams or banks anything (the spec written as one file the library reads at load,
+named by a GGUF key override, as for llama.cpp's own programs), the stock path otherwise."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator import native
 from orchestrator.errors import FlashflexError
-from orchestrator.llamacpp import model_params, quiet_native_stderr
+from orchestrator.llamacpp import context_params, model_params, quiet_native_stderr
 from orchestrator.planner import RPCPlan
 from orchestrator.run.settings import GenerationSettings
 from orchestrator.run.spec import RuntimeSpec
@@ -65,12 +67,23 @@ def begin_trace(spec: RuntimeSpec) -> Recording | None:
     return Recording(path, traces.begin_recording(path, traces.TraceHeader.model_validate(spec.banks.trace_header)))
 
 
+def write_native_spec(spec: RuntimeSpec, trace_file: Path | None = None, dest: Path | None = None) -> str:
+    """Write the spec file the runtime reads for `spec` (to `dest`, else a private temp file the caller removes)."""
+    doc = native.spec_document(spec, str(trace_file) if trace_file is not None else None)
+    if dest is None:
+        fd, name = tempfile.mkstemp(prefix="flashflex-spec-", suffix=".json")
+        os.close(fd)
+        dest = Path(name)
+    return native.write_spec(doc, dest)
+
+
 def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_all: bool = False,
-               repack: bool = True, trace_file: Path | None = None, **llama_kwargs: Any):
+               repack: bool = True, trace_file: Path | None = None, n_seq_max: int | None = None,
+               **llama_kwargs: Any):
     """A `llama_cpp.Llama` for `settings.model` as `spec` says (None: stock, as llama-cpp-python opens it).
     `repack=False` turns the CPU backend's repacked weight layout off (a stock baseline of benchmarks).
     `trace_file`: where the runtime appends the routing trace the spec records (a Recording's temp file; without
-    it nothing is recorded)."""
+    it nothing is recorded). `n_seq_max`: sequences decoded together (a unified KV cache), for a batching harness."""
     native.llama_cpp_module()  # one clear line if llama_cpp is missing
     from llama_cpp import Llama
 
@@ -83,17 +96,18 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
     if spec.use_mmap is not None:
         kwargs["use_mmap"] = spec.use_mmap
     kwargs.update(llama_kwargs)
-    config = None
-    if spec.native:
-        config = native.RuntimeConfig.from_spec(spec, str(trace_file) if trace_file is not None else None)
-        kwargs["kv_overrides"] = {**kwargs.get("kv_overrides", {}), "flashflex.config": config.id}
+    spec_file = None
+    if spec.native:  # the same route as llama.cpp's own programs (flashflex exec): a spec file named by an override
+        spec_file = write_native_spec(spec, trace_file)
+        kwargs["kv_overrides"] = {**kwargs.get("kv_overrides", {}), native.SPEC_KEY: spec_file}
     try:
-        with quiet_native_stderr(), model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors):
+        with quiet_native_stderr(), model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors), \
+                context_params(n_seq_max):
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, **{"verbose": False, **kwargs})
     except ValueError as exc:  # llama_cpp raises ValueError when llama.cpp cannot load the file
-        reason = native.last_error() if config is not None else ""
+        reason = native.last_error() if spec_file is not None else ""
         if reason:
             fix = ("check the sidecar (flashflex sidecar verify) or re-extract it"
                    if spec.banks is not None and spec.stream is None
@@ -103,12 +117,12 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
                              "check that the file is a complete GGUF of an architecture this llama.cpp supports "
                              "(FLASHFLEX_DEBUG=1 shows llama.cpp's log)") from exc
     finally:
-        if config is not None:
-            config.free()
+        if spec_file is not None:
+            os.unlink(spec_file)  # the model keeps its own copy of what it read
     # stock models too, so SIGINT stops a decode; with no model the callback only reads the interrupt flag
     # (one relaxed atomic load per graph node: stock stays stock)
     if native.is_patched():
-        native.install_abort_callback(llm.ctx, llm.model if config is not None else None)
+        native.install_abort_callback(llm.ctx, llm.model if spec_file is not None else None)
     native.quiet_llama_log()  # Llama(verbose=False) still prints llama.cpp's errors before ours
     if spec.placement is not None and spec.rpc_answer_timeout_s is not None:
         from orchestrator import rpc as rpc_mod

@@ -1,7 +1,7 @@
 """RuntimeSpec: everything flashflex's native runtime and the model load are told about a run, typed, versioned and
 JSON-serialisable whole (what `flashflex run --dry-run --json` prints). The one contract between Python and C++:
 `RuntimeSpec.from_plan` makes it from a Plan and the run's inputs (a pure function), orchestrator.run.loader opens a
-model with it, and only native.RuntimeConfig.from_spec knows the C API's option names.
+model with it, and only native.spec_document knows the runtime's option names.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 // flashflex: the C API that flashflex adds to llama.cpp.
 //
 // Everything flashflex exports lives in this header, as new functions. Upstream structs are never
-// extended (that would break llama-cpp-python's ctypes layouts); per-model settings are attached to a
-// model through functions declared here.
+// extended (that would break llama-cpp-python's ctypes layouts); per-model settings reach a model as a spec
+// file named by a GGUF key override.
 
 #pragma once
 
@@ -13,12 +13,12 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 6
+#define LLAMA_FLASHFLEX_API_VERSION 7
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
 // A JSON object describing this build, valid for the life of the process:
-//   {"api_version": 6, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
+//   {"api_version": 7, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
 //    "backends": ["CPU", ...], "rpc_protocol": [7, 0, 0]}
 // ("rpc_protocol": the version of ggml's RPC protocol this build speaks; null without the RPC backend)
 // "series_hash" is the hash flashflex computed over its patch series when it configured the build
@@ -26,63 +26,34 @@ LLAMA_API int32_t llama_flashflex_api_version(void);
 LLAMA_API const char * llama_flashflex_info(void);
 
 //
-// Dense weight streaming (FlexInfer-style): a per-model configuration, built before the model is loaded
-// and handed to the load through the GGUF key override "flashflex.config" (an int holding the id).
-// Tensors named with llama_flashflex_config_stream_tensor() are never loaded into the model's buffers:
-// they live in a ring of bytes (API 6: "ring_bytes"; without it, `window` layers' worth), each at a fixed home laid
-// out in the order compute uses them, and are read from the GGUF by `prefetch_threads` background threads ahead of
-// compute (0 = synchronous reads) as soon as the bytes of their home are released.
-// Every other tensor loads as usual. The model must be loaded without mmap (load_mode NONE).
+// Runtime specs (API 7). A plan reaches the runtime as one JSON file, the spec, named at model load by the GGUF key
+// override LLAMA_FLASHFLEX_SPEC_KEY (a string: the file's path, under 128 bytes), so every llama.cpp program that
+// takes --override-kv runs under a flashflex plan; flashflex writes specs (`flashflex exec`, its Python API) and
+// documents their fields (docs/spec-format.md). A model loaded without the override is the stock path.
+//
+// What a spec configures:
+// - Dense weight streaming (FlexInfer-style): the tensors in "stream" are never loaded into the model's buffers:
+//   they live in a ring of bytes ("ring_bytes"; without it, "window" layers' worth), each at a fixed home laid out
+//   in the order compute uses them, and are read from the GGUF by "prefetch_threads" background threads ahead of
+//   compute (0 = synchronous reads) as soon as the bytes of their home are released; "direct_io" 0 = buffered,
+//   1 = O_DIRECT when the file system allows it, 2 = O_DIRECT or fail.
+// - MoE expert slot banks (Flash-MoE-style): each tensor in "banks" ([ne0, ne1, n_expert]) has its experts in a
+//   sidecar file: expert e is bytes_per_expert bytes at offset + e * expert_stride (multiples of 4096), read into
+//   "moe_slots" slots per layer (0 = every expert resident), misses by "moe_io_threads" readers; "checksums" with
+//   "moe_verify" = 1 check every read; "moe_trace" appends one JSON line per routed layer call to a file;
+//   "moe_prefetch" none | router-lookahead | oracle (replaying "schedule": records of layer, n, n expert ids, with
+//   "moe_preload" = 1 installing them all at load).
+// The load refuses, naming the file: another spec version or patch series, a digest that does not match (edited
+// by hand), a model file of another size than the one planned for, a tensor at another offset or of another shape,
+// a model loaded with mmap.
 //
 
-// Create an empty configuration; returns its id (> 0).
-LLAMA_API int32_t llama_flashflex_config_new(void);
-// Set an integer option: "prefetch_threads" (>= 0), "window" (>= 1), "ring_bytes" (API 6, >= 0; at least the
-// largest streamed layer plus its largest tensor per buffer type, which is used when it is less),
-// "direct_io" (0 = buffered reads, 1 = O_DIRECT when the file system allows it, 2 = O_DIRECT or fail),
-// and for MoE expert banks "moe_slots" (slots per layer, >= the experts each token uses; 0 = every expert
-// resident, read from the sidecar at load), "moe_io_threads" (>= 1 parallel readers for misses) and
-// "moe_shared_only" (1 = diagnostic: routed experts contribute nothing and nothing is read).
-// Returns 0, or -1 for an unknown config id, key or value; every -1 of the configuration functions sets
-// llama_flashflex_last_error() to the reason.
-LLAMA_API int32_t llama_flashflex_config_set(int32_t config, const char * key, int64_t value);
-// Register a model file; returns its index in this configuration, or -1.
-LLAMA_API int32_t llama_flashflex_config_add_file(int32_t config, const char * path);
-// Stream this tensor instead of loading it. offset/nbytes are its data range in that file; the load
-// checks them against the GGUF and fails when they differ (a plan made for another file).
-LLAMA_API int32_t
-llama_flashflex_config_stream_tensor(int32_t config, const char * name, int32_t file, uint64_t offset, uint64_t nbytes);
-// MoE expert slot banks (Flash-MoE-style): bank this routed-expert tensor ([ne0, ne1, n_expert]). Its experts
-// are read from a sidecar file registered with llama_flashflex_config_add_file: expert e is bytes_per_expert
-// bytes at offset + e * expert_stride (offset and stride multiples of 4096). The load checks the shape and
-// size against the model and fails on a mismatch (a sidecar of another model).
-LLAMA_API int32_t llama_flashflex_config_bank_tensor(int32_t      config,
-                                                     const char * name,
-                                                     int32_t      file,
-                                                     uint64_t     offset,
-                                                     uint64_t     expert_stride,
-                                                     uint64_t     bytes_per_expert);
-// API 5: the per-expert checksums of a banked tensor (n_experts values, see flashflex's sidecar format): with the
-// int option "moe_verify" = 1 every expert read from the sidecar is checked against its checksum, and a mismatch
-// fails the model with the layer, tensor and expert named (bit rot, or a layer file changed behind the manifest).
-LLAMA_API int32_t llama_flashflex_config_bank_checksums(int32_t          config,
-                                                        const char *     name,
-                                                        const uint64_t * checksums,
-                                                        size_t           n_experts);
-// Set a string option (API 3): "moe_trace" = a file to append one JSON line per routed layer call to
-// (sequence number, ubatch, layer, tokens, experts per token, expert ids, slot ids, hit per id; the caller
-// writes the header line), "moe_prefetch" = the expert prefetch policy: "none", "router-lookahead" (while
-// layer L computes, apply layer L+1's router to layer L's input and read the experts it picks) or "oracle"
-// (read the next record of the replayed schedule ahead of use); the integer option "moe_prefetch_ranks" limits
-// router-lookahead to each token's top ranks (0 = all k). Returns 0, or -1 for an unknown key or value.
-LLAMA_API int32_t llama_flashflex_config_set_string(int32_t config, const char * key, const char * value);
-// Replay a routing trace (API 3): `values` holds records as layer, n, then n expert ids (token-major), in the
-// order the run resolves them. The run fails with a clear error when its routing differs from the schedule
-// (another prompt, model or setting). With the integer option "moe_preload" = 1 every expert the schedule uses
-// is installed at load (oracle-all-hit: the bank must have room for each layer's distinct experts).
-LLAMA_API int32_t llama_flashflex_config_moe_schedule(int32_t config, const int32_t * values, size_t n_values);
-// Forget a configuration (a loaded model keeps its own copy).
-LLAMA_API void    llama_flashflex_config_free(int32_t config);
+#define LLAMA_FLASHFLEX_SPEC_KEY     "flashflex.spec"
+#define LLAMA_FLASHFLEX_SPEC_VERSION 1
+
+// Read and check the spec file at path without loading a model: 0, or -1 with the reason in
+// llama_flashflex_last_error() (the same checks the load makes, except those that need the model).
+LLAMA_API int32_t llama_flashflex_spec_check(const char * path);
 
 // The last error flashflex raised on this thread (empty string when none).
 LLAMA_API const char * llama_flashflex_last_error(void);

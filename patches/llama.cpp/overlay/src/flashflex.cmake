@@ -38,9 +38,43 @@ set(FLASHFLEX_HEADERS
 
 target_sources(llama PRIVATE ${FLASHFLEX_SOURCES} ${FLASHFLEX_HEADERS})
 set_source_files_properties(${FLASHFLEX_SOURCES} PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
+# The spec reader parses JSON with the tree's own vendored nlohmann/json (header-only); only it sees the path.
+set_property(SOURCE llama-flashflex-config.cpp APPEND PROPERTY INCLUDE_DIRECTORIES "${CMAKE_CURRENT_SOURCE_DIR}/../vendor")
 
 if (FLASHFLEX_SERIES_HASH)
     # Only our source sees the hash, so a new series does not recompile upstream files.
-    set_property(SOURCE llama-flashflex.cpp APPEND PROPERTY
+    set_property(SOURCE llama-flashflex.cpp llama-flashflex-config.cpp APPEND PROPERTY
                  COMPILE_DEFINITIONS FLASHFLEX_SERIES_HASH="${FLASHFLEX_SERIES_HASH}")
+endif()
+
+# llama.cpp's own programs, built from this same patched tree when flashflex build asks for tools
+# (LLAMA_BUILD_TOOLS/LLAMA_BUILD_SERVER, orchestrator/build.py): the ones flashflex runs under a plan ship inside the
+# Python package beside the libraries they link (llama-cpp-python's own install rule, RPATH $ORIGIN), and the other
+# tools are left out of the build. Deferred to the end of the top-level directory, where every tool target exists.
+set(FLASHFLEX_SHIPPED_TOOLS server cli llama-bench perplexity completion CACHE INTERNAL "")
+function(flashflex_ship_tools)
+    if (NOT COMMAND llama_cpp_python_install_target)
+        return()  # a standalone build of the tree: upstream's own install rules apply
+    endif()
+    get_filename_component(tools_dir "${CMAKE_CURRENT_FUNCTION_LIST_DIR}/../tools" ABSOLUTE)
+    get_property(subdirs DIRECTORY "${tools_dir}" PROPERTY SUBDIRECTORIES)
+    foreach (dir ${subdirs})
+        get_filename_component(name "${dir}" NAME)
+        get_property(targets DIRECTORY "${dir}" PROPERTY BUILDSYSTEM_TARGETS)
+        foreach (target ${targets})
+            get_target_property(type ${target} TYPE)
+            if (name IN_LIST FLASHFLEX_SHIPPED_TOOLS AND type MATCHES "EXECUTABLE|SHARED_LIBRARY")
+                llama_cpp_python_install_target(${target})
+            elseif (NOT name IN_LIST FLASHFLEX_SHIPPED_TOOLS AND NOT name STREQUAL "ui" AND NOT target STREQUAL "mtmd")
+                set_target_properties(${target} PROPERTIES EXCLUDE_FROM_ALL TRUE)
+            endif()
+        endforeach()
+    endforeach()
+    # what the shipped programs link: the common library and mtmd (the server's multimodal support, which
+    # llama-cpp-python's own mtmd bindings load too)
+    llama_cpp_python_install_target(llama-common)
+    llama_cpp_python_install_target(mtmd)
+endfunction()
+if (LLAMA_BUILD_TOOLS)
+    cmake_language(DEFER DIRECTORY "${CMAKE_SOURCE_DIR}" CALL flashflex_ship_tools)
 endif()

@@ -1,4 +1,4 @@
-// flashflex: a model's runtime configuration as the C API builds it (llama-flashflex-config.cpp) and the
+// flashflex: a model's runtime configuration as read from its spec file (llama-flashflex-config.cpp) and the
 // execution paths read it at load: the files, the tensors dense streaming reads, the expert banks and the
 // options of each path.
 
@@ -30,6 +30,8 @@ struct bank_tensor_cfg {
 };
 
 struct config {
+    std::string                    model_path;       // the model the spec was planned for
+    uint64_t                       model_bytes = 0;  // its size: a load of another file is refused
     std::vector<std::string>       files;
     std::vector<stream_tensor_cfg> tensors;  // dense streaming
     std::vector<bank_tensor_cfg>   banks;    // MoE slot banks
@@ -48,8 +50,9 @@ struct config {
     std::vector<int32_t> moe_schedule;                 // a replayed trace: layer, n, n expert ids, layer, n, ...
 };
 
-// A copy of configuration `id`; false when there is none.
-bool find_config(int32_t id, config & out);
+// The configuration in the spec file at path; throws std::runtime_error naming the file and the problem (unreadable,
+// not JSON, another spec version or patch series, edited by hand, a value out of range).
+config read_spec(const std::string & path);
 
 // Records why the C API refused something (llama_flashflex_last_error) and returns -1.
 int32_t refuse(const std::string & why);

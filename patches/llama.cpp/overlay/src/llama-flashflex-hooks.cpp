@@ -41,6 +41,18 @@ bool runs_flashflex(const llama_model * model) {
     return stream_active(model) || bank_active(model);
 }
 
+// A spec belongs to one model file: a load of another (a spec kept after the model was replaced, or handed to
+// another model) is refused before anything is read. Each streamed and banked tensor is checked again by its setup.
+void check_model(const config & cfg, const llama_model_loader & ml, const char * spec_path) {
+    const uint64_t size = ml.files.empty() ? 0 : (uint64_t) ml.files[0]->size();
+    if (size != cfg.model_bytes) {
+        throw std::runtime_error(format("flashflex: the spec %s was planned for %s (%llu bytes), and this model has "
+                                        "%llu bytes: plan this model (flashflex exec / flashflex run plan it)",
+                                        spec_path, cfg.model_path.c_str(), (unsigned long long) cfg.model_bytes,
+                                        (unsigned long long) size));
+    }
+}
+
 }  // namespace
 
 bool flashflex::interrupt_requested() {
@@ -83,26 +95,21 @@ flashflex::loader_tensor_map flashflex::loader_tensors(llama_model_loader & ml) 
 }
 
 void llama_flashflex_on_tensors_created(const llama_model & model, llama_model_loader & ml) {
-    auto ov = ml.kv_overrides.find("flashflex.config");
+    auto ov = ml.kv_overrides.find(LLAMA_FLASHFLEX_SPEC_KEY);
     if (ov == ml.kv_overrides.end()) {
         return;  // stock path
     }
     try {
-        if (ov->second.tag != LLAMA_KV_OVERRIDE_TYPE_INT) {
-            throw std::runtime_error("flashflex: the flashflex.config override must be an int");
+        if (ov->second.tag != LLAMA_KV_OVERRIDE_TYPE_STR) {
+            throw std::runtime_error("flashflex: the " LLAMA_FLASHFLEX_SPEC_KEY
+                                     " override must be a string (str:PATH of a spec file)");
         }
-        config cfg;
-        if (!find_config((int32_t) ov->second.val_i64, cfg)) {
-            throw std::runtime_error(
-                format("flashflex: no configuration with id %lld", (long long) ov->second.val_i64));
-        }
-        if (cfg.tensors.empty() && cfg.banks.empty()) {
-            throw std::runtime_error("flashflex: the configuration streams no tensor and banks no expert");
-        }
+        const config cfg = read_spec(ov->second.val_str);
+        check_model(cfg, ml, ov->second.val_str);
         if (ml.use_mmap) {
             throw std::runtime_error(
-                "flashflex: a flashflex configuration needs the model loaded without mmap "
-                "(load_mode none / use_mmap=False)");
+                "flashflex: a flashflex spec needs the model loaded without mmap "
+                "(use_mmap=False; --no-mmap for llama.cpp's programs, which flashflex exec adds)");
         }
         if (!cfg.tensors.empty()) {
             stream_setup(model, ml, cfg);

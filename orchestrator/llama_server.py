@@ -1,0 +1,151 @@
+"""`flashflex serve --engine llama-server`: llama.cpp's own server, built from the same patched tree, serving one model
+under flashflex's plan with N slots decoded together (continuous batching: a decode pass reads each streamed weight
+once for every sequence in it).
+
+The plan pays for serving: the model is planned with a context of N slots x the per-request context (one unified KV
+cache, as llama-server allocates it with --kv-unified), the compute buffers at the planned batch sizes, and no host
+prompt cache (--cache-ram 0: upstream's default takes up to 8 GiB of RAM outside any budget). A --parallel that cannot
+fit is refused; the default is lowered to what fits, and said.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from orchestrator.errors import BudgetBelowMinimum, FlashflexError
+
+if TYPE_CHECKING:
+    from orchestrator.run.handle import Prepared
+
+DEFAULT_PARALLEL = 4
+READY_TIMEOUT_S = 600.0  # a streamed model's load and llama-server's warmup decode (Vulkan: shader compiles)
+
+
+@dataclass
+class SlotPlan:
+    prepared: Prepared  # planned for `parallel` x `ctx_per_slot`
+    parallel: int
+    ctx_per_slot: int
+    lowered_from: int | None = None  # the default, when it did not fit
+
+
+def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str], None]) -> SlotPlan:
+    """Plan the model for `parallel` slots (None: the default, lowered while it does not fit)."""
+    from orchestrator import api
+    from orchestrator.config import load_run_config
+    from orchestrator.modelfile.reader import read_model_table
+    from orchestrator.run.settings import settings_from_config
+
+    cfg = load_run_config(config, api.overrides_from_options(options))
+    per_slot = cfg.context.ctx
+    model = settings_from_config(cfg).model
+    n_train = read_model_table(model).arch.n_ctx_train
+    wanted = parallel if parallel is not None else DEFAULT_PARALLEL
+    if parallel is not None and n_train and per_slot * parallel > n_train:
+        raise FlashflexError(f"--parallel {parallel} x --ctx {per_slot} = {per_slot * parallel} tokens is beyond "
+                             f"{model.name}'s training context ({n_train})",
+                             f"lower --parallel or --ctx (at most {n_train // per_slot} slots of {per_slot})")
+    tries = [wanted] if parallel is not None else list(range(wanted, 0, -1))
+    if n_train and parallel is None:
+        tries = [n for n in tries if per_slot * n <= n_train] or [1]
+    last: BudgetBelowMinimum | None = None
+    for n in tries:
+        slotted = cfg.model_copy(deep=True)
+        slotted.context.ctx = per_slot * n
+        try:
+            prepared = api.prepare(slotted, log=log, chat=True)
+        except BudgetBelowMinimum as exc:
+            last = exc
+            continue
+        return SlotPlan(prepared, n, per_slot, wanted if n != wanted else None)
+    assert last is not None
+    if parallel is not None:
+        raise FlashflexError(f"--parallel {parallel} does not fit: {last.problem}",
+                             f"lower --parallel, or {last.fix}") from last
+    raise last
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> None:
+    """Until llama-server's /health answers 200 (the model loaded), or the server exits (its status, one line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FlashflexError(f"llama-server exited with status {proc.returncode} while loading the model",
+                                 "see its log above (the first lines name the problem)")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise FlashflexError(f"llama-server did not become ready within {timeout:.0f} s",
+                         "check its log above; a large model may need longer to load")
+
+
+def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callable[[str], None] | None = None,
+          extra_args: list[str] | None = None) -> int:
+    """Run llama-server under the plan until it exits or SIGINT/SIGTERM (forwarded; it drains within
+    server.shutdown_grace_s, then is killed). Returns its exit status."""
+    from orchestrator import native, tools
+    from orchestrator.run import loader
+
+    prepared = slots.prepared
+    spec_path = None
+    if prepared.spec.native:
+        spec_path = loader.write_native_spec(prepared.spec)
+        native.check_spec(spec_path)
+    args = ["--host", server.host, "--port", str(server.port), "--metrics", "--no-webui",
+            "-a", prepared.settings.model.name, "-n", str(server.max_tokens_cap or -1)]
+    if server.api_key:
+        args += ["--api-key", server.api_key]
+    command = tools.command_for(prepared, "llama-server", spec_path, [*args, *(extra_args or [])],
+                                parallel=slots.parallel, prompt_cache_mib=0)
+    log(" ".join(command.argv))
+    proc = subprocess.Popen(command.argv, env={**os.environ, **command.env})
+    stopping = False
+
+    def stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        url = f"http://{server.host}:{server.port}"
+        try:
+            wait_ready(url, proc)
+        except FlashflexError:
+            if stopping:  # stopped while loading: not a failure
+                return proc.wait()
+            raise
+        if on_ready is not None:
+            on_ready(url)
+        deadline = None
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if not stopping:
+                    continue
+                deadline = deadline or time.monotonic() + server.shutdown_grace_s
+                if time.monotonic() > deadline:
+                    log(f"llama-server did not stop within {server.shutdown_grace_s:.0f} s; killing it")
+                    proc.kill()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if spec_path is not None:
+            Path(spec_path).unlink(missing_ok=True)

@@ -1,0 +1,136 @@
+"""llama.cpp's own programs, built from the same patched tree and shipped in the llama_cpp package beside the
+libraries they link (flashflex build): run under a flashflex plan by handing them the plan's spec file through a GGUF
+key override, the same route the Python API takes (orchestrator.run.loader).
+
+`command_for(prepared, tool, spec_path, user_args)` is the one translation of a prepared run into a program's
+arguments; `flashflex exec` and the llama-server engine of `flashflex serve` use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.errors import FlashflexError
+
+# The programs a patched build ships, and what each takes: llama.cpp's common arguments (model, context, batch,
+# threads, key overrides, load mode, offload). llama-bench has its own parser without key overrides, so it cannot be
+# handed a spec: it is not shipped as a plan runner.
+SHIPPED = ("llama-server", "llama-cli", "llama-completion", "llama-perplexity")
+
+# Arguments the plan sets: given again by the user they would run something other than what was planned (a larger
+# context than the KV cache the budget holds, mmap under a streaming plan). Each maps to the flashflex option to use.
+PLANNED_ARGS: dict[str, str] = {
+    "-m": "--model", "--model": "--model",
+    "-c": "--ctx", "--ctx-size": "--ctx",
+    "-b": "--batch", "--batch-size": "--batch",
+    "-ub": "--ubatch", "--ubatch-size": "--ubatch",
+    "-ngl": "--gpu-layers", "--gpu-layers": "--gpu-layers", "--n-gpu-layers": "--gpu-layers",
+    "-lm": "(the plan sets the load mode)", "--load-mode": "(the plan sets the load mode)",
+    "--mmap": "(the plan sets the load mode)", "--no-mmap": "(the plan sets the load mode)",
+    "--rpc": "--rpc", "-ts": "(the plan splits the layers)", "--tensor-split": "(the plan splits the layers)",
+    "-np": "--parallel", "--parallel": "--parallel",
+    "-fit": "(flashflex plans the fit)", "--fit": "(flashflex plans the fit)",
+    "-cram": "(the plan sizes the prompt cache)", "--cache-ram": "(the plan sizes the prompt cache)",
+}
+
+
+def tools_dir() -> Path:
+    """Where the installed llama_cpp package keeps its libraries and the shipped programs."""
+    from orchestrator import native
+
+    native.llama_cpp_module()
+    import llama_cpp
+
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def locate(tool: str) -> Path:
+    """The shipped program `tool`, or one line saying why there is none and what to do."""
+    if tool not in SHIPPED:
+        raise FlashflexError(f"{tool} is not a program flashflex runs under a plan",
+                             f"use one of: {', '.join(SHIPPED)}")
+    path = tools_dir() / tool
+    if not os.access(path, os.X_OK):
+        raise FlashflexError(f"{tool} is not in this build ({path} is missing)",
+                             "rebuild with flashflex build --force (a patched build ships llama.cpp's programs)")
+    return path
+
+
+def check_user_args(tool: str, args: list[str]) -> None:
+    """Refuse arguments the plan sets (one line naming the flashflex option that sets them instead)."""
+    from orchestrator import native
+
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in PLANNED_ARGS:
+            instead = PLANNED_ARGS[flag]
+            how = f"give flashflex's {instead}" if instead.startswith("--") else instead[1:-1]
+            raise FlashflexError(f"{arg} is set by flashflex's plan for {tool}", f"drop it: {how}")
+        if native.SPEC_KEY in arg:
+            raise FlashflexError(f"{arg}: flashflex writes and names the spec itself",
+                                 "drop it (flashflex exec plans the model and writes its spec)")
+
+
+@dataclass
+class Command:
+    """A shipped program's command line under a plan, and its environment."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None,
+              prompt_cache_mib: int | None = None) -> list[str]:
+    """llama.cpp common arguments that reproduce a prepared run: model, context, batches, threads, seed, load mode,
+    the spec file (when the plan streams or banks), key overrides, and the device split. `parallel`: the server's
+    slots, sharing one KV cache of the planned context (llama_server plans it as slots x the per-request context)."""
+    settings, spec = prepared.settings, prepared.spec
+    args = ["-m", str(settings.model), "-c", str(settings.ctx), "-b", str(settings.batch), "-ub", str(settings.ubatch),
+            "--seed", str(settings.seed), "-fit", "off"]
+    if settings.threads:
+        args += ["-t", str(settings.threads), "-tb", str(settings.threads)]
+    overrides = [f"{k}=int:{v}" for k, v in spec.kv_overrides.items()]
+    if spec_path is not None:
+        from orchestrator import native
+
+        overrides.append(f"{native.SPEC_KEY}=str:{spec_path}")
+    for o in overrides:
+        args += ["--override-kv", o]
+    if spec.use_mmap is False or spec_path is not None:
+        args += ["-lm", "none"]
+    elif spec.use_mmap is True:
+        args += ["-lm", "mmap"]
+    placement = spec.placement
+    if placement is not None:
+        from orchestrator import rpc as rpc_mod
+
+        remote = list(dict.fromkeys(d.endpoint for d in placement.devices if d.endpoint != rpc_mod.LOCAL))
+        if remote:
+            args += ["--rpc", ",".join(remote)]
+        args += ["-ngl", str(placement.n_gpu_layers), "-ts", ",".join(f"{x:g}" for x in placement.tensor_split)]
+        for pattern in placement.cpu_tensors:
+            args += ["-ot", f"{pattern}=CPU"]
+    else:
+        args += ["-ngl", "0"]
+    if parallel is not None:
+        args += ["-np", str(parallel), "-kvu"]
+    if prompt_cache_mib is not None:
+        args += ["-cram", str(prompt_cache_mib)]
+    return args
+
+
+def command_for(prepared, tool: str, spec_path: str | None, user_args: list[str], *,
+                parallel: int | None = None, prompt_cache_mib: int | None = None) -> Command:
+    check_user_args(tool, user_args)
+    path = locate(tool)
+    env = {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(path.parent), os.environ.get("LD_LIBRARY_PATH"))
+                                              if p)}
+    from orchestrator import native
+
+    native.keep_shader_cache()
+    if "MESA_SHADER_CACHE_DIR" in os.environ:
+        env["MESA_SHADER_CACHE_DIR"] = os.environ["MESA_SHADER_CACHE_DIR"]
+    return Command([str(path), *plan_args(prepared, spec_path, parallel=parallel, prompt_cache_mib=prompt_cache_mib),
+                    *user_args], env)

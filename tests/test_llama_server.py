@@ -1,0 +1,95 @@
+"""`flashflex serve --engine llama-server`: llama.cpp's own server from the same patched build, one model under its
+plan (here: the default chat model streamed under a budget below its size), N slots decoded together. Driven by the
+`openai` package on 127.0.0.1; every request bounded in count and time."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from conftest import flashflex, one_error
+from test_serve import Server, _free_port
+
+pytestmark = pytest.mark.native
+
+# SmolLM2-135M (~100 MiB of weights) under 80 MiB: most layers stream from disk.
+FLAGS = ["--engine", "llama-server", "--budget", "80MiB", "--ctx", "256", "--ubatch", "32", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def tools_build(patched_llama):
+    if "tools" not in patched_llama.info()["features"]:
+        pytest.skip("the installed build ships no llama.cpp programs; run flashflex build")
+    return patched_llama
+
+
+class LlamaServer(Server):
+    """The same harness as the python engine's; llama-server's /health says {"status": "ok"} once loaded."""
+
+
+@pytest.fixture(scope="module")
+def slots_server(tools_build):
+    srv = LlamaServer(*FLAGS, "--parallel", "3")
+    yield srv
+    srv.stop()
+
+
+def test_concurrent_clients_are_served_together_under_the_plan(slots_server):
+    client = slots_server.client()
+    model = client.models.list().data[0].id
+
+    def ask(i: int):
+        return client.completions.create(model=model, prompt=f"Count from {i}:", max_tokens=12, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(6)))  # 6 requests, 3 slots: three at a time, the rest wait
+    assert all(a.choices[0].text.strip() and a.usage.completion_tokens >= 1 for a in answers)
+    with urllib.request.urlopen(slots_server.base + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert "llamacpp:tokens_predicted_total" in metrics
+    with urllib.request.urlopen(slots_server.base + "/slots", timeout=10) as r:
+        assert r.status == 200
+
+
+def test_startup_says_what_runs(tools_build):
+    """The mode, slots x context and the prompt cache setting, before serving; SIGTERM then stops it cleanly.
+    (That the program really reads the spec: test_spec_file's llama-completion tests.)"""
+    srv = LlamaServer(*FLAGS, "--parallel", "2")
+    try:
+        code, err = srv.stop(signal.SIGTERM, timeout=30)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    assert code == 0, err[-2000:]
+    assert "2 slots x 256 tokens" in err and "stream" in err and "--cache-ram 0" in err
+
+
+def test_sigterm_drains_and_exits(slots_server):
+    # (the module fixture stops it too; this checks the status and the time it takes)
+    t0 = time.monotonic()
+    code, err = slots_server.stop(signal.SIGTERM, timeout=30)
+    assert code == 0, err[-2000:]
+    assert time.monotonic() - t0 < 30
+
+
+def test_parallel_that_does_not_fit_is_refused_in_one_line(tools_build):
+    result = flashflex("serve", "--engine", "llama-server", "--budget", "80MiB", "--ctx", "8192", "--parallel", "64",
+                       "--port", str(_free_port()), timeout=120)
+    assert result.returncode != 0
+    one_error(result, "--parallel 64")
+
+
+def test_parallel_needs_the_llama_server_engine(tools_build):
+    result = flashflex("serve", "--parallel", "2", "--port", str(_free_port()), timeout=60)
+    assert result.returncode != 0
+    assert "--engine llama-server" in one_error(result, "--parallel applies to the llama-server engine")
+
+
+def test_drafting_is_refused_with_the_llama_server_engine(tools_build):
+    result = flashflex("serve", *FLAGS, "--draft", "ngram", "--port", str(_free_port()), timeout=60)
+    assert result.returncode != 0
+    one_error(result, "not available with the llama-server engine")
