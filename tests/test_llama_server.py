@@ -10,9 +10,9 @@ import time
 import urllib.request
 
 import pytest
+from test_serve import Server, _free_port
 
 from conftest import flashflex, one_error
-from test_serve import Server, _free_port
 
 pytestmark = pytest.mark.native
 

@@ -169,7 +169,8 @@ def test_batched_decode_is_bitwise_exact_with_slot_banks(specs, moe_models, ubat
 def test_exec_dry_run_names_the_spec_and_the_planned_arguments(specs, model, tmp_path):
     out = tmp_path / "spec.json"
     result = flashflex("exec", "llama-completion", "--model", str(model), "--budget", _minimum_budget(model),
-                       "--ctx", str(CTX), "--ubatch", "32", "--spec-out", str(out), "--dry-run", "--json", "--", "-n", "4")
+                       "--ctx", str(CTX), "--ubatch", "32", "--spec-out", str(out), "--dry-run", "--json",
+                       "--", "-n", "4")
     assert result.returncode == 0, result.stderr
     cmd = json.loads(result.stdout)
     argv = cmd["argv"]
