@@ -77,7 +77,7 @@ def _engine_of(config: Path | None, server_overrides: dict) -> str:
 
 def _serve_llama_server(config: Path | None, options: dict, server_overrides: dict) -> int:
     """One model under its plan in llama.cpp's server, N slots; returns the server's exit status."""
-    from orchestrator import llama_server
+    from orchestrator import llama_server, tools
     from orchestrator.cli.options import DRAFT_FLAGS
     from orchestrator.config import ServerConfig, is_serve_file
 
@@ -91,6 +91,7 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
     server = ServerConfig.model_validate({k: v for k, v in server_overrides.items() if v is not None})
     from orchestrator.endpoints import check_can_listen, is_loopback
 
+    tools.locate("llama-server")  # a build without it says so before anything is planned
     check_can_listen(server.host, server.port)
     slots = llama_server.plan_slots(config, options, server.parallel, err_console.print)
     if slots.lowered_from is not None:

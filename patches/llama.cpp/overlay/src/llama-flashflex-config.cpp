@@ -9,11 +9,10 @@
 #include "llama-flashflex-runtime.h"
 #include "llama-flashflex.h"
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
 
@@ -93,20 +92,20 @@ void set_option(config & c, const std::string & k, int64_t value) {
     struct option {
         const char * name;
         int64_t      lo, hi;
-        int config::*field;
+        int config::* field;
     };
 
     static const option options[] = {
-        { "prefetch_threads", 0, 256, &config::prefetch_threads },
-        { "window", 1, 4096, &config::window },
-        { "ring_bytes", 0, (int64_t) 1 << 50, nullptr },
-        { "direct_io", 0, 2, &config::direct_io },
-        { "moe_slots", 0, 65536, &config::moe_slots },
-        { "moe_io_threads", 1, 256, &config::moe_io_threads },
-        { "moe_shared_only", 0, 1, &config::moe_shared_only },
-        { "moe_preload", 0, 1, &config::moe_preload },
-        { "moe_verify", 0, 1, &config::moe_verify },
-        { "moe_prefetch_ranks", 0, 1024, &config::moe_prefetch_ranks },
+        { "prefetch_threads",   0, 256,               &config::prefetch_threads   },
+        { "window",             1, 4096,              &config::window             },
+        { "ring_bytes",         0, (int64_t) 1 << 50, nullptr                     },
+        { "direct_io",          0, 2,                 &config::direct_io          },
+        { "moe_slots",          0, 65536,             &config::moe_slots          },
+        { "moe_io_threads",     1, 256,               &config::moe_io_threads     },
+        { "moe_shared_only",    0, 1,                 &config::moe_shared_only    },
+        { "moe_preload",        0, 1,                 &config::moe_preload        },
+        { "moe_verify",         0, 1,                 &config::moe_verify         },
+        { "moe_prefetch_ranks", 0, 1024,              &config::moe_prefetch_ranks },
     };
     for (const auto & o : options) {
         if (k != o.name) {
@@ -156,14 +155,14 @@ void add_stream_tensor(config & c, const json & t, size_t i) {
 }
 
 void add_bank_tensor(config & c, const json & b, size_t i) {
-    const std::string where  = "banks[" + std::to_string(i) + "]";
-    bank_tensor_cfg   bt     = {};
-    bt.name                  = text(member(b, "name", where), where + ".name");
-    bt.file                  = file_index(c, member(b, "file", where), where);
-    bt.offset                = unsigned_integer(member(b, "offset", where), where + ".offset");
-    bt.expert_stride         = unsigned_integer(member(b, "expert_stride", where), where + ".expert_stride");
-    bt.bytes_per_expert      = unsigned_integer(member(b, "bytes_per_expert", where), where + ".bytes_per_expert");
-    const std::string what   = where + " (" + bt.name + ")";
+    const std::string where = "banks[" + std::to_string(i) + "]";
+    bank_tensor_cfg   bt    = {};
+    bt.name                 = text(member(b, "name", where), where + ".name");
+    bt.file                 = file_index(c, member(b, "file", where), where);
+    bt.offset               = unsigned_integer(member(b, "offset", where), where + ".offset");
+    bt.expert_stride        = unsigned_integer(member(b, "expert_stride", where), where + ".expert_stride");
+    bt.bytes_per_expert     = unsigned_integer(member(b, "bytes_per_expert", where), where + ".bytes_per_expert");
+    const std::string what  = where + " (" + bt.name + ")";
     if (bt.offset % k_page != 0 || bt.expert_stride % k_page != 0) {
         bad(what + ": offset " + std::to_string(bt.offset) + " and stride " + std::to_string(bt.expert_stride) +
             " must be multiples of " + std::to_string(k_page));
@@ -212,8 +211,8 @@ const char * const k_top_keys[] = { "flashflex_spec", "series_hash", "digest", "
 // The spec's header: its version, the series it was written for and its digest.
 void check_header(const json & j) {
     for (auto it = j.begin(); it != j.end(); ++it) {
-        if (std::find_if(std::begin(k_top_keys), std::end(k_top_keys),
-                         [&](const char * k) { return it.key() == k; }) == std::end(k_top_keys)) {
+        if (std::find_if(std::begin(k_top_keys), std::end(k_top_keys), [&](const char * k) { return it.key() == k; }) ==
+            std::end(k_top_keys)) {
             bad("unknown key \"" + it.key() + "\"");
         }
     }
@@ -240,7 +239,7 @@ config parse(const json & j) {
         bad("it is not a JSON object");
     }
     check_header(j);
-    config      c;
+    config       c;
     const json & model = member(j, "model", "the spec");
     c.model_bytes      = unsigned_integer(member(model, "bytes", "model"), "model.bytes");
     c.model_path       = text(member(model, "path", "model"), "model.path");

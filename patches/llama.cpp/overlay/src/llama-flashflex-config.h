@@ -33,8 +33,8 @@ struct config {
     std::string                    model_path;       // the model the spec was planned for
     uint64_t                       model_bytes = 0;  // its size: a load of another file is refused
     std::vector<std::string>       files;
-    std::vector<stream_tensor_cfg> tensors;  // dense streaming
-    std::vector<bank_tensor_cfg>   banks;    // MoE slot banks
+    std::vector<stream_tensor_cfg> tensors;          // dense streaming
+    std::vector<bank_tensor_cfg>   banks;            // MoE slot banks
     int                            prefetch_threads = 1;
     int                            window           = 3;
     int64_t                        ring_bytes = 0;  // dense streaming ring size in bytes (0: `window` layers' worth)

@@ -46,10 +46,10 @@ bool runs_flashflex(const llama_model * model) {
 void check_model(const config & cfg, const llama_model_loader & ml, const char * spec_path) {
     const uint64_t size = ml.files.empty() ? 0 : (uint64_t) ml.files[0]->size();
     if (size != cfg.model_bytes) {
-        throw std::runtime_error(format("flashflex: the spec %s was planned for %s (%llu bytes), and this model has "
-                                        "%llu bytes: plan this model (flashflex exec / flashflex run plan it)",
-                                        spec_path, cfg.model_path.c_str(), (unsigned long long) cfg.model_bytes,
-                                        (unsigned long long) size));
+        throw std::runtime_error(
+            format("flashflex: the spec %s was planned for %s (%llu bytes), and this model has "
+                   "%llu bytes: plan this model (flashflex exec / flashflex run plan it)",
+                   spec_path, cfg.model_path.c_str(), (unsigned long long) cfg.model_bytes, (unsigned long long) size));
     }
 }
 

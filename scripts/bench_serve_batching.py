@@ -1,0 +1,224 @@
+"""Serving many clients from one budget: llama.cpp's server under flashflex's plan (`flashflex serve --engine
+llama-server`, dense streaming under a memory cgroup of about half the model) against stock llama-server (mmap) with
+the same --parallel in the same cgroup, at 1, 4 and 8 concurrent greedy clients of fixed lengths.
+
+Each client sends one streaming completion (a short distinct prompt, `--tokens` tokens with end-of-text ignored), all
+at once. Reported per point: aggregate generated tokens/s (all tokens over the wall time from the first request to
+the last token), time to first token and inter-token latency p50/p95, bytes the server read from disk per generated
+token (/proc/PID/io read_bytes, the page cache dropped before each run where we may), the cgroup's peak memory.
+Runs are interleaved (for each repetition: every client count, flashflex then stock) and each figure is the median of
+the repetitions; ratios are against stock and against 1 client, measured in the same run.
+
+    python scripts/bench_serve_batching.py --clients 1,4,8 --reps 3 --out bench-results/serve-batching
+
+Writes results.json (every run) and summary.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from orchestrator import synth
+from orchestrator.bench.isolation import MemoryCgroup, cgroup_version, drop_page_cache
+from orchestrator.sizes import format_size
+
+PROCESS_OVERHEAD = 384 << 20  # the flashflex wrapper (Python) + llama-server's own heap, HTTP threads, libraries
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def one_client(base: str, i: int, tokens: int, out: list, lock: threading.Lock) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=1800, max_retries=0)
+    sent = time.monotonic()
+    stamps: list[float] = []
+    for chunk in client.completions.create(model="m", prompt=f"Client {i} says:", max_tokens=tokens,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.monotonic())
+    with lock:
+        out.append({"sent": sent, "stamps": stamps})
+
+
+def server_read_bytes(wrapper: subprocess.Popen) -> int:
+    """Bytes llama-server (the wrapper's child) has read from storage so far."""
+    children = psutil.Process(wrapper.pid).children()
+    return children[0].io_counters().read_bytes if children else 0
+
+
+def wait_health(base: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("server not ready in 900 s")
+
+
+def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, ctx: int, threads: int,
+              out_dir: Path) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    # flashflex: the plan's budget; stock: a budget above the model (the planner picks stock, mmap), same cgroup
+    plan_budget = budget if engine == "flashflex" else 1 << 40
+    cmd = [sys.executable, "-m", "orchestrator", "serve", "--engine", "llama-server", "-m", str(model),
+           "--budget", f"{plan_budget}B", "--ctx", str(ctx), "--ubatch", "32", "--parallel", str(clients),
+           "--threads", str(threads), "--port", str(port)]
+    cgroup = MemoryCgroup(f"ff-serve-batch-{os.getpid()}-{engine}-{clients}", budget + PROCESS_OVERHEAD) \
+        if cgroup_version() else None
+    dropped = drop_page_cache()
+    log = out_dir / f"server-{engine}-{clients}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=cgroup.preexec if cgroup else None)
+    try:
+        wait_health(base, proc, log)
+        read0 = server_read_bytes(proc)
+        records: list[dict] = []
+        lock = threading.Lock()
+        workers = [threading.Thread(target=one_client, args=(base, i, tokens, records, lock)) for i in range(clients)]
+        t0 = time.monotonic()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        wall = time.monotonic() - t0
+        read = server_read_bytes(proc) - read0
+        alive = proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    generated = sum(len(r["stamps"]) for r in records)
+    ttft = [r["stamps"][0] - r["sent"] for r in records if r["stamps"]]
+    itl = [b - a for r in records for a, b in zip(r["stamps"], r["stamps"][1:])]
+    point = {
+        "engine": engine, "clients": clients, "tokens_per_client": tokens, "generated": generated,
+        "wall_s": wall, "tok_per_s": generated / wall if wall else None,
+        "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
+        "itl_p50_s": pct(itl, 0.5), "itl_p95_s": pct(itl, 0.95),
+        "read_bytes": read, "read_bytes_per_token": read / generated if generated else None,
+        "cgroup_limit_bytes": cgroup.limit if cgroup else None,
+        "cgroup_peak_bytes": cgroup.peak_bytes() if cgroup else None,
+        "oom_killed": cgroup.oom_killed() if cgroup else None,
+        "page_cache_dropped": dropped, "server_alive_after": alive,
+        "lost": clients - len([r for r in records if len(r["stamps"]) > 0]),
+    }
+    if cgroup:
+        cgroup.remove()
+    return point
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(points: list[dict], clients: list[int], model: Path, budget: int, started: str) -> str:
+    rows = []
+    med: dict[tuple[str, int], dict] = {}
+    for engine in ("flashflex", "stock"):
+        for n in clients:
+            runs = [p for p in points if p["engine"] == engine and p["clients"] == n]
+            med[engine, n] = {k: median_of(runs, k) for k in ("tok_per_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s",
+                                                              "itl_p95_s", "read_bytes_per_token",
+                                                              "cgroup_peak_bytes")}
+            med[engine, n]["runs"] = len(runs)
+    one = clients[0]
+    for engine in ("flashflex", "stock"):
+        for n in clients:
+            m = med[engine, n]
+            vs_one = (m["tok_per_s"] / med[engine, one]["tok_per_s"]) \
+                if m["tok_per_s"] and med[engine, one]["tok_per_s"] else None
+            vs_stock = (m["tok_per_s"] / med["stock", n]["tok_per_s"]) \
+                if m["tok_per_s"] and med["stock", n]["tok_per_s"] else None
+            rows.append(f"| {engine} | {n} | {_x(m['tok_per_s'], '')} | {_x(vs_one)} | "
+                        f"{_x(vs_stock)} | {_s(m['ttft_p50_s'])} / {_s(m['ttft_p95_s'])} | "
+                        f"{_s(m['itl_p50_s'])} / {_s(m['itl_p95_s'])} | "
+                        f"{format_size(int(m['read_bytes_per_token'] or 0))} | "
+                        f"{format_size(int(m['cgroup_peak_bytes'] or 0))} | {m['runs']} |")
+    return (f"Model {model.name} ({format_size(model.stat().st_size)}), cgroup {format_size(budget)} + "
+            f"{format_size(PROCESS_OVERHEAD)} for the processes; started {started}.\n\n"
+            "| engine | clients | tok/s (median) | vs 1 client | vs stock | TTFT p50 / p95 | inter-token p50 / p95 "
+            "| read per token | peak memory | runs |\n|---|---|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+def _x(x: float | None, unit: str = "x") -> str:
+    return f"{x:.2f}{unit}" if x is not None else "-"
+
+
+def _s(x: float | None) -> str:
+    return f"{x:.2f} s" if x is not None else "-"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="dense-7b-q4_0", help="a synthetic model preset (orchestrator.synth)")
+    ap.add_argument("--model", type=Path, default=None, help="a GGUF instead of the preset")
+    ap.add_argument("--budget-share", type=float, default=0.5, help="the cgroup's share of the model's size")
+    ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=128, help="context per client")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--engines", default="flashflex,stock")
+    ap.add_argument("--out", type=Path, default=Path("bench-results/serve-batching"))
+    args = ap.parse_args()
+    model = args.model or synth.cached_preset(args.preset)
+    budget = int(model.stat().st_size * args.budget_share)
+    clients = [int(x) for x in args.clients.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    points: list[dict] = []
+    for rep in range(args.reps):
+        for n in clients:
+            for engine in args.engines.split(","):
+                p = run_point(engine, model, budget, n, args.tokens, args.ctx, args.threads, args.out)
+                p["rep"] = rep
+                points.append(p)
+                print(json.dumps(p), flush=True)
+                (args.out / "results.json").write_text(json.dumps({"model": str(model), "budget_bytes": budget,
+                                                                   "started": started, "points": points}, indent=1))
+    summary = summarize(points, clients, model, budget, started)
+    (args.out / "summary.md").write_text(summary)
+    print(summary)
+    return 0 if all(p["server_alive_after"] and not p["lost"] for p in points) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
