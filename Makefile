@@ -2,6 +2,7 @@
 #   make demo   install everything (patched llama.cpp build + default model) and run the main job:
 #               the default model stock, then under a RAM budget that streams its layers from disk
 #   make test   install what the tests need and run the whole suite
+#   make test-gpu  build the Vulkan variant beside the venv's library (not over it) and run the GPU tests
 #
 # Uses the active virtualenv if one is active, else creates .venv here.
 
@@ -14,7 +15,7 @@ BACKEND ?= cpu
 # Extra `flashflex build` flags, e.g. BUILD_FLAGS=--amx (not recommended: see flashflex build --help).
 BUILD_FLAGS ?=
 
-.PHONY: demo test lint format-cpp install venv python-deps system-deps native clean-venv
+.PHONY: demo test test-gpu lint format-cpp install venv python-deps system-deps native clean-venv
 
 demo: install
 	$(FLASHFLEX) doctor
@@ -23,6 +24,25 @@ demo: install
 test: install
 	$(FLASHFLEX) patches check
 	$(PY) -m pytest -q
+
+# The GPU tests (pytest -m gpu) against a GPU build installed BESIDE the venv's library, never over it: the wheel of
+# `flashflex build --backend $(GPU_BACKEND) --no-install` (cached like any build) is unpacked into $(GPU_SITE), which
+# only this run puts first on PYTHONPATH; `make test` and everything else keep the venv's build. Without a GPU, Mesa's
+# lavapipe serves as the Vulkan device: ggml skips CPU-type Vulkan devices unless GGML_VK_VISIBLE_DEVICES names them
+# (set GPU_ENV= on a machine with a real GPU). The Vulkan build is 4-6 minutes on 2 cores with ccache warm.
+GPU_BACKEND ?= vulkan
+GPU_SITE ?= $(CURDIR)/build/site-$(GPU_BACKEND)
+GPU_ENV ?= GGML_VK_VISIBLE_DEVICES=0
+
+test-gpu: python-deps
+	$(MAKE) system-deps BACKEND=$(GPU_BACKEND)
+	$(FLASHFLEX) vendor sync
+	$(FLASHFLEX) patches apply
+	wheel=$$($(FLASHFLEX) build --backend $(GPU_BACKEND) --no-install --json \
+		| $(PY) -c 'import json, sys; print(json.load(sys.stdin)["wheel"])') && \
+	rm -rf $(GPU_SITE) && \
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(GPU_SITE) "$$wheel"
+	PYTHONPATH=$(GPU_SITE) $(GPU_ENV) $(PY) -m pytest -q -m gpu
 
 # Seconds, no build needed: ruff, then mypy over orchestrator/ (both configured in pyproject.toml).
 # CI runs it before the build.

@@ -80,6 +80,29 @@ def patched_llama():
 
 
 @pytest.fixture(scope="session")
+def gpu_build() -> tuple[str, list[dict]]:
+    """(backend, its devices) of the installed GPU build; skips with the reason on a CPU build, a stock one, or one
+    that sees no device of its own (`make test-gpu` builds the Vulkan variant and runs lavapipe, Mesa's software
+    Vulkan, as one: GGML_VK_VISIBLE_DEVICES=0)."""
+    from orchestrator import cpufeatures
+
+    record = cpufeatures.installed_build_record() or {}
+    backend = record.get("backend") or "cpu"
+    if backend == "cpu":
+        pytest.skip("the installed library is a CPU build (make test-gpu, or flashflex build --backend "
+                    "vulkan|cuda|metal, for this test)")
+    from orchestrator import native
+
+    if not native.is_patched():
+        pytest.skip("installed llama_cpp is stock; run flashflex build")
+    mine = [d for d in native.devices() if str(d["backend"]).lower().startswith(backend[:3])]
+    if not mine:
+        pytest.skip(f"the {backend} build sees no {backend} device here "
+                    "(lavapipe needs GGML_VK_VISIBLE_DEVICES=0)")
+    return backend, mine
+
+
+@pytest.fixture(scope="session")
 def moe_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """(model, sidecar) for each family: qwen3moe (16 experts, top-4; Q8_0), qwen2moe with shared experts
     (8 experts, top-2; Q8_0) and qwen3moe in Q4_0, a type the CPU backend repacks (slots are then installed

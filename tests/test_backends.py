@@ -204,28 +204,12 @@ def test_makefile_passes_backend_to_system_deps():
 
 # --- a GPU build ---------------------------------------------------------------------------------------------------
 
-def _gpu_build() -> tuple[str, list[dict]]:
-    record = cpufeatures.installed_build_record() or {}
-    backend = record.get("backend") or "cpu"
-    if backend == "cpu":
-        pytest.skip("the installed library is a CPU build (flashflex build --backend vulkan|cuda|metal for this test)")
-    from orchestrator import native
-
-    if not native.is_patched():
-        pytest.skip("installed llama_cpp is stock; run flashflex build")
-    mine = [d for d in native.devices() if str(d["backend"]).lower().startswith(backend[:3])]
-    if not mine:
-        pytest.skip(f"the {backend} build sees no {backend} device here "
-                    "(lavapipe needs GGML_VK_VISIBLE_DEVICES=0)")
-    return backend, mine
-
-
 @pytest.mark.gpu
-def test_gpu_layers_put_the_weights_on_the_device(tmp_path):
+def test_gpu_layers_put_the_weights_on_the_device(gpu_build, tmp_path):
     """-ngl 99 on a GPU build: the device's buffer holds the model's weights (not silently the CPU)."""
     from orchestrator import synth
 
-    backend, mine = _gpu_build()
+    backend, mine = gpu_build
     model = synth.write_synth_model(synth.preset("tiny-dense", quant="q8_0", n_embd=512, n_ff=1536),
                                     tmp_path / "q8_0.gguf")
     result = flashflex("run", "-m", str(model), "-ngl", "99", "-n", "4", "--json", timeout=600)

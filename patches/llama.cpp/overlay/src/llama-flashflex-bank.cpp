@@ -563,7 +563,7 @@ void size_bank(bank_state & st, const llama_model & model, const config & cfg) {
     st.has_junk = !st.resident && (st.n_slots < st.n_expert || cfg.moe_shared_only);
 }
 
-// The model tensor a sidecar entry banks, validated: a routed expert tensor of this model, on the CPU.
+// The model tensor a sidecar entry banks, validated: a routed expert tensor of this model, in host memory.
 ggml_tensor * banked_tensor(const bank_state &        st,
                             const bank_tensor_cfg &   bc,
                             llama_model_loader &      ml,
@@ -590,12 +590,7 @@ ggml_tensor * banked_tensor(const bank_state &        st,
     if (il < 0 || il >= (int) st.layer_index.size()) {
         throw std::runtime_error(format("flashflex: %s is not a per-layer tensor", bc.name.c_str()));
     }
-    ggml_backend_buffer_type_t buft = mt->second.second;
-    ggml_backend_dev_t         dev  = ggml_backend_buft_get_device(buft);
-    if (dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
-        throw std::runtime_error(format("flashflex: %s is placed on %s; slot banks support CPU weights only",
-                                        bc.name.c_str(), ggml_backend_buft_name(buft)));
-    }
+    require_host_weights(bc.name, mt->second.second, "slot banks support");
     return t;
 }
 
@@ -829,7 +824,7 @@ ggml_tensor * flashflex::bank_boundary(ggml_context * ctx, ggml_tensor * cur, in
         return cur;
     }
     st->seen_epoch = true;
-    return pin_to_cpu(ggml_map_custom1_inplace(ctx, cur, epoch_op, 1, st));
+    return place_on_cpu(ggml_map_custom1_inplace(ctx, cur, epoch_op, 1, st));
 }
 
 namespace {
@@ -868,10 +863,15 @@ ggml_tensor * flashflex::bank_mul_mat_id(ggml_context * ctx, ggml_tensor * as, g
     for (int p = 0; p < n_pass; ++p) {
         resolve_site * site  = site_for(*st, j, p);
         // pass p may only evict pass p-1's experts after pass p-1's matmul: depend on its result
-        ggml_tensor *  slots = pin_to_cpu(ggml_map_custom3(ctx, ids, acc ? acc : ids, b, resolve_op, 1, site));
-        // on the CPU, where the bank is: the scheduler would otherwise give the matmul the device of its input (an
-        // RPC worker's, for a layer placed there), and the in-place merge below would write to that device's memory
-        ggml_tensor *  out   = pin_to_cpu(ggml_mul_mat_id(ctx, as, b, slots));
+        ggml_tensor *  slots = place_on_cpu(ggml_map_custom3(ctx, ids, acc ? acc : ids, b, resolve_op, 1, site));
+        ggml_tensor *  out   = ggml_mul_mat_id(ctx, as, b, slots);
+        if (n_pass > 1) {
+            // on the CPU, where the bank is: the in-place merge below writes to the matmul's result, which must not be
+            // in another device's memory (an RPC worker's, a GPU's)
+            pin_to_cpu(out);
+        }
+        // one pass: the matmul goes where stock llama.cpp's would, by its weights' buffer (the bank's, host memory):
+        // the CPU, or a local GPU that takes large batches (op offload, copying the slots used), as with --cpu-moe
         acc = acc ? pin_to_cpu(ggml_map_custom3_inplace(ctx, acc, out, slots, merge_op, GGML_N_TASKS_MAX, site)) : out;
     }
     return acc;

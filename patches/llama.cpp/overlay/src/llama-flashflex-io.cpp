@@ -123,6 +123,20 @@ uint64_t expert_checksum(const void * data, size_t n) {
     return sum;
 }
 
+bool weights_in_host_memory(ggml_backend_buffer_type_t buft) {
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    return !dev || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU || ggml_backend_buft_is_host(buft);
+}
+
+void require_host_weights(const std::string & name, ggml_backend_buffer_type_t buft, const char * path) {
+    if (!weights_in_host_memory(buft)) {
+        throw std::runtime_error(
+            format("flashflex: %s is placed on %s; %s weights in host memory only (CPU, or a "
+                   "GPU's host buffer), not on a device",
+                   name.c_str(), ggml_backend_buft_name(buft), path));
+    }
+}
+
 int layer_of(const std::string & name) {
     int il = -1;
     if (sscanf(name.c_str(), "blk.%d.", &il) != 1) {

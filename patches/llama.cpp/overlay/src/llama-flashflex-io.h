@@ -4,6 +4,8 @@
 
 #pragma once
 
+#include "ggml-backend.h"
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -35,6 +37,16 @@ inline int64_t now_ns() {
 
 // The model layer a tensor name belongs to ("blk.N."), or -1.
 int layer_of(const std::string & name);
+
+// Whether the weights the loader put in buft can be read from the model files by this process (dense streaming,
+// slot banks): a CPU buffer type (plain or repacked) or host memory — such as the pinned host buffer type a GPU
+// backend gives the layers left on the host beside it (Vulkan_Host, CUDA_Host). Memory of another device (a
+// GPU's own buffer, an RPC worker's) is not.
+bool weights_in_host_memory(ggml_backend_buffer_type_t buft);
+
+// Throws std::runtime_error, "flashflex: <name> is placed on <buft>; <path> ... host memory only", unless
+// weights_in_host_memory(buft). path: "dense streaming supports", "slot banks support".
+void require_host_weights(const std::string & name, ggml_backend_buffer_type_t buft, const char * path);
 
 struct open_file {
     std::string path;

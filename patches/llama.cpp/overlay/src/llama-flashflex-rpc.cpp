@@ -231,6 +231,19 @@ ggml_backend_dev_t announce(ggml_backend_dev_t real, size_t bytes) {
 
 }  // namespace
 
+ggml_tensor * flashflex::place_on_cpu(ggml_tensor * t) {
+    if (t == nullptr) {
+        return t;
+    }
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        if (ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU && ggml_backend_dev_supports_op(dev, t)) {
+            return pin_to_cpu(t);
+        }
+    }
+    return t;
+}
+
 // -------------------------------------------------------------------------------------------------------------
 // Public C API
 

@@ -24,6 +24,14 @@ namespace flashflex {
 // the scheduler never hands it to another device (an RPC worker cannot call back into this process). Returns t.
 ggml_tensor * pin_to_cpu(ggml_tensor * t);
 
+// A custom op node flashflex added (a streamed weight's wait, a layer boundary), for the CPU backend: pinned there
+// (pin_to_cpu) when a device other than a CPU would claim it (an RPC worker claims every op); otherwise left
+// unassigned, so that it lands on the CPU (the only backend with custom ops) without changing where the scheduler
+// puts the nodes around it: a pinned CPU node stops the scheduler's expansion of GPU assignments (ggml_backend_sched
+// pass 2), and would move e.g. a host layer's attention that stock llama.cpp offloads to a local GPU (a batch of 32
+// or more) to the CPU, changing its logits. Returns t.
+ggml_tensor * place_on_cpu(ggml_tensor * t);
+
 // Whether an interrupt was requested (llama_flashflex_interrupt): a runtime waiting on reads stops waiting.
 bool interrupt_requested();
 

@@ -233,6 +233,7 @@ struct stream_state {
     std::vector<stream_tensor> tensors;  // in the order compute uses them
     ring_layout                layout;   // their homes (same index) and the streamed layers
     std::vector<int>           li_of;    // model layer -> streamed-layer index, -1 if it streams nothing
+    std::vector<bool>          off_cpu;  // model layer -> placed on a device other than a CPU (a GPU, an RPC worker)
     bool                       direct = false;
 
     std::vector<ring_buffer> rings;
@@ -676,11 +677,7 @@ stream_tensor planned_tensor(const stream_tensor_cfg & ct,
         throw std::runtime_error(format("flashflex: only per-layer tensors can stream, not %s", ct.name.c_str()));
     }
     ggml_backend_buffer_type_t buft = mt->second.second;
-    ggml_backend_dev_t         dev  = ggml_backend_buft_get_device(buft);
-    if (dev && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
-        throw std::runtime_error(format("flashflex: %s is placed on %s; dense streaming supports CPU weights only",
-                                        ct.name.c_str(), ggml_backend_buft_name(buft)));
-    }
+    require_host_weights(ct.name, buft, "dense streaming supports");
     stream_tensor s{};
     s.t        = t;
     s.file     = ct.file;
@@ -688,6 +685,8 @@ stream_tensor planned_tensor(const stream_tensor_cfg & ct,
     s.head     = ct.offset % k_page;
     s.read_off = ct.offset - s.head;
     s.read_len = align_up(s.head + s.nbytes, k_page);
+    // staged: a repacked layout, or another host buffer type (a GPU's pinned host memory, allocated by that type:
+    // its homes need not be page-aligned for O_DIRECT)
     s.staged   = buft != ggml_backend_cpu_buffer_type();
     return s;
 }
@@ -847,6 +846,11 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
     st->cfg     = cfg;
     st->n_layer = (int) model.hparams.n_layer();
     st->li_of.assign(st->n_layer, -1);
+    st->off_cpu.assign(st->n_layer, false);
+    for (int il = 0; il < st->n_layer; ++il) {
+        ggml_backend_dev_t dev = model.dev_layer(il);
+        st->off_cpu[il]        = dev != nullptr && ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU;
+    }
     st->seen_after.assign(st->n_layer, false);
 
     std::set<std::string>                         streamed_names;
@@ -919,7 +923,7 @@ ggml_tensor * flashflex::stream_weight_use(ggml_context * ctx, ggml_tensor * w, 
         return cur;
     }
     weight_use *  u    = &st->uses.try_emplace(w, weight_use{ st, w }).first->second;  // node-based: stays put
-    ggml_tensor * node = pin_to_cpu(ggml_map_custom1_inplace(ctx, cur, use_op, 1, u));
+    ggml_tensor * node = place_on_cpu(ggml_map_custom1_inplace(ctx, cur, use_op, 1, u));
     st->built_uses.emplace_back(node, w);
     return node;
 }
@@ -947,6 +951,13 @@ ggml_tensor * flashflex::stream_boundary(ggml_context * ctx, ggml_tensor * cur, 
     if (!done_streams && !next_streams) {
         return cur;
     }
+    // nor between the last layer that streams and a layer on another device (a GPU): a node there would split that
+    // device's graph where stock llama.cpp does not, and a GPU fuses ops across that point (an add into the next
+    // layer's norm), so the logits would differ. The layer is released when compute next acquires a layer (acquire:
+    // compute is sequential, a layer still held is done).
+    if (!next_streams && il_done + 1 < st->n_layer && st->off_cpu[il_done + 1]) {
+        return cur;
+    }
     boundary * b = nullptr;
     for (auto & x : st->boundaries) {
         if (x.il_done == il_done) {
@@ -958,5 +969,5 @@ ggml_tensor * flashflex::stream_boundary(ggml_context * ctx, ggml_tensor * cur, 
         st->boundaries.push_back({ st, il_done });
         b = &st->boundaries.back();
     }
-    return pin_to_cpu(ggml_map_custom1_inplace(ctx, cur, boundary_op, 1, b));
+    return place_on_cpu(ggml_map_custom1_inplace(ctx, cur, boundary_op, 1, b));
 }
