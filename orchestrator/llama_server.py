@@ -73,6 +73,15 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
     raise last
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG; nothing elsewhere)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> None:
     """Until llama-server's /health answers 200 (the model loaded), or the server exits (its status, one line)."""
     deadline = time.monotonic() + timeout
@@ -110,7 +119,11 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
     command = tools.command_for(prepared, "llama-server", spec_path, [*args, *(extra_args or [])],
                                 parallel=slots.parallel, prompt_cache_mib=0)
     log(" ".join(command.argv))
-    proc = subprocess.Popen(command.argv, env={**os.environ, **command.env})
+    # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us, and we forward one
+    # SIGTERM (llama-server takes a second signal as "terminate immediately", skipping its clean shutdown). It gets
+    # SIGTERM too if we die first (Linux), so it never outlives its supervisor.
+    proc = subprocess.Popen(command.argv, env={**os.environ, **command.env}, start_new_session=True,
+                            preexec_fn=_terminate_with_parent)
     stopping = False
 
     def stop(signum, _frame) -> None:

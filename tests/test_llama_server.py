@@ -93,3 +93,34 @@ def test_drafting_is_refused_with_the_llama_server_engine(tools_build):
     result = flashflex("serve", *FLAGS, "--draft", "ngram", "--port", str(_free_port()), timeout=60)
     assert result.returncode != 0
     one_error(result, "not available with the llama-server engine")
+
+
+def test_ctrl_c_in_a_terminal_stops_the_server_cleanly(tools_build):
+    """A terminal's Ctrl-C reaches the whole foreground process group: llama-server must get one signal (ours), not
+    a second that it takes as "terminate immediately" (skipping its clean shutdown)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", *FLAGS, "--parallel", "1", "--port",
+                             str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "terminating immediately" not in err and "killing it" not in err
