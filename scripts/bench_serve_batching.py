@@ -1,6 +1,7 @@
 """Serving many clients from one budget: llama.cpp's server under flashflex's plan (`flashflex serve --engine
-llama-server`, dense streaming under a memory cgroup of about half the model) against stock llama-server (mmap) with
-the same --parallel in the same cgroup, at 1, 4 and 8 concurrent greedy clients of fixed lengths.
+llama-server`, dense streaming under a memory cgroup of about half the model) against stock llama-server (mmap, weights
+not repacked so they stay in the page cache: repacking copies them all into process memory) with the same --parallel
+and flags in the same cgroup, at 1, 4 and 8 concurrent greedy clients of fixed lengths.
 
 Each client sends one streaming completion (a short distinct prompt, `--tokens` tokens with end-of-text ignored), all
 at once. Reported per point: aggregate generated tokens/s (all tokens over the wall time from the first request to
@@ -65,10 +66,11 @@ def one_client(base: str, i: int, tokens: int, out: list, lock: threading.Lock) 
         out.append({"sent": sent, "stamps": stamps})
 
 
-def server_read_bytes(wrapper: subprocess.Popen) -> int:
-    """Bytes llama-server (the wrapper's child) has read from storage so far."""
-    children = psutil.Process(wrapper.pid).children()
-    return children[0].io_counters().read_bytes if children else 0
+def server_read_bytes(proc: subprocess.Popen) -> int:
+    """Bytes llama-server (the process, or the flashflex wrapper's child) has read from storage so far."""
+    p = psutil.Process(proc.pid)
+    children = p.children()
+    return (children[0] if children else p).io_counters().read_bytes
 
 
 def wait_health(base: str, proc: subprocess.Popen, log: Path) -> None:
@@ -91,10 +93,16 @@ def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     # flashflex: the plan's budget; stock: a budget above the model (the planner picks stock, mmap), same cgroup
-    plan_budget = budget if engine == "flashflex" else 1 << 40
-    cmd = [sys.executable, "-m", "orchestrator", "serve", "--engine", "llama-server", "-m", str(model),
-           "--budget", f"{plan_budget}B", "--ctx", str(ctx), "--ubatch", "32", "--parallel", str(clients),
-           "--threads", str(threads), "--port", str(port)]
+    if engine == "flashflex":
+        cmd = [sys.executable, "-m", "orchestrator", "serve", "--engine", "llama-server", "-m", str(model),
+               "--budget", f"{budget}B", "--ctx", str(ctx), "--ubatch", "32", "--parallel", str(clients),
+               "--threads", str(threads), "--port", str(port)]
+    else:  # stock llama-server from the same build, the same flags; mmap, weights not repacked (page cache only)
+        from orchestrator import tools
+
+        cmd = [str(tools.locate("llama-server")), "-m", str(model), "-c", str(ctx * clients), "-b", "512", "-ub", "32",
+               "-t", str(threads), "-tb", str(threads), "-fit", "off", "-ngl", "0", "-np", str(clients), "-kvu",
+               "-cram", "0", "--no-repack", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
     cgroup = MemoryCgroup(f"ff-serve-batch-{os.getpid()}-{engine}-{clients}", budget + PROCESS_OVERHEAD) \
         if cgroup_version() else None
     dropped = drop_page_cache()
@@ -117,11 +125,12 @@ def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, 
         read = server_read_bytes(proc) - read0
         alive = proc.poll() is None
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait()
     generated = sum(len(r["stamps"]) for r in records)
     ttft = [r["stamps"][0] - r["sent"] for r in records if r["stamps"]]
