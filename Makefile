@@ -3,6 +3,8 @@
 #               the default model stock, then under a RAM budget that streams its layers from disk
 #   make test   install what the tests need and run the whole suite
 #   make test-gpu  build the Vulkan variant beside the venv's library (not over it) and run the GPU tests
+#   make test-build-only BACKEND=cuda   build a backend on a machine without its device and run the tests that
+#               load no model (CI's CUDA job: a compile check in an nvidia/cuda container)
 #
 # Uses the active virtualenv if one is active, else creates .venv here.
 
@@ -15,7 +17,7 @@ BACKEND ?= cpu
 # Extra `flashflex build` flags, e.g. BUILD_FLAGS=--amx (not recommended: see flashflex build --help).
 BUILD_FLAGS ?=
 
-.PHONY: demo test test-gpu lint format-cpp install venv python-deps system-deps native clean-venv
+.PHONY: demo test test-gpu test-build-only lint format-cpp install venv python-deps system-deps native clean-venv
 
 demo: install
 	$(FLASHFLEX) doctor
@@ -33,6 +35,10 @@ test: install
 GPU_BACKEND ?= vulkan
 GPU_SITE ?= $(CURDIR)/build/site-$(GPU_BACKEND)
 GPU_ENV ?= GGML_VK_VISIBLE_DEVICES=0
+
+test-build-only: install
+	$(FLASHFLEX) patches check
+	$(PY) -m pytest -q -m "not native"
 
 test-gpu: python-deps
 	$(MAKE) system-deps BACKEND=$(GPU_BACKEND)

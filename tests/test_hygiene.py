@@ -169,3 +169,20 @@ def test_open_llama_with_llama_cpp_names(patched_llama, tmp_path):
                   chat_format="chatml") as llm:
         assert llm.n_ctx() == 256 and llm.n_batch == 32 and llm.chat_format == "chatml"
         assert llm.flashflex.prepared.settings.ubatch == 8
+
+
+def test_every_ci_job_runs_one_local_command():
+    """Each job of the CI matrix runs one command a person can run by hand: .ci/run or a Makefile target (no logic
+    that lives only in the workflow)."""
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    workflow = yaml.safe_load((root / ".github/workflows/ci.yml").read_text())
+    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", (root / "Makefile").read_text(), re.M))
+    jobs = workflow["jobs"]["test"]["strategy"]["matrix"]["include"]
+    assert {j["backend"] for j in jobs} == {"cpu", "metal", "vulkan", "cuda"}
+    for job in jobs:
+        cmd = job["command"].split()
+        assert cmd == ["bash", ".ci/run"] or (cmd[0] == "make" and cmd[1] in targets), job
