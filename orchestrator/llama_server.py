@@ -10,7 +10,6 @@ fit is refused; the default is lowered to what fits, and said.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -118,11 +117,11 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
         args += ["--api-key", server.api_key]
     command = tools.command_for(prepared, "llama-server", spec_path, [*args, *(extra_args or [])],
                                 parallel=slots.parallel, prompt_cache_mib=0)
-    log(" ".join(command.argv))
+    log(" ".join(command))
     # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us, and we forward one
     # SIGTERM (llama-server takes a second signal as "terminate immediately", skipping its clean shutdown). It gets
     # SIGTERM too if we die first (Linux), so it never outlives its supervisor.
-    proc = subprocess.Popen(command.argv, env={**os.environ, **command.env}, start_new_session=True,
+    proc = subprocess.Popen(command, start_new_session=True,
                             preexec_fn=_terminate_with_parent)
     stopping = False
 

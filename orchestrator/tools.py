@@ -9,7 +9,6 @@ arguments; `flashflex exec` and the llama-server engine of `flashflex serve` use
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.errors import FlashflexError
@@ -20,19 +19,16 @@ from orchestrator.errors import FlashflexError
 SHIPPED = ("llama-server", "llama-cli", "llama-completion", "llama-perplexity")
 
 # Arguments the plan sets: given again by the user they would run something other than what was planned (a larger
-# context than the KV cache the budget holds, mmap under a streaming plan). Each maps to the flashflex option to use.
+# context than the KV cache the budget holds, mmap under a streaming plan). Each maps to what to do instead.
+_FLASHFLEX_OPTION = {"--model": ("-m", "--model"), "--ctx": ("-c", "--ctx-size"), "--batch": ("-b", "--batch-size"),
+                     "--ubatch": ("-ub", "--ubatch-size"), "--gpu-layers": ("-ngl", "--gpu-layers", "--n-gpu-layers"),
+                     "--rpc": ("--rpc",), "--parallel": ("-np", "--parallel")}
+_PLAN_SETS = {"the load mode": ("-lm", "--load-mode", "--mmap", "--no-mmap"),
+              "the layer split": ("-ts", "--tensor-split"), "the fit": ("-fit", "--fit"),
+              "the prompt cache size": ("-cram", "--cache-ram")}
 PLANNED_ARGS: dict[str, str] = {
-    "-m": "--model", "--model": "--model",
-    "-c": "--ctx", "--ctx-size": "--ctx",
-    "-b": "--batch", "--batch-size": "--batch",
-    "-ub": "--ubatch", "--ubatch-size": "--ubatch",
-    "-ngl": "--gpu-layers", "--gpu-layers": "--gpu-layers", "--n-gpu-layers": "--gpu-layers",
-    "-lm": "(the plan sets the load mode)", "--load-mode": "(the plan sets the load mode)",
-    "--mmap": "(the plan sets the load mode)", "--no-mmap": "(the plan sets the load mode)",
-    "--rpc": "--rpc", "-ts": "(the plan splits the layers)", "--tensor-split": "(the plan splits the layers)",
-    "-np": "--parallel", "--parallel": "--parallel",
-    "-fit": "(flashflex plans the fit)", "--fit": "(flashflex plans the fit)",
-    "-cram": "(the plan sizes the prompt cache)", "--cache-ram": "(the plan sizes the prompt cache)",
+    **{flag: f"give flashflex's {option}" for option, flags in _FLASHFLEX_OPTION.items() for flag in flags},
+    **{flag: f"the plan sets {what}" for what, flags in _PLAN_SETS.items() for flag in flags},
 }
 
 
@@ -65,20 +61,10 @@ def check_user_args(tool: str, args: list[str]) -> None:
     for arg in args:
         flag = arg.split("=", 1)[0]
         if flag in PLANNED_ARGS:
-            instead = PLANNED_ARGS[flag]
-            how = f"give flashflex's {instead}" if instead.startswith("--") else instead[1:-1]
-            raise FlashflexError(f"{arg} is set by flashflex's plan for {tool}", f"drop it: {how}")
+            raise FlashflexError(f"{arg} is set by flashflex's plan for {tool}", f"drop it: {PLANNED_ARGS[flag]}")
         if native.SPEC_KEY in arg:
             raise FlashflexError(f"{arg}: flashflex writes and names the spec itself",
                                  "drop it (flashflex exec plans the model and writes its spec)")
-
-
-@dataclass
-class Command:
-    """A shipped program's command line under a plan, and its environment."""
-
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None,
@@ -122,15 +108,13 @@ def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None,
 
 
 def command_for(prepared, tool: str, spec_path: str | None, user_args: list[str], *,
-                parallel: int | None = None, prompt_cache_mib: int | None = None) -> Command:
+                parallel: int | None = None, prompt_cache_mib: int | None = None) -> list[str]:
+    """The program's argv under the plan (it finds its libraries through its RPATH, $ORIGIN). Mesa's shader cache is
+    set in this process's environment, which the program inherits."""
     check_user_args(tool, user_args)
     path = locate(tool)
-    env = {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(path.parent), os.environ.get("LD_LIBRARY_PATH"))
-                                              if p)}
     from orchestrator import native
 
     native.keep_shader_cache()
-    if "MESA_SHADER_CACHE_DIR" in os.environ:
-        env["MESA_SHADER_CACHE_DIR"] = os.environ["MESA_SHADER_CACHE_DIR"]
-    return Command([str(path), *plan_args(prepared, spec_path, parallel=parallel, prompt_cache_mib=prompt_cache_mib),
-                    *user_args], env)
+    return [str(path), *plan_args(prepared, spec_path, parallel=parallel, prompt_cache_mib=prompt_cache_mib),
+            *user_args]

@@ -102,6 +102,8 @@ def test_ctrl_c_in_a_terminal_stops_the_server_cleanly(tools_build):
     import subprocess
     import sys
 
+    from orchestrator import llama_server
+
     from conftest import REPO
 
     port = _free_port()
@@ -109,14 +111,7 @@ def test_ctrl_c_in_a_terminal_stops_the_server_cleanly(tools_build):
                              str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
+        llama_server.wait_ready(f"http://127.0.0.1:{port}", proc, timeout=120)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:

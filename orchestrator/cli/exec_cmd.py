@@ -50,9 +50,9 @@ def register(app: typer.Typer) -> None:
         command = tools.command_for(prepared, tool, spec_path, user_args)
         if dry_run:
             if json_out:
-                emit_json({"argv": command.argv, "env": command.env, "spec": spec_path, "mode": prepared.spec.mode})
+                emit_json({"argv": command, "spec": spec_path, "mode": prepared.spec.mode})
             else:
-                err_console.print(" ".join(command.argv), soft_wrap=True, markup=False, highlight=False)
+                err_console.print(" ".join(command), soft_wrap=True, markup=False, highlight=False)
             if spec_path is not None and spec_out is None:
                 os.unlink(spec_path)
             return
@@ -61,13 +61,12 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(_run(command, spec_path if spec_out is None else None))
 
 
-def _run(command, remove_after: str | None) -> int:
+def _run(command: list[str], remove_after: str | None) -> int:
     """Run the program in the foreground (signals reach it: it is in our process group), return its status."""
     import signal
     import subprocess
 
-    env = {**os.environ, **command.env}
-    proc = subprocess.Popen(command.argv, env=env)
+    proc = subprocess.Popen(command)
     try:
         while True:
             try:
