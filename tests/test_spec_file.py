@@ -217,8 +217,15 @@ def test_a_program_handed_a_spec_of_another_model_refuses_it(specs, model, tmp_p
     other = synth.write_synth_model(synth.preset("tiny-dense", quant="q8_0", n_embd=256, n_ff=1024),
                                     tmp_path / "other.gguf")
     path = loader.write_native_spec(_streamed(model).spec, dest=tmp_path / "spec.json")
-    done = subprocess.run([str(tools.locate("llama-completion")), "-m", str(other), "-lm", "none", "-n", "2",
-                           "--override-kv", f"{native.SPEC_KEY}=str:{path}", "-no-cnv", "-p", "x"],
-                          capture_output=True, timeout=120)
+    base = [str(tools.locate("llama-completion")), "-m", str(other), "-lm", "none", "-n", "2", "-no-cnv", "-p", "x"]
+    assert subprocess.run(base, capture_output=True, timeout=120).returncode == 0  # stock loads it
+
+    def with_spec() -> subprocess.CompletedProcess:
+        return subprocess.run([*base, "--override-kv", f"{native.SPEC_KEY}=str:{path}"], capture_output=True,
+                              timeout=120)
+
+    done = with_spec()
     assert done.returncode != 0
-    assert b"was planned for" in done.stderr
+    # llama.cpp's programs log through a background thread that may not flush before a failed load exits: the
+    # reason is looked for in up to three runs
+    assert any(b"was planned for" in r.stderr for r in (done, with_spec(), with_spec())), done.stderr[-1000:]
