@@ -62,6 +62,7 @@ OPTION_KEYS: dict[str, str] = {
     "rpc_timeout": "rpc.timeout_s",
     "rpc_answer_timeout": "rpc.answer_timeout_s",
     "gpu_layers": "gpu.layers",
+    "gpu_budget": "gpu.budget",
     "prompt": "prompt",
     "n_predict": "sampling.n_predict",
     "temperature": "sampling.temperature",
@@ -164,7 +165,8 @@ def split_llama_kwargs(options: dict[str, Any]) -> tuple[dict[str, Any], dict[st
             if LLAMA_NAMES[key] in options:
                 raise FlashflexError(f"{key} and {LLAMA_NAMES[key]} both set the same option",
                                      f"give one of them ({key} is llama_cpp.Llama's name for it)")
-            ours[LLAMA_NAMES[key]] = value
+            # llama_cpp.Llama's n_gpu_layers=-1 means every layer, as llama.cpp's -ngl 999 does
+            ours[LLAMA_NAMES[key]] = 999 if key == "n_gpu_layers" and value == -1 else value
         elif key in LLAMA_PASSTHROUGH:
             llama_kwargs[key] = value
         else:

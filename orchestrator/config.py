@@ -71,19 +71,21 @@ def _on_off(value: Any) -> Any:
 AutoOrInt = Union[int, Literal["auto"]]
 
 
-def _auto_or_int(lo: int, hi: int) -> BeforeValidator:
+def _auto_or_int(lo: int, hi: int, nullable: bool = False) -> BeforeValidator:
     """The validator of an AutoOrInt field: `auto`, or a whole number in [lo, hi] (a numeric string too: flags
-    arrive as text): one error either way."""
+    arrive as text): one error either way. `nullable`: null is a value of its own too."""
 
     def check(value: Any) -> Any:
+        if value is None and nullable:
+            return None
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"must be auto or a whole number (got {value!r})")
+            raise ValueError("must be auto or a whole number")
         try:
             n = int(value)
         except ValueError:
-            raise ValueError(f"must be auto or a whole number (got {value!r})") from None
+            raise ValueError("must be auto or a whole number") from None
         if n < lo:
             raise ValueError(f"must be >= {lo} (or auto)")
         if n > hi:
@@ -290,15 +292,35 @@ class RPCConfig(_Section):
 
 
 class GPUConfig(_Section):
-    """Layers on the accelerators present: this host's GPUs (a CUDA or Metal build) and the RPC workers' devices."""
+    """Layers on the accelerators present: this host's GPUs (a Vulkan, CUDA or Metal build) and the RPC workers'
+    devices, and how much of the GPUs' memory the plan may use (the device budget, beside the RAM budget)."""
 
-    layers: int | None = Field(
-        default=None, ge=1,
+    layers: Annotated[Union[AutoOrInt, None], _auto_or_int(0, 999, nullable=True)] = Field(
+        default=None,
         description="Layers to offload (the model's last ones, and the output layer; llama.cpp's -ngl, so 99 = all): "
         "to this host's GPUs, then to the RPC workers (rpc.servers), as each one's memory holds. In a bank MoE mode "
         "the routed experts stay in this host's slot banks (the --cpu-moe shape), and what stays on the CPU is "
-        "planned under the budget. null = nothing offloaded (with rpc.servers: rpc.layers decides).",
+        "planned under the budget. auto = as many as the device budget holds (attention and dense layers, with a "
+        "MoE's shared experts; routed experts stay here in a bank mode), this host's GPUs then the RPC workers; "
+        "0 = none. null (the default) = auto when this host has a GPU and no rpc.servers are given, else nothing "
+        "(with rpc.servers: rpc.layers decides).",
     )
+    budget: FixedSizeSpec | None = Field(
+        default=None,
+        description="Device memory the plan may use on each of this host's GPUs (weights, KV cache and compute "
+        "buffers of the layers placed there): 8GiB, 512MiB. null = the device's free memory as ggml reports it "
+        "at plan time, minus a margin (1 GiB, or a quarter of the free memory on a smaller device).",
+    )
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The device budget in bytes, None when not given."""
+        return None if self.budget is None else parse_size(self.budget)
+
+    @property
+    def asks_count(self) -> bool:
+        """Whether a number of layers (1 or more) is asked of the devices (-ngl N)."""
+        return isinstance(self.layers, int) and self.layers > 0
 
 
 DraftKind = Literal["none", "prompt-lookup", "model"]
@@ -442,7 +464,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _one_layer_count(self) -> RunConfig:
-        if self.gpu.layers is not None and self.rpc.layers is not None:
+        if self.gpu.asks_count and self.rpc.layers is not None:
             raise ValueError("gpu.layers and rpc.layers both say how many layers to offload: give one "
                              "(--gpu-layers counts the GPUs and the RPC workers together)")
         return self
@@ -457,8 +479,10 @@ class RunConfig(_Section):
 
     @property
     def offloads(self) -> bool:
-        """Whether layers go to devices other than this host's CPU (GPUs or RPC workers)."""
-        return bool(self.rpc.servers) or self.gpu.layers is not None
+        """Whether layers are asked to go to devices other than this host's CPU (GPUs or RPC workers). Without it, a
+        run may still offload: -ngl unset (or auto) uses this host's GPUs when the build sees one
+        (orchestrator.rpc.offload_targets decides, with the devices in hand)."""
+        return bool(self.rpc.servers) or self.gpu.asks_count
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ estimate; `Plan.reservations.source` says which one a plan used.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -63,16 +64,75 @@ def _measure_now(model: Path, ctx: int, ubatch: int, batch: int) -> Measured | N
     return Measured(kv_bytes=int(mem["context"]), compute_bytes=int(mem["compute"]), model_bytes=int(mem["model"]))
 
 
+def device_cache_file(model: Path, *, ctx: int, ubatch: int, batch: int, device: str, total: int) -> Path:
+    key = _key(model, ctx, ubatch, batch)
+    raw = hashlib.sha256(f"{key}/{device}/{total}".encode()).hexdigest()[:24]
+    return cache_root() / "overheads" / f"device-{raw}.json"
+
+
+def _measure_device_now(model: Path, ctx: int, ubatch: int, batch: int, index: int, name: str) -> int | None:
+    from llama_cpp import Llama
+
+    try:
+        with quiet_native_stderr(), model_params(no_alloc=True, devices=[native.device_handle(index)]):
+            llm = Llama(model_path=str(model), n_ctx=ctx, n_batch=batch, n_ubatch=ubatch, n_gpu_layers=999,
+                        use_mmap=False, verbose=False)
+    except (ValueError, RuntimeError, OSError):
+        return None  # llama.cpp cannot size this model on the device: the planner keeps its estimate
+    try:
+        buffers = native.memory_breakdown(llm.ctx)
+    finally:
+        llm.close()
+    mine = [b for b in buffers or [] if b["device"] == name and not b["host"]]
+    return sum(int(b["compute"]) for b in mine) if mine else None
+
+
+def measure_device_compute(model: Path, *, ctx: int, ubatch: int, batch: int, index: int, name: str, total: int,
+                           refresh: bool = False) -> int | None:
+    """The compute buffer llama.cpp sizes on this host's GPU (`index` in the library's device list, backend name
+    `name`) for `model` with these settings and every layer on that device, sized without allocating (no_alloc),
+    from the cache unless `refresh`; None when it cannot be measured. With fewer layers there the device's graph
+    holds the same largest intermediates (the output layer's logits among them: it goes to the GPU with the model's
+    last layer), so the plan reserves this for any partial placement too."""
+    path = device_cache_file(model, ctx=ctx, ubatch=ubatch, batch=batch, device=name, total=total)
+    if path.is_file() and not refresh:
+        try:
+            return int(json.loads(path.read_text())["compute_bytes"])
+        except (ValueError, TypeError, KeyError):
+            pass  # a damaged cache entry: measure again
+    compute = _measure_device_now(model, ctx, ubatch, batch, index, name)
+    if compute is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with fsutil.atomic_file(path, "w") as f:
+            json.dump({"compute_bytes": compute}, f)
+    return compute
+
+
+def _measure_local_gpus(cfg, model: Path, workers: Any) -> None:
+    """Fill in the compute buffer of each of this host's GPUs among `workers` (rpc.Worker; endpoint LOCAL)."""
+    from orchestrator import rpc
+
+    for w in workers:
+        if w.endpoint != rpc.LOCAL:
+            continue
+        w.devices = [dataclasses.replace(d, compute=measure_device_compute(
+            model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch, index=d.index,
+            name=d.name, total=d.total)) for d in w.devices]
+
+
 def plan_inputs(cfg, model: Path, *, workers: Any = None, estimate: bool = False,
                 reprobe: bool = False) -> tuple[Measured | None, dict[int, float] | None]:
     """What a plan of RunConfig `cfg` measures before planning, the same for `plan` and `run`: the overheads (not
-    with RPC workers: the local share of the KV cache is planned, not measured; not with `estimate`), and the
-    device's read probe when `-tp` is auto."""
+    with layers elsewhere: the local share of the KV cache is planned, not measured; not with `estimate`), the
+    compute buffer of each of this host's GPUs that layers may go to (set on `workers`' devices), and the device's
+    read probe when `-tp` is auto."""
     from orchestrator import readspeed
 
     measured = None
     if not estimate and not workers:
         measured = measure(model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch)
+    if not estimate and workers and native.is_patched():
+        _measure_local_gpus(cfg, model, workers)
     probe = readspeed.measured(model, refresh=reprobe) if cfg.prefetch.threads == "auto" else None
     return measured, probe
 

@@ -31,6 +31,7 @@ from orchestrator.endpoints import (  # noqa: F401 (the addresses' helpers, wher
     parse_endpoints,
 )
 from orchestrator.errors import FlashflexError
+from orchestrator.sizes import format_size
 
 # ggml's RPC protocol at our pin (ggml/include/ggml-rpc.h: RPC_PROTO_*_VERSION); the library reports the version it
 # was built with (native.info()["rpc_protocol"]) and tests keep the two equal.
@@ -55,6 +56,9 @@ class WorkerDevice:
     index: int  # on the worker
     free: int
     total: int
+    name: str = ""  # the backend's name for it (this host's GPUs: Vulkan0, CUDA0, ...)
+    capacity: int | None = None  # what the plan may use of it (this host's GPUs: the device budget); None = free
+    compute: int | None = None  # its compute buffer as llama.cpp sized it (measured); None = the planner's estimate
 
 
 @dataclass
@@ -170,11 +174,6 @@ def probe(endpoint: str, timeout: float = 3.0, protocol: tuple[int, int, int] = 
         sock.close()
 
 
-def probe_all(endpoints: list[str], timeout: float = 3.0, protocol: tuple[int, int, int] = RPC_PROTOCOL
-              ) -> list[Worker]:
-    return [probe(e, timeout, protocol) for e in endpoints]
-
-
 # --------------------------------------------------------------------------------------------------
 # The client side in the library
 
@@ -211,45 +210,89 @@ def workers_for(endpoints: list[str], timeout: float) -> list[Worker]:
 LOCAL = "local"
 
 
-def local_gpus() -> Worker | None:
-    """This host's accelerators (the GPUs of a CUDA build, Metal) as one pseudo-worker with endpoint LOCAL, each
-    device's index being its index in the library's device list; None when the build sees none (CPU only)."""
+# What the default device budget leaves free on a GPU: other programs' allocations come and go, and the backend
+# allocates beyond its buffers (command pools, staging). Smaller devices keep a quarter of their free memory instead.
+DEVICE_MARGIN = 1 << 30
+
+
+def device_budget(free: int, budget: int | None) -> int:
+    """What the plan may use of a GPU with `free` bytes free: `budget` when given, else free minus the margin."""
+    if budget is not None:
+        return budget
+    return max(0, free - min(DEVICE_MARGIN, free // 4))
+
+
+def local_gpus(budget: int | None = None) -> Worker | None:
+    """This host's accelerators (the GPUs of a Vulkan, CUDA or Metal build) as one pseudo-worker with endpoint LOCAL,
+    each device's index being its index in the library's device list and its capacity the device budget
+    (`budget` bytes each, or its free memory minus a margin); None when the build sees none (CPU only). A budget
+    above a device's free memory is refused: the load would fail there, or evict another program's memory."""
     from orchestrator import native
 
     indices = native.local_accelerators()
     if not indices:
         return None
     listed = {d["index"]: d for d in native.devices()}
-    return Worker(LOCAL, library_protocol(), [WorkerDevice(i, listed[i]["free"], listed[i]["total"])
-                                              for i in indices])
+    out = []
+    for i in indices:
+        d = listed[i]
+        if budget is not None and budget > d["free"]:
+            raise FlashflexError(f"--gpu-budget {format_size(budget)} is more than {d['name']} has free "
+                                 f"({format_size(d['free'])} of {format_size(d['total'])})",
+                                 f"give --gpu-budget {format_size(device_budget(d['free'], None))} or less, or free "
+                                 "memory on the device")
+        out.append(WorkerDevice(i, d["free"], d["total"], name=d["name"],
+                                capacity=device_budget(d["free"], budget)))
+    return Worker(LOCAL, library_protocol(), out)
+
+
+def _no_gpu_fix() -> tuple[str, str]:
+    """(the build's backend, what to do) when a run asks for a GPU the build does not see."""
+    from orchestrator import cpufeatures
+
+    built = (cpufeatures.installed_build_record() or {}).get("backend") or "cpu"
+    if built == "cpu":
+        return built, "build for a GPU (flashflex build --backend vulkan or cuda, or metal on a Mac)"
+    if built == "vulkan":  # ggml skips a CPU-type Vulkan device (lavapipe) unless told to use it
+        return built, ("install your GPU's Vulkan driver, or set GGML_VK_VISIBLE_DEVICES=0 to use a CPU-type Vulkan "
+                       "device (lavapipe)")
+    return built, f"check the {built} driver (flashflex doctor lists the devices ggml sees)"
+
+
+def uses_local_gpus(cfg: Any) -> bool:
+    """Whether a RunConfig puts layers on this host's GPUs when it has some: -ngl N or auto; -ngl unset without
+    RPC workers (auto is the default where a GPU is present); not -ngl 0, and not --rpc alone."""
+    layers = cfg.gpu.layers
+    return cfg.gpu.asks_count or layers == "auto" or (layers is None and not cfg.rpc.servers)
 
 
 def offload_targets(cfg: Any) -> list[Worker] | None:
-    """The devices a RunConfig offloads layers to, in llama.cpp's device order: with gpu.layers this host's GPUs,
-    then the RPC workers (checked with timeouts); None when it offloads nothing."""
-    if not cfg.offloads:
-        return None
-    out = []
-    if cfg.gpu.layers is not None:
-        local = local_gpus()
-        if local is not None:
-            out.append(local)
+    """The devices a RunConfig offloads layers to, in llama.cpp's device order: this host's GPUs (uses_local_gpus),
+    then the RPC workers (checked with timeouts); None when it offloads nothing. -ngl N or --gpu-budget with
+    nothing to put it on is refused in one line."""
+    local = None
+    if uses_local_gpus(cfg):
+        from orchestrator import native
+
+        # -ngl unset or auto: a tree without the patched library yet (plan --estimate) just has no GPU to use
+        if cfg.offloads or cfg.gpu.budget is not None or native.is_patched():
+            local = local_gpus(cfg.gpu.budget_bytes)
+    if cfg.gpu.budget is not None and local is None:
+        if not uses_local_gpus(cfg):
+            why = "-ngl 0 puts nothing there" if cfg.gpu.layers == 0 else "--rpc alone uses only the workers"
+            raise FlashflexError(f"--gpu-budget {cfg.gpu.budget} is for this host's GPUs, and {why}",
+                                 "give -ngl auto (or a number of layers) to use the GPUs too, or drop --gpu-budget")
+        built, fix = _no_gpu_fix()
+        raise FlashflexError(f"--gpu-budget {cfg.gpu.budget}: this {built} build sees no GPU",
+                             f"{fix}, or drop --gpu-budget")
+    out = [local] if local is not None else []
     if cfg.rpc.servers:
         out += workers_for(cfg.rpc.servers, cfg.rpc.timeout_s)
-    if not out:
-        from orchestrator import cpufeatures
-
-        built = (cpufeatures.installed_build_record() or {}).get("backend") or "cpu"
-        if built == "cpu":
-            fix = "build for a GPU (flashflex build --backend vulkan or cuda, or metal on a Mac)"
-        elif built == "vulkan":  # ggml skips a CPU-type Vulkan device (lavapipe) unless told to use it
-            fix = ("install your GPU's Vulkan driver, or set GGML_VK_VISIBLE_DEVICES=0 to use a CPU-type Vulkan "
-                   "device (lavapipe)")
-        else:
-            fix = f"check the {built} driver (flashflex doctor lists the devices ggml sees)"
+    if not out and cfg.gpu.asks_count:
+        built, fix = _no_gpu_fix()
         raise FlashflexError(f"--gpu-layers {cfg.gpu.layers}: this {built} build sees no GPU, and no RPC worker is "
                              "given", f"{fix}, give --rpc HOST:PORT, or drop --gpu-layers")
-    return out
+    return out or None
 
 
 def connect_workers(endpoints: list[str], timeout: float) -> dict[str, list[int]]:

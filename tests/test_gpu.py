@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator import synth
 
-from conftest import flashflex
+from conftest import flashflex, one_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.native]
 
@@ -108,3 +108,55 @@ def test_moe_slot_banks_beside_layers_on_the_device(gpu_build, moe_models, ubatc
     assert stats["rpc"]["experts_here"] and stats["rpc"]["local_layers"] == 0, stats["rpc"]
     on_device, elsewhere = _on_device(stats, mine)
     assert on_device > 0 and elsewhere > 0, stats["devices"]  # elsewhere: the banks' experts
+
+
+def _plan_json(path: str, *settings: str) -> dict:
+    planned = flashflex("plan", path, "--budget", "1GiB", "--ctx", str(CTX), *settings, "--json", timeout=300)
+    assert planned.returncode == 0, planned.stderr
+    return json.loads(planned.stdout)
+
+
+def test_auto_is_the_default_and_the_device_budget_decides_the_layers(gpu_build, dense_models):
+    """No -ngl on a GPU build: as many layers as the device budget holds go to the GPU (all of them by default),
+    the device's compute buffer measured by llama.cpp (no_alloc on that backend); a smaller --gpu-budget keeps some
+    layers here, and a run with it is bitwise identical to stock with the same placement while streaming them."""
+    _backend, mine = gpu_build
+    path = str(dense_models["q8_0"])
+    everything = _plan_json(path, "--ubatch", "32")["rpc"]
+    (device,) = everything["devices"]
+    assert everything["local_layers"] == 0 and device["output"] and device["compute_source"] == "measured"
+    assert device["name"] in {d["name"] for d in mine} and device["used_bytes"] <= device["budget_bytes"]
+    assert device["budget_bytes"] < device["free_bytes"]  # the default leaves a margin
+
+    budget = device["weight_bytes"] // 2  # about half the layers
+    half = _plan_json(path, "--ubatch", "32", "--gpu-budget", f"{budget}B")["rpc"]
+    assert 0 < half["local_layers"] < N_LAYER and half["devices"][0]["used_bytes"] <= budget, half
+
+    for ubatch in (1, 32):
+        settings = ["--gpu-budget", f"{budget}B", "--ctx", str(CTX), "--ubatch", str(ubatch), "-tp", "2",
+                    "--prefetch-window", "2"]
+        planned = _plan_json(path, *settings)
+        common = ["--model", path, "--budget", f"{planned['minimum_budget_bytes']}B", *settings]
+        result = flashflex("verify-exact", *common, "--tokens", "24", "--json", timeout=600)
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout)
+        assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"] == "dense-stream", out
+
+    run = flashflex("run", "--model", path, "--ctx", str(CTX), "-n", "2", "--json", timeout=600)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(run.stdout)["stats"]
+    on_device, _ = _on_device(stats, mine)
+    assert on_device > 0 and stats["rpc"]["local_layers"] == 0, stats
+
+
+def test_what_the_device_budget_cannot_hold_is_refused_before_loading(gpu_build, dense_models):
+    path = str(dense_models["q8_0"])
+    refused = flashflex("run", "--model", path, "--ctx", str(CTX), "-ngl", str(N_LAYER), "--gpu-budget", "5MiB",
+                        "-n", "1", timeout=300)
+    one_error(refused, "5.00 MiB budget", f"not -ngl {N_LAYER}", "a layer needs", "--gpu-budget")
+    too_big = flashflex("plan", path, "--ctx", str(CTX), "--gpu-budget", "100TiB", timeout=300)
+    one_error(too_big, "--gpu-budget 100 TiB is more than", "has free")
+    # auto with a budget that holds no layer: everything here, said once
+    nothing = flashflex("plan", path, "--budget", "1GiB", "--ctx", str(CTX), "--gpu-budget", "1MiB", timeout=300)
+    assert nothing.returncode == 0, nothing.stderr
+    assert "-ngl auto: nothing goes to the GPU" in nothing.stdout.replace("\n", " "), nothing.stdout

@@ -16,6 +16,10 @@ def _human(n: int) -> str:
 
 def _device_line(d: dict[str, Any]) -> str:
     mem = (f"{_human(int(d['free']))} free of {_human(int(d['total']))}" if d.get("total") else "memory unknown")
+    if d.get("type") in ("gpu", "igpu") and d.get("backend") != "RPC" and d.get("total"):
+        from orchestrator.rpc import device_budget
+
+        mem += f" (plans use {_human(device_budget(int(d['free']), None))} unless --gpu-budget says)"
     return f"#{d.get('index')} {d.get('backend')} {d.get('type')} {d.get('name')} ({d.get('description')}): {mem}"
 
 

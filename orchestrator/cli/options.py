@@ -55,7 +55,8 @@ RPCOpt = Annotated[Optional[str], _flag("rpc", "--rpc")]
 RPCLayersOpt = Annotated[Optional[int], _flag("rpc_layers", "--rpc-layers")]
 RPCTimeoutOpt = Annotated[Optional[float], _flag("rpc_timeout", "--rpc-timeout")]
 RPCAnswerTimeoutOpt = Annotated[Optional[float], _flag("rpc_answer_timeout", "--rpc-answer-timeout")]
-GPULayersOpt = Annotated[Optional[int], _flag("gpu_layers", "--gpu-layers", "-ngl")]
+GPULayersOpt = Annotated[Optional[str], _flag("gpu_layers", "--gpu-layers", "-ngl")]
+GPUBudgetOpt = Annotated[Optional[str], _flag("gpu_budget", "--gpu-budget")]
 DraftOpt = Annotated[Optional[str], _flag("draft", "--draft")]
 DraftModelOpt = Annotated[Optional[Path], _flag("draft_model", "--draft-model")]
 DraftMaxOpt = Annotated[Optional[int], _flag("draft_max", "--draft-max")]
@@ -71,7 +72,7 @@ SHARED_FLAGS: dict[str, Any] = {
     "moe_topk": MoETopkOpt, "moe_shared_only": MoESharedOnlyOpt, "moe_io_threads": MoEIOThreadsOpt,
     "moe_trace": MoETraceOpt, "moe_prefetch": MoEPrefetchOpt, "moe_verify": MoEVerifyOpt,
     "moe_trace_force": TraceForceOpt, "rpc": RPCOpt, "rpc_layers": RPCLayersOpt, "rpc_timeout": RPCTimeoutOpt,
-    "rpc_answer_timeout": RPCAnswerTimeoutOpt, "gpu_layers": GPULayersOpt,
+    "rpc_answer_timeout": RPCAnswerTimeoutOpt, "gpu_layers": GPULayersOpt, "gpu_budget": GPUBudgetOpt,
     "draft": DraftOpt, "draft_model": DraftModelOpt, "draft_max": DraftMaxOpt, "draft_adaptive": DraftAdaptiveOpt,
 }
 

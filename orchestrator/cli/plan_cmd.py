@@ -18,6 +18,7 @@ from orchestrator.config import DEFAULT_BANDWIDTH, RunConfig, load_run_config
 from orchestrator.modelfile.table import ModelTable
 from orchestrator.modes import MOE_MODES
 from orchestrator.planner import Plan, PlanInputs, PlanRequest, explain, format_tokens_per_s, make_plan
+from orchestrator.planner.explain import device_label
 from orchestrator.sizes import format_rate, format_size, parse_rate
 
 _MOE_MODE_HELP = f"MoE only: {' | '.join(MOE_MODES)}."
@@ -33,7 +34,7 @@ def _load_table(path: Path) -> ModelTable:
 def _settings(budget: str, ctx: int, ubatch: int, window: str, threads: str, direct_io: str,
               moe_mode: str | None, slot_bank: int | None, topk: int | None, rpc: str | None = None,
               rpc_layers: int | None = None, rpc_timeout: float | None = None,
-              gpu_layers: int | None = None) -> RunConfig:
+              gpu_layers: str | None = None, gpu_budget: str | None = None) -> RunConfig:
     """Flags validated by the same models as YAML, so errors read the same."""
     overrides: dict[str, Any] = {
         "budget.size": budget,
@@ -50,6 +51,7 @@ def _settings(budget: str, ctx: int, ubatch: int, window: str, threads: str, dir
         "rpc.layers": rpc_layers,
         "rpc.timeout_s": rpc_timeout,
         "gpu.layers": gpu_layers,
+        "gpu.budget": gpu_budget,
     }
     return load_run_config(None, overrides)
 
@@ -83,8 +85,13 @@ def plan_command(
                                                       "workers (default: as many as they hold).")] = None,
     rpc_timeout: Annotated[Optional[float], typer.Option("--rpc-timeout", min=0.1, max=120.0,
                                                          help="Seconds each worker has to answer.")] = None,
-    gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", min=1, help="Layers to offload "
-                                                      "to this host's GPUs, then the RPC workers (99 = all).")] = None,
+    gpu_layers: Annotated[Optional[str], typer.Option("--gpu-layers", "-ngl", help="Layers to offload to this "
+                                                      "host's GPUs, then the RPC workers (99 = all, 0 = none; auto = "
+                                                      "as many as the device budget holds, the default where this "
+                                                      "host has a GPU and no --rpc is given).")] = None,
+    gpu_budget: Annotated[Optional[str], typer.Option("--gpu-budget", help="Device memory the plan may use on each "
+                                                      "of this host's GPUs (default: its free memory minus a "
+                                                      "margin).")] = None,
     show_explain: Annotated[bool, typer.Option("--explain", help="Say which tensors are kept and why.")] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Reserve the planner's estimates for the KV cache and "
                                            "compute buffers instead of measuring what llama.cpp allocates (the "
@@ -94,15 +101,12 @@ def plan_command(
     """Plan a model under a RAM budget: resident and streamed tensors, expert banks, reservations, estimates; with
     --rpc, which layers go to which worker and what stays here."""
     settings = _settings(budget, ctx, ubatch, prefetch_window, prefetch_threads, direct_io, moe_mode,
-                         moe_slot_bank, moe_topk, rpc, rpc_layers, rpc_timeout, gpu_layers)
+                         moe_slot_bank, moe_topk, rpc, rpc_layers, rpc_timeout, gpu_layers, gpu_budget)
     rate = parse_rate(bandwidth, what="--bandwidth")
     table = _load_table(model)
-    workers = None
-    if settings.offloads:
-        from orchestrator import rpc as rpc_mod
+    from orchestrator import rpc as rpc_mod
 
-        workers = (rpc_mod.offload_targets(settings) if settings.gpu.layers is not None
-                   else rpc_mod.probe_all(settings.rpc.servers, settings.rpc.timeout_s))
+    workers = rpc_mod.offload_targets(settings)
     from orchestrator import overheads
 
     measured, probe = overheads.plan_inputs(settings, model, workers=workers, estimate=estimate, reprobe=reprobe)
@@ -179,24 +183,24 @@ def _print_plan(plan: Plan) -> None:
 
 
 def _print_placement(plan: Plan) -> None:
-    """Which layers go to which RPC worker device, and what stays here."""
+    """Which layers go to which device (this host's GPUs, RPC workers' devices), and what stays here."""
     rpc = plan.rpc
     assert rpc is not None
-    table = Table(title=f"placement: {rpc.remote_layers} of {plan.n_layer} layers on RPC workers "
-                        f"({format_size(rpc.remote_weight_bytes)}), {rpc.local_layers} here "
+    table = Table(title=f"placement: {rpc.remote_layers} of {plan.n_layer} layers on other devices "
+                        f"({format_size(rpc.remote_weight_bytes)}), {rpc.local_layers} on this host's CPU "
                         f"({format_size(rpc.local_model_bytes)} with the input embedding)", title_justify="left")
-    for col in ("device", "layers", "weights", "KV cache", "compute", "used", "announced free"):
+    for col in ("device", "layers", "weights", "KV cache", "compute", "used", "budget", "free"):
         table.add_column(col, justify="left" if col in ("device", "layers") else "right")
-    if rpc.local_layers:
-        table.add_row("this host", f"0-{rpc.local_layers - 1} + input", "planned below", "", "", "", "")
-    else:
-        table.add_row("this host", "input embedding", "planned below", "", "", "", "")
+    here = f"0-{rpc.local_layers - 1} + input" if rpc.local_layers else "input embedding"
+    table.add_row("this host's CPU", here, "planned below", "", "", "", format_size(plan.budget_bytes), "")
     for d in rpc.devices:
         last = d.first_layer + d.n_layers - 1
         span = (f"{d.first_layer}" if d.n_layers == 1 else f"{d.first_layer}-{last}") + (" + output" if d.output
                                                                                           else "")
-        table.add_row(f"{d.endpoint} #{d.device}", span, format_size(d.weight_bytes), format_size(d.kv_cache_bytes),
-                      format_size(d.compute_bytes), format_size(d.used_bytes), format_size(d.free_bytes))
+        compute = format_size(d.compute_bytes) + (" (measured)" if d.compute_source == "measured" else "")
+        table.add_row(device_label(d), span, format_size(d.weight_bytes), format_size(d.kv_cache_bytes), compute,
+                      format_size(d.used_bytes), format_size(d.budget_bytes) if d.budget_bytes is not None else "",
+                      format_size(d.free_bytes))
     console.print(table)
     console.print(f"llama.cpp: n_gpu_layers {rpc.n_gpu_layers}, tensor_split "
                   f"{','.join(f'{x:g}' for x in rpc.tensor_split)}", highlight=False)

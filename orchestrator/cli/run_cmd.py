@@ -10,6 +10,7 @@ from orchestrator import modes
 from orchestrator.api import overrides_from_options
 from orchestrator.cli.common import JsonOpt, console, emit_json, err_console
 from orchestrator.cli.options import DRAFT_FLAGS, ConfigArg, model_options_command
+from orchestrator.planner.explain import device_lines
 from orchestrator.sizes import format_size
 
 
@@ -128,6 +129,9 @@ def _dry_run(prepared, json_out: bool) -> None:
         console.print(f"budget {plan['budget_bytes'] / 2**20:.0f} MiB · resident weights "
                       f"{plan['resident_bytes'] / 2**20:.0f} MiB · streamed {streamed:.1f} MiB/token (planned)",
                       soft_wrap=True)
+    if prepared.plan is not None:
+        for line in device_lines(prepared.plan):
+            console.print(line, soft_wrap=True, highlight=False)
     draft = summary.get("draft")
     if draft:
         what = draft["kind"] + (f" {draft['model']}" if draft["model"] else f":{draft['ngram']}")

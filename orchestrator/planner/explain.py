@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 
 from orchestrator.modelfile.table import Role
-from orchestrator.planner.schema import Plan
+from orchestrator.planner.schema import Plan, RPCDevicePlan
+from orchestrator.rpc import LOCAL
 from orchestrator.sizes import format_rate, format_size
 
 
@@ -32,6 +33,30 @@ _REGIME_WHY = {
 }
 
 
+def device_label(d: RPCDevicePlan) -> str:
+    """This host's GPU by its backend name, an RPC worker's device by endpoint and index."""
+    return f"this host's {d.name or f'GPU #{d.device}'}" if d.endpoint == LOCAL else f"{d.endpoint}#{d.device}"
+
+
+def device_lines(plan: Plan) -> list[str]:
+    """One line per device the model's last layers go to: its memory beside the host RAM budget."""
+    if plan.rpc is None:
+        return []
+    out = []
+    for d in plan.rpc.devices:
+        last = d.first_layer + d.n_layers - 1
+        span = f"layer {d.first_layer}" if d.n_layers == 1 else f"layers {d.first_layer}-{last}"
+        limit = (f"device budget {format_size(d.budget_bytes)} (free {format_size(d.free_bytes)} of "
+                 f"{format_size(d.total_bytes)})" if d.budget_bytes is not None
+                 else f"announced free {format_size(d.free_bytes)}")
+        out.append(f"{device_label(d)}: {span}{' + output' if d.output else ''}; {limit}: used "
+                   f"{format_size(d.used_bytes)} = weights {format_size(d.weight_bytes)} + KV cache "
+                   f"{format_size(d.kv_cache_bytes)} + compute {format_size(d.compute_bytes)} ({d.compute_source})")
+    if plan.rpc.experts_here:
+        out.append("routed experts of every layer stay in this host's RAM, in slot banks (the --cpu-moe shape)")
+    return out
+
+
 def explain(plan: Plan) -> list[str]:
     """Lines for people: where the budget goes, which tensors are kept and why."""
     r = plan.reservations
@@ -45,6 +70,7 @@ def explain(plan: Plan) -> list[str]:
         + (f" + loading {format_size(r.load_staging_bytes)} (a tensor bound for another device, staged here)"
            if r.load_staging_bytes else ""),
     ]
+    lines += device_lines(plan)
     non_layer = [t for t in plan.tensors if t.reason == "non-layer"]
     if non_layer:
         lines.append(

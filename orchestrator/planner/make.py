@@ -358,8 +358,15 @@ def _place_layers(req: PlanRequest, inputs: PlanInputs) -> tuple[ModelTable, RPC
     layers = req.layers_elsewhere
     if layers is not None:
         layers = min(layers, table.arch.n_layer)
-    rpc, warnings = place_layers(table, devices_of(inputs.workers), ctx=req.ctx, ubatch=req.ubatch, layers=layers,
-                                 experts_here=experts_here, routers_here=routers_here)
+    try:
+        rpc, warnings = place_layers(table, devices_of(inputs.workers), ctx=req.ctx, ubatch=req.ubatch,
+                                     layers=layers, experts_here=experts_here, routers_here=routers_here,
+                                     flag=req.layers_flag)
+    except FlashflexError as e:
+        if not req.layers_optional:
+            raise
+        # -ngl auto: a GPU too small for one layer leaves the whole model here, said, not refused
+        return table, None, [f"-ngl auto: nothing goes to the GPU: {e.problem}"]
     return local_table(table, rpc.local_layers, experts_here, routers_here), rpc, list(warnings)
 
 

@@ -37,6 +37,7 @@ from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
 from orchestrator.planner.buffers import compute_bytes
 from orchestrator.planner.schema import RPCDevicePlan, RPCPlan
+from orchestrator.rpc import LOCAL
 from orchestrator.sizes import format_size
 
 _OUTPUT_NAMES = re.compile(r"^output(_norm)?\.(weight|bias)$")
@@ -54,17 +55,35 @@ _ROUTERS_HERE = re.compile(ROUTERS_HERE)
 
 @dataclasses.dataclass(frozen=True)
 class DeviceMemory:
-    """A worker device as the planner sees it (orchestrator.rpc.Worker gives these)."""
+    """A device as the planner sees it: an RPC worker's, or one of this host's GPUs (endpoint LOCAL)
+    (orchestrator.rpc.Worker gives these)."""
 
     endpoint: str
     device: int
     free: int
     total: int
+    name: str = ""
+    capacity: int | None = None  # what the plan may use (this host's GPUs: the device budget); None = free
+    compute: int | None = None  # its compute buffer, measured; None = the planner's estimate
+
+    @property
+    def label(self) -> str:
+        """How messages name it: this host's GPU by its backend name, a worker's device by endpoint and index."""
+        if self.endpoint == LOCAL:
+            return f"this host's {self.name or f'GPU #{self.device}'}"
+        return f"{self.endpoint}#{self.device}"
+
+    @property
+    def usable(self) -> int:
+        return self.capacity if self.capacity is not None else self.free
 
 
 def devices_of(workers: list[Any]) -> list[DeviceMemory]:
-    """Every device of every worker (orchestrator.rpc.Worker), in --rpc order."""
-    return [DeviceMemory(w.endpoint, d.index, d.free, d.total) for w in workers for d in w.devices]
+    """Every device of every worker (orchestrator.rpc.Worker), in llama.cpp's device order (this host's GPUs, then
+    --rpc order)."""
+    return [DeviceMemory(w.endpoint, d.index, d.free, d.total, getattr(d, "name", ""), getattr(d, "capacity", None),
+                         getattr(d, "compute", None))
+            for w in workers for d in w.devices]
 
 
 def is_output_tensor(t: TensorInfo) -> bool:
@@ -166,38 +185,46 @@ class _Fit:
 
 def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ubatch: int,
                  layers: int | None = None, compute: int | None = None,
-                 experts_here: bool = False, routers_here: bool = False) -> tuple[RPCPlan, list[str]]:
+                 experts_here: bool = False, routers_here: bool = False,
+                 flag: str = "--rpc-layers") -> tuple[RPCPlan, list[str]]:
     """The placement of `table`'s layers on `devices` (see the module docstring) and warnings. Pure.
 
-    `experts_here`: the routed experts of every layer stay on this host (in slot banks); the workers get the rest
+    `experts_here`: the routed experts of every layer stay on this host (in slot banks); the devices get the rest
     of their layers (attention, norms, router, shared experts). `routers_here`: the routers stay here as well
-    (router-lookahead prefetch reads them here)."""
+    (router-lookahead prefetch reads them here). Each device's compute reserve is its measured compute buffer, else
+    `compute`, else the planner's estimate. `flag` is the option that asked for `layers`, for messages."""
 
     name = table.files[0].name if table.files else table.arch.arch
     n_layer = table.arch.n_layer
     if not devices:
         raise FlashflexError("no RPC worker device to place layers on", "give --rpc HOST:PORT")
     if n_layer < 1:
-        raise FlashflexError(f"{name} has no repeating layers to place on RPC workers", "drop --rpc")
-    reserve = compute if compute is not None else compute_bytes(table, ctx, ubatch)
+        raise FlashflexError(f"{name} has no repeating layers to place on other devices", "drop --rpc and -ngl")
+    estimate = compute if compute is not None else compute_bytes(table, ctx, ubatch)
+    reserves = [d.compute if d.compute is not None else estimate for d in devices]
     weights, kv = _layer_costs(table, ctx, experts_here, routers_here)
     output = output_layer_bytes(table)
-    fit = _Fit(weights, kv, output, [max(0, d.free - reserve) for d in devices])
-    where = ", ".join(f"{d.endpoint}#{d.device} {format_size(d.free)}" for d in devices)
+    fit = _Fit(weights, kv, output, [max(0, d.usable - r) for d, r in zip(devices, reserves)])
+    where = ", ".join(f"{d.label} {format_size(d.usable)}"
+                      + (" budget" if d.capacity is not None else "") for d in devices)
+    local = any(d.endpoint == LOCAL for d in devices)
+    whose = "the devices' memory" if local else "the RPC workers' announced memory"
+    more = ("give a larger --gpu-budget (or free memory on the GPU)" if local else "") + (
+        ", " if local and len({d.endpoint for d in devices}) > 1 else "") + (
+        "start the workers with more --mem" if any(d.endpoint != LOCAL for d in devices) else "")
+    need = (f"a layer needs {format_size(weights[-1] + kv[-1], round_up=True)} with its KV cache, each device "
+            f"{format_size(max(reserves), round_up=True)} for compute, the last the output layer "
+            f"{format_size(output, round_up=True)}")
     if layers is not None:
         if layers > n_layer:
-            raise FlashflexError(f"--rpc-layers {layers} exceeds the {n_layer} layers of {name}",
+            raise FlashflexError(f"{flag} {layers} exceeds the {n_layer} layers of {name}",
                                  f"give at most {n_layer}")
         counts = fit.assign(layers)
         if counts is None:
             most = next((r for r in range(layers - 1, 0, -1) if fit.assign(r) is not None), 0)
             raise FlashflexError(
-                f"the RPC workers' announced memory ({where}) holds {most} of {name}'s layers, not --rpc-layers "
-                f"{layers} (a layer needs {format_size(weights[-1] + kv[-1], round_up=True)} with its KV cache, each "
-                f"device {format_size(reserve, round_up=True)} for compute, the last the output layer "
-                f"{format_size(output, round_up=True)})",
-                f"give --rpc-layers {most} or fewer, lower --ctx, or start the workers with more --mem"
-                if most else "lower --ctx, or start the workers with more --mem")
+                f"{whose} ({where}) holds {most} of {name}'s layers, not {flag} {layers} ({need})",
+                f"give {flag} {most} or fewer, lower --ctx, or {more}" if most else f"lower --ctx, or {more}")
     else:
         counts = None
         for r in range(n_layer, 0, -1):
@@ -205,27 +232,27 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
             if counts is not None:
                 break
         if counts is None:
-            raise FlashflexError(
-                f"the RPC workers' announced memory ({where}) holds no layer of {name}: a layer needs "
-                f"{format_size(weights[-1] + kv[-1], round_up=True)} with its KV cache, plus "
-                f"{format_size(reserve, round_up=True)} for compute and the output layer "
-                f"{format_size(output, round_up=True)} on the last device",
-                "start the workers with more --mem (or on bigger machines), or lower --ctx")
+            raise FlashflexError(f"{whose} ({where}) holds no layer of {name}: {need}",
+                                 f"{more} (or on bigger machines), or lower --ctx" if not local
+                                 else f"{more}, or lower --ctx")
     used = fit.used(counts)
     assert used is not None
     remote = sum(counts)
-    warnings = [f"RPC worker {d.endpoint} (device {d.device}) gets no layer: its memory holds none beside the others"
+    warnings = [f"{d.label} gets no layer: its memory holds none beside the others" if d.endpoint == LOCAL else
+                f"RPC worker {d.endpoint} (device {d.device}) gets no layer: its memory holds none beside the others"
                 for d, c in zip(devices, counts) if c == 0]
     plans = []
     first = n_layer - remote
-    kept = [(d, c, u) for d, c, u in zip(devices, counts, used) if c > 0]
-    for i, (d, c, u) in enumerate(kept):
+    kept = [(d, c, r) for d, c, r in zip(devices, counts, reserves) if c > 0]
+    for i, (d, c, r) in enumerate(kept):
         last = i == len(kept) - 1
         w = sum(weights[first:first + c]) + (output if last else 0)
         k = sum(kv[first:first + c])
-        plans.append(RPCDevicePlan(endpoint=d.endpoint, device=d.device, free_bytes=d.free, total_bytes=d.total,
-                                   first_layer=first, n_layers=c, output=last, weight_bytes=w, kv_cache_bytes=k,
-                                   compute_bytes=reserve, used_bytes=w + k + reserve))
+        plans.append(RPCDevicePlan(endpoint=d.endpoint, device=d.device, name=d.name, free_bytes=d.free,
+                                   total_bytes=d.total, budget_bytes=d.capacity, first_layer=first, n_layers=c,
+                                   output=last, weight_bytes=w, kv_cache_bytes=k, compute_bytes=r,
+                                   compute_source="measured" if d.compute is not None else "estimated",
+                                   used_bytes=w + k + r))
         first += c
     split = [float(p.n_layers + (1 if p.output else 0)) for p in plans]
     local_bytes = sum(t.n_bytes for t in local_table(table, n_layer - remote, experts_here, routers_here).tensors)

@@ -54,6 +54,10 @@ class PlanRequest:
     records_trace: bool = False  # a routing trace is recorded (slot-bank only)
     bank_options: tuple[str, ...] = ()  # flags of bank options given (BANK_OPTIONS), for refusals
     layers_elsewhere: int | None = None  # rpc.layers or -ngl: layers asked to go to other devices; None = fit
+    layers_flag: str = "--rpc-layers"  # the option that asked for layers_elsewhere, for messages
+    # -ngl auto on this host's GPUs alone: as many layers as fit, and none (a warning, everything here) when the
+    # device budget holds no layer; an explicit count or RPC workers that hold nothing are refused instead
+    layers_optional: bool = False
     draft: DraftRequest | None = None
     process_bytes: int = 0  # the process beside the model (a benchmark's interpreter), reserved first
 
@@ -77,9 +81,9 @@ class PlanRequest:
         p, m = cfg.prefetch, cfg.moe
         given = tuple(flag for key, flag in BANK_OPTIONS.items()
                       if key in m.model_fields_set and getattr(m, key) not in (None, "none"))
-        layers = cfg.rpc.layers
-        if cfg.gpu.layers is not None:  # llama.cpp's -ngl: 99 means all
-            layers = cfg.gpu.layers
+        layers, flag = cfg.rpc.layers, "--rpc-layers"
+        if isinstance(cfg.gpu.layers, int) and cfg.gpu.layers > 0:  # llama.cpp's -ngl: 99 means all
+            layers, flag = cfg.gpu.layers, "-ngl"
         return cls(budget_bytes=budget_bytes, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch,
                    threads=None if p.threads == "auto" else int(p.threads),
                    window=None if p.window in (None, "auto") else int(p.window), direct_io=str(p.direct_io),
@@ -87,7 +91,8 @@ class PlanRequest:
                    mode=str(m.mode), slot_bank=m.slot_bank, topk=m.topk, moe_prefetch=str(m.prefetch),
                    prefetch_ranks=m.prefetch_ranks, io_threads=m.io_threads, verify=m.verify,
                    shared_only=m.shared_only, records_trace=m.trace is not None and not modes.is_oracle(m.mode),
-                   bank_options=given, layers_elsewhere=layers, draft=draft, process_bytes=process_bytes)
+                   bank_options=given, layers_elsewhere=layers, layers_flag=flag,
+                   layers_optional=layers is None and not cfg.rpc.servers, draft=draft, process_bytes=process_bytes)
 
 
 @dataclass(frozen=True)

@@ -164,20 +164,29 @@ class Estimates(_Model):
 
 
 class RPCDevicePlan(_Model):
-    """One RPC worker device and the layers placed on it."""
+    """One device that layers go to (an RPC worker's, or one of this host's GPUs) and the layers placed on it."""
 
-    endpoint: str = Field(description="The worker, HOST:PORT.")
-    device: int = Field(description="The device's index on its worker.")
+    endpoint: str = Field(description="The worker, HOST:PORT; `local` for this host's GPUs.")
+    device: int = Field(description="The device's index on its worker (this host's GPUs: in the library's device "
+                        "list).")
+    name: str = Field(default="", description="The backend's name for this host's GPU (Vulkan0, CUDA0); empty for a "
+                      "worker's device.")
     free_bytes: int = Field(description="Memory the device announced as free when planned.")
     total_bytes: int = Field(description="Memory the device announced in total.")
+    budget_bytes: int | None = Field(default=None, description="This host's GPU: the device budget the plan kept "
+                                     "within (--gpu-budget, or free memory minus a margin); null for a worker's "
+                                     "device (its announced free memory is the limit).")
     first_layer: int = Field(description="First layer placed here; its layers are first_layer .. first_layer + "
                              "n_layers - 1.")
     n_layers: int = Field(description="Layers placed here.")
     output: bool = Field(description="Whether the output layer (output norm and matrix) is placed here.")
     weight_bytes: int = Field(description="Weights placed here (the output layer's included).")
     kv_cache_bytes: int = Field(description="KV cache of its layers (f16, the whole context).")
-    compute_bytes: int = Field(description="Compute buffers reserved for it (an upper estimate).")
-    used_bytes: int = Field(description="weights + KV cache + compute: never above free_bytes.")
+    compute_bytes: int = Field(description="Compute buffers reserved for it.")
+    compute_source: Literal["measured", "estimated"] = Field(
+        default="estimated", description="measured = llama.cpp sized the device's compute buffer for this model and "
+        "these settings (no_alloc); estimated = the planner's upper estimate.")
+    used_bytes: int = Field(description="weights + KV cache + compute: never above the budget (or free_bytes).")
 
 
 class RPCPlan(_Model):

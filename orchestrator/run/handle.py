@@ -57,9 +57,8 @@ class Prepared:
         if spec.placement is not None:
             p = spec.placement
             out["rpc"] = {"local_layers": p.local_layers, "remote_layers": p.remote_layers,
-                          "devices": [{"endpoint": d.endpoint, "device": d.device, "first_layer": d.first_layer,
-                                       "n_layers": d.n_layers, "output": d.output, "weight_bytes": d.weight_bytes}
-                                      for d in p.devices]}
+                          "experts_here": p.experts_here,
+                          "devices": [d.model_dump(mode="json") for d in p.devices]}
         if spec.banks is not None:
             out["moe"] = {"mode": spec.mode, "slots": spec.banks.slots, "prefetch": spec.banks.prefetch,
                           "sidecar": spec.banks.sidecar, "trace": spec.banks.trace}
