@@ -224,17 +224,98 @@ def _export_tree(repo: Path, commit: str, dest: Path) -> None:
         safe_extractall(tar, dest)
 
 
+# A slim copy of the pinned llama-cpp-python sdist: the sdist without its vendored llama.cpp and that tree's git
+# objects (a build replaces vendor/llama.cpp with our tree anyway), 1 MB instead of 75. It exists for machines that
+# reach no package index and can be sent only so much (scripts/gpu_check.py --prepare makes one); its manifest names
+# the pinned sdist it came from and the sha256 of every file kept.
+SLIM_MANIFEST = "FLASHFLEX_SLIM.json"
+_SLIM_DROPPED = ("vendor/llama.cpp/", ".git/")
+
+
+def slim_sdist_path(version: str) -> Path:
+    return cache_root() / "sdist" / f"llama_cpp_python-{version}.slim.tar.gz"
+
+
+def _slim_keeps(rel: str) -> bool:
+    return not any((rel + "/").startswith(d) for d in _SLIM_DROPPED)
+
+
+def make_slim_sdist(sdist: Path, dest: Path, pin: vendor.Pin) -> Path:
+    """Write the slim copy of `sdist` (which must be the pinned one) to `dest`."""
+    vendor.verify_sdist(sdist, pin.sdist_sha256)
+    files: dict[str, str] = {}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist, "r:gz") as src, tarfile.open(dest, "w:gz") as out:
+        top = ""
+        for m in src.getmembers():
+            top, _, rel = m.name.partition("/")
+            if rel == "vendor/llama.cpp" or (rel and _slim_keeps(rel) and (m.isfile() or m.isdir())):
+                if m.isfile():
+                    data = src.extractfile(m)
+                    assert data is not None
+                    blob = data.read()
+                    files[rel] = hashlib.sha256(blob).hexdigest()
+                    out.addfile(m, io.BytesIO(blob))
+                else:
+                    out.addfile(m)
+        manifest = json.dumps({"version": pin.lcp_version, "from_sdist": pin.sdist_name,
+                               "from_sha256": pin.sdist_sha256, "files": files}, indent=1, sort_keys=True).encode()
+        info = tarfile.TarInfo(f"{top}/{SLIM_MANIFEST}")
+        info.size = len(manifest)
+        out.addfile(info, io.BytesIO(manifest))
+    return dest
+
+
+def check_slim_sdist(path: Path, pin: vendor.Pin) -> None:
+    """Refuse a slim copy made from another sdist than the pinned one, or with a file changed, added or missing."""
+    fix = f"delete {path} and make it again (scripts/gpu_check.py --prepare), or put the pinned sdist beside it"
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            man = next((m for m in members if m.name.partition("/")[2] == SLIM_MANIFEST), None)
+            if man is None:
+                raise FlashflexError(f"{path.name} has no {SLIM_MANIFEST}: not a slim llama-cpp-python sdist", fix)
+            data = tar.extractfile(man)
+            assert data is not None
+            manifest = json.loads(data.read())
+            if manifest.get("from_sha256") != pin.sdist_sha256:
+                raise FlashflexError(f"{path.name} was made from another sdist than the pinned {pin.sdist_name}", fix)
+            want: dict[str, str] = manifest.get("files", {})
+            seen: dict[str, str] = {}
+            for m in members:
+                rel = m.name.partition("/")[2]
+                if m is not man:
+                    blob = tar.extractfile(m)
+                    assert blob is not None
+                    seen[rel] = hashlib.sha256(blob.read()).hexdigest()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise FlashflexError(f"{path} is not a readable slim sdist ({exc})", fix) from exc
+    if seen != want:
+        bad = sorted(k for k in set(seen) | set(want) if seen.get(k) != want.get(k))
+        raise FlashflexError(f"{path.name} does not match its manifest ({len(bad)} files differ, e.g. {bad[0]})", fix)
+
+
+def _llama_cpp_python_source(pin: vendor.Pin, log: Log) -> Path:
+    """The sdist to unpack: the pinned one (downloaded once); a checked slim copy when only that is in the cache."""
+    slim = slim_sdist_path(pin.lcp_version)
+    if not vendor.sdist_path(pin.lcp_version).exists() and slim.exists():
+        check_slim_sdist(slim, pin)
+        log(f"using {slim.name} (the pinned sdist without its vendored llama.cpp, checked against its manifest)")
+        return slim
+    return vendor.ensure_sdist(pin.lcp_version, pin.sdist_sha256, log)
+
+
 def _prepare_source(src: Path, pin: vendor.Pin, stock: bool, record: dict, log: Log) -> None:
-    sdist = vendor.ensure_sdist(pin.lcp_version, pin.sdist_sha256, log)
+    sdist = _llama_cpp_python_source(pin, log)
     with tarfile.open(sdist, "r:gz") as tar:
         safe_extractall(tar, src.parent / "unpack")
     top = next((src.parent / "unpack").iterdir())
     top.rename(src)
     shutil.rmtree(src.parent / "unpack")
     # Replace the sdist's vendored llama.cpp with the tree we mean to build (same commit for --stock).
-    shutil.rmtree(src / "vendor" / "llama.cpp")
+    shutil.rmtree(src / "vendor" / "llama.cpp", ignore_errors=True)  # a slim sdist has none
     shutil.rmtree(src / ".git", ignore_errors=True)
-    (src / "vendor" / "llama.cpp").mkdir()
+    (src / "vendor" / "llama.cpp").mkdir(parents=True)
     repo = vendor.vendor_dir()
     if stock:
         _export_tree(repo, pin.commit, src / "vendor" / "llama.cpp")
