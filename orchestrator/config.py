@@ -628,6 +628,10 @@ class ServerConfig(_Section):
         description="llama-server engine: sequences decoded together. The plan holds a KV cache of parallel x ctx "
         "tokens; null = 4, lowered to what the budget holds (said at startup); a given value that does not fit is "
         "refused.")
+    queue: int = Field(
+        default=16, ge=0, le=4096,
+        description="llama-server engine: generation requests that may wait beyond the slots; more get HTTP 503 "
+        "with Retry-After.")
 
 
 class ServedModel(RunConfig):

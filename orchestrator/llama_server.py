@@ -37,13 +37,15 @@ class SlotPlan:
 
 
 def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str], None]) -> SlotPlan:
-    """Plan the model for `parallel` slots (None: the default, lowered while it does not fit)."""
+    """Plan the model of `config` (a RunConfig YAML, None, or a RunConfig with its options applied) with `options`
+    for `parallel` slots (None: the default, lowered while it does not fit)."""
     from orchestrator import api
-    from orchestrator.config import load_run_config
+    from orchestrator.config import RunConfig, load_run_config
     from orchestrator.modelfile.reader import read_model_table
     from orchestrator.run.settings import settings_from_config
 
-    cfg = load_run_config(config, api.overrides_from_options(options))
+    cfg = (config.model_copy(deep=True) if isinstance(config, RunConfig)
+           else load_run_config(config, api.overrides_from_options(options)))
     per_slot = cfg.context.ctx
     model = settings_from_config(cfg).model
     n_train = read_model_table(model).arch.n_ctx_train
@@ -99,11 +101,37 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_
                          "check its log above; a large model may need longer to load")
 
 
+def _vocab_size(model: Path) -> int:
+    from orchestrator.modelfile.reader import read_model_table
+    from orchestrator.modelfile.table import Role
+
+    table = read_model_table(model)
+    return next((int(t.shape[1]) for t in table.tensors if t.role is Role.TOKEN_EMBD), 1 << 31)
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def url_of(host: str, port: int) -> str:
+    """An address a browser or curl takes: an IPv6 host in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callable[[str], None] | None = None,
           extra_args: list[str] | None = None) -> int:
-    """Run llama-server under the plan until it exits or SIGINT/SIGTERM (forwarded; it drains within
-    server.shutdown_grace_s, then is killed). Returns its exit status."""
-    from orchestrator import native, tools
+    """Run llama-server under the plan on a private loopback port, behind the front door (orchestrator.front_door)
+    on the server's address, until SIGINT/SIGTERM (the front drains for server.shutdown_grace_s, then llama-server
+    gets one SIGTERM) or llama-server exits. Returns llama-server's exit status (0 after a requested stop)."""
+    import asyncio
+
+    import uvicorn
+
+    from orchestrator import front_door, native, tools
     from orchestrator.run import loader
 
     prepared = slots.prepared
@@ -111,51 +139,79 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
     if prepared.spec.native:
         spec_path = loader.write_native_spec(prepared.spec)
         native.check_spec(spec_path)
-    args = ["--host", server.host, "--port", str(server.port), "--metrics", "--no-webui",
-            "-a", prepared.settings.model.name, "-n", str(server.max_tokens_cap or -1)]
-    if server.api_key:
-        args += ["--api-key", server.api_key]
+    internal_port, internal_key = _free_loopback_port(), front_door.new_internal_key()
+    args = ["--host", "127.0.0.1", "--port", str(internal_port), "--api-key", internal_key, "--metrics",
+            "--no-webui", "-a", prepared.settings.model.name, "-n", str(server.max_tokens_cap or -1)]
     command = tools.command_for(prepared, "llama-server", spec_path, [*args, *(extra_args or [])],
                                 parallel=slots.parallel, prompt_cache_mib=0)
-    log(" ".join(command))
-    # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us, and we forward one
-    # SIGTERM (llama-server takes a second signal as "terminate immediately", skipping its clean shutdown). It gets
-    # SIGTERM too if we die first (Linux), so it never outlives its supervisor.
-    proc = subprocess.Popen(command, start_new_session=True,
-                            preexec_fn=_terminate_with_parent)
+    log(" ".join("KEY" if part == internal_key else part for part in command))
+    # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us, and we send one
+    # SIGTERM after draining (llama-server takes a second signal as "terminate immediately", skipping its clean
+    # shutdown). It gets SIGTERM too if we die first (Linux), so it never outlives its supervisor.
+    proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_terminate_with_parent)
     stopping = False
 
-    def stop(signum, _frame) -> None:
+    def stop_while_loading(signum, _frame) -> None:
         nonlocal stopping
         stopping = True
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop_while_loading) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        url = f"http://{server.host}:{server.port}"
+        upstream = f"http://127.0.0.1:{internal_port}"
         try:
-            wait_ready(url, proc)
+            wait_ready(upstream, proc)
         except FlashflexError:
             if stopping:  # stopped while loading: not a failure
                 return proc.wait()
             raise
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if stopping:
+            return proc.wait()
+        door = front_door.FrontDoor(
+            upstream, internal_key, api_key=server.api_key, slots=slots.parallel, queue=server.queue,
+            ctx_per_slot=slots.ctx_per_slot, n_vocab=_vocab_size(prepared.settings.model),
+            grace_s=server.shutdown_grace_s, summary=prepared.summary)
+        died: list[int] = []
+
+        class Front(uvicorn.Server):
+            def handle_exit(self, sig: int, frame) -> None:
+                if sig == signal.SIGINT and door.stopping.is_set():
+                    self.force_exit = True  # a second Ctrl-C: now
+                if not door.stopping.is_set():
+                    loop = asyncio.get_event_loop()
+                    loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+            async def _drain(self) -> None:
+                await door.drain()
+                self.should_exit = True
+
+            async def on_tick(self, counter: int) -> bool:  # every 0.1 s: also ends when llama-server does
+                if proc.poll() is not None and not door.stopping.is_set() and not died:
+                    died.append(proc.returncode)
+                    self.should_exit = True
+                return await super().on_tick(counter)
+
+        front = Front(uvicorn.Config(door, host=server.host, port=server.port, log_level="warning",
+                                     lifespan="on", timeout_graceful_shutdown=1))
         if on_ready is not None:
-            on_ready(url)
-        deadline = None
-        while True:
-            try:
-                return proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                if not stopping:
-                    continue
-                deadline = deadline or time.monotonic() + server.shutdown_grace_s
-                if time.monotonic() > deadline:
-                    log(f"llama-server did not stop within {server.shutdown_grace_s:.0f} s; killing it")
-                    proc.kill()
+            on_ready(url_of(server.host, server.port))
+        asyncio.run(front.serve())
+        if died:
+            raise FlashflexError(f"llama-server exited with status {died[0]} while serving",
+                                 "see its log above; the front door stopped with it")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=max(2.0, server.shutdown_grace_s))
+        except subprocess.TimeoutExpired:
+            log(f"llama-server did not stop within {max(2.0, server.shutdown_grace_s):.0f} s; killing it")
+            proc.kill()
+        return 0
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         if proc.poll() is None:
             proc.kill()
             proc.wait()

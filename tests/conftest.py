@@ -117,3 +117,11 @@ def moe_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         sidecar.extract(path, out / f"{key}.sidecar")
         models[key] = (path, out / f"{key}.sidecar")
     return models
+
+
+@pytest.fixture(scope="module")
+def tools_build(patched_llama):
+    """The patched build, with llama.cpp's programs (llama-server, ...) shipped beside the library."""
+    if "tools" not in patched_llama.info()["features"]:
+        pytest.skip("the installed build ships no llama.cpp programs; run flashflex build")
+    return patched_llama

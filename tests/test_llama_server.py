@@ -20,13 +20,6 @@ pytestmark = pytest.mark.native
 FLAGS = ["--engine", "llama-server", "--budget", "80MiB", "--ctx", "256", "--ubatch", "32", "--threads", "2"]
 
 
-@pytest.fixture(scope="module")
-def tools_build(patched_llama):
-    if "tools" not in patched_llama.info()["features"]:
-        pytest.skip("the installed build ships no llama.cpp programs; run flashflex build")
-    return patched_llama
-
-
 class LlamaServer(Server):
     """The same harness as the python engine's; llama-server's /health says {"status": "ok"} once loaded."""
 

@@ -77,23 +77,32 @@ def _engine_of(config: Path | None, server_overrides: dict) -> str:
 
 def _serve_llama_server(config: Path | None, options: dict, server_overrides: dict) -> int:
     """One model under its plan in llama.cpp's server, N slots; returns the server's exit status."""
-    from orchestrator import llama_server, tools
+    from orchestrator import api, llama_server, tools
     from orchestrator.cli.options import DRAFT_FLAGS
-    from orchestrator.config import ServerConfig, is_serve_file
+    from orchestrator.config import RunConfig, ServerConfig, is_serve_file, load_serve_file
 
+    model_config: Path | RunConfig | None = config
+    server_settings = {k: v for k, v in server_overrides.items() if v is not None}
     if config is not None and is_serve_file(config):
-        raise FlashflexError("the llama-server engine serves one model, and this serve file lists models",
-                             "give one RunConfig (or flags), or use --engine python for several models")
+        served = load_serve_file(config, api.overrides_from_options(options), server_settings)
+        if len(served.models) != 1:
+            raise FlashflexError(f"the llama-server engine serves one model, and {config} lists "
+                                 f"{len(served.models)}", "list one model, or use --engine python for several models")
+        model_config = RunConfig.model_validate(served.models[0].model_dump(exclude={"alias"}, exclude_unset=True))
+        server_settings = served.server.model_dump(exclude_unset=True)
+        if model_config.draft.kind != "none" or model_config.moe.trace is not None:
+            raise FlashflexError(f"{config}: drafting and trace recording are not available with the llama-server "
+                                 "engine", "drop them from the model, or use --engine python")
     for flag in (*DRAFT_FLAGS, "moe_trace"):
         if options.get(flag) is not None:
             raise FlashflexError(f"--{flag.replace('_', '-')} is not available with the llama-server engine",
                                  "drop it, or use --engine python")
-    server = ServerConfig.model_validate({k: v for k, v in server_overrides.items() if v is not None})
+    server = ServerConfig.model_validate(server_settings)
     from orchestrator.endpoints import check_can_listen, is_loopback
 
     tools.locate("llama-server")  # a build without it says so before anything is planned
     check_can_listen(server.host, server.port)
-    slots = llama_server.plan_slots(config, options, server.parallel, err_console.print)
+    slots = llama_server.plan_slots(model_config, options, server.parallel, err_console.print)
     if slots.lowered_from is not None:
         err_console.print(f"[yellow]--parallel {slots.lowered_from} does not fit the budget: serving "
                           f"{slots.parallel} slot(s) (give --budget more, or --ctx less)[/]", soft_wrap=True)
@@ -134,6 +143,9 @@ def register(app: typer.Typer) -> None:
         parallel: Optional[int] = typer.Option(None, "--parallel", "-np", min=1, max=256,
                                                help="llama-server engine: sequences decoded together (default 4, "
                                                "lowered to what the budget holds)."),
+        queue: Optional[int] = typer.Option(None, "--queue", min=0, max=4096,
+                                            help="llama-server engine: requests that may wait beyond the slots "
+                                            "(default 16); more get HTTP 503 with Retry-After."),
         *,
         options: dict,
     ) -> None:
@@ -144,12 +156,13 @@ def register(app: typer.Typer) -> None:
         from orchestrator import server as srv
 
         server_overrides = {"host": host, "port": port, "api_key": api_key, "max_tokens_cap": max_tokens_cap,
-                            "engine": engine, "parallel": parallel}
+                            "engine": engine, "parallel": parallel, "queue": queue}
         if _engine_of(config, server_overrides) == "llama-server":
             raise typer.Exit(_serve_llama_server(config, options, server_overrides))
-        if parallel is not None:
-            raise FlashflexError("--parallel applies to the llama-server engine",
-                                 "add --engine llama-server (the python engine answers one request at a time)")
+        for flag, value in (("--parallel", parallel), ("--queue", queue)):
+            if value is not None:
+                raise FlashflexError(f"{flag} applies to the llama-server engine",
+                                     "add --engine llama-server (the python engine answers one request at a time)")
         _server_deps()
         entries, settings = load_entries(config, options, server_overrides, err_console.print)
         srv.check_can_listen(settings.host, settings.port)

@@ -1,0 +1,265 @@
+"""The front door of the llama-server engine (orchestrator.front_door): the reliability review's HTTP cases
+(docs in ../shared/docs/reviews/2026-12-04-reliability.md: C1-C7, S2-S4, M1-M7, X1, X3, M8) and the serving issue's
+promises under load (a bounded queue answered 503 with Retry-After, /health that never waits, a client that leaves
+freeing its slot, answers cut by shutdown marked as cut). The parsing rules are checked alone; the rest against the
+real server on 127.0.0.1, every request bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+from test_llama_server import LlamaServer
+
+from orchestrator import front_door as fd
+
+from conftest import flashflex
+
+# --------------------------------------------------------------------------------------------------
+# The rules, alone
+
+
+@pytest.mark.parametrize("raw,code", [
+    (b'{"prompt":"x","temperature":NaN}', "invalid_json"),
+    (b'{"prompt":"x","temperature":Infinity}', "invalid_json"),
+    (b'{"prompt":"Hello \\ud800 world"}', "invalid_unicode"),
+    (b'{"messages":[{"role":"user","content":"a\\udfff"}]}', "invalid_unicode"),
+    (b'{"messages": [}', "invalid_json"),
+    (b'{', "invalid_json"),
+    (b'\xff\xfe', "invalid_json"),
+    (b'[1, 2]', "invalid_json"),
+    (b'', "invalid_json"),
+    (b'{"a":' + b'[' * 65 + b']' * 65 + b'}', "too_deep"),
+    (b'{"a":' + b'[' * 100000 + b']' * 100000 + b'}', "too_deep"),
+])
+def test_bodies_llama_server_would_answer_with_a_500_are_400s(raw, code):
+    with pytest.raises(fd.Refusal) as e:
+        fd.parse_body(raw)
+    assert e.value.status == 400 and e.value.code == code, e.value.message
+
+
+def test_a_sound_body_passes_as_it_is():
+    assert fd.parse_body(b'{"prompt":"caf\\u00e9 \xf0\x9f\x98\x80","a":[[1]],"t":0.5}')["t"] == 0.5
+
+
+@pytest.mark.parametrize("grammar,depth", [
+    ('root ::= "a"', 0), ('root ::= ("a" | ("b"))', 2), ('root ::= [a-z]+', 1),
+    ('root ::= "((((" x', 0), ('root ::= "\\"(" ("a")', 1), ("root ::= " + "(" * 300 + '"a"' + ")" * 300, 300),
+])
+def test_grammar_depth_counts_groups_not_quoted_text(grammar, depth):
+    assert fd.grammar_depth(grammar) == depth
+
+
+@pytest.mark.parametrize("path,body,says", [
+    ("/v1/completions", {"grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}, "grammar nests deeper"),
+    ("/detokenize", {"tokens": [999999999]}, "token id 999999999 is outside the vocabulary (0 to 99)"),
+    ("/detokenize", {"tokens": [-1]}, "token id -1 is outside"),
+    ("/detokenize", {"tokens": [1, True]}, "token id True"),
+    ("/detokenize", {"tokens": "12"}, "must be a list"),
+    ("/v1/completions", {"logit_bias": {"-259942": 100}}, "logit_bias[-259942]"),
+    ("/v1/completions", {"logit_bias": {"100": 1}}, "token id 100 is outside"),
+    ("/v1/completions", {"logit_bias": [[100, 1.0]]}, "logit_bias[0]"),
+])
+def test_requests_that_would_crash_or_wrap_are_refused(path, body, says):
+    with pytest.raises(fd.Refusal) as e:
+        fd.check_request(path, body, n_vocab=100)
+    assert e.value.status == 400 and says in e.value.message, e.value.message
+
+
+def test_what_passes_the_checks():
+    fd.check_request("/v1/completions", {"grammar": 'root ::= ("a")', "logit_bias": {"5": 1, "hello": -1}}, 100)
+    fd.check_request("/detokenize", {"tokens": [0, 99]}, 100)
+
+
+def test_the_body_cap_follows_the_context():
+    assert fd.body_cap(256) == fd.MIN_BODY_CAP
+    assert fd.body_cap(32768) == 128 * 32768 + (64 << 10)
+
+
+def test_the_key_comes_from_the_authorization_header():
+    assert fd.authorized([(b"authorization", b"Bearer s3cret")], "s3cret")
+    assert fd.authorized([(b"Authorization", b"bearer  s3cret ")], "s3cret")
+    assert not fd.authorized([(b"authorization", b"Bearer wrong")], "s3cret")
+    assert not fd.authorized([(b"authorization", b"Basic s3cret")], "s3cret")
+    assert not fd.authorized([], "s3cret")
+
+
+# --------------------------------------------------------------------------------------------------
+# Against llama-server: one slot, one waiting place, a key, a short grace
+
+
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def door(tools_build, tmp_path_factory):
+    serve_file = tmp_path_factory.mktemp("front") / "serve.yaml"
+    serve_file.write_text("server:\n  engine: llama-server\n  parallel: 1\n  queue: 1\n  api_key: s3cret\n"
+                          "  shutdown_grace_s: 1\nmodels:\n  - context: {ctx: 256}\n")
+    srv = LlamaServer(str(serve_file), "--threads", "2")
+    yield srv
+    srv.stop()
+
+
+def _request(port: int, method: str, path: str, body: bytes = b"", key: str | None = KEY,
+             headers: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, dict, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if key is not None:
+        h["Authorization"] = f"Bearer {key}"
+    conn.request(method, path, body=body or None, headers=h)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+
+
+def _post(port: int, path: str, body: dict | bytes, **kw) -> tuple[int, dict, bytes]:
+    return _request(port, "POST", path, body if isinstance(body, bytes) else json.dumps(body).encode(), **kw)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("case,path,body,status", [
+    ("C1", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": "root ::= (((("}, 400),
+    ("C3", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": 'root ::= root "a" | "a"'}, 400),
+    ("C4", "/v1/completions", {"prompt": "hi", "max_tokens": 4,
+                               "grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}, 400),
+    ("C5", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                                    "response_format": {"type": "json_object", "schema": {"enum": []}}}, 400),
+    ("C6", "/detokenize", {"tokens": [999999999]}, 400),
+    ("C7", "/detokenize", {"tokens": [-1]}, 400),
+    ("S2", "/v1/completions", b'{"prompt":"The capital of France is","max_tokens":8,"temperature":NaN}', 400),
+    ("S3", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "logit_bias": {"-259942": 100}}, 400),
+    ("S4", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "n": 1000}, 400),
+    ("M2", "/v1/completions", b'{"prompt":"Hello \\ud800 world","max_tokens":4}', 400),
+    ("M6", "/tokenize", b"{", 400),
+    ("M7", "/v1/embeddings", {"input": "hello"}, 501),
+    ("M1", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2}, 200),
+    ("model", "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}],
+                                       "max_tokens": 2}, 200),
+])
+def test_the_review_s_requests_get_true_answers_and_the_server_lives(door, case, path, body, status):
+    """Crashes become 4xx, 500s with internals become 400s naming the field; the server answers /health after."""
+    got, _headers, data = _post(door.port, path, body)
+    assert got == status, (case, data[:300])
+    if got >= 400:
+        assert json.loads(data)["error"]["message"], data
+    assert door.get("/health")["status"] == "ok"
+
+
+@pytest.mark.native
+def test_the_key_is_checked_before_the_body_is_read_and_big_bodies_are_refused_unread(door):
+    """X1: 200 MiB announced: 401 without the key, 413 with it, both before a byte of the body is sent."""
+    for key, expected in ((None, b"401"), (KEY, b"413")):
+        with socket.create_connection(("127.0.0.1", door.port), timeout=10) as s:
+            auth = f"Authorization: Bearer {key}\r\n" if key else ""
+            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+                      f"Content-Length: {200 << 20}\r\n\r\n".encode())
+            head = s.recv(200)
+        assert head.split(b" ")[1] == expected, head
+    status, _, _ = _post(door.port, "/v1/completions", {"prompt": "hi", "max_tokens": 2}, key="wrong")
+    assert status == 401
+    assert door.get("/health")["status"] == "ok"  # /health needs no key
+
+
+@pytest.mark.native
+def test_beyond_the_slots_and_the_queue_the_answer_is_503_with_retry_after(door):
+    results: dict[int, int] = {}
+
+    def long(i: int) -> None:
+        results[i] = _post(door.port, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 200,
+                                                          "temperature": 0})[0]
+
+    threads = [threading.Thread(target=long, args=(i,)) for i in range(2)]  # one decoding, one waiting
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while door.get("/health")["waiting"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    health = door.get("/health")  # answered at once while both are in
+    status, headers, data = _post(door.port, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    for t in threads:
+        t.join(60)
+    assert health["generating"] == 1 and health["waiting"] == 1, health
+    assert status == 503 and int(headers["retry-after"]) > 0, data
+    assert json.loads(data)["error"]["code"] == "server_busy"
+    assert results == {0: 200, 1: 200}
+
+
+@pytest.mark.native
+def test_a_client_that_leaves_frees_its_slot(door):
+    """X3: a non-streamed request for 220 tokens whose client hangs up after 0.5 s: the next request does not wait
+    for that generation (the front closes the upstream request; llama-server drops the task)."""
+    t0 = time.monotonic()
+    _post(door.port, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 220, "temperature": 0})
+    whole = time.monotonic() - t0
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 220, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.3)
+    t0 = time.monotonic()
+    status, _, _ = _post(door.port, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200
+    assert time.monotonic() - t0 < 0.5 * whole + 0.5, (whole, time.monotonic() - t0)
+    status, _, stats = _request(door.port, "GET", "/flashflex/stats")
+    assert status == 200 and json.loads(stats)["client_left"] >= 1
+
+
+@pytest.mark.native
+def test_shutdown_marks_cut_answers_and_refuses_the_waiting(tools_build, tmp_path):
+    """M8: SIGTERM while one answer streams and another is non-streamed behind it: after the grace (1 s) the
+    streamed one ends with an error event saying it was cut, the other gets 503 (not a truncated 200 with
+    finish_reason "stop"); the server exits 0."""
+    import signal
+
+    serve_file = tmp_path / "serve.yaml"
+    serve_file.write_text("server:\n  engine: llama-server\n  parallel: 1\n  shutdown_grace_s: 1\n"
+                          "models:\n  - context: {ctx: 4096}\n")
+    srv = LlamaServer(str(serve_file), "--threads", "2")
+    try:
+        streamed: list[bytes] = []
+        waiting: list[int] = []
+
+        def stream() -> None:
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+            conn.request("POST", "/v1/completions", body=json.dumps({
+                "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True,
+                "ignore_eos": True}), headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            while chunk := r.read1(65536):
+                streamed.append(chunk)
+
+        def behind() -> None:
+            waiting.append(_post(srv.port, "/v1/completions", {"prompt": "hi", "max_tokens": 3000,
+                                                                "ignore_eos": True}, key=None)[0])
+
+        threads = [threading.Thread(target=stream), threading.Thread(target=behind)]
+        threads[0].start()
+        deadline = time.monotonic() + 30
+        while not streamed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        threads[1].start()
+        time.sleep(0.3)
+        code, err = srv.stop(signal.SIGTERM, timeout=30)
+        for t in threads:
+            t.join(30)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    text = b"".join(streamed).decode()
+    assert code == 0, err[-2000:]
+    assert '"code": "answer_cut"' in text and "[DONE]" not in text, text[-500:]
+    assert waiting == [503]
+
+
+def test_parallel_and_queue_belong_to_the_llama_server_engine():
+    result = flashflex("serve", "--queue", "3", timeout=60)
+    assert result.returncode != 0 and "--queue applies to the llama-server engine" in result.stderr
