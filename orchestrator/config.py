@@ -618,11 +618,13 @@ class ServerConfig(_Section):
         default=3.0, ge=0.0, le=600.0,
         description="On SIGINT/SIGTERM: stop accepting, stop in-flight generations at their next token, and exit "
         "after at most this many seconds.")
-    engine: Literal["python", "llama-server"] = Field(
-        default="python",
-        description="python: flashflex's own server (one request at a time, several models, drafting, "
-        "/flashflex/stats). llama-server: llama.cpp's server from the same patched build, one model under its plan "
-        "with `parallel` slots decoded together (continuous batching), /metrics.")
+    engine: Literal["auto", "python", "llama-server"] = Field(
+        default="auto",
+        description="llama-server: llama.cpp's server from the same patched build, one model under its plan with "
+        "`parallel` slots decoded together (continuous batching), behind flashflex's front door (key, limits, "
+        "bounded queue). python: flashflex's own server (one request at a time, several models, drafting, "
+        "routing traces, the runtime's counters in /flashflex/stats). auto = llama-server, unless what is served "
+        "needs python (several models, drafting, a trace) or the build ships no llama-server; said at startup.")
     parallel: int | None = Field(
         default=None, ge=1, le=256,
         description="llama-server engine: sequences decoded together. The plan holds a KV cache of parallel x ctx "

@@ -260,6 +260,6 @@ def test_shutdown_marks_cut_answers_and_refuses_the_waiting(tools_build, tmp_pat
     assert waiting == [503]
 
 
-def test_parallel_and_queue_belong_to_the_llama_server_engine():
-    result = flashflex("serve", "--queue", "3", timeout=60)
+def test_the_queue_belongs_to_the_llama_server_engine():
+    result = flashflex("serve", "--engine", "python", "--queue", "3", timeout=60)
     assert result.returncode != 0 and "--queue applies to the llama-server engine" in result.stderr

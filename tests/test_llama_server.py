@@ -21,7 +21,9 @@ FLAGS = ["--engine", "llama-server", "--budget", "80MiB", "--ctx", "256", "--uba
 
 
 class LlamaServer(Server):
-    """The same harness as the python engine's; llama-server's /health says {"status": "ok"} once loaded."""
+    """The same harness as the python engine's; the engine comes from the flags or the serve file."""
+
+    ENGINE = None
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +79,21 @@ def test_parallel_that_does_not_fit_is_refused_in_one_line(tools_build):
 
 
 def test_parallel_needs_the_llama_server_engine(tools_build):
-    result = flashflex("serve", "--parallel", "2", "--port", str(_free_port()), timeout=60)
-    assert result.returncode != 0
-    assert "--engine llama-server" in one_error(result, "--parallel applies to the llama-server engine")
+    result = flashflex("serve", "--engine", "python", "--parallel", "2", "--port", str(_free_port()), timeout=60)
+    one_error(result, "--parallel applies to the llama-server engine", "drop --engine python")
+
+
+def test_the_default_engine_is_python_only_for_what_llama_server_cannot_serve(tools_build, tmp_path):
+    """auto: drafting or several models choose the python engine, said at startup; --parallel then says why."""
+    drafting = flashflex("serve", "--draft", "prompt-lookup", "--ubatch", "8", "--parallel", "2", "--port",
+                         str(_free_port()), timeout=60)
+    assert "engine python: drafting" in drafting.stderr
+    one_error(drafting, "--parallel applies to the llama-server engine", "the python engine serves here")
+    two = tmp_path / "two.yaml"
+    two.write_text("models:\n  - {alias: a}\n  - {alias: b}\n")
+    several = flashflex("serve", str(two), "--queue", "2", "--port", str(_free_port()), timeout=60)
+    assert "engine python: 2 models" in several.stderr
+    one_error(several, "--queue applies to the llama-server engine")
 
 
 def test_drafting_is_refused_with_the_llama_server_engine(tools_build):

@@ -34,11 +34,18 @@ def _free_port() -> int:
 
 
 class Server:
+    """`flashflex serve` on a free loopback port; the python engine unless the arguments name one (a serve file
+    may too: then ENGINE = None)."""
+
+    ENGINE: str | None = "python"
+
     def __init__(self, *args: str, env: dict | None = None):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         e = dict(os.environ, **(env or {}))
         e.pop("FLASHFLEX_DEBUG", None)
+        if self.ENGINE is not None and "--engine" not in args:
+            args = ("--engine", self.ENGINE, *args)
         self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", "--port", str(self.port), *args],
                                      cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180

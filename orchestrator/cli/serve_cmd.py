@@ -65,14 +65,33 @@ def startup_lines(entries, server) -> list[str]:
     return lines
 
 
-def _engine_of(config: Path | None, server_overrides: dict) -> str:
-    from orchestrator.config import is_serve_file, load_serve_file
+def choose_engine(config: Path | None, options: dict, server_overrides: dict) -> tuple[str, str | None]:
+    """(the engine that serves, why when it was not asked for): llama-server unless what is served needs the
+    python engine (several models, drafting, a trace recorded) or the build ships no llama-server."""
+    from orchestrator import tools
+    from orchestrator.cli.options import DRAFT_FLAGS
+    from orchestrator.config import RunConfig, is_serve_file, load_run_config, load_serve_file
 
-    if server_overrides.get("engine"):
-        return server_overrides["engine"]
+    engine = server_overrides.get("engine")
+    configs: list[RunConfig] = []
     if config is not None and is_serve_file(config):
-        return load_serve_file(config, {}, {}).server.engine
-    return "python"
+        served = load_serve_file(config, {}, {})
+        engine = engine or served.server.engine
+        configs = list(served.models)
+        if engine == "auto" and len(configs) > 1:
+            return "python", f"{len(configs)} models (llama-server serves one)"
+    elif config is not None:
+        configs = [load_run_config(config, {})]
+    if engine not in (None, "auto"):
+        return engine, None
+    if any(options.get(flag) is not None for flag in (*DRAFT_FLAGS, "moe_trace")) or any(
+            c.draft.kind != "none" or c.moe.trace is not None for c in configs):
+        return "python", "drafting or a routing trace (llama-server does neither)"
+    try:
+        tools.locate("llama-server")
+    except FlashflexError:
+        return "python", "this build ships no llama-server"
+    return "llama-server", None
 
 
 def _serve_llama_server(config: Path | None, options: dict, server_overrides: dict) -> int:
@@ -138,8 +157,10 @@ def register(app: typer.Typer) -> None:
         max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", min=1,
                                                      help="Largest max_tokens a request may ask for "
                                                      "(default: the context)."),
-        engine: Optional[str] = typer.Option(None, "--engine", help="python (default: flashflex's server) or "
-                                             "llama-server (llama.cpp's, under the plan, with --parallel slots)."),
+        engine: Optional[str] = typer.Option(None, "--engine", help="llama-server (llama.cpp's server under the "
+                                             "plan, --parallel slots decoded together), python (flashflex's: "
+                                             "several models, drafting, traces; one request at a time), or auto "
+                                             "(the default: llama-server unless what is served needs python)."),
         parallel: Optional[int] = typer.Option(None, "--parallel", "-np", min=1, max=256,
                                                help="llama-server engine: sequences decoded together (default 4, "
                                                "lowered to what the budget holds)."),
@@ -153,16 +174,23 @@ def register(app: typer.Typer) -> None:
         template, streaming, /v1/models) through the same plan and runtime as `run`; /health and
         /flashflex/stats in JSON. CONFIG is a RunConfig YAML or a serve file listing several `models:`
         (loaded on demand). Concurrent requests queue. SIGINT/SIGTERM stop in-flight answers and exit."""
+        from orchestrator import llama_server
         from orchestrator import server as srv
 
         server_overrides = {"host": host, "port": port, "api_key": api_key, "max_tokens_cap": max_tokens_cap,
                             "engine": engine, "parallel": parallel, "queue": queue}
-        if _engine_of(config, server_overrides) == "llama-server":
+        chosen, why = choose_engine(config, options, server_overrides)
+        if why is not None:
+            err_console.print(f"[dim]engine {chosen}: {why}[/]", soft_wrap=True)
+        if chosen == "llama-server":
             raise typer.Exit(_serve_llama_server(config, options, server_overrides))
         for flag, value in (("--parallel", parallel), ("--queue", queue)):
             if value is not None:
-                raise FlashflexError(f"{flag} applies to the llama-server engine",
-                                     "add --engine llama-server (the python engine answers one request at a time)")
+                raise FlashflexError(f"{flag} applies to the llama-server engine"
+                                     + (f", and the python engine serves here ({why})" if why else ""),
+                                     "drop it, or serve what llama-server can (one model, no drafting or trace)"
+                                     if why else "drop --engine python (the python engine answers one request at "
+                                     "a time)")
         _server_deps()
         entries, settings = load_entries(config, options, server_overrides, err_console.print)
         srv.check_can_listen(settings.host, settings.port)
@@ -176,7 +204,8 @@ def register(app: typer.Typer) -> None:
 
         def ready() -> None:
             err_console.print(f"serving {', '.join(e.alias for e in entries)} on "
-                              f"http://{settings.host}:{settings.port}/v1 (Ctrl-C to stop)", soft_wrap=True)
+                              f"{llama_server.url_of(settings.host, settings.port)}/v1 (one request at a time; "
+                              "Ctrl-C to stop)", soft_wrap=True)
 
         srv.serve(entries, settings, log=lambda msg: err_console.print(f"[dim]{msg}[/]", soft_wrap=True),
                   on_ready=ready)
