@@ -202,7 +202,7 @@ class FrontDoor:
         except Refusal as r:
             if r.status in (400, 413):
                 self.counters.refused_bad += 1
-            await _respond(send, r.status, r.body(), r.headers)
+            await respond(send, r.status, r.body(), r.headers)
 
     async def _lifespan(self, receive, send) -> None:
         import httpx
@@ -223,16 +223,16 @@ class FrontDoor:
         path, method = scope.get("path", ""), scope.get("method", "GET")
         self.counters.requests += 1
         if path == "/health":  # never waits on a generation, never needs the key
-            await _respond(send, 200, json.dumps(self.health()).encode())
+            await respond(send, 200, json.dumps(self.health()).encode())
             return
         if self.api_key is not None and not authorized(scope.get("headers", []), self.api_key):
             raise Refusal(401, "invalid or missing API key (Authorization: Bearer KEY)", "invalid_api_key")
         if path == "/flashflex/stats":
-            await _respond(send, 200, json.dumps(self.stats()).encode())
+            await respond(send, 200, json.dumps(self.stats()).encode())
             return
         if self.stopping.is_set():
             raise Refusal(503, "the server is shutting down", "shutting_down", headers={"Retry-After": "5"})
-        body = await self._read_body(scope, receive) if method in ("POST", "PUT", "PATCH") else b""
+        body = await read_body(scope, receive, self.cap) if method in ("POST", "PUT", "PATCH") else b""
         generation = path in GENERATION_PATHS
         if body or method == "POST":
             check_request(path, parse_body(body), self.n_vocab)
@@ -247,32 +247,6 @@ class FrontDoor:
         finally:
             if generation:
                 self.counters.generating -= 1
-
-    async def _read_body(self, scope, receive) -> bytes:
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise Refusal(400, "Content-Length is not a number", "invalid_request") from None
-                if declared > self.cap:
-                    raise self._too_large(declared)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientLeft()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.cap:
-                raise self._too_large(size)
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
-
-    def _too_large(self, size: int) -> Refusal:
-        return Refusal(413, f"the request body ({size} bytes or more) is larger than this server takes "
-                            f"({self.cap} bytes: more than a slot's context can hold)", "request_too_large")
 
     async def _forward(self, scope, receive, send, body: bytes, generation: bool) -> None:
         """Hand the request to llama-server and its answer back, chunk by chunk; the client leaving, or the
@@ -349,7 +323,7 @@ class FrontDoor:
                 await send({"type": "http.response.body", "body": b""})
             finally:
                 await response.aclose()
-        except _ClientLeft:
+        except ClientLeft:
             self.counters.client_left += 1
         except httpx.TransportError as exc:
             if started:  # the answer began: all that can be done is end it
@@ -385,8 +359,38 @@ class FrontDoor:
             await asyncio.sleep(0.02)
 
 
-class _ClientLeft(Exception):
-    pass
+class ClientLeft(Exception):
+    """The client hung up before its request was read whole."""
+
+
+async def read_body(scope, receive, cap: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed `cap`: from Content-Length before
+    reading, else while reading."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise Refusal(400, "Content-Length is not a number", "invalid_request") from None
+            if declared > cap:
+                raise _too_large(declared, cap)
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientLeft()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            raise _too_large(size, cap)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _too_large(size: int, cap: int) -> Refusal:
+    return Refusal(413, f"the request body ({size} bytes or more) is larger than this server takes ({cap} bytes: "
+                        "more than the context can hold)", "request_too_large")
 
 
 async def _first_of(task: asyncio.Task, *events: asyncio.Event) -> Any:
@@ -403,7 +407,7 @@ async def _first_of(task: asyncio.Task, *events: asyncio.Event) -> Any:
     return None
 
 
-async def _respond(send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+async def respond(send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -101,14 +101,6 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_
                          "check its log above; a large model may need longer to load")
 
 
-def _vocab_size(model: Path) -> int:
-    from orchestrator.modelfile.reader import read_model_table
-    from orchestrator.modelfile.table import Role
-
-    table = read_model_table(model)
-    return next((int(t.shape[1]) for t in table.tensors if t.role is Role.TOKEN_EMBD), 1 << 31)
-
-
 def _free_loopback_port() -> int:
     import socket
 
@@ -132,6 +124,7 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
     import uvicorn
 
     from orchestrator import front_door, native, tools
+    from orchestrator.modelfile.reader import vocab_size
     from orchestrator.run import loader
 
     prepared = slots.prepared
@@ -173,7 +166,7 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
             return proc.wait()
         door = front_door.FrontDoor(
             upstream, internal_key, api_key=server.api_key, slots=slots.parallel, queue=server.queue,
-            ctx_per_slot=slots.ctx_per_slot, n_vocab=_vocab_size(prepared.settings.model),
+            ctx_per_slot=slots.ctx_per_slot, n_vocab=vocab_size(prepared.settings.model),
             grace_s=server.shutdown_grace_s, summary=prepared.summary)
         died: list[int] = []
 

@@ -112,6 +112,28 @@ class ModelProxy:
             _meter(handle, self, alias)
             self.current, self.current_alias = handle, alias
 
+    def vocab_size(self, alias: str | None) -> int:
+        """The vocabulary of the model a request names (the default one for an unknown name)."""
+        from orchestrator.modelfile.reader import vocab_size
+
+        entry = self.entries.get(alias or self.default) or self.entries[self.default]
+        return vocab_size(entry.prepared.settings.model)
+
+    def grammar_compiles(self, grammar: str) -> bool:
+        """Whether llama.cpp parses `grammar` into a sampler (built and freed at once) for the open model."""
+        import llama_cpp
+
+        with self._lock:
+            handle = self.current if self.current is not None else None
+            if handle is None:
+                return True  # nothing loaded to check against: the request loads a model and is checked then
+            vocab = handle.llm._model.vocab
+            sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
     def context_of(self, alias: str | None) -> int:
         entry = self.entries.get(alias or self.default) or self.entries[self.default]
         return entry.prepared.settings.ctx
@@ -138,6 +160,12 @@ def _meter(handle: api.Handle, proxy: ModelProxy, alias: str) -> None:
         snapshot.update(_runtime_summary(handle.native_stats()))
         proxy.last_stats[alias] = snapshot
 
+    def named(answer: dict[str, Any]) -> dict[str, Any]:
+        """An answer names the model by its alias, not by the file's absolute path (llama-cpp-python's default)."""
+        if answer.get("model") == llm.model_path:
+            answer["model"] = alias
+        return answer
+
     def create_completion(*args: Any, **kwargs: Any):
         import llama_cpp
 
@@ -148,11 +176,16 @@ def _meter(handle: api.Handle, proxy: ModelProxy, alias: str) -> None:
         kwargs["stopping_criteria"] = stops
         meter = api.RequestMeter()
         if not kwargs.get("stream"):
+            def each_token(_input_ids, _logits) -> bool:  # called once per generated token: times the first
+                meter.token()
+                return False
+
+            stops.append(each_token)
             with proxy.running():
                 result = original(*args, **kwargs)
-            meter.token(result.get("usage", {}).get("completion_tokens", 0))
+            meter.tokens = result.get("usage", {}).get("completion_tokens", meter.tokens)
             finish(meter)
-            return result
+            return named(result)
         chunks = original(*args, **kwargs)  # a generator: nothing runs until it is iterated
 
         def stream():
@@ -166,7 +199,7 @@ def _meter(handle: api.Handle, proxy: ModelProxy, alias: str) -> None:
                         break
                     if chunk["choices"] and chunk["choices"][0].get("finish_reason") is None:
                         meter.token()  # the last chunk carries only the finish reason
-                    yield chunk
+                    yield named(chunk)
             except ValueError as exc:  # e.g. the prompt exceeds the context: an error event, then [DONE]
                 yield {"error": {"message": str(exc), "type": "invalid_request_error", "param": None,
                                  "code": "context_length_exceeded" if "context window" in str(exc) else None}}
@@ -191,55 +224,52 @@ def _runtime_summary(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _error(status: int, message: str, code: str | None = None, param: str | None = None):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500 else
-                                   "server_error", "param": param, "code": code}}, status_code=status)
-
-
-def _authorized(scope, key: str) -> bool:
-    import hmac
-
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
-    return False
-
-
 class RequestGate:
-    """ASGI middleware in front of the router: reads a /v1 POST body once, answers 4xx for what would otherwise
-    become a 500 with internals, applies the max_tokens cap, and hands the body on unchanged."""
+    """ASGI middleware in front of the router, with the llama-server engine's front-door rules (orchestrator.
+    front_door): the API key from the headers before any body byte is read, a body cap (413), strict JSON and token
+    ids in range (400); then, for the completion paths, what llama-cpp-python would turn into a crash or a 500
+    with its internals: a grammar or JSON schema that does not compile (a NULL sampler it adds unchecked: SIGSEGV),
+    several prompts, best_of/n above 1, logprobs, non-integer logit_bias keys, an unknown model when several are
+    served, max_tokens above the cap or the context. The body is handed on once checked, as JSON."""
 
     GUARDED = {"/v1/completions": "completion", "/v1/chat/completions": "chat",
                "/v1/engines/copilot-codex/completions": "completion"}
+    # llama-cpp-python's extras: checked like llama-server's /tokenize and /detokenize
+    ALIASES = {"/extras/tokenize": "/tokenize", "/extras/tokenize/count": "/tokenize",
+               "/extras/detokenize": "/detokenize"}
 
     def __init__(self, app, proxy_ref: Callable[[], ModelProxy]):
         self.app = app
         self.proxy_ref = proxy_ref
 
     async def __call__(self, scope, receive, send):
-        kind = self.GUARDED.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if kind is None or scope.get("method") != "POST":
+        from orchestrator import front_door as fd
+
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path == "/health":
             await self.app(scope, receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+        proxy = self.proxy_ref()
+        key = proxy.server.api_key
+        try:
+            if key is not None and not fd.authorized(scope.get("headers", []), key):
+                raise fd.Refusal(401, "invalid or missing API key (Authorization: Bearer KEY)", "invalid_api_key")
+            if scope.get("method") != "POST":
+                await self.app(scope, receive, send)
                 return
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        key = self.proxy_ref().server.api_key
-        if key is not None and not _authorized(scope, key):  # before any answer that tells about the server
-            await _error(401, "invalid or missing API key (Authorization: Bearer KEY)", "invalid_api_key")(
-                scope, receive, send)
+            if path == "/v1/embeddings":
+                raise fd.Refusal(501, "this server does not compute embeddings", "not_supported")
+            body = await fd.read_body(scope, receive, fd.body_cap(max(proxy.context_of(None), 512)))
+            data = fd.parse_body(body)
+            fd.check_request(self.ALIASES.get(path, path), data, proxy.vocab_size(data.get("model")))
+            kind = self.GUARDED.get(path)
+            if kind is not None:
+                data = self.check(kind, data)
+                body = json.dumps(data).encode()
+        except fd.ClientLeft:
             return
-        response, body = self.check(kind, body)
-        if response is not None:
-            await response(scope, receive, send)
+        except fd.Refusal as r:
+            await fd.respond(send, r.status, r.body(), r.headers)
             return
         sent = False
 
@@ -250,29 +280,25 @@ class RequestGate:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        # the body is JSON now, whatever the client called it (the router refuses other types with a 500)
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"content-type",
+                                                                                    b"content-length")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await self.app({**scope, "headers": headers}, replay, send)
 
-    def check(self, kind: str, body: bytes):
-        """(an error response or None, the body to hand on: a request without max_tokens gets the cap)."""
-        data, response = self._check(kind, body)
-        if response is not None:
-            return response, body
+    def check(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        """The request to hand on (a request without max_tokens gets the cap), or a Refusal."""
+        data = self._check(kind, data)
         if not data.get("max_tokens") and self.proxy_ref().server.max_tokens_cap:  # None or 0: "unlimited"
             data["max_tokens"] = self.proxy_ref().server.max_tokens_cap
-            body = json.dumps(data).encode()
-        return None, body
+        return data
 
-    def _check(self, kind: str, body: bytes):
+    def _check(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
         from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
         from pydantic import ValidationError
 
-        try:
-            data = json.loads(body or b"null")
-        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested arrays
-            return None, _error(400, f"the request body is not valid JSON ({exc.__class__.__name__}: "
-                                     f"{str(exc).split(':')[0][:100]})", "invalid_json")
-        if not isinstance(data, dict):
-            return None, _error(400, "the request body must be a JSON object", "invalid_json")
+        from orchestrator.front_door import Refusal
+
         model_cls = CreateChatCompletionRequest if kind == "chat" else CreateCompletionRequest
         try:
             req = model_cls.model_validate(data)
@@ -281,21 +307,68 @@ class RequestGate:
             for err in exc.errors()[:5]:
                 where = ".".join(str(p) for p in err.get("loc", ())) or "body"
                 problems.append(f"{where}: {err.get('msg', 'invalid')}")
-            return None, _error(400, "invalid request: " + "; ".join(problems), "invalid_request",
-                                str(exc.errors()[0].get("loc", ("body",))[0]))
+            raise Refusal(400, "invalid request: " + "; ".join(problems), "invalid_request",
+                          str(exc.errors()[0].get("loc", ("body",))[0])) from None
         proxy = self.proxy_ref()
-        if req.model is not None and req.model not in proxy.entries:
-            return None, _error(404, f"model {req.model!r} is not served here; available: "
-                                     f"{', '.join(proxy.entries)}", "model_not_found", "model")
+        if req.model is not None and req.model not in proxy.entries and len(proxy.entries) > 1:
+            raise Refusal(404, f"model {req.model!r} is not served here; available: {', '.join(proxy.entries)}",
+                          "model_not_found", "model")
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(t, int) for t in prompt):
+            raise Refusal(400, f"prompt: a list of {len(prompt)} prompts; this server answers one prompt per "
+                               "request", "invalid_request", "prompt")
+        for name in ("n", "best_of"):
+            if isinstance(data.get(name), int) and data[name] > 1:
+                raise Refusal(400, f"{name}: this server gives one choice per request (got {data[name]})",
+                              "invalid_request", name)
+        if data.get("logprobs") or data.get("top_logprobs"):
+            raise Refusal(400, "logprobs: not available from this server (the model keeps only the last token's "
+                               "logits)", "invalid_request", "logprobs")
+        bias = data.get("logit_bias")
+        if isinstance(bias, dict):
+            for k in bias:
+                if not k.lstrip("-").isdigit():
+                    raise Refusal(400, f"logit_bias: keys are token ids (got {k[:20]!r})", "invalid_request",
+                                  "logit_bias")
         if req.max_tokens is not None and req.max_tokens < 0:
-            return None, _error(400, f"max_tokens must be >= 0 (got {req.max_tokens})", "invalid_request", "max_tokens")
+            raise Refusal(400, f"max_tokens must be >= 0 (got {req.max_tokens})", "invalid_request", "max_tokens")
         ctx = proxy.context_of(req.model)
         cap = min(proxy.server.max_tokens_cap or ctx, ctx)
         if req.max_tokens is not None and req.max_tokens > cap:
             what = "the model's context" if cap == ctx else "this server's max_tokens cap"
-            return None, _error(400, f"max_tokens {req.max_tokens} exceeds {what} of {cap} tokens",
-                                "max_tokens_too_large", "max_tokens")
-        return data, None
+            raise Refusal(400, f"max_tokens {req.max_tokens} exceeds {what} of {cap} tokens", "max_tokens_too_large",
+                          "max_tokens")
+        self._compile_grammars(data)
+        return data
+
+    def _compile_grammars(self, data: dict[str, Any]) -> None:
+        """A grammar, or a JSON schema turned into one, compiled now against the loaded model's vocabulary:
+        llama-cpp-python adds the sampler llama.cpp returns without checking it (NULL for a bad grammar)."""
+        from orchestrator.front_door import Refusal
+
+        grammars = []
+        if isinstance(data.get("grammar"), str):
+            grammars.append(("grammar", data["grammar"]))
+        fmt = data.get("response_format")
+        if isinstance(fmt, dict):
+            schema = fmt.get("schema")
+            if schema is None and isinstance(fmt.get("json_schema"), dict):
+                schema = fmt["json_schema"].get("schema")
+            if schema is not None:
+                from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+                try:
+                    grammars.append(("response_format", json_schema_to_gbnf(json.dumps(schema))))
+                except Exception as exc:  # the converter raises anything from KeyError to ValueError
+                    raise Refusal(400, f"response_format: the JSON schema cannot be turned into a grammar "
+                                       f"({exc.__class__.__name__}: {str(exc)[:120]})", "invalid_schema",
+                                  "response_format") from None
+        for param, text in grammars:
+            if not self.proxy_ref().grammar_compiles(text):
+                what = "grammar does not parse" if param == "grammar" else "JSON schema gives a grammar that " \
+                    "does not parse"
+                raise Refusal(400, f"{param}: the {what} (llama.cpp's grammar parser refused it)", "invalid_grammar",
+                              param)
 
 
 def build_app(entries: list[ServedEntry], server: ServerConfig, log: Callable[[str], None] = print):

@@ -123,33 +123,69 @@ def _post(port: int, path: str, body: dict | bytes, **kw) -> tuple[int, dict, by
     return _request(port, "POST", path, body if isinstance(body, bytes) else json.dumps(body).encode(), **kw)
 
 
-@pytest.mark.native
-@pytest.mark.parametrize("case,path,body,status", [
-    ("C1", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": "root ::= (((("}, 400),
-    ("C3", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": 'root ::= root "a" | "a"'}, 400),
+# The review's requests: (case, path, body, llama-server engine's answer, python engine's answer). The python
+# engine serves llama-cpp-python's /extras/(de)tokenize, answers one prompt per request and has no logprobs.
+CORPUS = [
+    ("C1", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": "root ::= (((("}, 400, 400),
+    ("C2", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": "root ::= foo"}, 400, 400),
+    ("C3", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": 'root ::= root "a" | "a"'}, 400, 400),
     ("C4", "/v1/completions", {"prompt": "hi", "max_tokens": 4,
-                               "grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}, 400),
+                               "grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}, 400, 400),
     ("C5", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-                                    "response_format": {"type": "json_object", "schema": {"enum": []}}}, 400),
-    ("C6", "/detokenize", {"tokens": [999999999]}, 400),
-    ("C7", "/detokenize", {"tokens": [-1]}, 400),
-    ("S2", "/v1/completions", b'{"prompt":"The capital of France is","max_tokens":8,"temperature":NaN}', 400),
-    ("S3", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "logit_bias": {"-259942": 100}}, 400),
-    ("S4", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "n": 1000}, 400),
-    ("M2", "/v1/completions", b'{"prompt":"Hello \\ud800 world","max_tokens":4}', 400),
-    ("M6", "/tokenize", b"{", 400),
-    ("M7", "/v1/embeddings", {"input": "hello"}, 501),
-    ("M1", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2}, 200),
+                                    "response_format": {"type": "json_object", "schema": {"enum": []}}}, 400, 400),
+    ("C6", "/detokenize", {"tokens": [999999999]}, 400, 400),
+    ("C7", "/detokenize", {"tokens": [-1]}, 400, 400),
+    ("S2", "/v1/completions", b'{"prompt":"The capital of France is","max_tokens":8,"temperature":NaN}', 400, 400),
+    ("S3", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "logit_bias": {"-259942": 100}}, 400, 400),
+    ("S4", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "n": 1000}, 400, 400),
+    ("M1", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2}, 200, 400),
+    ("M2", "/v1/completions", b'{"prompt":"Hello \\ud800 world","max_tokens":4}', 400, 400),
+    ("M3", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {"abc": 1}}, 200, 400),
+    ("M4", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "logprobs": 100000}, 200, 400),
+    ("M5", "/v1/completions", b'{"prompt":"hi","max_tokens":2}', 200, 200),  # sent as text/plain
+    ("M6", "/tokenize", b"{", 400, 400),
+    ("M7", "/v1/embeddings", {"input": "hello"}, 501, 501),
     ("model", "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}],
-                                       "max_tokens": 2}, 200),
-])
+                                       "max_tokens": 2}, 200, 200),
+]
+
+
+def _ask(port: int, case: str, path: str, body, key: str | None) -> tuple[int, bytes]:
+    headers = {"Content-Type": "text/plain"} if case == "M5" else None
+    status, _, data = _post(port, path, body, key=key, headers=headers)
+    if status >= 400:
+        error = json.loads(data)["error"]
+        assert error["message"] and "Traceback" not in error["message"] and ".py" not in error["message"], error
+    return status, data
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("case,path,body,status", [c[:4] for c in CORPUS], ids=[c[0] for c in CORPUS])
 def test_the_review_s_requests_get_true_answers_and_the_server_lives(door, case, path, body, status):
     """Crashes become 4xx, 500s with internals become 400s naming the field; the server answers /health after."""
-    got, _headers, data = _post(door.port, path, body)
+    got, data = _ask(door.port, case, path, body, KEY)
     assert got == status, (case, data[:300])
-    if got >= 400:
-        assert json.loads(data)["error"]["message"], data
     assert door.get("/health")["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def python_engine(patched_llama):
+    from test_serve import Server
+
+    srv = Server("--ctx", "256")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("case,path,body,status", [(*c[:3], c[4]) for c in CORPUS], ids=[c[0] for c in CORPUS])
+def test_the_python_engine_answers_the_same_requests_truly(python_engine, case, path, body, status):
+    """The same corpus against --engine python (llama-cpp-python's server): grammars and schemas compiled before
+    the model sees them (a NULL sampler would be a SIGSEGV), its extras' token ids checked."""
+    path = {"/detokenize": "/extras/detokenize", "/tokenize": "/extras/tokenize"}.get(path, path)
+    got, data = _ask(python_engine.port, case, path, body, None)
+    assert got == status, (case, data[:300])
+    assert python_engine.get("/health")["status"] == "ok"
 
 
 @pytest.mark.native

@@ -377,3 +377,15 @@ def _check_unique(tensors: list[TensorInfo]) -> None:
             raise FlashflexError(f"tensor {t.name} appears in both {seen[t.name].name} and {t.file.name}",
                                  "the shards belong to different models; re-split the model")
         seen[t.name] = t.file
+
+
+@lru_cache(maxsize=16)
+def _vocab_size(path: str, size: int, mtime_ns: int) -> int:
+    table = read_model_table(Path(path))
+    return next((int(t.shape[1]) for t in table.tensors if t.role is Role.TOKEN_EMBD), 1 << 31)
+
+
+def vocab_size(path: Path) -> int:
+    """The model's vocabulary size (its token embedding's rows), cached per file version."""
+    st = Path(path).stat()
+    return _vocab_size(str(path), st.st_size, st.st_mtime_ns)
