@@ -257,6 +257,8 @@ class RequestGate:
             if scope.get("method") != "POST":
                 await self.app(scope, receive, send)
                 return
+            if proxy.stop.event.is_set():
+                raise fd.Refusal(503, "the server is shutting down", "shutting_down", headers={"Retry-After": "5"})
             if path == "/v1/embeddings":
                 raise fd.Refusal(501, "this server does not compute embeddings", "not_supported")
             body = await fd.read_body(scope, receive, fd.body_cap(max(proxy.context_of(None), 512)))
@@ -284,7 +286,40 @@ class RequestGate:
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in (b"content-type",
                                                                                     b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await self.app({**scope, "headers": headers}, replay, send)
+        await self.app({**scope, "headers": headers}, replay,
+                       self._marking_cuts(send) if path in self.GUARDED else send)
+
+    def _marking_cuts(self, send):
+        """`send` for a generation: once shutdown stopped it, a whole answer becomes a 503 and a stream ends with an
+        error event instead of [DONE], so a cut answer never looks complete (finish_reason "stop")."""
+        from orchestrator import front_door as fd
+
+        stopped = self.proxy_ref().stop.event
+        cut_whole = False
+
+        async def send_marked(message):
+            nonlocal cut_whole
+            if message["type"] == "http.response.start" and stopped.is_set() and message["status"] == 200:
+                streamed = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                               for k, v in message.get("headers", []))
+                if not streamed:
+                    cut_whole = True
+                    refusal = fd.Refusal(503, "the server shut down while this answer was generated: it was cut",
+                                         "answer_cut")
+                    await fd.respond(send, 503, refusal.body())
+                    return
+            if message["type"] == "http.response.body":
+                if cut_whole:
+                    return  # the answer's bytes: replaced by the 503 above
+                chunk = message.get("body", b"")
+                if stopped.is_set() and b"data: [DONE]" in chunk:
+                    event = {"error": {"message": "the server shut down while this answer was streamed: it was cut "
+                                                  "here", "type": "server_error", "code": "answer_cut"}}
+                    message = {**message, "body": chunk.replace(b"data: [DONE]",
+                                                                f"data: {json.dumps(event)}".encode())}
+            await send(message)
+
+        return send_marked
 
     def check(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
         """The request to hand on (a request without max_tokens gets the cap), or a Refusal."""

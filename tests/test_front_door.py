@@ -248,16 +248,19 @@ def test_a_client_that_leaves_frees_its_slot(door):
 
 
 @pytest.mark.native
-def test_shutdown_marks_cut_answers_and_refuses_the_waiting(tools_build, tmp_path):
-    """M8: SIGTERM while one answer streams and another is non-streamed behind it: after the grace (1 s) the
-    streamed one ends with an error event saying it was cut, the other gets 503 (not a truncated 200 with
-    finish_reason "stop"); the server exits 0."""
+@pytest.mark.parametrize("engine", ["llama-server", "python"])
+def test_shutdown_marks_cut_answers_and_refuses_the_waiting(tools_build, tmp_path, engine):
+    """M8: SIGTERM while one answer streams and another is non-streamed behind it: (after the llama-server engine's
+    grace of 1 s; the python engine stops at once) the streamed one ends with an error event saying it was cut,
+    the other gets 503 (not a truncated 200 with finish_reason "stop"); the server exits 0."""
     import signal
 
     serve_file = tmp_path / "serve.yaml"
-    serve_file.write_text("server:\n  engine: llama-server\n  parallel: 1\n  shutdown_grace_s: 1\n"
-                          "models:\n  - context: {ctx: 4096}\n")
+    serve_file.write_text(f"server:\n  engine: {engine}\n  parallel: 1\n  shutdown_grace_s: 1\n"
+                          "models:\n  - context: {ctx: 4096}\n" if engine == "llama-server" else
+                          "server:\n  engine: python\n  shutdown_grace_s: 1\nmodels:\n  - context: {ctx: 4096}\n")
     srv = LlamaServer(str(serve_file), "--threads", "2")
+    no_end = {"ignore_eos": True} if engine == "llama-server" else {"logit_bias": {"0": -100, "1": -100, "2": -100}}
     try:
         streamed: list[bytes] = []
         waiting: list[int] = []
@@ -267,15 +270,15 @@ def test_shutdown_marks_cut_answers_and_refuses_the_waiting(tools_build, tmp_pat
 
             conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
             conn.request("POST", "/v1/completions", body=json.dumps({
-                "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True,
-                "ignore_eos": True}), headers={"Content-Type": "application/json"})
+                "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True, **no_end}),
+                headers={"Content-Type": "application/json"})
             r = conn.getresponse()
             while chunk := r.read1(65536):
                 streamed.append(chunk)
 
         def behind() -> None:
-            waiting.append(_post(srv.port, "/v1/completions", {"prompt": "hi", "max_tokens": 3000,
-                                                                "ignore_eos": True}, key=None)[0])
+            waiting.append(_post(srv.port, "/v1/completions", {"prompt": "hi", "max_tokens": 3000, **no_end},
+                                 key=None)[0])
 
         threads = [threading.Thread(target=stream), threading.Thread(target=behind)]
         threads[0].start()
@@ -299,3 +302,11 @@ def test_shutdown_marks_cut_answers_and_refuses_the_waiting(tools_build, tmp_pat
 def test_the_queue_belongs_to_the_llama_server_engine():
     result = flashflex("serve", "--engine", "python", "--queue", "3", timeout=60)
     assert result.returncode != 0 and "--queue applies to the llama-server engine" in result.stderr
+
+
+def test_an_ipv6_address_is_printed_as_a_url_that_works():
+    """M9: `--host ::1` printed http://::1:8000 (curl: malformed URL)."""
+    from orchestrator.llama_server import url_of
+
+    assert url_of("::1", 8000) == "http://[::1]:8000"
+    assert url_of("127.0.0.1", 8000) == "http://127.0.0.1:8000"
