@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from orchestrator.config import RunConfig, load_run_config
-from orchestrator.errors import FlashflexError
+from orchestrator.errors import BudgetBelowMinimum, FlashflexError
 from orchestrator.planner import make_plan
 from orchestrator.run.handle import Handle, Prepared
 from orchestrator.run.inputs import gather
@@ -110,11 +110,31 @@ def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_by
     `budget_bytes` replaces the config's budget (always planned); `process_bytes`: what the process around the
     model occupies when the budget is a whole cgroup (benchmarks); `chat`: with no model named, the
     instruction-tuned default (chat, serve) instead of the default base model."""
+    quiet = log is None
     log = log or (lambda _msg: None)
     cfg = run_config(config, **options)
-    settings = settings_from_config(cfg, log=log, chat=chat)
-    inputs = gather(cfg, settings, log=log, budget_bytes=budget_bytes, process_bytes=process_bytes)
-    plan = make_plan(inputs.request(), inputs.plan_inputs()) if inputs.table is not None else None
+
+    def planned(cfg: RunConfig):
+        settings = settings_from_config(cfg, log=log, chat=chat)
+        inputs = gather(cfg, settings, log=log, budget_bytes=budget_bytes, process_bytes=process_bytes)
+        plan = make_plan(inputs.request(), inputs.plan_inputs()) if inputs.table is not None else None
+        return settings, inputs, plan
+
+    try:
+        settings, inputs, plan = planned(cfg)
+    except BudgetBelowMinimum:
+        fitted = _largest_fitting_ubatch(cfg, planned)
+        if fitted is None:
+            raise
+        cfg, (settings, inputs, plan) = fitted
+        note = (f"ubatch {RunConfig().context.ubatch}'s compute buffers do not fit the budget beside the model: "
+                f"using ubatch {cfg.context.ubatch}, the largest that fits (give --ubatch to choose)")
+        if quiet:  # the Python API: a warning the caller can see, filter or turn into an error
+            import warnings
+
+            warnings.warn(note, stacklevel=3)
+        else:
+            log(f"note: {note}")
     if plan is not None and plan.draft is not None:
         if plan.draft.note:
             log(f"note: {plan.draft.note}")
@@ -122,6 +142,24 @@ def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_by
         inputs.draft.apply(plan.draft)
     inputs = inputs.with_sidecar(plan)
     return Prepared(cfg, settings, plan, RuntimeSpec.from_plan(plan, inputs), inputs.draft)
+
+
+def _largest_fitting_ubatch(cfg: RunConfig, planned) -> tuple[RunConfig, Any] | None:
+    """When only the default micro-batch stands between a budget and a run (its compute buffers grow with it: 257
+    MiB at 512 tokens with Gemma's 262k vocabulary), the largest halving of it that plans; None when the ubatch was
+    given, or no smaller one fits either (the caller's refusal stands)."""
+    if "ubatch" in cfg.context.model_fields_set:
+        return None
+    lowest = 2 if cfg.draft.kind != "none" else 1  # a verification batch needs 2
+    ubatch = cfg.context.ubatch // 2
+    while ubatch >= lowest:
+        trial = cfg.model_copy(deep=True)
+        trial.context.ubatch = ubatch
+        try:
+            return trial, planned(trial)
+        except BudgetBelowMinimum:
+            ubatch //= 2
+    return None
 
 
 def prepare_stock(config: str | Path | RunConfig | None = None, *, use_mmap: bool | None = None,
