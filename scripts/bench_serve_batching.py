@@ -89,19 +89,20 @@ def wait_health(base: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, ctx: int, threads: int,
-              out_dir: Path) -> dict:
+              out_dir: Path, ubatch: int = 32) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     # flashflex: the plan's budget; stock: a budget above the model (the planner picks stock, mmap), same cgroup
     if engine == "flashflex":
         cmd = [sys.executable, "-m", "orchestrator", "serve", "--engine", "llama-server", "-m", str(model),
-               "--budget", f"{budget}B", "--ctx", str(ctx), "--ubatch", "32", "--parallel", str(clients),
+               "--budget", f"{budget}B", "--ctx", str(ctx), "--ubatch", str(ubatch), "--parallel", str(clients),
                "--threads", str(threads), "--port", str(port)]
     else:  # stock llama-server from the same build, the same flags; mmap, weights not repacked (page cache only)
         from orchestrator import tools
 
-        cmd = [str(tools.locate("llama-server")), "-m", str(model), "-c", str(ctx * clients), "-b", "512", "-ub", "32",
-               "-t", str(threads), "-tb", str(threads), "-fit", "off", "-ngl", "0", "-np", str(clients), "-kvu",
+        cmd = [str(tools.locate("llama-server")), "-m", str(model), "-c", str(ctx * clients), "-b", "512",
+               "-ub", str(ubatch), "-t", str(threads), "-tb", str(threads), "-fit", "off", "-ngl", "0",
+               "-np", str(clients), "-kvu",
                "-cram", "0", "--no-repack", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
     cgroup = MemoryCgroup(f"ff-serve-batch-{os.getpid()}-{engine}-{clients}", budget + PROCESS_OVERHEAD) \
         if cgroup_version() else None
@@ -187,6 +188,30 @@ def summarize(points: list[dict], clients: list[int], model: Path, budget: int, 
             + "\n".join(rows) + "\n")
 
 
+def plot(points: list[dict], clients: list[int], path: Path) -> None:
+    """Aggregate tok/s and TTFT p50 against clients, both engines (medians), into one PNG."""
+    from orchestrator.plotting import pyplot
+
+    plt = pyplot(print)
+    if plt is None:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for engine, style in (("flashflex", "o-"), ("stock", "s--")):
+        xs = [n for n in clients if any(p["engine"] == engine and p["clients"] == n for p in points)]
+        runs = {n: [p for p in points if p["engine"] == engine and p["clients"] == n] for n in xs}
+        left.plot(xs, [median_of(runs[n], "tok_per_s") or 0 for n in xs], style, label=engine)
+        right.plot(xs, [median_of(runs[n], "ttft_p50_s") or 0 for n in xs], style, label=engine)
+    left.set(xlabel="concurrent clients", ylabel="aggregate tok/s (median)", xscale="log", xticks=clients)
+    right.set(xlabel="concurrent clients", ylabel="time to first token p50 (s)", xscale="log", xticks=clients)
+    for ax in (left, right):
+        ax.set_xticklabels([str(n) for n in clients])
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _x(x: float | None, unit: str = "x") -> str:
     return f"{x:.2f}{unit}" if x is not None else "-"
 
@@ -206,6 +231,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--engines", default="flashflex,stock")
+    ap.add_argument("--ubatch", type=int, default=32, help="micro-batch of both servers: the prompts of clients "
+                    "arriving together are processed in passes of this many tokens (one weight pass each)")
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve-batching"))
     args = ap.parse_args()
     model = args.model or synth.cached_preset(args.preset)
@@ -217,7 +244,8 @@ def main() -> int:
     for rep in range(args.reps):
         for n in clients:
             for engine in args.engines.split(","):
-                p = run_point(engine, model, budget, n, args.tokens, args.ctx, args.threads, args.out)
+                p = run_point(engine, model, budget, n, args.tokens, args.ctx, args.threads, args.out, args.ubatch)
+                p["ubatch"] = args.ubatch
                 p["rep"] = rep
                 points.append(p)
                 print(json.dumps(p), flush=True)
@@ -225,6 +253,7 @@ def main() -> int:
                                                                    "started": started, "points": points}, indent=1))
     summary = summarize(points, clients, model, budget, started)
     (args.out / "summary.md").write_text(summary)
+    plot(points, clients, args.out / "serve-batching.png")
     print(summary)
     return 0 if all(p["server_alive_after"] and not p["lost"] for p in points) else 1
 

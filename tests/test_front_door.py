@@ -16,7 +16,7 @@ from test_llama_server import LlamaServer
 
 from orchestrator import front_door as fd
 
-from conftest import flashflex
+from conftest import REPO, flashflex
 
 # --------------------------------------------------------------------------------------------------
 # The rules, alone
@@ -98,7 +98,7 @@ KEY = "s3cret"
 def door(tools_build, tmp_path_factory):
     serve_file = tmp_path_factory.mktemp("front") / "serve.yaml"
     serve_file.write_text("server:\n  engine: llama-server\n  parallel: 1\n  queue: 1\n  api_key: s3cret\n"
-                          "  shutdown_grace_s: 1\nmodels:\n  - context: {ctx: 256}\n")
+                          "  shutdown_grace_s: 1\nmodels:\n  - context: {ctx: 2048}\n")
     srv = LlamaServer(str(serve_file), "--threads", "2")
     yield srv
     srv.stop()
@@ -123,31 +123,18 @@ def _post(port: int, path: str, body: dict | bytes, **kw) -> tuple[int, dict, by
     return _request(port, "POST", path, body if isinstance(body, bytes) else json.dumps(body).encode(), **kw)
 
 
-# The review's requests: (case, path, body, llama-server engine's answer, python engine's answer). The python
-# engine serves llama-cpp-python's /extras/(de)tokenize, answers one prompt per request and has no logprobs.
-CORPUS = [
-    ("C1", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": "root ::= (((("}, 400, 400),
-    ("C2", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": "root ::= foo"}, 400, 400),
-    ("C3", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "grammar": 'root ::= root "a" | "a"'}, 400, 400),
-    ("C4", "/v1/completions", {"prompt": "hi", "max_tokens": 4,
-                               "grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000}, 400, 400),
-    ("C5", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-                                    "response_format": {"type": "json_object", "schema": {"enum": []}}}, 400, 400),
-    ("C6", "/detokenize", {"tokens": [999999999]}, 400, 400),
-    ("C7", "/detokenize", {"tokens": [-1]}, 400, 400),
-    ("S2", "/v1/completions", b'{"prompt":"The capital of France is","max_tokens":8,"temperature":NaN}', 400, 400),
-    ("S3", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "logit_bias": {"-259942": 100}}, 400, 400),
-    ("S4", "/v1/completions", {"prompt": "hi", "max_tokens": 4, "n": 1000}, 400, 400),
-    ("M1", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2}, 200, 400),
-    ("M2", "/v1/completions", b'{"prompt":"Hello \\ud800 world","max_tokens":4}', 400, 400),
-    ("M3", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {"abc": 1}}, 200, 400),
-    ("M4", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "logprobs": 100000}, 200, 400),
-    ("M5", "/v1/completions", b'{"prompt":"hi","max_tokens":2}', 200, 200),  # sent as text/plain
-    ("M6", "/tokenize", b"{", 400, 400),
-    ("M7", "/v1/embeddings", {"input": "hello"}, 501, 501),
-    ("model", "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}],
-                                       "max_tokens": 2}, 200, 200),
-]
+def _corpus():
+    """scripts/http_corpus.py: the review's requests and the answers each engine should give."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("http_corpus", REPO / "scripts" / "http_corpus.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CORPUS = _corpus().CORPUS
 
 
 def _ask(port: int, case: str, path: str, body, key: str | None) -> tuple[int, bytes]:
@@ -189,6 +176,18 @@ def test_the_python_engine_answers_the_same_requests_truly(python_engine, case, 
 
 
 @pytest.mark.native
+def test_the_corpus_runner_passes_against_the_server(door):
+    """The script the next review starts from, run as a reviewer would: every case answered as it should."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "http_corpus.py"), door.base, "--api-key", KEY],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(CORPUS) + 2} of {len(CORPUS) + 2} cases answered as they should" in result.stdout
+
+
+@pytest.mark.native
 def test_the_key_is_checked_before_the_body_is_read_and_big_bodies_are_refused_unread(door):
     """X1: 200 MiB announced: 401 without the key, 413 with it, both before a byte of the body is sent."""
     for key, expected in ((None, b"401"), (KEY, b"413")):
@@ -203,46 +202,62 @@ def test_the_key_is_checked_before_the_body_is_read_and_big_bodies_are_refused_u
     assert door.get("/health")["status"] == "ok"  # /health needs no key
 
 
+def _hold(port: int, max_tokens: int = 1500) -> socket.socket:
+    """A generation request for many tokens on a raw connection, left open (close it to hang up)."""
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    return s
+
+
 @pytest.mark.native
 def test_beyond_the_slots_and_the_queue_the_answer_is_503_with_retry_after(door):
-    results: dict[int, int] = {}
-
-    def long(i: int) -> None:
-        results[i] = _post(door.port, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 200,
-                                                          "temperature": 0})[0]
-
-    threads = [threading.Thread(target=long, args=(i,)) for i in range(2)]  # one decoding, one waiting
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while door.get("/health")["waiting"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    health = door.get("/health")  # answered at once while both are in
-    status, headers, data = _post(door.port, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
-    for t in threads:
-        t.join(60)
+    held = [_hold(door.port) for _ in range(2)]  # one decoding, one waiting
+    try:
+        deadline = time.monotonic() + 30
+        while door.get("/health")["waiting"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = door.get("/health")  # answered at once while both are in
+        status, headers, data = _post(door.port, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    finally:
+        for s in held:  # hang up: the front frees both (see the next test)
+            s.close()
     assert health["generating"] == 1 and health["waiting"] == 1, health
     assert status == 503 and int(headers["retry-after"]) > 0, data
     assert json.loads(data)["error"]["code"] == "server_busy"
-    assert results == {0: 200, 1: 200}
+    deadline = time.monotonic() + 30
+    while door.get("/health")["generating"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _post(door.port, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+def _metric(door, name: str) -> float:
+    status, _, text = _request(door.port, "GET", "/metrics")
+    assert status == 200
+    line = next(x for x in text.decode().splitlines() if x.startswith(f"llamacpp:{name} "))
+    return float(line.split()[1])
 
 
 @pytest.mark.native
 def test_a_client_that_leaves_frees_its_slot(door):
-    """X3: a non-streamed request for 220 tokens whose client hangs up after 0.5 s: the next request does not wait
-    for that generation (the front closes the upstream request; llama-server drops the task)."""
-    t0 = time.monotonic()
-    _post(door.port, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 220, "temperature": 0})
-    whole = time.monotonic() - t0
-    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 220, "temperature": 0}).encode()
-    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as s:
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    """X3: a non-streamed request for 1500 tokens whose client hangs up after 0.3 s: the front closes the upstream
+    request and llama-server drops the task (it looks at the connection once a second while it waits), so far fewer
+    than 1500 decode passes ran for it (llama-server's own counter), and the next request is served."""
+    deadline = time.monotonic() + 30
+    while _metric(door, "requests_processing") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = _metric(door, "n_decode_total")
+    with _hold(door.port):
         time.sleep(0.3)
-    t0 = time.monotonic()
+    deadline = time.monotonic() + 60
+    while _metric(door, "requests_processing") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ran = _metric(door, "n_decode_total") - before
+    assert ran < 1000, ran
     status, _, _ = _post(door.port, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
     assert status == 200
-    assert time.monotonic() - t0 < 0.5 * whole + 0.5, (whole, time.monotonic() - t0)
     status, _, stats = _request(door.port, "GET", "/flashflex/stats")
     assert status == 200 and json.loads(stats)["client_left"] >= 1
 
@@ -258,7 +273,8 @@ def test_shutdown_marks_cut_answers_and_refuses_the_waiting(tools_build, tmp_pat
     serve_file = tmp_path / "serve.yaml"
     serve_file.write_text(f"server:\n  engine: {engine}\n  parallel: 1\n  shutdown_grace_s: 1\n"
                           "models:\n  - context: {ctx: 4096}\n" if engine == "llama-server" else
-                          "server:\n  engine: python\n  shutdown_grace_s: 1\nmodels:\n  - context: {ctx: 4096}\n")
+                          # the python engine stops at the next token; the grace only bounds a slow machine's
+                          "server:\n  engine: python\n  shutdown_grace_s: 10\nmodels:\n  - context: {ctx: 4096}\n")
     srv = LlamaServer(str(serve_file), "--threads", "2")
     no_end = {"ignore_eos": True} if engine == "llama-server" else {"logit_bias": {"0": -100, "1": -100, "2": -100}}
     try:
