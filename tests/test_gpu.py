@@ -78,16 +78,13 @@ def test_partial_offload_streams_the_host_layers_exactly(gpu_build, dense_models
         assert any(b["host"] and b["device"] in names and int(b["model"]) > 0 for b in stats["devices"]), stats
 
 
-MULTI_PASS = ("a ubatch that may route to more experts than the bank has slots runs its expert matmul in passes, kept "
-              "on the CPU (the in-place merge of the passes writes to their results), where stock offloads it to the "
-              "GPU at 32 tokens or more (op offload): different kernels, different logits (issue 24)")
-
-
 @pytest.mark.parametrize("ubatch,slots", [
     (1, 8),  # below ggml's op-offload batch: the expert matmuls run on the CPU in stock and here
     (8, 8),
     (32, 16),  # one pass (a slot per expert): offloaded to the GPU like stock's, copying the slots the batch uses
-    pytest.param(32, 8, marks=pytest.mark.xfail(strict=True, reason=MULTI_PASS)),
+    # passes (more experts than slots): each pass's matmul offloaded like stock's, through a weight of its own (ggml
+    # copies an offloaded weight once per graph, with the slots of the first matmul using it), merged on the CPU
+    (32, 8),
 ])
 def test_moe_slot_banks_beside_layers_on_the_device(gpu_build, moe_models, ubatch, slots):
     """Attention and the dense parts of every layer on the device (-ngl 99), the routed experts in this host's slot
@@ -108,6 +105,99 @@ def test_moe_slot_banks_beside_layers_on_the_device(gpu_build, moe_models, ubatc
     assert stats["rpc"]["experts_here"] and stats["rpc"]["local_layers"] == 0, stats["rpc"]
     on_device, elsewhere = _on_device(stats, mine)
     assert on_device > 0 and elsewhere > 0, stats["devices"]  # elsewhere: the banks' experts
+
+
+# --------------------------------------------------------------------------------------------------
+# Speculative decoding with layers on the device (issue 24, item 2)
+
+LONG_PROMPT = " ".join(["the cat sat on the mat, and the dog sat on the log."] * 4)  # over 32 tokens: op offload
+
+
+@pytest.mark.parametrize("ubatch", [1, 32])
+def test_prompt_lookup_drafts_with_layers_on_the_device_are_bitwise_exact(gpu_build, dense_models, ubatch):
+    """-ngl 2 with the host layers streamed under the minimum budget and prompt-lookup drafting: every decode call
+    (the prompt, single tokens, verification batches) has the same tokens and bitwise-identical logits as stock
+    llama.cpp with the same -ngl and the same drafts, and the greedy tokens are the same."""
+    from orchestrator import speculative
+    from orchestrator.run.settings import GenerationSettings
+    from tests.helpers import prepare
+    from tests.test_speculative import _assert_same_batches_and_logits, _drafted
+
+    path = dense_models["q8_0"]
+    settings = ["-ngl", str(NGL), "--ctx", str(CTX), "--ubatch", str(ubatch), "-tp", "2", "--prefetch-window", "2"]
+    budget = _minimum_budget(str(path), settings)
+    gen = GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2, temperature=0.0)
+    streamed = prepare({"model.path": path, "budget.size": budget, "context.ctx": CTX, "context.ubatch": ubatch,
+                        "prefetch.threads": 2, "prefetch.window": 2, "gpu.layers": NGL}, gen)
+    assert streamed.spec.stream is not None and streamed.spec.placement is not None, streamed.spec
+    assert streamed.spec.placement.local_layers == N_LAYER - NGL
+    draft = speculative.DraftSetup(kind="prompt-lookup", ngram=2, max_tokens=4, adaptive=False)
+    for prompt in (LONG_PROMPT, "one two three four five six, one two three four five six, one two"):
+        stock = _drafted(gen, streamed.stock(), draft, prompt)
+        mine = _drafted(gen, streamed, draft, prompt)
+        _assert_same_batches_and_logits(stock, mine, f"-ngl {NGL}, dense-stream, prompt-lookup, {prompt[:20]!r}")
+        assert mine.report["verifications"] >= 1
+        assert any(len(batch) > 1 for batch, _n_past, _ in mine.calls[1:]), "no verification batch ran"
+        if prompt == LONG_PROMPT:  # the prompt's decode call is a batch ggml offloads to the device at ubatch 32
+            assert len(mine.calls[0][0]) >= 32, len(mine.calls[0][0])
+
+
+# --------------------------------------------------------------------------------------------------
+# RPC workers beside the local GPU (issue 24, item 2)
+
+NGL_BOTH = 4  # of the 6 layers: 2 on the local GPU, then 2 on the worker; 2 left on the host, streamed
+
+
+@pytest.mark.parametrize("ubatch", [1, 32])
+def test_layers_on_the_gpu_and_a_worker_with_host_layers_streamed_are_bitwise_exact(gpu_build, dense_models,
+                                                                                      tmp_path, monkeypatch, ubatch):
+    """-ngl 4 with a local `flashflex rpc-server` on 127.0.0.1: llama.cpp's device order is this host's GPU first,
+    then the workers, so the GPU takes layers 2-3 and the worker layers 4-5 and the output layer, and the 2 layers
+    left on the host stream under the minimum budget. Logits bitwise identical to stock llama.cpp with the same
+    devices and split; the run's memory shows weights on the GPU, on the worker and in host memory."""
+    from tests.test_rpc import Worker
+
+    _backend, mine = gpu_build
+    # The worker serves its CPU, as another machine would serve its own devices: without GGML_VK_VISIBLE_DEVICES it
+    # skips lavapipe. (A worker serving lavapipe, even ggml's bare ggml_backend_rpc_start_server, aborts with heap
+    # corruption in lavapipe's queue thread when one client loads a second model at ubatch 16 or 32, as verify-exact
+    # does: stock, then flashflex.) It announces memory like the GPU's, so that the split gives both devices layers
+    # (it is in proportion to memory).
+    gpu_free = max(int(d["free"]) for d in mine)
+    with monkeypatch.context() as env:
+        env.delenv("GGML_VK_VISIBLE_DEVICES", raising=False)
+        worker = Worker(tmp_path / "worker.log", f"{gpu_free}B", 1)
+    assert worker.announcement["devices"][0]["type"] == "cpu", worker.announcement
+    try:
+        path = str(dense_models["q8_0"])
+        settings = ["-ngl", str(NGL_BOTH), "--rpc", worker.endpoint, "--ctx", str(CTX), "--ubatch", str(ubatch),
+                    "-tp", "2", "--prefetch-window", "1"]  # a window of 1 of the 2 host layers: they stream
+        planned = flashflex("plan", path, "--budget", "1GiB", *settings, "--json", timeout=300)
+        assert planned.returncode == 0, planned.stderr
+        plan = json.loads(planned.stdout)["rpc"]
+        assert plan["local_layers"] == N_LAYER - NGL_BOTH, plan
+        devices = [(d["endpoint"], d["n_layers"]) for d in plan["devices"]]
+        assert devices == [("local", 2), (worker.endpoint, 2)], devices
+        budget = f"{json.loads(planned.stdout)['minimum_budget_bytes']}B"
+        common = ["--model", path, "--budget", budget, *settings, "-t", "1"]
+
+        result = flashflex("verify-exact", *common, "--tokens", "40", "--json", timeout=600)
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout)
+        assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"] == "dense-stream", out
+
+        run = flashflex("run", *common, "-n", "4", "--json", timeout=600)
+        assert run.returncode == 0, run.stderr
+        stats = json.loads(run.stdout)["stats"]
+        assert stats["mode"] == "dense-stream" and stats["decode"]["bytes_read"] > 0, stats["decode"]
+        on_gpu, _elsewhere = _on_device(stats, mine)
+        remote = [b for b in stats["devices"] if b["device"].startswith("RPC")]
+        assert on_gpu > 0, stats["devices"]
+        assert len(remote) == 1 and remote[0]["description"] == worker.endpoint, stats["devices"]
+        assert remote[0]["model"] == plan["devices"][1]["weight_bytes"], (remote, plan)  # layers 4-5 and the output
+        assert any(b["host"] and int(b["model"]) > 0 for b in stats["devices"]), stats["devices"]
+    finally:
+        worker.stop()
 
 
 def _plan_json(path: str, *settings: str) -> dict:

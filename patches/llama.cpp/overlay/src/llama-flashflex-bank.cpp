@@ -16,7 +16,10 @@
 //   Pass p installs the p-th group of at most N experts and sends every pair routed to another group to the
 //   junk slot; a merge op copies each pair's row from the pass that computed it with its real expert. Every
 //   expert's rows are computed together, in the same order, by the same kernel as stock, so the logits stay
-//   bitwise identical at any ubatch size — the run never aborts and never needs -ub 1.
+//   bitwise identical at any ubatch size — the run never aborts and never needs -ub 1. Each pass's matmul goes
+//   where stock's would (the CPU, or a GPU that takes large batches: op offload), so pass p > 0 reads the bank
+//   through a tensor of its own (ggml's scheduler copies an offloaded weight to the GPU once per graph, with the
+//   slots the first matmul using it routes to), and the merge writes a new tensor on the CPU.
 // - Traces, oracles, prefetch: with a trace file every layer call appends one JSON line (ids, slots, hit per
 //   id). A replayed trace (a schedule) is checked record by record against the run's routing; the oracle
 //   modes use it to pre-install every expert (oracle-all-hit) or to read the next record's experts ahead of use
@@ -490,7 +493,7 @@ void resolve_op(ggml_tensor *       dst,
     }
 }
 
-// acc (in place) <- the rows of `pass_out` whose pairs this pass computed with their real expert.
+// dst <- each pair's row of `pass_out` where this pass computed it with its real expert, else its row of `acc`.
 void merge_op(ggml_tensor *       dst,
               const ggml_tensor * acc,
               const ggml_tensor * pass_out,
@@ -498,18 +501,16 @@ void merge_op(ggml_tensor *       dst,
               int                 ith,
               int                 nth,
               void *              ud) {
-    (void) acc;
     const int32_t junk = ((resolve_site *) ud)->st->junk();
     const int64_t K    = slots->ne[0];
     const int64_t T    = slots->ne[1];
     const size_t  row  = dst->ne[0] * sizeof(float);
     for (int64_t i = ith; i < K * T; i += nth) {
-        const int64_t k = i % K;
-        const int64_t t = i / K;
-        if (((const int32_t *) slots->data)[i] != junk) {
-            memcpy((char *) dst->data + k * dst->nb[1] + t * dst->nb[2],
-                   (const char *) pass_out->data + k * pass_out->nb[1] + t * pass_out->nb[2], row);
-        }
+        const int64_t       k    = i % K;
+        const int64_t       t    = i / K;
+        const ggml_tensor * from = ((const int32_t *) slots->data)[i] != junk ? pass_out : acc;
+        memcpy((char *) dst->data + k * dst->nb[1] + t * dst->nb[2],
+               (const char *) from->data + k * from->nb[1] + t * from->nb[2], row);
     }
 }
 
@@ -632,7 +633,9 @@ void collect_banks(bank_state &                                   st,
         bt.inflight.assign(n_bank, 0);
         size_t & off = buf_size[buft];
         tensor_off.push_back(off);
-        off += align_up(ggml_backend_buft_get_alloc_size(buft, t), k_page);
+        // with a junk slot, room after it: ggml's scheduler, copying the experts an offloaded matmul uses to the GPU,
+        // copies up to 512 bytes past the last one it uses unless that is the tensor's last (the phantom slots)
+        off += align_up(ggml_backend_buft_get_alloc_size(buft, t) + (st.has_junk ? 512 : 0), k_page);
         st.staging_bytes = std::max(st.staging_bytes, align_up(bt.bytes, k_page));
 
         if (st.layer_index[il] < 0) {
@@ -679,8 +682,29 @@ std::map<ggml_backend_buffer_type_t, ggml_backend_buffer_t> allocate_banks(
     return buf_of;
 }
 
-// Every banked tensor in its buffer (and, in a repacked layout, one tensor per slot to set an expert alone); the
-// loader neither allocates nor reads them.
+// The most passes a banked matmul can need: one per group of N of the model's experts.
+int max_passes(const bank_state & st) {
+    return st.has_junk ? (st.n_expert + st.n_slots - 1) / st.n_slots : 1;
+}
+
+// The weights of passes 1.. of bt's matmul: tensors of the same shape and layout over the same bytes, each a weight
+// of its own for ggml's scheduler, which copies an offloaded weight to the GPU once per graph (see bank_mul_mat_id).
+void add_pass_tensors(bank_state & st, bank_tensor & bt, ggml_backend_buffer_t buf) {
+    for (int p = 1; p < max_passes(st); ++p) {
+        ggml_tensor * v =
+            ggml_new_tensor_3d(st.slot_ctx, bt.t->type, bt.t->ne[0], bt.t->ne[1], st.n_slots + (st.has_junk ? 1 : 0));
+        if (ggml_backend_tensor_alloc(buf, v, bt.base) != GGML_STATUS_SUCCESS) {
+            throw std::runtime_error(format("flashflex: cannot place pass %d of %s", p, bt.name.c_str()));
+        }
+        v->ne[2] = bt.t->ne[2];  // the phantom slots, as bt's (set after the allocation: no memory behind them)
+        v->nb[3] = bt.t->nb[3];
+        ggml_format_name(v, "%s (pass %d)", bt.name.c_str(), p);
+        bt.pass_tensor.push_back(v);
+    }
+}
+
+// Every banked tensor in its buffer (and, in a repacked layout, one tensor per slot to set an expert alone; a tensor
+// per pass after the first); the loader neither allocates nor reads them.
 void place_banks(bank_state &                                                        st,
                  llama_model_loader &                                                ml,
                  const loader_tensor_map &                                           model_tensors,
@@ -689,7 +713,7 @@ void place_banks(bank_state &                                                   
     const int64_t n_bank         = st.n_slots + (st.has_junk ? 1 : 0);
     size_t        n_slot_tensors = 0;
     for (const auto & bt : st.tensors) {
-        n_slot_tensors += bt.plain ? 0 : (size_t) n_bank;
+        n_slot_tensors += (bt.plain ? 0 : (size_t) n_bank) + (size_t) (max_passes(st) - 1);
     }
     if (n_slot_tensors > 0) {
         ggml_init_params params = { n_slot_tensors * ggml_tensor_overhead(), nullptr, true };
@@ -722,6 +746,7 @@ void place_banks(bank_state &                                                   
             bt.t->ne[2] = n_bank + st.n_expert_used - 1;
             bt.t->nb[3] = bt.t->nb[2] * bt.t->ne[2];
         }
+        add_pass_tensors(st, bt, buf);
         ml.weights_map.erase(bt.name);  // the loader neither allocates nor reads what the banks hold
     }
 }
@@ -842,7 +867,7 @@ uint32_t flashflex::bank_graph_nodes(const llama_model * model, uint32_t n_token
     if (!st || st->resident) {
         return 0;
     }
-    // per pass: the resolve op, the matmul, the merge op and its view
+    // per pass: the resolve op, the matmul, the merge op and the pass's weight
     const int n_pass = passes_for(*st, (int64_t) n_tokens * st->n_expert_used);
     return (uint32_t) (st->tensors.size() * (4 * (size_t) n_pass + 1) + 16);
 }
@@ -860,19 +885,19 @@ ggml_tensor * flashflex::bank_mul_mat_id(ggml_context * ctx, ggml_tensor * as, g
     }
     const int     n_pass = passes_for(*st, pairs);
     ggml_tensor * acc    = nullptr;
+    GGML_ASSERT(n_pass <= 1 + (int) st->tensors[j].pass_tensor.size());
     for (int p = 0; p < n_pass; ++p) {
         resolve_site * site  = site_for(*st, j, p);
         // pass p may only evict pass p-1's experts after pass p-1's matmul: depend on its result
         ggml_tensor *  slots = place_on_cpu(ggml_map_custom3(ctx, ids, acc ? acc : ids, b, resolve_op, 1, site));
-        ggml_tensor *  out   = ggml_mul_mat_id(ctx, as, b, slots);
-        if (n_pass > 1) {
-            // on the CPU, where the bank is: the in-place merge below writes to the matmul's result, which must not be
-            // in another device's memory (an RPC worker's, a GPU's)
-            pin_to_cpu(out);
-        }
-        // one pass: the matmul goes where stock llama.cpp's would, by its weights' buffer (the bank's, host memory):
-        // the CPU, or a local GPU that takes large batches (op offload, copying the slots used), as with --cpu-moe
-        acc = acc ? pin_to_cpu(ggml_map_custom3_inplace(ctx, acc, out, slots, merge_op, GGML_N_TASKS_MAX, site)) : out;
+        // Every pass's matmul goes where stock llama.cpp's would, by its weights' buffer (the bank's, host memory):
+        // the CPU, or a local GPU that takes large batches (op offload, copying the slots used), as with --cpu-moe.
+        // An offloaded weight is copied to the GPU once per graph, with the slots of the first matmul that uses it:
+        // so each later pass reads the bank through its own tensor, copied with its own slots after its resolution.
+        ggml_tensor *  w     = p == 0 ? as : st->tensors[j].pass_tensor[p - 1];
+        ggml_tensor *  out   = ggml_mul_mat_id(ctx, w, b, slots);
+        // the merge writes a new tensor on the CPU (a pass's result may be in a GPU's memory)
+        acc = acc ? pin_to_cpu(ggml_map_custom3(ctx, acc, out, slots, merge_op, GGML_N_TASKS_MAX, site)) : out;
     }
     return acc;
 }

@@ -32,6 +32,7 @@ struct bank_tensor {
     bool                       plain  = true;  // plain CPU layout: bytes are written straight into the slot
     uint8_t *                  base   = nullptr;
     std::vector<ggml_tensor *> slot_tensor;    // repacked layout: one 2-D tensor per slot for ggml_backend_tensor_set
+    std::vector<ggml_tensor *> pass_tensor;    // passes 1..: the bank again, a weight of its own (see bank_mul_mat_id)
     std::vector<int>           slot_expert;    // expert held by each slot, -1 for none
     std::vector<int>           expert_slot;    // inverse, -1 when not resident
     std::vector<uint64_t>      slot_used;      // LRU stamp

@@ -86,6 +86,20 @@ ggml_abort_callback_t          g_previous_abort = nullptr;
 // /dev/null while it loads a model, and a worker that goes away then must still get its one line.
 int                            g_stderr_fd      = 2;
 
+// ggml's RPC client says a worker supports every op, custom ops too, which hold pointers into this process (the
+// worker refuses them). A worker's devices say they do not: flashflex's custom ops are then placed as with a local GPU
+// that lacks them (place_on_cpu leaves them to the scheduler, which puts them on the CPU without stopping its
+// expansion of GPU assignments), so a host layer's ops that stock llama.cpp offloads to a local GPU beside the workers
+// stay there. Every other op is the RPC client's answer.
+bool (*g_rpc_supports_op)(ggml_backend_dev_t, const ggml_tensor *) = nullptr;
+
+bool rpc_supports_op(ggml_backend_dev_t dev, const ggml_tensor * op) {
+    if (op->op >= GGML_OP_MAP_CUSTOM1 && op->op <= GGML_OP_CUSTOM) {
+        return false;
+    }
+    return g_rpc_supports_op(dev, op);
+}
+
 // Writes one line to the saved stderr.
 void print_saved_stderr(const std::string & line) {
     size_t done = 0;
@@ -309,6 +323,13 @@ int32_t llama_flashflex_rpc_add_server(const char * endpoint) {
         std::lock_guard<std::mutex> names(g_names_mutex);
         g_names.pop_back();
         return refuse(std::string("the RPC worker at ") + endpoint + " serves no devices");
+    }
+    for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_reg_dev_get(reg, i);  // the device object its backends use too
+        if (dev->iface.supports_op != rpc_supports_op) {
+            g_rpc_supports_op      = dev->iface.supports_op;
+            dev->iface.supports_op = rpc_supports_op;
+        }
     }
     ggml_backend_register(reg);
     const int32_t n     = (int32_t) ggml_backend_reg_dev_count(reg);

@@ -25,7 +25,8 @@ namespace flashflex {
 ggml_tensor * pin_to_cpu(ggml_tensor * t);
 
 // A custom op node flashflex added (a streamed weight's wait, a layer boundary), for the CPU backend: pinned there
-// (pin_to_cpu) when a device other than a CPU would claim it (an RPC worker claims every op); otherwise left
+// (pin_to_cpu) when a device other than a CPU would claim it (none does: an RPC worker's devices are told to refuse
+// custom ops at registration, llama-flashflex-rpc.cpp); otherwise left
 // unassigned, so that it lands on the CPU (the only backend with custom ops) without changing where the scheduler
 // puts the nodes around it: a pinned CPU node stops the scheduler's expansion of GPU assignments (ggml_backend_sched
 // pass 2), and would move e.g. a host layer's attention that stock llama.cpp offloads to a local GPU (a batch of 32
