@@ -250,3 +250,30 @@ def test_what_the_device_budget_cannot_hold_is_refused_before_loading(gpu_build,
     nothing = flashflex("plan", path, "--budget", "1GiB", "--ctx", str(CTX), "--gpu-budget", "1MiB", timeout=300)
     assert nothing.returncode == 0, nothing.stderr
     assert "-ngl auto: nothing goes to the GPU" in nothing.stdout.replace("\n", " "), nothing.stdout
+
+
+@pytest.mark.parametrize("ubatch", [1, 32])
+def test_every_lossless_moe_mode_beside_layers_on_the_device(gpu_build, moe_models, tmp_path, ubatch):
+    """Flash-MoE's layout on a GPU for the bank modes test_moe_slot_banks_beside_layers_on_the_device does not
+    cover: resident banks (with shared experts, qwen2moe), router-lookahead prefetch (the routers stay here with
+    the experts), and a routing trace recorded there and replayed by both oracles. Every layer's dense part on the
+    device (-ngl 99), logits bitwise identical to stock with the same placement, at ubatch 1 and 32."""
+    qwen2, qwen2_sidecar = moe_models["qwen2moe"]
+    qwen3, qwen3_sidecar = moe_models["qwen3moe"]
+    placed = ["-ngl", "99", "--ctx", str(CTX), "--ubatch", str(ubatch), "-t", "1", "--tokens", "40", "--json"]
+    trace = tmp_path / f"trace-{ubatch}.jsonl"
+    runs = [
+        ["--model", str(qwen2), "--moe-sidecar", str(qwen2_sidecar), "--moe-mode", "resident-bank"],
+        ["--model", str(qwen3), "--moe-sidecar", str(qwen3_sidecar), "--moe-mode", "slot-bank", "--moe-slot-bank",
+         "8", "--moe-prefetch", "router-lookahead"],
+        # record (slot-bank), then replay the trace twice
+        *[["--model", str(qwen3), "--moe-sidecar", str(qwen3_sidecar), "--moe-mode", mode, "--moe-slot-bank", "8",
+           "--moe-trace", str(trace)] for mode in ("slot-bank", "oracle-all-hit", "oracle-prefetch")],
+    ]
+    for args in runs:
+        result = flashflex("verify-exact", *args, *placed, timeout=600)
+        assert result.returncode == 0, (args, result.stderr)
+        out = json.loads(result.stdout)
+        mode = args[args.index("--moe-mode") + 1]
+        assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"].startswith(mode), (args, out)
+    assert trace.exists()

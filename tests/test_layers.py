@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent / "orchestrator"
 
 # Highest first. A module belongs to the first entry one of whose prefixes it starts with.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("entrances", ("orchestrator.cli", "orchestrator.server", "orchestrator.llama_server", "orchestrator.chat",
-                   "orchestrator.bench", "orchestrator.__main__")),
+    ("entrances", ("orchestrator.cli", "orchestrator.server", "orchestrator.llama_server", "orchestrator.front_door",
+                   "orchestrator.chat", "orchestrator.bench", "orchestrator.__main__")),
     ("api", ("orchestrator.api",)),
     ("run", ("orchestrator.run", "orchestrator.speculative", "orchestrator.exact", "orchestrator.tools")),
     ("plan and measure", ("orchestrator.planner", "orchestrator.sidecar", "orchestrator.traces",
