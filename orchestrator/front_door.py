@@ -272,29 +272,32 @@ class FrontDoor:
 
         watcher = asyncio.create_task(watch_client())
         started = False
+
+        async def step(task: asyncio.Task) -> Any:
+            """The task's result; ClientLeft when the client hung up first, _Cut when the shutdown's grace ran out
+            first (the task is then cancelled)."""
+            result = await _first_of(task, left, self.cut_now)
+            if result is None:
+                raise ClientLeft() if left.is_set() else _Cut()
+            return result
+
         try:
-            upstream = asyncio.create_task(self._client.send(request, stream=True))
-            response = await _first_of(upstream, left, self.cut_now)
-            if response is None:
-                if left.is_set():
-                    self.counters.client_left += 1
-                    return
+            try:
+                response = await step(asyncio.create_task(self._client.send(request, stream=True)))
+            except _Cut:
                 self.counters.cut += 1
-                raise Refusal(503, "the server shut down before this request was answered", "shutting_down")
+                raise Refusal(503, "the server shut down before this request was answered", "shutting_down") from None
             try:
                 streamed = response.headers.get("content-type", "").startswith("text/event-stream")
                 out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()
                                if k.lower() not in HOP_BY_HOP]
                 if not streamed:  # the whole answer first: a cut one becomes a 503, not a truncated 200
-                    reading = asyncio.create_task(response.aread())
-                    whole = await _first_of(reading, left, self.cut_now)
-                    if whole is None:
-                        if left.is_set():
-                            self.counters.client_left += 1
-                            return
+                    try:
+                        whole = await step(asyncio.create_task(response.aread()))
+                    except _Cut:
                         self.counters.cut += 1
                         raise Refusal(503, "the server shut down while this answer was generated: it was cut",
-                                      "answer_cut")
+                                      "answer_cut") from None
                     out_headers.append((b"content-length", str(len(whole)).encode()))
                     await send({"type": "http.response.start", "status": response.status_code,
                                 "headers": out_headers})
@@ -304,15 +307,11 @@ class FrontDoor:
                 started = True
                 chunks = response.aiter_raw().__aiter__()
                 while True:
-                    step = asyncio.create_task(chunks.__anext__())
                     try:
-                        chunk = await _first_of(step, left, self.cut_now)
+                        chunk = await step(asyncio.create_task(chunks.__anext__()))
                     except StopAsyncIteration:
                         break
-                    if chunk is None:
-                        if left.is_set():
-                            self.counters.client_left += 1
-                            return
+                    except _Cut:
                         self.counters.cut += 1
                         event = {"error": {"message": "the server shut down while this answer was streamed: it was "
                                                       "cut here", "type": "server_error", "code": "answer_cut"}}
@@ -360,7 +359,11 @@ class FrontDoor:
 
 
 class ClientLeft(Exception):
-    """The client hung up before its request was read whole."""
+    """The client hung up (before its request was read whole, or while it was answered)."""
+
+
+class _Cut(Exception):
+    """The shutdown's grace ran out while a request was answered."""
 
 
 async def read_body(scope, receive, cap: int) -> bytes:

@@ -281,32 +281,11 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
 def run_in_process(payload: dict[str, Any], cgroup_limit: int | None, timeout_s: float, log: Log) -> dict[str, Any]:
     """One worker process, in a memory cgroup of `cgroup_limit` (where the platform has them), page cache dropped."""
     from orchestrator.bench.isolation import MemoryCgroup, cgroup_version, drop_page_cache
+    from orchestrator.bench.runs import run_isolated
 
     cg = MemoryCgroup(f"flashflex-hybrid-{os.getpid()}", cgroup_limit) if cgroup_limit and cgroup_version() else None
     rec: dict[str, Any] = {"cgroup": cg.version if cg else None, "cold_cache": drop_page_cache()}
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(payload)], capture_output=True,
-                              text=True, timeout=timeout_s, preexec_fn=cg.preexec if cg else None)
-        rec["wall_s"] = time.perf_counter() - t0
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode == 0 and lines:
-            rec.update(json.loads(lines[-1]))
-            rec["status"] = "ok"
-        elif proc.returncode == -9 or (cg and cg.oom_killed()):
-            rec["status"] = "killed (out of memory in the cgroup)"
-        else:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            rec["status"] = f"failed: {tail[:300]}"
-            rec["stderr_tail"] = proc.stderr[-3000:]
-    except subprocess.TimeoutExpired:
-        rec["wall_s"] = time.perf_counter() - t0
-        rec["status"] = f"timed out after {timeout_s:.0f}s"
-    finally:
-        if cg:
-            rec["cgroup_peak_bytes"] = cg.peak_bytes()
-            cg.remove()
-    return rec
+    return run_isolated([sys.executable, __file__, "--worker", json.dumps(payload)], cg, timeout_s, rec)
 
 
 def gpu_free_bytes() -> tuple[int | None, str]:

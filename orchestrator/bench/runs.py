@@ -70,20 +70,13 @@ class RunSpec:
     rpc: str | None = None  # flashflex runs: RPC workers (HOST:PORT,...) that take the model's last layers
 
 
-def run_point(point: Point, spec: RunSpec, use_cgroup: bool, drop_caches: bool, log: Log) -> dict[str, Any]:
-    """Measure one point in a fresh process; returns its result record (never raises for a failed run)."""
-    payload = {"point": asdict(point), "spec": {**asdict(spec), "model": str(spec.model),
-                                                "sidecar": str(spec.sidecar) if spec.sidecar else None}}
-    cg = None
-    if use_cgroup and point.budget_bytes:
-        cg = MemoryCgroup(f"flashflex-bench-{os.getpid()}", point.budget_bytes)
-    cold = drop_page_cache() if drop_caches else False
-    cmd = [sys.executable, "-m", "orchestrator.bench.worker", json.dumps(payload)]
+def run_isolated(cmd: list[str], cg: MemoryCgroup | None, timeout_s: float, record: dict[str, Any]) -> dict[str, Any]:
+    """Run one measuring process (in cgroup `cg` when given, which is removed after) and fill `record` from the last
+    JSON line it prints: its status (ok, killed out of memory, failed with its last line, timed out), wall time and
+    the cgroup's peak memory. Never raises for a failed run."""
     t0 = time.perf_counter()
-    record: dict[str, Any] = {"label": point.label, **asdict(point), "cgroup": cg.version if cg else None,
-                              "cold_cache": cold}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=spec.timeout_s,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                               preexec_fn=cg.preexec if cg else None)
         record["wall_s"] = time.perf_counter() - t0
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -94,14 +87,30 @@ def run_point(point: Point, spec: RunSpec, use_cgroup: bool, drop_caches: bool, 
             record["status"] = "killed (out of memory in the cgroup)"
         else:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            record["status"] = f"failed: {tail[:200]}"
+            record["status"] = f"failed: {tail[:300]}"
+            record["stderr_tail"] = proc.stderr[-3000:]
     except subprocess.TimeoutExpired:
         record["wall_s"] = time.perf_counter() - t0
-        record["status"] = f"timed out after {spec.timeout_s:.0f}s"
+        record["status"] = f"timed out after {timeout_s:.0f}s"
     finally:
         if cg:
             record["cgroup_peak_bytes"] = cg.peak_bytes()
             cg.remove()
+    return record
+
+
+def run_point(point: Point, spec: RunSpec, use_cgroup: bool, drop_caches: bool, log: Log) -> dict[str, Any]:
+    """Measure one point in a fresh process; returns its result record (never raises for a failed run)."""
+    payload = {"point": asdict(point), "spec": {**asdict(spec), "model": str(spec.model),
+                                                "sidecar": str(spec.sidecar) if spec.sidecar else None}}
+    cg = None
+    if use_cgroup and point.budget_bytes:
+        cg = MemoryCgroup(f"flashflex-bench-{os.getpid()}", point.budget_bytes)
+    cold = drop_page_cache() if drop_caches else False
+    cmd = [sys.executable, "-m", "orchestrator.bench.worker", json.dumps(payload)]
+    record: dict[str, Any] = {"label": point.label, **asdict(point), "cgroup": cg.version if cg else None,
+                              "cold_cache": cold}
+    run_isolated(cmd, cg, spec.timeout_s, record)
     log(f"  {point.label}: {record['status']}"
         + (f", decode {record['decode_tok_per_s']:.3f} tok/s" if record.get("status") == "ok" else ""))
     return record
