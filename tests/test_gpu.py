@@ -277,3 +277,30 @@ def test_every_lossless_moe_mode_beside_layers_on_the_device(gpu_build, moe_mode
         mode = args[args.index("--moe-mode") + 1]
         assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"].startswith(mode), (args, out)
     assert trace.exists()
+
+
+@pytest.mark.parametrize("ubatch", [1, 32])
+def test_auto_gives_the_gpu_whole_layers_experts_when_room_is_left(gpu_build, moe_models, ubatch):
+    """-ngl auto (the default here) with slot banks and a device that holds more than every layer's dense part: the
+    routed experts of the last layers follow them to the GPU, layer 0's stay in host banks; bitwise identical to
+    stock with the same placement (the same device list, split and narrower expert override)."""
+    _backend, mine = gpu_build
+    path, sidecar = moe_models["qwen3moe"]
+    common = ["--model", str(path), "--moe-mode", "slot-bank", "--moe-slot-bank", "8", "--moe-sidecar", str(sidecar),
+              "--ctx", str(CTX), "--ubatch", str(ubatch), "-t", "1"]
+    planned = flashflex("plan", str(path), "--budget", "1GiB", "--moe-mode", "slot-bank", "--moe-slot-bank", "8",
+                        "--ctx", str(CTX), "--ubatch", str(ubatch), "--explain", "--json", timeout=300)
+    assert planned.returncode == 0, planned.stderr
+    placement = json.loads(planned.stdout)["rpc"]
+    assert placement["local_layers"] == 0 and placement["experts_on_gpu_from"] == 1, placement
+    assert "went to the GPU with their layers" in planned.stderr.replace("\n", " ")
+    result = flashflex("verify-exact", *common, "--tokens", "40", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"].startswith("slot-bank"), out
+    run = flashflex("run", *common, "-n", "4", "--json", timeout=600)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(run.stdout)["stats"]
+    on_device, _ = _on_device(stats, mine)
+    assert on_device == placement["devices"][0]["weight_bytes"], (on_device, placement)  # the moved experts too
+    assert stats["moe"]["decode"]["banked_layers"] == 1, stats["moe"]["decode"]

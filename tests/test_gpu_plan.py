@@ -178,3 +178,56 @@ def test_gpu_budget_without_a_gpu_is_one_line(patched_llama, model):
     auto = flashflex("plan", str(model), "--budget", "1GiB", "-ngl", "auto", "--json", timeout=60)
     assert auto.returncode == 0, auto.stderr  # auto with no GPU: everything here, no error
     assert '"rpc": null' in auto.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# -ngl auto on a MoE in a bank mode: dense parts first, then whole layers' experts while room is left
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> Path:
+    return synth.write_synth_model(synth.preset("tiny-qwen3moe", n_layer=4),
+                                   tmp_path_factory.mktemp("gpu-plan-moe") / "moe.gguf")
+
+
+def _experts_of(table, layer: int) -> int:
+    from orchestrator.planner.placement import is_expert_here
+
+    return sum(t.n_bytes for t in table.tensors if t.layer == layer and is_expert_here(t))
+
+
+def test_auto_moves_whole_layers_experts_to_the_gpu_while_room_is_left(moe):
+    """The dense parts of every layer fit with room for the experts of the last two layers: those follow their
+    layers to the GPU (llama.cpp is told to keep only layers 0-1's experts in the CPU buffer type), the host banks
+    layers 0-1, and the device's weights count the moved experts."""
+    import re
+
+    from orchestrator.planner.placement import local_table
+
+    table = read_model_table(moe)
+    dense, _ = place_layers(table, [_gpu(GiB, compute=MiB)], ctx=CTX, ubatch=32, experts_here=True)
+    assert dense.experts_on_gpu_from is None and dense.local_layers == 0  # not asked: every expert stays here
+    room = dense.devices[0].used_bytes + _experts_of(table, 3) + _experts_of(table, 2) + MiB // 2
+    plan, _ = place_layers(table, [_gpu(room, compute=MiB)], ctx=CTX, ubatch=32, experts_here=True,
+                           experts_to_gpus=True)
+    assert plan.experts_on_gpu_from == 2, plan
+    assert plan.devices[0].weight_bytes == dense.devices[0].weight_bytes + _experts_of(table, 3) + _experts_of(table, 2)
+    assert plan.devices[0].used_bytes <= room
+    (pattern,) = plan.cpu_tensors
+    assert re.search(pattern, "blk.1.ffn_up_exps.weight") and re.search(pattern, "blk.0.ffn_down_exps.weight")
+    assert not re.search(pattern, "blk.2.ffn_up_exps.weight") and not re.search(pattern, "blk.12.ffn_up_exps.weight")
+    banked = {t.layer for t in local_table(table, 0, True, False, plan.experts_on_gpu_from).tensors
+              if t.layer is not None}
+    assert banked == {0, 1}
+    # however large the GPU, layer 0 keeps its experts in the bank mode that was asked for
+    everything, _ = place_layers(table, [_gpu(GiB, compute=MiB)], ctx=CTX, ubatch=32, experts_here=True,
+                                 experts_to_gpus=True)
+    assert everything.experts_on_gpu_from == 1
+
+
+def test_experts_never_go_to_a_worker(moe):
+    table = read_model_table(moe)
+    worker = DeviceMemory("10.0.0.1:50052", 0, GiB, GiB)
+    plan, _ = place_layers(table, [_gpu(GiB, compute=MiB), worker], ctx=CTX, ubatch=32, layers=4, experts_here=True,
+                           experts_to_gpus=True)
+    assert plan.devices[-1].endpoint == worker.endpoint and plan.experts_on_gpu_from is None

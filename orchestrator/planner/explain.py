@@ -52,8 +52,12 @@ def device_lines(plan: Plan) -> list[str]:
         out.append(f"{device_label(d)}: {span}{' + output' if d.output else ''}; {limit}: used "
                    f"{format_size(d.used_bytes)} = weights {format_size(d.weight_bytes)} + KV cache "
                    f"{format_size(d.kv_cache_bytes)} + compute {format_size(d.compute_bytes)} ({d.compute_source})")
-    if plan.rpc.experts_here:
+    moved = plan.rpc.experts_on_gpu_from
+    if plan.rpc.experts_here and moved is None:
         out.append("routed experts of every layer stay in this host's RAM, in slot banks (the --cpu-moe shape)")
+    elif plan.rpc.experts_here and moved is not None:
+        out.append(f"routed experts of layers {moved}-{plan.n_layer - 1} went to the GPU with their layers (room "
+                   f"left after every layer's dense part); layers 0-{moved - 1} keep theirs in host banks")
     return out
 
 

@@ -361,13 +361,14 @@ def _place_layers(req: PlanRequest, inputs: PlanInputs) -> tuple[ModelTable, RPC
     try:
         rpc, warnings = place_layers(table, devices_of(inputs.workers), ctx=req.ctx, ubatch=req.ubatch,
                                      layers=layers, experts_here=experts_here, routers_here=routers_here,
-                                     flag=req.layers_flag)
+                                     flag=req.layers_flag, experts_to_gpus=req.layers_optional)
     except FlashflexError as e:
         if not req.layers_optional:
             raise
         # -ngl auto: a GPU too small for one layer leaves the whole model here, said, not refused
         return table, None, [f"-ngl auto: nothing goes to the GPU: {e.problem}"]
-    return local_table(table, rpc.local_layers, experts_here, routers_here), rpc, list(warnings)
+    return (local_table(table, rpc.local_layers, experts_here, routers_here, rpc.experts_on_gpu_from), rpc,
+            list(warnings))
 
 
 @dataclass(frozen=True)

@@ -111,17 +111,28 @@ def is_router_here(t: TensorInfo) -> bool:
     return t.layer is not None and bool(_ROUTERS_HERE.search(t.name))
 
 
-def _stays_here(t: TensorInfo, experts_here: bool, routers_here: bool) -> bool:
-    """A layer's tensor that stays on this host whichever device holds its layer."""
-    return (experts_here and is_expert_here(t)) or (routers_here and is_router_here(t))
+def _stays_here(t: TensorInfo, experts_here: bool, routers_here: bool, experts_from: int | None = None) -> bool:
+    """A layer's tensor that stays on this host whichever device holds its layer: its routed experts (unless the
+    layer is at or past `experts_from`, whose experts went to the GPU with it), its router for lookahead."""
+    expert_here = experts_here and is_expert_here(t) and (experts_from is None or (t.layer or 0) < experts_from)
+    return expert_here or (routers_here and is_router_here(t))
 
 
-def _layer_costs(table: ModelTable, ctx: int, experts_here: bool,
-                 routers_here: bool = False) -> tuple[list[int], list[int]]:
+def experts_here_pattern(experts_from: int | None) -> str:
+    """The tensor override keeping routed experts in the CPU buffer type: every layer's, or only those of layers
+    below `experts_from` (the others went to the GPU with their layer)."""
+    if experts_from is None:
+        return EXPERTS_HERE
+    return rf"^blk\.({'|'.join(str(i) for i in range(experts_from))})" + EXPERTS_HERE
+
+
+def _layer_costs(table: ModelTable, ctx: int, experts_here: bool, routers_here: bool = False,
+                 experts_from: int | None = None) -> tuple[list[int], list[int]]:
     a = table.arch
     weights = [0] * a.n_layer
     for t in table.tensors:
-        if t.layer is not None and 0 <= t.layer < a.n_layer and not _stays_here(t, experts_here, routers_here):
+        if (t.layer is not None and 0 <= t.layer < a.n_layer
+                and not _stays_here(t, experts_here, routers_here, experts_from)):
             weights[t.layer] += t.n_bytes
     kv = ctx * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * 2
     return weights, [kv] * a.n_layer
@@ -186,7 +197,7 @@ class _Fit:
 def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ubatch: int,
                  layers: int | None = None, compute: int | None = None,
                  experts_here: bool = False, routers_here: bool = False,
-                 flag: str = "--rpc-layers") -> tuple[RPCPlan, list[str]]:
+                 flag: str = "--rpc-layers", experts_to_gpus: bool = False) -> tuple[RPCPlan, list[str]]:
     """The placement of `table`'s layers on `devices` (see the module docstring) and warnings. Pure.
 
     `experts_here`: the routed experts of every layer stay on this host (in slot banks); the devices get the rest
@@ -238,6 +249,10 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
     used = fit.used(counts)
     assert used is not None
     remote = sum(counts)
+    experts_from = (_experts_to_the_gpu(table, devices, counts, used, fit.caps, experts_here)
+                    if experts_to_gpus else None)
+    if experts_from is not None:  # the moved experts count with their layer's weights from here on
+        weights, _kv = _layer_costs(table, ctx, experts_here, routers_here, experts_from)
     warnings = [f"{d.label} gets no layer: its memory holds none beside the others" if d.endpoint == LOCAL else
                 f"RPC worker {d.endpoint} (device {d.device}) gets no layer: its memory holds none beside the others"
                 for d, c in zip(devices, counts) if c == 0]
@@ -255,29 +270,62 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
                                    used_bytes=w + k + r))
         first += c
     split = [float(p.n_layers + (1 if p.output else 0)) for p in plans]
-    local_bytes = sum(t.n_bytes for t in local_table(table, n_layer - remote, experts_here, routers_here).tensors)
+    here = local_table(table, n_layer - remote, experts_here, routers_here, experts_from)
     # what llama.cpp sends to the devices while loading, each tensor read whole into a host buffer first
     sent = [t.n_bytes for t in table.tensors
-            if (t.layer is not None and t.layer >= n_layer - remote and not _stays_here(t, experts_here, routers_here))
-            or is_output_tensor(t)]
+            if (t.layer is not None and t.layer >= n_layer - remote
+                and not _stays_here(t, experts_here, routers_here, experts_from)) or is_output_tensor(t)]
     if not any(t.name == "output.weight" for t in table.tensors):
         sent += [t.n_bytes for t in table.tensors if t.role is Role.TOKEN_EMBD]  # the output layer's copy
     plan = RPCPlan(devices=plans, local_layers=n_layer - remote, remote_layers=remote, n_gpu_layers=remote + 1,
                    tensor_split=split, requested_layers=layers,
-                   remote_weight_bytes=sum(p.weight_bytes for p in plans), local_model_bytes=local_bytes,
-                   experts_here=experts_here, routers_here=routers_here, load_staging_bytes=max(sent, default=0),
-                   cpu_tensors=[EXPERTS_HERE] * experts_here + [ROUTERS_HERE] * routers_here)
+                   remote_weight_bytes=sum(p.weight_bytes for p in plans),
+                   local_model_bytes=sum(t.n_bytes for t in here.tensors),
+                   experts_here=experts_here, routers_here=routers_here, experts_on_gpu_from=experts_from,
+                   load_staging_bytes=max(sent, default=0),
+                   cpu_tensors=[experts_here_pattern(experts_from)] * experts_here + [ROUTERS_HERE] * routers_here)
     return plan, warnings
 
 
+def _experts_to_the_gpu(table: ModelTable, devices: list[DeviceMemory], counts: list[int], used: list[int],
+                        caps: list[int], experts_here: bool) -> int | None:
+    """-ngl auto, once every placed layer's dense part is on the GPUs: the routed experts of whole layers follow
+    them while the room left holds them, the model's last layer first (on the last device) and no further than a
+    layer that does not fit, so the layers whose experts stay in host banks are always the first ones, layer 0 at
+    least (the bank mode asked for keeps something to bank). Only this host's GPUs take experts (a worker's would
+    cross the network on every miss). The first layer whose experts moved, or None."""
+    if not experts_here:
+        return None
+    n_layer = table.arch.n_layer
+    experts = [0] * n_layer
+    for t in table.tensors:
+        if t.layer is not None and 0 <= t.layer < n_layer and is_expert_here(t):
+            experts[t.layer] += t.n_bytes
+    room = [c - u for c, u in zip(caps, used)]
+    layer, first = n_layer - 1, None
+    for d in range(len(devices) - 1, -1, -1):
+        if counts[d] == 0:
+            continue
+        if devices[d].endpoint != LOCAL:
+            break
+        low = max(1, layer - counts[d] + 1)
+        while layer >= low and experts[layer] and experts[layer] <= room[d]:
+            room[d] -= experts[layer]
+            first = layer
+            layer -= 1
+        if layer >= low:  # a layer of this device kept its experts here: the layers below keep theirs too
+            break
+    return first
+
+
 def local_table(table: ModelTable, local_layers: int, experts_here: bool = False,
-                routers_here: bool = False) -> ModelTable:
+                routers_here: bool = False, experts_from: int | None = None) -> ModelTable:
     """The part of `table` that stays on this host: layers [0, local_layers), the tensors outside the layers except
-    the output layer's and, with `experts_here`, every layer's routed experts; as a model of local_layers layers (so
-    the local plan's KV cache counts only them)."""
+    the output layer's and, with `experts_here`, the routed experts of every layer below `experts_from` (all when
+    None); as a model of local_layers layers (so the local plan's KV cache counts only them)."""
     keep = [t for t in table.tensors
             if (t.layer is None and not is_output_tensor(t)) or (t.layer is not None and t.layer < local_layers)
-            or (t.layer is not None and _stays_here(t, experts_here, routers_here))]
+            or (t.layer is not None and _stays_here(t, experts_here, routers_here, experts_from))]
     arch = dataclasses.replace(table.arch, n_layer=local_layers,
                                n_leading_dense=min(table.arch.n_leading_dense, local_layers))
     return ModelTable(files=table.files, arch=arch, tensors=keep, metadata=table.metadata)

@@ -203,6 +203,10 @@ class RPCPlan(_Model):
     local_model_bytes: int = Field(description="Weights that stay on this host (planned under the budget).")
     experts_here: bool = Field(default=False, description="Every layer's routed experts stay on this host, in slot "
                                "banks; the workers get the rest of their layers (llama.cpp's --cpu-moe shape).")
+    experts_on_gpu_from: int | None = Field(
+        default=None, description="-ngl auto with room left on this host's GPUs after every layer's dense part: the "
+        "routed experts of this layer and the ones after it went to the GPU with their layers; the layers before it "
+        "keep theirs in host banks. null = every layer's routed experts stay here (with experts_here).")
     routers_here: bool = Field(default=False, description="Every layer's router stays on this host too "
                                "(router-lookahead prefetch applies it here).")
     load_staging_bytes: int = Field(default=0, description="The largest tensor sent to a device while loading "

@@ -166,15 +166,17 @@ class RuntimeSpec(_Spec):
 
 def _banks(plan: Plan, inputs: SpecInputs, first_file: int) -> BankSpec:
     """The banks of a plan whose experts come from the sidecar: every routed tensor of the manifest (its file
-    numbered after the model's), and the trace the run replays or records."""
+    numbered after the model's) but those of layers whose experts went to a GPU with their layer (-ngl auto), and
+    the trace the run replays or records."""
     from orchestrator import traces
 
     moe, manifest, cfg = plan.moe, inputs.manifest, inputs.config
     assert moe is not None and manifest is not None and inputs.sidecar is not None
     index = {layer.file: first_file + i for i, layer in enumerate(manifest.layers)}
+    on_gpu_from = plan.rpc.experts_on_gpu_from if plan.rpc is not None else None
     tensors = [BankedTensor(name=t.name, file=index[t.file], offset=t.offset, expert_stride=t.expert_stride,
                             bytes_per_expert=t.bytes_per_expert, checksums=list(t.checksums))
-               for t in manifest.tensors if t.n_expert > 1]
+               for t in manifest.tensors if t.n_expert > 1 and (on_gpu_from is None or t.layer < on_gpu_from)]
     banks = BankSpec(sidecar=str(inputs.sidecar), tensors=tensors, slots=moe.runtime_slots or 0,
                      io_threads=moe.io_threads, shared_only=moe.shared_only, preload=moe.preload, verify=moe.verify,
                      prefetch=moe.prefetch, prefetch_ranks=moe.prefetch_ranks, replay=moe.replay)
