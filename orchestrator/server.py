@@ -295,14 +295,17 @@ class RequestGate:
         from orchestrator import front_door as fd
 
         stopped = self.proxy_ref().stop.event
-        cut_whole = False
+        cut_whole = streamed = marked = False
+        event = {"error": {"message": "the server shut down while this answer was streamed: it was cut here",
+                           "type": "server_error", "code": "answer_cut"}}
+        cut_event = f"data: {json.dumps(event)}".encode()
 
         async def send_marked(message):
-            nonlocal cut_whole
-            if message["type"] == "http.response.start" and stopped.is_set() and message["status"] == 200:
+            nonlocal cut_whole, streamed, marked
+            if message["type"] == "http.response.start":
                 streamed = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
                                for k, v in message.get("headers", []))
-                if not streamed:
+                if stopped.is_set() and message["status"] == 200 and not streamed:
                     cut_whole = True
                     refusal = fd.Refusal(503, "the server shut down while this answer was generated: it was cut",
                                          "answer_cut")
@@ -312,11 +315,13 @@ class RequestGate:
                 if cut_whole:
                     return  # the answer's bytes: replaced by the 503 above
                 chunk = message.get("body", b"")
-                if stopped.is_set() and b"data: [DONE]" in chunk:
-                    event = {"error": {"message": "the server shut down while this answer was streamed: it was cut "
-                                                  "here", "type": "server_error", "code": "answer_cut"}}
-                    message = {**message, "body": chunk.replace(b"data: [DONE]",
-                                                                f"data: {json.dumps(event)}".encode())}
+                if streamed and stopped.is_set() and b"data: [DONE]" in chunk:
+                    message = {**message, "body": chunk.replace(b"data: [DONE]", cut_event)}
+                    marked = True
+                elif streamed and stopped.is_set() and not marked and not message.get("more_body"):
+                    # the stream ends without [DONE] (sse-starlette stops streams itself on a shutdown signal)
+                    await send({"type": "http.response.body", "body": cut_event + b"\r\n\r\n", "more_body": True})
+                    marked = True
             await send(message)
 
         return send_marked
