@@ -52,6 +52,14 @@ def _on_device(stats: dict, devices: list[dict]) -> tuple[int, int]:
     return sum(int(b["model"]) for b in mine), sum(int(b["model"]) for b in stats["devices"] if b not in mine)
 
 
+def _assert_exact(args: list[str], mode: str, tokens: int = 40) -> None:
+    """`verify-exact` with `args`: logits bitwise identical to stock with the same placement, in `mode`."""
+    result = flashflex("verify-exact", *args, "--tokens", str(tokens), "--json", timeout=600)
+    assert result.returncode == 0, (args, result.stderr)
+    out = json.loads(result.stdout)
+    assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"].startswith(mode), (args, out)
+
+
 @pytest.mark.parametrize("ubatch", [1, 32])
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
 def test_partial_offload_streams_the_host_layers_exactly(gpu_build, dense_models, quant, ubatch):
@@ -61,10 +69,7 @@ def test_partial_offload_streams_the_host_layers_exactly(gpu_build, dense_models
     path = str(dense_models[quant])
     settings = ["-ngl", str(NGL), "--ctx", str(CTX), "--ubatch", str(ubatch), "-tp", "2", "--prefetch-window", "2"]
     common = ["--model", path, "--budget", _minimum_budget(path, settings), *settings]
-    result = flashflex("verify-exact", *common, "--tokens", "40", "--json", timeout=600)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"] == "dense-stream", out
+    _assert_exact(common, "dense-stream")
 
     run = flashflex("run", *common, "-n", "4", "--json", timeout=600)
     assert run.returncode == 0, run.stderr
@@ -94,10 +99,7 @@ def test_moe_slot_banks_beside_layers_on_the_device(gpu_build, moe_models, ubatc
     path, sidecar = moe_models["qwen3moe"]  # 16 experts, top-4
     common = ["--model", str(path), "--moe-mode", "slot-bank", "--moe-slot-bank", str(slots), "--moe-sidecar",
               str(sidecar), "-ngl", "99", "--ctx", str(CTX), "--ubatch", str(ubatch), "-t", "1"]
-    result = flashflex("verify-exact", *common, "--tokens", "40", "--json", timeout=600)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"].startswith("slot-bank"), out
+    _assert_exact(common, "slot-bank")
 
     run = flashflex("run", *common, "-n", "4", "--json", timeout=600)
     assert run.returncode == 0, run.stderr
@@ -181,10 +183,7 @@ def test_layers_on_the_gpu_and_a_worker_with_host_layers_streamed_are_bitwise_ex
         budget = f"{json.loads(planned.stdout)['minimum_budget_bytes']}B"
         common = ["--model", path, "--budget", budget, *settings, "-t", "1"]
 
-        result = flashflex("verify-exact", *common, "--tokens", "40", "--json", timeout=600)
-        assert result.returncode == 0, result.stderr
-        out = json.loads(result.stdout)
-        assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"] == "dense-stream", out
+        _assert_exact(common, "dense-stream")
 
         run = flashflex("run", *common, "-n", "4", "--json", timeout=600)
         assert run.returncode == 0, run.stderr
@@ -227,10 +226,7 @@ def test_auto_is_the_default_and_the_device_budget_decides_the_layers(gpu_build,
                     "--prefetch-window", "2"]
         planned = _plan_json(path, *settings)
         common = ["--model", path, "--budget", f"{planned['minimum_budget_bytes']}B", *settings]
-        result = flashflex("verify-exact", *common, "--tokens", "24", "--json", timeout=600)
-        assert result.returncode == 0, result.stderr
-        out = json.loads(result.stdout)
-        assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"] == "dense-stream", out
+        _assert_exact(common, "dense-stream", tokens=24)
 
     run = flashflex("run", "--model", path, "--ctx", str(CTX), "-n", "2", "--json", timeout=600)
     assert run.returncode == 0, run.stderr
@@ -260,7 +256,7 @@ def test_every_lossless_moe_mode_beside_layers_on_the_device(gpu_build, moe_mode
     device (-ngl 99), logits bitwise identical to stock with the same placement, at ubatch 1 and 32."""
     qwen2, qwen2_sidecar = moe_models["qwen2moe"]
     qwen3, qwen3_sidecar = moe_models["qwen3moe"]
-    placed = ["-ngl", "99", "--ctx", str(CTX), "--ubatch", str(ubatch), "-t", "1", "--tokens", "40", "--json"]
+    placed = ["-ngl", "99", "--ctx", str(CTX), "--ubatch", str(ubatch), "-t", "1"]
     trace = tmp_path / f"trace-{ubatch}.jsonl"
     runs = [
         ["--model", str(qwen2), "--moe-sidecar", str(qwen2_sidecar), "--moe-mode", "resident-bank"],
@@ -271,11 +267,7 @@ def test_every_lossless_moe_mode_beside_layers_on_the_device(gpu_build, moe_mode
            "--moe-trace", str(trace)] for mode in ("slot-bank", "oracle-all-hit", "oracle-prefetch")],
     ]
     for args in runs:
-        result = flashflex("verify-exact", *args, *placed, timeout=600)
-        assert result.returncode == 0, (args, result.stderr)
-        out = json.loads(result.stdout)
-        mode = args[args.index("--moe-mode") + 1]
-        assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"].startswith(mode), (args, out)
+        _assert_exact([*args, *placed], args[args.index("--moe-mode") + 1])
     assert trace.exists()
 
 
@@ -294,10 +286,7 @@ def test_auto_gives_the_gpu_whole_layers_experts_when_room_is_left(gpu_build, mo
     placement = json.loads(planned.stdout)["rpc"]
     assert placement["local_layers"] == 0 and placement["experts_on_gpu_from"] == 1, placement
     assert "went to the GPU with their layers" in planned.stderr.replace("\n", " ")
-    result = flashflex("verify-exact", *common, "--tokens", "40", "--json", timeout=600)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    assert out["identical"] and out["max_abs_diff"] == 0.0 and out["mode"].startswith("slot-bank"), out
+    _assert_exact(common, "slot-bank")
     run = flashflex("run", *common, "-n", "4", "--json", timeout=600)
     assert run.returncode == 0, run.stderr
     stats = json.loads(run.stdout)["stats"]
