@@ -221,6 +221,9 @@ def _runtime_summary(raw: dict[str, Any]) -> dict[str, Any]:
     if moe:
         out["bank_hit_rate"] = moe.get("hit_rate")  # the runtime's own counters
         out["bank_bytes_read"] = moe.get("bytes_read")
+        passes = moe.get("calls") or 0
+        out["bank_experts_resolved_per_pass"] = (moe.get("hits", 0) + moe.get("misses", 0)) / passes if passes \
+            else None
     return out
 
 

@@ -101,6 +101,12 @@ def test_run_reports_bank_stats_per_layer(banks, moe_models):
         assert 0.0 <= m["hit_rate"] <= 1.0
     decode = stats["moe"]["decode"]
     assert decode["calls"] == decode["tokens"] * 3
+    # a decode pass resolves one token's top-4 experts in one layer; a prompt pass the union of its tokens' (between
+    # one token's 4 and the bank's 6 slots: a union larger than the bank is split into passes)
+    assert decode["passes"] == decode["calls"] and decode["experts_resolved_per_pass"] == 4
+    assert decode["experts_resolved_per_token"] == 4 * 3
+    prompt = stats["moe"]["prompt"]
+    assert 4 <= prompt["experts_resolved_per_pass"] <= 6, prompt
     # a miss reads one expert slice of each of the three routed tensors
     per_miss = sum(t.bytes_per_expert for t in sidecar.load_manifest(sc).tensors if t.layer == 0)
     assert decode["bytes_read"] == decode["misses"] * per_miss

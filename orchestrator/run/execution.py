@@ -103,6 +103,11 @@ def _moe_phase_stats(raw: dict[str, Any] | None, n_tokens: int, seconds: float) 
         **raw,
         "tokens": n_tokens,
         "misses_per_token": raw["misses"] / n_tokens if n_tokens else 0.0,
+        # a pass resolves the union of its tokens' experts in one banked layer (several passes when the union
+        # exceeds the bank): under batching the experts per pass grow and the passes per generated token fall
+        "passes": raw["calls"],
+        "experts_resolved_per_pass": (raw["hits"] + raw["misses"]) / raw["calls"] if raw["calls"] else 0.0,
+        "experts_resolved_per_token": (raw["hits"] + raw["misses"]) / n_tokens if n_tokens else 0.0,
         "bytes_read_per_token": raw["bytes_read"] / n_tokens if n_tokens else 0.0,
         # read_seconds adds up the I/O threads' time; install_seconds is what compute waited for
         "achieved_read_bandwidth": raw["bytes_read"] / raw["install_seconds"] if raw["install_seconds"] > 0 else 0.0,
