@@ -37,6 +37,12 @@ BYTES_PER_TOKEN = 128
 MIN_BODY_CAP = 256 << 10
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/completion", "/completions",
                               "/chat/completions", "/infill", "/v1/responses"})
+# The answers a shutdown gives a generation it cut (both engines): a whole answer becomes this 503; a stream ends with
+# this event (its SSE `data:` line, no blank line after) instead of [DONE].
+CUT_WHOLE_MESSAGE = "the server shut down while this answer was generated: it was cut"
+CUT_STREAM_EVENT = ("data: " + json.dumps({"error": {"message": "the server shut down while this answer was "
+                                                                "streamed: it was cut here", "type": "server_error",
+                                                     "code": "answer_cut"}})).encode()
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
                         "upgrade", "proxy-authenticate", "proxy-authorization"})
 
@@ -254,8 +260,7 @@ class FrontDoor:
         import httpx
 
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])
-                   if k.lower() not in (b"host", b"authorization", b"content-length") and k.lower() not in
-                   {h.encode() for h in HOP_BY_HOP}]
+                   if k.lower().decode("latin-1") not in HOP_BY_HOP | {"host", "authorization"}]
         headers.append(("authorization", f"Bearer {self.internal_key}"))
         url = self.upstream + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
@@ -296,8 +301,7 @@ class FrontDoor:
                         whole = await step(asyncio.create_task(response.aread()))
                     except _Cut:
                         self.counters.cut += 1
-                        raise Refusal(503, "the server shut down while this answer was generated: it was cut",
-                                      "answer_cut") from None
+                        raise Refusal(503, CUT_WHOLE_MESSAGE, "answer_cut") from None
                     out_headers.append((b"content-length", str(len(whole)).encode()))
                     await send({"type": "http.response.start", "status": response.status_code,
                                 "headers": out_headers})
@@ -313,9 +317,7 @@ class FrontDoor:
                         break
                     except _Cut:
                         self.counters.cut += 1
-                        event = {"error": {"message": "the server shut down while this answer was streamed: it was "
-                                                      "cut here", "type": "server_error", "code": "answer_cut"}}
-                        await send({"type": "http.response.body", "body": f"data: {json.dumps(event)}\n\n".encode(),
+                        await send({"type": "http.response.body", "body": CUT_STREAM_EVENT + b"\n\n",
                                     "more_body": True})
                         break
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -266,17 +266,24 @@ def uses_local_gpus(cfg: Any) -> bool:
     return cfg.gpu.asks_count or layers == "auto" or (layers is None and not cfg.rpc.servers)
 
 
+def gpus_for(cfg: Any) -> Worker | None:
+    """This host's GPUs a RunConfig puts layers on (uses_local_gpus), with its device budget; None when it puts none
+    there or the build sees none."""
+    if not uses_local_gpus(cfg):
+        return None
+    from orchestrator import native
+
+    # -ngl unset or auto: a tree without the patched library yet (plan --estimate) just has no GPU to use
+    if cfg.offloads or cfg.gpu.budget is not None or native.is_patched():
+        return local_gpus(cfg.gpu.budget_bytes)
+    return None
+
+
 def offload_targets(cfg: Any) -> list[Worker] | None:
     """The devices a RunConfig offloads layers to, in llama.cpp's device order: this host's GPUs (uses_local_gpus),
     then the RPC workers (checked with timeouts); None when it offloads nothing. -ngl N or --gpu-budget with
     nothing to put it on is refused in one line."""
-    local = None
-    if uses_local_gpus(cfg):
-        from orchestrator import native
-
-        # -ngl unset or auto: a tree without the patched library yet (plan --estimate) just has no GPU to use
-        if cfg.offloads or cfg.gpu.budget is not None or native.is_patched():
-            local = local_gpus(cfg.gpu.budget_bytes)
+    local = gpus_for(cfg)
     if cfg.gpu.budget is not None and local is None:
         if not uses_local_gpus(cfg):
             why = "-ngl 0 puts nothing there" if cfg.gpu.layers == 0 else "--rpc alone uses only the workers"

@@ -299,9 +299,6 @@ class RequestGate:
 
         stopped = self.proxy_ref().stop.event
         cut_whole = streamed = marked = False
-        event = {"error": {"message": "the server shut down while this answer was streamed: it was cut here",
-                           "type": "server_error", "code": "answer_cut"}}
-        cut_event = f"data: {json.dumps(event)}".encode()
 
         async def send_marked(message):
             nonlocal cut_whole, streamed, marked
@@ -310,8 +307,7 @@ class RequestGate:
                                for k, v in message.get("headers", []))
                 if stopped.is_set() and message["status"] == 200 and not streamed:
                     cut_whole = True
-                    refusal = fd.Refusal(503, "the server shut down while this answer was generated: it was cut",
-                                         "answer_cut")
+                    refusal = fd.Refusal(503, fd.CUT_WHOLE_MESSAGE, "answer_cut")
                     await fd.respond(send, 503, refusal.body())
                     return
             if message["type"] == "http.response.body":
@@ -319,11 +315,12 @@ class RequestGate:
                     return  # the answer's bytes: replaced by the 503 above
                 chunk = message.get("body", b"")
                 if streamed and stopped.is_set() and b"data: [DONE]" in chunk:
-                    message = {**message, "body": chunk.replace(b"data: [DONE]", cut_event)}
+                    message = {**message, "body": chunk.replace(b"data: [DONE]", fd.CUT_STREAM_EVENT)}
                     marked = True
                 elif streamed and stopped.is_set() and not marked and not message.get("more_body"):
                     # the stream ends without [DONE] (sse-starlette stops streams itself on a shutdown signal)
-                    await send({"type": "http.response.body", "body": cut_event + b"\r\n\r\n", "more_body": True})
+                    await send({"type": "http.response.body", "body": fd.CUT_STREAM_EVENT + b"\r\n\r\n",
+                                "more_body": True})
                     marked = True
             await send(message)
 

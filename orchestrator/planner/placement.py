@@ -81,8 +81,7 @@ class DeviceMemory:
 def devices_of(workers: list[Any]) -> list[DeviceMemory]:
     """Every device of every worker (orchestrator.rpc.Worker), in llama.cpp's device order (this host's GPUs, then
     --rpc order)."""
-    return [DeviceMemory(w.endpoint, d.index, d.free, d.total, getattr(d, "name", ""), getattr(d, "capacity", None),
-                         getattr(d, "compute", None))
+    return [DeviceMemory(w.endpoint, d.index, d.free, d.total, d.name, d.capacity, d.compute)
             for w in workers for d in w.devices]
 
 

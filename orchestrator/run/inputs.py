@@ -105,7 +105,7 @@ def _fits_without_plan(cfg: "RunConfig", model: Path, budget: int) -> bool:
     """An `auto` budget, no MoE option and nothing offloaded (not even by -ngl auto, the default where this host has
     a GPU), and the model's files well inside the budget: the run needs no plan (the headers are still checked,
     cheaply)."""
-    from orchestrator import native, rpc
+    from orchestrator import rpc
     from orchestrator.modelfile.reader import shard_paths
     from orchestrator.modelfile.validate import read_layout
     from orchestrator.sizes import is_auto
@@ -113,7 +113,7 @@ def _fits_without_plan(cfg: "RunConfig", model: Path, budget: int) -> bool:
     plain = cfg.moe.mode in (modes.AUTO, *modes.STOCK_LOADER_MODES) and not (cfg.moe.model_fields_set - {"mode"})
     if not (is_auto(str(cfg.budget.size)) and plain and not cfg.offloads and cfg.gpu.budget is None):
         return False
-    if rpc.uses_local_gpus(cfg) and native.local_accelerators():
+    if rpc.gpus_for(cfg) is not None:
         return False
     for shard in shard_paths(model):  # the header checks the full table read would make, in a fraction
         read_layout(shard)
