@@ -1,8 +1,8 @@
 """What checking every expert read against its checksum (`moe.verify`) costs, on the MoE benchmark model.
 
 Runs `flashflex run --json` in slot-bank mode with verify on and off, alternating, and reports per pair the decode
-tok/s of both and the runtime's own timer for checksumming (`verify_seconds`, summed over the I/O threads) as a
-share of decode time; medians over the pairs. Needs the benchmark model and its sidecar (`flashflex bench moe`
+tok/s of both and the runtime's own timer for checksumming (`verify_seconds`: CPU time of the I/O threads, summed)
+as a share of decode time, and the checksum's speed; medians over the pairs. Needs the benchmark model and its sidecar (`flashflex bench moe`
 makes them, or `flashflex gguf synth --preset moe-a3b-12l-q4_0` + `flashflex sidecar extract`).
 
     python scripts/bench_checksum.py --slots 32 --pairs 3 --out bench-results/checksum
@@ -66,6 +66,9 @@ def main() -> int:
         "decode_tok_per_s_verify_off": statistics.median(r["decode_tok_per_s"] for r in off),
         "verify_seconds_share_of_decode": statistics.median(share),
         "verify_seconds_share_max": max(share),
+        "checksum_gb_per_s": statistics.median(r["bytes_read"] / r["verify_seconds"] / 1e9 for r in on
+                                               if r["verify_seconds"] > 0) if any(r["verify_seconds"] for r in on)
+        else None,
         "miss_bytes_per_token": statistics.median(r["bytes_read"] / len(r["tokens"]) for r in on),
         "same_tokens": all(r["tokens"] == rows[0]["tokens"] for r in rows),
     }

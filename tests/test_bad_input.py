@@ -266,12 +266,13 @@ def test_bit_rot_in_a_layer_file_stops_the_run_naming_layer_tensor_and_expert(mo
     os.utime(layer_file, ns=(st.st_atime_ns, st.st_mtime_ns))
     run = ["run", "-m", str(model), "--moe-mode", "slot-bank", "--moe-slot-bank", "4", "--moe-sidecar", str(rotten),
            "-n", "4"]
-    one_error(flashflex(*run, "--moe-verify"), "layer 1, tensor blk.1.ffn_up_exps.weight, expert",
+    one_error(flashflex(*run), "layer 1, tensor blk.1.ffn_up_exps.weight, expert",  # on by default
               "does not match its checksum", "sidecar verify")
+    assert flashflex(*run, "--no-moe-verify").returncode == 0  # the opt-out reads without checking
     cfg = tmp_path / "verify.yaml"
-    cfg.write_text("moe: {verify: true}\n")
-    one_error(flashflex(*run[:1], str(cfg), *run[1:]), "does not match its checksum")  # the YAML key
-    assert flashflex(*run).returncode == 0  # off by default (its cost: docs/benchmarks.md)
+    cfg.write_text("moe: {verify: false}\n")
+    assert flashflex(*run[:1], str(cfg), *run[1:]).returncode == 0  # the YAML key
+    one_error(flashflex(*run[:1], str(cfg), *run[1:], "--moe-verify"), "does not match its checksum")  # flag wins
 
 
 # -- traces ----------------------------------------------------------------------------------------------

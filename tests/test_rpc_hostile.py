@@ -1,7 +1,8 @@
 """A hostile client against a real `flashflex rpc-server` on 127.0.0.1 (review 2026-12-04: C8, C9, X4, X5; M11):
 each malformed command is refused and its connection closed, with a line in the worker's log, and the worker stays
 up and serves the next good client (checked with orchestrator.rpc.probe); a huge length prefix costs the worker no
-memory; an idle connection holds the single-client worker no longer than its --client-timeout.
+memory; a silent connection holds the single-client worker no longer than its --hello-timeout (an idle client no
+longer than its --client-timeout).
 
 The client speaks ggml's RPC wire protocol at the pin (ggml/src/ggml-rpc/ggml-rpc.cpp): a 1-byte command, an 8-byte
 little-endian length, the payload; HELLO first. Loopback only; every wait is bounded.
@@ -223,13 +224,14 @@ def test_a_claimed_length_costs_memory_only_as_its_data_arrives(worker):
 
 
 # --------------------------------------------------------------------------------------------------
-# X5: an idle connection holds the worker no longer than --client-timeout
+# X5: a connection that never says HELLO holds the worker no longer than --hello-timeout (10 s by default), a
+# client idle after it no longer than --client-timeout
 
 
 @pytest.mark.parametrize("after_hello", [False, True])
 def test_an_idle_connection_holds_the_worker_only_until_its_timeout(worker, after_hello):
-    w = worker("64MiB", "--client-timeout", "2")
-    assert w.announcement["client_timeout_s"] == 2
+    w = worker("64MiB", "--client-timeout" if after_hello else "--hello-timeout", "2")
+    assert w.announcement["client_timeout_s" if after_hello else "hello_timeout_s"] == 2
     idle = Client(w.port) if after_hello else None
     raw = None if after_hello else socket.create_connection(("127.0.0.1", w.port), timeout=5)
     try:
@@ -244,6 +246,7 @@ def test_an_idle_connection_holds_the_worker_only_until_its_timeout(worker, afte
             assert raw is not None
             raw.settimeout(1)
             assert raw.recv(1) == b""
+            assert "stayed silent before HELLO, dropped" in w.log.read_text()
     finally:
         if idle:
             idle.close()
@@ -251,18 +254,21 @@ def test_an_idle_connection_holds_the_worker_only_until_its_timeout(worker, afte
             raw.close()
 
 
-def test_the_client_timeout_is_off_by_default(worker):
-    """Off unless asked for: a long-lived client (a serve session over --rpc) may idle between requests."""
+def test_a_client_that_said_hello_may_idle_by_default(worker):
+    """The client timeout is off unless asked for: a long-lived client (a serve session over --rpc) idles between
+    requests. Only the HELLO has a deadline by default."""
     w = worker("64MiB")
     assert w.announcement["client_timeout_s"] is None
+    assert w.announcement["hello_timeout_s"] == 10
     assert "no authentication" in w.log.read_text()  # on loopback too
-    raw = socket.create_connection(("127.0.0.1", w.port), timeout=5)
+    idle = Client(w.port)
     try:
         time.sleep(0.2)
         with pytest.raises(FlashflexError, match="did not answer the handshake"):
-            rpc.probe(w.endpoint, timeout=1.5)  # never dropped: the worker is busy with the idle one
+            rpc.probe(w.endpoint, timeout=1.5)  # not dropped: the worker is busy with the idle client
+        assert not idle.closed_by_worker(0.5)
     finally:
-        raw.close()
+        idle.close()
     serves_the_next_client(w)
 
 

@@ -32,7 +32,9 @@ LOOPBACK_NOTE = (
     "note: ggml's RPC protocol has no authentication: any local user or process that can reach {endpoint} can "
     "allocate memory here, read and write it, and run computations"
 )
-# ggml's server reads this (ggml/src/ggml-rpc/transport.cpp, our patch): seconds a client connection may stay silent
+# ggml's server reads these (ggml/src/ggml-rpc, our patch): seconds a new connection has to send its HELLO, and
+# seconds a client may then stay silent
+HELLO_TIMEOUT_ENV = "GGML_RPC_HELLO_TIMEOUT"
 CLIENT_TIMEOUT_ENV = "GGML_RPC_CLIENT_TIMEOUT"
 
 
@@ -89,6 +91,9 @@ def register(app: typer.Typer) -> None:
                                            "connection holds it for everyone meanwhile; but a client idle longer "
                                            "than this (a serve or chat session between requests) then ends with "
                                            "'stopped answering' at its next request, so it is off unless asked for."),
+        hello_timeout: int = typer.Option(10, "--hello-timeout", min=1, help="Seconds a new connection has to "
+                                          "send ggml's HELLO before the worker drops it: a connection that says "
+                                          "nothing cannot hold the worker (a real client says it at once)."),
         json_out: JsonOpt = False,
     ) -> None:
         """Serve this host's devices (accelerators, else the CPU) to flashflex runs elsewhere (--rpc HOST:PORT),
@@ -130,15 +135,17 @@ def register(app: typer.Typer) -> None:
         if json_out:
             lines = [json.dumps({"endpoint": endpoint, "protocol": ".".join(map(str, protocol)),
                                  "threads": n_threads, "cache_dir": str(cache) if cache else None,
-                                 "client_timeout_s": client_timeout or None,
+                                 "hello_timeout_s": hello_timeout, "client_timeout_s": client_timeout or None,
                                  "announced_by": how, "devices": served}, indent=2)]
         else:
             lines = [f"flashflex rpc-server: serving on {endpoint} (ggml RPC protocol {'.'.join(map(str, protocol))}), "
                      f"{n_threads} thread(s), tensor cache {cache or 'off'}"]
             lines += [f"  {d['name']} ({d['description']}): announces {format_size(d['announced'])} ({how}; the "
                       f"device reports {format_size(d['free'])} free of {format_size(d['total'])})" for d in served]
-            lines.append(f"{client_hint(host, port)} · idle clients dropped after "
-                         f"{f'{client_timeout}s' if client_timeout else 'never'} · Ctrl-C stops the worker")
+            lines.append(f"{client_hint(host, port)} · silent connections dropped after {hello_timeout}s, idle "
+                         f"clients after {f'{client_timeout}s' if client_timeout else 'never'} · Ctrl-C stops the "
+                         "worker")
+        os.environ[HELLO_TIMEOUT_ENV] = str(hello_timeout)
         if client_timeout:
             os.environ[CLIENT_TIMEOUT_ENV] = str(client_timeout)
         else:

@@ -99,6 +99,9 @@ io_job io_job_for(bank_state & st, const read_job & j) {
             if (j.prefetch) {
                 st.tensors[j.tensor].inflight[j.slot] = 0;
             } else {
+                if (st.waiter_verifies(j)) {
+                    st.to_verify.push_back(j);
+                }
                 --st.pending_demand;
             }
         },
@@ -128,15 +131,9 @@ void bank_state::read_expert(const read_job & j, void * staging) {
                    files[bt.file].path.c_str(), j.expert, bt.name.c_str()));
         return;
     }
-    if (cfg.moe_verify && !bt.checksums.empty()) {
-        const int64_t  tv  = now_ns();
-        const uint64_t sum = expert_checksum(into_slot ? slot : staging, bt.bytes);
-        layers[layer_index[bt.layer]].stats->verify_ns.fetch_add(now_ns() - tv);
-        if (sum != bt.checksums[j.expert]) {
-            fail(
-                format("layer %d, tensor %s, expert %d does not match its checksum in %s (bit rot, or the layer "
-                       "file changed: run flashflex sidecar verify)",
-                       bt.layer, bt.name.c_str(), j.expert, files[bt.file].path.c_str()));
+    if (cfg.moe_verify && !bt.checksums.empty() && !waiter_verifies(j)) {
+        verify_expert(bt, j.expert, into_slot ? slot : staging);
+        if (failed.is_set()) {
             return;
         }
     }
@@ -155,7 +152,29 @@ void bank_state::read_expert(const read_job & j, void * staging) {
     }
 }
 
-// Reads every job in parallel and returns when all are done (compute thread).
+// Whether the compute thread checksums this read rather than the I/O thread: a demand read of plain bytes, which the
+// compute thread would otherwise only wait for. Checksumming reads back the expert from memory (an O_DIRECT read
+// leaves it out of the caches), and on the I/O thread that sits between the read and the wait's end, on a core the
+// compute threads want; on the waiting thread it overlaps the reads still in flight.
+bool bank_state::waiter_verifies(const read_job & j) const {
+    const bank_tensor & bt = tensors[j.tensor];
+    return cfg.moe_verify && !bt.checksums.empty() && !j.prefetch && bt.plain;
+}
+
+// Checks one expert's bytes against the checksum extraction recorded; a mismatch fails the runtime.
+void bank_state::verify_expert(const bank_tensor & bt, int expert, const void * data) {
+    const int64_t  tv  = thread_cpu_ns();
+    const uint64_t sum = expert_checksum(data, bt.bytes);
+    layers[layer_index[bt.layer]].stats->verify_ns.fetch_add(thread_cpu_ns() - tv);
+    if (sum != bt.checksums[expert]) {
+        fail(format("layer %d, tensor %s, expert %d does not match its checksum in %s (bit rot, or the layer file "
+                    "changed: run flashflex sidecar verify)",
+                    bt.layer, bt.name.c_str(), expert, files[bt.file].path.c_str()));
+    }
+}
+
+// Reads every job in parallel and returns when all are done and checked (compute thread), checksumming the reads
+// that are done while it waits for the others.
 void bank_state::run_jobs(const std::vector<read_job> & batch) {
     if (batch.empty()) {
         return;
@@ -166,7 +185,22 @@ void bank_state::run_jobs(const std::vector<read_job> & batch) {
     }
     pending_demand += (int) batch.size();
     pool.wake();
-    pool.done_cv().wait(lk, [&] { return pending_demand == 0 || pool.stopping(); });
+    for (;;) {
+        pool.done_cv().wait(lk, [&] { return pending_demand == 0 || !to_verify.empty() || pool.stopping(); });
+        if (to_verify.empty() || pool.stopping()) {
+            to_verify.clear();
+            return;
+        }
+        const read_job j = to_verify.back();
+        to_verify.pop_back();
+        if (failed.is_set()) {
+            continue;  // a read failed: its slot holds no expert, and the first error is the one to report
+        }
+        lk.unlock();
+        const bank_tensor & bt = tensors[j.tensor];
+        verify_expert(bt, j.expert, bt.base + (size_t) j.slot * bt.bytes);
+        lk.lock();
+    }
 }
 
 // Queues prefetch reads behind the demand reads and returns at once (compute thread).

@@ -53,7 +53,7 @@ struct layer_counters {
     std::atomic<uint64_t> prefetch_wasted_bytes{ 0 };  // ... of experts the next call did not need
     std::atomic<int64_t>  prefetch_read_ns{ 0 };
     std::atomic<int64_t>  prefetch_wait_ns{ 0 };       // compute waiting for a prefetch read still in flight
-    std::atomic<int64_t>  verify_ns{ 0 };              // checksumming experts as they are read (I/O threads)
+    std::atomic<int64_t>  verify_ns{ 0 };              // CPU time of checksumming experts as they are read
 
     void reset() {
         hits                  = 0;
@@ -126,10 +126,12 @@ struct bank_state {
     size_t                             bank_bytes    = 0;
     size_t                             staging_bytes = 0;
 
-    // reads: demand reads ahead of prefetch reads in one pool; pending_demand is guarded by pool.mutex()
-    io_pool pool;
-    int     pending_demand = 0;
-    failure failed;
+    // reads: demand reads ahead of prefetch reads in one pool; pending_demand and to_verify are guarded by
+    // pool.mutex()
+    io_pool               pool;
+    int                   pending_demand = 0;
+    std::vector<read_job> to_verify;  // demand reads done, checksummed by the compute thread waiting for the rest
+    failure               failed;
 
     // graph
     std::deque<resolve_site> sites;       // stable addresses for graph userdata
@@ -154,6 +156,8 @@ struct bank_state {
 
     // I/O (bank.cpp)
     void                 read_expert(const read_job & j, void * staging);
+    bool                 waiter_verifies(const read_job & j) const;
+    void                 verify_expert(const bank_tensor & bt, int expert, const void * data);
     void                 run_jobs(const std::vector<read_job> & batch);        // demand reads; returns when done
     void                 queue_prefetch(const std::vector<read_job> & batch);  // returns at once
     std::vector<uint8_t> busy_slots(const bank_tensor & bt);

@@ -106,19 +106,68 @@ long long pread_full(int fd, void * dst, size_t len, uint64_t offset) {
     return (long long) done;
 }
 
+// Computed without a multiply per word, so it vectorises on any CPU (SSE2, NEON) and runs well above memory
+// speed on a freshly read expert. With the words in lanes l = i mod 8 and blocks m = i / 8,
+// sum_i w_i * i = sum_l (8 * sum_m m * w_{8m+l} + l * S_l), and sum_m m * w_{8m+l} = (blocks - 1) * S_l - R_l,
+// where S_l is the lane's sum and R_l the sum of its running sums before each block: two additions per word.
 uint64_t expert_checksum(const void * data, size_t n) {
-    const uint8_t * p    = (const uint8_t *) data;
-    const size_t    full = n / 8;
-    uint64_t        sum  = 0;
-    for (size_t i = 0; i < full; ++i) {
+    const uint8_t * p      = (const uint8_t *) data;
+    const size_t    words  = n / 8;
+    const size_t    blocks = words / 8;
+    uint64_t        S[8];
+    uint64_t        R[8];
+#if defined(__GNUC__) || defined(__clang__)
+    typedef uint64_t u64x2 __attribute__((vector_size(16)));
+    u64x2            s0 = {}, s1 = {}, s2 = {}, s3 = {}, r0 = {}, r1 = {}, r2 = {}, r3 = {};
+    for (size_t m = 0; m < blocks; ++m) {
+        u64x2 w0, w1, w2, w3;
+        memcpy(&w0, p + 64 * m, 16);
+        memcpy(&w1, p + 64 * m + 16, 16);
+        memcpy(&w2, p + 64 * m + 32, 16);
+        memcpy(&w3, p + 64 * m + 48, 16);
+        r0 += s0;
+        r1 += s1;
+        r2 += s2;
+        r3 += s3;
+        s0 += w0;
+        s1 += w1;
+        s2 += w2;
+        s3 += w3;
+    }
+    memcpy(S, &s0, 16);
+    memcpy(S + 2, &s1, 16);
+    memcpy(S + 4, &s2, 16);
+    memcpy(S + 6, &s3, 16);
+    memcpy(R, &r0, 16);
+    memcpy(R + 2, &r1, 16);
+    memcpy(R + 4, &r2, 16);
+    memcpy(R + 6, &r3, 16);
+#else
+    memset(S, 0, sizeof(S));
+    memset(R, 0, sizeof(R));
+    for (size_t m = 0; m < blocks; ++m) {
+        for (int l = 0; l < 8; ++l) {
+            uint64_t w;
+            memcpy(&w, p + 64 * m + 8 * l, 8);
+            R[l] += S[l];
+            S[l] += w;
+        }
+    }
+#endif
+    uint64_t sum = 0;
+    for (int l = 0; l < 8; ++l) {
+        const uint64_t lane_mw = (blocks ? (uint64_t) blocks - 1 : 0) * S[l] - R[l];
+        sum += 2 * (8 * lane_mw + (uint64_t) l * S[l]) + S[l];
+    }
+    for (size_t i = blocks * 8; i < words; ++i) {
         uint64_t w;
         memcpy(&w, p + 8 * i, 8);
         sum += w * (2 * (uint64_t) i + 1);
     }
     if (n % 8) {
         uint64_t w = 0;
-        memcpy(&w, p + 8 * full, n % 8);
-        sum += w * (2 * (uint64_t) full + 1);
+        memcpy(&w, p + 8 * words, n % 8);
+        sum += w * (2 * (uint64_t) words + 1);
     }
     return sum;
 }
