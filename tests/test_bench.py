@@ -58,3 +58,34 @@ def test_moe_ratios_use_stock_mmap_and_the_resident_plus_miss_roofline():
     assert "decode_ratio_to_stock" not in records[0] and "decode_ratio_to_stock" not in records[2]
     table = bench.moe_markdown(records)
     assert "40.0%" in table and "4.00" in table and table.count("\n| ") == 1 + len(records)
+
+
+def test_bench_dense_takes_tp_auto_and_records_what_the_plan_chose(tmp_path, patched_llama):
+    """`bench dense --tp auto` runs like `run -tp auto` (it used to stop with a ValueError); the record and the table
+    say which thread count the plan chose."""
+    import json
+
+    from orchestrator import synth
+    from conftest import flashflex
+
+    # Large enough that a budget below its size still holds this process (~120 MiB) and a streaming ring.
+    model = synth.write_synth_model(synth.preset("tiny-dense", n_layer=16, n_embd=1024, n_ff=4096),
+                                    tmp_path / "dense.gguf")
+    out = tmp_path / "out"
+    budget = f"{model.stat().st_size * 7 // 8}B"
+    r = flashflex("bench", "dense", "-m", str(model), "--budgets", budget, "--tp", "auto", "--gen-tokens", "2",
+                  "--prompt-tokens", "2", "--no-cgroup", "--no-drop-caches", "--out-dir", str(out), "--json",
+                  timeout=300)
+    assert r.returncode == 0, r.stderr
+    records = json.loads(r.stdout)
+    flex = [x for x in records if x["mode"] == "flashflex"]
+    assert len(flex) == 1 and flex[0]["status"] == "ok", flex
+    assert flex[0]["prefetch_threads_auto"] is True and isinstance(flex[0]["prefetch_threads"], int)
+    assert flex[0]["read_bandwidth_bytes_per_s"] > 0
+    assert f"auto ({flex[0]['prefetch_threads']})" in (out / "results.md").read_text()
+
+
+def test_bench_dense_refuses_a_bad_tp_in_one_line(tmp_path):
+    from conftest import flashflex, one_error
+
+    one_error(flashflex("bench", "dense", "--tp", "1,two", "--out-dir", str(tmp_path)), "--tp: 'two'", "auto")

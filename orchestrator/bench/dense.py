@@ -23,7 +23,7 @@ Log = Callable[[str], None]
 class DenseSweep:
     spec: RunSpec
     budgets: list[int]  # cgroup limits; a value >= the model's size gives the "resident" comparison
-    prefetch_threads: list[int] = field(default_factory=lambda: [0, 1, 2, 4])
+    prefetch_threads: list[int | str] = field(default_factory=lambda: [0, 1, 2, 4])  # numbers or "auto"
     use_cgroup: bool = True
     drop_caches: bool = True
 
@@ -35,10 +35,16 @@ def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[
     check_isolation(sweep, log)
     model_bytes = sweep.spec.model.stat().st_size
     machine = machine_info()
-    bandwidth = {}
-    for qd in sorted({max(1, tp) for tp in sweep.prefetch_threads}):
-        bandwidth[qd] = direct_read_bandwidth(sweep.spec.model, qd)
-        log(f"direct-read bandwidth at queue depth {qd}: {bandwidth[qd] / 1e9:.2f} GB/s")
+    bandwidth: dict[int, float] = {}
+
+    def bandwidth_at(qd: int) -> float:
+        if qd not in bandwidth:
+            bandwidth[qd] = direct_read_bandwidth(sweep.spec.model, qd)
+            log(f"direct-read bandwidth at queue depth {qd}: {bandwidth[qd] / 1e9:.2f} GB/s")
+        return bandwidth[qd]
+
+    for tp in sorted({max(1, tp) for tp in sweep.prefetch_threads if tp != "auto"}):
+        bandwidth_at(tp)
     records: list[dict[str, Any]] = []
     results = out_dir / "results.jsonl"
     with open(results, "w") as fh:
@@ -58,7 +64,9 @@ def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[
             for tp in sweep.prefetch_threads:
                 rec = run_point(Point(modes.FLASHFLEX, budget, tp), sweep.spec, sweep.use_cgroup, sweep.drop_caches,
                                 log)
-                rec["read_bandwidth_bytes_per_s"] = bandwidth[max(1, tp)]
+                used = rec.get("prefetch_threads")  # auto: what the plan chose
+                if isinstance(used, int):
+                    rec["read_bandwidth_bytes_per_s"] = bandwidth_at(max(1, used))
                 keep(rec)
     _add_ratios(records)
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -90,6 +98,14 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _tp_label(r: dict[str, Any]) -> str:
+    """The prefetch threads of a record: "auto (2)" when the plan chose them."""
+    tp = r.get("prefetch_threads")
+    if r.get("prefetch_threads_auto"):
+        return f"auto ({tp})"
+    return "auto" if tp == "auto" else _fmt(tp, "d")
+
+
 def markdown_table(records: list[dict[str, Any]], bandwidth: dict[int, float]) -> str:
     m = records[0]["machine"] if records else {}
     lines = [
@@ -107,7 +123,7 @@ def markdown_table(records: list[dict[str, Any]], bandwidth: dict[int, float]) -
         row = "| {mode} | {budget} | {tp} | {dec} | {pro} | {ratio} | {st} | {roof} | {over} | {peak} | {status} |"
         lines.append(row.format(
             mode=r["mode"], budget=format_size(r["budget_bytes"]) if r.get("budget_bytes") else "-",
-            tp=_fmt(r.get("prefetch_threads"), "d"), dec=_fmt(r.get("decode_tok_per_s"), ".3f"),
+            tp=_tp_label(r), dec=_fmt(r.get("decode_tok_per_s"), ".3f"),
             pro=_fmt(r.get("prompt_tok_per_s"), ".2f"), ratio=_fmt(r.get("decode_ratio_to_stock"), ".2f"),
             st=format_size(r["streamed_bytes_per_token"]) if r.get("streamed_bytes_per_token") else "-",
             roof=_fmt(r.get("roofline_tok_per_s"), ".3f"), over=_fmt(r.get("per_token_s_over_roofline"), ".2f"),
@@ -127,13 +143,13 @@ def plot(records: list[dict[str, Any]], out: Path, log: Log) -> None:
     for r in records:
         if r.get("status") != "ok" or not r.get("budget_bytes"):
             continue
-        name = r["mode"] if r["mode"] != modes.FLASHFLEX else f"flashflex tp={r['prefetch_threads']}"
+        name = r["mode"] if r["mode"] != modes.FLASHFLEX else f"flashflex tp={_tp_label(r)}"
         if modes.is_stock_baseline(r["mode"]):
             name = modes.STOCK
         gib = r["budget_bytes"] / 2**30
         series.setdefault(name, []).append((gib, r["decode_tok_per_s"]))
         if r.get("roofline_tok_per_s") and r.get("prefetch_threads") == max(
-                x.get("prefetch_threads") or 0 for x in records):
+                x["prefetch_threads"] if isinstance(x.get("prefetch_threads"), int) else 0 for x in records):
             roof[gib] = r["roofline_tok_per_s"]
     for name, pts in sorted(series.items()):
         pts.sort()

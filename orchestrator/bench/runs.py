@@ -33,7 +33,7 @@ class Point:
 
     mode: BenchMode  # the record's label (see orchestrator.modes)
     budget_bytes: int | None  # the cgroup limit; None = no limit
-    prefetch_threads: int | None = None
+    prefetch_threads: int | str | None = None  # a number, or "auto" (the record then says what the plan chose)
     slot_bank: int | None = None  # slot-bank: slots per layer; None = the planner's pick for the budget
     prefetch: str = "none"  # slot-bank: expert prefetch policy
     prefetch_ranks: int | None = None  # router-lookahead: top ranks read ahead (None = the default, a quarter of k)

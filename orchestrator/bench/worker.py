@@ -62,6 +62,8 @@ def _prepare(point: dict, spec: dict, out: dict):
                compute_bytes=plan.reservations.compute_bytes, overheads_source=plan.reservations.source,
                streamed_bytes_per_token=plan.estimates.dense_streamed_bytes_per_token
                if prepared.spec.stream is not None or banks is None else 0)
+    if prepared.spec.stream is not None and point.get("prefetch_threads") == "auto":
+        out.update(prefetch_threads=prepared.spec.stream.prefetch_threads, prefetch_threads_auto=True)
     if banks is not None:
         out.update(slot_bank=point["slot_bank"] if point["mode"] == modes.ORACLE_ALL_HIT else banks.slots,
                    bank_slots=banks.slots, moe_prefetch_ranks=banks.prefetch_ranks,

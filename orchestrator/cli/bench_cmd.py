@@ -47,6 +47,24 @@ def _rpc_endpoints(value: str | None) -> str | None:
     return ",".join(rpc.parse_endpoints(value))
 
 
+def _prefetch_threads(value: str) -> list[int | str]:
+    """--tp: numbers of prefetch threads and/or auto, one line for anything else."""
+    out: list[int | str] = []
+    for item in (x.strip() for x in value.split(",")):
+        if not item:
+            continue
+        if item == "auto":
+            out.append(item)
+        elif item.isdigit() and int(item) <= 64:
+            out.append(int(item))
+        else:
+            raise FlashflexError(f"--tp: {item!r} is not a number of prefetch threads (0-64) or auto",
+                                 "give a comma-separated list such as auto,0,1,2,4")
+    if not out:
+        raise FlashflexError("--tp is empty", "give a comma-separated list such as auto,0,1,2,4")
+    return out
+
+
 def register(app: typer.Typer) -> None:
     group = typer.Typer(help="Benchmarks against stock, measured in the same run (results in --out-dir).",
                         no_args_is_help=True)
@@ -58,7 +76,8 @@ def register(app: typer.Typer) -> None:
                                              help="GGUF to benchmark (default: synthetic 7B-shaped Q4_0, ~3.8 GB)."),
         budgets: str = typer.Option("1GiB,2GiB,3GiB,full", "--budgets",
                                     help="Comma-separated cgroup limits; 'full' = model size + 1 GiB."),
-        tp: str = typer.Option("0,1,2,4", "--tp", help="Comma-separated prefetch thread counts for flashflex."),
+        tp: str = typer.Option("0,1,2,4", "--tp", help="Comma-separated prefetch thread counts for flashflex, "
+                               "or auto (the plan's choice, as `run -tp auto`)."),
         threads: int = typer.Option(2, "--threads", "-t", min=1, help="Compute threads."),
         ctx: int = typer.Option(512, "--ctx", min=32, help="Context size."),
         ubatch: int = typer.Option(32, "--ubatch", min=1, help="Micro-batch size."),
@@ -74,6 +93,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Dense streaming vs stock mmap (repack off) under each budget, and vs stock resident at full size."""
         endpoints = _rpc_endpoints(rpc)  # a malformed address is one line before anything runs
+        tps = _prefetch_threads(tp)
         from orchestrator import bench
         from orchestrator.modelfile.locate import check_gguf_file
         from orchestrator.sizes import parse_size
@@ -83,7 +103,6 @@ def register(app: typer.Typer) -> None:
         size = path.stat().st_size
         limits = [size + (1 << 30) if b.strip() == "full" else parse_size(b.strip(), what="--budgets")
                   for b in budgets.split(",") if b.strip()]
-        tps = [int(x) for x in tp.split(",") if x.strip()]
         spec = bench.RunSpec(model=path, threads=threads, ctx=ctx, ubatch=ubatch, prompt_tokens=prompt_tokens,
                              gen_tokens=gen_tokens, window=window, timeout_s=timeout, rpc=endpoints)
         sweep = bench.DenseSweep(spec=spec, budgets=limits, prefetch_threads=tps, use_cgroup=not no_cgroup,
