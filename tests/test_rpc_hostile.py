@@ -33,18 +33,18 @@ pytestmark = pytest.mark.native
 # enum rpc_cmd at the pin
 ALLOC_BUFFER, BUFFER_GET_BASE, SET_TENSOR, GET_TENSOR, GRAPH_COMPUTE = 0, 3, 6, 8, 10
 GET_ALIGNMENT, GET_MAX_SIZE, GET_DEVICE_MEMORY, HELLO, DEVICE_COUNT = 1, 2, 11, 14, 15
-GGML_TYPE_F32, GGML_OP_NONE, GGML_OP_DUP = 0, 0, 1
+GGML_TYPE_F32, GGML_TYPE_Q4_0, GGML_OP_NONE, GGML_OP_DUP = 0, 2, 0, 1
 MAX_SRC = 10
 TENSOR_SIZE = 296  # sizeof(rpc_tensor), packed
 MiB = 1 << 20
 
 
 def rpc_tensor(*, id: int = 1, buffer: int = 0, data: int = 0, op: int = GGML_OP_NONE, ne=(1, 1, 1, 1),
-               src: tuple[int, ...] = (), view_src: int = 0) -> bytes:
-    """One serialized rpc_tensor (f32)."""
-    nb = (4, 4 * ne[0], 4 * ne[0] * ne[1], 4 * ne[0] * ne[1] * ne[2])
+               src: tuple[int, ...] = (), view_src: int = 0, type: int = GGML_TYPE_F32, nb=None) -> bytes:
+    """One serialized rpc_tensor (f32 unless told)."""
+    nb = nb or (4, 4 * ne[0], 4 * ne[0] * ne[1], 4 * ne[0] * ne[1] * ne[2])
     srcs = list(src) + [0] * (MAX_SRC - len(src))
-    out = struct.pack("<QIQ4I4II16ii", id, GGML_TYPE_F32, buffer, *ne, *nb, op, *([0] * 16), 0)
+    out = struct.pack("<QIQ4I4II16ii", id, type, buffer, *ne, *nb, op, *([0] * 16), 0)
     out += struct.pack(f"<{MAX_SRC}Q", *srcs) + struct.pack("<QQQ", view_src, 0, data)
     out += b"hostile".ljust(64, b"\0") + struct.pack("<i", 0)
     assert len(out) == TENSOR_SIZE
@@ -145,6 +145,46 @@ def test_a_tensor_outside_its_buffer_is_refused_not_fatal(worker, where):
         c.close()
     serves_the_next_client(w)
     assert "tensor data outside its buffer" in w.log.read_text()
+
+
+# Beyond the review: tensors ggml itself would abort on, and a buffer larger than the device
+
+
+U32 = (1 << 32) - 1
+
+
+@pytest.mark.parametrize("case,tensor,needle", [
+    ("a row of partial q4_0 blocks", dict(type=GGML_TYPE_Q4_0, ne=(5, 1, 1, 1), nb=(18, 18, 18, 18)),
+     "rows are not whole blocks"),
+    ("a size that wraps 64 bits", dict(ne=(U32, U32, U32, U32), nb=(4, U32, U32, U32)), "tensor too large"),
+])
+def test_a_tensor_ggml_would_abort_on_is_refused(worker, case, tensor, needle):
+    w = worker()
+    c = Client(w.port)
+    try:
+        handle, base, _ = c.buffer(4096)
+        c.send(GET_TENSOR, rpc_tensor(buffer=handle, data=base, **tensor) + struct.pack("<QQ", 0, 4))
+        assert c.closed_by_worker()
+    finally:
+        c.close()
+    serves_the_next_client(w)
+    assert needle in w.log.read_text()
+
+
+def test_a_buffer_larger_than_the_device_is_answered_as_a_failed_allocation(worker):
+    w = worker("64MiB")  # the cap: the announced memory plus 256 MiB
+    before = rss(w)
+    c = Client(w.port)
+    try:
+        for size in (1 << 40, (1 << 64) - 1):
+            handle, got = struct.unpack("<QQ", c.call(ALLOC_BUFFER, struct.pack("<IQ", 0, size), 16))
+            assert (handle, got) == (0, 0)
+        assert c.buffer(4096)[0]  # the connection stays usable
+    finally:
+        c.close()
+    assert rss(w) - before < 64 * MiB
+    serves_the_next_client(w)
+    assert "more than the device has" in w.log.read_text()
 
 
 # --------------------------------------------------------------------------------------------------
