@@ -185,11 +185,12 @@ class FrontDoor:
     """The ASGI app in front of llama-server at `upstream` (http://127.0.0.1:PORT), which takes `internal_key`."""
 
     def __init__(self, upstream: str, internal_key: str, *, api_key: str | None, slots: int, queue: int,
-                 ctx_per_slot: int, n_vocab: int, grace_s: float, summary: Callable[[], dict[str, Any]]):
+                 ctx_per_slot: int, n_vocab: int, grace_s: float, summary: Callable[[], dict[str, Any]],
+                 model_name: str = "model"):
         self.upstream, self.internal_key, self.api_key = upstream, internal_key, api_key
         self.slots, self.queue, self.n_vocab, self.grace_s = slots, queue, n_vocab, grace_s
         self.cap = body_cap(ctx_per_slot)
-        self.summary = summary
+        self.summary, self.model_name = summary, model_name
         self.counters = Counters()
         self.stopping = asyncio.Event()
         self.cut_now = asyncio.Event()
@@ -234,7 +235,7 @@ class FrontDoor:
         if self.api_key is not None and not authorized(scope.get("headers", []), self.api_key):
             raise Refusal(401, "invalid or missing API key (Authorization: Bearer KEY)", "invalid_api_key")
         if path == "/flashflex/stats":
-            await respond(send, 200, json.dumps(self.stats()).encode())
+            await respond(send, 200, json.dumps(self.stats(await self.runtime_counters())).encode())
             return
         if self.stopping.is_set():
             raise Refusal(503, "the server is shutting down", "shutting_down", headers={"Retry-After": "5"})
@@ -341,12 +342,32 @@ class FrontDoor:
                 "generating": min(c.generating, self.slots), "waiting": max(0, c.generating - self.slots),
                 "queue": self.queue}
 
-    def stats(self) -> dict[str, Any]:
+    async def runtime_counters(self) -> dict[str, Any] | None:
+        """The runtime's counters as llama-server reports them (GET /flashflex/stats, a route of our series): read
+        while it decodes, without waiting for a slot. None when it does not answer within two seconds."""
+        import httpx
+
+        try:
+            answer = await self._client.get(self.upstream + "/flashflex/stats", timeout=2.0,
+                                            headers={"authorization": f"Bearer {self.internal_key}"})
+            return answer.json() if answer.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def stats(self, counters: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The front's counters, and the model as the python engine reports it: its plan summary and, when
+        llama-server answered, the runtime's counters (`runtime`) with the ones users read first."""
+        from orchestrator.run.execution import runtime_summary
+
         c = self.counters
+        model = {**self.summary(), "loaded": True}
+        if counters is not None:
+            model.update(runtime_summary({k: v for k, v in counters.items() if v is not None}))
         return {"engine": "llama-server", "slots": self.slots, "queue": self.queue, "body_cap_bytes": self.cap,
                 "uptime_s": round(time.time() - c.started, 1), "requests": c.requests,
                 "generating": c.generating, "refused_busy": c.refused_busy, "refused_bad_request": c.refused_bad,
-                "cut_by_shutdown": c.cut, "client_left": c.client_left, "runtime": self.summary()}
+                "cut_by_shutdown": c.cut, "client_left": c.client_left,
+                "default": self.model_name, "loaded": self.model_name, "models": {self.model_name: model}}
 
     async def drain(self) -> None:
         """Shutdown: refuse new requests, give in-flight ones the grace period, then cut what is left."""

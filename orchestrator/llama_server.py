@@ -167,7 +167,7 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
         door = front_door.FrontDoor(
             upstream, internal_key, api_key=server.api_key, slots=slots.parallel, queue=server.queue,
             ctx_per_slot=slots.ctx_per_slot, n_vocab=vocab_size(prepared.settings.model),
-            grace_s=server.shutdown_grace_s, summary=prepared.summary)
+            grace_s=server.shutdown_grace_s, summary=prepared.summary, model_name=prepared.settings.model.name)
         died: list[int] = []
 
         class Front(uvicorn.Server):

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from orchestrator import api
 from orchestrator.config import ServerConfig
+from orchestrator.run.execution import runtime_summary
 from orchestrator.endpoints import check_can_listen, is_loopback  # noqa: F401 (serve_cmd asks here)
 
 
@@ -145,7 +146,7 @@ class ModelProxy:
             info["loaded"] = alias == self.current_alias
             info.update(self.last_stats.get(alias, {}))
             models[alias] = info
-        return {"default": self.default, "loaded": self.current_alias, "models": models}
+        return {"engine": "python", "default": self.default, "loaded": self.current_alias, "models": models}
 
 
 def _meter(handle: api.Handle, proxy: ModelProxy, alias: str) -> None:
@@ -157,7 +158,7 @@ def _meter(handle: api.Handle, proxy: ModelProxy, alias: str) -> None:
     def finish(meter: api.RequestMeter) -> None:
         handle.last_request = meter.result()
         snapshot: dict[str, Any] = {"last_request": handle.last_request}
-        snapshot.update(_runtime_summary(handle.native_stats()))
+        snapshot.update(runtime_summary(handle.native_stats()))
         proxy.last_stats[alias] = snapshot
 
     def named(answer: dict[str, Any]) -> dict[str, Any]:
@@ -209,22 +210,6 @@ def _meter(handle: api.Handle, proxy: ModelProxy, alias: str) -> None:
         return stream()
 
     llm.create_completion = create_completion
-
-
-def _runtime_summary(raw: dict[str, Any]) -> dict[str, Any]:
-    """The runtime counters a user reads first (full counters stay under `runtime`)."""
-    out: dict[str, Any] = {"runtime": raw}
-    stream = raw.get("stream")
-    if stream:
-        out["streamed_bytes_read"] = stream.get("bytes_read")
-    moe = raw.get("moe")
-    if moe:
-        out["bank_hit_rate"] = moe.get("hit_rate")  # the runtime's own counters
-        out["bank_bytes_read"] = moe.get("bytes_read")
-        passes = moe.get("calls") or 0
-        out["bank_experts_resolved_per_pass"] = (moe.get("hits", 0) + moe.get("misses", 0)) / passes if passes \
-            else None
-    return out
 
 
 class RequestGate:

@@ -48,6 +48,10 @@ def test_concurrent_clients_are_served_together_under_the_plan(slots_server):
     assert "llamacpp:tokens_predicted_total" in metrics
     with urllib.request.urlopen(slots_server.base + "/slots", timeout=10) as r:
         assert r.status == 200
+    stats = slots_server.get("/flashflex/stats")  # the runtime's counters, from inside llama-server
+    streamed = stats["models"][stats["default"]]
+    assert streamed["mode"] == "dense-stream" and streamed["runtime"]["stream"]["bytes_read"] > 0
+    assert streamed["streamed_bytes_read"] == streamed["runtime"]["stream"]["bytes_read"]
 
 
 def test_startup_says_what_runs(tools_build):

@@ -200,7 +200,12 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_server_serving(default_
     assert answer.choices[0].text is not None
 
 
-def test_slot_bank_server_matches_run_and_reports_the_bank(moe_model, tmp_path):
+@pytest.mark.parametrize("engine", ["python", "llama-server"])
+def test_slot_bank_server_matches_run_and_reports_the_bank(moe_model, tmp_path, engine, request):
+    """Both engines answer as `run` does and report the bank's own counters in /flashflex/stats (llama-server's
+    through the route our series adds)."""
+    if engine == "llama-server":
+        request.getfixturevalue("tools_build")
     path, sc = moe_model
     prompt, n = "hello world", 10
     run = flashflex("run", "-m", str(path), "--moe-sidecar", str(sc), *MOE_FLAGS, "--prompt", prompt, "-n", str(n),
@@ -208,16 +213,20 @@ def test_slot_bank_server_matches_run_and_reports_the_bank(moe_model, tmp_path):
     assert run.returncode == 0, run.stderr
     expected = json.loads(run.stdout)
     assert expected["stats"]["mode"] == "slot-bank"
-    srv = Server("-m", str(path), "--moe-sidecar", str(sc), *MOE_FLAGS)
+    srv = Server("--engine", engine, "-m", str(path), "--moe-sidecar", str(sc), *MOE_FLAGS)
     try:
         out = srv.client().completions.create(model=path.name, prompt=prompt, max_tokens=n, temperature=0)
         assert out.choices[0].text == expected["text"]
-        stats = srv.get("/flashflex/stats")["models"][path.name]
+        answer = srv.get("/flashflex/stats")
+        assert answer["engine"] == engine
+        stats = answer["models"][path.name]
         assert stats["mode"] == "slot-bank" and stats["moe"]["slots"] == expected["stats"]["moe"]["decode"]["slots"]
         assert stats["plan"]["budget_bytes"] == 8 * 2**20 < path.stat().st_size + 4 * 2**20
         assert 0 < stats["bank_hit_rate"] < 1 and stats["bank_bytes_read"] > 0
         assert stats["bank_experts_resolved_per_pass"] >= 4  # top-4: a pass resolves one token's experts or more
-        assert stats["last_request"]["completion_tokens"] == len(expected["tokens"])
+        assert stats["runtime"]["moe"]["misses"] > 0 and stats["runtime"]["moe"]["verify"] is True
+        if engine == "python":
+            assert stats["last_request"]["completion_tokens"] == len(expected["tokens"])
     finally:
         rc, _ = srv.stop()
     assert rc == 0

@@ -82,6 +82,23 @@ def runtime_stats(llm: Any, spec: RuntimeSpec) -> tuple[dict[str, Any] | None, d
             native.moe_stats(llm.model) if spec.banks is not None else None)
 
 
+def runtime_summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """The runtime counters a server's user reads first, beside the full ones under `runtime` (both engines'
+    /flashflex/stats)."""
+    out: dict[str, Any] = {"runtime": raw}
+    stream = raw.get("stream")
+    if stream:
+        out["streamed_bytes_read"] = stream.get("bytes_read")
+    moe = raw.get("moe")
+    if moe:
+        out["bank_hit_rate"] = moe.get("hit_rate")
+        out["bank_bytes_read"] = moe.get("bytes_read")
+        passes = moe.get("calls") or 0
+        out["bank_experts_resolved_per_pass"] = (moe.get("hits", 0) + moe.get("misses", 0)) / passes if passes \
+            else None
+    return out
+
+
 def _phase_stats(raw: dict[str, Any] | None, n_tokens: int, seconds: float) -> dict[str, Any] | None:
     if raw is None:
         return None

@@ -167,9 +167,10 @@ void bank_state::verify_expert(const bank_tensor & bt, int expert, const void * 
     const uint64_t sum = expert_checksum(data, bt.bytes);
     layers[layer_index[bt.layer]].stats->verify_ns.fetch_add(thread_cpu_ns() - tv);
     if (sum != bt.checksums[expert]) {
-        fail(format("layer %d, tensor %s, expert %d does not match its checksum in %s (bit rot, or the layer file "
-                    "changed: run flashflex sidecar verify)",
-                    bt.layer, bt.name.c_str(), expert, files[bt.file].path.c_str()));
+        fail(
+            format("layer %d, tensor %s, expert %d does not match its checksum in %s (bit rot, or the layer file "
+                   "changed: run flashflex sidecar verify)",
+                   bt.layer, bt.name.c_str(), expert, files[bt.file].path.c_str()));
     }
 }
 

@@ -6,6 +6,8 @@
 
 #include "ggml-backend.h"
 
+#include <time.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -17,7 +19,6 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <time.h>
 #include <unordered_map>
 #include <vector>
 
