@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 from orchestrator import api
 from orchestrator.config import ServerConfig
-from orchestrator.run.execution import runtime_summary
 from orchestrator.endpoints import check_can_listen, is_loopback  # noqa: F401 (serve_cmd asks here)
+from orchestrator.run.execution import runtime_summary
 
 
 @dataclass

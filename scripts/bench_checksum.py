@@ -1,9 +1,10 @@
 """What checking every expert read against its checksum (`moe.verify`) costs, on the MoE benchmark model.
 
 Runs `flashflex run --json` in slot-bank mode with verify on and off, alternating, and reports per pair the decode
-tok/s of both and the runtime's own timer for checksumming (`verify_seconds`: CPU time of the I/O threads, summed)
-as a share of decode time, and the checksum's speed; medians over the pairs. Needs the benchmark model and its sidecar (`flashflex bench moe`
-makes them, or `flashflex gguf synth --preset moe-a3b-12l-q4_0` + `flashflex sidecar extract`).
+tok/s of both and the runtime's own timer for checksumming (`verify_seconds`: CPU time of the threads that
+checksum, summed) as a share of decode time, and the checksum's speed; medians over the pairs. Needs the benchmark
+model and its sidecar (`flashflex bench moe` makes them, or `flashflex gguf synth --preset moe-a3b-12l-q4_0` +
+`flashflex sidecar extract`).
 
     python scripts/bench_checksum.py --slots 32 --pairs 3 --out bench-results/checksum
 """

@@ -66,6 +66,7 @@ def test_bench_dense_takes_tp_auto_and_records_what_the_plan_chose(tmp_path, pat
     import json
 
     from orchestrator import synth
+
     from conftest import flashflex
 
     # Large enough that a budget below its size still holds this process (~120 MiB) and a streaming ring.

@@ -43,8 +43,8 @@ def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[
             log(f"direct-read bandwidth at queue depth {qd}: {bandwidth[qd] / 1e9:.2f} GB/s")
         return bandwidth[qd]
 
-    for tp in sorted({max(1, tp) for tp in sweep.prefetch_threads if tp != "auto"}):
-        bandwidth_at(tp)
+    for depth in sorted({max(1, tp) for tp in sweep.prefetch_threads if isinstance(tp, int)}):
+        bandwidth_at(depth)
     records: list[dict[str, Any]] = []
     results = out_dir / "results.jsonl"
     with open(results, "w") as fh:
