@@ -427,13 +427,25 @@ def device_handle(index: int) -> int:
     return ptr
 
 
+def _breakdown(ctx_ptr) -> dict[str, Any] | None:
+    if not is_patched():
+        return None
+    return _json_call(lib().llama_flashflex_memory_breakdown, ctx_ptr)
+
+
 def memory_breakdown(ctx_ptr) -> list[dict[str, Any]] | None:
     """Bytes a context and its model hold per buffer type (device): model, context (KV cache), compute; None on builds
     without the API."""
-    if not is_patched():
-        return None
-    out = _json_call(lib().llama_flashflex_memory_breakdown, ctx_ptr)
+    out = _breakdown(ctx_ptr)
     return out["buffers"] if out is not None else None
+
+
+def kv_layers(ctx_ptr) -> list[int] | None:
+    """Each layer's KV cache bytes as llama.cpp sized them for the context (sliding-window layers hold fewer cells),
+    wherever the layer lives; None on builds without them or for a memory that is not a KV cache (recurrent)."""
+    out = _breakdown(ctx_ptr)
+    layers = out.get("kv_layers") if out is not None else None
+    return [int(n) for n in layers] if layers else None
 
 
 def context_memory(ctx_ptr) -> dict[str, int] | None:

@@ -23,7 +23,7 @@ from orchestrator import fsutil, native
 from orchestrator.llamacpp import model_params, quiet_native_stderr
 from orchestrator.paths import cache_root
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a device's entry holds its layers' KV cache too
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,17 @@ def device_cache_file(model: Path, *, ctx: int, ubatch: int, batch: int, device:
     return cache_root() / "overheads" / f"device-{raw}.json"
 
 
-def _measure_device_now(model: Path, ctx: int, ubatch: int, batch: int, index: int, name: str) -> int | None:
+@dataclass(frozen=True)
+class DeviceMeasured:
+    """What llama.cpp sizes on one of this host's GPUs with every layer there (no_alloc): its compute buffer, and each
+    layer's KV cache (None where it could not say: the planner's formula then)."""
+
+    compute_bytes: int
+    kv_layers: tuple[int, ...] | None = None
+
+
+def _measure_device_now(model: Path, ctx: int, ubatch: int, batch: int, index: int,
+                        name: str) -> DeviceMeasured | None:
     from llama_cpp import Llama
 
     try:
@@ -81,43 +91,56 @@ def _measure_device_now(model: Path, ctx: int, ubatch: int, batch: int, index: i
         return None  # llama.cpp cannot size this model on the device: the planner keeps its estimate
     try:
         buffers = native.memory_breakdown(llm.ctx)
+        kv = native.kv_layers(llm.ctx)
     finally:
         llm.close()
     mine = [b for b in buffers or [] if b["device"] == name and not b["host"]]
-    return sum(int(b["compute"]) for b in mine) if mine else None
+    if not mine:
+        return None
+    return DeviceMeasured(compute_bytes=sum(int(b["compute"]) for b in mine),
+                          kv_layers=tuple(kv) if kv else None)
 
 
-def measure_device_compute(model: Path, *, ctx: int, ubatch: int, batch: int, index: int, name: str, total: int,
-                           refresh: bool = False) -> int | None:
-    """The compute buffer llama.cpp sizes on this host's GPU (`index` in the library's device list, backend name
-    `name`) for `model` with these settings and every layer on that device, sized without allocating (no_alloc),
-    from the cache unless `refresh`; None when it cannot be measured. With fewer layers there the device's graph
-    holds the same largest intermediates (the output layer's logits among them: it goes to the GPU with the model's
-    last layer), so the plan reserves this for any partial placement too."""
+def measure_device(model: Path, *, ctx: int, ubatch: int, batch: int, index: int, name: str, total: int,
+                   refresh: bool = False) -> DeviceMeasured | None:
+    """The compute buffer and the layers' KV cache llama.cpp sizes on this host's GPU (`index` in the library's device
+    list, backend name `name`) for `model` with these settings and every layer on that device, sized without
+    allocating (no_alloc), from the cache unless `refresh`; None when it cannot be measured. With fewer layers
+    there the device's graph holds the same largest intermediates (the output layer's logits among them: it goes to
+    the GPU with the model's last layer), so the plan reserves this compute buffer for any partial placement too;
+    a layer's KV cache is the same wherever it lives (sliding-window layers hold fewer cells than the context)."""
     path = device_cache_file(model, ctx=ctx, ubatch=ubatch, batch=batch, device=name, total=total)
     if path.is_file() and not refresh:
         try:
-            return int(json.loads(path.read_text())["compute_bytes"])
-        except (ValueError, TypeError, KeyError):
+            raw = json.loads(path.read_text())
+            kv = raw.get("kv_layers")
+            return DeviceMeasured(compute_bytes=int(raw["compute_bytes"]),
+                                  kv_layers=tuple(int(n) for n in kv) if kv else None)
+        except (ValueError, TypeError, KeyError, AttributeError):
             pass  # a damaged cache entry: measure again
-    compute = _measure_device_now(model, ctx, ubatch, batch, index, name)
-    if compute is not None:
+    measured = _measure_device_now(model, ctx, ubatch, batch, index, name)
+    if measured is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with fsutil.atomic_file(path, "w") as f:
-            json.dump({"compute_bytes": compute}, f)
-    return compute
+            json.dump({"compute_bytes": measured.compute_bytes,
+                       "kv_layers": list(measured.kv_layers) if measured.kv_layers else None}, f)
+    return measured
 
 
 def _measure_local_gpus(cfg, model: Path, workers: Any) -> None:
-    """Fill in the compute buffer of each of this host's GPUs among `workers` (rpc.Worker; endpoint LOCAL)."""
+    """Fill in the compute buffer and the layers' KV cache of each of this host's GPUs among `workers` (rpc.Worker;
+    endpoint LOCAL)."""
     from orchestrator import rpc
 
     for w in workers:
         if w.endpoint != rpc.LOCAL:
             continue
-        w.devices = [dataclasses.replace(d, compute=measure_device_compute(
-            model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch, index=d.index,
-            name=d.name, total=d.total)) for d in w.devices]
+        devices = []
+        for d in w.devices:
+            m = measure_device(model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch,
+                               index=d.index, name=d.name, total=d.total)
+            devices.append(d if m is None else dataclasses.replace(d, compute=m.compute_bytes, kv_layers=m.kv_layers))
+        w.devices = devices
 
 
 def plan_inputs(cfg, model: Path, *, workers: Any = None, estimate: bool = False,

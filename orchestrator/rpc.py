@@ -59,6 +59,7 @@ class WorkerDevice:
     name: str = ""  # the backend's name for it (this host's GPUs: Vulkan0, CUDA0, ...)
     capacity: int | None = None  # what the plan may use of it (this host's GPUs: the device budget); None = free
     compute: int | None = None  # its compute buffer as llama.cpp sized it (measured); None = the planner's estimate
+    kv_layers: tuple[int, ...] | None = None  # each layer's KV cache as llama.cpp sized it; None = the formula
 
 
 @dataclass

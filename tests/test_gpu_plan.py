@@ -13,6 +13,7 @@ from orchestrator.config import load_run_config
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.reader import read_model_table
 from orchestrator.planner import PlanInputs, PlanRequest, make_plan
+from orchestrator.planner.buffers import kv_layer_bytes
 from orchestrator.planner.explain import device_lines
 from orchestrator.planner.placement import DeviceMemory, place_layers
 
@@ -128,6 +129,39 @@ def test_the_device_budget_and_its_measured_compute_decide_the_layers(model):
     estimated, _ = place_layers(table, [_gpu(small)], ctx=CTX, ubatch=32)
     assert estimated.devices[0].compute_source == "estimated"
     assert estimated.devices[0].compute_bytes > MiB and estimated.devices[0].n_layers <= d.n_layers
+
+
+def test_the_measured_kv_cache_of_each_layer_decides_the_layers(model):
+    """Per-layer KV as llama.cpp sized it replaces the f16 whole-context formula: a model whose sliding-window layers
+    hold fewer cells puts more layers on the same device budget, and the plan says which figure it used; the KV of
+    the layers left on this host comes from the same measurement."""
+    table = read_model_table(model)
+    formula = kv_layer_bytes(table, CTX)
+    formula_plan, _ = place_layers(table, [_gpu(GiB, compute=MiB)], ctx=CTX, ubatch=32)
+    assert formula_plan.devices[0].kv_source == "estimated"
+    assert formula_plan.devices[0].kv_cache_bytes == 6 * formula
+    # big KV layers, every third one small (a sliding-window pattern): the budget holds weights + the measured KV
+    kv = tuple(formula * 40 if i % 3 == 2 else formula * 4 for i in range(6))
+    layer = formula_plan.devices[0].weight_bytes // 7
+    budget = 3 * layer + kv[5] + kv[4] + kv[3] + MiB + layer  # the last three layers, compute and the output layer
+    measured, _ = place_layers(table, [DeviceMemory(rpc.LOCAL, 0, 2 * GiB, 2 * GiB, name="Vulkan0", capacity=budget,
+                                                    compute=MiB, kv_layers=kv)], ctx=CTX, ubatch=32)
+    d = measured.devices[0]
+    assert d.kv_source == "measured" and d.kv_cache_bytes == sum(kv[d.first_layer:])
+    assert d.used_bytes <= budget and d.n_layers >= 2
+    # the whole-context formula per layer would have fitted a different count: the measurement is what decided
+    uniform, _ = place_layers(table, [_gpu(budget, compute=MiB)], ctx=CTX, ubatch=32)
+    assert uniform.devices[0].n_layers != d.n_layers
+    # a measurement of another layer count (another model's) is ignored, not misapplied
+    other, _ = place_layers(table, [DeviceMemory(rpc.LOCAL, 0, 2 * GiB, 2 * GiB, name="Vulkan0", capacity=budget,
+                                                 compute=MiB, kv_layers=kv[:5])], ctx=CTX, ubatch=32)
+    assert other.devices[0].kv_source == "estimated"
+    # the host's share: the layers left here reserve their measured KV, not the formula's
+    gpu = rpc.Worker(rpc.LOCAL, rpc.RPC_PROTOCOL, [rpc.WorkerDevice(1, 2 * GiB, 2 * GiB, name="Vulkan0",
+                                                                    capacity=budget, compute=MiB, kv_layers=kv)])
+    plan = _plan(model, [gpu], layers_optional=True)
+    assert plan.rpc is not None and plan.rpc.local_layers > 0
+    assert plan.reservations.kv_cache_bytes == sum(kv[:plan.rpc.local_layers])
 
 
 def test_a_count_the_device_budget_cannot_hold_is_refused_with_the_sizes(model):

@@ -110,3 +110,49 @@ def test_plan_minimum_is_what_run_accepts(measuring, dense_model, tmp_path, thre
     assert ex.plan.minimum_budget_bytes == minimum
     with pytest.raises(FlashflexError, match="below the"):
         api.prepare(_config(dense_model, f"{minimum - 1}B", **common))
+
+
+def _kv_layers_and_context(path: Path, ctx: int, **context: object) -> tuple[list[int] | None, int]:
+    from llama_cpp import Llama
+
+    from orchestrator.llamacpp import model_params, quiet_native_stderr
+
+    with quiet_native_stderr(), model_params(no_alloc=True):
+        llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=BATCH, n_ubatch=UBATCH, use_mmap=False, verbose=False,
+                    **context)
+    try:
+        return native.kv_layers(llm.ctx), native.context_memory(llm.ctx)["context"]
+    finally:
+        llm.close()
+
+
+def test_each_layer_s_kv_cache_adds_up_to_what_llama_cpp_allocates(measuring, dense_model):
+    """The per-layer KV cache a GPU placement plans with is llama.cpp's own: it sums to the context's KV buffers,
+    each layer of a uniform model alike, and follows the context as llama.cpp pads it (to 256 cells), which the
+    planner's formula now does too."""
+    from orchestrator.modelfile.reader import read_model_table
+    from orchestrator.planner import kv_cache_bytes
+
+    table = read_model_table(dense_model)
+    for ctx in (100, CTX, 300):
+        layers, total = _kv_layers_and_context(dense_model, ctx)
+        assert layers is not None and len(layers) == table.arch.n_layer
+        assert sum(layers) == total and len(set(layers)) == 1 and layers[0] > 0
+        assert kv_cache_bytes(table, ctx) == total, ctx
+
+
+def test_sliding_window_layers_hold_fewer_cells_than_the_context(measuring):
+    """Gemma 3 without a full-size window cache (llama-server's default): five of every six layers attend within a
+    window, so past it their KV cache is smaller than the global layers' and the measurement says so per layer."""
+    from orchestrator.modelfile.locate import default_model_path
+
+    path = default_model_path()
+    if path is None or not path.exists():
+        pytest.skip("the default model is not installed (make demo installs it)")
+    layers, total = _kv_layers_and_context(path, 4096, swa_full=False)
+    assert layers is not None and sum(layers) == total
+    small, large = min(layers), max(layers)
+    assert small < large / 2, layers
+    assert layers.count(large) == len(layers) // 6, layers  # the global layers: one in six
+    full, _ = _kv_layers_and_context(path, 4096)  # llama-cpp-python's default: a full-size window cache
+    assert full is not None and len(set(full)) == 1 and full[0] == large

@@ -198,7 +198,8 @@ def _print_placement(plan: Plan) -> None:
         span = (f"{d.first_layer}" if d.n_layers == 1 else f"{d.first_layer}-{last}") + (" + output" if d.output
                                                                                           else "")
         compute = format_size(d.compute_bytes) + (" (measured)" if d.compute_source == "measured" else "")
-        table.add_row(device_label(d), span, format_size(d.weight_bytes), format_size(d.kv_cache_bytes), compute,
+        kv = format_size(d.kv_cache_bytes) + (" (measured)" if d.kv_source == "measured" else "")
+        table.add_row(device_label(d), span, format_size(d.weight_bytes), kv, compute,
                       format_size(d.used_bytes), format_size(d.budget_bytes) if d.budget_bytes is not None else "",
                       format_size(d.free_bytes))
     console.print(table)

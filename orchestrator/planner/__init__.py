@@ -7,8 +7,9 @@ contract with the native runtimes, which execute it and never re-plan.
 
 ## Reservations (taken from the budget first)
 
-- KV cache: f16 K and V for every layer and the whole context:
-  `n_layer x ctx x n_head_kv x (head_dim_k + head_dim_v) x 2` bytes.
+- KV cache: f16 K and V for every layer and the whole context, in the cells llama.cpp allocates (ctx rounded up
+  to a multiple of 256): `n_layer x cells x n_head_kv x (head_dim_k + head_dim_v) x 2` bytes. What llama.cpp
+  itself sizes replaces it where measured (orchestrator.overheads; per layer for this host's GPUs).
 - Compute buffers (a conservative upper estimate of what llama.cpp's graph allocator needs for one ubatch,
   all F32): `4 x ubatch x (n_vocab + 6 n_embd + 3 n_ff + n_head x ctx) + 4 MiB` — logits for the ubatch,
   the residual stream and its temporaries, the widest FFN activations (for MoE: top-k x expert width plus

@@ -28,10 +28,19 @@ def _ffn_width(table: ModelTable, topk: int) -> int:
     return width or 4 * a.n_embd
 
 
+KV_CELL_PAD = 256  # llama.cpp rounds a context's KV cells up to a multiple of this
+
+
+def kv_layer_bytes(table: ModelTable, ctx: int) -> int:
+    """f16 K and V of one layer for the whole context, in the cells llama.cpp allocates for it (padded)."""
+    a = table.arch
+    cells = -(-ctx // KV_CELL_PAD) * KV_CELL_PAD
+    return cells * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * 2
+
+
 def kv_cache_bytes(table: ModelTable, ctx: int) -> int:
     """f16 K and V for all layers and the whole context."""
-    a = table.arch
-    return a.n_layer * ctx * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * 2
+    return table.arch.n_layer * kv_layer_bytes(table, ctx)
 
 
 def compute_bytes(table: ModelTable, ctx: int, ubatch: int, topk: int | None = None) -> int:

@@ -51,7 +51,8 @@ def device_lines(plan: Plan) -> list[str]:
                  else f"announced free {format_size(d.free_bytes)}")
         out.append(f"{device_label(d)}: {span}{' + output' if d.output else ''}; {limit}: used "
                    f"{format_size(d.used_bytes)} = weights {format_size(d.weight_bytes)} + KV cache "
-                   f"{format_size(d.kv_cache_bytes)} + compute {format_size(d.compute_bytes)} ({d.compute_source})")
+                   f"{format_size(d.kv_cache_bytes)} ({d.kv_source}) + compute {format_size(d.compute_bytes)} "
+                   f"({d.compute_source})")
     moved = plan.rpc.experts_on_gpu_from
     if plan.rpc.experts_here and moved is None:
         out.append("routed experts of every layer stay in this host's RAM, in slot banks (the --cpu-moe shape)")

@@ -309,7 +309,8 @@ def make_plan(request: PlanRequest, inputs: PlanInputs) -> Plan:
     table, rpc, warnings = _place_layers(req, inputs)
     model = _analyse_model(table, req, warnings)
     req = _prefetch_threads(req, model, inputs.read_probe)
-    over = _overheads(table, model, req, inputs.overheads, rpc.load_staging_bytes if rpc is not None else 0)
+    over = _overheads(table, model, req, inputs.overheads, rpc.load_staging_bytes if rpc is not None else 0,
+                      _local_kv(inputs, rpc))
     extras = [("this process", req.process_bytes)] if req.process_bytes else []
     draft = _fit_draft(table, req, model, over, extras)
     if draft is not None:
@@ -488,15 +489,27 @@ class _Overheads:
         return self.fixed + self.streamable + self.routed
 
 
+def _local_kv(inputs: PlanInputs, rpc: RPCPlan | None) -> int | None:
+    """With layers on this host's GPUs, the KV cache of the layers left here, from the layers' KV cache a GPU's
+    measurement sized (None without one)."""
+    if rpc is None:
+        return None
+    measured = next((d.kv_layers for w in inputs.workers or [] for d in w.devices if d.kv_layers is not None), None)
+    if measured is None or len(measured) != inputs.table.arch.n_layer:
+        return None
+    return sum(measured[:rpc.local_layers])
+
+
 def _overheads(table: ModelTable, model: _ModelFacts, req: PlanRequest, measured: Any,
-               load_staging: int = 0) -> _Overheads:
+               load_staging: int = 0, local_kv: int | None = None) -> _Overheads:
     """The KV cache and compute reservations (what llama.cpp allocates, when measured; else the estimates, compute
-    sized for the run's top-k), the always-resident weights, and the totals of the streamable dense weights and of
-    the routed experts."""
+    sized for the run's top-k; the KV cache of the layers left here when a GPU's measurement sized them,
+    `local_kv`), the always-resident weights, and the totals of the streamable dense weights and of the routed
+    experts."""
     if measured is not None:
         kv, compute, source = int(measured.kv_bytes), int(measured.compute_bytes), "measured"
     else:
-        kv = kv_cache_bytes(table, req.ctx)
+        kv = kv_cache_bytes(table, req.ctx) if local_kv is None else local_kv
         compute = compute_bytes(table, req.ctx, req.ubatch, model.topk if model.is_moe else None)
         source = "estimated"
     return _Overheads(

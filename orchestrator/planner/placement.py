@@ -9,9 +9,11 @@ embedding there).
 
 How many layers and where (place_layers, pure):
 
-- Each device's capacity = the memory its worker announces (free) minus a compute reserve (the same conservative
-  estimate as the local plan's compute buffers). A layer costs its weights plus its KV cache (f16, the whole
-  context); the output layer costs its weights.
+- Each device's capacity = the memory its worker announces (free; this host's GPUs: the device budget) minus a
+  compute reserve (measured on this host's GPUs, else the same conservative estimate as the local plan's compute
+  buffers). A layer costs its weights plus its KV cache (as llama.cpp sized each layer when a GPU here was
+  measured: sliding-window layers hold fewer cells; else f16 for the whole context); the output layer costs its
+  weights.
 - Layers given (rpc.layers = R): the model's last R layers are split across the devices in proportion to their
   capacity; where that overfills a device, the devices are filled in turn instead, the last device first (it also
   holds the output layer). R that fits neither way is refused, with the number that would fit.
@@ -31,11 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
-from orchestrator.planner.buffers import compute_bytes
+from orchestrator.planner.buffers import compute_bytes, kv_layer_bytes
 from orchestrator.planner.schema import RPCDevicePlan, RPCPlan
 from orchestrator.rpc import LOCAL
 from orchestrator.sizes import format_size
@@ -65,6 +67,7 @@ class DeviceMemory:
     name: str = ""
     capacity: int | None = None  # what the plan may use (this host's GPUs: the device budget); None = free
     compute: int | None = None  # its compute buffer, measured; None = the planner's estimate
+    kv_layers: tuple[int, ...] | None = None  # each layer's KV cache, measured; None = the planner's formula
 
     @property
     def label(self) -> str:
@@ -81,7 +84,7 @@ class DeviceMemory:
 def devices_of(workers: list[Any]) -> list[DeviceMemory]:
     """Every device of every worker (orchestrator.rpc.Worker), in llama.cpp's device order (this host's GPUs, then
     --rpc order)."""
-    return [DeviceMemory(w.endpoint, d.index, d.free, d.total, d.name, d.capacity, d.compute)
+    return [DeviceMemory(w.endpoint, d.index, d.free, d.total, d.name, d.capacity, d.compute, d.kv_layers)
             for w in workers for d in w.devices]
 
 
@@ -126,15 +129,19 @@ def experts_here_pattern(experts_from: int | None) -> str:
 
 
 def _layer_costs(table: ModelTable, ctx: int, experts_here: bool, routers_here: bool = False,
-                 experts_from: int | None = None) -> tuple[list[int], list[int]]:
+                 experts_from: int | None = None,
+                 kv_measured: tuple[int, ...] | None = None) -> tuple[list[int], list[int]]:
+    """Each layer's weights that go with it to a device, and its KV cache: as llama.cpp sized it (`kv_measured`, one
+    entry per layer), else f16 for the whole context."""
     a = table.arch
     weights = [0] * a.n_layer
     for t in table.tensors:
         if (t.layer is not None and 0 <= t.layer < a.n_layer
                 and not _stays_here(t, experts_here, routers_here, experts_from)):
             weights[t.layer] += t.n_bytes
-    kv = ctx * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * 2
-    return weights, [kv] * a.n_layer
+    if kv_measured is not None and len(kv_measured) == a.n_layer:
+        return weights, list(kv_measured)
+    return weights, [kv_layer_bytes(table, ctx)] * a.n_layer
 
 
 def _proportional(r: int, caps: list[int]) -> list[int]:
@@ -212,7 +219,10 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
         raise FlashflexError(f"{name} has no repeating layers to place on other devices", "drop --rpc and -ngl")
     estimate = compute if compute is not None else compute_bytes(table, ctx, ubatch)
     reserves = [d.compute if d.compute is not None else estimate for d in devices]
-    weights, kv = _layer_costs(table, ctx, experts_here, routers_here)
+    kv_measured = next((d.kv_layers for d in devices if d.kv_layers is not None), None)
+    weights, kv = _layer_costs(table, ctx, experts_here, routers_here, kv_measured=kv_measured)
+    kv_source: Literal["measured", "estimated"] = (
+        "measured" if kv_measured is not None and len(kv_measured) == n_layer else "estimated")
     output = output_layer_bytes(table)
     fit = _Fit(weights, kv, output, [max(0, d.usable - r) for d, r in zip(devices, reserves)])
     where = ", ".join(f"{d.label} {format_size(d.usable)}"
@@ -266,6 +276,7 @@ def place_layers(table: ModelTable, devices: list[DeviceMemory], *, ctx: int, ub
                                    total_bytes=d.total, budget_bytes=d.capacity, first_layer=first, n_layers=c,
                                    output=last, weight_bytes=w, kv_cache_bytes=k, compute_bytes=r,
                                    compute_source="measured" if d.compute is not None else "estimated",
+                                   kv_source=kv_source,
                                    used_bytes=w + k + r))
         first += c
     split = [float(p.n_layers + (1 if p.output else 0)) for p in plans]

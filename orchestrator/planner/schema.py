@@ -181,7 +181,10 @@ class RPCDevicePlan(_Model):
     n_layers: int = Field(description="Layers placed here.")
     output: bool = Field(description="Whether the output layer (output norm and matrix) is placed here.")
     weight_bytes: int = Field(description="Weights placed here (the output layer's included).")
-    kv_cache_bytes: int = Field(description="KV cache of its layers (f16, the whole context).")
+    kv_cache_bytes: int = Field(description="KV cache of its layers.")
+    kv_source: Literal["measured", "estimated"] = Field(
+        default="estimated", description="measured = llama.cpp sized each layer's KV cache for this model and these "
+        "settings (no_alloc; sliding-window layers hold fewer cells); estimated = f16 for the whole context.")
     compute_bytes: int = Field(description="Compute buffers reserved for it.")
     compute_source: Literal["measured", "estimated"] = Field(
         default="estimated", description="measured = llama.cpp sized the device's compute buffer for this model and "

@@ -90,7 +90,8 @@ LLAMA_API int32_t            llama_flashflex_devices(char * buf, size_t buf_size
 // The device at `index` of that list (for llama_model_params.devices), or NULL.
 LLAMA_API ggml_backend_dev_t llama_flashflex_device(int32_t index);
 // The memory a context and its model hold per buffer type, as llama.cpp allocated it: {"buffers": [{"buffer_type",
-// "device", "description", "host", "model", "context", "compute"}]} (bytes). Tensors flashflex streams or banks
+// "device", "description", "host", "model", "context", "compute"}], "kv_layers": [bytes of each layer's KV cache, by
+// layer index, wherever it lives; empty when the context's memory is not a KV cache]} (bytes). Tensors flashflex streams or banks
 // live in flashflex's own buffers and are not counted here. For a model loaded with no_alloc these are the sizes
 // llama.cpp would allocate (nothing is): what flashflex's planner reserves for the KV cache and compute buffers. Returns the full length, or -1 without a context.
 LLAMA_API int32_t llama_flashflex_memory_breakdown(const struct llama_context * ctx, char * buf, size_t buf_size);

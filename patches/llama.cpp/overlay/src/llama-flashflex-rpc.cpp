@@ -13,6 +13,9 @@
 #include "llama-flashflex-json.h"
 #include "llama-flashflex-runtime.h"
 #include "llama-flashflex.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-kv-cache.h"
+#include "llama-model.h"
 
 #ifdef GGML_USE_RPC
 #    include "../ggml/src/ggml-backend-impl.h"
@@ -243,6 +246,41 @@ ggml_backend_dev_t announce(ggml_backend_dev_t real, size_t bytes) {
 
 #endif  // GGML_USE_RPC
 
+// The bytes of each model layer's KV cache in `cache` added to `out` (indexed by layer): K as allocated, V from its
+// row size (the K tensor gives the cells and streams), the widest V row where layers differ (the cache pads to it
+// without flash attention; the larger figure is the safe one to plan with). A layer sharing another's cache adds
+// nothing.
+void add_kv_layers(const llama_kv_cache & cache, const llama_hparams & hp, std::vector<size_t> & out) {
+    std::vector<const ggml_tensor *> seen;
+    for (uint32_t il : cache.get_layer_ids()) {
+        const ggml_tensor * k = cache.get_k_storage((int32_t) il);
+        if (k == nullptr || il >= out.size() || std::find(seen.begin(), seen.end(), k) != seen.end()) {
+            continue;
+        }
+        seen.push_back(k);
+        const uint32_t n_embd_v = hp.is_n_embd_v_gqa_variable() ? hp.n_embd_v_gqa_max() : hp.n_embd_v_gqa(il);
+        const size_t   v_bytes  = hp.is_mla() ? 0 : ggml_row_size(cache.type_v(), n_embd_v) * k->ne[1] * k->ne[2];
+        out[il] += ggml_nbytes(k) + v_bytes;
+    }
+}
+
+// Each layer's KV cache bytes for a context whose memory is a KV cache (with or without sliding-window layers);
+// empty for other memories (recurrent, hybrid), whose callers keep their own estimate.
+std::vector<size_t> kv_layer_bytes(const struct llama_context * ctx) {
+    const llama_model * model = llama_get_model(ctx);
+    llama_memory_t      mem   = llama_get_memory(ctx);
+    std::vector<size_t> out(model->hparams.n_layer(), 0);
+    if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa *>(mem)) {
+        add_kv_layers(*iswa->get_base(), model->hparams, out);
+        add_kv_layers(*iswa->get_swa(), model->hparams, out);
+    } else if (const auto * kv = dynamic_cast<const llama_kv_cache *>(mem)) {
+        add_kv_layers(*kv, model->hparams, out);
+    } else {
+        out.clear();
+    }
+    return out;
+}
+
 }  // namespace
 
 ggml_tensor * flashflex::place_on_cpu(ggml_tensor * t) {
@@ -294,7 +332,12 @@ int32_t llama_flashflex_memory_breakdown(const struct llama_context * ctx, char 
                             .add("compute", mb.compute)
                             .str());
     }
-    return write_c_string(json_object().add_array("buffers", items).str(), buf, buf_size);
+    std::vector<std::string> kv_layers;
+    for (size_t bytes : kv_layer_bytes(ctx)) {
+        kv_layers.push_back(std::to_string(bytes));
+    }
+    return write_c_string(json_object().add_array("buffers", items).add_array("kv_layers", kv_layers).str(), buf,
+                          buf_size);
 }
 
 int32_t llama_flashflex_rpc_add_server(const char * endpoint) {
