@@ -52,18 +52,44 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def one_client(base: str, i: int, tokens: int, out: list, lock: threading.Lock) -> None:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=1800, max_retries=0)
+def one_request(client, i: int, tokens: int) -> dict:
     sent = time.monotonic()
     stamps: list[float] = []
     for chunk in client.completions.create(model="m", prompt=f"Client {i} says:", max_tokens=tokens,
                                            temperature=0, stream=True, extra_body={"ignore_eos": True}):
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.monotonic())
-    with lock:
-        out.append({"sent": sent, "stamps": stamps})
+    return {"sent": sent, "stamps": stamps, "client": i}
+
+
+def one_client(base: str, i: int, tokens: int, out: list, lock: threading.Lock, until: float | None = None) -> None:
+    """One request (`until` None), or requests one after another until the monotonic time `until`: a 503 (the
+    server's wait queue full) is retried after its Retry-After and counted as `busy`; any other error, or an answer
+    with fewer than `tokens` tokens, is a lost request."""
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=1800, max_retries=0)
+    while True:
+        try:
+            record = one_request(client, i, tokens)
+            record["lost"] = len(record["stamps"]) < tokens
+        except openai.APIStatusError as e:
+            if e.status_code != 503:
+                record = {"client": i, "stamps": [], "lost": True, "error": f"HTTP {e.status_code}"}
+            else:
+                with lock:
+                    out.append({"client": i, "stamps": [], "busy": True, "lost": False})
+                time.sleep(float(e.response.headers.get("Retry-After", "1")))
+                if until is None or time.monotonic() < until:
+                    continue
+                return
+        except openai.APIError as e:  # connection reset, a stream cut short
+            record = {"client": i, "stamps": [], "lost": True, "error": type(e).__name__}
+        with lock:
+            out.append(record)
+        if until is None or time.monotonic() >= until:
+            return
 
 
 def server_read_bytes(proc: subprocess.Popen) -> int:
@@ -89,20 +115,23 @@ def wait_health(base: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, ctx: int, threads: int,
-              out_dir: Path, ubatch: int = 32) -> dict:
+              out_dir: Path, ubatch: int = 32, parallel: int | None = None, duration: float | None = None) -> dict:
+    """One server (`parallel` slots: as many as clients unless given) and `clients` concurrent clients: one request
+    each, or requests back to back for `duration` seconds."""
+    parallel = parallel or clients
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     # flashflex: the plan's budget; stock: a budget above the model (the planner picks stock, mmap), same cgroup
     if engine == "flashflex":
         cmd = [sys.executable, "-m", "orchestrator", "serve", "--engine", "llama-server", "-m", str(model),
-               "--budget", f"{budget}B", "--ctx", str(ctx), "--ubatch", str(ubatch), "--parallel", str(clients),
+               "--budget", f"{budget}B", "--ctx", str(ctx), "--ubatch", str(ubatch), "--parallel", str(parallel),
                "--threads", str(threads), "--port", str(port)]
     else:  # stock llama-server from the same build, the same flags; mmap, weights not repacked (page cache only)
         from orchestrator import tools
 
-        cmd = [str(tools.locate("llama-server")), "-m", str(model), "-c", str(ctx * clients), "-b", "512",
+        cmd = [str(tools.locate("llama-server")), "-m", str(model), "-c", str(ctx * parallel), "-b", "512",
                "-ub", str(ubatch), "-t", str(threads), "-tb", str(threads), "-fit", "off", "-ngl", "0",
-               "-np", str(clients), "-kvu",
+               "-np", str(parallel), "-kvu",
                "-cram", "0", "--no-repack", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
     cgroup = MemoryCgroup(f"ff-serve-batch-{os.getpid()}-{engine}-{clients}", budget + PROCESS_OVERHEAD) \
         if cgroup_version() else None
@@ -116,8 +145,10 @@ def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, 
         read0 = server_read_bytes(proc)
         records: list[dict] = []
         lock = threading.Lock()
-        workers = [threading.Thread(target=one_client, args=(base, i, tokens, records, lock)) for i in range(clients)]
         t0 = time.monotonic()
+        until = t0 + duration if duration else None
+        workers = [threading.Thread(target=one_client, args=(base, i, tokens, records, lock, until))
+                   for i in range(clients)]
         for w in workers:
             w.start()
         for w in workers:
@@ -146,11 +177,28 @@ def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, 
         "cgroup_peak_bytes": cgroup.peak_bytes() if cgroup else None,
         "oom_killed": cgroup.oom_killed() if cgroup else None,
         "page_cache_dropped": dropped, "server_alive_after": alive,
-        "lost": clients - len([r for r in records if len(r["stamps"]) > 0]),
+        "parallel": parallel, "duration_s": duration,
+        "requests": len([r for r in records if not r.get("busy")]),
+        "busy_503": len([r for r in records if r.get("busy")]),
+        "lost": len([r for r in records if r["lost"]]),
+        "errors": sorted({r["error"] for r in records if r.get("error")}),
     }
     if cgroup:
         cgroup.remove()
     return point
+
+
+def ensure_sidecar(model: Path) -> None:
+    """A MoE model's routed experts extracted beside it (where `flashflex serve` looks), once: flashflex serves it
+    from slot banks; stock reads the experts through mmap as always."""
+    from orchestrator import sidecar
+    from orchestrator.modelfile.reader import read_model_table
+    from orchestrator.modelfile.table import Role
+
+    if not any(t.role is Role.EXPERT_ROUTED for t in read_model_table(model).tensors):
+        return
+    if not sidecar.default_path(model).is_dir():
+        subprocess.run([sys.executable, "-m", "orchestrator", "sidecar", "extract", str(model)], check=True)
 
 
 def median_of(runs: list[dict], key: str) -> float | None:
@@ -168,6 +216,8 @@ def summarize(points: list[dict], clients: list[int], model: Path, budget: int, 
                                                               "itl_p95_s", "read_bytes_per_token",
                                                               "cgroup_peak_bytes")}
             med[engine, n]["runs"] = len(runs)
+            for key in ("requests", "lost", "busy_503"):
+                med[engine, n][key] = sum(p.get(key) or 0 for p in runs)
     one = clients[0]
     for engine in ("flashflex", "stock"):
         for n in clients:
@@ -180,11 +230,13 @@ def summarize(points: list[dict], clients: list[int], model: Path, budget: int, 
                         f"{_x(vs_stock)} | {_s(m['ttft_p50_s'])} / {_s(m['ttft_p95_s'])} | "
                         f"{_s(m['itl_p50_s'])} / {_s(m['itl_p95_s'])} | "
                         f"{format_size(int(m['read_bytes_per_token'] or 0))} | "
-                        f"{format_size(int(m['cgroup_peak_bytes'] or 0))} | {m['runs']} |")
+                        f"{format_size(int(m['cgroup_peak_bytes'] or 0))} | {m['requests']} / {m['lost']} / "
+                        f"{m['busy_503']} | {m['runs']} |")
     return (f"Model {model.name} ({format_size(model.stat().st_size)}), cgroup {format_size(budget)} + "
             f"{format_size(PROCESS_OVERHEAD)} for the processes; started {started}.\n\n"
             "| engine | clients | tok/s (median) | vs 1 client | vs stock | TTFT p50 / p95 | inter-token p50 / p95 "
-            "| read per token | peak memory | runs |\n|---|---|---|---|---|---|---|---|---|---|\n"
+            "| read per token | peak memory | requests / lost / 503 | runs |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
 
 
@@ -233,9 +285,15 @@ def main() -> int:
     ap.add_argument("--engines", default="flashflex,stock")
     ap.add_argument("--ubatch", type=int, default=32, help="micro-batch of both servers: the prompts of clients "
                     "arriving together are processed in passes of this many tokens (one weight pass each)")
+    ap.add_argument("--parallel", type=int, default=None,
+                    help="slots of both servers (default: as many as clients)")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="each client sends requests back to back for this many seconds (a 503 is retried after "
+                    "its Retry-After) instead of one request")
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve-batching"))
     args = ap.parse_args()
     model = args.model or synth.cached_preset(args.preset)
+    ensure_sidecar(model)
     budget = int(model.stat().st_size * args.budget_share)
     clients = [int(x) for x in args.clients.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +302,8 @@ def main() -> int:
     for rep in range(args.reps):
         for n in clients:
             for engine in args.engines.split(","):
-                p = run_point(engine, model, budget, n, args.tokens, args.ctx, args.threads, args.out, args.ubatch)
+                p = run_point(engine, model, budget, n, args.tokens, args.ctx, args.threads, args.out, args.ubatch,
+                              args.parallel, args.duration)
                 p["ubatch"] = args.ubatch
                 p["rep"] = rep
                 points.append(p)

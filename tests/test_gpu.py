@@ -207,13 +207,14 @@ def _plan_json(path: str, *settings: str) -> dict:
 
 def test_auto_is_the_default_and_the_device_budget_decides_the_layers(gpu_build, dense_models):
     """No -ngl on a GPU build: as many layers as the device budget holds go to the GPU (all of them by default),
-    the device's compute buffer measured by llama.cpp (no_alloc on that backend); a smaller --gpu-budget keeps some
+    the device's compute buffer and KV cache measured by llama.cpp (no_alloc on that backend); a smaller --gpu-budget keeps some
     layers here, and a run with it is bitwise identical to stock with the same placement while streaming them."""
     _backend, mine = gpu_build
     path = str(dense_models["q8_0"])
     everything = _plan_json(path, "--ubatch", "32")["rpc"]
     (device,) = everything["devices"]
     assert everything["local_layers"] == 0 and device["output"] and device["compute_source"] == "measured"
+    assert device["kv_source"] == "measured"  # each layer's KV cache as llama.cpp sized it on that backend
     assert device["name"] in {d["name"] for d in mine} and device["used_bytes"] <= device["budget_bytes"]
     assert device["budget_bytes"] < device["free_bytes"]  # the default leaves a margin
 
@@ -233,6 +234,9 @@ def test_auto_is_the_default_and_the_device_budget_decides_the_layers(gpu_build,
     stats = json.loads(run.stdout)["stats"]
     on_device, _ = _on_device(stats, mine)
     assert on_device > 0 and stats["rpc"]["local_layers"] == 0, stats
+    # the KV cache the plan reserved on the device is the one the run allocated there
+    kv_there = sum(int(b["context"]) for b in stats["devices"] if b["device"] == device["name"] and not b["host"])
+    assert kv_there == device["kv_cache_bytes"], (kv_there, device)
 
 
 def test_what_the_device_budget_cannot_hold_is_refused_before_loading(gpu_build, dense_models):
