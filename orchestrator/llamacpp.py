@@ -47,6 +47,38 @@ class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
+GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5  # ggml.h's enum ggml_log_level
+
+
+@contextlib.contextmanager
+def captured_llama_errors(keep: int = 16) -> Iterator[list[str]]:
+    """The error lines llama.cpp and ggml log inside the block (the last `keep`, stripped), for the one line a failed
+    load prints: llama-cpp-python only says "Failed to load model" or "Failed to create llama_context", while the
+    log says which buffer could not be allocated on which device. Nothing else changes: the callback
+    llama-cpp-python installed is put back after, and what it would have printed it still prints."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+    state = {"error": False}
+
+    @llama_cpp.llama_log_callback
+    def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        state["error"] = level == GGML_LOG_LEVEL_ERROR or (level == GGML_LOG_LEVEL_CONT and state["error"])
+        if state["error"]:
+            line = text.decode("utf-8", errors="replace").strip()
+            if line:
+                lines.append(line)
+                del lines[:-keep]
+        _logger.llama_log_callback(level, text, user_data)
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 @contextlib.contextmanager
 def model_params(repack: bool = True, devices: list[int] | None = None, cpu_tensors: list[str] | None = None,
                  no_alloc: bool = False) -> Iterator[None]:

@@ -379,3 +379,55 @@ def test_a_signal_during_a_long_prompt_stops_the_run_within_seconds(patched_llam
     expected = (130, "error: interrupted") if sig == signal.SIGINT else (128 + sig, f"error: stopped by {sig.name}")
     assert (proc.returncode, err.strip()) == expected, err
     assert waited < 2.5, f"took {waited:.1f} s to stop"
+
+
+_OUT_OF_MEMORY_AT_LOAD = """
+import resource, sys
+from pathlib import Path
+from orchestrator.errors import FlashflexError
+from orchestrator.run.loader import open_model
+from orchestrator.run.settings import GenerationSettings
+
+import llama_cpp  # loaded before the limit: only the model's buffers should meet it
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+try:
+    open_model(GenerationSettings(model=Path(sys.argv[1]), ctx=int(sys.argv[2]), batch=32, ubatch=32, threads=1),
+               None)
+except FlashflexError as e:
+    print(e.one_line())
+    sys.exit(3)
+print("loaded")
+"""
+
+
+def test_out_of_memory_at_load_is_one_line_naming_the_buffer(dense, patched_llama):
+    """A buffer llama.cpp cannot allocate while loading (here the KV cache of a 4M-token context, under an address
+    space limit of 1 GiB more than the process already maps; on a GPU, a device out of memory) is one line saying
+    so, quoting llama.cpp's own error, with the fix, instead of "Failed to create llama_context"."""
+    probe = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_AT_LOAD, str(dense), str(1 << 22)],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert probe.returncode == 3, (probe.stdout, probe.stderr)
+    line = probe.stdout.strip()
+    assert line.startswith(f"out of memory loading {dense}: ") and "allocate" in line, line
+    assert "--ctx" in line and "ulimit" in line and "\n" not in line, line
+
+
+def test_a_run_without_memory_is_one_line_not_a_bug_report(tmp_path):
+    """Memory that cannot be had outside a buffer llama.cpp names (C++'s bad_alloc while creating the context under
+    ulimit -v; Python's MemoryError, as from arrays llama-cpp-python sizes by the context) is an out-of-memory line
+    with the fix, not "unexpected MemoryError ... report it"."""
+    model = synth.write_synth_model(synth.preset("tiny-dense"), tmp_path / "m.gguf")
+    run = "sys.argv = ['flashflex', 'run', '--model', sys.argv[1], '--budget', '20GiB', '--ctx', str(1 << 22)]\n"
+    limited = ("import resource, sys; from orchestrator.cli.main import main\n"
+               "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+               "resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))\n"
+               + run + "main()\n")
+    python_s = ("import sys; from orchestrator import api; from orchestrator.cli.main import main\n"
+                "def prepare(*a, **k): raise MemoryError('Unable to allocate 15.3 MiB for an array')\n"
+                "api.prepare = prepare\n" + run + "main()\n")
+    for code in (limited, python_s):
+        r = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=120,
+                           cwd=REPO)
+        one_error(r, "out of memory", "--ctx", "ulimit")
+        assert "unexpected" not in r.stderr and "report it" not in r.stderr, r.stderr

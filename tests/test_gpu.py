@@ -207,8 +207,9 @@ def _plan_json(path: str, *settings: str) -> dict:
 
 def test_auto_is_the_default_and_the_device_budget_decides_the_layers(gpu_build, dense_models):
     """No -ngl on a GPU build: as many layers as the device budget holds go to the GPU (all of them by default),
-    the device's compute buffer and KV cache measured by llama.cpp (no_alloc on that backend); a smaller --gpu-budget keeps some
-    layers here, and a run with it is bitwise identical to stock with the same placement while streaming them."""
+    the device's compute buffer and KV cache measured by llama.cpp (no_alloc on that backend); a smaller
+    --gpu-budget keeps some layers here, and a run with it is bitwise identical to stock with the same placement while
+    streaming them."""
     _backend, mine = gpu_build
     path = str(dense_models["q8_0"])
     everything = _plan_json(path, "--ubatch", "32")["rpc"]

@@ -13,7 +13,7 @@ from typing import Protocol, cast
 
 import typer
 
-from orchestrator.errors import FlashflexError
+from orchestrator.errors import FlashflexError, printable
 
 COMMAND_MODULES = [
     "orchestrator.cli.vendor_cmd",
@@ -116,6 +116,13 @@ def main() -> None:
     except Terminated as exc:
         print(f"error: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
         sys.exit(128 + exc.signum)
+    except MemoryError as exc:  # not a bug to report: this process met a memory limit
+        if os.environ.get("FLASHFLEX_DEBUG"):
+            raise
+        detail = f" ({printable(str(exc), 200)})" if str(exc) else ""
+        print(f"error: out of memory{detail} — give a smaller --ctx or --budget, or free memory (a memory limit such "
+              "as a cgroup or ulimit -v must hold the plan's budget and the process itself)", file=sys.stderr)
+        sys.exit(1)
     except Exception as exc:  # anything unexpected: still one line unless debugging
         if os.environ.get("FLASHFLEX_DEBUG"):
             raise

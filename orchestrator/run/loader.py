@@ -12,7 +12,7 @@ from typing import Any
 
 from orchestrator import native
 from orchestrator.errors import FlashflexError
-from orchestrator.llamacpp import context_params, model_params, quiet_native_stderr
+from orchestrator.llamacpp import captured_llama_errors, context_params, model_params, quiet_native_stderr
 from orchestrator.planner import RPCPlan
 from orchestrator.run.settings import GenerationSettings
 from orchestrator.run.spec import RuntimeSpec
@@ -77,6 +77,10 @@ def write_native_spec(spec: RuntimeSpec, trace_file: Path | None = None, dest: P
     return native.write_spec(doc, dest)
 
 
+# What llama.cpp's and ggml's error lines say when a buffer could not be had (a failed allocation, C++'s bad_alloc)
+_OUT_OF_MEMORY = ("allocat", "bad_alloc", "out of memory", "insufficient memory")
+
+
 def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_all: bool = False,
                repack: bool = True, trace_file: Path | None = None, n_seq_max: int | None = None,
                **llama_kwargs: Any):
@@ -102,7 +106,7 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
         kwargs["kv_overrides"] = {**kwargs.get("kv_overrides", {}), native.SPEC_KEY: spec_file}
     try:
         with quiet_native_stderr(), model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors), \
-                context_params(n_seq_max):
+                context_params(n_seq_max), captured_llama_errors() as errors:
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, **{"verbose": False, **kwargs})
@@ -113,7 +117,19 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
                    if spec.banks is not None and spec.stream is None
                    else "re-plan the model (flashflex plan) and check the file")
             raise FlashflexError(f"could not load {settings.model}: {reason}", fix) from exc
-        raise FlashflexError(f"llama.cpp could not load {settings.model} ({exc})",
+        failed = [line for line in errors if any(sign in line for sign in _OUT_OF_MEMORY)]
+        if failed:  # the first is the cause (ggml's, naming the size), the last what llama.cpp made of it
+            gpus = {d.name for d in spec.placement.devices if d.name} if spec.placement is not None else set()
+            on_gpu = any(name in line for name in gpus for line in failed)
+            said = failed[-1] if len(failed) == 1 else f"{failed[-1]} ({failed[0]})"
+            raise FlashflexError(
+                f"out of memory loading {settings.model}: {said}",
+                "the GPU's memory ran out: give a smaller --gpu-budget or -ngl, or free memory on the device"
+                if on_gpu else
+                "give a smaller --ctx or --budget, or free memory (a memory limit such as a cgroup or ulimit -v "
+                "must hold the plan's budget and the process itself)") from exc
+        said = f": {errors[-1]}" if errors else ""
+        raise FlashflexError(f"llama.cpp could not load {settings.model} ({exc}){said}",
                              "check that the file is a complete GGUF of an architecture this llama.cpp supports "
                              "(FLASHFLEX_DEBUG=1 shows llama.cpp's log)") from exc
     finally:
