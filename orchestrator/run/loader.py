@@ -120,11 +120,12 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
         failed = [line for line in errors if any(sign in line for sign in _OUT_OF_MEMORY)]
         if failed:  # the first is the cause (ggml's, naming the size), the last what llama.cpp made of it
             gpus = {d.name for d in spec.placement.devices if d.name} if spec.placement is not None else set()
-            on_gpu = any(name in line for name in gpus for line in failed)
+            on_gpu = bool(gpus) and not all("CPU" in line for line in failed)
             said = failed[-1] if len(failed) == 1 else f"{failed[-1]} ({failed[0]})"
             raise FlashflexError(
                 f"out of memory loading {settings.model}: {said}",
-                "the GPU's memory ran out: give a smaller --gpu-budget or -ngl, or free memory on the device"
+                "give a smaller --gpu-budget, -ngl or --ctx, or free memory on the device (on the GPU: "
+                f"{', '.join(sorted(gpus))})"
                 if on_gpu else
                 "give a smaller --ctx or --budget, or free memory (a memory limit such as a cgroup or ulimit -v "
                 "must hold the plan's budget and the process itself)") from exc
