@@ -124,6 +124,7 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
     import uvicorn
 
     from orchestrator import front_door, native, tools
+    from orchestrator.llamacpp import return_freed_memory
     from orchestrator.modelfile.reader import vocab_size
     from orchestrator.run import loader
 
@@ -141,6 +142,11 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
     # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us, and we send one
     # SIGTERM after draining (llama-server takes a second signal as "terminate immediately", skipping its clean
     # shutdown). It gets SIGTERM too if we die first (Linux), so it never outlives its supervisor.
+    # Everything this process needs from the model file is read before llama-server loads: parsing a GGUF's header
+    # (a 262k-token vocabulary) takes a few hundred MiB for a moment, which beside a loaded llama-server would
+    # exceed a memory limit sized for the plan; what planning freed goes back to the system for the same reason.
+    n_vocab = vocab_size(prepared.settings.model)
+    return_freed_memory()
     proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_terminate_with_parent)
     stopping = False
 
@@ -166,7 +172,7 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
             return proc.wait()
         door = front_door.FrontDoor(
             upstream, internal_key, api_key=server.api_key, slots=slots.parallel, queue=server.queue,
-            ctx_per_slot=slots.ctx_per_slot, n_vocab=vocab_size(prepared.settings.model),
+            ctx_per_slot=slots.ctx_per_slot, n_vocab=n_vocab,
             grace_s=server.shutdown_grace_s, summary=prepared.summary, model_name=prepared.settings.model.name)
         died: list[int] = []
 
