@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from orchestrator.config import RunConfig
 
 _EMPTY = np.zeros(0, dtype=np.intc)
+_PRIOR_POINTS = 4.0  # the prior slope weighs as much as this many verifications one token apart
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,8 +58,14 @@ class DraftLength:
     always comes with it). p is the decayed ratio of kept drafted tokens to judged ones (a rejected token is
     judged, the tokens after it are not), starting from a prior. The cost of a verification of n tokens is
     measured per n (the median of its last `cost_window` verifications, so one slowed by another process does not
-    turn drafting off) and used as the ratio r(n) = t(n) / t(1), linear in n: measured where it can be, the prior
-    slope where it cannot. Drafting costs its own measured seconds per drafted token. The length chosen maximises
+    turn drafting off) and used as the ratio r(n) = t(n) / t(1). Batches of two or more tokens follow a line
+    a + b n fitted through their medians, apart from the single-token step: on a CPU a second token costs far
+    more than each one after it (a batch switches matrix kernels and computes one more output row; measured on
+    Gemma 3 270M under a streaming budget: t(2) = 1.3 t(1), t(8) = 1.35-1.5 t(1)), so a straight line through
+    t(1) and t(2) would price a long draft at twice what it costs. With one batch size m measured, the sizes
+    around it add the prior slope or the mean slope from t(1) to t(m), the lower; with none, the prior slope
+    from t(1). r(n) stays within [1, n] (a batch is never cheaper than a step, nor dearer than n of them).
+    Drafting costs its own measured seconds per drafted token. The length chosen maximises
     (1 + p + ... + p^k) / (r(k + 1) + k d), and must beat no drafting by `min_gain`.
 
     The first verification drafts nothing, so the single-token step is measured before any draft goes out, and
@@ -135,40 +142,69 @@ class DraftLength:
         self._draft_cost = [per if n == 0 else mean + self.cost_alpha * (per - mean), n + 1]
 
     # -- the model ----------------------------------------------------------------------------------
-    def cost_slope(self) -> float:
-        """s in r(n) = 1 + s (n - 1): the extra cost of each more token in a verification, relative to a
-        single-token step. The median of the prior and of every recent verification's own slope (so a few slowed
-        by other processes move it little); before a single-token step is measured, a line through the batches'
-        medians."""
+    def _batches(self) -> dict[int, float]:
+        """Batch tokens (2 or more) -> median seconds, from the sizes measured more than once once any is (a size
+        seen once, perhaps while another process held the CPU, does not bend the line of the others)."""
+        sizes = {n: (t, w) for n, (t, w) in self._cost.items() if n > 1}
+        most = max((w for _, w in sizes.values()), default=0.0)
+        return {n: t for n, (t, w) in sizes.items() if w >= min(2.0, most)}
+
+    def _batch_line(self) -> tuple[float, float] | None:
+        """(a, b) of t(n) = a + b n through the medians of the measured batches of 2 or more tokens, the slope
+        pulled toward the prior slope as much as `_PRIOR_POINTS` verifications would (sizes close together, 7
+        and 8 say, say little about it); None unless two sizes are measured."""
         costs = self._cost
-        t1 = costs.get(1)
-        if t1 is not None:
-            slopes = [self.prior_slope] + [(t / t1[0] - 1.0) / (n - 1) for n, q in self._samples.items() if n > 1
-                                           for t in q]
-            return max(0.0, statistics.median(slopes))
-        num, den = self.prior_slope, 1.0
-        points = [(n - 1, t, w) for n, (t, w) in costs.items() if n > 1]
-        if len({x for x, _, _ in points}) >= 2:  # a + b x through the points: s = b / a
-            sw = sum(w for *_, w in points)
-            mx = sum(w * x for x, _, w in points) / sw
-            my = sum(w * t for _, t, w in points) / sw
-            sxx = sum(w * (x - mx) ** 2 for x, _, w in points)
-            b = sum(w * (x - mx) * (t - my) for x, t, w in points) / sxx
-            a = my - b * mx
-            if a > 0:
-                num += sw * b / a
-                den += sw
-        return max(0.0, num / den)
+        batches = self._batches()
+        if len(batches) < 2:
+            return None
+        t1 = costs[1][0] if 1 in costs else None
+        w = {n: costs[n][1] for n in batches}
+        sw = sum(w.values())
+        mx = sum(w[n] * n for n in batches) / sw
+        my = sum(w[n] * t for n, t in batches.items()) / sw
+        sxx = sum(w[n] * (n - mx) ** 2 for n in batches)
+        sxy = sum(w[n] * (n - mx) * (t - my) for n, t in batches.items())
+        prior = self.prior_slope * (t1 if t1 is not None else my / (1.0 + self.prior_slope * (mx - 1)))
+        b = max(0.0, (sxy + _PRIOR_POINTS * prior) / (sxx + _PRIOR_POINTS))
+        return my - b * mx, b
 
     def step_seconds(self) -> float | None:
-        """Estimated seconds of a single-token step (measured, or derived from a measured batch)."""
+        """Seconds of a single-token step: measured, or (before it is) derived from the measured batches."""
         costs = self._cost
         if 1 in costs:
             return costs[1][0]
+        line = self._batch_line()
+        if line is not None and line[0] + line[1] > 0:
+            return line[0] + line[1]
         if not costs:
             return None
         n, (t, _) = min(costs.items())
-        return t / (1.0 + self.cost_slope() * (n - 1))
+        return t / (1.0 + self.prior_slope * (n - 1))
+
+    def batch_seconds(self, n: int) -> float | None:
+        """Estimated seconds of a verification of n tokens (see the class's cost model)."""
+        t1 = self.step_seconds()
+        if t1 is None:
+            return None
+        if n <= 1:
+            return t1
+        line = self._batch_line()
+        if line is not None:
+            t = line[0] + line[1] * n
+        else:
+            batches = self._batches()
+            if batches:  # one size m measured: beyond it each token costs the prior slope, or less where the
+                m, tm = next(iter(batches.items()))  # mean slope from t(1) to t(m) is lower (costs are concave)
+                t = tm + min(self.prior_slope * t1, max(0.0, tm - t1) / (m - 1)) * (n - m)
+            else:
+                t = t1 * (1.0 + self.prior_slope * (n - 1))
+        return min(max(t, t1), n * t1)
+
+    def cost_ratio(self, n: int) -> float:
+        """r(n) = t(n) / t(1): what a verification of n tokens costs in single-token steps."""
+        t1 = self.step_seconds()
+        tn = self.batch_seconds(n)
+        return 1.0 + self.prior_slope * (n - 1) if not t1 or tn is None else tn / t1
 
     def draft_ratio(self) -> float:
         """Seconds of drafting one token, relative to a single-token step of the model."""
@@ -179,9 +215,9 @@ class DraftLength:
 
     def throughput(self, k: int) -> float:
         """Expected tokens per single-token-step time with a draft of k."""
-        p, s, d = self.acceptance, self.cost_slope(), self.draft_ratio()
+        p, d = self.acceptance, self.draft_ratio()
         expected = sum(p ** i for i in range(k + 1))
-        return expected / (1.0 + s * k + d * k)
+        return expected / (self.cost_ratio(k + 1) + d * k)
 
     def best(self) -> int:
         """The draft length with the highest expected throughput, 0 unless it beats no drafting by min_gain."""
@@ -210,7 +246,7 @@ class DraftLength:
     def probe_gap(self) -> int:
         """Verifications at length 0 before a probe: the backed-off gap, and never so short that probes cost more
         than `probe_budget` of the time (a probe costs one more token in a verification, and drafting it)."""
-        cost = self.cost_slope() + self.draft_ratio()
+        cost = self.cost_ratio(2) - 1.0 + self.draft_ratio()
         return max(self._gap, min(self.max_probe_gap, math.ceil(cost / self.probe_budget)))
 
     def drafted(self, n: int) -> None:
@@ -224,7 +260,8 @@ class DraftLength:
             self._probing = False  # nothing went out: probe again at the next chance
 
     def state(self) -> dict[str, Any]:
-        return {"acceptance_estimate": self.acceptance, "cost_slope": self.cost_slope(),
+        return {"acceptance_estimate": self.acceptance,
+                "cost_ratios": {n: round(self.cost_ratio(n), 4) for n in range(2, self.max_tokens + 2)},
                 "draft_cost_ratio": self.draft_ratio(), "next_length": self.best() if self.adaptive
                 else self.max_tokens, "probe_gap": self.probe_gap(), "probes": self.probes,
                 "verification_seconds": {n: t for n, (t, _) in sorted(self._cost.items())}}
