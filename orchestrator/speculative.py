@@ -571,6 +571,14 @@ class DraftSetup:
         out["resident_bytes"] = self.resident_bytes
         return out
 
+    def request(self) -> Any:
+        """What the planner reserves for it (planner.DraftRequest)."""
+        from orchestrator.planner import DraftRequest
+
+        return DraftRequest(kind=self.kind, max_tokens=self.max_tokens, row_bytes=self.row_bytes,
+                            model_bytes=self.weights_bytes + self.kv_cache_bytes + self.compute_bytes,
+                            length_fixed=self.length_fixed, name=self.model.name if self.model else "")
+
     def open(self, settings: "GenerationSettings") -> Drafter:
         length = DraftLength(self.max_tokens, adaptive=self.adaptive)
         if self.kind == "prompt-lookup":

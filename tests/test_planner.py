@@ -597,6 +597,20 @@ def test_cli_table_and_explain(cli):
     assert "slot-bank" in result.stdout and "layers" in result.stdout and "slot bank" in result.stdout
 
 
+def test_cli_draft_reserves_the_verification_batch_as_run_would(cli):
+    result = cli("dense.gguf", "--budget", "1GiB", "--ctx", "256", "--ubatch", "8", "--draft", "prompt-lookup",
+                 "--draft-max", "3", "--json")
+    assert result.exit_code == 0, result.output
+    plan = Plan.model_validate(json.loads(result.stdout))
+    assert plan.draft is not None and plan.draft.max_tokens == 3
+    assert plan.draft.logits_bytes == 3 * plan.draft.row_bytes == plan.reservations.draft_bytes
+    explained = cli("dense.gguf", "--budget", "1GiB", "--ctx", "256", "--ubatch", "8", "--draft", "prompt-lookup",
+                    "--draft-max", "3", "--explain")
+    assert "one reservation for the verification batch, 3 drafted tokens at most" in " ".join(explained.stdout.split())
+    without = Plan.model_validate(json.loads(cli("dense.gguf", "--budget", "1GiB", "--ctx", "256", "--json").stdout))
+    assert without.draft is None and without.reservations.draft_bytes == 0
+
+
 def test_cli_refuses_moe_options_on_dense(cli):
     result = cli("dense.gguf", "--budget", "1GiB", "--moe-slot-bank", "4")
     assert isinstance(result.exception, FlashflexError)

@@ -34,7 +34,8 @@ def _load_table(path: Path) -> ModelTable:
 def _settings(budget: str, ctx: int, ubatch: int, window: str, threads: str, direct_io: str,
               moe_mode: str | None, slot_bank: int | None, topk: int | None, rpc: str | None = None,
               rpc_layers: int | None = None, rpc_timeout: float | None = None,
-              gpu_layers: str | None = None, gpu_budget: str | None = None) -> RunConfig:
+              gpu_layers: str | None = None, gpu_budget: str | None = None, draft: str | None = None,
+              draft_max: int | None = None) -> RunConfig:
     """Flags validated by the same models as YAML, so errors read the same."""
     overrides: dict[str, Any] = {
         "budget.size": budget,
@@ -52,6 +53,8 @@ def _settings(budget: str, ctx: int, ubatch: int, window: str, threads: str, dir
         "rpc.timeout_s": rpc_timeout,
         "gpu.layers": gpu_layers,
         "gpu.budget": gpu_budget,
+        "draft.kind": draft,
+        "draft.max_tokens": draft_max,
     }
     return load_run_config(None, overrides)
 
@@ -92,6 +95,10 @@ def plan_command(
     gpu_budget: Annotated[Optional[str], typer.Option("--gpu-budget", help="Device memory the plan may use on each "
                                                       "of this host's GPUs (default: its free memory minus a "
                                                       "margin).")] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Reserve drafting's verification batch as run "
+                                                 "would: prompt-lookup[:N] (none: nothing).")] = None,
+    draft_max: Annotated[Optional[int], typer.Option("--draft-max", min=1, max=64, help="Most drafted tokens per "
+                                                     "verification (default: what the budget affords).")] = None,
     show_explain: Annotated[bool, typer.Option("--explain", help="Say which tensors are kept and why.")] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Reserve the planner's estimates for the KV cache and "
                                            "compute buffers instead of measuring what llama.cpp allocates (the "
@@ -101,7 +108,8 @@ def plan_command(
     """Plan a model under a RAM budget: resident and streamed tensors, expert banks, reservations, estimates; with
     --rpc, which layers go to which worker and what stays here."""
     settings = _settings(budget, ctx, ubatch, prefetch_window, prefetch_threads, direct_io, moe_mode,
-                         moe_slot_bank, moe_topk, rpc, rpc_layers, rpc_timeout, gpu_layers, gpu_budget)
+                         moe_slot_bank, moe_topk, rpc, rpc_layers, rpc_timeout, gpu_layers, gpu_budget, draft,
+                         draft_max)
     rate = parse_rate(bandwidth, what="--bandwidth")
     table = _load_table(model)
     from orchestrator import rpc as rpc_mod
@@ -110,7 +118,8 @@ def plan_command(
     from orchestrator import overheads
 
     measured, probe = overheads.plan_inputs(settings, model, workers=workers, estimate=estimate, reprobe=reprobe)
-    request = PlanRequest.from_config(settings, settings.budget.resolve_bytes(), read_bandwidth=rate)
+    request = PlanRequest.from_config(settings, settings.budget.resolve_bytes(), read_bandwidth=rate,
+                                      draft=_draft_request(settings, model, table))
     plan = make_plan(request, PlanInputs(table=table, overheads=measured, read_probe=probe, workers=workers or []))
     if json_out:
         emit_json(plan.model_dump(mode="json"))
@@ -123,6 +132,19 @@ def plan_command(
         console.print()
         for line in explain(plan):
             console.print(line, markup=False)
+
+
+def _draft_request(settings: RunConfig, model: Path, table: ModelTable) -> Any:
+    """What drafting asks the planner to reserve, as `run` would ask it (None without --draft)."""
+    if settings.draft.kind == "none":
+        return None
+    from orchestrator import speculative
+    from orchestrator.run.settings import GenerationSettings
+
+    generation = GenerationSettings(model=model, ctx=settings.context.ctx, batch=settings.context.batch,
+                                    ubatch=settings.context.ubatch)
+    setup = speculative.setup_for(settings, generation, log=err_console.print, target_table=table)
+    return setup.request() if setup is not None else None
 
 
 def _print_plan(plan: Plan) -> None:

@@ -73,8 +73,19 @@ def explain(plan: Plan) -> list[str]:
         + (" from what llama.cpp allocates for these settings)" if r.source == "measured" else ")")
         + (f" + prefetch ring {format_size(plan.prefetch.ring_bytes)}" if plan.prefetch.buffers else "")
         + (f" + loading {format_size(r.load_staging_bytes)} (a tensor bound for another device, staged here)"
-           if r.load_staging_bytes else ""),
+           if r.load_staging_bytes else "")
+        + (f" + drafting {format_size(plan.draft.reserved_bytes)}" if plan.draft is not None else ""),
     ]
+    if plan.draft is not None:
+        d = plan.draft
+        lines.append(
+            f"drafting ({d.kind}): one reservation for the verification batch, {d.max_tokens} drafted token"
+            f"{'s' if d.max_tokens != 1 else ''} at most, each keeping a {format_size(d.row_bytes)} logits row "
+            f"({format_size(d.logits_bytes)})"
+            + (f" and the draft model {format_size(d.model_bytes)} (weights, KV cache, compute)" if d.model_bytes
+               else "")
+            + "; within it the length follows the measured acceptance and verification cost"
+            + (f". {d.note[0].upper()}{d.note[1:]}" if d.note else ""))
     lines += device_lines(plan)
     non_layer = [t for t in plan.tensors if t.reason == "non-layer"]
     if non_layer:

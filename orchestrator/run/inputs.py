@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from orchestrator import modes
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ModelTable
-from orchestrator.planner import DraftRequest, Plan, PlanInputs, PlanRequest
+from orchestrator.planner import Plan, PlanInputs, PlanRequest
 from orchestrator.run.settings import GenerationSettings
 
 if TYPE_CHECKING:
@@ -40,12 +40,7 @@ class RunInputs:
     manifest: "SidecarManifest | None" = None
 
     def request(self) -> PlanRequest:
-        draft = None
-        if self.draft is not None:
-            d = self.draft
-            draft = DraftRequest(kind=d.kind, max_tokens=d.max_tokens, row_bytes=d.row_bytes,
-                                 model_bytes=d.weights_bytes + d.kv_cache_bytes + d.compute_bytes,
-                                 length_fixed=d.length_fixed, name=d.model.name if d.model else "")
+        draft = self.draft.request() if self.draft is not None else None
         return PlanRequest.from_config(self.config, self.budget_bytes, draft=draft, process_bytes=self.process_bytes)
 
     def plan_inputs(self) -> PlanInputs:
