@@ -67,11 +67,16 @@ OPTION_KEYS: dict[str, str] = {
     "n_predict": "sampling.n_predict",
     "temperature": "sampling.temperature",
     "seed": "sampling.seed",
+    "outputs": "context.outputs",
     "draft": "draft.kind",
     "draft_model": "draft.model",
     "draft_max": "draft.max_tokens",
     "draft_adaptive": "draft.adaptive",
 }
+
+
+EVERY_TOKEN = 1 << 20
+"""`outputs` for a context whose micro-batches ask for every token's row (context.outputs is capped at ubatch)."""
 
 
 def overrides_from_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +226,8 @@ def open_llama(model: str | Path | None = None, *, config: str | Path | RunConfi
     ours, llama_kwargs = split_llama_kwargs(options)
     if model is not None:
         ours["model"] = model
+    if llama_kwargs.get("logits_all") or llama_kwargs.get("embedding"):
+        ours.setdefault("outputs", EVERY_TOKEN)  # a row per token of a micro-batch: the plan reserves them
     return prepare(config, **ours).open(**llama_kwargs)
 
 

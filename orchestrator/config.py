@@ -395,6 +395,13 @@ class ContextConfig(_Section):
         description="Physical micro-batch: tokens computed per graph run (-ub); sizes the compute buffers. "
         "Must not exceed batch.",
     )
+    outputs: int | None = Field(
+        default=None, ge=1,
+        description="Output rows (logits) a micro-batch may ask for (llama.cpp's n_outputs_max), capped at ubatch: "
+        "they size the compute buffers' logits, 4 bytes x vocabulary each (1 MiB for Gemma's 262k tokens). "
+        "null = what the run asks for: 1, the next token's (drafting reserves its verification rows itself; "
+        "llama-server's slots one each; logits_all, embeddings and llama.cpp's own programs every token).",
+    )
     threads: int | None = Field(default=None, ge=1,
                                 description="Compute threads (-t). null = the number of physical cores.")
 
@@ -403,6 +410,11 @@ class ContextConfig(_Section):
         if self.ubatch > self.batch:
             raise ValueError(f"ubatch: {self.ubatch} exceeds batch {self.batch}")
         return self
+
+    @property
+    def outputs_per_ubatch(self) -> int:
+        """The output rows a micro-batch of this context asks for: `outputs` (1 when unset), at most ubatch."""
+        return min(self.outputs or 1, self.ubatch)
 
 
 class SamplingConfig(_Section):

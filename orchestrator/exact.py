@@ -47,7 +47,8 @@ def batched_logits(prepared: Prepared, sequences: list[list[int]], prompt: int) 
         raise ValueError("the sequences must have one length, longer than the prompt")
     steps = [[(i, j) for i in range(n_seq) for j in range(prompt)]]
     steps += [[(i, j) for i in range(n_seq)] for j in range(prompt, length)]
-    with native.interruptible(), prepared.session(n_seq_max=n_seq) as handle:
+    # the prompt step asks for every row: llama.cpp sized for them as for any harness of all logits
+    with native.interruptible(), prepared.session(n_seq_max=n_seq, n_outputs=max(len(s) for s in steps)) as handle:
         llm = handle.llm
         n_vocab = llm.n_vocab()
         out = np.empty((n_seq, length, n_vocab), dtype=np.float32)

@@ -61,6 +61,8 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
     for n in tries:
         slotted = cfg.model_copy(deep=True)
         slotted.context.ctx = per_slot * n
+        if slotted.context.outputs is None:  # llama-server sizes its context for one output row per slot
+            slotted.context.outputs = n
         try:
             prepared = api.prepare(slotted, log=log, chat=True)
         except BudgetBelowMinimum as exc:

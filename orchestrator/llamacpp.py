@@ -138,11 +138,14 @@ def model_params(repack: bool = True, devices: list[int] | None = None, cpu_tens
 
 
 @contextlib.contextmanager
-def context_params(n_seq_max: int | None = None) -> Iterator[None]:
+def context_params(n_seq_max: int | None = None, n_outputs_max: int | None = None) -> Iterator[None]:
     """Context parameters llama_cpp.Llama does not expose, set on the defaults it starts from while it creates its
     context: `n_seq_max` sequences decoded together in one unified KV cache (what llama-server's slots are), so a
-    harness can drive continuous batching through the same context the Python API opens."""
-    if n_seq_max is None:
+    harness can drive continuous batching through the same context the Python API opens; `n_outputs_max`, the
+    output rows a micro-batch asks for, which llama.cpp reserves logits for in the compute buffers (left alone,
+    every token of a micro-batch: 512 MiB at ubatch 512 with Gemma's 262k vocabulary, where a plain decode asks
+    for one row)."""
+    if n_seq_max is None and n_outputs_max is None:
         yield
         return
     import llama_cpp.llama as high
@@ -151,8 +154,11 @@ def context_params(n_seq_max: int | None = None) -> Iterator[None]:
 
     def params():
         p = original()
-        p.n_seq_max = n_seq_max
-        p.kv_unified = True
+        if n_seq_max is not None:
+            p.n_seq_max = n_seq_max
+            p.kv_unified = True
+        if n_outputs_max is not None:
+            p.n_outputs_max = n_outputs_max
         return p
 
     high.llama_cpp.llama_context_default_params = params

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import fsutil, native
-from orchestrator.llamacpp import model_params, quiet_native_stderr
+from orchestrator.llamacpp import context_params, model_params, quiet_native_stderr
 from orchestrator.paths import cache_root
 
-FORMAT_VERSION = 2  # 2: a device's entry holds its layers' KV cache too
+FORMAT_VERSION = 3  # 2: a device's entry holds its layers' KV cache too; 3: host contexts sized for their outputs
 
 
 @dataclass(frozen=True)
@@ -35,22 +35,23 @@ class Measured:
     model_bytes: int
 
 
-def _key(model: Path, ctx: int, ubatch: int, batch: int) -> str:
+def _key(model: Path, ctx: int, ubatch: int, batch: int, outputs: int | None = None) -> str:
     st = model.stat()
     build = native.info().get("series_hash", "unknown")
-    raw = json.dumps([FORMAT_VERSION, str(model.resolve()), st.st_size, st.st_mtime_ns, ctx, ubatch, batch, build])
+    raw = json.dumps([FORMAT_VERSION, str(model.resolve()), st.st_size, st.st_mtime_ns, ctx, ubatch, batch, build]
+                     + ([outputs] if outputs is not None else []))
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def cache_file(model: Path, *, ctx: int, ubatch: int, batch: int) -> Path:
-    return cache_root() / "overheads" / f"{_key(model, ctx, ubatch, batch)}.json"
+def cache_file(model: Path, *, ctx: int, ubatch: int, batch: int, outputs: int | None = None) -> Path:
+    return cache_root() / "overheads" / f"{_key(model, ctx, ubatch, batch, outputs)}.json"
 
 
-def _measure_now(model: Path, ctx: int, ubatch: int, batch: int) -> Measured | None:
+def _measure_now(model: Path, ctx: int, ubatch: int, batch: int, outputs: int | None = None) -> Measured | None:
     from llama_cpp import Llama
 
     try:
-        with quiet_native_stderr(), model_params(no_alloc=True):
+        with quiet_native_stderr(), model_params(no_alloc=True), context_params(n_outputs_max=outputs):
             llm = Llama(model_path=str(model), n_ctx=ctx, n_batch=batch, n_ubatch=ubatch, use_mmap=False,
                         verbose=False)
     except (ValueError, RuntimeError, OSError):
@@ -153,28 +154,31 @@ def plan_inputs(cfg, model: Path, *, workers: Any = None, estimate: bool = False
 
     measured = None
     if not estimate and not workers:
-        measured = measure(model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch)
+        measured = measure(model, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch, batch=cfg.context.batch,
+                           outputs=cfg.context.outputs_per_ubatch)
     if not estimate and workers and native.is_patched():
         _measure_local_gpus(cfg, model, workers)
     probe = readspeed.measured(model, refresh=reprobe) if cfg.prefetch.threads == "auto" else None
     return measured, probe
 
 
-def measure(model: Path, *, ctx: int, ubatch: int, batch: int, refresh: bool = False) -> Measured | None:
-    """The KV cache and compute bytes of a context with these settings on `model`, from the cache unless
-    `refresh`; None when this build cannot measure (the planner then estimates)."""
+def measure(model: Path, *, ctx: int, ubatch: int, batch: int, outputs: int | None = None,
+            refresh: bool = False) -> Measured | None:
+    """The KV cache and compute bytes of a context with these settings on `model` whose micro-batches ask for
+    `outputs` rows of logits (None: llama.cpp's default, every token), from the cache unless `refresh`; None when
+    this build cannot measure (the planner then estimates)."""
     try:
         if not native.is_patched():
             return None
     except Exception:  # no patched library: nothing to measure with
         return None
-    path = cache_file(model, ctx=ctx, ubatch=ubatch, batch=batch)
+    path = cache_file(model, ctx=ctx, ubatch=ubatch, batch=batch, outputs=outputs)
     if path.is_file() and not refresh:
         try:
             return Measured(**json.loads(path.read_text()))
         except (ValueError, TypeError):
             pass  # a damaged cache entry: measure again
-    measured = _measure_now(model, ctx, ubatch, batch)
+    measured = _measure_now(model, ctx, ubatch, batch, outputs)
     if measured is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with fsutil.atomic_file(path, "w") as f:

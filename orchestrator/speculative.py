@@ -558,7 +558,7 @@ class DraftSetup:
     kv_cache_bytes: int = 0  # the draft model's KV cache for the context
     compute_bytes: int = 0  # the draft model's compute buffers
     logits_bytes: int = 0  # the model's output rows a verification batch adds (one per drafted token)
-    row_bytes: int = 0  # one output row: 4 bytes per vocabulary entry
+    row_bytes: int = 0  # a drafted token's logits: 4 bytes per vocabulary entry, in the compute and output buffers
     capped_from: int | None = None  # max_tokens asked for, when the ubatch (or the budget) capped it
     length_fixed: bool = False  # max_tokens was given: never capped for the budget
 
@@ -625,7 +625,9 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
         log(f"note: draft.max_tokens {d.max_tokens} capped at {max_tokens} (ubatch {settings.ubatch} - 1: a longer "
             "verification would take two passes over the weights)")
     table = target_table if target_table is not None else read_model_table(settings.model)
-    setup.row_bytes = 4 * _n_vocab(table)
+    # a drafted token's logits row, 4 bytes per vocabulary entry, twice: in the compute buffers the context sizes for
+    # the verification batch's outputs, and in llama.cpp's output buffer it is copied to
+    setup.row_bytes = 2 * 4 * _n_vocab(table)
     setup.length_fixed = "max_tokens" in d.model_fields_set
     # every run keeps one row (the next token's logits, inside the runtime margin); drafting adds one per token
     setup.logits_bytes = max_tokens * setup.row_bytes

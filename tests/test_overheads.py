@@ -52,7 +52,9 @@ def _check_within_5_percent(ex: Prepared, path: Path) -> None:
     real = _allocated(ex, path)
     assert real["context"] > 0 and real["compute"] > 0
     assert abs(r.kv_cache_bytes - real["context"]) <= 0.05 * real["context"], (r, real)
-    assert abs(r.compute_bytes - real["compute"]) <= 0.05 * real["compute"], (r, real)
+    # compute: never less than allocated; over by 5% or by 256 KiB, whichever is more (sized for one output row the
+    # compute buffers are small, and the measurement's stock graph differs from a streamed one by a few tensors)
+    assert real["compute"] <= r.compute_bytes <= real["compute"] + max(0.05 * real["compute"], 256 << 10), (r, real)
 
 
 def test_dense_streaming_reserves_what_llama_cpp_allocates(measuring, dense_model):
@@ -79,8 +81,9 @@ def test_real_model_reserves_what_llama_cpp_allocates(measuring):
     ex = api.prepare(_config(path, "230MiB"))
     assert ex.spec.mode == modes.DENSE_STREAM
     _check_within_5_percent(ex, path)
-    # the old formula reserved several times what llama.cpp allocates for Gemma's 262k vocabulary
-    assert ex.plan.reservations.compute_bytes < 64 << 20
+    # sized for the one output row a decode asks for, not a row per token of the micro-batch (1 MiB each with
+    # Gemma's 262k vocabulary): at ubatch 8, 1.2 MiB instead of 8
+    assert ex.plan.reservations.compute_bytes < 2 << 20
 
 
 def test_measurement_is_cached_per_model_and_settings(measuring, dense_model):
@@ -156,3 +159,52 @@ def test_sliding_window_layers_hold_fewer_cells_than_the_context(measuring):
     assert layers.count(large) == len(layers) // 6, layers  # the global layers: one in six
     full, _ = _kv_layers_and_context(path, 4096)  # llama-cpp-python's default: a full-size window cache
     assert full is not None and len(set(full)) == 1 and full[0] == large
+
+
+def test_compute_is_sized_for_the_rows_a_micro_batch_asks_for(measuring):
+    """llama.cpp reserves logits for every token of a micro-batch unless told how many rows a batch asks for: a
+    plain decode asks for one, a verification batch one more per drafted token, llama-server one per slot, logits
+    of every position (exactness, the Python API's logits_all) all of them. On Gemma (1 MiB a row) the rows are
+    most of the compute buffers."""
+    from orchestrator.modelfile.locate import default_model_path
+
+    path = default_model_path()
+    if path is None or not path.exists():
+        pytest.skip("the default model is not installed (make demo installs it)")
+    mib = 1 << 20
+    plain = api.prepare(_config(path, "230MiB"))
+    every = api.prepare(_config(path, "1GiB", **{"context.outputs": api.EVERY_TOKEN}))
+    assert (plain.settings.outputs, every.settings.outputs) == (1, UBATCH)
+    grown = every.plan.reservations.compute_bytes - plain.plan.reservations.compute_bytes
+    assert abs(grown - (UBATCH - 1) * mib) < 0.05 * grown  # a row of 262144 floats per output
+    drafted = api.prepare(_config(path, "230MiB", **{"draft.kind": "prompt-lookup", "draft.max_tokens": 4}))
+    assert drafted.draft is not None and drafted.draft.max_tokens == 4 and drafted.draft.row_bytes == 2 * mib
+    with drafted.session() as handle:
+        real = native.context_memory(handle.llm.ctx)
+    r = drafted.plan.reservations
+    # the context holds the verification batch's 5 rows: the plan reserved one in compute and the four drafted
+    # rows in drafting's reservation (each twice: compute, and the output buffer llama.cpp copies it to)
+    assert r.compute_bytes + 3.5 * mib < real["compute"] <= r.compute_bytes + r.draft_bytes // 2 + (256 << 10), \
+        (r, real)
+
+
+def test_llama_server_plans_a_row_per_slot(measuring, dense_model):
+    from orchestrator import llama_server
+
+    slots = llama_server.plan_slots(_config(dense_model, "1GiB"), {}, 4, log=lambda _m: None)
+    assert slots.prepared.settings.outputs == 4  # as llama-server sizes its context: one output per slot
+
+
+def test_open_llama_with_logits_all_plans_a_row_per_token(monkeypatch):
+    seen: dict = {}
+
+    class Planned:
+        def open(self, **llama_kwargs):
+            return llama_kwargs
+
+    monkeypatch.setattr(api, "prepare", lambda config=None, **options: seen.update(options) or Planned())
+    assert api.open_llama("m.gguf", logits_all=True) == {"logits_all": True}
+    assert seen["outputs"] == api.EVERY_TOKEN
+    seen.clear()
+    api.open_llama("m.gguf")
+    assert "outputs" not in seen  # a plain decode: one row, the default

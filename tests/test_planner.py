@@ -22,6 +22,7 @@ from orchestrator.planner import (
     Plan,
     PlanInputs,
     PlanRequest,
+    buffers,
     compute_bytes,
     explain,
     kv_cache_bytes,
@@ -190,7 +191,8 @@ def test_reservations_are_part_of_the_plan():
     plan = plan_table(t, 1 << 40, ctx=256, ubatch=16)
     r = plan.reservations
     assert r.kv_cache_bytes == kv_cache_bytes(t, 256)
-    assert r.compute_bytes == compute_bytes(t, 256, 16)
+    assert r.compute_bytes == compute_bytes(t, 256, 16, outputs=1)  # a decode asks for one row of logits
+    assert compute_bytes(t, 256, 16) - r.compute_bytes == 15 * 4 * buffers.n_vocab(t)  # not a row per token
     assert plan.reserved_bytes == r.kv_cache_bytes + r.compute_bytes + r.prefetch_buffer_bytes
 
 

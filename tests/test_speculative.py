@@ -241,7 +241,7 @@ def test_draft_model_ram_comes_off_the_budget(features, models):
     d = drafted.draft
     assert d is not None and d.kind == "model" and 1 <= d.max_tokens <= UBATCH - 1
     assert d.weights_bytes == models["small"].stat().st_size and d.kv_cache_bytes > 0 and d.compute_bytes > 0
-    assert d.row_bytes == 4 * 512 and d.logits_bytes == d.max_tokens * d.row_bytes
+    assert d.row_bytes == 2 * 4 * 512 and d.logits_bytes == d.max_tokens * d.row_bytes
     # one budget: drafting is a reservation of the plan, and the model's share is what is left
     assert drafted.plan.budget_bytes == plain.plan.budget_bytes == 64 << 20
     assert drafted.plan.reservations.draft_bytes == d.resident_bytes and plain.plan.reservations.draft_bytes == 0

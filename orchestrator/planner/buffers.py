@@ -43,9 +43,12 @@ def kv_cache_bytes(table: ModelTable, ctx: int) -> int:
     return table.arch.n_layer * kv_layer_bytes(table, ctx)
 
 
-def compute_bytes(table: ModelTable, ctx: int, ubatch: int, topk: int | None = None) -> int:
-    """Upper estimate of llama.cpp's compute buffers for one ubatch (see the planner package docstring)."""
+def compute_bytes(table: ModelTable, ctx: int, ubatch: int, topk: int | None = None,
+                  outputs: int | None = None) -> int:
+    """Upper estimate of llama.cpp's compute buffers for one ubatch (see the planner package docstring) whose
+    `outputs` rows (None: every token) ask for logits."""
     a = table.arch
     k = topk if topk is not None else max(a.n_expert_used, 1)
-    per_token = n_vocab(table) + 6 * a.n_embd + 3 * _ffn_width(table, k) + a.n_head * ctx
-    return 4 * ubatch * per_token + COMPUTE_FIXED_BYTES
+    per_token = 6 * a.n_embd + 3 * _ffn_width(table, k) + a.n_head * ctx
+    rows = ubatch if outputs is None else min(outputs, ubatch)
+    return 4 * (ubatch * per_token + rows * n_vocab(table)) + COMPUTE_FIXED_BYTES

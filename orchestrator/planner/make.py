@@ -510,7 +510,7 @@ def _overheads(table: ModelTable, model: _ModelFacts, req: PlanRequest, measured
         kv, compute, source = int(measured.kv_bytes), int(measured.compute_bytes), "measured"
     else:
         kv = kv_cache_bytes(table, req.ctx) if local_kv is None else local_kv
-        compute = compute_bytes(table, req.ctx, req.ubatch, model.topk if model.is_moe else None)
+        compute = compute_bytes(table, req.ctx, req.ubatch, model.topk if model.is_moe else None, req.outputs)
         source = "estimated"
     return _Overheads(
         kv=kv,

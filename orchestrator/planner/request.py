@@ -38,6 +38,7 @@ class PlanRequest:
     budget_bytes: int  # the whole budget; the plan's reservations come out of it
     ctx: int = 2048
     ubatch: int = 512
+    outputs: int = 1  # output rows a micro-batch asks for (ContextConfig.outputs), at most ubatch
     threads: int | None = 1  # prefetch I/O threads; 0 = synchronous reads; None = auto
     threads_reason: str = "asked"  # why this many threads
     window: int | None = None  # requested look-ahead in layers; None = auto (a ring sized in bytes)
@@ -85,6 +86,7 @@ class PlanRequest:
         if isinstance(cfg.gpu.layers, int) and cfg.gpu.layers > 0:  # llama.cpp's -ngl: 99 means all
             layers, flag = cfg.gpu.layers, "-ngl"
         return cls(budget_bytes=budget_bytes, ctx=cfg.context.ctx, ubatch=cfg.context.ubatch,
+                   outputs=cfg.context.outputs_per_ubatch,
                    threads=None if p.threads == "auto" else int(p.threads),
                    window=None if p.window in (None, "auto") else int(p.window), direct_io=str(p.direct_io),
                    bandwidth=read_bandwidth if read_bandwidth is not None else p.read_bandwidth_bytes(),

@@ -102,13 +102,18 @@ class Handle:
 
     @classmethod
     def open(cls, prepared: Prepared, *, logits_all: bool = False, repack: bool = True,
-             **llama_kwargs: Any) -> "Handle":
+             n_outputs: int | None = None, **llama_kwargs: Any) -> "Handle":
         """Load the model (logits of every position with `logits_all`; `repack=False`: the CPU backend's plain
-        weight layout, a stock baseline) and attach the drafter."""
+        weight layout, a stock baseline; `n_outputs`: output rows a micro-batch may ask for, by default the plan's)
+        and attach the drafter."""
         recording = loader.begin_trace(prepared.spec)
         try:
+            # a verification batch asks for a row per drafted token besides the next token's (drafting's reservation)
+            outputs = n_outputs or (prepared.settings.outputs
+                                    + (prepared.draft.max_tokens if prepared.draft is not None else 0))
             llm = loader.open_model(prepared.settings, prepared.spec, logits_all=logits_all, repack=repack,
-                                    trace_file=recording.partial if recording is not None else None, **llama_kwargs)
+                                    trace_file=recording.partial if recording is not None else None,
+                                    n_outputs=outputs, **llama_kwargs)
         except BaseException:
             if recording is not None:
                 recording.finish(False)

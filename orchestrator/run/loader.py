@@ -83,11 +83,14 @@ _OUT_OF_MEMORY = ("allocat", "bad_alloc", "out of memory", "insufficient memory"
 
 def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_all: bool = False,
                repack: bool = True, trace_file: Path | None = None, n_seq_max: int | None = None,
-               **llama_kwargs: Any):
+               n_outputs: int | None = None, **llama_kwargs: Any):
     """A `llama_cpp.Llama` for `settings.model` as `spec` says (None: stock, as llama-cpp-python opens it).
     `repack=False` turns the CPU backend's repacked weight layout off (a stock baseline of benchmarks).
     `trace_file`: where the runtime appends the routing trace the spec records (a Recording's temp file; without
-    it nothing is recorded). `n_seq_max`: sequences decoded together (a unified KV cache), for a batching harness."""
+    it nothing is recorded). `n_seq_max`: sequences decoded together (a unified KV cache), for a batching harness.
+    `n_outputs`: output rows a micro-batch asks for (default `settings.outputs`; at least one per sequence), what
+    the plan measured the compute buffers at; with `logits_all` or embeddings every token (llama.cpp's default,
+    as exactness's teacher-forced logits need; more than a plan with fewer outputs reserved)."""
     native.llama_cpp_module()  # one clear line if llama_cpp is missing
     from llama_cpp import Llama
 
@@ -100,13 +103,15 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
     if spec.use_mmap is not None:
         kwargs["use_mmap"] = spec.use_mmap
     kwargs.update(llama_kwargs)
+    outputs = None if logits_all or kwargs.get("embedding") else min(
+        max(n_outputs or settings.outputs, n_seq_max or 1), max(settings.batch, settings.ubatch))
     spec_file = None
     if spec.native:  # the same route as llama.cpp's own programs (flashflex exec): a spec file named by an override
         spec_file = write_native_spec(spec, trace_file)
         kwargs["kv_overrides"] = {**kwargs.get("kv_overrides", {}), native.SPEC_KEY: spec_file}
     try:
         with quiet_native_stderr(), model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors), \
-                context_params(n_seq_max), captured_llama_errors() as errors:
+                context_params(n_seq_max, outputs), captured_llama_errors() as errors:
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,
                         seed=settings.seed, logits_all=logits_all, **{"verbose": False, **kwargs})
