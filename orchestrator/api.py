@@ -67,16 +67,11 @@ OPTION_KEYS: dict[str, str] = {
     "n_predict": "sampling.n_predict",
     "temperature": "sampling.temperature",
     "seed": "sampling.seed",
-    "outputs": "context.outputs",
     "draft": "draft.kind",
     "draft_model": "draft.model",
     "draft_max": "draft.max_tokens",
     "draft_adaptive": "draft.adaptive",
 }
-
-
-EVERY_TOKEN = 1 << 20
-"""`outputs` for a context whose micro-batches ask for every token's row (context.outputs is capped at ubatch)."""
 
 
 def overrides_from_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -109,19 +104,26 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_bytes: int | None = None,
-            process_bytes: int = 0, chat: bool = False, **options: Any) -> Prepared:
+            process_bytes: int = 0, chat: bool = False, draft_auto: bool = False, own_decodes: bool = False,
+            **options: Any) -> Prepared:
     """Validate everything `run` validates (model, plan, sidecar, traces, flag combinations, a draft model's
     vocabulary) without loading the weights: the inputs gathered once, one plan, its RuntimeSpec.
     `budget_bytes` replaces the config's budget (always planned); `process_bytes`: what the process around the
     model occupies when the budget is a whole cgroup (benchmarks); `chat`: with no model named, the
-    instruction-tuned default (chat, serve) instead of the default base model."""
+    instruction-tuned default (chat, serve) instead of the default base model; `draft_auto`: draft.kind auto
+    drafts by prompt lookup where the plan affords it (run, chat); `own_decodes`: flashflex's code makes every
+    decode call of the model (run, chat, serve, benchmarks), so a micro-batch asks for one row of logits unless
+    context.outputs says otherwise (elsewhere every token's, as stock)."""
     quiet = log is None
     log = log or (lambda _msg: None)
     cfg = run_config(config, **options)
+    if own_decodes and cfg.context.outputs is None:
+        cfg.context.outputs = 1
 
     def planned(cfg: RunConfig):
         settings = settings_from_config(cfg, log=log, chat=chat)
-        inputs = gather(cfg, settings, log=log, budget_bytes=budget_bytes, process_bytes=process_bytes)
+        inputs = gather(cfg, settings, log=log, budget_bytes=budget_bytes, process_bytes=process_bytes,
+                        draft_auto=draft_auto)
         plan = make_plan(inputs.request(), inputs.plan_inputs()) if inputs.table is not None else None
         return settings, inputs, plan
 
@@ -140,8 +142,22 @@ def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_by
             warnings.warn(note, stacklevel=3)
         else:
             log(f"note: {note}")
+    if inputs.draft is not None and inputs.draft.optional and (plan is None or plan.draft is None):
+        from orchestrator.planner.make import FAILING_DRAFT_SHARE
+        from orchestrator.sizes import format_size
+
+        streamed = plan.estimates.streamed_bytes_per_token if plan is not None else 0
+        row = inputs.draft.row_bytes
+        if streamed > 0 and row > FAILING_DRAFT_SHARE * streamed:
+            log(f"note: no drafting: a drafted token's logits ({format_size(row)} resident) would cost more than "
+                f"{FAILING_DRAFT_SHARE:.0%} of the {format_size(streamed)} a token streams where drafts fail; "
+                "--draft prompt-lookup turns it on")
+        elif streamed > 0:
+            log(f"note: no drafting: the budget has no room beside the model for a drafted token's logits "
+                f"({format_size(row)}); raise --budget to draft")
+        inputs.draft = None  # drafting by default, left off by the plan
     if plan is not None and plan.draft is not None:
-        if plan.draft.note:
+        if plan.draft.note and not plan.draft.optional:
             log(f"note: {plan.draft.note}")
         assert inputs.draft is not None
         inputs.draft.apply(plan.draft)
@@ -155,7 +171,7 @@ def _largest_fitting_ubatch(cfg: RunConfig, planned) -> tuple[RunConfig, Any] | 
     given, or no smaller one fits either (the caller's refusal stands)."""
     if "ubatch" in cfg.context.model_fields_set:
         return None
-    lowest = 2 if cfg.draft.kind != "none" else 1  # a verification batch needs 2
+    lowest = 2 if cfg.draft.asked else 1  # a verification batch needs 2
     ubatch = cfg.context.ubatch // 2
     while ubatch >= lowest:
         trial = cfg.model_copy(deep=True)
@@ -226,8 +242,6 @@ def open_llama(model: str | Path | None = None, *, config: str | Path | RunConfi
     ours, llama_kwargs = split_llama_kwargs(options)
     if model is not None:
         ours["model"] = model
-    if llama_kwargs.get("logits_all") or llama_kwargs.get("embedding"):
-        ours.setdefault("outputs", EVERY_TOKEN)  # a row per token of a micro-batch: the plan reserves them
     return prepare(config, **ours).open(**llama_kwargs)
 
 

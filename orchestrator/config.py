@@ -323,7 +323,7 @@ class GPUConfig(_Section):
         return isinstance(self.layers, int) and self.layers > 0
 
 
-DraftKind = Literal["none", "prompt-lookup", "model"]
+DraftKind = Literal["auto", "none", "prompt-lookup", "model"]
 DRAFT_KINDS: tuple[str, ...] = typing.get_args(DraftKind)
 
 
@@ -332,8 +332,10 @@ class DraftConfig(_Section):
     Output is what the model alone would give (each drafted token is kept only where the model itself picks it)."""
 
     kind: DraftKind = Field(
-        default="none",
-        description="none = no drafting; prompt-lookup = draft by matching the last n-gram earlier in the context "
+        default="auto",
+        description="auto = prompt-lookup for run and chat where weights stream and the verification batch's "
+        "logits cost at most 3% of what a token streams, else none (serve, exec and the Python API: none); "
+        "none = no drafting; prompt-lookup = draft by matching the last n-gram earlier in the context "
         "(prompt-lookup:N sets the n-gram size); model = a small GGUF with the same vocabulary drafts greedily, "
         "kept resident (its weights, KV cache and compute count in the budget). --draft-model PATH implies model.",
     )
@@ -375,6 +377,11 @@ class DraftConfig(_Section):
             data = {**data, "kind": "model"}  # --draft-model alone means drafting with it
         return data
 
+    @property
+    def asked(self) -> bool:
+        """Whether drafting was asked for (prompt-lookup or a draft model), not left to auto or turned off."""
+        return self.kind in ("prompt-lookup", "model")
+
     @model_validator(mode="after")
     def _model_for_kind(self) -> DraftConfig:
         if self.kind == "model" and self.model is None:
@@ -398,9 +405,11 @@ class ContextConfig(_Section):
     outputs: int | None = Field(
         default=None, ge=1,
         description="Output rows (logits) a micro-batch may ask for (llama.cpp's n_outputs_max), capped at ubatch: "
-        "they size the compute buffers' logits, 4 bytes x vocabulary each (1 MiB for Gemma's 262k tokens). "
-        "null = what the run asks for: 1, the next token's (drafting reserves its verification rows itself; "
-        "llama-server's slots one each; logits_all, embeddings and llama.cpp's own programs every token).",
+        "they size the compute buffers' logits, 4 bytes x vocabulary each (1 MiB for Gemma's 262k tokens), and "
+        "llama.cpp aborts on a batch that asks for more. null = every token where the caller decodes (the Python "
+        "API, llama.cpp's programs: as stock), 1 where flashflex drives every decode (run, chat, serve, "
+        "benchmarks: the next token's row; drafting reserves its verification rows itself; llama-server one per "
+        "slot).",
     )
     threads: int | None = Field(default=None, ge=1,
                                 description="Compute threads (-t). null = the number of physical cores.")
@@ -413,8 +422,9 @@ class ContextConfig(_Section):
 
     @property
     def outputs_per_ubatch(self) -> int:
-        """The output rows a micro-batch of this context asks for: `outputs` (1 when unset), at most ubatch."""
-        return min(self.outputs or 1, self.ubatch)
+        """The output rows a micro-batch of this context may ask for: `outputs` (every token when unset), at most
+        ubatch."""
+        return min(self.outputs or self.ubatch, self.ubatch)
 
 
 class SamplingConfig(_Section):
@@ -483,7 +493,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _draft_needs_a_batch(self) -> RunConfig:
-        if self.draft.kind != "none" and self.context.ubatch < 2:
+        if self.draft.asked and self.context.ubatch < 2:
             raise ValueError(f"drafting needs --ubatch 2 or more (a verification of the last token and its draft is "
                              f"one batch), and ubatch is {self.context.ubatch}: raise --ubatch (8 or more) or drop "
                              "--draft / --draft-model")

@@ -561,6 +561,7 @@ class DraftSetup:
     row_bytes: int = 0  # a drafted token's logits: 4 bytes per vocabulary entry, in the compute and output buffers
     capped_from: int | None = None  # max_tokens asked for, when the ubatch (or the budget) capped it
     length_fixed: bool = False  # max_tokens was given: never capped for the budget
+    optional: bool = False  # drafting by default (draft.kind auto): the plan drops it where the rows cost too much
 
     @property
     def resident_bytes(self) -> int:
@@ -577,7 +578,8 @@ class DraftSetup:
 
         return DraftRequest(kind=self.kind, max_tokens=self.max_tokens, row_bytes=self.row_bytes,
                             model_bytes=self.weights_bytes + self.kv_cache_bytes + self.compute_bytes,
-                            length_fixed=self.length_fixed, name=self.model.name if self.model else "")
+                            length_fixed=self.length_fixed, name=self.model.name if self.model else "",
+                            optional=self.optional)
 
     def open(self, settings: "GenerationSettings") -> Drafter:
         length = DraftLength(self.max_tokens, adaptive=self.adaptive)
@@ -610,16 +612,22 @@ def _n_vocab(table: Any) -> int:
 
 
 def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[str], None] = print,
-              target_table: Any = None) -> DraftSetup | None:
+              target_table: Any = None, auto: bool = False) -> DraftSetup | None:
     """The DraftSetup of a RunConfig (None without drafting): the draft model checked (a GGUF with the model's
-    vocabulary) and the RAM drafting needs."""
+    vocabulary) and the RAM drafting needs. Kind auto is prompt lookup when `auto` (a planned run or chat; the
+    plan may still leave it off, DraftSetup.optional) and a verification batch fits the ubatch, else nothing."""
     from orchestrator.modelfile.reader import read_model_table
 
     d = cfg.draft
-    if d.kind == "none":
+    kind, optional = d.kind, False
+    if kind == "auto":
+        if not auto or settings.ubatch < 2:
+            return None
+        kind, optional = "prompt-lookup", True
+    if kind == "none":
         return None
     max_tokens = min(d.max_tokens, settings.ubatch - 1)
-    setup = DraftSetup(kind=d.kind, max_tokens=max_tokens, adaptive=d.adaptive,
+    setup = DraftSetup(kind=kind, max_tokens=max_tokens, adaptive=d.adaptive, optional=optional,
                        capped_from=d.max_tokens if max_tokens < d.max_tokens else None)
     if max_tokens < d.max_tokens and "max_tokens" in d.model_fields_set:
         log(f"note: draft.max_tokens {d.max_tokens} capped at {max_tokens} (ubatch {settings.ubatch} - 1: a longer "
@@ -631,7 +639,7 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
     setup.length_fixed = "max_tokens" in d.model_fields_set
     # every run keeps one row (the next token's logits, inside the runtime margin); drafting adds one per token
     setup.logits_bytes = max_tokens * setup.row_bytes
-    if d.kind == "prompt-lookup":
+    if kind == "prompt-lookup":
         setup.ngram = d.ngram
         return setup
     from orchestrator.modelfile.locate import check_gguf_file

@@ -270,7 +270,7 @@ def test_draft_flag_forms():
     assert (cfg.draft.kind, cfg.draft.ngram) == ("prompt-lookup", 4)
     cfg = load_run_config(None, {"draft.model": "small.gguf"})
     assert cfg.draft.kind == "model" and cfg.draft.model.name == "small.gguf"
-    assert load_run_config(None).draft.kind == "none"
+    assert load_run_config(None).draft.kind == "auto"  # run and chat: prompt lookup where the plan affords it
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [

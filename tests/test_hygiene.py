@@ -190,25 +190,23 @@ def test_every_ci_job_runs_one_local_command():
 
 @pytest.mark.native
 def test_the_default_ubatch_shrinks_to_fit_a_small_budget(patched_llama, tmp_path):
-    """A budget that holds the model with a small ubatch but not with the default one (its compute buffers hold a
-    row of logits per token when every token's logits are asked for, as logits_all does: 64k vocabulary x 512
-    tokens): the largest halving that fits is used and said; an ubatch the user gave is refused as before."""
-    import functools
+    """A budget that holds the model with a small ubatch but not with the default one (the Python API's contexts
+    keep a row of logits per token, as stock: 64k vocabulary x 512 tokens): the largest halving that fits is used
+    and said; an ubatch the user gave is refused as before."""
     import warnings
 
     from orchestrator import api, synth
     from orchestrator.errors import BudgetBelowMinimum
 
     model = synth.write_synth_model(synth.preset("tiny-dense", n_vocab=65536), tmp_path / "wide-vocab.gguf")
-    prepare = functools.partial(api.prepare, outputs=api.EVERY_TOKEN)
-    small = prepare(model=model, budget="1GiB", ctx=256, ubatch=32).plan.minimum_budget_bytes
-    default = prepare(model=model, budget="1GiB", ctx=256).plan.minimum_budget_bytes
+    small = api.prepare(model=model, budget="1GiB", ctx=256, ubatch=32).plan.minimum_budget_bytes
+    default = api.prepare(model=model, budget="1GiB", ctx=256).plan.minimum_budget_bytes
     assert default > small + (16 << 20), (default, small)  # the default ubatch's buffers are what does not fit
     budget = f"{small + (4 << 20)}B"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepared = prepare(model=model, budget=budget, ctx=256)
+        prepared = api.prepare(model=model, budget=budget, ctx=256)
     assert 32 <= prepared.settings.ubatch < 512 and prepared.plan.used_bytes <= prepared.plan.budget_bytes
     assert any(f"using ubatch {prepared.settings.ubatch}, the largest that fits" in str(w.message) for w in caught)
     with pytest.raises(BudgetBelowMinimum):
-        prepare(model=model, budget=budget, ctx=256, ubatch=512)
+        api.prepare(model=model, budget=budget, ctx=256, ubatch=512)

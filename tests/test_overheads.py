@@ -41,7 +41,8 @@ def _config(path: Path, budget: str, **more):
 
 def _allocated(ex: Prepared, path: Path) -> dict:
     """What the run's own context allocates (llama.cpp's buffers, not an estimate)."""
-    settings = GenerationSettings(model=path, ctx=CTX, batch=BATCH, ubatch=UBATCH, threads=2)
+    settings = GenerationSettings(model=path, ctx=CTX, batch=BATCH, ubatch=UBATCH, threads=2,
+                                  outputs=ex.settings.outputs)
     with with_settings(ex, settings).session() as handle:
         return native.context_memory(handle.llm.ctx)
 
@@ -78,7 +79,7 @@ def test_real_model_reserves_what_llama_cpp_allocates(measuring):
     path = default_model_path()
     if path is None or not path.exists():
         pytest.skip("the default model is not installed (make demo installs it)")
-    ex = api.prepare(_config(path, "230MiB"))
+    ex = api.prepare(_config(path, "230MiB"), own_decodes=True)
     assert ex.spec.mode == modes.DENSE_STREAM
     _check_within_5_percent(ex, path)
     # sized for the one output row a decode asks for, not a row per token of the micro-batch (1 MiB each with
@@ -109,10 +110,10 @@ def test_plan_minimum_is_what_run_accepts(measuring, dense_model, tmp_path, thre
                     "-tp", str(threads), "--json")
     minimum = json.loads(out.stdout)["minimum_budget_bytes"]
     common = {"prefetch.threads": threads}
-    ex = api.prepare(_config(dense_model, f"{minimum}B", **common))
+    ex = api.prepare(_config(dense_model, f"{minimum}B", **common), own_decodes=True)
     assert ex.plan.minimum_budget_bytes == minimum
     with pytest.raises(FlashflexError, match="below the"):
-        api.prepare(_config(dense_model, f"{minimum - 1}B", **common))
+        api.prepare(_config(dense_model, f"{minimum - 1}B", **common), own_decodes=True)
 
 
 def _kv_layers_and_context(path: Path, ctx: int, **context: object) -> tuple[list[int] | None, int]:
@@ -172,12 +173,13 @@ def test_compute_is_sized_for_the_rows_a_micro_batch_asks_for(measuring):
     if path is None or not path.exists():
         pytest.skip("the default model is not installed (make demo installs it)")
     mib = 1 << 20
-    plain = api.prepare(_config(path, "230MiB"))
-    every = api.prepare(_config(path, "1GiB", **{"context.outputs": api.EVERY_TOKEN}))
-    assert (plain.settings.outputs, every.settings.outputs) == (1, UBATCH)
+    plain = api.prepare(_config(path, "230MiB"), own_decodes=True)
+    every = api.prepare(_config(path, "1GiB"))  # the Python API's default: every token, as stock
+    assert (plain.settings.outputs, every.settings.outputs) == (1, None)
     grown = every.plan.reservations.compute_bytes - plain.plan.reservations.compute_bytes
     assert abs(grown - (UBATCH - 1) * mib) < 0.05 * grown  # a row of 262144 floats per output
-    drafted = api.prepare(_config(path, "230MiB", **{"draft.kind": "prompt-lookup", "draft.max_tokens": 4}))
+    drafted = api.prepare(_config(path, "230MiB", **{"draft.kind": "prompt-lookup", "draft.max_tokens": 4}),
+                          own_decodes=True)
     assert drafted.draft is not None and drafted.draft.max_tokens == 4 and drafted.draft.row_bytes == 2 * mib
     with drafted.session() as handle:
         real = native.context_memory(handle.llm.ctx)
@@ -193,18 +195,3 @@ def test_llama_server_plans_a_row_per_slot(measuring, dense_model):
 
     slots = llama_server.plan_slots(_config(dense_model, "1GiB"), {}, 4, log=lambda _m: None)
     assert slots.prepared.settings.outputs == 4  # as llama-server sizes its context: one output per slot
-
-
-def test_open_llama_with_logits_all_plans_a_row_per_token(monkeypatch):
-    seen: dict = {}
-
-    class Planned:
-        def open(self, **llama_kwargs):
-            return llama_kwargs
-
-    monkeypatch.setattr(api, "prepare", lambda config=None, **options: seen.update(options) or Planned())
-    assert api.open_llama("m.gguf", logits_all=True) == {"logits_all": True}
-    assert seen["outputs"] == api.EVERY_TOKEN
-    seen.clear()
-    api.open_llama("m.gguf")
-    assert "outputs" not in seen  # a plain decode: one row, the default

@@ -746,7 +746,7 @@ def test_the_draft_length_is_capped_so_failing_drafts_cost_at_most_their_share_o
     budget = plan_table(t, 1 << 40, ctx=256, ubatch=16).minimum_budget_bytes + 2 * MiB
     streamed = plan_table(t, budget, ctx=256, ubatch=16).estimates.streamed_bytes_per_token
     assert streamed > 0
-    row = int(FAILING_DRAFT_SHARE * streamed / 2.5)  # 4% of a token's reads holds two rows, not three
+    row = int(FAILING_DRAFT_SHARE * streamed / 2.5)  # the share of a token's reads holds two rows, not three
 
     def fit(**kw) -> Plan:
         return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, **{"row_bytes": row, **kw}))
@@ -759,7 +759,26 @@ def test_the_draft_length_is_capped_so_failing_drafts_cost_at_most_their_share_o
     roomy = _drafted(t, 1 << 40, DraftRequest(kind="prompt-lookup", max_tokens=7, row_bytes=row))
     assert roomy.draft.max_tokens == 7  # nothing streams: nothing to cap
     tiny = fit(row_bytes=streamed // 20).draft  # one row is 5% of the reads
-    assert tiny.max_tokens == 1 and "more than 4%" in tiny.note
+    assert tiny.max_tokens == 1 and f"more than {FAILING_DRAFT_SHARE:.0%}" in tiny.note
     for r in (row // 3, row, 3 * row):
         d = fit(row_bytes=r).draft
         assert d.logits_bytes <= FAILING_DRAFT_SHARE * streamed or d.max_tokens == 1
+
+
+def test_drafting_by_default_only_where_it_streams_and_a_row_fits_the_share():
+    """draft.kind auto (run, chat): the same cap, but where nothing streams or not one drafted token's rows fit
+    the share of the reads, no drafting at all rather than one token."""
+    t = dense_table()
+    budget = plan_table(t, 1 << 40, ctx=256, ubatch=16).minimum_budget_bytes + 2 * MiB
+    streamed = plan_table(t, budget, ctx=256, ubatch=16).estimates.streamed_bytes_per_token
+    row = int(FAILING_DRAFT_SHARE * streamed / 2.5)
+
+    def auto(total: int, row_bytes: int) -> Plan:
+        return _drafted(t, total, DraftRequest(kind="prompt-lookup", max_tokens=7, row_bytes=row_bytes,
+                                               optional=True))
+
+    on = auto(budget, row).draft
+    assert on is not None and on.optional and on.max_tokens == 2
+    assert auto(budget, streamed // 20).draft is None  # one row is 5% of the reads
+    assert auto(1 << 40, row).draft is None  # nothing streams: stock stays stock
+    assert auto(1 << 40, row).reservations.draft_bytes == 0

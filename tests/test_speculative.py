@@ -304,3 +304,31 @@ def test_serve_plans_the_draft_and_says_so(features, models):
                                           "draft_model": models["small"]}, {}, lambda _msg: None)
     assert entries[0].prepared.draft is not None and entries[0].prepared.draft.kind == "model"
     assert "drafts model small.gguf (up to 7 per verification)" in startup_lines(entries, server)[0]
+
+
+def test_run_drafts_by_default_where_weights_stream_and_rows_are_cheap(features, models):
+    """draft.kind auto: `run` drafts by prompt lookup where the plan streams weights and a drafted token's rows
+    fit the share of the reads; stock (nothing streams), `--draft none`, the Python API and a budget with no room
+    beside the model's minimum do not; none of them is refused for it."""
+    path = models["target"]
+    base = {"model": path, "ctx": CTX, "ubatch": UBATCH}
+    minimum = api.prepare(budget="1GiB", **base).plan.minimum_budget_bytes
+    roomy = f"{minimum + (4 << 20)}B"
+    notes: list[str] = []
+    drafted = api.prepare(budget=roomy, draft_auto=True, log=notes.append, **base)
+    assert drafted.draft is not None and drafted.draft.kind == "prompt-lookup" and drafted.draft.optional
+    assert drafted.plan.draft is not None and drafted.plan.reservations.draft_bytes > 0
+    assert drafted.plan.minimum_budget_bytes == minimum  # drafting by default does not raise the minimum
+    assert api.prepare(budget=roomy, **base).draft is None  # the Python API: asked for, or none
+    assert api.prepare(budget=roomy, draft_auto=True, draft="none", **base).draft is None
+    assert api.prepare(draft_auto=True, **base).draft is None  # fits: stock stays stock
+    tight = api.prepare(budget=f"{minimum}B", draft_auto=True, log=notes.append, **base)
+    assert tight.draft is None and any("no room beside the model" in n for n in notes), notes
+    common = ["--model", str(path), "--ctx", str(CTX), "--ubatch", str(UBATCH), "-t", "2", "-n", "8",
+              "--prompt", PROMPTS[0], "--budget", roomy]
+    on = json.loads(flashflex("run", *common, "--dry-run", "--json").stdout)
+    off = json.loads(flashflex("run", *common, "--draft", "none", "--dry-run", "--json").stdout)
+    assert on["draft"]["kind"] == "prompt-lookup" and "draft" not in off
+    ran = flashflex("run", *common, "--json")
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["stats"]["draft"]["kind"] == "prompt-lookup"

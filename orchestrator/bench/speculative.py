@@ -158,7 +158,7 @@ def smallest_budget(b: SpeculativeBench) -> int:
     """The smallest total budget the planner accepts for the drafted run: the model's minimum plus drafting."""
     from orchestrator import api
 
-    probe = api.prepare(budget_bytes=1 << 40, **_options(b, drafting=True))
+    probe = api.prepare(budget_bytes=1 << 40, own_decodes=True, **_options(b, drafting=True))
     assert probe.plan is not None
     return probe.plan.minimum_budget_bytes  # drafting's reservation included
 
@@ -183,7 +183,8 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
     plans: dict[str, dict[str, Any]] = {}
     for mode, drafting in modes.items():
         for task in b.tasks:
-            p = api.prepare(budget_bytes=budget, prompt=TASKS[task][1], log=log, **_options(b, drafting, task))
+            p = api.prepare(budget_bytes=budget, prompt=TASKS[task][1], log=log, own_decodes=True,
+                            **_options(b, drafting, task))
             prepared[(task, mode)] = p
         plan, banks = p.plan, p.spec.banks
         assert plan is not None

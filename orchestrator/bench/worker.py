@@ -53,7 +53,7 @@ def _prepare(point: dict, spec: dict, out: dict):
         options.update(prefetch_threads=point["prefetch_threads"], prefetch_window=spec["window"])
     if spec.get("rpc"):
         options["rpc"] = spec["rpc"]
-    prepared = api.prepare(budget_bytes=budget, process_bytes=overhead, **options)
+    prepared = api.prepare(budget_bytes=budget, process_bytes=overhead, own_decodes=True, **options)
     plan = prepared.plan
     assert plan is not None
     banks = prepared.spec.banks

@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
         if json_out and once is None:
             raise FlashflexError("--json needs --once (the interactive chat has no JSON form)",
                                  "add --once \"QUESTION\" or drop --json")
-        prepared = api.prepare(config, log=err_console.print, chat=True, **options)
+        prepared = api.prepare(config, log=err_console.print, chat=True, draft_auto=True, own_decodes=True,
+                               **options)
         for reason in prepared.lossy:
             err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")
         conv = chat.Conversation(system=system, max_tokens=max_tokens, temperature=temperature)

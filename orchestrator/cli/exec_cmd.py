@@ -40,10 +40,7 @@ def register(app: typer.Typer) -> None:
         user_args = list(click_ctx.args)
         tools.check_user_args(tool, user_args)
         tools.locate(tool)  # before planning: a build without the program says so first
-        cfg = api.run_config(config, **options)
-        if cfg.context.outputs is None:  # llama.cpp's programs size their contexts for a row per token (perplexity
-            cfg.context.outputs = cfg.context.ubatch  # asks for them); at most ubatch once lowered to fit
-        prepared = api.prepare(cfg, log=err_console.print)
+        prepared = api.prepare(config, log=err_console.print, **options)
         for reason in prepared.lossy:
             err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")
         spec_path = None

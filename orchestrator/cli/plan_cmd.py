@@ -111,6 +111,7 @@ def plan_command(
                          moe_slot_bank, moe_topk, rpc, rpc_layers, rpc_timeout, gpu_layers, gpu_budget, draft,
                          draft_max)
     rate = parse_rate(bandwidth, what="--bandwidth")
+    settings.context.outputs = 1  # as run plans: a decode asks for the next token's logits (drafting reserves more)
     table = _load_table(model)
     from orchestrator import rpc as rpc_mod
 
@@ -137,13 +138,13 @@ def plan_command(
 def _draft_request(settings: RunConfig, model: Path, table: ModelTable) -> Any:
     """What drafting asks the planner to reserve, as `run` would ask it (None without --draft)."""
     if settings.draft.kind == "none":
-        return None
+        return None  # auto: as run, prompt lookup where the plan affords it
     from orchestrator import speculative
     from orchestrator.run.settings import GenerationSettings
 
     generation = GenerationSettings(model=model, ctx=settings.context.ctx, batch=settings.context.batch,
                                     ubatch=settings.context.ubatch)
-    setup = speculative.setup_for(settings, generation, log=err_console.print, target_table=table)
+    setup = speculative.setup_for(settings, generation, log=err_console.print, target_table=table, auto=True)
     return setup.request() if setup is not None else None
 
 

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
                                        "sampling.n_predict": n_predict})
         from orchestrator.run import execution
 
-        prepared = api.prepare(cfg, log=err_console.print)
+        prepared = api.prepare(cfg, log=err_console.print, draft_auto=True, own_decodes=True)
         settings = prepared.settings
         for reason in prepared.lossy:
             err_console.print(f"[yellow]LOSSY: {reason}; output differs from stock[/]")
@@ -95,7 +95,8 @@ def register(app: typer.Typer) -> None:
         cfg = load_run_config(config, overrides_from_options(options))
         if tokens > cfg.context.ctx:
             raise FlashflexError(f"--tokens {tokens} exceeds the context of {cfg.context.ctx}", "raise --ctx")
-        prepared = api.prepare(cfg, log=err_console.print)
+        # the plan run makes (its teacher-forced harness holds every position's logits beside it), without drafts
+        prepared = api.prepare(cfg, log=err_console.print, own_decodes=True)
         result = exact.verify(prepared, tokens, seed)
         spec = prepared.spec
         compared = spec.native or spec.use_mmap is False  # resident: stock's path without mmap

@@ -36,10 +36,10 @@ def load_entries(config: Path | None, options: dict, server_overrides: dict, log
         for i, model in enumerate(serve_file.models):
             data = model.model_dump(exclude_unset=True)
             alias = data.pop("alias", None) or (model.model.path.name if model.model.path else "default")
-            prepared = api.prepare(RunConfig.model_validate(data), log=log, chat=True)
+            prepared = api.prepare(RunConfig.model_validate(data), log=log, chat=True, own_decodes=True)
             entries.append(ServedEntry(alias, prepared))
         return entries, serve_file.server
-    prepared = api.prepare(config, log=log, chat=True, **options)
+    prepared = api.prepare(config, log=log, chat=True, own_decodes=True, **options)
     server = ServerConfig.model_validate({k: v for k, v in server_overrides.items() if v is not None})
     return [ServedEntry(prepared.settings.model.name, prepared)], server
 
@@ -85,7 +85,7 @@ def choose_engine(config: Path | None, options: dict, server_overrides: dict) ->
     if engine not in (None, "auto"):
         return engine, None
     if any(options.get(flag) is not None for flag in (*DRAFT_FLAGS, "moe_trace")) or any(
-            c.draft.kind != "none" or c.moe.trace is not None for c in configs):
+            c.draft.asked or c.moe.trace is not None for c in configs):
         return "python", "drafting or a routing trace (llama-server does neither)"
     try:
         tools.locate("llama-server")
@@ -109,7 +109,7 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
                                  f"{len(served.models)}", "list one model, or use --engine python for several models")
         model_config = RunConfig.model_validate(served.models[0].model_dump(exclude={"alias"}, exclude_unset=True))
         server_settings = served.server.model_dump(exclude_unset=True)
-        if model_config.draft.kind != "none" or model_config.moe.trace is not None:
+        if model_config.draft.asked or model_config.moe.trace is not None:
             raise FlashflexError(f"{config}: drafting and trace recording are not available with the llama-server "
                                  "engine", "drop them from the model, or use --engine python")
     for flag in (*DRAFT_FLAGS, "moe_trace"):

@@ -305,6 +305,20 @@ def make_plan(request: PlanRequest, inputs: PlanInputs) -> Plan:
     budget the model is left: the minimum budget (or refusal), the dense resident/streamed split, the bank size,
     each tensor's placement, direct I/O, the estimates; last what the MoE runtime allocates, and the Plan.
     """
+    if request.draft is not None and request.draft.optional:
+        # drafting by default never refuses a run that plans without it, nor raises the minimum it reports
+        plain = _make_plan(dataclasses.replace(request, draft=None), inputs)
+        try:
+            plan = _make_plan(request, inputs)
+        except FlashflexError:
+            return plain
+        plan.minimum_budget_bytes = plain.minimum_budget_bytes
+        return plan
+    return _make_plan(request, inputs)
+
+
+def _make_plan(request: PlanRequest, inputs: PlanInputs) -> Plan:
+    """make_plan's stages."""
     req = _check_request(request)
     table, rpc, warnings = _place_layers(req, inputs)
     model = _analyse_model(table, req, warnings)
@@ -602,7 +616,7 @@ def _check_options(req: PlanRequest, model: _ModelFacts, experts: _Experts, rpc:
 # The verification rows may cost at most this share of the bytes a token streams without drafting: where drafts
 # fail everywhere, adaptive lengths fall to 0 and what is left is the memory the rows took from the resident
 # weights (each token then reads that much more) and the rare probes (about 1%, tests/test_speculative_unit.py).
-FAILING_DRAFT_SHARE = 0.04
+FAILING_DRAFT_SHARE = 0.03
 
 
 def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _Overheads,
@@ -615,9 +629,13 @@ def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _O
         return None
     d = req.draft
     length, note = d.max_tokens, None
+    if d.optional and _streamed_without_draft(table, req, model, over, extras) <= 0:
+        return None  # nothing streams: a pass costs what it costs stock, drafting by default stays off
     if not d.length_fixed and d.row_bytes > 0:
         streamed = _streamed_without_draft(table, req, model, over, extras)
         allowed = int(FAILING_DRAFT_SHARE * streamed // d.row_bytes) if streamed > 0 else length
+        if d.optional and allowed < 1:
+            return None  # one drafted token's rows would cost more than the share where drafts fail
         if allowed < length:
             length = max(1, allowed)
             why = (f"each drafted token keeps a {format_size(d.row_bytes)} logits row, taken off the resident "
@@ -636,7 +654,7 @@ def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _O
                              "prompt-lookup")
     return DraftPlan(kind=d.kind, max_tokens=length, capped_from=d.max_tokens if length < d.max_tokens else None,
                      row_bytes=d.row_bytes, logits_bytes=length * d.row_bytes, model_bytes=d.model_bytes,
-                     reserved_bytes=reserved, note=note)
+                     reserved_bytes=reserved, note=note, optional=d.optional)
 
 
 def _streamed_without_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _Overheads,

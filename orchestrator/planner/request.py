@@ -29,6 +29,7 @@ class DraftRequest:
     model_bytes: int = 0
     length_fixed: bool = False  # max_tokens was given: the plan keeps it
     name: str = ""  # for messages: the draft model's file name
+    optional: bool = False  # drafting by default: none where nothing streams or not one row fits the share
 
 
 @dataclass(frozen=True)

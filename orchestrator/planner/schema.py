@@ -143,11 +143,13 @@ class DraftPlan(_Model):
     kind: str = Field(description="prompt-lookup or model.")
     max_tokens: int = Field(description="Drafted tokens per verification at most.")
     capped_from: int | None = Field(default=None, description="The length asked for, when the budget capped it.")
-    row_bytes: int = Field(description="One logits row (4 bytes per vocabulary entry).")
+    row_bytes: int = Field(description="A drafted token's logits: 4 bytes per vocabulary entry, in the compute "
+                           "buffers and in llama.cpp's output buffer.")
     logits_bytes: int = Field(description="max_tokens rows: what a verification batch adds.")
     model_bytes: int = Field(default=0, description="A draft model's weights, KV cache and compute buffers.")
     reserved_bytes: int = Field(description="logits_bytes + model_bytes (Reservations.draft_bytes).")
     note: str | None = Field(default=None, description="Why the length was capped, when it was.")
+    optional: bool = Field(default=False, description="Drafting by default (draft.kind auto), not asked for.")
 
 
 class Estimates(_Model):

@@ -109,7 +109,7 @@ class Handle:
         recording = loader.begin_trace(prepared.spec)
         try:
             # a verification batch asks for a row per drafted token besides the next token's (drafting's reservation)
-            outputs = n_outputs or (prepared.settings.outputs
+            outputs = n_outputs or (None if prepared.settings.outputs is None else prepared.settings.outputs
                                     + (prepared.draft.max_tokens if prepared.draft is not None else 0))
             llm = loader.open_model(prepared.settings, prepared.spec, logits_all=logits_all, repack=repack,
                                     trace_file=recording.partial if recording is not None else None,

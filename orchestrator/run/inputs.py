@@ -66,19 +66,21 @@ class RunInputs:
 
 
 def gather(cfg: "RunConfig", settings: GenerationSettings, *, log: Callable[[str], None] = print,
-           budget_bytes: int | None = None, process_bytes: int = 0) -> RunInputs:
-    """Everything planning needs, read once. `budget_bytes` replaces the config's budget (a benchmark's cgroup)."""
+           budget_bytes: int | None = None, process_bytes: int = 0, draft_auto: bool = False) -> RunInputs:
+    """Everything planning needs, read once. `budget_bytes` replaces the config's budget (a benchmark's cgroup);
+    `draft_auto`: draft.kind auto drafts by prompt lookup where the model is planned (run, chat)."""
     from orchestrator import overheads, rpc, speculative
     from orchestrator.sizes import available_memory
 
     budget = budget_bytes if budget_bytes is not None else cfg.budget.resolve_bytes(available_memory())
     inputs = RunInputs(config=cfg, model=settings.model, budget_bytes=budget, process_bytes=process_bytes)
     needs_plan = budget_bytes is not None or not _fits_without_plan(cfg, settings.model, budget)
-    if needs_plan or cfg.draft.kind != "none":
+    if needs_plan or cfg.draft.asked:
         from orchestrator.modelfile.reader import read_model_table
 
         inputs.table = read_model_table(settings.model)
-    inputs.draft = speculative.setup_for(cfg, settings, log=log, target_table=inputs.table)
+    inputs.draft = speculative.setup_for(cfg, settings, log=log, target_table=inputs.table,
+                                         auto=draft_auto and needs_plan)
     if not needs_plan:
         inputs.table = None
         return inputs

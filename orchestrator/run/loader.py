@@ -88,9 +88,9 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
     `repack=False` turns the CPU backend's repacked weight layout off (a stock baseline of benchmarks).
     `trace_file`: where the runtime appends the routing trace the spec records (a Recording's temp file; without
     it nothing is recorded). `n_seq_max`: sequences decoded together (a unified KV cache), for a batching harness.
-    `n_outputs`: output rows a micro-batch asks for (default `settings.outputs`; at least one per sequence), what
-    the plan measured the compute buffers at; with `logits_all` or embeddings every token (llama.cpp's default,
-    as exactness's teacher-forced logits need; more than a plan with fewer outputs reserved)."""
+    `n_outputs`: output rows a micro-batch may ask for (default `settings.outputs`; at least one per sequence), what
+    the plan measured the compute buffers at (llama.cpp aborts on a batch asking for more); None, `logits_all` or
+    embeddings: every token, llama.cpp's default."""
     native.llama_cpp_module()  # one clear line if llama_cpp is missing
     from llama_cpp import Llama
 
@@ -103,8 +103,9 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
     if spec.use_mmap is not None:
         kwargs["use_mmap"] = spec.use_mmap
     kwargs.update(llama_kwargs)
-    outputs = None if logits_all or kwargs.get("embedding") else min(
-        max(n_outputs or settings.outputs, n_seq_max or 1), max(settings.batch, settings.ubatch))
+    wanted = n_outputs if n_outputs is not None else settings.outputs
+    outputs = None if logits_all or kwargs.get("embedding") or wanted is None else min(
+        max(wanted, n_seq_max or 1), max(settings.batch, settings.ubatch))
     spec_file = None
     if spec.native:  # the same route as llama.cpp's own programs (flashflex exec): a spec file named by an override
         spec_file = write_native_spec(spec, trace_file)

@@ -25,7 +25,7 @@ class GenerationSettings:
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95
-    outputs: int = 1  # output rows a micro-batch asks for (ContextConfig.outputs_per_ubatch)
+    outputs: int | None = None  # output rows a micro-batch may ask for (ContextConfig.outputs); None: every token
 
 
 def sanity_warnings(cfg: "RunConfig") -> list[str]:
@@ -70,5 +70,5 @@ def settings_from_config(cfg: "RunConfig", log: Callable[[str], None] = print,
         temperature=cfg.sampling.temperature,
         top_k=cfg.sampling.top_k,
         top_p=cfg.sampling.top_p,
-        outputs=cfg.context.outputs_per_ubatch,
+        outputs=cfg.context.outputs_per_ubatch if cfg.context.outputs is not None else None,
     )
