@@ -616,6 +616,7 @@ def _check_options(req: PlanRequest, model: _ModelFacts, experts: _Experts, rpc:
 # The verification rows may cost at most this share of the bytes a token streams without drafting: where drafts
 # fail everywhere, adaptive lengths fall to 0 and what is left is the memory the rows took from the resident
 # weights (each token then reads that much more) and the rare probes (about 1%, tests/test_speculative_unit.py).
+# 3%: drafting is on by default (run, chat), and text it cannot draft should lose at most that.
 FAILING_DRAFT_SHARE = 0.03
 
 
@@ -638,7 +639,7 @@ def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _O
             return None  # one drafted token's rows would cost more than the share where drafts fail
         if allowed < length:
             length = max(1, allowed)
-            why = (f"each drafted token keeps a {format_size(d.row_bytes)} logits row, taken off the resident "
+            why = (f"each drafted token keeps {format_size(d.row_bytes)} of logits rows, taken off the resident "
                    f"weights, and a token streams {format_size(streamed)} without drafting")
             note = (f"drafting 1 token per verification costs more than {FAILING_DRAFT_SHARE:.0%} of the reads where "
                     f"drafts fail ({why}); give --draft-max to choose the length yourself") if allowed < 1 else (
