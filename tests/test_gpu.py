@@ -129,8 +129,9 @@ def test_prompt_lookup_drafts_with_layers_on_the_device_are_bitwise_exact(gpu_bu
     settings = ["-ngl", str(NGL), "--ctx", str(CTX), "--ubatch", str(ubatch), "-tp", "2", "--prefetch-window", "2"]
     budget = _minimum_budget(str(path), settings)
     gen = GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2, temperature=0.0)
+    # planned as `plan` (and run) plan it, one logits row per decode; the harness's contexts keep every row (gen)
     streamed = prepare({"model.path": path, "budget.size": budget, "context.ctx": CTX, "context.ubatch": ubatch,
-                        "prefetch.threads": 2, "prefetch.window": 2, "gpu.layers": NGL}, gen)
+                        "context.outputs": 1, "prefetch.threads": 2, "prefetch.window": 2, "gpu.layers": NGL}, gen)
     assert streamed.spec.stream is not None and streamed.spec.placement is not None, streamed.spec
     assert streamed.spec.placement.local_layers == N_LAYER - NGL
     draft = speculative.DraftSetup(kind="prompt-lookup", ngram=2, max_tokens=4, adaptive=False)
