@@ -90,3 +90,36 @@ def test_bench_dense_refuses_a_bad_tp_in_one_line(tmp_path):
     from conftest import flashflex, one_error
 
     one_error(flashflex("bench", "dense", "--tp", "1,two", "--out-dir", str(tmp_path)), "--tp: 'two'", "auto")
+
+
+def test_the_moe_roofline_never_divides_by_less_than_the_runs_reached():
+    """A probe slower than the runs' own misses (issue 27: 0.87 GB/s against 1.55) would put time/roofline below
+    1: the roofline then divides by the fastest miss bandwidth of the sweep, and says so."""
+    slow, fast = _moe("slot-bank", 2.0, slots=16, miss_bytes=4e8, hit=0.4), _moe("slot-bank", 2.5, slots=32,
+                                                                                  miss_bytes=2e8, hit=0.6)
+    slow["miss_bandwidth_bytes_per_s"], fast["miss_bandwidth_bytes_per_s"] = 1.2e9, 2e9  # the probe said 1 GB/s
+    records = [_moe("stock-resident", 10.0, budget=None), _moe("stock-mmap", 0.5), slow, fast]
+    bench._add_moe_ratios(records)
+    for r in (slow, fast):
+        assert r["roofline_bandwidth_bytes_per_s"] == 2e9 and r["roofline_bandwidth_source"] == "fastest run"
+    # 0.1 s resident compute + 0.4 GB at 2 GB/s = 0.3 s per token; the run took 0.5 s
+    assert abs(slow["per_token_s_over_roofline"] - 0.5 / 0.3) < 1e-9
+    assert "the roofline divides by 2.00 GB/s" in bench.moe_markdown(records)
+    probe_wins = [_moe("stock-resident", 10.0, budget=None), _moe("slot-bank", 2.0, slots=16, miss_bytes=4e8)]
+    probe_wins[1]["miss_bandwidth_bytes_per_s"] = 0.5e9
+    bench._add_moe_ratios(probe_wins)
+    assert probe_wins[1]["roofline_bandwidth_source"] == "probe"
+    assert probe_wins[1]["roofline_bandwidth_bytes_per_s"] == 1e9
+
+
+def test_the_dense_roofline_never_divides_by_less_than_the_runs_reached():
+    g = 1 << 30
+    quick = _rec("flashflex", 2 * g, 2, 1.5, streamed=g, bw=g)  # read 1.5 GiB/s of weights: faster than the probe
+    quick["stream"] = {"effective_read_bandwidth": 1.5 * g}
+    other = _rec("flashflex", 3 * g, 2, 1.0, streamed=g, bw=g)
+    other["stream"] = {"effective_read_bandwidth": 1.0 * g}
+    bench._add_ratios([_rec("stock-mmap", 2 * g, None, 0.5), quick, other])
+    assert quick["roofline_bandwidth_source"] == "fastest run" and quick["roofline_bandwidth_bytes_per_s"] == 1.5 * g
+    assert abs(quick["per_token_s_over_roofline"] - 1.0) < 1e-9  # at the roofline, not below it
+    assert abs(other["per_token_s_over_roofline"] - 1.5) < 1e-9
+    assert "the roofline divides by 1.61 GB/s" in bench.markdown_table([quick, other], {1: 1e9})
