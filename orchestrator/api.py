@@ -41,6 +41,7 @@ OPTION_KEYS: dict[str, str] = {
     "budget": "budget.size",
     "prefetch_threads": "prefetch.threads",
     "prefetch_window": "prefetch.window",
+    "prefetch_mirror": "prefetch.mirror",
     "direct_io": "prefetch.direct_io",
     "threads": "context.threads",
     "ctx": "context.ctx",

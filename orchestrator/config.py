@@ -151,9 +151,15 @@ class PrefetchConfig(_Section):
     )
     window: Annotated[AutoOrInt, _auto_or_int(1, 64)] = Field(
         default="auto",
-        description="Read-ahead. auto = a ring sized in bytes: the largest streamed layer, the slack of its "
-        "largest tensor, and one 4 MiB read per prefetch thread, the rest of the budget holding weights. A number "
-        "N = N layers' worth of ring (the ring then costs N x the largest streamed layer).",
+        description="Read-ahead. auto = a ring sized in bytes: two largest streamed tensors (one computing, one "
+        "arriving) and one 4 MiB read per prefetch thread, the rest of the budget holding weights. A number N = N "
+        "layers' worth of ring (the ring then costs N x the largest streamed layer).",
+    )
+    mirror: bool = Field(
+        default=True,
+        description="Map the ring's memory twice back to back (Linux), so a tensor that reaches the ring's end "
+        "runs on into the second mapping: no tensor's worth of wrap slack, which stays resident weights. false = "
+        "a flat ring that wraps (what flashflex did before; for comparison).",
     )
     direct_io: Annotated[DirectIO, BeforeValidator(_on_off)] = Field(
         default="auto",

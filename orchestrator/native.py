@@ -198,6 +198,8 @@ def spec_document(spec, trace_file: str | None = None) -> dict[str, Any]:
         options.update(prefetch_threads=stream.prefetch_threads, window=stream.window)
         if stream.ring_bytes:
             options["ring_bytes"] = stream.ring_bytes
+        if not stream.mirror:
+            options["ring_mirror"] = 0
     if banks is not None:
         options.update(moe_slots=banks.slots, moe_io_threads=banks.io_threads, moe_shared_only=int(banks.shared_only))
         if banks.verify:

@@ -206,6 +206,9 @@ PRESETS: dict[str, dict] = {
     # wide layers (a 13B-class layer shape, fewer of them): the shape #15's benchmark found the ring wasting budget on
     "dense-wide-16l-q4_0": dict(name="dense-wide-16l", arch="llama", n_layer=16, n_embd=5120, n_head=40,
                                 n_head_kv=8, n_ff=13824, n_vocab=32000, quant="q4_0", rms_eps=1e-5),
+    # wider still (a 20B-class layer, 12 of them): the shape #27 measured 1.13x the streaming floor on
+    "dense-wide-12l-6144-q4_0": dict(name="dense-wide-12l-6144", arch="llama", n_layer=12, n_embd=6144, n_head=48,
+                                     n_head_kv=8, n_ff=16384, n_vocab=32000, quant="q4_0", rms_eps=1e-5),
     "moe-a3b-12l-q4_0": dict(name="qwen3-30b-a3b-shaped-12l", arch="qwen3moe", n_layer=12, n_embd=2048,
                              n_head=32, n_head_kv=4, head_dim=128, n_expert=128, n_expert_used=8,
                              expert_ffn=768, n_vocab=151936, n_ctx_train=40960, quant="q4_0",
@@ -234,12 +237,12 @@ def cached_preset(name: str, log=print) -> Path:
     return path
 
 
-def preset(name: str, **overrides: object) -> SynthSpec:
-    """A preset spec, optionally with fields overridden."""
-    if name not in PRESETS:
-        raise FlashflexError(f"unknown synthetic model preset {name!r}",
+def preset(preset_name: str, /, **overrides: object) -> SynthSpec:
+    """A preset spec, optionally with fields overridden (`name` among them: positional-only above)."""
+    if preset_name not in PRESETS:
+        raise FlashflexError(f"unknown synthetic model preset {preset_name!r}",
                              f"use one of: {', '.join(PRESETS)}")
-    return make_spec(PRESETS[name]).with_overrides(**overrides)
+    return make_spec(PRESETS[preset_name]).with_overrides(**overrides)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -313,22 +313,35 @@ def test_prefetch_buffers_are_window_times_largest_streamed_layer():
     assert sync.resident_bytes >= plan.resident_bytes
 
 
-def test_auto_ring_is_three_largest_tensors_and_one_read_per_thread():
+@pytest.mark.parametrize(("mirror", "n_largest"), [(True, 2), (False, 3)])
+def test_auto_ring_is_two_largest_tensors_and_one_read_per_thread(mirror, n_largest):
     """The default read-ahead is a ring sized in bytes, not in layers: compute holds one weight at a time, so the
-    ring holds the one computing, the one arriving and a wrap's slack; what it does not need holds weights."""
+    ring holds the one computing and the one arriving, plus a wrap's slack where it is flat (not mapped twice);
+    what it does not need holds weights."""
     t = dense_table(n_layer=16)
     budget = minimum(t, ctx=256, ubatch=16, prefetch=PrefetchConfig(window=3)) + (1 << 20)
-    auto = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2))
-    layers3 = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2, window=3))
+    auto = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2, mirror=mirror))
+    layers3 = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2, window=3, mirror=mirror))
     p = auto.prefetch
-    assert p.window == "auto" and p.buffers == 1
+    assert p.window == "auto" and p.buffers == 1 and p.mirrored is mirror
     largest = max(d.n_bytes for d in auto.tensors if d.placement == "streamed") + 2 * 4096
     streamed = sum(d.n_bytes + 2 * 4096 for d in auto.tensors if d.placement == "streamed")
-    assert p.ring_bytes == min(3 * largest + 2 * min(4 << 20, largest), streamed)
+    assert p.ring_bytes == min(n_largest * largest + 2 * min(4 << 20, largest), streamed)
     assert p.ring_bytes < p.buffer_bytes + 2 * largest  # less than the old floor: a layer and its slack
     assert auto.reservations.prefetch_buffer_bytes == p.ring_bytes + p.staging_bytes
     assert p.ring_bytes < layers3.prefetch.ring_bytes
     assert auto.resident_bytes > layers3.resident_bytes  # the bytes a deeper ring would cost hold weights
+
+
+def test_a_mirrored_ring_leaves_a_largest_tensor_to_the_weights():
+    t = dense_table(n_layer=16)
+    budget = minimum(t, ctx=256, ubatch=16, prefetch=PrefetchConfig(mirror=False)) + (8 << 20)
+    flat = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2, mirror=False))
+    mirrored = plan_table(t, budget, ctx=256, ubatch=16, prefetch=PrefetchConfig(threads=2))
+    largest = max(d.n_bytes for d in flat.tensors if d.placement == "streamed") + 2 * 4096
+    assert flat.prefetch.ring_bytes - mirrored.prefetch.ring_bytes == largest
+    assert mirrored.resident_bytes > flat.resident_bytes
+    assert mirrored.estimates.dense_streamed_bytes_per_token < flat.estimates.dense_streamed_bytes_per_token
 
 
 def test_window_never_exceeds_the_streaming_layers():
@@ -670,13 +683,16 @@ def test_staging_is_one_read_job_of_rows_and_a_layer_held_whole_keeps_the_layer_
 
     t = dense_table(n_layer=4)
     layers = mk._layers(t, 0)
-    _, buf, ring = mk._buffers(layers, 0, None, threads=0)
+    _, buf, ring = mk._buffers(layers, 0, None, threads=0, mirrored=False)
     largest = mk._largest_streamed_tensor(layers, 0)
     assert ring == min(3 * largest, sum(mk._streamed_layer_buffer(x, 0) for x in layers)) and ring < buf + 2 * largest
     held = [dataclasses.replace(x, streamable=[*x.streamable, dataclasses.replace(cube, layer=x.index)])
             for x in layers]
-    _, buf_h, ring_h = mk._buffers(held, 0, None, threads=0)
+    _, buf_h, ring_h = mk._buffers(held, 0, None, threads=0, mirrored=False)
     assert ring_h >= buf_h + 2 * mk._largest_streamed_tensor(held, 0)
+    # mapped twice, the ring needs no wrap slack: two largest, and a held layer plus the one arriving
+    assert mk._buffers(layers, 0, None, threads=0)[2] == min(2 * largest, ring)
+    assert mk._buffers(held, 0, None, threads=0)[2] >= buf_h + mk._largest_streamed_tensor(held, 0)
 
 
 def test_a_split_reserves_the_load_staging_of_the_largest_tensor_sent():

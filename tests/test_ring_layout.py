@@ -41,10 +41,11 @@ def driver(tmp_path_factory) -> Path:
 
 
 class Layout:
-    """A scenario for the driver: rings, homes (ring, len, layer index, by_use) and layers."""
+    """A scenario for the driver: rings (mirrored or flat), homes (ring, len, layer index, by_use) and layers."""
 
-    def __init__(self, rings: list[int]):
+    def __init__(self, rings: list[int], mirrored: list[bool] | None = None):
         self.rings = rings
+        self.mirrored = mirrored or []
         self.homes: list[tuple[int, int, int, bool]] = []
         self.layers: list[tuple[int, int, int]] = []
 
@@ -58,6 +59,8 @@ class Layout:
 
     def lines(self) -> list[str]:
         out = ["rings " + " ".join(map(str, self.rings))]
+        if self.mirrored:
+            out.append("mirror " + " ".join(str(int(m)) for m in self.mirrored))
         out += [f"home {r} {n} {li} {int(u)}" for r, n, li, u in self.homes]
         out += [f"layer {layer} {first} {count}" for layer, first, count in self.layers]
         return out
@@ -73,8 +76,14 @@ def run(driver: Path, layout: Layout, *commands: str) -> list[dict]:
     return answers[len(lines):]
 
 
-def shares_bytes(a: dict, b: dict) -> bool:
-    return a["ring"] == b["ring"] and a["off"] < b["off"] + b["len"] and b["off"] < a["off"] + a["len"]
+def shares_bytes(a: dict, b: dict, size: int | None = None) -> bool:
+    """Whether two homes share bytes; `size`: their ring is mirrored, of that size (bytes counted modulo it)."""
+    if a["ring"] != b["ring"]:
+        return False
+    if size is None:
+        return a["off"] < b["off"] + b["len"] and b["off"] < a["off"] + a["len"]
+    cells = lambda h: {(h["off"] + i) % size for i in range(h["len"])}  # noqa: E731
+    return bool(cells(a) & cells(b))
 
 
 def check_placement(homes: list[dict], rings: list[int]) -> None:
@@ -204,6 +213,62 @@ def test_tensors_held_by_their_use_may_share_bytes_with_those_used_before_them(d
     layout = Layout([40]).layer((0, 40), (0, 40, True))
     _, answer = run(driver, layout, "place", "conflict")
     assert answer["conflict"] == [0, 1]
+
+
+def test_a_mirrored_ring_runs_homes_on_across_its_end_and_wastes_nothing(driver):
+    # the flat ring of test_homes_follow...: the 4th home wraps to 0 and the 10 bytes at the end are lost
+    layout = Layout([100], [True]).layer((0, 30), (0, 30)).layer((0, 30), (0, 30), (0, 30))
+    (placed,) = run(driver, layout, "place")
+    homes = placed["homes"]
+    assert [h["off"] for h in homes] == [0, 30, 60, 90, 20]  # the 4th covers [90, 100) and [0, 20)
+    assert homes[3]["overlaps"] == [0] and homes[4]["overlaps"] == [0, 1]
+    assert homes[2]["overlaps"] == []  # [60, 90) is free until the next cycle
+
+
+def test_two_largest_homes_in_a_mirrored_ring_keep_each_home_apart_from_the_one_before(driver):
+    # what the planner sizes an auto ring for: compute holds one weight while the next arrives. In a flat ring of
+    # two largest homes a wrapped home lands on the one computing (it waits); mirrored, never.
+    big, small = 56, 21
+    homes = [(0, small), (0, 4), (0, 4), (0, small), (0, big), (0, big), (0, big)] * 3
+    for mirrored, ok in ((True, True), (False, False)):
+        layout = Layout([2 * big], [mirrored])
+        for i in range(0, len(homes), 7):
+            layout.layer(*homes[i:i + 7])
+        (placed,) = run(driver, layout, "place")
+        apart = all(k - 1 not in h["overlaps"] for k, h in enumerate(placed["homes"]) if k)
+        assert apart is ok
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_mirrored_layouts_are_consecutive_modulo_the_ring(driver, seed):
+    rnd = random.Random(1000 + seed)
+    layout = Layout([0], [True])
+    for _ in range(rnd.randint(1, 5)):
+        layout.layer(*[(0, rnd.randint(1, 300)) for _ in range(rnd.randint(1, 5))])
+    largest = max(n for _, n, _, _ in layout.homes)
+    size = layout.rings[0] = largest + rnd.randint(0, 2 * largest)
+    (placed,) = run(driver, layout, "place")
+    homes, pos, total = placed["homes"], 0, 0
+    for h in homes:
+        assert h["off"] == pos % size and h["off"] < size
+        pos += h["len"]
+    for k, a in enumerate(homes):
+        assert sorted(a["overlaps"]) == [j for j, b in enumerate(homes) if j != k and shares_bytes(a, b, size)]
+    # any run of consecutive homes that fits the ring shares no byte (no slack needed)
+    for i in range(len(homes)):
+        total = 0
+        for j in range(i, len(homes)):
+            total += homes[j]["len"]
+            if total > size:
+                break
+            assert all(j not in homes[m]["overlaps"] for m in range(i, j))
+
+
+def test_a_mirrored_window_ring_needs_no_wrap_slack(driver):
+    layout = Layout([]).layer((0, 5000), (0, 7000)).layer((0, 6000), (0, 6000)).layer((0, 1000))
+    (flat,) = run(driver, layout, "sizes 1 0 1 1")
+    (mirrored,) = run(driver, layout, "sizes 1 0 1 1 1")
+    assert flat["size"] == [12000 + 7000] and mirrored["size"] == [12000]
 
 
 def test_ring_sizes_hold_the_largest_home_and_never_more_than_the_ring_streams(driver):

@@ -187,15 +187,17 @@ def test_a_second_context_on_a_streamed_model_is_refused(streaming, dense_models
         stock.close()
 
 
+@pytest.mark.parametrize("mirror", [True, False])
 @pytest.mark.parametrize("quant", ["q4_0", "q8_0"])
-def test_byte_ring_is_exact(streaming, dense_models, quant):
+def test_byte_ring_is_exact(streaming, dense_models, quant, mirror):
     """The default read-ahead is a ring sized in bytes: tensors at fixed homes laid out in compute order, a read
     issued as soon as the bytes of its home are released. At the minimum budget the ring is far smaller than what
     streams, so tensors of different layers share bytes and a layer's reads wait on the release of the layers
-    before it; the logits stay bitwise identical and the runtime allocates the ring the plan paid for."""
+    before it; mirrored (the default on Linux), homes run on across the ring's end into its second mapping, flat
+    they wrap. The logits stay bitwise identical and the runtime allocates the ring the plan paid for."""
     path = dense_models[quant]
     table = read_model_table(path)
-    prefetch = PrefetchConfig(threads=2)  # window auto
+    prefetch = PrefetchConfig(threads=2, mirror=mirror)  # window auto
     minimum = plan_table(table, 1 << 40, ctx=CTX, ubatch=32, prefetch=prefetch).minimum_budget_bytes
     plan = plan_table(table, minimum, ctx=CTX, ubatch=32, prefetch=prefetch)
     assert plan.prefetch.window == "auto"
@@ -205,8 +207,9 @@ def test_byte_ring_is_exact(streaming, dense_models, quant):
     assert result.identical, result
     gen = execution.run(prepared_of(GenerationSettings(model=path, prompt="hello world", n_predict=4, ctx=CTX,
                                                     ubatch=32, threads=2), plan))
-    ring = gen.stats["decode"]["ring_bytes"] if "ring_bytes" in gen.stats["decode"] else gen.stats["ring_bytes"]
-    assert plan.prefetch.ring_bytes <= ring <= plan.prefetch.ring_bytes + 2 * 4096
+    stats = gen.stats["decode"]
+    assert plan.prefetch.ring_bytes <= stats["ring_bytes"] <= plan.prefetch.ring_bytes + 2 * 4096
+    assert (stats["mirrored_rings"] == stats["rings"]) if mirror else stats["mirrored_rings"] == 0
 
 
 @pytest.mark.parametrize("threads", [1, 2])

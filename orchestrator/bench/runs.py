@@ -63,6 +63,7 @@ class RunSpec:
     prompt_tokens: int = 16
     gen_tokens: int = 16
     window: int | str = "auto"  # prefetch read-ahead: auto (a ring sized in bytes) or layers
+    mirror: bool = True  # the ring mapped twice back to back (prefetch.mirror); False: the flat ring, to compare
     seed: int = 0
     timeout_s: float = 1800
     sidecar: Path | None = None  # MoE runs: the expert sidecar

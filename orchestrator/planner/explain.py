@@ -117,8 +117,9 @@ def explain(plan: Plan) -> list[str]:
             lines.append(f"{_layers_label(idx)}: keep {', '.join(kept) or 'nothing'}; stream "
                          f"{', '.join(streamed) or 'nothing'} ({_REGIME_WHY[regime]})")
         p = plan.prefetch
-        ring = (f"a ring of {format_size(p.ring_bytes)} sized in bytes (the largest streamed layer "
-                f"{format_size(p.buffer_bytes)}, the slack of its largest tensor, one read per thread)"
+        ring = (f"a {'mirrored' if p.mirrored else 'flat'} ring of {format_size(p.ring_bytes)} sized in bytes "
+                f"(two largest streamed tensors{'' if p.mirrored else ' and the slack of a wrap'}, one read per "
+                "thread)"
                 if p.window == "auto" else
                 f"a ring of {format_size(p.ring_bytes)} ({p.buffers} x the largest streamed layer "
                 f"{format_size(p.buffer_bytes)})")

@@ -210,17 +210,19 @@ def _held_with_layer(t: TensorInfo) -> bool:
 
 
 def _buffers(layers: list[_Layer], quota: int | None, window: int | None,
-             threads: int = 1) -> tuple[int, int, int]:
+             threads: int = 1, mirrored: bool = True) -> tuple[int, int, int]:
     """(buffers, bytes per buffer, ring bytes) for a quota (None = nothing streams).
 
     The runtime's ring is bytes, tensors laid out in the order compute uses them, and compute holds one matmul
     weight at a time (a use node waits for it and the next one releases it): the ring must hold the largest
-    tensor plus the slack a wrap may waste (a largest tensor per buffer type: two, for the plain and the repacked
-    layout), and a whole layer plus that where the layer streams tensors held for the whole layer
-    (_held_with_layer). An explicit `window` keeps its meaning, window x the largest layer (at least that
-    minimum). With `window` None (auto) the ring is three largest tensors (one computing, one arriving, one of
-    wrap slack) plus one read job (4 MiB, or a smaller tensor) per prefetch thread, so the disk stays busy while
-    compute holds a weight; whatever a deeper ring would cost stays resident weights."""
+    tensor per buffer type (two, for the plain and the repacked layout), and a whole layer plus the largest tensor
+    where the layer streams tensors held for the whole layer (_held_with_layer). A `mirrored` ring (the runtime
+    maps it twice back to back, where the platform can) wastes nothing where a home reaches its end; a flat one
+    wraps the home to its start and needs the slack that wastes, a largest tensor more. An explicit `window`
+    keeps its meaning, window x the largest layer (at least that minimum). With `window` None (auto) the ring is
+    two largest tensors (one computing, one arriving) and the slack, plus one read job (4 MiB, or a smaller
+    tensor) per prefetch thread, so the disk stays busy while compute holds a weight; whatever a deeper ring
+    would cost stays resident weights."""
     per_layer = [_streamed_layer_buffer(layer, quota) for layer in layers]
     streaming = sum(1 for b in per_layer if b > 0)
     if streaming == 0 or quota is None:
@@ -229,13 +231,14 @@ def _buffers(layers: list[_Layer], quota: int | None, window: int | None,
     largest = _largest_streamed_tensor(layers, quota)
     held = max((b for layer, b in zip(layers, per_layer) if b and any(map(_held_with_layer, layer.streamable))),
                default=0)
-    minimum = max(held, largest) + 2 * largest if held else 2 * largest
+    slack = 0 if mirrored else largest
+    minimum = max(held, largest) + largest + slack if held else 2 * largest
     if window is not None:
         n_buf = min(window, streaming)
         ring = max(n_buf * buf, minimum)
     else:
         n_buf = 1
-        ring = max(minimum, 3 * largest) + max(threads, 0) * min(READ_CHUNK_BYTES, largest)
+        ring = max(minimum, 2 * largest + slack) + max(threads, 0) * min(READ_CHUNK_BYTES, largest)
     return n_buf, buf, min(ring, sum(per_layer))
 
 
@@ -265,7 +268,7 @@ def _prefetch_cost(ring: int, staging: int) -> int:
 
 
 def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int | None,
-                staging: int = 0, threads: int = 1) -> tuple[int, int, int, int]:
+                staging: int = 0, threads: int = 1, mirrored: bool = True) -> tuple[int, int, int, int]:
     """Water-fill the layers' quota while paying for the prefetch buffers it leaves necessary.
 
     Starts from the buffers of streaming everything and iterates: a higher quota streams less, so needs
@@ -273,12 +276,12 @@ def _dense_fill(layers: list[_Layer], avail_before_buffers: int, window: int | N
     the budget, so the result is too. Returns (quota, buffers, buffer_bytes, ring_bytes).
     """
     candidates = sorted({bp for layer in layers for bp in layer.steps.breakpoints})
-    n_buf, buf, ring = _buffers(layers, 0, window, threads)
+    n_buf, buf, ring = _buffers(layers, 0, window, threads, mirrored)
     reserved = _prefetch_cost(ring, staging)
     quota = 0
     for _ in range(64):
         quota = _level(layers, avail_before_buffers - reserved, candidates)
-        n_buf, buf, ring = _buffers(layers, quota, window, threads)
+        n_buf, buf, ring = _buffers(layers, quota, window, threads, mirrored)
         if _prefetch_cost(ring, staging) >= reserved:
             break
         reserved = _prefetch_cost(ring, staging)
@@ -676,7 +679,7 @@ def _minimum_budget(model: _ModelFacts, req: PlanRequest, over: _Overheads, expe
     of stock and slot-bank at top-k), plus the `extras` reserved beside the model (drafting, this process).
     `budget` is what the extras leave for the model. A budget below the minimum is refused, naming each part."""
     fixed = experts.fixed_weights(over)
-    n_buf0, buf0, ring0 = _buffers(model.layers, 0, req.effective_window, req.prefetch_threads)
+    n_buf0, buf0, ring0 = _buffers(model.layers, 0, req.effective_window, req.prefetch_threads, req.mirrored_ring)
     stream_all = _prefetch_cost(ring0, staging)
     minimum = fixed + experts.min_bank_bytes + min(over.streamable, stream_all)
     if model.is_moe and req.mode == modes.AUTO and not experts.banked:  # auto falls back to slot-bank below stock
@@ -754,7 +757,8 @@ def _split_dense(model: _ModelFacts, req: PlanRequest, over: _Overheads, experts
     avail = budget - experts.fixed_weights(over) - experts.min_bank_bytes
     if over.streamable <= avail:
         return _Dense(avail=avail, quota=None, buffers=0, buffer_bytes=0, ring_bytes=0, staging=staging)
-    quota, n_buf, buf, ring = _dense_fill(model.layers, avail, req.effective_window, staging, req.prefetch_threads)
+    quota, n_buf, buf, ring = _dense_fill(model.layers, avail, req.effective_window, staging, req.prefetch_threads,
+                                          req.mirrored_ring)
     kept = sum(layer.steps.resident[layer.steps.at(quota)] for layer in model.layers)
     raised = _spend_leftover(model.layers, quota, avail - kept - _prefetch_cost(ring, staging))
     return _Dense(avail=avail, quota=quota, buffers=n_buf, buffer_bytes=buf, ring_bytes=ring, staging=staging,
@@ -968,7 +972,8 @@ def _assemble(table: ModelTable, budget: int, *, req: PlanRequest, model: _Model
         prefetch=PrefetchPlan(threads=req.prefetch_threads, threads_reason=req.threads_reason,
                               window=req.window if req.window is not None else "auto",
                               buffers=d.dense.buffers, buffer_bytes=d.dense.buffer_bytes,
-                              ring_bytes=d.dense.ring_bytes, staging_bytes=d.dense.staging if d.dense.buffers else 0,
+                              ring_bytes=d.dense.ring_bytes, mirrored=req.mirrored_ring,
+                              staging_bytes=d.dense.staging if d.dense.buffers else 0,
                               direct_io_requested=req.direct_io, direct_io=d.direct_io,
                               unaligned_tensors=d.placed.unaligned),
         moe=None if not model.is_moe else MoEPlan(

@@ -3,6 +3,7 @@ the facts gathered about the model and this machine). Both are plain values: mak
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,10 @@ if TYPE_CHECKING:
     from orchestrator.config import RunConfig
 
 # MoE options that only mean something when experts live in banks: RunConfig key → the flag a refusal names.
+# The runtime maps a streaming ring twice back to back with Linux's memfd (llama-flashflex-io.cpp map_mirrored);
+# elsewhere it is flat and the plan pays its wrap slack.
+MIRRORED_RING_SUPPORTED = sys.platform.startswith("linux")
+
 BANK_OPTIONS = {"sidecar": "--moe-sidecar", "slot_bank": "--moe-slot-bank", "io_threads": "--moe-io-threads",
                 "trace": "--moe-trace", "prefetch": "--moe-prefetch", "prefetch_ranks": "moe.prefetch_ranks"}
 
@@ -43,6 +48,7 @@ class PlanRequest:
     threads: int | None = 1  # prefetch I/O threads; 0 = synchronous reads; None = auto
     threads_reason: str = "asked"  # why this many threads
     window: int | None = None  # requested look-ahead in layers; None = auto (a ring sized in bytes)
+    mirrored_ring: bool = True  # the runtime maps the ring twice back to back (no wrap slack): prefetch.mirror here
     direct_io: str = "auto"  # auto | on | off | strict, as asked
     bandwidth: int = DEFAULT_READ_BANDWIDTH  # bytes/s, for the estimate only
     mode: str = modes.AUTO  # the requested MoE mode (auto is resolved by the planner)
@@ -90,6 +96,7 @@ class PlanRequest:
                    outputs=cfg.context.outputs_per_ubatch,
                    threads=None if p.threads == "auto" else int(p.threads),
                    window=None if p.window in (None, "auto") else int(p.window), direct_io=str(p.direct_io),
+                   mirrored_ring=p.mirror and MIRRORED_RING_SUPPORTED,
                    bandwidth=read_bandwidth if read_bandwidth is not None else p.read_bandwidth_bytes(),
                    mode=str(m.mode), slot_bank=m.slot_bank, topk=m.topk, moe_prefetch=str(m.prefetch),
                    prefetch_ranks=m.prefetch_ranks, io_threads=m.io_threads, verify=m.verify,

@@ -75,8 +75,11 @@ class PrefetchPlan(_Model):
                          "streams.")
     buffer_bytes: int = Field(description="The largest streamed layer plus page padding (an upper bound on the "
                               "aligned spans of its tensors).")
-    ring_bytes: int = Field(default=0, description="The ring the runtime allocates: the largest streamed layer, "
-                            "the slack a wrap may waste, and read-ahead (see planner/make.py _buffers).")
+    ring_bytes: int = Field(default=0, description="The ring the runtime allocates: two largest streamed tensors "
+                            "(one computing, one arriving), a third where the ring is flat (the slack a wrap may "
+                            "waste), and a read per prefetch thread (see planner/make.py _buffers).")
+    mirrored: bool = Field(default=True, description="The runtime maps the ring twice back to back, so a tensor "
+                           "runs on across its end and no slack is needed (prefetch.mirror, on Linux).")
     direct_io_requested: str = Field(description="auto | on | off | strict, as asked.")
     direct_io: bool = Field(description="Whether streamed reads use O_DIRECT.")
     staging_bytes: int = Field(default=0, description="Staging for tensors repacked on arrival: one largest "

@@ -50,12 +50,13 @@ class StreamedTensor(_Spec):
 
 class StreamSpec(_Spec):
     """Dense streaming: `tensors` read ahead by `prefetch_threads` into a ring of `ring_bytes` (fixed homes in the
-    order compute uses them); `window` is the plan's layer count."""
+    order compute uses them), mapped twice back to back when `mirror`; `window` is the plan's layer count."""
 
     tensors: list[StreamedTensor]
     prefetch_threads: int
     window: int
     ring_bytes: int
+    mirror: bool = True
 
 
 class BankedTensor(_Spec):
@@ -142,7 +143,8 @@ class RuntimeSpec(_Spec):
         if streamed and not plan.fits_entirely:
             spec.files = list(plan.files)
             spec.stream = StreamSpec(tensors=streamed, prefetch_threads=plan.prefetch.threads,
-                                     window=plan.prefetch.buffers, ring_bytes=plan.prefetch.ring_bytes)
+                                     window=plan.prefetch.buffers, ring_bytes=plan.prefetch.ring_bytes,
+                                     mirror=plan.prefetch.mirrored)
             requested = plan.prefetch.direct_io_requested
             spec.direct_io = "strict" if requested == "strict" else "on" if plan.prefetch.direct_io else "off"
         if plan.moe is not None:

@@ -3,12 +3,13 @@
 //
 // Reads a scenario from stdin, one command per line, and answers each with one JSON line on stdout:
 //   rings S0 S1 ...             ring sizes in bytes                          -> {"ok": true}
+//   mirror M0 M1 ...            which rings are mirrored (0 or 1 each)       -> {"ok": true}
 //   home RING LEN LI BY_USE     append a home (BY_USE 0 or 1)                -> {"ok": true}
 //   layer LAYER FIRST COUNT     append a streamed layer                      -> {"ok": true}
 //   place                       ring_layout::place                           -> {"homes": [...]}
 //   learn K0 K1 ...             learn_order on a use sequence, then reorder  -> {"changed", "order", "n_uses", "homes"}
 //   conflict                    ring_layout::conflict                        -> {"conflict": [k, j] | null}
-//   sizes N_RINGS ASKED WINDOW PAGE  ring_sizes                             -> {"size": [...], "need": n}
+//   sizes N_RINGS ASKED WINDOW PAGE [MIRRORED]  ring_sizes                  -> {"size": [...], "need": n}
 
 #include "llama-flashflex-ring.h"
 
@@ -58,6 +59,12 @@ int main() {
                 layout.ring_size.push_back(s);
             }
             std::cout << "{\"ok\": true}\n";
+        } else if (cmd == "mirror") {
+            int m;
+            while (in >> m) {
+                layout.mirrored.push_back(m != 0);
+            }
+            std::cout << "{\"ok\": true}\n";
         } else if (cmd == "home") {
             ring_home h;
             int       by_use = 0;
@@ -101,9 +108,10 @@ int main() {
             }
         } else if (cmd == "sizes") {
             size_t n_rings = 0, asked = 0, page = 1;
-            int    window = 0;
+            int    window = 0, mirrored = 0;
             in >> n_rings >> asked >> window >> page;
-            const ring_sizing sz = ring_sizes(layout, n_rings, asked, window, page);
+            in >> mirrored;  // optional: stays 0 when absent
+            const ring_sizing sz = ring_sizes(layout, n_rings, asked, window, page, mirrored != 0);
             std::cout << "{\"size\": [";
             for (size_t r = 0; r < sz.size.size(); ++r) {
                 std::cout << (r ? ", " : "") << sz.size[r];

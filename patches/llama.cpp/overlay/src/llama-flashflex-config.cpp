@@ -100,6 +100,7 @@ void set_option(config & c, const std::string & k, int64_t value) {
         { "window",             1, 4096,              &config::window             },
         { "ring_bytes",         0, (int64_t) 1 << 50, nullptr                     },
         { "direct_io",          0, 2,                 &config::direct_io          },
+        { "ring_mirror",        0, 1,                 &config::ring_mirror        },
         { "moe_slots",          0, 65536,             &config::moe_slots          },
         { "moe_io_threads",     1, 256,               &config::moe_io_threads     },
         { "moe_shared_only",    0, 1,                 &config::moe_shared_only    },

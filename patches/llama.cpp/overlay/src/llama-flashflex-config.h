@@ -37,9 +37,10 @@ struct config {
     std::vector<bank_tensor_cfg>   banks;            // MoE slot banks
     int                            prefetch_threads = 1;
     int                            window           = 3;
-    int64_t                        ring_bytes = 0;  // dense streaming ring size in bytes (0: `window` layers' worth)
-    int                            direct_io  = 1;  // 0 buffered, 1 direct when possible, 2 direct or fail
-    int                            moe_slots  = 0;  // slots per layer; 0 = every expert resident (resident-bank)
+    int64_t                        ring_bytes  = 0;  // dense streaming ring size in bytes (0: `window` layers' worth)
+    int                            direct_io   = 1;  // 0 buffered, 1 direct when possible, 2 direct or fail
+    int                            ring_mirror = 1;  // 1: map each ring twice back to back (no wrap slack); 0 flat
+    int                            moe_slots   = 0;  // slots per layer; 0 = every expert resident (resident-bank)
     int                            moe_io_threads = 4;  // parallel readers for bank misses
     int                  moe_shared_only = 0;          // diagnostic: routed experts contribute nothing, nothing is read
     int                  moe_preload     = 0;          // oracle-all-hit: install every expert of moe_schedule at load

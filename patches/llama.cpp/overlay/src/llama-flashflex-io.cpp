@@ -5,6 +5,7 @@
 #include "llama-impl.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -14,6 +15,37 @@
 #include <stdexcept>
 
 namespace flashflex {
+
+bool map_mirrored(void * at, size_t size) {
+#if defined(__linux__) && defined(MFD_CLOEXEC)
+    const int fd = memfd_create("flashflex-ring", MFD_CLOEXEC);
+    if (fd < 0) {
+        return false;
+    }
+    bool ok = ftruncate(fd, (off_t) size) == 0;
+    for (int half = 0; half < 2 && ok; ++half) {
+        void * want = (uint8_t *) at + half * size;
+        ok          = mmap(want, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == want;
+    }
+    close(fd);  // the mappings keep the memory
+    if (!ok) {
+        unmap_mirrored(at, size);
+    }
+    return ok;
+#else
+    (void) at;
+    (void) size;
+    return false;
+#endif
+}
+
+void unmap_mirrored(void * at, size_t size) {
+    if (mmap(at, 2 * size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != at) {
+        // the range would alias itself if freed and reused: no safe way on
+        LLAMA_LOG_ERROR("flashflex: cannot unmap the mirrored streaming ring: %s\n", strerror(errno));
+        abort();
+    }
+}
 
 std::vector<open_file> open_files(const std::vector<std::string> & paths, int direct_io, bool & direct) {
     direct = direct_io > 0;

@@ -67,6 +67,15 @@ struct open_file {
 std::vector<open_file> open_files(const std::vector<std::string> & paths, int direct_io, bool & direct);
 void                   close_files(std::vector<open_file> & files);
 
+// Maps one `size` bytes of shared memory twice, at [at, at + size) and [at + size, at + 2 size), over what is
+// mapped there now (`at` page-aligned, `size` a multiple of the page): a ring whose homes run on past its end
+// into the second mapping. Returns false (nothing changed) where the platform cannot (Linux's memfd only).
+bool map_mirrored(void * at, size_t size);
+
+// Puts fresh private anonymous memory back over [at, at + 2 size) after map_mirrored, so whoever owns the range
+// (a ggml buffer's allocation) frees ordinary memory.
+void unmap_mirrored(void * at, size_t size);
+
 // pread until [dst, dst + len) is filled or the file ends; returns bytes read, or -1 with errno set.
 long long pread_full(int fd, void * dst, size_t len, uint64_t offset);
 

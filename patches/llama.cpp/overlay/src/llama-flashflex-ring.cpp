@@ -10,23 +10,43 @@ using namespace flashflex;
 void ring_layout::place() {
     std::vector<size_t> pos(ring_size.size(), 0);
     for (auto & h : homes) {
-        if (pos[h.ring] + h.len > ring_size[h.ring]) {
-            pos[h.ring] = 0;
+        const size_t size = ring_size[h.ring];
+        if (is_mirrored(h.ring)) {
+            h.off       = pos[h.ring];
+            pos[h.ring] = size ? (h.off + h.len) % size : 0;
+        } else {
+            if (pos[h.ring] + h.len > size) {
+                pos[h.ring] = 0;
+            }
+            h.off = pos[h.ring];
+            pos[h.ring] += h.len;
         }
-        h.off = pos[h.ring];
-        pos[h.ring] += h.len;
         h.overlaps.clear();
     }
     for (size_t a = 0; a < homes.size(); ++a) {
         for (size_t b = a + 1; b < homes.size(); ++b) {
-            const ring_home & x = homes[a];
-            const ring_home & y = homes[b];
-            if (x.ring == y.ring && x.off < y.off + y.len && y.off < x.off + x.len) {
+            if (share_bytes(homes[a], homes[b])) {
                 homes[a].overlaps.push_back((int) b);
                 homes[b].overlaps.push_back((int) a);
             }
         }
     }
+}
+
+bool ring_layout::share_bytes(const ring_home & x, const ring_home & y) const {
+    auto meet = [](size_t a, size_t la, size_t b, size_t lb) {
+        return a < b + lb && b < a + la;
+    };
+    if (x.ring != y.ring) {
+        return false;
+    }
+    if (!is_mirrored(x.ring)) {
+        return meet(x.off, x.len, y.off, y.len);
+    }
+    // both offsets are in [0, size) and no home is longer than its ring: one copy of each period suffices
+    const size_t size = ring_size[x.ring];
+    return meet(x.off, x.len, y.off, y.len) || meet(x.off + size, x.len, y.off, y.len) ||
+           meet(x.off, x.len, y.off + size, y.len);
 }
 
 bool ring_layout::learn_order(const std::vector<int> & seq, std::vector<int> & order, std::vector<int> & n_uses) const {
@@ -85,7 +105,12 @@ bool ring_layout::conflict(int & k, int & j) const {
     return false;
 }
 
-ring_sizing flashflex::ring_sizes(const ring_layout & layout, size_t n_rings, size_t asked, int window, size_t page) {
+ring_sizing flashflex::ring_sizes(const ring_layout & layout,
+                                  size_t              n_rings,
+                                  size_t              asked,
+                                  int                 window,
+                                  size_t              page,
+                                  bool                mirrored) {
     std::vector<size_t> total(n_rings, 0), largest(n_rings, 0), layer_max(n_rings, 0);
     for (const auto & L : layout.layers) {
         std::vector<size_t> in_layer(n_rings, 0);
@@ -111,7 +136,7 @@ ring_sizing flashflex::ring_sizes(const ring_layout & layout, size_t n_rings, si
             const size_t extra = asked > out.need ? asked - out.need : 0;
             size               = largest[r] + (size_t) ((double) extra * total[r] / std::max<size_t>(total_all, 1));
         } else {
-            size = (size_t) std::max(1, window) * layer_max[r] + largest[r];
+            size = (size_t) std::max(1, window) * layer_max[r] + (mirrored ? 0 : largest[r]);
         }
         size = std::min(size, total[r]);  // a ring that holds everything never wraps
         out.size.push_back((size + page - 1) / page * page);

@@ -2,8 +2,10 @@
 // its buffer type. Pure bookkeeping (no ggml, no threads, no I/O), so it is unit-tested on its own
 // (tests/test_ring_layout.py); llama-flashflex-stream.cpp puts the tensors' data pointers at these homes.
 //
-// Homes follow one another in the order compute uses the tensors (layer by layer) and wrap to their ring's start
-// when a home would run past the end, so a home shares bytes only with homes far enough away in the cycle.
+// Homes follow one another in the order compute uses the tensors (layer by layer), so a home shares bytes only
+// with homes far enough away in the cycle. A flat ring wraps a home to its start when it would run past the end
+// (the tail it skips is wasted: the ring needs a largest home of slack); a mirrored ring is mapped twice back to
+// back in virtual memory, so a home just runs on past the end into the second mapping (no slack).
 
 #pragma once
 
@@ -37,11 +39,18 @@ struct ring_sizing {
 
 struct ring_layout {
     std::vector<size_t>     ring_size;  // bytes of each ring
+    std::vector<bool>       mirrored;   // per ring (missing: flat): mapped twice back to back, so homes never wrap
     std::vector<ring_home>  homes;      // in the order compute uses them, layer by layer
     std::vector<ring_layer> layers;     // streamed layers in order
 
-    // Homes in the current order, consecutive, wrapping to the ring's start; and which homes share bytes.
+    // Homes in the current order, consecutive, wrapping to the ring's start (flat) or running on across its end
+    // (mirrored: a home's bytes are then [off, ring) and [0, off + len - ring)); and which homes share bytes.
     void place();
+
+    bool is_mirrored(int ring) const { return (size_t) ring < mirrored.size() && mirrored[ring]; }
+
+    // Whether two homes share bytes (on a mirrored ring, modulo its size).
+    bool share_bytes(const ring_home & x, const ring_home & y) const;
 
     // The order in which a graph uses the streamed tensors, from `seq`: the tensor of each of its use nodes, in
     // node order. In each layer, the tensors without exactly one use come first (held with their layer), then the
@@ -61,8 +70,13 @@ struct ring_layout {
 
 // Ring sizes for `n_rings` rings: each holds at least its largest home (a use node holds one tensor at a time);
 // what `asked` bytes give beyond that is read-ahead, shared by the rings in proportion to the bytes they stream.
-// With asked == 0, `window` layers' worth plus the largest home (the wrap). A ring never exceeds what it streams
-// (then it never wraps). Sizes are rounded up to `page`.
-ring_sizing ring_sizes(const ring_layout & layout, size_t n_rings, size_t asked, int window, size_t page);
+// With asked == 0, `window` layers' worth, plus the largest home (the wrap) unless `mirrored`. A ring never
+// exceeds what it streams (then it never wraps). Sizes are rounded up to `page`.
+ring_sizing ring_sizes(const ring_layout & layout,
+                       size_t              n_rings,
+                       size_t              asked,
+                       int                 window,
+                       size_t              page,
+                       bool                mirrored = false);
 
 }  // namespace flashflex

@@ -4,19 +4,21 @@
 // Design (see include/llama-flashflex.h for the public API):
 // - Placement: streamed tensors are laid out in the order compute uses them (layer by layer, and inside a layer in
 //   the order the graph's matmuls use them), in a ring of `ring_bytes` per buffer type: each tensor's home follows
-//   the previous one's and wraps to the ring's start when it would run past the end. So tensor->data does not
-//   change from one graph to the next, and a tensor shares ring bytes only with tensors far enough away in the
-//   cycle. The order inside a layer is read from the first graph built (before anything computes); a graph that
-//   uses the weights in another order moves the homes once more, between two computes. Tensors the loader put in the plain
-//   CPU buffer type are read straight into their home (O_DIRECT: the read covers the 4096-aligned superset of
-//   the tensor, and tensor->data points at the tensor inside it). Tensors the loader put in another CPU buffer
-//   type (the repacked layout) get their home in a ring of that type and are read into a staging buffer, then
-//   written with ggml_backend_tensor_set, which repacks them exactly as the stock load does — so the same
-//   kernels run and the logits stay bitwise identical.
+//   the previous one's. The ring's memory is mapped twice back to back (mirrored), so a home that reaches the end
+//   runs on into the second mapping and no byte is wasted at the end; where that mapping is not available (another
+//   OS, or memory a GPU driver owns) the ring is flat and a home wraps to its start, wasting the tail it skips.
+//   So tensor->data does not change from one graph to the next, and a tensor shares ring bytes only with tensors
+//   far enough away in the cycle. The order inside a layer is read from the first graph built (before anything
+//   computes); a graph that uses the weights in another order moves the homes once more, between two computes.
+//   Tensors the loader put in the plain CPU buffer type are read straight into their home (O_DIRECT: the read
+//   covers the 4096-aligned superset of the tensor, and tensor->data points at the tensor inside it). Tensors the
+//   loader put in another CPU buffer type (the repacked layout) get their home in a ring of that type and are read
+//   into a staging buffer, then written with ggml_backend_tensor_set, which repacks them exactly as the stock load
+//   does — so the same kernels run and the logits stay bitwise identical.
 // - Read-ahead: the reads of one cycle (one pass over the layers, i.e. one ubatch) are issued in that order, each
 //   as soon as every tensor whose home overlaps its own has been released by compute; so prefetch occupies
-//   exactly the ring bytes compute is not using, with no per-layer slots. A ring holds at least the largest
-//   layer plus the largest tensor (the wrap), checked at load.
+//   exactly the ring bytes compute is not using, with no per-layer slots. A ring holds at least its largest
+//   tensor, and what a layer holds outside matmuls (checked once the graph is built: layout_error).
 // - Synchronisation: an in-place no-op graph node at every layer boundary (after the input embeddings and
 //   after each layer) releases the layer just computed and waits for the next layer's tensors the graph uses
 //   outside build_lora_mm; and an in-place no-op node on the input of each matmul of a streamed weight (a "use",
@@ -94,8 +96,11 @@ struct stream_tensor {
 
 struct ring_buffer {
     ggml_backend_buffer_type_t buft;
-    ggml_backend_buffer_t      buf = nullptr;
-    void *                     mem = nullptr;  // plain ring: page-aligned host memory behind buf
+    ggml_backend_buffer_t      buf      = nullptr;
+    void *                     mem      = nullptr;  // plain flat ring: page-aligned host memory behind buf
+    uint8_t *                  origin   = nullptr;  // offset 0 of the homes: buf's base, or page-aligned inside it
+    size_t                     size     = 0;
+    bool                       mirrored = false;    // [origin, origin + 2 size) maps the same memory twice
 };
 
 struct boundary {
@@ -260,6 +265,10 @@ struct stream_state {
         sched.pool.stop();
         close_files(reader.files);
         for (auto & r : rings) {
+            if (r.mirrored) {
+                unmap_mirrored(r.origin, r.size);
+                r.mirrored = false;
+            }
             if (r.buf) {
                 ggml_backend_buffer_free(r.buf);
                 r.buf = nullptr;
@@ -542,7 +551,7 @@ void stream_state::bind() {
     for (size_t k = 0; k < tensors.size(); ++k) {
         stream_tensor &   s    = tensors[k];
         const ring_home & h    = layout.homes[k];
-        uint8_t *         base = (uint8_t *) ggml_backend_buffer_get_base(rings[h.ring].buf) + h.off;
+        uint8_t *         base = rings[h.ring].origin + h.off;
         s.home                 = s.staged ? nullptr : base;
         void * addr            = s.staged ? (void *) base : (void *) (base + s.head);
         if (s.t->buffer == nullptr) {
@@ -753,11 +762,43 @@ void assign_rings(stream_state & st, const std::vector<ggml_backend_buffer_type_
     }
 }
 
+// A mirrored ring's memory: a buffer of its type with room for two ring sizes from a page boundary, whose pages
+// there are replaced by one ring's worth of shared memory mapped twice (map_mirrored). The buffer's own interface
+// (a repacked type's set_tensor) stays; stop() puts ordinary memory back before freeing it. Only for the CPU
+// device's buffer types (plain or repacked: memory from malloc), never a GPU's host type (pinned or driver-mapped
+// pages a remap would detach from the device). False: flat.
+bool allocate_mirrored(ring_buffer & R, size_t size) {
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(R.buft);
+    if (dev == nullptr || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return false;
+    }
+    R.buf = ggml_backend_buft_alloc_buffer(R.buft, 2 * size + k_page);
+    if (!R.buf) {
+        return false;
+    }
+    uint8_t * origin = (uint8_t *) align_up((size_t) ggml_backend_buffer_get_base(R.buf), k_page);
+    if (!map_mirrored(origin, size)) {
+        ggml_backend_buffer_free(R.buf);
+        R.buf = nullptr;
+        return false;
+    }
+    ggml_backend_buffer_set_usage(R.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    R.origin   = origin;
+    R.mirrored = true;
+    return true;
+}
+
 // Ring sizes (ring_sizes; a layer that also holds tensors outside matmuls needs more than the largest tensor,
-// checked once the graph shows which: layout_error), then the rings' memory.
+// checked once the graph shows which: layout_error), then the rings' memory: mirrored where asked and where a
+// ring wraps at all (one that holds everything it streams never does), flat where the platform cannot mirror.
 void allocate_rings(stream_state & st) {
-    const size_t      asked = st.cfg.ring_bytes > 0 ? (size_t) st.cfg.ring_bytes : 0;
-    const ring_sizing sz    = ring_sizes(st.layout, st.rings.size(), asked, st.cfg.window, k_page);
+    const size_t        asked       = st.cfg.ring_bytes > 0 ? (size_t) st.cfg.ring_bytes : 0;
+    const bool          want_mirror = st.cfg.ring_mirror != 0;
+    const ring_sizing   sz          = ring_sizes(st.layout, st.rings.size(), asked, st.cfg.window, k_page, want_mirror);
+    std::vector<size_t> streams(st.rings.size(), 0);
+    for (const auto & h : st.layout.homes) {
+        streams[h.ring] += h.len;
+    }
     if (asked > 0 && asked < sz.need) {
         LLAMA_LOG_WARN(
             "flashflex: a %.1f MiB ring is below the %.1f MiB this model's largest tensor needs; using "
@@ -765,9 +806,22 @@ void allocate_rings(stream_state & st) {
             asked / 1048576.0, sz.need / 1048576.0, sz.need / 1048576.0);
     }
     st.layout.ring_size = sz.size;
+    st.layout.mirrored.assign(st.rings.size(), false);
     for (size_t r = 0; r < st.rings.size(); ++r) {
         ring_buffer & R    = st.rings[r];
         const size_t  size = sz.size[r];
+        R.size             = size;
+        if (want_mirror && size < streams[r]) {
+            if (allocate_mirrored(R, size)) {
+                st.layout.mirrored[r] = true;
+                st.ring_bytes += size;
+                continue;
+            }
+            LLAMA_LOG_INFO(
+                "flashflex: the %.1f MiB %s streaming ring is flat (not mapped twice here): it may "
+                "waste up to a tensor at its end\n",
+                size / 1048576.0, ggml_backend_buft_name(R.buft));
+        }
         if (R.buft == ggml_backend_cpu_buffer_type()) {
             if (posix_memalign(&R.mem, k_page, size) != 0) {
                 throw std::runtime_error(format("flashflex: cannot allocate the %zu-byte streaming ring", size));
@@ -781,6 +835,7 @@ void allocate_rings(stream_state & st) {
                                             ggml_backend_buft_name(R.buft)));
         }
         ggml_backend_buffer_set_usage(R.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        R.origin = (uint8_t *) ggml_backend_buffer_get_base(R.buf);
         st.ring_bytes += size;
     }
 }
@@ -811,6 +866,7 @@ int32_t llama_flashflex_model_stats(const llama_model * model, char * buf, size_
         .add("prefetch_threads", st->sched.pool.threads())
         .add("direct_io", st->direct)
         .add("ring_bytes", st->ring_bytes)
+        .add("mirrored_rings", (size_t) std::count(st->layout.mirrored.begin(), st->layout.mirrored.end(), true))
         .add("staging_bytes", st->staging_bytes * std::max<size_t>(1, st->sched.pool.threads()))
         .add("bytes_read", st->reader.bytes_read.load())
         .add("read_seconds", st->reader.read_ns.load() / 1e9)
