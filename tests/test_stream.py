@@ -209,7 +209,7 @@ def test_byte_ring_is_exact(streaming, dense_models, quant, mirror):
                                                     ubatch=32, threads=2), plan))
     stats = gen.stats["decode"]
     assert plan.prefetch.ring_bytes <= stats["ring_bytes"] <= plan.prefetch.ring_bytes + 2 * 4096
-    assert (stats["mirrored_rings"] == stats["rings"]) if mirror else stats["mirrored_rings"] == 0
+    assert (stats["mirrored_rings"] == stats["rings"]) if mirror else stats["mirrored_rings"] == 0, str(stats)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

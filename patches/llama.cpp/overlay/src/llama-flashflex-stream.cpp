@@ -768,8 +768,10 @@ void assign_rings(stream_state & st, const std::vector<ggml_backend_buffer_type_
 // device's buffer types (plain or repacked: memory from malloc), never a GPU's host type (pinned or driver-mapped
 // pages a remap would detach from the device). False: flat.
 bool allocate_mirrored(ring_buffer & R, size_t size) {
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(R.buft);
-    if (dev == nullptr || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(R.buft);  // none for the plain CPU type
+    const bool         cpu = R.buft == ggml_backend_cpu_buffer_type() ||
+                     (dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!cpu) {
         return false;
     }
     R.buf = ggml_backend_buft_alloc_buffer(R.buft, 2 * size + k_page);
