@@ -14,11 +14,11 @@ from orchestrator.planner.schema import DEFAULT_READ_BANDWIDTH
 if TYPE_CHECKING:
     from orchestrator.config import RunConfig
 
-# MoE options that only mean something when experts live in banks: RunConfig key → the flag a refusal names.
 # The runtime maps a streaming ring twice back to back with Linux's memfd (llama-flashflex-io.cpp map_mirrored);
 # elsewhere it is flat and the plan pays its wrap slack.
 MIRRORED_RING_SUPPORTED = sys.platform.startswith("linux")
 
+# MoE options that only mean something when experts live in banks: RunConfig key → the flag a refusal names.
 BANK_OPTIONS = {"sidecar": "--moe-sidecar", "slot_bank": "--moe-slot-bank", "io_threads": "--moe-io-threads",
                 "trace": "--moe-trace", "prefetch": "--moe-prefetch", "prefetch_ranks": "moe.prefetch_ranks"}
 

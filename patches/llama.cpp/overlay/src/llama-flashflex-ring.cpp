@@ -125,7 +125,8 @@ ring_sizing flashflex::ring_sizes(const ring_layout & layout,
         }
     }
     ring_sizing out;
-    size_t      total_all = 0;
+    out.streams      = total;
+    size_t total_all = 0;
     for (size_t r = 0; r < n_rings; ++r) {
         out.need += largest[r];
         total_all += total[r];

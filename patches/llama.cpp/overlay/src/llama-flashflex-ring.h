@@ -35,6 +35,7 @@ struct ring_layer {
 struct ring_sizing {
     std::vector<size_t> size;      // per ring, a multiple of the page size
     size_t              need = 0;  // the least the rings need together (each its largest home)
+    std::vector<size_t> streams;   // per ring, the bytes of its homes (a ring at least this large never wraps)
 };
 
 struct ring_layout {

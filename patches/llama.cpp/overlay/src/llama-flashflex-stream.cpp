@@ -794,13 +794,9 @@ bool allocate_mirrored(ring_buffer & R, size_t size) {
 // checked once the graph shows which: layout_error), then the rings' memory: mirrored where asked and where a
 // ring wraps at all (one that holds everything it streams never does), flat where the platform cannot mirror.
 void allocate_rings(stream_state & st) {
-    const size_t        asked       = st.cfg.ring_bytes > 0 ? (size_t) st.cfg.ring_bytes : 0;
-    const bool          want_mirror = st.cfg.ring_mirror != 0;
-    const ring_sizing   sz          = ring_sizes(st.layout, st.rings.size(), asked, st.cfg.window, k_page, want_mirror);
-    std::vector<size_t> streams(st.rings.size(), 0);
-    for (const auto & h : st.layout.homes) {
-        streams[h.ring] += h.len;
-    }
+    const size_t      asked       = st.cfg.ring_bytes > 0 ? (size_t) st.cfg.ring_bytes : 0;
+    const bool        want_mirror = st.cfg.ring_mirror != 0;
+    const ring_sizing sz          = ring_sizes(st.layout, st.rings.size(), asked, st.cfg.window, k_page, want_mirror);
     if (asked > 0 && asked < sz.need) {
         LLAMA_LOG_WARN(
             "flashflex: a %.1f MiB ring is below the %.1f MiB this model's largest tensor needs; using "
@@ -813,7 +809,7 @@ void allocate_rings(stream_state & st) {
         ring_buffer & R    = st.rings[r];
         const size_t  size = sz.size[r];
         R.size             = size;
-        if (want_mirror && size < streams[r]) {
+        if (want_mirror && size < sz.streams[r]) {
             if (allocate_mirrored(R, size)) {
                 st.layout.mirrored[r] = true;
                 st.ring_bytes += size;
