@@ -144,15 +144,17 @@ def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_by
         else:
             log(f"note: {note}")
     if inputs.draft is not None and inputs.draft.optional and (plan is None or plan.draft is None):
-        from orchestrator.planner.make import FAILING_DRAFT_SHARE
+        from orchestrator.planner.make import FAILING_DRAFT_SHARE, draft_row_allowance
         from orchestrator.sizes import format_size
 
         streamed = plan.estimates.streamed_bytes_per_token if plan is not None else 0
         row = inputs.draft.row_bytes
-        if streamed > 0 and row > FAILING_DRAFT_SHARE * streamed:
+        probed = plan.estimates.read_bandwidth if plan is not None and inputs.read_probe else None
+        allowance, pricing = draft_row_allowance(streamed, inputs.decode_profile, probed)
+        if streamed > 0 and row > allowance:
             log(f"note: no drafting: a drafted token's logits ({format_size(row)} resident) would cost more than "
-                f"{FAILING_DRAFT_SHARE:.0%} of the {format_size(streamed)} a token streams where drafts fail; "
-                "--draft prompt-lookup turns it on")
+                f"{FAILING_DRAFT_SHARE:.0%} of a token's time where drafts fail (a token streams "
+                f"{format_size(streamed)}; {pricing}); --draft prompt-lookup turns it on")
         elif streamed > 0:
             log(f"note: no drafting: the budget has no room beside the model for a drafted token's logits "
                 f"({format_size(row)}); raise --budget to draft")

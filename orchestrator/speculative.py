@@ -310,6 +310,8 @@ class Drafter:
         self.n_ctx: int | None = None  # the context (set by attach): a draft never runs past it
         self._last: tuple[int, int, np.ndarray] | None = None  # (input length, its last id, the draft)
         self._pending: int | None = None  # tokens the next eval should hold to be this draft's verification
+        # the latest single-token steps as (seconds, seconds waited on reads): what computespeed records
+        self.steps: deque[tuple[float, float]] = deque(maxlen=256)
 
     def draft(self, ids: np.ndarray, k: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -388,8 +390,11 @@ class Drafter:
         self.stats.accepted_tokens += kept
         self.length.observe(judged, kept)
 
-    def observe_eval(self, n_tokens: int, seconds: float) -> None:
-        """Called by attach's eval after every decode: a batch of 1 + the last draft is its verification."""
+    def observe_eval(self, n_tokens: int, seconds: float, waited: float | None = None) -> None:
+        """Called by attach's eval after every decode: a batch of 1 + the last draft is its verification.
+        `waited`: of the seconds, those compute waited on streamed reads (None where nothing streams)."""
+        if n_tokens == 1 and waited is not None:
+            self.steps.append((seconds, waited))
         pending, self._pending = self._pending, None
         if pending is not None and n_tokens == pending:
             self.stats.verifications += 1
@@ -482,11 +487,13 @@ Recorder = Callable[[list[int], int, np.ndarray], None]
 """attach's recorder: (tokens of one decode call, position of the first, logits of its output rows)."""
 
 
-def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None = None) -> None:
+def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None = None,
+           waited: Callable[[], float] | None = None) -> None:
     """Give an open llama_cpp.Llama the drafter: `llm.generate` (so create_completion, chat, the server) drafts
     and verifies. Its eval is replaced by one that asks for every row's logits only in a verification batch (at
     most `max_batch` tokens after the prompt), keeps no copy of them (llm.scores stays unused: logprobs are not
-    offered, as with logits_all off), and reports each decode's tokens and seconds to the drafter."""
+    offered, as with logits_all off), and reports each decode's tokens and seconds to the drafter, with the
+    seconds it waited on streamed reads when `waited` (the runtime's running total) is given."""
     from llama_cpp.llama_speculative import LlamaDraftModel
 
     LlamaDraftModel.register(type(drafter))
@@ -498,6 +505,7 @@ def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None
         tokens = list(tokens)
         llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
         every_row = llm.n_tokens > 0 and 1 < len(tokens) <= max_batch
+        w0 = waited() if waited is not None else 0.0
         t0 = time.perf_counter()
         for i in range(0, len(tokens), llm.n_batch):
             batch = tokens[i: i + llm.n_batch]
@@ -511,7 +519,8 @@ def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None
                 rows = len(batch) if every_row else 1
                 logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(rows * n_vocab,))
                 recorder(batch, n_past, np.array(logits, dtype=np.float32, copy=True).reshape(rows, n_vocab))
-        drafter.observe_eval(len(tokens), time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        drafter.observe_eval(len(tokens), seconds, waited() - w0 if waited is not None else None)
 
     llm.eval = eval
 

@@ -51,7 +51,7 @@ def main() -> int:
     ap.add_argument("--threads", "-t", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--ubatch", type=int, default=8)
-    ap.add_argument("--prefetch-threads", "-tp", type=int, default=1, help="prefetch I/O threads (-tp)")
+    ap.add_argument("--prefetch-threads", "-tp", default="auto", help="prefetch I/O threads (-tp), or auto")
     ap.add_argument("--out", type=Path, default=Path("bench-results/speculative"))
     args = ap.parse_args()
     def log(msg: str) -> None:
@@ -64,7 +64,8 @@ def main() -> int:
             draft_model=spec_bench.resolve_model(args.draft_model, log) if args.draft_model else None,
             draft_max=args.draft_max, draft_adaptive=args.draft_adaptive, budget=args.budget,
             tasks=[t for t in args.tasks.split(",") if t], n_predict=args.n_predict, repeats=args.repeats,
-            threads=args.threads, ctx=args.ctx, ubatch=args.ubatch, prefetch_threads=args.prefetch_threads,
+            threads=args.threads, ctx=args.ctx, ubatch=args.ubatch,
+            prefetch_threads=args.prefetch_threads if args.prefetch_threads == "auto" else int(args.prefetch_threads),
             moe_mode=args.moe_mode, moe_slot_bank=args.moe_slot_bank)
         results = spec_bench.run(bench, args.out, log=log)
     except FlashflexError as exc:

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("run", ("orchestrator.run", "orchestrator.speculative", "orchestrator.exact", "orchestrator.tools")),
     ("plan and measure", ("orchestrator.planner", "orchestrator.sidecar", "orchestrator.traces",
                           "orchestrator.overheads", "orchestrator.rpc", "orchestrator.readspeed",
-                          "orchestrator.doctor", "orchestrator.synth")),
+                          "orchestrator.computespeed", "orchestrator.doctor", "orchestrator.synth")),
     ("native", ("orchestrator.native", "orchestrator.llamacpp", "orchestrator.build")),
     ("base", ("orchestrator.errors", "orchestrator.sizes", "orchestrator.paths", "orchestrator.fsutil",
               "orchestrator.gitutil", "orchestrator.modes", "orchestrator.config", "orchestrator.endpoints",

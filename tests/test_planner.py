@@ -18,6 +18,7 @@ from orchestrator.config import MoEConfig, PrefetchConfig
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ArchInfo, ModelTable, Role, TensorInfo
 from orchestrator.planner import (
+    DraftPlan,
     DraftRequest,
     Plan,
     PlanInputs,
@@ -28,7 +29,8 @@ from orchestrator.planner import (
     kv_cache_bytes,
     make_plan,
 )
-from orchestrator.planner.make import FAILING_DRAFT_SHARE
+from orchestrator.computespeed import DecodeProfile
+from orchestrator.planner.make import FAILING_DRAFT_SHARE, RUNTIME_READ_SHARE, draft_row_allowance
 from orchestrator.sizes import GiB, MiB
 from tests.helpers import plan_config, plan_table
 
@@ -723,9 +725,10 @@ def test_a_split_reserves_the_load_staging_of_the_largest_tensor_sent():
 # Drafting and a benchmark's process: reservations of the one plan
 
 
-def _drafted(table: ModelTable, budget: int, draft: DraftRequest | None, process: int = 0) -> Plan:
-    return make_plan(PlanRequest(budget_bytes=budget, ctx=256, ubatch=16, draft=draft, process_bytes=process),
-                     PlanInputs(table=table))
+def _drafted(table: ModelTable, budget: int, draft: DraftRequest | None, process: int = 0, **inputs) -> Plan:
+    threads = None if inputs.get("read_probe") else 1  # -tp auto where a probe is given
+    return make_plan(PlanRequest(budget_bytes=budget, ctx=256, ubatch=16, draft=draft, process_bytes=process,
+                                 threads=threads), PlanInputs(table=table, **inputs))
 
 
 def test_drafting_is_a_reservation_the_model_plans_around():
@@ -798,3 +801,37 @@ def test_drafting_by_default_only_where_it_streams_and_a_row_fits_the_share():
     assert auto(budget, streamed // 20).draft is None  # one row is 5% of the reads
     assert auto(1 << 40, row).draft is None  # nothing streams: stock stays stock
     assert auto(1 << 40, row).reservations.draft_bytes == 0
+
+
+def test_rows_are_priced_in_time_once_a_run_has_measured_its_decode():
+    """A token takes about max(its reads, its compute) while the prefetch threads read ahead: where compute takes
+    longer, the rows' extra bytes are read in its shadow, and the cap is what keeps a token within 3% of that
+    time. Read-bound, or never measured: 3% of the bytes. The read rate is the faster of what the runs received
+    and a share of the device's probe."""
+    t = dense_table()
+    budget = plan_table(t, 1 << 40, ctx=256, ubatch=16).minimum_budget_bytes + 2 * MiB
+    streamed = plan_table(t, budget, ctx=256, ubatch=16).estimates.streamed_bytes_per_token
+    row = int(FAILING_DRAFT_SHARE * streamed / 2.5)
+    rate = 1e9  # bytes/s the runs' reads arrived at
+
+    def fit(compute: float | None, probe: float | None = None) -> DraftPlan:
+        profile = DecodeProfile(compute, rate) if compute is not None else None
+        return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, row_bytes=row),
+                        decode_profile=profile, read_probe={1: probe, 2: probe, 4: probe} if probe else None).draft
+
+    unmeasured = fit(None)
+    assert unmeasured.max_tokens == 2 and "priced in bytes" in unmeasured.pricing
+    read_bound = fit(0.5 * streamed / rate)  # compute takes half the reads' time
+    assert read_bound.max_tokens == 2 and "read-bound" in read_bound.pricing
+    # compute takes 10% longer than the reads: its shadow holds 10% more bytes, plus 3% of the whole
+    shadow = int(1.1 * streamed)
+    compute_bound = fit(shadow / rate)
+    allowance = int(1.03 * shadow) - streamed
+    assert compute_bound.max_tokens == min(7, allowance // row) > 2
+    assert "read in a step's compute" in compute_bound.pricing
+    assert compute_bound.logits_bytes <= allowance
+    assert fit(1.0).max_tokens == 7  # far compute-bound: the length asked for
+    # read-bound by what the runs received, but the device reads three times as fast: the probe's share decides
+    assert fit(0.5 * streamed / rate, probe=3 * rate / RUNTIME_READ_SHARE).max_tokens > 2
+    assert fit(0.5 * streamed / rate, probe=0.5 * rate).max_tokens == 2  # a slower probe changes nothing
+    assert draft_row_allowance(streamed, None, 1e9)[0] == int(FAILING_DRAFT_SHARE * streamed)

@@ -5,6 +5,7 @@ refused; the options reach run, chat and the Python API, and drafting's RAM come
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -332,3 +333,32 @@ def test_run_drafts_by_default_where_weights_stream_and_rows_are_cheap(features,
     ran = flashflex("run", *common, "--json")
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)["stats"]["draft"]["kind"] == "prompt-lookup"
+
+
+def test_a_streamed_run_measures_its_decode_and_a_later_plan_prices_rows_by_it(features, models, tmp_path,
+                                                                              monkeypatch):
+    """`run` (run.execution) times its single-token steps less their waits on reads, and the rate its reads
+    arrived at, and records them (computespeed); the next plan of the same model and threads prices drafting's rows
+    in time by them."""
+    from orchestrator import computespeed
+    from orchestrator.run import execution
+
+    where = tmp_path / "decode.json"
+    monkeypatch.setattr(computespeed, "cache_file", lambda model, threads: where)
+    path = models["target"]
+    ex = with_settings(_stream_execution(path), dataclasses.replace(_settings(path), n_predict=12,
+                                                                   prompt=PROMPTS[0]))
+    result = execution.run(ex)
+    step = result.stats["decode"]["step_compute_seconds"]
+    assert step is not None and 0 < step < result.decode_s
+    profile = computespeed.measured(path, ex.settings.threads)
+    assert profile is not None and profile.step_compute_seconds == pytest.approx(step)
+    assert profile.read_bytes_per_second == pytest.approx(result.stats["decode"]["bytes_read"] / result.decode_s)
+    base = {"model": path, "ctx": CTX, "ubatch": UBATCH, "threads": ex.settings.threads}
+    minimum = api.prepare(budget="1GiB", **base).plan.minimum_budget_bytes
+    budget = f"{minimum + (4 << 20)}B"
+    measured = api.prepare(budget=budget, draft="prompt-lookup", **base).plan.draft
+    assert measured is not None and "priced in time" in measured.pricing, measured.pricing
+    where.unlink()
+    unmeasured = api.prepare(budget=budget, draft="prompt-lookup", **base).plan.draft
+    assert unmeasured is not None and "no streamed run of this model" in unmeasured.pricing

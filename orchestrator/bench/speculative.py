@@ -110,7 +110,7 @@ class SpeculativeBench:
     ctx: int = 1024
     ubatch: int = 8
     threads: int | None = 2
-    prefetch_threads: int = 1
+    prefetch_threads: int | str = "auto"  # as `run` by default
     moe_mode: str | None = None  # None = auto: expert banks when the model does not fit the budget
     moe_slot_bank: int | None = None  # None = the planner's pick for the budget (MoE models with a sidecar)
 
@@ -154,6 +154,22 @@ def _options(b: SpeculativeBench, drafting: bool, task: str | None = None) -> di
     return opts
 
 
+def calibrate(b: SpeculativeBench, budget: int | None, log: Log = print) -> None:
+    """One undrafted run, not counted, where no run of the model with these threads has measured its decode step
+    yet (orchestrator.computespeed): what the drafted plans price their rows by, as `run` would after a first
+    run. Every run the benchmark counts then plans the same way."""
+    from orchestrator import api, computespeed
+    from orchestrator.run import execution
+
+    opts = {**_options(b, drafting=False, task=b.tasks[0]), "n_predict": 32}
+    if computespeed.measured(b.model, b.threads) is not None:
+        return
+    if budget is None:  # the undrafted minimum: drafting's reservation is what the measurement decides
+        budget = api.prepare(budget_bytes=1 << 40, own_decodes=True, **opts).plan.minimum_budget_bytes
+    log("calibrating: one undrafted run (not counted) measures a decode step's compute and reads")
+    execution.run(api.prepare(budget_bytes=budget, prompt=TASKS[b.tasks[0]][1], log=log, own_decodes=True, **opts))
+
+
 def smallest_budget(b: SpeculativeBench) -> int:
     """The smallest total budget the planner accepts for the drafted run: the model's minimum plus drafting."""
     from orchestrator import api
@@ -177,7 +193,9 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
         from orchestrator.errors import FlashflexError
 
         raise FlashflexError(f"unknown task {', '.join(unknown)}", f"use some of {', '.join(TASKS)}")
-    budget = smallest_budget(b) if b.budget == "min" else parse_size(b.budget, what="--budget")
+    given = None if b.budget == "min" else parse_size(b.budget, what="--budget")
+    calibrate(b, given, log)
+    budget = smallest_budget(b) if given is None else given
     modes = {"no draft": False, "draft": True}
     prepared: dict[tuple[str, str], Any] = {}
     plans: dict[str, dict[str, Any]] = {}

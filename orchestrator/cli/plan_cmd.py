@@ -99,6 +99,9 @@ def plan_command(
                                                  "would: prompt-lookup[:N] (none: nothing).")] = None,
     draft_max: Annotated[Optional[int], typer.Option("--draft-max", min=1, max=64, help="Most drafted tokens per "
                                                      "verification (default: what the budget affords).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="Compute threads of the run "
+                                                   "planned for: drafting's rows are priced by the decode earlier "
+                                                   "runs with these threads measured (default: as run's).")] = None,
     show_explain: Annotated[bool, typer.Option("--explain", help="Say which tensors are kept and why.")] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Reserve the planner's estimates for the KV cache and "
                                            "compute buffers instead of measuring what llama.cpp allocates (the "
@@ -110,6 +113,7 @@ def plan_command(
     settings = _settings(budget, ctx, ubatch, prefetch_window, prefetch_threads, direct_io, moe_mode,
                          moe_slot_bank, moe_topk, rpc, rpc_layers, rpc_timeout, gpu_layers, gpu_budget, draft,
                          draft_max)
+    settings.context.threads = threads
     rate = parse_rate(bandwidth, what="--bandwidth")
     settings.context.outputs = 1  # as run plans: a decode asks for the next token's logits (drafting reserves more)
     table = _load_table(model)
@@ -121,7 +125,11 @@ def plan_command(
     measured, probe = overheads.plan_inputs(settings, model, workers=workers, estimate=estimate, reprobe=reprobe)
     request = PlanRequest.from_config(settings, settings.budget.resolve_bytes(), read_bandwidth=rate,
                                       draft=_draft_request(settings, model, table))
-    plan = make_plan(request, PlanInputs(table=table, overheads=measured, read_probe=probe, workers=workers or []))
+    from orchestrator import computespeed
+
+    profile = computespeed.measured(model, settings.context.threads) if request.draft is not None else None
+    plan = make_plan(request, PlanInputs(table=table, overheads=measured, read_probe=probe, workers=workers or [],
+                                         decode_profile=profile))
     if json_out:
         emit_json(plan.model_dump(mode="json"))
         if show_explain:

@@ -85,7 +85,7 @@ def explain(plan: Plan) -> list[str]:
             + (f" and the draft model {format_size(d.model_bytes)} (weights, KV cache, compute)" if d.model_bytes
                else "")
             + "; within it the length follows the measured acceptance and verification cost"
-            + (f". {d.note[0].upper()}{d.note[1:]}" if d.note else ""))
+            + (f". {d.note[0].upper()}{d.note[1:]}" if d.note else f"; the rows {d.pricing}" if d.pricing else ""))
     lines += device_lines(plan)
     non_layer = [t for t in plan.tensors if t.reason == "non-layer"]
     if non_layer:

@@ -329,7 +329,7 @@ def _make_plan(request: PlanRequest, inputs: PlanInputs) -> Plan:
     over = _overheads(table, model, req, inputs.overheads, rpc.load_staging_bytes if rpc is not None else 0,
                       _local_kv(inputs, rpc))
     extras = [("this process", req.process_bytes)] if req.process_bytes else []
-    draft = _fit_draft(table, req, model, over, extras)
+    draft = _fit_draft(table, req, model, over, extras, inputs)
     if draft is not None:
         extras.append(("drafting", draft.reserved_bytes))
     experts = _experts(model, req, over, req.budget_bytes - _total(extras), warnings)
@@ -616,38 +616,64 @@ def _check_options(req: PlanRequest, model: _ModelFacts, experts: _Experts, rpc:
                              "--budget")
 
 
-# The verification rows may cost at most this share of the bytes a token streams without drafting: where drafts
-# fail everywhere, adaptive lengths fall to 0 and what is left is the memory the rows took from the resident
-# weights (each token then reads that much more) and the rare probes (about 1%, tests/test_speculative_unit.py).
-# 3%: drafting is on by default (run, chat), and text it cannot draft should lose at most that.
+# The verification rows may cost at most this share of a token's time without drafting: where drafts fail
+# everywhere, adaptive lengths fall to 0 and what is left is the memory the rows took from the resident weights
+# (each token then reads that much more) and the rare probes (about 1%, tests/test_speculative_unit.py). 3%:
+# drafting is on by default (run, chat), and text it cannot draft should lose at most that.
 FAILING_DRAFT_SHARE = 0.03
+# The share of the probed direct-read bandwidth the prefetch threads reach while compute runs on the same cores
+# (they also repack what they read). Measured: Gemma 3 270M under 215 MiB with 2 compute and 2 prefetch threads,
+# read-bound, received 1.18-1.39 GB/s; the probe read 1.95 GB/s with 2 threads.
+RUNTIME_READ_SHARE = 0.6
+
+
+def draft_row_allowance(streamed: int, profile: Any, probed_bandwidth: float | None) -> tuple[int, str]:
+    """Bytes of logits rows drafting may take off the resident weights, and how they were priced. A token takes
+    about max(reads, compute) while the prefetch threads read ahead, so the rows (read again each token) may cost
+    FAILING_DRAFT_SHARE of that time: all of it in bytes where decode is read-bound, and besides, where compute
+    takes longer than the reads, the bytes that fit in its shadow. The compute comes from earlier runs
+    (computespeed.DecodeProfile), the read rate from them too (what a read-bound run received) or from the device's
+    probe (RUNTIME_READ_SHARE of it), whichever is faster. Without a measured run, the share of the bytes alone."""
+    if profile is None:
+        return int(FAILING_DRAFT_SHARE * streamed), (
+            "priced in bytes: no streamed run of this model with these threads has measured its decode yet")
+    compute = profile.step_compute_seconds
+    rate = max(profile.read_bytes_per_second, RUNTIME_READ_SHARE * (probed_bandwidth or 0.0))
+    shadow = int(compute * rate)  # bytes read while one step computes
+    allowance = int((1 + FAILING_DRAFT_SHARE) * max(streamed, shadow)) - streamed
+    measured = f"a step computes in {compute * 1e3:.1f} ms (measured) and reads arrive at about {format_rate(rate)}"
+    if shadow <= streamed:
+        return allowance, f"priced in time: decode is read-bound ({measured})"
+    return allowance, f"priced in time: {measured}, so {format_size(shadow)} are read in a step's compute"
 
 
 def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _Overheads,
-               extras: list[tuple[str, int]]) -> DraftPlan | None:
+               extras: list[tuple[str, int]], inputs: PlanInputs) -> DraftPlan | None:
     """What drafting reserves: the draft model (weights, KV cache, compute) and one logits row per drafted token.
-    Unless the length was given, it is capped so that the rows cost at most FAILING_DRAFT_SHARE of the bytes a
-    token streams without drafting (the plan at this budget without the reservation; nothing to cap when that
-    streams nothing or is refused). Refused when drafting alone needs the whole budget."""
+    Unless the length was given, it is capped so that the rows cost at most FAILING_DRAFT_SHARE of a token's time
+    without drafting (draft_row_allowance, against the plan at this budget without the reservation; nothing to cap
+    when that streams nothing or is refused). Refused when drafting alone needs the whole budget."""
     if req.draft is None:
         return None
     d = req.draft
-    length, note = d.max_tokens, None
+    length, note, pricing = d.max_tokens, None, None
     if d.optional and _streamed_without_draft(table, req, model, over, extras) <= 0:
         return None  # nothing streams: a pass costs what it costs stock, drafting by default stays off
     if not d.length_fixed and d.row_bytes > 0:
         streamed = _streamed_without_draft(table, req, model, over, extras)
-        allowed = int(FAILING_DRAFT_SHARE * streamed // d.row_bytes) if streamed > 0 else length
+        probed = req.bandwidth if req.threads and inputs.read_probe else None  # -tp auto probed the device
+        allowance, pricing = draft_row_allowance(streamed, inputs.decode_profile, probed)
+        allowed = allowance // d.row_bytes if streamed > 0 else length
         if d.optional and allowed < 1:
             return None  # one drafted token's rows would cost more than the share where drafts fail
         if allowed < length:
             length = max(1, allowed)
             why = (f"each drafted token keeps {format_size(d.row_bytes)} of logits rows, taken off the resident "
-                   f"weights, and a token streams {format_size(streamed)} without drafting")
-            note = (f"drafting 1 token per verification costs more than {FAILING_DRAFT_SHARE:.0%} of the reads where "
-                    f"drafts fail ({why}); give --draft-max to choose the length yourself") if allowed < 1 else (
+                   f"weights, and a token streams {format_size(streamed)} without drafting; {pricing}")
+            note = (f"drafting 1 token per verification costs more than {FAILING_DRAFT_SHARE:.0%} of a token's time "
+                    f"where drafts fail ({why}); give --draft-max to choose the length yourself") if allowed < 1 else (
                     f"up to {length} drafted tokens per verification (not {d.max_tokens}), so text where drafts fail "
-                    f"costs at most {FAILING_DRAFT_SHARE:.0%} more reads ({why}); --draft-max overrides")
+                    f"costs at most {FAILING_DRAFT_SHARE:.0%} more time ({why}); --draft-max overrides")
     reserved = d.model_bytes + length * d.row_bytes
     total = req.budget_bytes - _total(extras)
     if reserved >= total:
@@ -658,7 +684,7 @@ def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _O
                              "prompt-lookup")
     return DraftPlan(kind=d.kind, max_tokens=length, capped_from=d.max_tokens if length < d.max_tokens else None,
                      row_bytes=d.row_bytes, logits_bytes=length * d.row_bytes, model_bytes=d.model_bytes,
-                     reserved_bytes=reserved, note=note, optional=d.optional)
+                     reserved_bytes=reserved, note=note, optional=d.optional, pricing=pricing)
 
 
 def _streamed_without_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _Overheads,

@@ -114,3 +114,4 @@ class PlanInputs:
     read_probe: dict[int, float] | None = None  # queue depth → direct-read bytes/s of the model's device
     workers: list[Any] = field(default_factory=list)  # rpc.Worker: devices the model's last layers may go to
     replay_distinct: int | None = None  # oracle-all-hit: the most distinct experts a layer of the trace uses
+    decode_profile: Any = None  # computespeed.DecodeProfile: a decode step's compute and read rate, measured

@@ -153,6 +153,8 @@ class DraftPlan(_Model):
     reserved_bytes: int = Field(description="logits_bytes + model_bytes (Reservations.draft_bytes).")
     note: str | None = Field(default=None, description="Why the length was capped, when it was.")
     optional: bool = Field(default=False, description="Drafting by default (draft.kind auto), not asked for.")
+    pricing: str | None = Field(default=None, description="How the rows' cost was judged when the length was not "
+                                "given: in time (a measured decode step beside the probed reads) or in bytes.")
 
 
 class Estimates(_Model):

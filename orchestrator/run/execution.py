@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import native
+from orchestrator import computespeed, native
 from orchestrator.errors import FlashflexError
 from orchestrator.llamacpp import peak_rss_bytes
 from orchestrator.run.spec import RuntimeSpec
@@ -203,14 +203,24 @@ def _generate(handle: "Handle", load_s: float) -> RunResult:
         from orchestrator import speculative
 
         out = speculative.decode(llm, prompt_tokens, n_new, settings, drafter)
+    waited = handle.waited_on_reads()
+    steps = drafter.steps if drafter is not None else []  # single-token steps: (seconds, seconds waited on reads)
     for _ in range(n_new if drafter is None else 0):
         tok = llm.sample(temp=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
         if tok == eos:
             break
         out.append(tok)
+        w0 = waited() if waited is not None else 0.0
+        t_step = time.perf_counter()
         llm.eval([tok])
+        if waited is not None:
+            steps.append((time.perf_counter() - t_step, waited() - w0))
     decode_s = time.perf_counter() - t2
     decode_stream, decode_moe = runtime_stats(llm, spec)
+    profile = computespeed.profile_of(list(steps), decode_stream["bytes_read"], decode_s) \
+        if decode_stream is not None else None
+    if profile is not None:  # what a later plan prices drafting's logits rows by
+        computespeed.record(settings.model, settings.threads, profile)
     wire.phase("decode", len(out))
     text = llm.detokenize(out).decode(errors="replace")
     stats: dict[str, Any] = {"mode": spec.mode, "lossy": list(spec.lossy)}
@@ -227,7 +237,8 @@ def _generate(handle: "Handle", load_s: float) -> RunResult:
             "resident_bytes": plan.resident_bytes,
             "planned_streamed_bytes_per_token": plan.estimates.dense_streamed_bytes_per_token,
             "prompt": _phase_stats(prompt_stream, len(prompt_tokens), prompt_s),
-            "decode": _phase_stats(decode_stream, len(out), decode_s),
+            "decode": {**(_phase_stats(decode_stream, len(out), decode_s) or {}),
+                       "step_compute_seconds": profile.step_compute_seconds if profile is not None else None},
         })
     if spec.banks is not None:
         stats["moe"] = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from orchestrator import native
 from orchestrator.planner import Plan
@@ -124,7 +124,8 @@ class Handle:
 
             try:
                 handle.drafter = prepared.draft.open(prepared.settings)
-                speculative.attach(llm, handle.drafter, max_batch=prepared.draft.max_tokens + 1)
+                speculative.attach(llm, handle.drafter, max_batch=prepared.draft.max_tokens + 1,
+                                   waited=handle.waited_on_reads())
             except BaseException:
                 handle.failed = True
                 handle.close()
@@ -147,6 +148,12 @@ class Handle:
         finally:
             if self.recording is not None:
                 self.recording.finish(not self.failed)
+
+    def waited_on_reads(self) -> Callable[[], float] | None:
+        """The runtime's running total of seconds compute waited on streamed reads; None where nothing streams."""
+        if self.prepared.spec.stream is None:
+            return None
+        return lambda: native.model_stats(self.llm.model)["wait_seconds"]
 
     def native_stats(self) -> dict[str, Any]:
         """The runtime's counters since the last reset: dense streaming and expert banks."""

@@ -36,6 +36,7 @@ class RunInputs:
     read_probe: dict[int, float] | None = None
     replayed: "Trace | None" = None  # the trace an oracle mode replays
     process_bytes: int = 0
+    decode_profile: Any = None  # computespeed.DecodeProfile: what drafting's rows are priced by
     sidecar: Path | None = None  # set by with_sidecar when the plan reads experts from the sidecar
     manifest: "SidecarManifest | None" = None
 
@@ -47,7 +48,8 @@ class RunInputs:
         assert self.table is not None
         return PlanInputs(table=self.table, overheads=self.overheads, read_probe=self.read_probe,
                           workers=self.workers,
-                          replay_distinct=self.replayed.max_distinct_per_layer() if self.replayed else None)
+                          replay_distinct=self.replayed.max_distinct_per_layer() if self.replayed else None,
+                          decode_profile=self.decode_profile)
 
     def with_sidecar(self, plan: Plan | None) -> "RunInputs":
         """The sidecar's manifest, checked (cheaply) against the model, when the plan reads experts from it."""
@@ -86,6 +88,10 @@ def gather(cfg: "RunConfig", settings: GenerationSettings, *, log: Callable[[str
         return inputs
     inputs.workers = rpc.offload_targets(cfg) or []
     inputs.overheads, inputs.read_probe = overheads.plan_inputs(cfg, settings.model, workers=inputs.workers)
+    if inputs.draft is not None and not inputs.draft.length_fixed:
+        from orchestrator import computespeed
+
+        inputs.decode_profile = computespeed.measured(settings.model, settings.threads)
     if modes.is_oracle(cfg.moe.mode):
         from orchestrator import traces
 
