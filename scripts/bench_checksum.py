@@ -75,8 +75,21 @@ def main() -> int:
     }
     (args.out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "summary.md").write_text(markdown(summary))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def markdown(s: dict) -> str:
+    """The summary as the benchmarks page shows it (medians of the pairs, interleaved on/off)."""
+    on, off = s["decode_tok_per_s_verify_on"], s["decode_tok_per_s_verify_off"]
+    rate = f"{s['checksum_gb_per_s']:.1f} GB/s" if s["checksum_gb_per_s"] else "-"
+    return ("| slots | pairs | decode tok/s, checked | unchecked | checked / unchecked | checking's share of decode "
+            "(median, max) | checksum rate | MiB missed / token | same tokens |\n"
+            "|---:|---:|---:|---:|---:|---|---:|---:|---|\n"
+            f"| {s['slots']} | {s['pairs']} | {on:.2f} | {off:.2f} | {on / off:.3f} | "
+            f"{s['verify_seconds_share_of_decode']:.1%}, {s['verify_seconds_share_max']:.1%} | {rate} | "
+            f"{s['miss_bytes_per_token'] / 2**20:.1f} | {'yes' if s['same_tokens'] else 'no'} |\n")
 
 
 if __name__ == "__main__":

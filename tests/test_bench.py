@@ -75,7 +75,7 @@ def test_bench_dense_takes_tp_auto_and_records_what_the_plan_chose(tmp_path, pat
     out = tmp_path / "out"
     budget = f"{model.stat().st_size * 7 // 8}B"
     r = flashflex("bench", "dense", "-m", str(model), "--budgets", budget, "--tp", "auto", "--gen-tokens", "2",
-                  "--prompt-tokens", "2", "--no-cgroup", "--no-drop-caches", "--out-dir", str(out), "--json",
+                  "--prompt-tokens", "2", "--no-cgroup", "--no-drop-caches", "--repeats", "1", "--out-dir", str(out), "--json",
                   timeout=300)
     assert r.returncode == 0, r.stderr
     records = json.loads(r.stdout)
@@ -123,3 +123,25 @@ def test_the_dense_roofline_never_divides_by_less_than_the_runs_reached():
     assert abs(quick["per_token_s_over_roofline"] - 1.0) < 1e-9  # at the roofline, not below it
     assert abs(other["per_token_s_over_roofline"] - 1.5) < 1e-9
     assert "the roofline divides by 1.61 GB/s" in bench.markdown_table([quick, other], {1: 1e9})
+
+
+def test_points_are_measured_interleaved_and_the_median_run_reported():
+    """Every point once, then again (drift hits every point alike); per point the run with the median speed, its
+    repeats listed; a point whose runs all failed keeps its failure."""
+    from orchestrator.bench.runs import Point, interleaved
+
+    points = [Point("stock-mmap", 1 << 30), Point("flashflex", 1 << 30, 2), Point("flashflex", 1 << 30, 4)]
+    speeds = iter([1.0, 5.0, None, 3.0, 4.0, None, 2.0, 6.0, None])
+    order: list[Point] = []
+
+    def measure(point: Point) -> dict:
+        order.append(point)
+        v = next(speeds)
+        return {"status": "ok", "decode_tok_per_s": v, "tp": point.prefetch_threads} if v is not None else \
+            {"status": "killed", "decode_tok_per_s": None, "tp": point.prefetch_threads}
+
+    out = interleaved(points, 3, measure, lambda _: None)
+    assert order == points * 3
+    assert [r["decode_tok_per_s"] for r in out[:2]] == [2.0, 5.0]
+    assert out[0]["repeats"] == [1.0, 3.0, 2.0] and out[1]["repeats"] == [5.0, 4.0, 6.0]
+    assert out[2]["status"] == "killed" and out[2]["tp"] == 4

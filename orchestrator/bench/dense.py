@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from orchestrator import modes
 from orchestrator.bench.isolation import direct_read_bandwidth
-from orchestrator.bench.runs import Point, RunSpec, check_isolation, machine_info, run_point
+from orchestrator.bench.runs import Point, RunSpec, check_isolation, interleaved, machine_info, run_point
 from orchestrator.plotting import pyplot as _pyplot
 from orchestrator.sizes import format_size
 
@@ -26,8 +26,7 @@ class DenseSweep:
     prefetch_threads: list[int | str] = field(default_factory=lambda: [0, 1, 2, 4])  # numbers or "auto"
     use_cgroup: bool = True
     drop_caches: bool = True
-
-
+    repeats: int = 3  # every point this many times, interleaved; the median run is reported
 
 
 def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
@@ -45,31 +44,27 @@ def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[
 
     for depth in sorted({max(1, tp) for tp in sweep.prefetch_threads if isinstance(tp, int)}):
         bandwidth_at(depth)
-    records: list[dict[str, Any]] = []
-    results = out_dir / "results.jsonl"
-    with open(results, "w") as fh:
-        def keep(rec: dict[str, Any]) -> None:
-            rec["machine"] = machine
-            rec["model"] = str(sweep.spec.model)
-            rec["model_bytes"] = model_bytes
-            records.append(rec)
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
+    points: list[Point] = []
+    for budget in sweep.budgets:
+        baseline = modes.STOCK_RESIDENT if budget >= model_bytes else modes.STOCK_MMAP
+        points.append(Point(baseline, budget))
+        points += [Point(modes.FLASHFLEX, budget, tp) for tp in sweep.prefetch_threads]
+    with open(out_dir / "runs.jsonl", "w") as raw:  # every run as it finishes; results.jsonl holds the medians
 
-        for budget in sweep.budgets:
-            resident = budget >= model_bytes
-            log(f"budget {format_size(budget)}{' (≥ model size)' if resident else ''}")
-            baseline = Point(modes.STOCK_RESIDENT if resident else modes.STOCK_MMAP, budget)
-            keep(run_point(baseline, sweep.spec, sweep.use_cgroup, sweep.drop_caches, log))
-            for tp in sweep.prefetch_threads:
-                rec = run_point(Point(modes.FLASHFLEX, budget, tp), sweep.spec, sweep.use_cgroup, sweep.drop_caches,
-                                log)
-                used = rec.get("prefetch_threads")  # auto: what the plan chose
-                if isinstance(used, int):
-                    rec["read_bandwidth_bytes_per_s"] = bandwidth_at(max(1, used))
-                keep(rec)
+        def measure(point: Point) -> dict[str, Any]:
+            rec = run_point(point, sweep.spec, sweep.use_cgroup, sweep.drop_caches, log)
+            raw.write(json.dumps(rec) + "\n")
+            raw.flush()
+            return rec
+
+        records = interleaved(points, sweep.repeats, measure, log)
+    for rec in records:
+        rec.update(machine=machine, model=str(sweep.spec.model), model_bytes=model_bytes)
+        used = rec.get("prefetch_threads")  # auto: what the plan chose
+        if rec["mode"] == modes.FLASHFLEX and isinstance(used, int):
+            rec["read_bandwidth_bytes_per_s"] = bandwidth_at(max(1, used))
     _add_ratios(records)
-    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out_dir / "results.md").write_text(markdown_table(records, bandwidth))
     plot(records, out_dir / "tok_s_vs_budget.png", log)
     return records

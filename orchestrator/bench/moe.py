@@ -10,7 +10,15 @@ from typing import Any, Callable
 from orchestrator import modes
 from orchestrator.bench.dense import _fmt
 from orchestrator.bench.isolation import direct_read_bandwidth
-from orchestrator.bench.runs import Point, RunSpec, check_isolation, machine_info, run_point
+from orchestrator.bench.runs import (
+    Point,
+    RunSpec,
+    check_isolation,
+    interleaved,
+    machine_info,
+    median_record,
+    run_point,
+)
 from orchestrator.plotting import pyplot as _pyplot
 from orchestrator.sizes import format_size
 
@@ -27,6 +35,7 @@ class MoESweep:
     slot_banks: list[int | None]  # None = the planner's pick for the budget
     use_cgroup: bool = True
     drop_caches: bool = True
+    repeats: int = 3  # every point this many times, interleaved; the median run is reported
 
 
 def largest_layer_file(sidecar: Path) -> Path:
@@ -61,17 +70,19 @@ def run_moe_sweep(sweep: MoESweep, out_dir: Path, log: Log = print) -> list[dict
     points = [Point(modes.STOCK_RESIDENT, None), Point(modes.RESIDENT, None),
               Point(modes.STOCK_MMAP, sweep.budget_bytes)]
     points += [Point(modes.SLOT_BANK, sweep.budget_bytes, slot_bank=n) for n in sweep.slot_banks]
-    records: list[dict[str, Any]] = []
-    results = out_dir / "results.jsonl"
-    with open(results, "w") as fh:
-        for point in points:
+    with open(out_dir / "runs.jsonl", "w") as raw:  # every run as it finishes; results.jsonl holds the medians
+
+        def measure(point: Point) -> dict[str, Any]:
             rec = run_point(point, spec, sweep.use_cgroup, sweep.drop_caches, log)
-            rec.update(context)
-            records.append(rec)
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
+            raw.write(json.dumps({**rec, **context}) + "\n")
+            raw.flush()
+            return rec
+
+        records = interleaved(points, sweep.repeats, measure, log)
+    for rec in records:
+        rec.update(context)
     _add_moe_ratios(records)
-    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out_dir / "results.md").write_text(moe_markdown(records))
     plot_moe(records, out_dir / "slot_bank.png", log)
     return records
@@ -191,14 +202,6 @@ class PrefetchSweep:
     drop_caches: bool = True
 
 
-def _median_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median decode speed (all repeats kept under "repeats")."""
-    ok = sorted((r for r in runs if r.get("status") == "ok"), key=lambda r: r["decode_tok_per_s"])
-    pick = dict(ok[len(ok) // 2] if ok else runs[-1])
-    pick["repeats"] = [r.get("decode_tok_per_s") for r in runs]
-    return pick
-
-
 def run_prefetch_sweep(sweep: PrefetchSweep, out_dir: Path, log: Log = print) -> list[dict[str, Any]]:
     """Per bank size: slot-bank, slot-bank recording a trace (the writer's cost), slot-bank + each policy,
     oracle-prefetch and oracle-all-hit replaying that trace; stock mmap in the same cgroup and stock resident
@@ -216,7 +219,7 @@ def run_prefetch_sweep(sweep: PrefetchSweep, out_dir: Path, log: Log = print) ->
 
     def measure(point: Point) -> dict[str, Any]:
         runs = [run_point(point, spec, sweep.use_cgroup, sweep.drop_caches, log) for _ in range(sweep.repeats)]
-        rec = _median_record(runs)
+        rec = median_record(runs)
         rec.update(context)
         records.append(rec)
         with open(results, "a") as fh:

@@ -144,3 +144,26 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+
+
+def median_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median decode speed of a point's repeats (every repeat's speed under "repeats"); the last
+    run's failure when none succeeded."""
+    ok = sorted((r for r in runs if r.get("status") == "ok"), key=lambda r: r["decode_tok_per_s"])
+    pick = dict(ok[len(ok) // 2] if ok else runs[-1])
+    pick["repeats"] = [r.get("decode_tok_per_s") for r in runs]
+    return pick
+
+
+def interleaved(points: list[Point], repeats: int, measure: Callable[[Point], dict[str, Any]],
+                log: Log) -> list[dict[str, Any]]:
+    """Every point once, then every point again, `repeats` times, so that drift on a shared machine (this host
+    swings by up to 70% between hours) hits every point alike; per point, median_record of its runs, in the order
+    of `points`."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in points]
+    for rep in range(repeats):
+        if repeats > 1:
+            log(f"repetition {rep + 1} of {repeats}")
+        for i, point in enumerate(points):
+            runs[i].append(measure(point))
+    return [median_record(r) for r in runs]

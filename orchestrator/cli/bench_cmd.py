@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,6 +32,8 @@ MoEModelOpt = Annotated[Optional[Path], typer.Option(
 SidecarOpt = Annotated[Optional[Path], typer.Option(
     "--sidecar", help="Its expert sidecar (default: MODEL.sidecar beside it, extracted once when missing).")]
 IOThreadsOpt = Annotated[int, typer.Option("--io-threads", min=1, help="Parallel readers for expert misses.")]
+RepeatsOpt = Annotated[int, typer.Option("--repeats", min=1, help="Runs per point, interleaved (every point once, "
+                                         "then again); the median is reported.")]
 PromptTokensOpt = Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length (teacher-forced).")]
 BenchRPCOpt = Annotated[Optional[str], typer.Option(
     "--rpc", help="RPC workers, HOST:PORT[,HOST:PORT...] (flashflex rpc-server on each): the flashflex runs put "
@@ -89,6 +92,7 @@ def register(app: typer.Typer) -> None:
         no_drop_caches: bool = typer.Option(False, "--no-drop-caches", help="Do not drop the page cache between runs."),
         timeout: float = typer.Option(1800, "--timeout", help="Seconds before one run is abandoned."),
         rpc: BenchRPCOpt = None,
+        repeats: RepeatsOpt = 3,
         json_out: JsonOpt = False,
     ) -> None:
         """Dense streaming vs stock mmap (repack off) under each budget, and vs stock resident at full size."""
@@ -106,7 +110,7 @@ def register(app: typer.Typer) -> None:
         spec = bench.RunSpec(model=path, threads=threads, ctx=ctx, ubatch=ubatch, prompt_tokens=prompt_tokens,
                              gen_tokens=gen_tokens, window=window, timeout_s=timeout, rpc=endpoints)
         sweep = bench.DenseSweep(spec=spec, budgets=limits, prefetch_threads=tps, use_cgroup=not no_cgroup,
-                                 drop_caches=not no_drop_caches)
+                                 drop_caches=not no_drop_caches, repeats=repeats)
         records = bench.run_dense_sweep(sweep, out_dir, log=log)
         if json_out:
             emit_json(records)
@@ -133,6 +137,7 @@ def register(app: typer.Typer) -> None:
         no_drop_caches: bool = typer.Option(False, "--no-drop-caches", help="Do not drop the page cache between runs."),
         timeout: float = typer.Option(1800, "--timeout", help="Seconds before one run is abandoned."),
         rpc: BenchRPCOpt = None,
+        repeats: RepeatsOpt = 3,
         json_out: JsonOpt = False,
     ) -> None:
         """MoE slot banks vs stock mmap (repack off) in one memory cgroup, at several bank sizes, with stock and
@@ -148,13 +153,65 @@ def register(app: typer.Typer) -> None:
                              gen_tokens=gen_tokens, timeout_s=timeout, sidecar=sc, io_threads=io_threads,
                              rpc=endpoints)
         sweep = bench.MoESweep(spec=spec, budget_bytes=parse_size(budget, what="--budget"), slot_banks=slot_banks,
-                               use_cgroup=not no_cgroup, drop_caches=not no_drop_caches)
+                               use_cgroup=not no_cgroup, drop_caches=not no_drop_caches, repeats=repeats)
         records = bench.run_moe_sweep(sweep, out_dir, log=log)
         if json_out:
             emit_json(records)
         else:
             console.print((out_dir / "results.md").read_text())
             console.print(f"results: {out_dir}/results.jsonl, results.md, slot_bank.png")
+
+    @group.command("all")
+    def all_cmd(
+        only: Optional[str] = typer.Option(None, "--only", help="Comma-separated benchmark names (default: all; "
+                                           "--list names them)."),
+        list_them: bool = typer.Option(False, "--list", help="Name each benchmark, its command and its duration."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands, run nothing."),
+        out_dir: Path = typer.Option(Path("bench-results/all"), "--out-dir", help="One directory per benchmark, "
+                                     "and summary.json."),
+        docs: Optional[Path] = typer.Option(None, "--docs", help="The page whose tables are regenerated (default: "
+                                            "docs/benchmarks.md of this checkout)."),
+        no_docs: bool = typer.Option(False, "--no-docs", help="Leave the page as it is."),
+        regenerate_only: bool = typer.Option(False, "--regenerate-only", help="Run nothing: regenerate the page "
+                                             "from --out-dir's summary.json."),
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Every benchmark on the benchmarks page, one after the other (each interleaves stock and flashflex,
+        medians of 3), then the page's tables and plots regenerated from their results, with machine and hour.
+        The whole set takes hours on 2 cores: --only picks some."""
+        from orchestrator.bench import suite
+        from orchestrator.paths import repo_root
+
+        log = err_console.print if json_out else console.print
+        chosen = suite.by_name([n.strip() for n in only.split(",") if n.strip()] if only else None)
+        page = docs or repo_root() / "docs" / "benchmarks.md"
+        if list_them or dry_run:
+            rows = [{"name": b.name, "what": b.what, "minutes": b.minutes, "needs": b.needs,
+                     "command": suite.shown(b, out_dir / b.name)} for b in chosen]
+            if json_out:
+                emit_json(rows)
+            else:
+                for r in rows:
+                    console.print(f"{r['name']}: {r['what']} (about {r['minutes']} min"
+                                  + (f"; needs a {r['needs']} build" if r["needs"] else "") + ")", markup=False)
+                    console.print(f"  {r['command']}", markup=False)
+                console.print(f"about {sum(b.minutes for b in chosen) / 60:.1f} h in all", markup=False)
+            return
+        if regenerate_only:
+            where = out_dir / "summary.json"
+            if not where.is_file():
+                raise FlashflexError(f"{where} does not exist", "run flashflex bench all first (or give --out-dir)")
+            summary = json.loads(where.read_text())
+        else:
+            summary = suite.run_all(chosen, out_dir, log=log)
+        if not no_docs:
+            suite.regenerate(page, summary, log=log)
+        if json_out:
+            emit_json(summary)
+        failed = [o["name"] for o in summary["benchmarks"] if o["status"].startswith("failed")]
+        if failed:
+            raise FlashflexError(f"{len(failed)} benchmark(s) failed: {', '.join(failed)}",
+                                 f"read their logs under {out_dir} (the others' results are on the page)")
 
     @group.command("speculative")
     def speculative_cmd(
