@@ -136,9 +136,20 @@ def check_isolation(sweep: Any, log: Log) -> None:
         sweep.drop_caches = False
 
 
+def _cpu_model() -> str:
+    """The CPU's model name where the kernel says it (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
     return {
-        "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+        "host": platform.node(), "cpu": _cpu_model(),
         "cores": psutil.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
         "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

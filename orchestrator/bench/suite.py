@@ -191,7 +191,7 @@ def block(b: Benchmark, outcome: dict[str, Any], machine: dict[str, Any]) -> str
     out = Path(outcome["out_dir"])
     cores, ram = machine.get("cores"), machine.get("ram_bytes") or 0
     lines = [f"Measured by `flashflex bench all` on {outcome['started']}: {machine.get('cpu')}, {cores} cores, "
-             f"{ram / 2**30:.0f} GiB ({outcome['seconds'] / 60:.0f} min). Command: `{outcome['command']}`.", "",
+             f"{ram / 2**30:.0f} GiB ({outcome['seconds'] / 60:.1f} min). Command: `{outcome['command']}`.", "",
              (out / b.table).read_text().strip(), ""]
     for src, dest in b.plots:
         if (out / src).is_file():
