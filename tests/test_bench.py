@@ -75,8 +75,8 @@ def test_bench_dense_takes_tp_auto_and_records_what_the_plan_chose(tmp_path, pat
     out = tmp_path / "out"
     budget = f"{model.stat().st_size * 7 // 8}B"
     r = flashflex("bench", "dense", "-m", str(model), "--budgets", budget, "--tp", "auto", "--gen-tokens", "2",
-                  "--prompt-tokens", "2", "--no-cgroup", "--no-drop-caches", "--repeats", "1", "--out-dir", str(out), "--json",
-                  timeout=300)
+                  "--prompt-tokens", "2", "--no-cgroup", "--no-drop-caches", "--repeats", "1", "--out-dir", str(out),
+                  "--json", timeout=300)
     assert r.returncode == 0, r.stderr
     records = json.loads(r.stdout)
     flex = [x for x in records if x["mode"] == "flashflex"]

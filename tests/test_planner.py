@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from orchestrator.cli import plan_cmd
+from orchestrator.computespeed import DecodeProfile
 from orchestrator.config import MoEConfig, PrefetchConfig
 from orchestrator.errors import FlashflexError
 from orchestrator.modelfile.table import ArchInfo, ModelTable, Role, TensorInfo
@@ -29,7 +30,6 @@ from orchestrator.planner import (
     kv_cache_bytes,
     make_plan,
 )
-from orchestrator.computespeed import DecodeProfile
 from orchestrator.planner.make import FAILING_DRAFT_SHARE, RUNTIME_READ_SHARE, draft_row_allowance
 from orchestrator.sizes import GiB, MiB
 from tests.helpers import plan_config, plan_table

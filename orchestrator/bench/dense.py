@@ -46,8 +46,7 @@ def run_dense_sweep(sweep: DenseSweep, out_dir: Path, log: Log = print) -> list[
         bandwidth_at(depth)
     points: list[Point] = []
     for budget in sweep.budgets:
-        baseline = modes.STOCK_RESIDENT if budget >= model_bytes else modes.STOCK_MMAP
-        points.append(Point(baseline, budget))
+        points.append(Point(modes.STOCK_RESIDENT if budget >= model_bytes else modes.STOCK_MMAP, budget))
         points += [Point(modes.FLASHFLEX, budget, tp) for tp in sweep.prefetch_threads]
     with open(out_dir / "runs.jsonl", "w") as raw:  # every run as it finishes; results.jsonl holds the medians
 

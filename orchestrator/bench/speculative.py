@@ -165,7 +165,9 @@ def calibrate(b: SpeculativeBench, budget: int | None, log: Log = print) -> None
     if computespeed.measured(b.model, b.threads) is not None:
         return
     if budget is None:  # the undrafted minimum: drafting's reservation is what the measurement decides
-        budget = api.prepare(budget_bytes=1 << 40, own_decodes=True, **opts).plan.minimum_budget_bytes
+        plan = api.prepare(budget_bytes=1 << 40, own_decodes=True, **opts).plan
+        assert plan is not None  # a budget is given: the model is planned
+        budget = plan.minimum_budget_bytes
     log("calibrating: one undrafted run (not counted) measures a decode step's compute and reads")
     execution.run(api.prepare(budget_bytes=budget, prompt=TASKS[b.tasks[0]][1], log=log, own_decodes=True, **opts))
 

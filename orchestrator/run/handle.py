@@ -153,7 +153,12 @@ class Handle:
         """The runtime's running total of seconds compute waited on streamed reads; None where nothing streams."""
         if self.prepared.spec.stream is None:
             return None
-        return lambda: native.model_stats(self.llm.model)["wait_seconds"]
+
+        def waited() -> float:
+            stats = native.model_stats(self.llm.model)
+            return float(stats["wait_seconds"]) if stats else 0.0
+
+        return waited
 
     def native_stats(self) -> dict[str, Any]:
         """The runtime's counters since the last reset: dense streaming and expert banks."""
