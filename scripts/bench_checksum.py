@@ -2,9 +2,9 @@
 
 Runs `flashflex run --json` in slot-bank mode with verify on and off, alternating, and reports per pair the decode
 tok/s of both and the runtime's own timer for checksumming (`verify_seconds`: CPU time of the threads that
-checksum, summed) as a share of decode time, and the checksum's speed; medians over the pairs. Needs the benchmark
-model and its sidecar (`flashflex bench moe` makes them, or `flashflex gguf synth --preset moe-a3b-12l-q4_0` +
-`flashflex sidecar extract`).
+checksum, summed) as a share of decode time, and the checksum's speed; medians over the pairs. Without --model, the
+MoE benchmark model (synthetic A3B shape) and its sidecar, generated once into the cache like `flashflex bench moe`
+does.
 
     python scripts/bench_checksum.py --slots 32 --pairs 3 --out bench-results/checksum
 """
@@ -18,8 +18,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-from orchestrator.paths import cache_root
 
 PROMPT = "the model reads its weights from the disk when they are needed and keeps the rest in memory"
 
@@ -43,15 +41,21 @@ def run(model: Path, sidecar: Path, slots: int, n: int, verify: bool) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = cache_root() / "models" / "synth" / "moe-a3b-12l-q4_0-seed0.gguf"
-    ap.add_argument("--model", type=Path, default=default)
+    ap.add_argument("--model", type=Path, default=None, help="a MoE GGUF with a sidecar (default: the synthetic "
+                    "A3B-shape benchmark model, generated once)")
     ap.add_argument("--sidecar", type=Path, default=None)
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("-n", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("bench-results/checksum"))
     args = ap.parse_args()
-    sidecar = args.sidecar or args.model.with_name(args.model.name.removesuffix(".gguf") + ".sidecar")
+    if args.model is None:
+        from orchestrator.bench.speculative import resolve_model
+
+        args.model = resolve_model("synth:moe-a3b-12l-q4_0", lambda m: print(m, file=sys.stderr))
+    from orchestrator import sidecar as sidecars
+
+    sidecar = args.sidecar or sidecars.default_path(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for _ in range(args.pairs):
