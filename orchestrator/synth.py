@@ -213,6 +213,11 @@ PRESETS: dict[str, dict] = {
                              n_head=32, n_head_kv=4, head_dim=128, n_expert=128, n_expert_used=8,
                              expert_ffn=768, n_vocab=151936, n_ctx_train=40960, quant="q4_0",
                              rope_freq_base=1000000.0),
+    # Fewer, wider experts and top-4 routing (64 experts, 16 layers, ~3.9 GiB): a layer misses at most 4 experts a
+    # token, so small banks have few reads in flight (issue 27's small-bank case)
+    "moe-64x4-16l-q4_0": dict(name="moe-64x4-shaped-16l", arch="qwen3moe", n_layer=16, n_embd=2048, n_head=32,
+                              n_head_kv=4, head_dim=128, n_expert=64, n_expert_used=4, expert_ffn=1024,
+                              n_vocab=151936, n_ctx_train=40960, quant="q4_0", rope_freq_base=1000000.0),
     # Draft models for speculative decoding on the benchmark shapes: small dense llama models with the target's
     # n_vocab (the vocabulary is made from n_vocab alone, so speculative.check_vocab accepts them), resident
     # when drafting. Random weights: what they draft is not what the target picks; they are for the mechanics.

@@ -47,6 +47,9 @@ def test_benchmark_presets_have_the_advertised_shapes():
     experts = [t for t in synth.plan_tensors(moe) if "_exps" in t.name]
     assert len(experts) == 3 * 12
     assert experts[0].shape == (2048, 768, 128)
+    top4 = synth.preset("moe-64x4-16l-q4_0")  # issue 27's small-bank case: few misses a layer
+    assert (top4.n_layer, top4.n_expert, top4.n_expert_used) == (16, 64, 4)
+    assert 3.7 * 2**30 < synth.estimate_bytes(top4) < 4.1 * 2**30
 
 
 @pytest.mark.parametrize("draft, target", [("draft-for-7b", "dense-7b-q4_0"), ("draft-for-a3b", "moe-a3b-12l-q4_0"),

@@ -28,7 +28,8 @@ def _synth_model(preset: str, log) -> Path:
 
 
 MoEModelOpt = Annotated[Optional[Path], typer.Option(
-    "--model", "-m", help="MoE GGUF to benchmark (default: synthetic Qwen3-30B-A3B-shaped, 12 layers, Q4_0, ~4.6 GB).")]
+    "--model", "-m", help="MoE GGUF to benchmark, or synth:PRESET (default: synthetic Qwen3-30B-A3B-shaped, 12 layers, "
+    "Q4_0, ~4.6 GB).")]
 SidecarOpt = Annotated[Optional[Path], typer.Option(
     "--sidecar", help="Its expert sidecar (default: MODEL.sidecar beside it, extracted once when missing).")]
 IOThreadsOpt = Annotated[int, typer.Option("--io-threads", min=1, help="Parallel readers for expert misses.")]
@@ -322,7 +323,10 @@ def _moe_model_and_sidecar(model: Path | None, sidecar: Path | None, log) -> tup
     from orchestrator import sidecar as sidecar_mod
     from orchestrator.modelfile.locate import check_gguf_file
 
-    path = check_gguf_file(model) if model else _synth_model("moe-a3b-12l-q4_0", log)
+    if model is not None and str(model).startswith("synth:"):
+        path = _synth_model(str(model).removeprefix("synth:"), log)
+    else:
+        path = check_gguf_file(model) if model else _synth_model("moe-a3b-12l-q4_0", log)
     if sidecar is None:
         return path, sidecar_mod.beside(path, log)
     sidecar_mod.check_sidecar(sidecar, path)
