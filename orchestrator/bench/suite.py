@@ -74,10 +74,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               ("scripts/bench_serve_batching.py", "--clients", "1,4,8", "--reps", "3", "--tokens", "16", "--out",
                "{out}"), "summary.md", 25, (("serve-batching.png", "serve-batching.png"),)),
     Benchmark("checksum", "checking every expert read against its checksum, on and off",
-              ("scripts/bench_checksum.py", "--slots", "32", "--pairs", "3", "--out", "{out}"), "summary.md", 30),
+              ("scripts/bench_checksum.py", "--slots", "32", "--pairs", "3", "--out", "{out}"), "summary.md", 2),
     Benchmark("rpc-dense", "two memory cgroups over RPC on loopback, dense",
               ("scripts/bench_rpc.py", "--model", "dense-wide-16l-q4_0", "--cgroup", "1.5GiB", "--repeats", "3",
-               "--out", "{out}"), "summary.md", 30),
+               "--out", "{out}"), "summary.md", 4),
     Benchmark("hybrid-vulkan", "dense layers on the GPU, experts in host banks (Vulkan build only)",
               ("scripts/bench_hybrid.py", "--out", "{out}"), "bench.md", 30, needs="vulkan"),
 )
