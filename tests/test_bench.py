@@ -114,10 +114,10 @@ def test_the_moe_roofline_never_divides_by_less_than_the_runs_reached():
 
 def test_the_dense_roofline_never_divides_by_less_than_the_runs_reached():
     g = 1 << 30
-    quick = _rec("flashflex", 2 * g, 2, 1.5, streamed=g, bw=g)  # read 1.5 GiB/s of weights: faster than the probe
-    quick["stream"] = {"effective_read_bandwidth": 1.5 * g}
-    other = _rec("flashflex", 3 * g, 2, 1.0, streamed=g, bw=g)
-    other["stream"] = {"effective_read_bandwidth": 1.0 * g}
+    # the worker's records: bytes read per generated token (decode only); 1 GiB a token at 1.5 tok/s is 1.5 GiB/s,
+    # faster than the probe
+    quick = {**_rec("flashflex", 2 * g, 2, 1.5, streamed=g, bw=g), "bytes_read_per_token": g}
+    other = {**_rec("flashflex", 3 * g, 2, 1.0, streamed=g, bw=g), "bytes_read_per_token": g}
     bench._add_ratios([_rec("stock-mmap", 2 * g, None, 0.5), quick, other])
     assert quick["roofline_bandwidth_source"] == "fastest run" and quick["roofline_bandwidth_bytes_per_s"] == 1.5 * g
     assert abs(quick["per_token_s_over_roofline"] - 1.0) < 1e-9  # at the roofline, not below it
@@ -145,3 +145,4 @@ def test_points_are_measured_interleaved_and_the_median_run_reported():
     assert [r["decode_tok_per_s"] for r in out[:2]] == [2.0, 5.0]
     assert out[0]["repeats"] == [1.0, 3.0, 2.0] and out[1]["repeats"] == [5.0, 4.0, 6.0]
     assert out[2]["status"] == "killed" and out[2]["tp"] == 4
+

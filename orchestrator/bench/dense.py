@@ -74,7 +74,9 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
     the bandwidth probed at the run's thread count, or at the fastest any run of the sweep read its weights (bytes
     over decode seconds) where that is faster, so the ratio measures the runtime rather than the probe."""
     stock = {r["budget_bytes"]: r for r in records if modes.is_stock_baseline(r["mode"]) and r.get("status") == "ok"}
-    achieved = max(((r.get("stream") or {}).get("effective_read_bandwidth") or 0.0
+    # what a run's decode read per second: its streamed bytes per generated token (the worker's counters, reset
+    # after the prompt) times its tokens per second
+    achieved = max(((r.get("bytes_read_per_token") or 0.0) * (r.get("decode_tok_per_s") or 0.0)
                     for r in records if r.get("status") == "ok"), default=0.0)
     for r in records:
         if r.get("status") != "ok":

@@ -46,10 +46,10 @@ class Benchmark:
 
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("dense-7b", "dense streaming vs stock mmap and resident, 7B shape, budgets 1-3 GiB and full",
-              ("flashflex", "bench", "dense", "--tp", "auto,0", "--out-dir", "{out}"), "results.md", 25,
+              ("flashflex", "bench", "dense", "--tp", "auto,0", "--out-dir", "{out}"), "results.md", 16,
               (("tok_s_vs_budget.png", "dense-7b-tok_s_vs_budget.png"),)),
     Benchmark("moe-a3b", "MoE slot banks vs stock mmap, A3B shape, 2 GiB cgroup",
-              ("flashflex", "bench", "moe", "--banks", "8,16,24,32,auto", "--out-dir", "{out}"), "results.md", 30,
+              ("flashflex", "bench", "moe", "--banks", "8,16,24,32,auto", "--out-dir", "{out}"), "results.md", 6,
               (("slot_bank.png", "moe-a3b-slot_bank.png"),)),
     Benchmark("moe-64x4", "MoE slot banks vs stock mmap, 64 experts top-4 (few misses a layer), 1.5 GiB cgroup",
               ("flashflex", "bench", "moe", "-m", "synth:moe-64x4-16l-q4_0", "--budget", "1.5GiB", "--banks",
