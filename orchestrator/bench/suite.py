@@ -133,7 +133,7 @@ def _backends() -> set[str]:
         return set()
 
 
-def run_one(b: Benchmark, out_root: Path, log: Log, backends: set[str]) -> Outcome:
+def run_one(b: Benchmark, out_root: Path, backends: set[str]) -> Outcome:
     out = out_root / b.name
     outcome = Outcome(name=b.name, command=shown(b, out), status="ok", out_dir=str(out))
     if b.needs is not None and b.needs not in backends:
@@ -166,7 +166,7 @@ def run_all(benchmarks: list[Benchmark], out_root: Path, log: Log = print) -> di
     total = sum(b.minutes for b in benchmarks)
     for i, b in enumerate(benchmarks, 1):
         log(f"[{i}/{len(benchmarks)}] {b.name}: {b.what} (about {b.minutes} min; {total} min left in all)")
-        outcome = run_one(b, out_root, log, backends)
+        outcome = run_one(b, out_root, backends)
         total -= b.minutes
         log(f"  {outcome.status}" + (f" in {outcome.seconds / 60:.1f} min" if outcome.seconds else "")
             + (f"; log {outcome.log}" if outcome.status != "ok" and outcome.log else ""))
