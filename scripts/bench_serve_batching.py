@@ -126,10 +126,11 @@ def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, 
         cmd = [sys.executable, "-m", "orchestrator", "serve", "--engine", "llama-server", "-m", str(model),
                "--budget", f"{budget}B", "--ctx", str(ctx), "--ubatch", str(ubatch), "--parallel", str(parallel),
                "--threads", str(threads), "--port", str(port)]
-    else:  # stock llama-server from the same build, the same flags; mmap, weights not repacked (page cache only)
+    else:  # stock llama-server from the same build, the same flags (one micro-batch per decode call, as flashflex
+        # serve runs it); mmap, weights not repacked (page cache only)
         from orchestrator import tools
 
-        cmd = [str(tools.locate("llama-server")), "-m", str(model), "-c", str(ctx * parallel), "-b", "512",
+        cmd = [str(tools.locate("llama-server")), "-m", str(model), "-c", str(ctx * parallel), "-b", str(ubatch),
                "-ub", str(ubatch), "-t", str(threads), "-tb", str(threads), "-fit", "off", "-ngl", "0",
                "-np", str(parallel), "-kvu",
                "-cram", "0", "--no-repack", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]

@@ -195,3 +195,17 @@ def test_llama_server_plans_a_row_per_slot(measuring, dense_model):
 
     slots = llama_server.plan_slots(_config(dense_model, "1GiB"), {}, 4, log=lambda _m: None)
     assert slots.prepared.settings.outputs == 4  # as llama-server sizes its context: one output per slot
+
+
+def test_llama_server_decodes_a_micro_batch_per_call_unless_a_config_sets_the_batch(measuring, dense_model):
+    """Prompts that arrive together get their first tokens as their micro-batch finishes, not after all of them:
+    the logical batch is the micro-batch; a batch the config sets is kept."""
+    from orchestrator import llama_server
+
+    def planned(**more):
+        cfg = load_run_config(None, {"model.path": dense_model, "budget.size": "1GiB", "context.ctx": CTX,
+                                     "context.ubatch": UBATCH, **more})
+        return llama_server.plan_slots(cfg, {}, 2, log=lambda _m: None).prepared.settings
+
+    assert (planned().batch, planned().ubatch) == (UBATCH, UBATCH)
+    assert planned(**{"context.batch": BATCH}).batch == BATCH
