@@ -112,6 +112,17 @@ def test_the_moe_roofline_divides_by_the_probe_or_what_the_run_itself_reached():
     assert "| 0.80 GB/s | 1.00 GB/s | 80% |" in table and "| 2.00 GB/s | 1.00 GB/s | 200% |" in table
 
 
+def test_the_moe_roofline_reads_the_dense_weights_a_plan_streams_too():
+    """A bank the budget holds only by streaming dense weights (an explicit one) reads them beside its misses: the
+    roofline counts both (16 slots of the top-4 shape at 1.5 GiB streamed 42 MB a token and looked 1.36x without)."""
+    streaming = {**_moe("slot-bank", 2.0, slots=16, miss_bytes=3e8, hit=0.4), "bytes_read_per_token": 1e8}
+    records = [_moe("stock-resident", 10.0, budget=None), streaming]
+    bench._add_moe_ratios(records)
+    # 0.1 s resident compute + (0.3 + 0.1) GB at 1 GB/s = 0.5 s, as the run took
+    assert abs(streaming["per_token_s_over_roofline"] - 1.0) < 1e-9
+    assert "| 286.1 | 95.4 |" in bench.moe_markdown(records)
+
+
 def test_the_expert_probe_reads_whole_experts_of_banked_tensors(tmp_path, monkeypatch):
     """The probe reads as misses do: every banked tensor's slice of one expert of a layer, page-rounded, at the
     run's queue depth; different seeds read different experts."""

@@ -76,3 +76,23 @@ def test_every_benchmark_on_the_page_has_its_markers_and_an_unknown_name_is_one_
     dry = flashflex("bench", "all", "--only", "ring-7b", "--dry-run", "--out-dir", str(tmp_path / "x"))
     assert dry.returncode == 0 and "scripts/bench_ring.py --model dense-7b-q4_0" in dry.stdout
     assert not (tmp_path / "x").exists()  # nothing ran
+
+
+def test_regenerate_only_with_only_replaces_those_tables_alone(tmp_path: Path):
+    """`--regenerate-only --only NAME` rewrites NAME's table from the summary and leaves the others the summary holds
+    as the page has them."""
+    out = tmp_path / "out"
+    outcomes = []
+    for name in ("ring-7b", "ring-5120"):
+        (out / name).mkdir(parents=True)
+        (out / name / "summary.md").write_text(f"| {name} new |\n")
+        outcomes.append({"name": name, "command": f"python scripts/bench_ring.py ({name})", "status": "ok",
+                         "started": "2026-12-06 07:00:00 UTC", "seconds": 60.0, "out_dir": str(out / name)})
+    (out / "summary.json").write_text(json.dumps({"machine": {"cores": 2, "ram_bytes": 24 << 30, "cpu": "a CPU"},
+                                                  "benchmarks": outcomes}))
+    page = _page(tmp_path, ["ring-7b", "ring-5120"])
+    done = flashflex("bench", "all", "--regenerate-only", "--only", "ring-7b", "--out-dir", str(out), "--docs",
+                     str(page))
+    assert done.returncode == 0, done.stderr
+    text = page.read_text()
+    assert "| ring-7b new |" in text and "| ring-5120 new |" not in text and text.count("| old |") == 1

@@ -205,8 +205,8 @@ def register(app: typer.Typer) -> None:
             summary = json.loads(where.read_text())
         else:
             summary = suite.run_all(chosen, out_dir, log=log)
-        if not no_docs:
-            suite.regenerate(page, summary, log=log)
+        if not no_docs:  # with --only, those benchmarks' tables alone (the summary may hold more)
+            suite.regenerate(page, summary, chosen, log=log)
         if json_out:
             emit_json(summary)
         failed = [o["name"] for o in summary["benchmarks"] if o["status"].startswith("failed")]
