@@ -612,6 +612,21 @@ def test_cli_table_and_explain(cli):
     result = cli("moe.gguf", "-am", "20MiB", "--ctx", "256", "--ubatch", "16", "--explain")
     assert result.exit_code == 0, result.output
     assert "slot-bank" in result.stdout and "layers" in result.stdout and "slot bank" in result.stdout
+    said = " ".join(result.stdout.split())
+    assert "expert prefetch: off" in said and "--moe-prefetch router-lookahead turns it on" in said
+
+
+def test_explain_says_what_reads_experts_ahead():
+    """Issue 27: lookahead is on only where asked (it lost its A/B), and the explanation says which is which."""
+    from types import SimpleNamespace
+
+    from orchestrator.planner.explain import _expert_prefetch_line
+
+    asked = _expert_prefetch_line(SimpleNamespace(prefetch="router-lookahead", prefetch_ranks=2, io_threads=4))
+    assert asked.startswith("expert prefetch: router-lookahead, asked for") and "top 2" in asked
+    assert "oracle" in _expert_prefetch_line(SimpleNamespace(prefetch="oracle", prefetch_ranks=None, io_threads=4))
+    off = _expert_prefetch_line(SimpleNamespace(prefetch="none", prefetch_ranks=None, io_threads=3))
+    assert off.startswith("expert prefetch: off") and "3 I/O threads" in off
 
 
 def test_cli_draft_reserves_the_verification_batch_as_run_would(cli):

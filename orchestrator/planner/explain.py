@@ -141,6 +141,7 @@ def explain(plan: Plan) -> list[str]:
             dense_idx = [lp.layer for lp in plan.layers if lp.slot_bank is None]
             if dense_idx:
                 lines.append(f"{_layers_label(dense_idx)}: no routed experts, no bank")
+            lines.append(_expert_prefetch_line(m))
     e = plan.estimates
     if e.streamed_bytes_per_token:
         hit = (f"; expected hit rate {e.expected_hit_rate:.0%} ({e.hit_rate_model})"
@@ -153,6 +154,20 @@ def explain(plan: Plan) -> list[str]:
         lines.append("nothing is read per token: not I/O bound")
     lines.extend(f"warning: {w}" for w in plan.warnings)
     return lines
+
+
+def _expert_prefetch_line(m) -> str:
+    """What reads experts ahead of their use, and why (issue 27: lookahead on only where an A/B shows it wins)."""
+    if m.prefetch == "router-lookahead":
+        ranks = f"each token's top {m.prefetch_ranks}" if m.prefetch_ranks else "the default ranks"
+        return (f"expert prefetch: router-lookahead, asked for: layer L+1's router applied to layer L's input reads "
+                f"{ranks} predicted experts ahead, behind the demand reads")
+    if m.prefetch == "oracle":
+        return "expert prefetch: the replayed trace's next call, read ahead (oracle)"
+    return ("expert prefetch: off. Misses are read on demand, in parallel by "
+            f"{m.io_threads} I/O threads (every banked tensor of a missed expert in one batch); router-lookahead "
+            "lost the project's last A/B (0.91-0.97x slot-bank alone on the A3B shape, docs/benchmarks.md), so it is "
+            "not a default: --moe-prefetch router-lookahead turns it on")
 
 
 def format_tokens_per_s(x: float | None) -> str:
