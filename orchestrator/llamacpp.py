@@ -24,6 +24,20 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def disk_read_bytes() -> int | None:
+    """Bytes this process (all its threads) has had read from storage so far: /proc/self/io read_bytes, which
+    counts O_DIRECT reads and the page-cache misses of mmap faults alike (not what the page cache served). None where
+    the kernel does not say (another OS, or no task I/O accounting)."""
+    try:
+        with open("/proc/self/io") as fh:
+            for line in fh:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def return_freed_memory() -> None:
     """Give the memory Python and the C heap have freed back to the system (a collection, then glibc's malloc_trim
     where there is one), before a child that needs it starts: freed heap otherwise stays in this process's RSS."""

@@ -13,7 +13,8 @@ model bytes - (budget - runtime overhead), what a plan with no prefetch memory a
 runtime overhead is measured: the process before it loads anything, and the KV cache and compute buffers llama.cpp
 allocates (what no weight can use). `x floor` is streamed / floor (issue 27's goal: at most 1.10). The roofline is
 the streamed bytes over the direct-read bandwidth probed in the same run at the run's thread count (the deepest
-probed queue not above it). Writes runs.jsonl and summary.md to --out and prints the table.
+probed queue not above it). "read from disk/token" is every run's own count (/proc/self/io over decode): for
+stock, the page-cache misses its mmap faults read. Writes runs.jsonl and summary.md to --out and prints the table.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def main() -> int:
              + ", ".join(f"QD{d} {bw / 1e9:.2f} GB/s" for d, bw in sorted(probe.items()))
              + f"; the fastest a run read its weights {achieved / 1e9:.2f} GB/s (the roofline divides by the faster "
              "of that and the probe at the run's threads)", "",
-             "| run | decode tok/s | × stock | streamed/token | × floor | resident weights | ring | tp | "
-             "time/token ÷ roofline | runs ok |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | decode tok/s | × stock | streamed/token | × floor | read from disk/token | resident weights "
+             "| ring | tp | time/token ÷ roofline | runs ok |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     stock = {False: median("stock mmap", "decode_tok_per_s"), True: median("stock resident (full)", "decode_tok_per_s")}
     for name, point, _ in configs:
         dec = median(name, "decode_tok_per_s")
@@ -122,6 +123,7 @@ def main() -> int:
         lines.append(f"| {name} | {fmt(dec)} | {fmt(ratio, '.2f')}"
                      f" | {format_size(streamed) if streamed else '-'} | "
                      f"{fmt(streamed / floor if streamed and floor else None, '.3f')} | "
+                     f"{format_size(disk) if (disk := median(name, 'disk_read_bytes_per_token')) else '-'} | "
                      f"{format_size(median(name, 'resident_bytes')) if median(name, 'resident_bytes') else '-'} | "
                      f"{format_size(median(name, 'ring_bytes')) if median(name, 'ring_bytes') else '-'} | "
                      f"{fmt(tp, '.0f')} | {fmt(roof, '.2f')} | {ok}/{args.repeats} |")

@@ -74,7 +74,7 @@ def _prepare(point: dict, spec: dict, out: dict):
 
 def _measure(handle, spec: dict, out: dict) -> None:
     from orchestrator import exact
-    from orchestrator.llamacpp import peak_rss_bytes
+    from orchestrator.llamacpp import disk_read_bytes, peak_rss_bytes
     from orchestrator.run.execution import RPCTraffic, reset_stats, runtime_stats
 
     llm, run_spec = handle.llm, handle.prepared.spec
@@ -89,10 +89,14 @@ def _measure(handle, spec: dict, out: dict) -> None:
     prompt_s = time.perf_counter() - t1
     wire.phase("prompt", len(prompt))
     reset_stats(llm, run_spec)
+    disk0 = disk_read_bytes()
     t2 = time.perf_counter()
     for tok in gen:
         llm.eval([tok])
     decode_s = time.perf_counter() - t2
+    disk1 = disk_read_bytes()
+    if disk0 is not None and disk1 is not None:  # every run, stock's page-cache misses included
+        out["disk_read_bytes_per_token"] = (disk1 - disk0) / len(gen)
     wire.phase("decode", len(gen))
     if wire.phases:
         out.update(rpc_traffic=wire.phases, rpc_bytes_per_token=wire.phases["decode"]["bytes_per_token"])
