@@ -67,7 +67,8 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
         if "batch" not in cfg.context.model_fields_set:
             # one decode call per micro-batch: a slot whose prompt ends in the first micro-batch samples its first
             # token after it, not after every prompt that arrived with it (each micro-batch is a pass over the
-            # streamed weights either way); 8 clients at once: TTFT p50 3.4 s against 4.2 s (docs/benchmarks.md)
+            # streamed weights either way); 8 clients at once on the 7B shape: TTFT p50 3.42 s against 4.29 s with
+            # -b 512 (docs/benchmarks.md, "Many clients from one budget")
             slotted.context.batch = slotted.context.ubatch
         try:
             prepared = api.prepare(slotted, log=log, chat=True)

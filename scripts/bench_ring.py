@@ -123,7 +123,7 @@ def main() -> int:
         lines.append(f"| {name} | {fmt(dec)} | {fmt(ratio, '.2f')}"
                      f" | {format_size(streamed) if streamed else '-'} | "
                      f"{fmt(streamed / floor if streamed and floor else None, '.3f')} | "
-                     f"{format_size(disk) if (disk := median(name, 'disk_read_bytes_per_token')) else '-'} | "
+                     f"{'-' if (disk := median(name, 'disk_read_bytes_per_token')) is None else format_size(disk)} | "
                      f"{format_size(median(name, 'resident_bytes')) if median(name, 'resident_bytes') else '-'} | "
                      f"{format_size(median(name, 'ring_bytes')) if median(name, 'ring_bytes') else '-'} | "
                      f"{fmt(tp, '.0f')} | {fmt(roof, '.2f')} | {ok}/{args.repeats} |")

@@ -184,3 +184,39 @@ def test_points_are_measured_interleaved_and_the_median_run_reported():
     assert out[0]["repeats"] == [1.0, 3.0, 2.0] and out[1]["repeats"] == [5.0, 4.0, 6.0]
     assert out[2]["status"] == "killed" and out[2]["tp"] == 4
 
+
+
+def test_disk_read_bytes_counts_what_came_from_storage_not_the_page_cache(tmp_path):
+    """The worker's per-run "read from disk" is /proc/self/io read_bytes: a file read after its pages are dropped
+    counts in full; read again from the page cache, nothing."""
+    import os
+
+    import pytest
+
+    from orchestrator.llamacpp import disk_read_bytes
+
+    if disk_read_bytes() is None:
+        pytest.skip("this kernel does not report task I/O (/proc/self/io)")
+    path = tmp_path / "blob"
+    size = 8 << 20
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(size))
+        fh.flush()
+        os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped, so the next read goes to storage
+        before = disk_read_bytes()
+        while os.read(fd, 1 << 20):
+            pass
+        cold = disk_read_bytes() - before
+        os.lseek(fd, 0, os.SEEK_SET)
+        before = disk_read_bytes()
+        while os.read(fd, 1 << 20):
+            pass
+        warm = disk_read_bytes() - before
+    finally:
+        os.close(fd)
+    if cold == 0:
+        pytest.skip("storage reads are not accounted to tasks here (tmpfs, or a filesystem without block I/O)")
+    assert cold >= size and warm == 0

@@ -114,6 +114,8 @@ def direct_read_bandwidth(path: Path, queue_depth: int, total_bytes: int = 1 << 
 def parallel_direct_reads(reads: list[tuple[Path, int, int]], queue_depth: int) -> float:
     """Bytes/s of O_DIRECT reads of (file, offset, bytes), page-aligned, by `queue_depth` threads taking them in
     order from one queue (the page cache is dropped first; O_DIRECT bypasses it anyway)."""
+    if not reads:  # a file smaller than one read
+        return 0.0
     flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     drop_page_cache()
     fds = {path: os.open(path, flags) for path in dict.fromkeys(p for p, _, _ in reads)}

@@ -84,13 +84,14 @@ def run_moe_sweep(sweep: MoESweep, out_dir: Path, log: Log = print) -> list[dict
     """stock mmap (repack off) and slot-bank at each bank size in the same cgroup, cold cache; stock and
     flashflex `resident` without a limit for reference; before every slot-bank run, the sidecar's parallel direct-read
     bandwidth measured the way its misses read (expert_read_bandwidth), so that each point's roofline divides by the
-    median of the probes interleaved with its runs."""
+    median of the probes interleaved with its runs, or by the run's own miss bandwidth where that is faster."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = sweep.spec
     manifest, context = _moe_sweep_context(sweep, log)
     sidecar = spec.sidecar
     assert sidecar is not None
     probes: dict[str, list[float]] = {}
+    first_seed = random.randrange(1 << 30)  # another sweep draws other experts than this one's
     points = [Point(modes.STOCK_RESIDENT, None), Point(modes.RESIDENT, None),
               Point(modes.STOCK_MMAP, sweep.budget_bytes)]
     points += [Point(modes.SLOT_BANK, sweep.budget_bytes, slot_bank=n) for n in sweep.slot_banks]
@@ -99,9 +100,9 @@ def run_moe_sweep(sweep: MoESweep, out_dir: Path, log: Log = print) -> list[dict
         def measure(point: Point) -> dict[str, Any]:
             probe = None
             if point.banked:
-                # a seed of its own: experts no probe of this sweep has read, as a run's misses are
+                # a seed of its own: other random experts than the probes before it drew (some overlap)
                 probe = expert_read_bandwidth(sidecar, manifest, spec.io_threads,
-                                              seed=1 + sum(map(len, probes.values())))
+                                              seed=first_seed + sum(map(len, probes.values())))
                 probes.setdefault(point.label, []).append(probe)
             rec = run_point(point, spec, sweep.use_cgroup, sweep.drop_caches, log)
             raw.write(json.dumps({**rec, **context, "probe_bandwidth_bytes_per_s": probe}) + "\n")
@@ -164,7 +165,8 @@ def moe_markdown(records: list[dict[str, Any]]) -> str:
         "",
         f"Parallel direct reads of the sidecar as misses read them ({first['io_threads']} threads, a random "
         "expert's slices together), probed before every slot-bank run: \"probe\" is the median of a point's probes; "
-        "the roofline divides by the faster of that and the run's own miss bandwidth.",
+        "the roofline divides by the faster of that and the run's own miss bandwidth, so where misses ÷ probe is "
+        "100% or more, time ÷ roofline measures the time beyond the run's own reads, and misses ÷ probe the reads.",
         "",
         "| run | cgroup | slots | decode tok/s | × stock mmap | hit rate | misses/token | miss MiB/token | "
         "dense streamed MiB/token | miss bandwidth | probe | misses ÷ probe | roofline tok/s | time/token ÷ roofline "
