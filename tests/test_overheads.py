@@ -207,5 +207,6 @@ def test_llama_server_decodes_a_micro_batch_per_call_unless_a_config_sets_the_ba
                                      "context.ubatch": UBATCH, **more})
         return llama_server.plan_slots(cfg, {}, 2, log=lambda _m: None).prepared.settings
 
-    assert (planned().batch, planned().ubatch) == (UBATCH, UBATCH)
+    default = planned()
+    assert (default.batch, default.ubatch) == (UBATCH, UBATCH)
     assert planned(**{"context.batch": BATCH}).batch == BATCH

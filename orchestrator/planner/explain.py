@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 from orchestrator.modelfile.table import Role
+from orchestrator.modes import ROUTER_LOOKAHEAD
 from orchestrator.planner.schema import Plan, RPCDevicePlan
 from orchestrator.rpc import LOCAL
 from orchestrator.sizes import format_rate, format_size
@@ -158,7 +159,7 @@ def explain(plan: Plan) -> list[str]:
 
 def _expert_prefetch_line(m) -> str:
     """What reads experts ahead of their use, and why (issue 27: lookahead on only where an A/B shows it wins)."""
-    if m.prefetch == "router-lookahead":
+    if m.prefetch == ROUTER_LOOKAHEAD:
         ranks = f"each token's top {m.prefetch_ranks}" if m.prefetch_ranks else "the default ranks"
         return (f"expert prefetch: router-lookahead, asked for: layer L+1's router applied to layer L's input reads "
                 f"{ranks} predicted experts ahead, behind the demand reads")
