@@ -135,6 +135,9 @@ def _bind_streaming(cdll: ctypes.CDLL) -> None:
     cdll.llama_flashflex_model_error.argtypes = [ctypes.c_void_p]
     cdll.llama_flashflex_model_error.restype = ctypes.c_char_p
     # bool llama_flashflex_abort_callback(void * model);  (a ggml_abort_callback)
+    # int64_t llama_flashflex_lend_rows(struct llama_context * ctx, bool lend);
+    cdll.llama_flashflex_lend_rows.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+    cdll.llama_flashflex_lend_rows.restype = ctypes.c_int64
 
 
 def _bind_banks(cdll: ctypes.CDLL) -> None:
@@ -198,6 +201,8 @@ def spec_document(spec, trace_file: str | None = None) -> dict[str, Any]:
         options.update(prefetch_threads=stream.prefetch_threads, window=stream.window)
         if stream.ring_bytes:
             options["ring_bytes"] = stream.ring_bytes
+        if stream.lent_bytes:
+            options["lent_bytes"] = stream.lent_bytes
         if not stream.mirror:
             options["ring_mirror"] = 0
     if banks is not None:
@@ -291,6 +296,16 @@ def moe_stats_reset(model_ptr) -> None:
 
 def model_stats_reset(model_ptr) -> None:
     lib().llama_flashflex_model_stats_reset(model_ptr)
+
+
+def lend_rows(ctx_ptr, lend: bool) -> int:
+    """llama_flashflex_lend_rows: lend (True) the memory a plan reserved for drafting's verification rows to
+    streamed weights, between decodes that ask for one row of logits, or take it back (False) before a batch asks
+    for more. Returns the bytes lent (0: nothing to lend yet); FlashflexError where the rows cannot be given back."""
+    n = lib().llama_flashflex_lend_rows(ctx_ptr, lend)
+    if n < 0:
+        raise FlashflexError(last_error(), "leave drafting's rows unlent: --draft none, or --draft-max to size them")
+    return int(n)
 
 
 def model_error(model_ptr) -> str | None:

@@ -486,25 +486,41 @@ class ModelDrafter(Drafter):
 Recorder = Callable[[list[int], int, np.ndarray], None]
 """attach's recorder: (tokens of one decode call, position of the first, logits of its output rows)."""
 
+Lender = Callable[[bool], bool]
+"""attach's lender: lend (True) the verification rows' memory to streamed weights, or take it back (False);
+returns whether it is lent now (Handle.row_lender, over llama_flashflex_lend_rows)."""
+
+# Plain steps in a row (the adaptive length at 0, or nothing to draft) after which the rows' memory is lent to
+# streamed weights: the first lent step reads the lent tensors into it instead of the ring (no extra bytes), the
+# later ones skip them; taking it back before a verification costs page faults, not reads.
+LEND_AFTER_IDLE = 2
+
 
 def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None = None,
-           waited: Callable[[], float] | None = None) -> None:
+           waited: Callable[[], float] | None = None, lend: Lender | None = None) -> None:
     """Give an open llama_cpp.Llama the drafter: `llm.generate` (so create_completion, chat, the server) drafts
     and verifies. Its eval is replaced by one that asks for every row's logits only in a verification batch (at
     most `max_batch` tokens after the prompt), keeps no copy of them (llm.scores stays unused: logprobs are not
     offered, as with logits_all off), and reports each decode's tokens and seconds to the drafter, with the
-    seconds it waited on streamed reads when `waited` (the runtime's running total) is given."""
+    seconds it waited on streamed reads when `waited` (the runtime's running total) is given. With `lend`, the memory
+    the plan reserved for the verification rows holds streamed weights after LEND_AFTER_IDLE plain steps in a row,
+    and goes back to the rows before the next verification."""
     from llama_cpp.llama_speculative import LlamaDraftModel
 
     LlamaDraftModel.register(type(drafter))
     llm.draft_model = drafter
     drafter.n_ctx = llm.n_ctx()
     n_vocab = llm.n_vocab()
+    lent = False
+    plain_steps = 0
 
     def eval(tokens: Sequence[int]) -> None:
+        nonlocal lent, plain_steps
         tokens = list(tokens)
         llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
         every_row = llm.n_tokens > 0 and 1 < len(tokens) <= max_batch
+        if lent and every_row:
+            lent = lend(False) if lend is not None else False
         w0 = waited() if waited is not None else 0.0
         t0 = time.perf_counter()
         for i in range(0, len(tokens), llm.n_batch):
@@ -521,6 +537,9 @@ def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None
                 recorder(batch, n_past, np.array(logits, dtype=np.float32, copy=True).reshape(rows, n_vocab))
         seconds = time.perf_counter() - t0
         drafter.observe_eval(len(tokens), seconds, waited() - w0 if waited is not None else None)
+        plain_steps = plain_steps + 1 if len(tokens) == 1 else 0
+        if lend is not None and not lent and plain_steps >= LEND_AFTER_IDLE:
+            lent = lend(True)
 
     llm.eval = eval
 

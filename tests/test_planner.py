@@ -30,7 +30,7 @@ from orchestrator.planner import (
     kv_cache_bytes,
     make_plan,
 )
-from orchestrator.planner.make import FAILING_DRAFT_SHARE, RUNTIME_READ_SHARE, draft_row_allowance
+from orchestrator.planner.make import FAILING_DRAFT_SHARE, RUNTIME_READ_SHARE, draft_row_allowance, lent_weights
 from orchestrator.sizes import GiB, MiB
 from tests.helpers import plan_config, plan_table
 
@@ -783,20 +783,49 @@ def test_the_draft_length_is_capped_so_failing_drafts_cost_at_most_their_share_o
     row = int(FAILING_DRAFT_SHARE * streamed / 2.5)  # the share of a token's reads holds two rows, not three
 
     def fit(**kw) -> Plan:
-        return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, **{"row_bytes": row, **kw}))
+        return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, lendable=False, **{"row_bytes": row, **kw}))
 
     capped = fit().draft
     assert (capped.max_tokens, capped.logits_bytes, capped.capped_from) == (2, 2 * row, 7)
     assert "up to 2 drafted tokens" in capped.note and "--draft-max" in capped.note
     assert fit(length_fixed=True).draft.max_tokens == 7 and fit(length_fixed=True).draft.note is None
     assert fit(row_bytes=1).draft.max_tokens == 7  # rows cheap next to what streams: no cap
-    roomy = _drafted(t, 1 << 40, DraftRequest(kind="prompt-lookup", max_tokens=7, row_bytes=row))
+    roomy = _drafted(t, 1 << 40, DraftRequest(kind="prompt-lookup", max_tokens=7, lendable=False, row_bytes=row))
     assert roomy.draft.max_tokens == 7  # nothing streams: nothing to cap
     tiny = fit(row_bytes=streamed // 20).draft  # one row is 5% of the reads
     assert tiny.max_tokens == 1 and f"more than {FAILING_DRAFT_SHARE:.0%}" in tiny.note
     for r in (row // 3, row, 3 * row):
         d = fit(row_bytes=r).draft
         assert d.logits_bytes <= FAILING_DRAFT_SHARE * streamed or d.max_tokens == 1
+
+
+def test_rows_are_lent_to_streamed_weights_so_the_length_is_not_capped():
+    """Where weights stream on this host, the rows' memory holds streamed weights while no verification runs, so
+    failing drafts cost what no drafting costs: drafting by default stays on at the length asked for, the spec
+    names the memory, and the estimate of what the lent memory keeps follows the runtime's pick (largest first,
+    whole pages). Rows no streamed tensor fits in, or a runtime that cannot lend, fall back to the cap."""
+    t = dense_table()
+    budget = plan_table(t, 1 << 40, ctx=256, ubatch=16).minimum_budget_bytes + 2 * MiB
+    streamed = plan_table(t, budget, ctx=256, ubatch=16).estimates.streamed_bytes_per_token
+    smallest = min(x.n_bytes for x in t.tensors if x.name.startswith("blk.") and len(x.shape) > 1)
+    row = max(smallest, streamed // 20)  # one row is 5% of the reads: capped to nothing without lending
+    budget += 7 * row  # room for the rows beside what streams
+
+    def auto(row_bytes: int, **kw) -> Plan:
+        return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, row_bytes=row_bytes,
+                                                optional=True, **kw))
+
+    plan = auto(row)
+    d = plan.draft
+    assert d is not None and d.max_tokens == 7 and d.capped_from is None and d.note is None
+    assert d.lent_bytes == d.logits_bytes == 7 * row and "lent" in d.pricing
+    sizes = [x.n_bytes for x in plan.tensors if x.placement == "streamed"]
+    assert d.lent_weights_bytes == lent_weights(sizes, d.lent_bytes) and 0 < d.lent_weights_bytes <= d.lent_bytes
+    assert "lent to streamed weights" in "\n".join(explain(plan))
+    assert auto(row, lendable=False).draft is None  # the cap: not one row fits the share of the reads
+    small = auto(smallest // 8).draft  # seven rows hold no streamed tensor
+    assert small is None or small.lent_bytes == 0
+    assert lent_weights([10, 5000, 9000, 4096], 8192) == 8192  # 9000 takes 3 pages; 5000 two; nothing else fits
 
 
 def test_drafting_by_default_only_where_it_streams_and_a_row_fits_the_share():
@@ -808,7 +837,7 @@ def test_drafting_by_default_only_where_it_streams_and_a_row_fits_the_share():
     row = int(FAILING_DRAFT_SHARE * streamed / 2.5)
 
     def auto(total: int, row_bytes: int) -> Plan:
-        return _drafted(t, total, DraftRequest(kind="prompt-lookup", max_tokens=7, row_bytes=row_bytes,
+        return _drafted(t, total, DraftRequest(kind="prompt-lookup", max_tokens=7, lendable=False, row_bytes=row_bytes,
                                                optional=True))
 
     on = auto(budget, row).draft
@@ -831,7 +860,7 @@ def test_rows_are_priced_in_time_once_a_run_has_measured_its_decode():
 
     def fit(compute: float | None, probe: float | None = None) -> DraftPlan:
         profile = DecodeProfile(compute, rate) if compute is not None else None
-        return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, row_bytes=row),
+        return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, lendable=False, row_bytes=row),
                         decode_profile=profile, read_probe={1: probe, 2: probe, 4: probe} if probe else None).draft
 
     unmeasured = fit(None)

@@ -58,9 +58,9 @@ def _settings(path: Path) -> GenerationSettings:
     return GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=UBATCH, threads=2, temperature=0.0)
 
 
-def _stream_execution(path: Path) -> Prepared:
+def _stream_execution(path: Path, threads: int = 2) -> Prepared:
     table = read_model_table(path)
-    prefetch = PrefetchConfig(threads=2, window=2)
+    prefetch = PrefetchConfig(threads=threads, window=2)
     minimum = plan_table(table, 1 << 40, ctx=CTX, ubatch=UBATCH, prefetch=prefetch).minimum_budget_bytes
     prepared = prepared_of(_settings(path), plan_table(table, minimum, ctx=CTX, ubatch=UBATCH, prefetch=prefetch))
     assert prepared.spec.stream is not None
@@ -188,6 +188,61 @@ def test_dense_streaming_with_drafts_is_bitwise_exact(features, models, kind):
         if kind == "self":  # the model drafting for itself: its drafts are kept
             assert streamed.report["accepted_tokens"] > 0
         assert any(len(batch) > 1 for batch, n_past, _ in streamed.calls[1:]), "no verification batch ran"
+
+
+class _ScheduledLookup(speculative.PromptLookupDrafter):
+    """Prompt lookup that drafts only on the calls a fixed pattern marks, plain steps otherwise: after two plain
+    steps the rows' memory is lent to streamed weights, and taken back for the next verification, at the same
+    steps in every run."""
+
+    PATTERN = (True, True, False, False, False, True, False, False, False, False, False, True, True)
+
+    def __init__(self) -> None:
+        super().__init__(speculative.DraftLength(4, adaptive=False), ngram=2)
+        self.n_calls = 0
+
+    def draft(self, ids: np.ndarray, k: int) -> np.ndarray:
+        on = self.PATTERN[self.n_calls % len(self.PATTERN)]
+        self.n_calls += 1
+        return super().draft(ids, k) if on else np.zeros(0, dtype=np.intc)
+
+
+def _lending(settings, ex: Prepared, prompt: str) -> tuple[Run, dict]:
+    """_drafted with the scheduled drafter and the plan's lender; also the runtime's counters."""
+    from orchestrator import native
+
+    run = Run()
+    with with_settings(ex, settings).session() as handle:
+        llm = handle.llm
+        drafter = _ScheduledLookup()
+        speculative.attach(llm, drafter, max_batch=5, recorder=run.record, lend=handle.row_lender())
+        tokens = llm.tokenize(prompt.encode(), add_bos=True)
+        llm.eval(tokens)
+        run.tokens = speculative.decode(llm, tokens, N_NEW, settings, drafter)
+        run.report = drafter.report()
+        stats = native.model_stats(llm.model) or {}
+    return run, stats
+
+
+@pytest.mark.parametrize("threads", [2, 0])
+def test_rows_lent_to_streamed_weights_keep_the_logits_bitwise_exact(features, models, threads):
+    """The memory drafting reserves for a verification batch's rows, lent to streamed weights between
+    verifications (their reads skipped) and taken back before each: every decode's logits equal stock's with the
+    same drafts, with prefetch threads and with synchronous reads."""
+    if "lent-rows" not in features:
+        pytest.skip("the installed build predates lent rows; run flashflex build")
+    path = models["target"]
+    settings = _settings(path)
+    ex = _stream_execution(path, threads=threads)
+    stream = ex.spec.stream.model_copy(update={"lent_bytes": 2 << 20})
+    ex = dataclasses.replace(ex, spec=ex.spec.model_copy(update={"stream": stream}))
+    stock, _ = _lending(settings, prepared_of(settings), PROMPTS[0])
+    lent, stats = _lending(settings, ex, PROMPTS[0])
+    _assert_same_batches_and_logits(stock, lent, f"dense-stream, lent rows, -tp {threads}")
+    assert lent.report["verifications"] >= 2
+    assert stats["lent_tensors"] > 0 and 0 < stats["lent_bytes"] <= 2 << 20
+    assert stats["lends"] >= 2, stats  # lent, taken back for a verification, lent again
+    assert stats["lent_bytes_not_read"] > 0, stats
 
 
 @pytest.mark.parametrize(("mode", "kind"), [("slot-bank", "prompt-lookup"), ("slot-bank", "self"),

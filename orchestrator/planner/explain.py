@@ -39,6 +39,16 @@ def device_label(d: RPCDevicePlan) -> str:
     return f"this host's {d.name or f'GPU #{d.device}'}" if d.endpoint == LOCAL else f"{d.endpoint}#{d.device}"
 
 
+def _lent_rows(plan: Plan) -> str:
+    """The explain clause of rows lent to streamed weights while drafting idles."""
+    assert plan.draft is not None
+    d, streamed = plan.draft, plan.estimates.dense_streamed_bytes_per_token
+    return (f"; the rows' memory is lent to streamed weights while no verification runs: "
+            f"{format_size(d.lent_weights_bytes)} of them keep their bytes there, so a token where drafts fail "
+            f"streams {format_size(max(0, streamed - d.lent_weights_bytes))} instead of {format_size(streamed)}, "
+            "and it goes back to the rows before each verification")
+
+
 def device_lines(plan: Plan) -> list[str]:
     """One line per device the model's last layers go to: its memory beside the host RAM budget."""
     if plan.rpc is None:
@@ -86,7 +96,8 @@ def explain(plan: Plan) -> list[str]:
             + (f" and the draft model {format_size(d.model_bytes)} (weights, KV cache, compute)" if d.model_bytes
                else "")
             + "; within it the length follows the measured acceptance and verification cost"
-            + (f". {d.note[0].upper()}{d.note[1:]}" if d.note else f"; the rows {d.pricing}" if d.pricing else ""))
+            + (_lent_rows(plan) if d.lent_bytes else
+               f". {d.note[0].upper()}{d.note[1:]}" if d.note else f"; the rows {d.pricing}" if d.pricing else ""))
     lines += device_lines(plan)
     non_layer = [t for t in plan.tensors if t.reason == "non-layer"]
     if non_layer:

@@ -329,7 +329,7 @@ def _make_plan(request: PlanRequest, inputs: PlanInputs) -> Plan:
     over = _overheads(table, model, req, inputs.overheads, rpc.load_staging_bytes if rpc is not None else 0,
                       _local_kv(inputs, rpc))
     extras = [("this process", req.process_bytes)] if req.process_bytes else []
-    draft = _fit_draft(table, req, model, over, extras, inputs)
+    draft = _fit_draft(table, req, model, over, extras, inputs, lendable=rpc is None)
     if draft is not None:
         extras.append(("drafting", draft.reserved_bytes))
     experts = _experts(model, req, over, req.budget_bytes - _total(extras), warnings)
@@ -338,6 +338,9 @@ def _make_plan(request: PlanRequest, inputs: PlanInputs) -> Plan:
     moe = _moe_runtime(req, model, experts, d.slots, inputs.replay_distinct)
     plan = _assemble(table, req.budget_bytes, req=req, model=model, over=over, experts=experts, extras=extras,
                      d=d, moe=moe, warnings=warnings)
+    if draft is not None and draft.lent_bytes:
+        draft.lent_weights_bytes = lent_weights(
+            [t.n_bytes for t in plan.tensors if t.placement == "streamed"], draft.lent_bytes)
     plan.draft = draft
     if rpc is not None:
         plan.rpc = rpc
@@ -647,19 +650,45 @@ def draft_row_allowance(streamed: int, profile: Any, probed_bandwidth: float | N
     return allowance, f"priced in time: {measured}, so {format_size(shadow)} are read in a step's compute"
 
 
+def lent_weights(streamed_bytes: list[int], lent_bytes: int) -> int:
+    """Bytes of streamed tensors the runtime keeps in `lent_bytes` of lent memory while drafting idles: the largest
+    first, each in whole pages, as llama-flashflex-stream.cpp's allocate_lent picks them (an estimate: the runtime
+    also skips tensors whose ring home shares bytes with no other, which keep their bytes anyway)."""
+    used = 0
+    for n in sorted(streamed_bytes, reverse=True):
+        pages = -(-n // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
+        if used + pages <= lent_bytes:
+            used += pages
+    return used
+
+
+def _rows_lendable(model: _ModelFacts, rows: int, lendable: bool) -> bool:
+    """Whether streamed weights can hold drafting's rows while it idles (llama_flashflex_lend_rows): every layer on
+    this host (a GPU's or a worker's buffers are not lent), and some streamable tensor small enough to fit."""
+    smallest = min((t.n_bytes for layer in model.layers for t in layer.streamable), default=None)
+    return lendable and rows > 0 and smallest is not None and smallest <= rows
+
+
 def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _Overheads,
-               extras: list[tuple[str, int]], inputs: PlanInputs) -> DraftPlan | None:
+               extras: list[tuple[str, int]], inputs: PlanInputs, lendable: bool = True) -> DraftPlan | None:
     """What drafting reserves: the draft model (weights, KV cache, compute) and one logits row per drafted token.
-    Unless the length was given, it is capped so that the rows cost at most FAILING_DRAFT_SHARE of a token's time
-    without drafting (draft_row_allowance, against the plan at this budget without the reservation; nothing to cap
-    when that streams nothing or is refused). Refused when drafting alone needs the whole budget."""
+    Where weights stream on this host, the rows' memory is lent to streamed weights while no verification runs
+    (text where drafts fail then reads what it reads without drafting), so the length is the one asked for.
+    Elsewhere, unless the length was given, it is capped so that the rows cost at most FAILING_DRAFT_SHARE of a
+    token's time without drafting (draft_row_allowance, against the plan at this budget without the reservation;
+    nothing to cap when that streams nothing or is refused). Refused when drafting alone needs the whole budget."""
     if req.draft is None:
         return None
     d = req.draft
     length, note, pricing = d.max_tokens, None, None
     if d.optional and _streamed_without_draft(table, req, model, over, extras) <= 0:
         return None  # nothing streams: a pass costs what it costs stock, drafting by default stays off
-    if not d.length_fixed and d.row_bytes > 0:
+    lent = _rows_lendable(model, length * d.row_bytes, lendable and d.lendable) and _streamed_without_draft(
+        table, req, model, over, extras) > 0
+    if lent:
+        pricing = ("lent: while no verification runs, streamed weights keep their bytes in the rows' memory, so "
+                   "text where drafts fail reads what it reads without drafting")
+    elif not d.length_fixed and d.row_bytes > 0:
         streamed = _streamed_without_draft(table, req, model, over, extras)
         probed = req.bandwidth if req.threads and inputs.read_probe else None  # -tp auto probed the device
         allowance, pricing = draft_row_allowance(streamed, inputs.decode_profile, probed)
@@ -684,7 +713,8 @@ def _fit_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _O
                              "prompt-lookup")
     return DraftPlan(kind=d.kind, max_tokens=length, capped_from=d.max_tokens if length < d.max_tokens else None,
                      row_bytes=d.row_bytes, logits_bytes=length * d.row_bytes, model_bytes=d.model_bytes,
-                     reserved_bytes=reserved, note=note, optional=d.optional, pricing=pricing)
+                     reserved_bytes=reserved, note=note, optional=d.optional, pricing=pricing,
+                     lent_bytes=length * d.row_bytes if lent else 0)
 
 
 def _streamed_without_draft(table: ModelTable, req: PlanRequest, model: _ModelFacts, over: _Overheads,

@@ -35,6 +35,7 @@ class DraftRequest:
     length_fixed: bool = False  # max_tokens was given: the plan keeps it
     name: str = ""  # for messages: the draft model's file name
     optional: bool = False  # drafting by default: none where nothing streams or not one row fits the share
+    lendable: bool = True  # the runtime may lend the rows' memory to streamed weights (llama_flashflex_lend_rows)
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,13 @@ class DraftPlan(_Model):
     note: str | None = Field(default=None, description="Why the length was capped, when it was.")
     optional: bool = Field(default=False, description="Drafting by default (draft.kind auto), not asked for.")
     pricing: str | None = Field(default=None, description="How the rows' cost was judged when the length was not "
-                                "given: in time (a measured decode step beside the probed reads) or in bytes.")
+                                "given: in time (a measured decode step beside the probed reads) or in bytes; or "
+                                "that they are lent.")
+    lent_bytes: int = Field(default=0, description="The rows' memory lent to streamed weights while no verification "
+                            "runs (the runtime's lent memory; 0: not lent, the rows cost their bytes on every "
+                            "token).")
+    lent_weights_bytes: int = Field(default=0, description="Streamed weights expected to keep their bytes there "
+                                    "while drafting idles: each token then reads that much less.")
 
 
 class Estimates(_Model):

@@ -5,11 +5,13 @@ publishes (or, after a failure, discards) a routing trace the run recorded."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from orchestrator import native
+from orchestrator.errors import FlashflexError
 from orchestrator.planner import Plan
 from orchestrator.run import loader
 from orchestrator.run.settings import GenerationSettings
@@ -125,7 +127,7 @@ class Handle:
             try:
                 handle.drafter = prepared.draft.open(prepared.settings)
                 speculative.attach(llm, handle.drafter, max_batch=prepared.draft.max_tokens + 1,
-                                   waited=handle.waited_on_reads())
+                                   waited=handle.waited_on_reads(), lend=handle.row_lender())
             except BaseException:
                 handle.failed = True
                 handle.close()
@@ -148,6 +150,26 @@ class Handle:
         finally:
             if self.recording is not None:
                 self.recording.finish(not self.failed)
+
+    def row_lender(self) -> Callable[[bool], bool] | None:
+        """speculative.attach's lender (None where the plan lends nothing): llama_flashflex_lend_rows on this
+        context. Where the rows cannot be given back (a GPU's pinned buffers) it says so once and lends no more."""
+        if self.prepared.spec.stream is None or not self.prepared.spec.stream.lent_bytes:
+            return None
+        refused = False
+
+        def lend(on: bool) -> bool:
+            nonlocal refused
+            if refused:
+                return False
+            try:
+                return native.lend_rows(self.llm._ctx.ctx, on) > 0
+            except FlashflexError as exc:
+                refused = True
+                print(f"note: {exc.problem}; drafting's rows stay reserved", file=sys.stderr)
+                return False
+
+        return lend
 
     def waited_on_reads(self) -> Callable[[], float] | None:
         """The runtime's running total of seconds compute waited on streamed reads; None where nothing streams."""

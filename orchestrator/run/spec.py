@@ -50,13 +50,15 @@ class StreamedTensor(_Spec):
 
 class StreamSpec(_Spec):
     """Dense streaming: `tensors` read ahead by `prefetch_threads` into a ring of `ring_bytes` (fixed homes in the
-    order compute uses them), mapped twice back to back when `mirror`; `window` is the plan's layer count."""
+    order compute uses them), mapped twice back to back when `mirror`; `window` is the plan's layer count; `lent_bytes`: the memory drafting
+    reserves for a verification batch's rows, lent to streamed weights while none runs."""
 
     tensors: list[StreamedTensor]
     prefetch_threads: int
     window: int
     ring_bytes: int
     mirror: bool = True
+    lent_bytes: int = 0
 
 
 class BankedTensor(_Spec):
@@ -144,7 +146,8 @@ class RuntimeSpec(_Spec):
             spec.files = list(plan.files)
             spec.stream = StreamSpec(tensors=streamed, prefetch_threads=plan.prefetch.threads,
                                      window=plan.prefetch.buffers, ring_bytes=plan.prefetch.ring_bytes,
-                                     mirror=plan.prefetch.mirrored)
+                                     mirror=plan.prefetch.mirrored,
+                                     lent_bytes=plan.draft.lent_bytes if plan.draft is not None else 0)
             requested = plan.prefetch.direct_io_requested
             spec.direct_io = "strict" if requested == "strict" else "on" if plan.prefetch.direct_io else "off"
         if plan.moe is not None:

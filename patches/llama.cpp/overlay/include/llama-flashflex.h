@@ -13,12 +13,12 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 7
+#define LLAMA_FLASHFLEX_API_VERSION 8
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
 // A JSON object describing this build, valid for the life of the process:
-//   {"api_version": 7, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
+//   {"api_version": 8, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
 //    "backends": ["CPU", ...], "rpc_protocol": [7, 0, 0]}
 // ("rpc_protocol": the version of ggml's RPC protocol this build speaks; null without the RPC backend)
 // "series_hash" is the hash flashflex computed over its patch series when it configured the build
@@ -63,6 +63,15 @@ LLAMA_API const char * llama_flashflex_last_error(void);
 LLAMA_API int32_t      llama_flashflex_model_stats(const struct llama_model * model, char * buf, size_t buf_size);
 // Zero the model's counters (e.g. between the prompt and the decode phase).
 LLAMA_API void         llama_flashflex_model_stats_reset(const struct llama_model * model);
+// API 8: the memory a plan reserves for drafting's verification rows (spec option "lent_bytes"), lent to streamed
+// weights while no verification runs. lend = true, between two decodes whose batches ask for one row of logits: the
+// context's logits rows beyond the first and its CPU compute buffer give their pages back (their contents are
+// scratch until the next decode) and some streamed tensors keep their bytes in the lent memory from the next
+// decode on, their reads skipped; returns the bytes lent (0: nothing to lend, or nothing decoded yet), or -1
+// (llama_flashflex_last_error) where the rows cannot be given back (a GPU's pinned buffers, embeddings kept
+// beside the logits). lend = false, before a batch asks for more than one row: the weights give the memory back
+// (returns 0). Call it on the thread that decodes, never during a decode.
+LLAMA_API int64_t      llama_flashflex_lend_rows(struct llama_context * ctx, bool lend);
 // Expert-bank statistics of a model loaded with banked tensors, as JSON (same conventions as
 // llama_flashflex_model_stats): hits, misses, hit rate, bytes read, read and install seconds, total and per
 // layer. Returns -1 when the model has no banks.

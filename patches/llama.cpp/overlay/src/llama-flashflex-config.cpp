@@ -87,26 +87,28 @@ const json & member(const json & obj, const char * key, const std::string & wher
     return *it;
 }
 
-// Each integer option, its range and its field (ring_bytes, the one 64-bit option, has none).
+// Each integer option, its range and its field (a 64-bit field for sizes in bytes).
 void set_option(config & c, const std::string & k, int64_t value) {
     struct option {
         const char * name;
         int64_t      lo, hi;
         int config::* field;
+        int64_t config::* field64;
     };
 
     static const option options[] = {
-        { "prefetch_threads",   0, 256,               &config::prefetch_threads   },
-        { "window",             1, 4096,              &config::window             },
-        { "ring_bytes",         0, (int64_t) 1 << 50, nullptr                     },
-        { "direct_io",          0, 2,                 &config::direct_io          },
-        { "ring_mirror",        0, 1,                 &config::ring_mirror        },
-        { "moe_slots",          0, 65536,             &config::moe_slots          },
-        { "moe_io_threads",     1, 256,               &config::moe_io_threads     },
-        { "moe_shared_only",    0, 1,                 &config::moe_shared_only    },
-        { "moe_preload",        0, 1,                 &config::moe_preload        },
-        { "moe_verify",         0, 1,                 &config::moe_verify         },
-        { "moe_prefetch_ranks", 0, 1024,              &config::moe_prefetch_ranks },
+        { "prefetch_threads",   0, 256,               &config::prefetch_threads,   nullptr             },
+        { "window",             1, 4096,              &config::window,             nullptr             },
+        { "ring_bytes",         0, (int64_t) 1 << 50, nullptr,                     &config::ring_bytes },
+        { "lent_bytes",         0, (int64_t) 1 << 50, nullptr,                     &config::lent_bytes },
+        { "direct_io",          0, 2,                 &config::direct_io,          nullptr             },
+        { "ring_mirror",        0, 1,                 &config::ring_mirror,        nullptr             },
+        { "moe_slots",          0, 65536,             &config::moe_slots,          nullptr             },
+        { "moe_io_threads",     1, 256,               &config::moe_io_threads,     nullptr             },
+        { "moe_shared_only",    0, 1,                 &config::moe_shared_only,    nullptr             },
+        { "moe_preload",        0, 1,                 &config::moe_preload,        nullptr             },
+        { "moe_verify",         0, 1,                 &config::moe_verify,         nullptr             },
+        { "moe_prefetch_ranks", 0, 1024,              &config::moe_prefetch_ranks, nullptr             },
     };
     for (const auto & o : options) {
         if (k != o.name) {
@@ -119,7 +121,7 @@ void set_option(config & c, const std::string & k, int64_t value) {
         if (o.field != nullptr) {
             c.*o.field = (int) value;
         } else {
-            c.ring_bytes = value;
+            c.*o.field64 = value;
         }
         return;
     }

@@ -38,6 +38,7 @@ struct config {
     int                            prefetch_threads = 1;
     int                            window           = 3;
     int64_t                        ring_bytes  = 0;  // dense streaming ring size in bytes (0: `window` layers' worth)
+    int64_t                        lent_bytes  = 0;  // room for drafting's verification rows, lent to streamed weights
     int                            direct_io   = 1;  // 0 buffered, 1 direct when possible, 2 direct or fail
     int                            ring_mirror = 1;  // 1: map each ring twice back to back (no wrap slack); 0 flat
     int                            moe_slots   = 0;  // slots per layer; 0 = every expert resident (resident-bank)

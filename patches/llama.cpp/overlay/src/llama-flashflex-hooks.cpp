@@ -11,6 +11,7 @@
 #include "llama-impl.h"
 #include "llama-model-loader.h"
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -36,6 +37,7 @@ std::atomic<bool> g_interrupt{ false };
 // would evict what the first is computing with: it is refused.
 std::mutex                                           g_contexts_mutex;
 std::map<const llama_model *, const llama_context *> g_context_of;
+std::map<const llama_context *, output_rows>         g_output_rows;  // of those contexts
 
 bool runs_flashflex(const llama_model * model) {
     return stream_active(model) || bank_active(model);
@@ -171,7 +173,36 @@ void llama_flashflex_on_context_free(const llama_model & model, const llama_cont
     auto                        it = g_context_of.find(&model);
     if (it != g_context_of.end() && it->second == ctx) {
         g_context_of.erase(it);
+        stream_context_free(&model);
     }
+    g_output_rows.erase(ctx);
+}
+
+void llama_flashflex_on_output_reserved(const llama_context * ctx,
+                                        ggml_backend_buffer_t buf,
+                                        size_t                logits_bytes,
+                                        bool                  shared) {
+    std::lock_guard<std::mutex> lk(g_contexts_mutex);
+    auto it = std::find_if(g_context_of.begin(), g_context_of.end(), [&](const auto & kv) { return kv.second == ctx; });
+    if (it == g_context_of.end()) {
+        return;  // a stock context (or one of a model without a flashflex path): nothing to record
+    }
+    output_rows & o = g_output_rows[ctx];
+    if (o.buf != buf) {
+        o = output_rows{ buf, 0, false };                     // reallocated: what an earlier buffer held is gone
+    }
+    o.logits_bytes = std::max(o.logits_bytes, logits_bytes);  // rows a larger batch wrote stay until given back
+    o.shared       = o.shared || shared;
+}
+
+bool flashflex::output_rows_of(const llama_context * ctx, output_rows & out) {
+    std::lock_guard<std::mutex> lk(g_contexts_mutex);
+    auto                        it = g_output_rows.find(ctx);
+    if (it == g_output_rows.end() || it->second.buf == nullptr) {
+        return false;
+    }
+    out = it->second;
+    return true;
 }
 
 llama_flashflex_graph_scope::llama_flashflex_graph_scope(const llama_model *  model,

@@ -32,6 +32,14 @@ void llama_flashflex_on_context_created(const llama_model & model, const llama_c
 // ~llama_context: the model may serve another context.
 void llama_flashflex_on_context_free(const llama_model & model, const llama_context * ctx);
 
+// llama_context::output_reserve, last: the output buffer, the bytes its logits rows take now (they start it), and
+// whether anything else (embeddings, backend sampling) is in it. Lets llama_flashflex_lend_rows give the rows of a
+// verification batch back while none runs. Records nothing for a context whose model runs no flashflex path.
+void llama_flashflex_on_output_reserved(const llama_context * ctx,
+                                        ggml_backend_buffer_t buf,
+                                        size_t                logits_bytes,
+                                        bool                  shared);
+
 // llama_model::build_graph: marks the model whose graph is being built on this thread, and the scheduler that will
 // run it: the graph nodes flashflex adds (layer boundaries, weight uses, expert-bank ops) are pinned to backend_cpu,
 // because they call back into this process (a node the scheduler gave to an RPC worker or a GPU could not run

@@ -47,6 +47,28 @@ void unmap_mirrored(void * at, size_t size) {
     }
 }
 
+uint8_t * map_pages(size_t size) {
+    void * p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? nullptr : (uint8_t *) p;
+}
+
+void unmap_pages(uint8_t * at, size_t size) {
+    munmap(at, size);
+}
+
+size_t release_pages(void * begin, void * end) {
+    const size_t b = align_up((size_t) begin, k_page);
+    const size_t e = (size_t) end / k_page * k_page;
+    if (e <= b) {
+        return 0;
+    }
+#if defined(MADV_DONTNEED)
+    return madvise((void *) b, e - b, MADV_DONTNEED) == 0 ? e - b : 0;
+#else
+    return 0;
+#endif
+}
+
 std::vector<open_file> open_files(const std::vector<std::string> & paths, int direct_io, bool & direct) {
     direct = direct_io > 0;
     std::vector<open_file> files;

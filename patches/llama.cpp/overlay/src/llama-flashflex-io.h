@@ -76,6 +76,14 @@ bool map_mirrored(void * at, size_t size);
 // (a ggml buffer's allocation) frees ordinary memory.
 void unmap_mirrored(void * at, size_t size);
 
+// Private anonymous memory of `size` bytes (a page multiple), untouched: it takes no RAM until written. nullptr when
+// the system refuses.
+uint8_t * map_pages(size_t size);
+void      unmap_pages(uint8_t * at, size_t size);
+// Gives the pages wholly inside [begin, end) back to the system: private anonymous memory reads as zeros afterwards
+// and takes RAM again only when written. Returns the bytes given back (0 where the platform cannot).
+size_t    release_pages(void * begin, void * end);
+
 // pread until [dst, dst + len) is filled or the file ends; returns bytes read, or -1 with errno set.
 long long pread_full(int fd, void * dst, size_t len, uint64_t offset);
 

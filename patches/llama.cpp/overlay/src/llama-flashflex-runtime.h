@@ -15,6 +15,7 @@
 struct ggml_cgraph;
 struct ggml_context;
 struct ggml_tensor;
+struct llama_context;
 struct llama_model;
 struct llama_model_loader;
 
@@ -44,6 +45,17 @@ int32_t write_c_string(const std::string & s, char * buf, size_t size);
 using loader_tensor_map = std::unordered_map<std::string, std::pair<ggml_tensor *, ggml_backend_buffer_type_t>>;
 loader_tensor_map loader_tensors(llama_model_loader & ml);
 
+// A context's output buffer as llama.cpp last reserved it (llama_flashflex_on_output_reserved): its logits rows
+// start it and took at most logits_bytes; `shared`: something else (embeddings, backend sampling) lives in it too.
+struct output_rows {
+    ggml_backend_buffer_t buf          = nullptr;
+    size_t                logits_bytes = 0;
+    bool                  shared       = false;
+};
+
+// False when the context has reserved none (or its model runs no flashflex path).
+bool output_rows_of(const llama_context * ctx, output_rows & out);
+
 // Dense streaming (llama-flashflex-stream.cpp).
 void          stream_setup(const llama_model & model, llama_model_loader & ml, const config & cfg);
 bool          stream_active(const llama_model * model);
@@ -54,6 +66,7 @@ ggml_tensor * stream_boundary(ggml_context * ctx, ggml_tensor * cur, int il_done
 ggml_tensor * stream_weight_use(ggml_context * ctx, ggml_tensor * w, ggml_tensor * cur);
 uint32_t      stream_graph_nodes(const llama_model * model);
 bool          stream_failed(const llama_model * model, std::string * error);
+void          stream_context_free(const llama_model * model);  // forget the context's compute buffer
 
 // MoE slot banks (llama-flashflex-bank.cpp).
 void          bank_setup(const llama_model & model, llama_model_loader & ml, const config & cfg);

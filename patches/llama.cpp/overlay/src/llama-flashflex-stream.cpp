@@ -29,6 +29,12 @@
 //   order (a graph that aborted half-way, or skipped layers) re-synchronises the cycle at that layer.
 // - Failure: a read error marks the model failed; the boundary stops waiting, and the abort callback
 //   (llama_flashflex_abort_callback) makes llama_decode return an error instead of computing on bad data.
+// - Lent memory: a plan with drafting reserves room for a verification batch's logits rows ("lent_bytes"); while
+//   no verification runs, the context gives those pages back and some streamed tensors (the largest whose ring
+//   homes share bytes) keep a second home there, so their reads are skipped (llama_flashflex_lend_rows). Which
+//   home a tensor's bytes go to is decided when its read for a cycle is issued, so a data pointer moves only
+//   while compute is not using the tensor; before a verification the memory goes back, and the tensors already
+//   issued for the coming cycle from their lent home are read into their ring home instead.
 //
 // Code: the ring layout (homes, their order, relayout, the layout error) is pure bookkeeping in
 // llama-flashflex-ring.{h,cpp}; here are the reader (stream_reader: preads, staging and repacking), the scheduler
@@ -78,18 +84,21 @@ constexpr size_t k_chunk = 4u << 20;  // one read job moves at most this many by
 struct stream_tensor {
     ggml_tensor * t;
     int           file;
-    uint64_t      read_off;      // file offset of the aligned superset
-    size_t        read_len;      // its length (multiple of 4096)
-    size_t        head;          // the tensor starts this many bytes into the superset
+    uint64_t      read_off;        // file offset of the aligned superset
+    size_t        read_len;        // its length (multiple of 4096)
+    size_t        head;            // the tensor starts this many bytes into the superset
     size_t        nbytes;
-    bool          staged;        // read into staging, then ggml_backend_tensor_set (repacked layout)
-    size_t        job_rows = 0;  // staged in groups of this many rows, one read job each (0: whole, one job)
-    uint8_t *     home;          // direct tensors: where the superset is read to
+    bool          staged;          // read into staging, then ggml_backend_tensor_set (repacked layout)
+    size_t        job_rows = 0;    // staged in groups of this many rows, one read job each (0: whole, one job)
+    uint8_t *     home;            // direct tensors: where the superset is read to
+    uint8_t *     lent = nullptr;  // its home in the lent memory, or none (see "Lent memory" above)
 
     // guarded by the scheduler's pool.mutex()
-    int64_t cycle    = -1;  // the cycle whose bytes the home holds or is receiving (-1: none)
-    int     pending  = 0;   // read jobs of that cycle not finished
-    int64_t released = -1;  // the last cycle whose use of the home is over
+    int64_t cycle      = -1;     // the cycle whose bytes the home holds or is receiving (-1: none)
+    int     pending    = 0;      // read jobs of that cycle not finished
+    int64_t released   = -1;     // the last cycle whose use of the home is over
+    bool    in_lent    = false;  // the bytes of `cycle` are (to be) in the lent home, and data points there
+    bool    lent_valid = false;  // the lent home holds the bytes, or a read of them into it was issued
 
     bool ready(int64_t c) const { return cycle == c && pending == 0; }
 };
@@ -101,6 +110,7 @@ struct ring_buffer {
     uint8_t *                  origin   = nullptr;  // offset 0 of the homes: buf's base, or page-aligned inside it
     size_t                     size     = 0;
     bool                       mirrored = false;    // [origin, origin + 2 size) maps the same memory twice
+    bool                       host_cpu = false;    // a buffer type of the CPU device (plain or repacked)
 };
 
 struct boundary {
@@ -221,6 +231,7 @@ struct stream_scheduler {
     bool home_free(int k, int64_t c) const;
     void pump();
     void queue_read(int k, int64_t c, size_t begin, size_t end);
+    void issue(int k, int64_t c);
     void drain(std::unique_lock<std::mutex> & lk);
     void resync(int li, std::unique_lock<std::mutex> & lk);
     void acquire(int li);
@@ -259,6 +270,14 @@ struct stream_state {
     failure               failed;
     std::atomic<uint64_t> relayouts{ 0 };
 
+    // the lent memory: one mapping, each lent tensor's home in it; `lending` while the weights hold it
+    uint8_t *                          lent_mem  = nullptr;
+    size_t                             lent_size = 0;
+    bool                               lending   = false;       // guarded by pool.mutex()
+    std::atomic<uint64_t>              lent_skipped{ 0 };       // bytes not read: their lent home held them
+    std::atomic<uint64_t>              lends{ 0 };
+    std::atomic<ggml_backend_buffer_t> compute_buf{ nullptr };  // the CPU compute buffer the last graph ran in
+
     ~stream_state() { stop(); }
 
     void stop() {
@@ -278,6 +297,10 @@ struct stream_state {
         }
         free(sched.sync_staging);
         sched.sync_staging = nullptr;
+        if (lent_mem != nullptr) {
+            unmap_pages(lent_mem, lent_size);
+            lent_mem = nullptr;
+        }
     }
 
     // Never called with pool.mutex() held: it takes the lock, so a compute thread that is about to wait for a
@@ -306,6 +329,10 @@ struct stream_state {
     }
 
     void        bind();
+    void        point(int k);
+    bool        begin_cycle(int k, int64_t c);
+    void        lend();
+    void        reclaim();
     void        learn_order(ggml_cgraph * gf);
     void        relayout(const std::vector<int> & order, const std::vector<int> & n_uses);
     std::string layout_error() const;
@@ -339,19 +366,9 @@ void stream_scheduler::pump() {
     const int n   = (int) st.tensors.size();
     bool      any = false;
     while (!st.failed.is_set() && home_free(next_tensor, next_cycle)) {
-        stream_tensor & t = st.tensors[next_tensor];
-        if (st.layout.homes[next_tensor].overlaps.empty() && t.cycle >= 0 && t.pending == 0) {
-            t.cycle = next_cycle;  // shares its home with nobody: the bytes are still there
-        } else {
-            t.cycle   = next_cycle;
-            t.pending = 0;
-            layer_loads.fetch_add(1);
-            const size_t units = stream_reader::job_units(t), step = stream_reader::job_step(t);
-            for (size_t b = 0; b < units; b += step) {
-                queue_read(next_tensor, next_cycle, b, std::min(units, b + step));
-                t.pending++;
-                any = true;
-            }
+        if (st.begin_cycle(next_tensor, next_cycle)) {
+            issue(next_tensor, next_cycle);
+            any = true;
         }
         if (++next_tensor == n) {
             next_tensor = 0;
@@ -378,11 +395,24 @@ void stream_scheduler::queue_read(int k, int64_t c, size_t begin, size_t end) {
     });
 }
 
+// The read jobs of tensor k for cycle c, into the home begin_cycle chose. pool.mutex() is held.
+void stream_scheduler::issue(int k, int64_t c) {
+    stream_tensor & t = st.tensors[k];
+    t.pending         = 0;
+    layer_loads.fetch_add(1);
+    const size_t units = stream_reader::job_units(t), step = stream_reader::job_step(t);
+    for (size_t b = 0; b < units; b += step) {
+        queue_read(k, c, b, std::min(units, b + step));
+        t.pending++;
+    }
+}
+
 // Drop the queued reads (the bytes of every home are unknown) and wait for those in flight. pool.mutex() is held
 // by lk.
 void stream_scheduler::drain(std::unique_lock<std::mutex> & lk) {
     for (auto & t : st.tensors) {
-        t.cycle = -1;
+        t.cycle      = -1;
+        t.lent_valid = false;
     }
     draining = true;
     pool.done_cv().wait(lk, [&] { return inflight == 0 || pool.stopping(); });
@@ -457,11 +487,9 @@ void stream_scheduler::read_now(int first, int end, bool by_use, std::unique_loc
         if (!(by_use || !st.layout.homes[k].by_use)) {
             continue;
         }
-        if (t.ready(cycle) || (st.layout.homes[k].overlaps.empty() && t.cycle >= 0)) {
-            t.cycle = cycle;
+        if (t.ready(cycle) || !st.begin_cycle(k, cycle)) {
             continue;
         }
-        t.cycle = cycle;
         layer_loads.fetch_add(1);
         lk.unlock();
         for (size_t b = 0, units = stream_reader::job_units(t), step = stream_reader::job_step(t);
@@ -549,19 +577,101 @@ void stream_state::bind() {
         index_of[tensors[k].t] = (int) k;
     }
     for (size_t k = 0; k < tensors.size(); ++k) {
-        stream_tensor &   s    = tensors[k];
-        const ring_home & h    = layout.homes[k];
-        uint8_t *         base = rings[h.ring].origin + h.off;
-        s.home                 = s.staged ? nullptr : base;
-        void * addr            = s.staged ? (void *) base : (void *) (base + s.head);
+        stream_tensor &   s = tensors[k];
+        const ring_home & h = layout.homes[k];
         if (s.t->buffer == nullptr) {
+            uint8_t * base = rings[h.ring].origin + h.off;
+            void *    addr = s.staged ? (void *) base : (void *) (base + s.head);
             if (ggml_backend_tensor_alloc(rings[h.ring].buf, s.t, addr) != GGML_STATUS_SUCCESS) {
                 throw std::runtime_error(
                     format("flashflex: cannot place %s in the streaming ring", ggml_get_name(s.t)));
             }
-        } else {
-            s.t->data = addr;  // moved between two computes (relayout); the buffer and its extras stay
         }
+        point((int) k);  // moved between two computes (relayout); the buffer and its extras stay
+    }
+}
+
+// Tensor k's data pointer (and where a direct read goes) at its lent home or its ring home, as in_lent says. Only
+// while compute is not using it: at setup and relayout, or when its read for a cycle is issued (its home is then
+// released by the cycle before).
+void stream_state::point(int k) {
+    stream_tensor & s    = tensors[k];
+    uint8_t *       base = s.in_lent ? s.lent : rings[layout.homes[k].ring].origin + layout.homes[k].off;
+    s.home               = s.staged ? nullptr : base;
+    s.t->data            = s.staged ? (void *) base : (void *) (base + s.head);
+}
+
+// Tensor k's bytes for cycle c, its home being free (pool.mutex() held): in its lent home while the weights hold
+// the lent memory, else in its ring home. Returns whether they must be read (false: the home still holds them).
+bool stream_state::begin_cycle(int k, int64_t c) {
+    stream_tensor & t    = tensors[k];
+    const bool      lent = lending && t.lent != nullptr;
+    if (lent != t.in_lent) {
+        t.in_lent = lent;
+        point(k);
+    }
+    // a ring home that shares bytes with nobody keeps them from cycle to cycle (unless the tensor was lent since)
+    const bool kept =
+        lent ? t.lent_valid : t.lent == nullptr && layout.homes[k].overlaps.empty() && t.cycle >= 0 && t.pending == 0;
+    t.cycle = c;
+    if (kept) {
+        if (lent) {
+            lent_skipped.fetch_add(t.read_len);
+        }
+        return false;
+    }
+    t.pending    = 0;
+    t.lent_valid = lent;
+    return true;
+}
+
+// Compute thread, between two decodes: the weights may hold the lent memory (the context gave its pages back).
+// Lent tensors move there from the next cycle they are issued for.
+void stream_state::lend() {
+    std::lock_guard<std::mutex> lk(sched.pool.mutex());
+    if (lending || lent_mem == nullptr) {
+        return;
+    }
+    lending = true;
+    lends.fetch_add(1);
+    if (sched.pool.threads() > 0) {
+        sched.pump();
+    }
+}
+
+// Compute thread, between two decodes: the lent memory goes back (a batch is about to ask for more than one row of
+// logits) and its pages to the system. Tensors issued for the coming cycle from their lent home are read into their
+// ring home instead: that home was free when they were issued, and no tensor after them can take its bytes before
+// compute releases them.
+void stream_state::reclaim() {
+    std::unique_lock<std::mutex> lk(sched.pool.mutex());
+    if (!lending) {
+        return;
+    }
+    lending = false;
+    // reads into lent homes finish first: they write the memory about to go back
+    sched.pool.done_cv().wait(lk, [&] {
+        return sched.pool.stopping() || std::none_of(tensors.begin(), tensors.end(), [](const stream_tensor & t) {
+                   return t.in_lent && t.pending > 0;
+               });
+    });
+    bool any = false;
+    for (int k = 0; k < (int) tensors.size(); ++k) {
+        stream_tensor & t = tensors[k];
+        t.lent_valid      = false;
+        if (!t.in_lent) {
+            continue;
+        }
+        t.in_lent = false;
+        point(k);
+        if (sched.pool.threads() > 0 && t.cycle > sched.cycle) {
+            sched.issue(k, t.cycle);
+            any = true;
+        }
+    }
+    release_pages(lent_mem, lent_mem + lent_size);
+    if (any) {
+        sched.pool.wake();
     }
 }
 
@@ -630,13 +740,15 @@ stream_state * find_state(const llama_model * model) {
 thread_local stream_state * g_building = nullptr;
 
 void boundary_op(ggml_tensor * dst, const ggml_tensor * a, int ith, int nth, void * userdata) {
-    (void) dst;
     (void) a;
     (void) nth;
     if (ith != 0) {
         return;
     }
     auto * b = (boundary *) userdata;
+    // an in-place node: its bytes are those of an activation in the compute buffer of the CPU backend, where the
+    // logits rows of a model whose output layer is on the CPU are computed too
+    b->st->compute_buf.store(dst->buffer, std::memory_order_relaxed);
     b->st->sched.on_boundary(b->il_done);
 }
 
@@ -740,6 +852,9 @@ void assign_rings(stream_state & st, const std::vector<ggml_backend_buffer_type_
         if (!ring_of.count(buft_of[k])) {
             ring_of[buft_of[k]] = (int) st.rings.size();
             st.rings.push_back({ buft_of[k] });
+            ggml_backend_dev_t dev   = ggml_backend_buft_get_device(buft_of[k]);  // none for the plain CPU type
+            st.rings.back().host_cpu = buft_of[k] == ggml_backend_cpu_buffer_type() ||
+                                       (dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU);
         }
         h.ring = ring_of[buft_of[k]];
         if (s.staged) {
@@ -768,10 +883,7 @@ void assign_rings(stream_state & st, const std::vector<ggml_backend_buffer_type_
 // device's buffer types (plain or repacked: memory from malloc), never a GPU's host type (pinned or driver-mapped
 // pages a remap would detach from the device). False: flat.
 bool allocate_mirrored(ring_buffer & R, size_t size) {
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(R.buft);  // none for the plain CPU type
-    const bool         cpu = R.buft == ggml_backend_cpu_buffer_type() ||
-                     (dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU);
-    if (!cpu) {
+    if (!R.host_cpu) {
         return false;
     }
     R.buf = ggml_backend_buft_alloc_buffer(R.buft, 2 * size + k_page);
@@ -838,6 +950,45 @@ void allocate_rings(stream_state & st) {
     }
 }
 
+// The lent memory (cfg.lent_bytes) and the tensors with a home in it: the largest first, of the rings in host memory
+// of the CPU device, among those whose ring home shares bytes with another (one that shares none keeps its bytes
+// anyway). Nothing is touched until the memory is lent.
+void allocate_lent(stream_state & st) {
+    if (st.cfg.lent_bytes <= 0) {
+        return;
+    }
+    std::vector<int> order(st.tensors.size());
+    for (size_t k = 0; k < order.size(); ++k) {
+        order[k] = (int) k;
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return st.layout.homes[a].len > st.layout.homes[b].len; });
+    std::vector<std::pair<int, size_t>> chosen;  // (tensor, offset in the lent memory)
+    size_t                              used = 0;
+    for (int k : order) {
+        const ring_home & h   = st.layout.homes[k];
+        const size_t      len = align_up(h.len, k_page);
+        if (h.overlaps.empty() || !st.rings[h.ring].host_cpu || used + len > (size_t) st.cfg.lent_bytes) {
+            continue;
+        }
+        chosen.emplace_back(k, used);
+        used += len;
+    }
+    if (used == 0) {
+        return;
+    }
+    st.lent_mem = map_pages(used);
+    if (st.lent_mem == nullptr) {
+        LLAMA_LOG_WARN("flashflex: cannot map %.1f MiB for lent memory; streamed weights will not use it\n",
+                       used / 1048576.0);
+        return;
+    }
+    st.lent_size = used;
+    for (const auto & [k, off] : chosen) {
+        st.tensors[k].lent = st.lent_mem + off;
+    }
+}
+
 // The model files, the staging buffer for synchronous reads and the prefetch threads.
 void start_reads(stream_state & st) {
     st.reader.files = open_files(st.cfg.files, st.cfg.direct_io, st.direct);
@@ -874,8 +1025,48 @@ int32_t llama_flashflex_model_stats(const llama_model * model, char * buf, size_
         .add("acquires", st->sched.acquires.load())
         .add("resyncs", st->sched.resyncs.load())
         .add("relayouts", st->relayouts.load())
+        .add("lent_bytes", st->lent_size)
+        .add("lent_tensors", (size_t) std::count_if(st->tensors.begin(), st->tensors.end(),
+                                                    [](const stream_tensor & t) { return t.lent != nullptr; }))
+        .add("lends", st->lends.load())
+        .add("lent_bytes_not_read", st->lent_skipped.load())
         .add_or_null("error", st->failed.message());
     return write_c_string(out.str(), buf, buf_size);
+}
+
+int64_t llama_flashflex_lend_rows(llama_context * ctx, bool lend) {
+    stream_state * st = ctx != nullptr ? find_state(llama_get_model(ctx)) : nullptr;
+    if (st == nullptr || st->lent_mem == nullptr) {
+        return 0;
+    }
+    if (!lend) {
+        st->reclaim();
+        return 0;
+    }
+    output_rows           out;
+    ggml_backend_buffer_t comp = st->compute_buf.load(std::memory_order_relaxed);
+    if (!output_rows_of(ctx, out) || comp == nullptr) {
+        return 0;  // nothing decoded yet: no rows to give back
+    }
+    if (out.shared) {
+        return refuse(
+            "flashflex: this context keeps embeddings or sampled tokens beside its logits, so the rows of a "
+            "verification batch cannot be given back (decode without them, or leave the lent memory unused)");
+    }
+    if (ggml_backend_buffer_get_type(out.buf) != ggml_backend_cpu_buffer_type() ||
+        ggml_backend_buffer_get_type(comp) != ggml_backend_cpu_buffer_type()) {
+        return refuse(
+            "flashflex: this context's logits or compute buffer is not plain host memory (a GPU's pinned "
+            "memory), so the rows of a verification batch cannot be given back");
+    }
+    // the first row holds the last decode's logits; the others and the compute buffer are scratch until the next
+    const size_t row  = (size_t) llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx))) * sizeof(float);
+    auto *       base = (uint8_t *) ggml_backend_buffer_get_base(out.buf);
+    release_pages(base + row, base + std::min(out.logits_bytes, ggml_backend_buffer_get_size(out.buf)));
+    auto * cb = (uint8_t *) ggml_backend_buffer_get_base(comp);
+    release_pages(cb, cb + ggml_backend_buffer_get_size(comp));
+    st->lend();
+    return (int64_t) st->lent_size;
 }
 
 void llama_flashflex_model_stats_reset(const llama_model * model) {
@@ -890,6 +1081,8 @@ void llama_flashflex_model_stats_reset(const llama_model * model) {
     st->sched.layer_waits = 0;
     st->sched.acquires    = 0;
     st->sched.resyncs     = 0;
+    st->lent_skipped      = 0;
+    st->lends             = 0;
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -913,6 +1106,7 @@ void flashflex::stream_setup(const llama_model & model, llama_model_loader & ml,
     assign_rings(*st, buft_of);
     allocate_rings(*st);
     st->place();
+    allocate_lent(*st);
 
     // the loader must neither allocate nor read what streams
     for (const auto & name : streamed_names) {
@@ -938,6 +1132,13 @@ bool flashflex::stream_failed(const llama_model * model, std::string * error) {
 
 void flashflex::stream_free(const llama_model * model) {
     g_models.remove(model);
+}
+
+void flashflex::stream_context_free(const llama_model * model) {
+    stream_state * st = find_state(model);
+    if (st != nullptr) {
+        st->compute_buf.store(nullptr);
+    }
 }
 
 void flashflex::stream_graph_begin(const llama_model * model) {
