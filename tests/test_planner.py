@@ -783,7 +783,8 @@ def test_the_draft_length_is_capped_so_failing_drafts_cost_at_most_their_share_o
     row = int(FAILING_DRAFT_SHARE * streamed / 2.5)  # the share of a token's reads holds two rows, not three
 
     def fit(**kw) -> Plan:
-        return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, lendable=False, **{"row_bytes": row, **kw}))
+        return _drafted(t, budget, DraftRequest(kind="prompt-lookup", max_tokens=7, lendable=False,
+                                                **{"row_bytes": row, **kw}))
 
     capped = fit().draft
     assert (capped.max_tokens, capped.logits_bytes, capped.capped_from) == (2, 2 * row, 7)
