@@ -50,8 +50,8 @@ class StreamedTensor(_Spec):
 
 class StreamSpec(_Spec):
     """Dense streaming: `tensors` read ahead by `prefetch_threads` into a ring of `ring_bytes` (fixed homes in the
-    order compute uses them), mapped twice back to back when `mirror`; `window` is the plan's layer count; `lent_bytes`: the memory drafting
-    reserves for a verification batch's rows, lent to streamed weights while none runs."""
+    order them), mapped twice back to back when `mirror`; `window` is the plan's layer count; `lent_bytes`: the
+    memory drafting reserves for a verification batch's rows, lent to streamed weights while none runs."""
 
     tensors: list[StreamedTensor]
     prefetch_threads: int
