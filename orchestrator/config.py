@@ -339,8 +339,9 @@ class DraftConfig(_Section):
 
     kind: DraftKind = Field(
         default="auto",
-        description="auto = prompt-lookup for run and chat where weights stream and the verification batch's "
-        "logits cost at most 3% of a token's time, else none (serve, exec and the Python API: none); "
+        description="auto = prompt-lookup for run and chat where weights stream (the verification batch's rows "
+        "lent to streamed weights while no verification runs; where they cannot be, drafting only where the rows "
+        "cost at most 3% of a token's time), else none (serve, exec and the Python API: none); "
         "none = no drafting; prompt-lookup = draft by matching the last n-gram earlier in the context "
         "(prompt-lookup:N sets the n-gram size); model = a small GGUF with the same vocabulary drafts greedily, "
         "kept resident (its weights, KV cache and compute count in the budget). --draft-model PATH implies model.",

@@ -87,8 +87,13 @@ TASKS: dict[str, tuple[str, str]] = {  # name -> (what it is, the prompt); greed
     "story-sampled": ("a new story, sampled (temperature 0.8): little to copy, drafts mostly fail",
                       "Chapter One\n\nNobody in the village of Hollin had ever seen the sea. Mara, the blacksmith's "
                       "youngest daughter,"),
+    "extract": ("extraction: list the report's figures, each with the sentence it comes from",
+                f"{_DOCUMENT}\nEvery number in the report above, one per line, each followed by the sentence it "
+                f"appears in, copied exactly:\n-"),
+    "letter-sampled": ("a new letter, sampled (temperature 0.9): nothing to copy",
+                       "Dear Aunt Rosa,\n\nThank you for the parcel. The winter here has been strange:"),
 }
-TEMPERATURE = {"story-sampled": 0.8}
+TEMPERATURE = {"story-sampled": 0.8, "letter-sampled": 0.9}
 """Tasks sampled rather than greedy. Greedy Gemma 3 270M (a base model) soon repeats itself, which prompt lookup
 drafts perfectly; sampling keeps its text new. Sampled runs with and without drafting need not give the same tokens
 (run.execution's plain loop draws its random numbers differently from llama-cpp-python's generate)."""

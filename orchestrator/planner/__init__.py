@@ -71,8 +71,10 @@ measured 58-85 % where this model says 6-50 %). I/O-bound tokens/s = read bandwi
 token (1.1 GB/s by default: direct reads at queue depth 4 on the reference machine).
 
 Beside the budget: drafting's RAM (a draft model, and a drafted token's logits rows, in the compute buffers and
-llama.cpp's output buffer; the length capped so the rows cost at most 3% of a token's reads, and drafting by
-default dropped where not one token fits that) and a benchmark process's own memory are reservations of the plan.
+llama.cpp's output buffer: where weights stream on this host, lent to streamed weights while no verification
+runs, so text where drafts fail reads what it reads undrafted; elsewhere the length capped so the rows cost at most
+3% of a token's reads, and drafting by default dropped where not one token fits that) and a benchmark process's own
+memory are reservations of the plan.
 
 The package: `request` (PlanRequest, PlanInputs), `schema` (the Plan and its parts), `make` (make_plan), `buffers`
 (KV cache and compute estimates), `placement` (layers on other devices), `explain` (for people).
