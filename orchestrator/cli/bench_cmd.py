@@ -228,7 +228,8 @@ def register(app: typer.Typer) -> None:
         budget: str = typer.Option("min", "--budget", help="Total budget of both runs; min = the smallest the "
                                    "planner accepts with drafting."),
         tasks: str = typer.Option("all", "--tasks", help="Comma-separated written-down tasks: rewrite, "
-                                  "edit-function, document-qa, free-chat, extract, story-sampled, letter-sampled; all = every one."),
+                                  "edit-function, document-qa, free-chat, extract, story-sampled, "
+                                  "letter-sampled; all = every one."),
         n_predict: int = typer.Option(128, "-n", "--n-predict", min=1, help="Tokens to generate per run."),
         repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per task and mode (medians reported)."),
         threads: int = typer.Option(2, "--threads", "-t", min=1, help="Compute threads."),
