@@ -490,11 +490,6 @@ Lender = Callable[[bool], bool]
 """attach's lender: lend (True) the verification rows' memory to streamed weights, or take it back (False);
 returns whether it is lent now (Handle.row_lender, over llama_flashflex_lend_rows)."""
 
-# Plain steps in a row (the adaptive length at 0, or nothing to draft) after which the rows' memory is lent to
-# streamed weights: the first lent step reads the lent tensors into it instead of the ring (no extra bytes), the
-# later ones skip them; taking it back before a verification costs page faults, not reads.
-LEND_AFTER_IDLE = 2
-
 
 def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None = None,
            waited: Callable[[], float] | None = None, lend: Lender | None = None) -> None:
@@ -503,8 +498,11 @@ def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None
     most `max_batch` tokens after the prompt), keeps no copy of them (llm.scores stays unused: logprobs are not
     offered, as with logits_all off), and reports each decode's tokens and seconds to the drafter, with the
     seconds it waited on streamed reads when `waited` (the runtime's running total) is given. With `lend`, the memory
-    the plan reserved for the verification rows holds streamed weights after LEND_AFTER_IDLE plain steps in a row,
-    and goes back to the rows before the next verification."""
+    the plan reserved for the verification rows is lent to streamed weights from the first plain step on (the
+    previous batch's rows are consumed by then) and goes back to the rows before the next verification. Lending
+    reads nothing extra: a lent tensor is read into the lent memory instead of its ring home, then not at all;
+    what a verification between plain steps costs is the lent tensors read into the ring for the cycles already
+    issued (about two), and page faults."""
     from llama_cpp.llama_speculative import LlamaDraftModel
 
     LlamaDraftModel.register(type(drafter))
@@ -512,15 +510,16 @@ def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None
     drafter.n_ctx = llm.n_ctx()
     n_vocab = llm.n_vocab()
     lent = False
-    plain_steps = 0
 
     def eval(tokens: Sequence[int]) -> None:
-        nonlocal lent, plain_steps
+        nonlocal lent
         tokens = list(tokens)
         llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
         every_row = llm.n_tokens > 0 and 1 < len(tokens) <= max_batch
-        if lent and every_row:
-            lent = lend(False) if lend is not None else False
+        if lend is not None and lent and every_row:
+            lent = lend(False)
+        elif lend is not None and not lent and len(tokens) == 1:
+            lent = lend(True)
         w0 = waited() if waited is not None else 0.0
         t0 = time.perf_counter()
         for i in range(0, len(tokens), llm.n_batch):
@@ -537,9 +536,6 @@ def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None
                 recorder(batch, n_past, np.array(logits, dtype=np.float32, copy=True).reshape(rows, n_vocab))
         seconds = time.perf_counter() - t0
         drafter.observe_eval(len(tokens), seconds, waited() - w0 if waited is not None else None)
-        plain_steps = plain_steps + 1 if len(tokens) == 1 else 0
-        if lend is not None and not lent and plain_steps >= LEND_AFTER_IDLE:
-            lent = lend(True)
 
     llm.eval = eval
 

@@ -191,9 +191,9 @@ def test_dense_streaming_with_drafts_is_bitwise_exact(features, models, kind):
 
 
 class _ScheduledLookup(speculative.PromptLookupDrafter):
-    """Prompt lookup that drafts only on the calls a fixed pattern marks, plain steps otherwise: after two plain
-    steps the rows' memory is lent to streamed weights, and taken back for the next verification, at the same
-    steps in every run."""
+    """Prompt lookup that drafts only on the calls a fixed pattern marks, plain steps otherwise: at a plain step
+    the rows' memory is lent to streamed weights, and taken back for the next verification, at the same steps in
+    every run."""
 
     PATTERN = (True, True, False, False, False, True, False, False, False, False, False, True, True)
 
