@@ -135,8 +135,8 @@ def _bind_streaming(cdll: ctypes.CDLL) -> None:
     cdll.llama_flashflex_model_error.argtypes = [ctypes.c_void_p]
     cdll.llama_flashflex_model_error.restype = ctypes.c_char_p
     # bool llama_flashflex_abort_callback(void * model);  (a ggml_abort_callback)
-    # int64_t llama_flashflex_lend_rows(struct llama_context * ctx, bool lend);
-    cdll.llama_flashflex_lend_rows.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+    # int64_t llama_flashflex_lend_rows(struct llama_context * ctx, int32_t n_rows);
+    cdll.llama_flashflex_lend_rows.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     cdll.llama_flashflex_lend_rows.restype = ctypes.c_int64
 
 
@@ -298,11 +298,12 @@ def model_stats_reset(model_ptr) -> None:
     lib().llama_flashflex_model_stats_reset(model_ptr)
 
 
-def lend_rows(ctx_ptr, lend: bool) -> int:
-    """llama_flashflex_lend_rows: lend (True) the memory a plan reserved for drafting's verification rows to
-    streamed weights, between decodes that ask for one row of logits, or take it back (False) before a batch asks
-    for more. Returns the bytes lent (0: nothing to lend yet); FlashflexError where the rows cannot be given back."""
-    n = lib().llama_flashflex_lend_rows(ctx_ptr, lend)
+def lend_rows(ctx_ptr, n_rows: int) -> int:
+    """llama_flashflex_lend_rows, before a decode whose batch asks for `n_rows` rows of logits beyond the first:
+    streamed weights keep what those rows leave of the memory the plan reserved for drafting's verification rows.
+    Returns the bytes the weights hold (0: nothing to lend yet); FlashflexError where the rows cannot be given
+    back."""
+    n = lib().llama_flashflex_lend_rows(ctx_ptr, n_rows)
     if n < 0:
         raise FlashflexError(last_error(), "leave drafting's rows unlent: --draft none, or --draft-max to size them")
     return int(n)

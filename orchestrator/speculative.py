@@ -486,9 +486,10 @@ class ModelDrafter(Drafter):
 Recorder = Callable[[list[int], int, np.ndarray], None]
 """attach's recorder: (tokens of one decode call, position of the first, logits of its output rows)."""
 
-Lender = Callable[[bool], bool]
-"""attach's lender: lend (True) the verification rows' memory to streamed weights, or take it back (False);
-returns whether it is lent now (Handle.row_lender, over llama_flashflex_lend_rows)."""
+Lender = Callable[[int], int]
+"""attach's lender, called before every decode with the rows of logits its batch asks for beyond the first:
+streamed weights keep what those rows leave of the verification rows' memory (all of it at a one-row decode); returns
+the bytes they hold (Handle.row_lender, over llama_flashflex_lend_rows)."""
 
 
 def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None = None,
@@ -498,28 +499,24 @@ def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None
     most `max_batch` tokens after the prompt), keeps no copy of them (llm.scores stays unused: logprobs are not
     offered, as with logits_all off), and reports each decode's tokens and seconds to the drafter, with the
     seconds it waited on streamed reads when `waited` (the runtime's running total) is given. With `lend`, the memory
-    the plan reserved for the verification rows is lent to streamed weights from the first plain step on (the
-    previous batch's rows are consumed by then) and goes back to the rows before the next verification. Lending
-    reads nothing extra: a lent tensor is read into the lent memory instead of its ring home, then not at all;
-    what a verification between plain steps costs is the lent tensors read into the ring for the cycles already
-    issued (about two), and page faults."""
+    the plan reserved for the verification rows is lent to streamed weights: all of it from a plain step on (the
+    previous batch's rows are consumed by then), and before a verification what its rows leave (a one-token probe
+    takes back one row's worth). Lending reads nothing extra: a lent tensor is read once into the lent memory
+    instead of its ring home, then not at all; taking some back costs a cycle reading those tensors through the
+    ring again, and page faults."""
     from llama_cpp.llama_speculative import LlamaDraftModel
 
     LlamaDraftModel.register(type(drafter))
     llm.draft_model = drafter
     drafter.n_ctx = llm.n_ctx()
     n_vocab = llm.n_vocab()
-    lent = False
 
     def eval(tokens: Sequence[int]) -> None:
-        nonlocal lent
         tokens = list(tokens)
         llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
         every_row = llm.n_tokens > 0 and 1 < len(tokens) <= max_batch
-        if lend is not None and lent and every_row:
-            lent = lend(False)
-        elif lend is not None and not lent and len(tokens) == 1:
-            lent = lend(True)
+        if lend is not None:
+            lend(len(tokens) - 1 if every_row else 0)
         w0 = waited() if waited is not None else 0.0
         t0 = time.perf_counter()
         for i in range(0, len(tokens), llm.n_batch):

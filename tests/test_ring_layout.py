@@ -298,3 +298,16 @@ def test_the_ring_layout_needs_neither_ggml_nor_llama_cpp():
     for name in ("llama-flashflex-ring.h", "llama-flashflex-ring.cpp"):
         includes = [ln for ln in (src / name).read_text().splitlines() if ln.startswith("#include")]
         assert all(ln.startswith("#include <") or "llama-flashflex-ring.h" in ln for ln in includes), includes
+
+
+def test_homes_kept_elsewhere_take_no_ring_bytes(driver):
+    """Tensors lent a home outside the ring (drafting's rows, llama_flashflex_lend_rows) leave the layout: the others
+    are placed as if they were not there, and nothing shares bytes with them."""
+    layout = Layout([100]).layer((0, 30), (0, 30)).layer((0, 30), (0, 30))
+    (placed,) = run(driver, layout, "unplace 1 2", "place")[1:]
+    homes = placed["homes"]
+    assert [h["off"] for h in homes if h is not homes[1] and h is not homes[2]] == [0, 30]
+    assert homes[1]["overlaps"] == [] and homes[2]["overlaps"] == []
+    assert all(1 not in h["overlaps"] and 2 not in h["overlaps"] for h in homes)
+    (full,) = run(driver, layout, "place")  # all placed: the fourth home wraps onto the first
+    assert [h["off"] for h in full["homes"]] == [0, 30, 60, 0] and full["homes"][3]["overlaps"] == [0]

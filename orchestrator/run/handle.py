@@ -151,23 +151,23 @@ class Handle:
             if self.recording is not None:
                 self.recording.finish(not self.failed)
 
-    def row_lender(self) -> Callable[[bool], bool] | None:
+    def row_lender(self) -> Callable[[int], int] | None:
         """speculative.attach's lender (None where the plan lends nothing): llama_flashflex_lend_rows on this
         context. Where the rows cannot be given back (a GPU's pinned buffers) it says so once and lends no more."""
         if self.prepared.spec.stream is None or not self.prepared.spec.stream.lent_bytes:
             return None
         refused = False
 
-        def lend(on: bool) -> bool:
+        def lend(n_rows: int) -> int:
             nonlocal refused
             if refused:
-                return False
+                return 0
             try:
-                return native.lend_rows(self.llm._ctx.ctx, on) > 0
+                return native.lend_rows(self.llm._ctx.ctx, n_rows)
             except FlashflexError as exc:
                 refused = True
                 print(f"note: {exc.problem}; drafting's rows stay reserved", file=sys.stderr)
-                return False
+                return 0
 
         return lend
 

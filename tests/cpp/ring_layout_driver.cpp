@@ -7,6 +7,7 @@
 //   home RING LEN LI BY_USE     append a home (BY_USE 0 or 1)                -> {"ok": true}
 //   layer LAYER FIRST COUNT     append a streamed layer                      -> {"ok": true}
 //   place                       ring_layout::place                           -> {"homes": [...]}
+//   unplace K0 K1 ...           those homes take no ring bytes (kept elsewhere) -> {"ok": true}
 //   learn K0 K1 ...             learn_order on a use sequence, then reorder  -> {"changed", "order", "n_uses", "homes"}
 //   conflict                    ring_layout::conflict                        -> {"conflict": [k, j] | null}
 //   sizes N_RINGS ASKED WINDOW PAGE [MIRRORED]  ring_sizes                  -> {"size": [...], "need": n}
@@ -76,6 +77,12 @@ int main() {
             ring_layer L{};
             in >> L.layer >> L.first >> L.count;
             layout.layers.push_back(L);
+            std::cout << "{\"ok\": true}\n";
+        } else if (cmd == "unplace") {
+            int k;
+            while (in >> k) {
+                layout.homes[k].placed = false;
+            }
             std::cout << "{\"ok\": true}\n";
         } else if (cmd == "place") {
             layout.place();

@@ -64,14 +64,15 @@ LLAMA_API int32_t      llama_flashflex_model_stats(const struct llama_model * mo
 // Zero the model's counters (e.g. between the prompt and the decode phase).
 LLAMA_API void         llama_flashflex_model_stats_reset(const struct llama_model * model);
 // API 8: the memory a plan reserves for drafting's verification rows (spec option "lent_bytes"), lent to streamed
-// weights while no verification runs. lend = true, between two decodes whose batches ask for one row of logits: the
-// context's logits rows beyond the first and its CPU compute buffer give their pages back (their contents are
-// scratch until the next decode) and some streamed tensors keep their bytes in the lent memory from the next
-// decode on, their reads skipped; returns the bytes lent (0: nothing to lend, or nothing decoded yet), or -1
-// (llama_flashflex_last_error) where the rows cannot be given back (a GPU's pinned buffers, embeddings kept
-// beside the logits). lend = false, before a batch asks for more than one row: the weights give the memory back
-// (returns 0). Call it on the thread that decodes, never during a decode.
-LLAMA_API int64_t      llama_flashflex_lend_rows(struct llama_context * ctx, bool lend);
+// weights while no verification uses it. Call it before each decode, on the thread that decodes, with the rows of
+// logits the batch asks for beyond the first (n_rows: 0 for a single-token step or a prompt). The weights keep what
+// the batch leaves of the memory: less, when it asks for more rows than the last (lent tensors go back to reading
+// from the ring and their pages to the system); all of it again at a decode that asks for one row (the context's
+// logits rows beyond the first and its CPU compute buffer give their pages back first: their contents are
+// consumed or scratch by then). Lent tensors are read once into the lent memory and then kept. Returns the bytes
+// the weights hold (0: nothing to lend, or nothing decoded yet), or -1 (llama_flashflex_last_error) where the rows
+// cannot be given back (a GPU's pinned buffers, embeddings kept beside the logits).
+LLAMA_API int64_t      llama_flashflex_lend_rows(struct llama_context * ctx, int32_t n_rows);
 // Expert-bank statistics of a model loaded with banked tensors, as JSON (same conventions as
 // llama_flashflex_model_stats): hits, misses, hit rate, bytes read, read and install seconds, total and per
 // layer. Returns -1 when the model has no banks.

@@ -11,6 +11,11 @@ void ring_layout::place() {
     std::vector<size_t> pos(ring_size.size(), 0);
     for (auto & h : homes) {
         const size_t size = ring_size[h.ring];
+        h.overlaps.clear();
+        if (!h.placed) {
+            h.off = 0;
+            continue;
+        }
         if (is_mirrored(h.ring)) {
             h.off       = pos[h.ring];
             pos[h.ring] = size ? (h.off + h.len) % size : 0;
@@ -21,7 +26,6 @@ void ring_layout::place() {
             h.off = pos[h.ring];
             pos[h.ring] += h.len;
         }
-        h.overlaps.clear();
     }
     for (size_t a = 0; a < homes.size(); ++a) {
         for (size_t b = a + 1; b < homes.size(); ++b) {
@@ -37,7 +41,7 @@ bool ring_layout::share_bytes(const ring_home & x, const ring_home & y) const {
     auto meet = [](size_t a, size_t la, size_t b, size_t lb) {
         return a < b + lb && b < a + la;
     };
-    if (x.ring != y.ring) {
+    if (x.ring != y.ring || !x.placed || !y.placed) {
         return false;
     }
     if (!is_mirrored(x.ring)) {

@@ -20,6 +20,7 @@ struct ring_home {
     size_t           len    = 0;      // bytes of its home
     int              li     = 0;      // streamed-layer index
     bool             by_use = false;  // waited for and released by its use node, not with its layer
+    bool             placed = true;   // has a home in the ring (false: the tensor is kept elsewhere for now)
     size_t           off    = 0;      // the home's offset in its ring (place)
     std::vector<int> overlaps;        // the other homes that share bytes with this one (place)
 };
@@ -45,7 +46,8 @@ struct ring_layout {
     std::vector<ring_layer> layers;     // streamed layers in order
 
     // Homes in the current order, consecutive, wrapping to the ring's start (flat) or running on across its end
-    // (mirrored: a home's bytes are then [off, ring) and [0, off + len - ring)); and which homes share bytes.
+    // (mirrored: a home's bytes are then [off, ring) and [0, off + len - ring)); and which homes share bytes. A home
+    // not `placed` takes no ring bytes and shares none.
     void place();
 
     bool is_mirrored(int ring) const { return (size_t) ring < mirrored.size() && mirrored[ring]; }

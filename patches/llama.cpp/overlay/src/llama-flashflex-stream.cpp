@@ -31,10 +31,10 @@
 //   (llama_flashflex_abort_callback) makes llama_decode return an error instead of computing on bad data.
 // - Lent memory: a plan with drafting reserves room for a verification batch's logits rows ("lent_bytes"); while
 //   no verification runs, the context gives those pages back and some streamed tensors (the largest whose ring
-//   homes share bytes) keep a second home there, so their reads are skipped (llama_flashflex_lend_rows). Which
-//   home a tensor's bytes go to is decided when its read for a cycle is issued, so a data pointer moves only
-//   while compute is not using the tensor; before a verification the memory goes back, and the tensors already
-//   issued for the coming cycle from their lent home are read into their ring home instead.
+//   homes share bytes) move there: read once, then kept, and out of the ring's layout, so the ring's bytes all
+//   go to the tensors still read (llama_flashflex_lend_rows). Before a verification those whose homes lie where
+//   its rows need the memory move back to the ring. Each move is made between two decodes as a relayout is: reads
+//   in flight end, the homes are placed again, and the next layer acquired re-synchronises the cycle.
 //
 // Code: the ring layout (homes, their order, relayout, the layout error) is pure bookkeeping in
 // llama-flashflex-ring.{h,cpp}; here are the reader (stream_reader: preads, staging and repacking), the scheduler
@@ -84,21 +84,22 @@ constexpr size_t k_chunk = 4u << 20;  // one read job moves at most this many by
 struct stream_tensor {
     ggml_tensor * t;
     int           file;
-    uint64_t      read_off;        // file offset of the aligned superset
-    size_t        read_len;        // its length (multiple of 4096)
-    size_t        head;            // the tensor starts this many bytes into the superset
+    uint64_t      read_off;            // file offset of the aligned superset
+    size_t        read_len;            // its length (multiple of 4096)
+    size_t        head;                // the tensor starts this many bytes into the superset
     size_t        nbytes;
-    bool          staged;          // read into staging, then ggml_backend_tensor_set (repacked layout)
-    size_t        job_rows = 0;    // staged in groups of this many rows, one read job each (0: whole, one job)
-    uint8_t *     home;            // direct tensors: where the superset is read to
-    uint8_t *     lent = nullptr;  // its home in the lent memory, or none (see "Lent memory" above)
+    bool          staged;              // read into staging, then ggml_backend_tensor_set (repacked layout)
+    size_t        job_rows = 0;        // staged in groups of this many rows, one read job each (0: whole, one job)
+    uint8_t *     home;                // direct tensors: where the superset is read to
+    uint8_t *     lent     = nullptr;  // its home in the lent memory, or none (see "Lent memory" above)
+    size_t        lent_end = 0;        // where that home ends, from the start of the lent memory
 
     // guarded by the scheduler's pool.mutex()
     int64_t cycle      = -1;     // the cycle whose bytes the home holds or is receiving (-1: none)
     int     pending    = 0;      // read jobs of that cycle not finished
     int64_t released   = -1;     // the last cycle whose use of the home is over
-    bool    in_lent    = false;  // the bytes of `cycle` are (to be) in the lent home, and data points there
-    bool    lent_valid = false;  // the lent home holds the bytes, or a read of them into it was issued
+    bool    in_lent    = false;  // at its lent home (data points there), out of the ring's layout
+    bool    lent_valid = false;  // the lent home holds the bytes (its read finished)
 
     bool ready(int64_t c) const { return cycle == c && pending == 0; }
 };
@@ -270,10 +271,11 @@ struct stream_state {
     failure               failed;
     std::atomic<uint64_t> relayouts{ 0 };
 
-    // the lent memory: one mapping, each lent tensor's home in it; `lending` while the weights hold it
+    // the lent memory: one mapping, each lent tensor's home in it; the weights hold its first lent_keep bytes (the
+    // tensors whose homes end there)
     uint8_t *                          lent_mem  = nullptr;
     size_t                             lent_size = 0;
-    bool                               lending   = false;       // guarded by pool.mutex()
+    size_t                             lent_keep = 0;           // compute thread only
     std::atomic<uint64_t>              lent_skipped{ 0 };       // bytes not read: their lent home held them
     std::atomic<uint64_t>              lends{ 0 };
     std::atomic<ggml_backend_buffer_t> compute_buf{ nullptr };  // the CPU compute buffer the last graph ran in
@@ -331,8 +333,7 @@ struct stream_state {
     void        bind();
     void        point(int k);
     bool        begin_cycle(int k, int64_t c);
-    void        lend();
-    void        reclaim();
+    size_t      set_lent(size_t keep);
     void        learn_order(ggml_cgraph * gf);
     void        relayout(const std::vector<int> & order, const std::vector<int> & n_uses);
     std::string layout_error() const;
@@ -389,13 +390,14 @@ void stream_scheduler::queue_read(int k, int64_t c, size_t begin, size_t end) {
         [this, k, c] {
             inflight--;
             if (st.tensors[k].cycle == c && --st.tensors[k].pending == 0) {
+                st.tensors[k].lent_valid = st.tensors[k].in_lent && !st.failed.is_set();
                 pump();  // a home this read kept busy may be free now
             }
         },
     });
 }
 
-// The read jobs of tensor k for cycle c, into the home begin_cycle chose. pool.mutex() is held.
+// The read jobs of tensor k for cycle c, into its home (lent or in the ring). pool.mutex() is held.
 void stream_scheduler::issue(int k, int64_t c) {
     stream_tensor & t = st.tensors[k];
     t.pending         = 0;
@@ -411,8 +413,7 @@ void stream_scheduler::issue(int k, int64_t c) {
 // by lk.
 void stream_scheduler::drain(std::unique_lock<std::mutex> & lk) {
     for (auto & t : st.tensors) {
-        t.cycle      = -1;
-        t.lent_valid = false;
+        t.cycle = -1;  // a lent home keeps what it holds: only its own read writes it
     }
     draining = true;
     pool.done_cv().wait(lk, [&] { return inflight == 0 || pool.stopping(); });
@@ -497,6 +498,7 @@ void stream_scheduler::read_now(int first, int end, bool by_use, std::unique_loc
             st.read(k, b, std::min(units, b + step), sync_staging);
         }
         lk.lock();
+        t.lent_valid = t.in_lent && !st.failed.is_set();
     }
 }
 
@@ -592,8 +594,7 @@ void stream_state::bind() {
 }
 
 // Tensor k's data pointer (and where a direct read goes) at its lent home or its ring home, as in_lent says. Only
-// while compute is not using it: at setup and relayout, or when its read for a cycle is issued (its home is then
-// released by the cycle before).
+// while nothing reads or computes: at setup, relayout and set_lent.
 void stream_state::point(int k) {
     stream_tensor & s    = tensors[k];
     uint8_t *       base = s.in_lent ? s.lent : rings[layout.homes[k].ring].origin + layout.homes[k].off;
@@ -601,78 +602,55 @@ void stream_state::point(int k) {
     s.t->data            = s.staged ? (void *) base : (void *) (base + s.head);
 }
 
-// Tensor k's bytes for cycle c, its home being free (pool.mutex() held): in its lent home while the weights hold
-// the lent memory, else in its ring home. Returns whether they must be read (false: the home still holds them).
+// Tensor k's bytes for cycle c, its home being free (pool.mutex() held): whether they must be read. A lent home
+// keeps them once read; so does a ring home that shares bytes with nobody (unless the tensor was lent since).
 bool stream_state::begin_cycle(int k, int64_t c) {
     stream_tensor & t    = tensors[k];
-    const bool      lent = lending && t.lent != nullptr;
-    if (lent != t.in_lent) {
-        t.in_lent = lent;
-        point(k);
+    const bool      kept = t.in_lent ?
+                               t.lent_valid :
+                               t.lent == nullptr && layout.homes[k].overlaps.empty() && t.cycle >= 0 && t.pending == 0;
+    t.cycle              = c;
+    if (kept && t.in_lent) {
+        lent_skipped.fetch_add(t.read_len);
     }
-    // a ring home that shares bytes with nobody keeps them from cycle to cycle (unless the tensor was lent since)
-    const bool kept =
-        lent ? t.lent_valid : t.lent == nullptr && layout.homes[k].overlaps.empty() && t.cycle >= 0 && t.pending == 0;
-    t.cycle = c;
-    if (kept) {
-        if (lent) {
-            lent_skipped.fetch_add(t.read_len);
-        }
-        return false;
-    }
-    t.pending    = 0;
-    t.lent_valid = lent;
-    return true;
+    return !kept;
 }
 
-// Compute thread, between two decodes: the weights may hold the lent memory (the context gave its pages back).
-// Lent tensors move there from the next cycle they are issued for.
-void stream_state::lend() {
-    std::lock_guard<std::mutex> lk(sched.pool.mutex());
-    if (lending || lent_mem == nullptr) {
-        return;
+// Compute thread, between two decodes: the weights hold the first `keep` bytes of the lent memory. The lent
+// tensors whose homes end there move to them (more: the context gave the rows' pages back), the others back to the
+// ring, their pages to the system (less: a batch is about to ask for rows there). Like a relayout: the reads in flight
+// end, the homes are placed again without the tensors that are lent, and the next layer acquired re-synchronises
+// the cycle. Returns the bytes the lent tensors hold.
+size_t stream_state::set_lent(size_t keep) {
+    size_t held = 0;
+    for (const auto & t : tensors) {
+        held = t.lent != nullptr && t.lent_end <= keep ? std::max(held, t.lent_end) : held;
     }
-    lending = true;
-    lends.fetch_add(1);
-    if (sched.pool.threads() > 0) {
-        sched.pump();
+    if (keep == lent_keep || lent_mem == nullptr) {
+        return held;
     }
-}
-
-// Compute thread, between two decodes: the lent memory goes back (a batch is about to ask for more than one row of
-// logits) and its pages to the system. Tensors issued for the coming cycle from their lent home are read into their
-// ring home instead: that home was free when they were issued, and no tensor after them can take its bytes before
-// compute releases them.
-void stream_state::reclaim() {
     std::unique_lock<std::mutex> lk(sched.pool.mutex());
-    if (!lending) {
-        return;
-    }
-    lending = false;
-    // reads into lent homes finish first: they write the memory about to go back
-    sched.pool.done_cv().wait(lk, [&] {
-        return sched.pool.stopping() || std::none_of(tensors.begin(), tensors.end(), [](const stream_tensor & t) {
-                   return t.in_lent && t.pending > 0;
-               });
-    });
-    bool any = false;
+    sched.drain(lk);
     for (int k = 0; k < (int) tensors.size(); ++k) {
         stream_tensor & t = tensors[k];
-        t.lent_valid      = false;
-        if (!t.in_lent) {
-            continue;
-        }
-        t.in_lent = false;
-        point(k);
-        if (sched.pool.threads() > 0 && t.cycle > sched.cycle) {
-            sched.issue(k, t.cycle);
-            any = true;
+        t.pending         = 0;  // drained above
+        if (t.lent != nullptr) {
+            t.in_lent              = t.lent_end <= keep;
+            t.lent_valid           = t.lent_valid && t.in_lent;
+            layout.homes[k].placed = !t.in_lent;
         }
     }
-    release_pages(lent_mem, lent_mem + lent_size);
-    if (any) {
-        sched.pool.wake();
+    place();
+    sched.expected_li = -1;
+    sched.held        = -1;
+    sched.held_use    = -1;
+    if (keep > lent_keep) {
+        lends.fetch_add(1);
+    } else {
+        release_pages(lent_mem + held, lent_mem + lent_size);
     }
+    lent_keep = keep;
+    return held;
 }
 
 // A layer's tensors held for the whole layer (those without a use node) must not share bytes with any other
@@ -985,7 +963,8 @@ void allocate_lent(stream_state & st) {
     }
     st.lent_size = used;
     for (const auto & [k, off] : chosen) {
-        st.tensors[k].lent = st.lent_mem + off;
+        st.tensors[k].lent     = st.lent_mem + off;
+        st.tensors[k].lent_end = off + align_up(st.layout.homes[k].len, k_page);
     }
 }
 
@@ -1034,14 +1013,20 @@ int32_t llama_flashflex_model_stats(const llama_model * model, char * buf, size_
     return write_c_string(out.str(), buf, buf_size);
 }
 
-int64_t llama_flashflex_lend_rows(llama_context * ctx, bool lend) {
+int64_t llama_flashflex_lend_rows(llama_context * ctx, int32_t n_rows) {
     stream_state * st = ctx != nullptr ? find_state(llama_get_model(ctx)) : nullptr;
     if (st == nullptr || st->lent_mem == nullptr) {
         return 0;
     }
-    if (!lend) {
-        st->reclaim();
-        return 0;
+    if (n_rows < 0) {
+        return refuse("flashflex: llama_flashflex_lend_rows takes the rows a batch asks for beyond the first (>= 0)");
+    }
+    // a row of logits: in the compute buffer and in the output buffer (the plan reserved this much per drafted token)
+    const size_t n_vocab = (size_t) llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
+    const size_t rows    = (size_t) n_rows * 2 * sizeof(float) * n_vocab;
+    const size_t keep    = (size_t) st->cfg.lent_bytes > rows ? (size_t) st->cfg.lent_bytes - rows : 0;
+    if (keep < st->lent_keep || n_rows > 0) {
+        return (int64_t) st->set_lent(std::min(keep, st->lent_keep));  // lends more only at a one-row decode
     }
     output_rows           out;
     ggml_backend_buffer_t comp = st->compute_buf.load(std::memory_order_relaxed);
@@ -1059,14 +1044,15 @@ int64_t llama_flashflex_lend_rows(llama_context * ctx, bool lend) {
             "flashflex: this context's logits or compute buffer is not plain host memory (a GPU's pinned "
             "memory), so the rows of a verification batch cannot be given back");
     }
-    // the first row holds the last decode's logits; the others and the compute buffer are scratch until the next
-    const size_t row  = (size_t) llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx))) * sizeof(float);
-    auto *       base = (uint8_t *) ggml_backend_buffer_get_base(out.buf);
-    release_pages(base + row, base + std::min(out.logits_bytes, ggml_backend_buffer_get_size(out.buf)));
-    auto * cb = (uint8_t *) ggml_backend_buffer_get_base(comp);
-    release_pages(cb, cb + ggml_backend_buffer_get_size(comp));
-    st->lend();
-    return (int64_t) st->lent_size;
+    if (keep > st->lent_keep) {
+        // the first row holds the last decode's logits; the others and the compute buffer are scratch until the next
+        auto * base = (uint8_t *) ggml_backend_buffer_get_base(out.buf);
+        release_pages(base + n_vocab * sizeof(float),
+                      base + std::min(out.logits_bytes, ggml_backend_buffer_get_size(out.buf)));
+        auto * cb = (uint8_t *) ggml_backend_buffer_get_base(comp);
+        release_pages(cb, cb + ggml_backend_buffer_get_size(comp));
+    }
+    return (int64_t) st->set_lent(keep);
 }
 
 void llama_flashflex_model_stats_reset(const llama_model * model) {
