@@ -127,6 +127,13 @@ class DraftLength:
             return
         self._samples.setdefault(batch_tokens, deque(maxlen=self.cost_window)).append(seconds)
 
+    def observe_aftermath(self, batch_tokens: int, seconds: float) -> None:
+        """The single-token step after the last verification of `batch_tokens` took `seconds` longer than a plain
+        step (with lent rows: the memory moving back to streamed weights): part of what that verification cost."""
+        q = self._samples.get(batch_tokens)
+        if q and seconds > 0 and math.isfinite(seconds):
+            q[-1] += seconds
+
     @property
     def _cost(self) -> dict[int, tuple[float, float]]:
         """Batch tokens -> (median seconds of its recent verifications, how many): a median, so one verification
@@ -310,6 +317,7 @@ class Drafter:
         self.n_ctx: int | None = None  # the context (set by attach): a draft never runs past it
         self._last: tuple[int, int, np.ndarray] | None = None  # (input length, its last id, the draft)
         self._pending: int | None = None  # tokens the next eval should hold to be this draft's verification
+        self._verified: int | None = None  # tokens of the last eval when it was a verification of a draft
         # the latest single-token steps as (seconds, seconds waited on reads): what computespeed records
         self.steps: deque[tuple[float, float]] = deque(maxlen=256)
 
@@ -395,12 +403,19 @@ class Drafter:
         `waited`: of the seconds, those compute waited on streamed reads (None where nothing streams)."""
         if n_tokens == 1 and waited is not None:
             self.steps.append((seconds, waited))
+        verified, self._verified = self._verified, None
+        step = self.length.step_seconds()
+        if verified is not None and n_tokens == 1 and step:
+            # what a verification makes the next step pay beyond a plain one is part of its cost: where drafts fail
+            # between plain steps that decides whether drafting pays
+            self.length.observe_aftermath(verified, seconds - step)
         pending, self._pending = self._pending, None
         if pending is not None and n_tokens == pending:
             self.stats.verifications += 1
             self.stats.verified_tokens += n_tokens
             self.stats.verification_seconds += seconds
             self.length.observe_cost(n_tokens, seconds)
+            self._verified = n_tokens if n_tokens > 1 else None
 
     def report(self) -> dict[str, Any]:
         return {"kind": self.kind, **self.stats.to_dict(), "length": self.length.state()}

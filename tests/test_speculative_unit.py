@@ -344,6 +344,26 @@ def test_a_prompt_eval_is_not_a_verification_cost():
     assert d.stats.verifications == 1 and d.length.state()["verification_seconds"] == {3: 0.2}
 
 
+def test_what_a_verification_makes_the_next_step_pay_is_part_of_its_cost():
+    """With lent rows, the plain step after a verification moves the memory back to streamed weights: the time it
+    takes beyond a plain step counts as the verification's, so drafts that fail between plain steps price it."""
+    d = Scripted([[], [], [5, 6], [], [7, 8], [9, 9]])
+    d(ids(1, 2, 3))
+    d.observe_eval(1, 0.1)  # plain steps measure t(1)
+    d(ids(1, 2, 3, 4))
+    d.observe_eval(1, 0.1)
+    d(ids(1, 2, 3, 4, 0))
+    d.observe_eval(3, 0.2)  # a verification of two drafted tokens
+    d(ids(1, 2, 3, 4, 0, 1))
+    d.observe_eval(1, 0.16)  # the step after it: 0.06 more than a plain one
+    assert d.length.state()["verification_seconds"][3] == pytest.approx(0.26)
+    d(ids(1, 2, 3, 4, 0, 1, 2))
+    d.observe_eval(3, 0.2)
+    d(ids(1, 2, 3, 4, 0, 1, 2, 7, 8, 3))
+    d.observe_eval(3, 0.2)  # verifications in a row: the next one is not a plain step, nothing is added
+    assert sorted(d.length._samples[3]) == pytest.approx([0.2, 0.2, 0.26])
+
+
 def test_drafts_stop_at_the_tokens_still_wanted_and_the_context():
     d = Scripted([[5, 6, 7, 8]] * 3)
     d.stop_at = 6
