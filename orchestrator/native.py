@@ -135,9 +135,10 @@ def _bind_streaming(cdll: ctypes.CDLL) -> None:
     cdll.llama_flashflex_model_error.argtypes = [ctypes.c_void_p]
     cdll.llama_flashflex_model_error.restype = ctypes.c_char_p
     # bool llama_flashflex_abort_callback(void * model);  (a ggml_abort_callback)
-    # int64_t llama_flashflex_lend_rows(struct llama_context * ctx, int32_t n_rows);
-    cdll.llama_flashflex_lend_rows.argtypes = [ctypes.c_void_p, ctypes.c_int32]
-    cdll.llama_flashflex_lend_rows.restype = ctypes.c_int64
+    # int64_t llama_flashflex_lend_rows(struct llama_context * ctx, int32_t n_rows);  (API 8: absent before)
+    if hasattr(cdll, "llama_flashflex_lend_rows"):
+        cdll.llama_flashflex_lend_rows.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+        cdll.llama_flashflex_lend_rows.restype = ctypes.c_int64
 
 
 def _bind_banks(cdll: ctypes.CDLL) -> None:
@@ -303,7 +304,10 @@ def lend_rows(ctx_ptr, n_rows: int) -> int:
     streamed weights keep what those rows leave of the memory the plan reserved for drafting's verification rows.
     Returns the bytes the weights hold (0: nothing to lend yet); FlashflexError where the rows cannot be given
     back."""
-    n = lib().llama_flashflex_lend_rows(ctx_ptr, n_rows)
+    cdll = lib()
+    if not hasattr(cdll, "llama_flashflex_lend_rows"):
+        raise NotPatched("the installed library predates lending drafting's rows (C API 8)", "flashflex build")
+    n = cdll.llama_flashflex_lend_rows(ctx_ptr, n_rows)
     if n < 0:
         raise FlashflexError(last_error(), "leave drafting's rows unlent: --draft none, or --draft-max to size them")
     return int(n)

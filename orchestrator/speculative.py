@@ -530,10 +530,10 @@ def attach(llm: Any, drafter: Drafter, max_batch: int, recorder: Recorder | None
         tokens = list(tokens)
         llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
         every_row = llm.n_tokens > 0 and 1 < len(tokens) <= max_batch
-        if lend is not None:
-            lend(len(tokens) - 1 if every_row else 0)
         w0 = waited() if waited is not None else 0.0
         t0 = time.perf_counter()
+        if lend is not None and tokens:  # eval([]) decodes nothing: the last batch's rows are still to be sampled
+            lend(len(tokens) - 1 if every_row else 0)
         for i in range(0, len(tokens), llm.n_batch):
             batch = tokens[i: i + llm.n_batch]
             n_past = llm.n_tokens
@@ -598,6 +598,7 @@ class DraftSetup:
     capped_from: int | None = None  # max_tokens asked for, when the ubatch (or the budget) capped it
     length_fixed: bool = False  # max_tokens was given: never capped for the budget
     optional: bool = False  # drafting by default (draft.kind auto): the plan drops it where the rows cost too much
+    lendable: bool = True  # the runtime can lend the rows' memory to streamed weights here (rows_lendable_here)
 
     @property
     def resident_bytes(self) -> int:
@@ -615,7 +616,7 @@ class DraftSetup:
         return DraftRequest(kind=self.kind, max_tokens=self.max_tokens, row_bytes=self.row_bytes,
                             model_bytes=self.weights_bytes + self.kv_cache_bytes + self.compute_bytes,
                             length_fixed=self.length_fixed, name=self.model.name if self.model else "",
-                            optional=self.optional)
+                            optional=self.optional, lendable=self.lendable)
 
     def open(self, settings: "GenerationSettings") -> Drafter:
         length = DraftLength(self.max_tokens, adaptive=self.adaptive)
@@ -635,6 +636,22 @@ class DraftSetup:
         self.max_tokens = plan.max_tokens
         self.logits_bytes = plan.logits_bytes
         self.capped_from = self.capped_from or plan.capped_from
+
+
+def rows_lendable_here() -> bool:
+    """Whether the runtime can lend a verification batch's rows' memory to streamed weights on this host: on Linux
+    (pages given back at once), and not where the build sees a GPU (llama.cpp then gives the CPU backend the GPU's
+    pinned host memory for its compute buffer, which cannot be given back). Elsewhere the plan caps the length."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    from orchestrator import native
+
+    try:
+        return not native.local_accelerators()
+    except FlashflexError:
+        return True  # no library to ask yet: the runtime says so itself if it cannot
 
 
 def _n_vocab(table: Any) -> int:
@@ -664,7 +681,7 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
         return None
     max_tokens = min(d.max_tokens, settings.ubatch - 1)
     setup = DraftSetup(kind=kind, max_tokens=max_tokens, adaptive=d.adaptive, optional=optional,
-                       capped_from=d.max_tokens if max_tokens < d.max_tokens else None)
+                       capped_from=d.max_tokens if max_tokens < d.max_tokens else None, lendable=rows_lendable_here())
     if max_tokens < d.max_tokens and "max_tokens" in d.model_fields_set:
         log(f"note: draft.max_tokens {d.max_tokens} capped at {max_tokens} (ubatch {settings.ubatch} - 1: a longer "
             "verification would take two passes over the weights)")

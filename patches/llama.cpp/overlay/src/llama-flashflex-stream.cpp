@@ -622,25 +622,39 @@ bool stream_state::begin_cycle(int k, int64_t c) {
 // end, the homes are placed again without the tensors that are lent, and the next layer acquired re-synchronises
 // the cycle. Returns the bytes the lent tensors hold.
 size_t stream_state::set_lent(size_t keep) {
-    size_t held = 0;
-    for (const auto & t : tensors) {
-        held = t.lent != nullptr && t.lent_end <= keep ? std::max(held, t.lent_end) : held;
-    }
-    if (keep == lent_keep || lent_mem == nullptr) {
+    auto held_at = [&](size_t to) {
+        size_t held = 0;
+        for (const auto & t : tensors) {
+            held = t.lent != nullptr && t.lent_end <= to ? std::max(held, t.lent_end) : held;
+        }
         return held;
+    };
+    if (keep == lent_keep || lent_mem == nullptr) {
+        return held_at(keep);
     }
     std::unique_lock<std::mutex> lk(sched.pool.mutex());
     sched.drain(lk);
-    for (int k = 0; k < (int) tensors.size(); ++k) {
-        stream_tensor & t = tensors[k];
-        t.pending         = 0;  // drained above
-        if (t.lent != nullptr) {
-            t.in_lent              = t.lent_end <= keep;
-            t.lent_valid           = t.lent_valid && t.in_lent;
-            layout.homes[k].placed = !t.in_lent;
+    auto move = [&](size_t to) {
+        for (int k = 0; k < (int) tensors.size(); ++k) {
+            stream_tensor & t = tensors[k];
+            t.pending         = 0;  // drained above
+            if (t.lent != nullptr) {
+                t.in_lent              = t.lent_end <= to;
+                t.lent_valid           = t.lent_valid && t.in_lent;
+                layout.homes[k].placed = !t.in_lent;
+            }
         }
+        place();
+    };
+    move(keep);
+    int a = -1, b = -1;
+    if (layout.conflict(a, b)) {
+        // a flat ring wraps elsewhere without these homes, and a tensor its layer holds throughout would share bytes
+        // with another of the layer: lend nothing (every tensor in the ring is the layout the model was checked with)
+        keep = 0;
+        move(keep);
     }
-    place();
+    const size_t held = held_at(keep);
     sched.expected_li = -1;
     sched.held        = -1;
     sched.held_use    = -1;
@@ -1021,6 +1035,13 @@ int64_t llama_flashflex_lend_rows(llama_context * ctx, int32_t n_rows) {
     if (n_rows < 0) {
         return refuse("flashflex: llama_flashflex_lend_rows takes the rows a batch asks for beyond the first (>= 0)");
     }
+#if !defined(__linux__)
+    if (n_rows == 0) {
+        return refuse(
+            "flashflex: lending drafting's rows needs pages given back at once (Linux's MADV_DONTNEED); here they "
+            "stay reserved");
+    }
+#endif
     // a row of logits: in the compute buffer and in the output buffer (the plan reserved this much per drafted token)
     const size_t n_vocab = (size_t) llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
     const size_t rows    = (size_t) n_rows * 2 * sizeof(float) * n_vocab;
@@ -1130,6 +1151,8 @@ void flashflex::stream_context_free(const llama_model * model) {
 void flashflex::stream_graph_begin(const llama_model * model) {
     g_building = find_state(model);
     if (g_building) {
+        // the scheduler may reallocate its buffers for this graph: the compute buffer is known again once it runs
+        g_building->compute_buf.store(nullptr);
         std::fill(g_building->seen_after.begin(), g_building->seen_after.end(), false);
         g_building->seen_input = false;
         g_building->built_uses.clear();
