@@ -423,8 +423,9 @@ class Drafter:
 
 class PromptLookupDrafter(Drafter):
     """Prompt lookup (n-grams from the context): the last `ngram` tokens are looked for earlier in the context,
-    most recent occurrence first, falling back to shorter n-grams down to one token; the tokens that followed
-    the match are the draft. Costs a vectorised scan of the context, no model."""
+    most recent occurrence first; where they occur nowhere, the `ngram` tokens before the last one, followed by
+    another token (an edited word, the next number of a list), then shorter n-grams down to one token; the
+    tokens that followed the match are the draft. Costs a vectorised scan of the context, no model."""
 
     kind = "prompt-lookup"
 
@@ -439,19 +440,31 @@ class PromptLookupDrafter(Drafter):
 
 
 def lookup(ids: np.ndarray, ngram: int, k: int) -> np.ndarray:
-    """Up to k tokens that followed the most recent earlier occurrence of the context's last n tokens, for n
-    from `ngram` down to 1 (the longest match wins)."""
+    """Up to k tokens that followed the most recent earlier occurrence of the context's last `ngram` tokens; where
+    there is none, of the `ngram` tokens before the last one with any token after them (the last token taken as
+    a substitution: a copy that changed one token, such as a corrected word or a counter, goes on copying after
+    it); then of the last n tokens for n from `ngram` - 1 down to 1."""
     ids = np.asarray(ids, dtype=np.intc)
     n_ids = len(ids)
-    for n in range(min(ngram, n_ids - 1), 0, -1):
-        pattern = ids[n_ids - n:]
-        # windows starting at 0 .. n_ids - n - 1: every occurrence but the suffix itself
-        windows = np.lib.stride_tricks.sliding_window_view(ids[:n_ids - 1], n)
-        hits = np.flatnonzero((windows == pattern).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + n
-            return ids[start:start + k].copy()
-    return _EMPTY
+    start = _last_occurrence(ids[:n_ids - 1], ids[n_ids - ngram:]) if n_ids > ngram else None
+    if start is None and n_ids > ngram + 1:
+        # the context before the last token, seen before with a different token after it: resume after that token
+        hit = _last_occurrence(ids[:n_ids - 2], ids[n_ids - 1 - ngram:n_ids - 1])
+        start = hit + 1 if hit is not None else None
+    for n in range(min(ngram - 1, n_ids - 1), 0, -1):
+        if start is not None:
+            break
+        start = _last_occurrence(ids[:n_ids - 1], ids[n_ids - n:])
+    return ids[start:start + k].copy() if start is not None else _EMPTY
+
+
+def _last_occurrence(ids: np.ndarray, pattern: np.ndarray) -> int | None:
+    """The index just past the most recent occurrence of `pattern` in `ids`, or None."""
+    if len(pattern) == 0 or len(ids) < len(pattern):
+        return None
+    windows = np.lib.stride_tricks.sliding_window_view(ids, len(pattern))
+    hits = np.flatnonzero((windows == pattern).all(axis=1))
+    return int(hits[-1]) + len(pattern) if len(hits) else None
 
 
 class ModelDrafter(Drafter):

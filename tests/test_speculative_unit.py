@@ -33,6 +33,17 @@ def test_lookup_falls_back_to_shorter_ngrams_and_may_find_nothing():
     assert lookup(ids(), 3, 3).tolist() == []
 
 
+def test_lookup_goes_on_copying_after_a_token_that_changed():
+    # a numbered list: "NL - 1 . a b c NL - 2": "- 2" occurs nowhere before, "NL - <any>" does: go on after the "1"
+    assert lookup(ids(10, 50, 1, 60, 7, 8, 9, 10, 50, 2), 2, 4).tolist() == [60, 7, 8, 9]
+    # an edited word in a copy: "x y OLD z w" copied as "x y NEW" drafts "z w"
+    assert lookup(ids(3, 4, 5, 6, 7, 1, 3, 4, 9), 2, 2).tolist() == [6, 7]
+    # an exact match of the full n-gram wins over a substitution, even an older one
+    assert lookup(ids(3, 4, 9, 11, 3, 4, 5, 6, 3, 4, 9), 3, 2).tolist() == [11, 3]
+    # a substitution (n tokens of context) wins over a shorter exact match
+    assert lookup(ids(9, 7, 1, 2, 3, 8, 5, 6, 1, 2, 3, 9), 3, 2).tolist() == [5, 6]  # not [7, 1] after the "9"
+
+
 def test_lookup_draft_stops_at_the_end_of_the_context():
     assert lookup(ids(1, 2, 1, 2), 2, 8).tolist() == [1, 2]
 
