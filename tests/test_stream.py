@@ -89,6 +89,28 @@ def test_stats_count_the_streamed_bytes(streaming, dense_models):
     assert decode["error"] is None
 
 
+def test_a_run_leaves_no_sampler_chains_for_the_cycle_collector(streaming, dense_models):
+    """Each sampler chain holds a vocabulary-sized buffer until it is freed; one built per token (Llama.sample
+    without a sampler) is freed only by Python's cycle collector, so a long decode's heap grew outside the plan."""
+    import gc
+
+    from llama_cpp._internals import LlamaSampler
+
+    path = dense_models["q4_0"]
+    plan = _plan(path, "min", threads=1, ubatch=32)
+    prepared = prepared_of(GenerationSettings(model=path, prompt="hello world", n_predict=12, ctx=CTX, ubatch=32,
+                                              threads=2, temperature=0.8), plan)
+    gc.collect()
+    gc.disable()
+    try:
+        result = execution.run(prepared)
+        alive = [o for o in gc.get_objects() if isinstance(o, LlamaSampler) and o.sampler is not None]
+    finally:
+        gc.enable()
+    assert len(result.tokens) == 12
+    assert alive == []
+
+
 def test_real_model_realigned_is_exact(streaming, tmp_path):
     from orchestrator.modelfile.locate import default_model_path
     from orchestrator.modelfile.realign import realign

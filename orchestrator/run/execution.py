@@ -4,6 +4,7 @@ attached), with tokens, timings, memory and the runtime's statistics per phase."
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, MutableSequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from orchestrator.run.spec import RuntimeSpec
 
 if TYPE_CHECKING:
     from orchestrator.run.handle import Handle, Prepared
+    from orchestrator.run.settings import GenerationSettings
 
 
 # A prompt longer than this many bytes per context token cannot fit: refused before it is tokenized (a 50 MB prompt
@@ -173,6 +175,30 @@ class RPCTraffic:
         self.last = now
 
 
+def _plain_decode(llm: Any, n_new: int, settings: "GenerationSettings", out: list[int],
+                  steps: MutableSequence[tuple[float, float]], waited: Callable[[], float] | None) -> None:
+    """Up to n_new tokens, one decode each, appended to `out` (each step's seconds and seconds waited on reads to
+    `steps` where `waited` is given). One sampler chain for the whole run, as llama-cpp-python's generate keeps:
+    `Llama.sample` without one builds a chain per token whose vocabulary-sized buffer (3 MiB with Gemma's 262k
+    tokens) lives until Python's cycle collector runs, which let the heap grow by up to 170 MiB outside the plan;
+    and its random draws then go on from one token to the next instead of restarting from the seed."""
+    sampler = llm._init_sampler(temp=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+    eos = llm.token_eos()
+    try:
+        for _ in range(n_new):
+            tok = sampler.sample(llm._ctx, -1)
+            if tok == eos:
+                break
+            out.append(tok)
+            w0 = waited() if waited is not None else 0.0
+            t_step = time.perf_counter()
+            llm.eval([tok])
+            if waited is not None:
+                steps.append((time.perf_counter() - t_step, waited() - w0))
+    finally:
+        sampler.close()
+
+
 def _generate(handle: "Handle", load_s: float) -> RunResult:
     llm, settings, spec, drafter = handle.llm, handle.prepared.settings, handle.prepared.spec, handle.drafter
     plan = handle.prepared.plan
@@ -197,24 +223,16 @@ def _generate(handle: "Handle", load_s: float) -> RunResult:
     reset_stats(llm, spec)
 
     out: list[int] = []
-    eos = llm.token_eos()
     t2 = time.perf_counter()
+    waited = handle.waited_on_reads()
+    steps: MutableSequence[tuple[float, float]] = []  # single-token steps: (seconds, seconds waited on reads)
     if drafter is not None:
         from orchestrator import speculative
 
         out = speculative.decode(llm, prompt_tokens, n_new, settings, drafter)
-    waited = handle.waited_on_reads()
-    steps = drafter.steps if drafter is not None else []  # single-token steps: (seconds, seconds waited on reads)
-    for _ in range(n_new if drafter is None else 0):
-        tok = llm.sample(temp=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
-        if tok == eos:
-            break
-        out.append(tok)
-        w0 = waited() if waited is not None else 0.0
-        t_step = time.perf_counter()
-        llm.eval([tok])
-        if waited is not None:
-            steps.append((time.perf_counter() - t_step, waited() - w0))
+        steps = drafter.steps
+    else:
+        _plain_decode(llm, n_new, settings, out, steps, waited)
     decode_s = time.perf_counter() - t2
     decode_stream, decode_moe = runtime_stats(llm, spec)
     profile = computespeed.profile_of(list(steps), decode_stream["bytes_read"], decode_s) \
