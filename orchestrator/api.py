@@ -106,13 +106,14 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_bytes: int | None = None,
             process_bytes: int = 0, chat: bool = False, draft_auto: bool = False, own_decodes: bool = False,
-            **options: Any) -> Prepared:
+            draft_slots: int | None = None, **options: Any) -> Prepared:
     """Validate everything `run` validates (model, plan, sidecar, traces, flag combinations, a draft model's
     vocabulary) without loading the weights: the inputs gathered once, one plan, its RuntimeSpec.
     `budget_bytes` replaces the config's budget (always planned); `process_bytes`: what the process around the
     model occupies when the budget is a whole cgroup (benchmarks); `chat`: with no model named, the
     instruction-tuned default (chat, serve) instead of the default base model; `draft_auto`: draft.kind auto
-    drafts by prompt lookup where the plan affords it (run, chat); `own_decodes`: flashflex's code makes every
+    drafts by prompt lookup where the plan affords it (run, chat, serve); `draft_slots`: llama-server drafts, in
+    that many slots (its rows reserved for each, never lent); `own_decodes`: flashflex's code makes every
     decode call of the model (run, chat, serve, benchmarks), so a micro-batch asks for one row of logits unless
     context.outputs says otherwise (elsewhere every token's, as stock)."""
     quiet = log is None
@@ -124,7 +125,7 @@ def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_by
     def planned(cfg: RunConfig):
         settings = settings_from_config(cfg, log=log, chat=chat)
         inputs = gather(cfg, settings, log=log, budget_bytes=budget_bytes, process_bytes=process_bytes,
-                        draft_auto=draft_auto)
+                        draft_auto=draft_auto, draft_slots=draft_slots)
         plan = make_plan(inputs.request(), inputs.plan_inputs()) if inputs.table is not None else None
         return settings, inputs, plan
 

@@ -339,16 +339,18 @@ class DraftConfig(_Section):
 
     kind: DraftKind = Field(
         default="auto",
-        description="auto = prompt-lookup for run and chat where weights stream (the verification batch's rows "
-        "lent to streamed weights while no verification runs; where they cannot be, drafting only where the rows "
-        "cost at most 3% of a token's time), else none (serve, exec and the Python API: none); "
-        "none = no drafting; prompt-lookup = draft by matching the last n-gram earlier in the context "
-        "(prompt-lookup:N sets the n-gram size); model = a small GGUF with the same vocabulary drafts greedily, "
+        description="auto = prompt-lookup for run, chat and serve where weights stream (the verification batch's "
+        "rows lent to streamed weights while no verification runs; where they cannot be, as in llama-server's "
+        "slots, drafting only where the rows cost at most 3% of a token's time), else none (exec and the Python "
+        "API: none); none = no drafting; prompt-lookup = draft by matching the last n-gram earlier in the context "
+        "(prompt-lookup:N sets the n-gram size; llama-server: upstream's ngram-simple at a fixed length); "
+        "model = a small GGUF with the same vocabulary drafts greedily (serve: the python engine), "
         "kept resident (its weights, KV cache and compute count in the budget). --draft-model PATH implies model.",
     )
     ngram: int = Field(
         default=3, ge=1, le=16,
-        description="prompt-lookup: the longest n-gram matched (shorter ones are tried when it has no match).",
+        description="prompt-lookup: the longest n-gram matched (where it has no match: the n tokens before the "
+        "last one, the last taken as changed, then shorter n-grams; llama-server matches this n-gram only).",
     )
     max_tokens: int = Field(
         default=8, ge=1, le=64,
@@ -651,9 +653,10 @@ class ServerConfig(_Section):
         default="auto",
         description="llama-server: llama.cpp's server from the same patched build, one model under its plan with "
         "`parallel` slots decoded together (continuous batching), behind flashflex's front door (key, limits, "
-        "bounded queue). python: flashflex's own server (one request at a time, several models, drafting, "
-        "routing traces, the runtime's counters in /flashflex/stats). auto = llama-server, unless what is served "
-        "needs python (several models, drafting, a trace) or the build ships no llama-server; said at startup.")
+        "bounded queue; drafting by prompt lookup in every slot). python: flashflex's own server (one request at a "
+        "time, several models, a draft model or an adaptive draft length, routing traces, the runtime's counters "
+        "in /flashflex/stats). auto = llama-server, unless what is served needs python (several models, a draft "
+        "model or adaptive length, a trace) or the build ships no llama-server; said at startup.")
     parallel: int | None = Field(
         default=None, ge=1, le=256,
         description="llama-server engine: sequences decoded together. The plan holds a KV cache of parallel x ctx "

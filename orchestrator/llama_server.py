@@ -71,7 +71,8 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
             # -b 512 (docs/benchmarks.md, "Many clients from one budget")
             slotted.context.batch = slotted.context.ubatch
         try:
-            prepared = api.prepare(slotted, log=log, chat=True)
+            # drafting by default where weights stream, as `run`: llama-server's own n-gram lookup in every slot
+            prepared = api.prepare(slotted, log=log, chat=True, draft_auto=True, draft_slots=n)
         except BudgetBelowMinimum as exc:
             last = exc
             continue
@@ -123,6 +124,21 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def draft_args(prepared: Prepared) -> list[str]:
+    """llama-server's arguments for the plan's drafting: upstream's prompt lookup (`ngram-simple`: the tokens that
+    followed the most recent earlier occurrence of the last N tokens), at most the planned length per slot. Its
+    length is fixed (no adaptive controller, no shorter n-grams, no substitution), and the planner reserved its
+    rows for every slot."""
+    draft = prepared.draft
+    if draft is None:
+        return []
+    if draft.kind != "prompt-lookup":  # serve_cmd sends a draft model to the python engine
+        raise FlashflexError(f"llama-server drafts by prompt lookup, not by {draft.kind}",
+                             "use --engine python to draft with a model")
+    return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(draft.ngram or 1),
+            "--spec-ngram-simple-size-m", str(draft.max_tokens)]
+
+
 def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callable[[str], None] | None = None,
           extra_args: list[str] | None = None) -> int:
     """Run llama-server under the plan on a private loopback port, behind the front door (orchestrator.front_door)
@@ -145,8 +161,9 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
     internal_port, internal_key = _free_loopback_port(), front_door.new_internal_key()
     args = ["--host", "127.0.0.1", "--port", str(internal_port), "--api-key", internal_key, "--metrics",
             "--no-webui", "-a", prepared.settings.model.name, "-n", str(server.max_tokens_cap or -1)]
-    command = tools.command_for(prepared, "llama-server", spec_path, [*args, *(extra_args or [])],
-                                parallel=slots.parallel, prompt_cache_mib=0)
+    command = tools.command_for(prepared, "llama-server", spec_path,
+                                [*args, *draft_args(prepared), *(extra_args or [])], parallel=slots.parallel,
+                                prompt_cache_mib=0)
     log(" ".join("KEY" if part == internal_key else part for part in command))
     # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us, and we send one
     # SIGTERM after draining (llama-server takes a second signal as "terminate immediately", skipping its clean

@@ -678,30 +678,40 @@ def _n_vocab(table: Any) -> int:
 
 
 def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[str], None] = print,
-              target_table: Any = None, auto: bool = False) -> DraftSetup | None:
+              target_table: Any = None, auto: bool = False, slots: int | None = None) -> DraftSetup | None:
     """The DraftSetup of a RunConfig (None without drafting): the draft model checked (a GGUF with the model's
     vocabulary) and the RAM drafting needs. Kind auto is prompt lookup when `auto` (a planned run or chat; the
-    plan may still leave it off, DraftSetup.optional) and a verification batch fits the ubatch, else nothing."""
+    plan may still leave it off, DraftSetup.optional) and a verification batch fits the ubatch, else nothing.
+    `slots`: llama-server drafts, for that many slots that may all verify in one pass (each drafted position is a
+    row in every slot; a pass holds at most a micro-batch, so each slot drafts at most ubatch / slots - 1), and
+    nothing calls llama_flashflex_lend_rows there: the rows stay reserved. None: flashflex's own eval drafts."""
     from orchestrator.modelfile.reader import read_model_table
 
     d = cfg.draft
+    sequences = slots or 1
     kind, optional = d.kind, False
     if kind == "auto":
-        if not auto or settings.ubatch < 2:
+        if not auto or settings.ubatch < 2 * sequences:
             return None
         kind, optional = "prompt-lookup", True
     if kind == "none":
         return None
-    max_tokens = min(d.max_tokens, settings.ubatch - 1)
+    max_tokens = max(0, min(d.max_tokens, settings.ubatch // sequences - 1))
+    if max_tokens < 1:  # one sequence: the config refuses ubatch < 2 when drafting is asked
+        raise FlashflexError(f"drafting in {sequences} slots needs a micro-batch of at least {2 * sequences} tokens "
+                             f"(each slot's next token and one drafted token), and ubatch is {settings.ubatch}",
+                             f"raise --ubatch to {2 * sequences} or more, lower --parallel, or --draft none")
     setup = DraftSetup(kind=kind, max_tokens=max_tokens, adaptive=d.adaptive, optional=optional,
-                       capped_from=d.max_tokens if max_tokens < d.max_tokens else None, lendable=rows_lendable_here())
+                       capped_from=d.max_tokens if max_tokens < d.max_tokens else None,
+                       lendable=slots is None and rows_lendable_here())
     if max_tokens < d.max_tokens and "max_tokens" in d.model_fields_set:
-        log(f"note: draft.max_tokens {d.max_tokens} capped at {max_tokens} (ubatch {settings.ubatch} - 1: a longer "
-            "verification would take two passes over the weights)")
+        per = f" / {sequences} slots" if slots else ""
+        log(f"note: draft.max_tokens {d.max_tokens} capped at {max_tokens} (ubatch {settings.ubatch}{per} - 1: a "
+            "longer verification would take two passes over the weights)")
     table = target_table if target_table is not None else read_model_table(settings.model)
     # a drafted token's logits row, 4 bytes per vocabulary entry, twice: in the compute buffers the context sizes for
-    # the verification batch's outputs, and in llama.cpp's output buffer it is copied to
-    setup.row_bytes = 2 * 4 * _n_vocab(table)
+    # the verification batch's outputs, and in llama.cpp's output buffer it is copied to; once per slot
+    setup.row_bytes = 2 * 4 * _n_vocab(table) * sequences
     setup.length_fixed = "max_tokens" in d.model_fields_set
     # every run keeps one row (the next token's logits, inside the runtime margin); drafting adds one per token
     setup.logits_bytes = max_tokens * setup.row_bytes

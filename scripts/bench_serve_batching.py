@@ -125,7 +125,8 @@ def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, 
     if engine == "flashflex":
         cmd = [sys.executable, "-m", "orchestrator", "serve", "--engine", "llama-server", "-m", str(model),
                "--budget", f"{budget}B", "--ctx", str(ctx), "--ubatch", str(ubatch), "--parallel", str(parallel),
-               "--threads", str(threads), "--port", str(port)]
+               "--threads", str(threads), "--port", str(port),
+               "--draft", "none"]  # batching against stock's batching: drafting is measured by bench speculative
     else:  # stock llama-server from the same build, the same flags (one micro-batch per decode call, as flashflex
         # serve runs it); mmap, weights not repacked (page cache only)
         from orchestrator import tools

@@ -115,7 +115,8 @@ def main() -> int:
     if cgroup_version():
         cgroup = MemoryCgroup(f"flashflex-serve-load-{os.getpid()}", budget + PROCESS_OVERHEAD)
     cmd = [sys.executable, "-m", "orchestrator", "serve", "-m", str(path), "--moe-sidecar", str(sc), "--moe-mode",
-           "slot-bank", "--budget", f"{budget}B", "--ctx", "1024", "--ubatch", "32", "--port", str(port)]
+           "slot-bank", "--budget", f"{budget}B", "--ctx", "1024", "--ubatch", "32", "--port", str(port),
+           "--draft", "none"]  # the load on the banks, not drafting (random weights repeat a token: drafts always hit)
     log_path = args.out / "server.log"
     args.out.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as server_log:

@@ -88,10 +88,11 @@ def test_parallel_needs_the_llama_server_engine(tools_build):
 
 
 def test_the_default_engine_is_python_only_for_what_llama_server_cannot_serve(tools_build, tmp_path):
-    """auto: drafting or several models choose the python engine, said at startup; --parallel then says why."""
-    drafting = flashflex("serve", "--draft", "prompt-lookup", "--ubatch", "8", "--parallel", "2", "--port",
-                         str(_free_port()), timeout=60)
-    assert "engine python: drafting" in drafting.stderr
+    """auto: an adaptive draft length (or a draft model) or several models choose the python engine, said at
+    startup; --parallel then says why."""
+    drafting = flashflex("serve", "--draft", "prompt-lookup", "--draft-adaptive", "--ubatch", "8", "--parallel", "2",
+                         "--port", str(_free_port()), timeout=60)
+    assert "engine python: an adaptive draft length" in drafting.stderr
     one_error(drafting, "--parallel applies to the llama-server engine", "the python engine serves here")
     two = tmp_path / "two.yaml"
     two.write_text("models:\n  - {alias: a}\n  - {alias: b}\n")
@@ -100,10 +101,31 @@ def test_the_default_engine_is_python_only_for_what_llama_server_cannot_serve(to
     one_error(several, "--queue applies to the llama-server engine")
 
 
-def test_drafting_is_refused_with_the_llama_server_engine(tools_build):
-    result = flashflex("serve", *FLAGS, "--draft", "ngram", "--port", str(_free_port()), timeout=60)
+def test_a_draft_model_is_refused_with_the_llama_server_engine(tools_build, tmp_path):
+    result = flashflex("serve", *FLAGS, "--draft-model", str(tmp_path / "small.gguf"), "--port", str(_free_port()),
+                       timeout=60)
     assert result.returncode != 0
-    one_error(result, "not available with the llama-server engine")
+    one_error(result, "does not serve a draft model", "--engine python")
+
+
+def test_llama_server_drafts_by_prompt_lookup_in_its_slots(tools_build):
+    """--draft prompt-lookup: llama-server's own n-gram lookup, at the planned length, its rows in the plan."""
+    srv = LlamaServer(*FLAGS, "--parallel", "2", "--draft", "prompt-lookup", "--draft-max", "3")
+    try:
+        client = srv.client()
+        model = client.models.list().data[0].id
+        answer = client.completions.create(model=model, prompt="red green blue, red green blue, red green blue, red",
+                                           max_tokens=24, temperature=0)
+        timings = (answer.model_extra or {}).get("timings") or {}
+        assert answer.usage.completion_tokens >= 1
+        assert timings.get("draft_n", 0) > 0, timings  # the repeated text was drafted
+        code, err = srv.stop(signal.SIGTERM, timeout=30)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    assert code == 0, err[-2000:]
+    assert "drafts by prompt lookup:3 (up to 3 per slot and verification)" in err
+    assert "--spec-type ngram-simple" in err and "--spec-ngram-simple-size-m 3" in err
 
 
 def test_ctrl_c_in_a_terminal_stops_the_server_cleanly(tools_build):

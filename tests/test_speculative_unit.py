@@ -479,3 +479,31 @@ def test_bench_models_may_be_synthetic_presets(tmp_path, monkeypatch):
     before = (moe.stat().st_mtime_ns, len(notes))
     assert spec_bench.resolve_model("synth:tiny-qwen3moe", notes.append) == moe
     assert (moe.stat().st_mtime_ns, len(notes)) == before  # made once
+
+
+# --------------------------------------------------------------------------------------------------
+# drafting inside llama-server's slots
+
+
+def test_drafting_in_server_slots_reserves_rows_for_every_slot_and_never_lends(tmp_path):
+    from orchestrator import synth
+    from orchestrator.config import RunConfig
+    from orchestrator.run.settings import GenerationSettings
+    from orchestrator.speculative import setup_for
+
+    model = synth.write_synth_model(synth.preset("tiny-dense"), tmp_path / "tiny.gguf")
+
+    def setup(slots, ubatch, **draft):
+        cfg = RunConfig.model_validate({"draft": draft or {"kind": "auto"}, "context": {"ubatch": ubatch}})
+        return setup_for(cfg, GenerationSettings(model=model, ubatch=ubatch), log=lambda _m: None, auto=True,
+                         slots=slots)
+
+    one = setup(None, 32)
+    four = setup(4, 32)
+    assert one is not None and four is not None
+    assert four.row_bytes == 4 * one.row_bytes  # a drafted position is a row in every slot
+    assert four.max_tokens == 32 // 4 - 1 and one.max_tokens == 8  # a pass of 4 x (1 + 7) tokens is one micro-batch
+    assert not four.lendable  # llama-server never calls llama_flashflex_lend_rows
+    assert setup(4, 6) is None  # by default: no room for one drafted token per slot, so none
+    with pytest.raises(FlashflexError, match="drafting in 4 slots needs a micro-batch of at least 8 tokens"):
+        setup(4, 6, kind="prompt-lookup")

@@ -67,9 +67,9 @@ def startup_lines(entries, server) -> list[str]:
 
 def choose_engine(config: Path | None, options: dict, server_overrides: dict) -> tuple[str, str | None]:
     """(the engine that serves, why when it was not asked for): llama-server unless what is served needs the
-    python engine (several models, drafting, a trace recorded) or the build ships no llama-server."""
+    python engine (several models, a draft model or an adaptive draft length, a trace recorded) or the build ships
+    no llama-server."""
     from orchestrator import tools
-    from orchestrator.cli.options import DRAFT_FLAGS
     from orchestrator.config import RunConfig, is_serve_file, load_run_config, load_serve_file
 
     engine = server_overrides.get("engine")
@@ -84,9 +84,9 @@ def choose_engine(config: Path | None, options: dict, server_overrides: dict) ->
         configs = [load_run_config(config, {})]
     if engine not in (None, "auto"):
         return engine, None
-    if any(options.get(flag) is not None for flag in (*DRAFT_FLAGS, "moe_trace")) or any(
-            c.draft.asked or c.moe.trace is not None for c in configs):
-        return "python", "drafting or a routing trace (llama-server does neither)"
+    python_only = _python_only(options, configs)
+    if python_only:
+        return "python", python_only
     try:
         tools.locate("llama-server")
     except FlashflexError:
@@ -94,11 +94,26 @@ def choose_engine(config: Path | None, options: dict, server_overrides: dict) ->
     return "llama-server", None
 
 
+def _python_only(options: dict, configs: list) -> str | None:
+    """What of the options or the served configs only the python engine does, or None: llama-server drafts by
+    prompt lookup at a fixed length (upstream's ngram-simple), not with a draft model or an adaptive length, and
+    records no routing trace."""
+    draft_flag = str(options.get("draft") or "")
+    if options.get("draft_model") is not None or draft_flag == "model" or any(c.draft.kind == "model"
+                                                                               for c in configs):
+        return "a draft model (llama-server drafts by prompt lookup only)"
+    if options.get("draft_adaptive") or any(c.draft.kind != "none" and c.draft.adaptive
+                                            and "adaptive" in c.draft.model_fields_set for c in configs):
+        return "an adaptive draft length (llama-server drafts a fixed length)"
+    if options.get("moe_trace") is not None or any(c.moe.trace is not None for c in configs):
+        return "a routing trace (llama-server records none)"
+    return None
+
+
 def _serve_llama_server(config: Path | None, options: dict, server_overrides: dict) -> int:
     """One model under its plan in llama.cpp's server, N slots; returns the server's exit status."""
     from orchestrator import api, llama_server, tools
-    from orchestrator.cli.options import DRAFT_FLAGS
-    from orchestrator.config import RunConfig, ServerConfig, is_serve_file, load_serve_file
+    from orchestrator.config import RunConfig, ServerConfig, is_serve_file, load_run_config, load_serve_file
 
     model_config: Path | RunConfig | None = config
     server_settings = {k: v for k, v in server_overrides.items() if v is not None}
@@ -109,13 +124,11 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
                                  f"{len(served.models)}", "list one model, or use --engine python for several models")
         model_config = RunConfig.model_validate(served.models[0].model_dump(exclude={"alias"}, exclude_unset=True))
         server_settings = served.server.model_dump(exclude_unset=True)
-        if model_config.draft.asked or model_config.moe.trace is not None:
-            raise FlashflexError(f"{config}: drafting and trace recording are not available with the llama-server "
-                                 "engine", "drop them from the model, or use --engine python")
-    for flag in (*DRAFT_FLAGS, "moe_trace"):
-        if options.get(flag) is not None:
-            raise FlashflexError(f"--{flag.replace('_', '-')} is not available with the llama-server engine",
-                                 "drop it, or use --engine python")
+    python_only = _python_only(options, [model_config] if isinstance(model_config, RunConfig) else
+                               ([] if model_config is None else [load_run_config(model_config, {})]))
+    if python_only:
+        raise FlashflexError(f"the llama-server engine does not serve {python_only}",
+                             "drop it, or use --engine python")
     server = ServerConfig.model_validate(server_settings)
     from orchestrator.endpoints import check_can_listen, is_loopback
 
@@ -131,6 +144,9 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
     if plan and s["mode"] != modes.STOCK:
         line += (f", budget {plan['budget_bytes'] / 2**20:.0f} MiB, resident weights "
                  f"{plan['resident_bytes'] / 2**20:.0f} MiB")
+    draft = slots.prepared.draft
+    if draft is not None:
+        line += f", drafts by prompt lookup:{draft.ngram} (up to {draft.max_tokens} per slot and verification)"
     err_console.print(f"[dim]{line}; prompt cache off (--cache-ram 0)[/]", soft_wrap=True)
     if not is_loopback(server.host):
         err_console.print(f"[bold red]WARNING: listening on {server.host}: reachable from other machines"
@@ -158,8 +174,9 @@ def register(app: typer.Typer) -> None:
                                                      help="Largest max_tokens a request may ask for "
                                                      "(default: the context)."),
         engine: Optional[str] = typer.Option(None, "--engine", help="llama-server (llama.cpp's server under the "
-                                             "plan, --parallel slots decoded together), python (flashflex's: "
-                                             "several models, drafting, traces; one request at a time), or auto "
+                                             "plan, --parallel slots decoded together, drafting by prompt lookup), "
+                                             "python (flashflex's: several models, a draft model or adaptive length, "
+                                             "traces; one request at a time), or auto "
                                              "(the default: llama-server unless what is served needs python)."),
         parallel: Optional[int] = typer.Option(None, "--parallel", "-np", min=1, max=256,
                                                help="llama-server engine: sequences decoded together (default 4, "

@@ -68,9 +68,11 @@ class RunInputs:
 
 
 def gather(cfg: "RunConfig", settings: GenerationSettings, *, log: Callable[[str], None] = print,
-           budget_bytes: int | None = None, process_bytes: int = 0, draft_auto: bool = False) -> RunInputs:
+           budget_bytes: int | None = None, process_bytes: int = 0, draft_auto: bool = False,
+           draft_slots: int | None = None) -> RunInputs:
     """Everything planning needs, read once. `budget_bytes` replaces the config's budget (a benchmark's cgroup);
-    `draft_auto`: draft.kind auto drafts by prompt lookup where the model is planned (run, chat)."""
+    `draft_auto`: draft.kind auto drafts by prompt lookup where the model is planned (run, chat, serve);
+    `draft_slots`: llama-server drafts in that many slots (speculative.setup_for)."""
     from orchestrator import overheads, rpc, speculative
     from orchestrator.sizes import available_memory
 
@@ -82,7 +84,7 @@ def gather(cfg: "RunConfig", settings: GenerationSettings, *, log: Callable[[str
 
         inputs.table = read_model_table(settings.model)
     inputs.draft = speculative.setup_for(cfg, settings, log=log, target_table=inputs.table,
-                                         auto=draft_auto and needs_plan)
+                                         auto=draft_auto and needs_plan, slots=draft_slots)
     if not needs_plan:
         inputs.table = None
         return inputs
