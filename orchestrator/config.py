@@ -339,12 +339,11 @@ class DraftConfig(_Section):
 
     kind: DraftKind = Field(
         default="auto",
-        description="auto = prompt-lookup for run, chat and serve --parallel 1 where weights stream (the "
-        "verification batch's rows lent to streamed weights while no verification runs; where they cannot be, as "
-        "in llama-server, drafting only where the rows cost at most 3% of a token's time), else none (serve with "
-        "several slots, exec and the Python API: none); none = no drafting; prompt-lookup = draft by matching the "
-        "last n-gram earlier in the context (prompt-lookup:N sets the n-gram size; llama-server: upstream's "
-        "ngram-simple at a fixed length); "
+        description="auto = prompt-lookup for run and chat where weights stream (the verification batch's rows "
+        "lent to streamed weights while no verification runs; where they cannot be, drafting only where the rows "
+        "cost at most 3% of a token's time), else none (serve, exec and the Python API: none); none = no "
+        "drafting; prompt-lookup = draft by matching the last n-gram earlier in the context (prompt-lookup:N "
+        "sets the n-gram size; llama-server: upstream's ngram-simple at a fixed length); "
         "model = a small GGUF with the same vocabulary drafts greedily (serve: the python engine), "
         "kept resident (its weights, KV cache and compute count in the budget). --draft-model PATH implies model.",
     )

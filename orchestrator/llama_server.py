@@ -71,11 +71,11 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
             # -b 512 (docs/benchmarks.md, "Many clients from one budget")
             slotted.context.batch = slotted.context.ubatch
         try:
-            # drafting by default where weights stream and one slot serves, as `run` drafts: with several slots each
-            # pass already serves them all, and drafts in every slot add their rows' compute to every pass (4 slots,
-            # SmolLM2 under 110 MiB: 0.78x the aggregate tok/s of 4 clients at once, 1.47-1.78x a lone client's
-            # copy tasks; docs/benchmarks.md, "Drafting inside llama-server's slots"). Asked for, any slots draft.
-            prepared = api.prepare(slotted, log=log, chat=True, draft_auto=n == 1, draft_slots=n)
+            # drafting only when asked: llama-server's drafter has a fixed length (no adaptive controller to stop
+            # where drafts fail), and with several slots each pass already serves them all (SmolLM2 under 110 MiB,
+            # 4 slots: a lone client's copy tasks 1.43-1.89x, its other tasks 0.75-0.99x, 4 clients at once
+            # 0.78-0.89x the aggregate tok/s; docs/benchmarks.md, "Drafting inside llama-server's slots")
+            prepared = api.prepare(slotted, log=log, chat=True, draft_slots=n)
         except BudgetBelowMinimum as exc:
             last = exc
             continue

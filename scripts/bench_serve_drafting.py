@@ -6,6 +6,7 @@ asked, with greedy completions of --tokens tokens each: every task alone (one cl
 once (as many clients as tasks, one slot each). Reported per mode: generated tokens/s of the lone requests (median
 over tasks and repetitions) and of the burst (all tokens over the burst's wall time), and the drafted tokens the
 server kept (its /v1/completions `timings`). The ratio is drafted over undrafted, medians of the repetitions.
+Writes results.json (every request) and summary.md (the table `flashflex bench all` puts on the benchmarks page).
 
     python scripts/bench_serve_drafting.py --budget 100MiB --reps 3 --out bench-results/serve-drafting
 """
@@ -90,6 +91,25 @@ def one_server(args, mode: str, rep: int) -> dict:
             "burst_tok_per_s": sum(r["tokens"] for r in burst) / wall, "burst_wall_s": wall}
 
 
+def markdown(result: dict) -> str:
+    """The page's table: decode tok/s of each task alone and the burst's aggregate, drafted and not, and the ratio."""
+    a, s, r = result["args"], result["summary"], result["ratios"]
+    tasks = a["tasks"]
+    model = Path(a["model"]).name if a["model"] else "serve's default model"
+    lines = [f"Model {model}, budget {a['budget']}, {len(tasks)} slots of {a['ctx']} tokens, ubatch {a['ubatch']}, "
+             f"{a['tokens']} tokens a request, drafted flags `{' '.join(a['draft_flags']) or '(none)'}`; medians of "
+             f"{a['reps']} repetitions, started {result['started']}; drafted tokens kept: {s['draft']['kept']} of "
+             f"{s['draft']['drafted']}.", "",
+             "| | " + " | ".join(tasks) + f" | {len(tasks)} clients at once (aggregate) |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+    for mode, label in (("none", "undrafted, decode tok/s"), ("draft", "drafted, decode tok/s")):
+        lines.append(f"| {label} | " + " | ".join(f"{s[mode]['lone_decode_tok_per_s'][t]:.1f}" for t in tasks)
+                     + f" | {s[mode]['burst_tok_per_s']:.1f} |")
+    lines.append("| drafted / undrafted | " + " | ".join(f"{r['lone'][t]:.2f}" for t in tasks)
+                 + f" | {r['burst']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF (default: serve's default chat model)")
@@ -134,6 +154,8 @@ def main() -> None:
               "runs": runs}
     with atomic_file(args.out / "results.json") as f:
         f.write(json.dumps(result, indent=1).encode())
+    with atomic_file(args.out / "summary.md") as f:
+        f.write(markdown(result).encode())
     print(json.dumps({"summary": summary, "ratios": ratios}, indent=1))
 
 
