@@ -451,10 +451,10 @@ def lookup(ids: np.ndarray, ngram: int, k: int) -> np.ndarray:
         # the context before the last token, seen before with a different token after it: resume after that token
         hit = _last_occurrence(ids[:n_ids - 2], ids[n_ids - 1 - ngram:n_ids - 1])
         start = hit + 1 if hit is not None else None
-    for n in range(min(ngram - 1, n_ids - 1), 0, -1):
-        if start is not None:
-            break
+    n = min(ngram - 1, n_ids - 1)
+    while start is None and n > 0:
         start = _last_occurrence(ids[:n_ids - 1], ids[n_ids - n:])
+        n -= 1
     return ids[start:start + k].copy() if start is not None else _EMPTY
 
 

@@ -180,7 +180,7 @@ def _plain_decode(llm: Any, n_new: int, settings: "GenerationSettings", out: lis
     """Up to n_new tokens, one decode each, appended to `out` (each step's seconds and seconds waited on reads to
     `steps` where `waited` is given). One sampler chain for the whole run, as llama-cpp-python's generate keeps:
     `Llama.sample` without one builds a chain per token whose vocabulary-sized buffer (3 MiB with Gemma's 262k
-    tokens) lives until Python's cycle collector runs, which let the heap grow by up to 170 MiB outside the plan;
+    tokens) lives until Python's cycle collector runs, which let the heap grow by up to 183 MiB outside the plan;
     and its random draws then go on from one token to the next instead of restarting from the seed."""
     sampler = llm._init_sampler(temp=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
     eos = llm.token_eos()

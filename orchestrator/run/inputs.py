@@ -71,7 +71,7 @@ def gather(cfg: "RunConfig", settings: GenerationSettings, *, log: Callable[[str
            budget_bytes: int | None = None, process_bytes: int = 0, draft_auto: bool = False,
            draft_slots: int | None = None) -> RunInputs:
     """Everything planning needs, read once. `budget_bytes` replaces the config's budget (a benchmark's cgroup);
-    `draft_auto`: draft.kind auto drafts by prompt lookup where the model is planned (run, chat, serve);
+    `draft_auto`: draft.kind auto drafts by prompt lookup where the model is planned (run, chat);
     `draft_slots`: llama-server drafts in that many slots (speculative.setup_for)."""
     from orchestrator import overheads, rpc, speculative
     from orchestrator.sizes import available_memory
