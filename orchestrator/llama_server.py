@@ -48,7 +48,7 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
     cfg = (config.model_copy(deep=True) if isinstance(config, RunConfig)
            else load_run_config(config, api.overrides_from_options(options)))
     per_slot = cfg.context.ctx
-    model = settings_from_config(cfg).model
+    model = settings_from_config(cfg, chat=True).model
     n_train = read_model_table(model).arch.n_ctx_train
     wanted = parallel if parallel is not None else DEFAULT_PARALLEL
     if parallel is not None and n_train and per_slot * parallel > n_train:
@@ -71,10 +71,10 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
             # -b 512 (docs/benchmarks.md, "Many clients from one budget")
             slotted.context.batch = slotted.context.ubatch
         try:
-            # drafting only when asked: llama-server's drafter has a fixed length (no adaptive controller to stop
-            # where drafts fail), and with several slots each pass already serves them all (SmolLM2 under 110 MiB,
-            # 4 slots: a lone client's copy tasks 1.43-1.89x, its other tasks 0.75-0.99x, 4 clients at once
-            # 0.78-0.89x the aggregate tok/s; docs/benchmarks.md, "Drafting inside llama-server's slots")
+            # drafting only when asked: llama-server's drafter has a fixed length, and with several slots busy each
+            # pass already serves them all (SmolLM2 read from disk under 110 MiB, 4 slots: a lone client 1.03-5.2x,
+            # 2 clients at once 1.33x, 4 at once 0.78x the aggregate tok/s; docs/benchmarks.md, "Drafting inside
+            # llama-server's slots")
             prepared = api.prepare(slotted, log=log, chat=True, draft_slots=n)
         except BudgetBelowMinimum as exc:
             last = exc
@@ -138,8 +138,14 @@ def draft_args(prepared: Prepared) -> list[str]:
     if draft.kind != "prompt-lookup":  # serve_cmd sends a draft model to the python engine
         raise FlashflexError(f"llama-server drafts by prompt lookup, not by {draft.kind}",
                              "use --engine python to draft with a model")
-    return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(draft.ngram or 1),
+    return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(lookup_ngram(draft)),
             "--spec-ngram-simple-size-m", str(draft.max_tokens)]
+
+
+def lookup_ngram(draft) -> int:
+    """The n-gram llama-server looks up for a planned prompt-lookup draft: the plan's, but no longer than the draft
+    (upstream's lookup drafts nothing shorter than its n-gram, so a 3-gram with 1-token drafts would never draft)."""
+    return min(draft.ngram or 1, draft.max_tokens)
 
 
 def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callable[[str], None] | None = None,

@@ -1,14 +1,17 @@
 """Drafting inside llama-server's slots: `flashflex serve` with prompt lookup in every slot against the same server
 with `--draft none`, at the same budget, on the written-down text tasks of `bench speculative`.
 
-Per repetition and mode (interleaved: drafted, then undrafted, then the next repetition), one server is started and
-asked, with greedy completions of --tokens tokens each: every task alone (one client at a time), then every task at
-once (as many clients as tasks, one slot each). Reported per mode: generated tokens/s of the lone requests (median
-over tasks and repetitions) and of the burst (all tokens over the burst's wall time), and the drafted tokens the
-server kept (its /v1/completions `timings`). The ratio is drafted over undrafted, medians of the repetitions.
-Writes results.json (every request) and summary.md (the table `flashflex bench all` puts on the benchmarks page).
+The model is read as under a budget below its size: by default the serve model (SmolLM2) realigned to 4096 bytes, so
+the weights the plan does not keep resident are read from disk (O_DIRECT) at every pass, not from the page cache.
+Per repetition and mode (interleaved, each repetition's pair in the other order from the last), one server is
+started and asked, with greedy completions of --tokens tokens each, at every client count of --clients: 1 (every
+task alone, one after another), then the tasks in groups of that many at once (4 tasks at 2 clients: two groups).
+Reported per mode: generated tokens/s of each task alone (its decode, from the server's timings), and per client
+count the aggregate (all tokens over the groups' wall time), with the drafted tokens the server kept (its
+/v1/completions `timings`). The ratio is drafted over undrafted, medians of the repetitions. Writes results.json
+(every request) and summary.md (the table `flashflex bench all` puts on the benchmarks page).
 
-    python scripts/bench_serve_drafting.py --budget 100MiB --reps 3 --out bench-results/serve-drafting
+    python scripts/bench_serve_drafting.py --budget 110MiB --reps 3 --out bench-results/serve-drafting
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.bench.speculative import TASKS  # noqa: E402
+from orchestrator.bench.speculative import TASKS, realigned_copy  # noqa: E402
 from orchestrator.fsutil import atomic_file  # noqa: E402
+from orchestrator.modelfile.locate import default_chat_model_path  # noqa: E402
 
 DEFAULT_TASKS = "rewrite,edit-function,extract,free-chat"
 
@@ -77,42 +81,74 @@ def ask(port: int, task: str, tokens: int) -> dict:
 def one_server(args, mode: str, rep: int) -> dict:
     port = free_port()
     draft = ["--draft", "none"] if mode == "none" else ["--draft", "prompt-lookup", *args.draft_flags]
-    proc = start(args, draft, port, args.out / f"server-{mode}-{rep}.log")
+    log = args.out / f"server-{mode}-{rep}.log"
+    proc = start(args, draft, port, log)
     try:
+        if mode == "draft" and "drafts by prompt lookup" not in log.read_text():
+            raise SystemExit(f"the drafted server does not draft (its plan left drafting off): {log}")
         alone = [ask(port, t, args.tokens) for t in args.tasks]
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(len(args.tasks)) as pool:
-            burst = list(pool.map(lambda t: ask(port, t, args.tokens), args.tasks))
-        wall = time.perf_counter() - t0
+        together = {}
+        for clients in (c for c in args.clients if c > 1):
+            groups = [args.tasks[i:i + clients] for i in range(0, len(args.tasks), clients)]
+            answers, wall = [], 0.0
+            for group in groups:
+                t0 = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
+                    answers += list(pool.map(lambda t: ask(port, t, args.tokens), group))
+                wall += time.perf_counter() - t0
+            together[str(clients)] = {"answers": answers, "wall_s": wall,
+                                      "tok_per_s": sum(r["tokens"] for r in answers) / wall}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
-    return {"mode": mode, "rep": rep, "alone": alone, "burst": burst,
-            "burst_tok_per_s": sum(r["tokens"] for r in burst) / wall, "burst_wall_s": wall}
+    return {"mode": mode, "rep": rep, "alone": alone, "together": together}
+
+
+MODES = ("draft", "none")
+
+
+def summarise(runs: list[dict], args) -> tuple[dict, dict]:
+    summary = {}
+    for mode in MODES:
+        mine = [r for r in runs if r["mode"] == mode]
+        answers = [x for r in mine for x in r["alone"] + [a for g in r["together"].values() for a in g["answers"]]]
+        summary[mode] = {
+            "lone_decode_tok_per_s": {t: statistics.median(x["decode_tok_per_s"] or 0 for r in mine for x in r["alone"]
+                                                           if x["task"] == t) for t in args.tasks},
+            "together_tok_per_s": {c: statistics.median(r["together"][c]["tok_per_s"] for r in mine)
+                                   for c in mine[0]["together"]},
+            "drafted": sum(x["draft_n"] for x in answers),
+            "kept": sum(x["draft_accepted"] for x in answers),
+        }
+    d, n = summary["draft"], summary["none"]
+    ratios = {"lone": {t: d["lone_decode_tok_per_s"][t] / n["lone_decode_tok_per_s"][t] for t in args.tasks},
+              "together": {c: d["together_tok_per_s"][c] / n["together_tok_per_s"][c] for c in d["together_tok_per_s"]}}
+    return summary, ratios
 
 
 def markdown(result: dict) -> str:
-    """The page's table: decode tok/s of each task alone and the burst's aggregate, drafted and not, and the ratio."""
+    """The page's table: decode tok/s of each task alone and the aggregate at each client count, drafted and not,
+    and the ratio."""
     a, s, r = result["args"], result["summary"], result["ratios"]
-    tasks = a["tasks"]
-    model = Path(a["model"]).name if a["model"] else "serve's default model"
-    lines = [f"Model {model}, budget {a['budget']}, {len(tasks)} slots of {a['ctx']} tokens, ubatch {a['ubatch']}, "
-             f"{a['tokens']} tokens a request, drafted flags `{' '.join(a['draft_flags']) or '(none)'}`; medians of "
-             f"{a['reps']} repetitions, started {result['started']}; drafted tokens kept: {s['draft']['kept']} of "
-             f"{s['draft']['drafted']}.", "",
-             "| | " + " | ".join(tasks) + f" | {len(tasks)} clients at once (aggregate) |",
-             "|---|" + "---|" * (len(tasks) + 1)]
-    for mode, label in (("none", "undrafted, decode tok/s"), ("draft", "drafted, decode tok/s")):
+    tasks, counts = a["tasks"], list(r["together"])
+    lines = [f"Model {Path(a['model']).name}, budget {a['budget']}, {len(tasks)} slots of {a['ctx']} tokens, ubatch "
+             f"{a['ubatch']}, {a['tokens']} tokens a request, drafted flags `{' '.join(a['draft_flags']) or '(none)'}`;"
+             f" medians of {a['reps']} repetitions, started {result['started']}; drafted tokens kept: "
+             f"{s['draft']['kept']} of {s['draft']['drafted']}.", "",
+             "| | " + " | ".join(f"{t} alone" for t in tasks) + " | "
+             + " | ".join(f"{c} clients at once (aggregate)" for c in counts) + " |",
+             "|---|" + "---|" * (len(tasks) + len(counts))]
+    for mode, label in (("none", "undrafted, tok/s"), ("draft", "drafted, tok/s")):
         lines.append(f"| {label} | " + " | ".join(f"{s[mode]['lone_decode_tok_per_s'][t]:.1f}" for t in tasks)
-                     + f" | {s[mode]['burst_tok_per_s']:.1f} |")
-    lines.append("| drafted / undrafted | " + " | ".join(f"{r['lone'][t]:.2f}" for t in tasks)
-                 + f" | {r['burst']:.2f} |")
+                     + " | " + " | ".join(f"{s[mode]['together_tok_per_s'][c]:.1f}" for c in counts) + " |")
+    lines.append("| drafted / undrafted | " + " | ".join(f"{r['lone'][t]:.2f}" for t in tasks) + " | "
+                 + " | ".join(f"{r['together'][c]:.2f}" for c in counts) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF (default: serve's default chat model)")
+    ap.add_argument("--model", default=None, help="GGUF (default: serve's default chat model, realigned to 4096)")
     ap.add_argument("--budget", default="100MiB")
     ap.add_argument("--ctx", type=int, default=640, help="context per slot")
     ap.add_argument("--ubatch", type=int, default=32)
@@ -120,35 +156,29 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tasks", default=DEFAULT_TASKS)
+    ap.add_argument("--clients", default="1,2,4", help="client counts (1: every task alone)")
     ap.add_argument("--draft-flags", default="", help="more serve flags for the drafted server, e.g. '--draft-max 7'")
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve-drafting"))
     args = ap.parse_args()
     args.tasks = args.tasks.split(",")
+    args.clients = sorted({int(c) for c in args.clients.split(",")} | {1})
     args.draft_flags = args.draft_flags.split()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.model is None:
+        # read from disk at every pass, as a model larger than RAM is (the published file is 32-aligned: its reads
+        # would be buffered, and served from the page cache)
+        args.model = str(realigned_copy(default_chat_model_path()))
     runs = []
     for rep in range(args.reps):
-        for mode in ("draft", "none"):
+        for mode in (MODES if rep % 2 == 0 else MODES[::-1]):
             r = one_server(args, mode, rep)
             runs.append(r)
-            print(f"rep {rep + 1}/{args.reps} {mode}: lone decode "
+            print(f"rep {rep + 1}/{args.reps} {mode}: alone "
                   f"{statistics.median(x['decode_tok_per_s'] or 0 for x in r['alone']):.1f} tok/s (median of tasks), "
-                  f"burst {r['burst_tok_per_s']:.1f} tok/s, drafted kept "
-                  f"{sum(x['draft_accepted'] for x in r['alone'])}/{sum(x['draft_n'] for x in r['alone'])}",
-                  flush=True)
-    summary = {}
-    for mode in ("draft", "none"):
-        mine = [r for r in runs if r["mode"] == mode]
-        summary[mode] = {
-            "lone_decode_tok_per_s": {t: statistics.median(x["decode_tok_per_s"] or 0 for r in mine for x in r["alone"]
-                                                           if x["task"] == t) for t in args.tasks},
-            "burst_tok_per_s": statistics.median(r["burst_tok_per_s"] for r in mine),
-            "drafted": sum(x["draft_n"] for r in mine for x in r["alone"] + r["burst"]),
-            "kept": sum(x["draft_accepted"] for r in mine for x in r["alone"] + r["burst"]),
-        }
-    ratios = {"lone": {t: summary["draft"]["lone_decode_tok_per_s"][t] / summary["none"]["lone_decode_tok_per_s"][t]
-                       for t in args.tasks},
-              "burst": summary["draft"]["burst_tok_per_s"] / summary["none"]["burst_tok_per_s"]}
+                  + ", ".join(f"{c} at once {g['tok_per_s']:.1f} tok/s" for c, g in r["together"].items())
+                  + f"; drafted kept {sum(x['draft_accepted'] for x in r['alone'])}/"
+                  f"{sum(x['draft_n'] for x in r['alone'])} alone", flush=True)
+    summary, ratios = summarise(runs, args)
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "summary": summary, "ratios": ratios,
               "runs": runs}

@@ -507,3 +507,21 @@ def test_drafting_in_server_slots_reserves_rows_for_every_slot_and_never_lends(t
     assert setup(4, 6) is None  # by default: no room for one drafted token per slot, so none
     with pytest.raises(FlashflexError, match="drafting in 4 slots needs a micro-batch of at least 8 tokens"):
         setup(4, 6, kind="prompt-lookup")
+
+
+def test_llama_server_looks_up_no_longer_an_ngram_than_it_drafts():
+    """Upstream's ngram-simple drafts nothing shorter than its n-gram: a plan that allows 1 or 2 drafted tokens per
+    slot looks up that many tokens, or it would never draft."""
+    from types import SimpleNamespace
+
+    from orchestrator.llama_server import draft_args
+    from orchestrator.speculative import DraftSetup
+
+    def args(max_tokens: int, ngram: int = 3) -> list[str]:
+        setup = DraftSetup(kind="prompt-lookup", max_tokens=max_tokens, adaptive=False, ngram=ngram)
+        return draft_args(SimpleNamespace(draft=setup))
+
+    assert args(7) == ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+                       "--spec-ngram-simple-size-m", "7"]
+    assert args(1)[3:] == ["1", "--spec-ngram-simple-size-m", "1"]
+    assert args(2, ngram=4)[3] == "2"

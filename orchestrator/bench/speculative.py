@@ -3,7 +3,8 @@
 On written-down text tasks, each run goes through what `flashflex run` does (api.prepare → run.execution.run), with
 and without drafting, under the same total budget (by default the smallest one the planner accepts with drafting:
 drafting's RAM comes off the model's share, so the drafted run streams a little more). The runs are interleaved
-(every task and mode once, then again) so drift on a shared machine hits both alike; the table reports medians.
+(every task and mode once, then again, each task's pair in the other order the next time) so drift on a shared
+machine hits both alike; the table reports medians.
 
 Per run: decode tok/s, the drafter's acceptance rate (kept / judged drafted tokens), accepted drafted tokens per
 verification, tokens verified and tokens generated per verification (decode calls of the model), and bytes read per
@@ -227,7 +228,9 @@ def run(b: SpeculativeBench, out_dir: Path, log: Log = print) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for rep in range(b.repeats):
         for task in b.tasks:
-            for mode in modes:
+            # each pair in the other order from one repetition to the next: a run that goes second (after a
+            # process has just loaded, run and freed the model) is not always the drafted one
+            for mode in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):
                 p = prepared[(task, mode)]
                 result = execution.run(p)
                 decode = result.stats.get("decode") or {}
@@ -366,10 +369,15 @@ def default_model(log: Log = print) -> Path:
     are then read with O_DIRECT from disk, as under a budget that leaves no room for the page cache to keep them
     (the published file is 32-aligned, so its reads would be buffered and served from the page cache)."""
     from orchestrator.modelfile.locate import default_model_path
+
+    return realigned_copy(default_model_path(log=log), log)
+
+
+def realigned_copy(src: Path, log: Log = print) -> Path:
+    """`src` realigned to 4096 bytes, made once in the cache (see default_model)."""
     from orchestrator.modelfile.realign import realign
     from orchestrator.paths import cache_root
 
-    src = default_model_path(log=log)
     dst = cache_root() / "models" / (src.name.removesuffix(".gguf") + ".align4096.gguf")
     if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
         log(f"realigning {src.name} to 4096 bytes (once) at {dst}")

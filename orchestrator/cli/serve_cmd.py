@@ -146,7 +146,8 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
                  f"{plan['resident_bytes'] / 2**20:.0f} MiB")
     draft = slots.prepared.draft
     if draft is not None:
-        line += f", drafts by prompt lookup:{draft.ngram} (up to {draft.max_tokens} per slot and verification)"
+        line += (f", drafts by prompt lookup:{llama_server.lookup_ngram(draft)} (up to {draft.max_tokens} per slot "
+                 "and verification)")
     err_console.print(f"[dim]{line}; prompt cache off (--cache-ram 0)[/]", soft_wrap=True)
     if not is_loopback(server.host):
         err_console.print(f"[bold red]WARNING: listening on {server.host}: reachable from other machines"
