@@ -229,6 +229,14 @@ struct stream_scheduler {
     std::atomic<uint64_t> acquires{ 0 };
     std::atomic<uint64_t> resyncs{ 0 };
 
+    // After the homes moved (relayout, set_lent): nothing is held, and the next layer acquired re-synchronises the
+    // cycle. pool.mutex() is held.
+    void forget_position() {
+        expected_li = -1;
+        held        = -1;
+        held_use    = -1;
+    }
+
     bool home_free(int k, int64_t c) const;
     void pump();
     void queue_read(int k, int64_t c, size_t begin, size_t end);
@@ -655,9 +663,7 @@ size_t stream_state::set_lent(size_t keep) {
         move(keep);
     }
     const size_t held = held_at(keep);
-    sched.expected_li = -1;
-    sched.held        = -1;
-    sched.held_use    = -1;
+    sched.forget_position();
     if (keep > lent_keep) {
         lends.fetch_add(1);
     } else {
@@ -717,9 +723,7 @@ void stream_state::relayout(const std::vector<int> & order, const std::vector<in
     tensors = std::move(moved);
     layout.reorder(order, n_uses);
     bind();
-    sched.expected_li = -1;  // the next acquire re-synchronises the cycle
-    sched.held        = -1;
-    sched.held_use    = -1;
+    sched.forget_position();
     relayouts.fetch_add(1);
 }
 
