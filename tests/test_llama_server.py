@@ -82,6 +82,15 @@ def test_parallel_that_does_not_fit_is_refused_in_one_line(tools_build):
     one_error(result, "--parallel 64")
 
 
+def test_slots_beyond_the_training_context_are_refused_in_one_line(tools_build):
+    """serve's default model (SmolLM2, trained on 8192 tokens) in 4 slots of 4096: the check reads the model served,
+    not the default base model (Gemma, trained on 32768, would let it through)."""
+    result = flashflex("serve", "--engine", "llama-server", "--ctx", "4096", "--parallel", "4", "--port",
+                       str(_free_port()), timeout=120)
+    assert result.returncode != 0
+    one_error(result, "--parallel 4 x --ctx 4096 = 16384 tokens is beyond", "training context (8192)")
+
+
 def test_parallel_needs_the_llama_server_engine(tools_build):
     result = flashflex("serve", "--engine", "python", "--parallel", "2", "--port", str(_free_port()), timeout=60)
     one_error(result, "--parallel applies to the llama-server engine", "drop --engine python")
