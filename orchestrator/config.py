@@ -339,11 +339,12 @@ class DraftConfig(_Section):
 
     kind: DraftKind = Field(
         default="auto",
-        description="auto = prompt-lookup for run and chat where weights stream (the verification batch's rows "
-        "lent to streamed weights while no verification runs; where they cannot be, drafting only where the rows "
-        "cost at most 3% of a token's time), else none (serve, exec and the Python API: none); none = no "
+        description="auto = prompt-lookup for run, chat and serve where weights stream (run, chat: the verification "
+        "batch's rows lent to streamed weights while no verification runs; where they cannot be, drafting only where "
+        "the rows cost at most 3% of a token's time; serve: each slot's rows reserved, each pass's drafts as long as "
+        "the runtime finds they pay), else none (exec and the Python API: none); none = no "
         "drafting; prompt-lookup = draft by matching the last n-gram earlier in the context (prompt-lookup:N "
-        "sets the n-gram size; llama-server: upstream's ngram-simple at a fixed length); "
+        "sets the n-gram size; llama-server: upstream's ngram-simple); "
         "model = a small GGUF with the same vocabulary drafts greedily (serve: the python engine), "
         "kept resident (its weights, KV cache and compute count in the budget). --draft-model PATH implies model.",
     )
@@ -365,7 +366,8 @@ class DraftConfig(_Section):
         default=True,
         description="Adapt the draft length to the measured acceptance and the measured cost of a verification "
         "batch against a single-token step: down to 0 (with rare probes) when drafts fail, up to max_tokens when "
-        "they hit. false = always draft max_tokens (deterministic; what exactness tests use).",
+        "they hit (llama-server under a plan: per pass, weighing what a draft's rows cost every slot in the pass). "
+        "false = always draft max_tokens (deterministic; what exactness tests use).",
     )
 
     @model_validator(mode="before")
@@ -654,9 +656,8 @@ class ServerConfig(_Section):
         description="llama-server: llama.cpp's server from the same patched build, one model under its plan with "
         "`parallel` slots decoded together (continuous batching), behind flashflex's front door (key, limits, "
         "bounded queue; drafting by prompt lookup in every slot). python: flashflex's own server (one request at a "
-        "time, several models, a draft model or an adaptive draft length, routing traces, the runtime's counters "
-        "in /flashflex/stats). auto = llama-server, unless what is served needs python (several models, a draft "
-        "model or adaptive length, a trace) or the build ships no llama-server; said at startup.")
+        "time, several models, a draft model, routing traces). auto = llama-server, unless what is served needs "
+        "python (several models, a draft model, a trace) or the build ships no llama-server; said at startup.")
     parallel: int | None = Field(
         default=None, ge=1, le=256,
         description="llama-server engine: sequences decoded together. The plan holds a KV cache of parallel x ctx "

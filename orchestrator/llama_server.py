@@ -71,11 +71,11 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
             # -b 512 (docs/benchmarks.md, "Many clients from one budget")
             slotted.context.batch = slotted.context.ubatch
         try:
-            # drafting only when asked: llama-server's drafter has a fixed length, and with several slots busy each
-            # pass already serves them all (SmolLM2 read from disk under 110 MiB, 4 slots: a lone client 1.03-5.2x,
-            # 2 clients at once 1.33x, 4 at once 0.78x the aggregate tok/s; docs/benchmarks.md, "Drafting inside
-            # llama-server's slots")
-            prepared = api.prepare(slotted, log=log, chat=True, draft_slots=n)
+            # drafting by prompt lookup where weights stream, as run and chat do: under a plan llama-server asks the
+            # runtime before each pass how long a draft its busy slots afford (llama_flashflex_draft_length), so
+            # the drafts a lone client gains from stop where several slots already fill each pass
+            # (docs/benchmarks.md, "Drafting inside llama-server's slots")
+            prepared = api.prepare(slotted, log=log, chat=True, draft_auto=True, draft_slots=n)
         except BudgetBelowMinimum as exc:
             last = exc
             continue

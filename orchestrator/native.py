@@ -206,6 +206,8 @@ def spec_document(spec, trace_file: str | None = None) -> dict[str, Any]:
             options["lent_bytes"] = stream.lent_bytes
         if not stream.mirror:
             options["ring_mirror"] = 0
+    if not spec.draft_adaptive:
+        options["draft_adaptive"] = 0
     if banks is not None:
         options.update(moe_slots=banks.slots, moe_io_threads=banks.io_threads, moe_shared_only=int(banks.shared_only))
         if banks.verify:

@@ -1,15 +1,18 @@
-"""Drafting inside llama-server's slots: `flashflex serve` with prompt lookup in every slot against the same server
-with `--draft none`, at the same budget, on the written-down text tasks of `bench speculative`.
+"""Drafting inside llama-server's slots: `flashflex serve` as it drafts by default (prompt lookup in every slot, each
+pass's draft length from the runtime) against the same server with `--draft none` and, with `--modes
+draft,none,fixed`, with a fixed length (`--no-draft-adaptive`), at the same budget, on the written-down text tasks of
+`bench speculative`.
 
 The model is read as under a budget below its size: by default the serve model (SmolLM2) realigned to 4096 bytes, so
 the weights the plan does not keep resident are read from disk (O_DIRECT) at every pass, not from the page cache.
-Per repetition and mode (interleaved, each repetition's pair in the other order from the last), one server is
+Per repetition and mode (interleaved, each repetition's modes in another order from the last), one server is
 started and asked, with greedy completions of --tokens tokens each, at every client count of --clients: 1 (every
 task alone, one after another), then the tasks in groups of that many at once (4 tasks at 2 clients: two groups).
 Reported per mode: generated tokens/s of each task alone (its decode, from the server's timings), and per client
 count the aggregate (all tokens over the groups' wall time), with the drafted tokens the server kept (its
-/v1/completions `timings`). The ratio is drafted over undrafted, medians of the repetitions. Writes results.json
-(every request) and summary.md (the table `flashflex bench all` puts on the benchmarks page).
+/v1/completions `timings`) and the runtime's draft-length figures (/flashflex/stats). The ratios are each drafted mode
+over undrafted, medians of the repetitions. Writes results.json (every request) and summary.md (the table `flashflex
+bench all` puts on the benchmarks page).
 
     python scripts/bench_serve_drafting.py --budget 110MiB --reps 3 --out bench-results/serve-drafting
 """
@@ -80,11 +83,12 @@ def ask(port: int, task: str, tokens: int) -> dict:
 
 def one_server(args, mode: str, rep: int) -> dict:
     port = free_port()
-    draft = ["--draft", "none"] if mode == "none" else ["--draft", "prompt-lookup", *args.draft_flags]
+    draft = {"none": ["--draft", "none"], "draft": args.draft_flags,
+             "fixed": ["--draft", "prompt-lookup", "--no-draft-adaptive", *args.draft_flags]}[mode]
     log = args.out / f"server-{mode}-{rep}.log"
     proc = start(args, draft, port, log)
     try:
-        if mode == "draft" and "drafts by prompt lookup" not in log.read_text():
+        if mode != "none" and "drafts by prompt lookup" not in log.read_text():
             raise SystemExit(f"the drafted server does not draft (its plan left drafting off): {log}")
         alone = [ask(port, t, args.tokens) for t in args.tasks]
         together = {}
@@ -98,18 +102,18 @@ def one_server(args, mode: str, rep: int) -> dict:
                 wall += time.perf_counter() - t0
             together[str(clients)] = {"answers": answers, "wall_s": wall,
                                       "tok_per_s": sum(r["tokens"] for r in answers) / wall}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/flashflex/stats", timeout=10) as r:
+            stats = json.load(r)
+        length = ((stats["models"][stats["default"]].get("runtime") or {}).get("draft"))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
-    return {"mode": mode, "rep": rep, "alone": alone, "together": together}
-
-
-MODES = ("draft", "none")
+    return {"mode": mode, "rep": rep, "alone": alone, "together": together, "draft_length": length}
 
 
 def summarise(runs: list[dict], args) -> tuple[dict, dict]:
     summary = {}
-    for mode in MODES:
+    for mode in args.modes:
         mine = [r for r in runs if r["mode"] == mode]
         answers = [x for r in mine for x in r["alone"] + [a for g in r["together"].values() for a in g["answers"]]]
         summary[mode] = {
@@ -120,29 +124,36 @@ def summarise(runs: list[dict], args) -> tuple[dict, dict]:
             "drafted": sum(x["draft_n"] for x in answers),
             "kept": sum(x["draft_accepted"] for x in answers),
         }
-    d, n = summary["draft"], summary["none"]
-    ratios = {"lone": {t: d["lone_decode_tok_per_s"][t] / n["lone_decode_tok_per_s"][t] for t in args.tasks},
-              "together": {c: d["together_tok_per_s"][c] / n["together_tok_per_s"][c] for c in d["together_tok_per_s"]}}
+    n = summary["none"]
+    ratios = {mode: {"lone": {t: d["lone_decode_tok_per_s"][t] / n["lone_decode_tok_per_s"][t] for t in args.tasks},
+                     "together": {c: d["together_tok_per_s"][c] / n["together_tok_per_s"][c]
+                                  for c in d["together_tok_per_s"]}}
+              for mode, d in summary.items() if mode != "none"}
     return summary, ratios
+
+
+LABELS = {"none": "undrafted", "draft": "drafted (serve's default)", "fixed": "drafted, fixed length"}
 
 
 def markdown(result: dict) -> str:
     """The page's table: decode tok/s of each task alone and the aggregate at each client count, drafted and not,
     and the ratio."""
     a, s, r = result["args"], result["summary"], result["ratios"]
-    tasks, counts = a["tasks"], list(r["together"])
+    tasks, counts = a["tasks"], list(s["none"]["together_tok_per_s"])
+    kept = "; ".join(f"{LABELS[m]}: {s[m]['kept']} of {s[m]['drafted']}" for m in r)
     lines = [f"Model {Path(a['model']).name}, budget {a['budget']}, {len(tasks)} slots of {a['ctx']} tokens, ubatch "
              f"{a['ubatch']}, {a['tokens']} tokens a request, drafted flags `{' '.join(a['draft_flags']) or '(none)'}`;"
-             f" medians of {a['reps']} repetitions, started {result['started']}; drafted tokens kept: "
-             f"{s['draft']['kept']} of {s['draft']['drafted']}.", "",
+             f" medians of {a['reps']} repetitions, started {result['started']}; drafted tokens kept: {kept}.", "",
              "| | " + " | ".join(f"{t} alone" for t in tasks) + " | "
              + " | ".join(f"{c} clients at once (aggregate)" for c in counts) + " |",
              "|---|" + "---|" * (len(tasks) + len(counts))]
-    for mode, label in (("none", "undrafted, tok/s"), ("draft", "drafted, tok/s")):
-        lines.append(f"| {label} | " + " | ".join(f"{s[mode]['lone_decode_tok_per_s'][t]:.1f}" for t in tasks)
+    for mode in s:
+        lines.append(f"| {LABELS[mode]}, tok/s | " + " | ".join(f"{s[mode]['lone_decode_tok_per_s'][t]:.1f}"
+                                                             for t in tasks)
                      + " | " + " | ".join(f"{s[mode]['together_tok_per_s'][c]:.1f}" for c in counts) + " |")
-    lines.append("| drafted / undrafted | " + " | ".join(f"{r['lone'][t]:.2f}" for t in tasks) + " | "
-                 + " | ".join(f"{r['together'][c]:.2f}" for c in counts) + " |")
+    for mode, q in r.items():
+        lines.append(f"| {LABELS[mode]} / undrafted | " + " | ".join(f"{q['lone'][t]:.2f}" for t in tasks) + " | "
+                     + " | ".join(f"{q['together'][c]:.2f}" for c in counts) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -157,12 +168,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tasks", default=DEFAULT_TASKS)
     ap.add_argument("--clients", default="1,2,4", help="client counts (1: every task alone)")
-    ap.add_argument("--draft-flags", default="", help="more serve flags for the drafted server, e.g. '--draft-max 7'")
+    ap.add_argument("--modes", default="draft,none", help="draft (serve's default), none (--draft none), fixed "
+                    "(--draft prompt-lookup --no-draft-adaptive)")
+    ap.add_argument("--draft-flags", default="", help="more serve flags for the drafted servers, e.g. '--draft-max 7'")
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve-drafting"))
     args = ap.parse_args()
     args.tasks = args.tasks.split(",")
     args.clients = sorted({int(c) for c in args.clients.split(",")} | {1})
     args.draft_flags = args.draft_flags.split()
+    args.modes = list(dict.fromkeys(["none", *args.modes.split(",")]))
+    if set(args.modes) - set(LABELS):
+        raise SystemExit(f"--modes: {', '.join(sorted(set(args.modes) - set(LABELS)))} is not one of "
+                         f"{', '.join(LABELS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.model is None:
         # read from disk at every pass, as a model larger than RAM is (the published file is 32-aligned: its reads
@@ -170,7 +187,8 @@ def main() -> None:
         args.model = str(realigned_copy(default_chat_model_path()))
     runs = []
     for rep in range(args.reps):
-        for mode in (MODES if rep % 2 == 0 else MODES[::-1]):
+        k = rep % len(args.modes)
+        for mode in args.modes[k:] + args.modes[:k]:
             r = one_server(args, mode, rep)
             runs.append(r)
             print(f"rep {rep + 1}/{args.reps} {mode}: alone "

@@ -97,11 +97,11 @@ def test_parallel_needs_the_llama_server_engine(tools_build):
 
 
 def test_the_default_engine_is_python_only_for_what_llama_server_cannot_serve(tools_build, tmp_path):
-    """auto: an adaptive draft length (or a draft model) or several models choose the python engine, said at
-    startup; --parallel then says why."""
-    drafting = flashflex("serve", "--draft", "prompt-lookup", "--draft-adaptive", "--ubatch", "8", "--parallel", "2",
+    """auto: a draft model or several models choose the python engine, said at startup; --parallel then says
+    why."""
+    drafting = flashflex("serve", "--draft-model", str(tmp_path / "small.gguf"), "--ubatch", "8", "--parallel", "2",
                          "--port", str(_free_port()), timeout=60)
-    assert "engine python: an adaptive draft length" in drafting.stderr
+    assert "engine python: a draft model" in drafting.stderr
     one_error(drafting, "--parallel applies to the llama-server engine", "the python engine serves here")
     two = tmp_path / "two.yaml"
     two.write_text("models:\n  - {alias: a}\n  - {alias: b}\n")
@@ -117,9 +117,11 @@ def test_a_draft_model_is_refused_with_the_llama_server_engine(tools_build, tmp_
     one_error(result, "does not serve a draft model", "--engine python")
 
 
-def test_llama_server_drafts_by_prompt_lookup_in_its_slots(tools_build):
-    """--draft prompt-lookup: llama-server's own n-gram lookup, at the planned length, its rows in the plan."""
-    srv = LlamaServer(*FLAGS, "--parallel", "2", "--draft", "prompt-lookup", "--draft-max", "3")
+def test_llama_server_drafts_by_prompt_lookup_in_its_slots_by_default(tools_build):
+    """Where weights stream, serve drafts with no flag: llama-server's own n-gram lookup, each pass's drafts as long
+    as the runtime finds they pay (llama_flashflex_draft_length; its figures in /flashflex/stats), at most the
+    planned length, its rows in the plan."""
+    srv = LlamaServer(*FLAGS, "--parallel", "2", "--draft-max", "3")
     try:
         client = srv.client()
         model = client.models.list().data[0].id
@@ -128,13 +130,30 @@ def test_llama_server_drafts_by_prompt_lookup_in_its_slots(tools_build):
         timings = (answer.model_extra or {}).get("timings") or {}
         assert answer.usage.completion_tokens >= 1
         assert timings.get("draft_n", 0) > 0, timings  # the repeated text was drafted
+        stats = srv.get("/flashflex/stats")
+        draft = stats["models"][stats["default"]]["runtime"]["draft"]
+        assert draft["adaptive"] is True and draft["drafted"] == timings["draft_n"], (draft, timings)
+        (lone,) = draft["by_sequences"]  # one request at a time: passes of one sequence, priced by rows
+        assert lone["sequences"] == 1 and {p["rows"] for p in lone["passes_by_rows"]} >= {1, 2}, lone
+        assert all(p["rows"] <= 4 for p in lone["passes_by_rows"])  # never more than the planned 3 drafted
         code, err = srv.stop(signal.SIGTERM, timeout=30)
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()
     assert code == 0, err[-2000:]
-    assert "drafts by prompt lookup:3 (up to 3 per slot and verification)" in err
+    assert "drafts by prompt lookup:3 (up to 3 per slot and verification, as many as each pass affords)" in err
     assert "--spec-type ngram-simple" in err and "--spec-ngram-simple-size-m 3" in err
+
+
+def test_draft_none_turns_drafting_off(tools_build):
+    srv = LlamaServer(*FLAGS, "--parallel", "2", "--draft", "none")
+    try:
+        code, err = srv.stop(signal.SIGTERM, timeout=30)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    assert code == 0, err[-2000:]
+    assert "drafts by" not in err and "--spec-type" not in err
 
 
 def test_ctrl_c_in_a_terminal_stops_the_server_cleanly(tools_build):

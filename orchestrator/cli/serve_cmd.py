@@ -67,8 +67,7 @@ def startup_lines(entries, server) -> list[str]:
 
 def choose_engine(config: Path | None, options: dict, server_overrides: dict) -> tuple[str, str | None]:
     """(the engine that serves, why when it was not asked for): llama-server unless what is served needs the
-    python engine (several models, a draft model or an adaptive draft length, a trace recorded) or the build ships
-    no llama-server."""
+    python engine (several models, a draft model, a trace recorded) or the build ships no llama-server."""
     from orchestrator import tools
     from orchestrator.config import RunConfig, is_serve_file, load_run_config, load_serve_file
 
@@ -96,15 +95,12 @@ def choose_engine(config: Path | None, options: dict, server_overrides: dict) ->
 
 def _python_only(options: dict, configs: list) -> str | None:
     """What of the options or the served configs only the python engine does, or None: llama-server drafts by
-    prompt lookup at a fixed length (upstream's ngram-simple), not with a draft model or an adaptive length, and
-    records no routing trace."""
+    prompt lookup (upstream's ngram-simple; its length adapted by the runtime under a plan), not with a draft
+    model, and records no routing trace."""
     draft_flag = str(options.get("draft") or "")
     if options.get("draft_model") is not None or draft_flag == "model" or any(c.draft.kind == "model"
                                                                                for c in configs):
         return "a draft model (llama-server drafts by prompt lookup only)"
-    if options.get("draft_adaptive") or any(c.draft.kind != "none" and c.draft.adaptive
-                                            and "adaptive" in c.draft.model_fields_set for c in configs):
-        return "an adaptive draft length (llama-server drafts a fixed length)"
     if options.get("moe_trace") is not None or any(c.moe.trace is not None for c in configs):
         return "a routing trace (llama-server records none)"
     return None
@@ -144,10 +140,12 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
     if plan and s["mode"] != modes.STOCK:
         line += (f", budget {plan['budget_bytes'] / 2**20:.0f} MiB, resident weights "
                  f"{plan['resident_bytes'] / 2**20:.0f} MiB")
-    draft = slots.prepared.draft
+    draft, spec = slots.prepared.draft, slots.prepared.spec
     if draft is not None:
+        # the runtime sizes each pass's drafts only for a model it runs (streamed weights, expert banks)
+        adapted = spec.draft_adaptive and (spec.stream is not None or spec.banks is not None)
         line += (f", drafts by prompt lookup:{llama_server.lookup_ngram(draft)} (up to {draft.max_tokens} per slot "
-                 "and verification)")
+                 f"and verification{', as many as each pass affords' if adapted else ''})")
     err_console.print(f"[dim]{line}; prompt cache off (--cache-ram 0)[/]", soft_wrap=True)
     if not is_loopback(server.host):
         err_console.print(f"[bold red]WARNING: listening on {server.host}: reachable from other machines"
@@ -176,7 +174,7 @@ def register(app: typer.Typer) -> None:
                                                      "(default: the context)."),
         engine: Optional[str] = typer.Option(None, "--engine", help="llama-server (llama.cpp's server under the "
                                              "plan, --parallel slots decoded together, drafting by prompt lookup), "
-                                             "python (flashflex's: several models, a draft model or adaptive length, "
+                                             "python (flashflex's: several models, a draft model, "
                                              "traces; one request at a time), or auto "
                                              "(the default: llama-server unless what is served needs python)."),
         parallel: Optional[int] = typer.Option(None, "--parallel", "-np", min=1, max=256,

@@ -108,6 +108,9 @@ class RuntimeSpec(_Spec):
     rpc_answer_timeout_s: float | None = 120.0  # each worker's answer during the run; None: no limit
     use_mmap: bool | None = None  # None: llama.cpp's default
     kv_overrides: dict[str, int] = Field(default_factory=dict)
+    draft_adaptive: bool = Field(default=True, description="A program drafting for several sequences (llama-server's "
+                                 "slots) drafts as long as the measured passes afford (the runtime's draft length); "
+                                 "False: its own fixed length.")
     lossy: list[str] = Field(default_factory=list, description="Why this run's output may differ from stock.")
 
     @property
@@ -140,6 +143,7 @@ class RuntimeSpec(_Spec):
             spec.use_mmap = False if cfg.moe.mode == modes.RESIDENT else None
             return spec
         spec.placement = plan.rpc
+        spec.draft_adaptive = cfg.draft.adaptive
         streamed = [StreamedTensor(name=t.name, file=t.file, offset=t.offset, bytes=t.n_bytes)
                     for t in plan.tensors if t.placement == "streamed"]
         if streamed and not plan.fits_entirely:

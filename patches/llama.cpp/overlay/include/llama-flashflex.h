@@ -13,12 +13,12 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 8
+#define LLAMA_FLASHFLEX_API_VERSION 9
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
 // A JSON object describing this build, valid for the life of the process:
-//   {"api_version": 8, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
+//   {"api_version": 9, "series_hash": "<sha256 of patches/llama.cpp>", "features": [...],
 //    "backends": ["CPU", ...], "rpc_protocol": [7, 0, 0]}
 // ("rpc_protocol": the version of ggml's RPC protocol this build speaks; null without the RPC backend)
 // "series_hash" is the hash flashflex computed over its patch series when it configured the build
@@ -87,6 +87,28 @@ LLAMA_API bool         llama_flashflex_abort_callback(void * model);
 // API 4: request (on = true) or clear an interrupt: every llama_decode whose context uses the callback above
 // stops at its next graph node. Process-wide, like the SIGINT it is meant for; clear it before the next run.
 LLAMA_API void         llama_flashflex_interrupt(bool on);
+
+// API 9 (feature "draft-length"): the draft length of a program that drafts for several sequences decoded together
+// (llama-server's slots), for a context whose model runs a flashflex plan. Once it has drafted for the pass it is
+// about to decode, the program asks how many tokens of their drafts the n_drafting of its n_sequences sequences
+// generating that have one keep (at most n_max, the program's own length), and cuts them to that; it reports what
+// each verification kept and, after the pass (decode and sampling), the rows the pass decoded. The length weighs
+// each draft's expected tokens (from the acceptance) against what its rows cost every sequence in the pass (the
+// seconds of this context's passes, measured per number of sequences and rows: rows beyond what the pass computes
+// while it waits for its reads cost time; llama-flashflex-draft.cpp). Spec option "draft_adaptive" 0: always n_max.
+// A context whose model runs no plan gets n_max, and the other calls do nothing (the stock path).
+LLAMA_API int32_t llama_flashflex_draft_length(struct llama_context * ctx,
+                                               int32_t                n_sequences,
+                                               int32_t                n_drafting,
+                                               int32_t                n_max);
+LLAMA_API void    llama_flashflex_draft_verified(struct llama_context * ctx, int32_t n_drafted, int32_t n_kept);
+// generation_only: every row of the pass is a sequence's next token or a draft (a pass with prompt tokens in it
+// prices nothing)
+LLAMA_API void    llama_flashflex_draft_pass(struct llama_context * ctx, int32_t n_rows, bool generation_only);
+// What the controller measured, as JSON (same conventions as llama_flashflex_model_stats): "adaptive",
+// "acceptance_estimate", "drafted", "kept", "by_sequences": [{"sequences", "probes", "next_length_all_drafting",
+// "passes_by_rows": [{"rows", "passes", "median_seconds"}]}]; -1 for a context whose model runs no plan.
+LLAMA_API int32_t llama_flashflex_draft_stats(const struct llama_context * ctx, char * buf, size_t buf_size);
 
 //
 // Devices and ggml's RPC backend (API 6; feature "devices", and "rpc" when the build has ggml's RPC backend).

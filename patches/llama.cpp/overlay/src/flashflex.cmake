@@ -8,7 +8,7 @@ set(FLASHFLEX_SERIES_HASH "" CACHE STRING "flashflex: hash of the patch series t
 # One file per concern (docs/architecture.md): build info and C API entry points, configurations, call sites,
 # shared I/O, JSON, dense streaming's ring layout (pure bookkeeping) and its runtime, the expert bank, its prefetch
 # policies, trace replay, the trace writer, devices, a context's memory (what the planner reserves) and ggml's RPC
-# backend.
+# backend, and drafting's length.
 set(FLASHFLEX_SOURCES
     llama-flashflex.cpp
     llama-flashflex-config.cpp
@@ -22,6 +22,7 @@ set(FLASHFLEX_SOURCES
     llama-flashflex-replay.cpp
     llama-flashflex-trace.cpp
     llama-flashflex-rpc.cpp
+    llama-flashflex-draft.cpp
 )
 set(FLASHFLEX_HEADERS
     ../include/llama-flashflex.h
@@ -34,6 +35,7 @@ set(FLASHFLEX_HEADERS
     llama-flashflex-bank.h
     llama-flashflex-replay.h
     llama-flashflex-trace.h
+    llama-flashflex-draft.h
 )
 
 target_sources(llama PRIVATE ${FLASHFLEX_SOURCES} ${FLASHFLEX_HEADERS})

@@ -41,7 +41,8 @@ struct config {
     int64_t                        lent_bytes  = 0;  // room for drafting's verification rows, lent to streamed weights
     int                            direct_io   = 1;  // 0 buffered, 1 direct when possible, 2 direct or fail
     int                            ring_mirror = 1;  // 1: map each ring twice back to back (no wrap slack); 0 flat
-    int                            moe_slots   = 0;  // slots per layer; 0 = every expert resident (resident-bank)
+    int                            draft_adaptive = 1;  // 1: drafts as long as the measured passes afford; 0: fixed
+    int                            moe_slots      = 0;  // slots per layer; 0 = every expert resident (resident-bank)
     int                            moe_io_threads = 4;  // parallel readers for bank misses
     int                  moe_shared_only = 0;          // diagnostic: routed experts contribute nothing, nothing is read
     int                  moe_preload     = 0;          // oracle-all-hit: install every expert of moe_schedule at load

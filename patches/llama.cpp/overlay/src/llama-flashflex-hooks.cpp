@@ -4,6 +4,7 @@
 
 #include "ggml.h"
 #include "llama-flashflex-config.h"
+#include "llama-flashflex-draft.h"
 #include "llama-flashflex-internal.h"
 #include "llama-flashflex-runtime.h"
 #include "llama-flashflex.h"
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -37,7 +39,17 @@ std::atomic<bool> g_interrupt{ false };
 // would evict what the first is computing with: it is refused.
 std::mutex                                           g_contexts_mutex;
 std::map<const llama_model *, const llama_context *> g_context_of;
-std::map<const llama_context *, output_rows>         g_output_rows;  // of those contexts
+std::map<const llama_context *, output_rows>         g_output_rows;     // of those contexts
+std::map<const llama_model *, bool>                  g_draft_adaptive;  // each planned model's spec: draft_adaptive
+
+// The draft length of each of those contexts (llama_flashflex_draft_*): asked and told by the thread that decodes,
+// read by a server's stats route.
+std::mutex                                    g_draft_mutex;
+std::map<const llama_context *, draft_length> g_draft;
+
+double steady_seconds() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 bool runs_flashflex(const llama_model * model) {
     return stream_active(model) || bank_active(model);
@@ -119,6 +131,8 @@ void llama_flashflex_on_tensors_created(const llama_model & model, llama_model_l
         if (!cfg.banks.empty()) {
             bank_setup(model, ml, cfg);
         }
+        std::lock_guard<std::mutex> lk(g_contexts_mutex);
+        g_draft_adaptive[&model] = cfg.draft_adaptive != 0;
     } catch (const std::exception & e) {
         stream_free(&model);
         bank_free(&model);
@@ -149,6 +163,7 @@ void llama_flashflex_on_model_free(const llama_model * model) {
     bank_free(model);
     std::lock_guard<std::mutex> lk(g_contexts_mutex);
     g_context_of.erase(model);
+    g_draft_adaptive.erase(model);
 }
 
 void llama_flashflex_on_context_created(const llama_model & model, const llama_context * ctx) {
@@ -165,7 +180,11 @@ void llama_flashflex_on_context_created(const llama_model & model, const llama_c
         refuse(why);
         throw std::runtime_error(why);
     }
-    g_context_of[&model] = ctx;
+    g_context_of[&model]                 = ctx;
+    auto                        adaptive = g_draft_adaptive.find(&model);
+    std::lock_guard<std::mutex> dk(g_draft_mutex);
+    g_draft.erase(ctx);
+    g_draft.emplace(ctx, draft_length(adaptive == g_draft_adaptive.end() || adaptive->second));
 }
 
 void llama_flashflex_on_context_free(const llama_model & model, const llama_context * ctx) {
@@ -176,6 +195,8 @@ void llama_flashflex_on_context_free(const llama_model & model, const llama_cont
         stream_context_free(&model);
     }
     g_output_rows.erase(ctx);
+    std::lock_guard<std::mutex> dk(g_draft_mutex);
+    g_draft.erase(ctx);
 }
 
 void llama_flashflex_on_output_reserved(const llama_context * ctx,
@@ -244,4 +265,36 @@ ggml_tensor * llama_flashflex_mul_mat_id(ggml_context * ctx, ggml_tensor * as, g
 
 uint32_t llama_flashflex_graph_nodes(const llama_model & model, uint32_t n_tokens) {
     return stream_graph_nodes(&model) + bank_graph_nodes(&model, n_tokens);
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Drafting's length (llama-flashflex-draft.h): one per context of a planned model; a stock context keeps the
+// program's own length.
+
+int32_t llama_flashflex_draft_length(llama_context * ctx, int32_t n_sequences, int32_t n_drafting, int32_t n_max) {
+    std::lock_guard<std::mutex> lk(g_draft_mutex);
+    auto                        it = g_draft.find(ctx);
+    return it == g_draft.end() ? n_max : it->second.propose(n_sequences, n_drafting, n_max, steady_seconds());
+}
+
+void llama_flashflex_draft_verified(llama_context * ctx, int32_t n_drafted, int32_t n_kept) {
+    std::lock_guard<std::mutex> lk(g_draft_mutex);
+    auto                        it = g_draft.find(ctx);
+    if (it != g_draft.end()) {
+        it->second.verified(n_drafted, n_kept);
+    }
+}
+
+void llama_flashflex_draft_pass(llama_context * ctx, int32_t n_rows, bool generation_only) {
+    std::lock_guard<std::mutex> lk(g_draft_mutex);
+    auto                        it = g_draft.find(ctx);
+    if (it != g_draft.end()) {
+        it->second.passed(n_rows, generation_only, steady_seconds());
+    }
+}
+
+int32_t llama_flashflex_draft_stats(const llama_context * ctx, char * buf, size_t buf_size) {
+    std::lock_guard<std::mutex> lk(g_draft_mutex);
+    auto                        it = g_draft.find(ctx);
+    return it == g_draft.end() ? -1 : write_c_string(it->second.json(), buf, buf_size);
 }

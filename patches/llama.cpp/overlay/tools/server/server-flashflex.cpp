@@ -10,14 +10,14 @@
 
 namespace {
 
-// One of the C API's stats functions: its JSON text, or null when the model has no such configuration.
-std::string stats_of(int32_t (*fn)(const llama_model *, char *, size_t), const llama_model * model) {
-    const int32_t n = fn(model, nullptr, 0);
+// One of the C API's stats functions of a model or context: its JSON text, or null when it has no such configuration.
+template <typename T> std::string stats_of(int32_t (*fn)(const T *, char *, size_t), const T * of) {
+    const int32_t n = fn(of, nullptr, 0);
     if (n < 0) {
         return "null";
     }
     std::string buf((size_t) n + 1, '\0');
-    fn(model, buf.data(), buf.size());
+    fn(of, buf.data(), buf.size());
     buf.resize((size_t) n);
     return buf;
 }
@@ -35,6 +35,7 @@ server_http_res_ptr flashflex_server_stats(const llama_context * ctx) {
     const char *        error = llama_flashflex_model_error(model);
     res->data                 = "{\"stream\":" + stats_of(llama_flashflex_model_stats, model) +
                 ",\"moe\":" + stats_of(llama_flashflex_moe_stats, model) +
+                ",\"draft\":" + stats_of(llama_flashflex_draft_stats, ctx) +
                 ",\"error\":" + (error ? common_json::make(std::string(error)).dump() : std::string("null")) + "}";
     return res;
 }

@@ -1,0 +1,256 @@
+// flashflex: the draft length of a program that drafts for several sequences at once (see llama-flashflex-draft.h).
+//
+// Why per pass and per number of sequences: under a streaming plan a pass reads the streamed weights once whatever
+// it computes, so while one sequence generates, the rows of a draft ride along nearly free (the pass waits for its
+// reads anyway), and a draft the model keeps saves a whole pass. With several sequences in the pass it already
+// computes a row for each, the reads no longer hide the compute, and every drafted row costs time: four of
+// llama-server's slots drafting 7 tokens each gave 0.78x the undrafted aggregate (docs/benchmarks.md, "Drafting
+// inside llama-server's slots"). What a row costs follows the machine, the model and the plan, so it is measured:
+// for each number of sequences n, the seconds of its passes by rows (the median of the last few, so one pass slowed
+// by another process does not decide), and one acceptance for the context.
+//
+// The cost model is the one flashflex's Python drafter uses for a single sequence (orchestrator/speculative.py,
+// DraftLength), with a pass of n sequences in place of its single-token step: each drafted token is kept with
+// probability p given that the ones before it were, so a draft of k gives 1 + p + ... + p^k tokens per pass; a pass
+// of R rows costs t(R), the median measured for R = n (a plain pass) and, beyond it, a line through the medians of
+// the sizes measured, each weighing its passes (the slope pulled toward a prior of 10% of a plain pass per sequence
+// and row; with one size measured, the slope from the plain pass to it).
+//
+// The choice is made once the drafts are made: m of the n sequences have one (prompt lookup drafts only where the
+// context repeats), and each keeps at most k tokens of it. Every sequence in the pass waits for the pass, so a
+// draft's rows slow the sequences that did not draft: k maximises the sum over the n sequences of the logarithm of
+// each one's tokens per second, m log(1 + p + ... + p^k) - n log(t(n + m k) / t(n)), and must raise the rates by 3%
+// on average. With one sequence that is its own throughput; with several, a draft must gain its own sequence more
+// than its rows cost all of them. (Maximising the total instead let two copying slots of four draft 4 tokens each:
+// more tokens per pass, but the other two slots ran at a third of their speed, and four requests at once finished
+// at 0.82x the undrafted aggregate.)
+//
+// A plain pass is measured before any draft goes out at that n; the first draft is one token. Where the drafts are
+// cut to 0, a one-token probe goes out after a gap of such passes that doubles while probes fail (up to 64), and is
+// never so short that probes cost more than 1% of the time.
+
+#include "llama-flashflex-draft.h"
+
+#include "llama-flashflex-json.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace flashflex {
+
+namespace {
+
+constexpr size_t k_window        = 9;     // passes per size whose median is its cost
+constexpr double k_decay         = 0.97;  // of the acceptance's counts, per judged token (a memory of ~30 tokens)
+constexpr double k_prior_accept  = 0.5;   // the acceptance before any draft was judged ...
+constexpr double k_prior_weight  = 2.0;   // ... weighing as much as this many judged tokens
+constexpr double k_prior_slope   = 0.1;   // a row beyond a plain pass: this share of the plain pass per sequence
+constexpr double k_prior_points  = 4.0;   // the prior slope weighs as much as this many passes one row apart
+constexpr double k_min_gain      = 0.03;  // a draft must beat none by this much
+constexpr int    k_min_probe_gap = 4;
+constexpr int    k_max_probe_gap = 64;
+constexpr double k_probe_budget  = 0.01;  // share of the time probes may cost
+
+double median(std::deque<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t m = v.size() / 2;
+    return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+}  // namespace
+
+draft_pass_costs::draft_pass_costs(int n) : n(n), gap(k_min_probe_gap) {}
+
+bool draft_pass_costs::has_plain() const {
+    return seconds.count(n) > 0;
+}
+
+double draft_pass_costs::plain() const {
+    return median(seconds.at(n));
+}
+
+// (rows, median) of the passes with drafts, each weighing as many passes as it has measured (a size seen once,
+// perhaps while another process held the CPU, bends the line less than one seen nine times)
+std::vector<std::pair<int, double>> draft_pass_costs::drafted_sizes(std::vector<double> * weights) const {
+    std::vector<std::pair<int, double>> out;
+    for (const auto & [rows, q] : seconds) {
+        if (rows > n) {
+            out.emplace_back(rows, median(q));
+            if (weights) {
+                weights->push_back((double) q.size());
+            }
+        }
+    }
+    return out;
+}
+
+double draft_pass_costs::pass_seconds(int rows) const {
+    const double t_n = plain();
+    if (rows <= n) {
+        return t_n;
+    }
+    const double        prior = k_prior_slope * t_n / n;  // seconds per row beyond a plain pass
+    std::vector<double> w;
+    const auto          sizes = drafted_sizes(&w);
+    double              t;
+    if (sizes.size() >= 2) {
+        double sw = 0, mx = 0, my = 0;
+        for (size_t i = 0; i < sizes.size(); ++i) {
+            sw += w[i];
+            mx += w[i] * sizes[i].first;
+            my += w[i] * sizes[i].second;
+        }
+        mx /= sw;
+        my /= sw;
+        double sxx = 0, sxy = 0;
+        for (size_t i = 0; i < sizes.size(); ++i) {
+            sxx += w[i] * (sizes[i].first - mx) * (sizes[i].first - mx);
+            sxy += w[i] * (sizes[i].first - mx) * (sizes[i].second - my);
+        }
+        const double b = std::max(0.0, (sxy + k_prior_points * prior) / (sxx + k_prior_points));
+        t              = my + b * (rows - mx);
+    } else if (sizes.size() == 1) {
+        // one size m measured: beyond it each row costs the mean slope from the plain pass to m; from a single row
+        // at most the prior slope (on a CPU a second row switches matrix kernels and costs more than each row after
+        // it; a pass of several sequences has switched already)
+        const auto [m, t_m] = sizes[0];
+        const double slope  = std::max(0.0, t_m - t_n) / (m - n);
+        t                   = t_m + (n == 1 ? std::min(prior, slope) : slope) * (rows - m);
+    } else {
+        t = t_n + prior * (rows - n);
+    }
+    return std::min(std::max(t, t_n), t_n * rows / n);  // never cheaper than a plain pass, nor dearer than k of them
+}
+
+// m of the n sequences have a draft, each cut to k tokens; sequence i then makes 1 + p + ... + p^k tokens per pass if
+// it drafts, 1 if not, at a rate of that over t(n + m k). The score is the sum of the logarithms of the n rates
+// (relative to a plain pass's): a draft must gain its sequence more than its rows cost every sequence in the pass.
+double draft_pass_costs::score(int m, int k, double p) const {
+    double expected = 0, pk = 1;
+    for (int i = 0; i <= k; ++i, pk *= p) {
+        expected += pk;
+    }
+    return m * std::log(expected) - n * std::log(pass_seconds(n + m * k) / plain());
+}
+
+int draft_pass_costs::best(int m, int n_max, double p) const {
+    int    k_best = 0;
+    double s_best = 0.0;  // score(m, 0, p)
+    for (int k = 1; k <= n_max; ++k) {
+        const double s = score(m, k, p);
+        if (s > s_best) {
+            s_best = s;
+            k_best = k;
+        }
+    }
+    return s_best >= n * std::log1p(k_min_gain) ? k_best : 0;  // every sequence's rate up k_min_gain on average
+}
+
+// Passes with drafts cut to 0 before a probe: the backed-off gap, and never so short that probes cost more than
+// k_probe_budget of the time.
+int draft_pass_costs::probe_gap(int m) const {
+    const double cost = pass_seconds(n + m) / plain() - 1.0;
+    return std::max(gap, std::min(k_max_probe_gap, (int) std::ceil(cost / k_probe_budget)));
+}
+
+draft_length::draft_length(bool adaptive) :
+    adaptive(adaptive),
+    kept(k_prior_accept * k_prior_weight),
+    judged(k_prior_weight) {}
+
+double draft_length::acceptance() const {
+    return judged > 0 ? kept / judged : 0.0;
+}
+
+draft_pass_costs & draft_length::costs(int n) {
+    return by_n.try_emplace(n, n).first->second;
+}
+
+int draft_length::propose(int n, int m, int n_max_now, double now) {
+    n_max     = std::max(0, n_max_now);
+    pending_n = std::max(0, n);
+    pending_t = now;
+    m         = std::min(m, pending_n);
+    if (m <= 0 || n_max == 0) {
+        return 0;  // no draft to cut
+    }
+    if (!adaptive) {
+        return n_max;
+    }
+    draft_pass_costs & c = costs(n);
+    if (!c.has_plain()) {
+        return 0;  // one plain pass first: every draft is priced against it
+    }
+    const int k = c.best(m, n_max, acceptance());
+    if (k > 0) {
+        c.idle    = 0;
+        c.probing = false;
+        return c.drafted_sizes(nullptr).empty() ? 1 : k;  // the first draft is one token: it prices a row cheaply
+    }
+    if (++c.idle > c.probe_gap(m)) {
+        c.idle    = 0;
+        c.probing = true;
+        return 1;
+    }
+    return 0;
+}
+
+void draft_length::verified(int drafted, int kept_now) {
+    if (drafted <= 0) {
+        return;
+    }
+    kept_now                = std::max(0, std::min(kept_now, drafted));
+    const int    judged_now = kept_now + (kept_now < drafted ? 1 : 0);  // tokens after a rejected one: not judged
+    const double decay = std::pow(k_decay, judged_now);  // per token, so one-token drafts forget as slowly as long ones
+    kept               = decay * kept + kept_now;
+    judged             = decay * judged + judged_now;
+    drafted_total += drafted;
+    kept_total += kept_now;
+    auto it = by_n.find(pending_n);
+    if (it != by_n.end() && it->second.probing) {
+        draft_pass_costs & c = it->second;
+        c.gap                = kept_now > 0 ? k_min_probe_gap : std::min(2 * c.gap, k_max_probe_gap);
+        c.probing            = false;
+        c.probes++;
+    }
+}
+
+void draft_length::passed(int rows, bool generation_only, double now) {
+    const int n = pending_n;
+    pending_n   = 0;
+    if (n == 0 || !generation_only || rows < n) {
+        return;  // nothing asked, or a prompt's tokens in it: not a pass of n sequences' rows
+    }
+    draft_pass_costs & c = costs(n);
+    auto &             q = c.seconds[rows];
+    q.push_back(now - pending_t);
+    if (q.size() > k_window) {
+        q.pop_front();
+    }
+}
+
+std::string draft_length::json() const {
+    std::vector<std::string> sequences;
+    for (const auto & [n, c] : by_n) {
+        std::vector<std::string> passes;
+        for (const auto & [rows, q] : c.seconds) {
+            passes.push_back(
+                json_object().add("rows", rows).add("passes", q.size()).add("median_seconds", median(q)).str());
+        }
+        json_object o;
+        o.add("sequences", n).add("probes", c.probes);
+        if (c.has_plain()) {
+            o.add("next_length_all_drafting", adaptive ? c.best(n, n_max, acceptance()) : n_max);
+        }
+        sequences.push_back(o.add_array("passes_by_rows", passes).str());
+    }
+    return json_object()
+        .add("adaptive", adaptive)
+        .add("acceptance_estimate", acceptance())
+        .add("drafted", drafted_total)
+        .add("kept", kept_total)
+        .add_array("by_sequences", sequences)
+        .str();
+}
+
+}  // namespace flashflex

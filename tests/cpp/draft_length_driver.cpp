@@ -1,0 +1,55 @@
+// A driver for the runtime's draft length (llama-flashflex-draft.h), compiled with it alone by
+// tests/test_draft_length.py. One command per line on stdin, one JSON answer per line on stdout:
+//   new ADAPTIVE                  a controller (1 adaptive, 0 fixed)             -> {"ok": true}
+//   propose N M N_MAX NOW         what the M of N sequences with a draft keep    -> {"length": K}
+//   verified DRAFTED KEPT         a verification's outcome                       -> {"ok": true}
+//   pass ROWS GENERATION_ONLY NOW the pass asked for last ended at NOW           -> {"ok": true}
+//   state                         the controller's JSON                          -> {...}
+
+#include "llama-flashflex-draft.h"
+
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+
+int main() {
+    std::unique_ptr<flashflex::draft_length> d;
+    std::string                              line;
+    while (std::getline(std::cin, line)) {
+        std::istringstream in(line);
+        std::string        cmd;
+        in >> cmd;
+        if (cmd == "new") {
+            int adaptive = 1;
+            in >> adaptive;
+            d = std::make_unique<flashflex::draft_length>(adaptive != 0);
+            std::puts("{\"ok\": true}");
+        } else if (!d) {
+            std::puts("{\"error\": \"no controller: new first\"}");
+        } else if (cmd == "propose") {
+            int    n = 0, m = 0, n_max = 0;
+            double now = 0;
+            in >> n >> m >> n_max >> now;
+            std::printf("{\"length\": %d}\n", d->propose(n, m, n_max, now));
+        } else if (cmd == "verified") {
+            int drafted = 0, kept = 0;
+            in >> drafted >> kept;
+            d->verified(drafted, kept);
+            std::puts("{\"ok\": true}");
+        } else if (cmd == "pass") {
+            int    rows = 0, generation_only = 1;
+            double now = 0;
+            in >> rows >> generation_only >> now;
+            d->passed(rows, generation_only != 0, now);
+            std::puts("{\"ok\": true}");
+        } else if (cmd == "state") {
+            std::puts(d->json().c_str());
+        } else {
+            std::printf("{\"error\": \"unknown command %s\"}\n", cmd.c_str());
+        }
+        std::fflush(stdout);
+    }
+    return 0;
+}

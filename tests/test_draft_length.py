@@ -1,0 +1,307 @@
+"""The runtime's draft length for a program that drafts for several sequences decoded together (llama-server's slots
+under a plan; patches/llama.cpp/overlay/src/llama-flashflex-draft.h). Mostly through a small C++ driver compiled
+with it alone (tests/cpp/draft_length_driver.cpp): simulated passes whose seconds follow a cost model, drafts kept
+as a seeded coin says (no ggml, no llama.cpp, no clock: the times are the simulation's); then through the built
+library's C API: a stock context keeps the program's length, a planned one gets the controller its spec asks for."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orchestrator import patches, synth
+
+from conftest import REPO
+
+DRIVER = Path(__file__).parent / "cpp" / "draft_length_driver.cpp"
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
+    src = patches.overlay_dir(REPO) / "src"
+    exe = tmp_path_factory.mktemp("draft") / "draft_length_driver"
+    cmd = [cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{src}", str(DRIVER),
+           str(src / "llama-flashflex-draft.cpp"), str(src / "llama-flashflex-json.cpp"), "-o", str(exe)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, f"the draft length does not build on its own:\n{' '.join(cmd)}\n{out.stderr}"
+    return exe
+
+
+class Controller:
+    """One controller in a driver process, asked and told line by line."""
+
+    def __init__(self, driver: Path, adaptive: bool = True):
+        self.proc = subprocess.Popen([str(driver)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.now = 0.0
+        assert self.ask(f"new {int(adaptive)}") == {"ok": True}
+
+    def ask(self, line: str) -> dict:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def propose(self, n: int, n_max: int, drafting: int | None = None) -> int:
+        """What each of the `drafting` (default: all n) sequences with a draft keeps of it."""
+        m = n if drafting is None else drafting
+        return self.ask(f"propose {n} {m} {n_max} {self.now:.9f}")["length"]
+
+    def passed(self, rows: int, seconds: float, generation_only: bool = True) -> None:
+        self.now += seconds
+        assert self.ask(f"pass {rows} {int(generation_only)} {self.now:.9f}") == {"ok": True}
+
+    def state(self) -> dict:
+        return self.ask("state")
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def controller(driver):
+    made: list[Controller] = []
+
+    def make(adaptive: bool = True) -> Controller:
+        made.append(Controller(driver, adaptive))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def serve(c: Controller, n: int, passes: int, cost: Callable[[int, int], float], acceptance: float,
+          n_max: int = 7, seed: int = 0, drafting: int | None = None) -> list[int]:
+    """`passes` passes of n sequences, `drafting` of them (default: all) with a draft of n_max tokens, cut to the
+    proposed length; a pass of R rows takes cost(n, R) seconds; each drafted token is kept with probability
+    `acceptance` given the ones before it were. Returns the proposed lengths."""
+    rng = random.Random(seed)
+    m = n if drafting is None else drafting
+    lengths = []
+    for _ in range(passes):
+        k = c.propose(n, n_max, m)
+        lengths.append(k)
+        for _seq in range(m if k else 0):
+            kept = 0
+            while kept < k and rng.random() < acceptance:
+                kept += 1
+            assert c.ask(f"verified {k} {kept}") == {"ok": True}
+        c.passed(n + m * k, cost(n, n + m * k))
+    return lengths
+
+
+def read_bound(n: int, rows: int) -> float:
+    """A pass that waits for its reads: 40 ms however many rows, plus 0.5 ms a row computed."""
+    return 0.040 + 0.0005 * rows
+
+
+def compute_bound(n: int, rows: int) -> float:
+    """A pass whose reads are hidden: every row costs 10 ms."""
+    return 0.010 * rows
+
+
+def test_a_plain_pass_is_measured_before_any_draft_and_the_first_draft_is_one_token(controller):
+    c = controller()
+    assert c.propose(1, 7) == 0
+    c.passed(1, 0.040)
+    assert c.propose(1, 7) == 1
+    assert c.ask("verified 1 1") == {"ok": True}
+    c.passed(2, 0.041)
+    assert c.propose(1, 7) > 1  # a row that rode on the reads: longer drafts now
+
+
+def test_a_lone_sequence_whose_drafts_ride_on_the_reads_drafts_the_longest(controller):
+    lengths = serve(controller(), 1, 40, read_bound, acceptance=0.9)
+    assert lengths[-20:] == [7] * 20, lengths
+
+
+def test_sequences_that_fill_each_pass_stop_drafting_and_probe_rarely(controller):
+    lengths = serve(controller(), 4, 400, compute_bound, acceptance=0.7)
+    # a draft of k costs k + 1 plain passes and gives at most 1 + 0.7 + ... tokens: never worth it; once two draft
+    # lengths are priced only one-token probes go out, at most one every 64 passes
+    drafted = [k for k in lengths[20:] if k]
+    assert len(drafted) <= 380 // 64 + 1 and set(drafted) <= {1}, lengths
+
+
+def test_each_number_of_sequences_is_priced_on_its_own(controller):
+    c = controller()
+    serve(c, 4, 60, compute_bound, acceptance=0.8)
+    lone = serve(c, 1, 30, read_bound, acceptance=0.8, seed=1)
+    assert lone[-10:] == [7] * 10, lone
+    four = serve(c, 4, 30, compute_bound, acceptance=0.8, seed=2)
+    assert sum(1 for k in four if k) <= 1, four
+
+
+def test_drafts_that_fail_back_off_to_rare_probes(controller):
+    lengths = serve(controller(), 1, 600, read_bound, acceptance=0.0)
+    # where rows ride on the reads even a draft kept one time in three pays, so the first few go out before the
+    # acceptance falls; then only one-token probes
+    probes = [i for i, k in enumerate(lengths) if k and i >= 10]
+    assert set(lengths[i] for i in probes) == {1}
+    late = [i for i in probes if i >= 200]
+    # the gap between probes doubles while they fail, up to 64 passes
+    assert len(late) <= 400 // 64 + 1, probes
+    assert all(b - a >= 32 for a, b in zip(late, late[1:])), probes
+
+
+def test_one_slow_pass_does_not_turn_drafting_off(controller):
+    c = controller()
+    serve(c, 1, 40, read_bound, acceptance=0.9)
+    k = c.propose(1, 7)
+    assert k == 7
+    assert c.ask(f"verified {k} {k}") == {"ok": True}
+    c.passed(1 + k, 10 * read_bound(1, 1 + k))  # another process held the CPU
+    assert c.propose(1, 7) == 7
+
+
+def test_a_draft_that_slows_the_sequences_without_one_is_cut_short(controller):
+    """Four sequences, two copying (95% of drafts kept), two with nothing to draft; each row costs 8.5 ms against a
+    plain pass's 55 ms (as measured in llama-server, SmolLM2 at 4 slots). More tokens per pass would come from drafts
+    of 4 (11 tokens in 123 ms against 4 in 55), but the two without drafts would run at under half their speed:
+    drafts of one token lift both copying sequences nearly 2x for 31% on the others."""
+    def measured(n: int, rows: int) -> float:
+        return 0.055 + 0.0085 * (rows - n)
+
+    c = controller()
+    serve(c, 1, 30, read_bound, acceptance=0.95)  # a lone request first: the acceptance is known
+    lengths = serve(c, 4, 200, measured, acceptance=0.95, drafting=2, seed=1)
+    late = sorted(lengths[20:])
+    assert late[len(late) // 2] == 1 and late[-1] <= 2, lengths
+
+
+def test_no_draft_no_question(controller):
+    c = controller()
+    c.propose(1, 7)
+    c.passed(1, 0.040)
+    assert c.propose(1, 7, drafting=0) == 0  # nothing to cut: no probe either
+    c.passed(1, 0.040)
+    assert c.propose(1, 7) == 1
+
+
+def test_a_pass_with_prompt_tokens_prices_nothing(controller):
+    c = controller()
+    assert c.propose(2, 7) == 0
+    c.passed(40, 0.5, generation_only=False)
+    assert c.propose(2, 7) == 0  # still no plain pass of two sequences measured
+    assert c.state()["by_sequences"] == [] or all(s["passes_by_rows"] == [] for s in c.state()["by_sequences"])
+
+
+def test_a_fixed_length_is_the_programs_own(controller):
+    c = controller(adaptive=False)
+    assert [c.propose(n, 5) for n in (1, 4, 1)] == [5, 5, 5]
+    assert c.propose(0, 5) == 0 and c.propose(3, 0) == 0 and c.propose(3, 5, drafting=0) == 0
+    assert c.state()["adaptive"] is False
+
+
+def test_the_state_reports_what_was_measured(controller):
+    c = controller()
+    serve(c, 2, 30, read_bound, acceptance=0.9)
+    s = c.state()
+    assert s["adaptive"] is True and 0.5 < s["acceptance_estimate"] <= 1.0
+    assert s["kept"] <= s["drafted"] and s["drafted"] > 0
+    (two,) = s["by_sequences"]
+    assert two["sequences"] == 2 and two["next_length_all_drafting"] == 7
+    rows = {p["rows"]: p for p in two["passes_by_rows"]}
+    assert rows[2]["median_seconds"] == pytest.approx(read_bound(2, 2), abs=1e-6)
+    assert all(p["passes"] <= 9 for p in rows.values())
+
+
+def test_a_pass_whose_reads_hide_a_few_rows_drafts_about_as_many(controller):
+    """Two sequences; the pass waits 40 ms for its reads and computes 8 ms a row: up to 5 rows are free, so drafts
+    of 1-2 tokens each cost (nearly) nothing, and longer ones cost their rows."""
+    def hinge(n: int, rows: int) -> float:
+        return max(0.040, 0.008 * rows) + 0.0002 * rows
+
+    lengths = serve(controller(), 2, 200, hinge, acceptance=0.8)
+    late = sorted(lengths[100:])
+    assert 1 <= late[len(late) // 2] <= 3, lengths
+
+
+# --------------------------------------------------------------------------------------------------
+# The C API of the built library (llama_flashflex_draft_*)
+
+
+def _c_api():
+    import ctypes
+
+    from orchestrator import native
+
+    cdll = native.lib()
+    if "draft-length" not in native.info()["features"]:
+        pytest.skip("the installed build predates the draft length (C API 9); run flashflex build")
+    cdll.llama_flashflex_draft_length.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
+    cdll.llama_flashflex_draft_length.restype = ctypes.c_int32
+    cdll.llama_flashflex_draft_pass.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_bool]
+    cdll.llama_flashflex_draft_pass.restype = None
+    cdll.llama_flashflex_draft_stats.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    cdll.llama_flashflex_draft_stats.restype = ctypes.c_int32
+    return cdll
+
+
+def _stats(cdll, ctx) -> dict | None:
+    import ctypes
+
+    n = cdll.llama_flashflex_draft_stats(ctx, None, 0)
+    if n < 0:
+        return None
+    buf = ctypes.create_string_buffer(n + 1)
+    cdll.llama_flashflex_draft_stats(ctx, buf, n + 1)
+    return json.loads(buf.value)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    return synth.write_synth_model(synth.preset("tiny-dense"), tmp_path_factory.mktemp("draftlen") / "m.gguf")
+
+
+def _prepared(path: Path, planned: bool, adaptive: bool = True):
+    """A stock run of the model, or one planned at its minimum budget (most weights streamed) with draft.adaptive."""
+    import dataclasses
+
+    from orchestrator.config import PrefetchConfig
+    from orchestrator.modelfile.reader import read_model_table
+    from orchestrator.run.settings import GenerationSettings
+    from tests.helpers import plan_table, prepared_of
+
+    settings = GenerationSettings(model=path, ctx=128, batch=8, ubatch=8, threads=2)
+    if not planned:
+        return prepared_of(settings)
+    table, prefetch = read_model_table(path), PrefetchConfig(threads=1, window=2)
+    minimum = plan_table(table, 1 << 40, ctx=128, ubatch=8, prefetch=prefetch).minimum_budget_bytes
+    prepared = prepared_of(settings, plan_table(table, minimum, ctx=128, ubatch=8, prefetch=prefetch))
+    assert prepared.spec.stream is not None
+    return dataclasses.replace(prepared, spec=prepared.spec.model_copy(update={"draft_adaptive": adaptive}))
+
+
+def test_a_stock_context_keeps_the_programs_length(patched_llama, small_model):
+    cdll = _c_api()
+    with _prepared(small_model, planned=False).session() as handle:
+        ctx = handle.llm.ctx
+        assert [cdll.llama_flashflex_draft_length(ctx, n, n, 7) for n in (1, 4, 1)] == [7, 7, 7]
+        cdll.llama_flashflex_draft_pass(ctx, 4, True)  # nothing to tell: a no-op
+        assert _stats(cdll, ctx) is None
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_a_planned_context_drafts_as_its_spec_says(patched_llama, small_model, adaptive):
+    cdll = _c_api()
+    with _prepared(small_model, planned=True, adaptive=adaptive).session() as handle:
+        ctx = handle.llm.ctx
+        # adaptive: a plain pass is priced before any draft goes out; fixed: the program's own length
+        assert cdll.llama_flashflex_draft_length(ctx, 2, 1, 7) == (0 if adaptive else 7)
+        cdll.llama_flashflex_draft_pass(ctx, 2, True)
+        stats = _stats(cdll, ctx)
+        assert stats is not None and stats["adaptive"] is adaptive
+        (two,) = stats["by_sequences"]
+        assert two["sequences"] == 2 and [p["rows"] for p in two["passes_by_rows"]] == [2]
