@@ -6,8 +6,9 @@ draft,none,fixed`, with a fixed length (`--no-draft-adaptive`), at the same budg
 The model is read as under a budget below its size: by default the serve model (SmolLM2) realigned to 4096 bytes, so
 the weights the plan does not keep resident are read from disk (O_DIRECT) at every pass, not from the page cache.
 Per repetition and mode (interleaved, each repetition's modes in another order from the last), one server is
-started and asked, with greedy completions of --tokens tokens each, at every client count of --clients: 1 (every
-task alone, one after another), then the tasks in groups of that many at once (4 tasks at 2 clients: two groups).
+started and asked, with greedy completions of exactly --tokens tokens each (EOS ignored), at every client count of
+--clients: 1 (every task alone, one after another), then the tasks in groups of that many at once (4 tasks at 2
+clients: two groups).
 Reported per mode: generated tokens/s of each task alone (its decode, from the server's timings), and per client
 count the aggregate (all tokens over the groups' wall time), with the drafted tokens the server kept (its
 /v1/completions `timings`) and the runtime's draft-length figures (/flashflex/stats). The ratios are each drafted mode
@@ -69,7 +70,10 @@ def start(args, draft: list[str], port: int, log: Path) -> subprocess.Popen:
 
 
 def ask(port: int, task: str, tokens: int) -> dict:
-    body = json.dumps({"model": "m", "prompt": TASKS[task][1], "max_tokens": tokens, "temperature": 0}).encode()
+    # every request generates exactly `tokens` tokens: a drafted batch rounds differently from a single step, so a
+    # greedy answer may end (EOS) elsewhere than undrafted, and aggregates of unequal work would not compare
+    body = json.dumps({"model": "m", "prompt": TASKS[task][1], "max_tokens": tokens, "temperature": 0,
+                       "ignore_eos": True}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                  {"Content-Type": "application/json"})
     t0 = time.perf_counter()
