@@ -339,10 +339,11 @@ class DraftConfig(_Section):
 
     kind: DraftKind = Field(
         default="auto",
-        description="auto = prompt-lookup for run, chat and serve where weights stream (run, chat: the verification "
+        description="auto = prompt-lookup for run, chat and serve (its llama-server engine) where weights stream "
+        "(run, chat: the verification "
         "batch's rows lent to streamed weights while no verification runs; where they cannot be, drafting only where "
         "the rows cost at most 3% of a token's time; serve: each slot's rows reserved, each pass's drafts as long as "
-        "the runtime finds they pay), else none (exec and the Python API: none); none = no "
+        "the runtime finds they pay), else none (exec, the Python API and serve's python engine: none); none = no "
         "drafting; prompt-lookup = draft by matching the last n-gram earlier in the context (prompt-lookup:N "
         "sets the n-gram size; llama-server: upstream's ngram-simple); "
         "model = a small GGUF with the same vocabulary drafts greedily (serve: the python engine), "

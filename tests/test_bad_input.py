@@ -364,6 +364,9 @@ def test_a_signal_during_a_long_prompt_stops_the_run_within_seconds(patched_llam
     node, not after."""
     if "interrupt" not in patched_llama.info()["features"]:
         pytest.skip("the installed build predates the interrupt flag; run flashflex build")
+    from orchestrator.modelfile.locate import default_model_path
+
+    default_model_path(log=lambda _msg: None)  # assembled now if it is not yet: the signal must land in the decode
     prompt = "The history of the printing press is long and full of detail. " * 220  # ~3,000 tokens
     cfg = tmp_path / "long.yaml"
     cfg.write_text(json.dumps({"prompt": prompt, "context": {"ctx": 4096, "batch": 4096, "ubatch": 4096},
