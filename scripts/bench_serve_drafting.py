@@ -1,5 +1,6 @@
-"""Drafting inside llama-server's slots: `flashflex serve` as it drafts by default (prompt lookup in every slot, each
-pass's draft length from the runtime) against the same server with `--draft none` and, with `--modes
+"""Drafting inside llama-server's slots: `flashflex serve` drafting as it does by default (prompt lookup in every slot,
+each pass's draft length from the runtime; --draft-flags such as --draft-max 7 size the drafts, where the plan's own
+choice would draft less or, for small models, nothing) against the same server with `--draft none` and, with `--modes
 draft,none,fixed`, with a fixed length (`--no-draft-adaptive`), at the same budget, on the written-down text tasks of
 `bench speculative`.
 
@@ -136,7 +137,7 @@ def summarise(runs: list[dict], args) -> tuple[dict, dict]:
     return summary, ratios
 
 
-LABELS = {"none": "undrafted", "draft": "drafted (serve's default)", "fixed": "drafted, fixed length"}
+LABELS = {"none": "undrafted", "draft": "drafted, length per pass (serve's default)", "fixed": "drafted, fixed length"}
 
 
 def markdown(result: dict) -> str:
