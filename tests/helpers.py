@@ -87,3 +87,27 @@ def with_settings(prepared: Prepared, settings: GenerationSettings) -> Prepared:
     import dataclasses
 
     return dataclasses.replace(prepared, settings=settings)
+
+
+def overlay_driver(out_dir: Path, driver: Path, *sources: str) -> Path:
+    """A test driver (tests/cpp/*.cpp) compiled with owned sources of the overlay alone (`sources`: file names in
+    patches/llama.cpp/overlay/src; no include path into ggml or llama.cpp), warnings as errors; skips the test
+    without a C++ compiler."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from orchestrator import patches
+
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
+    src = patches.overlay_dir(Path(__file__).resolve().parents[1]) / "src"
+    exe = out_dir / driver.stem
+    cmd = [cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{src}", str(driver),
+           *(str(src / name) for name in sources), "-o", str(exe)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, (f"{driver.name} does not build with {', '.join(sources)} alone:\n{' '.join(cmd)}\n"
+                                 f"{out.stderr}")
+    return exe

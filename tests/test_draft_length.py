@@ -8,32 +8,22 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from orchestrator import patches, synth
-
-from conftest import REPO
+from orchestrator import synth
+from tests.helpers import overlay_driver
 
 DRIVER = Path(__file__).parent / "cpp" / "draft_length_driver.cpp"
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
-    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
-    src = patches.overlay_dir(REPO) / "src"
-    exe = tmp_path_factory.mktemp("draft") / "draft_length_driver"
-    cmd = [cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{src}", str(DRIVER),
-           str(src / "llama-flashflex-draft.cpp"), str(src / "llama-flashflex-json.cpp"), "-o", str(exe)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 0, f"the draft length does not build on its own:\n{' '.join(cmd)}\n{out.stderr}"
-    return exe
+    return overlay_driver(tmp_path_factory.mktemp("draft"), DRIVER, "llama-flashflex-draft.cpp",
+                          "llama-flashflex-json.cpp")
 
 
 class Controller:

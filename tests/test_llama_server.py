@@ -25,6 +25,16 @@ class LlamaServer(Server):
 
     ENGINE = None
 
+    def stop_cleanly(self) -> str:
+        """SIGTERM; the server must exit 0 within 30 s. Its stderr (killed first if it did not stop)."""
+        try:
+            code, err = self.stop(signal.SIGTERM, timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        assert code == 0, err[-2000:]
+        return err
+
 
 @pytest.fixture(scope="module")
 def slots_server(tools_build):
@@ -57,13 +67,7 @@ def test_concurrent_clients_are_served_together_under_the_plan(slots_server):
 def test_startup_says_what_runs(tools_build):
     """The mode, slots x context and the prompt cache setting, before serving; SIGTERM then stops it cleanly.
     (That the program really reads the spec: test_spec_file's llama-completion tests.)"""
-    srv = LlamaServer(*FLAGS, "--parallel", "2")
-    try:
-        code, err = srv.stop(signal.SIGTERM, timeout=30)
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-    assert code == 0, err[-2000:]
+    err = LlamaServer(*FLAGS, "--parallel", "2").stop_cleanly()
     assert "2 slots x 256 tokens" in err and "stream" in err and "--cache-ram 0" in err
 
 
@@ -136,23 +140,14 @@ def test_llama_server_drafts_by_prompt_lookup_in_its_slots_by_default(tools_buil
         (lone,) = draft["by_sequences"]  # one request at a time: passes of one sequence, priced by rows
         assert lone["sequences"] == 1 and {p["rows"] for p in lone["passes_by_rows"]} >= {1, 2}, lone
         assert all(p["rows"] <= 4 for p in lone["passes_by_rows"])  # never more than the planned 3 drafted
-        code, err = srv.stop(signal.SIGTERM, timeout=30)
     finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-    assert code == 0, err[-2000:]
+        err = srv.stop_cleanly()
     assert "drafts by prompt lookup:3 (up to 3 per slot and verification, as many as each pass affords)" in err
     assert "--spec-type ngram-simple" in err and "--spec-ngram-simple-size-m 3" in err
 
 
 def test_draft_none_turns_drafting_off(tools_build):
-    srv = LlamaServer(*FLAGS, "--parallel", "2", "--draft", "none")
-    try:
-        code, err = srv.stop(signal.SIGTERM, timeout=30)
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-    assert code == 0, err[-2000:]
+    err = LlamaServer(*FLAGS, "--parallel", "2", "--draft", "none").stop_cleanly()
     assert "drafts by" not in err and "--spec-type" not in err
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from orchestrator import patches
+from tests.helpers import overlay_driver
 
 from conftest import REPO
 
@@ -27,17 +27,8 @@ DRIVER = Path(__file__).parent / "cpp" / "ring_layout_driver.cpp"
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
-    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH")
-    src = patches.overlay_dir(REPO) / "src"
-    exe = tmp_path_factory.mktemp("ring") / "ring_layout_driver"
     # Only the ring layout's own files and the standard library: no include path into ggml or llama.cpp.
-    cmd = [cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{src}", str(DRIVER),
-           str(src / "llama-flashflex-ring.cpp"), "-o", str(exe)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 0, f"the ring layout does not build on its own:\n{' '.join(cmd)}\n{out.stderr}"
-    return exe
+    return overlay_driver(tmp_path_factory.mktemp("ring"), DRIVER, "llama-flashflex-ring.cpp")
 
 
 class Layout:
