@@ -155,19 +155,41 @@ def test_one_slow_pass_does_not_turn_drafting_off(controller):
     assert c.propose(1, 7) == 7
 
 
-def test_a_draft_that_slows_the_sequences_without_one_is_cut_short(controller):
+def test_drafts_do_not_slow_the_sequences_without_one(controller):
     """Four sequences, two copying (95% of drafts kept), two with nothing to draft; each row costs 8.5 ms against a
-    plain pass's 55 ms (as measured in llama-server, SmolLM2 at 4 slots). More tokens per pass would come from drafts
-    of 4 (11 tokens in 123 ms against 4 in 55), but the two without drafts would run at under half their speed:
-    drafts of one token lift both copying sequences nearly 2x for 31% on the others."""
+    plain pass's 55 ms (as measured in llama-server, SmolLM2 at 4 slots). Drafts of 1-4 would lift the copying two
+    2-4x, but the other two would wait 31-124% longer for each token: nothing but probes goes out."""
     def measured(n: int, rows: int) -> float:
         return 0.055 + 0.0085 * (rows - n)
 
     c = controller()
     serve(c, 1, 30, read_bound, acceptance=0.95)  # a lone request first: the acceptance is known
     lengths = serve(c, 4, 200, measured, acceptance=0.95, drafting=2, seed=1)
-    late = sorted(lengths[20:])
-    assert late[len(late) // 2] == 1 and late[-1] <= 2, lengths
+    assert set(lengths[20:]) <= {0, 1} and sum(lengths[20:]) <= 180 // 32 + 1, lengths
+
+
+def test_drafts_take_the_rows_a_pass_computes_while_it_waits_for_its_reads(controller):
+    """Four sequences, two copying; the pass waits 50 ms for its reads and computes 8 ms a row: six rows are free,
+    so each copying sequence drafts one token, and no more (a seventh row would slow the others)."""
+    def hinge(n: int, rows: int) -> float:
+        return max(0.050, 0.008 * rows)
+
+    c = controller()
+    serve(c, 1, 30, read_bound, acceptance=0.95)
+    lengths = serve(c, 4, 100, hinge, acceptance=0.95, drafting=2, seed=1)
+    assert lengths[-40:] == [1] * 40, lengths
+
+
+def test_sequences_that_all_draft_are_not_held_to_free_rows(controller):
+    """The same passes with all four copying: each gains from its own draft, so the rows may cost time."""
+    def measured(n: int, rows: int) -> float:
+        return 0.055 + 0.0085 * (rows - n)
+
+    c = controller()
+    serve(c, 1, 30, read_bound, acceptance=0.95)
+    lengths = serve(c, 4, 100, measured, acceptance=0.95, seed=1)
+    late = sorted(lengths[40:])
+    assert late[len(late) // 2] >= 2, lengths
 
 
 def test_no_draft_no_question(controller):

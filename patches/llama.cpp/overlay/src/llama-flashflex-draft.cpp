@@ -18,12 +18,14 @@
 //
 // The choice is made once the drafts are made: m of the n sequences have one (prompt lookup drafts only where the
 // context repeats), and each keeps at most k tokens of it. Every sequence in the pass waits for the pass, so a
-// draft's rows slow the sequences that did not draft: k maximises the sum over the n sequences of the logarithm of
-// each one's tokens per second, m log(1 + p + ... + p^k) - n log(t(n + m k) / t(n)), and must raise the rates by 3%
-// on average. With one sequence that is its own throughput; with several, a draft must gain its own sequence more
-// than its rows cost all of them. (Maximising the total instead let two copying slots of four draft 4 tokens each:
-// more tokens per pass, but the other two slots ran at a third of their speed, and four requests at once finished
-// at 0.82x the undrafted aggregate.)
+// draft's rows slow the sequences that did not draft: where m < n, the pass may take at most 3% longer than a plain
+// one (drafts use what the pass computes while it waits for its reads, and little more: a user whose text does not
+// repeat keeps 0.97x of the undrafted speed). Within that, k maximises the sum over the n sequences of the logarithm
+// of each one's tokens per second, m log(1 + p + ... + p^k) - n log(t(n + m k) / t(n)), and must raise the rates by
+// 3% on average; with one sequence that is its own throughput. (Measured with SmolLM2 under 110 MiB, four requests at
+// once, two of them copying: maximising the total tokens per pass let the copying slots draft 4 tokens each while
+// the other two ran at a third of their speed, 0.82x the undrafted aggregate; the sum of logarithms alone still let
+// them draft 2-5 tokens, the others ran 15% slower and finished last, 0.88-1.16x across three runs.)
 //
 // A plain pass is measured before any draft goes out at that n; the first draft is one token. Where the drafts are
 // cut to 0, a one-token probe goes out after a gap of such passes that doubles while probes fail (up to 64), and is
@@ -47,6 +49,7 @@ constexpr double k_prior_weight  = 2.0;   // ... weighing as much as this many j
 constexpr double k_prior_slope   = 0.1;   // a row beyond a plain pass: this share of the plain pass per sequence
 constexpr double k_prior_points  = 4.0;   // the prior slope weighs as much as this many passes one row apart
 constexpr double k_min_gain      = 0.03;  // a draft must beat none by this much
+constexpr double k_max_slowdown  = 0.03;  // what drafts may slow a pass for the sequences without one
 constexpr int    k_min_probe_gap = 4;
 constexpr int    k_max_probe_gap = 64;
 constexpr double k_probe_budget  = 0.01;  // share of the time probes may cost
@@ -137,6 +140,9 @@ int draft_pass_costs::best(int m, int n_max, double p) const {
     int    k_best = 0;
     double s_best = 0.0;  // score(m, 0, p)
     for (int k = 1; k <= n_max; ++k) {
+        if (m < n && pass_seconds(n + m * k) > plain() * (1.0 + k_max_slowdown)) {
+            break;  // a sequence without a draft would wait longer than that for its token
+        }
         const double s = score(m, k, p);
         if (s > s_best) {
             s_best = s;
