@@ -92,10 +92,11 @@ LLAMA_API void         llama_flashflex_interrupt(bool on);
 // (llama-server's slots), for a context whose model runs a flashflex plan. Once it has drafted for the pass it is
 // about to decode, the program asks how many tokens of their drafts the n_drafting of its n_sequences sequences
 // generating that have one keep (at most n_max, the program's own length), and cuts them to that; it reports what
-// each verification kept and, after the pass (decode and sampling), the rows the pass decoded. The length weighs
-// each draft's expected tokens (from the acceptance) against what its rows cost every sequence in the pass (the
-// seconds of this context's passes, measured per number of sequences and rows: rows beyond what the pass computes
-// while it waits for its reads cost time; llama-flashflex-draft.cpp). Spec option "draft_adaptive" 0: always n_max.
+// each verification kept and, after the pass (decode and sampling), the rows the pass decoded. From the seconds of
+// this context's passes, measured per number of sequences and rows: where some sequences have no draft, the pass may
+// take at most 3% longer than a plain one; within that (and where all draft) the length weighs each draft's expected
+// tokens (from the acceptance) against what its rows cost every sequence in the pass (llama-flashflex-draft.cpp).
+// Spec option "draft_adaptive" 0: always n_max.
 // A context whose model runs no plan gets n_max, and the other calls do nothing (the stock path).
 LLAMA_API int32_t llama_flashflex_draft_length(struct llama_context * ctx,
                                                int32_t                n_sequences,
