@@ -23,9 +23,10 @@
 // repeat keeps 0.97x of the undrafted speed). Within that, k maximises the sum over the n sequences of the logarithm
 // of each one's tokens per second, m log(1 + p + ... + p^k) - n log(t(n + m k) / t(n)), and must raise the rates by
 // 3% on average; with one sequence that is its own throughput. (Measured with SmolLM2 under 110 MiB, four requests at
-// once, two of them copying: maximising the total tokens per pass let the copying slots draft 4 tokens each while
-// the other two ran at a third of their speed, 0.82x the undrafted aggregate; the sum of logarithms alone still let
-// them draft 2-5 tokens, the others ran 15% slower and finished last, 0.88-1.16x across three runs.)
+// once, two of them copying: maximising the total tokens per pass let the copying slots draft 4 tokens each, passes
+// took 2-3 times a plain one meanwhile, and the free-text request finished last, 0.82x the undrafted aggregate; the
+// sum of logarithms alone still let them draft 2-5 tokens, the others took 13-15% longer and finished last,
+// 0.88-1.16x across three runs.)
 //
 // A plain pass is measured before any draft goes out at that n; the first draft is one token. Where the drafts are
 // cut to 0, a one-token probe goes out after a gap of such passes that doubles while probes fail (up to 64), and is
