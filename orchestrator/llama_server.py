@@ -72,9 +72,10 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
             slotted.context.batch = slotted.context.ubatch
         try:
             # drafting by prompt lookup where weights stream, as run and chat do: under a plan llama-server asks the
-            # runtime before each pass how long a draft its busy slots afford (llama_flashflex_draft_length), so
-            # the drafts a lone client gains from stop where several slots already fill each pass
-            # (docs/benchmarks.md, "Drafting inside llama-server's slots")
+            # runtime, once its slots have drafted, how much of the drafts each pass keeps
+            # (llama_flashflex_draft_length: at most 3% longer passes where some slots have no draft), so the drafts
+            # a lone client gains from stop where they would slow the other slots (docs/benchmarks.md, "Drafting
+            # inside llama-server's slots")
             prepared = api.prepare(slotted, log=log, chat=True, draft_auto=True, draft_slots=n)
         except BudgetBelowMinimum as exc:
             last = exc
