@@ -6,6 +6,7 @@
 #include "llama-flashflex-config.h"
 #include "llama-flashflex-draft.h"
 #include "llama-flashflex-internal.h"
+#include "llama-flashflex-io.h"
 #include "llama-flashflex-runtime.h"
 #include "llama-flashflex.h"
 #include "llama-graph.h"
@@ -14,7 +15,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -46,10 +46,6 @@ std::map<const llama_model *, bool>                  g_draft_adaptive;  // each 
 // read by a server's stats route.
 std::mutex                                    g_draft_mutex;
 std::map<const llama_context *, draft_length> g_draft;
-
-double steady_seconds() {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 bool runs_flashflex(const llama_model * model) {
     return stream_active(model) || bank_active(model);
@@ -274,7 +270,7 @@ uint32_t llama_flashflex_graph_nodes(const llama_model & model, uint32_t n_token
 int32_t llama_flashflex_draft_length(llama_context * ctx, int32_t n_sequences, int32_t n_drafting, int32_t n_max) {
     std::lock_guard<std::mutex> lk(g_draft_mutex);
     auto                        it = g_draft.find(ctx);
-    return it == g_draft.end() ? n_max : it->second.propose(n_sequences, n_drafting, n_max, steady_seconds());
+    return it == g_draft.end() ? n_max : it->second.propose(n_sequences, n_drafting, n_max, now_ns() / 1e9);
 }
 
 void llama_flashflex_draft_verified(llama_context * ctx, int32_t n_drafted, int32_t n_kept) {
@@ -289,7 +285,7 @@ void llama_flashflex_draft_pass(llama_context * ctx, int32_t n_rows, bool genera
     std::lock_guard<std::mutex> lk(g_draft_mutex);
     auto                        it = g_draft.find(ctx);
     if (it != g_draft.end()) {
-        it->second.passed(n_rows, generation_only, steady_seconds());
+        it->second.passed(n_rows, generation_only, now_ns() / 1e9);
     }
 }
 
