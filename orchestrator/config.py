@@ -345,14 +345,20 @@ class DraftConfig(_Section):
         "the rows cost at most 3% of a token's time; serve: each slot's rows reserved, each pass's drafts as long as "
         "the runtime finds they pay), else none (exec, the Python API and serve's python engine: none); none = no "
         "drafting; prompt-lookup = draft by matching the last n-gram earlier in the context (prompt-lookup:N "
-        "sets the n-gram size; llama-server: upstream's ngram-simple); "
+        "sets the n-gram size; llama-server too: see lookup); "
         "model = a small GGUF with the same vocabulary drafts greedily (serve: the python engine), "
         "kept resident (its weights, KV cache and compute count in the budget). --draft-model PATH implies model.",
     )
     ngram: int = Field(
         default=3, ge=1, le=16,
         description="prompt-lookup: the longest n-gram matched (where it has no match: the n tokens before the "
-        "last one, the last taken as changed, then shorter n-grams; llama-server matches this n-gram only).",
+        "last one, the last taken as changed, then shorter n-grams; llama-server too, under a plan).",
+    )
+    lookup: Literal["flashflex", "upstream"] = Field(
+        default="flashflex",
+        description="How llama.cpp's programs under a plan (serve's llama-server engine, exec) draft by prompt "
+        "lookup: flashflex = run's lookup (as ngram above); upstream = llama.cpp's own ngram-simple (the last "
+        "n-gram's most recent occurrence only; a draft shorter than the n-gram is dropped).",
     )
     max_tokens: int = Field(
         default=8, ge=1, le=64,

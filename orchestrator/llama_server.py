@@ -129,24 +129,25 @@ def url_of(host: str, port: int) -> str:
 
 
 def draft_args(prepared: Prepared) -> list[str]:
-    """llama-server's arguments for the plan's drafting: upstream's prompt lookup (`ngram-simple`: the tokens that
-    followed the most recent earlier occurrence of the last N tokens), at most the planned length per slot. Its
-    length is fixed (no adaptive controller, no shorter n-grams, no substitution), and the planner reserved its
-    rows for every slot."""
+    """llama-server's arguments for the plan's drafting: prompt lookup through upstream's `ngram-simple` drafter,
+    which under the plan (spec option prompt_lookup) drafts by flashflex's lookup, `run`'s (the last N tokens'
+    most recent earlier occurrence, else past a changed last token, else shorter n-grams), at most the planned
+    length per slot; the runtime cuts each pass's drafts to what the pass affords (llama_flashflex_draft_length)."""
     draft = prepared.draft
     if draft is None:
         return []
     if draft.kind != "prompt-lookup":  # serve_cmd sends a draft model to the python engine
         raise FlashflexError(f"llama-server drafts by prompt lookup, not by {draft.kind}",
                              "use --engine python to draft with a model")
-    return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(lookup_ngram(draft)),
+    return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(lookup_ngram(prepared)),
             "--spec-ngram-simple-size-m", str(draft.max_tokens)]
 
 
-def lookup_ngram(draft) -> int:
-    """The n-gram llama-server looks up for a planned prompt-lookup draft: the plan's, but no longer than the draft
-    (upstream's lookup drafts nothing shorter than its n-gram, so a 3-gram with 1-token drafts would never draft)."""
-    return min(draft.ngram or 1, draft.max_tokens)
+def lookup_ngram(prepared: Prepared) -> int:
+    """The n-gram llama-server looks up: the plan's where flashflex's lookup drafts (it falls back to shorter ones);
+    where no plan runs (upstream's lookup, which drafts nothing shorter than its n-gram), no longer than the draft."""
+    draft = prepared.draft
+    return (draft.ngram or 3) if prepared.spec.prompt_lookup else min(draft.ngram or 1, draft.max_tokens)
 
 
 def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callable[[str], None] | None = None,

@@ -91,7 +91,7 @@ def lib() -> ctypes.CDLL:
     mismatch = _series_mismatch(info().get("series_hash"))
     if mismatch:
         raise NotPatched(mismatch, "rebuild it from this tree: flashflex build")
-    for bind in (_bind_streaming, _bind_banks, _bind_devices):
+    for bind in (_bind_streaming, _bind_banks, _bind_drafting, _bind_devices):
         bind(cdll)
     return cdll
 
@@ -151,6 +151,15 @@ def _bind_banks(cdll: ctypes.CDLL) -> None:
     cdll.llama_flashflex_moe_stats_reset.restype = None
 
 
+def _bind_drafting(cdll: ctypes.CDLL) -> None:
+    """Bindings of drafting's pure helpers (feature "prompt-lookup")."""
+    # int32_t llama_flashflex_prompt_lookup(const llama_token * context, int32_t n_context, int32_t ngram,
+    #                                       int32_t n_max, llama_token * draft);
+    cdll.llama_flashflex_prompt_lookup.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                                   ctypes.c_void_p]
+    cdll.llama_flashflex_prompt_lookup.restype = ctypes.c_int32
+
+
 def is_patched() -> bool:
     try:
         lib()
@@ -208,6 +217,8 @@ def spec_document(spec, trace_file: str | None = None) -> dict[str, Any]:
             options["ring_mirror"] = 0
     if not spec.draft_adaptive:
         options["draft_adaptive"] = 0
+    if spec.prompt_lookup:
+        options["prompt_lookup"] = 1
     if banks is not None:
         options.update(moe_slots=banks.slots, moe_io_threads=banks.io_threads, moe_shared_only=int(banks.shared_only))
         if banks.verify:

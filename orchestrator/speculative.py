@@ -443,28 +443,16 @@ def lookup(ids: np.ndarray, ngram: int, k: int) -> np.ndarray:
     """Up to k tokens that followed the most recent earlier occurrence of the context's last `ngram` tokens; where
     there is none, of the `ngram` tokens before the last one with any token after them (the last token taken as
     a substitution: a copy that changed one token, such as a corrected word or a counter, goes on copying after
-    it); then of the last n tokens for n from `ngram` - 1 down to 1."""
-    ids = np.asarray(ids, dtype=np.intc)
-    n_ids = len(ids)
-    start = _last_occurrence(ids[:n_ids - 1], ids[n_ids - ngram:]) if n_ids > ngram else None
-    if start is None and n_ids > ngram + 1:
-        # the context before the last token, seen before with a different token after it: resume after that token
-        hit = _last_occurrence(ids[:n_ids - 2], ids[n_ids - 1 - ngram:n_ids - 1])
-        start = hit + 1 if hit is not None else None
-    n = min(ngram - 1, n_ids - 1)
-    while start is None and n > 0:
-        start = _last_occurrence(ids[:n_ids - 1], ids[n_ids - n:])
-        n -= 1
-    return ids[start:start + k].copy() if start is not None else _EMPTY
+    it); then of the last n tokens for n from `ngram` - 1 down to 1. The runtime's lookup
+    (llama_flashflex_prompt_lookup), the one llama.cpp's programs draft with under a plan too."""
+    from orchestrator import native
 
-
-def _last_occurrence(ids: np.ndarray, pattern: np.ndarray) -> int | None:
-    """The index just past the most recent occurrence of `pattern` in `ids`, or None."""
-    if len(pattern) == 0 or len(ids) < len(pattern):
-        return None
-    windows = np.lib.stride_tricks.sliding_window_view(ids, len(pattern))
-    hits = np.flatnonzero((windows == pattern).all(axis=1))
-    return int(hits[-1]) + len(pattern) if len(hits) else None
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    if k < 1:
+        return _EMPTY
+    out = np.empty(k, dtype=np.int32)
+    n = native.lib().llama_flashflex_prompt_lookup(ids.ctypes.data, len(ids), ngram, k, out.ctypes.data)
+    return out[:n].astype(np.intc)
 
 
 class ModelDrafter(Drafter):

@@ -1,8 +1,9 @@
 """Drafting inside llama-server's slots: `flashflex serve` drafting as it does by default (prompt lookup in every slot,
 each pass's draft length from the runtime; --draft-flags such as --draft-max 7 size the drafts, where the plan's own
 choice would draft less or, for small models, nothing) against the same server with `--draft none` and, with `--modes
-draft,none,fixed`, with a fixed length (`--no-draft-adaptive`), at the same budget, on the written-down text tasks of
-`bench speculative`.
+draft,none,fixed`, with a fixed length (`--no-draft-adaptive`), and with `upstream`, drafting by llama.cpp's own
+ngram-simple lookup in place of flashflex's (`draft.lookup: upstream`), at the same budget, on the written-down text
+tasks of `bench speculative`.
 
 The model is read as under a budget below its size: by default the serve model (SmolLM2) realigned to 4096 bytes, so
 the weights the plan does not keep resident are read from disk (O_DIRECT) at every pass, not from the page cache.
@@ -86,10 +87,18 @@ def ask(port: int, task: str, tokens: int) -> dict:
             "draft_accepted": timings.get("draft_n_accepted", 0)}
 
 
+def upstream_lookup_config(out: Path) -> Path:
+    """A RunConfig that has llama-server draft by upstream's own ngram-simple lookup (draft.lookup), flags aside."""
+    path = out / "upstream-lookup.yaml"
+    path.write_text("draft:\n  lookup: upstream\n")
+    return path
+
+
 def one_server(args, mode: str, rep: int) -> dict:
     port = free_port()
     draft = {"none": ["--draft", "none"], "draft": args.draft_flags,
-             "fixed": ["--draft", "prompt-lookup", "--no-draft-adaptive", *args.draft_flags]}[mode]
+             "fixed": ["--draft", "prompt-lookup", "--no-draft-adaptive", *args.draft_flags],
+             "upstream": [str(upstream_lookup_config(args.out)), *args.draft_flags]}[mode]
     log = args.out / f"server-{mode}-{rep}.log"
     proc = start(args, draft, port, log)
     try:
@@ -140,7 +149,8 @@ def summarise(runs: list[dict], args) -> tuple[dict, dict]:
     return summary, ratios
 
 
-LABELS = {"none": "undrafted", "draft": "drafted, length per pass (serve's default)", "fixed": "drafted, fixed length"}
+LABELS = {"none": "undrafted", "draft": "drafted, length per pass (serve's default)", "fixed": "drafted, fixed length",
+          "upstream": "drafted by upstream's lookup, length per pass"}
 
 
 def markdown(result: dict) -> str:
@@ -177,7 +187,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=DEFAULT_TASKS)
     ap.add_argument("--clients", default="1,2,4", help="client counts (1: every task alone)")
     ap.add_argument("--modes", default="draft,none", help="draft (serve's default), none (--draft none), fixed "
-                    "(--draft prompt-lookup --no-draft-adaptive)")
+                    "(--draft prompt-lookup --no-draft-adaptive), upstream (draft.lookup upstream: llama.cpp's "
+                    "ngram-simple lookup in place of flashflex's)")
     ap.add_argument("--draft-flags", default="", help="more serve flags for the drafted servers, e.g. '--draft-max 7'")
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve-drafting"))
     args = ap.parse_args()

@@ -258,6 +258,8 @@ def _c_api():
     cdll.llama_flashflex_draft_pass.restype = None
     cdll.llama_flashflex_draft_stats.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     cdll.llama_flashflex_draft_stats.restype = ctypes.c_int32
+    cdll.llama_flashflex_prompt_lookup_planned.argtypes = []
+    cdll.llama_flashflex_prompt_lookup_planned.restype = ctypes.c_bool
     return cdll
 
 
@@ -277,8 +279,9 @@ def small_model(tmp_path_factory) -> Path:
     return synth.write_synth_model(synth.preset("tiny-dense"), tmp_path_factory.mktemp("draftlen") / "m.gguf")
 
 
-def _prepared(path: Path, planned: bool, adaptive: bool = True):
-    """A stock run of the model, or one planned at its minimum budget (most weights streamed) with draft.adaptive."""
+def _prepared(path: Path, planned: bool, adaptive: bool = True, prompt_lookup: bool = False):
+    """A stock run of the model, or one planned at its minimum budget (most weights streamed) with draft.adaptive and
+    the spec's prompt_lookup."""
     import dataclasses
 
     from orchestrator.config import PrefetchConfig
@@ -293,7 +296,8 @@ def _prepared(path: Path, planned: bool, adaptive: bool = True):
     minimum = plan_table(table, 1 << 40, ctx=128, ubatch=8, prefetch=prefetch).minimum_budget_bytes
     prepared = prepared_of(settings, plan_table(table, minimum, ctx=128, ubatch=8, prefetch=prefetch))
     assert prepared.spec.stream is not None
-    return dataclasses.replace(prepared, spec=prepared.spec.model_copy(update={"draft_adaptive": adaptive}))
+    return dataclasses.replace(prepared, spec=prepared.spec.model_copy(update={"draft_adaptive": adaptive,
+                                                                                "prompt_lookup": prompt_lookup}))
 
 
 def test_a_stock_context_keeps_the_programs_length(patched_llama, small_model):
@@ -317,3 +321,18 @@ def test_a_planned_context_drafts_as_its_spec_says(patched_llama, small_model, a
         assert stats is not None and stats["adaptive"] is adaptive
         (two,) = stats["by_sequences"]
         assert two["sequences"] == 2 and [p["rows"] for p in two["passes_by_rows"]] == [2]
+
+
+@pytest.mark.parametrize("prompt_lookup", [True, False])
+def test_llama_cpps_prompt_lookup_drafts_by_flashflexs_while_a_plan_asks(patched_llama, small_model, prompt_lookup):
+    """The spec's prompt_lookup option reaches the runtime: llama.cpp's ngram-simple drafter asks
+    llama_flashflex_prompt_lookup_planned while a model whose plan drafts by prompt lookup is loaded, and only then;
+    a stock model never turns it on."""
+    cdll = _c_api()
+    assert cdll.llama_flashflex_prompt_lookup_planned() is False
+    with _prepared(small_model, planned=False).session():
+        assert cdll.llama_flashflex_prompt_lookup_planned() is False
+    with _prepared(small_model, planned=True, prompt_lookup=prompt_lookup).session():
+        assert cdll.llama_flashflex_prompt_lookup_planned() is prompt_lookup
+    assert cdll.llama_flashflex_prompt_lookup_planned() is False  # the model freed
+

@@ -146,6 +146,22 @@ def test_llama_server_drafts_by_prompt_lookup_in_its_slots_by_default(tools_buil
     assert "--spec-type ngram-simple" in err and "--spec-ngram-simple-size-m 3" in err
 
 
+def test_llama_servers_slots_draft_by_flashflexs_lookup_under_the_plan(tools_build):
+    """With one-token drafts and a 3-gram, upstream's ngram-simple never drafts (it drops a draft shorter than its
+    n-gram); under the plan it drafts by flashflex's lookup (llama_flashflex_prompt_lookup, `run`'s), which does."""
+    srv = LlamaServer(*FLAGS, "--parallel", "2", "--draft-max", "1")
+    try:
+        client = srv.client()
+        model = client.models.list().data[0].id
+        answer = client.completions.create(model=model, prompt="red green blue, red green blue, red green blue, red",
+                                           max_tokens=24, temperature=0)
+        timings = (answer.model_extra or {}).get("timings") or {}
+        assert timings.get("draft_n", 0) > 0, timings
+    finally:
+        err = srv.stop_cleanly()
+    assert "--spec-ngram-simple-size-n 3" in err and "--spec-ngram-simple-size-m 1" in err
+
+
 def test_draft_none_turns_drafting_off(tools_build):
     err = LlamaServer(*FLAGS, "--parallel", "2", "--draft", "none").stop_cleanly()
     assert "drafts by" not in err and "--spec-type" not in err

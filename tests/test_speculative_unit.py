@@ -44,6 +44,35 @@ def test_lookup_goes_on_copying_after_a_token_that_changed():
     assert lookup(ids(9, 7, 1, 2, 3, 8, 5, 6, 1, 2, 3, 9), 3, 2).tolist() == [5, 6]  # not [7, 1] after the "9"
 
 
+def _lookup_by_definition(seq: list[int], ngram: int, k: int) -> list[int]:
+    """The lookup's definition, written out plainly: the oracle the runtime's lookup is checked against."""
+    n = len(seq)
+
+    def after_last(hay: list[int], pattern: list[int]) -> int | None:
+        starts = [s for s in range(len(hay) - len(pattern) + 1) if pattern and hay[s:s + len(pattern)] == pattern]
+        return starts[-1] + len(pattern) if starts else None
+
+    start = after_last(seq[:n - 1], seq[n - ngram:]) if n > ngram else None
+    if start is None and n > ngram + 1:
+        hit = after_last(seq[:n - 2], seq[n - 1 - ngram:n - 1])
+        start = None if hit is None else hit + 1
+    for m in range(min(ngram - 1, n - 1), 0, -1):
+        if start is not None:
+            break
+        start = after_last(seq[:n - 1], seq[n - m:])
+    return [] if start is None else seq[start:start + k]
+
+
+def test_lookup_agrees_with_its_definition_on_random_contexts():
+    """Contexts over a few distinct tokens (so n-grams repeat, match partly, or match only after a changed token),
+    every n-gram 1-4 and draft length 1-8."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        seq = [rng.randrange(rng.choice((2, 4, 9))) for _ in range(rng.randrange(0, 40))]
+        ngram, k = rng.randint(1, 4), rng.randint(1, 8)
+        assert lookup(ids(*seq), ngram, k).tolist() == _lookup_by_definition(seq, ngram, k), (seq, ngram, k)
+
+
 def test_lookup_draft_stops_at_the_end_of_the_context():
     assert lookup(ids(1, 2, 1, 2), 2, 8).tolist() == [1, 2]
 
@@ -509,19 +538,22 @@ def test_drafting_in_server_slots_reserves_rows_for_every_slot_and_never_lends(t
         setup(4, 6, kind="prompt-lookup")
 
 
-def test_llama_server_looks_up_no_longer_an_ngram_than_it_drafts():
-    """Upstream's ngram-simple drafts nothing shorter than its n-gram: a plan that allows 1 or 2 drafted tokens per
-    slot looks up that many tokens, or it would never draft."""
+def test_llama_server_looks_up_the_plans_ngram_and_no_longer_one_than_it_drafts_without_a_plan():
+    """Under a plan (spec prompt_lookup) llama-server drafts by flashflex's lookup, which falls back to shorter
+    n-grams: it gets the plan's n-gram whatever the length. Without one it drafts by upstream's ngram-simple, which
+    drafts nothing shorter than its n-gram: a length of 1 or 2 looks up that many tokens, or it would never draft."""
     from types import SimpleNamespace
 
     from orchestrator.llama_server import draft_args
     from orchestrator.speculative import DraftSetup
 
-    def args(max_tokens: int, ngram: int = 3) -> list[str]:
+    def args(max_tokens: int, ngram: int = 3, planned: bool = True) -> list[str]:
         setup = DraftSetup(kind="prompt-lookup", max_tokens=max_tokens, adaptive=False, ngram=ngram)
-        return draft_args(SimpleNamespace(draft=setup))
+        return draft_args(SimpleNamespace(draft=setup, spec=SimpleNamespace(prompt_lookup=planned)))
 
     assert args(7) == ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
                        "--spec-ngram-simple-size-m", "7"]
-    assert args(1)[3:] == ["1", "--spec-ngram-simple-size-m", "1"]
-    assert args(2, ngram=4)[3] == "2"
+    assert args(1)[3:] == ["3", "--spec-ngram-simple-size-m", "1"]
+    assert args(7, planned=False)[3] == "3"
+    assert args(1, planned=False)[3:] == ["1", "--spec-ngram-simple-size-m", "1"]
+    assert args(2, ngram=4, planned=False)[3] == "2"

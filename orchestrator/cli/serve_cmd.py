@@ -144,8 +144,8 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
     if draft is not None:
         # the runtime sizes each pass's drafts only for a model it runs (streamed weights, expert banks)
         adapted = spec.draft_adaptive and (spec.stream is not None or spec.banks is not None)
-        line += (f", drafts by prompt lookup:{llama_server.lookup_ngram(draft)} (up to {draft.max_tokens} per slot "
-                 f"and verification{', as many as each pass affords' if adapted else ''})")
+        line += (f", drafts by prompt lookup:{llama_server.lookup_ngram(slots.prepared)} (up to {draft.max_tokens} "
+                 f"per slot and verification{', as many as each pass affords' if adapted else ''})")
     err_console.print(f"[dim]{line}; prompt cache off (--cache-ram 0)[/]", soft_wrap=True)
     if not is_loopback(server.host):
         err_console.print(f"[bold red]WARNING: listening on {server.host}: reachable from other machines"

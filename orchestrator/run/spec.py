@@ -111,6 +111,9 @@ class RuntimeSpec(_Spec):
     draft_adaptive: bool = Field(default=True, description="A program drafting for several sequences (llama-server's "
                                  "slots) drafts as long as the measured passes afford (the runtime's draft length); "
                                  "False: its own fixed length.")
+    prompt_lookup: bool = Field(default=False, description="The plan drafts by prompt lookup: llama.cpp's programs "
+                                "draft with flashflex's lookup (past a changed token, then shorter n-grams) in place "
+                                "of upstream's ngram-simple.")
     lossy: list[str] = Field(default_factory=list, description="Why this run's output may differ from stock.")
 
     @property
@@ -144,6 +147,8 @@ class RuntimeSpec(_Spec):
             return spec
         spec.placement = plan.rpc
         spec.draft_adaptive = cfg.draft.adaptive
+        spec.prompt_lookup = (plan.draft is not None and plan.draft.kind == "prompt-lookup"
+                              and cfg.draft.lookup == "flashflex")
         streamed = [StreamedTensor(name=t.name, file=t.file, offset=t.offset, bytes=t.n_bytes)
                     for t in plan.tensors if t.placement == "streamed"]
         if streamed and not plan.fits_entirely:

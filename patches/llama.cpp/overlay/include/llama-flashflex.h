@@ -13,7 +13,7 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 9
+#define LLAMA_FLASHFLEX_API_VERSION 10
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
@@ -110,6 +110,20 @@ LLAMA_API void    llama_flashflex_draft_pass(struct llama_context * ctx, int32_t
 // "acceptance_estimate", "drafted", "kept", "by_sequences": [{"sequences", "probes", "next_length_all_drafting",
 // "passes_by_rows": [{"rows", "passes", "median_seconds"}]}]; -1 for a context whose model runs no plan.
 LLAMA_API int32_t llama_flashflex_draft_stats(const struct llama_context * ctx, char * buf, size_t buf_size);
+
+// API 10 (feature "prompt-lookup"): flashflex's prompt lookup, the drafter of `flashflex run` and, under a plan
+// that drafts by prompt lookup (spec option "prompt_lookup" 1), of llama.cpp's programs (their ngram-simple
+// drafter calls it). Up to n_max tokens that followed the most recent earlier occurrence of the context's last
+// ngram tokens; where there is none, of the ngram tokens before the last one followed by any token (the last token
+// taken as changed: the copy goes on after it); then of the last n tokens for n from ngram - 1 down to 1. Writes
+// the draft into draft (room for n_max tokens) and returns its length (0: no match). Pure: no model, no state.
+LLAMA_API int32_t llama_flashflex_prompt_lookup(const llama_token * context,
+                                                int32_t             n_context,
+                                                int32_t             ngram,
+                                                int32_t             n_max,
+                                                llama_token *       draft);
+// Whether a loaded model's plan asks llama.cpp's prompt-lookup drafter (ngram-simple) to draft as above.
+LLAMA_API bool    llama_flashflex_prompt_lookup_planned(void);
 
 //
 // Devices and ggml's RPC backend (API 6; feature "devices", and "rpc" when the build has ggml's RPC backend).

@@ -61,7 +61,43 @@ double median(std::deque<double> v) {
     return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
 }
 
+// The index just past the most recent occurrence of pat[0, len) inside hay[0, n_hay), or -1.
+int64_t last_occurrence(const int32_t * hay, int64_t n_hay, const int32_t * pat, int64_t len) {
+    if (len <= 0 || n_hay < len) {
+        return -1;
+    }
+    for (int64_t s = n_hay - len; s >= 0; --s) {
+        if (std::equal(pat, pat + len, hay + s)) {
+            return s + len;
+        }
+    }
+    return -1;
+}
+
 }  // namespace
+
+// Each match must end before the last token, so a draft starts at the last token at the latest (a repeated token
+// drafts itself again).
+int prompt_lookup(const int32_t * ids, int64_t n_ids, int ngram, int k, int32_t * out) {
+    if (ngram < 1 || k < 1 || n_ids < 2) {
+        return 0;
+    }
+    int64_t start = n_ids > ngram ? last_occurrence(ids, n_ids - 1, ids + n_ids - ngram, ngram) : -1;
+    if (start < 0 && n_ids > ngram + 1) {
+        // the context before the last token, seen before with a different token after it: resume after that token
+        const int64_t hit = last_occurrence(ids, n_ids - 2, ids + n_ids - 1 - ngram, ngram);
+        start             = hit >= 0 ? hit + 1 : -1;
+    }
+    for (int64_t n = std::min<int64_t>(ngram - 1, n_ids - 1); start < 0 && n > 0; --n) {
+        start = last_occurrence(ids, n_ids - 1, ids + n_ids - n, n);
+    }
+    if (start < 0) {
+        return 0;
+    }
+    const int64_t len = std::min<int64_t>(k, n_ids - start);
+    std::copy(ids + start, ids + start + len, out);
+    return (int) len;
+}
 
 draft_pass_costs::draft_pass_costs(int n) : n(n), gap(k_min_probe_gap) {}
 

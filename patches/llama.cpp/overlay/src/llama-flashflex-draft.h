@@ -1,7 +1,8 @@
-// flashflex: the draft length of a program that drafts for several sequences decoded together (llama-server's
-// slots), chosen before each pass from what this context's passes cost and what their drafts kept. Pure
-// bookkeeping (no ggml, no llama.cpp, times given by the caller): llama-flashflex.cpp keeps one per planned
-// context behind the C API (llama_flashflex_draft_*), tests drive it directly (tests/cpp/draft_length_driver.cpp).
+// flashflex: drafting for programs that draft for several sequences decoded together (llama-server's slots): the
+// draft length, chosen before each pass from what this context's passes cost and what their drafts kept, and the
+// prompt lookup that makes the drafts. Pure (no ggml, no llama.cpp, times given by the caller): llama-flashflex.cpp
+// keeps a draft_length per planned context behind the C API (llama_flashflex_draft_*), and exposes prompt_lookup
+// (llama_flashflex_prompt_lookup); tests drive both directly (tests/cpp/draft_length_driver.cpp, ctypes).
 
 #pragma once
 
@@ -13,6 +14,12 @@
 #include <vector>
 
 namespace flashflex {
+
+// Prompt lookup: up to k tokens that followed the most recent earlier occurrence of the context's last `ngram`
+// tokens; where there is none, of the `ngram` tokens before the last one followed by any token (the last token taken
+// as changed: a corrected word, the next number of a list, and the copy goes on after it); then of the last n tokens
+// for n from ngram - 1 down to 1. Writes the draft into out (room for k) and returns its length (0: no match).
+int prompt_lookup(const int32_t * ids, int64_t n_ids, int ngram, int k, int32_t * out);
 
 // The passes decoded for one number of sequences n: their seconds by rows, and when to probe drafting again.
 struct draft_pass_costs {

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <map>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 
@@ -41,6 +42,7 @@ std::mutex                                           g_contexts_mutex;
 std::map<const llama_model *, const llama_context *> g_context_of;
 std::map<const llama_context *, output_rows>         g_output_rows;     // of those contexts
 std::map<const llama_model *, bool>                  g_draft_adaptive;  // each planned model's spec: draft_adaptive
+std::set<const llama_model *>                        g_prompt_lookup;   // planned models whose spec: prompt_lookup 1
 
 // The draft length of each of those contexts (llama_flashflex_draft_*): asked and told by the thread that decodes,
 // read by a server's stats route.
@@ -129,6 +131,9 @@ void llama_flashflex_on_tensors_created(const llama_model & model, llama_model_l
         }
         std::lock_guard<std::mutex> lk(g_contexts_mutex);
         g_draft_adaptive[&model] = cfg.draft_adaptive != 0;
+        if (cfg.prompt_lookup != 0) {
+            g_prompt_lookup.insert(&model);
+        }
     } catch (const std::exception & e) {
         stream_free(&model);
         bank_free(&model);
@@ -160,6 +165,7 @@ void llama_flashflex_on_model_free(const llama_model * model) {
     std::lock_guard<std::mutex> lk(g_contexts_mutex);
     g_context_of.erase(model);
     g_draft_adaptive.erase(model);
+    g_prompt_lookup.erase(model);
 }
 
 void llama_flashflex_on_context_created(const llama_model & model, const llama_context * ctx) {
@@ -293,4 +299,22 @@ int32_t llama_flashflex_draft_stats(const llama_context * ctx, char * buf, size_
     std::lock_guard<std::mutex> lk(g_draft_mutex);
     auto                        it = g_draft.find(ctx);
     return it == g_draft.end() ? -1 : write_c_string(it->second.json(), buf, buf_size);
+}
+
+int32_t llama_flashflex_prompt_lookup(const llama_token * context,
+                                      int32_t             n_context,
+                                      int32_t             ngram,
+                                      int32_t             n_max,
+                                      llama_token *       draft) {
+    static_assert(sizeof(llama_token) == sizeof(int32_t), "llama_token is a 32-bit token id");
+    if (context == nullptr || draft == nullptr || n_context < 0) {
+        return 0;
+    }
+    return prompt_lookup(context, n_context, ngram, n_max, draft);
+}
+
+// Process-wide because llama.cpp's drafters see tokens, not the context they decode for: a program runs one plan.
+bool llama_flashflex_prompt_lookup_planned(void) {
+    std::lock_guard<std::mutex> lk(g_contexts_mutex);
+    return !g_prompt_lookup.empty();
 }

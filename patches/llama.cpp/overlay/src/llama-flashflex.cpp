@@ -19,7 +19,7 @@
 // Features this build carries (the Python side checks them before using an API).
 static const char * const k_flashflex_features[] = {
     "info",      "dense-stream", "slot-bank", "moe-trace", "interrupt", "expert-checksum", "one-context",
-    "byte-ring", "devices",      "spec-file", "tools",     "lent-rows", "draft-length",
+    "byte-ring", "devices",      "spec-file", "tools",     "lent-rows", "draft-length",    "prompt-lookup",
 #ifdef GGML_USE_RPC
     "rpc",
 #endif
