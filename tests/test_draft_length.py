@@ -40,10 +40,15 @@ class Controller:
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
+    def propose_each(self, n: int, n_max: int, drafts: list[int]) -> list[int]:
+        """What sequences 0, 1, ... of the n in the pass keep of drafts of these lengths."""
+        return self.ask(f"propose {n} {n_max} {self.now:.9f} " + " ".join(map(str, drafts)))["lengths"]
+
     def propose(self, n: int, n_max: int, drafting: int | None = None) -> int:
-        """What each of the `drafting` (default: all n) sequences with a draft keeps of it."""
+        """The longest that any of the `drafting` (default: all n) sequences, each with a draft of n_max tokens,
+        keeps."""
         m = n if drafting is None else drafting
-        return self.ask(f"propose {n} {m} {n_max} {self.now:.9f}")["length"]
+        return max(self.propose_each(n, n_max, [n_max] * m), default=0)
 
     def passed(self, rows: int, seconds: float, generation_only: bool = True) -> None:
         self.now += seconds
@@ -71,24 +76,27 @@ def controller(driver):
         c.close()
 
 
-def serve(c: Controller, n: int, passes: int, cost: Callable[[int, int], float], acceptance: float,
+def serve(c: Controller, n: int, passes: int, cost: Callable[[int, int], float], acceptance: float | list[float],
           n_max: int = 7, seed: int = 0, drafting: int | None = None) -> list[int]:
-    """`passes` passes of n sequences, `drafting` of them (default: all) with a draft of n_max tokens, cut to the
-    proposed length; a pass of R rows takes cost(n, R) seconds; each drafted token is kept with probability
-    `acceptance` given the ones before it were. Returns the proposed lengths."""
+    """`passes` passes of n sequences, `drafting` of them (default: all) with a draft of n_max tokens, each cut to
+    what the controller proposes for it; a pass of R rows takes cost(n, R) seconds; each drafted token of sequence i
+    is kept with probability acceptance (or acceptance[i]) given the ones before it were. Returns the longest
+    proposed length of each pass."""
     rng = random.Random(seed)
     m = n if drafting is None else drafting
-    lengths = []
+    p = acceptance if isinstance(acceptance, list) else [acceptance] * m
+    longest = []
     for _ in range(passes):
-        k = c.propose(n, n_max, m)
-        lengths.append(k)
-        for _seq in range(m if k else 0):
-            kept = 0
-            while kept < k and rng.random() < acceptance:
-                kept += 1
-            assert c.ask(f"verified {k} {kept}") == {"ok": True}
-        c.passed(n + m * k, cost(n, n + m * k))
-    return lengths
+        ks = c.propose_each(n, n_max, [n_max] * m)
+        longest.append(max(ks, default=0))
+        for seq, k in enumerate(ks):
+            if k:
+                kept = 0
+                while kept < k and rng.random() < p[seq]:
+                    kept += 1
+                assert c.ask(f"verified {seq} {k} {kept}") == {"ok": True}
+        c.passed(n + sum(ks), cost(n, n + sum(ks)))
+    return longest
 
 
 def read_bound(n: int, rows: int) -> float:
@@ -106,7 +114,7 @@ def test_a_plain_pass_is_measured_before_any_draft_and_the_first_draft_is_one_to
     assert c.propose(1, 7) == 0
     c.passed(1, 0.040)
     assert c.propose(1, 7) == 1
-    assert c.ask("verified 1 1") == {"ok": True}
+    assert c.ask("verified 0 1 1") == {"ok": True}
     c.passed(2, 0.041)
     assert c.propose(1, 7) > 1  # a row that rode on the reads: longer drafts now
 
@@ -150,7 +158,7 @@ def test_one_slow_pass_does_not_turn_drafting_off(controller):
     serve(c, 1, 40, read_bound, acceptance=0.9)
     k = c.propose(1, 7)
     assert k == 7
-    assert c.ask(f"verified {k} {k}") == {"ok": True}
+    assert c.ask(f"verified 0 {k} {k}") == {"ok": True}
     c.passed(1 + k, 10 * read_bound(1, 1 + k))  # another process held the CPU
     assert c.propose(1, 7) == 7
 
@@ -240,6 +248,47 @@ def test_a_pass_whose_reads_hide_a_few_rows_drafts_about_as_many(controller):
     assert 1 <= late[len(late) // 2] <= 3, lengths
 
 
+def test_each_sequence_drafts_by_its_own_acceptance(controller):
+    """Two sequences, both with drafts: one copying (90% of drafted tokens kept), one whose drafts fail (5%); every
+    drafted row costs 5 ms against a plain pass's 40 ms. The copying one keeps long drafts; the other's, which would
+    slow both for nothing, are cut to nothing nearly always."""
+    def measured(n: int, rows: int) -> float:
+        return 0.040 + 0.005 * (rows - n)
+
+    c = controller()
+    serve(c, 2, 30, measured, acceptance=[0.9, 0.05])
+    copying, failing = [], []
+    for _ in range(100):
+        k = c.propose_each(2, 7, [7, 7])
+        copying.append(k[0])
+        failing.append(k[1])
+        for seq, (ki, p) in enumerate(zip(k, (0.9, 0.05))):
+            if ki:
+                assert c.ask(f"verified {seq} {ki} {ki if p > 0.5 else 0}") == {"ok": True}
+        c.passed(2 + sum(k), measured(2, 2 + sum(k)))
+    assert sorted(copying)[50] >= 3, copying
+    assert sum(1 for k in failing if k) <= 10, failing
+    s = c.state()
+    by_seq = {a["sequence"]: a["estimate"] for a in s["acceptance_by_sequence"]}
+    assert by_seq[0] > 0.8 and by_seq[1] < 0.4, by_seq
+
+
+def test_a_sequence_passed_over_drafts_again_later(controller):
+    """A slot whose drafts failed keeps its estimate into its next request: passes that cut its draft to nothing
+    bring it back toward the prior, so it is judged again within some dozens of passes, and drafts once it copies."""
+    def measured(n: int, rows: int) -> float:
+        return 0.040 + 0.005 * (rows - n)
+
+    c = controller()
+    serve(c, 2, 40, measured, acceptance=[0.9, 0.0])
+    lengths = serve(c, 2, 80, measured, acceptance=[0.9, 0.95], seed=1)  # the second slot's next request copies
+    again = [c.propose_each(2, 7, [7, 7])[1] for _ in range(1)]
+    s = c.state()
+    by_seq = {a["sequence"]: a["estimate"] for a in s["acceptance_by_sequence"]}
+    assert by_seq[1] > 0.6, (by_seq, lengths)
+    assert again[0] >= 2, (again, by_seq)
+
+
 # --------------------------------------------------------------------------------------------------
 # The C API of the built library (llama_flashflex_draft_*)
 
@@ -252,8 +301,10 @@ def _c_api():
     cdll = native.lib()
     if "draft-length" not in native.info()["features"]:
         pytest.skip("the installed build predates the draft length (C API 9); run flashflex build")
-    cdll.llama_flashflex_draft_length.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
-    cdll.llama_flashflex_draft_length.restype = ctypes.c_int32
+    cdll.llama_flashflex_draft_lengths.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+                                                   ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32),
+                                                   ctypes.c_int32]
+    cdll.llama_flashflex_draft_lengths.restype = None
     cdll.llama_flashflex_draft_pass.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_bool]
     cdll.llama_flashflex_draft_pass.restype = None
     cdll.llama_flashflex_draft_stats.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
@@ -261,6 +312,16 @@ def _c_api():
     cdll.llama_flashflex_prompt_lookup_planned.argtypes = []
     cdll.llama_flashflex_prompt_lookup_planned.restype = ctypes.c_bool
     return cdll
+
+
+def _lengths(cdll, ctx, n: int, n_max: int, drafts: list[int]) -> list[int]:
+    """What sequences 0, 1, ... keep of drafts of these lengths (llama_flashflex_draft_lengths)."""
+    import ctypes
+
+    ids = (ctypes.c_int32 * len(drafts))(*range(len(drafts)))
+    lengths = (ctypes.c_int32 * len(drafts))(*drafts)
+    cdll.llama_flashflex_draft_lengths(ctx, n, n_max, ids, lengths, len(drafts))
+    return list(lengths)
 
 
 def _stats(cdll, ctx) -> dict | None:
@@ -304,7 +365,7 @@ def test_a_stock_context_keeps_the_programs_length(patched_llama, small_model):
     cdll = _c_api()
     with _prepared(small_model, planned=False).session() as handle:
         ctx = handle.llm.ctx
-        assert [cdll.llama_flashflex_draft_length(ctx, n, n, 7) for n in (1, 4, 1)] == [7, 7, 7]
+        assert [_lengths(cdll, ctx, n, 7, [7, 3][:n]) for n in (1, 4, 1)] == [[7], [7, 3], [7]]  # kept whole
         cdll.llama_flashflex_draft_pass(ctx, 4, True)  # nothing to tell: a no-op
         assert _stats(cdll, ctx) is None
 
@@ -315,7 +376,7 @@ def test_a_planned_context_drafts_as_its_spec_says(patched_llama, small_model, a
     with _prepared(small_model, planned=True, adaptive=adaptive).session() as handle:
         ctx = handle.llm.ctx
         # adaptive: a plain pass is priced before any draft goes out; fixed: the program's own length
-        assert cdll.llama_flashflex_draft_length(ctx, 2, 1, 7) == (0 if adaptive else 7)
+        assert _lengths(cdll, ctx, 2, 7, [7, 0]) == ([0, 0] if adaptive else [7, 0])
         cdll.llama_flashflex_draft_pass(ctx, 2, True)
         stats = _stats(cdll, ctx)
         assert stats is not None and stats["adaptive"] is adaptive

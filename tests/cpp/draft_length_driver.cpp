@@ -1,8 +1,9 @@
 // A driver for the runtime's draft length (llama-flashflex-draft.h), compiled with it alone by
 // tests/test_draft_length.py. One command per line on stdin, one JSON answer per line on stdout:
 //   new ADAPTIVE                  a controller (1 adaptive, 0 fixed)             -> {"ok": true}
-//   propose N M N_MAX NOW         what the M of N sequences with a draft keep    -> {"length": K}
-//   verified DRAFTED KEPT         a verification's outcome                       -> {"ok": true}
+//   propose N N_MAX NOW L0 L1 ... what sequences 0, 1, ... of the N in the pass
+//                                 keep of drafts of L0, L1, ... tokens           -> {"lengths": [K0, K1, ...]}
+//   verified SEQ DRAFTED KEPT     a verification's outcome                       -> {"ok": true}
 //   pass ROWS GENERATION_ONLY NOW the pass asked for last ended at NOW           -> {"ok": true}
 //   state                         the controller's JSON                          -> {...}
 
@@ -13,6 +14,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <vector>
 
 int main() {
     std::unique_ptr<flashflex::draft_length> d;
@@ -29,14 +31,24 @@ int main() {
         } else if (!d) {
             std::puts("{\"error\": \"no controller: new first\"}");
         } else if (cmd == "propose") {
-            int    n = 0, m = 0, n_max = 0;
-            double now = 0;
-            in >> n >> m >> n_max >> now;
-            std::printf("{\"length\": %d}\n", d->propose(n, m, n_max, now));
+            int              n = 0, n_max = 0;
+            double           now = 0;
+            std::vector<int> seq, lengths;
+            in >> n >> n_max >> now;
+            for (int l = 0; in >> l;) {
+                seq.push_back((int) seq.size());
+                lengths.push_back(l);
+            }
+            d->propose(n, n_max, seq.data(), lengths.data(), (int) seq.size(), now);
+            std::string out = "{\"lengths\": [";
+            for (size_t i = 0; i < lengths.size(); ++i) {
+                out += (i ? ", " : "") + std::to_string(lengths[i]);
+            }
+            std::puts((out + "]}").c_str());
         } else if (cmd == "verified") {
-            int drafted = 0, kept = 0;
-            in >> drafted >> kept;
-            d->verified(drafted, kept);
+            int seq = 0, drafted = 0, kept = 0;
+            in >> seq >> drafted >> kept;
+            d->verified(seq, drafted, kept);
             std::puts("{\"ok\": true}");
         } else if (cmd == "pass") {
             int    rows = 0, generation_only = 1;

@@ -88,26 +88,33 @@ LLAMA_API bool         llama_flashflex_abort_callback(void * model);
 // stops at its next graph node. Process-wide, like the SIGINT it is meant for; clear it before the next run.
 LLAMA_API void         llama_flashflex_interrupt(bool on);
 
-// API 9 (feature "draft-length"): the draft length of a program that drafts for several sequences decoded together
-// (llama-server's slots), for a context whose model runs a flashflex plan. Once it has drafted for the pass it is
-// about to decode, the program asks how many tokens of their drafts the n_drafting of its n_sequences sequences
-// generating that have one keep (at most n_max, the program's own length), and cuts them to that; it reports what
+// API 9 (feature "draft-length"; API 10: per sequence): the draft lengths of a program that drafts for several
+// sequences decoded together (llama-server's slots), for a context whose model runs a flashflex plan. Once it has
+// drafted for the pass it is about to decode, the program gives the n_drafting sequences it asked to draft (seq_ids)
+// and the drafts they made (lengths: 0 for none, at most n_max, the program's own length), of its n_sequences
+// sequences generating; each length comes back as how many tokens of its draft the sequence keeps. It reports what
 // each verification kept and, after the pass (decode and sampling), the rows the pass decoded. From the seconds of
-// this context's passes, measured per number of sequences and rows: where some sequences have no draft, the pass may
-// take at most 3% longer than a plain one; within that (and where all draft) the length weighs each draft's expected
-// tokens (from the acceptance) against what its rows cost every sequence in the pass (llama-flashflex-draft.cpp).
-// Spec option "draft_adaptive" 0: always n_max.
-// A context whose model runs no plan gets n_max, and the other calls do nothing (the stock path).
-LLAMA_API int32_t llama_flashflex_draft_length(struct llama_context * ctx,
-                                               int32_t                n_sequences,
-                                               int32_t                n_drafting,
-                                               int32_t                n_max);
-LLAMA_API void    llama_flashflex_draft_verified(struct llama_context * ctx, int32_t n_drafted, int32_t n_kept);
+// this context's passes, measured per number of sequences and rows, and each sequence's acceptance: where some
+// sequences have no draft, the pass may take at most 3% longer than a plain one; within that (and where all draft)
+// the lengths weigh each draft's expected tokens against what its rows cost every sequence in the pass
+// (llama-flashflex-draft.cpp). Spec option "draft_adaptive" 0: every draft kept whole.
+// A context whose model runs no plan keeps its drafts whole, and the other calls do nothing (the stock path).
+LLAMA_API void    llama_flashflex_draft_lengths(struct llama_context * ctx,
+                                                int32_t                n_sequences,
+                                                int32_t                n_max,
+                                                const llama_seq_id *   seq_ids,
+                                                int32_t *              lengths,
+                                                int32_t                n_drafting);
+LLAMA_API void    llama_flashflex_draft_verified(struct llama_context * ctx,
+                                                 llama_seq_id           seq_id,
+                                                 int32_t                n_drafted,
+                                                 int32_t                n_kept);
 // generation_only: every row of the pass is a sequence's next token or a draft (a pass with prompt tokens in it
 // prices nothing)
 LLAMA_API void    llama_flashflex_draft_pass(struct llama_context * ctx, int32_t n_rows, bool generation_only);
 // What the controller measured, as JSON (same conventions as llama_flashflex_model_stats): "adaptive",
-// "acceptance_estimate", "drafted", "kept", "by_sequences": [{"sequences", "probes", "next_length_all_drafting",
+// "acceptance_estimate" (the sequences' mean), "acceptance_by_sequence": [{"sequence", "estimate"}], "drafted",
+// "kept", "by_sequences": [{"sequences", "probes", "next_length_all_drafting",
 // "passes_by_rows": [{"rows", "passes", "median_seconds"}]}]; -1 for a context whose model runs no plan.
 LLAMA_API int32_t llama_flashflex_draft_stats(const struct llama_context * ctx, char * buf, size_t buf_size);
 

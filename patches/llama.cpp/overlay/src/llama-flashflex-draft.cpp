@@ -7,7 +7,8 @@
 // llama-server's slots drafting 7 tokens each gave 0.78x the undrafted aggregate (docs/benchmarks.md, "Drafting
 // inside llama-server's slots"). What a row costs follows the machine, the model and the plan, so it is measured:
 // for each number of sequences n, the seconds of its passes by rows (the median of the last few, so one pass slowed
-// by another process does not decide), and one acceptance for the context.
+// by another process does not decide), and each sequence's acceptance (a slot copying a document keeps its drafts
+// long beside one whose text does not repeat).
 //
 // The cost model is the one flashflex's Python drafter uses for a single sequence (orchestrator/speculative.py,
 // DraftLength), with a pass of n sequences in place of its single-token step: each drafted token is kept with
@@ -17,12 +18,13 @@
 // and row; with one size measured, the slope from the plain pass to it).
 //
 // The choice is made once the drafts are made: m of the n sequences have one (prompt lookup drafts only where the
-// context repeats), and each keeps at most k tokens of it. Every sequence in the pass waits for the pass, so a
+// context repeats), and each keeps some tokens of it. Every sequence in the pass waits for the pass, so a
 // draft's rows slow the sequences that did not draft: where m < n, the pass may take at most 3% longer than a plain
 // one (drafts use what the pass computes while it waits for its reads, and little more: a user whose text does not
-// repeat keeps 0.97x of the undrafted speed). Within that, k maximises the sum over the n sequences of the logarithm
-// of each one's tokens per second, m log(1 + p + ... + p^k) - n log(t(n + m k) / t(n)), and must raise the rates by
-// 3% on average; with one sequence that is its own throughput. (Measured with SmolLM2 under 110 MiB, four requests at
+// repeat keeps 0.97x of the undrafted speed). Within that, the lengths maximise the sum over the n sequences of the
+// logarithm of each one's tokens per second, sum_i log(1 + p_i + ... + p_i^k_i) - n log(t(n + sum_i k_i) / t(n))
+// (draft_pass_costs::allocate), and must raise the rates by 3% on average; with one sequence that is its own
+// throughput. (Measured with SmolLM2 under 110 MiB, four requests at
 // once, two of them copying: maximising the total tokens per pass let the copying slots draft 4 tokens each, passes
 // took 2-3 times a plain one meanwhile, and the free-text request finished last, 0.82x the undrafted aggregate; the
 // sum of logarithms alone still let them draft 2-5 tokens, the others took 13-15% longer and finished last,
@@ -162,31 +164,48 @@ double draft_pass_costs::pass_seconds(int rows) const {
     return std::min(std::max(t, t_n), t_n * rows / n);  // never cheaper than a plain pass, nor dearer than k of them
 }
 
-// m of the n sequences have a draft, each cut to k tokens; sequence i then makes 1 + p + ... + p^k tokens per pass if
-// it drafts, 1 if not, at a rate of that over t(n + m k). The score is the sum of the logarithms of the n rates
-// (relative to a plain pass's): a draft must gain its sequence more than its rows cost every sequence in the pass.
-double draft_pass_costs::score(int m, int k, double p) const {
-    double expected = 0, pk = 1;
-    for (int i = 0; i <= k; ++i, pk *= p) {
-        expected += pk;
-    }
-    return m * std::log(expected) - n * std::log(pass_seconds(n + m * k) / plain());
-}
-
-int draft_pass_costs::best(int m, int n_max, double p) const {
-    int    k_best = 0;
-    double s_best = 0.0;  // score(m, 0, p)
-    for (int k = 1; k <= n_max; ++k) {
-        if (m < n && pass_seconds(n + m * k) > plain() * (1.0 + k_max_slowdown)) {
-            break;  // a sequence without a draft would wait longer than that for its token
+// m of the n sequences have a draft; sequence i may keep up to offered[i] tokens of its own, each kept with
+// probability p[i] given the ones before it were, so keeping k gives it 1 + p + ... + p^k tokens per pass. The score
+// of a choice is the sum over the n sequences of the logarithm of each one's rate relative to a plain pass's: the
+// logarithms of the drafting sequences' expected tokens, less n log(t(R) / t(n)) for a pass of R rows. For each R the
+// best split of its drafted rows takes them one at a time where a token adds the most to its sequence's logarithm
+// (those gains shrink with each token a sequence keeps, so this split is the best), and R is the best of those.
+std::vector<int> draft_pass_costs::allocate(int                         m,
+                                            const std::vector<double> & p,
+                                            const std::vector<int> &    offered) const {
+    const size_t        count = p.size();
+    std::vector<int>    k(count, 0), k_best(count, 0);
+    std::vector<double> expected(count, 1.0), next(p);  // 1 + p + ... + p^k, and p^(k + 1)
+    const double        t_n  = plain();
+    double              gain = 0, s_best = 0;           // the score of keeping nothing is 0
+    for (int rows = n + 1;; ++rows) {
+        int    at     = -1;
+        double d_best = 0;
+        for (size_t i = 0; i < count; ++i) {
+            const double d = std::log1p(next[i] / expected[i]);
+            if (k[i] < offered[i] && (at < 0 || d > d_best)) {
+                at     = (int) i;
+                d_best = d;
+            }
         }
-        const double s = score(m, k, p);
+        const double t = pass_seconds(rows);
+        if (at < 0 || (m < n && t > t_n * (1.0 + k_max_slowdown))) {
+            break;  // nothing more to keep, or a sequence without a draft would wait longer than that for its token
+        }
+        k[at]++;
+        expected[at] += next[at];
+        next[at] *= p[at];
+        gain += d_best;
+        const double s = gain - n * std::log(t / t_n);
         if (s > s_best) {
             s_best = s;
             k_best = k;
         }
     }
-    return s_best >= n * std::log1p(k_min_gain) ? k_best : 0;  // every sequence's rate up k_min_gain on average
+    if (s_best < n * std::log1p(k_min_gain)) {  // every sequence's rate up k_min_gain on average, or nothing
+        std::fill(k_best.begin(), k_best.end(), 0);
+    }
+    return k_best;
 }
 
 // Passes with drafts cut to 0 before a probe: the backed-off gap, and never so short that probes cost more than
@@ -196,57 +215,106 @@ int draft_pass_costs::probe_gap(int m) const {
     return std::max(gap, std::min(k_max_probe_gap, (int) std::ceil(cost / k_probe_budget)));
 }
 
-draft_length::draft_length(bool adaptive) :
-    adaptive(adaptive),
+draft_acceptance::draft_acceptance() :
     kept(k_prior_accept * k_prior_weight),
-    judged(k_prior_weight) {}
+    judged(k_prior_weight),
+    gap(k_min_probe_gap) {}
 
-double draft_length::acceptance() const {
+double draft_acceptance::p() const {
     return judged > 0 ? kept / judged : 0.0;
+}
+
+void draft_acceptance::judge(int drafted, int kept_now) {
+    const int    judged_now = kept_now + (kept_now < drafted ? 1 : 0);  // tokens after a rejected one: not judged
+    const double decay = std::pow(k_decay, judged_now);  // per token, so one-token drafts forget as slowly as long ones
+    kept               = decay * kept + kept_now;
+    judged             = decay * judged + judged_now;
+}
+
+draft_length::draft_length(bool adaptive) : adaptive(adaptive) {}
+
+double draft_length::acceptance(int seq) const {
+    auto it = by_seq.find(seq);
+    return it == by_seq.end() ? draft_acceptance().p() : it->second.p();
 }
 
 draft_pass_costs & draft_length::costs(int n) {
     return by_n.try_emplace(n, n).first->second;
 }
 
-int draft_length::propose(int n, int m, int n_max_now, double now) {
+void draft_length::propose(int n, int n_max_now, const int * seq, int * lengths, int count, double now) {
     n_max     = std::max(0, n_max_now);
     pending_n = std::max(0, n);
     pending_t = now;
-    m         = std::min(m, pending_n);
-    if (m <= 0 || n_max == 0) {
-        return 0;  // no draft to cut
+    std::vector<int> offered(std::max(0, count));
+    int              m = 0;
+    for (int i = 0; i < count; ++i) {
+        offered[i] = std::min(std::max(lengths[i], 0), n_max);
+        m += offered[i] > 0;
+        lengths[i] = 0;
+    }
+    m = std::min(m, pending_n);
+    if (m <= 0) {
+        return;  // no draft to cut
     }
     if (!adaptive) {
-        return n_max;
+        std::copy(offered.begin(), offered.end(), lengths);
+        return;
     }
     draft_pass_costs & c = costs(n);
     if (!c.has_plain()) {
-        return 0;  // one plain pass first: every draft is priced against it
+        return;  // one plain pass first: every draft is priced against it
     }
-    const int k = c.best(m, n_max, acceptance());
-    if (k > 0) {
+    std::vector<double> p(offered.size());
+    for (int i = 0; i < count; ++i) {
+        p[i] = acceptance(seq[i]);
+    }
+    const std::vector<int> k     = c.allocate(m, p, offered);
+    const bool             first = c.drafted_sizes(nullptr).empty();  // the first draft is one token: a row priced
+    bool                   any   = false;
+    for (int i = 0; i < count; ++i) {
+        lengths[i] = first ? std::min(k[i], 1) : k[i];
+        any        = any || k[i] > 0;
+    }
+    if (any) {
         c.idle    = 0;
         c.probing = false;
-        return c.drafted_sizes(nullptr).empty() ? 1 : k;  // the first draft is one token: it prices a row cheaply
+        // A sequence passed over would never be judged again (a slot keeps its estimate from one request to the
+        // next): after a gap of such passes, doubling while its probes fail, it drafts one token.
+        for (int i = 0; i < count; ++i) {
+            draft_acceptance & a = by_seq[seq[i]];
+            if (k[i] > 0) {
+                a.idle = 0;
+            } else if (offered[i] > 0 && ++a.idle > a.gap) {
+                a.idle     = 0;
+                a.probing  = true;
+                lengths[i] = 1;
+            }
+        }
+        return;
     }
-    if (++c.idle > c.probe_gap(m)) {
+    if (++c.idle > c.probe_gap(m)) {  // nothing worth drafting: a one-token probe now and then
         c.idle    = 0;
         c.probing = true;
-        return 1;
+        for (int i = 0; i < count; ++i) {
+            lengths[i] = std::min(offered[i], 1);
+        }
     }
-    return 0;
 }
 
-void draft_length::verified(int drafted, int kept_now) {
+void draft_length::verified(int seq, int drafted, int kept_now) {
     if (drafted <= 0) {
         return;
     }
-    kept_now                = std::max(0, std::min(kept_now, drafted));
-    const int    judged_now = kept_now + (kept_now < drafted ? 1 : 0);  // tokens after a rejected one: not judged
-    const double decay = std::pow(k_decay, judged_now);  // per token, so one-token drafts forget as slowly as long ones
-    kept               = decay * kept + kept_now;
-    judged             = decay * judged + judged_now;
+    kept_now             = std::max(0, std::min(kept_now, drafted));
+    draft_acceptance & a = by_seq[seq];
+    if (a.probing && kept_now > 0) {
+        a = draft_acceptance();  // a probe kept: the text repeats again, and what failed before says nothing of it
+    } else if (a.probing) {
+        a.gap     = std::min(2 * a.gap, k_max_probe_gap);
+        a.probing = false;
+    }
+    a.judge(drafted, kept_now);
     drafted_total += drafted;
     kept_total += kept_now;
     auto it = by_n.find(pending_n);
@@ -273,7 +341,15 @@ void draft_length::passed(int rows, bool generation_only, double now) {
 }
 
 std::string draft_length::json() const {
-    std::vector<std::string> sequences;
+    double                   mean = 0;
+    std::vector<std::string> sequences, acceptances;
+    for (const auto & [seq, a] : by_seq) {
+        mean += a.p() / by_seq.size();
+        acceptances.push_back(json_object().add("sequence", seq).add("estimate", a.p()).str());
+    }
+    if (by_seq.empty()) {
+        mean = draft_acceptance().p();
+    }
     for (const auto & [n, c] : by_n) {
         std::vector<std::string> passes;
         for (const auto & [rows, q] : c.seconds) {
@@ -283,13 +359,18 @@ std::string draft_length::json() const {
         json_object o;
         o.add("sequences", n).add("probes", c.probes);
         if (c.has_plain()) {
-            o.add("next_length_all_drafting", adaptive ? c.best(n, n_max, acceptance()) : n_max);
+            // every sequence drafting n_max tokens, each kept as often as the sequences' mean
+            const std::vector<int> k = adaptive ?
+                                           c.allocate(n, std::vector<double>(n, mean), std::vector<int>(n, n_max)) :
+                                           std::vector<int>(n, n_max);
+            o.add("next_length_all_drafting", *std::max_element(k.begin(), k.end()));
         }
         sequences.push_back(o.add_array("passes_by_rows", passes).str());
     }
     return json_object()
         .add("adaptive", adaptive)
-        .add("acceptance_estimate", acceptance())
+        .add("acceptance_estimate", mean)
+        .add_array("acceptance_by_sequence", acceptances)
         .add("drafted", drafted_total)
         .add("kept", kept_total)
         .add_array("by_sequences", sequences)

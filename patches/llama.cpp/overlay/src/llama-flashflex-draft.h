@@ -21,6 +21,19 @@ namespace flashflex {
 // for n from ngram - 1 down to 1. Writes the draft into out (room for k) and returns its length (0: no match).
 int prompt_lookup(const int32_t * ids, int64_t n_ids, int ngram, int k, int32_t * out);
 
+// What one sequence's drafts kept: counts decayed per judged token, starting from a prior; and, while its drafts are
+// cut to nothing as others draft, when to probe it with one token.
+struct draft_acceptance {
+    double kept, judged;
+    int    idle    = 0;  // passes that cut its draft to nothing while others drafted, since it last drafted
+    int    gap     = 0;
+    bool   probing = false;
+
+    draft_acceptance();
+    double p() const;
+    void   judge(int drafted, int kept);
+};
+
 // The passes decoded for one number of sequences n: their seconds by rows, and when to probe drafting again.
 struct draft_pass_costs {
     int                               n;
@@ -36,31 +49,33 @@ struct draft_pass_costs {
     double                              plain() const;  // median seconds of a pass with no draft (rows = n)
     std::vector<std::pair<int, double>> drafted_sizes(std::vector<double> * weights) const;
     double                              pass_seconds(int rows) const;  // estimated
-    double                              score(int m, int k, double p) const;
-    int                                 best(int m, int n_max, double p) const;
-    int                                 probe_gap(int m) const;
+    // How much of its draft each sequence keeps: offered[i] tokens drafted by a sequence whose drafts are kept
+    // with probability p[i]; m of the n sequences have a draft.
+    std::vector<int> allocate(int m, const std::vector<double> & p, const std::vector<int> & offered) const;
+    int              probe_gap(int m) const;
 };
 
 class draft_length {
   public:
     explicit draft_length(bool adaptive);
 
-    // How many tokens of their drafts the m of n sequences that have one keep in the pass about to be decoded
-    // (0..n_max), asked at time `now` (seconds, any steady clock) with the drafts made.
-    int  propose(int n, int m, int n_max, double now);
-    // A verification judged `drafted` tokens and kept the first `kept`.
-    void verified(int drafted, int kept);
+    // How many tokens of its draft each of the sequences seq[0..count) keeps in the pass about to be decoded:
+    // lengths[i] is the draft it made (0: none) on the way in and what it keeps on the way out (0..n_max); n: the
+    // sequences in the pass; asked at time `now` (seconds, any steady clock).
+    void propose(int n, int n_max, const int * seq, int * lengths, int count, double now);
+    // A verification of sequence seq judged `drafted` tokens and kept the first `kept`.
+    void verified(int seq, int drafted, int kept);
     // The pass asked for last ended at `now` with `rows` rows; `generation_only`: no prompt token in it.
     void passed(int rows, bool generation_only, double now);
 
-    double      acceptance() const;
+    double      acceptance(int seq) const;
     std::string json() const;
 
   private:
     draft_pass_costs & costs(int n);
 
     bool                            adaptive;
-    double                          kept, judged;  // decayed counts behind the acceptance
+    std::map<int, draft_acceptance> by_seq;
     uint64_t                        drafted_total = 0, kept_total = 0;
     std::map<int, draft_pass_costs> by_n;
     int                             n_max     = 0;  // the longest draft the program asked for last

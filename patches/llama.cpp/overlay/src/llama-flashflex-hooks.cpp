@@ -273,17 +273,25 @@ uint32_t llama_flashflex_graph_nodes(const llama_model & model, uint32_t n_token
 // Drafting's length (llama-flashflex-draft.h): one per context of a planned model; a stock context keeps the
 // program's own length.
 
-int32_t llama_flashflex_draft_length(llama_context * ctx, int32_t n_sequences, int32_t n_drafting, int32_t n_max) {
+void llama_flashflex_draft_lengths(llama_context *      ctx,
+                                   int32_t              n_sequences,
+                                   int32_t              n_max,
+                                   const llama_seq_id * seq_ids,
+                                   int32_t *            lengths,
+                                   int32_t              n_drafting) {
+    static_assert(sizeof(llama_seq_id) == sizeof(int) && sizeof(int32_t) == sizeof(int), "32-bit ids and lengths");
     std::lock_guard<std::mutex> lk(g_draft_mutex);
     auto                        it = g_draft.find(ctx);
-    return it == g_draft.end() ? n_max : it->second.propose(n_sequences, n_drafting, n_max, now_ns() / 1e9);
+    if (it != g_draft.end() && n_drafting >= 0 && (n_drafting == 0 || (seq_ids != nullptr && lengths != nullptr))) {
+        it->second.propose(n_sequences, n_max, seq_ids, lengths, n_drafting, now_ns() / 1e9);
+    }
 }
 
-void llama_flashflex_draft_verified(llama_context * ctx, int32_t n_drafted, int32_t n_kept) {
+void llama_flashflex_draft_verified(llama_context * ctx, llama_seq_id seq_id, int32_t n_drafted, int32_t n_kept) {
     std::lock_guard<std::mutex> lk(g_draft_mutex);
     auto                        it = g_draft.find(ctx);
     if (it != g_draft.end()) {
-        it->second.verified(n_drafted, n_kept);
+        it->second.verified(seq_id, n_drafted, n_kept);
     }
 }
 
