@@ -17,18 +17,20 @@
 // the sizes measured, each weighing its passes (the slope pulled toward a prior of 10% of a plain pass per sequence
 // and row; with one size measured, the slope from the plain pass to it).
 //
-// The choice is made once the drafts are made: m of the n sequences have one (prompt lookup drafts only where the
-// context repeats), and each keeps some tokens of it. Every sequence in the pass waits for the pass, so a
-// draft's rows slow the sequences that did not draft: where m < n, the pass may take at most 3% longer than a plain
-// one (drafts use what the pass computes while it waits for its reads, and little more: a user whose text does not
-// repeat keeps 0.97x of the undrafted speed). Within that, the lengths maximise the sum over the n sequences of the
-// logarithm of each one's tokens per second, sum_i log(1 + p_i + ... + p_i^k_i) - n log(t(n + sum_i k_i) / t(n))
-// (draft_pass_costs::allocate), and must raise the rates by 3% on average; with one sequence that is its own
-// throughput. (Measured with SmolLM2 under 110 MiB, four requests at
-// once, two of them copying: maximising the total tokens per pass let the copying slots draft 4 tokens each, passes
-// took 2-3 times a plain one meanwhile, and the free-text request finished last, 0.82x the undrafted aggregate; the
-// sum of logarithms alone still let them draft 2-5 tokens, the others took 13-15% longer and finished last,
-// 0.88-1.16x across three runs.)
+// The choice is made once the drafts are made: m of the n sequences have one (prompt lookup drafts where the context
+// repeats, and weakly, by shorter n-grams, elsewhere), and each keeps some tokens of it. Every sequence in the pass
+// waits for the pass, so a draft's rows slow every other sequence: no sequence may expect less than 0.97x its plain
+// rate (drafts use what the pass computes while it waits for its reads, and what the drafting sequences gain back:
+// a user whose text does not repeat keeps 0.97x of the undrafted speed, one whose drafts are kept now and then pays
+// for no more rows than they win). Within that, the lengths maximise the sum over the n sequences of the logarithm
+// of each one's tokens per second, sum_i log(1 + p_i + ... + p_i^k_i) - n log(t(n + sum_i k_i) / t(n)), p_i each
+// sequence's acceptance (draft_pass_costs::allocate), and must raise the rates by 3% on average; with one sequence
+// that is its own throughput. (Measured with SmolLM2 under 110 MiB, four requests at once: maximising the total
+// tokens per pass let the copying slots draft 4 tokens each, passes took 2-3 times a plain one meanwhile, and the
+// free-text request finished last, 0.82x the undrafted aggregate; the sum of logarithms alone still let them draft
+// 2-5 tokens, the others took 13-15% longer and finished last, 0.88-1.16x across three runs; with each slot's own
+// acceptance and a floor only for slots without a draft, the copying slots' long drafts slowed the weakly drafting
+// ones and four requests finished at 0.77x.)
 //
 // A plain pass is measured before any draft goes out at that n; the first draft is one token. Where the drafts are
 // cut to 0, a one-token probe goes out after a gap of such passes that doubles while probes fail (up to 64), and is
@@ -165,11 +167,13 @@ double draft_pass_costs::pass_seconds(int rows) const {
 }
 
 // m of the n sequences have a draft; sequence i may keep up to offered[i] tokens of its own, each kept with
-// probability p[i] given the ones before it were, so keeping k gives it 1 + p + ... + p^k tokens per pass. The score
-// of a choice is the sum over the n sequences of the logarithm of each one's rate relative to a plain pass's: the
-// logarithms of the drafting sequences' expected tokens, less n log(t(R) / t(n)) for a pass of R rows. For each R the
-// best split of its drafted rows takes them one at a time where a token adds the most to its sequence's logarithm
-// (those gains shrink with each token a sequence keeps, so this split is the best), and R is the best of those.
+// probability p[i] given the ones before it were, so keeping k gives it E = 1 + p + ... + p^k tokens per pass, at
+// t(n) / t(R) of a plain pass's rate for a pass of R rows. No sequence may expect less than 1 - k_max_slowdown of its
+// plain rate: E t(n) / t(R) >= 0.97 for each (E = 1 for one that keeps nothing, or has no draft), so drafts that pay
+// a slot little cannot slow the others by much. Within that, the lengths maximise the sum over the n sequences of
+// the logarithms of their rates (relative to a plain pass's). Tokens are added one at a time where they add the most
+// to their sequence's logarithm (those gains shrink with each token a sequence keeps), or, where that would break
+// the floor, to the sequence expecting the least (which lifts the floor); the best of the choices on the way wins.
 std::vector<int> draft_pass_costs::allocate(int                         m,
                                             const std::vector<double> & p,
                                             const std::vector<int> &    offered) const {
@@ -178,24 +182,46 @@ std::vector<int> draft_pass_costs::allocate(int                         m,
     std::vector<double> expected(count, 1.0), next(p);  // 1 + p + ... + p^k, and p^(k + 1)
     const double        t_n  = plain();
     double              gain = 0, s_best = 0;           // the score of keeping nothing is 0
+    // the least any sequence expects per pass: 1 where some have no draft, else the least of the drafting ones'
+    const auto          floor_of = [&](const std::vector<double> & e) {
+        return m < n ? 1.0 : *std::min_element(e.begin(), e.end());
+    };
+    const auto fits = [&](const std::vector<double> & e, double t) {
+        return floor_of(e) * t_n >= (1.0 - k_max_slowdown) * t;
+    };
     for (int rows = n + 1;; ++rows) {
-        int    at     = -1;
-        double d_best = 0;
+        int    most = -1, least = -1;  // the next token where it adds the most, and the sequence expecting the least
+        double d_most = 0;
         for (size_t i = 0; i < count; ++i) {
+            if (k[i] >= offered[i]) {
+                continue;
+            }
             const double d = std::log1p(next[i] / expected[i]);
-            if (k[i] < offered[i] && (at < 0 || d > d_best)) {
-                at     = (int) i;
-                d_best = d;
+            if (most < 0 || d > d_most) {
+                most   = (int) i;
+                d_most = d;
+            }
+            if (least < 0 || expected[i] < expected[least]) {
+                least = (int) i;
             }
         }
-        const double t = pass_seconds(rows);
-        if (at < 0 || (m < n && t > t_n * (1.0 + k_max_slowdown))) {
-            break;  // nothing more to keep, or a sequence without a draft would wait longer than that for its token
+        if (most < 0) {
+            break;  // every draft kept whole
         }
+        const double        t    = pass_seconds(rows);
+        std::vector<double> with = expected;
+        with[most] += next[most];
+        const int at = fits(with, t) ? most : least;  // below the floor: lift the sequence expecting the least
+        gain += std::log1p(next[at] / expected[at]);
         k[at]++;
         expected[at] += next[at];
         next[at] *= p[at];
-        gain += d_best;
+        if (!fits(expected, t)) {
+            if (m < n) {
+                break;  // the sequences without a draft hold the floor at a plain pass's rate: no more rows fit
+            }
+            continue;   // a later token may lift the floor
+        }
         const double s = gain - n * std::log(t / t_n);
         if (s > s_best) {
             s_best = s;
