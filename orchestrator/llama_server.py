@@ -73,7 +73,7 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
         try:
             # drafting by prompt lookup where weights stream, as run and chat do: under a plan llama-server asks the
             # runtime, once its slots have drafted, how much of the drafts each pass keeps
-            # (llama_flashflex_draft_length: at most 3% longer passes where some slots have no draft), so the drafts
+            # (llama_flashflex_draft_lengths: at most 3% longer passes where some slots have no draft), so the drafts
             # a lone client gains from stop where they would slow the other slots (docs/benchmarks.md, "Drafting
             # inside llama-server's slots")
             prepared = api.prepare(slotted, log=log, chat=True, draft_auto=True, draft_slots=n)
@@ -132,7 +132,7 @@ def draft_args(prepared: Prepared) -> list[str]:
     """llama-server's arguments for the plan's drafting: prompt lookup through upstream's `ngram-simple` drafter,
     which under the plan (spec option prompt_lookup) drafts by flashflex's lookup, `run`'s (the last N tokens'
     most recent earlier occurrence, else past a changed last token, else shorter n-grams), at most the planned
-    length per slot; the runtime cuts each pass's drafts to what the pass affords (llama_flashflex_draft_length)."""
+    length per slot; the runtime cuts each pass's drafts to what the pass affords (llama_flashflex_draft_lengths)."""
     draft = prepared.draft
     if draft is None:
         return []

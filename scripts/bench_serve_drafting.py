@@ -204,6 +204,7 @@ def main() -> None:
         # read from disk at every pass, as a model larger than RAM is (the published file is 32-aligned: its reads
         # would be buffered, and served from the page cache)
         args.model = str(realigned_copy(default_chat_model_path()))
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     runs = []
     for rep in range(args.reps):
         k = rep % len(args.modes)
@@ -217,7 +218,7 @@ def main() -> None:
                   f"{sum(x['draft_n'] for x in r['alone'])} alone", flush=True)
     summary, ratios = summarise(runs, args)
     result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "summary": summary, "ratios": ratios,
+              "started": started, "summary": summary, "ratios": ratios,
               "runs": runs}
     with atomic_file(args.out / "results.json") as f:
         f.write(json.dumps(result, indent=1).encode())

@@ -121,7 +121,7 @@ def test_a_plain_pass_is_measured_before_any_draft_and_the_first_draft_is_one_to
 
 def test_a_lone_sequence_whose_drafts_ride_on_the_reads_drafts_the_longest(controller):
     lengths = serve(controller(), 1, 40, read_bound, acceptance=0.9)
-    assert lengths[-20:] == [7] * 20, lengths
+    assert set(lengths[-20:]) <= {0, 7} and lengths[-20:].count(0) <= 1, lengths  # 0: a plain pass re-measured
 
 
 def test_sequences_that_fill_each_pass_stop_drafting_and_probe_rarely(controller):
@@ -185,7 +185,7 @@ def test_drafts_take_the_rows_a_pass_computes_while_it_waits_for_its_reads(contr
     c = controller()
     serve(c, 1, 30, read_bound, acceptance=0.95)
     lengths = serve(c, 4, 100, hinge, acceptance=0.95, drafting=2, seed=1)
-    assert lengths[-40:] == [1] * 40, lengths
+    assert set(lengths[-40:]) <= {0, 1} and lengths[-40:].count(0) <= 2, lengths  # 0: a plain pass re-measured
 
 
 def test_sequences_that_all_draft_are_not_held_to_free_rows(controller):
@@ -298,6 +298,25 @@ def test_a_sequence_whose_drafts_fail_holds_the_pass_to_its_plain_speed(controll
     assert sum(1 for k in copying[20:] if k) <= 80 // 32 + 1 and set(copying[20:]) <= {0, 1}, copying
 
 
+def test_a_plain_pass_is_measured_again_where_every_pass_drafts(controller):
+    """Four copying sequences whose first plain passes were slowed by another process (100 ms against 40): priced
+    against those, drafted rows (10 ms each) looked free. Every 32 drafted passes one goes out plain, so the plain
+    cost is the machine's again within some of those, and the drafts shrink to what the rows are worth."""
+    def cost(n: int, rows: int) -> float:
+        return 0.040 + 0.010 * (rows - n)
+
+    c = controller()
+    for _ in range(9):  # the slowed plain passes
+        c.propose(4, 7)
+        c.passed(4, 0.100)
+    early = serve(c, 4, 20, cost, acceptance=0.9)
+    late = serve(c, 4, 200, cost, acceptance=0.9, seed=1)
+    plain = [p for p in c.state()["by_sequences"][0]["passes_by_rows"] if p["rows"] == 4]
+    assert plain and plain[0]["median_seconds"] == pytest.approx(0.040, abs=1e-6), plain
+    assert 0 in late[100:]  # the plain passes measured again
+    assert max(late[150:]) < max(early), (early, late)
+
+
 def test_a_sequence_passed_over_drafts_again_later(controller):
     """A slot whose drafts failed keeps its estimate into its next request: passes that cut its draft to nothing
     bring it back toward the prior, so it is judged again within some dozens of passes, and drafts once it copies."""
@@ -307,7 +326,9 @@ def test_a_sequence_passed_over_drafts_again_later(controller):
     c = controller()
     serve(c, 2, 40, measured, acceptance=[0.9, 0.0])
     lengths = serve(c, 2, 80, measured, acceptance=[0.9, 0.95], seed=1)  # the second slot's next request copies
-    again = [c.propose_each(2, 7, [7, 7])[1] for _ in range(1)]
+    c.propose_each(2, 7, [0, 0])  # a plain pass: the next one is not the plain pass measured again
+    c.passed(2, measured(2, 2))
+    again = [c.propose_each(2, 7, [7, 7])[1]]
     s = c.state()
     by_seq = {a["sequence"]: a["estimate"] for a in s["acceptance_by_sequence"]}
     assert by_seq[1] > 0.6, (by_seq, lengths)

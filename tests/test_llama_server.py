@@ -122,9 +122,9 @@ def test_a_draft_model_is_refused_with_the_llama_server_engine(tools_build, tmp_
 
 
 def test_llama_server_drafts_by_prompt_lookup_in_its_slots_by_default(tools_build):
-    """Where weights stream, serve drafts with no flag: llama-server's own n-gram lookup, each pass's drafts as long
-    as the runtime finds they pay (llama_flashflex_draft_length; its figures in /flashflex/stats), at most the
-    planned length, its rows in the plan."""
+    """Where weights stream, serve drafts with no flag: flashflex's lookup in llama-server's slots, each slot's
+    draft as long as the runtime finds it pays (llama_flashflex_draft_lengths; its figures in /flashflex/stats), at
+    most the planned length, its rows in the plan."""
     srv = LlamaServer(*FLAGS, "--parallel", "2", "--draft-max", "3")
     try:
         client = srv.client()

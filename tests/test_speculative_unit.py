@@ -538,6 +538,22 @@ def test_drafting_in_server_slots_reserves_rows_for_every_slot_and_never_lends(t
         setup(4, 6, kind="prompt-lookup")
 
 
+@pytest.mark.parametrize("lookup", ["flashflex", "upstream"])
+def test_a_plan_that_drafts_by_prompt_lookup_asks_for_flashflexs_lookup_unless_told(tmp_path, lookup):
+    """The spec's prompt_lookup (llama.cpp's programs draft by flashflex's lookup) follows draft.lookup."""
+    from orchestrator import synth
+    from tests.helpers import prepare
+
+    path = synth.write_synth_model(synth.preset("tiny-dense"), tmp_path / "m.gguf")
+    prepared = prepare({"model.path": path, "budget.size": "8MiB", "context.ctx": 128, "context.ubatch": 8,
+                        "draft.kind": "prompt-lookup", "draft.lookup": lookup})
+    assert prepared.plan is not None and prepared.plan.draft is not None
+    assert prepared.spec.prompt_lookup is (lookup == "flashflex")
+    undrafted = prepare({"model.path": path, "budget.size": "8MiB", "context.ctx": 128, "context.ubatch": 8,
+                         "draft.kind": "none"})
+    assert undrafted.spec.prompt_lookup is False
+
+
 def test_llama_server_looks_up_the_plans_ngram_and_no_longer_one_than_it_drafts_without_a_plan():
     """Under a plan (spec prompt_lookup) llama-server drafts by flashflex's lookup, which falls back to shorter
     n-grams: it gets the plan's n-gram whatever the length. Without one it drafts by upstream's ngram-simple, which

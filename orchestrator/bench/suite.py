@@ -78,10 +78,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               ("scripts/bench_serve_batching.py", "--preset", "moe-a3b-12l-q4_0", "--clients", "1,4,8", "--reps", "3",
                "--tokens", "16", "--out", "{out}"), "summary.md", 10,
               (("serve-batching.png", "serve-batching-moe.png"),)),
-    Benchmark("serve-drafting", "serve's drafting (each pass's length from the runtime) and a fixed length vs none "
-              "inside llama-server's 4 slots at 1, 2 and 4 clients, SmolLM2 read from disk under 110 MiB",
+    Benchmark("serve-drafting", "serve's drafting (flashflex's lookup, each slot's length from the runtime) and "
+              "upstream's lookup vs none inside llama-server's 4 slots at 1, 2 and 4 clients, SmolLM2 read from disk "
+              "under 110 MiB",
               ("scripts/bench_serve_drafting.py", "--budget", "110MiB", "--reps", "3", "--draft-flags=--draft-max 7",
-               "--modes", "draft,none,fixed", "--out", "{out}"), "summary.md", 8),
+               "--modes", "draft,none,upstream", "--out", "{out}"), "summary.md", 8),
     Benchmark("checksum", "checking every expert read against its checksum, on and off",
               ("scripts/bench_checksum.py", "--slots", "32", "--pairs", "3", "--out", "{out}"), "summary.md", 2),
     Benchmark("rpc-dense", "two memory cgroups over RPC on loopback, dense",

@@ -95,8 +95,8 @@ def choose_engine(config: Path | None, options: dict, server_overrides: dict) ->
 
 def _python_only(options: dict, configs: list) -> str | None:
     """What of the options or the served configs only the python engine does, or None: llama-server drafts by
-    prompt lookup (upstream's ngram-simple; its length adapted by the runtime under a plan), not with a draft
-    model, and records no routing trace."""
+    prompt lookup (flashflex's, through upstream's ngram-simple; each slot's length from the runtime under a plan),
+    not with a draft model, and records no routing trace."""
     draft_flag = str(options.get("draft") or "")
     if options.get("draft_model") is not None or draft_flag == "model" or any(c.draft.kind == "model"
                                                                                for c in configs):

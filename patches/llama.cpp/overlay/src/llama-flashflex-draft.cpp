@@ -32,7 +32,8 @@
 // acceptance and a floor only for slots without a draft, the copying slots' long drafts slowed the weakly drafting
 // ones and four requests finished at 0.77x.)
 //
-// A plain pass is measured before any draft goes out at that n; the first draft is one token. Where the drafts are
+// A plain pass is measured before any draft goes out at that n, and again after every 32 passes with drafts (the
+// median of the last 5: this host's speed drifts by the hour); the first draft is one token. Where the drafts are
 // cut to 0, a one-token probe goes out after a gap of such passes that doubles while probes fail (up to 64), and is
 // never so short that probes cost more than 1% of the time.
 
@@ -47,7 +48,9 @@ namespace flashflex {
 
 namespace {
 
-constexpr size_t k_window        = 9;     // passes per size whose median is its cost
+constexpr size_t k_window        = 9;     // passes per size whose median is its cost ...
+constexpr size_t k_plain_window  = 5;     // ... and per plain pass, which every drafted size is priced against
+constexpr int    k_plain_refresh = 32;    // passes with drafts before a plain one is measured again
 constexpr double k_decay         = 0.97;  // of the acceptance's counts, per judged token (a memory of ~30 tokens)
 constexpr double k_prior_accept  = 0.5;   // the acceptance before any draft was judged ...
 constexpr double k_prior_weight  = 2.0;   // ... weighing as much as this many judged tokens
@@ -288,8 +291,10 @@ void draft_length::propose(int n, int n_max_now, const int * seq, int * lengths,
         return;
     }
     draft_pass_costs & c = costs(n);
-    if (!c.has_plain()) {
-        return;  // one plain pass first: every draft is priced against it
+    if (!c.has_plain() || c.since_plain >= k_plain_refresh) {
+        // a plain pass first, and again now and then: every draft is priced against it, and where every pass
+        // drafts, the plain passes measured would otherwise date from another hour of this machine
+        return;
     }
     std::vector<double> p(offered.size());
     for (int i = 0; i < count; ++i) {
@@ -361,9 +366,10 @@ void draft_length::passed(int rows, bool generation_only, double now) {
     draft_pass_costs & c = costs(n);
     auto &             q = c.seconds[rows];
     q.push_back(now - pending_t);
-    if (q.size() > k_window) {
+    if (q.size() > (rows == n ? k_plain_window : k_window)) {
         q.pop_front();
     }
+    c.since_plain = rows == n ? 0 : c.since_plain + 1;
 }
 
 std::string draft_length::json() const {

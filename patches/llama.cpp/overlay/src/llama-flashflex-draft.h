@@ -42,6 +42,7 @@ struct draft_pass_costs {
     int                               idle    = 0;  // passes whose drafts were cut to 0 since one last went out
     bool                              probing = false;
     uint64_t                          probes  = 0;
+    int since_plain = 0;  // passes with drafts since the last plain one (a plain pass is re-measured now and then)
 
     explicit draft_pass_costs(int n);
 
