@@ -147,6 +147,8 @@ def lookup_ngram(prepared: Prepared) -> int:
     """The n-gram llama-server looks up: the plan's where flashflex's lookup drafts (it falls back to shorter ones);
     where no plan runs (upstream's lookup, which drafts nothing shorter than its n-gram), no longer than the draft."""
     draft = prepared.draft
+    if draft is None:
+        raise ValueError("lookup_ngram needs a plan that drafts")
     return (draft.ngram or 3) if prepared.spec.prompt_lookup else min(draft.ngram or 1, draft.max_tokens)
 
 
