@@ -73,9 +73,9 @@ def plan_slots(config, options: dict, parallel: int | None, log: Callable[[str],
         try:
             # drafting by prompt lookup where weights stream, as run and chat do: under a plan llama-server asks the
             # runtime, once its slots have drafted, how much of the drafts each pass keeps
-            # (llama_flashflex_draft_lengths: at most 3% longer passes where some slots have no draft), so the drafts
-            # a lone client gains from stop where they would slow the other slots (docs/benchmarks.md, "Drafting
-            # inside llama-server's slots")
+            # (llama_flashflex_draft_lengths: no slot expecting less than 0.97x its plain rate), so the drafts a lone
+            # client gains from stop where they would slow the other slots (docs/benchmarks.md, "Drafting inside
+            # llama-server's slots")
             prepared = api.prepare(slotted, log=log, chat=True, draft_auto=True, draft_slots=n)
         except BudgetBelowMinimum as exc:
             last = exc
