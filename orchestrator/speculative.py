@@ -447,12 +447,11 @@ def lookup(ids: np.ndarray, ngram: int, k: int) -> np.ndarray:
     (llama_flashflex_prompt_lookup), the one llama.cpp's programs draft with under a plan too."""
     from orchestrator import native
 
-    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    ids = np.ascontiguousarray(ids, dtype=np.intc)  # llama_token: a 32-bit int
     if k < 1:
         return _EMPTY
-    out = np.empty(k, dtype=np.int32)
-    n = native.lib().llama_flashflex_prompt_lookup(ids.ctypes.data, len(ids), ngram, k, out.ctypes.data)
-    return out[:n].astype(np.intc)
+    out = np.empty(k, dtype=np.intc)
+    return out[:native.lib().llama_flashflex_prompt_lookup(ids.ctypes.data, len(ids), ngram, k, out.ctypes.data)]
 
 
 class ModelDrafter(Drafter):
