@@ -670,8 +670,9 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
     vocabulary) and the RAM drafting needs. Kind auto is prompt lookup when `auto` (a planned run or chat; the
     plan may still leave it off, DraftSetup.optional) and a verification batch fits the ubatch, else nothing.
     `slots`: llama-server drafts, for that many slots that may all verify in one pass (each drafted position is a
-    row in every slot; a pass holds at most a micro-batch, so each slot drafts at most ubatch / slots - 1), and
-    nothing calls llama_flashflex_lend_rows there: the rows stay reserved. None: flashflex's own eval drafts."""
+    row in every slot; a pass holds at most a micro-batch, so each slot drafts at most ubatch / slots - 1); the
+    runtime lends the rows there too, before each pass (llama_flashflex_draft_lengths). None: flashflex's own eval
+    drafts."""
     from orchestrator.modelfile.reader import read_model_table
 
     d = cfg.draft
@@ -690,7 +691,7 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
                              f"raise --ubatch to {2 * sequences} or more, lower --parallel, or --draft none")
     setup = DraftSetup(kind=kind, max_tokens=max_tokens, adaptive=d.adaptive, optional=optional,
                        capped_from=d.max_tokens if max_tokens < d.max_tokens else None,
-                       lendable=slots is None and rows_lendable_here())
+                       lendable=rows_lendable_here())
     if max_tokens < d.max_tokens and "max_tokens" in d.model_fields_set:
         per = f" / {sequences} slots" if slots else ""
         log(f"note: draft.max_tokens {d.max_tokens} capped at {max_tokens} (ubatch {settings.ubatch}{per} - 1: a "

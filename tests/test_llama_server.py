@@ -146,6 +146,40 @@ def test_llama_server_drafts_by_prompt_lookup_in_its_slots_by_default(tools_buil
     assert "--spec-type ngram-simple" in err and "--spec-ngram-simple-size-m 3" in err
 
 
+def test_llama_server_lends_the_drafts_rows_to_streamed_weights_and_answers_as_undrafted(tools_build):
+    """With no flag the drafts are as long as run's (the default max_tokens: the rows' memory is lent to streamed
+    weights between verifications, so the plan does not cap the length), the runtime lends and takes the rows back
+    around the passes that verify (llama_flashflex_draft_lengths), and the greedy answers are the undrafted
+    server's: a row given back while the server still read it would fail its verifications."""
+    prompts = ["red green blue, red green blue, red green blue, red",
+               "List: 1. apples 2. pears 3. plums. Again the list: 1."]
+
+    def answers(*flags: str) -> tuple[list[str], int, dict, str]:
+        srv = LlamaServer(*FLAGS, "--parallel", "2", *flags)
+        try:
+            client = srv.client()
+            model = client.models.list().data[0].id
+            texts, drafted = [], 0
+            for prompt in prompts:
+                answer = client.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0)
+                texts.append(answer.choices[0].text)
+                drafted += ((answer.model_extra or {}).get("timings") or {}).get("draft_n", 0)
+            stats = srv.get("/flashflex/stats")
+            stream = stats["models"][stats["default"]]["runtime"]["stream"]
+        finally:
+            err = srv.stop_cleanly()
+        return texts, drafted, stream, err
+
+    texts, drafted, stream, err = answers()
+    plain, _, plain_stream, _ = answers("--draft", "none")
+    assert "drafts by prompt lookup:3 (up to 8 per slot and verification" in err  # DraftConfig.max_tokens
+    assert drafted > 0
+    assert stream["lent_bytes"] > 0 and stream["lent_tensors"] > 0 and stream["lends"] >= 1, stream
+    assert stream["lent_bytes_not_read"] > 0, stream  # lent tensors were kept, not read again at every pass
+    assert plain_stream["lent_bytes"] == 0
+    assert texts == plain
+
+
 def test_llama_servers_slots_draft_by_flashflexs_lookup_under_the_plan(tools_build):
     """With one-token drafts and a 3-gram, upstream's ngram-simple never drafts (it drops a draft shorter than its
     n-gram); under the plan it drafts by flashflex's lookup (llama_flashflex_prompt_lookup, `run`'s), which does."""

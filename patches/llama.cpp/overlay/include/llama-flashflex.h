@@ -97,7 +97,9 @@ LLAMA_API void         llama_flashflex_interrupt(bool on);
 // this context's passes, measured per number of sequences and rows, and each sequence's acceptance: where some
 // sequences have no draft, the pass may take at most 3% longer than a plain one; within that (and where all draft)
 // the lengths weigh each draft's expected tokens against what its rows cost every sequence in the pass
-// (llama-flashflex-draft.cpp). Spec option "draft_adaptive" 0: every draft kept whole.
+// (llama-flashflex-draft.cpp). Spec option "draft_adaptive" 0: every draft kept whole. Where the plan lends
+// drafting's rows to streamed weights (API 8), llama_flashflex_draft_lengths also lends them, or takes back what the
+// pass's drafted tokens need (llama_flashflex_lend_rows with their sum): call it before every pass, drafts or none.
 // A context whose model runs no plan keeps its drafts whole, and the other calls do nothing (the stock path).
 LLAMA_API void    llama_flashflex_draft_lengths(struct llama_context * ctx,
                                                 int32_t                n_sequences,

@@ -280,11 +280,25 @@ void llama_flashflex_draft_lengths(llama_context *      ctx,
                                    int32_t *            lengths,
                                    int32_t              n_drafting) {
     static_assert(sizeof(llama_seq_id) == sizeof(int) && sizeof(int32_t) == sizeof(int), "32-bit ids and lengths");
-    std::lock_guard<std::mutex> lk(g_draft_mutex);
-    auto                        it = g_draft.find(ctx);
-    if (it != g_draft.end() && n_drafting >= 0 && (n_drafting == 0 || (seq_ids != nullptr && lengths != nullptr))) {
-        it->second.propose(n_sequences, n_max, seq_ids, lengths, n_drafting, now_ns() / 1e9);
+    const bool valid = n_drafting >= 0 && (n_drafting == 0 || (seq_ids != nullptr && lengths != nullptr));
+    {
+        std::lock_guard<std::mutex> lk(g_draft_mutex);
+        auto                        it = g_draft.find(ctx);
+        if (it != g_draft.end() && valid) {
+            it->second.propose(n_sequences, n_max, seq_ids, lengths, n_drafting, now_ns() / 1e9);
+        }
     }
+    if (!valid) {
+        return;
+    }
+    // the pass about to be decoded asks for a row per drafted token beyond each sequence's own: where the plan lends
+    // those rows' memory to streamed weights, they take it back now, or lend it again at a pass without drafts (a
+    // refusal, -1, leaves nothing lent: the rows then keep their memory, as without a lending plan)
+    int32_t n_rows = 0;
+    for (int32_t i = 0; i < n_drafting; ++i) {
+        n_rows += std::max(0, lengths[i]);
+    }
+    llama_flashflex_lend_rows(ctx, n_rows);
 }
 
 void llama_flashflex_draft_verified(llama_context * ctx, llama_seq_id seq_id, int32_t n_drafted, int32_t n_kept) {
