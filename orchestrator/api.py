@@ -113,7 +113,7 @@ def prepare(config: str | Path | RunConfig | None = None, log=None, *, budget_by
     model occupies when the budget is a whole cgroup (benchmarks); `chat`: with no model named, the
     instruction-tuned default (chat, serve) instead of the default base model; `draft_auto`: draft.kind auto
     drafts by prompt lookup where the plan affords it (run, chat); `draft_slots`: llama-server drafts, in
-    that many slots (its rows reserved for each, never lent); `own_decodes`: flashflex's code makes every
+    that many slots (its rows reserved for each, lent as run's are); `own_decodes`: flashflex's code makes every
     decode call of the model (run, chat, serve, benchmarks), so a micro-batch asks for one row of logits unless
     context.outputs says otherwise (elsewhere every token's, as stock)."""
     quiet = log is None

@@ -340,9 +340,9 @@ class DraftConfig(_Section):
     kind: DraftKind = Field(
         default="auto",
         description="auto = prompt-lookup for run, chat and serve (its llama-server engine) where weights stream "
-        "(run, chat: the verification "
-        "batch's rows lent to streamed weights while no verification runs; where they cannot be, drafting only where "
-        "the rows cost at most 3% of a token's time; serve: each slot's rows reserved, each pass's drafts as long as "
+        "(the verification "
+        "batch's rows lent to streamed weights while no verification runs, serve's for each slot; where they cannot "
+        "be, drafting only where the rows cost at most 3% of a token's time; serve: each pass's drafts as long as "
         "the runtime finds they pay), else none (exec, the Python API and serve's python engine: none); none = no "
         "drafting; prompt-lookup = draft by matching the last n-gram earlier in the context (prompt-lookup:N "
         "sets the n-gram size; llama-server too: see lookup); "
@@ -368,6 +368,13 @@ class DraftConfig(_Section):
     model: Path | None = Field(
         default=None,
         description="kind model: the draft GGUF (same vocabulary as the model; opened stock, resident).",
+    )
+    lend_rows: bool = Field(
+        default=True,
+        description="Where weights stream on this host, lend the verification rows' memory to streamed weights "
+        "while no verification runs (text where drafts fail then reads what it reads undrafted). false = the rows "
+        "keep their memory for the whole run, taken off the resident weights, and a length not given is capped so "
+        "that they cost at most 3% of a token's time (the A/B of benchmarks).",
     )
     adaptive: bool = Field(
         default=True,

@@ -691,7 +691,7 @@ def setup_for(cfg: "RunConfig", settings: "GenerationSettings", log: Callable[[s
                              f"raise --ubatch to {2 * sequences} or more, lower --parallel, or --draft none")
     setup = DraftSetup(kind=kind, max_tokens=max_tokens, adaptive=d.adaptive, optional=optional,
                        capped_from=d.max_tokens if max_tokens < d.max_tokens else None,
-                       lendable=rows_lendable_here())
+                       lendable=d.lend_rows and rows_lendable_here())
     if max_tokens < d.max_tokens and "max_tokens" in d.model_fields_set:
         per = f" / {sequences} slots" if slots else ""
         log(f"note: draft.max_tokens {d.max_tokens} capped at {max_tokens} (ubatch {settings.ubatch}{per} - 1: a "

@@ -1,9 +1,10 @@
 """Drafting inside llama-server's slots: `flashflex serve` drafting as it does by default (prompt lookup in every slot,
-each pass's draft length from the runtime; --draft-flags such as --draft-max 7 size the drafts, where the plan's own
-choice would draft less or, for small models, nothing) against the same server with `--draft none` and, with `--modes
-draft,none,fixed`, with a fixed length (`--no-draft-adaptive`), and with `upstream`, drafting by llama.cpp's own
-ngram-simple lookup in place of flashflex's (`draft.lookup: upstream`), at the same budget, on the written-down text
-tasks of `bench speculative`.
+up to draft.max_tokens per slot, its rows lent to streamed weights between verifications, each pass's draft length
+from the runtime; --draft-flags such as --draft-max 3 change it) against the same server with `--draft none` and,
+with `--modes draft,none,fixed`, with a fixed length (`--no-draft-adaptive`), with `kept`, the rows' memory kept for
+the whole run (`draft.lend_rows: false`), and with `upstream`, drafting by llama.cpp's own ngram-simple lookup in
+place of flashflex's (`draft.lookup: upstream`), at the same budget, on the written-down text tasks of
+`bench speculative`.
 
 The model is read as under a budget below its size: by default the serve model (SmolLM2) realigned to 4096 bytes, so
 the weights the plan does not keep resident are read from disk (O_DIRECT) at every pass, not from the page cache.
@@ -17,7 +18,8 @@ runtime's draft-length figures (/flashflex/stats). The ratios are each drafted m
 repetitions. Writes results.json (every request) and summary.md (the table `flashflex bench all` puts on the
 benchmarks page).
 
-    python scripts/bench_serve_drafting.py --budget 110MiB --reps 3 --out bench-results/serve-drafting
+    python scripts/bench_serve_drafting.py --budget 110MiB --reps 3 --modes draft,none,upstream \
+        --out bench-results/serve-drafting
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ def ask(port: int, task: str, tokens: int) -> dict:
             "draft_accepted": timings.get("draft_n_accepted", 0)}
 
 
-def upstream_lookup_config(out: Path) -> Path:
-    """A RunConfig that has llama-server draft by upstream's own ngram-simple lookup (draft.lookup), flags aside."""
-    path = out / "upstream-lookup.yaml"
-    path.write_text("draft:\n  lookup: upstream\n")
+def draft_config(out: Path, key: str, value: str) -> Path:
+    """A RunConfig that sets one draft option, flags aside: lookup upstream (llama-server drafts by upstream's own
+    ngram-simple lookup), lend_rows false (the rows keep their memory for the whole run)."""
+    path = out / f"draft-{key}-{value}.yaml"
+    path.write_text(f"draft:\n  {key}: {value}\n")
     return path
 
 
@@ -98,7 +101,8 @@ def one_server(args, mode: str, rep: int) -> dict:
     port = free_port()
     draft = {"none": ["--draft", "none"], "draft": args.draft_flags,
              "fixed": ["--draft", "prompt-lookup", "--no-draft-adaptive", *args.draft_flags],
-             "upstream": [str(upstream_lookup_config(args.out)), *args.draft_flags]}[mode]
+             "upstream": [str(draft_config(args.out, "lookup", "upstream")), *args.draft_flags],
+             "kept": [str(draft_config(args.out, "lend_rows", "false")), *args.draft_flags]}[mode]
     log = args.out / f"server-{mode}-{rep}.log"
     proc = start(args, draft, port, log)
     try:
@@ -150,7 +154,8 @@ def summarise(runs: list[dict], args) -> tuple[dict, dict]:
 
 
 LABELS = {"none": "undrafted", "draft": "drafted, length per pass (serve's default)", "fixed": "drafted, fixed length",
-          "upstream": "drafted by upstream's lookup, length per pass"}
+          "upstream": "drafted by upstream's lookup, length per pass",
+          "kept": "drafted, rows kept (not lent), length per pass"}
 
 
 def markdown(result: dict) -> str:
@@ -188,7 +193,8 @@ def main() -> None:
     ap.add_argument("--clients", default="1,2,4", help="client counts (1: every task alone)")
     ap.add_argument("--modes", default="draft,none", help="draft (serve's default), none (--draft none), fixed "
                     "(--draft prompt-lookup --no-draft-adaptive), upstream (draft.lookup upstream: llama.cpp's "
-                    "ngram-simple lookup in place of flashflex's)")
+                    "ngram-simple lookup in place of flashflex's), kept (draft.lend_rows false: the rows keep their "
+                    "memory)")
     ap.add_argument("--draft-flags", default="", help="more serve flags for the drafted servers, e.g. '--draft-max 7'")
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve-drafting"))
     args = ap.parse_args()

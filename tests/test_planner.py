@@ -829,6 +829,27 @@ def test_rows_are_lent_to_streamed_weights_so_the_length_is_not_capped():
     assert lent_weights([10, 5000, 9000, 4096], 8192) == 8192  # 9000 takes 3 pages; 5000 two; nothing else fits
 
 
+def test_drafting_by_default_drafts_shorter_where_the_whole_lengths_rows_do_not_fit():
+    """Lent rows are still reserved: where 7 drafted tokens' rows do not fit beside the model's minimum, drafting
+    by default halves the length until they do (said in the plan), and drafts nothing where not one fits; the
+    minimum the plan reports stays the undrafted one."""
+    t = dense_table()
+    minimum = plan_table(t, 1 << 40, ctx=256, ubatch=16).minimum_budget_bytes
+    smallest = min(x.n_bytes for x in t.tensors if x.name.startswith("blk.") and len(x.shape) > 1)
+    row = smallest  # one row holds a streamed tensor: lent
+
+    def auto(total: int) -> Plan:
+        return _drafted(t, total, DraftRequest(kind="prompt-lookup", max_tokens=7, row_bytes=row, optional=True))
+
+    full = auto(minimum + 8 * row).draft
+    assert full is not None and full.max_tokens == 7 and full.capped_from is None and full.lent_bytes == 7 * row
+    half = auto(minimum + 5 * row)
+    assert half.draft is not None and (half.draft.max_tokens, half.draft.capped_from) == (3, 7)
+    assert half.draft.lent_bytes == 3 * row and "not 7" in half.draft.note
+    assert half.minimum_budget_bytes == minimum
+    assert auto(minimum + row // 2).draft is None and auto(minimum + row // 2).minimum_budget_bytes == minimum
+
+
 def test_drafting_by_default_only_where_it_streams_and_a_row_fits_the_share():
     """draft.kind auto (run, chat): the same cap, but where nothing streams or not one drafted token's rows fit
     the share of the reads, no drafting at all rather than one token."""

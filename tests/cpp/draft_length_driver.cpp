@@ -5,6 +5,7 @@
 //                                 keep of drafts of L0, L1, ... tokens           -> {"lengths": [K0, K1, ...]}
 //   verified SEQ DRAFTED KEPT     a verification's outcome                       -> {"ok": true}
 //   pass ROWS GENERATION_ONLY NOW the pass asked for last ended at NOW           -> {"ok": true}
+//   ended SEQ                     sequence SEQ ended its request                 -> {"ok": true}
 //   state                         the controller's JSON                          -> {...}
 
 #include "llama-flashflex-draft.h"
@@ -55,6 +56,11 @@ int main() {
             double now = 0;
             in >> rows >> generation_only >> now;
             d->passed(rows, generation_only != 0, now);
+            std::puts("{\"ok\": true}");
+        } else if (cmd == "ended") {
+            int seq = 0;
+            in >> seq;
+            d->ended(seq);
             std::puts("{\"ok\": true}");
         } else if (cmd == "state") {
             std::puts(d->json().c_str());

@@ -13,7 +13,7 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 10
+#define LLAMA_FLASHFLEX_API_VERSION 11
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
@@ -98,8 +98,9 @@ LLAMA_API void         llama_flashflex_interrupt(bool on);
 // sequences have no draft, the pass may take at most 3% longer than a plain one; within that (and where all draft)
 // the lengths weigh each draft's expected tokens against what its rows cost every sequence in the pass
 // (llama-flashflex-draft.cpp). Spec option "draft_adaptive" 0: every draft kept whole. Where the plan lends
-// drafting's rows to streamed weights (API 8), llama_flashflex_draft_lengths also lends them, or takes back what the
-// pass's drafted tokens need (llama_flashflex_lend_rows with their sum): call it before every pass, drafts or none.
+// drafting's rows to streamed weights (API 8), llama_flashflex_draft_lengths also takes back what the pass's drafted
+// tokens need (llama_flashflex_lend_rows with their sum), or lends them again at a plain pass of at most one
+// sequence: call it before every pass, drafts or none.
 // A context whose model runs no plan keeps its drafts whole, and the other calls do nothing (the stock path).
 LLAMA_API void    llama_flashflex_draft_lengths(struct llama_context * ctx,
                                                 int32_t                n_sequences,
@@ -114,8 +115,12 @@ LLAMA_API void    llama_flashflex_draft_verified(struct llama_context * ctx,
 // generation_only: every row of the pass is a sequence's next token or a draft (a pass with prompt tokens in it
 // prices nothing)
 LLAMA_API void    llama_flashflex_draft_pass(struct llama_context * ctx, int32_t n_rows, bool generation_only);
+// API 11: the sequence ends its request (a server's slot released): what its drafts were kept says nothing of the
+// next request's text, so its acceptance starts again from the prior.
+LLAMA_API void    llama_flashflex_draft_end(struct llama_context * ctx, llama_seq_id seq_id);
 // What the controller measured, as JSON (same conventions as llama_flashflex_model_stats): "adaptive",
-// "acceptance_estimate" (the sequences' mean), "acceptance_by_sequence": [{"sequence", "estimate"}], "drafted",
+// "acceptance_estimate" (the sequences' mean of how often a draft's first token is kept), "acceptance_continued"
+// (of a token after a kept one), "acceptance_by_sequence": [{"sequence", "estimate", "continued"}], "drafted",
 // "kept", "by_sequences": [{"sequences", "probes", "next_length_all_drafting",
 // "passes_by_rows": [{"rows", "passes", "median_seconds"}]}]; -1 for a context whose model runs no plan.
 LLAMA_API int32_t llama_flashflex_draft_stats(const struct llama_context * ctx, char * buf, size_t buf_size);

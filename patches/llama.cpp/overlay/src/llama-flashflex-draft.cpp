@@ -11,8 +11,11 @@
 // long beside one whose text does not repeat).
 //
 // The cost model is the one flashflex's Python drafter uses for a single sequence (orchestrator/speculative.py,
-// DraftLength), with a pass of n sequences in place of its single-token step: each drafted token is kept with
-// probability p given that the ones before it were, so a draft of k gives 1 + p + ... + p^k tokens per pass; a pass
+// DraftLength), with a pass of n sequences in place of its single-token step, and two rates per sequence: a draft's
+// first token is kept with probability f, each token after a kept one with p, so a draft of k gives
+// 1 + f (1 + p + ... + p^(k-1)) tokens per pass (prompt lookup's weak drafts, shorter n-grams where the text does
+// not repeat, are seldom right at their first token, but a copy that starts tends to go on; one rate for both
+// counted such a sequence's long drafts as failing and its one-token drafts as better than they are); a pass
 // of R rows costs t(R), the median measured for R = n (a plain pass) and, beyond it, a line through the medians of
 // the sizes measured, each weighing its passes (the slope pulled toward a prior of 10% of a plain pass per sequence
 // and row; with one size measured, the slope from the plain pass to it).
@@ -23,8 +26,8 @@
 // rate (drafts use what the pass computes while it waits for its reads, and what the drafting sequences gain back:
 // a user whose text does not repeat keeps 0.97x of the undrafted speed, one whose drafts are kept now and then pays
 // for no more rows than they win). Within that, the lengths maximise the sum over the n sequences of the logarithm
-// of each one's tokens per second, sum_i log(1 + p_i + ... + p_i^k_i) - n log(t(n + sum_i k_i) / t(n)), p_i each
-// sequence's acceptance (draft_pass_costs::allocate), and must raise the rates by 3% on average; with one sequence
+// of each one's tokens per second, sum_i log(1 + f_i (1 + p_i + ... + p_i^(k_i-1))) - n log(t(n + sum_i k_i) / t(n)),
+// f_i and p_i each sequence's rates (draft_pass_costs::allocate), and must raise the rates by 3% on average; with one sequence
 // that is its own throughput. (Measured with SmolLM2 under 110 MiB, four requests at once: maximising the total
 // tokens per pass let the copying slots draft 4 tokens each, passes took 2-3 times a plain one meanwhile, and the
 // free-text request finished last, 0.82x the undrafted aggregate; the sum of logarithms alone still let them draft
@@ -178,13 +181,14 @@ double draft_pass_costs::pass_seconds(int rows) const {
 // to their sequence's logarithm (those gains shrink with each token a sequence keeps), or, where that would break
 // the floor, to the sequence expecting the least (which lifts the floor); the best of the choices on the way wins.
 std::vector<int> draft_pass_costs::allocate(int                         m,
+                                            const std::vector<double> & first,
                                             const std::vector<double> & p,
                                             const std::vector<int> &    offered) const {
     const size_t        count = p.size();
     std::vector<int>    k(count, 0), k_best(count, 0);
-    std::vector<double> expected(count, 1.0), next(p);  // 1 + p + ... + p^k, and p^(k + 1)
+    std::vector<double> expected(count, 1.0), next(first);  // 1 + f (1 + p + ... + p^(k-1)), and f p^k
     const double        t_n  = plain();
-    double              gain = 0, s_best = 0;           // the score of keeping nothing is 0
+    double              gain = 0, s_best = 0;               // the score of keeping nothing is 0
     // the least any sequence expects per pass: 1 where some have no draft, else the least of the drafting ones'
     const auto          floor_of = [&](const std::vector<double> & e) {
         return m < n ? 1.0 : *std::min_element(e.begin(), e.end());
@@ -245,26 +249,43 @@ int draft_pass_costs::probe_gap(int m) const {
 }
 
 draft_acceptance::draft_acceptance() :
+    kept_first(k_prior_accept * k_prior_weight),
+    judged_first(k_prior_weight),
     kept(k_prior_accept * k_prior_weight),
     judged(k_prior_weight),
     gap(k_min_probe_gap) {}
+
+double draft_acceptance::first() const {
+    return judged_first > 0 ? kept_first / judged_first : 0.0;
+}
 
 double draft_acceptance::p() const {
     return judged > 0 ? kept / judged : 0.0;
 }
 
 void draft_acceptance::judge(int drafted, int kept_now) {
-    const int    judged_now = kept_now + (kept_now < drafted ? 1 : 0);  // tokens after a rejected one: not judged
-    const double decay = std::pow(k_decay, judged_now);  // per token, so one-token drafts forget as slowly as long ones
-    kept               = decay * kept + kept_now;
-    judged             = decay * judged + judged_now;
+    if (drafted <= 0) {
+        return;
+    }
+    kept_first   = k_decay * kept_first + (kept_now > 0 ? 1 : 0);
+    judged_first = k_decay * judged_first + 1;
+    if (kept_now <= 0) {
+        return;  // the tokens after a rejected first one: not judged
+    }
+    // after the first: the kept ones, and the one rejected after them (if any); decayed per token, so one-token
+    // drafts forget as slowly as long ones
+    const int    judged_now = kept_now - 1 + (kept_now < drafted ? 1 : 0);
+    const double decay      = std::pow(k_decay, judged_now);
+    kept                    = decay * kept + (kept_now - 1);
+    judged                  = decay * judged + judged_now;
 }
 
 draft_length::draft_length(bool adaptive) : adaptive(adaptive) {}
 
-double draft_length::acceptance(int seq) const {
-    auto it = by_seq.find(seq);
-    return it == by_seq.end() ? draft_acceptance().p() : it->second.p();
+const draft_acceptance & draft_length::acceptance(int seq) const {
+    static const draft_acceptance prior;
+    auto                          it = by_seq.find(seq);
+    return it == by_seq.end() ? prior : it->second;
 }
 
 draft_pass_costs & draft_length::costs(int n) {
@@ -296,11 +317,12 @@ void draft_length::propose(int n, int n_max_now, const int * seq, int * lengths,
         // drafts, the plain passes measured would otherwise date from another hour of this machine
         return;
     }
-    std::vector<double> p(offered.size());
+    std::vector<double> f(offered.size()), p(offered.size());
     for (int i = 0; i < count; ++i) {
-        p[i] = acceptance(seq[i]);
+        f[i] = acceptance(seq[i]).first();
+        p[i] = acceptance(seq[i]).p();
     }
-    const std::vector<int> k     = c.allocate(m, p, offered);
+    const std::vector<int> k     = c.allocate(m, f, p, offered);
     const bool             first = c.drafted_sizes(nullptr).empty();  // the first draft is one token: a row priced
     bool                   any   = false;
     for (int i = 0; i < count; ++i) {
@@ -310,8 +332,8 @@ void draft_length::propose(int n, int n_max_now, const int * seq, int * lengths,
     if (any) {
         c.idle    = 0;
         c.probing = false;
-        // A sequence passed over would never be judged again (a slot keeps its estimate from one request to the
-        // next): after a gap of such passes, doubling while its probes fail, it drafts one token.
+        // A sequence passed over would never be judged again (a long request's text may start repeating): after a
+        // gap of such passes, doubling while its probes fail, it drafts one token.
         for (int i = 0; i < count; ++i) {
             draft_acceptance & a = by_seq[seq[i]];
             if (k[i] > 0) {
@@ -357,6 +379,12 @@ void draft_length::verified(int seq, int drafted, int kept_now) {
     }
 }
 
+void draft_length::ended(int seq) {
+    // a server's slot takes another user's request next: a copy-edit's 90% says nothing of a chat that follows (its
+    // long drafts then failed for ~30 tokens while the estimate decayed, and slowed the slots beside it)
+    by_seq.erase(seq);
+}
+
 void draft_length::passed(int rows, bool generation_only, double now) {
     const int n = pending_n;
     pending_n   = 0;
@@ -373,14 +401,17 @@ void draft_length::passed(int rows, bool generation_only, double now) {
 }
 
 std::string draft_length::json() const {
-    double                   mean = 0;
+    double                   mean = 0, mean_continued = 0;
     std::vector<std::string> sequences, acceptances;
     for (const auto & [seq, a] : by_seq) {
-        mean += a.p() / by_seq.size();
-        acceptances.push_back(json_object().add("sequence", seq).add("estimate", a.p()).str());
+        mean += a.first() / by_seq.size();
+        mean_continued += a.p() / by_seq.size();
+        acceptances.push_back(
+            json_object().add("sequence", seq).add("estimate", a.first()).add("continued", a.p()).str());
     }
     if (by_seq.empty()) {
-        mean = draft_acceptance().p();
+        mean           = draft_acceptance().first();
+        mean_continued = draft_acceptance().p();
     }
     for (const auto & [n, c] : by_n) {
         std::vector<std::string> passes;
@@ -392,9 +423,10 @@ std::string draft_length::json() const {
         o.add("sequences", n).add("probes", c.probes);
         if (c.has_plain()) {
             // every sequence drafting n_max tokens, each kept as often as the sequences' mean
-            const std::vector<int> k = adaptive ?
-                                           c.allocate(n, std::vector<double>(n, mean), std::vector<int>(n, n_max)) :
-                                           std::vector<int>(n, n_max);
+            const std::vector<int> k =
+                adaptive ? c.allocate(n, std::vector<double>(n, mean), std::vector<double>(n, mean_continued),
+                                      std::vector<int>(n, n_max)) :
+                           std::vector<int>(n, n_max);
             o.add("next_length_all_drafting", *std::max_element(k.begin(), k.end()));
         }
         sequences.push_back(o.add_array("passes_by_rows", passes).str());
@@ -402,6 +434,7 @@ std::string draft_length::json() const {
     return json_object()
         .add("adaptive", adaptive)
         .add("acceptance_estimate", mean)
+        .add("acceptance_continued", mean_continued)
         .add_array("acceptance_by_sequence", acceptances)
         .add("drafted", drafted_total)
         .add("kept", kept_total)

@@ -21,16 +21,20 @@ namespace flashflex {
 // for n from ngram - 1 down to 1. Writes the draft into out (room for k) and returns its length (0: no match).
 int prompt_lookup(const int32_t * ids, int64_t n_ids, int ngram, int k, int32_t * out);
 
-// What one sequence's drafts kept: counts decayed per judged token, starting from a prior; and, while its drafts are
-// cut to nothing as others draft, when to probe it with one token.
+// What one sequence's drafts kept, as two rates: of a draft's first token, and of each token after a kept one
+// (prompt lookup's weak drafts are seldom right at their first token, but a copy that starts tends to go on); counts
+// decayed per judged token, starting from a prior; and, while its drafts are cut to nothing as others draft, when to
+// probe it with one token.
 struct draft_acceptance {
-    double kept, judged;
+    double kept_first, judged_first;  // a draft's first token
+    double kept, judged;              // the tokens after a kept one
     int    idle    = 0;  // passes that cut its draft to nothing while others drafted, since it last drafted
     int    gap     = 0;
     bool   probing = false;
 
     draft_acceptance();
-    double p() const;
+    double first() const;  // how often a draft's first token is kept
+    double p() const;      // how often a token is kept after a kept one
     void   judge(int drafted, int kept);
 };
 
@@ -50,10 +54,13 @@ struct draft_pass_costs {
     double                              plain() const;  // median seconds of a pass with no draft (rows = n)
     std::vector<std::pair<int, double>> drafted_sizes(std::vector<double> * weights) const;
     double                              pass_seconds(int rows) const;  // estimated
-    // How much of its draft each sequence keeps: offered[i] tokens drafted by a sequence whose drafts are kept
-    // with probability p[i]; m of the n sequences have a draft.
-    std::vector<int> allocate(int m, const std::vector<double> & p, const std::vector<int> & offered) const;
-    int              probe_gap(int m) const;
+    // How much of its draft each sequence keeps: offered[i] tokens drafted by a sequence whose first drafted token is
+    // kept with probability first[i], and each one after a kept one with p[i]; m of the n sequences have a draft.
+    std::vector<int>                    allocate(int                         m,
+                                                 const std::vector<double> & first,
+                                                 const std::vector<double> & p,
+                                                 const std::vector<int> &    offered) const;
+    int                                 probe_gap(int m) const;
 };
 
 class draft_length {
@@ -68,9 +75,11 @@ class draft_length {
     void verified(int seq, int drafted, int kept);
     // The pass asked for last ended at `now` with `rows` rows; `generation_only`: no prompt token in it.
     void passed(int rows, bool generation_only, double now);
+    // Sequence seq ended its request: the next starts from the prior acceptance.
+    void ended(int seq);
 
-    double      acceptance(int seq) const;
-    std::string json() const;
+    const draft_acceptance & acceptance(int seq) const;
+    std::string              json() const;
 
   private:
     draft_pass_costs & costs(int n);

@@ -292,13 +292,19 @@ void llama_flashflex_draft_lengths(llama_context *      ctx,
         return;
     }
     // the pass about to be decoded asks for a row per drafted token beyond each sequence's own: where the plan lends
-    // those rows' memory to streamed weights, they take it back now, or lend it again at a pass without drafts (a
-    // refusal, -1, leaves nothing lent: the rows then keep their memory, as without a lending plan)
+    // those rows' memory to streamed weights, they take it back now, or lend it again at a pass without drafts of at
+    // most one sequence (a refusal, -1, leaves nothing lent: the rows then keep their memory, as without a lending
+    // plan). Not at a plain pass of several: with several sequences most passes draft, and each lend and take-back
+    // moves tensors between the ring and the lent memory (reads in flight drained, homes placed again): lent again
+    // at every plain pass between drafted ones, four requests at once ran at 0.66-1.00x undrafted against 0.94-1.06x
+    // with the rows kept (SmolLM2 under 110 MiB, docs/benchmarks.md)
     int32_t n_rows = 0;
     for (int32_t i = 0; i < n_drafting; ++i) {
         n_rows += std::max(0, lengths[i]);
     }
-    llama_flashflex_lend_rows(ctx, n_rows);
+    if (n_rows > 0 || n_sequences <= 1) {
+        llama_flashflex_lend_rows(ctx, n_rows);
+    }
 }
 
 void llama_flashflex_draft_verified(llama_context * ctx, llama_seq_id seq_id, int32_t n_drafted, int32_t n_kept) {
@@ -306,6 +312,14 @@ void llama_flashflex_draft_verified(llama_context * ctx, llama_seq_id seq_id, in
     auto                        it = g_draft.find(ctx);
     if (it != g_draft.end()) {
         it->second.verified(seq_id, n_drafted, n_kept);
+    }
+}
+
+void llama_flashflex_draft_end(llama_context * ctx, llama_seq_id seq_id) {
+    std::lock_guard<std::mutex> lk(g_draft_mutex);
+    auto                        it = g_draft.find(ctx);
+    if (it != g_draft.end()) {
+        it->second.ended(seq_id);
     }
 }
 
