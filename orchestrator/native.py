@@ -219,6 +219,8 @@ def spec_document(spec, trace_file: str | None = None) -> dict[str, Any]:
         options["draft_adaptive"] = 0
     if spec.prompt_lookup:
         options["prompt_lookup"] = 1
+    if spec.gather_ms:
+        options["gather_ms"] = spec.gather_ms
     if banks is not None:
         options.update(moe_slots=banks.slots, moe_io_threads=banks.io_threads, moe_shared_only=int(banks.shared_only))
         if banks.verify:

@@ -420,6 +420,8 @@ def _c_api():
     cdll.llama_flashflex_draft_stats.restype = ctypes.c_int32
     cdll.llama_flashflex_prompt_lookup_planned.argtypes = []
     cdll.llama_flashflex_prompt_lookup_planned.restype = ctypes.c_bool
+    cdll.llama_flashflex_gather.argtypes = []
+    cdll.llama_flashflex_gather.restype = ctypes.c_int32
     return cdll
 
 
@@ -505,4 +507,24 @@ def test_llama_cpps_prompt_lookup_drafts_by_flashflexs_while_a_plan_asks(patched
     with _prepared(small_model, planned=True, prompt_lookup=prompt_lookup).session():
         assert cdll.llama_flashflex_prompt_lookup_planned() is prompt_lookup
     assert cdll.llama_flashflex_prompt_lookup_planned() is False  # the model freed
+
+
+def test_a_server_waking_from_idle_waits_the_window_a_plan_asks_for(patched_llama, small_model):
+    """llama-server calls llama_flashflex_gather when a request wakes its empty queue: it waits the largest window
+    a loaded model's spec asks for (gather_ms), so requests sent together share the first pass, and returns at once
+    (0) with none: stock, a plan without a window, the model freed."""
+    import dataclasses
+    import time
+
+    cdll = _c_api()
+    assert cdll.llama_flashflex_gather() == 0
+    with _prepared(small_model, planned=False).session():
+        assert cdll.llama_flashflex_gather() == 0
+    planned = _prepared(small_model, planned=True)
+    windowed = dataclasses.replace(planned, spec=planned.spec.model_copy(update={"gather_ms": 40}))
+    with windowed.session():
+        t0 = time.monotonic()
+        assert cdll.llama_flashflex_gather() == 40
+        assert time.monotonic() - t0 >= 0.039
+    assert cdll.llama_flashflex_gather() == 0  # the model freed
 

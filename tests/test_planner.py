@@ -901,3 +901,27 @@ def test_rows_are_priced_in_time_once_a_run_has_measured_its_decode():
     assert fit(0.5 * streamed / rate, probe=3 * rate / RUNTIME_READ_SHARE).max_tokens > 2
     assert fit(0.5 * streamed / rate, probe=0.5 * rate).max_tokens == 2  # a slower probe changes nothing
     assert draft_row_allowance(streamed, None, 1e9)[0] == int(FAILING_DRAFT_SHARE * streamed)
+
+
+def test_a_server_gathers_requests_for_a_few_percent_of_a_planned_pass(tmp_path):
+    """The spec's gather_ms (llama-server's window when a request wakes it from idle): 3% of the plan's estimated
+    pass over the streamed weights, at most 50 ms; 0 where nothing streams (stock stays stock)."""
+    from orchestrator import synth
+    from orchestrator.run.spec import GATHER_MAX_MS, gather_window_ms
+
+    assert gather_window_ms(None) == 0 and gather_window_ms(0.0) == 0
+    assert gather_window_ms(1 / 1.3) == 39  # the 7B shape under half its size: ~1.3 s a pass
+    assert gather_window_ms(100.0) == 0 and gather_window_ms(0.01) == GATHER_MAX_MS
+    from orchestrator.modelfile.reader import read_model_table
+    from orchestrator.run.settings import GenerationSettings
+    from tests.helpers import prepared_of
+
+    path = synth.write_synth_model(synth.preset("tiny-dense"), tmp_path / "m.gguf")
+    table = read_model_table(path)
+    settings = GenerationSettings(model=path, ctx=128, batch=8, ubatch=8, threads=2)
+    minimum = plan_table(table, 1 << 40, ctx=128, ubatch=8).minimum_budget_bytes
+    plan = plan_table(table, minimum, ctx=128, ubatch=8)
+    streamed = prepared_of(settings, plan)
+    assert streamed.spec.stream is not None
+    assert streamed.spec.gather_ms == gather_window_ms(plan.estimates.io_bound_tokens_per_s)
+    assert prepared_of(settings, plan_table(table, 1 << 40, ctx=128, ubatch=8)).spec.gather_ms == 0

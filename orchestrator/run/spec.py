@@ -114,6 +114,9 @@ class RuntimeSpec(_Spec):
     prompt_lookup: bool = Field(default=False, description="The plan drafts by prompt lookup: llama.cpp's programs "
                                 "draft with flashflex's lookup (past a changed token, then shorter n-grams) in place "
                                 "of upstream's ngram-simple.")
+    gather_ms: int = Field(default=0, ge=0, le=1000, description="A server waking from idle with a request waits "
+                           "this long for more before its first pass (llama_flashflex_gather): a few percent of a "
+                           "pass over the streamed weights (gather_window_ms); 0 where nothing streams.")
     lossy: list[str] = Field(default_factory=list, description="Why this run's output may differ from stock.")
 
     @property
@@ -159,6 +162,7 @@ class RuntimeSpec(_Spec):
                                      lent_bytes=plan.draft.lent_bytes if plan.draft is not None else 0)
             requested = plan.prefetch.direct_io_requested
             spec.direct_io = "strict" if requested == "strict" else "on" if plan.prefetch.direct_io else "off"
+            spec.gather_ms = gather_window_ms(plan.estimates.io_bound_tokens_per_s)
         if plan.moe is not None:
             if plan.moe.topk_lossy:
                 spec.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk
@@ -176,6 +180,20 @@ class RuntimeSpec(_Spec):
         if spec.native or (plan.moe is not None and plan.moe.mode == modes.RESIDENT):
             spec.use_mmap = False  # our runtime reads what it needs; resident = stock without mmap
         return spec
+
+
+GATHER_SHARE = 0.03  # of a pass over the streamed weights: what a lone request's first token may wait for company
+GATHER_MAX_MS = 50
+
+
+def gather_window_ms(io_bound_tokens_per_s: float | None) -> int:
+    """How long a server waking from idle waits for more requests before its first pass: a pass reads the streamed
+    weights once however many prompts it carries, so requests sent together should share it; GATHER_SHARE of the
+    plan's estimated pass (its reads at the assumed bandwidth), at most GATHER_MAX_MS (the 7B shape under half its
+    size: ~1.3 s a pass, so 40 ms); 0 where nothing streams."""
+    if not io_bound_tokens_per_s:
+        return 0
+    return min(GATHER_MAX_MS, round(1000 * GATHER_SHARE / io_bound_tokens_per_s))
 
 
 def _banks(plan: Plan, inputs: SpecInputs, first_file: int) -> BankSpec:

@@ -138,6 +138,11 @@ LLAMA_API int32_t llama_flashflex_prompt_lookup(const llama_token * context,
                                                 llama_token *       draft);
 // Whether a loaded model's plan asks llama.cpp's prompt-lookup drafter (ngram-simple) to draft as above.
 LLAMA_API bool    llama_flashflex_prompt_lookup_planned(void);
+// API 11: for a program that batches requests (llama-server), called when it wakes from idle with a request: waits
+// the window a loaded model's plan asks for (spec option "gather_ms": a few percent of a pass over its streamed
+// weights; the largest over the loaded models), so that requests sent together share the first pass. Returns the
+// milliseconds waited: 0, at once, where no plan asks for a window (the stock path).
+LLAMA_API int32_t llama_flashflex_gather(void);
 
 //
 // Devices and ggml's RPC backend (API 6; feature "devices", and "rpc" when the build has ggml's RPC backend).

@@ -105,6 +105,7 @@ void set_option(config & c, const std::string & k, int64_t value) {
         { "ring_mirror",        0, 1,                 &config::ring_mirror,        nullptr             },
         { "draft_adaptive",     0, 1,                 &config::draft_adaptive,     nullptr             },
         { "prompt_lookup",      0, 1,                 &config::prompt_lookup,      nullptr             },
+        { "gather_ms",          0, 1000,              &config::gather_ms,          nullptr             },
         { "moe_slots",          0, 65536,             &config::moe_slots,          nullptr             },
         { "moe_io_threads",     1, 256,               &config::moe_io_threads,     nullptr             },
         { "moe_shared_only",    0, 1,                 &config::moe_shared_only,    nullptr             },

@@ -43,6 +43,7 @@ struct config {
     int                            ring_mirror = 1;  // 1: map each ring twice back to back (no wrap slack); 0 flat
     int                            draft_adaptive = 1;  // 1: drafts as long as the measured passes afford; 0: fixed
     int                            prompt_lookup  = 0;  // 1: llama.cpp's ngram-simple drafter drafts by ours
+    int                            gather_ms      = 0;  // a server waking from idle waits this long for more requests
     int                            moe_slots      = 0;  // slots per layer; 0 = every expert resident (resident-bank)
     int                            moe_io_threads = 4;  // parallel readers for bank misses
     int                  moe_shared_only = 0;          // diagnostic: routed experts contribute nothing, nothing is read

@@ -15,11 +15,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 using namespace flashflex;
 
@@ -43,6 +45,7 @@ std::map<const llama_model *, const llama_context *> g_context_of;
 std::map<const llama_context *, output_rows>         g_output_rows;     // of those contexts
 std::map<const llama_model *, bool>                  g_draft_adaptive;  // each planned model's spec: draft_adaptive
 std::set<const llama_model *>                        g_prompt_lookup;   // planned models whose spec: prompt_lookup 1
+std::map<const llama_model *, int>                   g_gather_ms;       // planned models' spec: gather_ms > 0
 
 // The draft length of each of those contexts (llama_flashflex_draft_*): asked and told by the thread that decodes,
 // read by a server's stats route.
@@ -134,6 +137,9 @@ void llama_flashflex_on_tensors_created(const llama_model & model, llama_model_l
         if (cfg.prompt_lookup != 0) {
             g_prompt_lookup.insert(&model);
         }
+        if (cfg.gather_ms > 0) {
+            g_gather_ms[&model] = cfg.gather_ms;
+        }
     } catch (const std::exception & e) {
         stream_free(&model);
         bank_free(&model);
@@ -166,6 +172,7 @@ void llama_flashflex_on_model_free(const llama_model * model) {
     g_context_of.erase(model);
     g_draft_adaptive.erase(model);
     g_prompt_lookup.erase(model);
+    g_gather_ms.erase(model);
 }
 
 void llama_flashflex_on_context_created(const llama_model & model, const llama_context * ctx) {
@@ -353,4 +360,22 @@ int32_t llama_flashflex_prompt_lookup(const llama_token * context,
 bool llama_flashflex_prompt_lookup_planned(void) {
     std::lock_guard<std::mutex> lk(g_contexts_mutex);
     return !g_prompt_lookup.empty();
+}
+
+// Process-wide too: a server's task queue knows no model. Under a streaming plan a pass costs a whole read of the
+// streamed weights, however few prompts it carries: requests sent together that reach an idle server a few
+// milliseconds apart would otherwise go through in two passes, the first carrying the first request alone (seen with
+// eight requests at once: one prompt launched, the other seven a pass later).
+int32_t llama_flashflex_gather(void) {
+    int ms = 0;
+    {
+        std::lock_guard<std::mutex> lk(g_contexts_mutex);
+        for (const auto & [model, v] : g_gather_ms) {
+            ms = std::max(ms, v);
+        }
+    }
+    if (ms > 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    }
+    return ms;
 }
