@@ -681,6 +681,11 @@ class ServerConfig(_Section):
         default=16, ge=0, le=4096,
         description="llama-server engine: generation requests that may wait beyond the slots; more get HTTP 503 "
         "with Retry-After.")
+    gather_ms: int | None = Field(
+        default=None, ge=0, le=1000,
+        description="llama-server engine: how long a request that wakes an idle server waits for others sent with "
+        "it, so that they share the first pass over the streamed weights. null = 3% of the plan's estimated pass, "
+        "at most 50 ms (0 where nothing streams); 0 = off.")
 
 
 class ServedModel(RunConfig):

@@ -122,8 +122,14 @@ def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     # flashflex: the plan's budget; stock: a budget above the model (the planner picks stock, mmap), same cgroup
-    if engine == "flashflex":
-        cmd = [sys.executable, "-m", "orchestrator", "serve", "--engine", "llama-server", "-m", str(model),
+    if engine.startswith("flashflex"):
+        # flashflex-nogather: the same without the window a request waking the idle server waits for others
+        # (server.gather_ms 0, a serve file), the A/B of that window
+        served = []
+        if engine == "flashflex-nogather":
+            served = [str(out_dir / "no-gather.yaml")]
+            (out_dir / "no-gather.yaml").write_text("server:\n  gather_ms: 0\nmodels:\n  - {}\n")
+        cmd = [sys.executable, "-m", "orchestrator", "serve", *served, "--engine", "llama-server", "-m", str(model),
                "--budget", f"{budget}B", "--ctx", str(ctx), "--ubatch", str(ubatch), "--parallel", str(parallel),
                "--threads", str(threads), "--port", str(port),
                "--draft", "none"]  # batching against stock's batching: drafting is measured by bench speculative
@@ -211,7 +217,8 @@ def median_of(runs: list[dict], key: str) -> float | None:
 def summarize(points: list[dict], clients: list[int], model: Path, budget: int, started: str) -> str:
     rows = []
     med: dict[tuple[str, int], dict] = {}
-    for engine in ("flashflex", "stock"):
+    engines = list(dict.fromkeys(p["engine"] for p in points))
+    for engine in engines:
         for n in clients:
             runs = [p for p in points if p["engine"] == engine and p["clients"] == n]
             med[engine, n] = {k: median_of(runs, k) for k in ("tok_per_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s",
@@ -221,13 +228,13 @@ def summarize(points: list[dict], clients: list[int], model: Path, budget: int, 
             for key in ("requests", "lost", "busy_503"):
                 med[engine, n][key] = sum(p.get(key) or 0 for p in runs)
     one = clients[0]
-    for engine in ("flashflex", "stock"):
+    for engine in engines:
         for n in clients:
             m = med[engine, n]
             vs_one = (m["tok_per_s"] / med[engine, one]["tok_per_s"]) \
                 if m["tok_per_s"] and med[engine, one]["tok_per_s"] else None
-            vs_stock = (m["tok_per_s"] / med["stock", n]["tok_per_s"]) \
-                if m["tok_per_s"] and med["stock", n]["tok_per_s"] else None
+            stock = med.get(("stock", n), {}).get("tok_per_s")
+            vs_stock = m["tok_per_s"] / stock if m["tok_per_s"] and stock else None
             rows.append(f"| {engine} | {n} | {_x(m['tok_per_s'], '')} | {_x(vs_one)} | "
                         f"{_x(vs_stock)} | {_s(m['ttft_p50_s'])} / {_s(m['ttft_p95_s'])} | "
                         f"{_s(m['itl_p50_s'])} / {_s(m['itl_p95_s'])} | "
@@ -250,7 +257,7 @@ def plot(points: list[dict], clients: list[int], path: Path) -> None:
     if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for engine, style in (("flashflex", "o-"), ("stock", "s--")):
+    for engine, style in (("flashflex", "o-"), ("stock", "s--"), ("flashflex-nogather", "^:")):
         xs = [n for n in clients if any(p["engine"] == engine and p["clients"] == n for p in points)]
         runs = {n: [p for p in points if p["engine"] == engine and p["clients"] == n] for n in xs}
         left.plot(xs, [median_of(runs[n], "tok_per_s") or 0 for n in xs], style, label=engine)

@@ -201,6 +201,47 @@ def test_draft_none_turns_drafting_off(tools_build):
     assert "drafts by" not in err and "--spec-type" not in err
 
 
+@pytest.mark.parametrize("gather_ms", [None, 0, 300])
+def test_the_window_a_waking_server_waits_for_company_reaches_the_runtime(tools_build, tmp_path, gather_ms):
+    """server.gather_ms (a serve file) or, unset, the plan's own window (3% of a pass, gather_window_ms) is the spec's
+    gather_ms option, which llama-server's task loop waits when a request wakes it (llama_flashflex_gather): with a
+    long window two requests sent 100 ms apart to an idle server start together; with none, or the plan's (about a
+    millisecond for this small model), the second starts after the first's pass."""
+    import threading
+
+    flags: list[str] = []
+    if gather_ms is not None:
+        served = tmp_path / "serve.yaml"
+        served.write_text(f"server:\n  gather_ms: {gather_ms}\nmodels:\n  - {{}}\n")
+        flags = [str(served)]
+    srv = LlamaServer(*flags, *FLAGS, "--parallel", "2", "--draft", "none")
+    try:
+        client = srv.client()
+        model = client.models.list().data[0].id
+        answers: list = []
+
+        def ask(i: int) -> None:
+            answers.append(client.completions.create(model=model, prompt=f"Count from {i}:", max_tokens=3,
+                                                     temperature=0))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        threads[0].start()
+        time.sleep(0.1)
+        threads[1].start()
+        for t in threads:
+            t.join(timeout=120)
+        assert len(answers) == 2
+    finally:
+        err = srv.stop_cleanly()
+    # llama-server's log stamps: minutes.seconds.milliseconds.microseconds since it started
+    times = [line.split(" ")[0] for line in err.splitlines() if "launch_slot_" in line]
+    assert len(times) == 2, err[-3000:]
+    seconds = [int(m) * 60 + int(s) + int(ms) / 1e3 + int(us) / 1e6
+               for m, s, ms, us in (t.split(".") for t in times)]
+    together = abs(seconds[1] - seconds[0]) < 0.05
+    assert together is (gather_ms == 300), (gather_ms, times)
+
+
 def test_ctrl_c_in_a_terminal_stops_the_server_cleanly(tools_build):
     """A terminal's Ctrl-C reaches the whole foreground process group: llama-server must get one signal (ours), not
     a second that it takes as "terminate immediately" (skipping its clean shutdown)."""
