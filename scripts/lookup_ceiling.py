@@ -6,10 +6,10 @@ tokens kept plus one, so an answer of T tokens that kept K drafted tokens took T
 T / (T - K) times faster (when a verification costs what a plain pass does). This script generates each task's
 greedy answer without drafting (ignoring EOS, as the serve benchmarks do) and replays it against lookups:
 
-- oracle: at every pass the best continuation any earlier occurrence of the last 3, 2 or 1 tokens gives (the most
-  any n-gram lookup could keep, with drafts of at most --draft-max tokens);
-- oracle n>=2: the same without single-token keys;
-- latest n>=2: the latest occurrence of the longest matching key (3, then 2), as a plain lookup drafts.
+- oracle: at every pass the longest start of the rest of the answer found anywhere in the text so far (the most
+  any drafter copying from its context could keep, with drafts of at most --draft-max tokens);
+- flashflex: the runtime's own lookup (`llama_flashflex_prompt_lookup`, what `run`, `chat` and llama-server draft
+  with under a plan): the latest occurrence of the last 3 tokens, past a changed token, then shorter keys.
 
     python scripts/lookup_ceiling.py --tasks rewrite,edit-function,extract,free-chat
     python scripts/lookup_ceiling.py --model path/to/model.gguf --json ceiling.json
@@ -23,7 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,24 +34,35 @@ from orchestrator.bench.speculative import TASKS  # noqa: E402
 from orchestrator.modelfile.locate import default_chat_model_path  # noqa: E402
 
 
-def replay(context: list[int], answer: list[int], min_key: int, draft_max: int, oracle: bool) -> tuple[int, int]:
-    """(passes, tokens kept from drafts) for `answer` after `context` under one lookup rule."""
+def oracle_draft(seq: list[int], future: list[int], draft_max: int) -> int:
+    """The longest start of `future` (at most draft_max tokens) found anywhere in `seq`: what the best possible
+    copy from the context drafts, whatever its key."""
+    best = 0
+    for j in range(len(seq)):
+        run = 0
+        while run < min(draft_max, len(future)) and j + run < len(seq) and seq[j + run] == future[run]:
+            run += 1
+        best = max(best, run)
+    return best
+
+
+def flashflex_draft(seq: list[int], future: list[int], draft_max: int) -> int:
+    """Tokens of `future` the runtime's own lookup drafts right."""
+    from orchestrator.speculative import lookup
+
+    draft = lookup(np.asarray(seq, dtype=np.int32), 3, draft_max)
+    run = 0
+    while run < min(len(draft), len(future)) and int(draft[run]) == future[run]:
+        run += 1
+    return run
+
+
+def replay(context: list[int], answer: list[int], drafted: Callable[[list[int], list[int]], int]) -> tuple[int, int]:
+    """(passes, tokens kept from drafts) for `answer` after `context`, `drafted(seq, future)` being the tokens of
+    the future a pass's draft gets right."""
     seq, i, passes, kept = list(context), 0, 0, 0
     while i < len(answer):
-        best = 0
-        for n in range(3, min_key - 1, -1):
-            if len(seq) < n:
-                continue
-            key = seq[-n:]
-            starts = [j for j in range(len(seq) - n) if seq[j:j + n] == key]
-            for j in starts if oracle else starts[-1:]:
-                run = 0
-                while (run < draft_max and j + n + run < len(seq) and i + run < len(answer)
-                       and seq[j + n + run] == answer[i + run]):
-                    run += 1
-                best = max(best, run)
-            if best or (starts and not oracle):
-                break
+        best = drafted(seq, answer[i:])
         seq += answer[i:i + best + 1]
         i += best + 1
         passes += 1
@@ -88,13 +102,17 @@ def main() -> int:
             if len(answer) == args.tokens:
                 break
         row = {"task": task, "tokens": len(answer)}
-        for name, min_key, oracle in (("oracle", 1, True), ("oracle_n2", 2, True), ("latest_n2", 2, False)):
-            passes, kept = replay(context, answer, min_key, args.draft_max, oracle)
+        rules: dict[str, Callable[[list[int], list[int]], int]] = {
+            "oracle": lambda seq, fut: oracle_draft(seq, fut, args.draft_max),
+            "flashflex": lambda seq, fut: flashflex_draft(seq, fut, args.draft_max),
+        }
+        for name, rule in rules.items():
+            passes, kept = replay(context, answer, rule)
             row[name] = {"passes": passes, "kept": kept, "ceiling": len(answer) / passes}
         results.append(row)
         print(f"{task:14s} {len(answer)} tokens; ceiling x plain decode: oracle {row['oracle']['ceiling']:.2f} "
-              f"(kept {row['oracle']['kept']}), oracle n>=2 {row['oracle_n2']['ceiling']:.2f}, "
-              f"latest n>=2 {row['latest_n2']['ceiling']:.2f}")
+              f"(kept {row['oracle']['kept']}), "
+              f"flashflex's lookup {row['flashflex']['ceiling']:.2f} (kept {row['flashflex']['kept']})")
     if args.json:
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp.write_text(json.dumps({"model": str(model), "draft_max": args.draft_max, "tasks": results}, indent=1))
