@@ -380,6 +380,51 @@ def test_a_plain_pass_is_measured_again_where_every_pass_drafts(controller):
     assert max(late[150:]) < max(early), (early, late)
 
 
+def gemma_like(n: int, rows: int) -> float:
+    """Passes as llama-server measured them with Gemma 3 270M under 280 MiB (one slot): a plain pass 18 ms, a second
+    row (its 262k-wide logits, and the CPU's switch to batched kernels) doubles it, each row after that ~4.5 ms."""
+    return 0.018 if rows <= n else 0.035 + 0.0045 * (rows - n - 1)
+
+
+def test_a_new_request_that_copies_drafts_where_rows_cost_a_pass(controller):
+    """Where a drafted row costs as much as a plain pass, drafts of the prior acceptance (0.5 for the first token
+    and each after it) do not pay, and one-token probes only ever measure the first token: a request that copies
+    its context (95% kept) was held to rare one-token probes for its whole answer (llama-server with Gemma: the
+    copy-edit alone drafted 1 token in 128, 1.10x undrafted). A new request's first drafts measure it instead: a
+    one-token draft at its first pass and, when kept, one of the whole length, so the tokens after a kept one are
+    judged too; then the copy drafts long for the rest of its answer."""
+    c = controller()
+    serve(c, 1, 60, gemma_like, acceptance=0.3)  # an earlier request that did not copy: every size is priced
+    assert c.ask("ended 0") == {"ok": True}
+    lengths = serve(c, 1, 40, gemma_like, acceptance=0.95, seed=3)
+    assert lengths[:2] == [1, 7], lengths  # the new request measured: a token, then the whole length
+    assert sum(1 for k in lengths[5:] if k >= 4) >= 25, lengths
+
+
+def test_a_new_request_that_does_not_copy_costs_at_most_two_drafts(controller):
+    """The same measurement for a request whose drafts fail: one one-token draft, nothing longer, then rare
+    probes."""
+    c = controller()
+    serve(c, 1, 60, gemma_like, acceptance=0.3)
+    assert c.ask("ended 0") == {"ok": True}
+    lengths = serve(c, 1, 60, gemma_like, acceptance=0.0, seed=3)
+    assert lengths[0] == 1 and max(lengths[1:]) <= 1 and sum(lengths[1:]) <= 1, lengths
+
+
+def test_a_new_request_beside_busy_slots_measures_one_token_only(controller):
+    """Beside three slots whose drafts fail, where a row costs 8.5 ms of a 55 ms pass, no draft pays even if every
+    token were kept (each would slow the other three by more than 3%): a new copying request measures one token and
+    then drafts no more than the probes."""
+    def measured(n: int, rows: int) -> float:
+        return 0.055 + 0.0085 * (rows - n)
+
+    c = controller()
+    serve(c, 4, 60, measured, acceptance=0.0)
+    assert c.ask("ended 3") == {"ok": True}
+    lengths = serve(c, 4, 40, measured, acceptance=[0.0, 0.0, 0.0, 0.95], seed=4)
+    assert max(lengths) <= 1 and sum(lengths) <= 3, lengths
+
+
 def test_a_sequence_passed_over_drafts_again_later(controller):
     """A slot whose drafts failed keeps its estimate into its next request: passes that cut its draft to nothing
     bring it back toward the prior, so it is judged again within some dozens of passes, and drafts once it copies."""

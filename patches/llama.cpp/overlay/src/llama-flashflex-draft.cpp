@@ -38,7 +38,8 @@
 // A plain pass is measured before any draft goes out at that n, and again after every 32 passes with drafts (the
 // median of the last 5: this host's speed drifts by the hour); the first draft is one token. Where the drafts are
 // cut to 0, a one-token probe goes out after a gap of such passes that doubles while probes fail (up to 64), and is
-// never so short that probes cost more than 1% of the time.
+// never so short that probes cost more than 1% of the time. A new request measures itself first (a one-token draft,
+// then, if kept, one as long as would pay were every token kept): measure_new_requests.
 
 #include "llama-flashflex-draft.h"
 
@@ -329,6 +330,7 @@ void draft_length::propose(int n, int n_max_now, const int * seq, int * lengths,
         lengths[i] = first ? std::min(k[i], 1) : k[i];
         any        = any || k[i] > 0;
     }
+    measure_new_requests(c, m, f, p, seq, offered, lengths, count, first);
     if (any) {
         c.idle    = 0;
         c.probing = false;
@@ -355,14 +357,53 @@ void draft_length::propose(int n, int n_max_now, const int * seq, int * lengths,
     }
 }
 
+// Where a drafted row costs about a plain pass (Gemma's 262k-wide logits, a CPU switching to batched kernels), drafts
+// priced at the prior acceptance never pay, and the one-token probes that follow judge only a draft's first token:
+// a request copying its context (95% kept) was held to rare probes for its whole answer. So a request measures
+// itself: a one-token draft at its first pass where none was allotted and, when that is kept, one as long as would
+// pay were every token kept (none where even that would not, as beside busy slots that hold the floor); a request
+// whose drafts fail pays one row. The first draft of all stays one token (a row priced).
+void draft_length::measure_new_requests(const draft_pass_costs &    c,
+                                        int                         m,
+                                        const std::vector<double> & f,
+                                        const std::vector<double> & p,
+                                        const int *                 seq,
+                                        const std::vector<int> &    offered,
+                                        int *                       lengths,
+                                        int                         count,
+                                        bool                        first) {
+    for (int i = 0; i < count; ++i) {
+        if (offered[i] <= 0) {
+            continue;
+        }
+        draft_acceptance & a = by_seq[seq[i]];
+        if (a.measure == draft_acceptance::measure_first) {
+            a.measure  = lengths[i] > 0 ? draft_acceptance::measured : draft_acceptance::measuring_first;
+            lengths[i] = std::max(lengths[i], 1);
+        } else if (a.measure == draft_acceptance::measure_whole && !first) {
+            std::vector<double> f_best = f, p_best = p;
+            f_best[i] = p_best[i] = 1.0;
+            const int k           = c.allocate(m, f_best, p_best, offered)[i];
+            a.measure             = k > lengths[i] ? draft_acceptance::measuring_whole : draft_acceptance::measured;
+            lengths[i]            = std::max(lengths[i], k);
+        }
+    }
+}
+
 void draft_length::verified(int seq, int drafted, int kept_now) {
     if (drafted <= 0) {
         return;
     }
     kept_now             = std::max(0, std::min(kept_now, drafted));
     draft_acceptance & a = by_seq[seq];
+    if (a.measure == draft_acceptance::measuring_first) {
+        a.measure = kept_now > 0 ? draft_acceptance::measure_whole : draft_acceptance::measured;
+    } else if (a.measure == draft_acceptance::measuring_whole) {
+        a.measure = draft_acceptance::measured;
+    }
     if (a.probing && kept_now > 0) {
-        a = draft_acceptance();  // a probe kept: the text repeats again, and what failed before says nothing of it
+        a         = draft_acceptance();  // a probe kept: the text repeats again, and what failed before says nothing
+        a.measure = draft_acceptance::measured;  // of it (a whole-length draft here slowed four busy slots' passes)
     } else if (a.probing) {
         a.gap     = std::min(2 * a.gap, k_max_probe_gap);
         a.probing = false;

@@ -32,6 +32,10 @@ struct draft_acceptance {
     int    gap     = 0;
     bool   probing = false;
 
+    // A request's own drafts measure it before the prices decide (draft_length::propose): a one-token draft at its
+    // first pass, and when that is kept, one of the whole length, so the tokens after a kept one are judged too.
+    enum { measure_first, measuring_first, measure_whole, measuring_whole, measured } measure = measure_first;
+
     draft_acceptance();
     double first() const;  // how often a draft's first token is kept
     double p() const;      // how often a token is kept after a kept one
@@ -83,6 +87,15 @@ class draft_length {
 
   private:
     draft_pass_costs & costs(int n);
+    void               measure_new_requests(const draft_pass_costs &    c,
+                                            int                         m,
+                                            const std::vector<double> & f,
+                                            const std::vector<double> & p,
+                                            const int *                 seq,
+                                            const std::vector<int> &    offered,
+                                            int *                       lengths,
+                                            int                         count,
+                                            bool                        first);
 
     bool                            adaptive;
     std::map<int, draft_acceptance> by_seq;
