@@ -518,7 +518,7 @@ def test_drafting_in_server_slots_reserves_rows_for_every_slot_and_lends_them_as
     from orchestrator import synth
     from orchestrator.config import RunConfig
     from orchestrator.run.settings import GenerationSettings
-    from orchestrator.speculative import setup_for
+    from orchestrator.speculative import rows_lendable_here, setup_for
 
     model = synth.write_synth_model(synth.preset("tiny-dense"), tmp_path / "tiny.gguf")
 
@@ -533,7 +533,7 @@ def test_drafting_in_server_slots_reserves_rows_for_every_slot_and_lends_them_as
     assert four.row_bytes == 4 * one.row_bytes  # a drafted position is a row in every slot
     assert four.max_tokens == 32 // 4 - 1 and one.max_tokens == 8  # a pass of 4 x (1 + 7) tokens is one micro-batch
     # llama-server lends them too (llama_flashflex_draft_lengths before each pass), where run would
-    assert four.lendable == one.lendable
+    assert four.lendable is one.lendable is rows_lendable_here()
     assert not setup(4, 32, kind="auto", lend_rows=False).lendable  # draft.lend_rows false: kept (the A/B)
     assert setup(4, 6) is None  # by default: no room for one drafted token per slot, so none
     with pytest.raises(FlashflexError, match="drafting in 4 slots needs a micro-batch of at least 8 tokens"):

@@ -131,8 +131,12 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
     tools.locate("llama-server")  # a build without it says so before anything is planned
     check_can_listen(server.host, server.port)
     slots = llama_server.plan_slots(model_config, options, server.parallel, err_console.print)
-    if server.gather_ms is not None and slots.prepared.plan is not None:
-        slots.prepared.spec.gather_ms = server.gather_ms
+    if server.gather_ms is not None:
+        if slots.prepared.plan is not None and slots.prepared.spec.native:
+            slots.prepared.spec.gather_ms = server.gather_ms
+        elif server.gather_ms > 0:
+            err_console.print(f"[yellow]server.gather_ms {server.gather_ms} has no effect: nothing streams or is "
+                              "banked under this plan, so requests have no weight pass to share[/]", soft_wrap=True)
     if slots.lowered_from is not None:
         err_console.print(f"[yellow]--parallel {slots.lowered_from} does not fit the budget: serving "
                           f"{slots.parallel} slot(s) (give --budget more, or --ctx less)[/]", soft_wrap=True)

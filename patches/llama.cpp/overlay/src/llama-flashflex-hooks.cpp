@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <set>
@@ -309,8 +310,17 @@ void llama_flashflex_draft_lengths(llama_context *      ctx,
     for (int32_t i = 0; i < n_drafting; ++i) {
         n_rows += std::max(0, lengths[i]);
     }
-    if (n_rows > 0 || n_sequences <= 1) {
-        llama_flashflex_lend_rows(ctx, n_rows);
+    const llama_model * model = llama_get_model(ctx);
+    if (llama_model_is_recurrent(model) || llama_model_is_hybrid(model)) {
+        // such a memory cannot drop the rejected part of a draft: llama-server replays the kept part in a pass no
+        // draft announces here, whose rows would find their memory lent; the rows keep it
+        n_rows = std::numeric_limits<int32_t>::max();
+    }
+    if ((n_rows > 0 || n_sequences <= 1) && llama_flashflex_lend_rows(ctx, n_rows) < 0) {
+        static std::atomic<bool> said{ false };  // the same refusal at every pass: said once
+        if (!said.exchange(true)) {
+            LLAMA_LOG_WARN("%s (the rows keep their memory)\n", llama_flashflex_last_error());
+        }
     }
 }
 
