@@ -38,8 +38,8 @@
 // A plain pass is measured before any draft goes out at that n, and again after every 32 passes with drafts (the
 // median of the last 5: this host's speed drifts by the hour); the first draft is one token. Where the drafts are
 // cut to 0, a one-token probe goes out after a gap of such passes that doubles while probes fail (up to 64), and is
-// never so short that probes cost more than 1% of the time. A new request measures itself first (a one-token draft,
-// then, if kept, one as long as would pay were every token kept): measure_new_requests.
+// never so short that probes cost more than 1% of the time. A new request measures itself first (one-token drafts,
+// then, once one is kept, one as long as would pay were every token kept): measure_new_requests.
 
 #include "llama-flashflex-draft.h"
 
@@ -65,6 +65,7 @@ constexpr double k_max_slowdown  = 0.03;  // what drafts may slow a pass for the
 constexpr int    k_min_probe_gap = 4;
 constexpr int    k_max_probe_gap = 64;
 constexpr double k_probe_budget  = 0.01;  // share of the time probes may cost
+constexpr int    k_measure_tries = 3;     // one-token drafts a new request measures its text with, at most
 
 double median(std::deque<double> v) {
     std::sort(v.begin(), v.end());
@@ -360,9 +361,10 @@ void draft_length::propose(int n, int n_max_now, const int * seq, int * lengths,
 // Where a drafted row costs about a plain pass (Gemma's 262k-wide logits, a CPU switching to batched kernels), drafts
 // priced at the prior acceptance never pay, and the one-token probes that follow judge only a draft's first token:
 // a request copying its context (95% kept) was held to rare probes for its whole answer. So a request measures
-// itself: a one-token draft at its first pass where none was allotted and, when that is kept, one as long as would
-// pay were every token kept (none where even that would not, as beside busy slots that hold the floor); a request
-// whose drafts fail pays one row. The first draft of all stays one token (a row priced).
+// itself: a one-token draft at its first pass where none was allotted (again 4 and 20 passes in while they fail) and,
+// when one is kept, one as long as would pay were every token kept (none where even that would not, as beside busy
+// slots that hold the floor), as after any probe kept; a request whose drafts fail pays three rows. The first draft
+// of all stays one token (a row priced).
 void draft_length::measure_new_requests(const draft_pass_costs &    c,
                                         int                         m,
                                         const std::vector<double> & f,
@@ -378,8 +380,15 @@ void draft_length::measure_new_requests(const draft_pass_costs &    c,
         }
         draft_acceptance & a = by_seq[seq[i]];
         if (a.measure == draft_acceptance::measure_first) {
-            a.measure  = lengths[i] > 0 ? draft_acceptance::measured : draft_acceptance::measuring_first;
-            lengths[i] = std::max(lengths[i], 1);
+            if (lengths[i] > 0) {
+                a.measure = draft_acceptance::measured;  // the prices draft for it anyway
+            } else if (a.measure_wait > 0) {
+                a.measure_wait--;
+            } else {
+                a.measure = draft_acceptance::measuring_first;
+                a.measure_tries++;
+                lengths[i] = 1;
+            }
         } else if (a.measure == draft_acceptance::measure_whole && !first) {
             std::vector<double> f_best = f, p_best = p;
             f_best[i] = p_best[i] = 1.0;
@@ -397,13 +406,20 @@ void draft_length::verified(int seq, int drafted, int kept_now) {
     kept_now             = std::max(0, std::min(kept_now, drafted));
     draft_acceptance & a = by_seq[seq];
     if (a.measure == draft_acceptance::measuring_first) {
-        a.measure = kept_now > 0 ? draft_acceptance::measure_whole : draft_acceptance::measured;
+        if (kept_now > 0) {
+            a.measure = draft_acceptance::measure_whole;
+        } else if (a.measure_tries < k_measure_tries) {
+            a.measure      = draft_acceptance::measure_first;   // again after 3, then 15 passes: a copy-edit's first
+            a.measure_wait = (1 << (2 * a.measure_tries)) - 1;  // word is often the one it corrects
+        } else {
+            a.measure = draft_acceptance::measured;
+        }
     } else if (a.measure == draft_acceptance::measuring_whole) {
         a.measure = draft_acceptance::measured;
     }
     if (a.probing && kept_now > 0) {
         a         = draft_acceptance();  // a probe kept: the text repeats again, and what failed before says nothing
-        a.measure = draft_acceptance::measured;  // of it (a whole-length draft here slowed four busy slots' passes)
+        a.measure = draft_acceptance::measure_whole;  // of it; it is measured again
     } else if (a.probing) {
         a.gap     = std::min(2 * a.gap, k_max_probe_gap);
         a.probing = false;
@@ -417,6 +433,9 @@ void draft_length::verified(int seq, int drafted, int kept_now) {
         c.gap                = kept_now > 0 ? k_min_probe_gap : std::min(2 * c.gap, k_max_probe_gap);
         c.probing            = false;
         c.probes++;
+        if (kept_now > 0 && a.measure == draft_acceptance::measured) {
+            a.measure = draft_acceptance::measure_whole;  // a one-token probe judges no token after a kept one
+        }
     }
 }
 

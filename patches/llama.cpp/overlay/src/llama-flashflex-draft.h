@@ -32,9 +32,12 @@ struct draft_acceptance {
     int    gap     = 0;
     bool   probing = false;
 
-    // A request's own drafts measure it before the prices decide (draft_length::propose): a one-token draft at its
-    // first pass, and when that is kept, one of the whole length, so the tokens after a kept one are judged too.
+    // A request's own drafts measure it before the prices decide (draft_length::measure_new_requests): one-token
+    // drafts early in it, and when one is kept, one as long as would pay, so the tokens after a kept one are judged.
     enum { measure_first, measuring_first, measure_whole, measuring_whole, measured } measure = measure_first;
+
+    int measure_tries = 0;  // one-token measurements made
+    int measure_wait  = 0;  // drafted passes before the next
 
     draft_acceptance();
     double first() const;  // how often a draft's first token is kept
