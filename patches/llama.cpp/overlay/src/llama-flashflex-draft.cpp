@@ -339,7 +339,7 @@ void draft_length::propose(int n, int n_max_now, const int * seq, int * lengths,
         // gap of such passes, doubling while its probes fail, it drafts one token.
         for (int i = 0; i < count; ++i) {
             draft_acceptance & a = by_seq[seq[i]];
-            if (k[i] > 0) {
+            if (k[i] > 0 || lengths[i] > 0) {  // drafting, or measuring its request (measure_new_requests)
                 a.idle = 0;
             } else if (offered[i] > 0 && ++a.idle > a.gap) {
                 a.idle     = 0;
@@ -353,7 +353,7 @@ void draft_length::propose(int n, int n_max_now, const int * seq, int * lengths,
         c.idle    = 0;
         c.probing = true;
         for (int i = 0; i < count; ++i) {
-            lengths[i] = std::min(offered[i], 1);
+            lengths[i] = std::max(lengths[i], std::min(offered[i], 1));  // not shorter than a measurement
         }
     }
 }
