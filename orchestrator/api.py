@@ -176,10 +176,14 @@ def _largest_fitting_ubatch(cfg: RunConfig, planned) -> tuple[RunConfig, Any] | 
     if "ubatch" in cfg.context.model_fields_set:
         return None
     lowest = 2 if cfg.draft.asked else 1  # a verification batch needs 2
+    # a logical batch set to the micro-batch (llama-server's: one decode call per micro-batch) stays the micro-batch
+    follows = "batch" in cfg.context.model_fields_set and cfg.context.batch == cfg.context.ubatch
     ubatch = cfg.context.ubatch // 2
     while ubatch >= lowest:
         trial = cfg.model_copy(deep=True)
         trial.context.ubatch = ubatch
+        if follows:
+            trial.context.batch = ubatch
         try:
             return trial, planned(trial)
         except BudgetBelowMinimum:

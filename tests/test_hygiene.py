@@ -192,7 +192,8 @@ def test_every_ci_job_runs_one_local_command():
 def test_the_default_ubatch_shrinks_to_fit_a_small_budget(patched_llama, tmp_path):
     """A budget that holds the model with a small ubatch but not with the default one (the Python API's contexts
     keep a row of logits per token, as stock: 64k vocabulary x 512 tokens): the largest halving that fits is used
-    and said; an ubatch the user gave is refused as before."""
+    and said, and a logical batch set equal to the micro-batch follows it (llama-server's `-b` = `-ub`); an ubatch
+    the user gave is refused as before."""
     import warnings
 
     from orchestrator import api, synth
@@ -208,5 +209,11 @@ def test_the_default_ubatch_shrinks_to_fit_a_small_budget(patched_llama, tmp_pat
         prepared = api.prepare(model=model, budget=budget, ctx=256)
     assert 32 <= prepared.settings.ubatch < 512 and prepared.plan.used_bytes <= prepared.plan.budget_bytes
     assert any(f"using ubatch {prepared.settings.ubatch}, the largest that fits" in str(w.message) for w in caught)
+    assert prepared.settings.batch == 512  # the logical batch as it was
+    # a batch set to the micro-batch (llama-server's, one decode call per micro-batch) shrinks with it
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        served = api.prepare(model=model, budget=budget, ctx=256, batch=512)
+    assert served.settings.batch == served.settings.ubatch == prepared.settings.ubatch
     with pytest.raises(BudgetBelowMinimum):
         api.prepare(model=model, budget=budget, ctx=256, ubatch=512)
