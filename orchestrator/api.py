@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import BaseModel
+
 from orchestrator.config import RunConfig, load_run_config
 from orchestrator.errors import BudgetBelowMinimum, FlashflexError
 from orchestrator.planner import make_plan
@@ -89,9 +91,24 @@ def run_config(config: str | Path | RunConfig | None = None, **options: Any) -> 
     if isinstance(config, RunConfig):
         # only what was set, so options left at their defaults stay "not given" (the planner refuses given ones
         # that do not apply to the run)
-        base = config.model_dump(mode="python", exclude_unset=True)
-        return load_run_config(None, {**_flatten(base), **overrides_from_options(options)})
+        return load_run_config(None, {**_flatten(_set_fields(config)), **overrides_from_options(options)})
     return load_run_config(config, overrides_from_options(options))
+
+
+def _set_fields(model: BaseModel) -> dict[str, Any]:
+    """The fields set on `model` at any depth: pydantic's exclude_unset drops a whole section its parent did not
+    mark set, so a value assigned to it afterwards (llama_server.plan_slots' `cfg.context.ctx = slots x ctx` on a
+    config with no context section) would be lost and the defaults planned instead."""
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            inner = _set_fields(value)
+            if inner or name in model.model_fields_set:
+                out[name] = inner
+        elif name in model.model_fields_set:
+            out[name] = model.model_dump(mode="python", include={name})[name]
+    return out
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -4,7 +4,9 @@ once for every sequence in it).
 
 The plan pays for serving: the model is planned with a context of N slots x the per-request context (one unified KV
 cache, as llama-server allocates it with --kv-unified), the compute buffers at the planned batch sizes, and no host
-prompt cache (--cache-ram 0: upstream's default takes up to 8 GiB of RAM outside any budget). A --parallel that cannot
+state outside the plan: no prompt cache (--cache-ram 0: upstream's default takes up to 8 GiB of RAM outside any budget)
+and no context checkpoints (--ctx-checkpoints 0: copies of a sliding-window or recurrent model's state per slot, each
+also one more pass over the streamed weights; tools.HOST_STATE_OFF). A --parallel that cannot
 fit is refused; the default is lowered to what fits, and said. The logical batch is the micro-batch unless a config
 sets it: prompts that arrive together then get their first tokens as their micro-batches finish.
 """
@@ -175,8 +177,7 @@ def serve(slots: SlotPlan, server, log: Callable[[str], None], on_ready: Callabl
     args = ["--host", "127.0.0.1", "--port", str(internal_port), "--api-key", internal_key, "--metrics",
             "--no-webui", "-a", prepared.settings.model.name, "-n", str(server.max_tokens_cap or -1)]
     command = tools.command_for(prepared, "llama-server", spec_path,
-                                [*args, *draft_args(prepared), *(extra_args or [])], parallel=slots.parallel,
-                                prompt_cache_mib=0)
+                                [*args, *draft_args(prepared), *(extra_args or [])], parallel=slots.parallel)
     log(" ".join("KEY" if part == internal_key else part for part in command))
     # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) reaches only us, and we send one
     # SIGTERM after draining (llama-server takes a second signal as "terminate immediately", skipping its clean

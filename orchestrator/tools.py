@@ -25,7 +25,17 @@ _FLASHFLEX_OPTION = {"--model": ("-m", "--model"), "--ctx": ("-c", "--ctx-size")
                      "--rpc": ("--rpc",), "--parallel": ("-np", "--parallel")}
 _PLAN_SETS = {"the load mode": ("-lm", "--load-mode", "--mmap", "--no-mmap"),
               "the layer split": ("-ts", "--tensor-split"), "the fit": ("-fit", "--fit"),
-              "the prompt cache size": ("-cram", "--cache-ram")}
+              "the prompt cache size": ("-cram", "--cache-ram"),
+              "the context checkpoints": ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints")}
+# Host state llama.cpp's server and its chat program keep beside the model, outside any plan, turned off:
+# - the prompt cache (-cram): up to 8 GiB of RAM by default;
+# - context checkpoints (-ctxcp): for a model whose memory cannot be rolled back (sliding-window attention, recurrent
+#   layers), up to 32 copies per slot of that state (Gemma 3 270M: 7.5 MiB each, up to 960 MiB for 4 slots under a
+#   280 MiB budget), and to make them the server splits every prompt at user turns and 4 tokens before its end, each
+#   split one more pass over the streamed weights. Without them a conversation that extends what a slot holds is still
+#   reused (measured past Gemma's 512-token window); a prompt that rolls back (further than the window; for recurrent
+#   layers, at all) is read again.
+HOST_STATE_OFF = {tool: ["-cram", "0", "-ctxcp", "0"] for tool in ("llama-server", "llama-cli")}
 PLANNED_ARGS: dict[str, str] = {
     **{flag: f"give flashflex's {option}" for option, flags in _FLASHFLEX_OPTION.items() for flag in flags},
     **{flag: f"the plan sets {what}" for what, flags in _PLAN_SETS.items() for flag in flags},
@@ -67,8 +77,7 @@ def check_user_args(tool: str, args: list[str]) -> None:
                                  "drop it (flashflex exec plans the model and writes its spec)")
 
 
-def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None,
-              prompt_cache_mib: int | None = None) -> list[str]:
+def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None) -> list[str]:
     """llama.cpp common arguments that reproduce a prepared run: model, context, batches, threads, seed, load mode,
     the spec file (when the plan streams or banks), key overrides, and the device split. `parallel`: the server's
     slots, sharing one KV cache of the planned context (llama_server plans it as slots x the per-request context)."""
@@ -102,19 +111,18 @@ def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None,
         args += ["-ngl", "0"]
     if parallel is not None:
         args += ["-np", str(parallel), "-kvu"]
-    if prompt_cache_mib is not None:
-        args += ["-cram", str(prompt_cache_mib)]
     return args
 
 
 def command_for(prepared, tool: str, spec_path: str | None, user_args: list[str], *,
-                parallel: int | None = None, prompt_cache_mib: int | None = None) -> list[str]:
-    """The program's argv under the plan (it finds its libraries through its RPATH, $ORIGIN). Mesa's shader cache is
-    set in this process's environment, which the program inherits."""
+                parallel: int | None = None) -> list[str]:
+    """The program's argv under the plan, the host state it would keep outside the plan turned off (it finds its
+    libraries through its RPATH, $ORIGIN). Mesa's shader cache is set in this process's environment, which the
+    program inherits."""
     check_user_args(tool, user_args)
     path = locate(tool)
     from orchestrator import native
 
     native.keep_shader_cache()
-    return [str(path), *plan_args(prepared, spec_path, parallel=parallel, prompt_cache_mib=prompt_cache_mib),
+    return [str(path), *plan_args(prepared, spec_path, parallel=parallel), *HOST_STATE_OFF.get(tool, []),
             *user_args]

@@ -68,7 +68,41 @@ def test_startup_says_what_runs(tools_build):
     """The mode, slots x context and the prompt cache setting, before serving; SIGTERM then stops it cleanly.
     (That the program really reads the spec: test_spec_file's llama-completion tests.)"""
     err = LlamaServer(*FLAGS, "--parallel", "2").stop_cleanly()
-    assert "2 slots x 256 tokens" in err and "stream" in err and "--cache-ram 0" in err
+    assert "2 slots x 256 tokens" in err and "stream" in err
+    assert "prompt cache and context checkpoints off (--cache-ram 0 --ctx-checkpoints 0)" in err
+
+
+def _decode_calls(srv: LlamaServer) -> float:
+    with urllib.request.urlopen(srv.base + "/metrics", timeout=10) as r:
+        line = next(x for x in r.read().decode().splitlines() if x.startswith("llamacpp:n_decode_total"))
+    return float(line.split()[-1])
+
+
+def test_a_sliding_window_model_keeps_no_checkpoints_and_reads_a_prompt_in_its_micro_batches(tools_build):
+    """Gemma 3 (sliding-window attention): upstream's server would copy the window's state per slot (context
+    checkpoints, outside the budget) and split each prompt to make them, each split a pass over the streamed weights.
+    Under the plan: no checkpoint, and a prompt costs the passes its micro-batches need."""
+    from orchestrator.modelfile.locate import default_model_path
+
+    gemma = default_model_path(log=lambda m: None)
+    srv = LlamaServer("--engine", "llama-server", "-m", str(gemma), "--budget", "230MiB", "--ctx", "256",
+                      "--ubatch", "32", "--threads", "2", "--parallel", "1", "--draft", "none")
+    try:
+        client = srv.client()
+        model = client.models.list().data[0].id
+        before = _decode_calls(srv)
+        answer = client.chat.completions.create(
+            model=model, max_tokens=3, temperature=0,
+            messages=[{"role": "user", "content": "Put these in alphabetical order: pear, fig, apple, kiwi, plum, "
+                                                  "lime, date, grape, mango, cherry, lemon, banana, melon."}])
+        calls = _decode_calls(srv) - before
+        prompt, generated = answer.usage.prompt_tokens, answer.usage.completion_tokens
+        assert prompt > 40 and generated >= 1
+        # ceil(prompt / 32) micro-batches, then one pass per generated token after the first
+        assert calls == -(-prompt // 32) + generated - 1, (calls, prompt, generated)
+    finally:
+        err = srv.stop_cleanly()
+    assert "created context checkpoint" not in err
 
 
 def test_sigterm_drains_and_exits(slots_server):

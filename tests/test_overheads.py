@@ -210,3 +210,15 @@ def test_llama_server_decodes_a_micro_batch_per_call_unless_a_config_sets_the_ba
     default = planned()
     assert (default.batch, default.ubatch) == (UBATCH, UBATCH)
     assert planned(**{"context.batch": BATCH}).batch == BATCH
+
+
+def test_llama_servers_slots_are_planned_when_nothing_sets_the_context(measuring, dense_model):
+    """A config with no context section (`flashflex serve --budget B`): the plan still holds parallel x ctx tokens of
+    KV cache and decodes a micro-batch per call (a value assigned into a section the config did not set used to be
+    dropped, planning one slot's context for all of them and a 512-token logical batch)."""
+    from orchestrator import llama_server
+
+    cfg = load_run_config(None, {"model.path": dense_model, "budget.size": "1GiB"})
+    settings = llama_server.plan_slots(cfg, {}, 2, log=lambda _m: None).prepared.settings
+    assert settings.ctx == 2 * cfg.context.ctx and settings.outputs == 2
+    assert settings.batch == settings.ubatch

@@ -180,7 +180,22 @@ def test_exec_dry_run_names_the_spec_and_the_planned_arguments(specs, model, tmp
     native.check_spec(out)
 
 
-@pytest.mark.parametrize("arg,says", [("-c", "--ctx"), ("--mmap", "load mode"), ("-ngl", "--gpu-layers")])
+def test_exec_turns_off_the_servers_host_state_outside_the_plan(specs, model):
+    """llama-server's prompt cache and context checkpoints would hold RAM beside the plan: off, before the program's
+    own arguments; llama-completion has neither flag and gets neither."""
+    argv = {}
+    for tool in ("llama-server", "llama-completion"):
+        result = flashflex("exec", tool, "--model", str(model), "--budget", _minimum_budget(model), "--ctx",
+                           str(CTX), "--ubatch", "32", "--dry-run", "--json", "--", "--port", "0")
+        assert result.returncode == 0, result.stderr
+        argv[tool] = json.loads(result.stdout)["argv"]
+    server = argv["llama-server"]
+    assert server[-6:] == ["-cram", "0", "-ctxcp", "0", "--port", "0"]
+    assert "-cram" not in argv["llama-completion"] and "-ctxcp" not in argv["llama-completion"]
+
+
+@pytest.mark.parametrize("arg,says", [("-c", "--ctx"), ("--mmap", "load mode"), ("-ngl", "--gpu-layers"),
+                                      ("--ctx-checkpoints", "context checkpoints")])
 def test_exec_refuses_arguments_the_plan_sets(specs, model, arg, says):
     result = flashflex("exec", "llama-completion", "--model", str(model), "--", arg, "8")
     assert result.returncode != 0

@@ -152,7 +152,8 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
         adapted = spec.draft_adaptive and (spec.stream is not None or spec.banks is not None)
         line += (f", drafts by prompt lookup:{llama_server.lookup_ngram(slots.prepared)} (up to {draft.max_tokens} "
                  f"per slot and verification{', as many as each pass affords' if adapted else ''})")
-    err_console.print(f"[dim]{line}; prompt cache off (--cache-ram 0)[/]", soft_wrap=True)
+    err_console.print(f"[dim]{line}; prompt cache and context checkpoints off (--cache-ram 0 --ctx-checkpoints 0)[/]",
+                      soft_wrap=True)
     if not is_loopback(server.host):
         err_console.print(f"[bold red]WARNING: listening on {server.host}: reachable from other machines"
                           f"{'' if server.api_key else ' with NO API key (anyone can use it; --api-key)'}[/]",

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""What llama-server's context checkpoints cost a model served under a budget, against the plan that turns them off.
+
+For a model whose memory cannot be rolled back (sliding-window attention such as Gemma 3's, recurrent layers)
+upstream's server copies that state per slot (up to 32 checkpoints a slot, memory outside any plan) and, to make
+them, splits every prompt at the user's turn and 4 tokens before its end: each split is one more pass over the
+streamed weights. `flashflex serve` runs llama-server with `--ctx-checkpoints 0` (orchestrator/tools.py
+HOST_STATE_OFF). This runs the same planned command line twice per repetition, interleaved: as planned
+(`-ctxcp 0`) and with upstream's default (`-ctxcp 32`), each in a memory cgroup of the budget plus the process's
+own overhead, the page cache dropped first. N clients at once each hold a three-turn conversation (a long first
+message, past Gemma's 512-token window, then two short follow-ups). Reported per arm, medians over repetitions:
+TTFT per turn, llama_decode calls (llama-server's /metrics), checkpoints made, the server's peak resident memory, the
+cgroup's peak (page cache included) and whether it was OOM-killed. Drafting is off in both (its passes would blur the count of prompt passes).
+
+    python scripts/bench_serve_checkpoints.py --model ~/.cache/flashflex/models/gemma-3-270m-q4_k_m.align4096.gguf \\
+        --budget 280MiB --clients 4 --reps 3 --out bench-results/serve-checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from orchestrator.bench.isolation import MemoryCgroup, cgroup_version, drop_page_cache
+from orchestrator.sizes import parse_size
+
+PROCESS_OVERHEAD = 256 << 20  # llama-server's own heap, HTTP threads and libraries beside the plan's budget
+ARMS = {"planned (-ctxcp 0)": "0", "upstream default (-ctxcp 32)": "32"}
+FRUIT = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape", "kiwi", "lemon", "mango", "nectarine"]
+
+
+def conversation(client: int) -> list[str]:
+    """Three user turns; the first ~800 tokens (past a 512-token sliding window), different per client."""
+    facts = " ".join(f"Box {i} of shelf {client} is {['red', 'blue', 'green', 'gold'][(i + client) % 4]} and holds "
+                     f"{(i * 7 + client) % 13} {FRUIT[(i + client) % len(FRUIT)]}s." for i in range(60))
+    return [facts + "\nWhich box holds the most fruit? Answer in one sentence.",
+            "And which holds the fewest?", "Name the colour of box 3."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def decode_calls(base: str) -> float:
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        line = next(x for x in r.read().decode().splitlines() if x.startswith("llamacpp:n_decode_total"))
+    return float(line.split()[-1])
+
+
+def rss_peak(pid: int) -> int:
+    """The process's peak resident memory (VmHWM): with the weights loaded by reads (-lm none), its heap, the KV cache
+    and any checkpoints; not the page cache, which the cgroup's peak also counts."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise RuntimeError("no VmHWM")
+
+
+def chat(base: str, client: int, tokens: int, out: dict) -> None:
+    from openai import OpenAI
+
+    api = OpenAI(base_url=base + "/v1", api_key="unused", timeout=900, max_retries=0)
+    messages: list[dict] = []
+    turns = []
+    for text in conversation(client):
+        messages.append({"role": "user", "content": text})
+        sent, first, answer = time.monotonic(), None, ""
+        for chunk in api.chat.completions.create(model="m", messages=messages, max_tokens=tokens, temperature=0,
+                                                 stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.monotonic()
+                answer += chunk.choices[0].delta.content
+        turns.append({"ttft_s": (first or time.monotonic()) - sent, "total_s": time.monotonic() - sent})
+        messages.append({"role": "assistant", "content": answer})
+    out[client] = turns
+
+
+def run_arm(command: list[str], checkpoints: str, clients: int, tokens: int, limit: int, log: Path) -> dict:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    i = command.index("-ctxcp")
+    argv = [*command[:i + 1], checkpoints, *command[i + 2:], "--host", "127.0.0.1", "--port", str(port),
+            "--metrics", "--no-webui"]
+    cgroup = MemoryCgroup(f"ff-ckpt-{port}", limit) if cgroup_version() else None
+    dropped = drop_page_cache()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=cgroup.preexec if cgroup else None)
+    result: dict = {"checkpoints_flag": checkpoints, "page_cache_dropped": dropped}
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"llama-server did not start:\n{log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        calls0 = decode_calls(base)
+        turns: dict = {}
+        threads = [threading.Thread(target=chat, args=(base, c, tokens, turns)) for c in range(clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        result["wall_s"] = time.monotonic() - t0
+        result["alive"] = proc.poll() is None
+        result["decode_calls"] = decode_calls(base) - calls0 if result["alive"] else None
+        result["rss_peak_bytes"] = rss_peak(proc.pid) if result["alive"] else None
+        result["answered"] = len(turns)
+        for k in range(3):
+            ttfts = [turns[c][k]["ttft_s"] for c in turns]
+            result[f"ttft_turn{k + 1}_s"] = statistics.median(ttfts) if ttfts else None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    result["checkpoints_made"] = text.count("created context checkpoint")
+    if cgroup:
+        result["cgroup_limit_bytes"], result["cgroup_peak_bytes"] = cgroup.limit, cgroup.peak_bytes()
+        result["oom_killed"] = cgroup.oom_killed()
+        cgroup.remove()
+    return result
+
+
+def planned_command(model: Path, budget: str, clients: int, ctx: int) -> list[str]:
+    """flashflex serve's llama-server command line for this model and budget (its spec file written)."""
+    from orchestrator import llama_server, tools
+    from orchestrator.run import loader
+
+    slots = llama_server.plan_slots(None, {"model": str(model), "budget": budget, "ctx": ctx, "draft": "none"},
+                                    clients, log=lambda m: None)
+    spec = loader.write_native_spec(slots.prepared.spec) if slots.prepared.spec.native else None
+    return tools.command_for(slots.prepared, "llama-server", spec, [], parallel=slots.parallel)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, required=True, help="a model with sliding-window attention (Gemma 3)")
+    ap.add_argument("--budget", default="280MiB")
+    ap.add_argument("--clients", type=int, default=4, help="slots, and conversations held at once")
+    ap.add_argument("--ctx", type=int, default=2048, help="context per slot")
+    ap.add_argument("--tokens", type=int, default=16, help="tokens per answer")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("bench-results/serve-checkpoints"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = planned_command(args.model.expanduser(), args.budget, args.clients, args.ctx)
+    limit = parse_size(args.budget) + PROCESS_OVERHEAD
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    runs = []
+    for rep in range(args.reps):
+        arms = list(ARMS.items()) if rep % 2 == 0 else list(reversed(ARMS.items()))  # order alternates
+        for name, flag in arms:
+            r = run_arm(command, flag, args.clients, args.tokens, limit, args.out / f"server-{flag}-{rep}.log")
+            r.update(arm=name, rep=rep)
+            runs.append(r)
+            print(json.dumps(r), flush=True)
+    keys = ("ttft_turn1_s", "ttft_turn2_s", "ttft_turn3_s", "decode_calls", "checkpoints_made", "rss_peak_bytes",
+            "cgroup_peak_bytes", "wall_s")
+    rows = []
+    for name in ARMS:
+        mine = [r for r in runs if r["arm"] == name]
+        med = {k: statistics.median([r[k] for r in mine if r.get(k) is not None] or [float("nan")]) for k in keys}
+        ooms = sum(1 for r in mine if r.get("oom_killed"))
+        rows.append(f"| {name} | {med['ttft_turn1_s']:.2f} / {med['ttft_turn2_s']:.2f} / {med['ttft_turn3_s']:.2f} s "
+                    f"| {med['decode_calls']:.0f} | {med['checkpoints_made']:.0f} | "
+                    f"{med['rss_peak_bytes'] / 2**20:.0f} MiB | {med['cgroup_peak_bytes'] / 2**20:.0f} MiB | "
+                    f"{med['wall_s']:.1f} s | {ooms}/{len(mine)} |")
+    summary = (f"Model {args.model.name}, budget {args.budget}, cgroup {limit / 2**20:.0f} MiB, {args.clients} "
+               f"clients x 3 turns, {args.tokens} tokens an answer; started {started}; medians of {args.reps} "
+               "interleaved repetitions.\n\n"
+               "| llama-server | TTFT turn 1 / 2 / 3 (median client) | llama_decode calls | checkpoints | peak RSS | "
+               "cgroup peak | wall | OOM-killed |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    (args.out / "results.json").write_text(json.dumps({"model": str(args.model), "budget": args.budget,
+                                                       "clients": args.clients, "started": started, "runs": runs},
+                                                      indent=1))
+    (args.out / "summary.md").write_text(summary)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
