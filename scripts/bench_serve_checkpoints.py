@@ -9,8 +9,9 @@ HOST_STATE_OFF). This runs the same planned command line twice per repetition, i
 (`-ctxcp 0`) and with upstream's default (`-ctxcp 32`), each in a memory cgroup of the budget plus the process's
 own overhead, the page cache dropped first. N clients at once each hold a three-turn conversation (a long first
 message, past Gemma's 512-token window, then two short follow-ups). Reported per arm, medians over repetitions:
-TTFT per turn, llama_decode calls (llama-server's /metrics), checkpoints made, the server's peak resident memory, the
-cgroup's peak (page cache included) and whether it was OOM-killed. Drafting is off in both (its passes would blur the count of prompt passes).
+TTFT per turn, llama_decode calls (llama-server's /metrics), checkpoints made, the server's peak resident memory,
+the cgroup's peak (page cache included) and whether it was OOM-killed. Drafting is off in both (its passes would blur
+the count of prompt passes).
 
     python scripts/bench_serve_checkpoints.py --model ~/.cache/flashflex/models/gemma-3-270m-q4_k_m.align4096.gguf \\
         --budget 280MiB --clients 4 --reps 3 --out bench-results/serve-checkpoints
