@@ -81,7 +81,7 @@ def _decode_calls(srv: LlamaServer) -> float:
 def test_a_sliding_window_model_keeps_no_checkpoints_and_reads_a_prompt_in_its_micro_batches(tools_build):
     """Gemma 3 (sliding-window attention): upstream's server would copy the window's state per slot (context
     checkpoints, outside the budget) and split each prompt to make them, each split a pass over the streamed weights.
-    Under the plan: no checkpoint, and a prompt costs the passes its micro-batches need."""
+    Under the plan a prompt costs the passes its micro-batches need (with checkpoints: 6 calls where 4 are needed)."""
     from orchestrator.modelfile.locate import default_model_path
 
     gemma = default_model_path(log=lambda m: None)
@@ -101,8 +101,7 @@ def test_a_sliding_window_model_keeps_no_checkpoints_and_reads_a_prompt_in_its_m
         # ceil(prompt / 32) micro-batches, then one pass per generated token after the first
         assert calls == -(-prompt // 32) + generated - 1, (calls, prompt, generated)
     finally:
-        err = srv.stop_cleanly()
-    assert "created context checkpoint" not in err
+        srv.stop_cleanly()
 
 
 def test_sigterm_drains_and_exits(slots_server):
