@@ -26,15 +26,15 @@ _FLASHFLEX_OPTION = {"--model": ("-m", "--model"), "--ctx": ("-c", "--ctx-size")
 _PLAN_SETS = {"the load mode": ("-lm", "--load-mode", "--mmap", "--no-mmap"),
               "the layer split": ("-ts", "--tensor-split"), "the fit": ("-fit", "--fit"),
               "the prompt cache size": ("-cram", "--cache-ram"),
-              "the context checkpoints": ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints")}
+              "the context checkpoints": ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"),
+              "the KV cache's size": ("--swa-full",)}
 # Host state llama.cpp's server and its chat program keep beside the model, outside any plan, turned off:
 # - the prompt cache (-cram): up to 8 GiB of RAM by default;
-# - context checkpoints (-ctxcp): for a model whose memory cannot be rolled back (sliding-window attention, recurrent
-#   layers), up to 32 copies per slot of that state (Gemma 3 270M: 7.5 MiB each, up to 960 MiB for 4 slots under a
-#   280 MiB budget), and to make them the server splits every prompt at user turns and 4 tokens before its end, each
-#   split one more pass over the streamed weights. Without them a conversation that extends what a slot holds is still
-#   reused (measured past Gemma's 512-token window); a prompt that rolls back (further than the window; for recurrent
-#   layers, at all) is read again.
+# - context checkpoints (-ctxcp): for a model whose memory cannot be rolled back (recurrent layers; sliding-window
+#   attention without --swa-full), up to 32 copies per slot of that state (Gemma 3 270M: 7.5 MiB each, up to 960 MiB
+#   for 4 slots beside a 280 MiB budget), and to make them the server splits every prompt at user turns and 4 tokens
+#   before its end, each split one more pass over the streamed weights. With the full-size cache below a
+#   sliding-window model needs none; a recurrent model's prompt that rolls back is read again.
 HOST_STATE_OFF = {tool: ["-cram", "0", "-ctxcp", "0"] for tool in ("llama-server", "llama-cli")}
 PLANNED_ARGS: dict[str, str] = {
     **{flag: f"give flashflex's {option}" for option, flags in _FLASHFLEX_OPTION.items() for flag in flags},
@@ -82,8 +82,11 @@ def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None) -
     the spec file (when the plan streams or banks), key overrides, and the device split. `parallel`: the server's
     slots, sharing one KV cache of the planned context (llama_server plans it as slots x the per-request context)."""
     settings, spec = prepared.settings, prepared.spec
+    # --swa-full: the KV cache the plan measured (llama.cpp's C API, which llama-cpp-python and the measurement use,
+    # keeps sliding-window layers' cache at full size; its programs at the window by default), and one llama-server
+    # can roll back anywhere: a conversation's next turn reuses its slot's cached prompt without checkpoints
     args = ["-m", str(settings.model), "-c", str(settings.ctx), "-b", str(settings.batch), "-ub", str(settings.ubatch),
-            "--seed", str(settings.seed), "-fit", "off"]
+            "--seed", str(settings.seed), "-fit", "off", "--swa-full"]
     if settings.threads:
         args += ["-t", str(settings.threads), "-tb", str(settings.threads)]
     overrides = [f"{k}=int:{v}" for k, v in spec.kv_overrides.items()]

@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""What llama-server's context checkpoints cost a model served under a budget, against the plan that turns them off.
+"""What llama-server's sliding-window cache and context checkpoints cost a model served under a budget.
 
 For a model whose memory cannot be rolled back (sliding-window attention such as Gemma 3's, recurrent layers)
-upstream's server copies that state per slot (up to 32 checkpoints a slot, memory outside any plan) and, to make
-them, splits every prompt at the user's turn and 4 tokens before its end: each split is one more pass over the
-streamed weights. `flashflex serve` runs llama-server with `--ctx-checkpoints 0` (orchestrator/tools.py
-HOST_STATE_OFF). This runs the same planned command line twice per repetition, interleaved: as planned
-(`-ctxcp 0`) and with upstream's default (`-ctxcp 32`), each in a memory cgroup of the budget plus the process's
-own overhead, the page cache dropped first. N clients at once each hold a three-turn conversation (a long first
-message, ~650 tokens, past Gemma's 512-token window, then two short follow-ups). Reported per arm, medians over
-repetitions: TTFT per turn, llama_decode calls (llama-server's /metrics), the server's peak resident memory, the
-cgroup's peak (page cache included) and whether it was OOM-killed. Drafting is off in both (its passes would blur the
-count of prompt passes). --overhead-mib widens the cgroup, so that upstream's arm lives to be measured.
+upstream's server keeps the window-sized cache and copies its state per slot to roll back (up to 32 checkpoints a
+slot, memory outside any plan) and, to make them, splits every prompt at the user's turn and 4 tokens before its end:
+each split is one more pass over the streamed weights. `flashflex serve` runs llama-server with the full-size cache the
+plan measured (`--swa-full`) and `--ctx-checkpoints 0` (orchestrator/tools.py). Arms, from the same planned command
+line, interleaved (the order alternating): as planned; the window-sized cache without checkpoints (`--swa-full`
+dropped); upstream's defaults (`--swa-full` dropped, `-ctxcp 32`). Each runs in a memory cgroup of the budget plus
+the process's own overhead, the page cache dropped first. N clients at once each hold a three-turn conversation (a
+first message of --facts facts: 40 are ~690 tokens, past Gemma's 512-token window; 6 are ~140), then two short
+follow-ups). Reported per arm, medians over repetitions: TTFT per turn, prompt tokens read from the slot's cache in
+the follow-ups, llama_decode calls (llama-server's /metrics), the server's peak resident memory, the cgroup's peak
+(page cache included) and whether it was OOM-killed. Drafting is off (its passes would blur the count of prompt
+passes). --overhead-mib widens the cgroup, so that every arm lives to be measured.
 
     python scripts/bench_serve_checkpoints.py --model ~/.cache/flashflex/models/gemma-3-270m-q4_k_m.align4096.gguf \\
         --budget 280MiB --ctx 1024 --clients 4 --reps 3 --out bench-results/serve-checkpoints
@@ -34,15 +36,29 @@ from orchestrator.bench.isolation import MemoryCgroup, cgroup_version, drop_page
 from orchestrator.sizes import parse_size
 
 PROCESS_OVERHEAD = 256 << 20  # llama-server's own heap, HTTP threads and libraries beside the plan's budget
-ARMS = {"planned (-ctxcp 0)": "0", "upstream default (-ctxcp 32)": "32"}
+
+
+def _window_cache(argv: list[str]) -> list[str]:
+    return [a for a in argv if a != "--swa-full"]
+
+
+def _upstream(argv: list[str]) -> list[str]:
+    argv = _window_cache(argv)
+    i = argv.index("-ctxcp")
+    return [*argv[:i + 1], "32", *argv[i + 2:]]
+
+
+ARMS = {"planned (full cache, -ctxcp 0)": lambda argv: argv, "window cache, -ctxcp 0": _window_cache,
+        "upstream (window cache, -ctxcp 32)": _upstream}
 FRUIT = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape", "kiwi", "lemon", "mango", "nectarine"]
 
 
-def conversation(client: int) -> list[str]:
-    """Three user turns; the first ~650 tokens (past a 512-token sliding window), different per client."""
-    facts = " ".join(f"Box {i} of shelf {client} is {['red', 'blue', 'green', 'gold'][(i + client) % 4]} and holds "
-                     f"{(i * 7 + client) % 13} {FRUIT[(i + client) % len(FRUIT)]}s." for i in range(40))
-    return [facts + "\nWhich box holds the most fruit? Answer in one sentence.",
+def conversation(client: int, facts: int) -> list[str]:
+    """Three user turns, the first `facts` facts long (40: ~690 tokens, past a 512-token window), different per
+    client."""
+    text = " ".join(f"Box {i} of shelf {client} is {['red', 'blue', 'green', 'gold'][(i + client) % 4]} and holds "
+                     f"{(i * 7 + client) % 13} {FRUIT[(i + client) % len(FRUIT)]}s." for i in range(facts))
+    return [text + "\nWhich box holds the most fruit? Answer in one sentence.",
             "And which holds the fewest?", "Name the colour of box 3."]
 
 
@@ -67,44 +83,45 @@ def rss_peak(pid: int) -> int:
     raise RuntimeError("no VmHWM")
 
 
-def chat(base: str, client: int, tokens: int, out: dict) -> None:
+def chat(base: str, client: int, tokens: int, facts: int, out: dict) -> None:
     try:
-        out[client] = conversation_turns(base, client, tokens)
+        out[client] = conversation_turns(base, client, tokens, facts)
     except Exception as exc:  # an HTTP error, a connection cut: counted, not raised in the thread
         out[client] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def conversation_turns(base: str, client: int, tokens: int) -> list[dict]:
+def conversation_turns(base: str, client: int, tokens: int, facts: int) -> list[dict]:
     from openai import OpenAI
 
     api = OpenAI(base_url=base + "/v1", api_key="unused", timeout=900, max_retries=0)
     messages: list[dict] = []
     turns = []
-    for text in conversation(client):
+    for text in conversation(client, facts):
         messages.append({"role": "user", "content": text})
-        sent, first, answer = time.monotonic(), None, ""
+        sent, first, answer, timings = time.monotonic(), None, "", {}
         for chunk in api.chat.completions.create(model="m", messages=messages, max_tokens=tokens, temperature=0,
                                                  stream=True):
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.monotonic()
                 answer += chunk.choices[0].delta.content
-        turns.append({"ttft_s": (first or time.monotonic()) - sent, "total_s": time.monotonic() - sent})
+            timings = (chunk.model_extra or {}).get("timings") or timings  # llama-server's, on the last chunk
+        turns.append({"ttft_s": (first or time.monotonic()) - sent, "total_s": time.monotonic() - sent,
+                      "prompt_tokens": timings.get("prompt_n", 0) + timings.get("cache_n", 0),
+                      "cached_tokens": timings.get("cache_n")})
         messages.append({"role": "assistant", "content": answer})
     return turns
 
 
-def run_arm(command: list[str], checkpoints: str, clients: int, tokens: int, limit: int, log: Path) -> dict:
+def run_arm(command: list[str], clients: int, tokens: int, facts: int, limit: int, log: Path) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    i = command.index("-ctxcp")
-    argv = [*command[:i + 1], checkpoints, *command[i + 2:], "--host", "127.0.0.1", "--port", str(port),
-            "--metrics", "--no-webui"]
+    argv = [*command, "--host", "127.0.0.1", "--port", str(port), "--metrics", "--no-webui"]
     cgroup = MemoryCgroup(f"ff-ckpt-{port}", limit) if cgroup_version() else None
     dropped = drop_page_cache()
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=cgroup.preexec if cgroup else None)
-    result: dict = {"checkpoints_flag": checkpoints, "page_cache_dropped": dropped}
+    result: dict = {"argv": argv, "page_cache_dropped": dropped}
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -118,7 +135,7 @@ def run_arm(command: list[str], checkpoints: str, clients: int, tokens: int, lim
                 time.sleep(0.3)
         calls0 = decode_calls(base)
         turns: dict = {}
-        threads = [threading.Thread(target=chat, args=(base, c, tokens, turns)) for c in range(clients)]
+        threads = [threading.Thread(target=chat, args=(base, c, tokens, facts, turns)) for c in range(clients)]
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -134,6 +151,12 @@ def run_arm(command: list[str], checkpoints: str, clients: int, tokens: int, lim
         for k in range(3):
             ttfts = [answered[c][k]["ttft_s"] for c in answered]
             result[f"ttft_turn{k + 1}_s"] = statistics.median(ttfts) if ttfts else None
+        # of the follow-ups' prompt tokens, the share the slots' caches held (the rest was read again)
+        follow = [t for c in answered for t in answered[c][1:] if t["cached_tokens"] is not None]
+        result["prompt_tokens_turn1"] = statistics.median([answered[c][0]["prompt_tokens"] for c in answered]) \
+            if answered else None
+        result["followup_cached_share"] = sum(t["cached_tokens"] for t in follow) / \
+            max(1, sum(t["prompt_tokens"] for t in follow)) if follow else None
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -165,7 +188,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="a model with sliding-window attention (Gemma 3)")
     ap.add_argument("--budget", default="280MiB")
     ap.add_argument("--clients", type=int, default=4, help="slots, and conversations held at once")
-    ap.add_argument("--ctx", type=int, default=1024, help="context per slot (the conversation is ~950 tokens)")
+    ap.add_argument("--ctx", type=int, default=1024, help="context per slot (40 facts: ~800 tokens a conversation)")
+    ap.add_argument("--facts", type=int, default=40, help="length of each conversation's first message")
     ap.add_argument("--tokens", type=int, default=16, help="tokens per answer")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--overhead-mib", type=int, default=PROCESS_OVERHEAD >> 20,
@@ -179,13 +203,14 @@ def main() -> None:
     runs = []
     for rep in range(args.reps):
         arms = list(ARMS.items()) if rep % 2 == 0 else list(reversed(ARMS.items()))  # order alternates
-        for name, flag in arms:
-            r = run_arm(command, flag, args.clients, args.tokens, limit, args.out / f"server-{flag}-{rep}.log")
+        for name, arm in arms:
+            r = run_arm(arm(command), args.clients, args.tokens, args.facts, limit,
+                        args.out / f"server-{name.split()[0]}-{rep}.log")
             r.update(arm=name, rep=rep)
             runs.append(r)
             print(json.dumps(r), flush=True)
-    keys = ("ttft_turn1_s", "ttft_turn2_s", "ttft_turn3_s", "decode_calls", "rss_peak_bytes",
-            "cgroup_peak_bytes", "wall_s")
+    keys = ("ttft_turn1_s", "ttft_turn2_s", "ttft_turn3_s", "followup_cached_share", "prompt_tokens_turn1",
+            "decode_calls", "rss_peak_bytes", "cgroup_peak_bytes", "wall_s")
     rows = []
     for name in ARMS:
         mine = [r for r in runs if r["arm"] == name]
@@ -193,18 +218,21 @@ def main() -> None:
         ooms = sum(1 for r in mine if r.get("oom_killed"))
         answered = sum(r.get("answered") or 0 for r in mine)
         rows.append(f"| {name} | {med['ttft_turn1_s']:.2f} / {med['ttft_turn2_s']:.2f} / {med['ttft_turn3_s']:.2f} s "
-                    f"| {med['decode_calls']:.0f} | "
+                    f"| {med['followup_cached_share']:.0%} | {med['decode_calls']:.0f} | "
                     f"{med['rss_peak_bytes'] / 2**20:.0f} MiB | {med['cgroup_peak_bytes'] / 2**20:.0f} MiB | "
                     f"{med['wall_s']:.1f} s | {answered}/{args.clients * len(mine)} | {ooms}/{len(mine)} |")
+    first = statistics.median([r["prompt_tokens_turn1"] for r in runs if r.get("prompt_tokens_turn1")] or [0])
     summary = (f"Model {args.model.name}, budget {args.budget}, cgroup {limit / 2**20:.0f} MiB, {args.clients} "
-               f"clients x 3 turns, {args.tokens} tokens an answer; started {started}; medians of {args.reps} "
+               f"clients x 3 turns (a first prompt of {first:.0f} tokens), {args.tokens} tokens an answer; "
+               f"started {started}; medians of {args.reps} "
                "interleaved repetitions.\n\n"
-               "| llama-server | TTFT turn 1 / 2 / 3 (median client) | llama_decode calls | peak RSS | "
+               "| llama-server | TTFT turn 1 / 2 / 3 (median client) | follow-ups' prompt from cache | "
+               "llama_decode calls | peak RSS | "
                "cgroup peak | wall | conversations answered | OOM-killed |\n"
-               "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"model": str(args.model), "budget": args.budget,
-                                                       "clients": args.clients, "started": started, "runs": runs},
-                                                      indent=1))
+               "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    meta = {"model": str(args.model), "budget": args.budget, "clients": args.clients, "facts": args.facts,
+            "started": started}
+    (args.out / "results.json").write_text(json.dumps({**meta, "runs": runs}, indent=1))
     (args.out / "summary.md").write_text(summary)
     print(summary)
 

@@ -78,10 +78,12 @@ def _decode_calls(srv: LlamaServer) -> float:
     return float(line.split()[-1])
 
 
-def test_a_sliding_window_model_keeps_no_checkpoints_and_reads_a_prompt_in_its_micro_batches(tools_build):
-    """Gemma 3 (sliding-window attention): upstream's server would copy the window's state per slot (context
-    checkpoints, outside the budget) and split each prompt to make them, each split a pass over the streamed weights.
-    Under the plan a prompt costs the passes its micro-batches need (with checkpoints: 6 calls where 4 are needed)."""
+def test_a_sliding_window_model_reads_a_prompt_in_its_micro_batches_and_reuses_it_next_turn(tools_build):
+    """Gemma 3 (sliding-window attention): upstream's server keeps the window-sized cache and copies its state per
+    slot to roll back (context checkpoints, outside the budget), splitting each prompt to make them, each split a pass
+    over the streamed weights. Under the plan the cache is full-size (as the plan measured it), so a prompt costs the
+    passes its micro-batches need (with checkpoints: 6 calls where 4 are needed) and the next turn of the
+    conversation starts from the slot's cached prompt (without checkpoints or the full cache: read again)."""
     from orchestrator.modelfile.locate import default_model_path
 
     gemma = default_model_path(log=lambda m: None)
@@ -90,16 +92,20 @@ def test_a_sliding_window_model_keeps_no_checkpoints_and_reads_a_prompt_in_its_m
     try:
         client = srv.client()
         model = client.models.list().data[0].id
+        messages = [{"role": "user", "content": "Put these in alphabetical order: pear, fig, apple, kiwi, plum, lime, "
+                                                "date, grape, mango, cherry, lemon, banana, melon."}]
         before = _decode_calls(srv)
-        answer = client.chat.completions.create(
-            model=model, max_tokens=3, temperature=0,
-            messages=[{"role": "user", "content": "Put these in alphabetical order: pear, fig, apple, kiwi, plum, "
-                                                  "lime, date, grape, mango, cherry, lemon, banana, melon."}])
+        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=3, temperature=0)
         calls = _decode_calls(srv) - before
         prompt, generated = answer.usage.prompt_tokens, answer.usage.completion_tokens
         assert prompt > 40 and generated >= 1
         # ceil(prompt / 32) micro-batches, then one pass per generated token after the first
         assert calls == -(-prompt // 32) + generated - 1, (calls, prompt, generated)
+        messages += [{"role": "assistant", "content": answer.choices[0].message.content},
+                     {"role": "user", "content": "Now in reverse."}]
+        again = client.chat.completions.create(model=model, messages=messages, max_tokens=3, temperature=0)
+        cached = ((again.model_extra or {}).get("timings") or {}).get("cache_n", 0)
+        assert cached >= prompt - 1, (cached, prompt)  # the first turn's prompt, at least, was not read again
     finally:
         srv.stop_cleanly()
 

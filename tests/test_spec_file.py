@@ -192,10 +192,12 @@ def test_exec_turns_off_the_servers_host_state_outside_the_plan(specs, model):
     server = argv["llama-server"]
     assert server[-6:] == ["-cram", "0", "-ctxcp", "0", "--port", "0"]
     assert "-cram" not in argv["llama-completion"] and "-ctxcp" not in argv["llama-completion"]
+    # every program keeps the KV cache the plan measured (full-size sliding-window layers, as llama.cpp's C API does)
+    assert "--swa-full" in server and "--swa-full" in argv["llama-completion"]
 
 
 @pytest.mark.parametrize("arg,says", [("-c", "--ctx"), ("--mmap", "load mode"), ("-ngl", "--gpu-layers"),
-                                      ("--ctx-checkpoints", "context checkpoints")])
+                                      ("--ctx-checkpoints", "context checkpoints"), ("--swa-full", "KV cache")])
 def test_exec_refuses_arguments_the_plan_sets(specs, model, arg, says):
     result = flashflex("exec", "llama-completion", "--model", str(model), "--", arg, "8")
     assert result.returncode != 0
