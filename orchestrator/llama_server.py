@@ -7,9 +7,10 @@ cache, as llama-server allocates it with --kv-unified), the compute buffers at t
 state outside the plan: no prompt cache (--cache-ram 0: upstream's default takes up to 8 GiB of RAM outside any budget)
 and no context checkpoints (--ctx-checkpoints 0: copies of a sliding-window or recurrent model's state per slot, each
 also one more pass over the streamed weights; tools.HOST_STATE_OFF); sliding-window layers keep the full-size cache
-the plan measured (--swa-full), so a conversation's next turn reuses its slot's cached prompt without them. A --parallel that cannot
-fit is refused; the default is lowered to what fits, and said. The logical batch is the micro-batch unless a config
-sets it: prompts that arrive together then get their first tokens as their micro-batches finish.
+the plan measured (--swa-full), so a conversation's next turn reuses its slot's cached prompt without them.
+A --parallel that cannot fit is refused; the default is lowered to what fits, and said. The logical batch is the
+micro-batch unless a config sets it: prompts that arrive together then get their first tokens as their micro-batches
+finish.
 """
 
 from __future__ import annotations
