@@ -29,13 +29,14 @@ _PLAN_SETS = {"the load mode": ("-lm", "--load-mode", "--mmap", "--no-mmap"),
               "the context checkpoints": ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"),
               "the KV cache's size": ("--swa-full",)}
 # Host state llama.cpp's server and its chat program keep beside the model, outside any plan, turned off:
-# - the prompt cache (-cram): up to 8 GiB of RAM by default;
+# - the prompt cache (-cram): up to 8 GiB of RAM by default (and, in llama-server, the idle slots it would fill);
 # - context checkpoints (-ctxcp): for a model whose memory cannot be rolled back (recurrent layers; sliding-window
-#   attention without --swa-full), up to 32 copies per slot of that state (Gemma 3 270M: 7.5 MiB each, up to 960 MiB
-#   for 4 slots beside a 280 MiB budget), and to make them the server splits every prompt at user turns and 4 tokens
-#   before its end, each split one more pass over the streamed weights. With the full-size cache below a
-#   sliding-window model needs none; a recurrent model's prompt that rolls back is read again.
-HOST_STATE_OFF = {tool: ["-cram", "0", "-ctxcp", "0"] for tool in ("llama-server", "llama-cli")}
+#   attention with the window-sized cache), up to 32 copies per slot of that state (Gemma 3 270M: 7.5 MiB each, up
+#   to 960 MiB for 4 slots beside a 280 MiB budget), and to make them the server splits every prompt at user turns
+#   and ubatch + 4 and 4 tokens before its end, each split one more pass over the streamed weights. With the full-size
+#   cache (plan_args) a sliding-window model needs none; a recurrent model's turn that rolls back is read again.
+HOST_STATE_OFF = {"llama-server": ["-cram", "0", "--no-cache-idle-slots", "-ctxcp", "0"],
+                  "llama-cli": ["-cram", "0", "-ctxcp", "0"]}
 PLANNED_ARGS: dict[str, str] = {
     **{flag: f"give flashflex's {option}" for option, flags in _FLASHFLEX_OPTION.items() for flag in flags},
     **{flag: f"the plan sets {what}" for what, flags in _PLAN_SETS.items() for flag in flags},
@@ -82,11 +83,15 @@ def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None) -
     the spec file (when the plan streams or banks), key overrides, and the device split. `parallel`: the server's
     slots, sharing one KV cache of the planned context (llama_server plans it as slots x the per-request context)."""
     settings, spec = prepared.settings, prepared.spec
-    # --swa-full: the KV cache the plan measured (llama.cpp's C API, which llama-cpp-python and the measurement use,
-    # keeps sliding-window layers' cache at full size; its programs at the window by default), and one llama-server
-    # can roll back anywhere: a conversation's next turn reuses its slot's cached prompt without checkpoints
     args = ["-m", str(settings.model), "-c", str(settings.ctx), "-b", str(settings.batch), "-ub", str(settings.ubatch),
-            "--seed", str(settings.seed), "-fit", "off", "--swa-full"]
+            "--seed", str(settings.seed), "-fit", "off"]
+    from orchestrator.modelfile.reader import arch_of
+
+    if arch_of(settings.model).n_swa:
+        # the KV cache the plan measured (llama.cpp's C API, which llama-cpp-python and the measurement use, keeps
+        # sliding-window layers' cache at full size; its programs at the window by default), so llama-server can roll
+        # a slot back anywhere: a conversation's next turn reuses its cached prompt without checkpoints
+        args.append("--swa-full")
     if settings.threads:
         args += ["-t", str(settings.threads), "-tb", str(settings.threads)]
     overrides = [f"{k}=int:{v}" for k, v in spec.kv_overrides.items()]

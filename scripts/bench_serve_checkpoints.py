@@ -3,17 +3,18 @@
 
 For a model whose memory cannot be rolled back (sliding-window attention such as Gemma 3's, recurrent layers)
 upstream's server keeps the window-sized cache and copies its state per slot to roll back (up to 32 checkpoints a
-slot, memory outside any plan) and, to make them, splits every prompt at the user's turn and 4 tokens before its end:
-each split is one more pass over the streamed weights. `flashflex serve` runs llama-server with the full-size cache the
-plan measured (`--swa-full`) and `--ctx-checkpoints 0` (orchestrator/tools.py). Arms, from the same planned command
-line, interleaved (the order alternating): as planned; the window-sized cache without checkpoints (`--swa-full`
-dropped); upstream's defaults (`--swa-full` dropped, `-ctxcp 32`). Each runs in a memory cgroup of the budget plus
-the process's own overhead, the page cache dropped first. N clients at once each hold a three-turn conversation (a
-first message of --facts facts: 40 are ~690 tokens, past Gemma's 512-token window; 6 are ~140), then two short
-follow-ups). Reported per arm, medians over repetitions: TTFT per turn, prompt tokens read from the slot's cache in
-the follow-ups, llama_decode calls (llama-server's /metrics), the server's peak resident memory, the cgroup's peak
-(page cache included) and whether it was OOM-killed. Drafting is off (its passes would blur the count of prompt
-passes). --overhead-mib widens the cgroup, so that every arm lives to be measured.
+slot, memory outside any plan) and, to make them, splits every prompt at the user's turn and at ubatch + 4 and 4
+tokens before its end: each split is one more pass over the streamed weights. `flashflex serve` runs llama-server
+with the full-size cache the plan measured (`--swa-full`) and `--ctx-checkpoints 0` (orchestrator/tools.py). Arms,
+from the same planned command line, interleaved (the order alternating): as planned; the window-sized cache without
+checkpoints (`--swa-full` dropped); upstream's cache and checkpoints (`--swa-full` dropped, `-ctxcp 32`; the prompt
+cache stays off in all). Each runs in a memory cgroup of the budget plus the process's own overhead, the page cache
+dropped first. N clients at once each hold a three-turn conversation (a first message of --facts facts: 40 are ~690
+tokens, past Gemma's 512-token window; 6 are ~140), then two short follow-ups). Reported per arm, medians over
+repetitions: TTFT per turn, prompt tokens read from the slot's cache in the follow-ups, llama_decode calls
+(llama-server's /metrics), the server's peak resident memory, the cgroup's peak (page cache included) and whether it
+was OOM-killed. Drafting is off (its passes would blur the count of prompt passes). --overhead-mib widens the cgroup,
+so that every arm lives to be measured.
 
     python scripts/bench_serve_checkpoints.py --model ~/.cache/flashflex/models/gemma-3-270m-q4_k_m.align4096.gguf \\
         --budget 280MiB --ctx 1024 --clients 4 --reps 3 --out bench-results/serve-checkpoints

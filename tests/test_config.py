@@ -287,3 +287,17 @@ def test_bad_draft_settings_are_one_line(overrides, expected):
         load_run_config(None, overrides)
     line = info.value.one_line()
     assert expected in line and "\n" not in line
+
+
+def test_a_value_assigned_into_a_section_the_config_did_not_set_survives_a_reread():
+    """api.run_config re-reads a RunConfig keeping only what was set (defaults stay "not given"): a value assigned
+    later into a section the config never set (llama_server.plan_slots' slots x ctx) is set too."""
+    from orchestrator import api
+
+    config = load_run_config(None, {})
+    config.context.ctx = 4096
+    config.draft.max_tokens = 3
+    again = api.run_config(config)
+    assert (again.context.ctx, again.draft.max_tokens) == (4096, 3)
+    assert "ctx" in again.context.model_fields_set and "ubatch" not in again.context.model_fields_set
+    assert api.run_config(RunConfig()).context.model_fields_set == set()

@@ -87,6 +87,8 @@ def test_a_sliding_window_model_reads_a_prompt_in_its_micro_batches_and_reuses_i
     from orchestrator.modelfile.locate import default_model_path
 
     gemma = default_model_path(log=lambda m: None)
+    if gemma is None or not gemma.exists():
+        pytest.skip("the default model is not installed (make demo installs it)")
     srv = LlamaServer("--engine", "llama-server", "-m", str(gemma), "--budget", "230MiB", "--ctx", "256",
                       "--ubatch", "32", "--threads", "2", "--parallel", "1", "--draft", "none")
     try:

@@ -134,6 +134,32 @@ def test_metadata_summarises_long_arrays(models):
     json.dumps(meta)  # JSON-ready
 
 
+@pytest.mark.parametrize("arch,keys,n_swa,recurrent", [
+    ("gemma3", {"attention.sliding_window": 512}, 512, False),
+    ("mamba", {"ssm.conv_kernel": 4, "ssm.state_size": 16}, 0, True),
+    ("lfm2", {"shortconv.l_cache": 3}, 0, True),
+    ("llama", {}, 0, False),
+])
+def test_sliding_windows_and_recurrent_layers_are_read(tmp_path, arch, keys, n_swa, recurrent):
+    """What decides llama.cpp's programs' flags under a plan (tools.plan_args: --swa-full; serve: what a recurrent
+    model cannot roll back)."""
+    from orchestrator.modelfile.reader import arch_of
+
+    writer = GGUFWriter(tmp_path / "m.gguf", arch)
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    for key, value in keys.items():
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_tensor("token_embd.weight", np.zeros((32, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    info = arch_of(tmp_path / "m.gguf")
+    assert (info.n_swa, info.recurrent) == (n_swa, recurrent)
+
+
 # ---------------------------------------------------------------------------------------------- shards
 
 

@@ -190,10 +190,24 @@ def test_exec_turns_off_the_servers_host_state_outside_the_plan(specs, model):
         assert result.returncode == 0, result.stderr
         argv[tool] = json.loads(result.stdout)["argv"]
     server = argv["llama-server"]
-    assert server[-6:] == ["-cram", "0", "-ctxcp", "0", "--port", "0"]
+    assert server[-7:] == ["-cram", "0", "--no-cache-idle-slots", "-ctxcp", "0", "--port", "0"]
     assert "-cram" not in argv["llama-completion"] and "-ctxcp" not in argv["llama-completion"]
-    # every program keeps the KV cache the plan measured (full-size sliding-window layers, as llama.cpp's C API does)
-    assert "--swa-full" in server and "--swa-full" in argv["llama-completion"]
+    assert "--swa-full" not in server  # a model without sliding-window layers (see the next test)
+
+
+def test_exec_keeps_the_sliding_window_cache_the_plan_measured(specs):
+    """Gemma 3: the full-size cache of its sliding-window layers, as llama.cpp's C API (and so the plan's
+    measurement) allocates it; its programs' default is the window."""
+    from orchestrator.modelfile.locate import default_model_path
+
+    gemma = default_model_path(log=lambda m: None)
+    if gemma is None or not gemma.exists():
+        pytest.skip("the default model is not installed (make demo installs it)")
+    for tool in ("llama-server", "llama-completion"):
+        result = flashflex("exec", tool, "--model", str(gemma), "--budget", "230MiB", "--ctx", "256", "--ubatch",
+                           "32", "--dry-run", "--json")
+        assert result.returncode == 0, result.stderr
+        assert "--swa-full" in json.loads(result.stdout)["argv"], tool
 
 
 @pytest.mark.parametrize("arg,says", [("-c", "--ctx"), ("--mmap", "load mode"), ("-ngl", "--gpu-layers"),

@@ -110,6 +110,7 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
     """One model under its plan in llama.cpp's server, N slots; returns the server's exit status."""
     from orchestrator import api, llama_server, tools
     from orchestrator.config import RunConfig, ServerConfig, is_serve_file, load_run_config, load_serve_file
+    from orchestrator.modelfile.reader import arch_of
 
     model_config: Path | RunConfig | None = config
     server_settings = {k: v for k, v in server_overrides.items() if v is not None}
@@ -152,8 +153,12 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
         adapted = spec.draft_adaptive and (spec.stream is not None or spec.banks is not None)
         line += (f", drafts by prompt lookup:{llama_server.lookup_ngram(slots.prepared)} (up to {draft.max_tokens} "
                  f"per slot and verification{', as many as each pass affords' if adapted else ''})")
-    err_console.print(f"[dim]{line}; prompt cache and context checkpoints off (--cache-ram 0 --ctx-checkpoints 0)[/]",
-                      soft_wrap=True)
+    line += "; prompt cache and context checkpoints off (--cache-ram 0 --ctx-checkpoints 0)"
+    if arch_of(slots.prepared.settings.model).recurrent:
+        # checkpoints are what upstream rolls a recurrent state back with; they would hold memory outside the plan
+        line += ("; recurrent layers: a turn whose prompt does not extend the conversation the slot holds is read "
+                 "again from its start")
+    err_console.print(f"[dim]{line}[/]", soft_wrap=True)
     if not is_loopback(server.host):
         err_console.print(f"[bold red]WARNING: listening on {server.host}: reachable from other machines"
                           f"{'' if server.api_key else ' with NO API key (anyone can use it; --api-key)'}[/]",

@@ -299,6 +299,9 @@ def read_arch(reader: GGUFReader, path: Path, tensors: list[TensorInfo] | None =
         n_leading_dense=_scalar(reader, key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT)),
         n_shared_expert=n_shared,
         shared_expert_ffn=shared_ffn,
+        n_swa=_scalar(reader, key(Keys.Attention.SLIDING_WINDOW)),
+        recurrent=any(name.startswith(tuple(f"{arch}.{group}." for group in ("ssm", "wkv", "shortconv")))
+                      for name in reader.fields),
     )
 
 
@@ -380,12 +383,23 @@ def _check_unique(tensors: list[TensorInfo]) -> None:
 
 
 @lru_cache(maxsize=16)
-def _vocab_size(path: str, size: int, mtime_ns: int) -> int:
+def _summary(path: str, size: int, mtime_ns: int) -> tuple[int, ArchInfo]:
     table = read_model_table(Path(path))
-    return next((int(t.shape[1]) for t in table.tensors if t.role is Role.TOKEN_EMBD), 1 << 31)
+    return next((int(t.shape[1]) for t in table.tensors if t.role is Role.TOKEN_EMBD), 1 << 31), table.arch
+
+
+def _summary_of(path: Path) -> tuple[int, ArchInfo]:
+    """The vocabulary size and architecture of a model file, read once per file version (a 262k-token vocabulary's
+    header takes a few hundred MiB to parse)."""
+    st = Path(path).stat()
+    return _summary(str(path), st.st_size, st.st_mtime_ns)
 
 
 def vocab_size(path: Path) -> int:
     """The model's vocabulary size (its token embedding's rows), cached per file version."""
-    st = Path(path).stat()
-    return _vocab_size(str(path), st.st_size, st.st_mtime_ns)
+    return _summary_of(path)[0]
+
+
+def arch_of(path: Path) -> ArchInfo:
+    """The model's architecture metadata, cached per file version."""
+    return _summary_of(path)[1]

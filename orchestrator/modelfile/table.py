@@ -66,6 +66,8 @@ class ArchInfo:
     n_leading_dense: int = 0
     n_shared_expert: int = 0
     shared_expert_ffn: int = 0  # width of the shared-expert FFN (all shared experts together); 0 if none
+    n_swa: int = 0  # attention window of sliding-window layers (Gemma 2/3: 4096/512-1024); 0 if none
+    recurrent: bool = False  # some layers keep a recurrent state (SSM, RWKV, short convolutions): not rolled back
 
     @property
     def is_moe(self) -> bool:
