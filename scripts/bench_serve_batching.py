@@ -20,29 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 
 from orchestrator import synth
 from orchestrator.bench.isolation import MemoryCgroup, cgroup_version, drop_page_cache
+from orchestrator.bench.servers import free_port, stop, wait_health
 from orchestrator.sizes import format_size
 
 PROCESS_OVERHEAD = 384 << 20  # the flashflex wrapper (Python) + llama-server's own heap, HTTP threads, libraries
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -99,21 +91,6 @@ def server_read_bytes(proc: subprocess.Popen) -> int:
     return (children[0] if children else p).io_counters().read_bytes
 
 
-def wait_health(base: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("server not ready in 900 s")
-
-
 def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, ctx: int, threads: int,
               out_dir: Path, ubatch: int = 32, parallel: int | None = None, duration: float | None = None) -> dict:
     """One server (`parallel` slots: as many as clients unless given) and `clients` concurrent clients: one request
@@ -165,13 +142,7 @@ def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, 
         read = server_read_bytes(proc) - read0
         alive = proc.poll() is None
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     generated = sum(len(r["stamps"]) for r in records)
     ttft = [r["stamps"][0] - r["sent"] for r in records if r["stamps"]]
     itl = [b - a for r in records for a, b in zip(r["stamps"], r["stamps"][1:])]

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import statistics
 import subprocess
 import threading
@@ -34,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from orchestrator.bench.isolation import MemoryCgroup, cgroup_version, drop_page_cache
+from orchestrator.bench.servers import free_port, stop, wait_health
 from orchestrator.sizes import parse_size
 
 PROCESS_OVERHEAD = 256 << 20  # llama-server's own heap, HTTP threads and libraries beside the plan's budget
@@ -61,12 +60,6 @@ def conversation(client: int, facts: int) -> list[str]:
                      f"{(i * 7 + client) % 13} {FRUIT[(i + client) % len(FRUIT)]}s." for i in range(facts))
     return [text + "\nWhich box holds the most fruit? Answer in one sentence.",
             "And which holds the fewest?", "Name the colour of box 3."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def decode_calls(base: str) -> float:
@@ -124,16 +117,7 @@ def run_arm(command: list[str], clients: int, tokens: int, facts: int, limit: in
                                 preexec_fn=cgroup.preexec if cgroup else None)
     result: dict = {"argv": argv, "page_cache_dropped": dropped}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"llama-server did not start:\n{log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
+        wait_health(base, proc, log, timeout=300)
         calls0 = decode_calls(base)
         turns: dict = {}
         threads = [threading.Thread(target=chat, args=(base, c, tokens, facts, turns)) for c in range(clients)]
@@ -159,13 +143,7 @@ def run_arm(command: list[str], clients: int, tokens: int, facts: int, limit: in
         result["followup_cached_share"] = sum(t["cached_tokens"] for t in follow) / \
             max(1, sum(t["prompt_tokens"] for t in follow)) if follow else None
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     if cgroup:
         result["cgroup_limit_bytes"], result["cgroup_peak_bytes"] = cgroup.limit, cgroup.peak_bytes()
         result["oom_killed"] = cgroup.oom_killed()
