@@ -79,8 +79,9 @@ def check_user_args(tool: str, args: list[str]) -> None:
 
 
 def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None) -> list[str]:
-    """llama.cpp common arguments that reproduce a prepared run: model, context, batches, threads, seed, load mode,
-    the spec file (when the plan streams or banks), key overrides, and the device split. `parallel`: the server's
+    """llama.cpp common arguments that reproduce a prepared run: model, context, batches, threads, seed, the
+    sliding-window cache's size, load mode, the spec file (when the plan streams or banks), key overrides, and the
+    device split. `parallel`: the server's
     slots, sharing one KV cache of the planned context (llama_server plans it as slots x the per-request context)."""
     settings, spec = prepared.settings, prepared.spec
     args = ["-m", str(settings.model), "-c", str(settings.ctx), "-b", str(settings.batch), "-ub", str(settings.ubatch),
