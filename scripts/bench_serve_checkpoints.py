@@ -16,8 +16,8 @@ repetitions: TTFT per turn, prompt tokens read from the slot's cache in the foll
 was OOM-killed. Drafting is off (its passes would blur the count of prompt passes). --overhead-mib widens the cgroup,
 so that every arm lives to be measured.
 
-    python scripts/bench_serve_checkpoints.py --model ~/.cache/flashflex/models/gemma-3-270m-q4_k_m.align4096.gguf \\
-        --budget 280MiB --ctx 1024 --clients 4 --reps 3 --out bench-results/serve-checkpoints
+    python scripts/bench_serve_checkpoints.py --budget 280MiB --ctx 1024 --clients 4 --reps 3 \\
+        --out bench-results/serve-checkpoints
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ def planned_command(model: Path, budget: str, clients: int, ctx: int) -> list[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, required=True, help="a model with sliding-window attention (Gemma 3)")
+    ap.add_argument("--model", type=Path, default=None, help="a model with sliding-window attention (default: "
+                    "Gemma 3 270M, run's default model, realigned to 4096 once)")
     ap.add_argument("--budget", default="280MiB")
     ap.add_argument("--clients", type=int, default=4, help="slots, and conversations held at once")
     ap.add_argument("--ctx", type=int, default=1024, help="context per slot (40 facts: ~800 tokens a conversation)")
@@ -175,6 +176,10 @@ def main() -> None:
                     help="the cgroup's room beside the budget for llama-server's own heap, threads and libraries")
     ap.add_argument("--out", type=Path, default=Path("bench-results/serve-checkpoints"))
     args = ap.parse_args()
+    if args.model is None:
+        from orchestrator.bench.speculative import default_model
+
+        args.model = default_model()
     args.out.mkdir(parents=True, exist_ok=True)
     command = planned_command(args.model.expanduser(), args.budget, args.clients, args.ctx)
     limit = parse_size(args.budget) + (args.overhead_mib << 20)

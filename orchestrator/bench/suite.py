@@ -83,6 +83,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "under 110 MiB",
               ("scripts/bench_serve_drafting.py", "--budget", "110MiB", "--reps", "3", "--modes", "draft,none,upstream",
                "--out", "{out}"), "summary.md", 8),
+    Benchmark("serve-checkpoints", "llama-server's sliding-window cache and context checkpoints as planned, "
+              "window-sized without checkpoints, and upstream's: Gemma 3 270M under 280 MiB, 4 three-turn chats",
+              ("scripts/bench_serve_checkpoints.py", "--budget", "280MiB", "--ctx", "1024", "--clients", "4",
+               "--reps", "3", "--facts", "6", "--overhead-mib", "2048", "--out", "{out}"), "summary.md", 2),
+    Benchmark("serve-checkpoints-cgroup", "the same with a first message past Gemma's window, in the plan's cgroup",
+              ("scripts/bench_serve_checkpoints.py", "--budget", "280MiB", "--ctx", "1024", "--clients", "4",
+               "--reps", "3", "--facts", "40", "--out", "{out}"), "summary.md", 2),
     Benchmark("checksum", "checking every expert read against its checksum, on and off",
               ("scripts/bench_checksum.py", "--slots", "32", "--pairs", "3", "--out", "{out}"), "summary.md", 2),
     Benchmark("rpc-dense", "two memory cgroups over RPC on loopback, dense",
