@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import threading
@@ -162,6 +163,36 @@ def planned_command(model: Path, budget: str, clients: int, ctx: int) -> list[st
     return tools.command_for(slots.prepared, "llama-server", spec, [], parallel=slots.parallel)
 
 
+def summarize(runs: list[dict], model: str, budget: str, limit: int, clients: int, tokens: int, reps: int,
+              started: str) -> str:
+    """The Markdown table of medians per arm (an arm no repetition of which lived to answer shows dashes)."""
+    keys = ("ttft_turn1_s", "ttft_turn2_s", "ttft_turn3_s", "followup_cached_share", "prompt_tokens_turn1",
+            "decode_calls", "rss_peak_bytes", "cgroup_peak_bytes", "wall_s")
+    rows = []
+    for name in ARMS:
+        mine = [r for r in runs if r["arm"] == name]
+        med = {k: statistics.median([r[k] for r in mine if r.get(k) is not None] or [float("nan")]) for k in keys}
+        ooms = sum(1 for r in mine if r.get("oom_killed"))
+        answered = sum(r.get("answered") or 0 for r in mine)
+        if any(math.isnan(med[k]) for k in ("ttft_turn1_s", "decode_calls", "rss_peak_bytes")):
+            measured = "- | - | - | - | "  # no repetition lived to answer
+        else:
+            measured = (f"{med['ttft_turn1_s']:.2f} / {med['ttft_turn2_s']:.2f} / {med['ttft_turn3_s']:.2f} s | "
+                        f"{med['followup_cached_share']:.0%} | {med['decode_calls']:.0f} | "
+                        f"{med['rss_peak_bytes'] / 2**20:.0f} MiB | ")
+        rows.append(f"| {name} | {measured}{med['cgroup_peak_bytes'] / 2**20:.0f} MiB | {med['wall_s']:.1f} s | "
+                    f"{answered}/{clients * len(mine)} | {ooms}/{len(mine)} |")
+    first = statistics.median([r["prompt_tokens_turn1"] for r in runs if r.get("prompt_tokens_turn1")] or [0])
+    return (f"Model {model}, budget {budget}, cgroup {limit / 2**20:.0f} MiB, {clients} "
+               f"clients x 3 turns (a first prompt of {first:.0f} tokens), {tokens} tokens an answer; "
+               f"started {started}; medians of {reps} "
+               "interleaved repetitions.\n\n"
+               "| llama-server | TTFT turn 1 / 2 / 3 (median client) | follow-ups' prompt from cache | "
+               "llama_decode calls | peak RSS | "
+               "cgroup peak | wall | conversations answered | OOM-killed |\n"
+               "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="a model with sliding-window attention (default: "
@@ -193,27 +224,7 @@ def main() -> None:
             r.update(arm=name, rep=rep)
             runs.append(r)
             print(json.dumps(r), flush=True)
-    keys = ("ttft_turn1_s", "ttft_turn2_s", "ttft_turn3_s", "followup_cached_share", "prompt_tokens_turn1",
-            "decode_calls", "rss_peak_bytes", "cgroup_peak_bytes", "wall_s")
-    rows = []
-    for name in ARMS:
-        mine = [r for r in runs if r["arm"] == name]
-        med = {k: statistics.median([r[k] for r in mine if r.get(k) is not None] or [float("nan")]) for k in keys}
-        ooms = sum(1 for r in mine if r.get("oom_killed"))
-        answered = sum(r.get("answered") or 0 for r in mine)
-        rows.append(f"| {name} | {med['ttft_turn1_s']:.2f} / {med['ttft_turn2_s']:.2f} / {med['ttft_turn3_s']:.2f} s "
-                    f"| {med['followup_cached_share']:.0%} | {med['decode_calls']:.0f} | "
-                    f"{med['rss_peak_bytes'] / 2**20:.0f} MiB | {med['cgroup_peak_bytes'] / 2**20:.0f} MiB | "
-                    f"{med['wall_s']:.1f} s | {answered}/{args.clients * len(mine)} | {ooms}/{len(mine)} |")
-    first = statistics.median([r["prompt_tokens_turn1"] for r in runs if r.get("prompt_tokens_turn1")] or [0])
-    summary = (f"Model {args.model.name}, budget {args.budget}, cgroup {limit / 2**20:.0f} MiB, {args.clients} "
-               f"clients x 3 turns (a first prompt of {first:.0f} tokens), {args.tokens} tokens an answer; "
-               f"started {started}; medians of {args.reps} "
-               "interleaved repetitions.\n\n"
-               "| llama-server | TTFT turn 1 / 2 / 3 (median client) | follow-ups' prompt from cache | "
-               "llama_decode calls | peak RSS | "
-               "cgroup peak | wall | conversations answered | OOM-killed |\n"
-               "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    summary = summarize(runs, args.model.name, args.budget, limit, args.clients, args.tokens, args.reps, started)
     meta = {"model": str(args.model), "budget": args.budget, "clients": args.clients, "facts": args.facts,
             "started": started}
     (args.out / "results.json").write_text(json.dumps({**meta, "runs": runs}, indent=1))
