@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,16 +30,11 @@ from pathlib import Path
 from orchestrator import modes, synth
 from orchestrator.bench.isolation import MemoryCgroup
 from orchestrator.bench.runs import Isolation, Point, RunSpec, check_isolation, run_point
+from orchestrator.bench.servers import free_port
 from orchestrator.modelfile.reader import read_model_table
 from orchestrator.sizes import format_size, parse_size
 
 WORKER_SLACK = 256 << 20  # the worker's interpreter and libraries, kept out of what it announces
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

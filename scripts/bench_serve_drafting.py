@@ -38,19 +38,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from orchestrator.bench.servers import free_port  # noqa: E402
 from orchestrator.bench.speculative import TASKS, realigned_copy  # noqa: E402
 from orchestrator.fsutil import atomic_file  # noqa: E402
 from orchestrator.modelfile.locate import default_chat_model_path  # noqa: E402
 
 DEFAULT_TASKS = "rewrite,edit-function,extract,free-chat"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args, draft: list[str], port: int, log: Path) -> subprocess.Popen:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from orchestrator import sidecar, synth
 from orchestrator.bench.isolation import MemoryCgroup, cgroup_version
+from orchestrator.bench.servers import free_port
 from orchestrator.paths import cache_root
 from orchestrator.sizes import format_size, parse_size
 
@@ -47,12 +47,6 @@ def model_and_sidecar() -> tuple[Path, Path]:
     if not sc.exists():
         sidecar.extract(path, sc)
     return path, sc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float | None:
