@@ -44,6 +44,7 @@ OPTION_KEYS: dict[str, str] = {
     "prefetch_threads": "prefetch.threads",
     "prefetch_window": "prefetch.window",
     "prefetch_mirror": "prefetch.mirror",
+    "prefetch_repack": "prefetch.repack",
     "direct_io": "prefetch.direct_io",
     "threads": "context.threads",
     "ctx": "context.ctx",

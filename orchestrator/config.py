@@ -161,6 +161,15 @@ class PrefetchConfig(_Section):
         "runs on into the second mapping: no tensor's worth of wrap slack, which stays resident weights. false = "
         "a flat ring that wraps (what flashflex did before; for comparison).",
     )
+    repack: bool = Field(
+        default=False,
+        description="Where weights stream, keep the CPU backend's repacked layout for the types it repacks (Q4_0, "
+        "Q4_K, IQ4_NL): streamed ones are read raw into a staging buffer and repacked by the thread that read them, "
+        "every token. false = the model keeps the file's layout (llama.cpp's --no-repack, which exactness's stock "
+        "run gets too: llama.cpp cannot exempt single tensors), and streamed weights are read straight into their "
+        "homes. On 2 cores that is 1.4-1.6x the decode of repacking on wide layers, and batched prompt passes "
+        "~0.8x (their matmuls compute faster repacked): docs/benchmarks.md. Nothing changes where nothing streams.",
+    )
     direct_io: Annotated[DirectIO, BeforeValidator(_on_off)] = Field(
         default="auto",
         description="O_DIRECT reads, bypassing the page cache. auto = on when every streamed tensor is "

@@ -1,6 +1,8 @@
-"""Dense streaming under a memory cgroup: today's defaults (a byte-sized ring mapped twice back to back, `-tp auto`)
-against the flat ring that wraps (prefetch.mirror false: a largest tensor more of ring, that much less resident)
-and stock llama.cpp (mmap), in the same run; `--layer-slots` adds the older default (3 layer slots, 1 thread).
+"""Dense streaming under a memory cgroup: today's defaults (streamed weights in the file's layout, read straight into
+their homes; a byte-sized ring mapped twice back to back; `-tp auto`) against the same with the streamed weights
+repacked on arrival (prefetch.repack: staged, then set into the CPU backend's repacked layout by the reading thread)
+and stock llama.cpp (mmap), in the same run; `--flat` adds the flat ring that wraps (prefetch.mirror false: a
+largest tensor more of ring, that much less resident), `--layer-slots` the older default (3 layer slots, 1 thread).
 
 Each configuration runs `--repeats` times, interleaved (stock, flat, auto, stock, ...), each in a fresh process
 inside a cgroup of the budget with the page cache dropped (orchestrator.bench.runs.run_point); the table reports
@@ -43,6 +45,7 @@ def main() -> int:
     ap.add_argument("--model", required=True, help="a synth preset or a GGUF path")
     ap.add_argument("--budget", required=True, help="the cgroup limit, e.g. 1.8GiB (about half the model)")
     ap.add_argument("--full", action="store_true", help="also a budget above the model's size (vs stock resident)")
+    ap.add_argument("--flat", action="store_true", help="also the flat ring that wraps (prefetch.mirror false)")
     ap.add_argument("--layer-slots", action="store_true", help="also the older default: 3 layer slots, 1 thread")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gen-tokens", type=int, default=12)
@@ -57,10 +60,13 @@ def main() -> int:
     print("direct-read bandwidth: " + ", ".join(f"QD{d} {bw / 1e9:.2f} GB/s" for d, bw in sorted(probe.items())))
 
     auto = RunSpec(model=model, gen_tokens=args.gen_tokens, window="auto")
-    flat = RunSpec(model=model, gen_tokens=args.gen_tokens, window="auto", mirror=False)
+    repacked = RunSpec(model=model, gen_tokens=args.gen_tokens, window="auto", repack=True)
     configs = [("stock mmap", Point(modes.STOCK_MMAP, budget), auto),
-               ("flat ring, tp auto", Point(modes.FLASHFLEX, budget, "auto"), flat),
-               ("auto: mirrored ring, tp auto", Point(modes.FLASHFLEX, budget, "auto"), auto)]
+               ("repacked on arrival, tp auto", Point(modes.FLASHFLEX, budget, "auto"), repacked),
+               ("auto: file layout, mirrored ring, tp auto", Point(modes.FLASHFLEX, budget, "auto"), auto)]
+    if args.flat:
+        flat = RunSpec(model=model, gen_tokens=args.gen_tokens, window="auto", mirror=False)
+        configs.insert(1, ("flat ring, tp auto", Point(modes.FLASHFLEX, budget, "auto"), flat))
     if args.layer_slots:
         previous = RunSpec(model=model, gen_tokens=args.gen_tokens, window=3, mirror=False)
         configs.insert(1, ("3 layer slots, tp 1", Point(modes.FLASHFLEX, budget, 1), previous))

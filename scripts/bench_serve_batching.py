@@ -101,11 +101,14 @@ def run_point(engine: str, model: Path, budget: int, clients: int, tokens: int, 
     # flashflex: the plan's budget; stock: a budget above the model (the planner picks stock, mmap), same cgroup
     if engine.startswith("flashflex"):
         # flashflex-nogather: the same without the window a request waking the idle server waits for others
-        # (server.gather_ms 0, a serve file), the A/B of that window
+        # (server.gather_ms 0, a serve file), the A/B of that window; flashflex-repacked: the CPU backend's
+        # repacked layout kept where weights stream (prefetch.repack), the A/B of the file's layout
         served = []
-        if engine == "flashflex-nogather":
-            served = [str(out_dir / "no-gather.yaml")]
-            (out_dir / "no-gather.yaml").write_text("server:\n  gather_ms: 0\nmodels:\n  - {}\n")
+        variants = {"flashflex-nogather": "server:\n  gather_ms: 0\nmodels:\n  - {}\n",
+                    "flashflex-repacked": "models:\n  - prefetch: {repack: true}\n"}
+        if engine in variants:
+            served = [str(out_dir / f"{engine}.yaml")]
+            (out_dir / f"{engine}.yaml").write_text(variants[engine])
         cmd = [sys.executable, "-m", "orchestrator", "serve", *served, "--engine", "llama-server", "-m", str(model),
                "--budget", f"{budget}B", "--ctx", str(ctx), "--ubatch", str(ubatch), "--parallel", str(parallel),
                "--threads", str(threads), "--port", str(port),
@@ -228,7 +231,8 @@ def plot(points: list[dict], clients: list[int], path: Path) -> None:
     if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for engine, style in (("flashflex", "o-"), ("stock", "s--"), ("flashflex-nogather", "^:")):
+    for engine, style in (("flashflex", "o-"), ("stock", "s--"), ("flashflex-nogather", "^:"),
+                          ("flashflex-repacked", "d-.")):
         xs = [n for n in clients if any(p["engine"] == engine and p["clients"] == n for p in points)]
         runs = {n: [p for p in points if p["engine"] == engine and p["clients"] == n] for n in xs}
         left.plot(xs, [median_of(runs[n], "tok_per_s") or 0 for n in xs], style, label=engine)

@@ -35,7 +35,7 @@ def plan_table(table: ModelTable, budget: int, *, ctx: int = 2048, ubatch: int =
     request = PlanRequest(
         budget_bytes=budget, ctx=ctx, ubatch=ubatch, threads=None if threads == "auto" else int(threads),
         window=None if window in (None, "auto") else int(window), direct_io=str(_get(prefetch, "direct_io", "auto")),
-        mirrored_ring=bool(_get(prefetch, "mirror", True)),
+        mirrored_ring=bool(_get(prefetch, "mirror", True)), repack=bool(_get(prefetch, "repack", False)),
         bandwidth=rate if isinstance(rate, int) else parse_rate(rate), mode=str(_get(moe, "mode", "auto") or "auto"),
         slot_bank=_get(moe, "slot_bank", None), topk=_get(moe, "topk", None))
     return make_plan(request, PlanInputs(table=table, overheads=overheads, read_probe=read_probe))

@@ -96,7 +96,7 @@ def test_unknown_top_level_section(tmp_path):
 
 def test_unknown_key_lists_allowed_keys(tmp_path):
     line = error_of(write(tmp_path, "prefetch:\n  depth: 4\n"))
-    assert "allowed: threads, window, mirror, direct_io, read_bandwidth" in line
+    assert "allowed: threads, window, mirror, repack, direct_io, read_bandwidth" in line
 
 
 def test_missing_file_is_one_line(tmp_path):

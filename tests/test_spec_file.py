@@ -178,6 +178,7 @@ def test_exec_dry_run_names_the_spec_and_the_planned_arguments(specs, model, tmp
     assert f"{native.SPEC_KEY}=str:{out}" in argv and argv[argv.index("-lm") + 1] == "none"
     assert argv[argv.index("-c") + 1] == str(CTX) and argv[-2:] == ["-n", "4"]
     native.check_spec(out)
+    assert "--no-repack" in argv  # the weights' layout the plan streams, as under `run`
 
 
 def test_exec_turns_off_the_servers_host_state_outside_the_plan(specs, model):

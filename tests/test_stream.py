@@ -41,9 +41,9 @@ def dense_models(tmp_path_factory) -> dict[str, Path]:
             for q in ("q4_0", "q8_0")}
 
 
-def _plan(path: Path, where: str, threads: int, ubatch: int):
+def _plan(path: Path, where: str, threads: int, ubatch: int, repack: bool = False):
     table = read_model_table(path)
-    prefetch = PrefetchConfig(threads=threads, window=2)
+    prefetch = PrefetchConfig(threads=threads, window=2, repack=repack)
     full = plan_table(table, 1 << 40, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
     lo, hi = full.minimum_budget_bytes, full.model_bytes + full.reserved_bytes
     budget = {"min": lo, "mid": (lo + hi) // 2, "above": hi + (64 << 20)}[where]
@@ -54,13 +54,16 @@ def _settings(path: Path, ubatch: int) -> GenerationSettings:
     return GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2)
 
 
-@pytest.mark.parametrize("quant", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("quant", ["q4_0", "q4_0-repacked", "q8_0"])
 @pytest.mark.parametrize("where", ["min", "mid", "above"])
 @pytest.mark.parametrize("threads", [0, 2])
 @pytest.mark.parametrize("ubatch", [1, 32])
 def test_streaming_is_bitwise_exact(streaming, dense_models, quant, where, threads, ubatch):
-    path = dense_models[quant]
-    plan = _plan(path, where, threads, ubatch)
+    """Streamed weights in the file's layout (the default: stock's reference keeps them there too, by the same
+    buffer override) and, with prefetch.repack, in the CPU backend's repacked layout (staged and repacked on
+    arrival, against stock's repacked weights)."""
+    path = dense_models[quant.split("-")[0]]
+    plan = _plan(path, where, threads, ubatch, repack=quant.endswith("repacked"))
     streamed = streamed_names(plan)
     if where == "above":
         assert not streamed and plan.fits_entirely
@@ -268,7 +271,7 @@ def test_a_ring_smaller_than_a_layer_is_exact(streaming, wide_ffn_model, threads
     time. The logits stay bitwise identical."""
     path = wide_ffn_model
     table = read_model_table(path)
-    prefetch = PrefetchConfig(threads=threads)
+    prefetch = PrefetchConfig(threads=threads, repack=True)
     minimum = plan_table(table, 1 << 40, ctx=CTX, ubatch=ubatch, prefetch=prefetch).minimum_budget_bytes
     plan = plan_table(table, minimum, ctx=CTX, ubatch=ubatch, prefetch=prefetch)
     streamed = [d.n_bytes for d in plan.tensors if d.placement == "streamed"]
@@ -285,6 +288,29 @@ def test_a_ring_smaller_than_a_layer_is_exact(streaming, wide_ffn_model, threads
     assert stats["ring_bytes"] <= 2 * largest + 2 * 4096
     # staging: one row group per thread (the largest matrix would be 4.7 MB a thread)
     assert 0 < stats["staging_bytes"] <= max(1, threads) * ((4 << 20) + 3 * 4096)
+
+
+def test_streamed_weights_keep_the_files_layout_by_default(streaming, wide_ffn_model):
+    """A type the CPU backend repacks (Q4_0) streams in the file's layout unless prefetch.repack: the model loads
+    without the repacked layout (as exactness's stock run does), so the reads go straight into their homes (no
+    staging, no repacking on the read path) and the plan reserves no staging."""
+    path = wide_ffn_model
+    table = read_model_table(path)
+    repack = {"threads": 2, "repack": True}
+    budget = plan_table(table, 1 << 40, ctx=CTX, ubatch=1, prefetch=repack).minimum_budget_bytes
+    runs = {}
+    for name, prefetch in (("file", {"threads": 2}), ("repacked", repack)):
+        plan = plan_table(table, budget, ctx=CTX, ubatch=1, prefetch=prefetch)
+        prepared = prepared_of(GenerationSettings(model=path, prompt="hello world", n_predict=4, ctx=CTX, ubatch=1,
+                                                  threads=2), plan)
+        assert prepared.stock().spec.cpu_repack == prepared.spec.cpu_repack  # exactness compares the same kernels
+        runs[name] = (plan, prepared.spec, execution.run(prepared).stats["decode"])
+    plan, spec, stats = runs["file"]
+    assert plan.prefetch.file_layout and plan.prefetch.staging_bytes == 0 and not spec.cpu_repack
+    assert stats["error"] is None and stats["staging_bytes"] == 0 and stats["bytes_read_per_token"] > 0
+    plan, spec, stats = runs["repacked"]
+    assert not plan.prefetch.file_layout and plan.prefetch.staging_bytes > 0 and spec.cpu_repack
+    assert stats["error"] is None and stats["staging_bytes"] > 0
 
 
 def test_a_second_real_architecture_streams_exactly(streaming):

@@ -64,6 +64,7 @@ class RunSpec:
     gen_tokens: int = 16
     window: int | str = "auto"  # prefetch read-ahead: auto (a ring sized in bytes) or layers
     mirror: bool = True  # the ring mapped twice back to back (prefetch.mirror); False: the flat ring, to compare
+    repack: bool = False  # streamed weights repacked on arrival (prefetch.repack), to compare with the file's layout
     seed: int = 0
     timeout_s: float = 1800
     sidecar: Path | None = None  # MoE runs: the expert sidecar

@@ -51,7 +51,7 @@ def _prepare(point: dict, spec: dict, out: dict):
                        prefetch_threads=max(1, point.get("prefetch_threads") or 1))
     else:
         options.update(prefetch_threads=point["prefetch_threads"], prefetch_window=spec["window"],
-                       prefetch_mirror=spec.get("mirror", True))
+                       prefetch_mirror=spec.get("mirror", True), prefetch_repack=spec.get("repack", False))
     if spec.get("rpc"):
         options["rpc"] = spec["rpc"]
     prepared = api.prepare(budget_bytes=budget, process_bytes=overhead, own_decodes=True, **options)

@@ -135,8 +135,10 @@ def explain(plan: Plan) -> list[str]:
                 if p.window == "auto" else
                 f"a ring of {format_size(p.ring_bytes)} ({p.buffers} x the largest streamed layer "
                 f"{format_size(p.buffer_bytes)})")
+        layout = ("in the file's layout (no repacking: --no-repack), read straight into their homes" if p.file_layout
+                  else f"staged ({format_size(p.staging_bytes)}) and set into their buffer type's layout")
         lines.append(f"prefetch: {p.threads} thread(s), window {p.window}: {ring}, direct I/O "
-                     f"{'on' if p.direct_io else 'off'}")
+                     f"{'on' if p.direct_io else 'off'}; streamed weights {layout}")
         if p.threads_reason != "asked":
             lines.append(f"prefetch threads: {p.threads_reason}")
     if plan.moe is not None:

@@ -14,6 +14,7 @@ from orchestrator import modes
 from orchestrator.errors import BudgetBelowMinimum, FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
 from orchestrator.modes import ROUTER_LOOKAHEAD, MoEMode, PlannedMoEMode
+from orchestrator.rpc import LOCAL
 from orchestrator.planner.buffers import compute_bytes, kv_cache_bytes
 from orchestrator.planner.request import PlanInputs, PlanRequest
 from orchestrator.planner.schema import (
@@ -255,9 +256,10 @@ def _staging_job_bytes(t: TensorInfo) -> int:
 
 
 def _staging_bytes(layers: list[_Layer], threads: int) -> int:
-    """Staging the runtime needs besides the ring: tensors the CPU backend keeps in a repacked layout are read
-    raw into a staging buffer, a read job at a time, then repacked into their home; one buffer per prefetch
-    thread (or one for synchronous reads), as large as the largest job (_staging_job_bytes)."""
+    """Staging the runtime needs besides the ring where weights do not keep the file's layout
+    (PlanRequest.file_layout): those the CPU backend repacks, or all in a GPU's pinned host buffer type, are read
+    raw into a staging buffer, a read job at a time, then set into their home (repacked, or copied); one buffer
+    per prefetch thread (or one for synchronous reads), as large as the largest job (_staging_job_bytes)."""
     largest = max((_staging_job_bytes(t) for layer in layers for t in layer.streamable), default=0)
     return max(1, threads) * largest
 
@@ -337,6 +339,8 @@ def _make_plan(request: PlanRequest, inputs: PlanInputs) -> Plan:
     """make_plan's stages."""
     req = _check_request(request)
     table, rpc, warnings = _place_layers(req, inputs)
+    local_gpu = rpc is not None and any(d.endpoint == LOCAL for d in rpc.devices)
+    req = dataclasses.replace(req, file_layout=not req.repack and not local_gpu)
     model = _analyse_model(table, req, warnings)
     req = _prefetch_threads(req, model, inputs.read_probe)
     over = _overheads(table, model, req, inputs.overheads, rpc.load_staging_bytes if rpc is not None else 0,
@@ -483,7 +487,8 @@ def _prefetch_threads(req: PlanRequest, model: _ModelFacts, probe: dict[int, flo
                                    "device: O_DIRECT unavailable, or the file is a few MiB)")
     best = max(probe.values())
     depth = min(d for d, bw in probe.items() if bw >= AUTO_THREADS_WITHIN * best)
-    repacked = sorted({t.ggml_type for layer in model.layers for t in layer.streamable} & REPACKED_TYPES)
+    repacked = sorted({t.ggml_type for layer in model.layers for t in layer.streamable} & REPACKED_TYPES
+                      if not req.file_layout else ())
     threads = min(depth + (1 if repacked else 0), cap)
     rates = ", ".join(f"{d}: {format_rate(bw)}" for d, bw in sorted(probe.items()))
     why = (f"auto: {threads} thread(s); direct reads on this device by 1, 2, 4 threads: {rates}; {depth} is the "
@@ -760,7 +765,7 @@ def _minimum_budget(model: _ModelFacts, req: PlanRequest, over: _Overheads, expe
                  f"always-resident weights "
                  f"{format_size(over.non_layer + over.pinned + (0 if experts.banked else over.routed))}"]
         if over.streamable > stream_all:
-            parts.append(f"prefetch ring {format_size(ring0)} + staging {format_size(staging)}")
+            parts.append(f"prefetch ring {format_size(ring0)}" + (f" + staging {format_size(staging)}" if staging else ""))
         else:
             parts.append(f"layer weights {format_size(over.streamable)}")
         if experts.banked:
@@ -952,7 +957,7 @@ def _decide(table: ModelTable, model: _ModelFacts, req: PlanRequest, over: _Over
             extras: list[tuple[str, int]], warnings: list[str]) -> _Decisions:
     """The budget stages, with what `extras` leave of the budget for the model."""
     budget = req.budget_bytes - _total(extras)
-    staging = _staging_bytes(model.layers, req.prefetch_threads)
+    staging = 0 if req.file_layout else _staging_bytes(model.layers, req.prefetch_threads)
     minimum = _minimum_budget(model, req, over, experts, staging, budget, extras)
     dense = _split_dense(model, req, over, experts, staging, budget)
     slots = _bank_slots(model, req, over, experts, dense, warnings)
@@ -1042,6 +1047,7 @@ def _assemble(table: ModelTable, budget: int, *, req: PlanRequest, model: _Model
                               window=req.window if req.window is not None else "auto",
                               buffers=d.dense.buffers, buffer_bytes=d.dense.buffer_bytes,
                               ring_bytes=d.dense.ring_bytes, mirrored=req.mirrored_ring,
+                              file_layout=req.file_layout,
                               staging_bytes=d.dense.staging if d.dense.buffers else 0,
                               direct_io_requested=req.direct_io, direct_io=d.direct_io,
                               unaligned_tensors=d.placed.unaligned),

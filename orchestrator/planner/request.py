@@ -50,6 +50,10 @@ class PlanRequest:
     threads_reason: str = "asked"  # why this many threads
     window: int | None = None  # requested look-ahead in layers; None = auto (a ring sized in bytes)
     mirrored_ring: bool = True  # the runtime maps the ring twice back to back (no wrap slack): prefetch.mirror here
+    repack: bool = False  # prefetch.repack: streamed weights take the CPU backend's repacked layout
+    # weights kept in the file's layout, streamed ones read straight into their homes (make_plan decides: not
+    # `repack`, and no GPU of this host, whose pinned host buffer type llama.cpp gives the host layers' weights)
+    file_layout: bool = True
     direct_io: str = "auto"  # auto | on | off | strict, as asked
     bandwidth: int = DEFAULT_READ_BANDWIDTH  # bytes/s, for the estimate only
     mode: str = modes.AUTO  # the requested MoE mode (auto is resolved by the planner)
@@ -97,7 +101,7 @@ class PlanRequest:
                    outputs=cfg.context.outputs_per_ubatch,
                    threads=None if p.threads == "auto" else int(p.threads),
                    window=None if p.window in (None, "auto") else int(p.window), direct_io=str(p.direct_io),
-                   mirrored_ring=p.mirror and MIRRORED_RING_SUPPORTED,
+                   mirrored_ring=p.mirror and MIRRORED_RING_SUPPORTED, repack=p.repack,
                    bandwidth=read_bandwidth if read_bandwidth is not None else p.read_bandwidth_bytes(),
                    mode=str(m.mode), slot_bank=m.slot_bank, topk=m.topk, moe_prefetch=str(m.prefetch),
                    prefetch_ranks=m.prefetch_ranks, io_threads=m.io_threads, verify=m.verify,

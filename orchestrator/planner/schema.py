@@ -80,10 +80,16 @@ class PrefetchPlan(_Model):
                             "waste), and a read per prefetch thread (see planner/make.py _buffers).")
     mirrored: bool = Field(default=True, description="The runtime maps the ring twice back to back, so a tensor "
                            "runs on across its end and no slack is needed (prefetch.mirror, on Linux).")
+    file_layout: bool = Field(default=False, description="Weights stay in the file's layout (llama.cpp's "
+                              "--no-repack, RuntimeSpec.cpu_repack) and streamed ones are read straight into their "
+                              "homes; false = the buffer type llama.cpp picks (prefetch.repack: the CPU backend's "
+                              "repacked layout; with layers on this host's GPU, its pinned host type), staged.")
     direct_io_requested: str = Field(description="auto | on | off | strict, as asked.")
     direct_io: bool = Field(description="Whether streamed reads use O_DIRECT.")
-    staging_bytes: int = Field(default=0, description="Staging for tensors repacked on arrival: one largest "
-                               "streamable tensor per prefetch thread (or one for synchronous reads).")
+    staging_bytes: int = Field(default=0, description="Staging for tensors set into their homes by their buffer type "
+                               "(without `file_layout`): "
+                               "one read job of the largest streamable tensor per prefetch thread (or one for "
+                               "synchronous reads).")
     alignment: int = Field(default=DIRECT_IO_ALIGNMENT, description="Direct I/O alignment in bytes.")
     unaligned_tensors: int = Field(default=0, description="Streamed tensors whose offset is not aligned.")
 

@@ -111,7 +111,8 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
         spec_file = write_native_spec(spec, trace_file)
         kwargs["kv_overrides"] = {**kwargs.get("kv_overrides", {}), native.SPEC_KEY: spec_file}
     try:
-        with quiet_native_stderr(), model_params(repack=repack, devices=devices, cpu_tensors=cpu_tensors), \
+        with quiet_native_stderr(), model_params(repack=repack and spec.cpu_repack, devices=devices,
+                                                 cpu_tensors=cpu_tensors), \
                 context_params(n_seq_max, outputs), captured_llama_errors() as errors:
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,
                         n_ubatch=settings.ubatch, n_threads=settings.threads, n_threads_batch=settings.threads,

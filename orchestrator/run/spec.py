@@ -107,6 +107,11 @@ class RuntimeSpec(_Spec):
     rpc_timeout_s: float = 3.0  # each worker's check before the load
     rpc_answer_timeout_s: float | None = 120.0  # each worker's answer during the run; None: no limit
     use_mmap: bool | None = None  # None: llama.cpp's default
+    cpu_repack: bool = Field(default=True, description="The CPU backend's repacked weight layout "
+                             "(llama_model_params.use_extra_bufts; llama.cpp's --repack). false where the plan "
+                             "streams weights in the file's layout (prefetch.repack false): llama.cpp can keep the "
+                             "repacked layout from a tensor only by keeping it from the model, so resident weights "
+                             "keep the file's layout too. stock() keeps it, so exactness compares the same kernels.")
     kv_overrides: dict[str, int] = Field(default_factory=dict)
     draft_adaptive: bool = Field(default=True, description="A program drafting for several sequences (llama-server's "
                                  "slots) drafts as long as the measured passes afford (the runtime's draft length); "
@@ -136,7 +141,7 @@ class RuntimeSpec(_Spec):
         """Stock llama.cpp with the same placement (the same devices and layer split): what exactness compares
         against."""
         return RuntimeSpec(model=self.model, placement=self.placement, rpc_timeout_s=self.rpc_timeout_s,
-                           rpc_answer_timeout_s=self.rpc_answer_timeout_s)
+                           rpc_answer_timeout_s=self.rpc_answer_timeout_s, cpu_repack=self.cpu_repack)
 
     @classmethod
     def from_plan(cls, plan: Plan | None, inputs: SpecInputs) -> "RuntimeSpec":
@@ -163,6 +168,7 @@ class RuntimeSpec(_Spec):
             requested = plan.prefetch.direct_io_requested
             spec.direct_io = "strict" if requested == "strict" else "on" if plan.prefetch.direct_io else "off"
             spec.gather_ms = gather_window_ms(plan.estimates.io_bound_tokens_per_s)
+            spec.cpu_repack = not plan.prefetch.file_layout
         if plan.moe is not None:
             if plan.moe.topk_lossy:
                 spec.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk
