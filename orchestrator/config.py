@@ -167,8 +167,9 @@ class PrefetchConfig(_Section):
         "Q4_K, IQ4_NL): streamed ones are read raw into a staging buffer and repacked by the thread that read them, "
         "every token. false = the model keeps the file's layout (llama.cpp's --no-repack, which exactness's stock "
         "run gets too: llama.cpp cannot exempt single tensors), and streamed weights are read straight into their "
-        "homes. On 2 cores that is 1.4-1.6x the decode of repacking on wide layers, and batched prompt passes "
-        "~0.8x (their matmuls compute faster repacked): docs/benchmarks.md. Nothing changes where nothing streams.",
+        "homes. On 2 cores that is 1.5-1.7x the decode of repacking on wide layers (1.1x on the 7B shape), and "
+        "batched prompt passes ~0.8x (their matmuls compute faster repacked): docs/benchmarks.md. Nothing changes "
+        "where nothing streams.",
     )
     direct_io: Annotated[DirectIO, BeforeValidator(_on_off)] = Field(
         default="auto",

@@ -446,7 +446,7 @@ def test_api_options_are_the_command_line_flags(monkeypatch):
     plain = re.sub(r"\x1b\[[0-9;]*m", "", help_text)
     for option in OPTION_KEYS:
         if option in ("batch", "moe_prefetch_ranks", "temperature", "seed", "n_predict", "prompt", "model",
-                      "moe_trace_force", "prefetch_mirror"):
+                      "moe_trace_force", "prefetch_mirror", "prefetch_repack"):
             continue  # RunConfig keys without a flag of the same name (moe_trace_force is --force)
         assert "--" + option.replace("_", "-") in plain, option
 

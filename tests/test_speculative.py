@@ -178,9 +178,10 @@ def _assert_same_greedy(plain: Run, drafted: Run, what: str) -> None:
 def test_dense_streaming_with_drafts_is_bitwise_exact(features, models, kind):
     path = models["target"]
     settings, draft = _settings(path), _draft(kind, models, path)
+    ex = _stream_execution(path)
     for prompt in PROMPTS:
-        stock = _drafted(settings, prepared_of(settings), draft, prompt)
-        streamed = _drafted(settings, _stream_execution(path), draft, prompt)
+        stock = _drafted(settings, ex.stock(), draft, prompt)  # stock with the plan's weight layout
+        streamed = _drafted(settings, ex, draft, prompt)
         _assert_same_batches_and_logits(stock, streamed, f"dense-stream, draft {kind}, {prompt[:20]!r}")
         assert streamed.report["verifications"] >= 1
         if kind != "prompt-lookup":
@@ -236,7 +237,7 @@ def test_rows_lent_to_streamed_weights_keep_the_logits_bitwise_exact(features, m
     ex = _stream_execution(path, threads=threads)
     stream = ex.spec.stream.model_copy(update={"lent_bytes": 2 << 20})
     ex = dataclasses.replace(ex, spec=ex.spec.model_copy(update={"stream": stream}))
-    stock, _ = _lending(settings, prepared_of(settings), PROMPTS[0])
+    stock, _ = _lending(settings, ex.stock(), PROMPTS[0])
     lent, stats = _lending(settings, ex, PROMPTS[0])
     _assert_same_batches_and_logits(stock, lent, f"dense-stream, lent rows, -tp {threads}")
     assert lent.report["verifications"] >= 2
