@@ -14,7 +14,6 @@ from orchestrator import modes
 from orchestrator.errors import BudgetBelowMinimum, FlashflexError
 from orchestrator.modelfile.table import ModelTable, Role, TensorInfo
 from orchestrator.modes import ROUTER_LOOKAHEAD, MoEMode, PlannedMoEMode
-from orchestrator.rpc import LOCAL
 from orchestrator.planner.buffers import compute_bytes, kv_cache_bytes
 from orchestrator.planner.request import PlanInputs, PlanRequest
 from orchestrator.planner.schema import (
@@ -33,6 +32,7 @@ from orchestrator.planner.schema import (
     RPCPlan,
     TensorDecision,
 )
+from orchestrator.rpc import LOCAL
 from orchestrator.sizes import format_rate, format_size
 
 # Preservation order of attention tensors (K and V first: under GQA they are the smallest), the roles counted as
@@ -765,7 +765,8 @@ def _minimum_budget(model: _ModelFacts, req: PlanRequest, over: _Overheads, expe
                  f"always-resident weights "
                  f"{format_size(over.non_layer + over.pinned + (0 if experts.banked else over.routed))}"]
         if over.streamable > stream_all:
-            parts.append(f"prefetch ring {format_size(ring0)}" + (f" + staging {format_size(staging)}" if staging else ""))
+            parts.append(f"prefetch ring {format_size(ring0)}"
+                         + (f" + staging {format_size(staging)}" if staging else ""))
         else:
             parts.append(f"layer weights {format_size(over.streamable)}")
         if experts.banked:
