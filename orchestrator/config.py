@@ -168,8 +168,8 @@ class PrefetchConfig(_Section):
         "every token. false = the model keeps the file's layout (llama.cpp's --no-repack, which exactness's stock "
         "run gets too: llama.cpp cannot exempt single tensors), and streamed weights are read straight into their "
         "homes. On 2 cores that is 1.5-1.7x the decode of repacking on wide layers (1.1x on the 7B shape), and "
-        "batched prompt passes ~0.8x (their matmuls compute faster repacked): docs/benchmarks.md. Nothing changes "
-        "where nothing streams.",
+        "compute-bound prompt passes 0.6-0.8x (their matmuls compute faster repacked): docs/benchmarks.md. Nothing "
+        "changes where nothing streams.",
     )
     direct_io: Annotated[DirectIO, BeforeValidator(_on_off)] = Field(
         default="auto",

@@ -4,7 +4,7 @@ repacked on arrival (prefetch.repack: staged, then set into the CPU backend's re
 and stock llama.cpp (mmap), in the same run; `--flat` adds the flat ring that wraps (prefetch.mirror false: a
 largest tensor more of ring, that much less resident), `--layer-slots` the older default (3 layer slots, 1 thread).
 
-Each configuration runs `--repeats` times, interleaved (stock, flat, auto, stock, ...), each in a fresh process
+Each configuration runs `--repeats` times, interleaved (stock, repacked, auto, stock, ...), each in a fresh process
 inside a cgroup of the budget with the page cache dropped (orchestrator.bench.runs.run_point); the table reports
 medians. Also, with `--full`, a budget above the model's size: flashflex auto against stock resident.
 

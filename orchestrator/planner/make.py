@@ -1048,7 +1048,7 @@ def _assemble(table: ModelTable, budget: int, *, req: PlanRequest, model: _Model
                               window=req.window if req.window is not None else "auto",
                               buffers=d.dense.buffers, buffer_bytes=d.dense.buffer_bytes,
                               ring_bytes=d.dense.ring_bytes, mirrored=req.mirrored_ring,
-                              file_layout=req.file_layout,
+                              file_layout=req.file_layout and d.dense.buffers > 0,
                               staging_bytes=d.dense.staging if d.dense.buffers else 0,
                               direct_io_requested=req.direct_io, direct_io=d.direct_io,
                               unaligned_tensors=d.placed.unaligned),

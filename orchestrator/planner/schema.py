@@ -80,10 +80,11 @@ class PrefetchPlan(_Model):
                             "waste), and a read per prefetch thread (see planner/make.py _buffers).")
     mirrored: bool = Field(default=True, description="The runtime maps the ring twice back to back, so a tensor "
                            "runs on across its end and no slack is needed (prefetch.mirror, on Linux).")
-    file_layout: bool = Field(default=False, description="Weights stay in the file's layout (llama.cpp's "
-                              "--no-repack, RuntimeSpec.cpu_repack) and streamed ones are read straight into their "
-                              "homes; false = the buffer type llama.cpp picks (prefetch.repack: the CPU backend's "
-                              "repacked layout; with layers on this host's GPU, its pinned host type), staged.")
+    file_layout: bool = Field(default=False, description="Weights stream and stay in the file's layout (llama.cpp's "
+                              "--no-repack, RuntimeSpec.cpu_repack): streamed ones are read straight into their "
+                              "homes. false = nothing streams, or the buffer type llama.cpp picks (prefetch.repack: "
+                              "the CPU backend's repacked layout; with layers on this host's GPU, its pinned host "
+                              "type), staged.")
     direct_io_requested: str = Field(description="auto | on | off | strict, as asked.")
     direct_io: bool = Field(description="Whether streamed reads use O_DIRECT.")
     staging_bytes: int = Field(default=0, description="Staging for tensors set into their homes by their buffer type "
