@@ -59,9 +59,9 @@ def _settings(path: Path, ubatch: int) -> GenerationSettings:
 @pytest.mark.parametrize("threads", [0, 2])
 @pytest.mark.parametrize("ubatch", [1, 32])
 def test_streaming_is_bitwise_exact(streaming, dense_models, quant, where, threads, ubatch):
-    """Streamed weights in the file's layout (the default: stock's reference keeps them there too, by the same
-    buffer override) and, with prefetch.repack, in the CPU backend's repacked layout (staged and repacked on
-    arrival, against stock's repacked weights)."""
+    """Streamed weights in the file's layout (the default: the model loads without repacking, and so does stock's
+    reference) and, with prefetch.repack, in the CPU backend's repacked layout (staged and repacked on arrival,
+    against stock's repacked weights)."""
     path = dense_models[quant.split("-")[0]]
     plan = _plan(path, where, threads, ubatch, repack=quant.endswith("repacked"))
     streamed = streamed_names(plan)
