@@ -165,11 +165,10 @@ class PrefetchConfig(_Section):
         default=False,
         description="Where weights stream, keep the CPU backend's repacked layout for the types it repacks (Q4_0, "
         "Q4_K, IQ4_NL): streamed ones are read raw into a staging buffer and repacked by the thread that read them, "
-        "every token. false = the model keeps the file's layout (llama.cpp's --no-repack, which exactness's stock "
-        "run gets too: llama.cpp cannot exempt single tensors), and streamed weights are read straight into their "
-        "homes. On 2 cores that is 1.5-1.7x the decode of repacking on wide layers (1.1x on the 7B shape), and "
-        "compute-bound prompt passes 0.6-0.8x (their matmuls compute faster repacked): docs/benchmarks.md. Nothing "
-        "changes where nothing streams.",
+        "every token. false = streamed weights keep the file's layout and are read straight into their homes, while "
+        "resident ones stay repacked as stock repacks them (the spec's file_layout; exactness's stock run keeps the "
+        "same tensors in the file's layout). On 2 cores that is 1.5-1.7x the decode of repacking on wide layers "
+        "(1.1x on the 7B shape): docs/benchmarks.md. Nothing changes where nothing streams.",
     )
     direct_io: Annotated[DirectIO, BeforeValidator(_on_off)] = Field(
         default="auto",

@@ -246,6 +246,8 @@ def spec_document(spec, trace_file: str | None = None) -> dict[str, Any]:
                    "bytes_per_expert": b.bytes_per_expert, **({"checksums": list(b.checksums)} if b.checksums else {})}
                   for b in (banks.tensors if banks else [])],
     }
+    if spec.file_layout:
+        doc["file_layout"] = list(spec.file_layout)
     if banks is not None and banks.schedule is not None:
         doc["schedule"] = list(banks.schedule)
     return seal(doc)

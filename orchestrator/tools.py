@@ -27,7 +27,7 @@ _PLAN_SETS = {"the load mode": ("-lm", "--load-mode", "--mmap", "--no-mmap"),
               "the layer split": ("-ts", "--tensor-split"), "the fit": ("-fit", "--fit"),
               "the prompt cache size": ("-cram", "--cache-ram"),
               "the context checkpoints": ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"),
-              "the KV cache's size": ("--swa-full",), "the weights' layout": ("--repack", "-nr", "--no-repack")}
+              "the KV cache's size": ("--swa-full",)}
 # Host state llama.cpp's server and its chat program keep beside the model, outside any plan, turned off:
 # - the prompt cache (-cram): up to 8 GiB of RAM by default (and, in llama-server, the idle slots it would fill);
 # - context checkpoints (-ctxcp): for a model whose memory cannot be rolled back (recurrent layers; sliding-window
@@ -102,8 +102,6 @@ def plan_args(prepared, spec_path: str | None, *, parallel: int | None = None) -
         overrides.append(f"{native.SPEC_KEY}=str:{spec_path}")
     for o in overrides:
         args += ["--override-kv", o]
-    if not spec.cpu_repack:
-        args.append("--no-repack")
     if spec.use_mmap is False or spec_path is not None:
         args += ["-lm", "none"]
     elif spec.use_mmap is True:

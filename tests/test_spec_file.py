@@ -178,7 +178,8 @@ def test_exec_dry_run_names_the_spec_and_the_planned_arguments(specs, model, tmp
     assert f"{native.SPEC_KEY}=str:{out}" in argv and argv[argv.index("-lm") + 1] == "none"
     assert argv[argv.index("-c") + 1] == str(CTX) and argv[-2:] == ["-n", "4"]
     native.check_spec(out)
-    assert "--no-repack" in argv  # the weights' layout the plan streams, as under `run`
+    assert "--no-repack" not in argv  # the spec keeps the streamed weights in the file's layout, the rest repacked
+    assert json.loads(out.read_text())["file_layout"]  # ...the ones it streams
 
 
 def test_exec_turns_off_the_servers_host_state_outside_the_plan(specs, model):

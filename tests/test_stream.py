@@ -290,26 +290,65 @@ def test_a_ring_smaller_than_a_layer_is_exact(streaming, wide_ffn_model, threads
     assert 0 < stats["staging_bytes"] <= max(1, threads) * ((4 << 20) + 3 * 4096)
 
 
-def test_streamed_weights_keep_the_files_layout_by_default(streaming, wide_ffn_model):
-    """A type the CPU backend repacks (Q4_0) streams in the file's layout unless prefetch.repack: the model loads
-    without the repacked layout (as exactness's stock run does), so the reads go straight into their homes (no
-    staging, no repacking on the read path) and the plan reserves no staging."""
+def _repacked_mib(prepared, monkeypatch) -> float:
+    """MiB of weights the CPU backend holds in its repacked layout once `prepared` is loaded: llama.cpp's load log
+    ("CPU_REPACK model buffer size = ..."), read through llama-cpp-python's log callback, which the loader's own
+    capture forwards every line to."""
+    import re
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+    forward = _logger.llama_log_callback
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):
+        lines.append(text.decode("utf-8", errors="replace"))
+        forward(level, text, user_data)
+
+    with monkeypatch.context() as m:
+        m.setattr(_logger, "llama_log_callback", capture)
+        llama_cpp.llama_log_set(capture, None)
+        try:
+            with prepared.session():
+                pass
+        finally:
+            llama_cpp.llama_log_set(forward, None)
+    return sum(float(v) for v in re.findall(r"CPU_REPACK model buffer size = +([0-9.]+) MiB", "".join(lines)))
+
+
+def test_streamed_weights_keep_the_files_layout_by_default(streaming, wide_ffn_model, monkeypatch):
+    """A type the CPU backend repacks (Q4_0) streams in the file's layout unless prefetch.repack: the spec keeps the
+    streamed weights out of the repacked layout, so the reads go straight into their homes (no staging, no repacking
+    on the read path) and the plan reserves no staging, while resident weights stay repacked as stock repacks them;
+    stock's reference (exactness) keeps the same weights in the file's layout, so both run the same kernels."""
     path = wide_ffn_model
     table = read_model_table(path)
     repack = {"threads": 2, "repack": True}
-    budget = plan_table(table, 1 << 40, ctx=CTX, ubatch=1, prefetch=repack).minimum_budget_bytes
+    full = plan_table(table, 1 << 40, ctx=CTX, ubatch=1, prefetch=repack)
+    budget = (full.minimum_budget_bytes + full.model_bytes) // 2  # some weights resident, some streamed
     runs = {}
     for name, prefetch in (("file", {"threads": 2}), ("repacked", repack)):
         plan = plan_table(table, budget, ctx=CTX, ubatch=1, prefetch=prefetch)
         prepared = prepared_of(GenerationSettings(model=path, prompt="hello world", n_predict=4, ctx=CTX, ubatch=1,
                                                   threads=2), plan)
-        assert prepared.stock().spec.cpu_repack == prepared.spec.cpu_repack  # exactness compares the same kernels
-        runs[name] = (plan, prepared.spec, execution.run(prepared).stats["decode"])
-    plan, spec, stats = runs["file"]
-    assert plan.prefetch.file_layout and plan.prefetch.staging_bytes == 0 and not spec.cpu_repack
+        assert prepared.stock().spec.file_layout == prepared.spec.file_layout  # exactness: the same kernels
+        runs[name] = (plan, prepared, execution.run(prepared).stats["decode"])
+    plan, prepared, stats = runs["file"]
+    streamed, resident = streamed_names(plan), [t.name for t in plan.tensors if t.placement == "resident"
+                                                and t.name.endswith(".weight") and "blk." in t.name]
+    assert streamed and resident and prepared.spec.file_layout == streamed
+    assert plan.prefetch.file_layout and plan.prefetch.staging_bytes == 0
     assert stats["error"] is None and stats["staging_bytes"] == 0 and stats["bytes_read_per_token"] > 0
-    plan, spec, stats = runs["repacked"]
-    assert not plan.prefetch.file_layout and plan.prefetch.staging_bytes > 0 and spec.cpu_repack
+    everything = _repacked_mib(prepared_of(prepared.settings), monkeypatch)  # stock alone: every Q4_0 matrix
+    if everything == 0:
+        pytest.skip("the CPU backend repacks no Q4_0 on this CPU")
+    resident_repacked = _repacked_mib(prepared, monkeypatch)
+    assert 0 < resident_repacked < everything  # the resident weights are repacked, the streamed ones are not
+    assert _repacked_mib(prepared.stock(), monkeypatch) == resident_repacked  # and the same ones in stock's reference
+    plan, prepared, stats = runs["repacked"]
+    assert not plan.prefetch.file_layout and plan.prefetch.staging_bytes > 0 and not prepared.spec.file_layout
     assert stats["error"] is None and stats["staging_bytes"] > 0
 
 

@@ -135,7 +135,8 @@ def explain(plan: Plan) -> list[str]:
                 if p.window == "auto" else
                 f"a ring of {format_size(p.ring_bytes)} ({p.buffers} x the largest streamed layer "
                 f"{format_size(p.buffer_bytes)})")
-        layout = ("in the file's layout (no repacking: --no-repack), read straight into their homes" if p.file_layout
+        layout = ("in the file's layout, read straight into their homes (resident ones repacked as stock repacks "
+                  "them)" if p.file_layout
                   else f"staged ({format_size(p.staging_bytes)}) and set into their buffer type's layout")
         lines.append(f"prefetch: {p.threads} thread(s), window {p.window}: {ring}, direct I/O "
                      f"{'on' if p.direct_io else 'off'}; streamed weights {layout}")

@@ -80,9 +80,10 @@ class PrefetchPlan(_Model):
                             "waste), and a read per prefetch thread (see planner/make.py _buffers).")
     mirrored: bool = Field(default=True, description="The runtime maps the ring twice back to back, so a tensor "
                            "runs on across its end and no slack is needed (prefetch.mirror, on Linux).")
-    file_layout: bool = Field(default=False, description="Weights stream and stay in the file's layout (llama.cpp's "
-                              "--no-repack, RuntimeSpec.cpu_repack): streamed ones are read straight into their "
-                              "homes. false = nothing streams, or the buffer type llama.cpp picks (prefetch.repack: "
+    file_layout: bool = Field(default=False, description="Streamed weights stay in the file's layout "
+                              "(RuntimeSpec.file_layout; resident ones are repacked as stock repacks them): read "
+                              "straight into their homes. false = nothing streams, or the buffer type llama.cpp picks "
+                              "(prefetch.repack: "
                               "the CPU backend's repacked layout; with layers on this host's GPU, its pinned host "
                               "type), staged.")
     direct_io_requested: str = Field(description="auto | on | off | strict, as asked.")

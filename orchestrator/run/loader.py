@@ -107,11 +107,11 @@ def open_model(settings: GenerationSettings, spec: RuntimeSpec | None, logits_al
     outputs = None if logits_all or kwargs.get("embedding") or wanted is None else min(
         max(wanted, n_seq_max or 1), max(settings.batch, settings.ubatch))
     spec_file = None
-    if spec.native:  # the same route as llama.cpp's own programs (flashflex exec): a spec file named by an override
+    if spec.needs_spec_file:  # the route of llama.cpp's programs (flashflex exec): a spec file named by an override
         spec_file = write_native_spec(spec, trace_file)
         kwargs["kv_overrides"] = {**kwargs.get("kv_overrides", {}), native.SPEC_KEY: spec_file}
     try:
-        with quiet_native_stderr(), model_params(repack=repack and spec.cpu_repack, devices=devices,
+        with quiet_native_stderr(), model_params(repack=repack, devices=devices,
                                                  cpu_tensors=cpu_tensors), \
                 context_params(n_seq_max, outputs), captured_llama_errors() as errors:
             llm = Llama(model_path=str(settings.model), n_ctx=settings.ctx, n_batch=settings.batch,

@@ -107,11 +107,10 @@ class RuntimeSpec(_Spec):
     rpc_timeout_s: float = 3.0  # each worker's check before the load
     rpc_answer_timeout_s: float | None = 120.0  # each worker's answer during the run; None: no limit
     use_mmap: bool | None = None  # None: llama.cpp's default
-    cpu_repack: bool = Field(default=True, description="The CPU backend's repacked weight layout "
-                             "(llama_model_params.use_extra_bufts; llama.cpp's --repack). false where the plan "
-                             "streams weights in the file's layout (prefetch.repack false): llama.cpp can keep the "
-                             "repacked layout from a tensor only by keeping it from the model, so resident weights "
-                             "keep the file's layout too. stock() keeps it, so exactness compares the same kernels.")
+    file_layout: list[str] = Field(default_factory=list, description="Weights kept in the file's layout (never "
+                                   "repacked by the CPU backend): the streamed ones where the plan reads them straight "
+                                   "into their homes (prefetch.repack false); resident weights stay repacked as stock "
+                                   "repacks them. stock() keeps the same list, so exactness compares the same kernels.")
     kv_overrides: dict[str, int] = Field(default_factory=dict)
     draft_adaptive: bool = Field(default=True, description="A program drafting for several sequences (llama-server's "
                                  "slots) drafts as long as the measured passes afford (the runtime's draft length); "
@@ -130,6 +129,12 @@ class RuntimeSpec(_Spec):
         return self.stream is not None or self.banks is not None
 
     @property
+    def needs_spec_file(self) -> bool:
+        """True when the load reads a spec file: the runtime loads part of the model, or the layout of some weights
+        differs from stock's default (stock's reference of a plan that streams them)."""
+        return self.native or bool(self.file_layout)
+
+    @property
     def mode(self) -> str:
         """The execution label, derived from the axes (modes.label)."""
         banks = self.banks
@@ -138,10 +143,10 @@ class RuntimeSpec(_Spec):
                            streams=self.stream is not None, use_mmap=self.use_mmap)
 
     def stock(self) -> "RuntimeSpec":
-        """Stock llama.cpp with the same placement (the same devices and layer split): what exactness compares
-        against."""
+        """Stock llama.cpp with the same placement (the same devices and layer split) and the same weights in the
+        file's layout: what exactness compares against."""
         return RuntimeSpec(model=self.model, placement=self.placement, rpc_timeout_s=self.rpc_timeout_s,
-                           rpc_answer_timeout_s=self.rpc_answer_timeout_s, cpu_repack=self.cpu_repack)
+                           rpc_answer_timeout_s=self.rpc_answer_timeout_s, file_layout=list(self.file_layout))
 
     @classmethod
     def from_plan(cls, plan: Plan | None, inputs: SpecInputs) -> "RuntimeSpec":
@@ -168,7 +173,8 @@ class RuntimeSpec(_Spec):
             requested = plan.prefetch.direct_io_requested
             spec.direct_io = "strict" if requested == "strict" else "on" if plan.prefetch.direct_io else "off"
             spec.gather_ms = gather_window_ms(plan.estimates.io_bound_tokens_per_s)
-            spec.cpu_repack = not plan.prefetch.file_layout
+            if plan.prefetch.file_layout:
+                spec.file_layout = [t.name for t in streamed]
         if plan.moe is not None:
             if plan.moe.topk_lossy:
                 spec.kv_overrides[f"{plan.arch}.expert_used_count"] = plan.moe.topk

@@ -211,8 +211,8 @@ void set_schedule(config & c, const json & v) {
     c.moe_schedule = std::move(values);
 }
 
-const char * const k_top_keys[] = { "flashflex_spec", "series_hash", "digest", "model", "files",
-                                    "options",        "strings",     "stream", "banks", "schedule" };
+const char * const k_top_keys[] = { "flashflex_spec", "series_hash", "digest", "model",       "files",   "options",
+                                    "strings",        "stream",      "banks",  "file_layout", "schedule" };
 
 // The spec's header: its version, the series it was written for and its digest.
 void check_header(const json & j) {
@@ -252,7 +252,11 @@ config parse(const json & j) {
     for (const auto & f : member(j, "files", "the spec")) {
         c.files.push_back(text(f, "files[]"));
     }
-    if (c.files.empty()) {
+    const auto listed = [&](const char * key) {
+        auto it = j.find(key);
+        return it != j.end() && !it->empty();
+    };
+    if (c.files.empty() && (listed("stream") || listed("banks"))) {
         bad("it names no file");
     }
     if (auto it = j.find("options"); it != j.end()) {
@@ -275,11 +279,19 @@ config parse(const json & j) {
             add_bank_tensor(c, (*it)[i], i);
         }
     }
+    if (auto it = j.find("file_layout"); it != j.end()) {
+        if (!it->is_array()) {
+            bad("file_layout is not a list of tensor names");
+        }
+        for (const auto & name : *it) {
+            c.file_layout.push_back(text(name, "file_layout[]"));
+        }
+    }
     if (auto it = j.find("schedule"); it != j.end()) {
         set_schedule(c, *it);
     }
-    if (c.tensors.empty() && c.banks.empty()) {
-        bad("it streams no tensor and banks no expert");
+    if (c.tensors.empty() && c.banks.empty() && c.file_layout.empty()) {
+        bad("it streams no tensor, banks no expert and keeps no tensor in the file's layout");
     }
     return c;
 }

@@ -35,6 +35,8 @@ struct config {
     std::vector<std::string>       files;
     std::vector<stream_tensor_cfg> tensors;          // dense streaming
     std::vector<bank_tensor_cfg>   banks;            // MoE slot banks
+    std::vector<std::string>       file_layout;      // weights kept in the file's layout (never repacked by the CPU
+                                                     // backend): those that stream, and the same in stock's reference
     int                            prefetch_threads = 1;
     int                            window           = 3;
     int64_t                        ring_bytes  = 0;  // dense streaming ring size in bytes (0: `window` layers' worth)

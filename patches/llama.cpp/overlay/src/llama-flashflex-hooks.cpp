@@ -69,6 +69,13 @@ void check_model(const config & cfg, const llama_model_loader & ml, const char *
     }
 }
 
+// The weights the spec of the load in progress keeps in the file's layout (llama_flashflex_weight_buft): read once
+// per load, when its first tensor is created; forgotten when the load places its tensors.
+std::mutex                 g_layout_mutex;
+const llama_model_loader * g_layout_loader = nullptr;
+std::string                g_layout_spec;
+std::set<std::string>      g_layout_names;
+
 }  // namespace
 
 bool flashflex::interrupt_requested() {
@@ -110,7 +117,40 @@ flashflex::loader_tensor_map flashflex::loader_tensors(llama_model_loader & ml) 
     return out;
 }
 
+ggml_backend_buffer_type_t llama_flashflex_weight_buft(const llama_model_loader & ml,
+                                                       const char *               name,
+                                                       ggml_backend_buffer_type_t buft) {
+    auto ov = ml.kv_overrides.find(LLAMA_FLASHFLEX_SPEC_KEY);
+    if (ov == ml.kv_overrides.end() || ov->second.tag != LLAMA_KV_OVERRIDE_TYPE_STR) {
+        return buft;  // stock path (a bad override is refused by llama_flashflex_on_tensors_created)
+    }
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    if (buft == ggml_backend_cpu_buffer_type() || dev == nullptr ||
+        ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return buft;  // already the file's layout, or another device's type (a GPU's, its pinned host memory)
+    }
+    std::lock_guard<std::mutex> lk(g_layout_mutex);
+    if (g_layout_loader != &ml || g_layout_spec != ov->second.val_str) {
+        g_layout_loader = &ml;
+        g_layout_spec   = ov->second.val_str;
+        g_layout_names.clear();
+        try {
+            const config cfg = read_spec(g_layout_spec);
+            g_layout_names.insert(cfg.file_layout.begin(), cfg.file_layout.end());
+        } catch (const std::exception &) {
+            // refused with its reason once every tensor is created (llama_flashflex_on_tensors_created)
+        }
+    }
+    return g_layout_names.count(name) ? ggml_backend_cpu_buffer_type() : buft;
+}
+
 void llama_flashflex_on_tensors_created(const llama_model & model, llama_model_loader & ml) {
+    {
+        std::lock_guard<std::mutex> lk(g_layout_mutex);
+        g_layout_loader = nullptr;
+        g_layout_spec.clear();
+        g_layout_names.clear();
+    }
     auto ov = ml.kv_overrides.find(LLAMA_FLASHFLEX_SPEC_KEY);
     if (ov == ml.kv_overrides.end()) {
         return;  // stock path
@@ -122,7 +162,16 @@ void llama_flashflex_on_tensors_created(const llama_model & model, llama_model_l
         }
         const config cfg = read_spec(ov->second.val_str);
         check_model(cfg, ml, ov->second.val_str);
-        if (ml.use_mmap) {
+        const loader_tensor_map tensors = loader_tensors(ml);
+        for (const auto & name : cfg.file_layout) {
+            if (!tensors.count(name)) {
+                throw std::runtime_error(
+                    format("flashflex: the spec keeps %s in the file's layout, which this model "
+                           "does not have (a plan made for another model?)",
+                           name.c_str()));
+            }
+        }
+        if (ml.use_mmap && (!cfg.tensors.empty() || !cfg.banks.empty())) {
             throw std::runtime_error(
                 "flashflex: a flashflex spec needs the model loaded without mmap "
                 "(use_mmap=False; --no-mmap for llama.cpp's programs, which flashflex exec adds)");

@@ -14,6 +14,14 @@ struct llama_context;
 struct llama_model;
 struct llama_model_loader;
 
+// llama_model_loader::create_tensor, once a weight's buffer type is chosen: the CPU's plain type for a weight the
+// spec keeps in the file's layout (config::file_layout) where the loader chose one of the CPU backend's repacked
+// types; buft otherwise. Streamed weights are then read straight into their homes, and resident ones stay repacked
+// as stock repacks them (llama.cpp's own override to the CPU type picks the repacked type again).
+ggml_backend_buffer_type_t llama_flashflex_weight_buft(const llama_model_loader & ml,
+                                                       const char *               name,
+                                                       ggml_backend_buffer_type_t buft);
+
 // llama_model_base::load_tensors, after all tensors are created and before buffers are allocated:
 // places the configured streamed tensors in the model's ring buffers and removes them from the loader,
 // so neither buffer allocation nor load_all_data touch them. Throws std::runtime_error on a bad plan.
