@@ -56,7 +56,8 @@ def main() -> int:
     budget = parse_size(args.budget, what="--budget")
     sweep = Isolation()
     check_isolation(sweep, print)
-    probe = readspeed.probe(model) or {}
+    probed = readspeed.probe(model)  # (bytes/s by queue depth, distinct bytes read), or None without O_DIRECT
+    probe = probed[0] if probed is not None else {}
     print("direct-read bandwidth: " + ", ".join(f"QD{d} {bw / 1e9:.2f} GB/s" for d, bw in sorted(probe.items())))
 
     auto = RunSpec(model=model, gen_tokens=args.gen_tokens, window="auto")
