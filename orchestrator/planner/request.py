@@ -51,8 +51,8 @@ class PlanRequest:
     window: int | None = None  # requested look-ahead in layers; None = auto (a ring sized in bytes)
     mirrored_ring: bool = True  # the runtime maps the ring twice back to back (no wrap slack): prefetch.mirror here
     repack: bool = False  # prefetch.repack: streamed weights take the CPU backend's repacked layout
-    # weights kept in the file's layout, streamed ones read straight into their homes (make_plan decides: not
-    # `repack`, and no GPU of this host, whose pinned host buffer type llama.cpp gives the host layers' weights)
+    # streamed weights kept in the file's layout, read straight into their homes, resident ones repacked (make_plan
+    # decides: not `repack`, and no GPU of this host, whose pinned host buffer type llama.cpp gives the host layers')
     file_layout: bool = True
     direct_io: str = "auto"  # auto | on | off | strict, as asked
     bandwidth: int = DEFAULT_READ_BANDWIDTH  # bytes/s, for the estimate only
