@@ -430,6 +430,9 @@ def _bind_devices(cdll: ctypes.CDLL) -> None:
     # int32_t llama_flashflex_memory_breakdown(const struct llama_context * ctx, char * buf, size_t buf_size);
     cdll.llama_flashflex_memory_breakdown.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     cdll.llama_flashflex_memory_breakdown.restype = ctypes.c_int32
+    # int32_t llama_flashflex_placement(const struct llama_context * ctx, char * buf, size_t buf_size);  (API 12)
+    cdll.llama_flashflex_placement.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    cdll.llama_flashflex_placement.restype = ctypes.c_int32
     # int32_t llama_flashflex_rpc_add_server(const char * endpoint);
     cdll.llama_flashflex_rpc_add_server.argtypes = [ctypes.c_char_p]
     cdll.llama_flashflex_rpc_add_server.restype = ctypes.c_int32
@@ -476,6 +479,15 @@ def memory_breakdown(ctx_ptr) -> list[dict[str, Any]] | None:
     """Bytes a context and its model hold per buffer type (device): model, context (KV cache), compute; None on builds
     without the API."""
     out = _breakdown(ctx_ptr)
+    return out["buffers"] if out is not None else None
+
+
+def placement(ctx_ptr) -> list[dict[str, Any]] | None:
+    """Where a context's weights and KV cache are: memory_breakdown's buffers without their compute bytes, safe to read
+    while another thread decodes; None on builds without the API."""
+    if not is_patched():
+        return None
+    out = _json_call(lib().llama_flashflex_placement, ctx_ptr)
     return out["buffers"] if out is not None else None
 
 

@@ -299,3 +299,91 @@ def test_auto_gives_the_gpu_whole_layers_experts_when_room_is_left(gpu_build, mo
     on_device, _ = _on_device(stats, mine)
     assert on_device == placement["devices"][0]["weight_bytes"], (on_device, placement)  # the moved experts too
     assert stats["moe"]["decode"]["banked_layers"] == 1, stats["moe"]["decode"]
+
+
+# --------------------------------------------------------------------------------------------------
+# A server's slots decoded together with layers on the device (serving several clients on a GPU under the budget)
+
+
+@pytest.mark.parametrize("ubatch", [1, 32])
+@pytest.mark.parametrize("layout", ["dense -ngl 2, host layers streamed", "moe -ngl 99, experts in slot banks"])
+def test_slots_decoded_together_with_layers_on_the_device_are_bitwise_exact(gpu_build, dense_models, moe_models,
+                                                                             layout, ubatch):
+    """4 sequences as llama-server's slots decode them (their prompts in one batch of 40 tokens: at ubatch 32 ggml
+    offloads its first micro-batch's host matmuls to the device; then one token each per pass), with layers on the
+    device: the dense model's 4 host layers streamed under the minimum budget, or the MoE model's dense parts all on
+    the device and its routed experts in banks of 4 slots, fewer than a pass's union of experts (the pass runs in
+    groups). Every sequence's logits bitwise identical to stock's with the same placement."""
+    from orchestrator import exact
+    from orchestrator.run.settings import GenerationSettings
+    from tests.helpers import prepare
+
+    if layout.startswith("dense"):
+        path = dense_models["q8_0"]
+        settings = ["-ngl", str(NGL), "--ctx", str(CTX), "--ubatch", str(ubatch), "-tp", "2", "--prefetch-window", "2"]
+        # planned as `plan` plans it (one logits row a decode); the harness's contexts keep every row
+        config = {"budget.size": _minimum_budget(str(path), settings), "prefetch.threads": 2, "prefetch.window": 2,
+                  "gpu.layers": NGL, "context.outputs": 1}
+    else:
+        path, sidecar = moe_models["qwen3moe"]  # 16 experts, top-4: 4 sequences route to more than 4
+        config = {"budget.size": "64GiB", "moe.mode": "slot-bank", "moe.sidecar": sidecar, "moe.slot_bank": 4,
+                  "gpu.layers": 99}
+    gen = GenerationSettings(model=path, ctx=CTX, batch=64, ubatch=ubatch, threads=2)
+    mine = prepare({"model.path": path, "context.ctx": CTX, "context.ubatch": ubatch, **config}, gen)
+    assert mine.spec.placement is not None and mine.spec.native, mine.spec
+    assert (mine.spec.stream is not None) == layout.startswith("dense"), mine.spec
+    seqs = [exact.teacher_tokens(16, 512, seed=20 + s) for s in range(4)]
+    stock = exact.batched_logits(mine.stock(), seqs, prompt=10)
+    ours = exact.batched_logits(mine, seqs, prompt=10)
+    result = exact.compare(stock.reshape(-1, stock.shape[-1]), ours.reshape(-1, ours.shape[-1]))
+    assert result.identical, (layout, ubatch, result)
+    assert not (stock[0] == stock[1]).all()  # each sequence's logits are its own
+
+
+@pytest.mark.parametrize("layout", ["dense -ngl 2, host layers streamed", "moe -ngl 99, experts in slot banks"])
+def test_llama_server_serves_slots_with_layers_on_the_device(gpu_build, dense_models, moe_models, layout):
+    """`flashflex serve --engine llama-server --parallel 2` with layers on the device: llama.cpp's own server (the GPU
+    build's) under the plan, answering concurrent clients (the `openai` package on 127.0.0.1) from both slots, with
+    the dense model's 2 last layers on the device and its 4 host layers streamed under the minimum budget, or the
+    MoE model's dense parts all on the device and its routed experts in host slot banks (misses read from disk)."""
+    import concurrent.futures
+
+    from tests.test_llama_server import LlamaServer
+
+    _backend, mine = gpu_build
+    if layout.startswith("dense"):
+        path = str(dense_models["q8_0"])
+        placement = ["-ngl", str(NGL), "--ubatch", "32", "-tp", "2", "--prefetch-window", "2"]
+        # the server's context is 2 slots of CTX, planned as such; a little over run's minimum for the server's own
+        # logits rows (one per slot), still far from holding the host layers
+        minimum = int(_minimum_budget(path, [*placement, "--ctx", str(2 * CTX)]).removesuffix("B"))
+        args = ["--model", path, "--budget", f"{minimum + 2**22}B", *placement]
+    else:
+        model, sidecar = moe_models["qwen3moe"]
+        args = ["--model", str(model), "--budget", "1GiB", "--moe-mode", "slot-bank", "--moe-slot-bank", "4",
+                "--moe-sidecar", str(sidecar), "-ngl", "99", "--ubatch", "32"]
+    srv = LlamaServer("--engine", "llama-server", "--parallel", "2", "--threads", "2", "--draft", "none",
+                      "--ctx", str(CTX), *args)
+    try:
+        client = srv.client()
+        name = client.models.list().data[0].id
+
+        def ask(i: int):
+            return client.completions.create(model=name, prompt=f"{i} {i + 1} {i + 2}", max_tokens=8, temperature=0)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, range(4)))  # 4 requests, 2 slots
+        assert all(a.usage.completion_tokens >= 1 for a in answers), answers
+        stats = srv.get("/flashflex/stats")
+        served = stats["models"][stats["default"]]
+        if layout.startswith("dense"):
+            assert served["mode"] == "dense-stream" and served["runtime"]["stream"]["bytes_read"] > 0, served
+        else:
+            assert served["mode"] == "slot-bank" and served["runtime"]["moe"]["misses"] > 0, served
+        # where llama-server put the weights and KV cache: layers on the device (lavapipe counts as one once made
+        # visible), the rest in host memory
+        on_device, elsewhere = _on_device(served, mine)
+        assert on_device > 0 and elsewhere > 0, served["devices"]
+        assert any(b["context"] > 0 for b in served["devices"] if b["device"] in {d["name"] for d in mine}), served
+    finally:
+        srv.stop_cleanly()

@@ -143,6 +143,9 @@ def test_health_and_stats_endpoints(default_server):
     stats = default_server.get("/flashflex/stats")["models"][CHAT_MODEL]
     assert stats["mode"] == "stock" and stats["loaded"] is True and stats["lossy"] == []
     assert stats["last_request"]["completion_tokens"] >= 1
+    # where the weights and KV cache are, per buffer type, as llama-server's engine reports them
+    assert stats["devices"] and sum(b["model"] for b in stats["devices"]) > 0, stats
+    assert sum(b["context"] for b in stats["devices"]) > 0 and all("compute" not in b for b in stats["devices"])
 
 
 @pytest.mark.parametrize("body,status,code", [

@@ -88,6 +88,9 @@ def runtime_summary(raw: dict[str, Any]) -> dict[str, Any]:
     """The runtime counters a server's user reads first, beside the full ones under `runtime` (both engines'
     /flashflex/stats)."""
     out: dict[str, Any] = {"runtime": raw}
+    memory = raw.get("memory")
+    if memory and memory.get("buffers") is not None:
+        out["devices"] = memory["buffers"]  # bytes of weights and KV cache per buffer type (device), as `run` reports
     stream = raw.get("stream")
     if stream:
         out["streamed_bytes_read"] = stream.get("bytes_read")

@@ -183,7 +183,8 @@ class Handle:
         return waited
 
     def native_stats(self) -> dict[str, Any]:
-        """The runtime's counters since the last reset: dense streaming and expert banks."""
+        """The runtime's counters since the last reset (dense streaming, expert banks), and where the weights and KV
+        cache are (`memory`)."""
         spec = self.prepared.spec
         out: dict[str, Any] = {}
         if self._closed:
@@ -192,6 +193,9 @@ class Handle:
             out["stream"] = native.model_stats(self.llm.model)
         if spec.banks is not None:
             out["moe"] = native.moe_stats(self.llm.model)
+        buffers = native.placement(self.llm.ctx)
+        if buffers is not None:
+            out["memory"] = {"buffers": buffers}  # as llama-server's /flashflex/stats has it
         return out
 
     def stats(self) -> dict[str, Any]:

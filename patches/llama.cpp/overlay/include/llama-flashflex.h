@@ -13,7 +13,7 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 11
+#define LLAMA_FLASHFLEX_API_VERSION 12
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
@@ -161,6 +161,10 @@ LLAMA_API ggml_backend_dev_t llama_flashflex_device(int32_t index);
 // live in flashflex's own buffers and are not counted here. For a model loaded with no_alloc these are the sizes
 // llama.cpp would allocate (nothing is): what flashflex's planner reserves for the KV cache and compute buffers. Returns the full length, or -1 without a context.
 LLAMA_API int32_t llama_flashflex_memory_breakdown(const struct llama_context * ctx, char * buf, size_t buf_size);
+// API 12: where a context's model weights and KV cache are: the "buffers" of llama_flashflex_memory_breakdown without
+// "compute" (nor "kv_layers"). Both are allocated once, so unlike the breakdown (whose compute buffers a decode may
+// reallocate) it may be called while another thread decodes (llama-server's GET /flashflex/stats).
+LLAMA_API int32_t llama_flashflex_placement(const struct llama_context * ctx, char * buf, size_t buf_size);
 // Add the devices of the RPC worker at endpoint ("host:port") to the device list (ggml_backend_rpc_add_server, then
 // ggml_backend_register), once per endpoint per process. Returns its device count, or -1 (llama_flashflex_last_error).
 // ggml connects at once and aborts the process when the worker does not answer: check that it does first (flashflex

@@ -281,6 +281,27 @@ std::vector<size_t> kv_layer_bytes(const struct llama_context * ctx) {
     return out;
 }
 
+// One JSON object per buffer type of a memory breakdown: where it lives and the bytes of each use (with `compute`,
+// the scheduler's compute buffers too).
+std::vector<std::string> buffers_json(const llama_memory_breakdown & sizes, bool compute) {
+    std::vector<std::string> items;
+    for (const auto & [buft, mb] : sizes) {
+        ggml_backend_dev_t dev  = ggml_backend_buft_get_device(buft);
+        json_object        item = json_object()
+                               .add("buffer_type", ggml_backend_buft_name(buft))
+                               .add("device", dev ? ggml_backend_dev_name(dev) : "")
+                               .add("description", dev ? ggml_backend_dev_description(dev) : "")
+                               .add("host", ggml_backend_buft_is_host(buft))
+                               .add("model", mb.model)
+                               .add("context", mb.context);
+        if (compute) {
+            item.add("compute", mb.compute);
+        }
+        items.push_back(item.str());
+    }
+    return items;
+}
+
 }  // namespace
 
 ggml_tensor * flashflex::place_on_cpu(ggml_tensor * t) {
@@ -319,25 +340,33 @@ int32_t llama_flashflex_memory_breakdown(const struct llama_context * ctx, char 
     if (ctx == nullptr) {
         return -1;
     }
-    std::vector<std::string> items;
-    for (const auto & [buft, mb] : llama_get_memory_breakdown(ctx)) {
-        ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-        items.push_back(json_object()
-                            .add("buffer_type", ggml_backend_buft_name(buft))
-                            .add("device", dev ? ggml_backend_dev_name(dev) : "")
-                            .add("description", dev ? ggml_backend_dev_description(dev) : "")
-                            .add("host", ggml_backend_buft_is_host(buft))
-                            .add("model", mb.model)
-                            .add("context", mb.context)
-                            .add("compute", mb.compute)
-                            .str());
-    }
     std::vector<std::string> kv_layers;
     for (size_t bytes : kv_layer_bytes(ctx)) {
         kv_layers.push_back(std::to_string(bytes));
     }
-    return write_c_string(json_object().add_array("buffers", items).add_array("kv_layers", kv_layers).str(), buf,
-                          buf_size);
+    return write_c_string(json_object()
+                              .add_array("buffers", buffers_json(llama_get_memory_breakdown(ctx), true))
+                              .add_array("kv_layers", kv_layers)
+                              .str(),
+                          buf, buf_size);
+}
+
+int32_t llama_flashflex_placement(const struct llama_context * ctx, char * buf, size_t buf_size) {
+    if (ctx == nullptr) {
+        return -1;
+    }
+    // the model's buffers and the context's memory only: both are allocated once, at load and at context creation,
+    // where the scheduler's compute buffers may be reallocated by the decode running on another thread
+    llama_memory_breakdown sizes;
+    for (const auto & [buft, bytes] : llama_get_model(ctx)->memory_breakdown()) {
+        sizes[buft].model += bytes;
+    }
+    if (llama_memory_t mem = llama_get_memory(ctx)) {
+        for (const auto & [buft, bytes] : mem->memory_breakdown()) {
+            sizes[buft].context += bytes;
+        }
+    }
+    return write_c_string(json_object().add_array("buffers", buffers_json(sizes, false)).str(), buf, buf_size);
 }
 
 int32_t llama_flashflex_rpc_add_server(const char * endpoint) {

@@ -36,6 +36,7 @@ server_http_res_ptr flashflex_server_stats(const llama_context * ctx) {
     res->data                 = "{\"stream\":" + stats_of(llama_flashflex_model_stats, model) +
                 ",\"moe\":" + stats_of(llama_flashflex_moe_stats, model) +
                 ",\"draft\":" + stats_of(llama_flashflex_draft_stats, ctx) +
+                ",\"memory\":" + stats_of(llama_flashflex_placement, ctx) +
                 ",\"error\":" + (error ? common_json::make(std::string(error)).dump() : std::string("null")) + "}";
     return res;
 }
