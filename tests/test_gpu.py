@@ -386,4 +386,6 @@ def test_llama_server_serves_slots_with_layers_on_the_device(gpu_build, dense_mo
         assert on_device > 0 and elsewhere > 0, served["devices"]
         assert any(b["context"] > 0 for b in served["devices"] if b["device"] in {d["name"] for d in mine}), served
     finally:
-        srv.stop_cleanly()
+        err = srv.stop_cleanly()
+    # the startup says where the layers go, as plan --explain does
+    assert f"this host's {mine[0]['name']}: layer" in err.replace("\n", " "), err[:3000]

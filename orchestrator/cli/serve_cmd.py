@@ -61,8 +61,16 @@ def startup_lines(entries, server) -> list[str]:
                                                     else f":{draft['ngram']}")
                      + f" (up to {draft['max_tokens']} per verification)")
         lines.append(what)
+        lines += placement_lines(e.prepared)
         lines += [f"LOSSY ({e.alias}): {reason}; output differs from stock" for reason in e.prepared.lossy]
     return lines
+
+
+def placement_lines(prepared) -> list[str]:
+    """Where the layers go when some are on a GPU or an RPC worker's device (plan --explain's device lines)."""
+    from orchestrator.planner.explain import device_lines
+
+    return device_lines(prepared.plan) if prepared.plan is not None else []
 
 
 def choose_engine(config: Path | None, options: dict, server_overrides: dict) -> tuple[str, str | None]:
@@ -159,6 +167,8 @@ def _serve_llama_server(config: Path | None, options: dict, server_overrides: di
         line += ("; recurrent layers: a turn whose prompt does not extend the conversation the slot holds is read "
                  "again from its start")
     err_console.print(f"[dim]{line}[/]", soft_wrap=True)
+    for placed in placement_lines(slots.prepared):
+        err_console.print(f"[dim]{placed}[/]", soft_wrap=True, highlight=False)
     if not is_loopback(server.host):
         err_console.print(f"[bold red]WARNING: listening on {server.host}: reachable from other machines"
                           f"{'' if server.api_key else ' with NO API key (anyone can use it; --api-key)'}[/]",
