@@ -163,6 +163,25 @@ def test_sliding_windows_and_recurrent_layers_are_read(tmp_path, arch, keys, n_s
 # ---------------------------------------------------------------------------------------------- shards
 
 
+def test_a_file_is_parsed_once_per_version_and_each_caller_gets_its_own_lists(tmp_path, models, monkeypatch):
+    """Planning reads the table once per micro-batch or slot count it tries (Gemma's header: seconds to parse)."""
+    from orchestrator.modelfile import reader
+
+    path = tmp_path / "m.gguf"
+    shutil.copy(models["tiny-dense"], path)
+    opened: list[Path] = []
+    real = reader.open_gguf
+    monkeypatch.setattr(reader, "open_gguf", lambda p: opened.append(p) or real(p))
+    first = read_model_table(path)
+    first.tensors.clear()  # a caller's own list
+    second = read_model_table(path)
+    assert len(opened) == 1 and second.tensors and second.arch == first.arch
+    # another version of the file (rewritten: a new inode, as a converter's temp-and-rename writes it) is read again
+    synth.write_synth_model(synth.preset("tiny-dense", n_layer=3), tmp_path / "other.gguf").replace(path)
+    third = read_model_table(path)
+    assert len(opened) == 2 and third.arch.n_layer == 3 != second.arch.n_layer
+
+
 def _write_split_model(directory: Path, n_shards: int = 3) -> list[Path]:
     """A small llama-shaped model split by gguf-py's writer, one tensor group per shard."""
     writer = GGUFWriter(directory / "split.gguf", "llama", split_max_tensors=2)

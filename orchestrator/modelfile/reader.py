@@ -11,6 +11,7 @@ pass any shard and the others are found beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from functools import lru_cache
@@ -336,7 +337,9 @@ def read_tensors(reader: GGUFReader, path: Path) -> list[TensorInfo]:
 
 
 def read_model_table(path: os.PathLike[str] | str) -> ModelTable:
-    """The tensor table and architecture of a GGUF model (any shard of a split model names the whole)."""
+    """The tensor table and architecture of a GGUF model (any shard of a split model names the whole), parsed once per
+    version of its files (a 262k-token vocabulary's header takes seconds to parse, and planning may try several
+    micro-batches or slot counts), a copy of its lists for each caller."""
     path = Path(path).expanduser()
     if not path.exists():
         if path.is_symlink():  # exists() is False for a dangling link and for a loop of links alike
@@ -348,6 +351,17 @@ def read_model_table(path: os.PathLike[str] | str) -> ModelTable:
         raise FlashflexError(f"model file not found: {path}",
                              "check the path (make a test model with `flashflex gguf synth`)")
     files = [p.resolve() for p in shard_paths(path)]
+    versions = tuple((str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files
+                     for st in [f.stat()])
+    table = _table_of(versions)
+    return dataclasses.replace(table, files=list(table.files), tensors=list(table.tensors),
+                               metadata=dict(table.metadata))
+
+
+@lru_cache(maxsize=8)
+def _table_of(versions: tuple[tuple[str, int, int, int, int], ...]) -> ModelTable:
+    """read_model_table's parse of the files named in `versions` (what a version is: read_model_table's key)."""
+    files = [Path(v[0]) for v in versions]
     tensors: list[TensorInfo] = []
     first: GGUFReader | None = None
     for index, file in enumerate(files):
