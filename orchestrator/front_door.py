@@ -189,7 +189,7 @@ class FrontDoor:
                  model_name: str = "model"):
         self.upstream, self.internal_key, self.api_key = upstream, internal_key, api_key
         self.slots, self.queue, self.n_vocab, self.grace_s = slots, queue, n_vocab, grace_s
-        self.cap = body_cap(ctx_per_slot)
+        self.cap, self.ctx_per_slot = body_cap(ctx_per_slot), ctx_per_slot
         self.summary, self.model_name = summary, model_name
         self.counters = Counters()
         self.stopping = asyncio.Event()
@@ -364,7 +364,7 @@ class FrontDoor:
         from orchestrator.run.execution import runtime_summary
 
         c = self.counters
-        model = {**self.summary(), "loaded": True}
+        model = {**self.summary(), "loaded": True, "ctx_per_slot": self.ctx_per_slot}  # ctx: the slots' one KV cache
         if counters is not None:
             model.update(runtime_summary({k: v for k, v in counters.items() if v is not None}))
         return {"engine": "llama-server", "slots": self.slots, "queue": self.queue, "body_cap_bytes": self.cap,

@@ -62,6 +62,7 @@ def test_concurrent_clients_are_served_together_under_the_plan(slots_server):
     streamed = stats["models"][stats["default"]]
     assert streamed["mode"] == "dense-stream" and streamed["runtime"]["stream"]["bytes_read"] > 0
     assert streamed["streamed_bytes_read"] == streamed["runtime"]["stream"]["bytes_read"]
+    assert streamed["ctx"] == 3 * streamed["ctx_per_slot"] == 3 * 256  # one KV cache shared by the 3 slots
     # where the weights and KV cache are, per buffer type (here: all in host memory), as `run --json` reports them
     assert streamed["devices"] and all(b["host"] for b in streamed["devices"]), streamed["devices"]
     assert sum(b["model"] for b in streamed["devices"]) > 0 and sum(b["context"] for b in streamed["devices"]) > 0
