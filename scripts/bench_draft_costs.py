@@ -1,11 +1,14 @@
-"""Drafting and the streamed weights' layout: the default (streamed weights in the file's layout, read straight into
-their homes) against `prefetch.repack: true` (staged, then repacked by the reading thread), each with and without
-prompt-lookup drafting, on Gemma 3 270M under one budget. Every configuration runs --repeats times, interleaved (the
-order turned every repetition), in this process through `run`'s own path (orchestrator.run.execution.run); the table
-gives medians of decode tok/s, drafted over undrafted, and what a two-token verification cost in single steps as the
-drafting controller measured it.
+"""Drafting against two settings that change what it costs, each arm with and without prompt-lookup drafting, on
+Gemma 3 270M under one budget. `--compare layout` (the default): the streamed weights in the file's layout (read
+straight into their homes) against `prefetch.repack: true` (staged, then repacked by the reading thread). `--compare
+lending`: the verification rows' memory lent to streamed weights between verifications (the default) against
+`draft.lend_rows: false` (kept for the rows the whole run). Every configuration runs --repeats times, interleaved
+(the order turned every repetition), in this process through `run`'s own path (orchestrator.run.execution.run); the
+table gives medians of decode tok/s, drafted over undrafted, and what a two-token verification cost in single steps
+as the drafting controller measured it.
 
-    python scripts/bench_draft_layout.py --tasks story-sampled,rewrite --repeats 3 --out bench-results/draft-layout.json
+    python scripts/bench_draft_costs.py --tasks story-sampled,rewrite --repeats 3 --out bench-results/draft-layout.json
+    python scripts/bench_draft_costs.py --compare lending --tasks story-sampled,letter-sampled --repeats 8
 """
 
 from __future__ import annotations
@@ -18,15 +21,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-LAYOUTS = {"file": {}, "repacked": {"prefetch.repack": True}}
+ARMS: dict[str, dict[str, dict[str, object]]] = {
+    "layout": {"file": {}, "repacked": {"prefetch.repack": True}},
+    "lending": {"lent": {}, "reserved": {"draft.lend_rows": False}},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", choices=sorted(ARMS), default="layout")
     parser.add_argument("--tasks", default="story-sampled,rewrite", help="tasks of `flashflex bench speculative`")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", default="215MiB")
-    parser.add_argument("--out", type=Path, default=Path("bench-results/draft-layout.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results/draft-costs.json"))
     args = parser.parse_args(argv)
 
     from orchestrator import api
@@ -43,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = sb.SpeculativeBench(model=sb.default_model(print))
     budget = parse_size(args.budget, what="--budget")
     prepared = {}
-    for layout, overrides in LAYOUTS.items():
+    arms = ARMS[args.compare]
+    for arm, overrides in arms.items():
         for mode in ("none", "draft"):
             for task in tasks:
-                prepared[(layout, mode, task)] = api.prepare(
+                prepared[(arm, mode, task)] = api.prepare(
                     load_run_config(None, overrides), budget_bytes=budget, prompt=sb.TASKS[task][1],
                     own_decodes=True, **sb._options(bench, mode == "draft", task))
     rows = []
@@ -55,25 +63,25 @@ def main(argv: list[str] | None = None) -> int:
         for key in order if rep % 2 == 0 else order[::-1]:
             result = execution.run(prepared[key])
             ratios = ((result.stats.get("draft") or {}).get("length") or {}).get("cost_ratios") or {}
-            rows.append({"layout": key[0], "mode": key[1], "task": key[2], "repeat": rep,
+            rows.append({"arm": key[0], "mode": key[1], "task": key[2], "repeat": rep,
                          "decode_tok_per_s": result.decode_tok_per_s, "r2": ratios.get(2, ratios.get("2"))})
             print(json.dumps(rows[-1]), flush=True)
     with atomic_file(args.out, "w") as fh:
         fh.write(json.dumps(rows, indent=1))
 
-    def median(task: str, layout: str, mode: str, key: str = "decode_tok_per_s") -> float | None:
-        values = [r[key] for r in rows if (r["task"], r["layout"], r["mode"]) == (task, layout, mode) and r[key]]
+    def median(task: str, arm: str, mode: str, key: str = "decode_tok_per_s") -> float | None:
+        values = [r[key] for r in rows if (r["task"], r["arm"], r["mode"]) == (task, arm, mode) and r[key]]
         return statistics.median(values) if values else None
 
-    print("| task | layout | no draft tok/s | draft tok/s | x | 2-token verification / step |")
+    print(f"| task | {args.compare} | no draft tok/s | draft tok/s | x | 2-token verification / step |")
     print("|---|---|---:|---:|---:|---:|")
     for task in tasks:
-        for layout in LAYOUTS:
-            plain, drafted = median(task, layout, "none"), median(task, layout, "draft")
-            r2 = median(task, layout, "draft", "r2")
+        for arm in arms:
+            plain, drafted = median(task, arm, "none"), median(task, arm, "draft")
+            r2 = median(task, arm, "draft", "r2")
             assert plain and drafted
             cost = f"{r2:.2f}" if r2 else ""
-            print(f"| {task} | {layout} | {plain:.2f} | {drafted:.2f} | {drafted / plain:.2f}x | {cost} |")
+            print(f"| {task} | {arm} | {plain:.2f} | {drafted:.2f} | {drafted / plain:.2f}x | {cost} |")
     print(f"results: {args.out}")
     return 0
 
