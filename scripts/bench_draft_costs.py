@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="story-sampled,rewrite", help="tasks of `flashflex bench speculative`")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", default="215MiB")
+    parser.add_argument("--draft-max", type=int, default=None, help="the drafted arms' length cap (the plan's)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/draft-costs.json"))
     args = parser.parse_args(argv)
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tasks if t not in sb.TASKS]
     if unknown:
         parser.error(f"unknown task {', '.join(unknown)} (use some of {', '.join(sb.TASKS)})")
-    bench = sb.SpeculativeBench(model=sb.default_model(print))
+    bench = sb.SpeculativeBench(model=sb.default_model(print), draft_max=args.draft_max)
     budget = parse_size(args.budget, what="--budget")
     prepared = {}
     arms = ARMS[args.compare]
