@@ -396,17 +396,10 @@ def _check_unique(tensors: list[TensorInfo]) -> None:
         seen[t.name] = t.file
 
 
-@lru_cache(maxsize=16)
-def _summary(path: str, size: int, mtime_ns: int) -> tuple[int, ArchInfo]:
-    table = read_model_table(Path(path))
-    return next((int(t.shape[1]) for t in table.tensors if t.role is Role.TOKEN_EMBD), 1 << 31), table.arch
-
-
 def _summary_of(path: Path) -> tuple[int, ArchInfo]:
-    """The vocabulary size and architecture of a model file, read once per file version (a 262k-token vocabulary's
-    header takes a few hundred MiB to parse)."""
-    st = Path(path).stat()
-    return _summary(str(path), st.st_size, st.st_mtime_ns)
+    """The vocabulary size and architecture of a model file (from read_model_table's parse, once per file version)."""
+    table = read_model_table(path)
+    return next((int(t.shape[1]) for t in table.tensors if t.role is Role.TOKEN_EMBD), 1 << 31), table.arch
 
 
 def vocab_size(path: Path) -> int:
