@@ -15,8 +15,9 @@ What this module adds:
   resident, drafting greedily; a model of another vocabulary is refused by `check_vocab`);
 - `DraftLength`, the adaptive draft length: acceptance is inferred from the next call's input ids (how many
   drafted tokens the model kept), the cost of a verification batch of n tokens against a single-token step is
-  measured on every verification, and the length maximising expected tokens per second is chosen: 0 (with rare,
-  backed-off probes) when drafts fail, up to max_tokens when they hit;
+  measured on every verification, and the length maximising expected tokens per second is chosen: 0 when drafts
+  fail (prompt lookup's drafts still judged, unsent, at every token; a draft model's probed now and then), up to
+  max_tokens when they hit;
 - `attach`, which gives an open Llama the drafter and an eval that asks llama.cpp for every row's logits only in
   verification batches (llama-cpp-python's own draft path needs logits_all, which keeps n_ctx x n_vocab floats
   and computes the output head for every prompt token: 1 MiB per token for Gemma's 262k vocabulary);
@@ -76,6 +77,11 @@ class DraftLength:
     (a cost measured during a burst of load elsewhere is measured again). A text whose drafts never hit thus pays
     one two-token batch at the start and one every 64 tokens after.
 
+    With `shadowed` set (by a drafter whose drafts cost nothing of the model: prompt lookup), acceptance is also
+    observed at length 0: the draft it would have made is judged against the tokens the model then takes (its
+    "shadow", Drafter), so p follows the text at every token and no probe goes out. Where drafts fail that costs
+    nothing, and where the text turns to copying, drafting starts at the next token instead of the next probe.
+
     With `adaptive` false the length is always `max_tokens` (deterministic: what exactness tests compare)."""
 
     def __init__(self, max_tokens: int, adaptive: bool = True, *, decay: float = 0.8,
@@ -102,6 +108,7 @@ class DraftLength:
         self._idle = 0  # verifications at length 0 since the last draft went out
         self._probing = False
         self.probes = 0
+        self.shadowed = False  # acceptance observed at length 0 too (see the class's docstring): no probes
 
     # -- what was measured ---------------------------------------------------------------------------
     @property
@@ -109,12 +116,14 @@ class DraftLength:
         """Estimated probability that a drafted token is kept, given the ones before it were."""
         return self._kept / self._judged if self._judged > 0 else 0.0
 
-    def observe(self, drafted: int, kept: int) -> None:
-        """A verification judged `drafted` tokens and kept the first `kept` of them."""
-        if drafted <= 0:
+    def observe(self, drafted: int, kept: int, start: int = 0) -> None:
+        """A verification judged `drafted` tokens and kept the first `kept` of them (`start`: those before it were
+        judged already, a shadow judged as its tokens come)."""
+        if drafted <= start:
             return
-        kept = max(0, min(kept, drafted))
-        judged = kept + (1 if kept < drafted else 0)
+        kept = max(start, min(kept, drafted))
+        judged = kept - start + (1 if kept < drafted else 0)
+        kept -= start
         self._kept = self.decay * self._kept + kept
         self._judged = self.decay * self._judged + judged
         if self._probing:
@@ -245,7 +254,7 @@ class DraftLength:
         if k > 0:
             self._probing = False
             return k if len(self._samples) > 1 else 1  # the first draft is one token: it measures the slope cheaply
-        if self.max_tokens > 0 and self._idle >= self.probe_gap():
+        if self.max_tokens > 0 and not self.shadowed and self._idle >= self.probe_gap():
             self._probing = True
             return 1
         return 0
@@ -270,7 +279,8 @@ class DraftLength:
         return {"acceptance_estimate": self.acceptance,
                 "cost_ratios": {n: round(self.cost_ratio(n), 4) for n in range(2, self.max_tokens + 2)},
                 "draft_cost_ratio": self.draft_ratio(), "next_length": self.best() if self.adaptive
-                else self.max_tokens, "probe_gap": self.probe_gap(), "probes": self.probes,
+                else self.max_tokens, "probe_gap": None if self.shadowed else self.probe_gap(),
+                "probes": self.probes,
                 "verification_seconds": {n: t for n, (t, _) in sorted(self._cost.items())}}
 
 
@@ -294,6 +304,8 @@ class DraftStats:
     verification_seconds: float = 0.0
     draft_seconds: float = 0.0
     lengths: dict[int, int] = field(default_factory=dict)  # draft length -> how often
+    shadow_judged_tokens: int = 0  # tokens of drafts made but not sent (at length 0), judged by what came
+    shadow_accepted_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -306,18 +318,27 @@ class DraftStats:
 class Drafter:
     """A llama-cpp-python draft model (`LlamaDraftModel`: called with the context's token ids, returns drafted
     ids) with the draft length chosen by a DraftLength, acceptance inferred from the next call's input ids, and
-    the cost of every verification reported by `attach`'s eval. Subclasses implement `draft(ids, k)`."""
+    the cost of every verification reported by `attach`'s eval. Subclasses implement `draft(ids, k)`.
+
+    A drafter whose drafts cost nothing of the model (`shadows`: prompt lookup) still drafts, up to the longest
+    length, when the length chosen is 0: that draft (its shadow) is not sent, but judged as the model's tokens
+    come, as a sent one would be (the tokens kept until the first the model did not take), and tells DraftLength
+    the acceptance without a probe."""
 
     kind = "none"
+    shadows = False
 
     def __init__(self, length: DraftLength):
         self.length = length
+        length.shadowed = self.shadows and length.adaptive
         self.stats = DraftStats()
         self.stop_at: int | None = None  # sequence length after which nothing more is wanted (the run's -n)
         self.n_ctx: int | None = None  # the context (set by attach): a draft never runs past it
         self._last: tuple[int, int, np.ndarray] | None = None  # (input length, its last id, the draft)
         self._pending: int | None = None  # tokens the next eval should hold to be this draft's verification
         self._verified: int | None = None  # tokens of the last eval when it was a verification of a draft
+        # the draft not sent: (input length, its last id, the draft, how many of its tokens were judged kept)
+        self._shadow: tuple[int, int, np.ndarray, int] | None = None
         # the latest single-token steps as (seconds, seconds waited on reads): what computespeed records
         self.steps: deque[tuple[float, float]] = deque(maxlen=256)
 
@@ -327,6 +348,7 @@ class Drafter:
     def reset(self, stop_at: int | None = None) -> None:
         """A new sequence starts (acceptance and cost knowledge carry over)."""
         self._last = None
+        self._shadow = None
         self._pending = None
         self.stop_at = stop_at
 
@@ -336,8 +358,9 @@ class Drafter:
     def __call__(self, input_ids: Sequence[int] | np.ndarray, /, **_kwargs: Any) -> np.ndarray:
         ids = np.asarray(input_ids, dtype=np.intc)
         self._account(ids)
+        self._judge_shadow(ids, settle=False)
         self.stats.calls += 1
-        k = self.length.propose()
+        k = proposed = self.length.propose()
         if self.stop_at is not None:
             # the verification brings one token of the model's own besides the kept draft
             k = min(k, max(0, self.stop_at - len(ids) - 1))
@@ -351,6 +374,14 @@ class Drafter:
             self.stats.draft_seconds += seconds
             self.length.observe_draft_cost(len(out), seconds)
         self.length.drafted(len(out))
+        if len(out):
+            self._judge_shadow(ids, settle=True)  # one judgement at a time: what the shadow has seen so far
+        elif proposed == 0 and self.length.shadowed and self._shadow is None and len(ids):
+            t0 = time.perf_counter()
+            shadow = np.array(self.draft(ids, self.length.max_tokens), dtype=np.intc)
+            self.stats.draft_seconds += time.perf_counter() - t0
+            if len(shadow):
+                self._shadow = (len(ids), int(ids[-1]), shadow, 0)
         if len(out):
             self.stats.drafts += 1
             self.stats.drafted_tokens += len(out)
@@ -377,11 +408,33 @@ class Drafter:
             self.stats.accepted_tokens += kept
         self.length.observe(len(draft), kept)
 
+    def _judge_shadow(self, ids: np.ndarray, settle: bool) -> None:
+        """Judge the shadow by the tokens taken since it was made (`ids`: the context now), each token as it comes
+        (a copy that starts raises the acceptance from its second token on): the ones kept and, once the model took
+        another token than the shadow's, that one; it ends there, or when all its tokens came, or with `settle` (a
+        sent draft or the sequence's end takes over). A context that does not go on from it drops it."""
+        if self._shadow is None:
+            return
+        n0, tail, draft, counted = self._shadow
+        if len(ids) < n0 or int(ids[n0 - 1]) != tail:
+            self._shadow = None
+            return
+        seen = ids[n0:n0 + len(draft)]
+        equal = seen == draft[:len(seen)]
+        kept = len(seen) if equal.all() else int(np.argmin(equal))
+        missed = kept < len(seen)
+        if kept > counted or missed:
+            self.stats.shadow_judged_tokens += kept - counted + missed
+            self.stats.shadow_accepted_tokens += kept - counted
+            self.length.observe(kept + missed, kept, start=counted)
+        self._shadow = None if settle or missed or kept == len(draft) else (n0, tail, draft, kept)
+
     def finish(self, ids: Sequence[int] | np.ndarray) -> None:
         """The sequence ended (`ids`: the context and every token taken): judge what of the last draft it shows
         (a run that stops at -n may show only part of the last verification)."""
         last, self._last = self._last, None
         ids = np.asarray(ids, dtype=np.intc)
+        self._judge_shadow(ids, settle=True)
         if last is None or not len(last[2]):
             return
         n0, tail, draft = last
@@ -428,6 +481,7 @@ class PromptLookupDrafter(Drafter):
     tokens that followed the match are the draft. Costs a vectorised scan of the context, no model."""
 
     kind = "prompt-lookup"
+    shadows = True
 
     def __init__(self, length: DraftLength, ngram: int = 3):
         super().__init__(length)

@@ -414,6 +414,87 @@ def test_drafts_stop_at_the_tokens_still_wanted_and_the_context():
 
 
 # --------------------------------------------------------------------------------------------------
+# shadows: what prompt lookup would have drafted, judged without a verification
+
+
+def drive(drafter: Drafter, text: list[int], prompt: int, step: float = 0.03, jump: float = 0.3,
+          slope: float = 0.03) -> list[tuple[int, int]]:
+    """Generate `text[prompt:]` after the prompt `text[:prompt]` as llama-cpp-python's generate does with a draft
+    model: the drafter is asked after every decode, the model keeps the drafted tokens that equal the text's and adds
+    its own, and a decode of n tokens costs step * (1 + jump + slope (n - 2)) (a plain one: step). Returns, for
+    every call, the context's length and the length of the draft sent (0 for a plain step)."""
+    n, sent = prompt, []
+    while n < len(text):
+        draft = drafter(np.array(text[:n], dtype=np.intc)).tolist()
+        kept = 0
+        while kept < len(draft) and n + kept < len(text) and draft[kept] == text[n + kept]:
+            kept += 1
+        drafter.observe_eval(1 + len(draft), step * (1 + (jump + slope * (len(draft) - 1) if draft else 0.0)))
+        sent.append((n, len(draft)))
+        n += kept + 1
+    drafter.finish(np.array(text, dtype=np.intc))
+    return sent
+
+
+def free_then_copy(seed: int, free: int = 300, copied: int = 120) -> list[int]:
+    """A prompt of 60 tokens, `free` tokens of new text (drawn from 1000 tokens as often as words are, the r-th
+    most frequent with weight 1 / r: prompt lookup nearly always finds the last token earlier, but what followed it
+    there comes next only about 3% of the time), then a copy of `copied` tokens of the prompt and what followed."""
+    rng = random.Random(seed)
+    text = rng.choices(range(1000), weights=[1 / r for r in range(1, 1001)], k=60 + free)
+    return text + text[:copied]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shadows_replace_probes_where_drafts_fail_and_start_drafting_as_a_copy_starts(seed):
+    from orchestrator.speculative import PromptLookupDrafter
+
+    class Probing(PromptLookupDrafter):
+        shadows = False  # the same lookup, learning acceptance from probes
+
+    text, copy_at = free_then_copy(seed), 360
+    shadowed, probing = PromptLookupDrafter(DraftLength(7), ngram=3), Probing(DraftLength(7), ngram=3)
+    calls, probed = drive(shadowed, text, prompt=60), drive(probing, text, prompt=60)
+    s = shadowed.stats
+    assert shadowed.length.probes == 0 and shadowed.report()["length"]["probe_gap"] is None
+    assert s.shadow_judged_tokens >= 150 and s.shadow_accepted_tokens < 0.1 * s.shadow_judged_tokens
+
+    def drafted_in_free_text(calls):
+        return sum(1 for at, k in calls if k and at < copy_at - 10)
+
+    def copy_drafted_from(calls):
+        return min(at for at, k in calls if k and at >= copy_at)
+
+    assert drafted_in_free_text(calls) <= 5  # the first drafts (on the prior cost), and one where the text repeats
+    assert probing.length.probes >= 4 and drafted_in_free_text(probed) >= 6
+    # the copy: drafting 3 tokens into it (its 3-grams found) and a few more as the shadows' tokens are kept
+    assert copy_drafted_from(calls) <= copy_at + 7 < copy_drafted_from(probed)
+    assert [k for at, k in calls if at > copy_at + 12] == [7] * len([k for at, k in calls if at > copy_at + 12])
+
+
+def test_a_shadow_is_judged_as_a_sent_draft_would_be():
+    def shadowed(proposals):
+        d = Scripted(proposals, adaptive=True, max_tokens=3)
+        d.length.shadowed = True
+        return d
+
+    d = shadowed([[5, 6, 7]])
+    assert d(ids(1, 2, 3)).tolist() == []  # no step measured yet: length 0, the shadow [5, 6, 7] made instead
+    d.finish(ids(1, 2, 3, 5, 6, 9))  # 5 and 6 kept, then 9 instead of 7
+    s = d.stats
+    assert (s.drafts, s.judged_tokens, s.shadow_judged_tokens, s.shadow_accepted_tokens) == (0, 0, 3, 2)
+    assert d.length.acceptance == pytest.approx((0.8 * 1.0 + 2) / (0.8 * 2.0 + 3))
+    d = shadowed([[5, 6, 7]])
+    d(ids(1, 2, 3))
+    d.finish(ids(1, 2, 3, 5))  # the sequence ended after one token, kept: one judged, one kept
+    assert (d.stats.shadow_judged_tokens, d.stats.shadow_accepted_tokens) == (1, 1)
+    d = shadowed([[5, 6, 7], [8]])
+    d(ids(1, 2, 3))
+    d(ids(4, 4, 4, 4))  # another sequence: nothing judged, its own shadow made
+    assert d.stats.shadow_judged_tokens == 0 and d._shadow[:2] == (4, 4)
+
+
+# --------------------------------------------------------------------------------------------------
 # settings and the budget
 
 
