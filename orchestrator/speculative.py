@@ -45,6 +45,12 @@ if TYPE_CHECKING:
 
 _EMPTY = np.zeros(0, dtype=np.intc)
 _PRIOR_POINTS = 4.0  # the prior slope weighs as much as this many verifications one token apart
+AFTERMATH_STEPS = 4
+"""Single-token steps after a verification whose time beyond a plain step is that verification's: with lent rows a
+verification after plain steps takes memory back from streamed weights and the steps after it lend it again, which
+slows the next step by a third of a step and the three after it by a few percent each (Gemma 3 270M at 215 MiB:
+37.8 ms a plain step, 49.5 ms the next, 39.6-40.6 ms the three after), so pricing only the next step let drafts
+that failed between plain steps look cheaper than they were."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,12 +60,21 @@ _PRIOR_POINTS = 4.0  # the prior slope weighs as much as this many verifications
 class DraftLength:
     """How many tokens to draft before the next verification.
 
-    Acceptance follows the usual geometric model: each drafted token is kept with probability p given that the
-    ones before it were, so a draft of k yields 1 + p + ... + p^k tokens per verification (the model's own token
-    always comes with it). p is the decayed ratio of kept drafted tokens to judged ones (a rejected token is
-    judged, the tokens after it are not), starting from a prior. The cost of a verification of n tokens is
+    Acceptance is two rates, as llama-server's drafting under a plan keeps them (llama-flashflex-draft.cpp): f,
+    how often a draft's first token is kept, and c, how often a token is kept after a kept one, so a draft of k
+    yields 1 + f (1 + c + ... + c^(k-1)) tokens per verification (the model's own token always comes with it).
+    Prompt lookup's drafts differ in the two: on sampled free text a draft's first token is kept a quarter of the
+    time, but a copy that starts tends to go on (c 0.55-0.65: Gemma 3 270M's stories and letters); one rate for
+    both read f at 0.3-0.7 after one repeated name, and drafts went out that failed. Each is a decayed ratio of kept
+    to judged tokens from a prior: f per draft (`decay_first`, a memory of some seven drafts, so a copy that ends
+    stops the drafting within a few failures), c per judged token (`decay_next`, some thirty tokens). The cost of a verification of n tokens is
     measured per n (the median of its last `cost_window` verifications, so one slowed by another process does not
-    turn drafting off) and used as the ratio r(n) = t(n) / t(1). Batches of two or more tokens follow a line
+    turn drafting off; each with what it made the steps after it pay, AFTERMATH_STEPS, and a plain step's cost from
+    steps clear of that). Verifications that come after a plain step are measured apart: with lent rows such a
+    verification takes memory back from streamed weights and the steps after it lend it again, which one after a
+    verification does not (Gemma 3 270M at 215 MiB: 56 ms against 46 ms for two tokens, and 22 ms more over the
+    steps after it, against plain steps of 38 ms), so a draft after plain steps is priced at what starting to
+    draft costs there, and one after a draft at what going on costs and used as the ratio r(n) = t(n) / t(1). Batches of two or more tokens follow a line
     a + b n fitted through their medians, apart from the single-token step: on a CPU a second token costs far
     more than each one after it (a batch switches matrix kernels and computes one more output row; measured on
     Gemma 3 270M under a streaming budget: t(2) = 1.3 t(1), t(8) = 1.35-1.5 t(1)), so a straight line through
@@ -67,7 +82,7 @@ class DraftLength:
     around it add the prior slope or the mean slope from t(1) to t(m), the lower; with none, the prior slope
     from t(1). r(n) stays within [1, n] (a batch is never cheaper than a step, nor dearer than n of them).
     Drafting costs its own measured seconds per drafted token. The length chosen maximises
-    (1 + p + ... + p^k) / (r(k + 1) + k d), and must beat no drafting by `min_gain`.
+    (1 + f (1 + c + ... + c^(k-1))) / (r(k + 1) + k d), and must beat no drafting by `min_gain`.
 
     The first verification drafts nothing, so the single-token step is measured before any draft goes out, and
     the first draft is one token, which measures a longer batch cheaply. At length 0 nothing is learnt about
@@ -79,20 +94,21 @@ class DraftLength:
 
     With `shadowed` set (by a drafter whose drafts cost nothing of the model: prompt lookup), acceptance is also
     observed at length 0: the draft it would have made is judged against the tokens the model then takes (its
-    "shadow", Drafter), so p follows the text at every token and no probe goes out. Where drafts fail that costs
+    "shadow", Drafter), so f and c follow the text at every token and no probe goes out. Where drafts fail that costs
     nothing, and where the text turns to copying, drafting starts at the next token instead of the next probe.
 
     With `adaptive` false the length is always `max_tokens` (deterministic: what exactness tests compare)."""
 
-    def __init__(self, max_tokens: int, adaptive: bool = True, *, decay: float = 0.8,
-                 prior_acceptance: float = 0.5, prior_weight: float = 2.0, prior_slope: float = 0.1,
+    def __init__(self, max_tokens: int, adaptive: bool = True, *, decay_first: float = 0.85,
+                 decay_next: float = 0.97, prior_acceptance: float = 0.5, prior_weight: float = 2.0, prior_slope: float = 0.1,
                  cost_alpha: float = 0.3, min_gain: float = 0.03, probe_gap: int = 4, max_probe_gap: int = 64,
                  probe_budget: float = 0.01, cost_window: int = 9):
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
         self.max_tokens = max_tokens
         self.adaptive = adaptive
-        self.decay = decay
+        self.decay_first = decay_first
+        self.decay_next = decay_next
         self.prior_slope = prior_slope
         self.cost_alpha = cost_alpha
         self.min_gain = min_gain
@@ -100,9 +116,12 @@ class DraftLength:
         self.max_probe_gap = max_probe_gap
         self.probe_budget = probe_budget
         self.cost_window = cost_window
-        self._kept = prior_acceptance * prior_weight
-        self._judged = prior_weight
+        self._first = [prior_acceptance * prior_weight, prior_weight]  # a draft's first token: [kept, judged]
+        self._next = [prior_acceptance * prior_weight, prior_weight]  # a token after a kept one: [kept, judged]
         self._samples: dict[int, deque[float]] = {}  # batch tokens -> seconds of its recent verifications
+        self._entries: dict[int, deque[float]] = {}  # the same, of verifications that came after a plain step
+        self._drafting = False  # the last proposal drafted
+        self._pricing_entry = False
         self._draft_cost: list[float] = [0.0, 0.0]  # [mean seconds per drafted token, samples]
         self._gap = probe_gap
         self._idle = 0  # verifications at length 0 since the last draft went out
@@ -113,41 +132,59 @@ class DraftLength:
     # -- what was measured ---------------------------------------------------------------------------
     @property
     def acceptance(self) -> float:
-        """Estimated probability that a drafted token is kept, given the ones before it were."""
-        return self._kept / self._judged if self._judged > 0 else 0.0
+        """f: how often a draft's first token is kept."""
+        return self._first[0] / self._first[1]
+
+    @property
+    def continued(self) -> float:
+        """c: how often a drafted token is kept after a kept one."""
+        return self._next[0] / self._next[1]
 
     def observe(self, drafted: int, kept: int, start: int = 0) -> None:
-        """A verification judged `drafted` tokens and kept the first `kept` of them (`start`: those before it were
-        judged already, a shadow judged as its tokens come)."""
+        """A verification judged a draft of `drafted` tokens and kept the first `kept` of them (`start`: the ones
+        before it were judged already, a shadow judged as its tokens come). A rejected token is judged, the tokens
+        after it are not."""
         if drafted <= start:
             return
         kept = max(start, min(kept, drafted))
-        judged = kept - start + (1 if kept < drafted else 0)
-        kept -= start
-        self._kept = self.decay * self._kept + kept
-        self._judged = self.decay * self._judged + judged
+        missed = 1 if kept < drafted else 0
+        if start == 0:
+            self._first = [self.decay_first * self._first[0] + (kept > 0), self.decay_first * self._first[1] + 1]
+        after = max(start, 1)  # the tokens judged here that follow a kept one
+        if kept >= after:
+            judged = kept - after + missed
+            decay = self.decay_next ** judged
+            self._next = [decay * self._next[0] + kept - after, decay * self._next[1] + judged]
         if self._probing:
             self._gap = self.min_probe_gap if kept > 0 else min(2 * self._gap, self.max_probe_gap)
             self._probing = False
 
-    def observe_cost(self, batch_tokens: int, seconds: float) -> None:
-        """One verification of `batch_tokens` tokens (the last token and the draft) took `seconds`."""
+    def _table(self, batch_tokens: int, entry: bool) -> dict[int, deque[float]]:
+        return self._entries if entry and batch_tokens > 1 else self._samples
+
+    def observe_cost(self, batch_tokens: int, seconds: float, entry: bool = False) -> None:
+        """One verification of `batch_tokens` tokens (the last token and the draft) took `seconds`; `entry`: it
+        came after a plain step."""
         if batch_tokens < 1 or not (seconds > 0 and math.isfinite(seconds)):
             return
-        self._samples.setdefault(batch_tokens, deque(maxlen=self.cost_window)).append(seconds)
+        self._table(batch_tokens, entry).setdefault(batch_tokens, deque(maxlen=self.cost_window)).append(seconds)
 
-    def observe_aftermath(self, batch_tokens: int, seconds: float) -> None:
-        """The single-token step after the last verification of `batch_tokens` took `seconds` longer than a plain
-        step (with lent rows: the memory moving back to streamed weights): part of what that verification cost."""
-        q = self._samples.get(batch_tokens)
+    def amend_cost(self, batch_tokens: int, seconds: float, entry: bool = False) -> None:
+        """The last verification of `batch_tokens` cost `seconds` in all (with what it made the steps after it pay:
+        Drafter.observe_eval)."""
+        q = self._table(batch_tokens, entry).get(batch_tokens)
         if q and seconds > 0 and math.isfinite(seconds):
-            q[-1] += seconds
+            q[-1] = seconds
 
     @property
     def _cost(self) -> dict[int, tuple[float, float]]:
         """Batch tokens -> (median seconds of its recent verifications, how many): a median, so one verification
-        slowed by another process on the machine does not turn drafting off."""
-        return {n: (statistics.median(q), float(len(q))) for n, q in self._samples.items()}
+        slowed by another process on the machine does not turn drafting off. While pricing an entry (the length
+        after a plain step), the verifications that came after a plain step, where any was measured."""
+        table = self._samples
+        if self._pricing_entry and self._entries:
+            table = {**({1: self._samples[1]} if 1 in self._samples else {}), **self._entries}
+        return {n: (statistics.median(q), float(len(q))) for n, q in table.items()}
 
     def observe_draft_cost(self, drafted: int, seconds: float) -> None:
         """Drafting `drafted` tokens took `seconds` (the draft model's steps; prompt lookup's search)."""
@@ -231,15 +268,20 @@ class DraftLength:
 
     def throughput(self, k: int) -> float:
         """Expected tokens per single-token-step time with a draft of k."""
-        p, d = self.acceptance, self.draft_ratio()
-        expected = sum(p ** i for i in range(k + 1))
+        f, c, d = self.acceptance, self.continued, self.draft_ratio()
+        expected = 1.0 + f * sum(c ** i for i in range(k))
         return expected / (self.cost_ratio(k + 1) + d * k)
 
-    def best(self) -> int:
-        """The draft length with the highest expected throughput, 0 unless it beats no drafting by min_gain."""
+    def best(self, entry: bool = False) -> int:
+        """The draft length with the highest expected throughput, 0 unless it beats no drafting by min_gain;
+        `entry`: priced as a draft after a plain step (see the class's docstring)."""
         if self.max_tokens == 0:
             return 0
-        scores = [self.throughput(k) for k in range(self.max_tokens + 1)]
+        self._pricing_entry = entry
+        try:
+            scores = [self.throughput(k) for k in range(self.max_tokens + 1)]
+        finally:
+            self._pricing_entry = False
         k = max(range(len(scores)), key=scores.__getitem__)
         return k if scores[k] >= scores[0] * (1.0 + self.min_gain) else 0
 
@@ -250,7 +292,7 @@ class DraftLength:
             return self.max_tokens
         if 1 not in self._samples:
             return 0  # one plain step first: the cost of every verification is measured against it
-        k = self.best()
+        k = self.best(entry=not self._drafting)
         if k > 0:
             self._probing = False
             return k if len(self._samples) > 1 else 1  # the first draft is one token: it measures the slope cheaply
@@ -267,6 +309,7 @@ class DraftLength:
 
     def drafted(self, n: int) -> None:
         """What the drafter actually produced for the last proposal (prompt lookup may find nothing)."""
+        self._drafting = n > 0
         if n > 0:
             self._idle = 0
             if self._probing:
@@ -276,8 +319,9 @@ class DraftLength:
             self._probing = False  # nothing went out: probe again at the next chance
 
     def state(self) -> dict[str, Any]:
-        return {"acceptance_estimate": self.acceptance,
+        return {"acceptance_estimate": self.acceptance, "acceptance_continued": self.continued,
                 "cost_ratios": {n: round(self.cost_ratio(n), 4) for n in range(2, self.max_tokens + 2)},
+                "entry_seconds": {n: statistics.median(q) for n, q in sorted(self._entries.items())},
                 "draft_cost_ratio": self.draft_ratio(), "next_length": self.best() if self.adaptive
                 else self.max_tokens, "probe_gap": None if self.shadowed else self.probe_gap(),
                 "probes": self.probes,
@@ -336,7 +380,10 @@ class Drafter:
         self.n_ctx: int | None = None  # the context (set by attach): a draft never runs past it
         self._last: tuple[int, int, np.ndarray] | None = None  # (input length, its last id, the draft)
         self._pending: int | None = None  # tokens the next eval should hold to be this draft's verification
-        self._verified: int | None = None  # tokens of the last eval when it was a verification of a draft
+        # after a verification: [its tokens, its seconds, what the steps after it took beyond plain ones, steps left,
+        # whether it came after a plain step]
+        self._aftermath: list[Any] | None = None
+        self._after_plain = False  # the last decode was a plain step
         # the draft not sent: (input length, its last id, the draft, how many of its tokens were judged kept)
         self._shadow: tuple[int, int, np.ndarray, int] | None = None
         # the latest single-token steps as (seconds, seconds waited on reads): what computespeed records
@@ -456,19 +503,25 @@ class Drafter:
         `waited`: of the seconds, those compute waited on streamed reads (None where nothing streams)."""
         if n_tokens == 1 and waited is not None:
             self.steps.append((seconds, waited))
-        verified, self._verified = self._verified, None
-        step = self.length.step_seconds()
-        if verified is not None and n_tokens == 1 and step:
-            # what a verification makes the next step pay beyond a plain one is part of its cost: where drafts fail
-            # between plain steps that decides whether drafting pays
-            self.length.observe_aftermath(verified, seconds - step)
+        entry, self._after_plain = self._after_plain, n_tokens == 1
+        after, step = self._aftermath, self.length.step_seconds()
+        if after is not None and (n_tokens != 1 or not step):
+            after = self._aftermath = None  # another verification (or a prompt) ends it
+        if after is not None:  # part of the verification's cost, and not a plain step's
+            after[2] += seconds - step
+            after[3] -= 1
+            self.length.amend_cost(after[0], after[1] + max(0.0, after[2]), entry=after[4])
+            if after[3] <= 0:
+                self._aftermath = None
         pending, self._pending = self._pending, None
         if pending is not None and n_tokens == pending:
             self.stats.verifications += 1
             self.stats.verified_tokens += n_tokens
             self.stats.verification_seconds += seconds
-            self.length.observe_cost(n_tokens, seconds)
-            self._verified = n_tokens if n_tokens > 1 else None
+            if after is None:
+                self.length.observe_cost(n_tokens, seconds, entry=entry)
+            if n_tokens > 1:
+                self._aftermath = [n_tokens, seconds, 0.0, AFTERMATH_STEPS, entry]
 
     def report(self) -> dict[str, Any]:
         return {"kind": self.kind, **self.stats.to_dict(), "length": self.length.state()}
