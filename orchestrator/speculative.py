@@ -159,21 +159,36 @@ class DraftLength:
             self._gap = self.min_probe_gap if kept > 0 else min(2 * self._gap, self.max_probe_gap)
             self._probing = False
 
-    def _table(self, batch_tokens: int, entry: bool) -> dict[int, deque[float]]:
-        return self._entries if entry and batch_tokens > 1 else self._samples
+    def _recent_step(self) -> float | None:
+        """The median of the last 3 plain steps: what an entry is measured against (the steps just before it, on
+        the same hour of a machine whose speed swings)."""
+        q = self._samples.get(1)
+        return statistics.median(list(q)[-3:]) if q else None
 
     def observe_cost(self, batch_tokens: int, seconds: float, entry: bool = False) -> None:
         """One verification of `batch_tokens` tokens (the last token and the draft) took `seconds`; `entry`: it
-        came after a plain step."""
+        came after a plain step (kept as its ratio to the plain steps just before it)."""
         if batch_tokens < 1 or not (seconds > 0 and math.isfinite(seconds)):
             return
-        self._table(batch_tokens, entry).setdefault(batch_tokens, deque(maxlen=self.cost_window)).append(seconds)
+        if entry and batch_tokens > 1:
+            step = self._recent_step()
+            if step:
+                self._entries.setdefault(batch_tokens, deque(maxlen=self.cost_window)).append(seconds / step)
+            return
+        self._samples.setdefault(batch_tokens, deque(maxlen=self.cost_window)).append(seconds)
 
     def amend_cost(self, batch_tokens: int, seconds: float, entry: bool = False) -> None:
         """The last verification of `batch_tokens` cost `seconds` in all (with what it made the steps after it pay:
         Drafter.observe_eval)."""
-        q = self._table(batch_tokens, entry).get(batch_tokens)
-        if q and seconds > 0 and math.isfinite(seconds):
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        if entry and batch_tokens > 1:
+            q, step = self._entries.get(batch_tokens), self._recent_step()
+            if q and step:
+                q[-1] = seconds / step
+            return
+        q = self._samples.get(batch_tokens)
+        if q:
             q[-1] = seconds
 
     @property
@@ -181,10 +196,11 @@ class DraftLength:
         """Batch tokens -> (median seconds of its recent verifications, how many): a median, so one verification
         slowed by another process on the machine does not turn drafting off. While pricing an entry (the length
         after a plain step), the verifications that came after a plain step, where any was measured."""
-        table = self._samples
-        if self._pricing_entry and self._entries:
-            table = {**({1: self._samples[1]} if 1 in self._samples else {}), **self._entries}
-        return {n: (statistics.median(q), float(len(q))) for n, q in table.items()}
+        costs = {n: (statistics.median(q), float(len(q))) for n, q in self._samples.items()}
+        if self._pricing_entry and self._entries and 1 in costs:
+            t1 = costs[1][0]
+            costs = {1: costs[1], **{n: (t1 * statistics.median(q), float(len(q))) for n, q in self._entries.items()}}
+        return costs
 
     def observe_draft_cost(self, drafted: int, seconds: float) -> None:
         """Drafting `drafted` tokens took `seconds` (the draft model's steps; prompt lookup's search)."""
@@ -321,7 +337,7 @@ class DraftLength:
     def state(self) -> dict[str, Any]:
         return {"acceptance_estimate": self.acceptance, "acceptance_continued": self.continued,
                 "cost_ratios": {n: round(self.cost_ratio(n), 4) for n in range(2, self.max_tokens + 2)},
-                "entry_seconds": {n: statistics.median(q) for n, q in sorted(self._entries.items())},
+                "entry_cost_ratios": {n: round(statistics.median(q), 4) for n, q in sorted(self._entries.items())},
                 "draft_cost_ratio": self.draft_ratio(), "next_length": self.best() if self.adaptive
                 else self.max_tokens, "probe_gap": None if self.shadowed else self.probe_gap(),
                 "probes": self.probes,

@@ -425,11 +425,12 @@ def test_what_a_verification_makes_the_steps_after_it_pay_is_part_of_its_cost():
     call(1, 0.095)
     extra = 0.06 + 0.01 * (AFTERMATH_STEPS - 2) - 0.005
     # it came after plain steps: an entry's cost
-    assert d.length.state()["entry_seconds"] == pytest.approx({3: 0.2 + extra})
+    # (as its ratio to the plain steps just before it)
+    assert d.length.state()["entry_cost_ratios"] == pytest.approx({3: (0.2 + extra) / 0.1}, abs=1e-4)
     assert list(d.length._samples[1]) == [0.1, 0.1]  # those steps are not plain steps' samples
     call(3, 0.2)
     call(3, 0.25, take=3)  # verifications in a row: the first's aftermath is nothing, the second goes on drafting
-    assert sorted(d.length._entries[3]) == pytest.approx([0.2, 0.2 + extra])
+    assert sorted(d.length._entries[3]) == pytest.approx([2.0, (0.2 + extra) / 0.1])
     assert list(d.length._samples[3]) == pytest.approx([0.25])
 
 
@@ -464,23 +465,12 @@ def test_drafts_stop_at_the_tokens_still_wanted_and_the_context():
 # shadows: what prompt lookup would have drafted, judged without a verification
 
 
-def drive(drafter: Drafter, text: list[int], prompt: int, step: float = 0.03, jump: float = 0.3,
-          slope: float = 0.03) -> list[tuple[int, int]]:
-    """Generate `text[prompt:]` after the prompt `text[:prompt]` as llama-cpp-python's generate does with a draft
-    model: the drafter is asked after every decode, the model keeps the drafted tokens that equal the text's and adds
-    its own, and a decode of n tokens costs step * (1 + jump + slope (n - 2)) (a plain one: step). Returns, for
-    every call, the context's length and the length of the draft sent (0 for a plain step)."""
-    n, sent = prompt, []
-    while n < len(text):
-        draft = drafter(np.array(text[:n], dtype=np.intc)).tolist()
-        kept = 0
-        while kept < len(draft) and n + kept < len(text) and draft[kept] == text[n + kept]:
-            kept += 1
-        drafter.observe_eval(1 + len(draft), step * (1 + (jump + slope * (len(draft) - 1) if draft else 0.0)))
-        sent.append((n, len(draft)))
-        n += kept + 1
-    drafter.finish(np.array(text, dtype=np.intc))
-    return sent
+def drive(drafter: Drafter, text: list[int], prompt: int) -> list[tuple[int, int]]:
+    """Every call of a replay (orchestrator.bench.replay) of `text` after its first `prompt` tokens: (the context's
+    length, the length of the draft sent)."""
+    from orchestrator.bench.replay import replay
+
+    return replay(drafter, text, prompt).calls
 
 
 def free_then_copy(seed: int, free: int = 300, copied: int = 120) -> list[int]:
@@ -504,7 +494,7 @@ def test_shadows_replace_probes_where_drafts_fail_and_start_drafting_as_a_copy_s
     calls, probed = drive(shadowed, text, prompt=60), drive(probing, text, prompt=60)
     s = shadowed.stats
     assert shadowed.length.probes == 0 and shadowed.report()["length"]["probe_gap"] is None
-    assert s.shadow_judged_tokens >= 150 and s.shadow_accepted_tokens < 0.1 * s.shadow_judged_tokens
+    assert s.shadow_judged_tokens >= 150 and s.shadow_accepted_tokens < 0.15 * s.shadow_judged_tokens
 
     def drafted_in_free_text(calls):
         return sum(1 for at, k in calls if k and at < copy_at - 10)
@@ -514,8 +504,9 @@ def test_shadows_replace_probes_where_drafts_fail_and_start_drafting_as_a_copy_s
 
     assert drafted_in_free_text(calls) <= 5  # the first drafts (on the prior cost), and one where the text repeats
     assert probing.length.probes >= 4 and drafted_in_free_text(probed) >= 6
-    # the copy: drafting once its 3-grams are found (3 tokens in) and a shadow's first tokens were kept, then 7
-    assert copy_drafted_from(calls) <= copy_at + 12 < copy_drafted_from(probed)
+    # the copy: drafting once its 3-grams are found (3 tokens in) and a few shadows were kept whole (a start pays
+    # taking memory back from streamed weights: it takes a copy, not one repeated phrase), then 7 at a time
+    assert copy_drafted_from(calls) <= copy_at + 24 < copy_drafted_from(probed)
     copying = [k for at, k in calls if at > copy_at + 30]
     assert min(copying) >= 5 and statistics.median(copying) == 7, copying
 
