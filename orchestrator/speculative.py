@@ -65,23 +65,25 @@ class DraftLength:
     yields 1 + f (1 + c + ... + c^(k-1)) tokens per verification (the model's own token always comes with it).
     Prompt lookup's drafts differ in the two: on sampled free text a draft's first token is kept a quarter of the
     time, but a copy that starts tends to go on (c 0.55-0.65: Gemma 3 270M's stories and letters); one rate for
-    both read f at 0.3-0.7 after one repeated name, and drafts went out that failed. Each is a decayed ratio of kept
-    to judged tokens from a prior: f per draft (`decay_first`, a memory of some seven drafts, so a copy that ends
-    stops the drafting within a few failures), c per judged token (`decay_next`, some thirty tokens). The cost of a verification of n tokens is
-    measured per n (the median of its last `cost_window` verifications, so one slowed by another process does not
-    turn drafting off; each with what it made the steps after it pay, AFTERMATH_STEPS, and a plain step's cost from
-    steps clear of that). Verifications that come after a plain step are measured apart: with lent rows such a
-    verification takes memory back from streamed weights and the steps after it lend it again, which one after a
-    verification does not (Gemma 3 270M at 215 MiB: 56 ms against 46 ms for two tokens, and 22 ms more over the
-    steps after it, against plain steps of 38 ms), so a draft after plain steps is priced at what starting to
-    draft costs there, and one after a draft at what going on costs and used as the ratio r(n) = t(n) / t(1). Batches of two or more tokens follow a line
-    a + b n fitted through their medians, apart from the single-token step: on a CPU a second token costs far
-    more than each one after it (a batch switches matrix kernels and computes one more output row; measured on
-    Gemma 3 270M under a streaming budget: t(2) = 1.3 t(1), t(8) = 1.35-1.5 t(1)), so a straight line through
-    t(1) and t(2) would price a long draft at twice what it costs. With one batch size m measured, the sizes
-    around it add the prior slope or the mean slope from t(1) to t(m), the lower; with none, the prior slope
-    from t(1). r(n) stays within [1, n] (a batch is never cheaper than a step, nor dearer than n of them).
-    Drafting costs its own measured seconds per drafted token. The length chosen maximises
+    both read 0.3-0.7 after one repeated name, and drafts went out that failed. Each is a decayed ratio of kept to
+    judged tokens from a prior: f per draft (`decay_first`, a memory of some seven drafts, so a copy that ends stops
+    the drafting within a few failures), c per judged token (`decay_next`, some thirty tokens).
+
+    The cost of a verification of n tokens is measured per n: the median of its last `cost_window` verifications
+    (so one slowed by another process does not turn drafting off), each with what it made the steps after it pay
+    (AFTERMATH_STEPS), and a plain step's cost from steps clear of that; used as the ratio r(n) = t(n) / t(1).
+    Verifications that come after a plain step (an entry) are measured apart, as ratios to the plain steps just
+    before them: with lent rows an entry takes memory back from streamed weights and the steps after it lend it
+    again, which a verification after a verification does not (Gemma 3 270M at 215 MiB: 56 against 46 ms for two
+    tokens, and 22 ms more over the steps after it, against plain steps of 38 ms). So a draft after plain steps is
+    priced at what starting to draft costs, and one after a draft at what going on costs. Batches of two or more
+    tokens follow a line a + b n fitted through their medians, apart from the single-token step: on a CPU a
+    second token costs far more than each one after it (a batch switches matrix kernels and computes one more
+    output row; measured on Gemma 3 270M under a streaming budget: t(2) = 1.3 t(1), t(8) = 1.35-1.5 t(1)), so a
+    straight line through t(1) and t(2) would price a long draft at twice what it costs. With one batch size m
+    measured, the sizes around it add the prior slope or the mean slope from t(1) to t(m), the lower; with none,
+    the prior slope from t(1). r(n) stays within [1, n] (a batch is never cheaper than a step, nor dearer than n
+    of them). Drafting costs its own measured seconds per drafted token. The length chosen maximises
     (1 + f (1 + c + ... + c^(k-1))) / (r(k + 1) + k d), and must beat no drafting by `min_gain`.
 
     The first verification drafts nothing, so the single-token step is measured before any draft goes out, and
@@ -100,9 +102,9 @@ class DraftLength:
     With `adaptive` false the length is always `max_tokens` (deterministic: what exactness tests compare)."""
 
     def __init__(self, max_tokens: int, adaptive: bool = True, *, decay_first: float = 0.85,
-                 decay_next: float = 0.97, prior_acceptance: float = 0.5, prior_weight: float = 2.0, prior_slope: float = 0.1,
-                 cost_alpha: float = 0.3, min_gain: float = 0.03, probe_gap: int = 4, max_probe_gap: int = 64,
-                 probe_budget: float = 0.01, cost_window: int = 9):
+                 decay_next: float = 0.97, prior_acceptance: float = 0.5, prior_weight: float = 2.0,
+                 prior_slope: float = 0.1, cost_alpha: float = 0.3, min_gain: float = 0.03, probe_gap: int = 4,
+                 max_probe_gap: int = 64, probe_budget: float = 0.01, cost_window: int = 9):
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
         self.max_tokens = max_tokens
