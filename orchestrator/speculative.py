@@ -525,7 +525,7 @@ class Drafter:
         after, step = self._aftermath, self.length.step_seconds()
         if after is not None and (n_tokens != 1 or not step):
             after = self._aftermath = None  # another verification (or a prompt) ends it
-        if after is not None:  # part of the verification's cost, and not a plain step's
+        if after is not None and step:  # part of the verification's cost, and not a plain step's
             after[2] += seconds - step
             after[3] -= 1
             self.length.amend_cost(after[0], after[1] + max(0.0, after[2]), entry=after[4])
