@@ -449,15 +449,14 @@ class Drafter:
         self.length.drafted(len(out))
         if len(out):
             self._judge_shadow(ids, settle=True)  # one judgement at a time: what the shadow has seen so far
+            self.stats.drafts += 1
+            self.stats.drafted_tokens += len(out)
         elif proposed == 0 and self.length.shadowed and self._shadow is None and len(ids):
             t0 = time.perf_counter()
             shadow = np.array(self.draft(ids, self.length.max_tokens), dtype=np.intc)
             self.stats.draft_seconds += time.perf_counter() - t0
             if len(shadow):
                 self._shadow = (len(ids), int(ids[-1]), shadow, 0)
-        if len(out):
-            self.stats.drafts += 1
-            self.stats.drafted_tokens += len(out)
         self.stats.lengths[len(out)] = self.stats.lengths.get(len(out), 0) + 1
         self._last = (len(ids), int(ids[-1]) if len(ids) else -1, out.copy())
         self._pending = 1 + len(out)
