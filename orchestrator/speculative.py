@@ -492,8 +492,7 @@ class Drafter:
             self._shadow = None
             return
         seen = ids[n0:n0 + len(draft)]
-        equal = seen == draft[:len(seen)]
-        kept = len(seen) if equal.all() else int(np.argmin(equal))
+        kept = _kept(seen, draft)
         missed = kept < len(seen)
         if kept > counted or missed:
             self.stats.shadow_judged_tokens += kept - counted + missed
@@ -513,8 +512,7 @@ class Drafter:
         if n0 == 0 or len(ids) < n0 or int(ids[n0 - 1]) != tail:
             return
         seen = ids[n0:n0 + len(draft)]
-        equal = seen == draft[:len(seen)]
-        kept = len(seen) if equal.all() else int(np.argmin(equal))
+        kept = _kept(seen, draft)
         judged = kept + (1 if kept < len(seen) else 0)
         if judged == 0:
             return
@@ -550,6 +548,13 @@ class Drafter:
 
     def report(self) -> dict[str, Any]:
         return {"kind": self.kind, **self.stats.to_dict(), "length": self.length.state()}
+
+
+def _kept(seen: np.ndarray, draft: np.ndarray) -> int:
+    """How many of the tokens taken after a draft was made (`seen`, at most its length) equal the draft's, up to the
+    first that does not."""
+    equal = seen == draft[:len(seen)]
+    return len(seen) if equal.all() else int(np.argmin(equal))
 
 
 class PromptLookupDrafter(Drafter):
