@@ -9,8 +9,9 @@ place of flashflex's (`draft.lookup: upstream`), at the same budget, on the writ
 The model is read as under a budget below its size: by default the serve model (SmolLM2) realigned to 4096 bytes, so
 the weights the plan does not keep resident are read from disk (O_DIRECT) at every pass, not from the page cache.
 Per repetition and mode (interleaved, each repetition's modes in another order from the last), one server is
-started, answers one unmeasured request (the last task, 32 tokens), and is asked, with greedy completions of exactly
---tokens tokens each (EOS ignored), at every client count of --clients: 1 (every task alone, one after another),
+started, answers one unmeasured request (the last task, 32 tokens), and is asked, with completions of exactly
+--tokens tokens each (EOS ignored; greedy, the sampled tasks at their temperature with seed 42), at every client
+count of --clients: 1 (every task alone, one after another),
 then the tasks in groups of that many at once (4 tasks at 2 clients: two groups). Reported per mode: generated
 tokens/s of each task alone (its decode, from the server's timings), and per client count the aggregate (all tokens
 over the groups' wall time), with the drafted tokens the server kept (its /v1/completions `timings`) and the
@@ -39,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.bench.servers import free_port  # noqa: E402
-from orchestrator.bench.speculative import TASKS, realigned_copy  # noqa: E402
+from orchestrator.bench.speculative import TASKS, TEMPERATURE, realigned_copy  # noqa: E402
 from orchestrator.fsutil import atomic_file  # noqa: E402
 from orchestrator.modelfile.locate import default_chat_model_path  # noqa: E402
 
@@ -68,9 +69,10 @@ def start(args, draft: list[str], port: int, log: Path) -> subprocess.Popen:
 
 def ask(port: int, task: str, tokens: int) -> dict:
     # every request generates exactly `tokens` tokens: a drafted batch rounds differently from a single step, so a
-    # greedy answer may end (EOS) elsewhere than undrafted, and aggregates of unequal work would not compare
-    body = json.dumps({"model": "m", "prompt": TASKS[task][1], "max_tokens": tokens, "temperature": 0,
-                       "ignore_eos": True}).encode()
+    # greedy answer may end (EOS) elsewhere than undrafted, and aggregates of unequal work would not compare; the
+    # sampled tasks (story-sampled, letter-sampled: text that does not repeat its context) at their temperature
+    body = json.dumps({"model": "m", "prompt": TASKS[task][1], "max_tokens": tokens,
+                       "temperature": TEMPERATURE.get(task, 0), "seed": 42, "ignore_eos": True}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                  {"Content-Type": "application/json"})
     t0 = time.perf_counter()
@@ -160,17 +162,19 @@ def markdown(result: dict) -> str:
     lines = [f"Model {Path(a['model']).name}, budget {a['budget']}, {len(tasks)} slots of {a['ctx']} tokens, ubatch "
              f"{a['ubatch']}, {a['tokens']} tokens a request, drafted flags `{' '.join(a['draft_flags']) or '(none)'}`;"
              f" medians of {a['reps']} repetitions, started {result['started']}; drafted tokens kept: {kept}.", "",
-             "| | " + " | ".join(f"{t} alone" for t in tasks) + " | "
-             + " | ".join(f"{c} clients at once (aggregate)" for c in counts) + " |",
+             row("", [f"{t} alone" for t in tasks] + [f"{c} clients at once (aggregate)" for c in counts]),
              "|---|" + "---|" * (len(tasks) + len(counts))]
     for mode in s:
-        lines.append(f"| {LABELS[mode]}, tok/s | " + " | ".join(f"{s[mode]['lone_decode_tok_per_s'][t]:.1f}"
-                                                             for t in tasks)
-                     + " | " + " | ".join(f"{s[mode]['together_tok_per_s'][c]:.1f}" for c in counts) + " |")
+        lines.append(row(f"{LABELS[mode]}, tok/s", [f"{s[mode]['lone_decode_tok_per_s'][t]:.1f}" for t in tasks]
+                         + [f"{s[mode]['together_tok_per_s'][c]:.1f}" for c in counts]))
     for mode, q in r.items():
-        lines.append(f"| {LABELS[mode]} / undrafted | " + " | ".join(f"{q['lone'][t]:.2f}" for t in tasks) + " | "
-                     + " | ".join(f"{q['together'][c]:.2f}" for c in counts) + " |")
+        lines.append(row(f"{LABELS[mode]} / undrafted", [f"{q['lone'][t]:.2f}" for t in tasks]
+                         + [f"{q['together'][c]:.2f}" for c in counts]))
     return "\n".join(lines) + "\n"
+
+
+def row(label: str, cells: list[str]) -> str:
+    return "| " + " | ".join([label, *cells]) + " |"
 
 
 def main() -> None:

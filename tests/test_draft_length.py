@@ -466,6 +466,118 @@ def test_a_sequence_passed_over_drafts_again_later(controller):
 
 
 # --------------------------------------------------------------------------------------------------
+# Shadows: the program gives its drafts' tokens and the tokens each sequence takes (llama-server does)
+
+
+def drafts_line(c: Controller, n: int, n_max: int, drafts: list[list[int]]) -> list[int]:
+    """What sequences 0, 1, ... keep of these drafts, given with their tokens."""
+    words = [",".join(map(str, d)) or "-" for d in drafts]
+    return c.ask(f"drafts {n} {n_max} {c.now:.9f} " + " ".join(words))["lengths"]
+
+
+def decode_text(c: Controller, text: list[int], draft_at: Callable[[int], list[int]],
+                cost: Callable[[int, int], float], shadows: bool, n_max: int = 7) -> list[tuple[int, int, int]]:
+    """A lone sequence taking the tokens of `text`, drafting draft_at(position) before each pass (with its tokens
+    given when `shadows`, else its length only); a sent draft keeps its tokens that match the text. Returns the
+    sent drafts as (position, length, kept)."""
+    pos, sent = 0, []
+    while pos < len(text):
+        d = draft_at(pos)[:n_max]
+        k = drafts_line(c, 1, n_max, [d])[0] if shadows else c.propose_each(1, n_max, [len(d)])[0]
+        if k:
+            kept = 0
+            while kept < k and pos + kept < len(text) and d[kept] == text[pos + kept]:
+                kept += 1
+            assert c.ask(f"verified 0 {k} {kept}") == {"ok": True}
+            sent.append((pos, k, kept))
+            pos += kept + 1
+        else:
+            if shadows:
+                assert c.ask(f"taken 0 {text[pos]}") == {"ok": True}
+            pos += 1
+        c.passed(1 + k, cost(1, 1 + k))
+    return sent
+
+
+FREE = list(range(1000, 1200))  # 200 tokens of a text that never repeats ...
+COPY = FREE[:100]               # ... then a copy of its first 100
+
+
+def free_then_copy(seed: int) -> Callable[[int], list[int]]:
+    """Prompt lookup over FREE + COPY: in the free part a weak draft whose first token is right one time in five
+    (the rest never), in the copy the text's next tokens."""
+    rng, text = random.Random(seed), FREE + COPY
+
+    def draft_at(pos: int) -> list[int]:
+        if pos >= len(FREE):
+            return text[pos:pos + 7]
+        return [text[pos] if rng.random() < 0.2 else 5] + [6] * 6
+    return draft_at
+
+
+def test_a_draft_cut_to_nothing_is_judged_by_the_tokens_the_sequence_takes(controller):
+    """Its shadow is judged token by token as the sequence takes them, as a sent draft would have been: the first
+    token's rate, then each token after a kept one, until the first the sequence did not take; a new shadow is made
+    only once the last one is judged out."""
+    c = controller()
+    assert drafts_line(c, 1, 7, [[5, 6, 7]]) == [0]  # no plain pass priced yet: the draft is cut to nothing
+    for token in (5, 6):
+        assert c.ask(f"taken 0 {token}") == {"ok": True}
+    assert drafts_line(c, 1, 7, [[1, 2, 3]]) == [0]  # the shadow [5, 6, 7] is still being judged: not replaced
+    assert c.ask("taken 0 9") == {"ok": True}  # not 7: the shadow ends here
+    s = c.state()
+    assert s["shadowed"] is True
+    assert (s["shadow_judged"], s["shadow_kept"], s["drafted"]) == (3, 2, 0)
+    # from the prior (1 of 2 each), decayed by 0.97 per judged token: the first token kept; then one kept, one missed
+    assert s["acceptance_estimate"] == pytest.approx(1.97 / 2.94)
+    assert s["acceptance_continued"] == pytest.approx(0.97 * 1.97 / (0.97 * 2.94 + 1))
+    assert c.ask("taken 0 1") == {"ok": True}  # no shadow now (the next draft makes one): nothing judged
+    assert c.state()["shadow_judged"] == 3
+    assert drafts_line(c, 1, 7, [[1, 2, 3]]) == [0]
+    assert c.ask("taken 0 1") == {"ok": True}
+    assert (c.state()["shadow_judged"], c.state()["shadow_kept"]) == (4, 3)
+
+
+def test_shadows_replace_probes_where_drafts_fail(controller):
+    """On text that does not repeat, the drafts made and cut to nothing are judged unsent: no probe and no one-token
+    measurement goes out (the controller told only lengths sends both), and where the text turns to copying its
+    drafts start within a few shadows of it."""
+    results = {}
+    for shadows in (True, False):
+        c = controller()
+        sent = decode_text(c, FREE + COPY, free_then_copy(seed=3), read_bound, shadows)
+        free_sent = [s for s in sent if s[0] < len(FREE)]
+        copy_sent = [s for s in sent if s[0] >= len(FREE)]
+        results[shadows] = (sum(s[1] for s in free_sent), copy_sent[0][0] - len(FREE) if copy_sent else None,
+                            sum(s[2] for s in copy_sent), c.state())
+    drafted_free, copy_start, copy_kept, state = results[True]
+    assert state["by_sequences"][0]["probes"] == 0 and state["shadow_judged"] >= 200
+    assert drafted_free <= 0.1 * results[False][0], (drafted_free, results[False][:3])
+    assert copy_start is not None and copy_start <= 40 and copy_kept >= 40, results[True][:3]
+
+
+def test_a_drafted_pass_measured_slow_once_is_forgotten_after_plain_passes(controller):
+    """With shadows no probe goes out, so a drafted pass slowed once (another process holding the CPU) would price
+    drafts out for good: after 64 plain passes in a row what drafted passes cost is forgotten, and a text that copies
+    drafts again."""
+    slowed = []
+
+    def cost(n: int, rows: int) -> float:
+        if rows > n and not slowed:
+            slowed.append(rows)
+            return 0.5  # 12x a plain pass
+        return read_bound(n, rows)
+
+    text = list(range(2000, 2400))  # every draft right: a copy throughout
+    sent = decode_text(controller(), text, lambda pos: text[pos:pos + 7], cost, shadows=True)
+    first = sent[0][0]
+    later = [s for s in sent if s[0] > first + 1]
+    assert slowed and later, sent
+    assert 64 <= later[0][0] - first <= 80, sent[:3]  # the plain passes in between, then drafting again
+    assert sum(s[2] for s in later) >= 250, sent[:5]
+
+
+# --------------------------------------------------------------------------------------------------
 # The C API of the built library (llama_flashflex_draft_*)
 
 
@@ -560,6 +672,46 @@ def test_a_planned_context_drafts_as_its_spec_says(patched_llama, small_model, a
         assert stats is not None and stats["adaptive"] is adaptive
         (two,) = stats["by_sequences"]
         assert two["sequences"] == 2 and [p["rows"] for p in two["passes_by_rows"]] == [2]
+
+
+def test_a_planned_context_judges_the_drafts_it_cuts_by_the_tokens_taken(patched_llama, small_model):
+    """llama-server gives its drafts' tokens (llama_flashflex_draft_lengths_with_tokens) and each token a slot takes
+    without a sent draft (llama_flashflex_draft_taken): a planned context judges the drafts it cut to nothing by
+    them; a stock context keeps the drafts whole and has nothing to judge."""
+    import ctypes
+
+    from orchestrator import native
+
+    cdll = _c_api()
+    if "draft-shadows" not in native.info()["features"]:
+        pytest.skip("the installed build predates drafts judged unsent (C API 13); run flashflex build")
+    token_p = ctypes.POINTER(ctypes.c_int32)
+    cdll.llama_flashflex_draft_lengths_with_tokens.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+                                                              token_p, ctypes.POINTER(token_p), token_p,
+                                                              ctypes.c_int32]
+    cdll.llama_flashflex_draft_lengths_with_tokens.restype = None
+    cdll.llama_flashflex_draft_taken.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    cdll.llama_flashflex_draft_taken.restype = None
+
+    def cut(ctx, draft: list[int]) -> int:
+        tokens = (ctypes.c_int32 * len(draft))(*draft)
+        drafts = (token_p * 1)(ctypes.cast(tokens, token_p))
+        lengths = (ctypes.c_int32 * 1)(len(draft))
+        cdll.llama_flashflex_draft_lengths_with_tokens(ctx, 1, 7, (ctypes.c_int32 * 1)(0), drafts, lengths, 1)
+        return lengths[0]
+
+    with _prepared(small_model, planned=False).session() as handle:
+        assert cut(handle.llm.ctx, [5, 6, 7]) == 3  # kept whole
+        cdll.llama_flashflex_draft_taken(handle.llm.ctx, 0, 5)  # a no-op
+        assert _stats(cdll, handle.llm.ctx) is None
+    with _prepared(small_model, planned=True).session() as handle:
+        ctx = handle.llm.ctx
+        assert cut(ctx, [5, 6, 7]) == 0  # a plain pass is priced first
+        for token in (5, 6, 9):
+            cdll.llama_flashflex_draft_taken(ctx, 0, token)
+        stats = _stats(cdll, ctx)
+        assert stats is not None and stats["shadowed"] is True
+        assert (stats["shadow_judged"], stats["shadow_kept"], stats["drafted"]) == (3, 2, 0)
 
 
 @pytest.mark.parametrize("prompt_lookup", [True, False])

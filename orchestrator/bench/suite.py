@@ -83,6 +83,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "under 110 MiB",
               ("scripts/bench_serve_drafting.py", "--budget", "110MiB", "--reps", "3", "--modes", "draft,none,upstream",
                "--out", "{out}"), "summary.md", 8),
+    Benchmark("serve-drafting-sampled", "serve's drafting where drafts fail (two sampled texts) and on free text, "
+              "each alone, SmolLM2 read from disk under 110 MiB",
+              ("scripts/bench_serve_drafting.py", "--budget", "110MiB", "--reps", "5", "--tasks",
+               "story-sampled,letter-sampled,free-chat", "--clients", "1", "--modes", "draft,none", "--out", "{out}"),
+              "summary.md", 6),
     Benchmark("serve-checkpoints", "llama-server's sliding-window cache and context checkpoints as planned, "
               "window-sized without checkpoints, and upstream's: Gemma 3 270M under 280 MiB, 4 three-turn chats",
               ("scripts/bench_serve_checkpoints.py", "--budget", "280MiB", "--ctx", "1024", "--clients", "4",

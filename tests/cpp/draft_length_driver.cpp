@@ -3,6 +3,9 @@
 //   new ADAPTIVE                  a controller (1 adaptive, 0 fixed)             -> {"ok": true}
 //   propose N N_MAX NOW L0 L1 ... what sequences 0, 1, ... of the N in the pass
 //                                 keep of drafts of L0, L1, ... tokens           -> {"lengths": [K0, K1, ...]}
+//   drafts N N_MAX NOW D0 D1 ...  as propose, with each draft's tokens: Di is     -> {"lengths": [K0, K1, ...]}
+//                                 "t,t,t" ("-": none), so a draft cut to nothing is judged unsent (a shadow)
+//   taken SEQ TOKEN               sequence SEQ took TOKEN without a sent draft   -> {"ok": true}
 //   verified SEQ DRAFTED KEPT     a verification's outcome                       -> {"ok": true}
 //   pass ROWS GENERATION_ONLY NOW the pass asked for last ended at NOW           -> {"ok": true}
 //   ended SEQ                     sequence SEQ ended its request                 -> {"ok": true}
@@ -31,21 +34,42 @@ int main() {
             std::puts("{\"ok\": true}");
         } else if (!d) {
             std::puts("{\"error\": \"no controller: new first\"}");
-        } else if (cmd == "propose") {
-            int              n = 0, n_max = 0;
-            double           now = 0;
-            std::vector<int> seq, lengths;
+        } else if (cmd == "propose" || cmd == "drafts") {
+            int                               n = 0, n_max = 0;
+            double                            now = 0;
+            std::vector<int>                  seq, lengths;
+            std::vector<std::vector<int32_t>> tokens;
             in >> n >> n_max >> now;
-            for (int l = 0; in >> l;) {
+            for (std::string word; in >> word;) {
                 seq.push_back((int) seq.size());
-                lengths.push_back(l);
+                if (cmd == "propose") {
+                    lengths.push_back(std::stoi(word));
+                    continue;
+                }
+                tokens.emplace_back();
+                std::istringstream list(word == "-" ? "" : word);
+                for (std::string t; std::getline(list, t, ',');) {
+                    tokens.back().push_back((int32_t) std::stol(t));
+                }
+                lengths.push_back((int) tokens.back().size());
             }
-            d->propose(n, n_max, seq.data(), lengths.data(), (int) seq.size(), now);
+            std::vector<const int32_t *> drafts;
+            for (const auto & t : tokens) {
+                drafts.push_back(t.data());
+            }
+            d->propose(n, n_max, seq.data(), lengths.data(), (int) seq.size(), now,
+                       cmd == "drafts" ? drafts.data() : nullptr);
             std::string out = "{\"lengths\": [";
             for (size_t i = 0; i < lengths.size(); ++i) {
                 out += (i ? ", " : "") + std::to_string(lengths[i]);
             }
             std::puts((out + "]}").c_str());
+        } else if (cmd == "taken") {
+            int     seq   = 0;
+            int32_t token = 0;
+            in >> seq >> token;
+            d->taken(seq, token);
+            std::puts("{\"ok\": true}");
         } else if (cmd == "verified") {
             int seq = 0, drafted = 0, kept = 0;
             in >> seq >> drafted >> kept;

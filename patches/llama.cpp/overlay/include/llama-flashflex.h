@@ -13,7 +13,7 @@ extern "C" {
 #endif
 
 // Version of this C API. Bumped whenever a function here changes signature or meaning.
-#define LLAMA_FLASHFLEX_API_VERSION 12
+#define LLAMA_FLASHFLEX_API_VERSION 13
 
 LLAMA_API int32_t llama_flashflex_api_version(void);
 
@@ -112,6 +112,18 @@ LLAMA_API void    llama_flashflex_draft_verified(struct llama_context * ctx,
                                                  llama_seq_id           seq_id,
                                                  int32_t                n_drafted,
                                                  int32_t                n_kept);
+// API 13 (feature "draft-shadows"): llama_flashflex_draft_lengths given the drafts' tokens as well (drafts[i]: the
+// lengths[i] tokens of sequence seq_ids[i]'s draft), and each token a sequence takes in a pass where it sent no
+// draft (llama_flashflex_draft_taken): a draft cut to nothing is then judged unsent by the tokens the sequence takes
+// next (its shadow), so each sequence's acceptance follows its text at every token and no probe goes out.
+LLAMA_API void    llama_flashflex_draft_lengths_with_tokens(struct llama_context *      ctx,
+                                                            int32_t                     n_sequences,
+                                                            int32_t                     n_max,
+                                                            const llama_seq_id *        seq_ids,
+                                                            const llama_token * const * drafts,
+                                                            int32_t *                   lengths,
+                                                            int32_t                     n_drafting);
+LLAMA_API void    llama_flashflex_draft_taken(struct llama_context * ctx, llama_seq_id seq_id, llama_token token);
 // generation_only: every row of the pass is a sequence's next token or a draft (a pass with prompt tokens in it
 // prices nothing)
 LLAMA_API void    llama_flashflex_draft_pass(struct llama_context * ctx, int32_t n_rows, bool generation_only);
@@ -121,7 +133,8 @@ LLAMA_API void    llama_flashflex_draft_end(struct llama_context * ctx, llama_se
 // What the controller measured, as JSON (same conventions as llama_flashflex_model_stats): "adaptive",
 // "acceptance_estimate" (the sequences' mean of how often a draft's first token is kept), "acceptance_continued"
 // (of a token after a kept one), "acceptance_by_sequence": [{"sequence", "estimate", "continued"}], "drafted",
-// "kept", "by_sequences": [{"sequences", "probes", "next_length_all_drafting",
+// "kept", "shadowed" (the program gives its drafts' tokens: API 13), "shadow_judged" and "shadow_kept" (tokens of
+// drafts cut to nothing, judged by the tokens taken), "by_sequences": [{"sequences", "probes", "next_length_all_drafting",
 // "passes_by_rows": [{"rows", "passes", "median_seconds"}]}]; -1 for a context whose model runs no plan.
 LLAMA_API int32_t llama_flashflex_draft_stats(const struct llama_context * ctx, char * buf, size_t buf_size);
 

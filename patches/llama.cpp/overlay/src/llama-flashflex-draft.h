@@ -39,10 +39,16 @@ struct draft_acceptance {
     int measure_tries = 0;  // one-token measurements made
     int measure_wait  = 0;  // drafted passes before the next
 
+    // Its draft cut to nothing (its shadow): judged against the tokens the sequence takes, one at a time, as a sent
+    // draft would have been (draft_length::taken); `seen` of its tokens were taken as drafted so far.
+    std::vector<int32_t> shadow;
+    size_t               seen = 0;
+
     draft_acceptance();
-    double first() const;  // how often a draft's first token is kept
-    double p() const;      // how often a token is kept after a kept one
+    double first() const;                         // how often a draft's first token is kept
+    double p() const;                             // how often a token is kept after a kept one
     void   judge(int drafted, int kept);
+    void   judge_token(size_t index, bool kept);  // the draft's token at index, the ones before it kept
 };
 
 // The passes decoded for one number of sequences n: their seconds by rows, and when to probe drafting again.
@@ -53,7 +59,8 @@ struct draft_pass_costs {
     int                               idle    = 0;  // passes whose drafts were cut to 0 since one last went out
     bool                              probing = false;
     uint64_t                          probes  = 0;
-    int since_plain = 0;  // passes with drafts since the last plain one (a plain pass is re-measured now and then)
+    int since_plain   = 0;  // passes with drafts since the last plain one (a plain pass is re-measured now and then)
+    int since_drafted = 0;  // plain passes since the last one with drafts (drafted sizes measured long ago expire)
 
     explicit draft_pass_costs(int n);
 
@@ -62,11 +69,13 @@ struct draft_pass_costs {
     std::vector<std::pair<int, double>> drafted_sizes(std::vector<double> * weights) const;
     double                              pass_seconds(int rows) const;  // estimated
     // How much of its draft each sequence keeps: offered[i] tokens drafted by a sequence whose first drafted token is
-    // kept with probability first[i], and each one after a kept one with p[i]; m of the n sequences have a draft.
+    // kept with probability first[i], and each one after a kept one with p[i]; m of the n sequences have a draft;
+    // the drafts must raise the sequences' rates by min_gain on average, or none goes out.
     std::vector<int>                    allocate(int                         m,
                                                  const std::vector<double> & first,
                                                  const std::vector<double> & p,
-                                                 const std::vector<int> &    offered) const;
+                                                 const std::vector<int> &    offered,
+                                                 double                      min_gain) const;
     int                                 probe_gap(int m) const;
 };
 
@@ -76,8 +85,19 @@ class draft_length {
 
     // How many tokens of its draft each of the sequences seq[0..count) keeps in the pass about to be decoded:
     // lengths[i] is the draft it made (0: none) on the way in and what it keeps on the way out (0..n_max); n: the
-    // sequences in the pass; asked at time `now` (seconds, any steady clock).
-    void propose(int n, int n_max, const int * seq, int * lengths, int count, double now);
+    // sequences in the pass; asked at time `now` (seconds, any steady clock). With `drafts` (drafts[i]: the
+    // lengths[i] tokens of sequence i's draft), a draft cut to nothing is judged unsent by the tokens its sequence
+    // then takes (`taken`): acceptance is measured at every token, with no probe and no measuring of new requests,
+    // and starting to draft after a plain pass must promise more (see the .cpp).
+    void propose(int                     n,
+                 int                     n_max,
+                 const int *             seq,
+                 int *                   lengths,
+                 int                     count,
+                 double                  now,
+                 const int32_t * const * drafts = nullptr);
+    // Sequence seq took `token` in a pass where it sent no draft.
+    void taken(int seq, int32_t token);
     // A verification of sequence seq judged `drafted` tokens and kept the first `kept`.
     void verified(int seq, int drafted, int kept);
     // The pass asked for last ended at `now` with `rows` rows; `generation_only`: no prompt token in it.
@@ -89,6 +109,7 @@ class draft_length {
     std::string              json() const;
 
   private:
+    void               choose(int n, const int * seq, int * lengths, int count);
     draft_pass_costs & costs(int n);
     void               measure_new_requests(const draft_pass_costs &    c,
                                             int                         m,
@@ -101,10 +122,13 @@ class draft_length {
                                             bool                        first);
 
     bool                            adaptive;
+    bool                            shadowed     = false;  // the program gives its drafts' tokens (propose)
+    bool                            drafted_last = false;  // the last pass asked for had drafted rows
     std::map<int, draft_acceptance> by_seq;
     uint64_t                        drafted_total = 0, kept_total = 0;
+    uint64_t                        shadow_judged = 0, shadow_kept = 0;  // tokens of shadows
     std::map<int, draft_pass_costs> by_n;
-    int                             n_max     = 0;  // the longest draft the program asked for last
+    int                             n_max     = 0;                       // the longest draft the program asked for last
     int                             pending_n = 0;  // the sequences of the pass being decoded (0: none asked)
     double                          pending_t = 0;  // when it was asked
 };

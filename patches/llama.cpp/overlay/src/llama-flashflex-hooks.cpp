@@ -336,13 +336,24 @@ void llama_flashflex_draft_lengths(llama_context *      ctx,
                                    const llama_seq_id * seq_ids,
                                    int32_t *            lengths,
                                    int32_t              n_drafting) {
+    llama_flashflex_draft_lengths_with_tokens(ctx, n_sequences, n_max, seq_ids, nullptr, lengths, n_drafting);
+}
+
+void llama_flashflex_draft_lengths_with_tokens(llama_context *             ctx,
+                                               int32_t                     n_sequences,
+                                               int32_t                     n_max,
+                                               const llama_seq_id *        seq_ids,
+                                               const llama_token * const * drafts,
+                                               int32_t *                   lengths,
+                                               int32_t                     n_drafting) {
     static_assert(sizeof(llama_seq_id) == sizeof(int) && sizeof(int32_t) == sizeof(int), "32-bit ids and lengths");
+    static_assert(sizeof(llama_token) == sizeof(int32_t), "llama_token is a 32-bit token id");
     const bool valid = n_drafting >= 0 && (n_drafting == 0 || (seq_ids != nullptr && lengths != nullptr));
     {
         std::lock_guard<std::mutex> lk(g_draft_mutex);
         auto                        it = g_draft.find(ctx);
         if (it != g_draft.end() && valid) {
-            it->second.propose(n_sequences, n_max, seq_ids, lengths, n_drafting, now_ns() / 1e9);
+            it->second.propose(n_sequences, n_max, seq_ids, lengths, n_drafting, now_ns() / 1e9, drafts);
         }
     }
     if (!valid) {
@@ -378,6 +389,14 @@ void llama_flashflex_draft_verified(llama_context * ctx, llama_seq_id seq_id, in
     auto                        it = g_draft.find(ctx);
     if (it != g_draft.end()) {
         it->second.verified(seq_id, n_drafted, n_kept);
+    }
+}
+
+void llama_flashflex_draft_taken(llama_context * ctx, llama_seq_id seq_id, llama_token token) {
+    std::lock_guard<std::mutex> lk(g_draft_mutex);
+    auto                        it = g_draft.find(ctx);
+    if (it != g_draft.end()) {
+        it->second.taken(seq_id, token);
     }
 }
 

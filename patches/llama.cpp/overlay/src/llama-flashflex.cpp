@@ -18,8 +18,9 @@
 
 // Features this build carries (the Python side checks them before using an API).
 static const char * const k_flashflex_features[] = {
-    "info",      "dense-stream", "slot-bank", "moe-trace", "interrupt", "expert-checksum", "one-context",
-    "byte-ring", "devices",      "spec-file", "tools",     "lent-rows", "draft-length",    "prompt-lookup",
+    "info",         "dense-stream",  "slot-bank",     "moe-trace", "interrupt", "expert-checksum",
+    "one-context",  "byte-ring",     "devices",       "spec-file", "tools",     "lent-rows",
+    "draft-length", "prompt-lookup", "draft-shadows",
 #ifdef GGML_USE_RPC
     "rpc",
 #endif
