@@ -390,7 +390,8 @@ class DraftConfig(_Section):
         description="Adapt the draft length to the measured acceptance and the measured cost of a verification "
         "batch against a single-token step: down to 0 when drafts fail (prompt lookup's still judged, unsent, at "
         "every token; a draft model's by rare probes), up to max_tokens when they hit (llama-server under a "
-        "plan: per pass, weighing what a draft's rows cost every slot in the pass). "
+        "plan: per pass, weighing what a draft's rows cost every slot in the pass, each slot's drafts judged at every "
+        "token too). "
         "false = always draft max_tokens (deterministic; what exactness tests use).",
     )
 

@@ -174,7 +174,7 @@ def markdown(result: dict) -> str:
 
 
 def row(label: str, cells: list[str]) -> str:
-    return "| " + " | ".join([label, *cells]) + " |"
+    return "|" + "|".join(f" {c} " if c else " " for c in [label, *cells]) + "|"
 
 
 def main() -> None:

@@ -23,8 +23,9 @@ int prompt_lookup(const int32_t * ids, int64_t n_ids, int ngram, int k, int32_t 
 
 // What one sequence's drafts kept, as two rates: of a draft's first token, and of each token after a kept one
 // (prompt lookup's weak drafts are seldom right at their first token, but a copy that starts tends to go on); counts
-// decayed per judged token, starting from a prior; and, while its drafts are cut to nothing as others draft, when to
-// probe it with one token.
+// starting from a prior, the first decayed per pass of the sequence, the others per judged token; and, where the
+// program gives no drafts' tokens (no shadows), while its drafts are cut to nothing as others draft, when to probe it
+// with one token.
 struct draft_acceptance {
     double kept_first, judged_first;  // a draft's first token
     double kept, judged;              // the tokens after a kept one
@@ -49,6 +50,7 @@ struct draft_acceptance {
     double p() const;                             // how often a token is kept after a kept one
     void   judge(int drafted, int kept);
     void   judge_token(size_t index, bool kept);  // the draft's token at index, the ones before it kept
+    void   advance();                             // a pass of the sequence: a token taken, or a draft verified
 };
 
 // The passes decoded for one number of sequences n: their seconds by rows, and when to probe drafting again.
