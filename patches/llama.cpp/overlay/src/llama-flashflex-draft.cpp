@@ -67,7 +67,7 @@ constexpr size_t k_window         = 9;     // passes per size whose median is it
 constexpr size_t k_plain_window   = 5;     // ... and per plain pass, which every drafted size is priced against
 constexpr int    k_plain_refresh  = 32;    // passes with drafts before a plain one is measured again
 constexpr int    k_drafted_expiry = 64;    // plain passes in a row after which what drafted ones cost is forgotten
-constexpr double k_decay          = 0.97;  // of the acceptance's counts, per judged token (a memory of ~30 tokens)
+constexpr double k_decay          = 0.97;  // of the acceptance's counts (a memory of ~30; see advance, judge_token)
 constexpr double k_prior_accept   = 0.5;   // the acceptance before any draft was judged ...
 constexpr double k_prior_weight   = 2.0;   // ... weighing as much as this many judged tokens
 constexpr double k_prior_slope    = 0.1;   // a row beyond a plain pass: this share of the plain pass per sequence
@@ -301,7 +301,7 @@ void draft_acceptance::judge(int drafted, int kept_now) {
 
 void draft_acceptance::judge_token(size_t index, bool kept_now) {
     if (index == 0) {
-        kept_first += kept_now ? 1 : 0;  // decayed by the tokens taken (advance)
+        kept_first += kept_now ? 1 : 0;  // decayed per pass of the sequence (advance)
         judged_first += 1;
     } else {
         kept   = k_decay * kept + (kept_now ? 1 : 0);
