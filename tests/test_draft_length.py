@@ -528,7 +528,8 @@ def test_a_draft_cut_to_nothing_is_judged_by_the_tokens_the_sequence_takes(contr
     s = c.state()
     assert s["shadowed"] is True
     assert (s["shadow_judged"], s["shadow_kept"], s["drafted"]) == (3, 2, 0)
-    # from the prior (1 of 2 each), decayed by 0.97 per judged token: the first token kept; then one kept, one missed
+    # from the prior (1 of 2 each), decayed by 0.97 per pass (here a token taken) and per judged token: the first
+    # token kept; then one kept, one missed
     assert s["acceptance_estimate"] == pytest.approx(1.97 / 2.94)
     assert s["acceptance_continued"] == pytest.approx(0.97 * 1.97 / (0.97 * 2.94 + 1))
     assert c.ask("taken 0 1") == {"ok": True}  # no shadow now (the next draft makes one): nothing judged
