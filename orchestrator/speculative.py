@@ -51,10 +51,6 @@ verification after plain steps takes memory back from streamed weights and the s
 slows the next step by a third of a step and the three after it by a few percent each (Gemma 3 270M at 215 MiB:
 37.8 ms a plain step, 49.5 ms the next, 39.6-40.6 ms the three after), so pricing only the next step let drafts
 that failed between plain steps look cheaper than they were."""
-DRAFTED_COST_EXPIRY = 64
-"""Plain steps in a row after which what verifications cost is forgotten (priced by the prior again, until a draft
-measures it): with shadows no probe goes out, so one verification slowed while another process held the CPU would
-otherwise price drafts out for good. llama-server's controller does the same (k_drafted_expiry)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,8 +83,7 @@ class DraftLength:
     straight line through t(1) and t(2) would price a long draft at twice what it costs. With one batch size m
     measured, the sizes around it add the prior slope or the mean slope from t(1) to t(m), the lower; with none,
     the prior slope from t(1). r(n) stays within [1, n] (a batch is never cheaper than a step, nor dearer than n
-    of them). After DRAFTED_COST_EXPIRY plain steps in a row, what verifications cost is forgotten. Drafting
-    costs its own measured seconds per drafted token. The length chosen maximises
+    of them). Drafting costs its own measured seconds per drafted token. The length chosen maximises
     (1 + f (1 + c + ... + c^(k-1))) / (r(k + 1) + k d), and must beat no drafting by `min_gain`, or at an entry
     by `entry_gain`: an entry's cost is measured against the few plain steps before it, on a machine whose steps
     swing by a third from one to the next, and one that fails pays the lent memory's round trip. So going on needs
@@ -134,7 +129,6 @@ class DraftLength:
         self._next = [prior_acceptance * prior_weight, prior_weight]  # a token after a kept one: [kept, judged]
         self._samples: dict[int, deque[float]] = {}  # batch tokens -> seconds of its recent verifications
         self._entries: dict[int, deque[float]] = {}  # the same, of verifications that came after a plain step
-        self._plain_run = 0  # plain steps measured since the last verification (DRAFTED_COST_EXPIRY)
         self._drafting = False  # the last proposal drafted
         self._pricing_entry = False
         self._draft_cost: list[float] = [0.0, 0.0]  # [mean seconds per drafted token, samples]
@@ -185,10 +179,6 @@ class DraftLength:
         came after a plain step (kept as its ratio to the plain steps just before it)."""
         if batch_tokens < 1 or not (seconds > 0 and math.isfinite(seconds)):
             return
-        self._plain_run = self._plain_run + 1 if batch_tokens == 1 else 0
-        if self._plain_run >= DRAFTED_COST_EXPIRY:
-            self._samples = {n: q for n, q in self._samples.items() if n == 1}
-            self._entries.clear()
         if entry and batch_tokens > 1:
             step = self._recent_step()
             if step:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from orchestrator.errors import FlashflexError
-from orchestrator.speculative import DRAFTED_COST_EXPIRY, Drafter, DraftLength, lookup
+from orchestrator.speculative import Drafter, DraftLength, lookup
 
 # --------------------------------------------------------------------------------------------------
 # prompt lookup
@@ -221,24 +221,6 @@ def test_one_verification_slowed_by_another_process_does_not_turn_drafting_off()
     length.observe_cost(9, 5.0)  # 100x a normal verification: the machine was busy
     length.observe_cost(5, 5.0)
     assert length.best() == 8
-
-
-def test_what_verifications_cost_is_forgotten_after_plain_steps_in_a_row():
-    """With shadows no probe goes out: one verification measured while the machine was busy would price drafts out
-    for good, so after DRAFTED_COST_EXPIRY plain steps in a row what verifications cost is forgotten and the next
-    draft, one token, measures it again."""
-    length = DraftLength(8)
-    length.shadowed = True
-    length.observe_cost(1, 0.05)
-    length.observe_cost(2, 1.0)  # 20 plain steps: another process held the CPU
-    for _ in range(20):
-        length.observe(8, 8)  # shadows that would all have been kept
-    assert length.propose() == 0
-    for _ in range(DRAFTED_COST_EXPIRY - 1):
-        length.observe_cost(1, 0.05)
-    assert length.propose() == 0  # not yet
-    length.observe_cost(1, 0.05)
-    assert length.propose() == 1  # priced by the prior again: a one-token draft measures the batch
 
 
 def test_probes_are_rarer_where_a_longer_batch_costs_more():
